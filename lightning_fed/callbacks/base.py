@@ -1,0 +1,49 @@
+"""Federated hooks on top of Lightning's ``Callback``.
+
+A ``FedCallback`` is a Lightning ``Callback`` (it also works under ``lightning.Trainer``, where the
+federated hooks are simply never called) with five extra hooks that FedLoop calls:
+
+* ``on_round_start(trainer, pl_module, instructions)`` — server, after the strategy configured the round;
+  may edit the list of :class:`~lightning_fed.protocol.Instruction`.
+* ``on_client_start(trainer, pl_module, instruction)`` — client, after the payload was loaded, before
+  local training.
+* ``on_client_end(trainer, pl_module, reply)`` — client, after the reply payload was built, before it is
+  encoded; may edit the :class:`~lightning_fed.protocol.Reply`.
+* ``on_aggregate_start(trainer, pl_module, replies)`` — server, with the decoded, validated replies; may
+  remove or edit entries of the list.
+* ``on_round_end(trainer, pl_module, metrics)`` — server, after aggregation, with the global weights in
+  ``pl_module``; may add entries to ``metrics`` (logged for the round). A callback that changes the
+  model's structure here calls ``trainer.fed_loop.model_changed()``.
+
+Plain Lightning callbacks need none of these: FedLoop only calls the hooks an object has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from lightning_fed.protocol import Instruction, Reply
+
+
+class FedCallback(Callback):
+    """A Lightning ``Callback`` with FedLoop's federated hooks (all no-ops by default)."""
+
+    def on_round_start(self, trainer: Any, pl_module: Any, instructions: list[Instruction]) -> None:
+        """Server: the round's instructions were made."""
+
+    def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
+        """Client: payload loaded, local training about to start."""
+
+    def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:
+        """Client: reply built, about to be encoded."""
+
+    def on_aggregate_start(self, trainer: Any, pl_module: Any, replies: list[Reply]) -> None:
+        """Server: validated replies about to be aggregated."""
+
+    def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
+        """Server: aggregation done, global weights loaded into ``pl_module``."""
+
+
+FED_HOOKS = ("on_round_start", "on_client_start", "on_client_end", "on_aggregate_start", "on_round_end")

@@ -1,0 +1,58 @@
+"""Codec API: a client encodes its reply payload into bytes, the server decodes them.
+
+The bytes a codec returns are exactly what would cross the wire, so ``len(message)`` is the byte count
+the loop reports. Codecs may keep per-client state (error-feedback residuals, momentum) in the
+``state`` dict they are handed; the loop keeps it in the client store and checkpoints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lightning_fed.codecs.wire import expect_codec, pack, unpack
+from lightning_fed.protocol import Payload
+
+
+class Codec:
+    """Base class of update codecs.
+
+    Subclasses set ``name`` and implement :meth:`encode` and :meth:`decode`.
+    """
+
+    name: str = "codec"
+
+    def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
+        """Encode ``payload`` into a message; may read and update the per-client ``state`` in place."""
+        raise NotImplementedError
+
+    def decode(self, message: bytes, *, max_bytes: int | None = None) -> Payload:
+        """Decode a message produced by :meth:`encode`; raise ``MalformedMessage`` if it is not one."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Codec-wide (not per-client) state to checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def on_round_start(self, server_round: int) -> None:
+        """Called by the loop before each round (schedules such as density warm-up use it)."""
+
+
+class Identity(Codec):
+    """No compression: the payload is sent as raw safetensors (the uncompressed baseline)."""
+
+    name = "identity"
+
+    def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
+        """Serialise the payload unchanged."""
+        return pack(payload, {"codec": self.name})
+
+    def decode(self, message: bytes, *, max_bytes: int | None = None) -> Payload:
+        """Deserialise and check the codec tag."""
+        tensors, meta = unpack(message, max_bytes=max_bytes)
+        expect_codec(meta, self.name)
+        return tensors

@@ -1,0 +1,6 @@
+"""Datasets and client partitions."""
+
+from lightning_fed.data.mnist1d import MNIST1DDataModule, make_mnist1d
+from lightning_fed.data.partition import IID, Dirichlet, Partition, PartitionError, QuantitySkew, Shards
+
+__all__ = ["IID", "Dirichlet", "MNIST1DDataModule", "Partition", "PartitionError", "QuantitySkew", "Shards", "make_mnist1d"]

@@ -1,0 +1,138 @@
+"""Small example LightningModules for MNIST-1D: the paper's CNN shape and an MLP.
+
+They are ordinary LightningModules (``training_step``, ``validation_step``, ``configure_optimizers``,
+``self.log``) and run unchanged under ``lightning.Trainer`` and under ``FedLoop``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class _Classifier(L.LightningModule):
+    """Shared training logic: cross-entropy, accuracy, SGD/Adam/AdamW."""
+
+    def __init__(self, lr: float, optimizer: str, momentum: float, weight_decay: float, num_classes: int) -> None:
+        super().__init__()
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"{type(self).__name__}: optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+        if not lr > 0:
+            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr}")
+        self.lr, self.optimizer_name, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy on one batch; logs ``train_loss``."""
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Logs ``val_loss`` and ``val_acc``."""
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", self.val_acc(logits, y))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Same as :meth:`validation_step`."""
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD (with momentum), Adam or AdamW at ``lr``."""
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
+        return cls(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class MNIST1DCNN(_Classifier):
+    """The MNIST-1D paper's CNN: three stride-2 1-D convolutions of ``channels`` filters and a linear head
+    (about 5.2k parameters at 25 channels).
+
+    Args:
+        channels: filters per convolution.
+        num_classes: output classes.
+        lr: learning rate.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        length: input sequence length.
+    """
+
+    def __init__(
+        self,
+        channels: int = 25,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        length: int = 40,
+    ) -> None:
+        super().__init__(lr, optimizer, momentum, weight_decay, num_classes)
+        if channels < 1:
+            raise ValueError(f"MNIST1DCNN: channels must be >= 1, got {channels}")
+        self.save_hyperparameters()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        out_len = length
+        for k in (5, 3, 3):
+            out_len = (out_len + 2 - k) // 2 + 1
+        self.head = nn.Linear(channels * out_len, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The flattened convolutional features (the head's input)."""
+        x = x.view(x.shape[0], 1, x.shape[-1])
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return x.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for a batch of sequences ``[B, length]``."""
+        return self.head(self.features(x))
+
+
+class MNIST1DMLP(_Classifier):
+    """A two-hidden-layer MLP on the raw sequence.
+
+    Args:
+        hidden: width of both hidden layers.
+        num_classes: output classes.
+        lr: learning rate.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        length: input sequence length.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 100,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        length: int = 40,
+    ) -> None:
+        super().__init__(lr, optimizer, momentum, weight_decay, num_classes)
+        if hidden < 1:
+            raise ValueError(f"MNIST1DMLP: hidden must be >= 1, got {hidden}")
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(length, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for a batch of sequences ``[B, length]``."""
+        return self.net(x.flatten(1))

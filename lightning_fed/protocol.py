@@ -1,0 +1,110 @@
+"""The round protocol's messages: what the server sends a client and what a client sends back.
+
+Payloads are ``dict[str, Tensor]``: global weights for FedAvg, but logits on public data for FedMD or
+features for FedGKT. Everything a client returns is untrusted; :func:`validate_payload` checks it against
+the spec the strategy expects before it may touch the server state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Payload = dict[str, Tensor]
+
+
+@dataclass
+class Instruction:
+    """What the server sends one sampled client for one round.
+
+    Attributes:
+        client_id: the client this instruction is for.
+        payload: tensors to load or use on the client (the global weights for FedAvg).
+        config: plain settings for this round's local work (``local_epochs``, ``lr``…).
+    """
+
+    client_id: int
+    payload: Payload
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """What one client sends back after its local work.
+
+    Attributes:
+        client_id: the client that produced the reply.
+        payload: the tensors to aggregate (a weights delta for FedAvg).
+        num_examples: the number of local training examples (the aggregation weight).
+        metrics: scalar metrics of the local work (``train_loss``…).
+    """
+
+    client_id: int
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RejectedReply(ValueError):
+    """A client's reply failed validation; the message names the client and the reason."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype a payload entry must have."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+PayloadSpec = dict[str, TensorSpec]
+
+
+def spec_of(payload: Payload) -> PayloadSpec:
+    """The spec (shape and dtype of each entry) of a payload."""
+    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in payload.items()}
+
+
+def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None = None) -> None:
+    """Raise :class:`RejectedReply` unless ``payload`` matches ``spec`` exactly and is finite.
+
+    Args:
+        payload: the decoded payload of a reply.
+        spec: the expected names, shapes and dtypes.
+        max_abs: if given, entries whose largest magnitude exceeds it are rejected (a norm bound on
+            hostile updates).
+    """
+    if not isinstance(payload, dict):
+        raise RejectedReply(f"payload must be a dict of tensors, got {type(payload).__name__}")
+    missing = sorted(set(spec) - set(payload))
+    extra = sorted(set(payload) - set(spec))
+    if missing or extra:
+        raise RejectedReply(f"payload keys differ from the expected ones: missing={missing[:5]} extra={extra[:5]}")
+    for name, want in spec.items():
+        t = payload[name]
+        if not isinstance(t, Tensor):
+            raise RejectedReply(f"entry {name!r} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != want.shape:
+            raise RejectedReply(f"entry {name!r} has shape {tuple(t.shape)}, expected {want.shape}")
+        if t.dtype != want.dtype:
+            raise RejectedReply(f"entry {name!r} has dtype {t.dtype}, expected {want.dtype}")
+        if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise RejectedReply(f"entry {name!r} contains NaN or Inf")
+            if max_abs is not None and t.numel() and float(t.abs().max()) > max_abs:
+                raise RejectedReply(f"entry {name!r} exceeds the bound max_abs={max_abs}")
+
+
+def validate_reply(reply: Reply, spec: PayloadSpec, *, max_abs: float | None = None) -> None:
+    """Validate a whole reply: its payload against ``spec`` and a finite, positive example count."""
+    n = reply.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise RejectedReply(f"num_examples must be a positive int, got {n!r}")
+    for k, v in reply.metrics.items():
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RejectedReply(f"metric {k!r} is not a finite number: {v!r}")
+    validate_payload(reply.payload, spec, max_abs=max_abs)

@@ -1,0 +1,92 @@
+"""End-of-run outputs: the partition table, the summary table and the accuracy plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+
+def partition_table(rows: list[tuple[int, int, list[int]]], max_rows: int = 30) -> Table:
+    """A rich table of client id, sample count and label histogram (first ``max_rows`` clients)."""
+    table = Table(title=f"client partition ({len(rows)} clients)", show_lines=False)
+    table.add_column("client", justify="right")
+    table.add_column("samples", justify="right")
+    table.add_column("label histogram")
+    for cid, n, hist in rows[:max_rows]:
+        table.add_row(str(cid), str(n), " ".join(f"{h:>4d}" for h in hist))
+    if len(rows) > max_rows:
+        sizes = [n for _, n, _ in rows]
+        table.add_row("…", f"min {min(sizes)} / max {max(sizes)}", f"{len(rows) - max_rows} more clients")
+    return table
+
+
+def write_partition_csv(rows: list[tuple[int, int, list[int]]], path: Path) -> None:
+    """The full partition summary as CSV: client, samples, label_0..label_{C-1}."""
+    num_classes = len(rows[0][2]) if rows else 0
+    lines = ["client,samples," + ",".join(f"label_{c}" for c in range(num_classes))]
+    lines += [f"{cid},{n}," + ",".join(map(str, hist)) for cid, n, hist in rows]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def summary_table(history: list[dict[str, float]]) -> Table:
+    """Final summary: rounds, best/final accuracy, bytes and time."""
+    table = Table(title="federated training summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    accs = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
+    up = sum(h.get("bytes_up", 0) for h in history)
+    down = sum(h.get("bytes_down", 0) for h in history)
+    rows = [
+        ("rounds", f"{len(history)}"),
+        ("final test accuracy", f"{accs[-1][1]:.2%}" if accs else "n/a"),
+        ("best test accuracy", (lambda b: f"{b[1]:.2%} (round {int(b[0])})")(max(accs, key=lambda a: a[1])) if accs else "n/a"),
+        ("uplink", f"{up / 1e6:.3f} MB"),
+        ("downlink", f"{down / 1e6:.3f} MB"),
+        ("rejected / failed replies", f"{sum(h.get('rejected', 0) for h in history):.0f} / {sum(h.get('failed', 0) for h in history):.0f}"),
+        ("skipped rounds", f"{sum(h.get('skipped', 0) for h in history):.0f}"),
+        ("wall time", f"{sum(h.get('seconds', 0) for h in history):.1f} s"),
+    ]
+    ratio = [h["compression_ratio"] for h in history if "compression_ratio" in h]
+    if ratio:
+        rows.insert(5, ("uplink compression ratio", f"{sum(ratio) / len(ratio):.1f}x"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    """Per-round metrics as JSON."""
+    Path(path).write_text(json.dumps(history, indent=1))
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
+    """PNG of test accuracy against rounds and against cumulative uplink+downlink megabytes."""
+    pts = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cum, mb = 0.0, {}
+    for h in history:
+        cum += (h.get("bytes_up", 0) + h.get("bytes_down", 0)) / 1e6
+        mb[h["round"]] = cum
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rounds, acc = zip(*pts)
+    a.plot(rounds, [100 * x for x in acc], marker=".")
+    a.set_xlabel("round")
+    a.set_ylabel("test accuracy (%)")
+    a.grid(alpha=0.3)
+    b.plot([mb[r] for r in rounds], [100 * x for x in acc], marker=".", color="tab:orange")
+    b.set_xlabel("cumulative communication (MB, up + down)")
+    b.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

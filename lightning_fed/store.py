@@ -1,0 +1,79 @@
+"""Per-client state (codec residuals, optimizer state, callback state) kept on disk between rounds.
+
+Only the clients active in the current round are in memory: 10,000 clients cost disk, not RAM. Files are
+written atomically (temp file + ``os.replace``), so a checkpoint can snapshot the store with hard links:
+later writes replace the directory entry and never touch the snapshot's inode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ClientStore:
+    """A folder of per-client state files, ``client-<id>.pt``, loaded only while a client is active.
+
+    Args:
+        root: the folder; created if missing.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, client_id: int) -> Path:
+        return self.root / f"client-{int(client_id)}.pt"
+
+    def load(self, client_id: int) -> dict[str, Any]:
+        """The client's state (an empty dict for a client never seen); loaded with ``weights_only=True``."""
+        path = self._path(client_id)
+        if not path.exists():
+            return {}
+        return torch.load(path, weights_only=True)
+
+    def save(self, client_id: int, state: dict[str, Any]) -> None:
+        """Persist the client's state (atomically); an empty state removes the file."""
+        path = self._path(client_id)
+        if state:
+            atomic_torch_save(state, path)
+        elif path.exists():
+            path.unlink()
+
+    def ids(self) -> list[int]:
+        """Clients that have stored state."""
+        return sorted(int(p.stem.split("-", 1)[1]) for p in self.root.glob("client-*.pt"))
+
+    def snapshot(self, dest: str | Path) -> None:
+        """Hard-link (or copy, across file systems) every state file into ``dest``."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in self.root.glob("client-*.pt"):
+            try:
+                os.link(p, dest / p.name)
+            except OSError:
+                shutil.copy2(p, dest / p.name)
+
+    def restore(self, src: str | Path) -> None:
+        """Replace the store's content with the snapshot in ``src``."""
+        for p in self.root.glob("client-*.pt"):
+            p.unlink()
+        src = Path(src)
+        if src.exists():
+            for p in src.glob("client-*.pt"):
+                shutil.copy2(p, self.root / p.name)

@@ -1,0 +1,65 @@
+"""The Strategy API: the server side of a federated algorithm.
+
+A strategy decides what each sampled client is sent (:meth:`Strategy.configure_round`), how a client
+turns its local work into a reply (:meth:`Strategy.client_receive` / :meth:`Strategy.client_reply`, run on
+the client), what a valid reply looks like (:meth:`Strategy.reply_spec`) and how valid replies become the
+new server state (:meth:`Strategy.aggregate`). Algorithms whose client side needs hooks inside local
+training (a proximal term, a distillation step) return Lightning callbacks from
+:meth:`Strategy.client_callbacks`. Strategies know nothing of Fabric, files or transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
+
+
+class Strategy:
+    """Base class of server strategies. Subclasses implement every method that raises here."""
+
+    def setup(self, model: nn.Module) -> None:
+        """Initialise the server state from the (freshly built) working model."""
+        raise NotImplementedError
+
+    def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
+        """One instruction per sampled client, in the order of ``clients``."""
+        raise NotImplementedError
+
+    def client_receive(self, model: nn.Module, instruction: Instruction) -> None:
+        """Client side: apply the received instruction to the working model (load weights in place)."""
+        raise NotImplementedError
+
+    def client_reply(self, model: nn.Module, instruction: Instruction) -> Payload:
+        """Client side: the payload to send back after local training."""
+        raise NotImplementedError
+
+    def reply_spec(self, instruction: Instruction) -> PayloadSpec:
+        """The exact names, shapes and dtypes a valid reply to ``instruction`` has."""
+        raise NotImplementedError
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
+        """Fold validated replies into the server state; return scalar metrics to log."""
+        raise NotImplementedError
+
+    def load_global(self, model: nn.Module) -> None:
+        """Write the current global model into the working model (for evaluation and checkpoints)."""
+        raise NotImplementedError
+
+    def model_changed(self, model: nn.Module) -> None:
+        """The working model's structure changed on the server (e.g. pruning): re-read the global state."""
+        self.setup(model)
+
+    def client_callbacks(self) -> list[Callback]:
+        """Callbacks this algorithm installs on every client's local training."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state to checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
