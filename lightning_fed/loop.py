@@ -222,6 +222,7 @@ class FedLoop:
         self.view = view = TrainerView(fabric, self)
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
+        self._prepared: dict[int, L.LightningModule] = {}
         self.store = ClientStore(run_dir / "clients")
         self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
@@ -256,7 +257,8 @@ class FedLoop:
         finally:
             for lg in fabric.loggers:
                 lg.finalize("success")
-            self._detach(model)
+            for m in [model, *self._prepared.values()]:
+                self._detach(m)
         self._write_outputs(final)
         return FitResult(run_dir, self.history, final)
 
@@ -304,6 +306,7 @@ class FedLoop:
             self._model_changed = False
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
             metrics.update(self.evaluator.run(self.eval_loader))
+            metrics.update(self.strategy.evaluate(self.evaluate_module))
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -327,9 +330,11 @@ class FedLoop:
 
     def _client(self, r: int, instr: Instruction, stats: dict[str, Any]) -> Reply | None:
         """Run one client end to end; return its validated, decoded reply or ``None`` (logged)."""
-        cid, view, model = instr.client_id, self.view, self.model
+        cid, view = instr.client_id, self.view
         view.client_id = cid
         view.client_state = self.store.load(cid)
+        model = self._working_module(self.strategy.client_module(cid, self.model))
+        view.lightning_module = model
         try:
             torch.manual_seed(derive_seed(self.seed, r, cid))
             self.strategy.client_receive(model, instr)
@@ -348,20 +353,40 @@ class FedLoop:
             log.warning("round %d: client %d dropped: %s: %s", r + 1, cid, type(err).__name__, err)
             stats["failed"] += 1
             return None
+        finally:
+            view.lightning_module = self.model
         if not view.client_state.get("codec"):
             view.client_state.pop("codec", None)
         self.store.save(cid, view.client_state)
         stats["bytes_up"] += len(message)
-        return self.receive(r, reply, message, stats)
+        return self.receive(r, instr, reply, message, stats)
 
-    def receive(self, r: int, reply: Reply, message: bytes, stats: dict[str, Any]) -> Reply | None:
+    def _working_module(self, module: L.LightningModule) -> L.LightningModule:
+        """Put a strategy-provided module (another architecture) on the device and attach the view, once."""
+        if module is self.model or id(module) in self._prepared:
+            return module
+        module = self.fabric.to_device(self.fabric.strategy.precision.convert_module(module))
+        self._attach(module, self.view)
+        self._prepared[id(module)] = module
+        return module
+
+    def evaluate_module(self, module: L.LightningModule) -> dict[str, float]:
+        """Evaluate any module (e.g. a tier's model) on the held-out split with the loop's evaluator."""
+        module = self._working_module(module)
+        self.view.lightning_module = module
+        try:
+            return self.evaluator.run(self.eval_loader)
+        finally:
+            self.view.lightning_module = self.model
+
+    def receive(self, r: int, instr: Instruction, reply: Reply, message: bytes, stats: dict[str, Any]) -> Reply | None:
         """Server side of a reply: size limit, decode (no pickle), validate; ``None`` if rejected (logged)."""
         try:
             t = time.perf_counter()
             payload = self.codec.decode(message, max_bytes=self.max_message_bytes)
             stats["decode_s"] += time.perf_counter() - t
             checked = Reply(reply.client_id, payload, reply.num_examples, dict(reply.metrics))
-            validate_reply(checked, self.strategy.reply_spec(Instruction(reply.client_id, {})), max_abs=self.max_update_abs)
+            validate_reply(checked, self.strategy.reply_spec(instr), max_abs=self.max_update_abs)
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", r + 1, reply.client_id, err)
             stats["rejected"] += 1

@@ -55,10 +55,23 @@ class RejectedReply(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Shape and dtype a payload entry must have."""
+    """Shape and dtype a payload entry must have.
+
+    Attributes:
+        shape: expected shape; a dimension of ``-1`` accepts any size (e.g. a variable number of experts).
+        dtype: expected dtype.
+        optional: the entry may be absent (expert-sparse or masked replies).
+        max_numel: upper bound on the number of elements when the shape has variable dimensions.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    optional: bool = False
+    max_numel: int | None = None
+
+    def shape_matches(self, shape: tuple[int, ...]) -> bool:
+        """Whether ``shape`` fits this spec (same rank, equal sizes except ``-1`` wildcards)."""
+        return len(shape) == len(self.shape) and all(w == -1 or w == g for w, g in zip(self.shape, shape))
 
 
 PayloadSpec = dict[str, TensorSpec]
@@ -80,16 +93,18 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
     """
     if not isinstance(payload, dict):
         raise RejectedReply(f"payload must be a dict of tensors, got {type(payload).__name__}")
-    missing = sorted(set(spec) - set(payload))
+    missing = sorted(k for k, v in spec.items() if not v.optional and k not in payload)
     extra = sorted(set(payload) - set(spec))
     if missing or extra:
         raise RejectedReply(f"payload keys differ from the expected ones: missing={missing[:5]} extra={extra[:5]}")
-    for name, want in spec.items():
-        t = payload[name]
+    for name, t in payload.items():
+        want = spec[name]
         if not isinstance(t, Tensor):
             raise RejectedReply(f"entry {name!r} is a {type(t).__name__}, not a tensor")
-        if tuple(t.shape) != want.shape:
+        if not want.shape_matches(tuple(t.shape)):
             raise RejectedReply(f"entry {name!r} has shape {tuple(t.shape)}, expected {want.shape}")
+        if want.max_numel is not None and t.numel() > want.max_numel:
+            raise RejectedReply(f"entry {name!r} has {t.numel()} elements, more than max_numel={want.max_numel}")
         if t.dtype != want.dtype:
             raise RejectedReply(f"entry {name!r} has dtype {t.dtype}, expected {want.dtype}")
         if t.is_floating_point():

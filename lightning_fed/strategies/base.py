@@ -10,6 +10,7 @@ training (a proximal term, a distillation step) return Lightning callbacks from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -52,6 +53,17 @@ class Strategy:
     def model_changed(self, model: nn.Module) -> None:
         """The working model's structure changed on the server (e.g. pruning): re-read the global state."""
         self.setup(model)
+
+    def client_module(self, client_id: int, default: nn.Module) -> nn.Module:
+        """The working module that trains for ``client_id``: ``default`` (the loop's one working model)
+        unless the algorithm gives clients other architectures (capacity tiers). A strategy returning other
+        modules keeps one working module per architecture, never one per client."""
+        return default
+
+    def evaluate(self, evaluate_module: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """Extra evaluation at evaluation rounds (e.g. per tier): ``evaluate_module(m)`` runs the loop's
+        evaluator on any module; return metrics to log (names should be prefixed, e.g. ``tier0/test_acc``)."""
+        return {}
 
     def client_callbacks(self) -> list[Callback]:
         """Callbacks this algorithm installs on every client's local training."""
