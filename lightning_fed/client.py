@@ -90,6 +90,9 @@ class LocalTrainer:
     def fit(self, loader: DataLoader, epochs: int) -> dict[str, float]:
         """Train for ``epochs`` local epochs; return the mean of each value logged in the last epoch."""
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
+        # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
+        view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
+        view.num_training_batches, view.should_stop, view.training = len(loader), False, True
         opts, scheds = parse_optimizers(module.configure_optimizers())
         if module.automatic_optimization and len(opts) > 1:
             raise ClientTrainingError("automatic optimization supports one optimizer; set automatic_optimization=False")
@@ -99,8 +102,6 @@ class LocalTrainer:
         fopts = [fabric.setup_optimizers(o) for o in opts]
         module._fabric_optimizers = fopts
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
-        view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
-        view.num_training_batches, view.should_stop, view.training = len(loader), False, True
         module.train()
         self._hook("on_train_start")
         for epoch in range(epochs):

@@ -228,6 +228,7 @@ class FedLoop:
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
+        self._last_eval: dict[str, float] = {}
         for cb in self.all_callbacks:
             cb.setup(view, model, "fit")
         start = 0
@@ -245,7 +246,7 @@ class FedLoop:
                     metrics = self._round(r)
                     self.history.append(metrics)
                     fabric.log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
-                    final = {k: v for k, v in metrics.items() if k.startswith(("test_", "val_"))} or final
+                    final = self._last_eval or final
                     if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
                         self.save_checkpoint(r)
                     progress.advance(metrics)
@@ -305,8 +306,9 @@ class FedLoop:
             self.strategy.model_changed(model)
             self._model_changed = False
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
-            metrics.update(self.evaluator.run(self.eval_loader))
-            metrics.update(self.strategy.evaluate(self.evaluate_module))
+            self._last_eval = self.evaluator.run(self.eval_loader)
+            self._last_eval.update(self.strategy.evaluate(self.evaluate_module))
+            metrics.update(self._last_eval)
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -426,7 +428,7 @@ class FedLoop:
         if "csv" in self.logger_names:
             from lightning.fabric.loggers import CSVLogger
 
-            out.append(CSVLogger(root_dir=str(run_dir), name="logs", version=0))
+            out.append(CSVLogger(root_dir=str(run_dir), name="logs"))
         if "tensorboard" in self.logger_names:
             try:
                 import tensorboard  # noqa: F401
@@ -435,7 +437,7 @@ class FedLoop:
             else:
                 from lightning.fabric.loggers import TensorBoardLogger
 
-                out.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version=0))
+                out.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard"))
         return out
 
     def _new_run_dir(self) -> Path:

@@ -8,6 +8,7 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``global_step``               optimizer steps of the active client in this round
 ``max_epochs``                local epochs of this round
 ``num_training_batches``      batches per local epoch of the active client
+``estimated_stepping_batches`` ``max_epochs * num_training_batches`` (sizing LR schedules)
 ``optimizers``                the active client's optimizers (list)
 ``lr_scheduler_configs``      its LR schedulers (list of ``SchedulerConfig``)
 ``lightning_module``          the working LightningModule
@@ -66,6 +67,11 @@ class TrainerView:
         self.client_state: dict[str, Any] = {}
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+
+    @property
+    def estimated_stepping_batches(self) -> int:
+        """Optimizer steps of this client's local training (``max_epochs * num_training_batches``)."""
+        return self.max_epochs * self.num_training_batches
 
     @property
     def logged_metrics(self) -> dict[str, torch.Tensor]:

@@ -75,9 +75,18 @@ def dataset_labels(dataset: Dataset) -> Tensor:
         if hasattr(dataset, attr):
             return torch.as_tensor(getattr(dataset, attr)).long().reshape(-1)
     try:
-        return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
-    except (TypeError, IndexError, ValueError) as err:
+        return torch.as_tensor([_sample_label(dataset[i]) for i in range(len(dataset))])  # type: ignore[arg-type]
+    except (TypeError, IndexError, KeyError, ValueError) as err:
         raise ValueError(
             "cannot read class labels from the training dataset; give it a `targets` attribute or return "
             "(x, y) samples, or use the IID partition"
         ) from err
+
+
+def _sample_label(sample: Any) -> int:
+    if isinstance(sample, dict):
+        for key in ("label", "labels", "y", "target", "targets"):
+            if key in sample:
+                return int(sample[key])
+        raise KeyError("no label key in sample dict")
+    return int(sample[1])

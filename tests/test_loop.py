@@ -1,0 +1,239 @@
+"""FedLoop behaviour: training, determinism, hooks and the trainer view, failures, hostile replies, config errors."""
+
+import logging
+
+import pytest
+import torch
+from conftest import seeded
+
+from lightning_fed import FedAvg, FedCallback, FedLoop
+from lightning_fed.codecs import Identity
+from lightning_fed.data import Dirichlet
+from lightning_fed.models import MNIST1DCNN, MNIST1DMLP
+from lightning_fed.weights import float_state
+
+
+def _weights(model):
+    return torch.cat([v.flatten() for v in float_state(model).values()])
+
+
+def test_fit_improves_accuracy_and_writes_outputs(make_loop, small_dm, tmp_path):
+    model = seeded(MNIST1DCNN)
+    before = _weights(model).clone()
+    loop = make_loop(rounds=4, local_epochs=2, partition=Dirichlet(1.0), plot=True, loggers=["csv"])
+    res = loop.fit(model, small_dm)
+    assert not torch.equal(before, _weights(model))
+    losses = [h["test_loss"] for h in res.history]
+    assert losses[-1] < losses[0] - 0.05  # the global model learns
+    assert res.history[-1]["test_acc"] > 0.12  # above chance (10 %) after 4 tiny rounds
+    for name in ("final.safetensors", "history.json", "accuracy.png", "partition.csv"):
+        assert (res.run_dir / name).exists(), name
+    csv = next(res.run_dir.glob("logs/**/metrics.csv")).read_text()
+    assert "test_acc" in csv and "bytes_up" in csv
+    h = res.history[-1]
+    assert h["bytes_up"] > 0 and h["bytes_down"] > 0 and h["good"] == 2 and h["seconds"] > 0
+
+
+def test_same_seed_same_weights(make_loop, small_dm, tmp_path):
+    a, b = seeded(MNIST1DMLP), seeded(MNIST1DMLP)
+    make_loop(rounds=2, output_dir=str(tmp_path / "a")).fit(a, small_dm)
+    make_loop(rounds=2, output_dir=str(tmp_path / "b")).fit(b, small_dm)
+    assert torch.equal(_weights(a), _weights(b))
+    c = seeded(MNIST1DMLP)
+    make_loop(rounds=2, seed=1, output_dir=str(tmp_path / "c")).fit(c, small_dm)
+    assert not torch.equal(_weights(a), _weights(c))
+
+
+def test_client_sampling_is_seeded_and_within_bounds(make_loop):
+    loop = make_loop(num_clients=50, clients_per_round=7)
+    s = loop.sample_clients(3)
+    assert s == loop.sample_clients(3) and len(set(s)) == 7 and all(0 <= c < 50 for c in s)
+    assert s != loop.sample_clients(4)
+
+
+class Recorder(FedCallback):
+    """Records hook calls and what the trainer view shows inside them."""
+
+    def __init__(self):
+        self.calls = []
+        self.seen = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.calls.append("setup")
+
+    def on_fit_start(self, trainer, pl_module):
+        self.calls.append("on_fit_start")
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls.append("on_train_start")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.seen.append(("epoch", trainer.current_round, trainer.client_id, trainer.current_epoch, trainer.max_epochs))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert any(p.grad is not None for p in pl_module.parameters())
+        self.calls.append("on_before_optimizer_step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert "train_loss" in trainer.callback_metrics  # self.log reached the view
+        assert pl_module.trainer.global_step == trainer.global_step
+        assert pl_module.current_epoch == trainer.current_epoch
+
+    def on_validation_end(self, trainer, pl_module):
+        self.calls.append("on_validation_end")
+
+    def on_round_start(self, trainer, pl_module, instructions):
+        self.calls.append("on_round_start")
+        for ins in instructions:
+            ins.config["local_epochs"] = 2  # instructions can be changed
+
+    def on_client_start(self, trainer, pl_module, instruction):
+        trainer.client_state["visits"] = trainer.client_state.get("visits", 0) + 1
+
+    def on_client_end(self, trainer, pl_module, reply):
+        reply.metrics["visits"] = float(trainer.client_state["visits"])
+
+    def on_aggregate_start(self, trainer, pl_module, replies):
+        self.calls.append(("aggregate", len(replies)))
+
+    def on_round_end(self, trainer, pl_module, metrics):
+        metrics["custom"] = 42.0
+
+
+def test_hooks_trainer_view_and_client_state(make_loop, small_dm):
+    rec = Recorder()
+    res = make_loop(num_clients=2, clients_per_round=2, rounds=2, callbacks=[rec]).fit(seeded(MNIST1DMLP), small_dm)
+    assert rec.calls[:2] == ["setup", "on_fit_start"]
+    assert rec.calls.count("on_round_start") == 2 and rec.calls.count("on_train_start") == 4
+    assert ("aggregate", 2) in rec.calls and "on_validation_end" in rec.calls
+    # local_epochs was raised to 2 by on_round_start: epochs 0 and 1 for each client
+    assert (0, 0, 0, 2) == rec.seen[0][1:] and (0, 0, 1, 2) == rec.seen[1][1:]
+    assert res.history[0]["custom"] == 42.0
+    assert res.history[1]["visits"] == 2.0  # per-client state persisted across rounds through the store
+
+
+class Crash(FedCallback):
+    def __init__(self, bad):
+        self.bad = bad
+
+    def on_client_start(self, trainer, pl_module, instruction):
+        if trainer.client_id in self.bad:
+            raise RuntimeError("device out of battery")
+
+
+def test_crashing_client_is_dropped_and_logged(make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    res = make_loop(num_clients=3, clients_per_round=3, rounds=1, callbacks=[Crash({1})]).fit(seeded(MNIST1DMLP), small_dm)
+    assert res.history[0]["failed"] == 1 and res.history[0]["good"] == 2
+    assert "client 1 dropped: RuntimeError: device out of battery" in caplog.text
+
+
+def test_round_skipped_below_min_clients(make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    model = seeded(MNIST1DMLP)
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=1, min_clients=2, callbacks=[Crash({0, 1})])
+    before = FedAvg()
+    before.setup(model)
+    res = loop.fit(model, small_dm)
+    assert res.history[0]["skipped"] == 1 and "round 1 skipped" in caplog.text
+    assert torch.equal(loop.strategy.global_flat, before.global_flat)  # global model untouched
+    assert torch.equal(_weights(model), before.global_flat)
+
+
+class Hostile(FedCallback):
+    """Client 0 sends a corrupt reply of the given kind."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def on_client_start(self, trainer, pl_module, instruction):
+        if trainer.client_id == 0 and self.kind == "nan_loss":
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+    def on_client_end(self, trainer, pl_module, reply):
+        if trainer.client_id != 0:
+            return
+        k = next(iter(reply.payload))
+        if self.kind == "inf":
+            reply.payload[k] = torch.full_like(reply.payload[k], float("inf"))
+        elif self.kind == "shape":
+            reply.payload[k] = torch.zeros(3, 3)
+        elif self.kind == "extra":
+            reply.payload["evil"] = torch.zeros(1)
+        elif self.kind == "dtype":
+            reply.payload[k] = reply.payload[k].double()
+        elif self.kind == "huge":
+            reply.payload[k] = torch.full_like(reply.payload[k], 1e9)
+        elif self.kind == "examples":
+            reply.num_examples = -1
+
+
+@pytest.mark.parametrize("kind", ["inf", "shape", "extra", "dtype", "huge", "examples", "nan_loss"])
+def test_hostile_replies_never_reach_the_global_model(kind, make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    model = seeded(MNIST1DMLP)
+    loop = make_loop(num_clients=2, clients_per_round=2, rounds=1, max_update_abs=1e3, callbacks=[Hostile(kind)])
+    res = loop.fit(model, small_dm)
+    assert res.history[0]["rejected"] == 1 and res.history[0]["good"] == 1
+    assert "reply of client 0 rejected" in caplog.text
+    assert torch.isfinite(loop.strategy.global_flat).all()
+    # the global model equals a run in which only client 1 replied
+    ref_model = seeded(MNIST1DMLP)
+    ref = make_loop(num_clients=2, clients_per_round=2, rounds=1, callbacks=[Crash({0})], output_dir=str(loop.output_dir) + "-ref")
+    ref.fit(ref_model, small_dm)
+    assert torch.allclose(loop.strategy.global_flat, ref.strategy.global_flat)
+
+
+class GarbageCodec(Identity):
+    """Sends a truncated or garbage message for client 0."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.calls = 0
+
+    def encode(self, payload, state):
+        msg = super().encode(payload, state)
+        self.calls += 1
+        if self.calls != 1:
+            return msg
+        return {"truncate": msg[: len(msg) // 2], "garbage": b"\x00" * 7 + b"junk", "header": b"\xff" * 8 + msg}[self.mode]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage", "header"])
+def test_malformed_messages_are_rejected(mode, make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    res = make_loop(num_clients=2, clients_per_round=2, rounds=1, codec=GarbageCodec(mode)).fit(seeded(MNIST1DMLP), small_dm)
+    assert res.history[0]["rejected"] == 1 and "rejected" in caplog.text
+
+
+def test_oversized_messages_are_rejected(make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    res = make_loop(num_clients=2, clients_per_round=2, rounds=1, max_message_bytes=1000).fit(seeded(MNIST1DMLP), small_dm)
+    assert res.history[0]["rejected"] == 2 and "exceeds the limit of 1000" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_clients=0), "num_clients=0"),
+        (dict(num_clients=5, clients_per_round=6), "clients_per_round=6 .* between 1 and num_clients=5"),
+        (dict(rounds=0), "rounds=0"),
+        (dict(local_epochs=0), "local_epochs"),
+        (dict(min_clients=9), "min_clients=9"),
+        (dict(eval_every=0), "eval_every"),
+        (dict(precision="8-bit"), "precision='8-bit' .* one of"),
+        (dict(loggers=["wandb"]), "loggers"),
+        (dict(max_message_bytes=0), "max_message_bytes"),
+    ],
+)
+def test_bad_configuration_fails_before_training(kw, match):
+    base = dict(num_clients=10, clients_per_round=5)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        FedLoop(**base)
+
+
+def test_bf16_mixed_precision_runs(make_loop, small_dm):
+    res = make_loop(rounds=1, precision="bf16-mixed").fit(seeded(MNIST1DCNN), small_dm)
+    assert res.history[0]["good"] == 2 and 0 <= res.final_metrics["test_acc"] <= 1
