@@ -31,12 +31,12 @@ from safetensors.torch import save_file
 from lightning_fed.callbacks.base import FED_HOOKS
 from lightning_fed.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
-from lightning_fed.codecs.base import Codec, Identity
+from lightning_fed.codecs.base import Codec, Identity, decode_expected
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.evaluate import Evaluator
-from lightning_fed.protocol import Instruction, RejectedReply, Reply, validate_reply
+from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
 from lightning_fed.progress import RoundProgress
 from lightning_fed.report import partition_table, plot_history, summary_table, write_history, write_partition_csv
 from lightning_fed.store import ClientStore
@@ -55,6 +55,18 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed that depends on every part (used per round and per client)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed torch's CPU generator (and CUDA's, once initialised) and Python's ``random``.
+
+    Cheaper than ``torch.manual_seed``, which formats a stack trace to queue a lazy CUDA seeding on every
+    call before CUDA is initialised (milliseconds, once per client per round).
+    """
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
 
 
 @dataclass
@@ -162,6 +174,10 @@ class FedLoop:
         self.codec = codec if codec is not None else Identity()
         self.downlink_codec = downlink_codec if downlink_codec is not None else Identity()
         self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:  # callbacks may check how they combine (e.g. prune before QAT) before training
+            check = getattr(cb, "check_callbacks", None)
+            if callable(check):
+                check(self.callbacks)
         self.min_clients = min_clients
         self.eval_every = eval_every
         self.checkpoint_every = checkpoint_every
@@ -273,7 +289,7 @@ class FedLoop:
         clients = self.sample_clients(r)
         instructions = self.strategy.configure_round(r, clients)
         self._fed_hook("on_round_start", instructions)
-        stats = {"bytes_up": 0, "bytes_down": 0, "raw_bytes_up": 0, "rejected": 0, "failed": 0,
+        stats = {"bytes_up": 0, "bytes_down": 0, "raw_bytes_up": 0, "raw_bytes_down": 0, "rejected": 0, "failed": 0,
                  "encode_s": 0.0, "decode_s": 0.0}
         received = self._downlink(instructions, stats)
         replies: list[Reply] = []
@@ -300,7 +316,8 @@ class FedLoop:
         metrics.update(stats)
         if stats["bytes_up"]:
             metrics["compression_ratio"] = stats["raw_bytes_up"] / stats["bytes_up"]
-        del metrics["raw_bytes_up"]
+        if stats["bytes_down"]:
+            metrics["compression_ratio_down"] = stats["raw_bytes_down"] / stats["bytes_down"]
         self._fed_hook("on_round_end", metrics)
         if self._model_changed:
             self.strategy.model_changed(model)
@@ -323,10 +340,12 @@ class FedLoop:
                 msg = self.downlink_codec.encode(instr.payload, self._downlink_state)
                 stats["encode_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                decoded[key] = (len(msg), self.downlink_codec.decode(msg))
+                payload = decode_expected(self.downlink_codec, msg, spec=spec_of(instr.payload))
                 stats["decode_s"] += time.perf_counter() - t
-            size, payload = decoded[key]
+                decoded[key] = (len(msg), sum(v.numel() * v.element_size() for v in instr.payload.values()), payload)
+            size, raw, payload = decoded[key]
             stats["bytes_down"] += size
+            stats["raw_bytes_down"] += raw
             out.append(Instruction(instr.client_id, payload, dict(instr.config)))
         return out
 
@@ -338,7 +357,7 @@ class FedLoop:
         model = self._working_module(self.strategy.client_module(cid, self.model))
         view.lightning_module = model
         try:
-            torch.manual_seed(derive_seed(self.seed, r, cid))
+            seed_rngs(derive_seed(self.seed, r, cid))
             self.strategy.client_receive(model, instr)
             self._fed_hook("on_client_start", instr)
             shard = self.shards[cid]
@@ -347,10 +366,10 @@ class FedLoop:
             payload = self.strategy.client_reply(model, instr)
             reply = Reply(cid, payload, num_examples=len(shard), metrics=train_metrics)
             self._fed_hook("on_client_end", reply)
-            stats["raw_bytes_up"] += sum(t.numel() * t.element_size() for t in reply.payload.values())
             t = time.perf_counter()
             message = self.codec.encode(reply.payload, view.client_state.setdefault("codec", {}))
             stats["encode_s"] += time.perf_counter() - t
+            stats["raw_bytes_up"] += sum(t.numel() * t.element_size() for t in reply.payload.values())
         except Exception as err:  # a crashing client must not stop the round
             log.warning("round %d: client %d dropped: %s: %s", r + 1, cid, type(err).__name__, err)
             stats["failed"] += 1
@@ -384,11 +403,12 @@ class FedLoop:
     def receive(self, r: int, instr: Instruction, reply: Reply, message: bytes, stats: dict[str, Any]) -> Reply | None:
         """Server side of a reply: size limit, decode (no pickle), validate; ``None`` if rejected (logged)."""
         try:
+            spec = self.strategy.reply_spec(instr)
             t = time.perf_counter()
-            payload = self.codec.decode(message, max_bytes=self.max_message_bytes)
+            payload = decode_expected(self.codec, message, max_bytes=self.max_message_bytes, spec=spec)
             stats["decode_s"] += time.perf_counter() - t
             checked = Reply(reply.client_id, payload, reply.num_examples, dict(reply.metrics))
-            validate_reply(checked, self.strategy.reply_spec(instr), max_abs=self.max_update_abs)
+            validate_reply(checked, spec, max_abs=self.max_update_abs)
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", r + 1, reply.client_id, err)
             stats["rejected"] += 1
@@ -527,4 +547,4 @@ class FedLoop:
                 m._fabric_optimizers = []
 
 
-__all__ = ["FED_HOOKS", "FedLoop", "FitResult", "derive_seed"]
+__all__ = ["FED_HOOKS", "FedLoop", "FitResult", "derive_seed", "seed_rngs"]

@@ -48,12 +48,28 @@ def summary_table(history: list[dict[str, float]]) -> Table:
         ("skipped rounds", f"{sum(h.get('skipped', 0) for h in history):.0f}"),
         ("wall time", f"{sum(h.get('seconds', 0) for h in history):.1f} s"),
     ]
-    ratio = [h["compression_ratio"] for h in history if "compression_ratio" in h]
-    if ratio:
-        rows.insert(5, ("uplink compression ratio", f"{sum(ratio) / len(ratio):.1f}x"))
+    rows[5:5] = _compression_rows(history)
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _compression_rows(history: list[dict[str, float]]) -> list[tuple[str, str]]:
+    """Compression ratios over the whole run (total raw bytes / total message bytes) and codec seconds."""
+    rows = []
+    for key, raw_key, label in (("bytes_up", "raw_bytes_up", "uplink"), ("bytes_down", "raw_bytes_down", "downlink")):
+        sent = sum(h.get(key, 0) for h in history)
+        raw = sum(h.get(raw_key, 0) for h in history)
+        if sent and raw:
+            rows.append((f"{label} compression ratio", f"{raw / sent:.1f}x"))
+        elif label == "uplink":  # histories written before raw byte counts were logged
+            ratio = [h["compression_ratio"] for h in history if "compression_ratio" in h]
+            if ratio:
+                rows.append(("uplink compression ratio", f"{sum(ratio) / len(ratio):.1f}x"))
+    enc, dec = sum(h.get("encode_s", 0) for h in history), sum(h.get("decode_s", 0) for h in history)
+    if enc or dec:
+        rows.append(("encode / decode time", f"{enc:.2f} s / {dec:.2f} s"))
+    return rows
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:

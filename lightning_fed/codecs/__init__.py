@@ -1,6 +1,17 @@
 """Update codecs: what crosses the wire between clients and server."""
 
 from lightning_fed.codecs.base import Codec, Identity
+from lightning_fed.codecs.blockwise import Blockwise4bit, Blockwise8bit
+from lightning_fed.codecs.cast import Cast
+from lightning_fed.codecs.powersgd import PowerSGD
+from lightning_fed.codecs.qsgd import QSGD
+from lightning_fed.codecs.randk import RandomK
+from lightning_fed.codecs.sign import Sign
+from lightning_fed.codecs.topk import TopK
+from lightning_fed.codecs.vector import ValueCodec, VectorCodec
 from lightning_fed.codecs.wire import MalformedMessage
 
 __all__ = ["Codec", "Identity", "MalformedMessage"]
+__all__ += [
+    "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "PowerSGD", "RandomK", "Sign", "TopK", "ValueCodec", "VectorCodec",
+]

@@ -7,12 +7,13 @@ the loop reports. Codecs may keep per-client state (error-feedback residuals, mo
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor
 
 from lightning_fed.codecs.wire import expect_codec, pack, unpack
-from lightning_fed.protocol import Payload
+from lightning_fed.protocol import Payload, PayloadSpec
 
 
 class Codec:
@@ -27,8 +28,15 @@ class Codec:
         """Encode ``payload`` into a message; may read and update the per-client ``state`` in place."""
         raise NotImplementedError
 
-    def decode(self, message: bytes, *, max_bytes: int | None = None) -> Payload:
-        """Decode a message produced by :meth:`encode`; raise ``MalformedMessage`` if it is not one."""
+    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
+        """Decode a message produced by :meth:`encode`; raise ``MalformedMessage`` if it is not one.
+
+        Args:
+            message: the bytes received.
+            max_bytes: reject larger messages before parsing them.
+            spec: the payload the receiver expects (``Strategy.reply_spec`` on the server). Compact codecs
+                rebuild names and shapes from it instead of carrying them; others may ignore it.
+        """
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -51,8 +59,20 @@ class Identity(Codec):
         """Serialise the payload unchanged."""
         return pack(payload, {"codec": self.name})
 
-    def decode(self, message: bytes, *, max_bytes: int | None = None) -> Payload:
-        """Deserialise and check the codec tag."""
+    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
+        """Deserialise and check the codec tag (the message names its entries: ``spec`` is not needed)."""
         tensors, meta = unpack(message, max_bytes=max_bytes)
         expect_codec(meta, self.name)
         return tensors
+
+
+def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
+    """``codec.decode`` with the receiver's expected ``spec`` when the codec's ``decode`` accepts one
+    (codecs written before the ``spec`` argument existed keep working)."""
+    try:
+        takes_spec = "spec" in inspect.signature(codec.decode).parameters
+    except (TypeError, ValueError):
+        takes_spec = False
+    if takes_spec:
+        return codec.decode(message, max_bytes=max_bytes, spec=spec)
+    return codec.decode(message, max_bytes=max_bytes)

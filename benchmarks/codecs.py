@@ -1,0 +1,237 @@
+"""Update-compression benchmark (issue 3): accuracy and uplink bytes per codec, and codec throughput.
+
+Accuracy table: the FedAvg MNIST-1D recipe (MNIST1DCNN, 20 clients, Dirichlet(0.5), 10 per round,
+5 local epochs, SGD lr 0.05 momentum 0.9, batch 32) for ``--rounds`` rounds with each codec, run one after
+another in this process, a row printed as each finishes. Bytes are the real message lengths the loop
+counted. Throughput: encode + decode of a ``--numel``-element float32 update (default 25M).
+
+    python benchmarks/codecs.py --rounds 100                          # the whole table
+    python benchmarks/codecs.py --rounds 20 --codecs identity topk1-q7
+    python benchmarks/codecs.py --throughput-only --numel 25000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from lightning_fed import FedAvg, FedLoop
+from lightning_fed.codecs import (
+    QSGD,
+    Blockwise4bit,
+    Blockwise8bit,
+    Cast,
+    Codec,
+    Identity,
+    PowerSGD,
+    RandomK,
+    Sign,
+    TopK,
+)
+from lightning_fed.data import Dirichlet, MNIST1DDataModule
+from lightning_fed.models import MNIST1DCNN
+
+CODECS: dict[str, callable] = {
+    "identity": lambda: Identity(),
+    "fp16": lambda: Cast("fp16"),
+    "bf16": lambda: Cast("bf16"),
+    "int8": lambda: Blockwise8bit(blocksize=256),
+    "nf4": lambda: Blockwise4bit("nf4", blocksize=64),
+    "fp4": lambda: Blockwise4bit("fp4", blocksize=64),
+    "qsgd4": lambda: QSGD(levels=7, bucket=256),
+    "qsgd4-max": lambda: QSGD(levels=7, bucket=256, norm="max"),
+    "qsgd2-max": lambda: QSGD(levels=1, bucket=256, norm="max"),
+    "sign": lambda: Sign(block=256),
+    "topk10-noef": lambda: TopK(0.10, error_feedback=False),
+    "topk1-noef": lambda: TopK(0.01, error_feedback=False),
+    "topk1": lambda: TopK(0.01),
+    "topk1-q7": lambda: TopK(0.01, values=QSGD(levels=7, norm="max")),
+    "topk2-q7": lambda: TopK(0.02, values=QSGD(levels=7, norm="max")),
+    "topk2-sign": lambda: TopK(0.02, values=Sign()),
+    "topk2-int8": lambda: TopK(0.02, values=Blockwise8bit(blocksize=64)),
+    "topk1-int8": lambda: TopK(0.01, values=Blockwise8bit(blocksize=64)),
+    "topk3-sign": lambda: TopK(0.03, values=Sign()),
+    "dgc1-int8": lambda: TopK(0.01, values=Blockwise8bit(blocksize=64), momentum=0.5, warmup_rounds=10),
+    "dgc2-q7": lambda: TopK(0.02, values=QSGD(levels=7, norm="max"), momentum=0.5, warmup_rounds=10),
+    "warmup2-sign": lambda: TopK(0.02, values=Sign(), warmup_rounds=5),
+    "randk5-fp16": lambda: RandomK(0.05, values=Cast("fp16")),
+    "randk10-int8": lambda: RandomK(0.10, values=Blockwise8bit(blocksize=64)),
+    "powersgd1": lambda: PowerSGD(rank=1),
+    "powersgd2-int8": lambda: PowerSGD(rank=2, values=Blockwise8bit(blocksize=64)),
+}
+DEFAULT = [
+    "identity",
+    "fp16",
+    "bf16",
+    "int8",
+    "nf4",
+    "fp4",
+    "qsgd4",
+    "sign",
+    "topk10-noef",
+    "topk1",
+    "topk2-q7",
+    "topk2-sign",
+    "topk1-int8",
+    "dgc2-q7",
+    "randk5-fp16",
+    "powersgd1",
+]
+
+
+def run_fedavg(codec: Codec, rounds: int, seed: int = 0) -> dict[str, float]:
+    """One FedAvg MNIST-1D run (the fedavg.yaml recipe) with ``codec`` on the uplink."""
+    L.seed_everything(seed, verbose=False)
+    model = MNIST1DCNN(channels=25, lr=0.05, optimizer="sgd", momentum=0.9)
+    data = MNIST1DDataModule(batch_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = FedLoop(
+            num_clients=20,
+            clients_per_round=10,
+            rounds=rounds,
+            local_epochs=5,
+            partition=Dirichlet(alpha=0.5, min_samples=10),
+            strategy=FedAvg(server_lr=1.0),
+            codec=codec,
+            eval_every=5,
+            checkpoint_every=0,
+            output_dir=tmp,
+            seed=seed,
+            loggers=[],
+            verbose=False,
+            plot=False,
+        )
+        t = time.perf_counter()
+        res = loop.fit(model, data)
+        wall = time.perf_counter() - t
+    h = res.history
+    up = sum(x["bytes_up"] for x in h)
+    raw = sum(x["raw_bytes_up"] for x in h)
+    return {
+        "acc": res.final_metrics["test_acc"],
+        "up_mb": up / 1e6,
+        "raw_mb": raw / 1e6,
+        "ratio": raw / up,
+        "down_mb": sum(x["bytes_down"] for x in h) / 1e6,
+        "msg_bytes": up / sum(x["good"] + x["rejected"] for x in h),
+        "encode_s": sum(x["encode_s"] for x in h),
+        "decode_s": sum(x["decode_s"] for x in h),
+        "rejected": sum(x["rejected"] for x in h),
+        "wall_s": wall,
+    }
+
+
+def accuracy_table(names: list[str], rounds: int, out: str | None, seed: int = 0) -> list[dict]:
+    """Run every codec; print a markdown row per codec as it finishes."""
+    rows: list[dict] = []
+    ref: dict | None = None
+    print(f"FedAvg MNIST-1D, 20 clients, Dir(0.5), 10/round, {rounds} rounds, seed {seed}", flush=True)
+    print(
+        "| codec | config | final acc | Δ acc (pt) | uplink MB | bytes/msg | ratio vs fp32 | ratio vs identity "
+        "| encode s | decode s | wall s |",
+        flush=True,
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for name in names:
+        codec = CODECS[name]()
+        r = run_fedavg(codec, rounds, seed)
+        r["name"], r["config"] = name, repr(codec) if name != "identity" else "Identity()"
+        if name == "identity":
+            ref = r
+        d = f"{100 * (r['acc'] - ref['acc']):+.2f}" if ref else "n/a"
+        vs_id = f"{ref['up_mb'] / r['up_mb']:.1f}x" if ref else "n/a"
+        print(
+            f"| {name} | `{r['config']}` | {100 * r['acc']:.2f} % | {d} | {r['up_mb']:.3f} | {r['msg_bytes']:.0f} | "
+            f"{r['ratio']:.1f}x | {vs_id} | {r['encode_s']:.2f} | {r['decode_s']:.2f} | {r['wall_s']:.0f} |",
+            flush=True,
+        )
+        rows.append(r)
+        if out:
+            with open(out, "w") as f:
+                json.dump(rows, f, indent=1)
+    return rows
+
+
+THROUGHPUT = [
+    "fp16",
+    "bf16",
+    "int8",
+    "nf4",
+    "qsgd4",
+    "sign",
+    "topk1",
+    "topk1-int8",
+    "randk5-fp16",
+    "powersgd1",
+]
+
+
+def throughput(numel: int, names: list[str], repeats: int = 2) -> None:
+    """Encode + decode MB/s of a ``numel``-element float32 update (one entry shaped [numel/1000, 1000]).
+
+    Wall-clock MB/s and MB per CPU-second (``time.process_time``, summed over this process's threads) are both
+    printed: on a shared machine the wall clock includes time spent waiting for a core; an idle machine with
+    ``--threads`` cores runs at least the per-CPU-second rate.
+    """
+    from lightning_fed.protocol import spec_of
+
+    torch.manual_seed(0)
+    payload = {"w": torch.randn(numel // 1000, 1000) * 1e-3}
+    spec = spec_of(payload)
+    raw_mb = numel * 4 / 1e6
+    print(f"throughput, {numel / 1e6:.0f}M float32 ({raw_mb:.0f} MB), {torch.get_num_threads()} threads", flush=True)
+    print("| codec | message MB | ratio | encode s | decode s | enc+dec MB/s (wall) | enc+dec MB per CPU-second |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for name in names:
+        codec = CODECS[name]()
+        state: dict = {}
+        best = (float("inf"), float("inf"), float("inf"))
+        for _ in range(repeats):
+            t, c = time.perf_counter(), time.process_time()
+            msg = codec.encode(payload, state)
+            te = time.perf_counter() - t
+            t = time.perf_counter()
+            codec.decode(msg, spec=spec)
+            td = time.perf_counter() - t
+            cpu = time.process_time() - c
+            if te + td < best[0] + best[1]:
+                best = (te, td, cpu)
+        te, td, cpu = best
+        print(
+            f"| {name} | {len(msg) / 1e6:.2f} | {raw_mb * 1e6 / len(msg):.1f}x | {te:.3f} | {td:.3f} | "
+            f"{raw_mb / (te + td):.0f} | {raw_mb / cpu:.0f} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--codecs", nargs="+", default=DEFAULT, choices=sorted(CODECS))
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition, the initial model and training")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--numel", type=int, default=25_000_000)
+    p.add_argument("--throughput-codecs", nargs="+", default=THROUGHPUT, choices=sorted(CODECS))
+    p.add_argument("--throughput-only", action="store_true")
+    p.add_argument("--no-throughput", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning_fed").setLevel(logging.ERROR)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not args.throughput_only:
+        accuracy_table(args.codecs, args.rounds, args.out, args.seed)
+    if not args.no_throughput:
+        throughput(args.numel, args.throughput_codecs)
+
+
+if __name__ == "__main__":
+    main()

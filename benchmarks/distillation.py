@@ -1,0 +1,133 @@
+"""Distillation benchmark (issue 5): heterogeneous clients on MNIST-1D.
+
+Three client architectures (MNIST1DCNN with 8 / 16 / 32 channels, tiers 0 / 1 / 2, client ``i`` gets tier
+``i % 3``), 20 clients, Dirichlet(alpha=0.5) label split, 10 clients per round. For every method it reports
+the final accuracy of each tier (the tier's global model for FedDF / FedAvg / FedGen; the mean over all the
+tier's clients' own models for FedMD, FedMD-NFDP, FedGKT, decentralized distillation and isolated
+training), the server model's accuracy where there is one, and the mean bytes exchanged per round (up + down,
+as counted by FedLoop).
+
+    python benchmarks/distillation.py --rounds 30 --local-epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from lightning_fed import FedLoop
+from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
+from lightning_fed.models import MNIST1DCNN
+from lightning_fed.strategies import (
+    DecentralizedDistillation,
+    FedAvg,
+    FedDF,
+    FedGen,
+    FedGKT,
+    FedMD,
+    FedMDNFDP,
+    ModelTiers,
+)
+
+WIDTHS = (8, 16, 32)
+NUM_CLIENTS = 20
+METHODS = ("isolated", "fedavg_small", "fedmd", "fedmd_nfdp", "feddf", "fedgkt", "ddist", "fedgen_small")
+
+
+def cnn(channels: int) -> MNIST1DCNN:
+    """The benchmark's client model: SGD lr 0.05, momentum 0.9."""
+    return MNIST1DCNN(channels=channels, lr=0.05, optimizer="sgd", momentum=0.9)
+
+
+def build(method: str, public: PublicData, seed: int) -> tuple[object, bool]:
+    """The strategy of ``method`` and whether it uses the three tiers."""
+    tiers = ModelTiers(models=[cnn(w) for w in WIDTHS[1:]])
+    n = NUM_CLIENTS
+    if method == "isolated":  # FedMD without digest: every client trains alone (logits are sent but unused)
+        return FedMD(public=public, tiers=tiers, digest_epochs=0, public_per_round=10, eval_clients=n), True
+    if method == "fedavg_small":
+        return FedAvg(), False
+    if method == "fedmd":
+        return FedMD(public=public, tiers=tiers, public_per_round=500, digest_epochs=2, eval_clients=n), True
+    if method == "fedmd_nfdp":
+        return FedMDNFDP(public=public, tiers=tiers, records_per_party=100, public_per_round=500,
+                         digest_epochs=2, eval_clients=n), True
+    if method == "feddf":
+        return FedDF(public=public, tiers=tiers, proxy_size=1000, distill_steps=100, distill_lr=1e-3), True
+    if method == "fedgkt":
+        return FedGKT(tiers=tiers, server_hidden=256, server_epochs=2, alpha=1.0, temperature=3.0, eval_clients=n), True
+    if method == "ddist":
+        return DecentralizedDistillation(num_clients=n, graph="random_regular", degree=4, public=public,
+                                         reference_size=500, temperature=2.0, digest_epochs=2, tiers=tiers,
+                                         eval_clients=n), True
+    if method == "fedgen_small":
+        return FedGen(gen_steps=50, alpha=1.0, beta=1.0), False
+    raise ValueError(method)
+
+
+def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, float]:
+    """One method end to end; returns its final metrics."""
+    L.seed_everything(seed, verbose=False)
+    public = PublicData(num_samples=1000, seed=7)
+    strategy, tiered = build(method, public, seed)
+    model = cnn(WIDTHS[0])
+    with tempfile.TemporaryDirectory() as out:
+        loop = FedLoop(num_clients=NUM_CLIENTS, clients_per_round=10, rounds=rounds, local_epochs=local_epochs,
+                       partition=Dirichlet(alpha=0.5, min_samples=10), strategy=strategy, eval_every=rounds,
+                       checkpoint_every=0, output_dir=out, seed=seed, verbose=False, plot=False, loggers=[])
+        t = time.perf_counter()
+        res = loop.fit(model, MNIST1DDataModule(batch_size=32))
+        secs = time.perf_counter() - t
+    last = res.history[-1]
+    row = {"method": method, "seconds": secs,
+           "bytes_per_round": sum(h["bytes_up"] + h["bytes_down"] for h in res.history) / len(res.history)}
+    if tiered:
+        for t in range(3):
+            row[f"tier{t}"] = last.get(f"tier{t}/test_acc", float("nan"))
+    else:
+        row["tier0"] = last["test_acc"]
+    row["server"] = last.get("server/test_acc", float("nan"))
+    if method == "fedmd_nfdp":
+        row["epsilon"], row["delta"] = last["nfdp/epsilon"], last["nfdp/delta"]
+    return row
+
+
+def main() -> None:
+    """Run the chosen methods and print a markdown table."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args()
+    logging.getLogger("lightning_fed").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    rows = []
+    for m in args.methods:
+        rows.append(run(m, args.rounds, args.local_epochs, args.seed))
+        r = rows[-1]
+        print(f"done {m}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+              flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{100 * v:.1f} %"
+
+    print("\n| method | tier 0 (8 ch) | tier 1 (16 ch) | tier 2 (32 ch) | server | KB / round | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {fmt(r.get('tier0'))} | {fmt(r.get('tier1'))} | {fmt(r.get('tier2'))} | "
+              f"{fmt(r.get('server'))} | {r['bytes_per_round'] / 1024:.1f} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Knowledge distillation from a frozen teacher, as a callback (teacher hooks).
+
+Hinton et al., "Distilling the Knowledge in a Neural Network", 2015; feature hints after FitNets (Romero
+et al. 2015); attention transfer as in Neural Attention Distillation (Li et al., ICLR 2021).
+
+The callback wraps the student's ``training_step`` while training runs: the module's own loss is the task
+loss, the teacher runs on the same batch under ``torch.no_grad`` and the loss becomes::
+
+    alpha * task + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+          + hint_weight * sum MSE(student_layer, teacher_layer)
+          + attention_weight * sum MSE(attention(student_layer), attention(teacher_layer))
+
+Layer outputs are read with forward hooks on named submodules. The teacher is held by the callback, not
+registered in the student: it never receives gradients and is never part of a federated payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.kd_losses import attention_loss, hint_loss, kd_loss
+from lightning_fed.callbacks.step_hook import TrainingStepHook, step_loss, with_loss
+
+log = logging.getLogger("lightning_fed")
+
+
+def _parse_layers(specs: list[str] | None, key: str) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs or []:
+        parts = spec.split(":")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"Distillation: {key} entry {spec!r} is not allowed; use 'layer' or 'student_layer:teacher_layer'")
+        out.append((parts[0], parts[-1]))
+    return out
+
+
+def load_weights(module: nn.Module, path: str) -> None:
+    """Load a state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``) into ``module``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"teacher_weights={path!r} is not a file")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, weights_only=True, map_location="cpu")
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    module.load_state_dict(state, strict=False)
+
+
+class _Capture:
+    """Forward hooks that keep the latest output of named submodules."""
+
+    def __init__(self) -> None:
+        self.out: dict[str, Tensor] = {}
+        self.handles: list[Any] = []
+
+    def add(self, module: nn.Module, name: str, key: str) -> None:
+        try:
+            sub = module.get_submodule(name) if name else module
+        except AttributeError as err:
+            raise ValueError(f"Distillation: {type(module).__name__} has no submodule {name!r}") from err
+
+        def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
+            self.out[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+        self.handles.append(sub.register_forward_hook(hook))
+
+    def clear(self) -> None:
+        self.out.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.out.clear()
+
+
+class Distillation(FedCallback):
+    """Distil a frozen teacher into the trained module (under ``lightning.Trainer`` and inside FedLoop).
+
+    Example::
+
+        teacher = MNIST1DCNN(channels=64)            # trained; or give teacher_weights=
+        cb = Distillation(teacher=teacher, alpha=0.5, temperature=4.0, attention=["conv3"])
+        L.Trainer(callbacks=[cb]).fit(MNIST1DCNN(channels=8), dm)
+        FedLoop(callbacks=[cb], ...).fit(MNIST1DCNN(channels=8), dm)
+
+    In a recipe::
+
+        loop:
+          callbacks:
+            - class_path: lightning_fed.callbacks.Distillation
+              init_args:
+                teacher: {class_path: lightning_fed.models.MNIST1DCNN, init_args: {channels: 64}}
+                teacher_weights: runs/teacher/final.safetensors
+
+    Args:
+        teacher: the teacher network; called as ``teacher(x)`` and returning logits.
+        alpha: weight of the module's own (task) loss; ``1 - alpha`` weighs the soft-target term.
+        temperature: softmax temperature ``T`` of the soft targets.
+        teacher_weights: optional ``.safetensors`` / ``torch.save`` state dict loaded into the teacher.
+        hints: layers whose outputs the student matches (MSE); ``"name"`` or ``"student:teacher"``.
+        hint_weight: weight of the hint terms.
+        attention: layers for attention transfer (NAD's attention-map loss); same naming as ``hints``.
+        attention_weight: weight of the attention terms.
+        attention_p: exponent ``p`` of the attention map ``sum_c |a_c|^p``.
+        input_index: position of the input in a batch tuple/list (the teacher is called on ``batch[i]``).
+        logits_layer: submodule whose output is the student's logits; ``""`` = the module's own forward.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        alpha: float = 0.5,
+        temperature: float = 4.0,
+        teacher_weights: str | None = None,
+        hints: list[str] | None = None,
+        hint_weight: float = 1.0,
+        attention: list[str] | None = None,
+        attention_weight: float = 1000.0,
+        attention_p: float = 2.0,
+        input_index: int = 0,
+        logits_layer: str = "",
+    ) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"Distillation: teacher={type(teacher).__name__} is not allowed; it must be an nn.Module")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Distillation: alpha={alpha} is not allowed; alpha must be in [0, 1]")
+        if not temperature > 0:
+            raise ValueError(f"Distillation: temperature={temperature} is not allowed; temperature must be > 0")
+        for key, val in (("hint_weight", hint_weight), ("attention_weight", attention_weight)):
+            if val < 0:
+                raise ValueError(f"Distillation: {key}={val} is not allowed; {key} must be >= 0")
+        if not attention_p > 0:
+            raise ValueError(f"Distillation: attention_p={attention_p} is not allowed; attention_p must be > 0")
+        if input_index < 0:
+            raise ValueError(f"Distillation: input_index={input_index} is not allowed; input_index must be >= 0")
+        self.hints = _parse_layers(hints, "hints")
+        self.attention = _parse_layers(attention, "attention")
+        if teacher_weights is not None:
+            try:
+                load_weights(teacher, teacher_weights)
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(f"Distillation: teacher_weights: {err}") from err
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.alpha = alpha
+        self.temperature = temperature
+        self.hint_weight = hint_weight
+        self.attention_weight = attention_weight
+        self.attention_p = attention_p
+        self.input_index = input_index
+        self.logits_layer = logits_layer
+        self._hook = TrainingStepHook(self._step)
+        self._student = _Capture()
+        self._teacher = _Capture()
+        self._module: nn.Module | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Freeze the teacher on the module's device, register the layer hooks, wrap ``training_step``."""
+        self.teacher.to(pl_module.device)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self._student.add(pl_module, self.logits_layer, "__logits__")
+        for s, t in self.hints:
+            self._student.add(pl_module, s, f"hint:{s}")
+            self._teacher.add(self.teacher, t, f"hint:{s}")
+        for s, t in self.attention:
+            self._student.add(pl_module, s, f"at:{s}")
+            self._teacher.add(self.teacher, t, f"at:{s}")
+        self._module = pl_module
+        self._hook.install(pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Remove the hooks."""
+        self._hook.remove()
+        self._student.remove()
+        self._teacher.remove()
+        self._module = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Remove the hooks if training stopped early."""
+        self.on_train_end(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the loss
+    def _input(self, batch: Any) -> Tensor:
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)):
+            return batch[self.input_index]
+        raise ValueError(f"Distillation: cannot find the input in a batch of type {type(batch).__name__}; "
+                         "batches must be tensors or tuples/lists (see input_index)")
+
+    def distillation_terms(self, task: Tensor, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The combined loss from the task loss and the captured student outputs of this step."""
+        x = self._input(batch)
+        self._teacher.clear()
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        s_logits = self._student.out.get("__logits__")
+        if s_logits is None:
+            raise RuntimeError("Distillation: the student's forward was not called in training_step; "
+                               "set logits_layer to the submodule that produces the logits")
+        kd = kd_loss(s_logits, t_logits.detach(), self.temperature)
+        loss = self.alpha * task + (1.0 - self.alpha) * kd
+        parts = {"kd_loss": kd.detach()}
+        if self.hints:
+            h = sum(hint_loss(self._student.out[f"hint:{s}"], self._teacher.out[f"hint:{s}"].detach())
+                    for s, _ in self.hints)
+            loss = loss + self.hint_weight * h
+            parts["hint_loss"] = h.detach()
+        if self.attention:
+            a = sum(attention_loss(self._student.out[f"at:{s}"], self._teacher.out[f"at:{s}"].detach(),
+                                   self.attention_p) for s, _ in self.attention)
+            loss = loss + self.attention_weight * a
+            parts["attention_loss"] = a.detach()
+        return loss, parts
+
+    def _step(self, original: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        self._student.clear()
+        out = original(batch, batch_idx, *args, **kwargs)
+        task = step_loss(out)
+        if task is None:
+            return out
+        loss, parts = self.distillation_terms(task, batch)
+        module = self._module
+        if module is not None:
+            for name, value in parts.items():
+                module.log(f"distill/{name}", value, on_step=False, on_epoch=True)
+        return with_loss(out, loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings (the teacher is configuration, rebuilt from the recipe, and is not checkpointed)."""
+        return {"alpha": self.alpha, "temperature": self.temperature}
+
+
+__all__ = ["Distillation", "load_weights"]

@@ -1,0 +1,238 @@
+"""Model footprint: parameters, MACs (torch-pruning's counter), serialized bytes (safetensors) and measured CPU
+inference latency (median of repeated runs), before and after training with compression callbacks."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch_pruning as tp
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_fed.callbacks._compress import (
+    cpu_copy,
+    example_from_batch,
+    example_input,
+    in_fedloop,
+    on_server,
+)
+from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.quantize import FAKE_QUANT, _FakeQuant
+
+log = logging.getLogger("lightning_fed")
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Bytes of ``model.state_dict()`` serialized with safetensors (tensors made contiguous)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+    return len(safetensors.torch.save(sd))
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, example: Tensor, *, repeats: int = 30, warmup: int = 5, threads: int = 1) -> float:
+    """Median wall time (ms) of ``model(example)`` on the CPU over ``repeats`` runs after ``warmup`` runs.
+
+    ``threads`` intra-op threads are used while timing (1 by default: an edge-like single core, and the only
+    setting that gives stable numbers on a shared machine, where idle-spinning thread pools wait for
+    descheduled threads)."""
+    model = model.cpu().eval()
+    example = example.cpu()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(saved)
+    return 1000.0 * statistics.median(times)
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` with fake-quantized layers turned back into plain float layers."""
+    m = cpu_copy(model)
+    for sub in m.modules():
+        if isinstance(sub, _FakeQuant):
+            sub.__class__ = next(base for base in type(sub).__mro__ if base in FAKE_QUANT)
+    return m
+
+
+def measure_footprint(
+    model: nn.Module, example: Tensor, *, repeats: int = 30, batch_size: int = 1, threads: int = 1
+) -> dict[str, float]:
+    """Parameters, MACs, serialized bytes and median CPU latency of ``model`` on a batch of ``example`` rows
+    (fake-quantized layers are measured as the float layers they train).
+
+    Example::
+
+        stats = measure_footprint(MNIST1DCNN(), torch.zeros(1, 40))
+        stats["macs"], stats["latency_ms"]
+    """
+    m = float_copy(model)
+    x = example[:1].cpu()
+    macs, params = tp.utils.count_ops_and_params(m, x)
+    batch = x.expand(batch_size, *x.shape[1:]).contiguous()
+    return {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m)),
+            "latency_ms": cpu_latency_ms(m, batch, repeats=repeats, threads=threads)}
+
+
+def measure_exported(exported: nn.Module, reference: dict[str, float], example: Tensor, *, repeats: int = 30,
+                     batch_size: int = 1, threads: int = 1) -> dict[str, float]:
+    """Bytes and latency of an exported (integer) model; parameters and MACs are the float model's
+    (``reference``): the same operations, which the MAC counter does not see in integer layers."""
+    x = example[:1].cpu()
+    batch = x.expand(batch_size, *x.shape[1:]).contiguous()
+    return {"params": reference["params"], "macs": reference["macs"], "bytes": float(serialized_bytes(exported)),
+            "latency_ms": cpu_latency_ms(exported, batch, repeats=repeats, threads=threads)}
+
+
+@torch.no_grad()
+def classification_accuracy(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy of ``model(x)`` over ``(x, y)`` batches (CPU)."""
+    model = model.cpu().eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x.cpu()).argmax(-1) == y.cpu()).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def eval_loader(trainer: Any) -> DataLoader | None:
+    """The held-out loader: FedLoop's evaluation set, or the Trainer's datamodule test (else val) loader."""
+    if in_fedloop(trainer):
+        return trainer.fed_loop.eval_loader
+    dm = getattr(trainer, "datamodule", None)
+    for name in ("test_dataloader", "val_dataloader"):
+        try:
+            if dm is not None:
+                dm.setup("test")
+                return getattr(dm, name)()
+        except Exception as err:  # noqa: BLE001 - Lightning raises when a loader is not implemented
+            log.debug("no %s: %s", name, err)
+    loaders = getattr(trainer, "val_dataloaders", None)
+    return loaders if isinstance(loaders, DataLoader) else None
+
+
+def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Send one-off scalars to the trainer's loggers (Lightning or Fabric loggers)."""
+    step = trainer.current_round + 1 if in_fedloop(trainer) else trainer.global_step
+    for lg in list(getattr(trainer, "loggers", []) or []):
+        lg.log_metrics(metrics, step=step)
+
+
+def footprint_table(columns: dict[str, dict[str, float]], title: str = "Model footprint") -> Table:
+    """A rich table with one row per measure and one column per stage (``before``, ``after``…)."""
+    table = Table(title=title)
+    table.add_column("measure")
+    for name in columns:
+        table.add_column(name, justify="right")
+    first = next(iter(columns.values()), {})
+    if len(columns) >= 2:
+        table.add_column("before / last", justify="right")
+    fmt = {"params": "{:,.0f}", "macs": "{:,.0f}", "bytes": "{:,.0f}", "latency_ms": "{:.3f}"}
+    for key in ("params", "macs", "bytes", "latency_ms"):
+        cells = [fmt[key].format(c[key]) if key in c else "-" for c in columns.values()]
+        last = list(columns.values())[-1]
+        if len(columns) >= 2:
+            cells.append(f"{first[key] / last[key]:.2f}x" if key in first and last.get(key) else "-")
+        table.add_row(key, *cells)
+    return table
+
+
+class Footprint(FedCallback):
+    """Measure the model before and after training (and the QAT export, when there is one) and report it.
+
+    The report is a rich table on the console, an INFO log line and ``footprint/<stage>_<measure>`` scalars in
+    the loggers; :attr:`results` keeps the numbers (``{"before": {...}, "after": {...}, "exported": {...}}``).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[StructuredPruning(ratio=0.5, at=[3]), Footprint()])
+        trainer.fit(model, dm)
+        footprint.results["after"]["macs"]
+
+    Args:
+        repeats: timed forward passes (the median is reported).
+        batch_size: batch size of the latency measurement.
+        threads: CPU threads while timing (1 gives stable numbers on shared machines).
+        example_input_shape: shape of one input (e.g. ``[1, 40]``); ``None`` = the module's
+            ``example_input_array`` or the first training batch.
+    """
+
+    def __init__(
+        self, *, repeats: int = 30, batch_size: int = 1, threads: int = 1, example_input_shape: list[int] | None = None
+    ) -> None:
+        if repeats < 1:
+            raise ValueError(f"Footprint: repeats={repeats!r} is not allowed; repeats must be >= 1")
+        if batch_size < 1:
+            raise ValueError(f"Footprint: batch_size={batch_size!r} is not allowed; batch_size must be >= 1")
+        if example_input_shape is not None and (not example_input_shape or any(d < 1 for d in example_input_shape)):
+            raise ValueError(f"Footprint: example_input_shape={example_input_shape!r} is not allowed; "
+                             "it must be None or a list of sizes >= 1")
+        if threads < 1:
+            raise ValueError(f"Footprint: threads={threads!r} is not allowed; threads must be >= 1")
+        self.repeats = repeats
+        self.threads = threads
+        self.batch_size = batch_size
+        self.example_input_shape = example_input_shape
+        self.results: dict[str, dict[str, float]] = {}
+        self._seen: Tensor | None = None
+
+    def _measure(self, trainer: Any, pl_module: nn.Module) -> dict[str, float]:
+        x = example_input("Footprint", trainer, pl_module, self.example_input_shape, self._seen)
+        return measure_footprint(pl_module, x, repeats=self.repeats, batch_size=self.batch_size, threads=self.threads)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """FedLoop: measure the initial model (the first training batch is at hand)."""
+        if in_fedloop(trainer) and "before" not in self.results:
+            self.results["before"] = self._measure(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """``lightning.Trainer``: measure the model as it starts training (first batch)."""
+        if self._seen is None:
+            self._seen = example_from_batch(batch)
+        if "before" not in self.results and not in_fedloop(trainer):
+            self.results["before"] = self._measure(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Measure the trained model (and the QAT export) and report."""
+        if in_fedloop(trainer) and not on_server(trainer):
+            return
+        self.results["after"] = self._measure(trainer, pl_module)
+        for cb in trainer.callbacks:
+            export = getattr(cb, "export_model", None)
+            if callable(export) and getattr(cb, "export", False):
+                x = example_input("Footprint", trainer, pl_module, self.example_input_shape, self._seen)
+                self.results["exported"] = measure_exported(
+                    export(trainer, pl_module), self.results["after"], x, repeats=self.repeats,
+                    batch_size=self.batch_size, threads=self.threads)
+        table = footprint_table(self.results)
+        console = trainer.fed_loop.console if in_fedloop(trainer) else Console(stderr=True)
+        console.print(table)
+        log.info("footprint: %s", self.results)
+        log_metrics(trainer, {f"footprint/{stage}_{k}": v for stage, s in self.results.items() for k, v in s.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measurements so far (a resumed run keeps its ``before``)."""
+        return {"results": self.results}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.results = {k: dict(v) for k, v in state.get("results", {}).items()}
+
+
+__all__ = [
+    "Footprint", "classification_accuracy", "cpu_latency_ms", "float_copy", "measure_exported", "measure_footprint",
+    "serialized_bytes",
+]

@@ -1,0 +1,223 @@
+"""Quantization-aware training (QAT) under ``lightning.Trainer`` and in FedLoop, and the int8 / int4 export.
+
+From epoch (Trainer) or round (FedLoop) ``start`` on, every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` of the
+model computes with fake-quantized weights (and activations for ``"int8"``), so training adapts to the rounding
+the exported integer model will do. The layers are swapped in place (see
+:mod:`lightning_fed.callbacks.quantize`): the float *shadow* weights remain the model's parameters under the same
+``state_dict`` keys, so FedAvg federates exactly these float weights and nothing else (the schemes are dynamic:
+there are no observer buffers to federate). At the end of fit the model is exported to integer storage and its
+accuracy and serialized size are reported.
+
+Order with structured pruning: prune first, then QAT. Pruning changes the channel counts that the quantization
+scales are computed over, so QAT must only start after the last pruning step; this is checked when the loop
+(``FedLoop``) is built and again at ``setup`` (``lightning.Trainer``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import nn
+
+from lightning_fed.callbacks._compress import cpu_copy, in_fedloop, on_server
+from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.footprint import (
+    classification_accuracy,
+    eval_loader,
+    float_copy,
+    log_metrics,
+    serialized_bytes,
+)
+from lightning_fed.callbacks.pruning import StructuredPruning
+from lightning_fed.callbacks.quantize import FAKE_QUANT, SCHEMES, QuantizedLayer, _FakeQuant
+from lightning_fed.protocol import Instruction
+
+log = logging.getLogger("lightning_fed")
+
+
+def check_prune_then_qat(callbacks: list[Any]) -> None:
+    """Raise ``ValueError`` unless every :class:`StructuredPruning` comes before every :class:`QuantizationAware`
+    in ``callbacks`` and QAT starts after the last pruning step."""
+    prunes = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, StructuredPruning)]
+    qats = [(i, cb) for i, cb in enumerate(callbacks) if isinstance(cb, QuantizationAware)]
+    for qi, q in qats:
+        for pi, p in prunes:
+            if qi < pi:
+                raise ValueError(
+                    f"QuantizationAware is at callbacks[{qi}], before StructuredPruning at callbacks[{pi}]: prune first, "
+                    "then QAT; put StructuredPruning before QuantizationAware"
+                )
+            if q.start <= max(p.at):
+                raise ValueError(
+                    f"QuantizationAware: start={q.start} is not allowed with StructuredPruning(at={p.at}); QAT must start "
+                    f"after the last pruning step (start >= {max(p.at) + 1}): prune first, then QAT"
+                )
+
+
+def prepare_qat(model: nn.Module, scheme: str, group_size: int | None, layers: list[str] | None = None) -> int:
+    """Swap the quantizable layers of ``model`` to their fake-quantized classes in place; return how many.
+
+    Only exact ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (zero padding) are swapped; ``layers`` restricts to
+    those module names.
+    """
+    count = 0
+    for name, m in model.named_modules():
+        if layers is not None and name not in layers:
+            continue
+        cls = FAKE_QUANT.get(type(m))
+        if cls is None or getattr(m, "padding_mode", "zeros") != "zeros":
+            continue
+        m.__class__ = cls
+        m.qat_scheme, m.qat_group_size = scheme, group_size
+        count += 1
+    return count
+
+
+def convert_qat(model: nn.Module, scheme: str, group_size: int | None) -> nn.Module:
+    """An exported copy of a QAT-prepared ``model`` (on the CPU): every fake-quantized layer becomes a
+    :class:`~lightning_fed.callbacks.quantize.QuantizedLayer` holding integer weights."""
+    out = cpu_copy(model)
+    for name, m in list(out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, _FakeQuant):
+                setattr(m, child_name, QuantizedLayer(child, scheme, group_size))
+    return out
+
+
+class QuantizationAware(FedCallback):
+    """Fake-quantization during training and an integer export at the end; ``lightning.Trainer`` and ``FedLoop``.
+
+    Example::
+
+        callbacks = [StructuredPruning(ratio=0.36, at=[20, 30, 40]), QuantizationAware(scheme="int8", start=60)]
+        loop = FedLoop(num_clients=20, clients_per_round=10, rounds=100, callbacks=callbacks)
+
+    After fit, :attr:`report` holds ``float_acc``, ``quant_acc``, ``float_bytes``, ``quant_bytes``,
+    ``float_weight_bytes`` and ``quant_weight_bytes`` (quantized layers' weights and scales), and
+    :attr:`exported` the integer model (also written as ``quantized.safetensors`` to the run folder).
+
+    Args:
+        scheme: ``"int8"`` (int8 weights per channel + dynamic int8 activations) or ``"int4_weight"`` (int4
+            weights in groups of ``group_size``, float activations).
+        start: 0-based epoch (Trainer) or round (FedLoop) from which training is quantization-aware.
+        group_size: int4 group size (input elements per scale).
+        layers: module names to quantize; ``None`` = every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``.
+        export: quantize, evaluate and save the model at the end of fit.
+        export_dir: folder for ``quantized.safetensors``; ``None`` = the FedLoop run folder or the Trainer's
+            ``default_root_dir``.
+    """
+
+    def __init__(
+        self,
+        *,
+        scheme: str = "int8",
+        start: int = 0,
+        group_size: int = 32,
+        layers: list[str] | None = None,
+        export: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"QuantizationAware: {key}={value!r} is not allowed; {key} must be {allowed}")
+
+        need(scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
+        need(isinstance(start, int) and start >= 0, "start", start, "an int >= 0 (epoch or round)")
+        need(group_size >= 1, "group_size", group_size, ">= 1")
+        need(layers is None or len(layers) > 0, "layers", layers, "None or a non-empty list of module names")
+        self.scheme = scheme
+        self.start = start
+        self.group_size = group_size
+        self.layers = layers
+        self.export = export
+        self.export_dir = export_dir
+        self.prepared = False
+        self.exported: nn.Module | None = None
+        self.report: dict[str, float] = {}
+        self._model: nn.Module | None = None
+
+    def check_callbacks(self, callbacks: list[Any]) -> None:
+        """Called by ``FedLoop.__init__`` (and at ``setup``): prune first, then QAT."""
+        check_prune_then_qat(callbacks)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make ``model`` quantization-aware now (idempotent)."""
+        if self.prepared:
+            return
+        n = prepare_qat(model, self.scheme, self.group_size if self.scheme == "int4_weight" else None, self.layers)
+        if n == 0:
+            raise ValueError(f"QuantizationAware: no quantizable layer (Linear/Conv1d/Conv2d) in {type(model).__name__}"
+                             + (f" among layers={self.layers}" if self.layers else ""))
+        self.prepared = True
+        log.info("QAT (%s): %d layers fake-quantized", self.scheme, n)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check the order against the other callbacks and remember the model."""
+        check_prune_then_qat(list(trainer.callbacks))
+        self._model = pl_module
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """``lightning.Trainer``: switch on fake quantization from epoch ``start``."""
+        if not in_fedloop(trainer) and trainer.current_epoch >= self.start:
+            self.prepare(pl_module)
+
+    def on_round_start(self, trainer: Any, pl_module: Any, instructions: list[Instruction]) -> None:
+        """Server: switch on fake quantization from round ``start``; tell clients the scheme."""
+        if trainer.current_round >= self.start:
+            self.prepare(pl_module)
+            for instr in instructions:
+                instr.config["qat_scheme"] = self.scheme
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Export, evaluate and save the integer model; log its accuracy and size."""
+        if self.export and (not in_fedloop(trainer) or on_server(trainer)):
+            self.export_model(trainer, pl_module)
+
+    def export_model(self, trainer: Any, pl_module: nn.Module) -> nn.Module:
+        """Convert the (prepared) model to integers, measure accuracy and bytes, save; cached per fit."""
+        if self.exported is not None:
+            return self.exported
+        was_prepared = self.prepared
+        if not was_prepared:  # a fit that ended before ``start``: export still quantizes post-training
+            log.warning("QuantizationAware: training ended before start=%d; exporting without QAT", self.start)
+            self.prepare(pl_module)
+        exported = convert_qat(pl_module, self.scheme, self.group_size if self.scheme == "int4_weight" else None)
+        float_model = float_copy(pl_module)  # the float reference: the same weights without fake quantization
+        qsd = {k: v.contiguous() for k, v in exported.state_dict().items()}
+        fsd = {k: v.contiguous() for k, v in float_model.state_dict().items()}
+        qlayers = {n for n, m in exported.named_modules() if isinstance(m, QuantizedLayer)}
+        qw = sum(v.numel() * v.element_size() for k, v in qsd.items()
+                 if k.rsplit(".", 1)[0] in qlayers and k.rsplit(".", 1)[1] in ("qweight", "scale"))
+        fw = sum(v.numel() * v.element_size() for k, v in fsd.items()
+                 if k.rsplit(".", 1)[0] in qlayers and k.endswith(".weight"))
+        self.report = {"float_bytes": float(serialized_bytes(float_model)), "quant_bytes": float(serialized_bytes(exported)),
+                       "float_weight_bytes": float(fw), "quant_weight_bytes": float(qw)}
+        loader = eval_loader(trainer)
+        if loader is not None:
+            self.report["float_acc"] = classification_accuracy(float_model, loader)
+            self.report["quant_acc"] = classification_accuracy(exported, loader)
+        out_dir = Path(self.export_dir) if self.export_dir else (
+            trainer.fed_loop.run_dir if in_fedloop(trainer) else Path(trainer.default_root_dir))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(qsd, str(out_dir / "quantized.safetensors"))
+        log.info("QAT export (%s): %s", self.scheme, {k: round(v, 4) for k, v in self.report.items()})
+        log_metrics(trainer, {f"qat/{k}": v for k, v in self.report.items()})
+        self.exported = exported
+        return exported
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Whether the model is quantization-aware (a resumed run re-prepares it)."""
+        return {"prepared": self.prepared}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; re-prepare the model if it was prepared."""
+        if state.get("prepared") and self._model is not None:
+            self.prepare(self._model)
+
+
+__all__ = ["QuantizationAware", "check_prune_then_qat", "convert_qat", "prepare_qat"]

@@ -1,0 +1,199 @@
+"""Base classes of the compressing codecs: a payload becomes one float32 vector in a compact frame.
+
+:class:`VectorCodec` does what every compressing codec shares: the flat layout, the frame header and its
+fingerprint, the optional self-describing layout section, lossless transport of non-float entries, error
+feedback (the residual kept in the per-client state) and size checks on decode. A subclass only encodes
+and decodes the vector (:meth:`VectorCodec.encode_vector` / :meth:`VectorCodec.decode_vector`).
+
+:class:`ValueCodec` is the elementwise kind (casts and quantizers): besides being codecs on their own they
+encode the values that a sparsifier or a low-rank codec selected (``TopK(values=QSGD(levels=7))``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_fed.codecs.base import Codec
+from lightning_fed.codecs.frame import (
+    FLAG_EXTRAS,
+    FLAG_LAYOUT,
+    Reader,
+    Writer,
+    fingerprint,
+    read_header,
+    write_header,
+)
+from lightning_fed.codecs.layout import MAX_LAYOUT_BYTES, Layout
+from lightning_fed.codecs.wire import MalformedMessage, pack, unpack
+from lightning_fed.protocol import Payload, PayloadSpec
+
+_LAYOUT_ID = "layout_id"
+
+
+class VectorCodec(Codec):
+    """A codec that encodes the payload's float entries as one flat vector (see :mod:`.frame`).
+
+    Args:
+        error_feedback: keep the compression error in the client's state and add it to the next update
+            (Seide et al. 2014; Karimireddy et al. 2019), so nothing is lost, only delayed.
+        self_describing: also send the layout (names, dtypes, shapes) so that a receiver without the
+            expected spec can decode; costs about 30 bytes per entry.
+    """
+
+    name = "vector"
+
+    def __init__(self, *, error_feedback: bool = False, self_describing: bool = False) -> None:
+        self.error_feedback = bool(error_feedback)
+        self.self_describing = bool(self_describing)
+
+    # ------------------------------------------------------------------ to implement
+    def wire_config(self) -> str:
+        """The settings a decoder must share with the encoder (hashed into every frame's fingerprint)."""
+        return self.name
+
+    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+        """Write the code of float32 vector ``x`` to ``w``; return what the decoder will reconstruct."""
+        raise NotImplementedError
+
+    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+        """Read the code written by :meth:`encode_vector`; return the float32 vector of ``layout.numel``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Codec API
+    def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
+        """Encode ``payload``; with error feedback, read and update ``state["residual"]``."""
+        layout, extras = Layout.from_payload(payload)
+        flags = (FLAG_LAYOUT if self.self_describing else 0) | (FLAG_EXTRAS if extras else 0)
+        w = Writer()
+        write_header(w, flags, fingerprint(self.wire_config(), layout.key()))
+        if self.self_describing:
+            w.blob(layout.to_bytes())
+        if extras:
+            w.blob(pack(extras, {}))
+        self.encode_flat(layout.flatten(payload), state, w, layout)
+        return w.getvalue()
+
+    def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+        """Encode the flat update with error feedback if enabled; return the reconstruction."""
+        if not self.error_feedback:
+            return self.encode_vector(x, state, w, layout)
+        e = x + client_tensor(state, "residual", layout)
+        sent = self.encode_vector(e, state, w, layout)
+        state["residual"] = e - sent
+        return sent
+
+    def decode(
+        self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None
+    ) -> Payload:
+        """Decode a frame; the layout comes from the frame (self-describing) or from ``spec``.
+
+        Raises:
+            MalformedMessage: too large, truncated, trailing bytes, wrong codec or configuration, a layout
+                that is not the expected one, or inconsistent fields.
+        """
+        if not isinstance(message, (bytes, bytearray, memoryview)):
+            raise MalformedMessage(f"message must be bytes, got {type(message).__name__}")
+        message = bytes(message)
+        if max_bytes is not None and len(message) > max_bytes:
+            raise MalformedMessage(f"message of {len(message)} bytes exceeds the limit of {max_bytes}")
+        r = Reader(message)
+        flags, digest = read_header(r)
+        if flags & FLAG_LAYOUT:
+            layout = Layout.from_bytes(r.blob("layout", MAX_LAYOUT_BYTES))
+        elif spec is None:
+            raise MalformedMessage(
+                f"{self.name}: the message does not carry its layout; decode(..., spec=expected_spec) or encode "
+                "with self_describing=True"
+            )
+        else:
+            layout = Layout.from_spec(spec)
+        if fingerprint(self.wire_config(), layout.key()) != digest:
+            raise MalformedMessage(
+                f"fingerprint mismatch: the message was not encoded by {self.wire_config()} for this payload layout"
+            )
+        extras: Payload = {}
+        if flags & FLAG_EXTRAS:
+            extras, _ = unpack(r.blob("extras", len(message)))
+        flat = self.decode_vector(r, layout)
+        r.finish()
+        if flat.numel() != layout.numel:
+            raise MalformedMessage(f"decoded {flat.numel()} values, the layout has {layout.numel}")
+        out = {**layout.unflatten(flat), **extras}
+        if spec is not None:  # the spec's order where it names the entries
+            out = {**{k: out[k] for k in spec if k in out}, **out}
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.wire_config()})"
+
+
+class ValueCodec(VectorCodec):
+    """An elementwise (stateless) quantizer of a float vector; also usable as ``values=`` of other codecs."""
+
+    name = "values"
+
+    def encode_values(self, v: Tensor, w: Writer, reconstruct: bool = True) -> Tensor | None:
+        """Write the code of ``v``; return the values the decoder will reconstruct (``None`` allowed when
+        ``reconstruct`` is false: nobody needs them, e.g. without error feedback)."""
+        raise NotImplementedError
+
+    def decode_values(self, r: Reader, n: int) -> Tensor:
+        """Read ``n`` values written by :meth:`encode_values`."""
+        raise NotImplementedError
+
+    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+        """The whole vector through :meth:`encode_values`."""
+        return self.encode_values(x, w, reconstruct=self.error_feedback)
+
+    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+        """The whole vector through :meth:`decode_values`."""
+        return self.decode_values(r, layout.numel)
+
+
+def client_tensor(state: dict[str, Tensor], key: str, layout: Layout, numel: int | None = None) -> Tensor:
+    """A per-client float32 buffer (residual, momentum…) of ``numel`` (default ``layout.numel``) elements.
+
+    Zeros when missing, of another size, or recorded for another layout (the model changed structure,
+    e.g. after pruning): then every layout-bound buffer of the client is dropped.
+    """
+    numel = layout.numel if numel is None else numel
+    lid = torch.tensor(int.from_bytes(fingerprint(layout.key()), "little"), dtype=torch.int64)
+    if _LAYOUT_ID in state and not torch.equal(state[_LAYOUT_ID], lid):
+        for k in list(state):
+            del state[k]
+    state[_LAYOUT_ID] = lid
+    t = state.get(key)
+    if t is None or t.numel() != numel:
+        t = torch.zeros(numel, dtype=torch.float32)
+        state[key] = t
+    return t
+
+
+def value_config(values: ValueCodec | None) -> str:
+    """Wire configuration of an optional nested value codec (``None`` = raw float32)."""
+    return "f32" if values is None else values.wire_config()
+
+
+def check_values(owner: str, values: object) -> None:
+    """Raise ``ValueError`` unless ``values`` is ``None`` or a :class:`ValueCodec`."""
+    if values is not None and not isinstance(values, ValueCodec):
+        raise ValueError(
+            f"{owner}: values={values!r} is not allowed; values must be None (float32) or a value codec "
+            "(Cast, Blockwise8bit, Blockwise4bit, QSGD, Sign)"
+        )
+
+
+def write_values(values: ValueCodec | None, v: Tensor, w: Writer) -> Tensor:
+    """Encode selected values with ``values`` (raw float32 if ``None``); return their reconstruction."""
+    if values is None:
+        w.floats(v)
+        return v.float()
+    out = values.encode_values(v, w, reconstruct=True)
+    assert out is not None
+    return out
+
+
+def read_values(values: ValueCodec | None, r: Reader, n: int) -> Tensor:
+    """Decode ``n`` values written by :func:`write_values`."""
+    return r.floats(n) if values is None else values.decode_values(r, n)

@@ -1,0 +1,196 @@
+"""FedDF: ensemble distillation for robust model fusion.
+
+Lin, Kong, Stich & Jaggi, "Ensemble Distillation for Robust Model Fusion in Federated Learning",
+NeurIPS 2020. Clients train and send weights as in FedAvg; the server first averages per architecture
+(one FedAvg per tier), then fine-tunes every architecture's averaged model on unlabeled proxy data to match
+the ensemble teacher: the mean logits of all received client models, across architectures (KL at
+temperature ``T``, Adam; the paper used ``T = 1`` and Adam 1e-3). Clients of different tiers therefore
+learn from each other although no weights cross architectures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fed.callbacks.kd_losses import kd_loss
+from lightning_fed.data.public import PublicData
+from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
+from lightning_fed.strategies.base import Strategy
+from lightning_fed.strategies.fedmd import _seeded
+from lightning_fed.strategies.tiers import (
+    LogitEnsemble,
+    ModelTiers,
+    TierAverage,
+    num_tiers,
+    predict_logits,
+    tier_module,
+    tier_of,
+)
+from lightning_fed.weights import float_state, load_into
+
+log = logging.getLogger("lightning_fed")
+
+
+class FedDF(Strategy):
+    """FedAvg per architecture group, then server-side ensemble distillation on proxy data.
+
+    Example::
+
+        strategy = FedDF(public=PublicData(num_samples=2000, seed=7), proxy_size=1000, distill_steps=100,
+                         tiers=ModelTiers(models=[MNIST1DCNN(channels=16), MNIST1DCNN(channels=32)]))
+
+    Evaluation logs ``tier<t>/test_acc`` (each architecture's fused global model) and ``server/test_acc``
+    (the logit ensemble of the tiers' global models); the loop's ``test_acc`` is tier 0's.
+
+    Args:
+        public: the unlabeled proxy data (default: 1,000 MNIST-1D samples made with seed 7).
+        tiers: client architectures (``None``: one architecture, i.e. FedAvg followed by distillation).
+        proxy_size: proxy samples drawn each round for the teacher and the distillation.
+        distill_steps: server optimizer steps per architecture per round (0: plain FedAvg per tier).
+        distill_batch_size: proxy batch size of the distillation.
+        distill_lr: Adam learning rate of the distillation.
+        temperature: softmax temperature of the distillation loss.
+        seed: seed of the proxy subsets and batches.
+    """
+
+    def __init__(self, *, public: PublicData | None = None, tiers: ModelTiers | None = None,
+                 proxy_size: int = 500, distill_steps: int = 100, distill_batch_size: int = 64,
+                 distill_lr: float = 1e-3, temperature: float = 1.0, seed: int = 0) -> None:
+        checks = (("proxy_size", proxy_size, proxy_size >= 1, ">= 1"),
+                  ("distill_steps", distill_steps, distill_steps >= 0, ">= 0"),
+                  ("distill_batch_size", distill_batch_size, distill_batch_size >= 1, ">= 1"),
+                  ("distill_lr", distill_lr, distill_lr > 0, "> 0"),
+                  ("temperature", temperature, temperature > 0, "> 0"))
+        for key, val, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"FedDF: {key}={val} is not allowed; {key} must be {allowed}")
+        self.public = public if public is not None else PublicData()
+        self.tiers = tiers
+        self.proxy_size = proxy_size
+        self.distill_steps = distill_steps
+        self.distill_batch_size = distill_batch_size
+        self.distill_lr = distill_lr
+        self.temperature = temperature
+        self.seed = seed
+        self._default: nn.Module | None = None
+        self.avg: list[TierAverage] = []
+        self._ensemble: LogitEnsemble | None = None
+
+    def _module(self, tier: int) -> nn.Module:
+        if self._default is None:
+            raise RuntimeError("FedDF.setup(model) must be called before use")
+        return tier_module(self.tiers, tier, self._default)
+
+    def setup(self, model: nn.Module) -> None:
+        """One FedAvg state per architecture, from the tiers' initial weights."""
+        self._default = model
+        self.avg = [TierAverage(self._module(t)) for t in range(num_tiers(self.tiers))]
+        self._ensemble = None
+
+    def client_module(self, client_id: int, default: nn.Module) -> nn.Module:
+        """The working module of the client's tier."""
+        return tier_module(self.tiers, tier_of(self.tiers, client_id), default)
+
+    def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
+        """Each client gets its architecture's global weights (one payload per tier, encoded once)."""
+        payloads = [a.payload() for a in self.avg]
+        out = []
+        for cid in clients:
+            t = tier_of(self.tiers, cid)
+            out.append(Instruction(cid, payloads[t], {"tier": t}))
+        return out
+
+    def client_receive(self, model: nn.Module, instruction: Instruction) -> None:
+        """Load the tier's global weights in place."""
+        load_into(model, instruction.payload)
+
+    def client_reply(self, model: nn.Module, instruction: Instruction) -> Payload:
+        """The float32 delta ``local - received``."""
+        local = float_state(model)
+        return {k: local[k].detach().float().cpu() - v.float() for k, v in instruction.payload.items()}
+
+    def reply_spec(self, instruction: Instruction) -> PayloadSpec:
+        """The client's architecture's weights, exactly."""
+        return self.avg[tier_of(self.tiers, instruction.client_id)].spec.tensor_specs()
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
+        """Teacher logits of every client model on the proxy subset, FedAvg per tier, then distillation."""
+        idx = self.public.sample_indices(self.proxy_size, _seeded(self.seed, server_round, 1))
+        x = self.public.x[idx]
+        teacher = torch.zeros(0)
+        groups: dict[int, list[Reply]] = {}
+        for r in replies:
+            groups.setdefault(tier_of(self.tiers, r.client_id), []).append(r)
+        for t, group in sorted(groups.items()):
+            module, avg = self._module(t), self.avg[t]
+            base = avg.payload()
+            for r in group:  # the client's model = global + delta, only to compute its proxy logits
+                load_into(module, {k: base[k] + r.payload[k] for k in base})
+                logits = predict_logits(module, x)
+                teacher = logits if teacher.numel() == 0 else teacher + logits
+            avg.average([r.payload for r in group], [r.num_examples for r in group])
+        teacher = teacher / len(replies)
+        metrics: dict[str, float] = {}
+        for t, avg in enumerate(self.avg):
+            module = self._module(t)
+            load_into(module, avg.payload())
+            if self.distill_steps:
+                metrics[f"tier{t}/distill_loss"] = self._distill(module, x, teacher, _seeded(self.seed, server_round, 2, t))
+                avg.read_from(module)
+        return metrics
+
+    def _distill(self, module: nn.Module, x: Tensor, teacher: Tensor, g: torch.Generator) -> float:
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.train()
+        opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=self.distill_lr)
+        last = 0.0
+        with torch.enable_grad():
+            for _ in range(self.distill_steps):
+                b = torch.randint(len(x), (min(self.distill_batch_size, len(x)),), generator=g)
+                loss = kd_loss(module(x[b].to(device)), teacher[b].to(device), self.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = float(loss.detach())
+        module.zero_grad(set_to_none=True)
+        module.train(was_training)
+        return last
+
+    def load_global(self, model: nn.Module) -> None:
+        """Tier 0's global weights into the loop's model."""
+        load_into(model, self.avg[0].payload())
+
+    def evaluate(self, evaluate_module: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """Each tier's global model, and their logit ensemble (``server/test_acc``)."""
+        out: dict[str, float] = {}
+        modules = []
+        for t, avg in enumerate(self.avg):
+            module = self._module(t)
+            load_into(module, avg.payload())
+            out[f"tier{t}/test_acc"] = evaluate_module(module).get("test_acc", float("nan"))
+            modules.append(module)
+        if self._ensemble is None:
+            self._ensemble = LogitEnsemble(modules)
+        out["server/test_acc"] = evaluate_module(self._ensemble).get("test_acc", float("nan"))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every tier's global weights (flat)."""
+        return {"flats": [a.flat.clone() for a in self.avg]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the tiers must be the same architectures."""
+        flats = state["flats"]
+        if len(flats) != len(self.avg) or any(f.numel() != a.flat.numel() for f, a in zip(flats, self.avg)):
+            raise ValueError("FedDF checkpoint does not match the tiers' architectures")
+        for f, a in zip(flats, self.avg):
+            a.flat.copy_(f)
+
+
+__all__ = ["FedDF"]

@@ -1,0 +1,347 @@
+"""FedGKT: group knowledge transfer between small client models and a large server model.
+
+He, Annavaram & Avestimehr, "Group Knowledge Transfer: Federated Learning of Large CNNs at the Edge",
+NeurIPS 2020. Every client keeps a small model (a feature extractor plus a small classifier head). After
+local training it sends, for its training samples, the extracted features, its logits and the labels.
+The server trains a large model on the features (cross-entropy plus KD from the client logits) and sends
+back its own logits on each client's samples; next round the client adds KD from those server logits to
+its cross-entropy (``loss = CE + alpha * T^2 * KL``; the paper used ``alpha = 1``, ``T = 3``). No weights
+are exchanged. Clients of different tiers may have different feature widths: the server model starts with
+one linear adapter per tier, followed by a shared trunk.
+
+Client models need ``features(x)`` (the extractor) and a linear ``head`` (``head(features(x))`` = logits),
+as :class:`~lightning_fed.models.MNIST1DCNN` has.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.kd_losses import kd_loss
+from lightning_fed.callbacks.step_hook import TrainingStepHook, step_loss, with_loss
+from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
+from lightning_fed.strategies.fedmd import _seeded
+from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_of
+
+log = logging.getLogger("lightning_fed")
+
+
+def _key(row: Tensor) -> bytes:
+    return row.detach().cpu().contiguous().numpy().tobytes()
+
+
+class GKTServerModel(nn.Module):
+    """The server's large model on client features: a linear adapter per tier, then a shared MLP trunk."""
+
+    def __init__(self, feature_dims: list[int], num_classes: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Linear(d, hidden) for d in feature_dims)
+        trunk: list[nn.Module] = []
+        for _ in range(layers - 1):
+            trunk += [nn.ReLU(), nn.Linear(hidden, hidden)]
+        self.trunk = nn.Sequential(*trunk, nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, features: Tensor, tier: int) -> Tensor:
+        """Logits of the features of a tier-``tier`` client."""
+        return self.trunk(self.adapters[tier](features))
+
+
+class GKTComposed(L.LightningModule):
+    """Evaluation-only: a client's extractor followed by the server model (the "server model" accuracy)."""
+
+    def __init__(self, client: nn.Module, server: GKTServerModel, tier: int) -> None:
+        super().__init__()
+        self.client = client
+        self.server = server
+        self.tier = tier
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Server logits of the client's features."""
+        return self.server(self.client.features(x), self.tier)
+
+
+class GKTClient(FedCallback):
+    """Client side of FedGKT: KD from the server's logits during training, and collection of the samples
+    seen in the last local epoch (whose features, logits and labels are sent).
+
+    Under a plain ``lightning.Trainer`` give the server logits with :meth:`set_server_logits`; the
+    collected samples are in :attr:`collected` after ``fit``.
+
+    Example::
+
+        cb = GKTClient(alpha=1.0, temperature=3.0)
+        cb.set_server_logits(x_local, server_logits)
+        L.Trainer(callbacks=[cb], max_epochs=1).fit(model, dm)
+        x, y = cb.collected
+
+    Args:
+        alpha: weight of the KD term.
+        temperature: KD temperature.
+        max_samples: at most this many samples are collected (and sent).
+    """
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 3.0, max_samples: int = 4096) -> None:
+        if alpha < 0:
+            raise ValueError(f"GKTClient: alpha={alpha} is not allowed; alpha must be >= 0")
+        if not temperature > 0:
+            raise ValueError(f"GKTClient: temperature={temperature} is not allowed; it must be > 0")
+        if max_samples < 1:
+            raise ValueError(f"GKTClient: max_samples={max_samples} is not allowed; it must be >= 1")
+        self.alpha = alpha
+        self.temperature = temperature
+        self.max_samples = max_samples
+        self._rows: dict[bytes, int] = {}
+        self._server: Tensor | None = None
+        self._hook = TrainingStepHook(self._step)
+        self._handle: Any = None
+        self._logits: Tensor | None = None
+        self._trainer: Any = None
+        self._xs: list[Tensor] = []
+        self._ys: list[Tensor] = []
+        self.collected: tuple[Tensor, Tensor] | None = None
+
+    def set_server_logits(self, x: Tensor | None, logits: Tensor | None) -> None:
+        """The server's logits for inputs ``x`` (rows matched by value); ``None`` clears them."""
+        if x is None or logits is None or len(x) != len(logits):
+            self._rows, self._server = {}, None
+            return
+        self._rows = {_key(r): i for i, r in enumerate(x)}
+        self._server = logits.float()
+
+    def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
+        """Pair the received server logits with the samples this client sent last time."""
+        x = trainer.client_state.get("gkt_x")
+        logits = instruction.payload.get("server_logits")
+        if x is not None and logits is not None and len(x) != len(logits):
+            log.warning("FedGKT: client %s got %d server logits for %d samples; ignored",
+                        trainer.client_id, len(logits), len(x))
+        self.set_server_logits(x, logits)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Capture the module's logits and wrap ``training_step``."""
+        self._trainer = trainer
+        self._xs, self._ys, self.collected = [], [], None
+
+        def capture(_m: nn.Module, _i: Any, out: Any) -> None:
+            self._logits = out
+
+        self._handle = pl_module.register_forward_hook(capture)
+        self._hook.install(pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Unwrap; keep the last epoch's samples."""
+        self._hook.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._xs:
+            x, y = torch.cat(self._xs)[: self.max_samples], torch.cat(self._ys)[: self.max_samples]
+            self.collected = (x, y)
+
+    def on_client_end(self, trainer: Any, pl_module: Any, reply: Any) -> None:
+        """Remember which samples were sent (the server's logits will come back in this order)."""
+        if self.collected is not None:
+            trainer.client_state["gkt_x"] = self.collected[0].clone()
+
+    def _step(self, original: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        self._logits = None
+        out = original(batch, batch_idx, *args, **kwargs)
+        x, y = batch[0], batch[1]
+        t = self._trainer
+        if t is not None and t.current_epoch == t.max_epochs - 1:
+            self._xs.append(x.detach().cpu())
+            self._ys.append(y.detach().cpu())
+        loss = step_loss(out)
+        if loss is None or self._server is None or self._logits is None or self.alpha == 0:
+            return out
+        idx = [self._rows.get(_key(r), -1) for r in x]
+        mask = torch.tensor([i >= 0 for i in idx], device=x.device)
+        if not bool(mask.any()):
+            return out
+        target = self._server[torch.tensor([i for i in idx if i >= 0])].to(x.device)
+        return with_loss(out, loss + self.alpha * kd_loss(self._logits[mask], target, self.temperature))
+
+
+class FedGKT(OwnModels):
+    """Small client models, a large server model on their features; KD both ways; no weights exchanged.
+
+    Example::
+
+        strategy = FedGKT(tiers=ModelTiers(models=[MNIST1DCNN(channels=16)]), server_hidden=256)
+        FedLoop(strategy=strategy, ...).fit(MNIST1DCNN(channels=8), dm)
+
+    Evaluation logs ``tier<t>/test_acc`` (mean over evaluated clients' own models), ``server/test_acc``
+    (the server model on those clients' features) and ``tier<t>/server_test_acc``.
+
+    Args:
+        tiers: client architectures (each needs ``features(x)`` and a linear ``head``).
+        server_hidden: width of the server model.
+        server_layers: linear layers of the server trunk after the adapter.
+        server_epochs: passes of the server over the round's received features.
+        server_lr: Adam learning rate of the server model.
+        server_batch_size: server batch size.
+        alpha: KD weight on both sides.
+        temperature: KD temperature on both sides.
+        max_samples: samples a client sends at most per round (caps the payload).
+        eval_clients: stored client models evaluated per tier.
+        seed: seed of the server's batch order.
+    """
+
+    def __init__(self, *, tiers: ModelTiers | None = None, server_hidden: int = 256, server_layers: int = 3,
+                 server_epochs: int = 2, server_lr: float = 1e-3, server_batch_size: int = 64, alpha: float = 1.0,
+                 temperature: float = 3.0, max_samples: int = 4096, eval_clients: int = 5, seed: int = 0) -> None:
+        for key, val, ok, allowed in (("server_hidden", server_hidden, server_hidden >= 1, ">= 1"),
+                                      ("server_layers", server_layers, server_layers >= 1, ">= 1"),
+                                      ("server_epochs", server_epochs, server_epochs >= 0, ">= 0"),
+                                      ("server_lr", server_lr, server_lr > 0, "> 0"),
+                                      ("server_batch_size", server_batch_size, server_batch_size >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"FedGKT: {key}={val} is not allowed; {key} must be {allowed}")
+        super().__init__(tiers=tiers, eval_clients=eval_clients)
+        self.gkt = GKTClient(alpha=alpha, temperature=temperature, max_samples=max_samples)
+        self.server_hidden, self.server_layers, self.server_epochs = server_hidden, server_layers, server_epochs
+        self.server_lr, self.server_batch_size = server_lr, server_batch_size
+        self.alpha, self.temperature, self.max_samples, self.seed = alpha, temperature, max_samples, seed
+        self.feature_dims: list[int] = []
+        self.num_classes = 0
+        self.server: GKTServerModel | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.server_logits: dict[int, Tensor] = {}
+        self._composed: dict[int, GKTComposed] = {}
+
+    def setup(self, model: nn.Module) -> None:
+        """Read every tier's feature width and build the server model."""
+        super().setup(model)
+        dims, classes = [], set()
+        for t, m in enumerate(self.tier_modules()):
+            head = getattr(m, "head", None)
+            if not callable(getattr(m, "features", None)) or not isinstance(head, nn.Linear):
+                raise ValueError(f"FedGKT: the tier-{t} model {type(m).__name__} is not allowed; client models need a "
+                                 "features(x) method and a linear `head` (e.g. MNIST1DCNN)")
+            dims.append(head.in_features)
+            classes.add(head.out_features)
+        if len(classes) != 1:
+            raise ValueError(f"FedGKT: the tiers' heads have different numbers of classes {sorted(classes)}")
+        self.feature_dims, self.num_classes = dims, classes.pop()
+        self.server = GKTServerModel(dims, self.num_classes, self.server_hidden, self.server_layers)
+        self.opt = torch.optim.Adam(self.server.parameters(), lr=self.server_lr)
+        self.server_logits, self._composed = {}, {}
+
+    def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
+        """Each client gets the server's logits on the samples it sent last time (if any)."""
+        out = []
+        for cid in clients:
+            payload = {"server_logits": self.server_logits[cid]} if cid in self.server_logits else {}
+            out.append(Instruction(cid, payload))
+        return out
+
+    def client_receive(self, model: nn.Module, instruction: Instruction) -> None:
+        """Nothing to load: the client's own weights come from its store; server logits go to the callback."""
+
+    @torch.no_grad()
+    def client_reply(self, model: nn.Module, instruction: Instruction) -> Payload:
+        """Features, logits and labels of the samples seen in the last local epoch."""
+        if self.gkt.collected is None:
+            raise RuntimeError("FedGKT: no training samples were collected on this client")
+        x, y = self.gkt.collected
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        feats = model.features(x.to(device))
+        logits = model.head(feats)
+        model.train(was_training)
+        return {"features": feats.float().cpu(), "logits": logits.float().cpu(), "labels": y.long().cpu()}
+
+    def reply_spec(self, instruction: Instruction) -> PayloadSpec:
+        """``[n, F_tier]`` features, ``[n, C]`` logits, ``[n]`` int64 labels, ``n <= max_samples``."""
+        f = self.feature_dims[tier_of(self.tiers, instruction.client_id)]
+        n, c = self.max_samples, self.num_classes
+        return {"features": TensorSpec((-1, f), torch.float32, max_numel=n * f),
+                "logits": TensorSpec((-1, c), torch.float32, max_numel=n * c),
+                "labels": TensorSpec((-1,), torch.int64, max_numel=n)}
+
+    def consistent(self, reply: Reply) -> str | None:
+        """Why a shape-valid reply is still malformed (row counts or label range), or ``None``."""
+        p = reply.payload
+        n = len(p["labels"])
+        if n == 0 or len(p["features"]) != n or len(p["logits"]) != n:
+            return f"row counts differ or are zero: features {len(p['features'])}, logits {len(p['logits'])}, labels {n}"
+        if int(p["labels"].min()) < 0 or int(p["labels"].max()) >= self.num_classes:
+            return f"labels outside [0, {self.num_classes})"
+        return None
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
+        """Train the server model on the features (CE + KD from client logits); compute its logits per client."""
+        assert self.server is not None and self.opt is not None
+        good, rejected = [], 0
+        for r in replies:
+            why = self.consistent(r)
+            if why is None:
+                good.append(r)
+            else:
+                log.warning("round %d: FedGKT reply of client %d rejected: %s", server_round + 1, r.client_id, why)
+                rejected += 1
+        self.server.train()
+        g = _seeded(self.seed, server_round, 3)
+        total, count = 0.0, 0
+        with torch.enable_grad():
+            for _ in range(self.server_epochs):
+                batches = []
+                for i, r in enumerate(good):
+                    n = len(r.payload["labels"])
+                    order = torch.randperm(n, generator=g)
+                    batches += [(i, order[s : s + self.server_batch_size]) for s in range(0, n, self.server_batch_size)]
+                for j in torch.randperm(len(batches), generator=g).tolist():
+                    i, b = batches[j]
+                    p, t = good[i].payload, tier_of(self.tiers, good[i].client_id)
+                    out = self.server(p["features"][b], t)
+                    loss = F.cross_entropy(out, p["labels"][b]) + self.alpha * kd_loss(out, p["logits"][b], self.temperature)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.opt.step()
+                    total += float(loss.detach()) * len(b)
+                    count += len(b)
+        self.server.eval()
+        with torch.no_grad():
+            for r in good:
+                self.server_logits[r.client_id] = self.server(r.payload["features"], tier_of(self.tiers, r.client_id))
+        return {"server_loss": total / max(count, 1), "gkt_rejected": float(rejected)}
+
+    def client_callbacks(self) -> list[Any]:
+        """Per-client models and the FedGKT client callback."""
+        return [self.client_models, self.gkt]
+
+    def extra_eval(self, module: nn.Module, tier: int,
+                   evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """The server model on this client's extractor."""
+        assert self.server is not None
+        if tier not in self._composed:
+            self._composed[tier] = GKTComposed(module, self.server, tier)
+        return {"server/test_acc": evaluate(self._composed[tier]).get("test_acc", float("nan"))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tier initial weights, the server model and optimizer, and the per-client server logits."""
+        assert self.server is not None and self.opt is not None
+        state = super().state_dict()
+        state.update(server={k: v.clone() for k, v in self.server.state_dict().items()},
+                     opt=self.opt.state_dict(), server_logits={int(c): v.clone() for c, v in self.server_logits.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        assert self.server is not None and self.opt is not None
+        super().load_state_dict(state)
+        self.server.load_state_dict(state["server"])
+        self.opt.load_state_dict(state["opt"])
+        self.server_logits = {int(c): v for c, v in state["server_logits"].items()}
+
+
+__all__ = ["FedGKT", "GKTClient", "GKTComposed", "GKTServerModel"]

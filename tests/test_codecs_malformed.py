@@ -1,0 +1,185 @@
+"""Untrusted messages: truncated, padded, oversized, corrupted or foreign messages are rejected clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_fed.codecs import (
+    QSGD,
+    Blockwise4bit,
+    Blockwise8bit,
+    Cast,
+    Identity,
+    MalformedMessage,
+    PowerSGD,
+    RandomK,
+    Sign,
+    TopK,
+)
+from lightning_fed.codecs.frame import Writer, fingerprint, write_header
+from lightning_fed.codecs.layout import Layout
+from lightning_fed.protocol import TensorSpec, spec_of
+
+CODECS = [
+    Cast("fp16"),
+    Cast("bf16"),
+    Blockwise8bit(64),
+    Blockwise4bit("nf4"),
+    Blockwise4bit("fp4"),
+    QSGD(7),
+    Sign(),
+    TopK(0.05),
+    TopK(0.05, values=QSGD(3)),
+    TopK(0.05, values=Sign()),
+    RandomK(0.1, values=Blockwise8bit(32)),
+    PowerSGD(1),
+    PowerSGD(2, values=Cast("fp16")),
+]
+
+
+def sample() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(12, 20, generator=g), "b": torch.randn(12, generator=g)}
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=repr)
+def test_truncated_and_padded_messages_are_rejected(codec):
+    p = sample()
+    spec = spec_of(p)
+    msg = codec.encode(p, {})
+    codec.decode(msg, spec=spec)
+    for cut in sorted({1, 7, 8, 9, len(msg) // 2, len(msg) - 1}):
+        with pytest.raises(MalformedMessage):
+            codec.decode(msg[:cut], spec=spec)
+    with pytest.raises(MalformedMessage, match="trailing"):
+        codec.decode(msg + b"\x00", spec=spec)
+    with pytest.raises(MalformedMessage, match="exceeds the limit"):
+        codec.decode(msg, spec=spec, max_bytes=len(msg) - 1)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=repr)
+def test_wrong_layout_or_codec_is_rejected(codec):
+    p = sample()
+    msg = codec.encode(p, {})
+    other = {"w": torch.zeros(12, 21), "b": torch.zeros(12)}
+    with pytest.raises(MalformedMessage, match="fingerprint"):
+        codec.decode(msg, spec=spec_of(other))
+    with pytest.raises(MalformedMessage, match="fingerprint"):
+        Cast("fp32").decode(msg, spec=spec_of(p))
+    with pytest.raises(MalformedMessage, match="does not carry its layout"):
+        codec.decode(msg)
+
+
+def test_bad_headers_and_types():
+    spec = spec_of(sample())
+    codec = TopK(0.05)
+    msg = codec.encode(sample(), {})
+    with pytest.raises(MalformedMessage, match="magic"):
+        codec.decode(b"XX" + msg[2:], spec=spec)
+    with pytest.raises(MalformedMessage, match="version"):
+        codec.decode(msg[:2] + b"\x09" + msg[3:], spec=spec)
+    with pytest.raises(MalformedMessage, match="flags"):
+        codec.decode(msg[:3] + b"\x80" + msg[4:], spec=spec)
+    with pytest.raises(MalformedMessage, match="must be bytes"):
+        codec.decode("not bytes", spec=spec)  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage):
+        codec.decode(Identity().encode(sample(), {}), spec=spec)
+    with pytest.raises(MalformedMessage, match="header length"):
+        Identity().decode(msg)
+
+
+def _frame(codec, layout: Layout, body: bytes) -> bytes:
+    w = Writer()
+    write_header(w, 0, fingerprint(codec.wire_config(), layout.key()))
+    w.raw(body)
+    return w.getvalue()
+
+
+def test_hostile_topk_bodies():
+    p = {"w": torch.zeros(100)}
+    spec, layout = spec_of(p), Layout.from_payload(p)[0]
+    codec = TopK(0.05)
+    with pytest.raises(MalformedMessage, match="exceeds its limit"):  # k > n
+        codec.decode(_frame(codec, layout, b"\xc8\x01"), spec=spec)
+    with pytest.raises(MalformedMessage, match="varint"):  # endless varint
+        codec.decode(_frame(codec, layout, b"\xff" * 12), spec=spec)
+    good = codec.encode({"w": torch.arange(100.0)}, {})
+    body = bytearray(good[8:])
+    body[2] ^= 0xFF  # corrupt the index field
+    with pytest.raises(MalformedMessage):
+        codec.decode(_frame(codec, layout, bytes(body)), spec=spec)
+
+
+def test_hostile_quantizer_fields():
+    p = {"w": torch.zeros(64)}
+    spec, layout = spec_of(p), Layout.from_payload(p)[0]
+    q = QSGD(levels=2, bucket=64)  # 3 bits per level, codes above 4 are invalid
+    w = Writer()
+    w.floats(torch.tensor([1.0]))
+    w.raw(b"\xff" * 24)
+    with pytest.raises(MalformedMessage, match="level outside"):
+        q.decode(_frame(q, layout, w.getvalue()), spec=spec)
+    w = Writer()
+    w.floats(torch.tensor([float("nan")]))
+    w.raw(b"\x00" * 24)
+    with pytest.raises(MalformedMessage, match="finite"):
+        q.decode(_frame(q, layout, w.getvalue()), spec=spec)
+    b8 = Blockwise8bit(64)
+    w = Writer()
+    w.floats(torch.tensor([-1.0]))
+    w.raw(b"\x00" * 64)
+    with pytest.raises(MalformedMessage, match="scales"):
+        b8.decode(_frame(b8, layout, w.getvalue()), spec=spec)
+
+
+def test_self_describing_layout_is_validated():
+    codec = Cast("fp32", self_describing=True)
+    msg = codec.encode(sample(), {})
+    assert codec.decode(msg)["w"].shape == (12, 20)
+    bad = bytearray(msg)
+    i = bytes(bad).index(b'"w"')
+    bad[i + 1] = ord("x")  # rename an entry: the fingerprint no longer matches
+    with pytest.raises(MalformedMessage):
+        codec.decode(bytes(bad))
+    w = Writer()
+    write_header(w, 1, b"\x00" * 4)
+    w.blob(b"[[1,2,3]]")
+    with pytest.raises(MalformedMessage, match="layout section"):
+        codec.decode(w.getvalue())
+
+
+def test_variable_spec_needs_self_describing():
+    spec = {"w": TensorSpec((-1, 20), torch.float32)}
+    codec = TopK(0.1)
+    with pytest.raises(MalformedMessage, match="self_describing"):
+        codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), spec=spec)
+    codec = TopK(0.1, self_describing=True)
+    assert codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), spec=spec)["w"].shape == (3, 20)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: Cast("fp8"), "dtype='fp8'"),
+        (lambda: Blockwise8bit(blocksize=100), "blocksize=100"),
+        (lambda: Blockwise4bit(quant_type="int4"), "quant_type='int4'"),
+        (lambda: Blockwise4bit(blocksize=16), "blocksize=16"),
+        (lambda: QSGD(levels=0), "levels=0"),
+        (lambda: QSGD(bucket=0), "bucket=0"),
+        (lambda: QSGD(norm="l1"), "norm='l1'"),
+        (lambda: Sign(block=0), "block=0"),
+        (lambda: TopK(ratio=0.0), "ratio=0.0"),
+        (lambda: TopK(ratio=1.5), "ratio=1.5"),
+        (lambda: TopK(momentum=1.0), "momentum=1.0"),
+        (lambda: TopK(warmup_rounds=-1), "warmup_rounds=-1"),
+        (lambda: TopK(ratio=0.5, warmup_start=0.25), "warmup_start=0.25"),
+        (lambda: TopK(values=TopK()), "values="),
+        (lambda: RandomK(ratio=0), "ratio=0"),
+        (lambda: RandomK(values=PowerSGD()), "values="),
+        (lambda: PowerSGD(rank=0), "rank=0"),
+    ],
+)
+def test_misconfiguration_raises(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

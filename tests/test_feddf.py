@@ -1,0 +1,88 @@
+"""FedDF: per-tier FedAvg, ensemble distillation on proxy data, payload shapes, malformed replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public
+
+from lightning_fed.callbacks.kd_losses import kd_loss
+from lightning_fed.protocol import Reply
+from lightning_fed.strategies import FedDF, ModelTiers
+from lightning_fed.strategies.tiers import predict_logits
+from lightning_fed.weights import float_state, load_into
+
+
+def test_feddf_heterogeneous_run_payload_shapes(tmp_path):
+    torch.manual_seed(0)
+    spy = Spy()
+    tiers = ModelTiers(models=[cnn(6)])
+    default = cnn(4)
+    s = FedDF(public=tiny_public(), tiers=tiers, proxy_size=60, distill_steps=3)
+    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy]).fit(default, tiny_dm())
+    shapes = {0: {k: (tuple(v.shape), torch.float32) for k, v in float_state(cnn(4)).items()},
+              1: {k: (tuple(v.shape), torch.float32) for k, v in float_state(cnn(6)).items()}}
+    for cid, payload in spy.replies:
+        assert payload == shapes[tiers.tier_of(cid)]
+    last = res.history[-1]
+    assert {"tier0/test_acc", "tier1/test_acc", "server/test_acc"} <= set(last)
+    assert last["test_acc"] == pytest.approx(last["tier0/test_acc"])
+
+
+def test_without_distillation_it_is_fedavg_per_tier():
+    tiers = ModelTiers(models=[cnn(6)])
+    s = FedDF(public=tiny_public(), tiers=tiers, distill_steps=0, proxy_size=10)
+    default = cnn(4)
+    s.setup(default)
+    g0 = {k: v.clone() for k, v in s.avg[0].payload().items()}
+    g1 = {k: v.clone() for k, v in s.avg[1].payload().items()}
+    d = lambda base, c: {k: torch.full_like(v, c) for k, v in base.items()}  # noqa: E731
+    s.aggregate(0, [Reply(0, d(g0, 1.0), 10), Reply(2, d(g0, 3.0), 30), Reply(1, d(g1, 2.0), 5)])
+    for k, v in s.avg[0].payload().items():
+        assert torch.allclose(v, g0[k] + 2.5)  # (10*1 + 30*3) / 40
+    for k, v in s.avg[1].payload().items():
+        assert torch.allclose(v, g1[k] + 2.0)
+
+
+def test_distillation_moves_each_tier_toward_the_ensemble():
+    torch.manual_seed(0)
+    tiers = ModelTiers(models=[cnn(6)])
+    pub = tiny_public(100)
+    s0 = FedDF(public=pub, tiers=tiers, distill_steps=0, proxy_size=100)
+    s1 = FedDF(public=pub, tiers=tiers, distill_steps=30, proxy_size=100, distill_lr=1e-2)
+    default = cnn(4)
+    replies = []
+    for s in (s0, s1):
+        s.setup(default)
+    torch.manual_seed(1)
+    replies = [Reply(c, {k: 0.3 * torch.randn_like(v) for k, v in s0.avg[tiers.tier_of(c)].payload().items()}, 10)
+               for c in range(4)]
+    # the teacher: the mean logits of the 4 client models
+    teacher = torch.zeros(100, 10)
+    for r in replies:
+        m = tiers.module(tiers.tier_of(r.client_id), default)
+        load_into(m, {k: v + r.payload[k] for k, v in s0.avg[tiers.tier_of(r.client_id)].payload().items()})
+        teacher += predict_logits(m, pub.x) / 4
+    s0.aggregate(0, replies)
+    s1.aggregate(0, replies)
+    for t in range(2):
+        m = tiers.module(t, default)
+        load_into(m, s0.avg[t].payload())
+        plain = kd_loss(predict_logits(m, pub.x), teacher).item()
+        load_into(m, s1.avg[t].payload())
+        distilled = kd_loss(predict_logits(m, pub.x), teacher).item()
+        assert distilled < plain
+
+
+def test_feddf_rejects_wrong_architecture_reply(tmp_path):
+    s = FedDF(public=tiny_public(), proxy_size=20, distill_steps=1)
+    bad = Corrupt("conv1.weight", lambda t: torch.zeros(t.shape[0] + 1, *t.shape[1:]))
+    res = tiny_loop(tmp_path, s, callbacks=[bad]).fit(cnn(4), tiny_dm())
+    assert [h["rejected"] for h in res.history] == [2, 2]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"proxy_size": 0}, "proxy_size=0"), ({"distill_lr": 0.0}, "distill_lr=0.0"),
+                                               ({"distill_steps": -1}, "distill_steps=-1")])
+def test_feddf_misconfiguration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FedDF(**kwargs)

@@ -1,0 +1,81 @@
+"""FedGKT: features/logits/labels payloads, server KD, client KD, malformed replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, trainer
+
+from lightning_fed.protocol import Reply
+from lightning_fed.strategies import FedGKT, ModelTiers
+from lightning_fed.strategies.fedgkt import GKTClient
+
+
+def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
+    torch.manual_seed(0)
+    spy = Spy()
+    tiers = ModelTiers(models=[cnn(6)])
+    s = FedGKT(tiers=tiers, server_hidden=32, server_epochs=1, eval_clients=2)
+    loop = tiny_loop(tmp_path, s, rounds=3, callbacks=[spy])
+    res = loop.fit(cnn(4), tiny_dm())
+    dims = {0: cnn(4).head.in_features, 1: cnn(6).head.in_features}
+    for cid, p in spy.replies:
+        n = len(loop.shards[cid])
+        assert p == {"features": ((n, dims[tiers.tier_of(cid)]), torch.float32),
+                     "logits": ((n, 10), torch.float32), "labels": ((n,), torch.int64)}
+    # server logits come back to clients that sent features before
+    assert any("server_logits" in keys for _, keys in spy.instructions)
+    for cid, logits in s.server_logits.items():
+        assert logits.shape == (len(loop.shards[cid]), 10)
+    last = res.history[-1]
+    assert last["rejected"] == 0 and last["gkt_rejected"] == 0
+    assert "server/test_acc" in last and "clients/test_acc" in last
+
+
+def test_inconsistent_rows_and_labels_rejected_in_aggregate():
+    s = FedGKT(server_hidden=8, server_epochs=1)
+    s.setup(cnn(4))
+    f = s.feature_dims[0]
+    good = Reply(0, {"features": torch.randn(5, f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
+    rows = Reply(1, {"features": torch.randn(4, f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
+    labels = Reply(2, {"features": torch.randn(5, f), "logits": torch.randn(5, 10), "labels": torch.arange(5) + 8}, 5)
+    m = s.aggregate(0, [good, rows, labels])
+    assert m["gkt_rejected"] == 2 and set(s.server_logits) == {0}
+
+
+def test_malformed_features_rejected_by_loop(tmp_path):
+    s = FedGKT(server_hidden=8, server_epochs=1)
+    bad = Corrupt("features", lambda t: t[:, :-1])
+    res = tiny_loop(tmp_path / "a", s, callbacks=[bad]).fit(cnn(4), tiny_dm())
+    assert [h["rejected"] for h in res.history] == [2, 2]
+    bad_dtype = Corrupt("labels", lambda t: t.float())
+    res = tiny_loop(tmp_path / "b", FedGKT(server_hidden=8), callbacks=[bad_dtype]).fit(cnn(4), tiny_dm())
+    assert [h["rejected"] for h in res.history] == [2, 2]
+
+
+def test_gkt_client_under_trainer_collects_and_distils():
+    torch.manual_seed(0)
+    dm = tiny_dm()
+    dm.setup()
+    x_all = dm.train_set.tensors[0]
+    cb = GKTClient(alpha=1.0, temperature=3.0)
+    cb.set_server_logits(x_all, torch.zeros(len(x_all), 10).index_fill_(1, torch.tensor([3]), 10.0))
+    t = trainer(batches=None, epochs=2)
+    t.callbacks.append(cb)
+    model = cnn(4)
+    t.fit(model, dm)
+    x, y = cb.collected
+    assert x.shape == (400, 40) and y.shape == (400,)  # the last epoch's samples, each once
+    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, x_all.tolist()))
+    # strong KD toward class 3 shows in the predictions
+    assert (model(x_all).argmax(1) == 3).float().mean() > 0.3
+
+
+def test_fedgkt_needs_features_and_head():
+    from lightning_fed.models import MNIST1DMLP
+
+    s = FedGKT()
+    with pytest.raises(ValueError, match="features"):
+        s.setup(MNIST1DMLP(hidden=8))
+    with pytest.raises(ValueError, match="server_hidden=0"):
+        FedGKT(server_hidden=0)

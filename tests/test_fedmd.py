@@ -1,0 +1,124 @@
+"""FedMD and FedMD-NFDP: payloads, consensus, digest, NFDP's guarantee, malformed logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public, trainer
+
+from lightning_fed.protocol import Instruction, Reply
+from lightning_fed.strategies import FedMD, FedMDNFDP, ModelTiers
+from lightning_fed.strategies.digest import ConsensusDigest
+from lightning_fed.strategies.fedmd_nfdp import RecordSubset, nfdp_delta, nfdp_epsilon
+
+
+def test_fedmd_heterogeneous_run_payload_shapes(tmp_path):
+    torch.manual_seed(0)
+    spy = Spy()
+    s = FedMD(public=tiny_public(), public_per_round=50, tiers=ModelTiers(models=[cnn(6)]), eval_clients=2)
+    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy]).fit(cnn(4), tiny_dm())
+    assert len(spy.replies) == 4
+    assert all(p == {"logits": ((50, 10), torch.float32)} for _, p in spy.replies)
+    assert spy.instructions[0][1] == {"subset"}  # round 1: no consensus yet
+    assert spy.instructions[-1][1] == {"subset", "consensus", "consensus_subset"}
+    last = res.history[-1]
+    assert last["good"] == 2 and last["rejected"] == 0
+    assert "tier0/test_acc" in last or "tier1/test_acc" in last
+    assert 0.0 <= last["clients/test_acc"] <= 1.0
+    # no weights cross the wire: uplink = 2 clients x 50 x 10 float32 (+ the safetensors header)
+    assert 2 * 50 * 10 * 4 <= last["bytes_up"] < 2 * 50 * 10 * 4 + 400
+    # every client that trained has its own weights in its store
+    assert s.consensus is not None and s.consensus.shape == (50, 10)
+
+
+def test_consensus_is_mean_of_logits():
+    s = FedMD(public=tiny_public(), public_per_round=3)
+    s.setup(cnn(2))
+    s.configure_round(0, [0, 1])
+    a, b = torch.randn(3, 10), torch.randn(3, 10)
+    s.aggregate(0, [Reply(0, {"logits": a}, 10), Reply(1, {"logits": b}, 30)])
+    assert torch.allclose(s.consensus, (a + b) / 2)
+    spec = s.reply_spec(Instruction(0, {"subset": torch.arange(3)}))
+    assert spec["logits"].shape == (3, 10)
+
+
+def test_fedmd_rejects_malformed_logits(tmp_path):
+    bad_shape = Corrupt("logits", lambda t: t[:-1])
+    s = FedMD(public=tiny_public(), public_per_round=20)
+    res = tiny_loop(tmp_path / "a", s, callbacks=[bad_shape]).fit(cnn(4), tiny_dm())
+    assert [h["rejected"] for h in res.history] == [2, 2] and all(h["skipped"] == 1 for h in res.history)
+    nan = Corrupt("logits", lambda t: t.fill_(float("nan")))
+    res = tiny_loop(tmp_path / "b", FedMD(public=tiny_public(), public_per_round=20), callbacks=[nan]).fit(cnn(4), tiny_dm())
+    assert [h["rejected"] for h in res.history] == [2, 2]
+
+
+def test_digest_moves_model_toward_target_under_trainer():
+    torch.manual_seed(0)
+    model = cnn(4)
+    x = torch.randn(64, 40)
+    target = torch.randn(64, 10) * 3
+    before = F.l1_loss(model(x), target).item()
+    digest = ConsensusDigest(loss="l1", epochs=5, batch_size=16)
+    digest.set_target(x, target)
+    t = trainer(batches=1)
+    t.callbacks.append(digest)
+    t.fit(model, tiny_dm())
+    assert digest.last_loss is not None
+    assert F.l1_loss(model(x), target).item() < before
+
+
+def test_digest_misconfiguration():
+    with pytest.raises(ValueError, match="loss='mse'"):
+        ConsensusDigest(loss="mse")
+    with pytest.raises(ValueError, match="epochs=-1"):
+        ConsensusDigest(epochs=-1)
+    with pytest.raises(ValueError, match="public_per_round=0"):
+        FedMD(public_per_round=0)
+    with pytest.raises(ValueError, match="records_per_party=0"):
+        FedMDNFDP(records_per_party=0)
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (10, 100), (64, 200), (200, 200)])
+def test_nfdp_epsilon_closed_form(k, n):
+    assert nfdp_epsilon(k, n) == pytest.approx(math.log((n + 1) / (n + 1 - k)))
+    assert nfdp_delta(k, n) == pytest.approx(k / n)
+
+
+def test_nfdp_epsilon_values_and_errors():
+    assert nfdp_epsilon(10, 100) == pytest.approx(math.log(101 / 91))  # 0.104261
+    assert nfdp_epsilon(10, 100) == pytest.approx(0.104261, abs=1e-6)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        nfdp_epsilon(5, 4)
+
+
+def test_record_subset_under_trainer_trains_on_k_records():
+    torch.manual_seed(0)
+    cb = RecordSubset(k=50)
+    t = trainer(batches=None)
+    t.callbacks.append(cb)
+    t.fit(cnn(4), tiny_dm())
+    assert cb.kept == 50 and cb.dropped == 350
+    assert "training_step" not in t.lightning_module.__dict__
+
+
+def test_fedmd_nfdp_run_reports_guarantee(tmp_path):
+    torch.manual_seed(0)
+    s = FedMDNFDP(records_per_party=20, public=tiny_public(), public_per_round=30)
+    res = tiny_loop(tmp_path, s, rounds=2).fit(cnn(4), tiny_dm())
+    assert s.subset.kept == 20  # the last client trained on exactly k records (one local epoch)
+    expected = max(nfdp_epsilon(min(20, n), n) for n in
+                   [len(sh) for cid, sh in enumerate(tiny_loop(tmp_path / "x", s).partition.split(
+                       torch.as_tensor(tiny_dm_labels()), 4, 0)) if cid in s.guarantees])
+    assert res.history[-1]["nfdp/epsilon"] == pytest.approx(expected)
+    assert 0 < res.history[-1]["nfdp/delta"] < 1
+    eps, delta = s.guarantee(200)
+    assert eps == pytest.approx(math.log(201 / 181)) and delta == pytest.approx(0.1)
+
+
+def tiny_dm_labels():
+    dm = tiny_dm()
+    dm.setup()
+    return dm.train_set.tensors[1]
