@@ -128,7 +128,8 @@ class LocalTrainer:
     def _train_batch(self, batch: Any, batch_idx: int, opts: list[Any], scheds: list[LRSchedulerConfig]) -> bool:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         batch = module.on_before_batch_transfer(batch, 0)
-        batch = fabric.to_device(batch)
+        if fabric.device.type != "cpu":  # CPU batches are already where they belong
+            batch = fabric.to_device(batch)
         batch = module.on_after_batch_transfer(batch, 0)
         if self._hook("on_train_batch_start", batch, batch_idx) == -1:
             return False

@@ -36,28 +36,32 @@ class ClientStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._stored = self._scan()  # ids with a file: saves a stat per client per round
+
+    def _scan(self) -> set[int]:
+        return {int(p.stem.split("-", 1)[1]) for p in self.root.glob("client-*.pt")}
 
     def _path(self, client_id: int) -> Path:
         return self.root / f"client-{int(client_id)}.pt"
 
     def load(self, client_id: int) -> dict[str, Any]:
         """The client's state (an empty dict for a client never seen); loaded with ``weights_only=True``."""
-        path = self._path(client_id)
-        if not path.exists():
+        if client_id not in self._stored:
             return {}
-        return torch.load(path, weights_only=True)
+        return torch.load(self._path(client_id), weights_only=True)
 
     def save(self, client_id: int, state: dict[str, Any]) -> None:
         """Persist the client's state (atomically); an empty state removes the file."""
-        path = self._path(client_id)
         if state:
-            atomic_torch_save(state, path)
-        elif path.exists():
-            path.unlink()
+            atomic_torch_save(state, self._path(client_id))
+            self._stored.add(client_id)
+        elif client_id in self._stored:
+            self._path(client_id).unlink(missing_ok=True)
+            self._stored.discard(client_id)
 
     def ids(self) -> list[int]:
         """Clients that have stored state."""
-        return sorted(int(p.stem.split("-", 1)[1]) for p in self.root.glob("client-*.pt"))
+        return sorted(self._stored)
 
     def snapshot(self, dest: str | Path) -> None:
         """Hard-link (or copy, across file systems) every state file into ``dest``."""
@@ -77,3 +81,4 @@ class ClientStore:
         if src.exists():
             for p in src.glob("client-*.pt"):
                 shutil.copy2(p, self.root / p.name)
+        self._stored = self._scan()

@@ -66,13 +66,21 @@ class Identity(Codec):
         return tensors
 
 
+_TAKES_SPEC: dict[type, bool] = {}
+
+
 def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
     """``codec.decode`` with the receiver's expected ``spec`` when the codec's ``decode`` accepts one
-    (codecs written before the ``spec`` argument existed keep working)."""
-    try:
-        takes_spec = "spec" in inspect.signature(codec.decode).parameters
-    except (TypeError, ValueError):
-        takes_spec = False
+    (codecs written before the ``spec`` argument existed keep working). The signature check is cached per
+    class: it runs once per message otherwise."""
+    cls = type(codec)
+    takes_spec = _TAKES_SPEC.get(cls)
+    if takes_spec is None:
+        try:
+            takes_spec = "spec" in inspect.signature(codec.decode).parameters
+        except (TypeError, ValueError):
+            takes_spec = False
+        _TAKES_SPEC[cls] = takes_spec
     if takes_spec:
         return codec.decode(message, max_bytes=max_bytes, spec=spec)
     return codec.decode(message, max_bytes=max_bytes)
