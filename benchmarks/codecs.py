@@ -74,14 +74,17 @@ DEFAULT = [
     "fp4",
     "qsgd4",
     "sign",
+    "powersgd1",
+    "randk5-fp16",
+    "randk10-int8",
     "topk10-noef",
     "topk1",
+    "topk1-int8",
     "topk2-q7",
     "topk2-sign",
-    "topk1-int8",
-    "dgc2-q7",
-    "randk5-fp16",
-    "powersgd1",
+    "topk3-sign",
+    "warmup2-sign",
+    "dgc1-int8",
 ]
 
 
@@ -185,8 +188,13 @@ def throughput(numel: int, names: list[str], repeats: int = 2) -> None:
     payload = {"w": torch.randn(numel // 1000, 1000) * 1e-3}
     spec = spec_of(payload)
     raw_mb = numel * 4 / 1e6
-    print(f"throughput, {numel / 1e6:.0f}M float32 ({raw_mb:.0f} MB), {torch.get_num_threads()} threads", flush=True)
-    print("| codec | message MB | ratio | encode s | decode s | enc+dec MB/s (wall) | enc+dec MB per CPU-second |")
+    print(
+        f"throughput, {numel / 1e6:.0f}M float32 ({raw_mb:.0f} MB), {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    print(
+        "| codec | message MB | ratio | encode s | decode s | enc+dec MB/s (wall) | enc+dec MB per CPU-second |"
+    )
     print("|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         codec = CODECS[name]()
@@ -216,7 +224,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--codecs", nargs="+", default=DEFAULT, choices=sorted(CODECS))
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partition, the initial model and training")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the partition, the initial model and training"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--numel", type=int, default=25_000_000)
     p.add_argument("--throughput-codecs", nargs="+", default=THROUGHPUT, choices=sorted(CODECS))
