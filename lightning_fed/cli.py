@@ -61,7 +61,7 @@ def run(argv: list[str] | None = None) -> Any:
     cfg = parser.parse_args(argv)
     fit_cfg = cfg["fit"]
     L.seed_everything(fit_cfg.loop.seed, verbose=False)  # the initial global model depends on the seed
-    sub = parser._subcommands_action._name_parser_map["fit"]  # noqa: SLF001 - the fit parser, to dump the config
+    sub = parser._subcommands_action._name_parser_map["fit"]
     config_text = sub.dump(fit_cfg, skip_none=False)
     try:
         init = parser.instantiate_classes(cfg)["fit"]

@@ -36,9 +36,15 @@ from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.evaluate import Evaluator
-from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
 from lightning_fed.progress import RoundProgress
-from lightning_fed.report import partition_table, plot_history, summary_table, write_history, write_partition_csv
+from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
+from lightning_fed.report import (
+    partition_table,
+    plot_history,
+    summary_table,
+    write_history,
+    write_partition_csv,
+)
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg

@@ -1,16 +1,25 @@
 """Server strategies: what clients are sent and how their replies are aggregated."""
 
 from lightning_fed.strategies.base import Strategy
-from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.ddist import DecentralizedDistillation
+from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.feddf import FedDF
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
-from lightning_fed.strategies.tiers import ModelTiers
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.tiers import ModelTiers
 
 __all__ = [
-    "DecentralizedDistillation", "FedDF", "FedGKT", "FedGen", "FedMD", "FedMDNFDP", "ModelTiers",
-    "FedAvg", "FedMoE", "Strategy"]
+    "DecentralizedDistillation",
+    "FedAvg",
+    "FedDF",
+    "FedGKT",
+    "FedGen",
+    "FedMD",
+    "FedMDNFDP",
+    "FedMoE",
+    "ModelTiers",
+    "Strategy",
+]

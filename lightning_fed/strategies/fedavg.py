@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from torch import Tensor, nn
 
 from lightning_fed.flat import FlatSpec

@@ -334,6 +334,16 @@ class OwnModels(Strategy):
 
 
 __all__ = [
-    "ClientModels", "LogitEnsemble", "ModelTiers", "OwnModels", "predict_logits", "TierAverage", "architecture_of", "num_tiers",
-    "require_homogeneous", "snapshot", "tier_module", "tier_of",
+    "ClientModels",
+    "LogitEnsemble",
+    "ModelTiers",
+    "OwnModels",
+    "TierAverage",
+    "architecture_of",
+    "num_tiers",
+    "predict_logits",
+    "require_homogeneous",
+    "snapshot",
+    "tier_module",
+    "tier_of",
 ]
