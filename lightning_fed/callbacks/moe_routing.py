@@ -14,7 +14,6 @@ loss that both ``lightning.Trainer`` and FedLoop's local trainer differentiate.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.step_hook import TrainingStepHook
 from lightning_fed.moe.convert import convert_to_moe
 from lightning_fed.moe.layer import MoELayer, moe_layers
 
@@ -104,10 +104,7 @@ class MoERouting(FedCallback):
         self.capacity_final, self.k_final, self.anneal_periods = capacity_final, k_final, anneal_periods
         self._start: dict[str, tuple[int, float | None]] = {}
         self._warned = False
-        self._wrapped_module: Any = None
-        self._wrapper: Any = None
-        self._original: Any = None
-        self._active: list[bool] | None = None
+        self._hook = TrainingStepHook(lambda original, *a, **kw: self._training_step(self._hook.module, original, *a, **kw))
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -128,35 +125,11 @@ class MoERouting(FedCallback):
             raise ValueError(f"MoERouting: k_final={self.k_final} is larger than an MoE layer's num_experts")
         for name, m in layers.items():
             self._start.setdefault(name, (m.k, m.capacity_factor))
-        if self._wrapped_module is not pl_module:
-            self._unwrap()
-            original, active = pl_module.training_step, [True]
-
-            @functools.wraps(original)
-            def training_step(*args: Any, **kwargs: Any) -> Any:
-                if not active[0]:  # unwrapped while another wrapper sat on top: pass through
-                    return original(*args, **kwargs)
-                return self._training_step(pl_module, original, *args, **kwargs)
-
-            self._wrapped_module, self._wrapper, self._original, self._active = pl_module, training_step, original, active
-            pl_module.training_step = training_step
+        self._hook.install(pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Unwrap ``training_step`` (the converted layers stay)."""
-        self._unwrap()
-
-    def _unwrap(self) -> None:
-        module, self._wrapped_module = self._wrapped_module, None
-        if self._active is not None:
-            self._active[0] = False
-        if module is None or module.__dict__.get("training_step") is not self._wrapper:
-            return  # never wrapped, or another wrapper is on top: ours is now a pass-through
-        original = self._original
-        if getattr(original, "__self__", None) is module and \
-                getattr(original, "__func__", None) is getattr(type(module), "training_step", None):
-            del module.__dict__["training_step"]
-        else:
-            module.training_step = original
+        self._hook.remove()
 
     # ------------------------------------------------------------------ the loss
     def _training_step(self, pl_module: Any, original: Any, *args: Any, **kwargs: Any) -> Any:

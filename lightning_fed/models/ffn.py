@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_fed.models.mnist1d import _Classifier
+from lightning_fed.models.mnist1d import _Classifier, add_conv_stem, conv_stem_features
 
 
 class MNIST1DFFN(_Classifier):
@@ -52,12 +52,7 @@ class MNIST1DFFN(_Classifier):
             if value < 1:
                 raise ValueError(f"MNIST1DFFN: {key}={value!r} is not allowed; {key} must be >= 1")
         self.save_hyperparameters()
-        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        out_len = length
-        for k in (5, 3, 3):
-            out_len = (out_len + 2 - k) // 2 + 1
+        out_len = add_conv_stem(self, channels, length)
         self.proj = nn.Linear(channels * out_len, width)
         self.norm = nn.LayerNorm(width)
         self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
@@ -65,11 +60,7 @@ class MNIST1DFFN(_Classifier):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of sequences ``[B, length]``."""
-        x = x.view(x.shape[0], 1, x.shape[-1])
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        h = F.relu(self.proj(x.flatten(1)))
+        h = F.relu(self.proj(conv_stem_features(self, x)))
         h = h + self.ffn(self.norm(h))
         return self.head(h)
 

@@ -53,6 +53,27 @@ class _Classifier(L.LightningModule):
         return cls(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
+def add_conv_stem(module: nn.Module, channels: int, length: int) -> int:
+    """Give ``module`` the MNIST-1D paper's stem (``conv1``-``conv3``: stride-2 1-D convolutions of ``channels``
+    filters); return the length of the sequence it outputs."""
+    module.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+    module.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+    module.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+    out_len = length
+    for k in (5, 3, 3):
+        out_len = (out_len + 2 - k) // 2 + 1
+    return out_len
+
+
+def conv_stem_features(module: nn.Module, x: Tensor) -> Tensor:
+    """Flattened output of the stem added by :func:`add_conv_stem` for sequences ``[B, length]``."""
+    x = x.view(x.shape[0], 1, x.shape[-1])
+    x = F.relu(module.conv1(x))
+    x = F.relu(module.conv2(x))
+    x = F.relu(module.conv3(x))
+    return x.flatten(1)
+
+
 class MNIST1DCNN(_Classifier):
     """The MNIST-1D paper's CNN: three stride-2 1-D convolutions of ``channels`` filters and a linear head
     (about 5.2k parameters at 25 channels).
@@ -81,21 +102,12 @@ class MNIST1DCNN(_Classifier):
         if channels < 1:
             raise ValueError(f"MNIST1DCNN: channels must be >= 1, got {channels}")
         self.save_hyperparameters()
-        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        out_len = length
-        for k in (5, 3, 3):
-            out_len = (out_len + 2 - k) // 2 + 1
+        out_len = add_conv_stem(self, channels, length)
         self.head = nn.Linear(channels * out_len, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         """The flattened convolutional features (the head's input)."""
-        x = x.view(x.shape[0], 1, x.shape[-1])
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        return x.flatten(1)
+        return conv_stem_features(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of sequences ``[B, length]``."""
