@@ -33,7 +33,7 @@ from lightning_fed.callbacks.qat import convert_qat, prepare_qat
 from lightning_fed.data import Dirichlet, MNIST1DDataModule
 from lightning_fed.models import MNIST1DCNN
 
-RUNS = ("baseline", "pruning", "qat", "pruning_qat", "sparsity")
+RUNS = ("baseline", "pruning", "qat", "qat_channel", "pruning_qat", "sparsity")
 
 
 def callbacks_for(name: str, rounds: int) -> list[Any]:
@@ -49,9 +49,11 @@ def callbacks_for(name: str, rounds: int) -> list[Any]:
     if name == "pruning":
         return [prune]
     if name == "qat":
+        return [QuantizationAware(scheme="int8_tensor", start=int(60 * s))]
+    if name == "qat_channel":
         return [QuantizationAware(scheme="int8", start=int(60 * s))]
     if name == "pruning_qat":
-        return [prune, QuantizationAware(scheme="int8", start=int(60 * s))]
+        return [prune, QuantizationAware(scheme="int8_tensor", start=int(60 * s))]
     if name == "sparsity":
         return [MagnitudeSparsity(sparsity=0.7, at=at(30, 40, 50))]
     raise ValueError(name)

@@ -24,8 +24,8 @@ from rich.table import Table
 
 from lightning_fed import FedLoop, MNIST1DDataModule
 from lightning_fed.data import IID
-from lightning_fed.loop import derive_seed, seed_rngs
 from lightning_fed.models import MNIST1DCNN
+from lightning_fed.seeding import derive_seed, seed_rngs
 
 NUM_CLIENTS, PER_ROUND, BATCH, LR, MOMENTUM, SEED, EVAL_EVERY = 100, 10, 32, 0.05, 0.9, 0, 10
 

@@ -150,7 +150,7 @@ def client_fit(partition_id: int, weights: list[np.ndarray], cfg: dict[str, Any]
         torch.set_num_threads(int(cfg["threads"]))
     data, shards = data_and_shards(int(cfg["num_clients"]), int(cfg["seed"]), str(cfg["partition"]), float(cfg["alpha"]))
     model = _CACHE.get("model") or _CACHE.setdefault("model", new_model())
-    from lightning_fed.loop import derive_seed
+    from lightning_fed.seeding import derive_seed
 
     warmup = time.time() - began if first_call else 0.0
     keys = list(model.state_dict())
@@ -219,7 +219,7 @@ def run_fedloop(args: argparse.Namespace, init_state: dict[str, torch.Tensor]) -
 def run_bare_torch(args: argparse.Namespace, init_state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Reference, no framework: FedAvg as a plain loop in this process around the Flower client's own
     ``client_fit`` (same clients per round as FedLoop), example-weighted mean of the returned weights."""
-    from lightning_fed.loop import derive_seed
+    from lightning_fed.seeding import derive_seed
 
     t0 = time.perf_counter()
     weights = [v.numpy().copy() for v in init_state.values()]

@@ -12,10 +12,8 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,53 +24,28 @@ import torch
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
-from safetensors.torch import save_file
 
 from lightning_fed.callbacks.base import FED_HOOKS
-from lightning_fed.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
 from lightning_fed.codecs.base import Codec, Identity, decode_expected
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.evaluate import Evaluator
+from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.progress import RoundProgress
 from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
-from lightning_fed.report import (
-    partition_table,
-    plot_history,
-    summary_table,
-    write_history,
-    write_partition_csv,
-)
+from lightning_fed.report import partition_table, write_partition_csv
+from lightning_fed.seeding import derive_seed, seed_rngs
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.trainer_view import TrainerView
-from lightning_fed.weights import float_state
 
 log = logging.getLogger("lightning_fed")
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-LOGGERS = ("csv", "tensorboard")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (used per round and per client)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def seed_rngs(seed: int) -> None:
-    """Seed torch's CPU generator (and CUDA's, once initialised) and Python's ``random``.
-
-    Cheaper than ``torch.manual_seed``, which formats a stack trace to queue a lazy CUDA seeding on every
-    call before CUDA is initialised (milliseconds, once per client per round).
-    """
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)
-    random.seed(seed)
 
 
 @dataclass
@@ -230,12 +203,12 @@ class FedLoop:
                 under ``output_dir``.
             run_config: text of the resolved configuration, saved as ``config.yaml`` in the run folder.
         """
-        ckpt_dir = self._resolve_resume(resume)
-        run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else self._new_run_dir()
+        ckpt_dir = resolve_resume(self.output_dir, resume)
+        run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
             (run_dir / "config.yaml").write_text(run_config)
-        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision, loggers=self._loggers(run_dir))
+        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision, loggers=make_loggers(self.logger_names, run_dir))
         self._setup_data(datamodule, run_dir)
         model = fabric.strategy.precision.convert_module(model)
         model = fabric.to_device(model)
@@ -282,7 +255,7 @@ class FedLoop:
                 lg.finalize("success")
             for m in [model, *self._prepared.values()]:
                 self._detach(m)
-        self._write_outputs(final)
+        write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
         return FitResult(run_dir, self.history, final)
 
     # ------------------------------------------------------------------ one round
@@ -449,51 +422,6 @@ class FedLoop:
         except Exception:  # noqa: BLE001 - Lightning raises MisconfigurationException when not implemented
             self.eval_loader = dm.val_dataloader()
 
-    def _loggers(self, run_dir: Path) -> list[Any]:
-        out = []
-        if "csv" in self.logger_names:
-            from lightning.fabric.loggers import CSVLogger
-
-            out.append(CSVLogger(root_dir=str(run_dir), name="logs"))
-        if "tensorboard" in self.logger_names:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                log.debug("tensorboard not installed: TensorBoard logging skipped")
-            else:
-                from lightning.fabric.loggers import TensorBoardLogger
-
-                out.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard"))
-        return out
-
-    def _new_run_dir(self) -> Path:
-        root = Path(self.output_dir)
-        versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-        return root / f"version_{max(versions, default=-1) + 1}"
-
-    def _resolve_resume(self, resume: str | Path | None) -> Path | None:
-        if resume is None:
-            return None
-        if str(resume) == "last":
-            root = Path(self.output_dir)
-            runs = sorted(
-                (p for p in root.glob("version_*") if (p / "checkpoints" / "last").is_file()),
-                key=lambda p: int(p.name.split("_")[1]),
-            )
-            if not runs:
-                raise FileNotFoundError(f"resume='last': no run with a checkpoint under {root}")
-            resume = runs[-1]
-        return find_checkpoint(resume)
-
-    def _write_outputs(self, final: dict[str, float]) -> None:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in float_state(self.model).items()},
-                  str(self.run_dir / "final.safetensors"))
-        write_history(self.history, self.run_dir / "history.json")
-        if self.plot:
-            plot_history(self.history, self.run_dir / "accuracy.png", title=type(self.model).__name__)
-        self.console.print(summary_table(self.history))
-        self.console.print(f"outputs in [bold]{self.run_dir}[/bold]")
-
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, r: int) -> Path:
         """Atomically checkpoint the state after round ``r`` (0-based)."""
@@ -553,4 +481,4 @@ class FedLoop:
                 m._fabric_optimizers = []
 
 
-__all__ = ["FED_HOOKS", "FedLoop", "FitResult", "derive_seed", "seed_rngs"]
+__all__ = ["FED_HOOKS", "FedLoop", "FitResult", "derive_seed", "seed_rngs"]  # seeds re-exported for old imports

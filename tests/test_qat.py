@@ -27,7 +27,7 @@ def dm() -> MNIST1DDataModule:
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    ({"scheme": "int3"}, r"scheme='int3' .* one of \('int8', 'int4_weight'\)"),
+    ({"scheme": "int3"}, r"scheme='int3' .* one of \('int8', 'int8_tensor', 'int4_weight'\)"),
     ({"start": -1}, r"start=-1"),
     ({"group_size": 0}, r"group_size=0"),
 ])
@@ -54,6 +54,9 @@ def test_quantization_math():
         err = (dequantize_weight(q, scale, w.shape) - w).abs()
         bound = scale.amax(dim=1).view(6, 1, 1) / 2 + 1e-6  # rounding error is at most half a step
         assert bool((err <= bound).all())
+    q, scale = quantize_weight(w, 8, None, per_tensor=True)
+    assert scale.shape == (1, 1) and torch.isclose(scale[0, 0], w.abs().max() / 127)
+    assert bool(((dequantize_weight(q, scale, w.shape) - w).abs() <= scale[0, 0] / 2 + 1e-6).all())
     q4 = torch.randint(-8, 8, (37,), dtype=torch.int8)
     assert torch.equal(unpack_int4(pack_int4(q4), 37), q4) and pack_int4(q4).numel() == 19
     p = torch.randn(3, 4, requires_grad=True)
@@ -82,6 +85,28 @@ def test_trainer_qat_keeps_parameters_and_exports_int8(tmp_path):
     saved = safetensors.torch.load_file(str(tmp_path / "quantized.safetensors"))
     assert saved["conv2.qweight"].dtype == torch.int8
     assert isinstance(cb.exported.conv2, QuantizedLayer)
+
+
+def test_trainer_qat_per_tensor_export_is_4x_smaller(tmp_path):
+    L.seed_everything(0)
+    model = MNIST1DCNN()
+    cb = QuantizationAware(scheme="int8_tensor", start=0)
+    trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, dm())
+    r = cb.report
+    n_weights = sum(m.weight.numel() for m in (model.conv1, model.conv2, model.conv3, model.head))
+    assert r["float_weight_bytes"] == 4 * n_weights
+    assert r["quant_weight_bytes"] == n_weights + 4 * 4  # int8 weights + one float32 scale per layer
+    assert r["float_weight_bytes"] / r["quant_weight_bytes"] > 3.98
+    assert cb.exported.conv2.scale.shape == (1, 1)
+    x = torch.randn(8, 40)
+    assert torch.allclose(cb.exported(x), float_copy_forward(model, x), atol=0.5)
+
+
+def float_copy_forward(model, x):
+    from lightning_fed.callbacks.footprint import float_copy
+
+    with torch.no_grad():
+        return float_copy(model)(x)
 
 
 def fedloop(tmp_path, rounds, callbacks, **kw) -> FedLoop:

@@ -100,8 +100,9 @@ class QuantizationAware(FedCallback):
     :attr:`exported` the integer model (also written as ``quantized.safetensors`` to the run folder).
 
     Args:
-        scheme: ``"int8"`` (int8 weights per channel + dynamic int8 activations) or ``"int4_weight"`` (int4
-            weights in groups of ``group_size``, float activations).
+        scheme: ``"int8"`` (int8 weights per channel + dynamic int8 activations), ``"int8_tensor"`` (the same
+            with one weight scale per tensor: the smallest int8 export) or ``"int4_weight"`` (int4 weights in
+            groups of ``group_size``, float activations).
         start: 0-based epoch (Trainer) or round (FedLoop) from which training is quantization-aware.
         group_size: int4 group size (input elements per scale).
         layers: module names to quantize; ``None`` = every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``.

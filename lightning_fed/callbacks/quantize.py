@@ -7,6 +7,8 @@ Inference", CVPR 2018; the per-token / per-group variants follow torchao's ``Int
 
 * ``"int8"``: weights symmetric int8 per output channel; activations asymmetric int8, quantized dynamically per
   sample (no observers, no calibration state).
+* ``"int8_tensor"``: as ``"int8"`` but with one weight scale per tensor (torch.ao's ``qnnpack`` default): the
+  export is then 4x smaller than float32 up to one float per layer.
 * ``"int4_weight"``: weights symmetric int4 in groups of ``group_size`` input elements per output channel (two
   values per byte once exported); activations stay in floating point.
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCHEMES = ("int8", "int4_weight")
+SCHEMES = ("int8", "int8_tensor", "int4_weight")
 
 
 def _grouped(w: Tensor, group_size: int | None) -> tuple[Tensor, int]:
@@ -35,15 +37,19 @@ def _grouped(w: Tensor, group_size: int | None) -> tuple[Tensor, int]:
     return flat.reshape(w.shape[0], -1, g), pad
 
 
-def quantize_weight(w: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor]:
-    """Symmetric integer quantization of a weight per output channel (``group_size=None``) or per group.
+def quantize_weight(w: Tensor, bits: int, group_size: int | None, per_tensor: bool = False) -> tuple[Tensor, Tensor]:
+    """Symmetric integer quantization of a weight per output channel (``group_size=None``), per group, or with
+    one scale for the whole tensor (``per_tensor``).
 
     Returns:
-        ``(q, scale)``: ``q`` int8 of shape ``[out, groups, group]`` with values in ``[-2^(b-1), 2^(b-1)-1]``,
-        ``scale`` float32 ``[out, groups]``.
+        ``(q, scale)``: ``q`` int8 of shape ``[out, groups, group]`` (``[1, 1, numel]`` per tensor) with values in
+        ``[-2^(b-1), 2^(b-1)-1]``, ``scale`` float32 ``[out, groups]`` (``[1, 1]``).
     """
     qmax = 2 ** (bits - 1) - 1
-    g, _ = _grouped(w.detach().float(), group_size)
+    if per_tensor:
+        g = w.detach().float().reshape(1, 1, -1)
+    else:
+        g, _ = _grouped(w.detach().float(), group_size)
     scale = (g.abs().amax(dim=-1) / qmax).clamp_min(1e-8)
     q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
     return q, scale
@@ -58,9 +64,9 @@ def dequantize_weight(q: Tensor, scale: Tensor, shape: torch.Size | tuple[int, .
     return flat[:, :n].reshape(shape)
 
 
-def fake_quant_weight(w: Tensor, bits: int, group_size: int | None) -> Tensor:
+def fake_quant_weight(w: Tensor, bits: int, group_size: int | None, per_tensor: bool = False) -> Tensor:
     """Quantize-dequantize ``w`` in the forward pass, identity gradient (straight-through estimator)."""
-    q, scale = quantize_weight(w, bits, group_size)
+    q, scale = quantize_weight(w, bits, group_size, per_tensor)
     return w + (dequantize_weight(q, scale, w.shape).to(w.dtype) - w).detach()
 
 
@@ -79,7 +85,7 @@ def fake_quant_activation(x: Tensor) -> Tensor:
 
 def scheme_bits(scheme: str) -> tuple[int, bool]:
     """(weight bits, whether activations are quantized) of a scheme."""
-    if scheme == "int8":
+    if scheme in ("int8", "int8_tensor"):
         return 8, True
     if scheme == "int4_weight":
         return 4, False
@@ -94,7 +100,8 @@ class _FakeQuant:
 
     def _fq(self, x: Tensor) -> tuple[Tensor, Tensor]:
         bits, act = scheme_bits(self.qat_scheme)
-        w = fake_quant_weight(self.weight, bits, self.qat_group_size)  # type: ignore[attr-defined]
+        w = fake_quant_weight(self.weight, bits, self.qat_group_size,  # type: ignore[attr-defined]
+                              per_tensor=self.qat_scheme == "int8_tensor")
         return (fake_quant_activation(x) if act else x), w
 
 
@@ -149,8 +156,8 @@ class QuantizedLayer(nn.Module):
 
     Args:
         layer: a fake-quantized (or plain) ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``.
-        scheme: ``"int8"`` or ``"int4_weight"``.
-        group_size: int4 group size (ignored for int8, which is per channel).
+        scheme: ``"int8"``, ``"int8_tensor"`` or ``"int4_weight"``.
+        group_size: int4 group size (ignored for int8, which is per channel or per tensor).
     """
 
     def __init__(self, layer: nn.Module, scheme: str, group_size: int | None) -> None:
@@ -162,7 +169,7 @@ class QuantizedLayer(nn.Module):
             "stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
         self.weight_shape = tuple(layer.weight.shape)
         group = None if bits == 8 else group_size
-        q, scale = quantize_weight(layer.weight, bits, group)
+        q, scale = quantize_weight(layer.weight, bits, group, per_tensor=scheme == "int8_tensor")
         self.q_shape = tuple(q.shape)
         self.register_buffer("qweight", pack_int4(q) if bits == 4 else q.contiguous())
         self.register_buffer("scale", scale.contiguous())

@@ -1,0 +1,80 @@
+"""Where a run writes: the ``version_N`` run folder, the checkpoint to resume from, the Lightning loggers,
+and the final outputs (weights, history, plot, summary table)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_fed.checkpoint import find_checkpoint
+from lightning_fed.report import plot_history, summary_table, write_history
+from lightning_fed.weights import float_state
+
+log = logging.getLogger("lightning_fed")
+
+LOGGERS = ("csv", "tensorboard")
+
+
+def new_run_dir(output_dir: str | Path) -> Path:
+    """The next unused ``output_dir/version_N``."""
+    root = Path(output_dir)
+    versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return root / f"version_{max(versions, default=-1) + 1}"
+
+
+def resolve_resume(output_dir: str | Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint folder ``resume`` names: ``None``, ``"last"`` (the newest run under ``output_dir`` that
+    has one), a run folder or a checkpoint folder."""
+    if resume is None:
+        return None
+    if str(resume) == "last":
+        root = Path(output_dir)
+        runs = sorted(
+            (p for p in root.glob("version_*") if (p / "checkpoints" / "last").is_file()),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
+        if not runs:
+            raise FileNotFoundError(f"resume='last': no run with a checkpoint under {root}")
+        resume = runs[-1]
+    return find_checkpoint(resume)
+
+
+def make_loggers(names: list[str], run_dir: Path) -> list[Any]:
+    """Fabric loggers for ``names`` (any of :data:`LOGGERS`) writing under ``run_dir``; TensorBoard is
+    skipped with a debug message when it is not installed."""
+    out: list[Any] = []
+    if "csv" in names:
+        from lightning.fabric.loggers import CSVLogger
+
+        out.append(CSVLogger(root_dir=str(run_dir), name="logs"))
+    if "tensorboard" in names:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            log.debug("tensorboard not installed: TensorBoard logging skipped")
+        else:
+            from lightning.fabric.loggers import TensorBoardLogger
+
+            out.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard"))
+    return out
+
+
+def write_outputs(model: nn.Module, history: list[dict[str, float]], run_dir: Path, console: Console,
+                  plot: bool) -> None:
+    """Write ``final.safetensors``, ``history.json`` and (``plot``) ``accuracy.png``; print the summary."""
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in float_state(model).items()},
+              str(run_dir / "final.safetensors"))
+    write_history(history, run_dir / "history.json")
+    if plot:
+        plot_history(history, run_dir / "accuracy.png", title=type(model).__name__)
+    console.print(summary_table(history))
+    console.print(f"outputs in [bold]{run_dir}[/bold]")
+
+
+__all__ = ["LOGGERS", "make_loggers", "new_run_dir", "resolve_resume", "write_outputs"]
