@@ -1,8 +1,9 @@
 """Update-compression benchmark (issue 3): accuracy and uplink bytes per codec, and codec throughput.
 
 Accuracy table: the FedAvg MNIST-1D recipe (MNIST1DCNN, 20 clients, Dirichlet(0.5), 10 per round,
-5 local epochs, SGD lr 0.05 momentum 0.9, batch 32) for ``--rounds`` rounds with each codec, run one after
-another in this process, a row printed as each finishes. Bytes are the real message lengths the loop
+5 local epochs, SGD lr 0.05 momentum 0.9, batch 16, cosine client-LR decay to 10 % over the rounds) for
+``--rounds`` rounds with each codec, run one after another in this process, a row printed as each finishes.
+``--batch-size 32 --no-cosine`` is the recipe's earlier setting (the first tables in RESULTS.md). Bytes are the real message lengths the loop
 counted. Throughput: encode + decode of a ``--numel``-element float32 update (default 25M).
 
     python benchmarks/codecs.py --rounds 100                          # the whole table
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 
 from lightning_fed import FedAvg, FedLoop
+from lightning_fed.callbacks import RoundLRDecay
 from lightning_fed.codecs import (
     QSGD,
     Blockwise4bit,
@@ -57,6 +59,8 @@ CODECS: dict[str, callable] = {
     "topk2-int8": lambda: TopK(0.02, values=Blockwise8bit(blocksize=64)),
     "topk1-int8": lambda: TopK(0.01, values=Blockwise8bit(blocksize=64)),
     "topk3-sign": lambda: TopK(0.03, values=Sign()),
+    "topk2-sign-lw": lambda: TopK(0.02, values=Sign(), layerwise=True),
+    "topk3-sign-lw": lambda: TopK(0.03, values=Sign(), layerwise=True),
     "dgc1-int8": lambda: TopK(0.01, values=Blockwise8bit(blocksize=64), momentum=0.5, warmup_rounds=10),
     "dgc2-q7": lambda: TopK(0.02, values=QSGD(levels=7, norm="max"), momentum=0.5, warmup_rounds=10),
     "warmup2-sign": lambda: TopK(0.02, values=Sign(), warmup_rounds=5),
@@ -88,11 +92,11 @@ DEFAULT = [
 ]
 
 
-def run_fedavg(codec: Codec, rounds: int, seed: int = 0) -> dict[str, float]:
+def run_fedavg(codec: Codec, rounds: int, seed: int = 0, batch_size: int = 16, cosine: bool = True) -> dict[str, float]:
     """One FedAvg MNIST-1D run (the fedavg.yaml recipe) with ``codec`` on the uplink."""
     L.seed_everything(seed, verbose=False)
     model = MNIST1DCNN(channels=25, lr=0.05, optimizer="sgd", momentum=0.9)
-    data = MNIST1DDataModule(batch_size=32)
+    data = MNIST1DDataModule(batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         loop = FedLoop(
             num_clients=20,
@@ -102,6 +106,7 @@ def run_fedavg(codec: Codec, rounds: int, seed: int = 0) -> dict[str, float]:
             partition=Dirichlet(alpha=0.5, min_samples=10),
             strategy=FedAvg(server_lr=1.0),
             codec=codec,
+            callbacks=[RoundLRDecay(schedule="cosine", min_scale=0.1)] if cosine else [],
             eval_every=5,
             checkpoint_every=0,
             output_dir=tmp,
@@ -130,7 +135,7 @@ def run_fedavg(codec: Codec, rounds: int, seed: int = 0) -> dict[str, float]:
     }
 
 
-def accuracy_table(names: list[str], rounds: int, out: str | None, seed: int = 0) -> list[dict]:
+def accuracy_table(names: list[str], rounds: int, out: str | None, seed: int = 0, **recipe: object) -> list[dict]:
     """Run every codec; print a markdown row per codec as it finishes."""
     rows: list[dict] = []
     ref: dict | None = None
@@ -143,7 +148,7 @@ def accuracy_table(names: list[str], rounds: int, out: str | None, seed: int = 0
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         codec = CODECS[name]()
-        r = run_fedavg(codec, rounds, seed)
+        r = run_fedavg(codec, rounds, seed, **recipe)
         r["name"], r["config"] = name, repr(codec) if name != "identity" else "Identity()"
         if name == "identity":
             ref = r
@@ -228,6 +233,8 @@ def main() -> None:
         "--seed", type=int, default=0, help="seed of the partition, the initial model and training"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="client batch size (the recipe's; 32 before)")
+    p.add_argument("--no-cosine", action="store_true", help="no cosine LR decay (the recipe's earlier setting)")
     p.add_argument("--numel", type=int, default=25_000_000)
     p.add_argument("--throughput-codecs", nargs="+", default=THROUGHPUT, choices=sorted(CODECS))
     p.add_argument("--throughput-only", action="store_true")
@@ -238,7 +245,8 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not args.throughput_only:
-        accuracy_table(args.codecs, args.rounds, args.out, args.seed)
+        accuracy_table(args.codecs, args.rounds, args.out, args.seed, batch_size=args.batch_size,
+                       cosine=not args.no_cosine)
     if not args.no_throughput:
         throughput(args.numel, args.throughput_codecs)
 

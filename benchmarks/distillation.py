@@ -38,6 +38,9 @@ from lightning_fed.strategies import (
 WIDTHS = (8, 16, 32)
 NUM_CLIENTS = 20
 METHODS = ("isolated", "fedavg_small", "fedmd", "fedmd_nfdp", "feddf", "fedgkt", "ddist", "fedgen_small")
+# FedMD's transfer-learning phase (labelled public data) and the isolated baselines each variant is fair against
+EXTRA = ("isolated_k100", "isolated_transfer", "fedmd_transfer", "fedmd_nfdp_transfer")
+TRANSFER_EPOCHS, TRANSFER_LR = 30, 3e-3
 
 
 def cnn(channels: int) -> MNIST1DCNN:
@@ -51,6 +54,18 @@ def build(method: str, public: PublicData, seed: int) -> tuple[object, bool]:
     n = NUM_CLIENTS
     if method == "isolated":  # FedMD without digest: every client trains alone (logits are sent but unused)
         return FedMD(public=public, tiers=tiers, digest_epochs=0, public_per_round=10, eval_clients=n), True
+    if method == "isolated_k100":  # the isolated baseline of FedMD-NFDP: each client alone on its k=100 records
+        return FedMDNFDP(public=public, tiers=tiers, records_per_party=100, digest_epochs=0, public_per_round=10,
+                         eval_clients=n), True
+    if method == "isolated_transfer":  # transfer learning on the labelled public set, then each client alone
+        return FedMD(public=public, tiers=tiers, digest_epochs=0, public_per_round=10, eval_clients=n,
+                     transfer_epochs=TRANSFER_EPOCHS, transfer_lr=TRANSFER_LR), True
+    if method == "fedmd_transfer":
+        return FedMD(public=public, tiers=tiers, public_per_round=500, digest_epochs=2, eval_clients=n,
+                     transfer_epochs=TRANSFER_EPOCHS, transfer_lr=TRANSFER_LR), True
+    if method == "fedmd_nfdp_transfer":
+        return FedMDNFDP(public=public, tiers=tiers, records_per_party=100, public_per_round=500, digest_epochs=2,
+                         eval_clients=n, transfer_epochs=TRANSFER_EPOCHS, transfer_lr=TRANSFER_LR), True
     if method == "fedavg_small":
         return FedAvg(), False
     if method == "fedmd":
@@ -74,7 +89,7 @@ def build(method: str, public: PublicData, seed: int) -> tuple[object, bool]:
 def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, float]:
     """One method end to end; returns its final metrics."""
     L.seed_everything(seed, verbose=False)
-    public = PublicData(num_samples=1000, seed=7)
+    public = PublicData(num_samples=1000, seed=7, labeled="transfer" in method)
     strategy, tiered = build(method, public, seed)
     model = cnn(WIDTHS[0])
     with tempfile.TemporaryDirectory() as out:
@@ -93,7 +108,7 @@ def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, flo
     else:
         row["tier0"] = last["test_acc"]
     row["server"] = last.get("server/test_acc", float("nan"))
-    if method == "fedmd_nfdp":
+    if method.startswith("fedmd_nfdp"):
         row["epsilon"], row["delta"] = last["nfdp/epsilon"], last["nfdp/delta"]
     return row
 
@@ -104,7 +119,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     logging.getLogger("lightning_fed").setLevel(logging.WARNING)

@@ -45,6 +45,7 @@ def test_qsgd_mean_error_far_below_deterministic_rounding():
         TopK(0.05),
         TopK(0.05, values=QSGD(7, norm="max")),
         TopK(0.05, values=Sign()),
+        TopK(0.05, values=Sign(), layerwise=True),
         RandomK(0.1),
         RandomK(0.1, values=Cast("fp16")),
         Sign(block=16),
@@ -82,6 +83,20 @@ def test_topk_without_feedback_loses_mass():
     x = torch.randn(200)
     out = codec.decode(codec.encode({"w": x}, state), spec=spec_of({"w": x}))["w"]
     assert "residual" not in state and int((out != 0).sum()) == 10
+
+
+def test_layerwise_topk_keeps_the_top_of_every_tensor():
+    """Global top-k can starve a tensor with small entries; layerwise keeps round(density * size) of each."""
+    big, small = torch.randn(200) * 100, torch.randn(40)
+    payload = {"big": big, "small": small}
+    spec = spec_of(payload)
+    out_global = TopK(0.05, error_feedback=False).decode(TopK(0.05, error_feedback=False).encode(payload, {}), spec=spec)
+    assert int((out_global["small"] != 0).sum()) == 0 and int((out_global["big"] != 0).sum()) == 12
+    codec = TopK(0.05, error_feedback=False, layerwise=True)
+    out = codec.decode(codec.encode(payload, {}), spec=spec)
+    assert int((out["big"] != 0).sum()) == 10 and int((out["small"] != 0).sum()) == 2
+    assert torch.equal(out["small"][out["small"] != 0].sort().values, small[small.abs().topk(2).indices].sort().values)
+    assert torch.equal(out["big"][out["big"] != 0].sort().values, big[big.abs().topk(10).indices].sort().values)
 
 
 def test_dgc_momentum_correction_and_masking():

@@ -122,3 +122,36 @@ def tiny_dm_labels():
     dm = tiny_dm()
     dm.setup()
     return dm.train_set.tensors[1]
+
+
+def test_fedmd_transfer_learning_trains_each_tier_on_labelled_public_data():
+    from lightning_fed.data.public import PublicData
+
+    pub = PublicData(num_samples=300, seed=7, labeled=True)
+    x, y = pub.x, pub.y
+    torch.manual_seed(0)
+    tiers = ModelTiers(models=[cnn(6)])
+    s = FedMD(public=PublicData.from_tensors(x, y), public_per_round=50, tiers=tiers, transfer_epochs=10,
+              transfer_lr=1e-2)
+    base = cnn(4)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (base, tiers.models[0])]
+    s.setup(base)
+    assert len(s.transfer_acc) == 2 and all(a > 0.25 for a in s.transfer_acc)  # chance is 0.1
+    for t, m in enumerate((base, tiers.models[0])):  # the tiers' initial weights are the transferred ones
+        assert not torch.equal(s._initial(t)["head.weight"], before[t]["head.weight"])
+        assert torch.equal(s._initial(t)["head.weight"], m.state_dict()["head.weight"])
+    again = FedMD(public=PublicData.from_tensors(x, y), public_per_round=50, tiers=ModelTiers(models=[cnn(6)]),
+                  transfer_epochs=10, transfer_lr=1e-2)
+    torch.manual_seed(0)
+    b2 = cnn(4)
+    b2.load_state_dict(before[0])
+    again.tiers.models[0].load_state_dict(before[1])
+    again.setup(b2)
+    assert torch.equal(again._initial(1)["head.weight"], s._initial(1)["head.weight"])  # seeded: deterministic
+
+
+def test_fedmd_transfer_needs_labels():
+    with pytest.raises(ValueError, match="transfer_epochs=2 needs labelled public data"):
+        FedMD(public=tiny_public(), transfer_epochs=2)
+    with pytest.raises(ValueError, match="transfer_epochs=-1"):
+        FedMD(transfer_epochs=-1)

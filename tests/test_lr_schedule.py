@@ -33,7 +33,24 @@ def test_decays_per_epoch_under_trainer(small_dm):
     assert probe.lrs == pytest.approx([0.1, 0.05, 0.03])  # 0.25 is clipped to min_scale 0.3
 
 
-@pytest.mark.parametrize("kw, match", [(dict(gamma=0), "gamma=0"), (dict(gamma=1.5), "gamma"), (dict(min_scale=2), "min_scale")])
+def test_cosine_over_the_runs_rounds_in_fedloop(make_loop, small_dm):
+    probe = LRProbe()
+    make_loop(num_clients=1, clients_per_round=1, rounds=4, local_epochs=1,
+              callbacks=[RoundLRDecay(schedule="cosine", min_scale=0.2), probe]).fit(seeded(MNIST1DMLP, lr=0.1), small_dm)
+    # factor = 0.2 + 0.8 * (1 + cos(pi * r / 4)) / 2 for r = 0..3
+    assert probe.lrs == pytest.approx([0.1, 0.1 * (0.2 + 0.4 * (1 + 2**-0.5)), 0.06, 0.1 * (0.2 + 0.4 * (1 - 2**-0.5))])
+
+
+def test_cosine_scale_values():
+    cb = RoundLRDecay(schedule="cosine", total=10)
+    assert cb.scale(0) == 1.0 and cb.scale(5) == pytest.approx(0.5) and cb.scale(10) == pytest.approx(0.0)
+    assert cb.scale(20) == pytest.approx(0.0)  # past the end: stays at min_scale
+    with pytest.raises(ValueError, match="total"):
+        RoundLRDecay(schedule="cosine").scale(3)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(gamma=0), "gamma=0"), (dict(gamma=1.5), "gamma"), (dict(min_scale=2), "min_scale"),
+                                       (dict(schedule="step"), "schedule='step'"), (dict(total=0), "total=0")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         RoundLRDecay(**kw)

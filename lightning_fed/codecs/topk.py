@@ -52,6 +52,9 @@ class TopK(VectorCodec):
         momentum_masking: with momentum, zero the momentum of the entries that were sent.
         warmup_rounds: rounds of exponential density warm-up from ``warmup_start`` down to ``ratio``.
         warmup_start: density at round 0 of the warm-up.
+        layerwise: choose the top entries of every tensor separately (``round(density * size)``, at least one
+            per tensor) instead of over the whole update, so layers with small updates are not starved; the
+            wire format is the same.
         self_describing: also send the layout.
     """
 
@@ -67,6 +70,7 @@ class TopK(VectorCodec):
         momentum_masking: bool = True,
         warmup_rounds: int = 0,
         warmup_start: float = 0.25,
+        layerwise: bool = False,
         self_describing: bool = False,
     ) -> None:
         if not 0 < ratio <= 1:
@@ -90,6 +94,7 @@ class TopK(VectorCodec):
             momentum_masking,
         )
         self.warmup_rounds, self.warmup_start = warmup_rounds, warmup_start
+        self.layerwise = layerwise
         self.round = 0
 
     def wire_config(self) -> str:
@@ -111,6 +116,20 @@ class TopK(VectorCodec):
         """``k`` for a vector of ``n`` elements this round."""
         return min(n, max(1, round(self.density() * n))) if n else 0
 
+    def select(self, v: Tensor, layout: Layout) -> Tensor:
+        """Sorted indices of the entries to send: the top ``num_kept`` of ``v`` (or of each tensor)."""
+        if not self.layerwise:
+            k = self.num_kept(v.numel())
+            if k == 0:
+                return torch.zeros(0, dtype=torch.int64)
+            return torch.topk(v.abs(), k, sorted=False).indices.sort().values
+        parts = []
+        for off, size in zip(layout.offsets, layout.sizes):
+            k = self.num_kept(size)
+            if k:
+                parts.append(torch.topk(v[off : off + size].abs(), k, sorted=False).indices + off)
+        return torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.int64)
+
     def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
         """Momentum correction, error feedback, top-k, value coding, momentum-factor masking."""
         if self.momentum > 0:
@@ -119,12 +138,8 @@ class TopK(VectorCodec):
         else:
             u = x
         v = client_tensor(state, "residual", layout) + u if self.error_feedback else u
-        k = self.num_kept(v.numel())
-        idx = (
-            torch.topk(v.abs(), k, sorted=False).indices.sort().values
-            if k
-            else torch.zeros(0, dtype=torch.int64)
-        )
+        idx = self.select(v, layout)
+        k = len(idx)
         w.varint(k)
         w.raw(ef_encode(idx, v.numel()))
         sent_vals = write_values(self.values, v[idx], w)

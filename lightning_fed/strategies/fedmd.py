@@ -9,8 +9,13 @@ private data for a few epochs. No weights are ever exchanged.
 In the one-message-per-round protocol the two halves are pipelined: round ``r``'s instruction carries the
 consensus of round ``r - 1`` (and its subset) plus the indices of round ``r``'s subset; the client digests,
 revisits (its local epochs), and replies with logits on the new subset. Public inputs are shared, so only
-indices travel, never the samples. The initial transfer-learning phase of the paper (training on the
-labelled public set first) is not part of this strategy.
+indices travel, never the samples.
+
+Transfer learning (``transfer_epochs > 0``, needs a labelled public set): before the first round every
+architecture is trained on the labelled public data, as the paper's parties do before collaborating; each
+party then starts from its tier's transferred weights and trains on its private data in its first round
+(the revisit step). Parties of one tier would all compute the same transfer from the same initial weights,
+so it is done once per tier, on the server, when the strategy is set up.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.strategies.digest import ConsensusDigest
-from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits
+from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits, snapshot
 
 log = logging.getLogger("lightning_fed")
 
@@ -55,16 +61,31 @@ class FedMD(OwnModels):
         digest_lr: Adam learning rate of the digest step (``None``: the module's own optimizer).
         eval_clients: stored client models evaluated per tier at evaluation rounds.
         seed: seed of the public subsets.
+        transfer_epochs: epochs of supervised training on the labelled public set before round 0 (FedMD's
+            transfer-learning phase); 0 skips it. Needs ``PublicData(labeled=True)``.
+        transfer_lr: Adam learning rate of the transfer phase.
+        transfer_batch_size: batch size of the transfer phase.
     """
 
     def __init__(self, *, public: PublicData | None = None, tiers: ModelTiers | None = None,
                  public_per_round: int = 500, digest_epochs: int = 1, digest_batch_size: int = 64,
-                 digest_lr: float | None = 1e-3, eval_clients: int = 5, seed: int = 0) -> None:
+                 digest_lr: float | None = 1e-3, eval_clients: int = 5, seed: int = 0, transfer_epochs: int = 0,
+                 transfer_lr: float = 1e-3, transfer_batch_size: int = 32) -> None:
         name = type(self).__name__
         if public_per_round < 1:
             raise ValueError(f"{name}: public_per_round={public_per_round} is not allowed; it must be >= 1")
+        if transfer_epochs < 0:
+            raise ValueError(f"{name}: transfer_epochs={transfer_epochs} is not allowed; it must be >= 0")
+        if not transfer_lr > 0 or transfer_batch_size < 1:
+            raise ValueError(f"{name}: transfer_lr={transfer_lr}, transfer_batch_size={transfer_batch_size} are not "
+                             "allowed; transfer_lr must be > 0 and transfer_batch_size >= 1")
+        if transfer_epochs and public is not None and not public.labeled:
+            raise ValueError(f"{name}: transfer_epochs={transfer_epochs} needs labelled public data; pass "
+                             "PublicData(labeled=True) (or PublicData.from_tensors(x, y))")
+        self.transfer_epochs, self.transfer_lr, self.transfer_batch_size = transfer_epochs, transfer_lr, transfer_batch_size
+        self.transfer_acc: list[float] = []
         super().__init__(tiers=tiers, eval_clients=eval_clients)
-        self.public = public if public is not None else PublicData()
+        self.public = public if public is not None else PublicData(labeled=transfer_epochs > 0)
         self.public_per_round = public_per_round
         self.seed = seed
         self.digest = ConsensusDigest(loss="l1", epochs=digest_epochs, batch_size=digest_batch_size, seed=seed,
@@ -82,6 +103,33 @@ class FedMD(OwnModels):
             raise ValueError(f"{type(self).__name__}: the tiers' models output different numbers of classes {sorted(sizes)}")
         self.num_classes = sizes.pop()
         self.consensus = self.consensus_subset = self._subset = None
+        if self.transfer_epochs:
+            self.transfer_acc = [self._transfer(t, m) for t, m in enumerate(self.tier_modules())]
+            self._init = [snapshot(m) for m in self.tier_modules()]
+            log.info("%s transfer learning: public-set accuracy per tier %s", type(self).__name__,
+                     [round(a, 4) for a in self.transfer_acc])
+
+    def _transfer(self, tier: int, module: nn.Module) -> float:
+        """Train ``module`` from its tier's initial weights on the labelled public set; its training accuracy."""
+        x, y = self.public.x, self.public.y
+        if y is None:
+            raise ValueError(f"{type(self).__name__}: transfer_epochs={self.transfer_epochs} needs labelled public data")
+        module.load_state_dict(self._init[tier], strict=False)
+        device = next(module.parameters()).device
+        opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=self.transfer_lr)
+        g = _seeded(self.seed, 1_000_003, tier)
+        was_training = module.training
+        module.train()
+        for _ in range(self.transfer_epochs):
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), self.transfer_batch_size):
+                idx = order[i : i + self.transfer_batch_size]
+                loss = F.cross_entropy(module(x[idx].to(device)), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        module.train(was_training)
+        return float((predict_logits(module, x).argmax(-1) == y).float().mean())
 
     def round_subset(self, server_round: int) -> Tensor:
         """The public indices of ``server_round`` (seeded by (seed, round))."""
