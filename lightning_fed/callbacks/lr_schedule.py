@@ -7,7 +7,6 @@ from typing import Any
 
 from lightning_fed.callbacks.base import FedCallback
 
-
 SCHEDULES = ("exponential", "cosine")
 
 

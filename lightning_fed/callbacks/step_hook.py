@@ -62,6 +62,38 @@ class TrainingStepHook:
         self.module = None
 
 
+class ForwardCapture:
+    """Keep the last output of a module's ``forward`` while installed (a forward hook), e.g. the logits a
+    ``training_step`` computed, so a :class:`TrainingStepHook` can add a loss on them without a second pass.
+
+    Example::
+
+        capture = ForwardCapture()
+        capture.install(pl_module)   # in on_train_start
+        logits = capture.value       # after the module's forward ran
+        capture.remove()             # in on_train_end
+    """
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self._handle: Any = None
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.value = output
+
+    def install(self, module: nn.Module) -> None:
+        """Start capturing ``module``'s outputs (replacing an earlier installation)."""
+        self.remove()
+        self._handle = module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        """Stop capturing and forget the last output."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.value = None
+
+
 def step_loss(out: Any) -> Tensor | None:
     """The loss tensor of a ``training_step`` output (a tensor, a dict with ``"loss"``, or ``None``)."""
     if isinstance(out, Tensor):
@@ -78,4 +110,4 @@ def with_loss(out: Any, loss: Tensor) -> Any:
     return loss
 
 
-__all__ = ["TrainingStepHook", "step_loss", "with_loss"]
+__all__ = ["ForwardCapture", "TrainingStepHook", "step_loss", "with_loss"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
-from lightning_fed.callbacks.step_hook import TrainingStepHook, step_loss, with_loss
+from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedmd import _seeded
@@ -73,8 +73,7 @@ class FedGenClient(FedCallback):
         self.label_dist: Tensor | None = None
         self.label_counts = torch.zeros(generator.num_classes)
         self._hook = TrainingStepHook(self._step)
-        self._handle: Any = None
-        self._logits: Tensor | None = None
+        self._capture = ForwardCapture()
         self._trainer: Any = None
         self._module: Any = None
 
@@ -92,23 +91,18 @@ class FedGenClient(FedCallback):
         self._trainer, self._module = trainer, pl_module
         self.label_counts = torch.zeros(self.generator.num_classes)
         self.generator.to(pl_module.device).eval().requires_grad_(False)
-
-        def capture(_m: nn.Module, _i: Any, out: Any) -> None:
-            self._logits = out
-
-        self._handle = pl_module.register_forward_hook(capture)
+        self._capture.install(pl_module)
         self._hook.install(pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Unwrap."""
         self._hook.remove()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._capture.remove()
 
     def _step(self, original: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
-        self._logits = None
+        self._capture.value = None
         out = original(batch, batch_idx, *args, **kwargs)
+        logits = self._capture.value
         y = batch[1]
         t = self._trainer
         if t is not None and t.current_epoch == t.max_epochs - 1:
@@ -122,10 +116,10 @@ class FedGenClient(FedCallback):
             z_s = self.generator(y_s)
             z_b = self.generator(y)
         extra = self.alpha * F.cross_entropy(head(z_s), y_s)
-        if self._logits is not None and self.beta > 0:
+        if logits is not None and self.beta > 0:
             with torch.no_grad():
                 teacher = head(z_b)
-            extra = extra + self.beta * kd_loss(self._logits, teacher, 1.0)
+            extra = extra + self.beta * kd_loss(logits, teacher, 1.0)
         return with_loss(out, loss + extra)
 
 

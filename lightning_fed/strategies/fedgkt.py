@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
-from lightning_fed.callbacks.step_hook import TrainingStepHook, step_loss, with_loss
+from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.strategies.fedmd import _seeded
 from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_of
@@ -101,8 +101,7 @@ class GKTClient(FedCallback):
         self._rows: dict[bytes, int] = {}
         self._server: Tensor | None = None
         self._hook = TrainingStepHook(self._step)
-        self._handle: Any = None
-        self._logits: Tensor | None = None
+        self._capture = ForwardCapture()
         self._trainer: Any = None
         self._xs: list[Tensor] = []
         self._ys: list[Tensor] = []
@@ -129,19 +128,13 @@ class GKTClient(FedCallback):
         """Capture the module's logits and wrap ``training_step``."""
         self._trainer = trainer
         self._xs, self._ys, self.collected = [], [], None
-
-        def capture(_m: nn.Module, _i: Any, out: Any) -> None:
-            self._logits = out
-
-        self._handle = pl_module.register_forward_hook(capture)
+        self._capture.install(pl_module)
         self._hook.install(pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Unwrap; keep the last epoch's samples."""
         self._hook.remove()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._capture.remove()
         if self._xs:
             x, y = torch.cat(self._xs)[: self.max_samples], torch.cat(self._ys)[: self.max_samples]
             self.collected = (x, y)
@@ -152,22 +145,23 @@ class GKTClient(FedCallback):
             trainer.client_state["gkt_x"] = self.collected[0].clone()
 
     def _step(self, original: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
-        self._logits = None
+        self._capture.value = None
         out = original(batch, batch_idx, *args, **kwargs)
+        logits = self._capture.value
         x, y = batch[0], batch[1]
         t = self._trainer
         if t is not None and t.current_epoch == t.max_epochs - 1:
             self._xs.append(x.detach().cpu())
             self._ys.append(y.detach().cpu())
         loss = step_loss(out)
-        if loss is None or self._server is None or self._logits is None or self.alpha == 0:
+        if loss is None or self._server is None or logits is None or self.alpha == 0:
             return out
         idx = [self._rows.get(_key(r), -1) for r in x]
         mask = torch.tensor([i >= 0 for i in idx], device=x.device)
         if not bool(mask.any()):
             return out
         target = self._server[torch.tensor([i for i in idx if i >= 0])].to(x.device)
-        return with_loss(out, loss + self.alpha * kd_loss(self._logits[mask], target, self.temperature))
+        return with_loss(out, loss + self.alpha * kd_loss(logits[mask], target, self.temperature))
 
 
 class FedGKT(OwnModels):
