@@ -24,6 +24,7 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _DTYPE_BYTES = {k: torch.empty(0, dtype=v).element_size() for k, v in _DTYPES.items()}
+_ITEMSIZE = {v: _DTYPE_BYTES[k] for k, v in _DTYPES.items()}
 
 
 class MalformedMessage(ValueError):
@@ -102,7 +103,7 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
     tensors = {}
     for name, dtype, shape, start, end in entries:
         chunk = data[start:end]
-        if start % max(1, torch.empty(0, dtype=dtype).element_size()):
+        if start % _ITEMSIZE[dtype]:
             chunk = chunk.clone()  # unaligned offset: copy so the dtype view is legal
         tensors[name] = chunk.view(dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
     return tensors, dict(meta)
