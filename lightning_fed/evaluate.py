@@ -34,6 +34,16 @@ class Evaluator:
         self.fabric = fabric
         self.view = view
         self.callbacks = callbacks
+        self._metrics: dict[tuple[int, str], tuple[MulticlassAccuracy, MeanMetric]] = {}  # reused, reset per run
+
+    def _metric_pair(self, num_classes: int, device: torch.device) -> tuple[MulticlassAccuracy, MeanMetric]:
+        key = (num_classes, str(device))
+        if key not in self._metrics:
+            self._metrics[key] = (MulticlassAccuracy(num_classes=num_classes, average="micro").to(device), MeanMetric())
+        acc, loss = self._metrics[key]
+        acc.reset()
+        loss.reset()
+        return acc, loss
 
     def _hook(self, name: str, *args: Any) -> None:
         module = self.view.lightning_module
@@ -53,7 +63,7 @@ class Evaluator:
         view.validating, view.training = True, False
         view.reset_means()
         acc: MulticlassAccuracy | None = None
-        loss_mean = MeanMetric()
+        loss_mean: MeanMetric | None = None
         self._hook("on_validation_start")
         self._hook("on_validation_epoch_start")
         for batch_idx, batch in enumerate(loader):
@@ -64,8 +74,8 @@ class Evaluator:
                     x, y = batch
                     logits = module(x)
                     if isinstance(logits, Tensor) and logits.ndim == 2:
-                        if acc is None:
-                            acc = MulticlassAccuracy(num_classes=logits.shape[1], average="micro").to(logits.device)
+                        if acc is None or loss_mean is None:
+                            acc, loss_mean = self._metric_pair(logits.shape[1], logits.device)
                         acc.update(logits.float(), y)
                         loss_mean.update(F.cross_entropy(logits.float(), y).cpu(), weight=len(y))
                 out = getattr(module, step)(batch, batch_idx) if step else None
@@ -73,7 +83,7 @@ class Evaluator:
         self._hook("on_validation_epoch_end")
         self._hook("on_validation_end")
         metrics = dict(view.means())
-        if acc is not None:
+        if acc is not None and loss_mean is not None:
             metrics["test_acc"] = float(acc.compute())
             metrics["test_loss"] = float(loss_mean.compute())
         view.validating = False

@@ -183,3 +183,27 @@ def test_variable_spec_needs_self_describing():
 def test_misconfiguration_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_header_cache_keeps_every_check():
+    """Headers are parsed once per distinct header; a cached header still needs a body of exactly its size, and
+    oversized headers are never kept."""
+    from lightning_fed.codecs import wire
+
+    payload = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
+    msg = wire.pack(payload, {"codec": "identity"})
+    assert wire.pack(payload, {"codec": "identity"}) == msg  # the cached header gives the same bytes
+    for _ in range(2):  # second pass: header from the cache
+        out, meta = wire.unpack(msg)
+        assert torch.equal(out["a"], payload["a"]) and torch.equal(out["b"], payload["b"]) and meta == {"codec": "identity"}
+    with pytest.raises(wire.MalformedMessage, match="body is"):
+        wire.unpack(msg[:-8])
+    with pytest.raises(wire.MalformedMessage, match="body is"):
+        wire.unpack(msg + b"\0" * 8)
+    big = {f"t{i:05d}": torch.zeros(1) for i in range(3000)}  # a header of ~170 KB
+    big_msg = wire.pack(big, {})
+    hlen = int.from_bytes(big_msg[:8], "little")
+    assert hlen > wire._CACHE_MAX_HEADER
+    assert len(wire.unpack(big_msg)[0]) == 3000
+    assert big_msg[8 : 8 + hlen] not in wire._PARSED  # parsed and validated, not kept
+    assert msg[8 : 8 + int.from_bytes(msg[:8], "little")] in wire._PARSED

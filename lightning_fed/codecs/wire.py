@@ -31,25 +31,45 @@ class MalformedMessage(ValueError):
     """A message could not be decoded: truncated, oversized, wrong codec or inconsistent header."""
 
 
+# Headers repeat every round (same names, shapes, dtypes): the encoded header of a layout and the parsed,
+# validated entries of a header's bytes are cached (bounded; a hostile sender can only cause misses).
+_CACHE_SIZE = 256
+_CACHE_MAX_HEADER = 65536  # larger headers are parsed every time, never kept
+_PACKED: dict[tuple, bytes] = {}
+_PARSED: dict[bytes, tuple[list[tuple[str, torch.dtype, list[int], int, int]], dict[str, str]]] = {}
+
+
+def _remember(cache: dict, key: object, value: object) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     """Serialise tensors and string metadata into one safetensors-format message (no pickle)."""
-    header: dict[str, object] = {"__metadata__": dict(meta)} if meta else {}
-    chunks, offset = [], 0
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        raise RuntimeError("the wire format is little-endian")
+    items = []
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which the wire format does not carry")
-        t = t.detach().cpu().contiguous()
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        if n:
-            chunks.append(t.reshape(-1).view(torch.uint8))
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        items.append((name, t.detach().cpu().contiguous()))
+    key = (tuple((name, t.dtype, tuple(t.shape)) for name, t in items), tuple(meta.items()) if meta else ())
+    prefix = _PACKED.get(key)
+    if prefix is None:
+        header: dict[str, object] = {"__metadata__": dict(meta)} if meta else {}
+        offset = 0
+        for name, t in items:
+            n = t.numel() * t.element_size()
+            header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        prefix = struct.pack("<Q", len(raw)) + raw
+        _remember(_PACKED, key, prefix)
+    chunks = [t.reshape(-1).view(torch.uint8) for _, t in items if t.numel()]
     body = torch.cat(chunks).numpy().tobytes() if chunks else b""
-    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-        raise RuntimeError("the wire format is little-endian")
-    return struct.pack("<Q", len(raw)) + raw + body
+    return prefix + body
 
 
 def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -68,14 +88,37 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
     (hlen,) = struct.unpack("<Q", message[:8])
     if hlen > len(message) - 8 or hlen > 100_000_000:
         raise MalformedMessage(f"header length {hlen} does not fit a message of {len(message)} bytes")
+    raw_header = message[8 : 8 + hlen]
+    cached = _PARSED.get(raw_header)
+    if cached is None:
+        cached = _parse_header(raw_header)
+        if hlen <= _CACHE_MAX_HEADER:
+            _remember(_PARSED, raw_header, cached)
+    entries, meta = cached
+    body = len(message) - 8 - hlen
+    described = max((e[4] for e in entries), default=0)  # the entries tile [0, described) exactly
+    if described != body:
+        raise MalformedMessage(f"message body is {body} bytes but the header describes {described}")
+    data = torch.frombuffer(bytearray(message[8 + hlen :]), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+    tensors = {}
+    for name, dtype, shape, start, end in entries:
+        chunk = data[start:end]
+        if start % _ITEMSIZE[dtype]:
+            chunk = chunk.clone()  # unaligned offset: copy so the dtype view is legal
+        tensors[name] = chunk.view(dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
+    return tensors, dict(meta)
+
+
+def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], dict[str, str]]:
+    """Parse and validate a header: entries (name, dtype, shape, start, end) tiling ``[0, end)`` exactly, and
+    the string metadata."""
     try:
-        header = json.loads(message[8 : 8 + hlen])
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MalformedMessage(f"header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise MalformedMessage("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
-    body = len(message) - 8 - hlen
     entries = []
     for name, info in header.items():
         try:
@@ -85,7 +128,7 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
                 if not isinstance(d, int) or d < 0:
                     raise ValueError
                 n *= d
-            if dtype not in _DTYPE_BYTES or end - start != n * _DTYPE_BYTES[dtype] or start < 0 or end > body:
+            if dtype not in _DTYPE_BYTES or end - start != n * _DTYPE_BYTES[dtype] or start < 0:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise MalformedMessage(f"tensor {name!r} has an inconsistent header entry") from None
@@ -95,18 +138,9 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
         if start != pos:  # the data section must be tiled exactly: no gaps, no overlapping (aliased) tensors
             raise MalformedMessage(f"tensor {name!r} starts at byte {start}, expected {pos} (gap or overlap)")
         pos = end
-    if pos != body:
-        raise MalformedMessage(f"message body is {body} bytes but the header describes {pos}")
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise MalformedMessage("metadata must map strings to strings")
-    data = torch.frombuffer(bytearray(message[8 + hlen :]), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
-    tensors = {}
-    for name, dtype, shape, start, end in entries:
-        chunk = data[start:end]
-        if start % _ITEMSIZE[dtype]:
-            chunk = chunk.clone()  # unaligned offset: copy so the dtype view is legal
-        tensors[name] = chunk.view(dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
-    return tensors, dict(meta)
+    return entries, dict(meta)
 
 
 def expect_codec(meta: dict[str, str], name: str) -> None:
