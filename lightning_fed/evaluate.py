@@ -28,6 +28,8 @@ class Evaluator:
     For classification batches ``(x, y)`` with integer ``y`` and ``[B, C]`` logits from ``module(x)``, it
     reports ``test_acc`` (torchmetrics ``MulticlassAccuracy``, micro) and ``test_loss`` (cross-entropy);
     values logged by the module's ``validation_step``/``test_step`` are reported as their batch means.
+    When the step itself calls ``module(x)`` on the batch's input tensor, those logits are reused (a forward hook
+    sees the call), so the model runs once per batch; otherwise one extra forward computes them.
     """
 
     def __init__(self, fabric: Fabric, view: TrainerView, callbacks: list[Any]) -> None:
@@ -66,20 +68,29 @@ class Evaluator:
         loss_mean: MeanMetric | None = None
         self._hook("on_validation_start")
         self._hook("on_validation_epoch_start")
-        for batch_idx, batch in enumerate(loader):
-            batch = fabric.to_device(batch)
-            self._hook("on_validation_batch_start", batch, batch_idx)
-            with fabric.autocast():
-                if _is_classification(batch):
-                    x, y = batch
-                    logits = module(x)
-                    if isinstance(logits, Tensor) and logits.ndim == 2:
-                        if acc is None or loss_mean is None:
-                            acc, loss_mean = self._metric_pair(logits.shape[1], logits.device)
-                        acc.update(logits.float(), y)
-                        loss_mean.update(F.cross_entropy(logits.float(), y).cpu(), weight=len(y))
-                out = getattr(module, step)(batch, batch_idx) if step else None
-            self._hook("on_validation_batch_end", out, batch, batch_idx)
+        seen: list[tuple[Tensor, Any]] = []  # (input, output) of the module's calls during the user's step
+        handle = module.register_forward_hook(lambda _m, args, output: seen.append((args[0] if args else None, output)))
+        try:
+            for batch_idx, batch in enumerate(loader):
+                batch = fabric.to_device(batch)
+                self._hook("on_validation_batch_start", batch, batch_idx)
+                seen.clear()
+                with fabric.autocast():
+                    out = getattr(module, step)(batch, batch_idx) if step else None
+                    if _is_classification(batch):
+                        x, y = batch
+                        # the logits of this very input if the step computed them (no second forward), else a forward
+                        logits = next((o for i, o in seen if i is x), None)
+                        if logits is None:
+                            logits = module(x)
+                        if isinstance(logits, Tensor) and logits.ndim == 2:
+                            if acc is None or loss_mean is None:
+                                acc, loss_mean = self._metric_pair(logits.shape[1], logits.device)
+                            acc.update(logits.float(), y)
+                            loss_mean.update(F.cross_entropy(logits.float(), y).cpu(), weight=len(y))
+                self._hook("on_validation_batch_end", out, batch, batch_idx)
+        finally:
+            handle.remove()
         self._hook("on_validation_epoch_end")
         self._hook("on_validation_end")
         metrics = dict(view.means())

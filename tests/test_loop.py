@@ -237,3 +237,39 @@ def test_bad_configuration_fails_before_training(kw, match):
 def test_bf16_mixed_precision_runs(make_loop, small_dm):
     res = make_loop(rounds=1, precision="bf16-mixed").fit(seeded(MNIST1DCNN), small_dm)
     assert res.history[0]["good"] == 2 and 0 <= res.final_metrics["test_acc"] <= 1
+
+
+class _CountingCNN(MNIST1DCNN):
+    """Counts forward calls made while evaluating; ``shift`` makes validation_step look at a changed input."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.shift, self.eval_forwards = shift, 0
+
+    def forward(self, x):
+        if not self.training:
+            self.eval_forwards += 1
+        return super().forward(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x + self.shift) if self.shift else self(x)
+        self.log("val_acc_own", (logits.argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_evaluation_reuses_the_steps_logits_and_stays_correct(make_loop, small_dm, shift):
+    torch.manual_seed(0)
+    model = _CountingCNN(shift)
+    loop = make_loop(rounds=1)
+    res = loop.fit(model, small_dm)
+    batches = len(small_dm.test_dataloader())
+    # the step's own forward on the batch's input is reused; a step that looks at another input costs one more
+    assert model.eval_forwards == batches * (2 if shift else 1)
+    model.eval()
+    with torch.no_grad():
+        x, y = small_dm.test_set.tensors
+        expected = float((model(x).argmax(1) == y).float().mean())
+    assert res.final_metrics["test_acc"] == pytest.approx(expected)
+    if shift == 0.0:
+        assert res.final_metrics["val_acc_own"] == pytest.approx(expected, abs=1e-6)
