@@ -61,6 +61,7 @@ CODECS: dict[str, callable] = {
     "topk3-sign": lambda: TopK(0.03, values=Sign()),
     "topk35-sign": lambda: TopK(0.035, values=Sign()),
     "topk3-sign32": lambda: TopK(0.03, values=Sign(block=32)),
+    "topk27-sign16": lambda: TopK(0.027, values=Sign(block=16)),
     "topk3-sign32-warm": lambda: TopK(0.03, values=Sign(block=32), warmup_rounds=10, warmup_start=0.1),
     "randk15-sign32": lambda: RandomK(0.15, values=Sign(block=32)),
     "topk2-sign-lw": lambda: TopK(0.02, values=Sign(), layerwise=True),
