@@ -105,6 +105,8 @@ def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, flo
     if tiered:
         for t in range(3):
             row[f"tier{t}"] = last.get(f"tier{t}/test_acc", float("nan"))
+            if f"tier{t}/server_test_acc" in last:  # FedGKT: the tier's extractors followed by the server model
+                row[f"tier{t}_server"] = last[f"tier{t}/server_test_acc"]
     else:
         row["tier0"] = last["test_acc"]
     row["server"] = last.get("server/test_acc", float("nan"))
@@ -142,6 +144,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {fmt(r.get('tier0'))} | {fmt(r.get('tier1'))} | {fmt(r.get('tier2'))} | "
               f"{fmt(r.get('server'))} | {r['bytes_per_round'] / 1024:.1f} | {r['seconds']:.0f} |")
+        if "tier0_server" in r:  # FedGKT's deployed model: each client's extractor, then the server model
+            print(f"| {r['method']} (client extractor + server model) | {fmt(r['tier0_server'])} | "
+                  f"{fmt(r['tier1_server'])} | {fmt(r['tier2_server'])} | | | |")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def test_qsgd_mean_error_far_below_deterministic_rounding():
         RandomK(0.1),
         RandomK(0.1, values=Cast("fp16")),
         Sign(block=16),
+        TopK(0.05, values=Sign(block=8, scale_dtype="float16", magnitude_bits=1)),
+        TopK(0.1, values=Sign(block=8, scale_dtype="float16"), group=3),
         PowerSGD(rank=1),
         Blockwise8bit(64, error_feedback=True),
     ],

@@ -125,6 +125,38 @@ def test_sign_reconstruction():
     assert y.abs().unique().numel() <= blocks.shape[0]
 
 
+def test_sign_float16_scales_halve_the_scale_bytes():
+    p = payload()
+    n = flat(p).numel()
+    msg32, out32 = roundtrip(Sign(block=32, error_feedback=False), p)
+    msg16, out16 = roundtrip(Sign(block=32, scale_dtype="float16", error_feedback=False), p)
+    assert len(msg32) - len(msg16) == 2 * math.ceil(n / 32)
+    assert torch.allclose(flat(out16), flat(out32), rtol=2**-10, atol=0)
+
+
+def test_sign_magnitude_bit_two_scales_per_block_and_lower_error():
+    p = payload()
+    x = flat(p)
+    n = x.numel()
+    _msg1, out1 = roundtrip(Sign(block=32, error_feedback=False), p)
+    msg2, out2 = roundtrip(Sign(block=32, magnitude_bits=1, error_feedback=False), p)
+    y1, y2 = flat(out1), flat(out2)
+    assert len(msg2) == HEADER_BYTES + 2 * 4 * math.ceil(n / 32) + 2 * packed_size(n, 1)
+    assert bool((torch.sign(y2) == torch.where(x >= 0, 1.0, -1.0)).all())
+    # the first block by hand: values above the block's mean magnitude get the mean of those, the rest the other mean
+    a = x[:32].abs()
+    large = a > a.mean()
+    expect = torch.where(large, a[large].mean(), a[~large].mean())
+    assert torch.allclose(y2[:32].abs(), expect)
+    assert float((y2 - x).pow(2).sum()) < float((y1 - x).pow(2).sum())
+
+
+def test_sign_float16_scale_saturates_instead_of_overflowing():
+    p = {"w": torch.full((64,), 1e6)}
+    _msg, out = roundtrip(Sign(block=32, scale_dtype="float16", error_feedback=False), p)
+    assert bool(torch.isfinite(out["w"]).all()) and float(out["w"].max()) == 65504.0
+
+
 def test_topk_keeps_largest_exactly():
     p = payload()
     x = flat(p)
@@ -135,6 +167,34 @@ def test_topk_keeps_largest_exactly():
     assert torch.equal(y[top], x[top])
     assert int((y != 0).sum()) == k
     assert len(msg) == HEADER_BYTES + 1 + ef_size(k, x.numel()) + 4 * k
+
+
+def test_topk_group_sends_whole_groups_with_largest_l1():
+    p = payload()
+    x = flat(p)
+    n = x.numel()
+    g, ratio = 4, 0.1
+    msg, out = roundtrip(TopK(ratio=ratio, group=g, error_feedback=False), p)
+    y = flat(out)
+    slots = -(-n // g)
+    k = round(ratio * n / g)
+    norms = torch.cat([x.abs(), x.new_zeros(slots * g - n)]).view(-1, g).sum(1)
+    top = torch.topk(norms, k).indices.sort().values
+    idx = (top.unsqueeze(1) * g + torch.arange(g)).reshape(-1)
+    idx = idx[idx < n]
+    assert torch.equal(y[idx], x[idx])  # float32 values: exact
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx] = False
+    assert bool((y[mask] == 0).all())
+    assert len(msg) == HEADER_BYTES + 1 + ef_size(k, slots) + 4 * len(idx)
+
+
+def test_topk_group_last_group_cut_at_the_end():
+    """A ragged last group (n not divisible by g) decodes to exactly n entries, never past the end."""
+    p = {"w": torch.zeros(10)}
+    p["w"][9] = 5.0  # only the last, 2-entry group (entries 8, 9) is non-zero
+    _msg, out = roundtrip(TopK(ratio=0.1, group=4, error_feedback=False), p)
+    assert out["w"].shape == (10,) and float(out["w"][9]) == 5.0 and int((out["w"] != 0).sum()) == 1
 
 
 def test_topk_composes_with_value_codecs():

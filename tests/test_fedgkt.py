@@ -79,3 +79,37 @@ def test_fedgkt_needs_features_and_head():
         s.setup(MNIST1DMLP(hidden=8))
     with pytest.raises(ValueError, match="server_hidden=0"):
         FedGKT(server_hidden=0)
+
+
+def test_feature_cache_trains_server_on_clients_that_sat_out():
+    """With the cache, round 2's server pass also uses client 0's round-1 features; without it, only round 2's."""
+    def reply(cid: int, n: int, f: int) -> Reply:
+        g = torch.Generator().manual_seed(cid)
+        return Reply(cid, {"features": torch.randn(n, f, generator=g), "logits": torch.randn(n, 10, generator=g),
+                           "labels": torch.randint(0, 10, (n,), generator=g)}, n)
+
+    seen: dict[bool, list[int]] = {}
+    for cache in (True, False):
+        s = FedGKT(server_hidden=8, server_epochs=1, server_batch_size=4, feature_cache=cache)
+        s.setup(cnn(4))
+        f = s.feature_dims[0]
+        s.aggregate(0, [reply(0, 6, f)])
+        rows: list[int] = []
+
+        def count(_m, inp, _o, rows=rows):
+            rows.append(len(inp[0]))
+
+        hook = s.server.adapters[0].register_forward_hook(count)
+        s.aggregate(1, [reply(1, 5, f)])
+        hook.remove()
+        seen[cache] = rows
+        assert set(s.server_logits) == {0, 1}  # round 1's logits stay (with the cache: refreshed)
+        if cache:
+            state = s.state_dict()
+            s2 = FedGKT(server_hidden=8, server_epochs=1, server_batch_size=4)
+            s2.setup(cnn(4))
+            s2.load_state_dict(state)
+            assert set(s2.cache) == {0, 1} and torch.equal(s2.cache[0]["features"], s.cache[0]["features"])
+    # training batches (4 + 2 rows from client 0, 4 + 1 from client 1) then the logits pass over both clients
+    assert sum(seen[True][:-2]) == 11 and seen[True][-2:] == [6, 5]
+    assert sum(seen[False][:-1]) == 5 and seen[False][-1:] == [5]

@@ -10,8 +10,12 @@ delayed). The DGC refinements, as they apply to per-round model deltas:
 * density warm-up: the density decays exponentially from ``warmup_start`` to ``ratio`` over the first
   ``warmup_rounds`` rounds (DGC: 25 % → 6.25 % → 1.56 % → 0.4 % → 0.1 %).
 
-On the wire: ``k`` (varint), the Elias-Fano code of the sorted indices (about ``2 + log2(n/k)`` bits each),
-then the ``k`` values through the value codec (raw float32 by default).
+With ``group=g > 1`` the update is cut into consecutive groups of ``g`` entries and the groups with the largest
+L1 norm are sent whole (block sparsification): one index per group instead of per entry, so at the same bytes
+more entries cross the wire, at the price of sending some small entries that share a group with large ones.
+
+On the wire: ``k`` (varint), the Elias-Fano code of the sorted indices (about ``2 + log2(n/k)`` bits each;
+group indices with ``group > 1``), then the kept values through the value codec (raw float32 by default).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class TopK(VectorCodec):
         momentum_masking: with momentum, zero the momentum of the entries that were sent.
         warmup_rounds: rounds of exponential density warm-up from ``warmup_start`` down to ``ratio``.
         warmup_start: density at round 0 of the warm-up.
+        group: send consecutive groups of this many entries (chosen by L1 norm); ``ratio`` still counts entries.
         layerwise: choose the top entries of every tensor separately (``round(density * size)``, at least one
             per tensor) instead of over the whole update, so layers with small updates are not starved; the
             wire format is the same.
@@ -70,6 +75,7 @@ class TopK(VectorCodec):
         momentum_masking: bool = True,
         warmup_rounds: int = 0,
         warmup_start: float = 0.25,
+        group: int = 1,
         layerwise: bool = False,
         self_describing: bool = False,
     ) -> None:
@@ -86,7 +92,12 @@ class TopK(VectorCodec):
             raise ValueError(
                 f"TopK: warmup_start={warmup_start!r} is not allowed; warmup_start must be in [ratio={ratio}, 1]"
             )
+        if group < 1:
+            raise ValueError(f"TopK: group={group!r} is not allowed; group must be >= 1")
+        if group > 1 and layerwise:
+            raise ValueError("TopK: group > 1 with layerwise=True is not supported; use one of them")
         super().__init__(error_feedback=error_feedback, self_describing=self_describing)
+        self.group = group
         self.ratio, self.values, self.momentum, self.momentum_masking = (
             ratio,
             values,
@@ -99,7 +110,8 @@ class TopK(VectorCodec):
 
     def wire_config(self) -> str:
         """``topk(f32)``, ``topk(qsgd(7,256,l2))``…: only the value codec matters to the decoder."""
-        return f"topk({value_config(self.values)})"
+        g = f"g{self.group}," if self.group > 1 else ""
+        return f"topk({g}{value_config(self.values)})"
 
     def on_round_start(self, server_round: int) -> None:
         """Remember the round for the density warm-up."""
@@ -117,7 +129,14 @@ class TopK(VectorCodec):
         return min(n, max(1, round(self.density() * n))) if n else 0
 
     def select(self, v: Tensor, layout: Layout) -> Tensor:
-        """Sorted indices of the entries to send: the top ``num_kept`` of ``v`` (or of each tensor)."""
+        """Sorted indices of the entries (groups, with ``group > 1``) to send: the top ``num_kept`` of ``v``
+        (or of each tensor)."""
+        if self.group > 1:
+            groups = self._group_norms(v)
+            k = min(len(groups), max(1, round(self.density() * v.numel() / self.group))) if len(groups) else 0
+            if k == 0:
+                return torch.zeros(0, dtype=torch.int64)
+            return torch.topk(groups, k, sorted=False).indices.sort().values
         if not self.layerwise:
             k = self.num_kept(v.numel())
             if k == 0:
@@ -130,6 +149,18 @@ class TopK(VectorCodec):
                 parts.append(torch.topk(v[off : off + size].abs(), k, sorted=False).indices + off)
         return torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.int64)
 
+    def _group_norms(self, v: Tensor) -> Tensor:
+        pad = (-v.numel()) % self.group
+        a = v.abs()
+        return (torch.cat([a, a.new_zeros(pad)]) if pad else a).view(-1, self.group).sum(1)
+
+    def _entries(self, groups: Tensor, n: int) -> Tensor:
+        """The entry indices of the sorted ``groups`` (the last group may be cut at ``n``)."""
+        if self.group == 1:
+            return groups
+        idx = (groups.unsqueeze(1) * self.group + torch.arange(self.group)).reshape(-1)
+        return idx[idx < n]
+
     def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
         """Momentum correction, error feedback, top-k, value coding, momentum-factor masking."""
         if self.momentum > 0:
@@ -138,10 +169,10 @@ class TopK(VectorCodec):
         else:
             u = x
         v = client_tensor(state, "residual", layout) + u if self.error_feedback else u
-        idx = self.select(v, layout)
-        k = len(idx)
-        w.varint(k)
-        w.raw(ef_encode(idx, v.numel()))
+        sel = self.select(v, layout)
+        w.varint(len(sel))
+        w.raw(ef_encode(sel, -(-v.numel() // self.group)))
+        idx = self._entries(sel, v.numel())
         sent_vals = write_values(self.values, v[idx], w)
         sent = torch.zeros_like(v)
         sent[idx] = sent_vals
@@ -158,10 +189,11 @@ class TopK(VectorCodec):
     def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
         """``k``, the indices (validated: distinct, in range), the values; zeros elsewhere."""
         n = layout.numel
-        k = r.varint("k", n)
-        idx = ef_decode(r.take(ef_size(k, n), "top-k indices"), k, n)
+        slots = -(-n // self.group)
+        k = r.varint("k", slots)
+        idx = self._entries(ef_decode(r.take(ef_size(k, slots), "top-k indices"), k, slots), n)
         out = torch.zeros(n)
-        out[idx] = read_values(self.values, r, k)
+        out[idx] = read_values(self.values, r, len(idx))
         return out
 
     def state_dict(self) -> dict[str, Any]:
