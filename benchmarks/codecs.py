@@ -34,6 +34,7 @@ from lightning_fed.codecs import (
     PowerSGD,
     RandomK,
     Sign,
+    TimeCorrelatedTopK,
     TopK,
 )
 from lightning_fed.data import Dirichlet, MNIST1DDataModule
@@ -66,6 +67,12 @@ CODECS: dict[str, callable] = {
     "topk6-g2-sign32h": lambda: TopK(0.06, values=Sign(block=32, scale_dtype="float16"), group=2),
     "topk8-g3-sign32h": lambda: TopK(0.08, values=Sign(block=32, scale_dtype="float16"), group=3),
     "topk10-g4-sign32h": lambda: TopK(0.10, values=Sign(block=32, scale_dtype="float16"), group=4),
+    "topk34-sign32h-rd5": lambda: TopK(0.034, values=Sign(block=32, scale_dtype="float16"), residual_decay=0.5),
+    "topk32-sign32h-warm": lambda: TopK(0.032, values=Sign(block=32, scale_dtype="float16"), warmup_rounds=10,
+                                        warmup_start=0.1),
+    "tcs18-05-sign64h": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16")),
+    "tcs20-04-sign128h": lambda: TimeCorrelatedTopK(0.004, 0.2, values=Sign(block=128, scale_dtype="float16")),
+    "tcs15-06-sign64h": lambda: TimeCorrelatedTopK(0.006, 0.15, values=Sign(block=64, scale_dtype="float16")),
     "topk28-sign32m": lambda: TopK(0.028, values=Sign(block=32, scale_dtype="float16", magnitude_bits=1)),
     "topk3-sign64m": lambda: TopK(0.03, values=Sign(block=64, scale_dtype="float16", magnitude_bits=1)),
     "topk3-sign32-warm": lambda: TopK(0.03, values=Sign(block=32), warmup_rounds=10, warmup_start=0.1),

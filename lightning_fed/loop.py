@@ -271,6 +271,7 @@ class FedLoop:
         stats = {"bytes_up": 0, "bytes_down": 0, "raw_bytes_up": 0, "raw_bytes_down": 0, "rejected": 0, "failed": 0,
                  "encode_s": 0.0, "decode_s": 0.0}
         received = self._downlink(instructions, stats)
+        stats["bytes_down"] += len(self.codec.broadcast()) * len(received)  # e.g. a shared sparsity mask
         replies: list[Reply] = []
         for instr in received:
             reply = self._client(r, instr, stats)

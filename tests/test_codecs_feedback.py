@@ -79,6 +79,24 @@ def test_error_feedback_conserves_the_update(codec):
     assert float(residual.abs().max()) > 1e-3  # compression was lossy: the residual carries something
 
 
+def test_topk_residual_decay_scales_the_carried_residual():
+    """With residual_decay=d the next round sparsifies d * residual + update; the new residual is the rest."""
+    torch.manual_seed(0)
+    shapes = {"a": (6, 10), "b": (6,)}
+    spec = spec_of({k: torch.zeros(s) for k, s in shapes.items()})
+    codec, state = TopK(0.1, residual_decay=0.5), {}
+    codec.encode({k: torch.randn(s) for k, s in shapes.items()}, state)
+    before = state["residual"].clone()
+    p = {k: torch.randn(s) for k, s in shapes.items()}
+    out = codec.decode(codec.encode(p, state), spec=spec)
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(shapes)])  # noqa: E731
+    assert torch.allclose(flat(out) + state["residual"], 0.5 * before + flat(p), atol=1e-6)
+    plain = TopK(0.1)
+    with pytest.raises(ValueError, match="residual_decay=1.5"):
+        TopK(0.1, residual_decay=1.5)
+    assert plain.residual_decay == 1.0
+
+
 def test_topk_without_feedback_loses_mass():
     torch.manual_seed(0)
     codec, state = TopK(0.05, error_feedback=False), {}

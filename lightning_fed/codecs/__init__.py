@@ -7,11 +7,12 @@ from lightning_fed.codecs.powersgd import PowerSGD
 from lightning_fed.codecs.qsgd import QSGD
 from lightning_fed.codecs.randk import RandomK
 from lightning_fed.codecs.sign import Sign
+from lightning_fed.codecs.tcs import TimeCorrelatedTopK
 from lightning_fed.codecs.topk import TopK
 from lightning_fed.codecs.vector import ValueCodec, VectorCodec
 from lightning_fed.codecs.wire import MalformedMessage
 
 __all__ = ["Codec", "Identity", "MalformedMessage"]
 __all__ += [
-    "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "PowerSGD", "RandomK", "Sign", "TopK", "ValueCodec", "VectorCodec",
+    "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "PowerSGD", "RandomK", "Sign", "TimeCorrelatedTopK", "TopK", "ValueCodec", "VectorCodec",
 ]

@@ -49,6 +49,11 @@ class Codec:
     def on_round_start(self, server_round: int) -> None:
         """Called by the loop before each round (schedules such as density warm-up use it)."""
 
+    def broadcast(self) -> bytes:
+        """Codec data every sampled client must receive this round (e.g. a shared sparsity mask); the loop
+        counts its length in ``bytes_down`` once per sampled client. Empty by default."""
+        return b""
+
 
 class Identity(Codec):
     """No compression: the payload is sent as raw safetensors (the uncompressed baseline)."""

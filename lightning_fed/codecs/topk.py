@@ -56,6 +56,9 @@ class TopK(VectorCodec):
         momentum_masking: with momentum, zero the momentum of the entries that were sent.
         warmup_rounds: rounds of exponential density warm-up from ``warmup_start`` down to ``ratio``.
         warmup_start: density at round 0 of the warm-up.
+        residual_decay: multiply the kept residual by this factor in ``[0, 1]`` before adding the next update
+            (1 = plain error feedback). With partial participation a client's residual can be several rounds
+            old and pull toward the same local optimum as its fresh update; decay trades that for lost mass.
         group: send consecutive groups of this many entries (chosen by L1 norm); ``ratio`` still counts entries.
         layerwise: choose the top entries of every tensor separately (``round(density * size)``, at least one
             per tensor) instead of over the whole update, so layers with small updates are not starved; the
@@ -75,6 +78,7 @@ class TopK(VectorCodec):
         momentum_masking: bool = True,
         warmup_rounds: int = 0,
         warmup_start: float = 0.25,
+        residual_decay: float = 1.0,
         group: int = 1,
         layerwise: bool = False,
         self_describing: bool = False,
@@ -92,12 +96,15 @@ class TopK(VectorCodec):
             raise ValueError(
                 f"TopK: warmup_start={warmup_start!r} is not allowed; warmup_start must be in [ratio={ratio}, 1]"
             )
+        if not 0 <= residual_decay <= 1:
+            raise ValueError(f"TopK: residual_decay={residual_decay!r} is not allowed; it must be in [0, 1]")
         if group < 1:
             raise ValueError(f"TopK: group={group!r} is not allowed; group must be >= 1")
         if group > 1 and layerwise:
             raise ValueError("TopK: group > 1 with layerwise=True is not supported; use one of them")
         super().__init__(error_feedback=error_feedback, self_describing=self_describing)
         self.group = group
+        self.residual_decay = residual_decay
         self.ratio, self.values, self.momentum, self.momentum_masking = (
             ratio,
             values,
@@ -168,7 +175,11 @@ class TopK(VectorCodec):
             u.mul_(self.momentum).add_(x)
         else:
             u = x
-        v = client_tensor(state, "residual", layout) + u if self.error_feedback else u
+        if self.error_feedback:
+            res = client_tensor(state, "residual", layout)
+            v = (res * self.residual_decay if self.residual_decay != 1 else res) + u
+        else:
+            v = u
         sel = self.select(v, layout)
         w.varint(len(sel))
         w.raw(ef_encode(sel, -(-v.numel() // self.group)))
