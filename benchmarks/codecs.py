@@ -9,6 +9,8 @@ counted. Throughput: encode + decode of a ``--numel``-element float32 update (de
     python benchmarks/codecs.py --rounds 100                          # the whole table
     python benchmarks/codecs.py --rounds 20 --codecs identity topk1-q7
     python benchmarks/codecs.py --throughput-only --numel 25000000
+
+Single runs move by about ±1.5 points between seeds; ``codec_seeds.py`` summarises runs over many seeds.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ CODECS: dict[str, callable] = {
     "tcs18-05-sign64h": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16")),
     "tcs20-04-sign128h": lambda: TimeCorrelatedTopK(0.004, 0.2, values=Sign(block=128, scale_dtype="float16")),
     "tcs15-06-sign64h": lambda: TimeCorrelatedTopK(0.006, 0.15, values=Sign(block=64, scale_dtype="float16")),
+    "tcs18-05-sign64h-warm": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16"),
+                                                        warmup_rounds=10, warmup_start=0.08),
     "topk28-sign32m": lambda: TopK(0.028, values=Sign(block=32, scale_dtype="float16", magnitude_bits=1)),
     "topk3-sign64m": lambda: TopK(0.03, values=Sign(block=64, scale_dtype="float16", magnitude_bits=1)),
     "topk3-sign32-warm": lambda: TopK(0.03, values=Sign(block=32), warmup_rounds=10, warmup_start=0.1),
@@ -107,6 +111,9 @@ DEFAULT = [
     "topk3-sign",
     "warmup2-sign",
     "dgc1-int8",
+    "topk3-sign32",
+    "topk32-sign32h-warm",
+    "tcs18-05-sign64h",
 ]
 
 

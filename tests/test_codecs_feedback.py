@@ -89,7 +89,7 @@ def test_topk_residual_decay_scales_the_carried_residual():
     before = state["residual"].clone()
     p = {k: torch.randn(s) for k, s in shapes.items()}
     out = codec.decode(codec.encode(p, state), spec=spec)
-    flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(shapes)])  # noqa: E731
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(shapes)])
     assert torch.allclose(flat(out) + state["residual"], 0.5 * before + flat(p), atol=1e-6)
     plain = TopK(0.1)
     with pytest.raises(ValueError, match="residual_decay=1.5"):
