@@ -75,6 +75,8 @@ CODECS: dict[str, callable] = {
     "tcs18-05-sign64h": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16")),
     "tcs20-04-sign128h": lambda: TimeCorrelatedTopK(0.004, 0.2, values=Sign(block=128, scale_dtype="float16")),
     "tcs15-06-sign64h": lambda: TimeCorrelatedTopK(0.006, 0.15, values=Sign(block=64, scale_dtype="float16")),
+    "topk3-sign32h-warm20": lambda: TopK(0.03, values=Sign(block=32, scale_dtype="float16"), warmup_rounds=20,
+                                         warmup_start=0.1),
     "tcs18-05-sign64h-warm": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16"),
                                                         warmup_rounds=10, warmup_start=0.08),
     "topk28-sign32m": lambda: TopK(0.028, values=Sign(block=32, scale_dtype="float16", magnitude_bits=1)),
