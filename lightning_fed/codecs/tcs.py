@@ -29,7 +29,7 @@ from lightning_fed.codecs.bits import ef_decode, ef_encode, ef_size
 from lightning_fed.codecs.frame import Reader, Writer
 from lightning_fed.codecs.layout import Layout
 from lightning_fed.codecs.topk import TopK
-from lightning_fed.codecs.vector import ValueCodec, client_tensor, read_values, value_config, write_values
+from lightning_fed.codecs.vector import ValueCodec, read_values, value_config, write_values
 from lightning_fed.codecs.wire import MalformedMessage
 
 
@@ -111,11 +111,7 @@ class TimeCorrelatedTopK(TopK):
     # ------------------------------------------------------------------ client side
     def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
         """Error feedback; values at the mask and at the top entries outside it."""
-        if self.error_feedback:
-            res = client_tensor(state, "residual", layout)
-            v = (res * self.residual_decay if self.residual_decay != 1 else res) + x
-        else:
-            v = x
+        v = self.corrected(x, state, layout)
         n = v.numel()
         mask = self._mask_for(n)
         score = v.abs()

@@ -168,6 +168,13 @@ class TopK(VectorCodec):
         idx = (groups.unsqueeze(1) * self.group + torch.arange(self.group)).reshape(-1)
         return idx[idx < n]
 
+    def corrected(self, u: Tensor, state: dict[str, Tensor], layout: Layout) -> Tensor:
+        """The vector to sparsify: ``u`` plus the (decayed) residual with error feedback, else ``u``."""
+        if not self.error_feedback:
+            return u
+        res = client_tensor(state, "residual", layout)
+        return (res * self.residual_decay if self.residual_decay != 1 else res) + u
+
     def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
         """Momentum correction, error feedback, top-k, value coding, momentum-factor masking."""
         if self.momentum > 0:
@@ -175,11 +182,7 @@ class TopK(VectorCodec):
             u.mul_(self.momentum).add_(x)
         else:
             u = x
-        if self.error_feedback:
-            res = client_tensor(state, "residual", layout)
-            v = (res * self.residual_decay if self.residual_decay != 1 else res) + u
-        else:
-            v = u
+        v = self.corrected(u, state, layout)
         sel = self.select(v, layout)
         w.varint(len(sel))
         w.raw(ef_encode(sel, -(-v.numel() // self.group)))
