@@ -179,7 +179,7 @@ def test_variable_spec_needs_self_describing():
         (lambda: TopK(ratio=1.5), "ratio=1.5"),
         (lambda: TopK(momentum=1.0), "momentum=1.0"),
         (lambda: TopK(warmup_rounds=-1), "warmup_rounds=-1"),
-        (lambda: TopK(ratio=0.5, warmup_start=0.25), "warmup_start=0.25"),
+        (lambda: TopK(ratio=0.5, warmup_rounds=3, warmup_start=0.25), "warmup_start=0.25"),
         (lambda: TopK(values=TopK()), "values="),
         (lambda: RandomK(ratio=0), "ratio=0"),
         (lambda: RandomK(values=PowerSGD()), "values="),

@@ -189,6 +189,13 @@ def test_topk_group_sends_whole_groups_with_largest_l1():
     assert len(msg) == HEADER_BYTES + 1 + ef_size(k, slots) + 4 * len(idx)
 
 
+def test_topk_dense_ratio_without_warmup_is_allowed():
+    """warmup_start only constrains a warm-up: TopK(0.5) alone keeps half the entries."""
+    p = payload()
+    _msg, out = roundtrip(TopK(ratio=0.5, error_feedback=False), p)
+    assert int((flat(out) != 0).sum()) == round(0.5 * flat(p).numel())
+
+
 def test_topk_group_last_group_cut_at_the_end():
     """A ragged last group (n not divisible by g) decodes to exactly n entries, never past the end."""
     p = {"w": torch.zeros(10)}

@@ -74,7 +74,7 @@ class TimeCorrelatedTopK(TopK):
         if not 0 <= mask_ratio <= 1:
             raise ValueError(f"TimeCorrelatedTopK: mask_ratio={mask_ratio!r} is not allowed; it must be in [0, 1]")
         super().__init__(ratio, values, error_feedback=error_feedback, warmup_rounds=warmup_rounds,
-                         warmup_start=max(warmup_start, ratio) if warmup_rounds == 0 else warmup_start,
+                         warmup_start=warmup_start,
                          residual_decay=residual_decay, self_describing=self_describing)
         self.mask_ratio = mask_ratio
         self.mask = torch.zeros(0, dtype=torch.int64)  # sorted positions of the current global mask

@@ -92,7 +92,7 @@ class TopK(VectorCodec):
             raise ValueError(
                 f"TopK: warmup_rounds={warmup_rounds!r} is not allowed; warmup_rounds must be >= 0"
             )
-        if not ratio <= warmup_start <= 1:
+        if warmup_rounds > 0 and not ratio <= warmup_start <= 1:  # only a warm-up reads warmup_start
             raise ValueError(
                 f"TopK: warmup_start={warmup_start!r} is not allowed; warmup_start must be in [ratio={ratio}, 1]"
             )
