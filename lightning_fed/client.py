@@ -102,7 +102,8 @@ class LocalTrainer:
         fopts = [fabric.setup_optimizers(o) for o in opts]
         module._fabric_optimizers = fopts
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
-        module.train()
+        if not module.training:  # evaluation switched it off (the mode of submodules a callback set is kept)
+            module.train()
         self._hook("on_train_start")
         for epoch in range(epochs):
             view.current_epoch = epoch

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
 
 
@@ -71,8 +72,9 @@ class Evaluator:
         seen: list[tuple[Tensor, Any]] = []  # (input, output) of the module's calls during the user's step
         handle = module.register_forward_hook(lambda _m, args, output: seen.append((args[0] if args else None, output)))
         try:
-            for batch_idx, batch in enumerate(loader):
-                batch = fabric.to_device(batch)
+            for batch_idx, batch in enumerate(eval_batches(loader)):
+                if fabric.device.type != "cpu":  # CPU batches are already where they belong
+                    batch = fabric.to_device(batch)
                 self._hook("on_validation_batch_start", batch, batch_idx)
                 seen.clear()
                 with fabric.autocast():

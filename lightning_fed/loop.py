@@ -272,11 +272,9 @@ class FedLoop:
                  "encode_s": 0.0, "decode_s": 0.0}
         received = self._downlink(instructions, stats)
         stats["bytes_down"] += len(self.codec.broadcast()) * len(received)  # e.g. a shared sparsity mask
-        replies: list[Reply] = []
-        for instr in received:
-            reply = self._client(r, instr, stats)
-            if reply is not None:
-                replies.append(reply)
+        sent = [out for instr in received if (out := self._client(r, instr, stats)) is not None]
+        # the server handles the round's messages together once the clients are done (as replies arrive)
+        replies = [rp for instr, reply, message in sent if (rp := self.receive(r, instr, reply, message, stats)) is not None]
         view.client_id, view.client_state = None, {}
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
@@ -329,8 +327,9 @@ class FedLoop:
             out.append(Instruction(instr.client_id, payload, dict(instr.config)))
         return out
 
-    def _client(self, r: int, instr: Instruction, stats: dict[str, Any]) -> Reply | None:
-        """Run one client end to end; return its validated, decoded reply or ``None`` (logged)."""
+    def _client(self, r: int, instr: Instruction, stats: dict[str, Any]) -> tuple[Instruction, Reply, bytes] | None:
+        """Run one client end to end; return its instruction, reply and encoded message, or ``None`` if it
+        failed (logged)."""
         cid, view = instr.client_id, self.view
         view.client_id = cid
         view.client_state = self.store.load(cid)
@@ -360,7 +359,7 @@ class FedLoop:
             view.client_state.pop("codec", None)
         self.store.save(cid, view.client_state)
         stats["bytes_up"] += len(message)
-        return self.receive(r, instr, reply, message, stats)
+        return instr, reply, message
 
     def _working_module(self, module: L.LightningModule) -> L.LightningModule:
         """Put a strategy-provided module (another architecture) on the device and attach the view, once."""

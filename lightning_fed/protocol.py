@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fed.flat import contiguous_span
+
 Payload = dict[str, Tensor]
 
 
@@ -102,7 +104,8 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
         want = spec[name]
         if not isinstance(t, Tensor):
             raise RejectedReply(f"entry {name!r} is a {type(t).__name__}, not a tensor")
-        if not want.shape_matches(tuple(t.shape)):
+        shape = tuple(t.shape)
+        if shape != want.shape and not want.shape_matches(shape):
             raise RejectedReply(f"entry {name!r} has shape {tuple(t.shape)}, expected {want.shape}")
         if want.max_numel is not None and t.numel() > want.max_numel:
             raise RejectedReply(f"entry {name!r} has {t.numel()} elements, more than max_numel={want.max_numel}")
@@ -113,8 +116,10 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
     if not floats:
         return
     # one fused reduction for the common case; the per-entry pass below only runs to name the culprit
-    peak = torch.cat([t.detach().reshape(-1).float() for t in floats]).abs().max()
-    if bool(torch.isfinite(peak)) and (max_abs is None or float(peak) <= max_abs):
+    span = contiguous_span(floats)  # a decoded message's entries usually share one buffer: no copy needed
+    flat = span if span is not None else torch.cat([t.detach().reshape(-1).float() for t in floats])
+    peak = float(flat.abs().max())  # NaN if any entry is NaN, inf if any is infinite
+    if math.isfinite(peak) and (max_abs is None or peak <= max_abs):
         return
     for name, t in payload.items():
         if t.is_floating_point() and t.numel():

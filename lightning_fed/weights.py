@@ -26,10 +26,33 @@ def load_into(model: nn.Module, payload: Payload) -> None:
         ValueError: an entry's shape differs from the model's.
     """
     state = model.state_dict()
+    targets, values = [], []
     for name, value in payload.items():
         if name not in state:
             raise KeyError(f"payload entry {name!r} is not a state entry of {type(model).__name__}")
         target = state[name]
         if target.shape != value.shape:
             raise ValueError(f"payload entry {name!r} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
-        target.copy_(value)
+        targets.append(target)
+        values.append(value)
+    if targets:
+        torch._foreach_copy_(targets, values)  # one dispatch instead of one copy per entry
+
+
+def delta(model: nn.Module, reference: Payload) -> Payload:
+    """The float32 CPU difference ``model's entry - reference[name]`` for every entry of ``reference``.
+
+    Raises:
+        KeyError: an entry of ``reference`` is not a floating-point state entry of the model.
+    """
+    local = float_state(model)
+    missing = [k for k in reference if k not in local]
+    if missing:
+        raise KeyError(f"entries {missing[:5]} are not floating-point state entries of {type(model).__name__}")
+    mine = [local[k].detach() for k in reference]
+    theirs = list(reference.values())
+    same = all(a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
+               for a, b in zip(mine, theirs))
+    if same:  # the common case: one fused dispatch
+        return dict(zip(reference, torch._foreach_sub(mine, theirs)))
+    return {k: a.float().cpu() - b.float().cpu() for k, a, b in zip(reference, mine, theirs)}

@@ -213,3 +213,35 @@ def test_header_cache_keeps_every_check():
     assert len(wire.unpack(big_msg)[0]) == 3000
     assert big_msg[8 : 8 + hlen] not in wire._PARSED  # parsed and validated, not kept
     assert msg[8 : 8 + int.from_bytes(msg[:8], "little")] in wire._PARSED
+
+
+def test_wire_fast_paths_give_the_same_bytes_and_tensors():
+    """A payload whose entries share one buffer is serialised without concatenation, and a body of one dtype in
+    header order is cut with one split; both give exactly what the general paths give."""
+    import json
+    import struct
+
+    from lightning_fed.codecs import wire
+    from lightning_fed.flat import FlatSpec
+
+    payload = {"w": torch.randn(3, 4), "b": torch.randn(4), "empty": torch.zeros(0), "s": torch.randn(2, 1, 2)}
+    spec = FlatSpec.from_payload(payload)
+    shared = spec.unflatten(spec.flatten(payload))  # one flat buffer
+    msg = wire.pack(payload, {"codec": "identity"})
+    assert wire.pack(shared, {"codec": "identity"}) == msg
+    mixed = {"h": torch.randn(3).half(), "f": torch.randn(5), "i": torch.arange(3)}
+    out, _ = wire.unpack(wire.pack(mixed, {}))
+    assert all(torch.equal(out[k], v) and out[k].dtype == v.dtype for k, v in mixed.items())
+    out, _ = wire.unpack(msg)
+    assert list(out) == list(payload)
+    assert all(torch.equal(out[k], v) and out[k].shape == v.shape for k, v in payload.items())
+    out["w"].add_(1.0)  # decoded tensors own their memory: the message's bytes are not changed
+    assert wire.unpack(msg)[0]["w"].equal(payload["w"])
+    # a header whose entries are not in byte order (legal safetensors) takes the general path
+    body = torch.cat([payload["b"], payload["w"].reshape(-1)]).numpy().tobytes()
+    header = {"w": {"dtype": "F32", "shape": [3, 4], "data_offsets": [16, 64]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out, _ = wire.unpack(struct.pack("<Q", len(raw)) + raw + body)
+    assert torch.equal(out["w"], payload["w"]) and torch.equal(out["b"], payload["b"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 
 class TensorShardLoader:
@@ -53,6 +53,34 @@ def client_loader(template: DataLoader, indices: Tensor, generator: torch.Genera
         num_workers=template.num_workers,
         drop_last=drop_last,
     )
+
+
+class TensorSliceLoader:
+    """In-order mini-batches of a ``TensorDataset`` by slicing: the batches ``DataLoader(ds, batch_size)`` (no
+    shuffling, default collate) yields, without per-sample indexing and collation. Batches are copies, as the
+    collated ones are, so a step that changes its batch in place cannot change the dataset."""
+
+    def __init__(self, tensors: tuple[Tensor, ...], batch_size: int, drop_last: bool = False) -> None:
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.tensors[0]) if self.tensors else 0
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        for i in range(len(self)):
+            yield [t[i * self.batch_size : (i + 1) * self.batch_size].clone() for t in self.tensors]
+
+
+def eval_batches(loader: Any) -> Any:
+    """What to iterate for evaluation: a :class:`TensorSliceLoader` with the same batches when ``loader`` is a
+    plain sequential ``DataLoader`` over a ``TensorDataset`` (default collate), else ``loader`` itself."""
+    if (isinstance(loader, DataLoader) and isinstance(loader.dataset, TensorDataset) and loader.batch_size
+            and isinstance(loader.sampler, SequentialSampler) and _default_collate(loader.collate_fn)):
+        return TensorSliceLoader(loader.dataset.tensors, loader.batch_size, bool(loader.drop_last))
+    return loader
 
 
 def _default_collate(fn: Callable | None) -> bool:

@@ -16,7 +16,7 @@ from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
 from lightning_fed.strategies.aggregate import apply_update_, example_weights, flat_norm, weighted_sum_
 from lightning_fed.strategies.base import Strategy
-from lightning_fed.weights import float_state, load_into
+from lightning_fed.weights import delta, float_state, load_into
 
 
 class FedAvg(Strategy):
@@ -38,6 +38,7 @@ class FedAvg(Strategy):
         self.global_flat: Tensor | None = None
         self._acc: Tensor | None = None
         self._tmp: Tensor | None = None
+        self._views: Payload = {}
 
     def setup(self, model: nn.Module) -> None:
         """Copy the model's float weights into one flat float32 master buffer."""
@@ -46,6 +47,7 @@ class FedAvg(Strategy):
         self.global_flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()
         self._tmp = self.spec.empty()
+        self._views = self.spec.unflatten(self.global_flat)  # updated in place: the views stay valid
 
     def _require_setup(self) -> tuple[FlatSpec, Tensor]:
         if self.spec is None or self.global_flat is None:
@@ -54,8 +56,8 @@ class FedAvg(Strategy):
 
     def global_payload(self) -> Payload:
         """The global weights as views of the flat master buffer."""
-        spec, flat = self._require_setup()
-        return spec.unflatten(flat)
+        self._require_setup()
+        return dict(self._views)
 
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """Every client gets the same global weights (one shared payload, encoded once)."""
@@ -68,8 +70,7 @@ class FedAvg(Strategy):
 
     def client_reply(self, model: nn.Module, instruction: Instruction) -> Payload:
         """The float32 delta ``local - received``."""
-        local = float_state(model)
-        return {k: local[k].detach().float().cpu() - v.float() for k, v in instruction.payload.items()}
+        return delta(model, instruction.payload)
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
         """A float32 tensor per federated weight, shaped like the global model."""
@@ -81,7 +82,7 @@ class FedAvg(Strategy):
         spec, flat = self._require_setup()
         assert self._acc is not None and self._tmp is not None
         weights = example_weights([r.num_examples for r in replies])
-        update = weighted_sum_(self._acc, (spec.flatten(r.payload, out=self._tmp) for r in replies), weights)
+        update = weighted_sum_(self._acc, (spec.as_flat(r.payload, out=self._tmp) for r in replies), weights)
         apply_update_(flat, update, self.server_lr)
         return {"update_norm": flat_norm(update)}
 

@@ -31,7 +31,7 @@ from lightning_fed.strategies.tiers import (
     tier_module,
     tier_of,
 )
-from lightning_fed.weights import float_state, load_into
+from lightning_fed.weights import delta, load_into
 
 log = logging.getLogger("lightning_fed")
 
@@ -111,8 +111,7 @@ class FedDF(Strategy):
 
     def client_reply(self, model: nn.Module, instruction: Instruction) -> Payload:
         """The float32 delta ``local - received``."""
-        local = float_state(model)
-        return {k: local[k].detach().float().cpu() - v.float() for k, v in instruction.payload.items()}
+        return delta(model, instruction.payload)
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
         """The client's architecture's weights, exactly."""

@@ -149,7 +149,7 @@ class TierAverage:
 
     def average(self, deltas: list[Payload], num_examples: list[int]) -> Tensor:
         """Add the example-weighted mean of ``deltas`` to the global weights; return the mean delta."""
-        update = weighted_sum_(self._acc, (self.spec.flatten(d, out=self._tmp) for d in deltas),
+        update = weighted_sum_(self._acc, (self.spec.as_flat(d, out=self._tmp) for d in deltas),
                                example_weights(num_examples))
         self.flat.add_(update)
         return update
