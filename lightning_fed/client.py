@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.plugins.precision import MixedPrecision, Precision
+from lightning.fabric.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -65,6 +67,18 @@ def _sched_config(s: Any) -> LRSchedulerConfig:
     return LRSchedulerConfig(s)
 
 
+def plain_optimizer_steps(fabric: Fabric) -> bool:
+    """Whether Fabric's optimizer wrapper would call ``optimizer.step()`` unchanged: one device, and a precision
+    plugin without a gradient scaler (full precision, bf16). Then the optimizers are used unwrapped."""
+    precision = fabric.strategy.precision
+    return (
+        isinstance(fabric.strategy, SingleDeviceStrategy)
+        and type(precision).optimizer_step in (Precision.optimizer_step, MixedPrecision.optimizer_step)
+        and getattr(precision, "scaler", None) is None
+        and not fabric._callbacks
+    )
+
+
 class LocalTrainer:
     """Runs local epochs of a LightningModule on one client's data, calling Lightning hooks.
 
@@ -80,6 +94,7 @@ class LocalTrainer:
         self.view = view
         self.callbacks = callbacks
         self.keep_optimizer_state = keep_optimizer_state
+        self.plain_steps = plain_optimizer_steps(fabric)
 
     def _hook(self, name: str, *args: Any) -> Any:
         module = self.view.lightning_module
@@ -99,7 +114,8 @@ class LocalTrainer:
         if self.keep_optimizer_state and "optimizer" in view.client_state:
             for opt, state in zip(opts, view.client_state["optimizer"], strict=True):
                 opt.load_state_dict(state)
-        fopts = [fabric.setup_optimizers(o) for o in opts]
+        # Fabric's wrapper (a new class per optimizer) only matters when its strategy changes the step
+        fopts = opts if self.plain_steps else [fabric.setup_optimizers(o) for o in opts]
         module._fabric_optimizers = fopts
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
         if not module.training:  # evaluation switched it off (the mode of submodules a callback set is kept)

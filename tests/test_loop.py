@@ -273,3 +273,13 @@ def test_evaluation_reuses_the_steps_logits_and_stays_correct(make_loop, small_d
     assert res.final_metrics["test_acc"] == pytest.approx(expected)
     if shift == 0.0:
         assert res.final_metrics["val_acc_own"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_optimizers_are_unwrapped_only_when_fabric_would_step_them_unchanged():
+    from lightning.fabric import Fabric
+
+    from lightning_fed.client import plain_optimizer_steps
+
+    assert plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="32-true"))
+    assert plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="bf16-mixed"))  # no grad scaler
+    assert not plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="32-true", callbacks=[object()]))
