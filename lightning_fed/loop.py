@@ -415,7 +415,8 @@ class FedLoop:
         self.shards = self.partition.split(labels, self.num_clients, self.seed)
         rows = summary_rows(self.shards, labels, int(labels.max()) + 1 if len(labels) else 1)
         write_partition_csv(rows, run_dir / "partition.csv")
-        self.console.print(partition_table(rows))
+        if not self.console.quiet:  # a quiet console still renders what it is given
+            self.console.print(partition_table(rows))
         dm.setup("test")
         try:
             self.eval_loader = dm.test_dataloader()

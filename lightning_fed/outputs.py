@@ -73,8 +73,9 @@ def write_outputs(model: nn.Module, history: list[dict[str, float]], run_dir: Pa
     write_history(history, run_dir / "history.json")
     if plot:
         plot_history(history, run_dir / "accuracy.png", title=type(model).__name__)
-    console.print(summary_table(history))
-    console.print(f"outputs in [bold]{run_dir}[/bold]")
+    if not console.quiet:  # a quiet console still renders what it is given
+        console.print(summary_table(history))
+        console.print(f"outputs in [bold]{run_dir}[/bold]")
 
 
 __all__ = ["LOGGERS", "make_loggers", "new_run_dir", "resolve_resume", "write_outputs"]
