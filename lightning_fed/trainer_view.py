@@ -9,7 +9,8 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``max_epochs``                local epochs of this round
 ``num_training_batches``      batches per local epoch of the active client
 ``estimated_stepping_batches`` ``max_epochs * num_training_batches`` (sizing LR schedules)
-``optimizers``                the active client's optimizers (list)
+``optimizers``                the active client's optimizers (list): those ``configure_optimizers`` returned, wrapped
+                              by Fabric only when its strategy changes the step (e.g. a gradient scaler)
 ``lr_scheduler_configs``      its LR schedulers (list of ``SchedulerConfig``)
 ``lightning_module``          the working LightningModule
 ``callbacks``                 all callbacks in the loop
