@@ -273,8 +273,16 @@ class FedLoop:
         received = self._downlink(instructions, stats)
         stats["bytes_down"] += len(self.codec.broadcast()) * len(received)  # e.g. a shared sparsity mask
         sent = [out for instr in received if (out := self._client(r, instr, stats)) is not None]
-        # the server handles the round's messages together once the clients are done (as replies arrive)
-        replies = [rp for instr, reply, message in sent if (rp := self.receive(r, instr, reply, message, stats)) is not None]
+        # the server handles the round's messages together once the clients are done; each message is released
+        # as soon as it is decoded, so at most one copy of each reply (encoded or decoded) is held
+        replies: list[Reply] = []
+        sent.reverse()
+        while sent:
+            instr, reply, message = sent.pop()
+            checked = self.receive(r, instr, reply, message, stats)
+            if checked is not None:
+                replies.append(checked)
+            del message
         view.client_id, view.client_state = None, {}
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
@@ -359,7 +367,7 @@ class FedLoop:
             view.client_state.pop("codec", None)
         self.store.save(cid, view.client_state)
         stats["bytes_up"] += len(message)
-        return instr, reply, message
+        return instr, Reply(cid, {}, reply.num_examples, reply.metrics), message  # the payload now travels as bytes
 
     def _working_module(self, module: L.LightningModule) -> L.LightningModule:
         """Put a strategy-provided module (another architecture) on the device and attach the view, once."""
