@@ -106,7 +106,7 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
             raise RejectedReply(f"entry {name!r} is a {type(t).__name__}, not a tensor")
         shape = tuple(t.shape)
         if shape != want.shape and not want.shape_matches(shape):
-            raise RejectedReply(f"entry {name!r} has shape {tuple(t.shape)}, expected {want.shape}")
+            raise RejectedReply(f"entry {name!r} has shape {shape}, expected {want.shape}")
         if want.max_numel is not None and t.numel() > want.max_numel:
             raise RejectedReply(f"entry {name!r} has {t.numel()} elements, more than max_numel={want.max_numel}")
         if t.dtype != want.dtype:

@@ -120,11 +120,15 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
     body = len(message) - 8 - hlen
     if described != body:
         raise MalformedMessage(f"message body is {body} bytes but the header describes {described}")
-    if body and uniform is not None:  # one dtype view and one split for the whole body
-        dtype, numels = uniform
-        parts = torch.frombuffer(bytearray(memoryview(message)[8 + hlen :]), dtype=dtype).split(numels)
-        return {e[0]: part.view(e[2]) for e, part in zip(entries, parts)}, dict(meta)
-    data = torch.frombuffer(bytearray(memoryview(message)[8 + hlen :]), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+    if not body:
+        data = torch.empty(0, dtype=torch.uint8)
+    else:
+        buffer = bytearray(memoryview(message)[8 + hlen :])  # one writable copy that the tensors share
+        if uniform is not None:  # one dtype view and one split for the whole body
+            dtype, numels = uniform
+            parts = torch.frombuffer(buffer, dtype=dtype).split(numels)
+            return {e[0]: part.view(e[2]) for e, part in zip(entries, parts)}, dict(meta)
+        data = torch.frombuffer(buffer, dtype=torch.uint8)
     tensors = {}
     for name, dtype, shape, start, end in entries:
         chunk = data[start:end]
