@@ -39,7 +39,7 @@ WIDTHS = (8, 16, 32)
 NUM_CLIENTS = 20
 METHODS = ("isolated", "fedavg_small", "fedmd", "fedmd_nfdp", "feddf", "fedgkt", "ddist", "fedgen_small")
 # FedMD's transfer-learning phase (labelled public data) and the isolated baselines each variant is fair against
-EXTRA = ("isolated_k100", "isolated_transfer", "fedmd_transfer", "fedmd_nfdp_transfer")
+EXTRA = ("isolated_k100", "isolated_transfer", "fedmd_transfer", "fedmd_nfdp_transfer", "fedgkt_flat")
 TRANSFER_EPOCHS, TRANSFER_LR = 30, 3e-3
 
 
@@ -75,8 +75,12 @@ def build(method: str, public: PublicData, seed: int) -> tuple[object, bool]:
                          digest_epochs=2, eval_clients=n), True
     if method == "feddf":
         return FedDF(public=public, tiers=tiers, proxy_size=1000, distill_steps=100, distill_lr=1e-3), True
-    if method == "fedgkt":
-        return FedGKT(tiers=tiers, server_hidden=256, server_epochs=2, alpha=1.0, temperature=3.0, eval_clients=n), True
+    if method == "fedgkt":  # the paper's split: clients send the feature map after their first convolution
+        return FedGKT(tiers=tiers, split=1, server_channels=64, server_hidden=256, server_epochs=2, alpha=1.0,
+                      temperature=3.0, eval_clients=n), True
+    if method == "fedgkt_flat":  # split before the linear head; the server is an MLP on the flat features
+        return FedGKT(tiers=tiers, split=None, server_hidden=256, server_epochs=2, alpha=1.0, temperature=3.0,
+                      eval_clients=n), True
     if method == "ddist":
         return DecentralizedDistillation(num_clients=n, graph="random_regular", degree=4, public=public,
                                          reference_size=500, temperature=2.0, digest_epochs=2, tiers=tiers,

@@ -8,7 +8,7 @@ from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, trainer
 
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedGKT, ModelTiers
-from lightning_fed.strategies.fedgkt import GKTClient
+from lightning_fed.strategies.fedgkt import GKTClient, GKTComposed, GKTConvServer, GKTServerModel
 
 
 def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
@@ -18,10 +18,11 @@ def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
     s = FedGKT(tiers=tiers, server_hidden=32, server_epochs=1, eval_clients=2)
     loop = tiny_loop(tmp_path, s, rounds=3, callbacks=[spy])
     res = loop.fit(cnn(4), tiny_dm())
-    dims = {0: cnn(4).head.in_features, 1: cnn(6).head.in_features}
+    shapes = {0: (4, 19), 1: (6, 19)}  # [channels, length] after the first convolution (split=1, the default)
+    assert s.feature_shapes == [shapes[0], shapes[1]]
     for cid, p in spy.replies:
         n = len(loop.shards[cid])
-        assert p == {"features": ((n, dims[tiers.tier_of(cid)]), torch.float32),
+        assert p == {"features": ((n, *shapes[tiers.tier_of(cid)]), torch.float32),
                      "logits": ((n, 10), torch.float32), "labels": ((n,), torch.int64)}
     # server logits come back to clients that sent features before
     assert any("server_logits" in keys for _, keys in spy.instructions)
@@ -35,10 +36,10 @@ def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
 def test_inconsistent_rows_and_labels_rejected_in_aggregate():
     s = FedGKT(server_hidden=8, server_epochs=1)
     s.setup(cnn(4))
-    f = s.feature_dims[0]
-    good = Reply(0, {"features": torch.randn(5, f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
-    rows = Reply(1, {"features": torch.randn(4, f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
-    labels = Reply(2, {"features": torch.randn(5, f), "logits": torch.randn(5, 10), "labels": torch.arange(5) + 8}, 5)
+    f = s.feature_shapes[0]
+    good = Reply(0, {"features": torch.randn(5, *f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
+    rows = Reply(1, {"features": torch.randn(4, *f), "logits": torch.randn(5, 10), "labels": torch.arange(5)}, 5)
+    labels = Reply(2, {"features": torch.randn(5, *f), "logits": torch.randn(5, 10), "labels": torch.arange(5) + 8}, 5)
     m = s.aggregate(0, [good, rows, labels])
     assert m["gkt_rejected"] == 2 and set(s.server_logits) == {0}
 
@@ -71,28 +72,67 @@ def test_gkt_client_under_trainer_collects_and_distils():
     assert (model(x_all).argmax(1) == 3).float().mean() > 0.3
 
 
-def test_fedgkt_needs_features_and_head():
+def test_fedgkt_needs_a_splittable_model():
     from lightning_fed.models import MNIST1DMLP
 
-    s = FedGKT()
+    with pytest.raises(ValueError, match=r"extract\(x, split\)"):
+        FedGKT().setup(MNIST1DMLP(hidden=8))
     with pytest.raises(ValueError, match="features"):
-        s.setup(MNIST1DMLP(hidden=8))
+        FedGKT(split=None).setup(MNIST1DMLP(hidden=8))
+    with pytest.raises(ValueError, match="split=4 is not allowed"):
+        FedGKT(split=4).setup(cnn(4))
     with pytest.raises(ValueError, match="server_hidden=0"):
         FedGKT(server_hidden=0)
+    with pytest.raises(ValueError, match="server_channels=0"):
+        FedGKT(server_channels=0)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_mnist1dcnn_split_halves_compose_to_forward(split):
+    torch.manual_seed(0)
+    model = cnn(5)
+    x = torch.randn(3, 40)
+    h = model.extract(x, split)
+    assert tuple(h.shape[1:]) == model.extract_shape(split)
+    torch.testing.assert_close(model.classify(h, split), model(x))
+
+
+def test_split_inference_is_extractor_then_server():
+    torch.manual_seed(0)
+    s = FedGKT(tiers=ModelTiers(models=[cnn(6)]), server_channels=8, server_hidden=16)
+    small, large = cnn(4), s.tiers.models[0]
+    s.setup(small)
+    assert isinstance(s.server, GKTConvServer) and s.feature_shapes == [(4, 19), (6, 19)]
+    x = torch.randn(3, 40)
+    composed = GKTComposed(large, s.server, 1, s.extract)
+    torch.testing.assert_close(composed(x), s.server(large.extract(x, 1), 1))
+    s.server(small.extract(x, 1), 0).sum().backward()  # each tier's maps go through its own adapter
+    assert s.server.adapters[0].weight.grad is not None and s.server.adapters[1].weight.grad is None
+
+
+def test_split_none_uses_flat_features_and_mlp_server(tmp_path):
+    torch.manual_seed(0)
+    spy = Spy()
+    s = FedGKT(split=None, server_hidden=8, server_epochs=1)
+    loop = tiny_loop(tmp_path, s, callbacks=[spy])
+    loop.fit(cnn(4), tiny_dm())
+    assert isinstance(s.server, GKTServerModel) and s.feature_shapes == [(4 * 5,)]
+    for cid, p in spy.replies:
+        assert p["features"] == ((len(loop.shards[cid]), 20), torch.float32)
 
 
 def test_feature_cache_trains_server_on_clients_that_sat_out():
     """With the cache, round 2's server pass also uses client 0's round-1 features; without it, only round 2's."""
     def reply(cid: int, n: int, f: int) -> Reply:
         g = torch.Generator().manual_seed(cid)
-        return Reply(cid, {"features": torch.randn(n, f, generator=g), "logits": torch.randn(n, 10, generator=g),
+        return Reply(cid, {"features": torch.randn(n, *f, generator=g), "logits": torch.randn(n, 10, generator=g),
                            "labels": torch.randint(0, 10, (n,), generator=g)}, n)
 
     seen: dict[bool, list[int]] = {}
     for cache in (True, False):
         s = FedGKT(server_hidden=8, server_epochs=1, server_batch_size=4, feature_cache=cache)
         s.setup(cnn(4))
-        f = s.feature_dims[0]
+        f = s.feature_shapes[0]
         s.aggregate(0, [reply(0, 6, f)])
         rows: list[int] = []
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
+SPLITS = (1, 2, 3)
 
 
 class _Classifier(L.LightningModule):
@@ -76,7 +77,8 @@ def conv_stem_features(module: nn.Module, x: Tensor) -> Tensor:
 
 class MNIST1DCNN(_Classifier):
     """The MNIST-1D paper's CNN: three stride-2 1-D convolutions of ``channels`` filters and a linear head
-    (about 5.2k parameters at 25 channels).
+    (about 5.2k parameters at 25 channels). It can be split after convolution 1, 2 or 3: ``classify(extract(x,
+    s), s) == forward(x)`` (FedGKT runs the bottom half on the client and a large model on its feature map).
 
     Args:
         channels: filters per convolution.
@@ -108,6 +110,35 @@ class MNIST1DCNN(_Classifier):
     def features(self, x: Tensor) -> Tensor:
         """The flattened convolutional features (the head's input)."""
         return conv_stem_features(self, x)
+
+    def _check_split(self, split: int) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"{type(self).__name__}: split={split!r} is not allowed; split must be one of {SPLITS} "
+                             "(the number of convolutions before the split)")
+
+    def extract(self, x: Tensor, split: int) -> Tensor:
+        """The feature map after the first ``split`` convolutions, ``[B, channels, L]`` (a split model's bottom
+        half: FedGKT's client-side extractor)."""
+        self._check_split(split)
+        h = x.view(x.shape[0], 1, x.shape[-1])
+        for conv in (self.conv1, self.conv2, self.conv3)[:split]:
+            h = F.relu(conv(h))
+        return h
+
+    def classify(self, h: Tensor, split: int) -> Tensor:
+        """Logits from the feature map of :meth:`extract` (the remaining convolutions and the head)."""
+        self._check_split(split)
+        for conv in (self.conv1, self.conv2, self.conv3)[split:]:
+            h = F.relu(conv(h))
+        return self.head(h.flatten(1))
+
+    def extract_shape(self, split: int) -> tuple[int, ...]:
+        """Shape of one sample's :meth:`extract` output, ``(channels, L)``."""
+        self._check_split(split)
+        length = self.hparams.length
+        for k in (5, 3, 3)[:split]:
+            length = (length + 2 - k) // 2 + 1
+        return (self.hparams.channels, length)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of sequences ``[B, length]``."""

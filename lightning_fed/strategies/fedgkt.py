@@ -1,21 +1,27 @@
 """FedGKT: group knowledge transfer between small client models and a large server model.
 
 He, Annavaram & Avestimehr, "Group Knowledge Transfer: Federated Learning of Large CNNs at the Edge",
-NeurIPS 2020. Every client keeps a small model (a feature extractor plus a small classifier head). After
-local training it sends, for its training samples, the extracted features, its logits and the labels.
-The server trains a large model on the features (cross-entropy plus KD from the client logits) and sends
-back its own logits on each client's samples; next round the client adds KD from those server logits to
-its cross-entropy (``loss = CE + alpha * T^2 * KL``; the paper used ``alpha = 1``, ``T = 3``). No weights
-are exchanged. Clients of different tiers may have different feature widths: the server model starts with
-one linear adapter per tier, followed by a shared trunk.
+NeurIPS 2020. Every client keeps a small model, split into a feature extractor (its bottom layers) and a
+classifier (the rest). After local training it sends, for its training samples, the extracted feature
+maps, its logits and the labels. The server trains a large model on the feature maps (cross-entropy plus
+KD from the client logits) and sends back its own logits on each client's samples; next round the client
+adds KD from those server logits to its cross-entropy (``loss = CE + alpha * T^2 * KL``; the paper used
+``alpha = 1``, ``T = 3``). No weights are exchanged. The model the paper evaluates is split inference:
+the client's extractor followed by the server model.
 
-Client models need ``features(x)`` (the extractor) and a linear ``head`` (``head(features(x))`` = logits),
-as :class:`~lightning_fed.models.MNIST1DCNN` has.
+Where the model is split (``split``): as in the paper, by default after the client's first layers, so the
+server model continues from a feature map ``[C, L]`` (:class:`GKTConvServer`, convolutions). The client
+model then implements ``extract(x, split)``, ``classify(h, split)`` and ``extract_shape(split)``, as
+:class:`~lightning_fed.models.MNIST1DCNN` does. ``split=None`` splits before the last layer instead: the
+model needs ``features(x)`` and a linear ``head``, and the server is an MLP (:class:`GKTServerModel`).
+Clients of different tiers may have different feature widths: the server model starts with one adapter
+per tier, followed by a shared trunk.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -54,18 +60,47 @@ class GKTServerModel(nn.Module):
         return self.trunk(self.adapters[tier](features))
 
 
-class GKTComposed(L.LightningModule):
-    """Evaluation-only: a client's extractor followed by the server model (the "server model" accuracy)."""
+class GKTConvServer(nn.Module):
+    """The server's large model on client feature maps ``[C_tier, L]``: a 1x1 convolution per tier to
+    ``channels``, ``layers`` convolutions (kernel 3, stride 2 while the length is above 5), then an MLP head.
 
-    def __init__(self, client: nn.Module, server: GKTServerModel, tier: int) -> None:
+    Example::
+
+        server = GKTConvServer([8, 16], length=19, num_classes=10, channels=64, hidden=256, layers=3)
+        logits = server(torch.randn(4, 16, 19), tier=1)
+    """
+
+    def __init__(self, channel_dims: list[int], length: int, num_classes: int, channels: int, hidden: int,
+                 layers: int) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Conv1d(c, channels, 1) for c in channel_dims)
+        trunk: list[nn.Module] = []
+        for _ in range(layers):
+            stride = 2 if length > 5 else 1
+            trunk += [nn.ReLU(), nn.Conv1d(channels, channels, 3, stride=stride, padding=1)]
+            length = (length - 1) // stride + 1
+        self.trunk = nn.Sequential(*trunk, nn.ReLU(), nn.Flatten(), nn.Linear(channels * length, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, num_classes))
+
+    def forward(self, features: Tensor, tier: int) -> Tensor:
+        """Logits of the feature maps of a tier-``tier`` client."""
+        return self.trunk(self.adapters[tier](features))
+
+
+class GKTComposed(L.LightningModule):
+    """Evaluation-only: a client's extractor followed by the server model (split inference)."""
+
+    def __init__(self, client: nn.Module, server: nn.Module, tier: int, extract: Callable[[nn.Module, Tensor], Tensor]
+                 ) -> None:
         super().__init__()
         self.client = client
         self.server = server
         self.tier = tier
+        self._extract = extract
 
     def forward(self, x: Tensor) -> Tensor:
         """Server logits of the client's features."""
-        return self.server(self.client.features(x), self.tier)
+        return self.server(self._extract(self.client, x), self.tier)
 
 
 class GKTClient(FedCallback):
@@ -165,20 +200,28 @@ class GKTClient(FedCallback):
 
 
 class FedGKT(OwnModels):
-    """Small client models, a large server model on their features; KD both ways; no weights exchanged.
+    """Small client models, a large server model on their feature maps; KD both ways; no weights exchanged.
 
     Example::
 
-        strategy = FedGKT(tiers=ModelTiers(models=[MNIST1DCNN(channels=16)]), server_hidden=256)
+        strategy = FedGKT(tiers=ModelTiers(models=[MNIST1DCNN(channels=16)]), split=1, server_channels=64)
         FedLoop(strategy=strategy, ...).fit(MNIST1DCNN(channels=8), dm)
 
     Evaluation logs ``tier<t>/test_acc`` (mean over evaluated clients' own models), ``server/test_acc``
-    (the server model on those clients' features) and ``tier<t>/server_test_acc``.
+    (split inference: the server model on those clients' extractors, the paper's model) and
+    ``tier<t>/server_test_acc``.
 
     Args:
-        tiers: client architectures (each needs ``features(x)`` and a linear ``head``).
-        server_hidden: width of the server model.
-        server_layers: linear layers of the server trunk after the adapter.
+        tiers: client architectures (each implements the split: ``extract``, ``classify``, ``extract_shape``;
+            with ``split=None``, ``features(x)`` and a linear ``head``).
+        split: where client models are split, passed to their ``extract(x, split)`` (for MNIST1DCNN: after
+            convolution 1, 2 or 3); the features must be ``[C, L]`` maps of one length ``L`` across tiers and
+            the server is a :class:`GKTConvServer`. ``None``: before the linear head, the server is an MLP
+            on the flat features (:class:`GKTServerModel`).
+        server_channels: channels of the convolutional server model (``split`` set).
+        server_hidden: width of the server's MLP (its head with ``split`` set, all of it with ``split=None``).
+        server_layers: convolutions of the server trunk (``split`` set) or linear layers after the adapter
+            (``split=None``).
         server_epochs: passes of the server over the round's received features.
         server_lr: Adam learning rate of the server model.
         server_batch_size: server batch size.
@@ -194,11 +237,12 @@ class FedGKT(OwnModels):
         seed: seed of the server's batch order.
     """
 
-    def __init__(self, *, tiers: ModelTiers | None = None, server_hidden: int = 256, server_layers: int = 3,
-                 server_epochs: int = 2, server_lr: float = 1e-3, server_batch_size: int = 64, alpha: float = 1.0,
-                 temperature: float = 3.0, max_samples: int = 4096, feature_cache: bool = False, eval_clients: int = 5,
-                 seed: int = 0) -> None:
+    def __init__(self, *, tiers: ModelTiers | None = None, split: int | None = 1, server_channels: int = 64,
+                 server_hidden: int = 256, server_layers: int = 3, server_epochs: int = 2, server_lr: float = 1e-3,
+                 server_batch_size: int = 64, alpha: float = 1.0, temperature: float = 3.0, max_samples: int = 4096,
+                 feature_cache: bool = False, eval_clients: int = 5, seed: int = 0) -> None:
         for key, val, ok, allowed in (("server_hidden", server_hidden, server_hidden >= 1, ">= 1"),
+                                      ("server_channels", server_channels, server_channels >= 1, ">= 1"),
                                       ("server_layers", server_layers, server_layers >= 1, ">= 1"),
                                       ("server_epochs", server_epochs, server_epochs >= 0, ">= 0"),
                                       ("server_lr", server_lr, server_lr > 0, "> 0"),
@@ -207,33 +251,65 @@ class FedGKT(OwnModels):
                 raise ValueError(f"FedGKT: {key}={val} is not allowed; {key} must be {allowed}")
         super().__init__(tiers=tiers, eval_clients=eval_clients)
         self.gkt = GKTClient(alpha=alpha, temperature=temperature, max_samples=max_samples)
+        self.split, self.server_channels = split, server_channels
         self.server_hidden, self.server_layers, self.server_epochs = server_hidden, server_layers, server_epochs
         self.server_lr, self.server_batch_size = server_lr, server_batch_size
         self.alpha, self.temperature, self.max_samples, self.seed = alpha, temperature, max_samples, seed
         self.feature_cache = feature_cache
         self.cache: dict[int, dict[str, Tensor]] = {}
-        self.feature_dims: list[int] = []
+        self.feature_shapes: list[tuple[int, ...]] = []
         self.num_classes = 0
-        self.server: GKTServerModel | None = None
+        self.server: nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.server_logits: dict[int, Tensor] = {}
         self._composed: dict[int, GKTComposed] = {}
 
+    def _feature_shape(self, t: int, m: nn.Module) -> tuple[int, ...]:
+        name = type(m).__name__
+        if self.split is None:
+            if not callable(getattr(m, "features", None)) or not isinstance(getattr(m, "head", None), nn.Linear):
+                raise ValueError(f"FedGKT: the tier-{t} model {name} is not allowed with split=None; client models "
+                                 "need a features(x) method and a linear `head` (e.g. MNIST1DCNN)")
+            return (m.head.in_features,)
+        if not all(callable(getattr(m, f, None)) for f in ("extract", "classify", "extract_shape")):
+            raise ValueError(f"FedGKT: the tier-{t} model {name} is not allowed with split={self.split}; client models "
+                             "need extract(x, split), classify(h, split) and extract_shape(split) (e.g. MNIST1DCNN), "
+                             "or use split=None with a features(x) method and a linear `head`")
+        shape = tuple(int(d) for d in m.extract_shape(self.split))
+        if len(shape) != 2:
+            raise ValueError(f"FedGKT: the tier-{t} model {name} extracts features of shape {shape} at split="
+                             f"{self.split}; the convolutional server needs [channels, length] maps")
+        return shape
+
+    def extract(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The client-side half: ``model``'s features at the split."""
+        return model.features(x) if self.split is None else model.extract(x, self.split)
+
+    def classify(self, model: nn.Module, h: Tensor) -> Tensor:
+        """The client's own logits from its features."""
+        return model.head(h) if self.split is None else model.classify(h, self.split)
+
     def setup(self, model: nn.Module) -> None:
-        """Read every tier's feature width and build the server model."""
+        """Read every tier's feature shape and build the server model."""
         super().setup(model)
-        dims, classes = [], set()
+        shapes, classes = [], set()
         for t, m in enumerate(self.tier_modules()):
-            head = getattr(m, "head", None)
-            if not callable(getattr(m, "features", None)) or not isinstance(head, nn.Linear):
-                raise ValueError(f"FedGKT: the tier-{t} model {type(m).__name__} is not allowed; client models need a "
-                                 "features(x) method and a linear `head` (e.g. MNIST1DCNN)")
-            dims.append(head.in_features)
-            classes.add(head.out_features)
+            shapes.append(self._feature_shape(t, m))
+            classes.add(int(m.head.out_features) if isinstance(getattr(m, "head", None), nn.Linear) else
+                        int(self.classify(m, torch.zeros(1, *shapes[-1])).shape[-1]))
         if len(classes) != 1:
             raise ValueError(f"FedGKT: the tiers' heads have different numbers of classes {sorted(classes)}")
-        self.feature_dims, self.num_classes = dims, classes.pop()
-        self.server = GKTServerModel(dims, self.num_classes, self.server_hidden, self.server_layers)
+        self.feature_shapes, self.num_classes = shapes, classes.pop()
+        if self.split is None:
+            self.server = GKTServerModel([s[0] for s in shapes], self.num_classes, self.server_hidden,
+                                         self.server_layers)
+        else:
+            lengths = {s[1] for s in shapes}
+            if len(lengths) != 1:
+                raise ValueError(f"FedGKT: at split={self.split} the tiers' feature maps have lengths {sorted(lengths)};"
+                                 " the server model needs one length across tiers")
+            self.server = GKTConvServer([s[0] for s in shapes], lengths.pop(), self.num_classes, self.server_channels,
+                                        self.server_hidden, self.server_layers)
         self.opt = torch.optim.Adam(self.server.parameters(), lr=self.server_lr)
         self.server_logits, self._composed, self.cache = {}, {}, {}
 
@@ -257,16 +333,16 @@ class FedGKT(OwnModels):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        feats = model.features(x.to(device))
-        logits = model.head(feats)
+        feats = self.extract(model, x.to(device))
+        logits = self.classify(model, feats)
         model.train(was_training)
         return {"features": feats.float().cpu(), "logits": logits.float().cpu(), "labels": y.long().cpu()}
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
-        """``[n, F_tier]`` features, ``[n, C]`` logits, ``[n]`` int64 labels, ``n <= max_samples``."""
-        f = self.feature_dims[tier_of(self.tiers, instruction.client_id)]
+        """``[n, *feature_shape_tier]`` features, ``[n, C]`` logits, ``[n]`` int64 labels, ``n <= max_samples``."""
+        f = self.feature_shapes[tier_of(self.tiers, instruction.client_id)]
         n, c = self.max_samples, self.num_classes
-        return {"features": TensorSpec((-1, f), torch.float32, max_numel=n * f),
+        return {"features": TensorSpec((-1, *f), torch.float32, max_numel=n * math.prod(f)),
                 "logits": TensorSpec((-1, c), torch.float32, max_numel=n * c),
                 "labels": TensorSpec((-1,), torch.int64, max_numel=n)}
 
@@ -331,7 +407,7 @@ class FedGKT(OwnModels):
         """The server model on this client's extractor."""
         assert self.server is not None
         if tier not in self._composed:
-            self._composed[tier] = GKTComposed(module, self.server, tier)
+            self._composed[tier] = GKTComposed(module, self.server, tier, self.extract)
         return {"server/test_acc": evaluate(self._composed[tier]).get("test_acc", float("nan"))}
 
     def state_dict(self) -> dict[str, Any]:
@@ -353,4 +429,4 @@ class FedGKT(OwnModels):
         self.cache = {int(c): dict(p) for c, p in state.get("cache", {}).items()}
 
 
-__all__ = ["FedGKT", "GKTClient", "GKTComposed", "GKTServerModel"]
+__all__ = ["FedGKT", "GKTClient", "GKTComposed", "GKTConvServer", "GKTServerModel"]
