@@ -32,6 +32,7 @@ from lightning_fed.codecs import (
     Blockwise8bit,
     Cast,
     Codec,
+    Differential,
     Identity,
     PowerSGD,
     RandomK,
@@ -76,6 +77,16 @@ CODECS: dict[str, callable] = {
                                          warmup_start=0.3),
     "topk30-sign32h-w5s30": lambda: TopK(0.030, values=Sign(block=32, scale_dtype="float16"), warmup_rounds=5,
                                          warmup_start=0.3),
+    "diff-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                          warmup_rounds=10, warmup_start=0.1)),
+    "diff5-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                           warmup_rounds=10, warmup_start=0.1), smoothing=0.5),
+    "diff-topk31-sign32h": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"))),
+    "ef21-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                          warmup_rounds=10, warmup_start=0.1, error_feedback=False),
+                                                     beta=1.0),
+    "diffnoef-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                              warmup_rounds=10, warmup_start=0.1, error_feedback=False)),
     "tcs18-05-sign64h": lambda: TimeCorrelatedTopK(0.005, 0.18, values=Sign(block=64, scale_dtype="float16")),
     "tcs20-04-sign128h": lambda: TimeCorrelatedTopK(0.004, 0.2, values=Sign(block=128, scale_dtype="float16")),
     "tcs15-06-sign64h": lambda: TimeCorrelatedTopK(0.006, 0.15, values=Sign(block=64, scale_dtype="float16")),
@@ -120,6 +131,7 @@ DEFAULT = [
     "topk3-sign32",
     "topk32-sign32h-warm",
     "tcs18-05-sign64h",
+    "diff5-topk31-sign32h-warm",
 ]
 
 

@@ -392,7 +392,8 @@ class FedLoop:
         try:
             spec = self.strategy.reply_spec(instr)
             t = time.perf_counter()
-            payload = decode_expected(self.codec, message, max_bytes=self.max_message_bytes, spec=spec)
+            payload = decode_expected(self.codec, message, max_bytes=self.max_message_bytes, spec=spec,
+                                      sender=reply.client_id)
             stats["decode_s"] += time.perf_counter() - t
             checked = Reply(reply.client_id, payload, reply.num_examples, dict(reply.metrics))
             validate_reply(checked, spec, max_abs=self.max_update_abs)

@@ -71,21 +71,27 @@ class Identity(Codec):
         return tensors
 
 
-_TAKES_SPEC: dict[type, bool] = {}
+_TAKES: dict[type, tuple[bool, bool]] = {}
 
 
-def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
-    """``codec.decode`` with the receiver's expected ``spec`` when the codec's ``decode`` accepts one
-    (codecs written before the ``spec`` argument existed keep working). The signature check is cached per
-    class: it runs once per message otherwise."""
+def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None,
+                    sender: int | None = None) -> Payload:
+    """``codec.decode`` with the receiver's expected ``spec`` and the message's ``sender`` (a client id; ``None``
+    for the server) for codecs whose ``decode`` accepts them (``spec``: the compact codecs; ``sender``: codecs
+    with per-client server state such as ``Differential``). Codecs written without these arguments keep
+    working. The signature check is cached per class: it runs once per message otherwise."""
     cls = type(codec)
-    takes_spec = _TAKES_SPEC.get(cls)
-    if takes_spec is None:
+    takes = _TAKES.get(cls)
+    if takes is None:
         try:
-            takes_spec = "spec" in inspect.signature(codec.decode).parameters
+            params = inspect.signature(codec.decode).parameters
+            takes = ("spec" in params, "sender" in params)
         except (TypeError, ValueError):
-            takes_spec = False
-        _TAKES_SPEC[cls] = takes_spec
-    if takes_spec:
-        return codec.decode(message, max_bytes=max_bytes, spec=spec)
-    return codec.decode(message, max_bytes=max_bytes)
+            takes = (False, False)
+        _TAKES[cls] = takes
+    kwargs: dict[str, Any] = {"max_bytes": max_bytes}
+    if takes[0]:
+        kwargs["spec"] = spec
+    if takes[1]:
+        kwargs["sender"] = sender
+    return codec.decode(message, **kwargs)
