@@ -232,7 +232,8 @@ class FedGKT(OwnModels):
             server on all of them each round (the paper's server trains on every client's features each round;
             with partial participation the cache stands in for the clients that sat out). Off by default: it
             holds every client's features in server memory, and on the MNIST-1D benchmark it did not help
-            (server accuracy 30.7 % with it, 31.2 % without). ``False`` trains on the round's replies only.
+            (``split=None``: server accuracy 30.7 % with it, 31.2 % without). ``False`` trains on the round's
+            replies only.
         eval_clients: stored client models evaluated per tier.
         seed: seed of the server's batch order.
     """
