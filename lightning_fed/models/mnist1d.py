@@ -60,10 +60,14 @@ def add_conv_stem(module: nn.Module, channels: int, length: int) -> int:
     module.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
     module.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
     module.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-    out_len = length
-    for k in (5, 3, 3):
-        out_len = (out_len + 2 - k) // 2 + 1
-    return out_len
+    return stem_length(length, 3)
+
+
+def stem_length(length: int, convs: int) -> int:
+    """Sequence length after the first ``convs`` convolutions of the stem of :func:`add_conv_stem`."""
+    for k in (5, 3, 3)[:convs]:
+        length = (length + 2 - k) // 2 + 1
+    return length
 
 
 def conv_stem_features(module: nn.Module, x: Tensor) -> Tensor:
@@ -135,10 +139,7 @@ class MNIST1DCNN(_Classifier):
     def extract_shape(self, split: int) -> tuple[int, ...]:
         """Shape of one sample's :meth:`extract` output, ``(channels, L)``."""
         self._check_split(split)
-        length = self.hparams.length
-        for k in (5, 3, 3)[:split]:
-            length = (length + 2 - k) // 2 + 1
-        return (self.hparams.channels, length)
+        return (self.hparams.channels, stem_length(self.hparams.length, split))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for a batch of sequences ``[B, length]``."""

@@ -296,8 +296,8 @@ class FedGKT(OwnModels):
         shapes, classes = [], set()
         for t, m in enumerate(self.tier_modules()):
             shapes.append(self._feature_shape(t, m))
-            classes.add(int(m.head.out_features) if isinstance(getattr(m, "head", None), nn.Linear) else
-                        int(self.classify(m, torch.zeros(1, *shapes[-1])).shape[-1]))
+            with torch.no_grad():  # the width of the client's logits, from one zero feature map
+                classes.add(int(self.classify(m, torch.zeros(1, *shapes[-1])).shape[-1]))
         if len(classes) != 1:
             raise ValueError(f"FedGKT: the tiers' heads have different numbers of classes {sorted(classes)}")
         self.feature_shapes, self.num_classes = shapes, classes.pop()
