@@ -38,22 +38,49 @@ def load(directory: Path) -> dict[str, dict[int, dict]]:
     return runs
 
 
-def summary(runs: dict[str, dict[int, dict]], codecs: list[str] | None = None) -> list[dict]:
-    """Per codec: the seeds it shares with identity, its differences, their mean and standard error."""
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (``nan`` where undefined)."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    se = math.sqrt(sum((d - mean) ** 2 for d in values) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se
+
+
+def parse_seeds(tokens: list[str] | None) -> set[int] | None:
+    """``["0-15", "32-47", "50"]`` -> the set of those seeds; ``None`` = all."""
+    if not tokens:
+        return None
+    out: set[int] = set()
+    for t in tokens:
+        lo, _, hi = t.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def summary(runs: dict[str, dict[int, dict]], codecs: list[str] | None = None,
+            seeds: set[int] | None = None) -> list[dict]:
+    """Per codec: the seeds it shares with identity (within ``seeds``), its differences, their mean and standard
+    error, and the range of its compression ratios."""
     ref = runs.get("identity", {})
     out = []
     for name in codecs or sorted(k for k in runs if k != "identity"):
-        seeds = sorted(set(runs.get(name, {})) & set(ref))
-        if not seeds:
+        common = sorted(set(runs.get(name, {})) & set(ref) & (seeds if seeds is not None else set(ref)))
+        if not common:
             continue
-        deltas = [100 * (runs[name][s]["acc"] - ref[s]["acc"]) for s in seeds]
-        n = len(deltas)
-        mean = sum(deltas) / n if n else float("nan")
-        se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1) / n) if n > 1 else float("nan")
-        ratio = runs[name][seeds[0]]["ratio"]
-        out.append({"codec": name, "seeds": seeds, "deltas": deltas, "mean": mean, "se": se, "ratio": ratio,
-                    "within_1pt": sum(d >= -1.0 for d in deltas)})
+        deltas = [100 * (runs[name][s]["acc"] - ref[s]["acc"]) for s in common]
+        mean, se = mean_se(deltas)
+        ratios = [runs[name][s]["ratio"] for s in common]
+        out.append({"codec": name, "seeds": common, "deltas": deltas, "mean": mean, "se": se,
+                    "ratio": (min(ratios), max(ratios)), "within_1pt": sum(d >= -1.0 for d in deltas)})
     return out
+
+
+def paired(runs: dict[str, dict[int, dict]], a: str, b: str, seeds: set[int] | None = None) -> dict:
+    """Accuracy of ``a`` minus ``b`` (points) on the seeds both ran: per seed, mean and standard error."""
+    common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})) & (seeds if seeds is not None else set(runs[a])))
+    diffs = [100 * (runs[a][s]["acc"] - runs[b][s]["acc"]) for s in common]
+    mean, se = mean_se(diffs)
+    return {"seeds": common, "diffs": diffs, "mean": mean, "se": se}
 
 
 def main() -> None:
@@ -61,16 +88,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory", type=Path)
     p.add_argument("--codecs", nargs="+", default=None)
+    p.add_argument("--seeds", nargs="+", default=None, help="only these seeds: 0-15 32-47 50 …")
+    p.add_argument("--versus", default=None, help="also print each codec's paired difference to this codec")
     args = p.parse_args()
     runs = load(args.directory)
+    seeds = parse_seeds(args.seeds)
     if "identity" not in runs:
         raise SystemExit(f"no identity_s<seed>.json in {args.directory}: the differences need the baseline")
     print("| codec | ratio vs float32 | seeds | Δ per seed (pt) | mean Δ (pt) | standard error | seeds within 1 pt |")
     print("|---|---|---|---|---|---|---|")
-    for r in summary(runs, args.codecs):
+    rows = summary(runs, args.codecs, seeds)
+    for r in rows:
         per = " ".join(f"{d:+.1f}" for d in r["deltas"])
-        print(f"| {r['codec']} | {r['ratio']:.1f}x | {len(r['seeds'])} | {per} | {r['mean']:+.2f} | {r['se']:.2f} | "
+        lo, hi = r["ratio"]
+        ratio = f"{lo:.1f}x" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f}x"
+        print(f"| {r['codec']} | {ratio} | {len(r['seeds'])} | {per} | {r['mean']:+.2f} | {r['se']:.2f} | "
               f"{r['within_1pt']} / {len(r['seeds'])} |")
+    if args.versus:
+        print()
+        for r in rows:
+            if r["codec"] == args.versus:
+                continue
+            d = paired(runs, r["codec"], args.versus, seeds)
+            if d["seeds"]:
+                print(f"{r['codec']} minus {args.versus}, paired on {len(d['seeds'])} seeds: {d['mean']:+.2f} points "
+                      f"(standard error {d['se']:.2f})")
 
 
 if __name__ == "__main__":

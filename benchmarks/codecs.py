@@ -4,7 +4,8 @@ Accuracy table: the FedAvg MNIST-1D recipe (MNIST1DCNN, 20 clients, Dirichlet(0.
 5 local epochs, SGD lr 0.05 momentum 0.9, batch 16, cosine client-LR decay to 10 % over the rounds) for
 ``--rounds`` rounds with each codec, run one after another in this process, a row printed as each finishes.
 ``--batch-size 32 --no-cosine`` is the recipe's earlier setting (the first tables in RESULTS.md). Bytes are the real message lengths the loop
-counted. Throughput: encode + decode of a ``--numel``-element float32 update (default 25M).
+counted. A configuration may also set loop options (``LOOP_OPTIONS``: diff5w-… splits the uplink budget by
+the clients' examples). Throughput: encode + decode of a ``--numel``-element float32 update (default 25M).
 
     python benchmarks/codecs.py --rounds 100                          # the whole table
     python benchmarks/codecs.py --rounds 20 --codecs identity topk1-q7
@@ -81,6 +82,13 @@ CODECS: dict[str, callable] = {
                                                           warmup_rounds=10, warmup_start=0.1)),
     "diff5-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
                                                            warmup_rounds=10, warmup_start=0.1), smoothing=0.5),
+    "diff5w-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                            warmup_rounds=10, warmup_start=0.1), smoothing=0.5),
+    "diff5-topk40-sign32h-warm": lambda: Differential(TopK(0.040, values=Sign(block=32, scale_dtype="float16"),
+                                                           warmup_rounds=10, warmup_start=0.1), smoothing=0.5),
+    "diff5-topk31-sign32h-warm-rd9": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
+                                                               warmup_rounds=10, warmup_start=0.1, residual_decay=0.9),
+                                                          smoothing=0.5),
     "diff-topk31-sign32h": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"))),
     "ef21-topk31-sign32h-warm": lambda: Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16"),
                                                           warmup_rounds=10, warmup_start=0.1, error_feedback=False),
@@ -132,10 +140,18 @@ DEFAULT = [
     "topk32-sign32h-warm",
     "tcs18-05-sign64h",
     "diff5-topk31-sign32h-warm",
+    "diff5w-topk31-sign32h-warm",
 ]
 
 
-def run_fedavg(codec: Codec, rounds: int, seed: int = 0, batch_size: int = 16, cosine: bool = True) -> dict[str, float]:
+# loop options of a configuration, where it is more than a codec
+LOOP_OPTIONS: dict[str, dict[str, str]] = {
+    "diff5w-topk31-sign32h-warm": {"uplink_allocation": "examples"},  # budget in proportion to examples
+}
+
+
+def run_fedavg(codec: Codec, rounds: int, seed: int = 0, batch_size: int = 16, cosine: bool = True,
+               uplink_allocation: str = "uniform") -> dict[str, float]:
     """One FedAvg MNIST-1D run (the fedavg.yaml recipe) with ``codec`` on the uplink."""
     L.seed_everything(seed, verbose=False)
     model = MNIST1DCNN(channels=25, lr=0.05, optimizer="sgd", momentum=0.9)
@@ -149,6 +165,7 @@ def run_fedavg(codec: Codec, rounds: int, seed: int = 0, batch_size: int = 16, c
             partition=Dirichlet(alpha=0.5, min_samples=10),
             strategy=FedAvg(server_lr=1.0),
             codec=codec,
+            uplink_allocation=uplink_allocation,
             callbacks=[RoundLRDecay(schedule="cosine", min_scale=0.1)] if cosine else [],
             eval_every=5,
             checkpoint_every=0,
@@ -191,8 +208,9 @@ def accuracy_table(names: list[str], rounds: int, out: str | None, seed: int = 0
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         codec = CODECS[name]()
-        r = run_fedavg(codec, rounds, seed, **recipe)
+        r = run_fedavg(codec, rounds, seed, **recipe, **LOOP_OPTIONS.get(name, {}))
         r["name"], r["config"] = name, repr(codec) if name != "identity" else "Identity()"
+        r["config"] += "".join(f", {k}={v!r}" for k, v in LOOP_OPTIONS.get(name, {}).items())
         if name == "identity":
             ref = r
         d = f"{100 * (r['acc'] - ref['acc']):+.2f}" if ref else "n/a"

@@ -28,7 +28,7 @@ from rich.console import Console
 from lightning_fed.callbacks.base import FED_HOOKS
 from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
-from lightning_fed.codecs.base import Codec, Identity, decode_expected
+from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
@@ -46,6 +46,24 @@ from lightning_fed.trainer_view import TrainerView
 log = logging.getLogger("lightning_fed")
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+UPLINK_ALLOCATIONS = ("uniform", "examples")
+
+
+def uplink_shares(allocation: str, examples: list[int]) -> list[float]:
+    """Each client's share of the uplink budget (mean 1 over all clients): all 1 for ``"uniform"``; for
+    ``"examples"`` proportional to the client's number of training examples (an empty shard counts as 1).
+
+    Example::
+
+        uplink_shares("examples", [100, 300])   # [0.5, 1.5]
+    """
+    if allocation not in UPLINK_ALLOCATIONS:
+        raise ValueError(f"uplink_allocation={allocation!r} is not allowed; use one of {UPLINK_ALLOCATIONS}")
+    if allocation == "uniform" or not examples:
+        return [1.0] * len(examples)
+    n = [max(int(x), 1) for x in examples]
+    total = sum(n)
+    return [x * len(n) / total for x in n]
 
 
 @dataclass
@@ -81,6 +99,11 @@ class FedLoop:
         strategy: server strategy; default FedAvg.
         codec: uplink codec (client → server); default Identity.
         downlink_codec: downlink codec (server → client); default Identity.
+        uplink_allocation: how the uplink budget is split among clients. ``"uniform"``: every message at the
+            codec's configured rate. ``"examples"``: client ``c`` gets ``share = n_c / mean(n)`` (``n`` = training
+            examples, its FedAvg aggregation weight; the mean share over all clients is 1, so the expected bytes
+            of a round stay the same), passed as ``encode(..., share=)``. Codecs whose size follows a density
+            (``TopK``, ``Differential(TopK(...))``, ``TimeCorrelatedTopK``) use it; fixed-rate codecs ignore it.
         callbacks: Lightning callbacks (FedCallbacks also get the federated hooks).
         min_clients: the round is aggregated only if at least this many replies are valid.
         eval_every: evaluate the global model every this many rounds (and after the last).
@@ -108,6 +131,7 @@ class FedLoop:
         strategy: Strategy | None = None,
         codec: Codec | None = None,
         downlink_codec: Codec | None = None,
+        uplink_allocation: str = "uniform",
         callbacks: list[Callback] | None = None,
         min_clients: int = 1,
         eval_every: int = 1,
@@ -136,6 +160,8 @@ class FedLoop:
         need(1 <= min_clients <= clients_per_round, "min_clients", min_clients,
              f"between 1 and clients_per_round={clients_per_round}")
         need(eval_every >= 1, "eval_every", eval_every, ">= 1")
+        need(uplink_allocation in UPLINK_ALLOCATIONS, "uplink_allocation", uplink_allocation,
+             f"one of {UPLINK_ALLOCATIONS}")
         need(checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
         need(keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
         need(str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
@@ -152,6 +178,8 @@ class FedLoop:
         self.strategy = strategy if strategy is not None else FedAvg()
         self.codec = codec if codec is not None else Identity()
         self.downlink_codec = downlink_codec if downlink_codec is not None else Identity()
+        self.uplink_allocation = uplink_allocation
+        self.uplink_shares: list[float] = [1.0] * num_clients
         self.callbacks = list(callbacks or [])
         for cb in self.callbacks:  # callbacks may check how they combine (e.g. prune before QAT) before training
             check = getattr(cb, "check_callbacks", None)
@@ -354,7 +382,8 @@ class FedLoop:
             reply = Reply(cid, payload, num_examples=len(shard), metrics=train_metrics)
             self._fed_hook("on_client_end", reply)
             t = time.perf_counter()
-            message = self.codec.encode(reply.payload, view.client_state.setdefault("codec", {}))
+            message = encode_budgeted(self.codec, reply.payload, view.client_state.setdefault("codec", {}),
+                                      share=self.uplink_shares[cid])
             stats["encode_s"] += time.perf_counter() - t
             stats["raw_bytes_up"] += sum(t.numel() * t.element_size() for t in reply.payload.values())
         except Exception as err:  # a crashing client must not stop the round
@@ -422,6 +451,7 @@ class FedLoop:
                 raise
             labels = torch.zeros(len(dataset), dtype=torch.long)
         self.shards = self.partition.split(labels, self.num_clients, self.seed)
+        self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
         rows = summary_rows(self.shards, labels, int(labels.max()) + 1 if len(labels) else 1)
         write_partition_csv(rows, run_dir / "partition.csv")
         if not self.console.quiet:  # a quiet console still renders what it is given

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import in_fedloop, on_server, parse_schedule, reset_stale_client_state
 from lightning_fed.callbacks.base import FedCallback
-from lightning_fed.codecs.base import Codec, Identity, decode_expected
+from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, TensorSpec
 
@@ -72,10 +72,11 @@ class SparseUplink(Codec):
         self.name = f"sparse+{self.inner.name}"
         self.masks: dict[str, Tensor] = {}
 
-    def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
-        """Pack masked entries into their unmasked values, then encode with the inner codec."""
+    def encode(self, payload: Payload, state: dict[str, Tensor], *, share: float = 1.0) -> bytes:
+        """Pack masked entries into their unmasked values, then encode with the inner codec (with the client's
+        ``share`` of the uplink budget, for inner codecs that take it)."""
         packed = {k: (v.reshape(-1)[self.masks[k].reshape(-1)] if k in self.masks else v) for k, v in payload.items()}
-        return self.inner.encode(packed, state)
+        return encode_budgeted(self.inner, packed, state, share=share)
 
     def packed_spec(self, spec: PayloadSpec | None) -> PayloadSpec | None:
         """``spec`` with every masked entry as a 1-D vector of its kept count (what the inner codec carries)."""
@@ -83,13 +84,16 @@ class SparseUplink(Codec):
             return None
         return {k: (TensorSpec((int(self.masks[k].sum()),), s.dtype) if k in self.masks else s) for k, s in spec.items()}
 
-    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
-        """Decode with the inner codec (given the packed ``spec``) and scatter packed entries back to full shape.
+    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None,
+               sender: int | None = None) -> Payload:
+        """Decode with the inner codec (given the packed ``spec`` and the ``sender``, for inner codecs with
+        per-client server state such as ``Differential``) and scatter packed entries back to full shape.
 
         Raises:
             MalformedMessage: a packed entry's length differs from its mask's count of kept entries.
         """
-        payload = decode_expected(self.inner, message, max_bytes=max_bytes, spec=self.packed_spec(spec))
+        payload = decode_expected(self.inner, message, max_bytes=max_bytes, spec=self.packed_spec(spec),
+                                  sender=sender)
         for k, mask in self.masks.items():
             if k not in payload:
                 continue

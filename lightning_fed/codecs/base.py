@@ -8,6 +8,7 @@ the loop reports. Codecs may keep per-client state (error-feedback residuals, mo
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from torch import Tensor
@@ -25,7 +26,11 @@ class Codec:
     name: str = "codec"
 
     def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
-        """Encode ``payload`` into a message; may read and update the per-client ``state`` in place."""
+        """Encode ``payload`` into a message; may read and update the per-client ``state`` in place.
+
+        Codecs whose message size follows a density (``TopK`` and the codecs built on it) also accept
+        ``share=``: this client's part of the uplink budget relative to an average client (see
+        :func:`encode_budgeted`)."""
         raise NotImplementedError
 
     def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None) -> Payload:
@@ -72,6 +77,38 @@ class Identity(Codec):
 
 
 _TAKES: dict[type, tuple[bool, bool]] = {}
+_TAKES_SHARE: dict[type, bool] = {}
+
+
+def check_share(share: float) -> float:
+    """``share`` as a float; ``ValueError`` unless it is finite and > 0."""
+    share = float(share)
+    if not (share > 0 and math.isfinite(share)):
+        raise ValueError(f"share={share!r} is not allowed; an uplink share must be finite and > 0")
+    return share
+
+
+def encode_budgeted(codec: Codec, payload: Payload, state: dict[str, Tensor], *, share: float = 1.0) -> bytes:
+    """``codec.encode`` with the client's ``share`` of the uplink budget, for codecs that accept it.
+
+    ``share`` scales the codec's configured rate for this one message: ``TopK(ratio=0.03)`` keeps
+    ``0.03 * share`` of the entries (at most all of them). 1.0 is the configured rate; the loop's
+    ``uplink_allocation="examples"`` gives every client its number of training examples over the mean, so the
+    expected bytes of a round stay the same. Codecs with a fixed rate (casts, quantizers, ``Identity``) and
+    codecs written without the argument ignore it.
+    """
+    share = check_share(share)
+    cls = type(codec)
+    takes = _TAKES_SHARE.get(cls)
+    if takes is None:
+        try:
+            takes = "share" in inspect.signature(codec.encode).parameters
+        except (TypeError, ValueError):
+            takes = False
+        _TAKES_SHARE[cls] = takes
+    if takes:
+        return codec.encode(payload, state, share=share)
+    return codec.encode(payload, state)
 
 
 def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None,

@@ -125,7 +125,11 @@ class Differential(VectorCodec):
         w.raw(beta16.view(torch.uint8).numpy().tobytes())
         body = Writer()
         b = float(beta16)
-        self.inner.encode_flat(x - b * ref if b else x, state, body, layout)
+        self.inner.share = self.share  # the client's part of the uplink budget goes to the inner codec
+        try:
+            self.inner.encode_flat(x - b * ref if b else x, state, body, layout)
+        finally:
+            self.inner.share = 1.0
         data = body.getvalue()
         w.raw(data)
         r = Reader(data)  # decode the body exactly as the server will, so both references stay bit-identical

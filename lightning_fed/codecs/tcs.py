@@ -116,7 +116,7 @@ class TimeCorrelatedTopK(TopK):
         mask = self._mask_for(n)
         score = v.abs()
         score[mask] = -1.0  # never pick a mask position twice
-        k = min(n - len(mask), max(1, round(self.density() * n))) if n else 0
+        k = min(n - len(mask), max(1, round(self.kept_density() * n))) if n else 0
         new = torch.topk(score, k, sorted=False).indices.sort().values if k else torch.zeros(0, dtype=torch.int64)
         w.raw(_digest(mask))
         w.varint(len(new))

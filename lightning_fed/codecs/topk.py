@@ -10,6 +10,9 @@ delayed). The DGC refinements, as they apply to per-round model deltas:
 * density warm-up: the density decays exponentially from ``warmup_start`` to ``ratio`` over the first
   ``warmup_rounds`` rounds (DGC: 25 % → 6.25 % → 1.56 % → 0.4 % → 0.1 %).
 
+``encode(..., share=s)`` scales the density of one message by ``s`` (the client's part of the uplink
+budget, see ``FedLoop(uplink_allocation=...)``); ``k`` is on the wire, so the decoder needs nothing more.
+
 With ``group=g > 1`` the update is cut into consecutive groups of ``g`` entries and the groups with the largest
 L1 norm are sent whole (block sparsification): one index per group instead of per entry, so at the same bytes
 more entries cross the wire, at the price of sending some small entries that share a group with large ones.
@@ -131,16 +134,20 @@ class TopK(VectorCodec):
             return self.ratio
         return self.warmup_start * (self.ratio / self.warmup_start) ** (r / self.warmup_rounds)
 
+    def kept_density(self) -> float:
+        """The density of this message: :meth:`density` times the client's ``share`` of the budget, at most 1."""
+        return min(1.0, self.density() * self.share)
+
     def num_kept(self, n: int) -> int:
-        """``k`` for a vector of ``n`` elements this round."""
-        return min(n, max(1, round(self.density() * n))) if n else 0
+        """``k`` for a vector of ``n`` elements in this message."""
+        return min(n, max(1, round(self.kept_density() * n))) if n else 0
 
     def select(self, v: Tensor, layout: Layout) -> Tensor:
         """Sorted indices of the entries (groups, with ``group > 1``) to send: the top ``num_kept`` of ``v``
         (or of each tensor)."""
         if self.group > 1:
             groups = self._group_norms(v)
-            k = min(len(groups), max(1, round(self.density() * v.numel() / self.group))) if len(groups) else 0
+            k = min(len(groups), max(1, round(self.kept_density() * v.numel() / self.group))) if len(groups) else 0
             if k == 0:
                 return torch.zeros(0, dtype=torch.int64)
             return torch.topk(groups, k, sorted=False).indices.sort().values

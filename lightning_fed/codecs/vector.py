@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_fed.codecs.base import Codec
+from lightning_fed.codecs.base import Codec, check_share
 from lightning_fed.codecs.frame import (
     FLAG_EXTRAS,
     FLAG_LAYOUT,
@@ -61,8 +61,21 @@ class VectorCodec(Codec):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Codec API
-    def encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
-        """Encode ``payload``; with error feedback, read and update ``state["residual"]``."""
+    share: float = 1.0  # this message's part of the uplink budget (set by encode for the length of one call)
+
+    def encode(self, payload: Payload, state: dict[str, Tensor], *, share: float = 1.0) -> bytes:
+        """Encode ``payload``; with error feedback, read and update ``state["residual"]``.
+
+        ``share`` scales the rate of codecs whose size follows a density (``TopK``); others ignore it (see
+        :func:`~lightning_fed.codecs.base.encode_budgeted`).
+        """
+        self.share = check_share(share)
+        try:
+            return self._encode(payload, state)
+        finally:
+            self.share = 1.0
+
+    def _encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
         layout, extras = Layout.from_payload(payload)
         flags = (FLAG_LAYOUT if self.self_describing else 0) | (FLAG_EXTRAS if extras else 0)
         w = Writer()
