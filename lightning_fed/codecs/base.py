@@ -76,8 +76,20 @@ class Identity(Codec):
         return tensors
 
 
-_TAKES: dict[type, tuple[bool, bool]] = {}
-_TAKES_SHARE: dict[type, bool] = {}
+_KEYWORDS: dict[tuple[type, str], frozenset[str]] = {}
+
+
+def _keywords(codec: Codec, method: str) -> frozenset[str]:
+    """The parameter names of ``codec.<method>``, cached per class (checked once, not once per message)."""
+    key = (type(codec), method)
+    names = _KEYWORDS.get(key)
+    if names is None:
+        try:
+            names = frozenset(inspect.signature(getattr(codec, method)).parameters)
+        except (TypeError, ValueError):
+            names = frozenset()
+        _KEYWORDS[key] = names
+    return names
 
 
 def check_share(share: float) -> float:
@@ -98,15 +110,7 @@ def encode_budgeted(codec: Codec, payload: Payload, state: dict[str, Tensor], *,
     codecs written without the argument ignore it.
     """
     share = check_share(share)
-    cls = type(codec)
-    takes = _TAKES_SHARE.get(cls)
-    if takes is None:
-        try:
-            takes = "share" in inspect.signature(codec.encode).parameters
-        except (TypeError, ValueError):
-            takes = False
-        _TAKES_SHARE[cls] = takes
-    if takes:
+    if "share" in _keywords(codec, "encode"):
         return codec.encode(payload, state, share=share)
     return codec.encode(payload, state)
 
@@ -117,18 +121,10 @@ def decode_expected(codec: Codec, message: bytes, *, max_bytes: int | None = Non
     for the server) for codecs whose ``decode`` accepts them (``spec``: the compact codecs; ``sender``: codecs
     with per-client server state such as ``Differential``). Codecs written without these arguments keep
     working. The signature check is cached per class: it runs once per message otherwise."""
-    cls = type(codec)
-    takes = _TAKES.get(cls)
-    if takes is None:
-        try:
-            params = inspect.signature(codec.decode).parameters
-            takes = ("spec" in params, "sender" in params)
-        except (TypeError, ValueError):
-            takes = (False, False)
-        _TAKES[cls] = takes
+    names = _keywords(codec, "decode")
     kwargs: dict[str, Any] = {"max_bytes": max_bytes}
-    if takes[0]:
+    if "spec" in names:
         kwargs["spec"] = spec
-    if takes[1]:
+    if "sender" in names:
         kwargs["sender"] = sender
     return codec.decode(message, **kwargs)
