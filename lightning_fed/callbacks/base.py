@@ -5,6 +5,8 @@ federated hooks are simply never called) with five extra hooks that FedLoop call
 
 * ``on_round_start(trainer, pl_module, instructions)`` — server, after the strategy configured the round;
   may edit the list of :class:`~lightning_fed.protocol.Instruction`.
+* ``on_client_data(trainer, pl_module, shard) -> Dataset`` — client, before its loader is built; may return a
+  subset of the client's training data (e.g. ``RecordSubset``), or the shard unchanged.
 * ``on_client_start(trainer, pl_module, instruction)`` — client, after the payload was loaded, before
   local training.
 * ``on_client_end(trainer, pl_module, reply)`` — client, after the reply payload was built, before it is
@@ -13,7 +15,13 @@ federated hooks are simply never called) with five extra hooks that FedLoop call
   remove or edit entries of the list.
 * ``on_round_end(trainer, pl_module, metrics)`` — server, after aggregation, with the global weights in
   ``pl_module``; may add entries to ``metrics`` (logged for the round). A callback that changes the
-  model's structure here calls ``trainer.fed_loop.model_changed()``.
+  model's structure here calls ``trainer.fed.model_changed()``.
+
+and one set-up hook: ``wrap_uplink(codec) -> Codec``, called once before the first round with the uplink codec;
+a callback that changes what travels (``MagnitudeSparsity`` packs masked entries) returns a wrapping codec.
+
+The federated state (round, client id, client state, the client's data, the run folder, an evaluator) comes
+from ``trainer.fed``, a :class:`~lightning_fed.context.FedContext`.
 
 Plain Lightning callbacks need none of these: FedLoop only calls the hooks an object has.
 """
@@ -24,6 +32,9 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from torch.utils.data import Dataset
+
+from lightning_fed.codecs.base import Codec
 from lightning_fed.protocol import Instruction, Reply
 
 
@@ -32,6 +43,14 @@ class FedCallback(Callback):
 
     def on_round_start(self, trainer: Any, pl_module: Any, instructions: list[Instruction]) -> None:
         """Server: the round's instructions were made."""
+
+    def wrap_uplink(self, codec: Codec) -> Codec:
+        """Set-up: the uplink codec to use instead of ``codec`` (``codec`` itself by default)."""
+        return codec
+
+    def on_client_data(self, trainer: Any, pl_module: Any, shard: Dataset) -> Dataset:
+        """Client: the data this client trains on this round (``shard`` by default)."""
+        return shard
 
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
         """Client: payload loaded, local training about to start."""
@@ -46,4 +65,4 @@ class FedCallback(Callback):
         """Server: aggregation done, global weights loaded into ``pl_module``."""
 
 
-FED_HOOKS = ("on_round_start", "on_client_start", "on_client_end", "on_aggregate_start", "on_round_end")
+FED_HOOKS = ("on_round_start", "on_client_data", "on_client_start", "on_client_end", "on_aggregate_start", "on_round_end")

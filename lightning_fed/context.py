@@ -1,0 +1,109 @@
+"""What FedLoop tells callbacks: the federated context, ``trainer.fed`` inside the loop.
+
+Callbacks (the user's and those a strategy installs) read the federated state through this one documented
+object, never through the loop's attributes. Under ``lightning.Trainer`` there is no ``trainer.fed``:
+:func:`fed_context` returns ``None`` there.
+
+Server side (``client_id is None``): ``round``, ``num_rounds``, ``num_clients``, ``run_dir``,
+:meth:`FedContext.is_eval_round`, :meth:`FedContext.evaluate`, ``eval_data``, :meth:`FedContext.model_changed`,
+:meth:`FedContext.stored_clients` / :meth:`FedContext.stored_client_state` (simulation only: evaluating
+the clients' own models, e.g. personalised tiers).
+
+Client side (during one client's work): also ``client_id``, ``client_state`` (persisted per client across its
+rounds) and ``shard`` (the client's training data as a ``Dataset``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def _no_evaluator(module: nn.Module) -> dict[str, float]:
+    raise RuntimeError("FedContext.evaluate is only available inside FedLoop.fit")
+
+
+def _no_store() -> list[int]:
+    return []
+
+
+@dataclass
+class FedContext:
+    """The federated state a callback may use (``trainer.fed`` inside FedLoop).
+
+    Attributes:
+        num_clients: clients in the federation.
+        num_rounds: rounds of the run.
+        eval_every: the global model is evaluated every this many rounds (and after the last).
+        run_dir: the run's output folder (exports, plots).
+        round: the current server round (0-based).
+        client_id: the client whose local work is running; ``None`` on the server.
+        client_state: that client's persisted state (empty dict on the server); store per-client state here.
+        shard: that client's training data (``None`` on the server).
+        eval_data: the held-out evaluation loader (``None`` when the data module has none).
+        console: the loop's rich console (quiet when the loop is not verbose).
+    """
+
+    num_clients: int
+    num_rounds: int
+    eval_every: int
+    run_dir: Path
+    round: int = 0
+    client_id: int | None = None
+    client_state: dict[str, Any] = field(default_factory=dict)
+    shard: Dataset | None = None
+    eval_data: DataLoader | None = None
+    console: Console = field(default_factory=lambda: Console(stderr=True, quiet=True))
+    _evaluate: Callable[[nn.Module], dict[str, float]] = field(default=_no_evaluator, repr=False)
+    _stored_clients: Callable[[], list[int]] = field(default=_no_store, repr=False)
+    _stored_state: Callable[[int], dict[str, Any]] = field(default=lambda cid: {}, repr=False)
+    _model_changed: bool = field(default=False, repr=False)
+
+    @property
+    def on_server(self) -> bool:
+        """Whether the server (not a client's local work) is running."""
+        return self.client_id is None
+
+    def is_eval_round(self, server_round: int | None = None) -> bool:
+        """Whether the global model is evaluated after ``server_round`` (default: the current round)."""
+        r = self.round if server_round is None else server_round
+        return (r + 1) % self.eval_every == 0 or r + 1 == self.num_rounds
+
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        """Server: evaluate any module (a tier's model, a client's own model) with the loop's evaluator on the
+        held-out data; returns its metrics (``test_acc``…)."""
+        return self._evaluate(module)
+
+    def stored_clients(self) -> list[int]:
+        """Server, simulation only: the clients that have persisted state."""
+        return self._stored_clients()
+
+    def stored_client_state(self, client_id: int) -> dict[str, Any]:
+        """Server, simulation only: a copy of ``client_id``'s persisted state (empty if none), to evaluate the
+        clients' own models. A real deployment has no such access."""
+        return self._stored_state(client_id)
+
+    def model_changed(self) -> None:
+        """Server: a callback changed the working model's structure (pruning) or zeroed weights outside
+        training (sparsity): the strategy re-reads its global state from the model at the end of the round."""
+        self._model_changed = True
+
+    def take_model_changed(self) -> bool:
+        """For the loop: whether :meth:`model_changed` was called since the last call (and reset the flag)."""
+        changed, self._model_changed = self._model_changed, False
+        return changed
+
+
+def fed_context(trainer: Any) -> FedContext | None:
+    """``trainer.fed`` inside FedLoop; ``None`` under ``lightning.Trainer`` (or any trainer without one)."""
+    ctx = getattr(trainer, "fed", None)
+    return ctx if isinstance(ctx, FedContext) else None
+
+
+__all__ = ["FedContext", "fed_context"]
