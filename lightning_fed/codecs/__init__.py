@@ -1,6 +1,6 @@
 """Update codecs: what crosses the wire between clients and server."""
 
-from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
+from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs, Identity
 from lightning_fed.codecs.blockwise import Blockwise4bit, Blockwise8bit
 from lightning_fed.codecs.cast import Cast
 from lightning_fed.codecs.differential import Differential
@@ -13,7 +13,7 @@ from lightning_fed.codecs.topk import TopK
 from lightning_fed.codecs.vector import ValueCodec, VectorCodec
 from lightning_fed.codecs.wire import MalformedMessage
 
-__all__ = ["Codec", "Identity", "MalformedMessage", "decode_expected", "encode_budgeted"]
+__all__ = ["Codec", "DecodeArgs", "EncodeArgs", "Identity", "MalformedMessage"]
 __all__ += [
     "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "Differential", "PowerSGD", "RandomK", "Sign", "TimeCorrelatedTopK", "TopK", "ValueCodec", "VectorCodec",
 ]
