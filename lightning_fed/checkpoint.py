@@ -3,7 +3,8 @@
 Layout under a run folder::
 
     checkpoints/round-000010/state.pt     # loop, strategy, codec, callbacks, RNG, history
-    checkpoints/round-000010/clients/     # snapshot of the client store
+    checkpoints/round-000010/clients/     # snapshot of the client store (each client's own state)
+    checkpoints/round-000010/senders/     # snapshot of the server's per-sender state (codec references)
     checkpoints/last                      # text file naming the newest complete checkpoint
 
 A checkpoint is written into ``round-XXXXXX.partial`` and renamed when complete; ``last`` is replaced
@@ -26,8 +27,10 @@ class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was asked for."""
 
 
-def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, Any], store: ClientStore, keep: int) -> Path:
-    """Write the checkpoint for the completed ``server_round`` (0-based) and prune old ones."""
+def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, Any], stores: dict[str, ClientStore],
+                    keep: int) -> Path:
+    """Write the checkpoint for the completed ``server_round`` (0-based), with a snapshot of each store in the
+    folder of its name, and prune old ones."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"round-{server_round + 1:06d}"
@@ -36,7 +39,8 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, Any], sto
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     atomic_torch_save(state, partial / "state.pt")
-    store.snapshot(partial / "clients")
+    for folder, store in stores.items():
+        store.snapshot(partial / folder)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     tmp = root / ".last.tmp"

@@ -20,11 +20,13 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_fed.errors import ClientError
 from lightning_fed.trainer_view import TrainerView
 
 
-class ClientTrainingError(RuntimeError):
-    """Local training could not run (bad ``configure_optimizers`` or ``training_step`` output)."""
+class ClientTrainingError(ClientError):
+    """Local training could not run (bad ``configure_optimizers`` or ``training_step`` output): that client's
+    failure."""
 
 
 def parse_optimizers(conf: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
@@ -69,13 +71,13 @@ def _sched_config(s: Any) -> LRSchedulerConfig:
 
 def plain_optimizer_steps(fabric: Fabric) -> bool:
     """Whether Fabric's optimizer wrapper would call ``optimizer.step()`` unchanged: one device, and a precision
-    plugin without a gradient scaler (full precision, bf16). Then the optimizers are used unwrapped."""
+    plugin without a gradient scaler (full precision, bf16). Then the optimizers are used unwrapped. (FedLoop
+    gives Fabric no callbacks, so the wrapper's callback calls never apply.)"""
     precision = fabric.strategy.precision
     return (
         isinstance(fabric.strategy, SingleDeviceStrategy)
         and type(precision).optimizer_step in (Precision.optimizer_step, MixedPrecision.optimizer_step)
         and getattr(precision, "scaler", None) is None
-        and not fabric._callbacks
     )
 
 

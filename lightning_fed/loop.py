@@ -1,9 +1,11 @@
 """FedLoop: the federated Lightning Fabric loop.
 
-One round: sample clients (seeded) → the strategy's instructions → downlink encode/decode → each client
-loads the payload in place into the one working model, trains with the module's own hooks, and replies →
-the codec encodes the reply (bytes counted) → the server decodes and validates it → the strategy
-aggregates → evaluate every ``eval_every`` rounds → log → checkpoint every ``checkpoint_every`` rounds.
+A round is a pipeline whose sides share nothing but messages (see docs/architecture.md):
+
+    plan (lightning_fed/plan.py)      sample clients, the strategy's instructions, encode the downlink
+    run (lightning_fed/runner.py)     each client: its state, its shard, local training, encode its reply
+    collect (lightning_fed/server.py) decode with the sender's state, validate, log failures and rejections
+    server (here and server.py)       the callbacks' say, aggregate, evaluate, log, checkpoint
 
 Determinism: client sampling depends only on (seed, round) and each client's local training RNG only on
 (seed, round, client), so a run resumed from any checkpoint ends with the same weights as an
@@ -28,16 +30,18 @@ from rich.console import Console
 from lightning_fed.callbacks.base import FED_HOOKS
 from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
-from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
-from lightning_fed.codecs.wire import MalformedMessage
-from lightning_fed.data.loaders import client_loader, dataset_labels
+from lightning_fed.codecs.base import Codec, Identity
+from lightning_fed.context import FedContext
+from lightning_fed.data.loaders import dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
+from lightning_fed.errors import RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
+from lightning_fed.plan import UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
 from lightning_fed.progress import RoundProgress
-from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
 from lightning_fed.report import partition_table, write_partition_csv
-from lightning_fed.seeding import derive_seed, seed_rngs
+from lightning_fed.runner import ClientRunner, ClientWork, SequentialRunner, WorkingModules
+from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
@@ -46,24 +50,6 @@ from lightning_fed.trainer_view import TrainerView
 log = logging.getLogger("lightning_fed")
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-UPLINK_ALLOCATIONS = ("uniform", "examples")
-
-
-def uplink_shares(allocation: str, examples: list[int]) -> list[float]:
-    """Each client's share of the uplink budget (mean 1 over all clients): all 1 for ``"uniform"``; for
-    ``"examples"`` proportional to the client's number of training examples (an empty shard counts as 1).
-
-    Example::
-
-        uplink_shares("examples", [100, 300])   # [0.5, 1.5]
-    """
-    if allocation not in UPLINK_ALLOCATIONS:
-        raise ValueError(f"uplink_allocation={allocation!r} is not allowed; use one of {UPLINK_ALLOCATIONS}")
-    if allocation == "uniform" or not examples:
-        return [1.0] * len(examples)
-    n = [max(int(x), 1) for x in examples]
-    total = sum(n)
-    return [x * len(n) / total for x in n]
 
 
 @dataclass
@@ -119,6 +105,11 @@ class FedLoop:
         loggers: Lightning loggers to write to: any of "csv", "tensorboard" (skipped if not installed).
         verbose: show the rich progress bar and tables on the console.
         plot: write ``accuracy.png`` at the end.
+        max_failed_rounds: stop the run with :class:`~lightning_fed.errors.RoundsFailed` (naming every client's
+            reason) after this many consecutive rounds with fewer than ``min_clients`` valid replies; a run in
+            which no round aggregated stops with it too.
+        runner: where and when the clients of a round run; default :class:`~lightning_fed.runner.SequentialRunner`
+            (one process, one client after another).
     """
 
     def __init__(
@@ -147,6 +138,8 @@ class FedLoop:
         loggers: list[str] | None = None,
         verbose: bool = True,
         plot: bool = True,
+        max_failed_rounds: int = 3,
+        runner: ClientRunner | None = None,
     ) -> None:
         def need(cond: bool, key: str, value: Any, allowed: str) -> None:
             if not cond:
@@ -164,6 +157,7 @@ class FedLoop:
              f"one of {UPLINK_ALLOCATIONS}")
         need(checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
         need(keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
+        need(max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
         need(str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
         need(max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
         need(max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
@@ -199,19 +193,14 @@ class FedLoop:
         self.logger_names = loggers
         self.verbose = verbose
         self.plot = plot
+        self.max_failed_rounds = max_failed_rounds
+        self.runner = runner if runner is not None else SequentialRunner()
         self.console = Console(stderr=True, quiet=not verbose)
-        self._model_changed = False
 
     # ------------------------------------------------------------------ public API
     def sample_clients(self, server_round: int) -> list[int]:
         """The clients of ``server_round``: a seeded sample without replacement, sorted."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, server_round))
-        return sorted(torch.randperm(self.num_clients, generator=g)[: self.clients_per_round].tolist())
-
-    def model_changed(self) -> None:
-        """Tell the loop that a server-side callback changed the working model's structure (e.g. pruning):
-        the strategy re-reads its global state from the model at the end of the round's hooks."""
-        self._model_changed = True
+        return sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round)
 
     def fit(
         self,
@@ -230,28 +219,50 @@ class FedLoop:
             resume: a run folder or checkpoint folder to continue from, or ``"last"`` for the newest run
                 under ``output_dir``.
             run_config: text of the resolved configuration, saved as ``config.yaml`` in the run folder.
+
+        Raises:
+            RoundsFailed: ``max_failed_rounds`` consecutive rounds (or every round of the run) had fewer than
+                ``min_clients`` valid replies.
         """
         ckpt_dir = resolve_resume(self.output_dir, resume)
         run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
             (run_dir / "config.yaml").write_text(run_config)
-        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision, loggers=make_loggers(self.logger_names, run_dir))
+        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision,
+                        loggers=make_loggers(self.logger_names, run_dir))
         self._setup_data(datamodule, run_dir)
-        model = fabric.strategy.precision.convert_module(model)
-        model = fabric.to_device(model)
+        model = fabric.to_device(fabric.strategy.precision.convert_module(model))
         self.fabric, self.model, self.run_dir = fabric, model, run_dir
         self.all_callbacks = self.callbacks + self.strategy.client_callbacks()
-        self.view = view = TrainerView(fabric, self)
+        self.store = ClientStore(run_dir / "clients")
+        self.senders = ClientStore(run_dir / "senders")
+        self.context = ctx = FedContext(
+            num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
+            eval_data=self.eval_loader, console=self.console, _evaluate=self.evaluate_module,
+            _stored_clients=self.store.ids, _stored_state=self.store.load)
+        self.view = view = TrainerView(fabric, ctx)
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
         self._prepared: dict[int, L.LightningModule] = {}
-        self.store = ClientStore(run_dir / "clients")
+        self.uplink = self.codec
+        for cb in self.all_callbacks:  # e.g. MagnitudeSparsity packs the masked entries of every reply
+            wrap = getattr(cb, "wrap_uplink", None)
+            if wrap is not None:
+                self.uplink = wrap(self.uplink)
         self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
+        self.modules = WorkingModules({id(view): view, **{id(cb): cb for cb in self.all_callbacks}})
+        self.work = ClientWork(
+            strategy=self.strategy, codec=self.uplink, downlink_codec=self.downlink_codec, store=self.store,
+            dataset=self.train_template.dataset, shards=self.shards, template=self.train_template, local=self.local,
+            view=view, context=ctx, modules=self.modules, prepare=self._working_module, hook=self._fed_hook,
+            chain=self._chain_hook, seed=self.seed, local_epochs=self.local_epochs, downlink_state={})
+        self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
         self._last_eval: dict[str, float] = {}
+        self._failed: list[tuple[int, list[str]]] = []  # the current streak of rounds that could not aggregate
         for cb in self.all_callbacks:
             cb.setup(view, model, "fit")
         start = 0
@@ -273,6 +284,8 @@ class FedLoop:
                     if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
                         self.save_checkpoint(r)
                     progress.advance(metrics)
+            if self.history and all(h.get("skipped") for h in self.history):
+                raise RoundsFailed(self._failure_report("every round of the run"))
             for cb in self.all_callbacks:
                 cb.on_fit_end(view, model)
             model.on_fit_end()
@@ -289,37 +302,28 @@ class FedLoop:
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        view, model = self.view, self.model
-        view.current_round, view.client_id = r, None
-        self.codec.on_round_start(r)
-        self.downlink_codec.on_round_start(r)
+        ctx, model = self.context, self.model
+        ctx.round, ctx.client_id, ctx.client_state = r, None, {}
         clients = self.sample_clients(r)
-        instructions = self.strategy.configure_round(r, clients)
-        self._fed_hook("on_round_start", instructions)
-        stats = {"bytes_up": 0, "bytes_down": 0, "raw_bytes_up": 0, "raw_bytes_down": 0, "rejected": 0, "failed": 0,
-                 "encode_s": 0.0, "decode_s": 0.0}
-        received = self._downlink(instructions, stats)
-        stats["bytes_down"] += len(self.codec.broadcast()) * len(received)  # e.g. a shared sparsity mask
-        sent = [out for instr in received if (out := self._client(r, instr, stats)) is not None]
-        # the server handles the round's messages together once the clients are done; each message is released
-        # as soon as it is decoded, so at most one copy of each reply (encoded or decoded) is held
-        replies: list[Reply] = []
-        sent.reverse()
-        while sent:
-            instr, reply, message = sent.pop()
-            checked = self.receive(r, instr, reply, message, stats)
-            if checked is not None:
-                replies.append(checked)
-            del message
-        view.client_id, view.client_state = None, {}
+        plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
+                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
+        self.modules.round_start([model, *self._prepared.values()])
+        messages = self.runner.run(plan.tasks, self.work)
+        got = self.server.collect(r, plan.instructions, messages)
+        del messages
+        replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
         if len(replies) >= self.min_clients:
-            metrics.update(self.strategy.aggregate(r, replies))
+            metrics.update(self.server.aggregate(r, replies))
             metrics["skipped"] = 0
+            self._failed.clear()
         else:
             log.warning("round %d skipped: %d valid replies, min_clients=%d", r + 1, len(replies), self.min_clients)
             metrics["skipped"] = 1
+            self._failed.append((r, got.reasons))
+            if len(self._failed) >= self.max_failed_rounds:
+                raise RoundsFailed(self._failure_report(f"{len(self._failed)} consecutive rounds"))
         self.strategy.load_global(model)
         if replies:
             n = sum(rp.num_examples for rp in replies)
@@ -327,76 +331,29 @@ class FedLoop:
                 vals = [(rp.metrics[key], rp.num_examples) for rp in replies if key in rp.metrics]
                 metrics[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
             metrics["examples"] = n
+        stats = {**got.stats, "bytes_down": plan.stats["bytes_down"], "raw_bytes_down": plan.stats["raw_bytes_down"]}
+        stats["encode_s"] += plan.stats["encode_s"]
         metrics.update(stats)
         if stats["bytes_up"]:
             metrics["compression_ratio"] = stats["raw_bytes_up"] / stats["bytes_up"]
         if stats["bytes_down"]:
             metrics["compression_ratio_down"] = stats["raw_bytes_down"] / stats["bytes_down"]
         self._fed_hook("on_round_end", metrics)
-        if self._model_changed:
+        if ctx.take_model_changed():
             self.strategy.model_changed(model)
-            self._model_changed = False
-        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
+        if ctx.is_eval_round(r):
             self._last_eval = self.evaluator.run(self.eval_loader)
             self._last_eval.update(self.strategy.evaluate(self.evaluate_module))
             metrics.update(self._last_eval)
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
-    def _downlink(self, instructions: list[Instruction], stats: dict[str, Any]) -> list[Instruction]:
-        """Encode each distinct payload once, count its bytes per receiving client, decode for clients."""
-        decoded: dict[int, Any] = {}
-        out = []
-        for instr in instructions:
-            key = id(instr.payload)
-            if key not in decoded:
-                t = time.perf_counter()
-                msg = self.downlink_codec.encode(instr.payload, self._downlink_state)
-                stats["encode_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                payload = decode_expected(self.downlink_codec, msg, spec=spec_of(instr.payload))
-                stats["decode_s"] += time.perf_counter() - t
-                decoded[key] = (len(msg), sum(v.numel() * v.element_size() for v in instr.payload.values()), payload)
-            size, raw, payload = decoded[key]
-            stats["bytes_down"] += size
-            stats["raw_bytes_down"] += raw
-            out.append(Instruction(instr.client_id, payload, dict(instr.config)))
-        return out
-
-    def _client(self, r: int, instr: Instruction, stats: dict[str, Any]) -> tuple[Instruction, Reply, bytes] | None:
-        """Run one client end to end; return its instruction, reply and encoded message, or ``None`` if it
-        failed (logged)."""
-        cid, view = instr.client_id, self.view
-        view.client_id = cid
-        view.client_state = self.store.load(cid)
-        model = self._working_module(self.strategy.client_module(cid, self.model))
-        view.lightning_module = model
-        try:
-            seed_rngs(derive_seed(self.seed, r, cid))
-            self.strategy.client_receive(model, instr)
-            self._fed_hook("on_client_start", instr)
-            shard = self.shards[cid]
-            loader = client_loader(self.train_template, shard, torch.Generator().manual_seed(derive_seed(self.seed, r, cid, 1)))
-            train_metrics = self.local.fit(loader, int(instr.config.get("local_epochs", self.local_epochs)))
-            payload = self.strategy.client_reply(model, instr)
-            reply = Reply(cid, payload, num_examples=len(shard), metrics=train_metrics)
-            self._fed_hook("on_client_end", reply)
-            t = time.perf_counter()
-            message = encode_budgeted(self.codec, reply.payload, view.client_state.setdefault("codec", {}),
-                                      share=self.uplink_shares[cid])
-            stats["encode_s"] += time.perf_counter() - t
-            stats["raw_bytes_up"] += sum(t.numel() * t.element_size() for t in reply.payload.values())
-        except Exception as err:  # a crashing client must not stop the round
-            log.warning("round %d: client %d dropped: %s: %s", r + 1, cid, type(err).__name__, err)
-            stats["failed"] += 1
-            return None
-        finally:
-            view.lightning_module = self.model
-        if not view.client_state.get("codec"):
-            view.client_state.pop("codec", None)
-        self.store.save(cid, view.client_state)
-        stats["bytes_up"] += len(message)
-        return instr, Reply(cid, {}, reply.num_examples, reply.metrics), message  # the payload now travels as bytes
+    def _failure_report(self, what: str) -> str:
+        """Why the run stops: the rounds that could not aggregate and each client's reason."""
+        lines = [f"{what} had fewer than min_clients={self.min_clients} valid replies; the run stops."]
+        for r, reasons in self._failed:
+            lines.append(f"round {r + 1}: " + ("; ".join(reasons) if reasons else "no client was sent an instruction"))
+        return "\n".join(lines)
 
     def _working_module(self, module: L.LightningModule) -> L.LightningModule:
         """Put a strategy-provided module (another architecture) on the device and attach the view, once."""
@@ -416,27 +373,19 @@ class FedLoop:
         finally:
             self.view.lightning_module = self.model
 
-    def receive(self, r: int, instr: Instruction, reply: Reply, message: bytes, stats: dict[str, Any]) -> Reply | None:
-        """Server side of a reply: size limit, decode (no pickle), validate; ``None`` if rejected (logged)."""
-        try:
-            spec = self.strategy.reply_spec(instr)
-            t = time.perf_counter()
-            payload = decode_expected(self.codec, message, max_bytes=self.max_message_bytes, spec=spec,
-                                      sender=reply.client_id)
-            stats["decode_s"] += time.perf_counter() - t
-            checked = Reply(reply.client_id, payload, reply.num_examples, dict(reply.metrics))
-            validate_reply(checked, spec, max_abs=self.max_update_abs)
-        except (MalformedMessage, RejectedReply) as err:
-            log.warning("round %d: reply of client %d rejected: %s", r + 1, reply.client_id, err)
-            stats["rejected"] += 1
-            return None
-        return checked
-
     def _fed_hook(self, name: str, *args: Any) -> None:
         for cb in self.all_callbacks:
             fn = getattr(cb, name, None)
             if fn is not None:
                 fn(self.view, self.model, *args)
+
+    def _chain_hook(self, name: str, value: Any) -> Any:
+        """A federated hook whose result the next callback receives (``on_client_data``)."""
+        for cb in self.all_callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                value = fn(self.view, self.model, value)
+        return value
 
     # ------------------------------------------------------------------ data and outputs
     def _setup_data(self, dm: L.LightningDataModule, run_dir: Path) -> None:
@@ -471,14 +420,17 @@ class FedLoop:
             "seed": self.seed,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "strategy": self.strategy.state_dict(),
-            "codec": self.codec.state_dict(),
+            "codec": self.uplink.state_dict(),
             "downlink_codec": self.downlink_codec.state_dict(),
             "downlink_state": self._downlink_state,
+            "downlink_receiver_state": self.work.downlink_state,
+            "failed_rounds": [[r, list(reasons)] for r, reasons in self._failed],
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.all_callbacks},
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
-        return save_checkpoint(self.run_dir, r, state, self.store, self.keep_checkpoints)
+        return save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
+                               self.keep_checkpoints)
 
     def _restore(self, ckpt_dir: Path) -> int:
         state = load_checkpoint(ckpt_dir)
@@ -493,13 +445,16 @@ class FedLoop:
         self.model.load_state_dict(state["model"])
         self.strategy.setup(self.model)
         self.strategy.load_state_dict(state["strategy"])
-        self.codec.load_state_dict(state["codec"])
+        self.uplink.load_state_dict(state["codec"])
         self.downlink_codec.load_state_dict(state["downlink_codec"])
         self._downlink_state = state["downlink_state"]
+        self.work.downlink_state = state["downlink_receiver_state"]
+        self._failed = [(int(r), list(reasons)) for r, reasons in state["failed_rounds"]]
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         self.store.restore(ckpt_dir / "clients")
+        self.senders.restore(ckpt_dir / "senders")
         log.info("resumed from %s after round %d", ckpt_dir, state["round"] + 1)
         return state["round"] + 1
 
@@ -521,4 +476,4 @@ class FedLoop:
                 m._fabric_optimizers = []
 
 
-__all__ = ["FED_HOOKS", "FedLoop", "FitResult", "derive_seed", "seed_rngs"]  # seeds re-exported for old imports
+__all__ = ["FED_HOOKS", "UPLINK_ALLOCATIONS", "FedLoop", "FitResult", "uplink_shares"]

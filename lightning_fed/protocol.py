@@ -51,6 +51,53 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ClientTask:
+    """What crosses the downlink to one sampled client for one round.
+
+    Attributes:
+        round: the server round (0-based).
+        client_id: the receiving client.
+        message: the encoded instruction payload (the same bytes object for clients sent the same payload).
+        spec: names, shapes and dtypes of that payload (compact downlink codecs decode with it).
+        config: plain settings for this round's local work (``local_epochs``…).
+        share: the client's share of the uplink budget (1.0 = the codec's configured rate).
+        broadcast: the uplink codec's broadcast of this round (e.g. TCS's global mask), ``b""`` when none.
+    """
+
+    round: int
+    client_id: int
+    message: bytes
+    spec: PayloadSpec
+    config: dict[str, Any] = field(default_factory=dict)
+    share: float = 1.0
+    broadcast: bytes = b""
+
+
+@dataclass
+class ClientMessage:
+    """What crosses the uplink from one client after its local work: the encoded reply, or why it failed.
+
+    Attributes:
+        client_id: the sender (known to the transport, never read from the bytes).
+        message: the encoded reply payload (``b""`` when the client failed).
+        num_examples: the client's number of training examples (its aggregation weight).
+        metrics: scalar metrics of the local work (``train_loss``…).
+        failure: ``None``, or the reason the client dropped out (its exception, one line).
+        raw_bytes: the size of the payload before encoding (for the compression ratio).
+        encode_s: seconds spent encoding the reply; decode_s: decoding the downlink.
+    """
+
+    client_id: int
+    message: bytes = b""
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None
+    raw_bytes: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+
 class RejectedReply(ValueError):
     """A client's reply failed validation; the message names the client and the reason."""
 
@@ -77,6 +124,11 @@ class TensorSpec:
 
 
 PayloadSpec = dict[str, TensorSpec]
+
+
+def payload_bytes(payload: Payload) -> int:
+    """The bytes of a payload's tensors, uncompressed."""
+    return sum(v.numel() * v.element_size() for v in payload.values())
 
 
 def spec_of(payload: Payload) -> PayloadSpec:

@@ -22,33 +22,31 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``sanity_checking``           always ``False``
 ``should_stop``               set ``True`` to stop the client's local training early
 ``is_global_zero``            ``True`` on the process that aggregates
-``current_round``             federated round (0-based)
+``fed``                       the federated context (:class:`~lightning_fed.context.FedContext`): round,
+                              client id and state, the client's data shard, run folder, evaluator…
+``current_round``             federated round (0-based), same as ``fed.round``
 ``num_rounds``                total rounds
-``client_id``                 the active client, ``None`` on the server
-``client_state``              dict persisted per client across rounds (store your per-client state here)
-``fed_loop``                  the :class:`~lightning_fed.loop.FedLoop`
-``fed_strategy``              the server :class:`~lightning_fed.strategies.Strategy`
+``client_id``                 the active client, ``None`` on the server (``fed.client_id``)
+``client_state``              dict persisted per client across rounds (``fed.client_state``)
 ============================  =====================================================================
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.fabric import Fabric
 
-if TYPE_CHECKING:
-    from lightning_fed.loop import FedLoop
+from lightning_fed.context import FedContext
 
 
 class TrainerView:
     """A small stand-in for ``lightning.Trainer`` that FedLoop hands to callbacks and to the module."""
 
-    def __init__(self, fabric: Fabric, loop: FedLoop) -> None:
+    def __init__(self, fabric: Fabric, fed: FedContext) -> None:
         self.fabric = fabric
-        self.fed_loop = loop
-        self.fed_strategy = loop.strategy
+        self.fed = fed
         self.lightning_module: Any = None
         self.callbacks: list[Any] = []
         self.current_epoch = 0
@@ -62,12 +60,28 @@ class TrainerView:
         self.validating = False
         self.sanity_checking = False
         self.should_stop = False
-        self.current_round = 0
-        self.num_rounds = loop.rounds
-        self.client_id: int | None = None
-        self.client_state: dict[str, Any] = {}
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+
+    @property
+    def current_round(self) -> int:
+        """The federated round (0-based)."""
+        return self.fed.round
+
+    @property
+    def num_rounds(self) -> int:
+        """Rounds of the run."""
+        return self.fed.num_rounds
+
+    @property
+    def client_id(self) -> int | None:
+        """The active client; ``None`` on the server."""
+        return self.fed.client_id
+
+    @property
+    def client_state(self) -> dict[str, Any]:
+        """The active client's persisted state (empty on the server)."""
+        return self.fed.client_state
 
     @property
     def estimated_stepping_batches(self) -> int:

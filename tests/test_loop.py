@@ -7,7 +7,8 @@ import torch
 from conftest import seeded
 
 from lightning_fed import FedAvg, FedCallback, FedLoop
-from lightning_fed.codecs import Identity
+from lightning_fed.codecs import EncodeArgs, Identity
+from lightning_fed.errors import ClientError, RoundsFailed, is_client_fault
 from lightning_fed.data import Dirichlet
 from lightning_fed.models import MNIST1DCNN, MNIST1DMLP
 from lightning_fed.weights import float_state
@@ -131,13 +132,87 @@ def test_crashing_client_is_dropped_and_logged(make_loop, small_dm, caplog):
 def test_round_skipped_below_min_clients(make_loop, small_dm, caplog):
     caplog.set_level(logging.WARNING, "lightning_fed")
     model = seeded(MNIST1DMLP)
-    loop = make_loop(num_clients=3, clients_per_round=3, rounds=1, min_clients=2, callbacks=[Crash({0, 1})])
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=2, min_clients=2, callbacks=[CrashInRound(0, {0, 1})])
     before = FedAvg()
     before.setup(model)
     res = loop.fit(model, small_dm)
-    assert res.history[0]["skipped"] == 1 and "round 1 skipped" in caplog.text
+    assert [h["skipped"] for h in res.history] == [1, 0] and "round 1 skipped" in caplog.text
+    assert res.history[1]["good"] == 3
+
+
+def test_a_run_that_never_aggregates_stops_with_the_reasons(make_loop, small_dm):
+    model = seeded(MNIST1DMLP)
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=1, min_clients=2, callbacks=[Crash({0, 1})])
+    before = FedAvg()
+    before.setup(model)
+    with pytest.raises(RoundsFailed, match=r"every round of the run had fewer than min_clients=2(.|\n)*"
+                                           r"round 1: client 0 dropped: RuntimeError: device out of battery"):
+        loop.fit(model, small_dm)
     assert torch.equal(loop.strategy.global_flat, before.global_flat)  # global model untouched
     assert torch.equal(_weights(model), before.global_flat)
+
+
+def test_consecutive_failed_rounds_stop_the_run(make_loop, small_dm):
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=10, min_clients=3, max_failed_rounds=2,
+                     callbacks=[CrashInRound(1, {2}), CrashInRound(2, {0})])
+    with pytest.raises(RoundsFailed, match=r"2 consecutive rounds(.|\n)*round 2: client 2 dropped(.|\n)*"
+                                           r"round 3: client 0 dropped"):
+        loop.fit(seeded(MNIST1DMLP), small_dm)
+    assert len(loop.history) == 2  # round 1 aggregated; round 2 failed; round 3 failed and stopped the run
+
+
+class CrashInRound(FedCallback):
+    def __init__(self, r, bad):
+        self.r, self.bad = r, bad
+
+    def on_client_start(self, trainer, pl_module, instruction):
+        if trainer.fed.round == self.r and trainer.fed.client_id in self.bad:
+            raise RuntimeError("device out of battery")
+
+
+class ChangesShape(FedCallback):
+    def on_client_start(self, trainer, pl_module, instruction):
+        if trainer.fed.client_id == 0:
+            module = trainer.lightning_module
+            name, p = next(iter(module.named_parameters()))
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            setattr(owner, name.rsplit(".", 1)[-1], torch.nn.Parameter(torch.zeros(3, 3)))
+
+
+def test_a_client_that_changes_its_model_is_dropped_alone(make_loop, small_dm, caplog):
+    caplog.set_level(logging.WARNING, "lightning_fed")
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=2, callbacks=[ChangesShape()])
+    res = loop.fit(seeded(MNIST1DMLP), small_dm)
+    assert [h["failed"] + h["rejected"] for h in res.history] == [1, 1]
+    assert [h["good"] for h in res.history] == [2, 2]
+    assert "client 0 changed its model's structure" in caplog.text
+
+
+def test_a_failure_of_lightning_fed_code_stops_the_run(make_loop, small_dm, monkeypatch):
+    import lightning_fed.codecs.wire as wire
+
+    def broken_pack(*a, **k):
+        raise KeyError("bug inside lightning_fed")
+
+    monkeypatch.setattr(wire, "pack", broken_pack)
+    monkeypatch.setattr("lightning_fed.codecs.base.pack", broken_pack)
+    with pytest.raises(KeyError, match="bug inside lightning_fed"):
+        make_loop(num_clients=2, clients_per_round=2, rounds=1).fit(seeded(MNIST1DMLP), small_dm)
+
+
+def test_fault_classification():
+    def user_code():
+        raise ValueError("user")
+
+    try:
+        user_code()
+    except ValueError as err:
+        assert is_client_fault(err)
+    try:
+        FedLoop(num_clients=0)
+    except ValueError as err:
+        assert not is_client_fault(err)  # raised inside lightning_fed.loop
+    assert is_client_fault(ClientError("simulated fault"))
 
 
 class Hostile(FedCallback):
@@ -192,8 +267,8 @@ class GarbageCodec(Identity):
         self.mode = mode
         self.calls = 0
 
-    def encode(self, payload, state):
-        msg = super().encode(payload, state)
+    def encode(self, payload, state, args=EncodeArgs()):
+        msg = super().encode(payload, state, args)
         self.calls += 1
         if self.calls != 1:
             return msg
@@ -209,8 +284,10 @@ def test_malformed_messages_are_rejected(mode, make_loop, small_dm, caplog):
 
 def test_oversized_messages_are_rejected(make_loop, small_dm, caplog):
     caplog.set_level(logging.WARNING, "lightning_fed")
-    res = make_loop(num_clients=2, clients_per_round=2, rounds=1, max_message_bytes=1000).fit(seeded(MNIST1DMLP), small_dm)
-    assert res.history[0]["rejected"] == 2 and "exceeds the limit of 1000" in caplog.text
+    loop = make_loop(num_clients=2, clients_per_round=2, rounds=1, max_message_bytes=1000)
+    with pytest.raises(RoundsFailed, match="client 0 rejected: message of 61328 bytes exceeds the limit of 1000"):
+        loop.fit(seeded(MNIST1DMLP), small_dm)
+    assert loop.history[0]["rejected"] == 2 and "exceeds the limit of 1000" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -282,4 +359,3 @@ def test_optimizers_are_unwrapped_only_when_fabric_would_step_them_unchanged():
 
     assert plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="32-true"))
     assert plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="bf16-mixed"))  # no grad scaler
-    assert not plain_optimizer_steps(Fabric(accelerator="cpu", devices=1, precision="32-true", callbacks=[object()]))

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from lightning_fed import FedLoop, FedCallback, MNIST1DDataModule, Dirichlet
     from lightning_fed.models import MNIST1DMLP
+    from lightning_fed.plan import sample_clients
 
     out, kill_at, resume = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
     torch.set_num_threads(1)
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def instructions_seen(trainer):
-        return trainer.fed_loop.sample_clients(trainer.current_round)[1]
+        return sample_clients(0, trainer.current_round, 4, 2)[1]
 
     L.seed_everything(0, verbose=False)
     loop = FedLoop(num_clients=4, clients_per_round=2, rounds=5, local_epochs=1, partition=Dirichlet(1.0),

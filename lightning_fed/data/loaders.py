@@ -36,16 +36,30 @@ class TensorShardLoader:
             yield [t[idx] for t in self.tensors]
 
 
-def client_loader(template: DataLoader, indices: Tensor, generator: torch.Generator) -> Any:
-    """A shuffled loader over ``indices`` with the batch size, collate function and worker settings of
-    ``template`` (the datamodule's ``train_dataloader()``)."""
+def subset_indices(data: Dataset, base: Dataset) -> Tensor | None:
+    """The indices into ``base`` that ``data`` selects when it is a (nested) ``Subset`` of ``base``, else ``None``."""
+    if data is base:
+        return torch.arange(len(base))
+    if isinstance(data, Subset):
+        inner = subset_indices(data.dataset, base)
+        if inner is not None:
+            return inner[torch.as_tensor(data.indices, dtype=torch.long)]
+    return None
+
+
+def client_loader(template: DataLoader, data: Dataset, generator: torch.Generator) -> Any:
+    """A shuffled loader over a client's ``data`` (its shard, or the subset a callback chose) with the batch
+    size, collate function and worker settings of ``template`` (the datamodule's ``train_dataloader()``)."""
     ds = template.dataset
     batch_size = template.batch_size or 1
     drop_last = bool(getattr(template, "drop_last", False))
-    if isinstance(ds, TensorDataset) and _default_collate(template.collate_fn):
+    indices = subset_indices(data, ds)
+    if indices is not None and isinstance(ds, TensorDataset) and _default_collate(template.collate_fn):
         return TensorShardLoader(ds.tensors, indices, batch_size, generator, drop_last)
+    if indices is not None:  # the same samples and order as before: a Subset of the training set by index list
+        data = Subset(ds, indices.tolist())
     return DataLoader(
-        Subset(ds, indices.tolist()),
+        data,
         batch_size=batch_size,
         shuffle=True,
         generator=generator,

@@ -1,0 +1,201 @@
+"""Client runners: turn a round's tasks (downlink messages) into reply messages.
+
+The client side of a round is :class:`ClientWork`: for one task it loads the client's own state from the
+client store, restores a working model from the instruction, trains it with the module's own Lightning hooks
+on the client's shard, builds the strategy's reply and encodes it with the codec's client half. It touches
+nothing of the server: what it returns is a :class:`~lightning_fed.protocol.ClientMessage` (bytes, example
+count, metrics, or the reason it failed).
+
+A :class:`ClientRunner` decides where and when each client's work runs. :class:`SequentialRunner` runs them
+one after another in this process; a multi-process runner (ranks split a round's clients) and an
+event-driven asynchronous runner (a simulated clock) implement the same interface.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_fed.client import LocalTrainer
+from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs
+from lightning_fed.context import FedContext
+from lightning_fed.data.loaders import client_loader
+from lightning_fed.errors import is_client_fault
+from lightning_fed.protocol import ClientMessage, ClientTask, Instruction, Payload, Reply, payload_bytes
+from lightning_fed.seeding import derive_seed, seed_rngs
+from lightning_fed.store import ClientStore
+from lightning_fed.strategies.base import Strategy
+from lightning_fed.trainer_view import TrainerView
+
+log = logging.getLogger("lightning_fed")
+
+LOADER_STREAM = 1  # the (seed, round, client, 1) stream shuffles a client's batches; (seed, round, client) seeds training
+
+
+def _signature(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of a module's parameters and buffers: its structure, cheap to compare."""
+    return [(n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()]]
+
+
+class WorkingModules:
+    """The modules clients train on (one per architecture), each restorable to its structure at round start.
+
+    A client's code may change its working model's structure (replace a parameter, add a layer). Sharing one
+    working module between clients would then leak that change into every later client of the round. After
+    each client, the module's structure is compared with the one recorded at round start and, if it differs,
+    the module is restored in place from a copy taken then (structural copies are only taken when the server
+    changed the structure, e.g. pruning, or at the first round).
+    """
+
+    def __init__(self, keep: dict[int, Any]) -> None:
+        self._keep = keep  # objects a copy must share, not duplicate (the trainer view, callbacks)
+        self._pristine: dict[int, tuple[list[Any], torch.nn.Module]] = {}
+
+    def round_start(self, modules: Sequence[torch.nn.Module]) -> None:
+        """Record each module's structure (and a copy, when the structure is new)."""
+        for m in modules:
+            sig = _signature(m)
+            known = self._pristine.get(id(m))
+            if known is None or known[0] != sig:
+                self._pristine[id(m)] = (sig, copy.deepcopy(m, dict(self._keep)))
+
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Restore ``module``'s structure if a client changed it; return whether it had to."""
+        known = self._pristine.get(id(module))
+        if known is None or _signature(module) == known[0]:
+            return False
+        fresh = copy.deepcopy(known[1], dict(self._keep))
+        module.__dict__.clear()
+        module.__dict__.update(fresh.__dict__)
+        return True
+
+
+@dataclass
+class ClientWork:
+    """The client side of a round: one task in, one reply message out.
+
+    Attributes:
+        strategy: its client half (``client_module``, ``client_receive``, ``client_reply``).
+        codec: the uplink codec (client half: ``encode``).
+        downlink_codec: decodes the instruction payload.
+        store: the clients' own states on disk.
+        dataset: the training set; ``shards[c]`` are client ``c``'s indices into it.
+        shards: every client's indices.
+        template: the data module's training loader (batch size, collate function, workers).
+        local: runs local training with the module's hooks.
+        view: the trainer view (``trainer``) the client's callbacks and module see.
+        context: the federated context (``trainer.fed``).
+        modules: the working modules and their structural restore.
+        prepare: puts a strategy-provided module on the device and attaches the view (once).
+        hook: calls a federated callback hook on every callback.
+        chain: calls a federated hook that returns a value (``on_client_data``) on every callback in turn.
+        seed: the run's seed.
+        local_epochs: default local epochs (an instruction's ``local_epochs`` overrides it).
+        downlink_state: the receivers' downlink decoder state (one simulated receiver decodes each message).
+    """
+
+    strategy: Strategy
+    codec: Codec
+    downlink_codec: Codec
+    store: ClientStore
+    dataset: Dataset
+    shards: list[torch.Tensor]
+    template: DataLoader
+    local: LocalTrainer
+    view: TrainerView
+    context: FedContext
+    modules: WorkingModules
+    prepare: Callable[[L.LightningModule], L.LightningModule]
+    hook: Callable[..., None]
+    chain: Callable[[str, Any], Any]
+    seed: int
+    local_epochs: int
+    downlink_state: dict[str, Any]
+
+    def __call__(self, task: ClientTask, payload: Payload) -> ClientMessage:
+        """Run one client's round on the decoded instruction ``payload``; a client's own failure becomes a
+        :class:`ClientMessage` with ``failure`` set, a failure of lightning_fed's code propagates."""
+        cid, ctx, view = task.client_id, self.context, self.view
+        ctx.client_id, ctx.client_state = cid, self.store.load(cid)
+        ctx.shard = Subset(self.dataset, self.shards[cid])
+        default = view.lightning_module
+        module = self.prepare(self.strategy.client_module(cid, default))
+        view.lightning_module = module
+        instr = Instruction(cid, payload, task.config)
+        try:
+            seed_rngs(derive_seed(self.seed, task.round, cid))
+            self.strategy.client_receive(module, instr)
+            shard = self.chain("on_client_data", ctx.shard)
+            self.hook("on_client_start", instr)
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, task.round, cid, LOADER_STREAM))
+            loader = client_loader(self.template, shard, generator)
+            metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)))
+            reply = Reply(cid, self.strategy.client_reply(module, instr), num_examples=len(ctx.shard), metrics=metrics)
+            self.hook("on_client_end", reply)
+            t = time.perf_counter()
+            codec_state = ctx.client_state.setdefault("codec", {})
+            message = self.codec.encode(reply.payload, codec_state,
+                                        EncodeArgs(round=task.round, share=task.share, broadcast=task.broadcast))
+            encode_s = time.perf_counter() - t
+        except Exception as err:
+            if not is_client_fault(err):
+                raise
+            ctx.client_state = {}  # a failed client's state is not saved: its next round starts from the last good one
+            return ClientMessage(cid, failure=f"{type(err).__name__}: {err}")
+        finally:
+            view.lightning_module = default
+            if self.modules.restore(module):
+                log.warning("round %d: client %d changed its model's structure; restored for the next client",
+                            task.round + 1, cid)
+            ctx.client_id, ctx.shard = None, None
+        if not ctx.client_state.get("codec"):
+            ctx.client_state.pop("codec", None)
+        self.store.save(cid, ctx.client_state)
+        ctx.client_state = {}
+        return ClientMessage(cid, message, reply.num_examples, reply.metrics, raw_bytes=payload_bytes(reply.payload),
+                             encode_s=encode_s)
+
+
+class ClientRunner:
+    """Where and when the clients of a round do their work. Subclasses implement :meth:`run`."""
+
+    def run(self, tasks: list[ClientTask], work: ClientWork) -> list[ClientMessage]:
+        """Every task's reply message (in the order of ``tasks``)."""
+        raise NotImplementedError
+
+
+class SequentialRunner(ClientRunner):
+    """Runs the clients one after another in this process (the default).
+
+    Each distinct downlink message is decoded once per round and the payload shared by the clients that
+    received it (read-only: strategies load it into the working model, they never write it).
+    """
+
+    def run(self, tasks: list[ClientTask], work: ClientWork) -> list[ClientMessage]:
+        """Decode each task's instruction and run the client."""
+        decoded: dict[int, tuple[Payload, float]] = {}
+        out = []
+        for task in tasks:
+            key = id(task.message)
+            if key not in decoded:
+                t = time.perf_counter()
+                payload = work.downlink_codec.decode(task.message, work.downlink_state,
+                                                     DecodeArgs(round=task.round, spec=task.spec))
+                decoded[key] = (payload, time.perf_counter() - t)
+            payload, decode_s = decoded[key]
+            msg = work(task, payload)
+            msg.decode_s = decode_s
+            decoded[key] = (payload, 0.0)  # a shared payload is decoded (and timed) once
+            out.append(msg)
+        return out
+
+
+__all__ = ["ClientRunner", "ClientWork", "SequentialRunner", "WorkingModules"]
