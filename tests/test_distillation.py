@@ -145,7 +145,7 @@ def test_fedloop_distillation_teacher_excluded_from_payload(tmp_path):
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in teacher.parameters())
     assert res.history[-1]["distill/kd_loss"] > 0
-    assert res.history[-1]["distill/attention_loss"] >= 0
+    assert res.history[-1]["distill/attention_loss"] > 0  # a different, frozen teacher: the maps differ
     assert res.history[-1]["good"] == 2
 
 

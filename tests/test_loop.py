@@ -311,9 +311,17 @@ def test_bad_configuration_fails_before_training(kw, match):
         FedLoop(**base)
 
 
-def test_bf16_mixed_precision_runs(make_loop, small_dm):
-    res = make_loop(rounds=1, precision="bf16-mixed").fit(seeded(MNIST1DCNN), small_dm)
-    assert res.history[0]["good"] == 2 and 0 <= res.final_metrics["test_acc"] <= 1
+def test_bf16_mixed_precision_runs(make_loop, small_dm, tmp_path):
+    w0 = _weights(seeded(MNIST1DCNN))
+    model, ref = seeded(MNIST1DCNN), seeded(MNIST1DCNN)
+    res = make_loop(rounds=1, precision="bf16-mixed").fit(model, small_dm)
+    ref_res = make_loop(rounds=1, output_dir=str(tmp_path / "fp32")).fit(ref, small_dm)
+    assert res.history[0]["good"] == 2
+    assert res.final_metrics["test_loss"] == pytest.approx(ref_res.final_metrics["test_loss"], abs=1e-3)
+    # bf16 autocast was applied (the update differs from the fp32 one) and trains like fp32 (cosine 0.999)
+    d, d_ref = _weights(model) - w0, _weights(ref) - w0
+    assert d.norm() > 0 and not torch.equal(d, d_ref)
+    assert torch.nn.functional.cosine_similarity(d, d_ref, dim=0) > 0.99
 
 
 class _CountingCNN(MNIST1DCNN):

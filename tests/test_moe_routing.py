@@ -99,9 +99,16 @@ def test_logged_stats_under_trainer(small_dm):
     m = trainer.callback_metrics
     for key in ("moe/balance_loss", "moe/z_loss", "moe/entropy", "moe/dropped", "moe/net.2/load_2"):
         assert key in m, key
-    assert 0 <= float(m["moe/dropped"]) < 1 and float(m["moe/entropy"]) <= math.log(3) + 1e-6
+    assert float(m["moe/entropy"]) <= math.log(3) + 1e-6
     loads = sum(float(m[f"moe/net.2/load_{e}"]) for e in range(3))
     assert math.isclose(loads, 1.0, rel_tol=1e-5)
+    # the last step routed 32 tokens, k=1, capacity ceil(1.25 * 32 / 3) = 14 per expert: tokens are dropped
+    # only by an expert filled to capacity, and the logged shares are whole token counts of the kept ones
+    dropped, cap = float(m["moe/dropped"]), math.ceil(1.25 * 32 / 3)
+    kept = round((1 - dropped) * 32)
+    assert 0 < dropped < 1 and dropped == pytest.approx(1 - kept / 32, abs=1e-6)
+    counts = [float(m[f"moe/net.2/load_{e}"]) * kept for e in range(3)]
+    assert all(abs(c - round(c)) < 1e-4 for c in counts) and max(round(c) for c in counts) == cap
 
 
 def test_under_fedloop_anneals_by_round_and_logs(make_loop, small_dm):
@@ -127,8 +134,12 @@ def test_existing_moe_layers_without_conversion(make_loop, small_dm):
 
     model = seeded(MNIST1DFFN)
     convert_to_moe(model, ["ffn"], num_experts=2)
+    router0 = model.ffn.router.weight.detach().clone()
     res = make_loop(rounds=1, callbacks=[MoERouting()]).fit(model, small_dm)
-    assert "moe/z_loss" in res.history[-1]
+    h = res.history[-1]
+    assert "moe/z_loss" in h
+    assert h["moe/ffn/load_0"] + h["moe/ffn/load_1"] == pytest.approx(1.0, abs=1e-5)  # the found layer is routed
+    assert not torch.equal(model.ffn.router.weight.detach(), router0)  # and its router trained
 
 
 def test_config_errors():

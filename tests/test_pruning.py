@@ -112,7 +112,9 @@ def test_fedloop_server_prunes_and_every_client_follows(tmp_path):
     model = MNIST1DCNN()
     res = loop.fit(model, dm())
     assert all(h["failed"] == 0 and h["rejected"] == 0 and h["good"] == 2 for h in res.history)
-    assert res.history[1]["pruned_params"] > 0
+    unpruned = sum(p.numel() for p in MNIST1DCNN().parameters())
+    assert res.history[1]["pruned_params"] == unpruned - sum(p.numel() for p in model.parameters())
+    assert all("pruned_params" not in h for i, h in enumerate(res.history) if i != 1)  # at=[1] only
     assert loop.strategy.global_flat.numel() == sum(p.numel() for p in model.parameters())
     # the history is broadcast in every instruction after the pruning round
     assert all((n > 0) == (r >= 2) for r, _, n, _ in spy.seen)
