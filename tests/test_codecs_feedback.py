@@ -8,7 +8,17 @@ import itertools
 import pytest
 import torch
 
-from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, DecodeArgs, EncodeArgs, PowerSGD, RandomK, Sign, TopK
+from lightning_fed.codecs import (
+    QSGD,
+    Blockwise8bit,
+    Cast,
+    DecodeArgs,
+    EncodeArgs,
+    PowerSGD,
+    RandomK,
+    Sign,
+    TopK,
+)
 from lightning_fed.protocol import spec_of
 from lightning_fed.store import ClientStore
 

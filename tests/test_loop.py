@@ -7,7 +7,7 @@ import torch
 from conftest import seeded
 
 from lightning_fed import FedAvg, FedCallback, FedLoop
-from lightning_fed.codecs import Identity
+from lightning_fed.codecs import EncodeArgs, Identity
 from lightning_fed.data import Dirichlet
 from lightning_fed.models import MNIST1DCNN, MNIST1DMLP
 from lightning_fed.weights import float_state
@@ -192,8 +192,8 @@ class GarbageCodec(Identity):
         self.mode = mode
         self.calls = 0
 
-    def encode(self, payload, state):
-        msg = super().encode(payload, state)
+    def encode(self, payload, state, args=EncodeArgs()):
+        msg = super().encode(payload, state, args)
         self.calls += 1
         if self.calls != 1:
             return msg
