@@ -33,6 +33,7 @@ from lightning_fed.codecs import (
     Blockwise8bit,
     Cast,
     Codec,
+    DecodeArgs,
     Differential,
     Identity,
     PowerSGD,
@@ -271,7 +272,7 @@ def throughput(numel: int, names: list[str], repeats: int = 2) -> None:
             msg = codec.encode(payload, state)
             te = time.perf_counter() - t
             t = time.perf_counter()
-            codec.decode(msg, spec=spec)
+            codec.decode(msg, {}, DecodeArgs(spec=spec))
             td = time.perf_counter() - t
             cpu = time.process_time() - c
             if te + td < best[0] + best[1]:

@@ -1,12 +1,13 @@
-"""TimeCorrelatedTopK: the shared mask, its digest check, broadcast bytes, error feedback, resume, loop counts."""
+"""TimeCorrelatedTopK: the shared mask, its digest check, broadcast bytes, error feedback, resume, loop counts;
+the mask comes only from the replies the server accepts, and decoding changes nothing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_fed.codecs import MalformedMessage, Sign, TimeCorrelatedTopK
-from lightning_fed.codecs.bits import ef_encode
+from lightning_fed.codecs import DecodeArgs, EncodeArgs, MalformedMessage, Sign, TimeCorrelatedTopK
+from lightning_fed.codecs.bits import ef_encode, ef_size
 from lightning_fed.protocol import spec_of
 
 
@@ -15,29 +16,33 @@ def vec(seed: int, n: int = 200) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(n, generator=g)}
 
 
-def test_first_round_has_no_mask_then_mask_is_top_of_decoded_sum():
+def send(c: TimeCorrelatedTopK, r: int, p: dict, state: dict | None = None, bc: bytes | None = None) -> bytes:
+    """A client's message in round ``r``: it encodes against the broadcast it received (the server's, by default)."""
+    return c.encode(p, {} if state is None else state, EncodeArgs(round=r, broadcast=c.broadcast(r) if bc is None else bc))
+
+
+def receive(c: TimeCorrelatedTopK, r: int, msg: bytes, sender: int = 0) -> dict:
+    return c.decode(msg, {}, DecodeArgs(round=r, sender=sender, spec=spec_of(vec(0))))
+
+
+def test_first_round_has_no_mask_then_mask_is_top_of_accepted_sum():
     c = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
-    spec = spec_of(vec(0))
-    c.on_round_start(0)
-    assert c.broadcast() == b"" and len(c.mask) == 0
-    outs = [c.decode(c.encode(vec(s), {}), spec=spec)["w"] for s in range(3)]
-    total = sum(outs)
-    c.on_round_start(1)
+    assert c.broadcast(0) == b"" and len(c.mask) == 0
+    outs = [receive(c, 0, send(c, 0, vec(s)), s) for s in range(3)]
+    total = sum(o["w"] for o in outs)
+    c.accept(0, outs)
     want = torch.topk(total.abs(), 20).indices.sort().values  # 3 clients x 10 entries >= 20 non-zeros
     assert torch.equal(c.mask, want)
     # the broadcast is the mask's size and Elias-Fano code (what each sampled client receives)
-    assert c.broadcast() == bytes([20]) + ef_encode(want, 200)
+    assert c.broadcast(1) == bytes([20]) + ef_encode(want, 200)
 
 
 def test_values_sent_at_mask_without_index_bytes_plus_own_top_outside():
     c = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1, error_feedback=False)
-    spec = spec_of(vec(0))
-    c.on_round_start(0)
-    c.decode(c.encode(vec(1), {}), spec=spec)
-    c.on_round_start(1)
+    c.accept(0, [receive(c, 0, send(c, 0, vec(1)))])
     p = vec(2)
-    msg = c.encode(p, {})
-    out = c.decode(msg, spec=spec)["w"]
+    msg = send(c, 1, p)
+    out = receive(c, 1, msg)["w"]
     x = p["w"]
     assert torch.equal(out[c.mask], x[c.mask])  # float32 values: exact at every mask position
     outside = torch.ones(200, dtype=torch.bool)
@@ -46,50 +51,104 @@ def test_values_sent_at_mask_without_index_bytes_plus_own_top_outside():
     assert torch.equal(out[top_out], x[top_out])
     assert int((out != 0).sum()) == len(c.mask) + 10
     # mask positions cost no index bytes: header 8 + digest 2 + varint 1 + EF(10 of 200) + 4 bytes per value
-    from lightning_fed.codecs.bits import ef_size
-
     assert len(msg) == 8 + 2 + 1 + ef_size(10, 200) + 4 * (len(c.mask) + 10)
+
+
+def test_client_reads_the_mask_from_the_broadcast_only():
+    """The client half uses the bytes it received, not the server's object: another codec object (a remote
+    client) encodes the same message from the same broadcast."""
+    server = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
+    server.accept(0, [receive(server, 0, send(server, 0, vec(1)))])
+    remote = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)  # a fresh object: no mask of its own
+    bc = server.broadcast(1)
+    msg = send(remote, 1, vec(2), bc=bc)
+    assert msg == send(server, 1, vec(2))
+    assert torch.equal(receive(server, 1, msg)["w"], receive(server, 1, send(server, 1, vec(2)))["w"])
+    assert send(remote, 1, vec(2), bc=b"") != msg  # without the broadcast it encodes against no mask…
+    with pytest.raises(MalformedMessage, match="another global mask"):  # …which the server refuses
+        receive(server, 1, send(remote, 1, vec(2), bc=b""))
 
 
 def test_error_feedback_conserves_the_update():
     c = TimeCorrelatedTopK(ratio=0.03, mask_ratio=0.2, values=Sign(block=16, scale_dtype="float16"))
-    spec = spec_of(vec(0))
     state: dict = {}
     total_in, total_sent = torch.zeros(200), torch.zeros(200)
     for r in range(6):
-        c.on_round_start(r)
         p = vec(10 + r)
         total_in += p["w"]
-        total_sent += c.decode(c.encode(p, state), spec=spec)["w"]
+        out = receive(c, r, send(c, r, p, state))
+        total_sent += out["w"]
+        c.accept(r, [out])
+    assert len(c.mask) > 0
     assert torch.allclose(total_sent + state["residual"], total_in, atol=1e-4)
 
 
 def test_message_against_another_mask_is_rejected():
     c = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
-    spec = spec_of(vec(0))
-    c.on_round_start(0)
-    stale = c.encode(vec(1), {})  # encoded against the empty mask of round 0
-    c.decode(c.encode(vec(2), {}), spec=spec)
-    c.on_round_start(1)
+    stale = send(c, 0, vec(1))  # encoded against the empty mask of round 0
+    c.accept(0, [receive(c, 0, send(c, 0, vec(2)))])
     with pytest.raises(MalformedMessage, match="another global mask"):
-        c.decode(stale, spec=spec)
-    good = c.encode(vec(3), {})
+        receive(c, 1, stale)
+    good = send(c, 1, vec(3))
     with pytest.raises(MalformedMessage):
-        c.decode(good[:-1], spec=spec)
+        receive(c, 1, good[:-1])
     with pytest.raises(MalformedMessage):
-        c.decode(good + b"\x00", spec=spec)
+        receive(c, 1, good + b"\x00")
+
+
+def test_decode_alone_changes_nothing():
+    """Decoding only reads the server's mask: the codec's state is the same after any number of decodes, so a
+    reply decoded and then rejected leaves no trace."""
+    c = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
+    c.accept(0, [receive(c, 0, send(c, 0, vec(1)))])
+    before = c.state_dict()
+    state: dict = {}
+    for s in range(4):
+        out = c.decode(send(c, 1, vec(10 + s)), state, DecodeArgs(round=1, sender=s, spec=spec_of(vec(0))))
+        assert int((out["w"] != 0).sum()) > 0
+    after = c.state_dict()
+    assert state == {} and before.keys() == after.keys()
+    assert torch.equal(before["mask"], after["mask"]) and before["mask_numel"] == after["mask_numel"]
+    assert c.broadcast(2) == c.broadcast(1)
+
+
+def test_rejected_or_dropped_replies_do_not_shape_the_next_mask():
+    """The old decoder summed every vector it decoded: a reply decoded and then rejected (a NaN update, a reply
+    a callback dropped) still moved the next mask. Now only the accepted replies do."""
+    c = TimeCorrelatedTopK(ratio=0.1, mask_ratio=0.1)
+    good = [receive(c, 0, send(c, 0, vec(s)), s) for s in range(3)]
+    bad = vec(99)
+    bad["w"] = bad["w"] * 1e3  # a huge reply: decoded fine, then rejected (norm check) or dropped by a callback
+    bad_out = receive(c, 0, send(c, 0, bad), 3)
+    nan = vec(98)
+    nan["w"][5] = float("nan")  # a NaN reply decodes too (NaN values); validation rejects it
+    receive(c, 0, send(c, 0, nan), 4)
+    c.accept(0, good)  # the server aggregates only the good replies
+    total = sum(o["w"] for o in good)
+    k = min(int((total != 0).sum()), 20)
+    want = torch.topk(total.abs(), k).indices.sort().values
+    assert torch.equal(c.mask, want)
+    with_bad = torch.topk((total + bad_out["w"]).abs(), k).indices.sort().values
+    assert not torch.equal(with_bad, want)  # the rejected reply would have moved the mask
+
+
+def test_a_round_without_accepted_replies_keeps_the_mask():
+    c = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
+    c.accept(0, [receive(c, 0, send(c, 0, vec(1)))])
+    mask, bc = c.mask.clone(), c.broadcast(1)
+    receive(c, 1, send(c, 1, vec(2)))  # decoded, then every reply of the round rejected
+    c.accept(1, [])
+    assert torch.equal(c.mask, mask) and c.broadcast(2) == bc
 
 
 def test_state_dict_resumes_the_same_mask():
-    spec = spec_of(vec(0))
     a = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
-    a.on_round_start(0)
-    a.decode(a.encode(vec(1), {}), spec=spec)
+    a.accept(0, [receive(a, 0, send(a, 0, vec(1)))])
     b = TimeCorrelatedTopK(ratio=0.05, mask_ratio=0.1)
-    b.load_state_dict(a.state_dict())  # a checkpoint between decoding and the next round
-    a.on_round_start(1)
-    b.on_round_start(1)
-    assert torch.equal(a.mask, b.mask) and a.broadcast() == b.broadcast()
+    b.load_state_dict(a.state_dict())  # a checkpoint between rounds
+    assert torch.equal(a.mask, b.mask) and a.broadcast(1) == b.broadcast(1)
+    msg = send(a, 1, vec(2))
+    assert torch.equal(receive(a, 1, msg)["w"], receive(b, 1, msg)["w"])
 
 
 def test_bad_settings_rejected():
@@ -113,4 +172,5 @@ def test_loop_counts_mask_bytes_downlink(tmp_path):
     h0, h1 = res.history
     assert h0["rejected"] == 0 and h1["rejected"] == 0
     mask_bytes = h1["bytes_down"] - h0["bytes_down"]  # same model both rounds: the difference is the mask
-    assert mask_bytes > 0 and mask_bytes == 2 * len(codec.broadcast())  # round 2's mask, to each of 2 clients
+    # round 1's mask to each of 2 clients; a mask's size follows from mask_ratio and the model: the last one's is the same
+    assert mask_bytes > 0 and mask_bytes == 2 * len(codec.broadcast(2))

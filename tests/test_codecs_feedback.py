@@ -8,7 +8,17 @@ import itertools
 import pytest
 import torch
 
-from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, PowerSGD, RandomK, Sign, TopK
+from lightning_fed.codecs import (
+    QSGD,
+    Blockwise8bit,
+    Cast,
+    DecodeArgs,
+    EncodeArgs,
+    PowerSGD,
+    RandomK,
+    Sign,
+    TopK,
+)
 from lightning_fed.protocol import spec_of
 from lightning_fed.store import ClientStore
 
@@ -20,7 +30,7 @@ def test_qsgd_is_unbiased():
     x = torch.randn(64) * 0.01
     tiled = {"w": x.repeat(4000)}  # every bucket holds a copy of x: independent roundings of the same vector
     codec = QSGD(levels=1, bucket=64)
-    draws = codec.decode(codec.encode(tiled, {}), spec=spec_of(tiled))["w"].view(4000, 64)
+    draws = codec.decode(codec.encode(tiled, {}), {}, DecodeArgs(spec=spec_of(tiled)))["w"].view(4000, 64)
     mean, se = draws.mean(0), draws.std(0) / 4000**0.5
     z = (mean - x).abs() / se.clamp_min(1e-12)
     assert float(z.max()) < 5.0
@@ -34,7 +44,7 @@ def test_qsgd_mean_error_far_below_deterministic_rounding():
     x[0] = 0.01  # the bucket maximum, so every copy has the same scale
     codec = QSGD(levels=3, bucket=256, norm="max")
     tiled = {"w": x.repeat(2000)}
-    mean = codec.decode(codec.encode(tiled, {}), spec=spec_of(tiled))["w"].view(2000, 256).mean(0)
+    mean = codec.decode(codec.encode(tiled, {}), {}, DecodeArgs(spec=spec_of(tiled)))["w"].view(2000, 256).mean(0)
     floor = torch.floor(x / x.max() * 3) * x.max() / 3
     assert float((mean - x).abs().mean()) < 0.1 * float((floor - x).abs().mean())
 
@@ -65,10 +75,9 @@ def test_error_feedback_conserves_the_update(codec):
     total_in = {k: torch.zeros(s) for k, s in shapes.items()}
     total_sent = {k: torch.zeros(s) for k, s in shapes.items()}
     for r in range(8):
-        codec.on_round_start(r)
         p = {k: torch.randn(s) for k, s in shapes.items()}
-        msg = codec.encode(p, state)
-        out = codec.decode(msg, spec=spec)
+        msg = codec.encode(p, state, EncodeArgs(round=r))
+        out = codec.decode(msg, {}, DecodeArgs(spec=spec))
         for k in shapes:
             total_in[k] += p[k]
             total_sent[k] += out[k]
@@ -88,7 +97,7 @@ def test_topk_residual_decay_scales_the_carried_residual():
     codec.encode({k: torch.randn(s) for k, s in shapes.items()}, state)
     before = state["residual"].clone()
     p = {k: torch.randn(s) for k, s in shapes.items()}
-    out = codec.decode(codec.encode(p, state), spec=spec)
+    out = codec.decode(codec.encode(p, state), {}, DecodeArgs(spec=spec))
     flat = lambda d: torch.cat([d[k].reshape(-1) for k in sorted(shapes)])
     assert torch.allclose(flat(out) + state["residual"], 0.5 * before + flat(p), atol=1e-6)
     plain = TopK(0.1)
@@ -101,7 +110,7 @@ def test_topk_without_feedback_loses_mass():
     torch.manual_seed(0)
     codec, state = TopK(0.05, error_feedback=False), {}
     x = torch.randn(200)
-    out = codec.decode(codec.encode({"w": x}, state), spec=spec_of({"w": x}))["w"]
+    out = codec.decode(codec.encode({"w": x}, state), {}, DecodeArgs(spec=spec_of({"w": x})))["w"]
     assert "residual" not in state and int((out != 0).sum()) == 10
 
 
@@ -110,10 +119,10 @@ def test_layerwise_topk_keeps_the_top_of_every_tensor():
     big, small = torch.randn(200) * 100, torch.randn(40)
     payload = {"big": big, "small": small}
     spec = spec_of(payload)
-    out_global = TopK(0.05, error_feedback=False).decode(TopK(0.05, error_feedback=False).encode(payload, {}), spec=spec)
+    out_global = TopK(0.05, error_feedback=False).decode(TopK(0.05, error_feedback=False).encode(payload, {}), {}, DecodeArgs(spec=spec))
     assert int((out_global["small"] != 0).sum()) == 0 and int((out_global["big"] != 0).sum()) == 12
     codec = TopK(0.05, error_feedback=False, layerwise=True)
-    out = codec.decode(codec.encode(payload, {}), spec=spec)
+    out = codec.decode(codec.encode(payload, {}), {}, DecodeArgs(spec=spec))
     assert int((out["big"] != 0).sum()) == 10 and int((out["small"] != 0).sum()) == 2
     assert torch.equal(out["small"][out["small"] != 0].sort().values, small[small.abs().topk(2).indices].sort().values)
     assert torch.equal(out["big"][out["big"] != 0].sort().values, big[big.abs().topk(10).indices].sort().values)
@@ -130,7 +139,7 @@ def test_dgc_momentum_correction_and_masking():
         x = torch.randn(50)
         u = m * u + x
         v = v + u
-        out = codec.decode(codec.encode({"w": x}, state), spec=spec)["w"]
+        out = codec.decode(codec.encode({"w": x}, state), {}, DecodeArgs(spec=spec))["w"]
         sent = out != 0
         assert torch.equal(
             sent, torch.zeros(50, dtype=torch.bool).index_fill(0, torch.topk(v.abs(), 5).indices, True)
@@ -151,13 +160,17 @@ def test_density_warmup_schedule():
     spec = spec_of({"w": torch.zeros(4000)})
     sizes = []
     for r in (0, 4):
-        codec.on_round_start(r)
-        out = codec.decode(codec.encode({"w": torch.randn(4000)}, {}), spec=spec)["w"]
+        msg = codec.encode({"w": torch.randn(4000)}, {}, EncodeArgs(round=r))
+        out = codec.decode(msg, {}, DecodeArgs(round=r, spec=spec))["w"]
         sizes.append(int((out != 0).sum()))
     assert sizes == [1000, 4]
+    # the round comes with each call: the codec keeps no schedule state, so a fresh one resumes the warm-up
+    assert codec.state_dict() == {}
     codec2 = TopK(0.001, warmup_rounds=4)
     codec2.load_state_dict(codec.state_dict())
-    assert codec2.density() == codec.density()
+    assert [codec2.density(r) for r in range(6)] == dens
+    msg = codec2.encode({"w": torch.randn(4000)}, {}, EncodeArgs(round=2))
+    assert int((codec2.decode(msg, {}, DecodeArgs(spec=spec))["w"] != 0).sum()) == round(dens[2] * 4000)
 
 
 def test_state_survives_the_client_store(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from conftest import seeded
 
 from lightning_fed.cli import build_parser
-from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, TopK
+from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, EncodeArgs, TopK
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.weights import float_state
 
@@ -18,8 +18,8 @@ class Recording(TopK):
         super().__init__(*args, **kw)
         self.lengths: list[int] = []
 
-    def encode(self, payload, state):
-        msg = super().encode(payload, state)
+    def encode(self, payload, state, args=EncodeArgs()):
+        msg = super().encode(payload, state, args)
         self.lengths.append(len(msg))
         return msg
 

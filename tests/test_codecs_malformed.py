@@ -10,6 +10,7 @@ from lightning_fed.codecs import (
     Blockwise4bit,
     Blockwise8bit,
     Cast,
+    DecodeArgs,
     Identity,
     MalformedMessage,
     PowerSGD,
@@ -18,7 +19,7 @@ from lightning_fed.codecs import (
     TopK,
 )
 from lightning_fed.codecs.frame import Writer, fingerprint, write_header
-from lightning_fed.codecs.layout import Layout
+from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import TensorSpec, spec_of
 
 CODECS = [
@@ -50,14 +51,14 @@ def test_truncated_and_padded_messages_are_rejected(codec):
     p = sample()
     spec = spec_of(p)
     msg = codec.encode(p, {})
-    codec.decode(msg, spec=spec)
+    codec.decode(msg, {}, DecodeArgs(spec=spec))
     for cut in sorted({1, 7, 8, 9, len(msg) // 2, len(msg) - 1}):
         with pytest.raises(MalformedMessage):
-            codec.decode(msg[:cut], spec=spec)
+            codec.decode(msg[:cut], {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="trailing"):
-        codec.decode(msg + b"\x00", spec=spec)
+        codec.decode(msg + b"\x00", {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="exceeds the limit"):
-        codec.decode(msg, spec=spec, max_bytes=len(msg) - 1)
+        codec.decode(msg, {}, DecodeArgs(spec=spec, max_bytes=len(msg) - 1))
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=repr)
@@ -66,11 +67,11 @@ def test_wrong_layout_or_codec_is_rejected(codec):
     msg = codec.encode(p, {})
     other = {"w": torch.zeros(12, 21), "b": torch.zeros(12)}
     with pytest.raises(MalformedMessage, match="fingerprint"):
-        codec.decode(msg, spec=spec_of(other))
+        codec.decode(msg, {}, DecodeArgs(spec=spec_of(other)))
     with pytest.raises(MalformedMessage, match="fingerprint"):
-        Cast("fp32").decode(msg, spec=spec_of(p))
+        Cast("fp32").decode(msg, {}, DecodeArgs(spec=spec_of(p)))
     with pytest.raises(MalformedMessage, match="does not carry its layout"):
-        codec.decode(msg)
+        codec.decode(msg, {})
 
 
 def test_bad_headers_and_types():
@@ -78,20 +79,20 @@ def test_bad_headers_and_types():
     codec = TopK(0.05)
     msg = codec.encode(sample(), {})
     with pytest.raises(MalformedMessage, match="magic"):
-        codec.decode(b"XX" + msg[2:], spec=spec)
+        codec.decode(b"XX" + msg[2:], {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="version"):
-        codec.decode(msg[:2] + b"\x09" + msg[3:], spec=spec)
+        codec.decode(msg[:2] + b"\x09" + msg[3:], {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="flags"):
-        codec.decode(msg[:3] + b"\x80" + msg[4:], spec=spec)
+        codec.decode(msg[:3] + b"\x80" + msg[4:], {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="must be bytes"):
-        codec.decode("not bytes", spec=spec)  # type: ignore[arg-type]
+        codec.decode("not bytes", {}, DecodeArgs(spec=spec))  # type: ignore[arg-type]
     with pytest.raises(MalformedMessage):
-        codec.decode(Identity().encode(sample(), {}), spec=spec)
+        codec.decode(Identity().encode(sample(), {}), {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="header length"):
-        Identity().decode(msg)
+        Identity().decode(msg, {})
 
 
-def _frame(codec, layout: Layout, body: bytes) -> bytes:
+def _frame(codec, layout: FlatSpec, body: bytes) -> bytes:
     w = Writer()
     write_header(w, 0, fingerprint(codec.wire_config(), layout.key()))
     w.raw(body)
@@ -100,64 +101,64 @@ def _frame(codec, layout: Layout, body: bytes) -> bytes:
 
 def test_hostile_topk_bodies():
     p = {"w": torch.zeros(100)}
-    spec, layout = spec_of(p), Layout.from_payload(p)[0]
+    spec, layout = spec_of(p), FlatSpec.from_floats(p)[0]
     codec = TopK(0.05)
     with pytest.raises(MalformedMessage, match="exceeds its limit"):  # k > n
-        codec.decode(_frame(codec, layout, b"\xc8\x01"), spec=spec)
+        codec.decode(_frame(codec, layout, b"\xc8\x01"), {}, DecodeArgs(spec=spec))
     with pytest.raises(MalformedMessage, match="varint"):  # endless varint
-        codec.decode(_frame(codec, layout, b"\xff" * 12), spec=spec)
+        codec.decode(_frame(codec, layout, b"\xff" * 12), {}, DecodeArgs(spec=spec))
     good = codec.encode({"w": torch.arange(100.0)}, {})
     body = bytearray(good[8:])
     body[2] ^= 0xFF  # corrupt the index field
     with pytest.raises(MalformedMessage):
-        codec.decode(_frame(codec, layout, bytes(body)), spec=spec)
+        codec.decode(_frame(codec, layout, bytes(body)), {}, DecodeArgs(spec=spec))
 
 
 def test_hostile_quantizer_fields():
     p = {"w": torch.zeros(64)}
-    spec, layout = spec_of(p), Layout.from_payload(p)[0]
+    spec, layout = spec_of(p), FlatSpec.from_floats(p)[0]
     q = QSGD(levels=2, bucket=64)  # 3 bits per level, codes above 4 are invalid
     w = Writer()
     w.floats(torch.tensor([1.0]))
     w.raw(b"\xff" * 24)
     with pytest.raises(MalformedMessage, match="level outside"):
-        q.decode(_frame(q, layout, w.getvalue()), spec=spec)
+        q.decode(_frame(q, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
     w = Writer()
     w.floats(torch.tensor([float("nan")]))
     w.raw(b"\x00" * 24)
     with pytest.raises(MalformedMessage, match="finite"):
-        q.decode(_frame(q, layout, w.getvalue()), spec=spec)
+        q.decode(_frame(q, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
     b8 = Blockwise8bit(64)
     w = Writer()
     w.floats(torch.tensor([-1.0]))
     w.raw(b"\x00" * 64)
     with pytest.raises(MalformedMessage, match="scales"):
-        b8.decode(_frame(b8, layout, w.getvalue()), spec=spec)
+        b8.decode(_frame(b8, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
 
 
 def test_self_describing_layout_is_validated():
     codec = Cast("fp32", self_describing=True)
     msg = codec.encode(sample(), {})
-    assert codec.decode(msg)["w"].shape == (12, 20)
+    assert codec.decode(msg, {})["w"].shape == (12, 20)
     bad = bytearray(msg)
     i = bytes(bad).index(b'"w"')
     bad[i + 1] = ord("x")  # rename an entry: the fingerprint no longer matches
     with pytest.raises(MalformedMessage):
-        codec.decode(bytes(bad))
+        codec.decode(bytes(bad), {})
     w = Writer()
     write_header(w, 1, b"\x00" * 4)
     w.blob(b"[[1,2,3]]")
     with pytest.raises(MalformedMessage, match="layout section"):
-        codec.decode(w.getvalue())
+        codec.decode(w.getvalue(), {})
 
 
 def test_variable_spec_needs_self_describing():
     spec = {"w": TensorSpec((-1, 20), torch.float32)}
     codec = TopK(0.1)
     with pytest.raises(MalformedMessage, match="self_describing"):
-        codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), spec=spec)
+        codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), {}, DecodeArgs(spec=spec))
     codec = TopK(0.1, self_describing=True)
-    assert codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), spec=spec)["w"].shape == (3, 20)
+    assert codec.decode(codec.encode({"w": torch.randn(3, 20)}, {}), {}, DecodeArgs(spec=spec))["w"].shape == (3, 20)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,6 @@ def test_wire_fast_paths_give_the_same_bytes_and_tensors():
     import struct
 
     from lightning_fed.codecs import wire
-    from lightning_fed.flat import FlatSpec
 
     payload = {"w": torch.randn(3, 4), "b": torch.randn(4), "empty": torch.zeros(0), "s": torch.randn(2, 1, 2)}
     spec = FlatSpec.from_payload(payload)

@@ -13,6 +13,7 @@ from lightning_fed.codecs import (
     Blockwise8bit,
     Cast,
     Codec,
+    DecodeArgs,
     Identity,
     PowerSGD,
     RandomK,
@@ -37,7 +38,7 @@ def flat(p: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def roundtrip(codec: Codec, p: dict[str, torch.Tensor], state: dict | None = None) -> tuple[bytes, dict]:
     msg = codec.encode(p, {} if state is None else state)
-    out = codec.decode(msg, spec=spec_of(p))
+    out = codec.decode(msg, {}, DecodeArgs(spec=spec_of(p)))
     assert set(out) == set(p)
     for k, v in p.items():
         assert out[k].shape == v.shape and out[k].dtype == v.dtype
@@ -263,7 +264,7 @@ def test_dtypes_restored_and_self_describing():
     p = {"a": torch.randn(5, 3).half(), "b": torch.randn(7).double()}
     codec = Cast("fp32", self_describing=True)
     msg = codec.encode(p, {})
-    out = codec.decode(msg)  # no spec needed
+    out = codec.decode(msg, {})  # no spec needed
     assert out["a"].dtype == torch.float16 and out["b"].dtype == torch.float64
     assert torch.equal(out["a"], p["a"]) and torch.allclose(out["b"], p["b"])
 

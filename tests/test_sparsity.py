@@ -9,7 +9,7 @@ import torch
 from lightning_fed import FedLoop
 from lightning_fed.callbacks import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.sparsity import magnitude_masks
-from lightning_fed.codecs import Identity, MalformedMessage
+from lightning_fed.codecs import DecodeArgs, Identity, MalformedMessage
 from lightning_fed.data import MNIST1DDataModule
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.protocol import spec_of
@@ -43,12 +43,12 @@ def test_masks_and_packed_uplink_roundtrip():
     payload = {"a": torch.randn(2, 2) * layer["a"], "b": torch.randn(1, 4) * layer["b"], "c": torch.randn(3)}
     msg = codec.encode(payload, {})
     assert len(msg) < len(Identity().encode(payload, {}))
-    out = codec.decode(msg, spec=spec_of(payload))
+    out = codec.decode(msg, {}, DecodeArgs(spec=spec_of(payload)))
     for k, v in payload.items():
         assert torch.equal(out[k], v), k
     bad = Identity().encode({"a": torch.randn(3), "b": torch.randn(2), "c": torch.randn(3)}, {})
     with pytest.raises(MalformedMessage, match="packed entry 'a' has shape"):
-        codec.decode(bad)
+        codec.decode(bad, {})
 
 
 def test_trainer_keeps_masked_weights_at_zero(tmp_path):

@@ -1,6 +1,6 @@
-"""Uplink budget allocation: ``encode(..., share=)`` scales the density of top-k codecs for one message, the
-loop gives each client a share in proportion to its examples, and wrappers pass the share (and the sender)
-through."""
+"""Uplink budget allocation: ``EncodeArgs(share=)`` scales the density of top-k codecs for one message, the
+loop gives each client a share in proportion to its examples, and wrappers pass the arguments (and the sender's
+state) through."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from conftest import seeded
 
 from lightning_fed.callbacks.sparsity import SparseUplink
-from lightning_fed.codecs import QSGD, Differential, Sign, TimeCorrelatedTopK, TopK
-from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
+from lightning_fed.codecs import QSGD, DecodeArgs, Differential, EncodeArgs, Sign, TimeCorrelatedTopK, TopK
+from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.codecs.wire import pack, unpack
 from lightning_fed.data import Dirichlet
 from lightning_fed.loop import uplink_shares
@@ -24,8 +24,8 @@ def _payload(n: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _kept(codec, payload, share, sender=None):
-    msg = encode_budgeted(codec, payload, {}, share=share)
-    out = decode_expected(codec, msg, spec=spec_of(payload), sender=sender)
+    msg = codec.encode(payload, {}, EncodeArgs(share=share))
+    out = codec.decode(msg, {}, DecodeArgs(spec=spec_of(payload), sender=sender))
     return sum(int((v != 0).sum()) for v in out.values()), len(msg)
 
 
@@ -46,72 +46,100 @@ def test_share_scales_the_kept_entries_of_top_k(share, expected):
     codec = TopK(0.05, values=Sign(block=32))
     small, large = _kept(codec, _payload(), 0.5)[1], _kept(codec, _payload(), 2.0)[1]
     assert large > 2 * small
-    assert codec.share == 1.0  # the share holds for one message only
+    assert not hasattr(codec, "share")  # the share comes with each call: nothing per call is kept on the codec
+    assert _kept(codec, _payload(), 1.0) == _kept(TopK(0.05, values=Sign(block=32)), _payload(), 1.0)
 
 
 def test_share_reaches_the_inner_codec_of_differential_and_both_sides_stay_in_sync():
     codec = Differential(TopK(0.04, values=Sign(block=32)), smoothing=0.5)
     kept: list[int] = []
     select = codec.inner.select
-    codec.inner.select = lambda v, layout: kept.append(len(sel := select(v, layout))) or sel
+    codec.inner.select = lambda v, layout, args: kept.append(len(sel := select(v, layout, args))) or sel
     state: dict = {}
+    server: dict = {}
     sizes = []
     for i, share in enumerate([1.0, 2.0, 0.5, 1.0]):
         u = _payload(seed=i)
-        msg = encode_budgeted(codec, u, state, share=share)
-        decode_expected(codec, msg, spec=spec_of(u), sender=3)
-        assert torch.equal(state["reference"], codec.references[3])
+        msg = codec.encode(u, state, EncodeArgs(round=i, share=share))
+        codec.decode(msg, server, DecodeArgs(round=i, spec=spec_of(u), sender=3))
+        assert torch.equal(state["reference"], server["reference"])
         sizes.append(len(msg))
     assert kept == [40, 81, 20, 40]
     assert sizes[1] > sizes[0] > sizes[2]
-    assert codec.share == 1.0 and codec.inner.share == 1.0
+    assert not hasattr(codec, "share") and not hasattr(codec.inner, "share")
 
 
 def test_time_correlated_top_k_scales_its_own_entries():
     assert _kept(TimeCorrelatedTopK(0.05, 0.0), _payload(), 2.0)[0] == 101
 
 
-def test_fixed_rate_codecs_and_codecs_without_the_argument_ignore_the_share():
+def test_fixed_rate_codecs_and_codecs_that_do_not_read_it_ignore_the_share():
     u = _payload()
-    assert encode_budgeted(Identity(), u, {}, share=3.0) == Identity().encode(u, {})
+    assert Identity().encode(u, {}, EncodeArgs(share=3.0)) == Identity().encode(u, {})
     q = QSGD(7)
-    assert len(encode_budgeted(q, u, {}, share=3.0)) == len(q.encode(u, {}))
+    assert len(q.encode(u, {}, EncodeArgs(share=3.0))) == len(q.encode(u, {}))
 
-    class Plain(Codec):  # a user codec written against the two-argument encode
+    class Plain(Codec):  # a user codec that reads nothing from the per-call arguments
         name = "plain"
 
-        def encode(self, payload, state):
+        def encode(self, payload, state, args=EncodeArgs()):
             return pack(payload, {"codec": self.name})
 
-        def decode(self, message, *, max_bytes=None):
-            return unpack(message)[0]
+        def decode(self, message, state, args=DecodeArgs()):
+            return unpack(message, max_bytes=args.max_bytes)[0]
 
-    assert torch.equal(Plain().decode(encode_budgeted(Plain(), u, {}, share=2.0))["w"], u["w"])
+    msg = Plain().encode(u, {}, EncodeArgs(share=2.0))
+    assert torch.equal(Plain().decode(msg, {}, DecodeArgs(sender=1))["w"], u["w"])
 
 
 @pytest.mark.parametrize("share", [0.0, -1.0, float("nan"), float("inf")])
 def test_impossible_shares_are_refused(share):
     with pytest.raises(ValueError, match="share"):
-        encode_budgeted(TopK(0.05), _payload(), {}, share=share)
+        EncodeArgs(share=share)
     with pytest.raises(ValueError, match="share"):
-        TopK(0.05).encode(_payload(), {}, share=share)
+        TopK(0.05).encode(_payload(), {}, EncodeArgs(round=1, share=share))
 
 
-def test_sparse_uplink_passes_the_share_and_the_sender_through():
-    """Differential inside SparseUplink (as MagnitudeSparsity installs it) keeps one reference per client."""
+def test_sparse_uplink_passes_the_share_and_the_sender_state_through():
+    """Differential inside SparseUplink (as MagnitudeSparsity installs it) keeps one reference per client, in the
+    state the server hands decode for that client."""
     codec = SparseUplink(Differential(TopK(0.1, values=Sign(block=32))))
     codec.masks = {"w": torch.arange(1000) % 2 == 0}
     states: dict[int, dict] = {0: {}, 1: {}}
+    servers: dict[int, dict] = {0: {}, 1: {}}
     for i in range(3):
         for cid in (0, 1):
             u = _payload(seed=10 * i + cid)
-            msg = codec.encode(u, states[cid], share=2.0 if cid else 1.0)
-            out = decode_expected(codec, msg, spec=spec_of(u), sender=cid)
+            msg = codec.encode(u, states[cid], EncodeArgs(round=i, share=2.0 if cid else 1.0))
+            out = codec.decode(msg, servers[cid], DecodeArgs(round=i, spec=spec_of(u), sender=cid))
             assert out["w"].shape == (1000,) and not bool(out["w"][1::2].any())
-    inner = codec.inner
-    assert set(inner.references) == {0, 1}
     for cid in (0, 1):
-        assert torch.equal(states[cid]["reference"], inner.references[cid])
+        assert torch.equal(states[cid]["reference"], servers[cid]["reference"])
+        assert servers[cid]["reference"].numel() == 500 + 10  # the packed vector: 500 kept of w, and b
+    assert not torch.equal(servers[0]["reference"], servers[1]["reference"])
+
+
+def test_sparse_uplink_forwards_broadcast_and_accept_to_time_correlated_top_k():
+    """TCS inside SparseUplink: the mask is over the packed vector; accept packs the aggregated replies as they
+    were decoded, so the next mask is the top of the packed sum, and the client reads it from the broadcast."""
+    tcs = TimeCorrelatedTopK(0.05, mask_ratio=0.1, error_feedback=False)
+    codec = SparseUplink(tcs)
+    codec.masks = {"w": torch.arange(1000) % 2 == 0}
+    outs = []
+    for cid in (0, 1):
+        u = _payload(seed=cid)
+        msg = codec.encode(u, {}, EncodeArgs(round=0, broadcast=codec.broadcast(0)))
+        outs.append(codec.decode(msg, {}, DecodeArgs(round=0, spec=spec_of(u), sender=cid)))
+    codec.accept(0, outs)
+    packed = [torch.cat([o["b"], o["w"][0::2]]) for o in outs]  # sorted names: b, then w's kept entries
+    total = packed[0] + packed[1]
+    k = min(int((total != 0).sum()), round(0.1 * 510))
+    assert torch.equal(tcs.mask, torch.topk(total.abs(), k).indices.sort().values)
+    assert codec.broadcast(1) == tcs.broadcast(1) != b""
+    u = _payload(seed=5)
+    out = codec.decode(codec.encode(u, {}, EncodeArgs(round=1, broadcast=codec.broadcast(1))), {},
+                       DecodeArgs(round=1, spec=spec_of(u), sender=0))
+    assert torch.equal(torch.cat([out["b"], out["w"][0::2]])[tcs.mask], torch.cat([u["b"], u["w"][0::2]])[tcs.mask])
 
 
 class _Spy(TopK):
@@ -121,9 +149,9 @@ class _Spy(TopK):
         super().__init__(0.05)
         self.seen: list[float] = []
 
-    def encode(self, payload, state, *, share=1.0):
-        self.seen.append(share)
-        return super().encode(payload, state, share=share)
+    def encode(self, payload, state, args=EncodeArgs()):
+        self.seen.append(args.share)
+        return super().encode(payload, state, args)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "examples"])

@@ -10,6 +10,7 @@ cuts the bytes clients send.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import in_fedloop, on_server, parse_schedule, reset_stale_client_state
 from lightning_fed.callbacks.base import FedCallback
-from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
+from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs, Identity
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, TensorSpec
 
@@ -56,12 +57,16 @@ class SparseUplink(Codec):
     scattered back (zeros elsewhere) on the server, which knows the masks (they come from the global model).
 
     :class:`MagnitudeSparsity` installs it around the loop's codec by itself; the inner codec then compresses
-    the packed vectors.
+    the packed vectors. Both halves forward the per-client state and the per-call arguments to the inner codec
+    unchanged (the decoder with the packed spec), and the server's :meth:`accept` hands the inner codec the
+    aggregated replies packed as it decoded them.
 
     Example::
 
         codec = SparseUplink(Identity())
         codec.masks = {"conv1.weight": mask}
+        msg = codec.encode(payload, client_state, EncodeArgs(round=r, share=s))
+        out = codec.decode(msg, sender_state, DecodeArgs(round=r, sender=cid, spec=spec))
 
     Args:
         inner: the codec that encodes the packed payload; default Identity.
@@ -72,11 +77,14 @@ class SparseUplink(Codec):
         self.name = f"sparse+{self.inner.name}"
         self.masks: dict[str, Tensor] = {}
 
-    def encode(self, payload: Payload, state: dict[str, Tensor], *, share: float = 1.0) -> bytes:
-        """Pack masked entries into their unmasked values, then encode with the inner codec (with the client's
-        ``share`` of the uplink budget, for inner codecs that take it)."""
-        packed = {k: (v.reshape(-1)[self.masks[k].reshape(-1)] if k in self.masks else v) for k, v in payload.items()}
-        return encode_budgeted(self.inner, packed, state, share=share)
+    def pack(self, payload: Payload) -> Payload:
+        """``payload`` with every masked entry replaced by the 1-D vector of its unmasked values."""
+        return {k: (v.reshape(-1)[self.masks[k].reshape(-1)] if k in self.masks else v) for k, v in payload.items()}
+
+    def encode(self, payload: Payload, state: dict[str, Any], args: EncodeArgs = EncodeArgs()) -> bytes:
+        """Pack masked entries into their unmasked values, then encode with the inner codec (same client state
+        and ``args``: the client's share of the uplink budget, the round, the broadcast)."""
+        return self.inner.encode(self.pack(payload), state, args)
 
     def packed_spec(self, spec: PayloadSpec | None) -> PayloadSpec | None:
         """``spec`` with every masked entry as a 1-D vector of its kept count (what the inner codec carries)."""
@@ -84,16 +92,14 @@ class SparseUplink(Codec):
             return None
         return {k: (TensorSpec((int(self.masks[k].sum()),), s.dtype) if k in self.masks else s) for k, s in spec.items()}
 
-    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None,
-               sender: int | None = None) -> Payload:
-        """Decode with the inner codec (given the packed ``spec`` and the ``sender``, for inner codecs with
-        per-client server state such as ``Differential``) and scatter packed entries back to full shape.
+    def decode(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Payload:
+        """Decode with the inner codec (the sender's server ``state`` and ``args``, with the packed spec) and
+        scatter packed entries back to full shape.
 
         Raises:
             MalformedMessage: a packed entry's length differs from its mask's count of kept entries.
         """
-        payload = decode_expected(self.inner, message, max_bytes=max_bytes, spec=self.packed_spec(spec),
-                                  sender=sender)
+        payload = self.inner.decode(message, state, replace(args, spec=self.packed_spec(args.spec)))
         for k, mask in self.masks.items():
             if k not in payload:
                 continue
@@ -106,6 +112,15 @@ class SparseUplink(Codec):
             payload[k] = full
         return payload
 
+    def broadcast(self, server_round: int) -> bytes:
+        """The inner codec's broadcast."""
+        return self.inner.broadcast(server_round)
+
+    def accept(self, server_round: int, payloads: list[Payload]) -> None:
+        """Forward the aggregated replies to the inner codec, packed as it decoded them (the masks must still be
+        those the round's replies were decoded with)."""
+        self.inner.accept(server_round, [self.pack(p) for p in payloads])
+
     def state_dict(self) -> dict[str, Any]:
         """The inner codec's state (masks belong to :class:`MagnitudeSparsity`)."""
         return self.inner.state_dict()
@@ -113,10 +128,6 @@ class SparseUplink(Codec):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the inner codec's state."""
         self.inner.load_state_dict(state)
-
-    def on_round_start(self, server_round: int) -> None:
-        """Forward to the inner codec."""
-        self.inner.on_round_start(server_round)
 
 
 class MagnitudeSparsity(FedCallback):

@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from lightning_fed.codecs.wire import expect_codec, pack, unpack
 from lightning_fed.protocol import Payload, PayloadSpec
 

@@ -17,10 +17,12 @@ minus the residual left: the reference only lowers the norm of what the inner co
 the one-tap linear predictor of DPCM, applied per client. With ``beta=1``, an inner codec without error
 feedback and ``smoothing=1`` it is EF21 (Richtárik et al. 2021): ``h <- h + C(u - h)``.
 
-The server keeps one update-sized float32 vector per client it heard from (``decode(..., sender=id)``:
-the transport knows who sent a message, so the id costs no bytes). Every message carries a 2-byte digest of
-the reference it was coded against; a message coded against another reference (server or client state
-lost, another client's message) is rejected with :class:`~lightning_fed.codecs.wire.MalformedMessage`.
+The client keeps ``h`` in its own codec state; the server keeps its copy in its state about that sender, the
+dict :meth:`Differential.decode` is handed (the loop keeps one per client, on disk), under the same keys
+(``"reference"`` and ``"layout_id"``). Every message carries a 2-byte digest of the reference it was coded
+against; a message coded against another reference (server or client state lost, another client's message,
+another client's state) is rejected with :class:`~lightning_fed.codecs.wire.MalformedMessage`, and a rejected
+message leaves the server's state as it was.
 
 On the wire, after the frame header: the reference digest (2 bytes), ``beta`` (float16), then the inner
 codec's body.
@@ -34,12 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fed.codecs.frame import Reader, Writer, fingerprint
-from lightning_fed.codecs.layout import Layout
+from lightning_fed.codecs.base import DecodeArgs, EncodeArgs
+from lightning_fed.codecs.frame import Reader, Writer
 from lightning_fed.codecs.tcs import TimeCorrelatedTopK
 from lightning_fed.codecs.vector import VectorCodec, client_tensor
 from lightning_fed.codecs.wire import MalformedMessage
-from lightning_fed.protocol import Payload, PayloadSpec
+from lightning_fed.flat import FlatSpec
 
 
 def _digest(ref: Tensor) -> bytes:
@@ -52,12 +54,16 @@ class Differential(VectorCodec):
     Example::
 
         codec = Differential(TopK(0.031, values=Sign(block=32, scale_dtype="float16")), smoothing=0.5)
-        loop = FedLoop(..., codec=codec)     # the loop passes decode(..., sender=client_id)
+        loop = FedLoop(..., codec=codec)     # the loop keeps the server's state per sender
+
+        client_state, server_state = {}, {}   # one client; the server's state about it
+        msg = codec.encode(update, client_state, EncodeArgs(round=r))
+        out = codec.decode(msg, server_state, DecodeArgs(round=r, sender=cid, spec=spec))
 
     Args:
         inner: the vector codec of the difference (``TopK``, ``QSGD``, ``Sign``, ``PowerSGD``…); its error
-            feedback and schedules work as usual. ``TimeCorrelatedTopK`` is refused (its server side
-            accumulates what it decodes, and the client here decodes its own message too).
+            feedback and schedules work as usual (it gets the same ``EncodeArgs``). ``TimeCorrelatedTopK`` is
+            refused (the client here decodes its own message, and only the server holds TCS's mask).
         beta: ``None`` fits ``beta`` by least squares per message; a number fixes it (still sent).
         smoothing: the reference after a message is ``(1 - smoothing) * h + smoothing * reconstruction``
             (1: the last reconstruction); in ``(0, 1]``.
@@ -69,12 +75,13 @@ class Differential(VectorCodec):
 
     def __init__(self, inner: VectorCodec, *, beta: float | None = None, smoothing: float = 1.0, max_beta: float = 2.0,
                  self_describing: bool = False) -> None:
+        # a misconfiguration, not a programming error: ValueError as every constructor check (STYLE rule 3)
         if not isinstance(inner, VectorCodec) or isinstance(inner, Differential):
-            raise ValueError(f"Differential: inner={inner!r} is not allowed; it must be a vector codec (TopK, QSGD, "
+            raise ValueError(f"Differential: inner={inner!r} is not allowed; it must be a vector codec (TopK, QSGD, "  # noqa: TRY004
                              "Sign, PowerSGD, RandomK, Cast…), not another Differential")
         if isinstance(inner, TimeCorrelatedTopK):
-            raise ValueError("Differential: inner=TimeCorrelatedTopK is not supported; its decoder accumulates the "
-                             "round's vectors, and Differential's client decodes its own message")
+            raise ValueError("Differential: inner=TimeCorrelatedTopK is not supported; Differential's client decodes "  # noqa: TRY004
+                             "its own message, and TimeCorrelatedTopK decodes against the server's mask")
         if not 0 < max_beta <= 60000:
             raise ValueError(f"Differential: max_beta={max_beta!r} is not allowed; it must be in (0, 60000]")
         if beta is not None and not abs(beta) <= max_beta:
@@ -87,21 +94,14 @@ class Differential(VectorCodec):
         self.max_beta = float(max_beta)
         self.beta = beta
         self.smoothing = float(smoothing)
-        self.references: dict[int, Tensor] = {}  # server side: the reference per sender
-        self._layouts: dict[int, bytes] = {}  # …and the fingerprint of the layout it was built for
-        self._sender: int | None = None
 
     def wire_config(self) -> str:
         """``differential(topk(sign(32,float16)))`` and the like."""
         return f"differential({self.inner.wire_config()})"
 
-    def on_round_start(self, server_round: int) -> None:
-        """Forwarded to the inner codec (density warm-up and other schedules)."""
-        self.inner.on_round_start(server_round)
-
-    def broadcast(self) -> bytes:
-        """The inner codec's broadcast."""
-        return self.inner.broadcast()
+    def broadcast(self, server_round: int) -> bytes:
+        """The inner codec's broadcast (handed back to it in ``EncodeArgs.broadcast``)."""
+        return self.inner.broadcast(server_round)
 
     def _next_reference(self, ref: Tensor, new: Tensor) -> Tensor:
         """The reference of the next message: the reconstruction, or its running average (``smoothing < 1``)."""
@@ -110,7 +110,7 @@ class Differential(VectorCodec):
         return ref * (1.0 - self.smoothing) + new * self.smoothing
 
     # ------------------------------------------------------------------ client side
-    def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_flat(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Fit ``beta``, code ``x - beta * h`` with the inner codec, and advance ``h`` as the server will."""
         ref = client_tensor(state, "reference", layout)
         hh = float(ref @ ref)
@@ -125,58 +125,39 @@ class Differential(VectorCodec):
         w.raw(beta16.view(torch.uint8).numpy().tobytes())
         body = Writer()
         b = float(beta16)
-        self.inner.share = self.share  # the client's part of the uplink budget goes to the inner codec
-        try:
-            self.inner.encode_flat(x - b * ref if b else x, state, body, layout)
-        finally:
-            self.inner.share = 1.0
+        self.inner.encode_flat(x - b * ref if b else x, state, body, layout, args)  # same round, share, broadcast
         data = body.getvalue()
         w.raw(data)
         r = Reader(data)  # decode the body exactly as the server will, so both references stay bit-identical
-        rest = self.inner.decode_vector(r, layout)
+        rest = self.inner.decode_vector(r, layout, {}, DecodeArgs(round=args.round))
         r.finish()
         new = rest.add_(ref, alpha=b) if b else rest
         state["reference"] = self._next_reference(ref, new)
         return new
 
     # ------------------------------------------------------------------ server side
-    def decode(self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None,
-               sender: int | None = None) -> Payload:
-        """Decode the message of ``sender`` against the reference kept for it (see :class:`VectorCodec`)."""
-        self._sender = sender
-        try:
-            return super().decode(message, max_bytes=max_bytes, spec=spec)
-        finally:
-            self._sender = None
-
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
-        """Check the reference digest and ``beta``; add ``beta * h`` to the inner codec's vector."""
-        key = -1 if self._sender is None else int(self._sender)
-        lid = fingerprint(layout.key())
-        ref = self.references.get(key)
-        if ref is None or self._layouts.get(key) != lid:  # as the client's state, dropped when the layout changes
-            ref = torch.zeros(layout.numel)
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
+        """Check the reference digest and ``beta`` against ``state``, the server's state about ``args.sender``;
+        add ``beta * h`` to the inner codec's vector and advance ``h`` in ``state`` as the client did."""
+        ref = client_tensor(state, "reference", layout)  # as the client's: dropped when the layout changes
         if bytes(r.take(2, "reference digest")) != _digest(ref):
-            raise MalformedMessage(f"differential: the message of sender {key} was coded against another reference "
-                                   "(the client's or the server's state was lost or is foreign)")
+            raise MalformedMessage(f"differential: the message of sender {args.sender} was coded against another "
+                                   "reference (the client's or the server's state was lost or is foreign)")
         b = float(torch.frombuffer(bytearray(r.take(2, "beta")), dtype=torch.float16)[0])
         if not abs(b) <= self.max_beta:  # also rejects NaN
             raise MalformedMessage(f"differential: beta={b} is outside [-{self.max_beta}, {self.max_beta}]")
-        rest = self.inner.decode_vector(r, layout)
+        rest = self.inner.decode_vector(r, layout, {}, args)
         new = rest.add_(ref, alpha=b) if b else rest
-        self.references[key], self._layouts[key] = self._next_reference(ref, new), lid
+        state["reference"] = self._next_reference(ref, new)
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner codec's state and the server's reference per sender."""
-        return {"inner": self.inner.state_dict(), "references": {k: v.clone() for k, v in self.references.items()},
-                "layouts": dict(self._layouts)}
+        """The inner codec's codec-wide state (the references per sender live in the per-sender states)."""
+        return {"inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.inner.load_state_dict(state.get("inner", {}))
-        self.references = {int(k): v.clone() for k, v in state.get("references", {}).items()}
-        self._layouts = {int(k): bytes(v) for k, v in state.get("layouts", {}).items()}
 
 
 __all__ = ["Differential"]

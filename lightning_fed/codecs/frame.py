@@ -40,6 +40,7 @@ VERSION = 1
 FLAG_LAYOUT = 1
 FLAG_EXTRAS = 2
 HEADER_BYTES = 8
+MAX_LAYOUT_BYTES = 1 << 20  # the longest self-describing layout section a decoder reads
 
 
 def fingerprint(*parts: str) -> bytes:

@@ -11,11 +11,13 @@ values, through the value codec (float32 by default).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.base import DecodeArgs, EncodeArgs
 from lightning_fed.codecs.frame import Reader, Writer
-from lightning_fed.codecs.layout import Layout
 from lightning_fed.codecs.vector import (
     ValueCodec,
     VectorCodec,
@@ -25,6 +27,7 @@ from lightning_fed.codecs.vector import (
     value_config,
     write_values,
 )
+from lightning_fed.flat import FlatSpec
 
 
 class PowerSGD(VectorCodec):
@@ -61,7 +64,7 @@ class PowerSGD(VectorCodec):
         """``powersgd(1,f32)`` and the like."""
         return f"powersgd({self.rank},{value_config(self.values)})"
 
-    def plan(self, layout: Layout) -> list[tuple[int, int, int, int]]:
+    def plan(self, layout: FlatSpec) -> list[tuple[int, int, int, int]]:
         """Per entry ``(offset, rows, cols, r)``: ``r = 0`` means sent whole (``rows * cols`` values)."""
         out = []
         for off, size, shape in zip(layout.offsets, layout.sizes, layout.shapes):
@@ -78,7 +81,7 @@ class PowerSGD(VectorCodec):
         """Values on the wire for ``plan``."""
         return sum(r * (rows + cols) if r else rows * cols for _, rows, cols, r in plan)
 
-    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_vector(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """One warm-started power step per matrix; factors and whole entries through the value codec."""
         plan = self.plan(layout)
         qsize = sum(cols * r for _, _, cols, r in plan)
@@ -102,7 +105,7 @@ class PowerSGD(VectorCodec):
         coef = torch.cat(parts) if parts else torch.zeros(0)
         return self._rebuild(plan, write_values(self.values, coef, w), layout.numel)
 
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
         """Read the coefficient vector (its size follows from the layout and rank) and rebuild."""
         plan = self.plan(layout)
         return self._rebuild(plan, read_values(self.values, r, self.coefficients(plan)), layout.numel)

@@ -8,11 +8,13 @@ for each message; the server regenerates the same ``k`` indices from it. On the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.base import DecodeArgs, EncodeArgs
 from lightning_fed.codecs.frame import Reader, Writer
-from lightning_fed.codecs.layout import Layout
 from lightning_fed.codecs.vector import (
     ValueCodec,
     VectorCodec,
@@ -21,6 +23,7 @@ from lightning_fed.codecs.vector import (
     value_config,
     write_values,
 )
+from lightning_fed.flat import FlatSpec
 
 
 def random_indices(seed: int, k: int, n: int) -> Tensor:
@@ -65,7 +68,7 @@ class RandomK(VectorCodec):
         """``randk(f32)`` and the like."""
         return f"randk({value_config(self.values)})"
 
-    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_vector(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Seed, ``k``, values at the seeded mask."""
         n = x.numel()
         k = min(n, max(1, round(self.ratio * n))) if n else 0
@@ -77,7 +80,7 @@ class RandomK(VectorCodec):
         out[idx] = write_values(self.values, x[idx], w)
         return out
 
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
         """Regenerate the mask from the seed; read ``k`` values."""
         n = layout.numel
         seed = r.u32("mask seed")

@@ -7,34 +7,67 @@ update) and a client sends its (error-corrected) values at those positions witho
 its own top ``ratio`` entries outside the mask with Elias-Fano coded indices. The mask costs downlink
 bytes once per sampled client, which the loop counts (:meth:`TimeCorrelatedTopK.broadcast`).
 
-The server side of the codec sums the vectors it decodes in a round; at the next ``on_round_start`` the
-mask becomes the top of that sum. In this single-process simulation the client side reads the same mask
-from the same object; the bytes it would take to send it are the Elias-Fano code in :meth:`broadcast`.
-Use it for the uplink only (``codec=``), not as ``downlink_codec``. Every message carries a 2-byte digest
-of the mask it was encoded against; a message encoded against another mask is rejected.
+The two halves share only messages. Server: :meth:`~TimeCorrelatedTopK.broadcast` sends the current mask,
+:meth:`~TimeCorrelatedTopK.decode` reads a reply against it (and changes nothing), and
+:meth:`~TimeCorrelatedTopK.accept` gets the round's replies that are aggregated and makes the top of their sum
+the next mask, so a reply that was rejected or dropped never shapes it. Client: :meth:`~TimeCorrelatedTopK.encode`
+parses the mask from ``EncodeArgs.broadcast``, the bytes it received. Use it for the uplink only (``codec=``),
+not as ``downlink_codec``. Every message carries a 2-byte digest of the mask it was encoded against; a message
+encoded against another mask is rejected.
 
 On the wire: the mask digest (2 bytes), ``k`` (varint), the Elias-Fano code of the ``k`` new positions,
-then the values at the mask positions and the new positions, in index order, through the value codec.
+then the values at the mask positions and the new positions, in index order, through the value codec. The
+broadcast: the mask size (varint), then the Elias-Fano code of the mask positions.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.base import DecodeArgs, EncodeArgs
 from lightning_fed.codecs.bits import ef_decode, ef_encode, ef_size
 from lightning_fed.codecs.frame import Reader, Writer
-from lightning_fed.codecs.layout import Layout
 from lightning_fed.codecs.topk import TopK
 from lightning_fed.codecs.vector import ValueCodec, read_values, value_config, write_values
 from lightning_fed.codecs.wire import MalformedMessage
+from lightning_fed.flat import FlatSpec
+from lightning_fed.protocol import Payload
+
+_NO_MASK = torch.zeros(0, dtype=torch.int64)
+_CACHE_SIZE = 4
 
 
 def _digest(mask: Tensor) -> bytes:
     return hashlib.blake2b(mask.to(torch.int64).numpy().tobytes(), digest_size=2).digest()
+
+
+def encode_mask(mask: Tensor, n: int) -> bytes:
+    """The broadcast of ``mask`` (sorted positions below ``n``): its size (varint) and Elias-Fano code."""
+    w = Writer()
+    w.varint(len(mask))
+    w.raw(ef_encode(mask, n))
+    return w.getvalue()
+
+
+def parse_mask(data: bytes, n: int) -> Tensor:
+    """The mask a vector of ``n`` entries uses under the broadcast ``data`` (:func:`encode_mask`): its sorted
+    positions, or none when ``data`` is empty or is not a mask over ``n`` entries (the model changed size).
+    Both halves derive the mask with this function, so they agree on it whatever the bytes."""
+    if not data:
+        return _NO_MASK
+    r = Reader(data)
+    try:
+        k = r.varint("mask size", n)
+        mask = ef_decode(r.take(ef_size(k, n), "mask positions"), k, n)
+        r.finish()
+    except MalformedMessage:
+        return _NO_MASK
+    return mask
 
 
 class TimeCorrelatedTopK(TopK):
@@ -77,46 +110,57 @@ class TimeCorrelatedTopK(TopK):
                          warmup_start=warmup_start,
                          residual_decay=residual_decay, self_describing=self_describing)
         self.mask_ratio = mask_ratio
-        self.mask = torch.zeros(0, dtype=torch.int64)  # sorted positions of the current global mask
-        self.mask_numel = 0  # the update size the mask was built for (0: none)
-        self._sum: Tensor | None = None  # server side: sum of the vectors decoded this round
+        self.mask = _NO_MASK  # server side: sorted positions of the current global mask
+        self.mask_numel = 0  # …and the update size it was built for (0: none)
+        self._parsed: OrderedDict[tuple[bytes, int], Tensor] = OrderedDict()  # parse_mask memo (pure function)
 
     def wire_config(self) -> str:
         """``tcs(sign(64,float16))`` and the like (the mask itself is checked by its digest)."""
         return f"tcs({value_config(self.values)})"
 
     # ------------------------------------------------------------------ the shared mask
-    def on_round_start(self, server_round: int) -> None:
-        """Build this round's mask from the sum of the vectors decoded last round."""
-        super().on_round_start(server_round)
-        if self._sum is None:
-            return
-        s, self._sum = self._sum, None
-        k = min(int((s != 0).sum()), round(self.mask_ratio * s.numel()))
-        top = torch.topk(s.abs(), k, sorted=False).indices if k else torch.zeros(0, dtype=torch.int64)
-        self.mask, self.mask_numel = top.sort().values, s.numel()
+    def _mask(self, data: bytes, n: int) -> Tensor:
+        """:func:`parse_mask`, remembered for the last few broadcasts (every client of a round parses the same)."""
+        key = (data, n)
+        mask = self._parsed.get(key)
+        if mask is None:
+            mask = self._parsed[key] = parse_mask(data, n)
+            while len(self._parsed) > _CACHE_SIZE:
+                self._parsed.popitem(last=False)
+        return mask
 
-    def _mask_for(self, n: int) -> Tensor:
-        return self.mask if self.mask_numel == n else torch.zeros(0, dtype=torch.int64)
-
-    def broadcast(self) -> bytes:
-        """What every sampled client must receive this round: the mask size (varint) and its Elias-Fano code."""
+    def broadcast(self, server_round: int) -> bytes:
+        """What every sampled client of ``server_round`` receives: the current mask (built by the last
+        :meth:`accept` that had replies) as its size (varint) and Elias-Fano code; empty before the first."""
         if self.mask_numel == 0:
             return b""
-        w = Writer()
-        w.varint(len(self.mask))
-        w.raw(ef_encode(self.mask, self.mask_numel))
-        return w.getvalue()
+        return encode_mask(self.mask, self.mask_numel)
+
+    def accept(self, server_round: int, payloads: list[Payload]) -> None:
+        """Make the next mask the ``mask_ratio`` largest entries of the sum of the aggregated replies.
+
+        ``payloads`` are the decoded replies of ``server_round`` that passed validation and the callbacks (what
+        :meth:`decode` returned, in client order); each is flattened with its layout. With none, the mask is kept.
+        """
+        s: Tensor | None = None
+        for payload in payloads:
+            x = FlatSpec.from_floats(payload)[0].flatten(payload)
+            s = x if s is None or s.numel() != x.numel() else s.add_(x)
+        if s is None:
+            return
+        k = min(int((s != 0).sum()), round(self.mask_ratio * s.numel()))
+        top = torch.topk(s.abs(), k, sorted=False).indices if k else _NO_MASK
+        self.mask, self.mask_numel = top.sort().values, s.numel()
 
     # ------------------------------------------------------------------ client side
-    def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
-        """Error feedback; values at the mask and at the top entries outside it."""
+    def encode_flat(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
+        """Error feedback; values at the mask received in ``args.broadcast`` and at the top entries outside it."""
         v = self.corrected(x, state, layout)
         n = v.numel()
-        mask = self._mask_for(n)
+        mask = self._mask(args.broadcast, n)
         score = v.abs()
         score[mask] = -1.0  # never pick a mask position twice
-        k = min(n - len(mask), max(1, round(self.kept_density() * n))) if n else 0
+        k = min(n - len(mask), max(1, round(self.kept_density(args) * n))) if n else 0
         new = torch.topk(score, k, sorted=False).indices.sort().values if k else torch.zeros(0, dtype=torch.int64)
         w.raw(_digest(mask))
         w.varint(len(new))
@@ -129,10 +173,10 @@ class TimeCorrelatedTopK(TopK):
         return sent
 
     # ------------------------------------------------------------------ server side
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
-        """Check the mask digest; read the new positions and the values; add the vector to the round's sum."""
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
+        """Check the mask digest against the server's current mask; read the new positions and the values."""
         n = layout.numel
-        mask = self._mask_for(n)
+        mask = self.mask if n == self.mask_numel else self._mask(self.broadcast(args.round), n)
         if bytes(r.take(2, "mask digest")) != _digest(mask):
             raise MalformedMessage("tcs: the message was encoded against another global mask (stale or foreign)")
         k = r.varint("k", n - len(mask))
@@ -143,18 +187,13 @@ class TimeCorrelatedTopK(TopK):
         idx = idx.sort().values
         out = torch.zeros(n)
         out[idx] = read_values(self.values, r, len(idx))
-        self._sum = out.clone() if self._sum is None or self._sum.numel() != n else self._sum.add_(out)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Round, mask and the running sum (a resumed run rebuilds the same mask)."""
-        return {**super().state_dict(), "mask": self.mask.clone(), "mask_numel": self.mask_numel,
-                "sum": None if self._sum is None else self._sum.clone()}
+        """The server's mask (a resumed run broadcasts and decodes against the same mask)."""
+        return {"mask": self.mask.clone(), "mask_numel": self.mask_numel}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.mask = state.get("mask", torch.zeros(0, dtype=torch.int64)).to(torch.int64)
+        self.mask = state.get("mask", _NO_MASK).to(torch.int64)
         self.mask_numel = int(state.get("mask_numel", 0))
-        s = state.get("sum")
-        self._sum = None if s is None else s.clone()

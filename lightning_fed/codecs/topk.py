@@ -10,8 +10,10 @@ delayed). The DGC refinements, as they apply to per-round model deltas:
 * density warm-up: the density decays exponentially from ``warmup_start`` to ``ratio`` over the first
   ``warmup_rounds`` rounds (DGC: 25 % → 6.25 % → 1.56 % → 0.4 % → 0.1 %).
 
-``encode(..., share=s)`` scales the density of one message by ``s`` (the client's part of the uplink
-budget, see ``FedLoop(uplink_allocation=...)``); ``k`` is on the wire, so the decoder needs nothing more.
+The round of the warm-up is ``EncodeArgs.round`` and ``EncodeArgs.share`` scales the density of one message
+(the client's part of the uplink budget, see ``FedLoop(uplink_allocation=...)``); ``k`` is on the wire, so the
+decoder needs neither. The codec keeps no state of its own: what a client carries over (residual, momentum)
+lives in the client's state dict.
 
 With ``group=g > 1`` the update is cut into consecutive groups of ``g`` entries and the groups with the largest
 L1 norm are sent whole (block sparsification): one index per group instead of per entry, so at the same bytes
@@ -28,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.base import DecodeArgs, EncodeArgs
 from lightning_fed.codecs.bits import ef_decode, ef_encode, ef_size
 from lightning_fed.codecs.frame import Reader, Writer
-from lightning_fed.codecs.layout import Layout
 from lightning_fed.codecs.vector import (
     ValueCodec,
     VectorCodec,
@@ -40,6 +42,7 @@ from lightning_fed.codecs.vector import (
     value_config,
     write_values,
 )
+from lightning_fed.flat import FlatSpec
 
 
 class TopK(VectorCodec):
@@ -116,49 +119,44 @@ class TopK(VectorCodec):
         )
         self.warmup_rounds, self.warmup_start = warmup_rounds, warmup_start
         self.layerwise = layerwise
-        self.round = 0
 
     def wire_config(self) -> str:
         """``topk(f32)``, ``topk(qsgd(7,256,l2))``…: only the value codec matters to the decoder."""
         g = f"g{self.group}," if self.group > 1 else ""
         return f"topk({g}{value_config(self.values)})"
 
-    def on_round_start(self, server_round: int) -> None:
-        """Remember the round for the density warm-up."""
-        self.round = server_round
-
-    def density(self, server_round: int | None = None) -> float:
-        """The density used in ``server_round`` (default: the current round)."""
-        r = self.round if server_round is None else server_round
-        if r >= self.warmup_rounds:
+    def density(self, server_round: int) -> float:
+        """The density (before the client's share) used in ``server_round``: the warm-up's, then ``ratio``."""
+        if server_round >= self.warmup_rounds:
             return self.ratio
-        return self.warmup_start * (self.ratio / self.warmup_start) ** (r / self.warmup_rounds)
+        return self.warmup_start * (self.ratio / self.warmup_start) ** (server_round / self.warmup_rounds)
 
-    def kept_density(self) -> float:
-        """The density of this message: :meth:`density` times the client's ``share`` of the budget, at most 1."""
-        return min(1.0, self.density() * self.share)
+    def kept_density(self, args: EncodeArgs) -> float:
+        """The density of one message: :meth:`density` of ``args.round`` times the client's ``args.share`` of the
+        budget, at most 1."""
+        return min(1.0, self.density(args.round) * args.share)
 
-    def num_kept(self, n: int) -> int:
-        """``k`` for a vector of ``n`` elements in this message."""
-        return min(n, max(1, round(self.kept_density() * n))) if n else 0
+    def num_kept(self, n: int, args: EncodeArgs) -> int:
+        """``k`` for a vector of ``n`` elements in a message encoded with ``args``."""
+        return min(n, max(1, round(self.kept_density(args) * n))) if n else 0
 
-    def select(self, v: Tensor, layout: Layout) -> Tensor:
+    def select(self, v: Tensor, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Sorted indices of the entries (groups, with ``group > 1``) to send: the top ``num_kept`` of ``v``
         (or of each tensor)."""
         if self.group > 1:
             groups = self._group_norms(v)
-            k = min(len(groups), max(1, round(self.kept_density() * v.numel() / self.group))) if len(groups) else 0
+            k = min(len(groups), max(1, round(self.kept_density(args) * v.numel() / self.group))) if len(groups) else 0
             if k == 0:
                 return torch.zeros(0, dtype=torch.int64)
             return torch.topk(groups, k, sorted=False).indices.sort().values
         if not self.layerwise:
-            k = self.num_kept(v.numel())
+            k = self.num_kept(v.numel(), args)
             if k == 0:
                 return torch.zeros(0, dtype=torch.int64)
             return torch.topk(v.abs(), k, sorted=False).indices.sort().values
         parts = []
         for off, size in zip(layout.offsets, layout.sizes):
-            k = self.num_kept(size)
+            k = self.num_kept(size, args)
             if k:
                 parts.append(torch.topk(v[off : off + size].abs(), k, sorted=False).indices + off)
         return torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.int64)
@@ -175,14 +173,14 @@ class TopK(VectorCodec):
         idx = (groups.unsqueeze(1) * self.group + torch.arange(self.group)).reshape(-1)
         return idx[idx < n]
 
-    def corrected(self, u: Tensor, state: dict[str, Tensor], layout: Layout) -> Tensor:
+    def corrected(self, u: Tensor, state: dict[str, Any], layout: FlatSpec) -> Tensor:
         """The vector to sparsify: ``u`` plus the (decayed) residual with error feedback, else ``u``."""
         if not self.error_feedback:
             return u
         res = client_tensor(state, "residual", layout)
         return (res * self.residual_decay if self.residual_decay != 1 else res) + u
 
-    def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_flat(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Momentum correction, error feedback, top-k, value coding, momentum-factor masking."""
         if self.momentum > 0:
             u = client_tensor(state, "momentum", layout)
@@ -190,7 +188,7 @@ class TopK(VectorCodec):
         else:
             u = x
         v = self.corrected(u, state, layout)
-        sel = self.select(v, layout)
+        sel = self.select(v, layout, args)
         w.varint(len(sel))
         w.raw(ef_encode(sel, -(-v.numel() // self.group)))
         idx = self._entries(sel, v.numel())
@@ -203,11 +201,11 @@ class TopK(VectorCodec):
             u[idx] = 0.0
         return sent
 
-    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_vector(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Top-k of ``x`` without feedback (used only through :meth:`encode_flat`)."""
-        return self.encode_flat(x, {}, w, layout)
+        return self.encode_flat(x, {}, w, layout, args)
 
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
         """``k``, the indices (validated: distinct, in range), the values; zeros elsewhere."""
         n = layout.numel
         slots = -(-n // self.group)
@@ -216,11 +214,3 @@ class TopK(VectorCodec):
         out = torch.zeros(n)
         out[idx] = read_values(self.values, r, len(idx))
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """The current round (drives the warm-up)."""
-        return {"round": self.round}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.round = int(state.get("round", 0))

@@ -11,28 +11,35 @@ encode the values that a sparsifier or a low-rank codec selected (``TopK(values=
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from lightning_fed.codecs.base import Codec, check_share
+from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs
 from lightning_fed.codecs.frame import (
     FLAG_EXTRAS,
     FLAG_LAYOUT,
+    MAX_LAYOUT_BYTES,
     Reader,
     Writer,
     fingerprint,
     read_header,
     write_header,
 )
-from lightning_fed.codecs.layout import MAX_LAYOUT_BYTES, Layout
 from lightning_fed.codecs.wire import MalformedMessage, pack, unpack
-from lightning_fed.protocol import Payload, PayloadSpec
+from lightning_fed.flat import FlatSpec
+from lightning_fed.protocol import Payload
 
 _LAYOUT_ID = "layout_id"
 
 
 class VectorCodec(Codec):
     """A codec that encodes the payload's float entries as one flat vector (see :mod:`.frame`).
+
+    The per-call inputs travel down as arguments: :meth:`encode_flat` and :meth:`encode_vector` get the
+    client's state and the :class:`~lightning_fed.codecs.base.EncodeArgs`, :meth:`decode_vector` the sender's
+    server state and the :class:`~lightning_fed.codecs.base.DecodeArgs`; nothing per call is kept on the codec.
 
     Args:
         error_feedback: keep the compression error in the client's state and add it to the next update
@@ -52,31 +59,37 @@ class VectorCodec(Codec):
         """The settings a decoder must share with the encoder (hashed into every frame's fingerprint)."""
         return self.name
 
-    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
-        """Write the code of float32 vector ``x`` to ``w``; return what the decoder will reconstruct."""
+    def encode_vector(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
+        """Write the code of float32 vector ``x`` to ``w``; return what the decoder will reconstruct.
+
+        Args:
+            x: the flat update (with error feedback: already corrected by the residual).
+            state: the client's codec state (read and updated in place, e.g. PowerSGD's warm start).
+            w: the frame writer.
+            layout: the payload's flat layout.
+            args: the per-call inputs of :meth:`encode`.
+        """
         raise NotImplementedError
 
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
-        """Read the code written by :meth:`encode_vector`; return the float32 vector of ``layout.numel``."""
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
+        """Read the code written by :meth:`encode_vector`; return the float32 vector of ``layout.numel``.
+
+        Args:
+            r: the frame reader, positioned at the codec body.
+            layout: the payload's flat layout.
+            state: the receiver's state about the sender (read and updated in place; kept only if the whole
+                message turns out valid).
+            args: the per-call inputs of :meth:`decode`.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Codec API
-    share: float = 1.0  # this message's part of the uplink budget (set by encode for the length of one call)
-
-    def encode(self, payload: Payload, state: dict[str, Tensor], *, share: float = 1.0) -> bytes:
+    def encode(self, payload: Payload, state: dict[str, Any], args: EncodeArgs = EncodeArgs()) -> bytes:
         """Encode ``payload``; with error feedback, read and update ``state["residual"]``.
 
-        ``share`` scales the rate of codecs whose size follows a density (``TopK``); others ignore it (see
-        :func:`~lightning_fed.codecs.base.encode_budgeted`).
+        ``args.share`` scales the rate of codecs whose size follows a density (``TopK``); others ignore it.
         """
-        self.share = check_share(share)
-        try:
-            return self._encode(payload, state)
-        finally:
-            self.share = 1.0
-
-    def _encode(self, payload: Payload, state: dict[str, Tensor]) -> bytes:
-        layout, extras = Layout.from_payload(payload)
+        layout, extras = FlatSpec.from_floats(payload)
         flags = (FLAG_LAYOUT if self.self_describing else 0) | (FLAG_EXTRAS if extras else 0)
         w = Writer()
         write_header(w, flags, fingerprint(self.wire_config(), layout.key()))
@@ -84,22 +97,23 @@ class VectorCodec(Codec):
             w.blob(layout.to_bytes())
         if extras:
             w.blob(pack(extras, {}))
-        self.encode_flat(layout.flatten(payload), state, w, layout)
+        self.encode_flat(layout.flatten(payload), state, w, layout, args)
         return w.getvalue()
 
-    def encode_flat(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_flat(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """Encode the flat update with error feedback if enabled; return the reconstruction."""
         if not self.error_feedback:
-            return self.encode_vector(x, state, w, layout)
+            return self.encode_vector(x, state, w, layout, args)
         e = x + client_tensor(state, "residual", layout)
-        sent = self.encode_vector(e, state, w, layout)
+        sent = self.encode_vector(e, state, w, layout, args)
         state["residual"] = e - sent
         return sent
 
-    def decode(
-        self, message: bytes, *, max_bytes: int | None = None, spec: PayloadSpec | None = None
-    ) -> Payload:
-        """Decode a frame; the layout comes from the frame (self-describing) or from ``spec``.
+    def decode(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Payload:
+        """Decode a frame; the layout comes from the frame (self-describing) or from ``args.spec``.
+
+        ``state`` (the receiver's state about ``args.sender``) changes only when the whole message is valid: a
+        rejected message leaves it as it was.
 
         Raises:
             MalformedMessage: too large, truncated, trailing bytes, wrong codec or configuration, a layout
@@ -108,19 +122,20 @@ class VectorCodec(Codec):
         if not isinstance(message, (bytes, bytearray, memoryview)):
             raise MalformedMessage(f"message must be bytes, got {type(message).__name__}")
         message = bytes(message)
-        if max_bytes is not None and len(message) > max_bytes:
-            raise MalformedMessage(f"message of {len(message)} bytes exceeds the limit of {max_bytes}")
+        if args.max_bytes is not None and len(message) > args.max_bytes:
+            raise MalformedMessage(f"message of {len(message)} bytes exceeds the limit of {args.max_bytes}")
         r = Reader(message)
         flags, digest = read_header(r)
+        spec = args.spec
         if flags & FLAG_LAYOUT:
-            layout = Layout.from_bytes(r.blob("layout", MAX_LAYOUT_BYTES))
+            layout = FlatSpec.from_bytes(r.blob("layout", MAX_LAYOUT_BYTES))
         elif spec is None:
             raise MalformedMessage(
-                f"{self.name}: the message does not carry its layout; decode(..., spec=expected_spec) or encode "
-                "with self_describing=True"
+                f"{self.name}: the message does not carry its layout; decode with DecodeArgs(spec=expected_spec) or "
+                "encode with self_describing=True"
             )
         else:
-            layout = Layout.from_spec(spec)
+            layout = FlatSpec.from_spec(spec)
         if fingerprint(self.wire_config(), layout.key()) != digest:
             raise MalformedMessage(
                 f"fingerprint mismatch: the message was not encoded by {self.wire_config()} for this payload layout"
@@ -128,10 +143,13 @@ class VectorCodec(Codec):
         extras: Payload = {}
         if flags & FLAG_EXTRAS:
             extras, _ = unpack(r.blob("extras", len(message)))
-        flat = self.decode_vector(r, layout)
+        pending = dict(state)  # the sender's state as this message leaves it, kept only if the message is valid
+        flat = self.decode_vector(r, layout, pending, args)
         r.finish()
         if flat.numel() != layout.numel:
             raise MalformedMessage(f"decoded {flat.numel()} values, the layout has {layout.numel}")
+        state.clear()
+        state.update(pending)
         out = {**layout.unflatten(flat), **extras}
         if spec is not None:  # the spec's order where it names the entries
             out = {**{k: out[k] for k in spec if k in out}, **out}
@@ -155,23 +173,30 @@ class ValueCodec(VectorCodec):
         """Read ``n`` values written by :meth:`encode_values`."""
         raise NotImplementedError
 
-    def encode_vector(self, x: Tensor, state: dict[str, Tensor], w: Writer, layout: Layout) -> Tensor:
+    def encode_vector(self, x: Tensor, state: dict[str, Any], w: Writer, layout: FlatSpec, args: EncodeArgs) -> Tensor:
         """The whole vector through :meth:`encode_values`."""
         return self.encode_values(x, w, reconstruct=self.error_feedback)
 
-    def decode_vector(self, r: Reader, layout: Layout) -> Tensor:
+    def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
         """The whole vector through :meth:`decode_values`."""
         return self.decode_values(r, layout.numel)
 
 
-def client_tensor(state: dict[str, Tensor], key: str, layout: Layout, numel: int | None = None) -> Tensor:
-    """A per-client float32 buffer (residual, momentum…) of ``numel`` (default ``layout.numel``) elements.
+def layout_id(layout: FlatSpec) -> Tensor:
+    """The layout's fingerprint as an int64 scalar tensor (stored beside layout-bound state, see
+    :func:`client_tensor`)."""
+    return torch.tensor(int.from_bytes(fingerprint(layout.key()), "little"), dtype=torch.int64)
+
+
+def client_tensor(state: dict[str, Any], key: str, layout: FlatSpec, numel: int | None = None) -> Tensor:
+    """A per-client float32 buffer (residual, momentum, reference…) of ``numel`` (default ``layout.numel``)
+    elements, in a client's state or in the server's state about a sender.
 
     Zeros when missing, of another size, or recorded for another layout (the model changed structure,
-    e.g. after pruning): then every layout-bound buffer of the client is dropped.
+    e.g. after pruning): then every layout-bound buffer of that state is dropped.
     """
     numel = layout.numel if numel is None else numel
-    lid = torch.tensor(int.from_bytes(fingerprint(layout.key()), "little"), dtype=torch.int64)
+    lid = layout_id(layout)
     if _LAYOUT_ID in state and not torch.equal(state[_LAYOUT_ID], lid):
         for k in list(state):
             del state[k]
