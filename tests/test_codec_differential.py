@@ -218,5 +218,4 @@ def test_in_fedloop_every_message_decodes_against_its_client(make_loop, small_dm
     for cid in clients:
         client = loop.store.load(cid)["codec"]
         assert client["reference"].numel() == n
-        # TODO(loop): also compare with the server's per-sender state once the loop's sender store exists:
-        # assert torch.equal(client["reference"], <server state of cid>["reference"])
+        assert torch.equal(client["reference"], loop.senders.load(cid)["reference"])  # both sides in step, on disk

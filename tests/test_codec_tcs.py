@@ -163,14 +163,24 @@ def test_loop_counts_mask_bytes_downlink(tmp_path):
     from lightning_fed.data import IID, MNIST1DDataModule
     from lightning_fed.models import MNIST1DMLP
 
+    from lightning_fed.callbacks import FedCallback
+
+    class Seen(FedCallback):
+        sent: dict = {}
+
+        def on_round_start(self, trainer, pl_module, instructions):
+            self.sent[trainer.fed.round] = codec.broadcast(trainer.fed.round)
+
     torch.manual_seed(0)
     codec = TimeCorrelatedTopK(ratio=0.01, mask_ratio=0.1)
+    seen = Seen()
     loop = FedLoop(num_clients=4, clients_per_round=2, rounds=2, local_epochs=1, partition=IID(), codec=codec,
-                   eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), verbose=False, plot=False, loggers=[])
+                   eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), verbose=False, plot=False, loggers=[],
+                   callbacks=[seen])
     dm = MNIST1DDataModule(batch_size=64, num_samples=400)
     res = loop.fit(MNIST1DMLP(hidden=16), dm)
     h0, h1 = res.history
     assert h0["rejected"] == 0 and h1["rejected"] == 0
     mask_bytes = h1["bytes_down"] - h0["bytes_down"]  # same model both rounds: the difference is the mask
-    # round 1's mask to each of 2 clients; a mask's size follows from mask_ratio and the model: the last one's is the same
-    assert mask_bytes > 0 and mask_bytes == 2 * len(codec.broadcast(2))
+    # round 1's mask (built from round 0's accepted replies) to each of 2 clients; round 0 has none
+    assert seen.sent[0] == b"" and mask_bytes > 0 and mask_bytes == 2 * len(seen.sent[1])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import seeded
 
 from lightning_fed.cli import build_parser
 from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, EncodeArgs, TopK
+from lightning_fed.errors import RoundsFailed
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.weights import float_state
 
@@ -47,8 +49,9 @@ def test_bytes_counted_are_the_message_lengths(make_loop, small_dm):
 
 def test_oversized_messages_are_rejected(make_loop, small_dm):
     loop = make_loop(rounds=1, codec=Blockwise8bit(), max_message_bytes=1000)
-    res = loop.fit(seeded(MNIST1DCNN), small_dm)
-    assert res.history[0]["rejected"] == 2 and res.history[0]["skipped"] == 1
+    with pytest.raises(RoundsFailed, match="exceeds the limit of 1000"):
+        loop.fit(seeded(MNIST1DCNN), small_dm)
+    assert loop.history[0]["rejected"] == 2 and loop.history[0]["skipped"] == 1
 
 
 def test_codec_state_resumes_identically(make_loop, small_dm, tmp_path):
