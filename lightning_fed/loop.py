@@ -24,12 +24,14 @@ import torch
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
+from torch.utils.data import Subset
 
 from lightning_fed.callbacks.base import FED_HOOKS
 from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
 from lightning_fed.codecs.base import Codec, Identity, decode_expected, encode_budgeted
 from lightning_fed.codecs.wire import MalformedMessage
+from lightning_fed.context import FedContext
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.evaluate import Evaluator
@@ -249,6 +251,13 @@ class FedLoop:
         self.store = ClientStore(run_dir / "clients")
         self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
+        view.fed = self.fed = FedContext(  # TEMPORARY (h-callbacks): the lead's loop builds the context
+            num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
+            eval_data=self.eval_loader, console=self.console, _evaluate=self.evaluate_module,
+            _stored_clients=self.store.ids, _stored_state=self.store.load)
+        for cb in self.all_callbacks:  # before restore: the wrapped codec's state is what the checkpoint holds
+            if hasattr(cb, "wrap_uplink"):
+                self.codec = cb.wrap_uplink(self.codec)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
         self._last_eval: dict[str, float] = {}
@@ -291,6 +300,7 @@ class FedLoop:
         t0 = time.perf_counter()
         view, model = self.view, self.model
         view.current_round, view.client_id = r, None
+        self.fed.round, self.fed.client_id, self.fed.client_state, self.fed.shard = r, None, {}, None
         self.codec.on_round_start(r)
         self.downlink_codec.on_round_start(r)
         clients = self.sample_clients(r)
@@ -312,6 +322,7 @@ class FedLoop:
                 replies.append(checked)
             del message
         view.client_id, view.client_state = None, {}
+        self.fed.client_id, self.fed.client_state, self.fed.shard = None, {}, None
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
         if len(replies) >= self.min_clients:
@@ -333,7 +344,7 @@ class FedLoop:
         if stats["bytes_down"]:
             metrics["compression_ratio_down"] = stats["raw_bytes_down"] / stats["bytes_down"]
         self._fed_hook("on_round_end", metrics)
-        if self._model_changed:
+        if self.fed.take_model_changed() or self._model_changed:
             self.strategy.model_changed(model)
             self._model_changed = False
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
@@ -368,7 +379,9 @@ class FedLoop:
         failed (logged)."""
         cid, view = instr.client_id, self.view
         view.client_id = cid
-        view.client_state = self.store.load(cid)
+        view.client_state = self.fed.client_state = self.store.load(cid)
+        self.fed.client_id = cid
+        self.fed.shard = Subset(self.train_template.dataset, self.shards[cid].tolist())
         model = self._working_module(self.strategy.client_module(cid, self.model))
         view.lightning_module = model
         try:
@@ -376,7 +389,11 @@ class FedLoop:
             self.strategy.client_receive(model, instr)
             self._fed_hook("on_client_start", instr)
             shard = self.shards[cid]
-            loader = client_loader(self.train_template, shard, torch.Generator().manual_seed(derive_seed(self.seed, r, cid, 1)))
+            data = self.fed.shard
+            for cb in self.all_callbacks:
+                if hasattr(cb, "on_client_data"):
+                    data = cb.on_client_data(view, model, data)
+            loader = client_loader(self.train_template, data, torch.Generator().manual_seed(derive_seed(self.seed, r, cid, 1)))
             train_metrics = self.local.fit(loader, int(instr.config.get("local_epochs", self.local_epochs)))
             payload = self.strategy.client_reply(model, instr)
             reply = Reply(cid, payload, num_examples=len(shard), metrics=train_metrics)
