@@ -26,8 +26,9 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``num_rounds``                total rounds
 ``client_id``                 the active client, ``None`` on the server
 ``client_state``              dict persisted per client across rounds (store your per-client state here)
-``fed_loop``                  the :class:`~lightning_fed.loop.FedLoop`
-``fed_strategy``              the server :class:`~lightning_fed.strategies.Strategy`
+``fed``                       the :class:`~lightning_fed.context.FedContext`: round, client id, client state,
+                              the client's shard, run folder, held-out data, evaluator… (callbacks read the
+                              federated state only from here, through :func:`~lightning_fed.context.fed_context`)
 ============================  =====================================================================
 """
 

@@ -25,14 +25,12 @@ SCRIPT = textwrap.dedent(
 
     class Killer(FedCallback):
         def on_round_start(self, trainer, pl_module, instructions):
-            if kill_at == f"start{trainer.current_round}":
+            if kill_at == f"start{trainer.fed.round}":
                 os.kill(os.getpid(), signal.SIGKILL)
+            self.second = instructions[1].client_id  # killed in the round's second client
         def on_client_start(self, trainer, pl_module, instruction):
-            if kill_at == f"client{trainer.current_round}" and instruction.client_id == instructions_seen(trainer):
+            if kill_at == f"client{trainer.fed.round}" and instruction.client_id == self.second:
                 os.kill(os.getpid(), signal.SIGKILL)
-
-    def instructions_seen(trainer):
-        return trainer.fed_loop.sample_clients(trainer.current_round)[1]
 
     L.seed_everything(0, verbose=False)
     loop = FedLoop(num_clients=4, clients_per_round=2, rounds=5, local_epochs=1, partition=Dirichlet(1.0),
