@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public, trainer
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fed import FedCallback, FedLoop
+from lightning_fed.context import fed_context
+from lightning_fed.data import IID
+from lightning_fed.models import MNIST1DMLP
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.strategies import FedMD, FedMDNFDP, ModelTiers
 from lightning_fed.strategies.digest import ConsensusDigest
@@ -106,21 +112,82 @@ def test_nfdp_epsilon_values_and_errors():
         nfdp_epsilon(5, 4)
 
 
+class RecordCounter(FedCallback):
+    """Counts the records each client (``None`` under ``lightning.Trainer``) trains on, per training batch."""
+
+    def __init__(self) -> None:
+        self.records: dict[int | None, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        fed = fed_context(trainer)
+        cid = fed.client_id if fed is not None else None
+        self.records[cid] = self.records.get(cid, 0) + len(batch[0])
+
+
+class DuplicatesDM(L.LightningDataModule):
+    """120 training records that are all the same (x = 0, y = 3), and 20 test records."""
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(120, 40), torch.full((120,), 3)), batch_size=16)
+
+    def test_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(20, 40), torch.full((20,), 3)), batch_size=16)
+
+
 def test_record_subset_under_trainer_trains_on_k_records():
     torch.manual_seed(0)
-    cb = RecordSubset(k=50)
+    dm = tiny_dm()
+    dm.setup()
+    cb, counter = RecordSubset(k=50), RecordCounter()
     t = trainer(batches=None)
-    t.callbacks.append(cb)
-    t.fit(cnn(4), tiny_dm())
-    assert cb.kept == 50 and cb.dropped == 350
+    t.callbacks += [cb, counter]
+    t.fit(cnn(4), DataLoader(cb.subset(dm.train_set), batch_size=32, shuffle=True))
+    assert counter.records == {None: 50}
     assert "training_step" not in t.lightning_module.__dict__
+
+
+def test_record_subset_under_trainer_refuses_the_full_dataset():
+    t = trainer(batches=None)
+    t.callbacks.append(RecordSubset(k=50))
+    with pytest.raises(ValueError, match=r"RecordSubset\(k=50, seed=0\): under lightning.Trainer the training data "
+                                         r"must be this callback's subset, got TensorDataset"):
+        t.fit(cnn(4), tiny_dm())
+    t = trainer(batches=None)
+    t.callbacks.append(RecordSubset(k=50))
+    dm = tiny_dm()
+    dm.setup()
+    with pytest.raises(ValueError, match="got KeptRecords"):  # a subset drawn with another k
+        t.fit(cnn(4), DataLoader(RecordSubset(k=40).subset(dm.train_set), batch_size=32))
+
+
+def test_record_subset_keeps_exactly_k_duplicate_records_in_fedloop(tmp_path):
+    """All records are equal: recognising records by their bytes would keep every one; positions keep k."""
+    torch.manual_seed(0)
+    counter = RecordCounter()
+    loop = FedLoop(num_clients=3, clients_per_round=3, rounds=2, local_epochs=2, partition=IID(),
+                   callbacks=[RecordSubset(k=7, seed=3), counter], output_dir=str(tmp_path), verbose=False,
+                   plot=False, loggers=[], checkpoint_every=0)
+    res = loop.fit(MNIST1DMLP(), DuplicatesDM())
+    assert counter.records == {0: 2 * 2 * 7, 1: 2 * 2 * 7, 2: 2 * 2 * 7}  # rounds x local epochs x k
+    assert [h["examples"] for h in res.history] == [120, 120]  # replies still report each client's n
+
+
+def test_record_subset_draws_the_same_positions_every_round():
+    rs = RecordSubset(k=7, seed=3)
+    shard = TensorDataset(torch.arange(40))
+    a, b = rs.subset(shard, client_id=2), rs.subset(shard, client_id=2)
+    assert a.indices == b.indices == rs.chosen(40, 2).tolist() and len(set(a.indices)) == 7
+    assert a.indices != rs.subset(shard, client_id=1).indices
+    assert len(rs.subset(TensorDataset(torch.arange(4)))) == 4  # fewer than k records: all of them
 
 
 def test_fedmd_nfdp_run_reports_guarantee(tmp_path):
     torch.manual_seed(0)
     s = FedMDNFDP(records_per_party=20, public=tiny_public(), public_per_round=30)
-    res = tiny_loop(tmp_path, s, rounds=2).fit(cnn(4), tiny_dm())
-    assert s.subset.kept == 20  # the last client trained on exactly k records (one local epoch)
+    counter = RecordCounter()
+    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[counter]).fit(cnn(4), tiny_dm())
+    assert set(counter.records) == set(s.guarantees)  # two rounds of one local epoch: 2 x k records if sampled twice
+    assert all(v in (20, 40) for v in counter.records.values()), counter.records
     sizes = [len(sh) for cid, sh in enumerate(tiny_loop(tmp_path / "x", s).partition.split(
         torch.as_tensor(tiny_dm_labels()), 4, 0)) if cid in s.guarantees]
     expected = max(nfdp_epsilon(min(20, n), n) for n in sizes)

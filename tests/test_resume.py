@@ -19,21 +19,18 @@ SCRIPT = textwrap.dedent(
     import torch
     from lightning_fed import FedLoop, FedCallback, MNIST1DDataModule, Dirichlet
     from lightning_fed.models import MNIST1DMLP
-    from lightning_fed.plan import sample_clients
 
     out, kill_at, resume = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
     torch.set_num_threads(1)
 
     class Killer(FedCallback):
         def on_round_start(self, trainer, pl_module, instructions):
-            if kill_at == f"start{trainer.current_round}":
+            if kill_at == f"start{trainer.fed.round}":
                 os.kill(os.getpid(), signal.SIGKILL)
+            self.second = instructions[1].client_id  # killed in the round's second client
         def on_client_start(self, trainer, pl_module, instruction):
-            if kill_at == f"client{trainer.current_round}" and instruction.client_id == instructions_seen(trainer):
+            if kill_at == f"client{trainer.fed.round}" and instruction.client_id == self.second:
                 os.kill(os.getpid(), signal.SIGKILL)
-
-    def instructions_seen(trainer):
-        return sample_clients(0, trainer.current_round, 4, 2)[1]
 
     L.seed_everything(0, verbose=False)
     loop = FedLoop(num_clients=4, clients_per_round=2, rounds=5, local_epochs=1, partition=Dirichlet(1.0),

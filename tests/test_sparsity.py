@@ -51,6 +51,20 @@ def test_masks_and_packed_uplink_roundtrip():
         codec.decode(bad, {})
 
 
+def test_wrap_uplink_packs_the_codec_and_keeps_its_masks_in_sync():
+    inner = Identity()
+    cb = MagnitudeSparsity(sparsity=0.5, at=[0])
+    codec = cb.wrap_uplink(inner)
+    assert isinstance(codec, SparseUplink) and codec.inner is inner and codec.masks == {}
+    assert cb.wrap_uplink(codec) is codec  # an uplink that already packs is not wrapped twice
+    cb.step(MNIST1DCNN())
+    assert codec.masks is cb.masks and cb.masks  # a new step reaches the codec
+    restored = {k: ~v for k, v in cb.masks.items()}
+    cb.load_state_dict({"masks": restored, "steps_done": 1})
+    assert all(torch.equal(codec.masks[k], v) for k, v in restored.items())
+    assert MagnitudeSparsity(pack_uplink=False).wrap_uplink(inner) is inner
+
+
 def test_trainer_keeps_masked_weights_at_zero(tmp_path):
     L.seed_everything(0)
     model, cb = MNIST1DCNN(), MagnitudeSparsity(sparsity=0.6, at=[0, 1], scope="global")

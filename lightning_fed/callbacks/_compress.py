@@ -13,17 +13,20 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_fed.context import fed_context
+
 log = logging.getLogger("lightning_fed")
 
 
 def in_fedloop(trainer: Any) -> bool:
-    """Whether ``trainer`` is FedLoop's trainer view (``False`` under ``lightning.Trainer``)."""
-    return getattr(trainer, "fed_loop", None) is not None
+    """Whether ``trainer`` carries FedLoop's context ``trainer.fed`` (``False`` under ``lightning.Trainer``)."""
+    return fed_context(trainer) is not None
 
 
 def on_server(trainer: Any) -> bool:
     """Inside FedLoop and not in a client's local work."""
-    return in_fedloop(trainer) and trainer.client_id is None
+    ctx = fed_context(trainer)
+    return ctx is not None and ctx.on_server
 
 
 def parse_schedule(owner: str, key: str, at: int | list[int]) -> list[int]:
@@ -49,9 +52,23 @@ def example_from_batch(batch: Any) -> Tensor | None:
     return None
 
 
+def example_from_dataset(data: Any) -> Tensor | None:
+    """The inputs (``x`` of ``(x, y)`` records, or the records themselves) of the first two records of a dataset,
+    stacked into a batch, detached; ``None`` for an empty dataset or non-tensor inputs."""
+    xs = []
+    for i in range(min(2, len(data))):
+        record = data[i]
+        x = record[0] if isinstance(record, (tuple, list)) and record else record
+        if not isinstance(x, Tensor):
+            return None
+        xs.append(x.detach())
+    return torch.stack(xs) if xs else None
+
+
 def example_input(owner: str, trainer: Any, pl_module: nn.Module, shape: list[int] | None, seen: Tensor | None) -> Tensor:
-    """An example input for tracing: ``zeros(shape)``, the module's ``example_input_array``, a seen batch, or the
-    first batch of FedLoop's training data, in that order.
+    """An example input for tracing: ``zeros(shape)``, the module's ``example_input_array``, a seen batch, or (in
+    FedLoop) the first two records of the active client's shard (``trainer.fed.shard``) or, on the server, the first
+    batch of the held-out data (``trainer.fed.eval_data``), in that order.
 
     Raises:
         ValueError: none of these is available.
@@ -64,8 +81,12 @@ def example_input(owner: str, trainer: Any, pl_module: nn.Module, shape: list[in
         return ex.to(device)
     if seen is not None:
         return seen.to(device)
-    if in_fedloop(trainer):
-        seen = example_from_batch(next(iter(trainer.fed_loop.train_template)))
+    ctx = fed_context(trainer)
+    if ctx is not None:
+        if ctx.shard is not None and len(ctx.shard):
+            seen = example_from_dataset(ctx.shard)
+        elif ctx.eval_data is not None:
+            seen = example_from_batch(next(iter(ctx.eval_data)))
         if seen is not None:
             return seen.to(device)
     raise ValueError(

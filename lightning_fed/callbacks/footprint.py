@@ -26,6 +26,7 @@ from lightning_fed.callbacks._compress import (
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.qat_torchao import plain_tensors, unfake_torchao
 from lightning_fed.callbacks.quantize import FAKE_QUANT, _FakeQuant
+from lightning_fed.context import fed_context
 
 log = logging.getLogger("lightning_fed")
 
@@ -111,9 +112,11 @@ def classification_accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def eval_loader(trainer: Any) -> DataLoader | None:
-    """The held-out loader: FedLoop's evaluation set, or the Trainer's datamodule test (else val) loader."""
-    if in_fedloop(trainer):
-        return trainer.fed_loop.eval_loader
+    """The held-out loader: FedLoop's evaluation data (``trainer.fed.eval_data``), or the Trainer's datamodule
+    test (else val) loader."""
+    ctx = fed_context(trainer)
+    if ctx is not None:
+        return ctx.eval_data
     dm = getattr(trainer, "datamodule", None)
     for name in ("test_dataloader", "val_dataloader"):
         try:
@@ -196,7 +199,7 @@ class Footprint(FedCallback):
         return measure_footprint(pl_module, x, repeats=self.repeats, batch_size=self.batch_size, threads=self.threads)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """FedLoop: measure the initial model (the first training batch is at hand)."""
+        """FedLoop: measure the initial model (on an example from the held-out data, ``trainer.fed.eval_data``)."""
         if in_fedloop(trainer) and "before" not in self.results:
             self.results["before"] = self._measure(trainer, pl_module)
 
@@ -220,7 +223,8 @@ class Footprint(FedCallback):
                     export(trainer, pl_module), self.results["after"], x, repeats=self.repeats,
                     batch_size=self.batch_size, threads=self.threads)
         table = footprint_table(self.results)
-        console = trainer.fed_loop.console if in_fedloop(trainer) else Console(stderr=True)
+        ctx = fed_context(trainer)
+        console = ctx.console if ctx is not None else Console(stderr=True)
         console.print(table)
         log.info("footprint: %s", self.results)
         log_metrics(trainer, {f"footprint/{stage}_{k}": v for stage, s in self.results.items() for k, v in s.items()})

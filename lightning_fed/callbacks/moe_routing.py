@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.step_hook import TrainingStepHook
+from lightning_fed.context import fed_context
 from lightning_fed.moe.convert import convert_to_moe
 from lightning_fed.moe.layer import MoELayer, moe_layers
 
@@ -179,8 +180,8 @@ class MoERouting(FedCallback):
 
     # ------------------------------------------------------------------ annealing
     def _period(self, trainer: Any) -> int:
-        loop = getattr(trainer, "fed_loop", None)
-        return int(trainer.current_round if loop is not None else trainer.current_epoch)
+        ctx = fed_context(trainer)
+        return int(ctx.round if ctx is not None else trainer.current_epoch)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Apply the annealed settings before the first step (of the fit, or of a client's round)."""

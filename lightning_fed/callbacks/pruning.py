@@ -31,6 +31,7 @@ from lightning_fed.callbacks._compress import (
     reset_stale_client_state,
 )
 from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.context import fed_context
 from lightning_fed.protocol import Instruction, Reply
 
 log = logging.getLogger("lightning_fed")
@@ -355,7 +356,7 @@ class StructuredPruning(FedCallback):
                 grads = {k: sum(g[k] * (n / total) for g, n in good) for k in good[0][0]}
         self._client_grads = {}
         metrics["pruned_params"] = float(self.prune(trainer, pl_module, grads))
-        trainer.fed_loop.model_changed()
+        fed_context(trainer).model_changed()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

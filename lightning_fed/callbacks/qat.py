@@ -44,6 +44,7 @@ from lightning_fed.callbacks.qat_torchao import (
     torchao_available,
 )
 from lightning_fed.callbacks.quantize import FAKE_QUANT, SCHEMES, QuantizedLayer, _FakeQuant
+from lightning_fed.context import fed_context
 from lightning_fed.protocol import Instruction
 
 log = logging.getLogger("lightning_fed")
@@ -230,8 +231,9 @@ class QuantizationAware(FedCallback):
         if loader is not None:
             self.report["float_acc"] = classification_accuracy(float_model, loader)
             self.report["quant_acc"] = classification_accuracy(exported, loader)
+        ctx = fed_context(trainer)
         out_dir = Path(self.export_dir) if self.export_dir else (
-            trainer.fed_loop.run_dir if in_fedloop(trainer) else Path(trainer.default_root_dir))
+            ctx.run_dir if ctx is not None else Path(trainer.default_root_dir))
         out_dir.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(plain_tensors(qsd), str(out_dir / "quantized.safetensors"))
         log.info("QAT export (%s): %s", self.scheme, {k: round(v, 4) for k, v in self.report.items()})

@@ -20,6 +20,7 @@ from lightning_fed.callbacks._compress import in_fedloop, on_server, parse_sched
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs, Identity
 from lightning_fed.codecs.wire import MalformedMessage
+from lightning_fed.context import fed_context
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, TensorSpec
 
 log = logging.getLogger("lightning_fed")
@@ -150,7 +151,7 @@ class MagnitudeSparsity(FedCallback):
         scope: ``"layer"`` (each tensor gets ``sparsity``) or ``"global"`` (one threshold for all).
         min_numel: only parameters with at least this many elements (and ``ndim >= 2``: weights, not biases)
             are sparsified.
-        pack_uplink: in FedLoop, wrap the loop's codec with :class:`SparseUplink`.
+        pack_uplink: in FedLoop, wrap the uplink codec with :class:`SparseUplink` (through :meth:`wrap_uplink`).
         reset_client_state: per-client state entries reset when the masks changed since the client last trained.
     """
 
@@ -208,14 +209,15 @@ class MagnitudeSparsity(FedCallback):
         return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """FedLoop: wrap the uplink codec so that masked entries travel packed."""
-        if in_fedloop(trainer) and self.pack_uplink:
-            loop = trainer.fed_loop
-            if not isinstance(loop.codec, SparseUplink):
-                loop.codec = SparseUplink(loop.codec)
-            self._codec = loop.codec
-            self._codec.masks = self.masks
+    def wrap_uplink(self, codec: Codec) -> Codec:
+        """FedLoop set-up: ``codec`` wrapped in :class:`SparseUplink` (masked entries travel packed), whose masks
+        this callback keeps in sync; ``codec`` unchanged when ``pack_uplink`` is off. A ``SparseUplink`` given
+        as the loop's codec is used as it is (not wrapped twice)."""
+        if not self.pack_uplink:
+            return codec
+        self._codec = codec if isinstance(codec, SparseUplink) else SparseUplink(codec)
+        self._codec.masks = self.masks
+        return self._codec
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Keep masked weights at zero after each optimizer step."""
@@ -242,7 +244,7 @@ class MagnitudeSparsity(FedCallback):
         r = trainer.current_round
         if on_server(trainer) and r in self.at and self.at.index(r) == self.steps_done:
             self.step(pl_module)
-            trainer.fed_loop.model_changed()  # the strategy re-reads the (now zeroed) global weights
+            fed_context(trainer).model_changed()  # the strategy re-reads the (now zeroed) global weights
         if self.masks:
             metrics["density"] = self.density()
 

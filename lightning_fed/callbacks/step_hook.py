@@ -1,10 +1,9 @@
 """Wrapping a LightningModule's ``training_step`` from a callback, without changing the module's code.
 
-A callback that must change the training loss (distillation terms, FedGen's regulariser, FedMD-NFDP's
-record subsampling) installs a :class:`TrainingStepHook` in ``on_train_start`` and removes it in
-``on_train_end``. It works the same under ``lightning.Trainer`` (which looks ``training_step`` up on the
-module instance) and inside FedLoop. Several hooks stack; removing one that is not the outermost turns it
-into a pass-through.
+A callback that must change the training loss (distillation terms, FedGen's regulariser) installs a
+:class:`TrainingStepHook` in ``on_train_start`` and removes it in ``on_train_end``. It works the same under
+``lightning.Trainer`` (which looks ``training_step`` up on the module instance) and inside FedLoop. Several
+hooks stack; removing one that is not the outermost turns it into a pass-through.
 """
 
 from __future__ import annotations

@@ -36,30 +36,41 @@ class TensorShardLoader:
             yield [t[idx] for t in self.tensors]
 
 
-def subset_indices(data: Dataset, base: Dataset) -> Tensor | None:
-    """The indices into ``base`` that ``data`` selects when it is a (nested) ``Subset`` of ``base``, else ``None``."""
-    if data is base:
-        return torch.arange(len(base))
-    if isinstance(data, Subset):
-        inner = subset_indices(data.dataset, base)
-        if inner is not None:
-            return inner[torch.as_tensor(data.indices, dtype=torch.long)]
-    return None
+def subset_indices(data: Dataset, root: Dataset) -> Tensor | None:
+    """The indices into ``root`` of ``data`` when ``data`` is ``root`` or a chain of ``Subset`` objects over it,
+    else ``None``.
+
+    ``Subset(Subset(root, shard), positions)`` (a client's shard narrowed by a callback) resolves to
+    ``shard[positions]``, so such data keeps the fast tensor path of :func:`client_loader`.
+    """
+    chain: list[Subset] = []
+    while data is not root:
+        if not isinstance(data, Subset):
+            return None
+        chain.append(data)
+        data = data.dataset
+    idx = torch.arange(len(root))
+    for sub in reversed(chain):
+        idx = idx[torch.as_tensor(sub.indices, dtype=torch.long)]
+    return idx
 
 
-def client_loader(template: DataLoader, data: Dataset, generator: torch.Generator) -> Any:
-    """A shuffled loader over a client's ``data`` (its shard, or the subset a callback chose) with the batch
-    size, collate function and worker settings of ``template`` (the datamodule's ``train_dataloader()``)."""
+def client_loader(template: DataLoader, data: Tensor | Dataset, generator: torch.Generator) -> Any:
+    """A shuffled loader over ``data`` with the batch size, collate function and worker settings of
+    ``template`` (the datamodule's ``train_dataloader()``).
+
+    ``data`` is either indices into ``template.dataset`` or a dataset (a client's shard, possibly narrowed by a
+    callback's ``on_client_data``); a chain of ``Subset`` objects over ``template.dataset`` is read through
+    its indices.
+    """
     ds = template.dataset
     batch_size = template.batch_size or 1
     drop_last = bool(getattr(template, "drop_last", False))
-    indices = subset_indices(data, ds)
+    indices = data if isinstance(data, Tensor) else subset_indices(data, ds)
     if indices is not None and isinstance(ds, TensorDataset) and _default_collate(template.collate_fn):
         return TensorShardLoader(ds.tensors, indices, batch_size, generator, drop_last)
-    if indices is not None:  # the same samples and order as before: a Subset of the training set by index list
-        data = Subset(ds, indices.tolist())
     return DataLoader(
-        data,
+        Subset(ds, indices.tolist()) if indices is not None else data,
         batch_size=batch_size,
         shuffle=True,
         generator=generator,

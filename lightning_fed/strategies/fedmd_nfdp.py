@@ -6,8 +6,9 @@ of ``n`` records without replacement, once, and training only on them makes ever
 
     epsilon = ln((n + 1) / (n + 1 - k)),    delta = k / n
 
-:class:`RecordSubset` is the client side (it drops the other records from every training batch; it also
-works under a plain ``lightning.Trainer``); :class:`FedMDNFDP` is FedMD with that callback installed and
+:class:`RecordSubset` is the client side (it narrows each party's training data to its ``k`` records before
+the data loader is built; under a plain ``lightning.Trainer`` the dataset is wrapped with
+:meth:`RecordSubset.subset`); :class:`FedMDNFDP` is FedMD with that callback installed and
 the guarantee of every party computed from its ``n`` and reported as ``nfdp/epsilon`` and ``nfdp/delta``
 (the worst case over the parties seen so far).
 """
@@ -20,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset
 
 from lightning_fed.callbacks.base import FedCallback
-from lightning_fed.callbacks.step_hook import TrainingStepHook
+from lightning_fed.context import fed_context
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies.fedmd import FedMD, _seeded
@@ -46,20 +47,32 @@ def nfdp_delta(k: int, n: int) -> float:
     return k / n
 
 
-def _row_key(row: Tensor) -> bytes:
-    return row.detach().cpu().contiguous().numpy().tobytes()
+class KeptRecords(Subset):
+    """The records a :class:`RecordSubset` keeps of a dataset (a ``Subset`` that remembers ``k`` and ``seed``)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], k: int, seed: int) -> None:
+        super().__init__(dataset, indices)
+        self.k = k
+        self.seed = seed
 
 
 class RecordSubset(FedCallback):
-    """Train on a fixed random subset of ``k`` of the ``n`` local records (drops the rest from each batch).
+    """Train on a fixed random subset of ``k`` of the ``n`` local records, taken at the data loader.
 
-    The subset is drawn once per client from ``(seed, client_id)`` (under ``lightning.Trainer``: from
-    ``seed`` over the whole training set) and does not change across rounds. Records are recognised by
-    their input tensor, so batches must be ``(x, y, ...)`` tuples/lists.
+    The records are chosen by position, drawn once per client from ``(seed, client_id)``, and do not change
+    across rounds; equal records (duplicates) are distinct records, so exactly ``min(k, n)`` records are trained
+    on. In FedLoop, :meth:`on_client_data` narrows each client's shard (``trainer.fed.shard``) before its loader
+    is built. Under a plain ``lightning.Trainer`` a callback cannot replace the training data, so wrap the
+    training dataset with :meth:`subset` (the draw of client 0 over the whole set); the callback refuses to
+    train on data that is not such a subset, rather than silently train on every record.
 
     Example::
 
-        L.Trainer(callbacks=[RecordSubset(k=64)], max_epochs=5).fit(model, dm)   # trains on 64 records
+        rs = RecordSubset(k=64)
+        FedLoop(..., callbacks=[rs])                                   # each client trains on 64 of its records
+
+        train = DataLoader(rs.subset(train_set), batch_size=32, shuffle=True)
+        L.Trainer(callbacks=[rs], max_epochs=5).fit(model, train)      # trains on 64 records
 
     Args:
         k: records to keep per client (all of them when a client has fewer).
@@ -71,46 +84,34 @@ class RecordSubset(FedCallback):
             raise ValueError(f"RecordSubset: k={k} is not allowed; k must be >= 1")
         self.k = k
         self.seed = seed
-        self._allowed: set[bytes] = set()
-        self._hook = TrainingStepHook(self._step)
-        self.kept = 0
-        self.dropped = 0
 
     def chosen(self, n: int, client_id: int) -> Tensor:
         """Positions (into the client's ``n`` records) of the kept records."""
         return torch.randperm(n, generator=_seeded(self.seed, client_id, 17))[: min(self.k, n)]
 
+    def subset(self, dataset: Dataset, client_id: int = 0) -> KeptRecords:
+        """The kept records of ``dataset`` (the records of ``client_id``), for training under ``lightning.Trainer``
+        (or anywhere the loader is built by hand)."""
+        return KeptRecords(dataset, self.chosen(len(dataset), client_id).tolist(), self.k, self.seed)
+
+    def on_client_data(self, trainer: Any, pl_module: Any, shard: Dataset) -> Dataset:
+        """FedLoop: the kept records of the client's shard."""
+        return self.subset(shard, trainer.fed.client_id)
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Find the client's records, draw the subset, and wrap ``training_step``."""
-        loop = getattr(trainer, "fed_loop", None)
-        if loop is not None:
-            dataset, indices, cid = loop.train_template.dataset, loop.shards[trainer.client_id], trainer.client_id
-        else:
-            dataset = trainer.train_dataloader.dataset
-            indices, cid = torch.arange(len(dataset)), 0
-        keep = indices[self.chosen(len(indices), cid)]
-        if isinstance(dataset, TensorDataset):
-            rows = dataset.tensors[0][keep]
-        else:
-            rows = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in keep])
-        self._allowed = {_row_key(r) for r in rows}
-        self.kept = self.dropped = 0
-        self._hook.install(pl_module)
+        """``lightning.Trainer``: refuse to train unless the training data is this callback's :meth:`subset`.
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Unwrap ``training_step``."""
-        self._hook.remove()
-
-    def _step(self, original: Any, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], Tensor):
-            raise ValueError("RecordSubset: batches must be (x, y, ...) tuples or lists of tensors")
-        mask = torch.tensor([_row_key(r) in self._allowed for r in batch[0]], device=batch[0].device)
-        self.kept += int(mask.sum())
-        self.dropped += int((~mask).sum())
-        if not bool(mask.any()):
-            return None  # no kept record in this batch: skip the step
-        sub = type(batch)(t[mask] if isinstance(t, Tensor) and len(t) == len(mask) else t for t in batch)
-        return original(sub, batch_idx, *args, **kwargs)
+        Raises:
+            ValueError: the training dataset is not a :meth:`subset` with this ``k`` and ``seed``.
+        """
+        if fed_context(trainer) is not None:
+            return  # FedLoop: the shard was narrowed by on_client_data
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if not (isinstance(dataset, KeptRecords) and (dataset.k, dataset.seed) == (self.k, self.seed)):
+            raise ValueError(
+                f"RecordSubset(k={self.k}, seed={self.seed}): under lightning.Trainer the training data must be "
+                f"this callback's subset, got {type(dataset).__name__}; build the training loader on "
+                "record_subset.subset(train_dataset) (a callback cannot replace the Trainer's data)")
 
 
 class FedMDNFDP(FedMD):
@@ -189,4 +190,4 @@ class FedMDNFDP(FedMD):
         self.guarantees = {int(c): (float(v[0]), float(v[1])) for c, v in state.get("guarantees", {}).items()}
 
 
-__all__ = ["FedMDNFDP", "RecordSubset", "nfdp_delta", "nfdp_epsilon"]
+__all__ = ["FedMDNFDP", "KeptRecords", "RecordSubset", "nfdp_delta", "nfdp_epsilon"]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.context import fed_context
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload
 from lightning_fed.strategies.aggregate import example_weights, weighted_sum_
@@ -227,24 +228,23 @@ class ClientModels(FedCallback):
 
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
         """At evaluation rounds, evaluate stored client models per tier and log the means."""
-        loop = trainer.fed_loop
-        r = trainer.current_round
-        if self.eval_clients == 0 or not ((r + 1) % loop.eval_every == 0 or r + 1 == loop.rounds):
+        fed = fed_context(trainer)
+        if fed is None or self.eval_clients == 0 or not fed.is_eval_round():
             return
-        stored = set(loop.store.ids())
+        stored = set(fed.stored_clients())
         overall: dict[str, list[float]] = {}
         for t in range(num_tiers(self.tiers)):
             module = tier_module(self.tiers, t, pl_module)
-            clients = [c for c in range(loop.num_clients) if tier_of(self.tiers, c) == t and c in stored]
+            clients = [c for c in range(fed.num_clients) if tier_of(self.tiers, c) == t and c in stored]
             per_tier: dict[str, list[float]] = {}
             for cid in clients[: self.eval_clients]:
-                weights = loop.store.load(cid).get(self.state_key_name)
+                weights = fed.stored_client_state(cid).get(self.state_key_name)
                 if weights is None:
                     continue
                 load_into(module, weights)
-                out = {"clients/test_acc": loop.evaluate_module(module).get("test_acc", float("nan"))}
+                out = {"clients/test_acc": fed.evaluate(module).get("test_acc", float("nan"))}
                 if self.extra_eval is not None:
-                    out.update(self.extra_eval(module, t, loop.evaluate_module))
+                    out.update(self.extra_eval(module, t, fed.evaluate))
                 for k, v in out.items():
                     per_tier.setdefault(k, []).append(v)
                     overall.setdefault(k, []).append(v)
