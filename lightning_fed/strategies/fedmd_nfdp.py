@@ -26,7 +26,8 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.step_hook import TrainingStepHook
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Reply
-from lightning_fed.strategies.fedmd import FedMD, _seeded
+from lightning_fed.seeding import Stream, generator
+from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.tiers import ModelTiers
 
 log = logging.getLogger("lightning_fed")
@@ -78,7 +79,7 @@ class RecordSubset(FedCallback):
 
     def chosen(self, n: int, client_id: int) -> Tensor:
         """Positions (into the client's ``n`` records) of the kept records."""
-        return torch.randperm(n, generator=_seeded(self.seed, client_id, 17))[: min(self.k, n)]
+        return torch.randperm(n, generator=generator(self.seed, Stream.NFDP_SUBSET, client_id))[: min(self.k, n)]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Find the client's records, draw the subset, and wrap ``training_step``."""
