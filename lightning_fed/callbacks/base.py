@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
-
 from torch.utils.data import Dataset
 
 from lightning_fed.codecs.base import Codec

@@ -32,6 +32,7 @@ from lightning_fed.callbacks._compress import (
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.protocol import Instruction, Reply
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
@@ -151,17 +152,19 @@ class StructuredPruning(FedCallback):
         example_input_shape: list[int] | None = None,
         reset_client_state: list[str] | None = None,
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"StructuredPruning: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0, "ratio", ratio, "in [0, 1)")
+        need("StructuredPruning", isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0, "ratio", ratio,
+             "in [0, 1)")
         for name, r in (layer_ratios or {}).items():
-            need(isinstance(r, (int, float)) and 0.0 <= r < 1.0, f"layer_ratios[{name!r}]", r, "in [0, 1)")
-        need(importance in IMPORTANCES, "importance", importance, f"one of {IMPORTANCES}")
-        need(round_to is None or round_to >= 1, "round_to", round_to, ">= 1 or None")
-        need(0.0 < max_layer_ratio <= 1.0, "max_layer_ratio", max_layer_ratio, "in (0, 1]")
-        need(example_input_shape is None or (len(example_input_shape) >= 1 and all(d >= 1 for d in example_input_shape)),
+            need("StructuredPruning", isinstance(r, (int, float)) and 0.0 <= r < 1.0,
+                 f"layer_ratios[{name!r}]", r, "in [0, 1)")
+        need("StructuredPruning", importance in IMPORTANCES, "importance", importance,
+             f"one of {IMPORTANCES}")
+        need("StructuredPruning", round_to is None or round_to >= 1, "round_to", round_to, ">= 1 or None")
+        need("StructuredPruning", 0.0 < max_layer_ratio <= 1.0, "max_layer_ratio", max_layer_ratio,
+             "in (0, 1]")
+        need("StructuredPruning",
+             example_input_shape is None
+             or (len(example_input_shape) >= 1 and all(d >= 1 for d in example_input_shape)),
              "example_input_shape", example_input_shape, "None or a list of sizes >= 1")
         self.ratio = float(ratio)
         self.layer_ratios = dict(layer_ratios or {})

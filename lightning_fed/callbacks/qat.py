@@ -45,6 +45,7 @@ from lightning_fed.callbacks.qat_torchao import (
 )
 from lightning_fed.callbacks.quantize import FAKE_QUANT, SCHEMES, QuantizedLayer, _FakeQuant
 from lightning_fed.protocol import Instruction
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
@@ -139,18 +140,16 @@ class QuantizationAware(FedCallback):
         export_dir: str | None = None,
         backend: str = "native",
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"QuantizationAware: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
-        need(isinstance(start, int) and start >= 0, "start", start, "an int >= 0 (epoch or round)")
-        need(group_size >= 1, "group_size", group_size, ">= 1")
-        need(layers is None or len(layers) > 0, "layers", layers, "None or a non-empty list of module names")
-        need(backend in BACKENDS, "backend", backend, f"one of {BACKENDS}")
+        need("QuantizationAware", scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
+        need("QuantizationAware", isinstance(start, int) and start >= 0, "start", start,
+             "an int >= 0 (epoch or round)")
+        need("QuantizationAware", group_size >= 1, "group_size", group_size, ">= 1")
+        need("QuantizationAware", layers is None or len(layers) > 0, "layers", layers,
+             "None or a non-empty list of module names")
+        need("QuantizationAware", backend in BACKENDS, "backend", backend, f"one of {BACKENDS}")
         if backend == "torchao":
-            need(scheme != "int8_tensor", "scheme", scheme, "'int8' or 'int4_weight' with backend='torchao' (torchao "
-                 "has no per-tensor int8 weight config)")
+            need("QuantizationAware", scheme != "int8_tensor", "scheme", scheme,
+                 "'int8' or 'int4_weight' with backend='torchao' (torchao " "has no per-tensor int8 weight config)")
             if not torchao_available():
                 raise ImportError("QuantizationAware(backend='torchao') needs torchao: pip install torchao "
                                   "(or use backend='native')")
