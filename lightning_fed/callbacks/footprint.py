@@ -10,7 +10,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-import torch_pruning as tp
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -22,6 +21,7 @@ from lightning_fed.callbacks._compress import (
     example_input,
     in_fedloop,
     on_server,
+    torch_pruning,
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.qat_torchao import plain_tensors, unfake_torchao
@@ -83,7 +83,7 @@ def measure_footprint(
     """
     m = float_copy(model)
     x = example[:1].cpu()
-    macs, params = tp.utils.count_ops_and_params(m, x)
+    macs, params = torch_pruning().utils.count_ops_and_params(m, x)
     batch = x.expand(batch_size, *x.shape[1:]).contiguous()
     return {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m)),
             "latency_ms": cpu_latency_ms(m, batch, repeats=repeats, threads=threads)}

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import (
@@ -29,10 +28,14 @@ from lightning_fed.callbacks._compress import (
     parse_schedule,
     rebuild_optimizers,
     reset_stale_client_state,
+    torch_pruning,
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.validation import need
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 log = logging.getLogger("lightning_fed")
 
@@ -42,18 +45,19 @@ History = list[list[Any]]
 
 def make_importance(name: str) -> tp.importance.Importance:
     """torch-pruning's importance criterion called ``name`` (one of :data:`IMPORTANCES`)."""
+    importance = torch_pruning().importance
     if name == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
+        return importance.GroupMagnitudeImportance(p=2)
     if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
+        return importance.GroupMagnitudeImportance(p=1)
     if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
+        return importance.GroupTaylorImportance()
     if name == "lamp":
-        return tp.importance.LAMPImportance(p=2)
+        return importance.LAMPImportance(p=2)
     if name == "fpgm":
-        return tp.importance.FPGMImportance(p=2)
+        return importance.FPGMImportance(p=2)
     if name == "random":
-        return tp.importance.RandomImportance()
+        return importance.RandomImportance()
     raise ValueError(f"unknown importance {name!r}; allowed: {IMPORTANCES}")
 
 
@@ -69,7 +73,7 @@ def replay_pruning(model: nn.Module, history: History, example_inputs: Tensor) -
     if not history:
         return
     with torch.enable_grad(), kept_modes(model):  # the dependency graph is traced through autograd
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        dg = torch_pruning().DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         dg.load_pruning_history([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in history])
 
 
@@ -238,7 +242,7 @@ class StructuredPruning(FedCallback):
             if grads is not None:
                 for name, p in pl_module.named_parameters():
                     p.grad = grads[name].to(p) if name in grads else None
-            pruner = tp.pruner.MetaPruner(
+            pruner = torch_pruning().pruner.MetaPruner(
                 pl_module, example, importance=make_importance(importance), global_pruning=self.global_pruning,
                 pruning_ratio=self._relative(self.ratio, step), pruning_ratio_dict=per_layer or None,
                 max_pruning_ratio=self.max_layer_ratio, ignored_layers=ignored, round_to=self.round_to,
