@@ -46,6 +46,9 @@ class _Parsed(NamedTuple):
     uniform: tuple[torch.dtype, list[int]] | None
 
 
+MAX_HEADER_BYTES = 100_000_000
+"""Largest JSON header accepted: the ``safetensors`` library's own limit (``MAX_HEADER_SIZE``)."""
+
 # Headers repeat every round (same names, shapes, dtypes): the encoded header of a layout and the parsed,
 # validated entries of a header's bytes are cached (bounded; a hostile sender can only cause misses).
 _CACHE_SIZE = 256
@@ -108,7 +111,7 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
     if len(message) < 8:
         raise MalformedMessage(f"message of {len(message)} bytes is too short for a header")
     (hlen,) = struct.unpack("<Q", message[:8])
-    if hlen > len(message) - 8 or hlen > 100_000_000:
+    if hlen > len(message) - 8 or hlen > MAX_HEADER_BYTES:
         raise MalformedMessage(f"header length {hlen} does not fit a message of {len(message)} bytes")
     raw_header = message[8 : 8 + hlen]
     parsed = _PARSED.get(raw_header)
@@ -153,8 +156,8 @@ def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], i
     the string metadata."""
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedMessage(f"header is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: "[[[[…" nesting
+        raise MalformedMessage(f"header is not valid JSON: {type(err).__name__}") from None
     if not isinstance(header, dict):
         raise MalformedMessage("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -162,9 +165,11 @@ def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], i
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or type(start) is not int or type(end) is not int:
+                raise ValueError  # JSON true/false and 2.0 are not sizes (bool is an int subclass)
             n = 1
             for d in shape:
-                if not isinstance(d, int) or d < 0:
+                if type(d) is not int or d < 0:
                     raise ValueError
                 n *= d
             if dtype not in _DTYPE_BYTES or end - start != n * _DTYPE_BYTES[dtype] or start < 0:
