@@ -87,14 +87,15 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
         _remember(_PACKED, key, prefix)
     tensors_ = [t for _, t in items if t.numel()]
     span = contiguous_span(tensors_)  # entries of one flat buffer: serialised without concatenating
-    if span is None and tensors_ and all(t.dtype == tensors_[0].dtype for t in tensors_):
-        span = torch.cat([t.reshape(-1) for t in tensors_])  # one dtype: one concatenation, one byte view
     if span is not None:
-        body = span.view(torch.uint8).numpy().tobytes()
-    else:
-        chunks = [t.reshape(-1).view(torch.uint8) for t in tensors_]
-        body = torch.cat(chunks).numpy().tobytes() if chunks else b""
-    return prefix + body
+        return prefix + span.view(torch.uint8).numpy().tobytes()
+    # Otherwise copy each tensor once, straight into the message (no concatenated intermediate).
+    out = bytearray(len(prefix) + sum(t.numel() * t.element_size() for t in tensors_))
+    out[: len(prefix)] = prefix
+    if tensors_:
+        body = torch.frombuffer(out, dtype=torch.uint8, offset=len(prefix))
+        torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors_], out=body)
+    return bytes(out)
 
 
 def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
