@@ -24,7 +24,6 @@ from lightning_fed.callbacks._compress import (
     torch_pruning,
 )
 from lightning_fed.callbacks.base import FedCallback
-from lightning_fed.callbacks.qat_torchao import plain_tensors, unfake_torchao
 from lightning_fed.callbacks.quantize import FAKE_QUANT, _FakeQuant
 
 log = logging.getLogger("lightning_fed")
@@ -32,7 +31,7 @@ log = logging.getLogger("lightning_fed")
 
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of ``model.state_dict()`` serialized with safetensors (tensors made contiguous)."""
-    sd = plain_tensors({k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)})
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
     return len(safetensors.torch.save(sd))
 
 
@@ -66,7 +65,6 @@ def float_copy(model: nn.Module) -> nn.Module:
     for sub in m.modules():
         if isinstance(sub, _FakeQuant):
             sub.__class__ = next(base for base in type(sub).__mro__ if base in FAKE_QUANT)
-    unfake_torchao(m)
     return m
 
 
