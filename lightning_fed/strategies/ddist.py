@@ -29,6 +29,8 @@ from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits
 log = logging.getLogger("lightning_fed")
 
 GRAPHS = ("ring", "random_regular")
+PROB_SUM_ATOL = 1e-3
+"""How far a reply's soft labels may sum from 1 (float32 softmax rounding) before the reply is refused."""
 
 
 def ring_graph(n: int, degree: int) -> list[list[int]]:
@@ -161,7 +163,7 @@ class DecentralizedDistillation(OwnModels):
         rejected = 0
         for r in replies:
             soft = r.payload["soft"]
-            if bool((soft < 0).any()) or not torch.allclose(soft.sum(-1), torch.ones(len(soft)), atol=1e-3):
+            if bool((soft < 0).any()) or not torch.allclose(soft.sum(-1), torch.ones(len(soft)), atol=PROB_SUM_ATOL):
                 log.warning("round %d: soft labels of client %d rejected: rows are not probability vectors",
                             server_round + 1, r.client_id)
                 rejected += 1
