@@ -33,7 +33,7 @@ from lightning_fed.callbacks.qat import convert_qat, prepare_qat
 from lightning_fed.data import Dirichlet, MNIST1DDataModule
 from lightning_fed.models import MNIST1DCNN
 
-RUNS = ("baseline", "pruning", "qat", "qat_channel", "qat_torchao", "pruning_qat", "sparsity")
+RUNS = ("baseline", "pruning", "qat", "qat_channel", "pruning_qat", "sparsity")
 
 
 def callbacks_for(name: str, rounds: int) -> list[Any]:
@@ -52,8 +52,6 @@ def callbacks_for(name: str, rounds: int) -> list[Any]:
         return [QuantizationAware(scheme="int8_tensor", start=int(60 * s))]
     if name == "qat_channel":
         return [QuantizationAware(scheme="int8", start=int(60 * s))]
-    if name == "qat_torchao":  # torchao's QAT for the Linear head, native for the convolutions
-        return [QuantizationAware(scheme="int8", start=int(60 * s), backend="torchao")]
     if name == "pruning_qat":
         return [prune, QuantizationAware(scheme="int8_tensor", start=int(60 * s))]
     if name == "sparsity":

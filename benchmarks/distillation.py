@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 import time
 
@@ -141,7 +142,7 @@ def main() -> None:
                 json.dump(rows, f, indent=1)
 
     def fmt(v: float | None) -> str:
-        return "n/a" if v is None or v != v else f"{100 * v:.1f} %"
+        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f} %"
 
     print("\n| method | tier 0 (8 ch) | tier 1 (16 ch) | tier 2 (32 ch) | server | KB / round | seconds |")
     print("|---|---|---|---|---|---|---|")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -14,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 class RoundProgress:
     """Context manager: ``with RoundProgress(total, start) as p: p.advance(metrics)``.
@@ -32,7 +35,7 @@ class RoundProgress:
         self._progress: Progress | None = None
         self._task = None
 
-    def __enter__(self) -> RoundProgress:
+    def __enter__(self) -> Self:
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]round"),

@@ -36,12 +36,13 @@ def summary_table(history: list[dict[str, float]]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     accs = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
+    best = max(accs, key=lambda a: a[1]) if accs else None
     up = sum(h.get("bytes_up", 0) for h in history)
     down = sum(h.get("bytes_down", 0) for h in history)
     rows = [
         ("rounds", f"{len(history)}"),
         ("final test accuracy", f"{accs[-1][1]:.2%}" if accs else "n/a"),
-        ("best test accuracy", (lambda b: f"{b[1]:.2%} (round {int(b[0])})")(max(accs, key=lambda a: a[1])) if accs else "n/a"),
+        ("best test accuracy", f"{best[1]:.2%} (round {int(best[0])})" if best else "n/a"),
         ("uplink", f"{up / 1e6:.3f} MB"),
         ("downlink", f"{down / 1e6:.3f} MB"),
         ("rejected / failed replies", f"{sum(h.get('rejected', 0) for h in history):.0f} / {sum(h.get('failed', 0) for h in history):.0f}"),

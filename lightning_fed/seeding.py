@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from enum import IntEnum
 
 import torch
 
@@ -13,6 +14,50 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed that depends on every part (used per round and per client)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class Stream(IntEnum):
+    """Tags of the private random streams, the second part of every :func:`generator` call.
+
+    ``generator(seed, Stream.X, *keys)``: the tag keeps two uses of the same (seed, round) apart, and one list
+    keeps the tags unique across the package.
+    """
+
+    FEDMD_SUBSET = 1
+    """FedMD's public subset of a round (keys: round)."""
+    FEDMD_TRANSFER = 2
+    """FedMD's transfer-learning batches (keys: tier)."""
+    NFDP_SUBSET = 3
+    """FedMD-NFDP: a client's private subset (keys: client id)."""
+    FEDDF_PROXY = 4
+    """FedDF's proxy subset of a round (keys: round)."""
+    FEDDF_DISTILL = 5
+    """FedDF's distillation batches (keys: round, tier)."""
+    FEDGKT_SERVER = 6
+    """FedGKT's server-side training batches (keys: round)."""
+    FEDGEN_GENERATOR = 7
+    """FedGen's generator training draws (keys: round)."""
+    DDIST_GRAPH = 8
+    """D-Dist's random regular graph (keys: number of clients, degree)."""
+    DIGEST = 9
+    """ConsensusDigest's batch order on a client (keys: round)."""
+
+
+def generator(*parts: int) -> torch.Generator:
+    """A fresh CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``.
+
+    The one way lightning_fed keys a private stream of randomness (a public subset, a proxy batch, a client's
+    own draw) by what it is for: ``generator(seed, Stream.FEDDF_PROXY, server_round)``. The numbers depend only
+    on the parts, never on the global RNG state or on who asks first.
+
+    Args:
+        parts: integers identifying the stream: the run seed, a :class:`Stream` tag, then its keys (round,
+            client id, tier...).
+
+    Returns:
+        A new generator; two calls with the same parts give the same sequence.
+    """
+    return torch.Generator().manual_seed(derive_seed(*(int(p) for p in parts)))
 
 
 def seed_rngs(seed: int) -> None:
@@ -27,4 +72,4 @@ def seed_rngs(seed: int) -> None:
     random.seed(seed)
 
 
-__all__ = ["derive_seed", "seed_rngs"]
+__all__ = ["Stream", "derive_seed", "generator", "seed_rngs"]

@@ -28,8 +28,8 @@ def make_loop(tmp_path):
     """FedLoop factory with quiet, fast defaults writing under tmp_path."""
 
     def factory(**kw) -> FedLoop:
-        defaults = dict(num_clients=4, clients_per_round=2, rounds=2, local_epochs=1, output_dir=str(tmp_path / "runs"),
-                        verbose=False, plot=False, loggers=[], checkpoint_every=0)
+        defaults = {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "local_epochs": 1, "output_dir": str(tmp_path / "runs"),
+                        "verbose": False, "plot": False, "loggers": [], "checkpoint_every": 0}
         defaults.update(kw)
         return FedLoop(**defaults)
 

@@ -32,7 +32,7 @@ def test_recipe_runs_one_round(recipe, tmp_path):
 
 
 def test_saved_config_reruns_and_resumes(tmp_path):
-    recipe = [r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml")][0]
+    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
     args = ["--loop.num_clients", "4", "--loop.clients_per_round", "2", "--loop.local_epochs", "1",
             "--loop.checkpoint_every", "1", "--loop.output_dir", str(tmp_path)]
     res = run(["fit", "--config", recipe, *QUICK, *args])
@@ -41,7 +41,7 @@ def test_saved_config_reruns_and_resumes(tmp_path):
 
 
 def test_print_config(capsys):
-    recipe = [r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml")][0]
+    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, "--loop.rounds", "7", "--print_config"])
     assert e.value.code == 0
@@ -60,7 +60,7 @@ def test_print_config(capsys):
     ],
 )
 def test_bad_configuration_names_the_key(extra, message, capsys):
-    recipe = [r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml")][0]
+    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, *extra])
     assert e.value.code == 2
@@ -79,7 +79,7 @@ def test_missing_and_malformed_recipe(tmp_path, capsys):
 
 
 def test_impossible_partition_is_a_clean_error(tmp_path, capsys):
-    recipe = [r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml")][0]
+    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, "--loop.num_clients", "1000", "--loop.output_dir", str(tmp_path)])
     assert e.value.code == 2 and "min_samples=10" in capsys.readouterr().err

@@ -139,7 +139,7 @@ def test_fedloop_distillation_teacher_excluded_from_payload(tmp_path):
                    output_dir=str(tmp_path), verbose=False, plot=False, loggers=[], checkpoint_every=0)
     student = MNIST1DCNN(channels=4)
     res = loop.fit(student, _dm())
-    assert spy.keys == set(k for k, v in student.state_dict().items() if v.is_floating_point())
+    assert spy.keys == {k for k, v in student.state_dict().items() if v.is_floating_point()}
     assert not any(k.startswith("teacher") for k in spy.keys)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k])

@@ -36,7 +36,7 @@ def test_without_distillation_it_is_fedavg_per_tier():
     s.setup(default)
     g0 = {k: v.clone() for k, v in s.avg[0].payload().items()}
     g1 = {k: v.clone() for k, v in s.avg[1].payload().items()}
-    d = lambda base, c: {k: torch.full_like(v, c) for k, v in base.items()}  # noqa: E731
+    d = lambda base, c: {k: torch.full_like(v, c) for k, v in base.items()}
     s.aggregate(0, [Reply(0, d(g0, 1.0), 10), Reply(2, d(g0, 3.0), 30), Reply(1, d(g1, 2.0), 5)])
     for k, v in s.avg[0].payload().items():
         assert torch.allclose(v, g0[k] + 2.5)  # (10*1 + 30*3) / 40

@@ -293,19 +293,19 @@ def test_oversized_messages_are_rejected(make_loop, small_dm, caplog):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(num_clients=0), "num_clients=0"),
-        (dict(num_clients=5, clients_per_round=6), "clients_per_round=6 .* between 1 and num_clients=5"),
-        (dict(rounds=0), "rounds=0"),
-        (dict(local_epochs=0), "local_epochs"),
-        (dict(min_clients=9), "min_clients=9"),
-        (dict(eval_every=0), "eval_every"),
-        (dict(precision="8-bit"), "precision='8-bit' .* one of"),
-        (dict(loggers=["wandb"]), "loggers"),
-        (dict(max_message_bytes=0), "max_message_bytes"),
+        ({"num_clients": 0}, "num_clients=0"),
+        ({"num_clients": 5, "clients_per_round": 6}, "clients_per_round=6 .* between 1 and num_clients=5"),
+        ({"rounds": 0}, "rounds=0"),
+        ({"local_epochs": 0}, "local_epochs"),
+        ({"min_clients": 9}, "min_clients=9"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"precision": "8-bit"}, "precision='8-bit' .* one of"),
+        ({"loggers": ["wandb"]}, "loggers"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
     ],
 )
 def test_bad_configuration_fails_before_training(kw, match):
-    base = dict(num_clients=10, clients_per_round=5)
+    base = {"num_clients": 10, "clients_per_round": 5}
     base.update(kw)
     with pytest.raises(ValueError, match=match):
         FedLoop(**base)

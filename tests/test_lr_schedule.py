@@ -49,8 +49,8 @@ def test_cosine_scale_values():
         RoundLRDecay(schedule="cosine").scale(3)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(gamma=0), "gamma=0"), (dict(gamma=1.5), "gamma"), (dict(min_scale=2), "min_scale"),
-                                       (dict(schedule="step"), "schedule='step'"), (dict(total=0), "total=0")])
+@pytest.mark.parametrize("kw, match", [({"gamma": 0}, "gamma=0"), ({"gamma": 1.5}, "gamma"), ({"min_scale": 2}, "min_scale"),
+                                       ({"schedule": "step"}, "schedule='step'"), ({"total": 0}, "total=0")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         RoundLRDecay(**kw)

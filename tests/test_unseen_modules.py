@@ -112,8 +112,8 @@ class DictNet(L.LightningModule):
 
 
 def _loop(tmp_path, **kw):
-    base = dict(num_clients=4, clients_per_round=2, rounds=2, local_epochs=2, output_dir=str(tmp_path), verbose=False,
-                plot=False, loggers=[], checkpoint_every=0)
+    base = {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "local_epochs": 2, "output_dir": str(tmp_path), "verbose": False,
+                "plot": False, "loggers": [], "checkpoint_every": 0}
     base.update(kw)
     return FedLoop(**base)
 

@@ -4,9 +4,11 @@ parsing, example inputs, optimizer rebuilds and per-client state that goes stale
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -16,6 +18,12 @@ from torch import Tensor, nn
 from lightning_fed.context import fed_context
 
 log = logging.getLogger("lightning_fed")
+
+
+def torch_pruning() -> ModuleType:
+    """The ``torch_pruning`` module, imported on first use (pruning, replaying a pruning history, counting MACs):
+    ``import lightning_fed`` loads no optional heavy dependency that the run does not use."""
+    return importlib.import_module("torch_pruning")
 
 
 def in_fedloop(trainer: Any) -> bool:

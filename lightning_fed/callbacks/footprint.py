@@ -10,7 +10,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-import torch_pruning as tp
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -22,9 +21,9 @@ from lightning_fed.callbacks._compress import (
     example_input,
     in_fedloop,
     on_server,
+    torch_pruning,
 )
 from lightning_fed.callbacks.base import FedCallback
-from lightning_fed.callbacks.qat_torchao import plain_tensors, unfake_torchao
 from lightning_fed.callbacks.quantize import FAKE_QUANT, _FakeQuant
 from lightning_fed.context import fed_context
 
@@ -33,7 +32,7 @@ log = logging.getLogger("lightning_fed")
 
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of ``model.state_dict()`` serialized with safetensors (tensors made contiguous)."""
-    sd = plain_tensors({k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)})
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
     return len(safetensors.torch.save(sd))
 
 
@@ -67,7 +66,6 @@ def float_copy(model: nn.Module) -> nn.Module:
     for sub in m.modules():
         if isinstance(sub, _FakeQuant):
             sub.__class__ = next(base for base in type(sub).__mro__ if base in FAKE_QUANT)
-    unfake_torchao(m)
     return m
 
 
@@ -84,7 +82,7 @@ def measure_footprint(
     """
     m = float_copy(model)
     x = example[:1].cpu()
-    macs, params = tp.utils.count_ops_and_params(m, x)
+    macs, params = torch_pruning().utils.count_ops_and_params(m, x)
     batch = x.expand(batch_size, *x.shape[1:]).contiguous()
     return {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m)),
             "latency_ms": cpu_latency_ms(m, batch, repeats=repeats, threads=threads)}

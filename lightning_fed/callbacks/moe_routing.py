@@ -25,6 +25,7 @@ from lightning_fed.callbacks.step_hook import TrainingStepHook
 from lightning_fed.context import fed_context
 from lightning_fed.moe.convert import convert_to_moe
 from lightning_fed.moe.layer import MoELayer, moe_layers
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
@@ -77,25 +78,26 @@ class MoERouting(FedCallback):
         k_final: int | None = None,
         anneal_periods: int = 10,
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"MoERouting: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 2,
+        need("MoERouting",
+             isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 2,
              "num_experts", num_experts, "an int >= 2")
-        need(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_experts, "k", k,
+        need("MoERouting", isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_experts, "k", k,
              f"an int in [1, num_experts={num_experts}]")
-        need(capacity_factor is None or capacity_factor > 0, "capacity_factor", capacity_factor, "> 0 or None")
-        need(eval_capacity_factor is None or eval_capacity_factor > 0, "eval_capacity_factor",
+        need("MoERouting", capacity_factor is None or capacity_factor > 0, "capacity_factor", capacity_factor,
+             "> 0 or None")
+        need("MoERouting", eval_capacity_factor is None or eval_capacity_factor > 0, "eval_capacity_factor",
              eval_capacity_factor, "> 0 or None")
-        need(balance_weight >= 0, "balance_weight", balance_weight, ">= 0")
-        need(z_weight >= 0, "z_weight", z_weight, ">= 0")
-        need(capacity_final is None or capacity_final > 0, "capacity_final", capacity_final, "> 0 or None")
-        need(k_final is None or (isinstance(k_final, int) and k_final >= 1), "k_final", k_final, "an int >= 1 or None")
-        need(k_final is None or not convert or k_final <= num_experts, "k_final", k_final,
+        need("MoERouting", balance_weight >= 0, "balance_weight", balance_weight, ">= 0")
+        need("MoERouting", z_weight >= 0, "z_weight", z_weight, ">= 0")
+        need("MoERouting", capacity_final is None or capacity_final > 0, "capacity_final", capacity_final,
+             "> 0 or None")
+        need("MoERouting", k_final is None or (isinstance(k_final, int) and k_final >= 1), "k_final", k_final,
+             "an int >= 1 or None")
+        need("MoERouting", k_final is None or not convert or k_final <= num_experts, "k_final", k_final,
              f"<= num_experts={num_experts}")
-        need(anneal_periods >= 1, "anneal_periods", anneal_periods, ">= 1")
-        need(convert is None or len(set(convert)) == len(convert), "convert", convert, "a list of distinct names")
+        need("MoERouting", anneal_periods >= 1, "anneal_periods", anneal_periods, ">= 1")
+        need("MoERouting", convert is None or len(set(convert)) == len(convert), "convert", convert,
+             "a list of distinct names")
         self.convert = list(convert or [])
         self.num_experts, self.k = num_experts, k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor

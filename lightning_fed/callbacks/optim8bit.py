@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
@@ -70,16 +71,14 @@ class EightBitOptimizer(FedCallback):
         weight_decay: float | None = None,
         min_8bit_size: int = 4096,
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"EightBitOptimizer: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(optimizer in OPTIMIZERS, "optimizer", optimizer, f"one of {OPTIMIZERS}")
-        need(lr is None or lr > 0, "lr", lr, "> 0 or None")
-        need(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas, "two values in [0, 1)")
-        need(eps > 0, "eps", eps, "> 0")
-        need(weight_decay is None or weight_decay >= 0, "weight_decay", weight_decay, ">= 0 or None")
-        need(min_8bit_size >= 1, "min_8bit_size", min_8bit_size, ">= 1")
+        need("EightBitOptimizer", optimizer in OPTIMIZERS, "optimizer", optimizer, f"one of {OPTIMIZERS}")
+        need("EightBitOptimizer", lr is None or lr > 0, "lr", lr, "> 0 or None")
+        need("EightBitOptimizer", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas,
+             "two values in [0, 1)")
+        need("EightBitOptimizer", eps > 0, "eps", eps, "> 0")
+        need("EightBitOptimizer", weight_decay is None or weight_decay >= 0, "weight_decay", weight_decay,
+             ">= 0 or None")
+        need("EightBitOptimizer", min_8bit_size >= 1, "min_8bit_size", min_8bit_size, ">= 1")
         self.optimizer = optimizer
         self.lr = lr
         self.betas = (float(betas[0]), float(betas[1]))

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import (
@@ -29,10 +28,15 @@ from lightning_fed.callbacks._compress import (
     parse_schedule,
     rebuild_optimizers,
     reset_stale_client_state,
+    torch_pruning,
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
 from lightning_fed.protocol import Instruction, Reply
+from lightning_fed.validation import need
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 log = logging.getLogger("lightning_fed")
 
@@ -42,18 +46,19 @@ History = list[list[Any]]
 
 def make_importance(name: str) -> tp.importance.Importance:
     """torch-pruning's importance criterion called ``name`` (one of :data:`IMPORTANCES`)."""
+    importance = torch_pruning().importance
     if name == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
+        return importance.GroupMagnitudeImportance(p=2)
     if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
+        return importance.GroupMagnitudeImportance(p=1)
     if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
+        return importance.GroupTaylorImportance()
     if name == "lamp":
-        return tp.importance.LAMPImportance(p=2)
+        return importance.LAMPImportance(p=2)
     if name == "fpgm":
-        return tp.importance.FPGMImportance(p=2)
+        return importance.FPGMImportance(p=2)
     if name == "random":
-        return tp.importance.RandomImportance()
+        return importance.RandomImportance()
     raise ValueError(f"unknown importance {name!r}; allowed: {IMPORTANCES}")
 
 
@@ -69,7 +74,7 @@ def replay_pruning(model: nn.Module, history: History, example_inputs: Tensor) -
     if not history:
         return
     with torch.enable_grad(), kept_modes(model):  # the dependency graph is traced through autograd
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        dg = torch_pruning().DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         dg.load_pruning_history([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in history])
 
 
@@ -152,17 +157,19 @@ class StructuredPruning(FedCallback):
         example_input_shape: list[int] | None = None,
         reset_client_state: list[str] | None = None,
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"StructuredPruning: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0, "ratio", ratio, "in [0, 1)")
+        need("StructuredPruning", isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0, "ratio", ratio,
+             "in [0, 1)")
         for name, r in (layer_ratios or {}).items():
-            need(isinstance(r, (int, float)) and 0.0 <= r < 1.0, f"layer_ratios[{name!r}]", r, "in [0, 1)")
-        need(importance in IMPORTANCES, "importance", importance, f"one of {IMPORTANCES}")
-        need(round_to is None or round_to >= 1, "round_to", round_to, ">= 1 or None")
-        need(0.0 < max_layer_ratio <= 1.0, "max_layer_ratio", max_layer_ratio, "in (0, 1]")
-        need(example_input_shape is None or (len(example_input_shape) >= 1 and all(d >= 1 for d in example_input_shape)),
+            need("StructuredPruning", isinstance(r, (int, float)) and 0.0 <= r < 1.0,
+                 f"layer_ratios[{name!r}]", r, "in [0, 1)")
+        need("StructuredPruning", importance in IMPORTANCES, "importance", importance,
+             f"one of {IMPORTANCES}")
+        need("StructuredPruning", round_to is None or round_to >= 1, "round_to", round_to, ">= 1 or None")
+        need("StructuredPruning", 0.0 < max_layer_ratio <= 1.0, "max_layer_ratio", max_layer_ratio,
+             "in (0, 1]")
+        need("StructuredPruning",
+             example_input_shape is None
+             or (len(example_input_shape) >= 1 and all(d >= 1 for d in example_input_shape)),
              "example_input_shape", example_input_shape, "None or a list of sizes >= 1")
         self.ratio = float(ratio)
         self.layer_ratios = dict(layer_ratios or {})
@@ -236,7 +243,7 @@ class StructuredPruning(FedCallback):
             if grads is not None:
                 for name, p in pl_module.named_parameters():
                     p.grad = grads[name].to(p) if name in grads else None
-            pruner = tp.pruner.MetaPruner(
+            pruner = torch_pruning().pruner.MetaPruner(
                 pl_module, example, importance=make_importance(importance), global_pruning=self.global_pruning,
                 pruning_ratio=self._relative(self.ratio, step), pruning_ratio_dict=per_layer or None,
                 max_pruning_ratio=self.max_layer_ratio, ignored_layers=ignored, round_to=self.round_to,

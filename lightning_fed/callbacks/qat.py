@@ -8,9 +8,9 @@ the exported integer model will do. The layers are swapped in place (see
 there are no observer buffers to federate). At the end of fit the model is exported to integer storage and its
 accuracy and serialized size are reported.
 
-Backends: ``"native"`` (the fake-quantized layers of :mod:`lightning_fed.callbacks.quantize`) or ``"torchao"``
-(torchao's QAT prepare / convert for ``nn.Linear``, native for convolutions; see
-:mod:`lightning_fed.callbacks.qat_torchao`).
+One implementation: the fake-quantized layers of :mod:`lightning_fed.callbacks.quantize`. torchao's QAT was
+measured as the alternative and does not cover this callback's schemes or layers (docs/compression.md, "Why
+not torchao").
 
 Order with structured pruning: prune first, then QAT. Pruning changes the channel counts that the quantization
 scales are computed over, so QAT must only start after the last pruning step; this is checked when the loop
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import cpu_copy, in_fedloop, on_server
 from lightning_fed.callbacks.base import FedCallback
@@ -36,21 +36,17 @@ from lightning_fed.callbacks.footprint import (
     serialized_bytes,
 )
 from lightning_fed.callbacks.pruning import StructuredPruning
-from lightning_fed.callbacks.qat_torchao import (
-    convert_torchao,
-    plain_tensors,
-    prepare_torchao,
-    tensor_bytes,
-    torchao_available,
-)
 from lightning_fed.callbacks.quantize import FAKE_QUANT, SCHEMES, QuantizedLayer, _FakeQuant
 from lightning_fed.context import fed_context
 from lightning_fed.protocol import Instruction
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
 
-BACKENDS = ("native", "torchao")
+def tensor_bytes(t: Tensor) -> int:
+    """Storage bytes of a tensor."""
+    return t.numel() * t.element_size()
 
 
 def check_prune_then_qat(callbacks: list[Any]) -> None:
@@ -124,9 +120,6 @@ class QuantizationAware(FedCallback):
         export: quantize, evaluate and save the model at the end of fit.
         export_dir: folder for ``quantized.safetensors``; ``None`` = the FedLoop run folder or the Trainer's
             ``default_root_dir``.
-        backend: ``"native"`` (our fake quantization for Linear and convolutions) or ``"torchao"`` (torchao's QAT
-            prepare / convert for the ``nn.Linear`` layers, native for convolutions, which torchao does not
-            quantize; needs ``pip install torchao``).
     """
 
     def __init__(
@@ -138,24 +131,13 @@ class QuantizationAware(FedCallback):
         layers: list[str] | None = None,
         export: bool = True,
         export_dir: str | None = None,
-        backend: str = "native",
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"QuantizationAware: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
-        need(isinstance(start, int) and start >= 0, "start", start, "an int >= 0 (epoch or round)")
-        need(group_size >= 1, "group_size", group_size, ">= 1")
-        need(layers is None or len(layers) > 0, "layers", layers, "None or a non-empty list of module names")
-        need(backend in BACKENDS, "backend", backend, f"one of {BACKENDS}")
-        if backend == "torchao":
-            need(scheme != "int8_tensor", "scheme", scheme, "'int8' or 'int4_weight' with backend='torchao' (torchao "
-                 "has no per-tensor int8 weight config)")
-            if not torchao_available():
-                raise ImportError("QuantizationAware(backend='torchao') needs torchao: pip install torchao "
-                                  "(or use backend='native')")
-        self.backend = backend
+        need("QuantizationAware", scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
+        need("QuantizationAware", isinstance(start, int) and start >= 0, "start", start,
+             "an int >= 0 (epoch or round)")
+        need("QuantizationAware", group_size >= 1, "group_size", group_size, ">= 1")
+        need("QuantizationAware", layers is None or len(layers) > 0, "layers", layers,
+             "None or a non-empty list of module names")
         self.scheme = scheme
         self.start = start
         self.group_size = group_size
@@ -175,13 +157,12 @@ class QuantizationAware(FedCallback):
         """Make ``model`` quantization-aware now (idempotent)."""
         if self.prepared:
             return
-        n = prepare_torchao(model, self.scheme, self.group_size, self.layers) if self.backend == "torchao" else 0
-        n += prepare_qat(model, self.scheme, self.group_size if self.scheme == "int4_weight" else None, self.layers)
+        n = prepare_qat(model, self.scheme, self.group_size if self.scheme == "int4_weight" else None, self.layers)
         if n == 0:
             raise ValueError(f"QuantizationAware: no quantizable layer (Linear/Conv1d/Conv2d) in {type(model).__name__}"
                              + (f" among layers={self.layers}" if self.layers else ""))
         self.prepared = True
-        log.info("QAT (%s, %s backend): %d layers fake-quantized", self.scheme, self.backend, n)
+        log.info("QAT (%s): %d layers fake-quantized", self.scheme, n)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -215,16 +196,13 @@ class QuantizationAware(FedCallback):
             log.warning("QuantizationAware: training ended before start=%d; exporting without QAT", self.start)
             self.prepare(pl_module)
         exported = convert_qat(pl_module, self.scheme, self.group_size if self.scheme == "int4_weight" else None)
-        aolayers = set(convert_torchao(exported, self.scheme, self.group_size))
         float_model = float_copy(pl_module)  # the float reference: the same weights without fake quantization
         qsd = dict(exported.state_dict())
         fsd = dict(float_model.state_dict())
         qlayers = {n for n, m in exported.named_modules() if isinstance(m, QuantizedLayer)}
         qw = sum(tensor_bytes(v) for k, v in qsd.items()
-                 if (k.rsplit(".", 1)[0] in qlayers and k.rsplit(".", 1)[1] in ("qweight", "scale"))
-                 or (k.rsplit(".", 1)[0] in aolayers and k.endswith(".weight")))
-        fw = sum(tensor_bytes(v) for k, v in fsd.items()
-                 if k.rsplit(".", 1)[0] in qlayers | aolayers and k.endswith(".weight"))
+                 if k.rsplit(".", 1)[0] in qlayers and k.rsplit(".", 1)[1] in ("qweight", "scale"))
+        fw = sum(tensor_bytes(v) for k, v in fsd.items() if k.rsplit(".", 1)[0] in qlayers and k.endswith(".weight"))
         self.report = {"float_bytes": float(serialized_bytes(float_model)), "quant_bytes": float(serialized_bytes(exported)),
                        "float_weight_bytes": float(fw), "quant_weight_bytes": float(qw)}
         loader = eval_loader(trainer)
@@ -235,7 +213,8 @@ class QuantizationAware(FedCallback):
         out_dir = Path(self.export_dir) if self.export_dir else (
             ctx.run_dir if ctx is not None else Path(trainer.default_root_dir))
         out_dir.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(plain_tensors(qsd), str(out_dir / "quantized.safetensors"))
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in qsd.items()},
+                                    str(out_dir / "quantized.safetensors"))
         log.info("QAT export (%s): %s", self.scheme, {k: round(v, 4) for k, v in self.report.items()})
         log_metrics(trainer, {f"qat/{k}": v for k, v in self.report.items()})
         self.exported = exported

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SCHEMES = ("int8", "int8_tensor", "int4_weight")
+SCALE_EPS = 1e-8
+"""Smallest quantization scale: an all-zero weight row or activation keeps a finite, non-zero scale."""
+INT8_MIN, INT8_MAX = -128, 127
+"""Range of the asymmetric int8 activation grid (255 steps between the row's min and max)."""
 
 
 def _grouped(w: Tensor, group_size: int | None) -> tuple[Tensor, int]:
@@ -50,7 +54,7 @@ def quantize_weight(w: Tensor, bits: int, group_size: int | None, per_tensor: bo
         g = w.detach().float().reshape(1, 1, -1)
     else:
         g, _ = _grouped(w.detach().float(), group_size)
-    scale = (g.abs().amax(dim=-1) / qmax).clamp_min(1e-8)
+    scale = (g.abs().amax(dim=-1) / qmax).clamp_min(SCALE_EPS)
     q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
     return q, scale
 
@@ -75,11 +79,11 @@ def fake_quant_activation(x: Tensor) -> Tensor:
     flat = x.detach().reshape(x.shape[0], -1).float()
     lo = flat.amin(dim=1).clamp_max(0.0)
     hi = flat.amax(dim=1).clamp_min(0.0)
-    scale = ((hi - lo) / 255.0).clamp_min(1e-8)
-    zero = torch.round(-lo / scale) - 128.0
+    scale = ((hi - lo) / float(INT8_MAX - INT8_MIN)).clamp_min(SCALE_EPS)
+    zero = torch.round(-lo / scale) + float(INT8_MIN)
     shape = (-1,) + (1,) * (x.ndim - 1)
     s, z = scale.view(shape), zero.view(shape)
-    q = torch.clamp(torch.round(x.detach().float() / s) + z, -128, 127)
+    q = torch.clamp(torch.round(x.detach().float() / s) + z, INT8_MIN, INT8_MAX)
     return x + ((q - z) * s - x.detach().float()).to(x.dtype).detach()
 
 

@@ -2,8 +2,10 @@
 
 A message is byte-for-byte a safetensors file (8-byte little-endian header length, JSON header with
 ``__metadata__``, then the raw little-endian tensor data), so ``safetensors.torch.load`` reads it. We write and
-read that documented layout directly because the library's generic path costs about a millisecond per small
-message, which dominates simulations of small models. :func:`unpack` checks the header's declared sizes
+read that documented layout directly: with the parsed-header cache warm (every round repeats the layout) a
+5k-parameter message decodes in ~21 µs against ~32-52 µs for ``safetensors.torch.load`` and encodes ~5x faster
+than ``safetensors.torch.save``; at 1.3M parameters decode is ~1.1x and encode on par (safetensors 0.8,
+``benchmarks/wire.py``). :func:`unpack` checks the header's declared sizes
 against the message length before any tensor is materialised, so truncated, oversized or hostile messages fail
 with a clear :class:`MalformedMessage` instead of a crash or a huge allocation.
 """
@@ -46,6 +48,9 @@ class _Parsed(NamedTuple):
     uniform: tuple[torch.dtype, list[int]] | None
 
 
+MAX_HEADER_BYTES = 100_000_000
+"""Largest JSON header accepted: the ``safetensors`` library's own limit (``MAX_HEADER_SIZE``)."""
+
 # Headers repeat every round (same names, shapes, dtypes): the encoded header of a layout and the parsed,
 # validated entries of a header's bytes are cached (bounded; a hostile sender can only cause misses).
 _CACHE_SIZE = 256
@@ -84,14 +89,15 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
         _remember(_PACKED, key, prefix)
     tensors_ = [t for _, t in items if t.numel()]
     span = contiguous_span(tensors_)  # entries of one flat buffer: serialised without concatenating
-    if span is None and tensors_ and all(t.dtype == tensors_[0].dtype for t in tensors_):
-        span = torch.cat([t.reshape(-1) for t in tensors_])  # one dtype: one concatenation, one byte view
     if span is not None:
-        body = span.view(torch.uint8).numpy().tobytes()
-    else:
-        chunks = [t.reshape(-1).view(torch.uint8) for t in tensors_]
-        body = torch.cat(chunks).numpy().tobytes() if chunks else b""
-    return prefix + body
+        return prefix + span.view(torch.uint8).numpy().tobytes()
+    # Otherwise copy each tensor once, straight into the message (no concatenated intermediate).
+    out = bytearray(len(prefix) + sum(t.numel() * t.element_size() for t in tensors_))
+    out[: len(prefix)] = prefix
+    if tensors_:
+        body = torch.frombuffer(out, dtype=torch.uint8, offset=len(prefix))
+        torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors_], out=body)
+    return bytes(out)
 
 
 def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -108,7 +114,7 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
     if len(message) < 8:
         raise MalformedMessage(f"message of {len(message)} bytes is too short for a header")
     (hlen,) = struct.unpack("<Q", message[:8])
-    if hlen > len(message) - 8 or hlen > 100_000_000:
+    if hlen > len(message) - 8 or hlen > MAX_HEADER_BYTES:
         raise MalformedMessage(f"header length {hlen} does not fit a message of {len(message)} bytes")
     raw_header = message[8 : 8 + hlen]
     parsed = _PARSED.get(raw_header)
@@ -153,8 +159,8 @@ def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], i
     the string metadata."""
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedMessage(f"header is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: "[[[[…" nesting
+        raise MalformedMessage(f"header is not valid JSON: {type(err).__name__}") from None
     if not isinstance(header, dict):
         raise MalformedMessage("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -162,9 +168,11 @@ def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], i
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or type(start) is not int or type(end) is not int:
+                raise ValueError  # JSON true/false and 2.0 are not sizes (bool is an int subclass)
             n = 1
             for d in shape:
-                if not isinstance(d, int) or d < 0:
+                if type(d) is not int or d < 0:
                     raise ValueError
                 n *= d
             if dtype not in _DTYPE_BYTES or end - start != n * _DTYPE_BYTES[dtype] or start < 0:

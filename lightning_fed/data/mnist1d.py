@@ -43,7 +43,7 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | Path 
     if path.exists():
         try:
             return torch.load(path, weights_only=True)
-        except Exception:  # a corrupt cache file is regenerated, never trusted
+        except Exception:  # noqa: BLE001 - any unreadable cache file (pickle, zip, IO errors) is regenerated, never trusted
             path.unlink(missing_ok=True)
     raw = make_dataset(args)
     data = {

@@ -22,13 +22,15 @@ from torch import Tensor, nn
 from lightning_fed.callbacks.kd_losses import soft_targets
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
+from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.digest import ConsensusDigest
-from lightning_fed.strategies.fedmd import _seeded
 from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits
 
 log = logging.getLogger("lightning_fed")
 
 GRAPHS = ("ring", "random_regular")
+PROB_SUM_ATOL = 1e-3
+"""How far a reply's soft labels may sum from 1 (float32 softmax rounding) before the reply is refused."""
 
 
 def ring_graph(n: int, degree: int) -> list[list[int]]:
@@ -39,7 +41,7 @@ def ring_graph(n: int, degree: int) -> list[list[int]]:
 
 def random_regular_graph(n: int, degree: int, seed: int, tries: int = 1000) -> list[list[int]]:
     """A uniformly drawn simple ``degree``-regular graph (pairing model with rejection), seeded."""
-    g = _seeded(seed, n, degree)
+    g = generator(seed, Stream.DDIST_GRAPH, n, degree)
     for _ in range(tries):
         stubs = torch.arange(n).repeat_interleave(degree)[torch.randperm(n * degree, generator=g)].view(-1, 2)
         a, b = stubs[:, 0], stubs[:, 1]
@@ -161,7 +163,7 @@ class DecentralizedDistillation(OwnModels):
         rejected = 0
         for r in replies:
             soft = r.payload["soft"]
-            if bool((soft < 0).any()) or not torch.allclose(soft.sum(-1), torch.ones(len(soft)), atol=1e-3):
+            if bool((soft < 0).any()) or not torch.allclose(soft.sum(-1), torch.ones(len(soft)), atol=PROB_SUM_ATOL):
                 log.warning("round %d: soft labels of client %d rejected: rows are not probability vectors",
                             server_round + 1, r.client_id)
                 rejected += 1

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
+from lightning_fed.seeding import Stream, generator
 
 log = logging.getLogger("lightning_fed")
 
@@ -91,7 +92,7 @@ class ConsensusDigest(FedCallback):
             [p for p in pl_module.parameters() if p.requires_grad], lr=self.lr)
         device = pl_module.device
         x, target = self._x.to(device), self._target.to(device).float()
-        g = torch.Generator().manual_seed(self.seed + int(getattr(trainer, "current_round", 0) or 0))
+        g = generator(self.seed, Stream.DIGEST, int(getattr(trainer, "current_round", 0) or 0))
         was_training = pl_module.training
         pl_module.train()
         total, count = 0.0, 0

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
+from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.base import Strategy
-from lightning_fed.strategies.fedmd import _seeded
 from lightning_fed.strategies.tiers import (
     LogitEnsemble,
     ModelTiers,
@@ -119,7 +119,7 @@ class FedDF(Strategy):
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """Teacher logits of every client model on the proxy subset, FedAvg per tier, then distillation."""
-        idx = self.public.sample_indices(self.proxy_size, _seeded(self.seed, server_round, 1))
+        idx = self.public.sample_indices(self.proxy_size, generator(self.seed, Stream.FEDDF_PROXY, server_round))
         x = self.public.x[idx]
         teacher = torch.zeros(0)
         groups: dict[int, list[Reply]] = {}
@@ -139,7 +139,7 @@ class FedDF(Strategy):
             module = self._module(t)
             load_into(module, avg.payload())
             if self.distill_steps:
-                metrics[f"tier{t}/distill_loss"] = self._distill(module, x, teacher, _seeded(self.seed, server_round, 2, t))
+                metrics[f"tier{t}/distill_loss"] = self._distill(module, x, teacher, generator(self.seed, Stream.FEDDF_DISTILL, server_round, t))
                 avg.read_from(module)
         return metrics
 

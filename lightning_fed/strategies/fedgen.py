@@ -26,8 +26,8 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
+from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.base import Strategy
-from lightning_fed.strategies.fedmd import _seeded
 from lightning_fed.strategies.tiers import ModelTiers, TierAverage, require_homogeneous
 from lightning_fed.weights import float_state, load_into
 
@@ -256,7 +256,7 @@ class FedGen(Strategy):
     def _train_generator(self, gen: LatentGenerator, heads: list[tuple[Tensor, Tensor]], counts: Tensor,
                          server_round: int) -> float:
         assert self.gen_opt is not None
-        g = _seeded(self.seed, server_round, 4)
+        g = generator(self.seed, Stream.FEDGEN_GENERATOR, server_round)
         share = counts / counts.sum(0, keepdim=True).clamp_min(1e-8)  # [K, C]: client k's share of label c
         dist = counts.sum(0) / counts.sum()
         gen.train()

@@ -34,7 +34,7 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
-from lightning_fed.strategies.fedmd import _seeded
+from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_of
 
 log = logging.getLogger("lightning_fed")
@@ -374,7 +374,7 @@ class FedGKT(OwnModels):
             received = dict(sorted(self.cache.items()))
         train = [(cid, p, tier_of(self.tiers, cid)) for cid, p in received.items()]
         self.server.train()
-        g = _seeded(self.seed, server_round, 3)
+        g = generator(self.seed, Stream.FEDGKT_SERVER, server_round)
         total, count = 0.0, 0
         with torch.enable_grad():
             for _ in range(self.server_epochs):

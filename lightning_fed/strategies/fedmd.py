@@ -29,17 +29,11 @@ from torch import Tensor, nn
 
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
+from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.digest import ConsensusDigest
 from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits, snapshot
 
 log = logging.getLogger("lightning_fed")
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**62)
-    return torch.Generator().manual_seed(seed)
 
 
 class FedMD(OwnModels):
@@ -117,7 +111,7 @@ class FedMD(OwnModels):
         module.load_state_dict(self._init[tier], strict=False)
         device = next(module.parameters()).device
         opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=self.transfer_lr)
-        g = _seeded(self.seed, 1_000_003, tier)
+        g = generator(self.seed, Stream.FEDMD_TRANSFER, tier)
         was_training = module.training
         module.train()
         for _ in range(self.transfer_epochs):
@@ -133,7 +127,7 @@ class FedMD(OwnModels):
 
     def round_subset(self, server_round: int) -> Tensor:
         """The public indices of ``server_round`` (seeded by (seed, round))."""
-        return self.public.sample_indices(self.public_per_round, _seeded(self.seed, server_round))
+        return self.public.sample_indices(self.public_per_round, generator(self.seed, Stream.FEDMD_SUBSET, server_round))
 
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """One shared payload: this round's subset, and the previous consensus with its subset."""

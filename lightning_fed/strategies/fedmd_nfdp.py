@@ -27,7 +27,8 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Reply
-from lightning_fed.strategies.fedmd import FedMD, _seeded
+from lightning_fed.seeding import Stream, generator
+from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.tiers import ModelTiers
 
 log = logging.getLogger("lightning_fed")
@@ -87,7 +88,7 @@ class RecordSubset(FedCallback):
 
     def chosen(self, n: int, client_id: int) -> Tensor:
         """Positions (into the client's ``n`` records) of the kept records."""
-        return torch.randperm(n, generator=_seeded(self.seed, client_id, 17))[: min(self.k, n)]
+        return torch.randperm(n, generator=generator(self.seed, Stream.NFDP_SUBSET, client_id))[: min(self.k, n)]
 
     def subset(self, dataset: Dataset, client_id: int = 0) -> KeptRecords:
         """The kept records of ``dataset`` (the records of ``client_id``), for training under ``lightning.Trainer``
