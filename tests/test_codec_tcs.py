@@ -160,13 +160,13 @@ def test_bad_settings_rejected():
 
 def test_loop_counts_mask_bytes_downlink(tmp_path):
     from lightning_fed import FedLoop
+    from lightning_fed.callbacks import FedCallback
     from lightning_fed.data import IID, MNIST1DDataModule
     from lightning_fed.models import MNIST1DMLP
 
-    from lightning_fed.callbacks import FedCallback
-
     class Seen(FedCallback):
-        sent: dict = {}
+        def __init__(self):
+            self.sent = {}
 
         def on_round_start(self, trainer, pl_module, instructions):
             self.sent[trainer.fed.round] = codec.broadcast(trainer.fed.round)

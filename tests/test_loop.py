@@ -8,8 +8,8 @@ from conftest import seeded
 
 from lightning_fed import FedAvg, FedCallback, FedLoop
 from lightning_fed.codecs import EncodeArgs, Identity
-from lightning_fed.errors import ClientError, RoundsFailed, is_client_fault
 from lightning_fed.data import Dirichlet
+from lightning_fed.errors import ClientError, RoundsFailed, is_client_fault
 from lightning_fed.models import MNIST1DCNN, MNIST1DMLP
 from lightning_fed.weights import float_state
 
@@ -174,7 +174,7 @@ class ChangesShape(FedCallback):
     def on_client_start(self, trainer, pl_module, instruction):
         if trainer.fed.client_id == 0:
             module = trainer.lightning_module
-            name, p = next(iter(module.named_parameters()))
+            name = next(iter(module.named_parameters()))[0]
             owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
             setattr(owner, name.rsplit(".", 1)[-1], torch.nn.Parameter(torch.zeros(3, 3)))
 
@@ -189,7 +189,7 @@ def test_a_client_that_changes_its_model_is_dropped_alone(make_loop, small_dm, c
 
 
 def test_a_failure_of_lightning_fed_code_stops_the_run(make_loop, small_dm, monkeypatch):
-    import lightning_fed.codecs.wire as wire
+    from lightning_fed.codecs import wire
 
     def broken_pack(*a, **k):
         raise KeyError("bug inside lightning_fed")

@@ -77,10 +77,10 @@ class Differential(VectorCodec):
                  self_describing: bool = False) -> None:
         # a misconfiguration, not a programming error: ValueError as every constructor check (STYLE rule 3)
         if not isinstance(inner, VectorCodec) or isinstance(inner, Differential):
-            raise ValueError(f"Differential: inner={inner!r} is not allowed; it must be a vector codec (TopK, QSGD, "  # noqa: TRY004
+            raise ValueError(f"Differential: inner={inner!r} is not allowed; it must be a vector codec (TopK, QSGD, "
                              "Sign, PowerSGD, RandomK, Cast…), not another Differential")
         if isinstance(inner, TimeCorrelatedTopK):
-            raise ValueError("Differential: inner=TimeCorrelatedTopK is not supported; Differential's client decodes "  # noqa: TRY004
+            raise ValueError("Differential: inner=TimeCorrelatedTopK is not supported; Differential's client decodes "
                              "its own message, and TimeCorrelatedTopK decodes against the server's mask")
         if not 0 < max_beta <= 60000:
             raise ValueError(f"Differential: max_beta={max_beta!r} is not allowed; it must be in (0, 60000]")
