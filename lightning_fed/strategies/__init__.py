@@ -1,5 +1,6 @@
 """Server strategies: what clients are sent and how their replies are aggregated."""
 
+from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
 from lightning_fed.strategies.fedavg import FedAvg
@@ -9,9 +10,11 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
 from lightning_fed.strategies.tiers import ModelTiers
 
 __all__ = [
+    "Aggregator",
     "DecentralizedDistillation",
     "FedAvg",
     "FedDF",
@@ -21,5 +24,8 @@ __all__ = [
     "FedMDNFDP",
     "FedMoE",
     "ModelTiers",
+    "ServerOptimizer",
+    "ServerSGD",
     "Strategy",
+    "WeightedMean",
 ]

@@ -3,7 +3,9 @@
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017.
 Clients send weight deltas; the server adds the example-weighted mean delta, scaled by an optional server
 learning rate (``server_lr=1`` is plain FedAvg; other values give the FedOpt-style server step of
-Reddi et al. 2021 with SGD).
+Reddi et al. 2021 with SGD). The averaging rule and the server step are plug points: ``aggregator`` (default
+:class:`~lightning_fed.strategies.WeightedMean`) and ``server_optimizer`` (default
+:class:`~lightning_fed.strategies.ServerSGD`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from torch import Tensor, nn
 
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
-from lightning_fed.strategies.aggregate import apply_update_, example_weights, flat_norm, weighted_sum_
+from lightning_fed.strategies.aggregate import example_weights, flat_norm
+from lightning_fed.strategies.aggregators import Aggregator, resolve_aggregator
 from lightning_fed.strategies.base import Strategy
+from lightning_fed.strategies.server_opt import ServerOptimizer, resolve_server_optimizer
 from lightning_fed.weights import delta, float_state, load_into
 
 
@@ -25,15 +29,26 @@ class FedAvg(Strategy):
     Example::
 
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=50, strategy=FedAvg(server_lr=1.0))
+        FedAvg(aggregator=WeightedMean(), server_optimizer=ServerSGD(lr=1.0))  # the same, spelled out
 
     Args:
-        server_lr: step size applied to the averaged delta on the server (1.0 = FedAvg).
+        server_lr: step size applied to the averaged delta on the server (1.0 = FedAvg); shorthand for
+            ``server_optimizer=ServerSGD(lr=server_lr)``, so it cannot be combined with ``server_optimizer``.
+        aggregator: the rule turning the replies' deltas and example weights into one update
+            (``None``: :class:`~lightning_fed.strategies.WeightedMean`).
+        server_optimizer: how the update is applied to the global weights
+            (``None``: :class:`~lightning_fed.strategies.ServerSGD` with ``lr=server_lr``); its state is
+            part of :meth:`state_dict`.
     """
 
-    def __init__(self, *, server_lr: float = 1.0) -> None:
-        if not server_lr > 0:
-            raise ValueError(f"FedAvg: server_lr must be > 0, got {server_lr}")
+    def __init__(self, *, server_lr: float = 1.0, aggregator: Aggregator | None = None,
+                 server_optimizer: ServerOptimizer | None = None) -> None:
+        owner = type(self).__name__
+        if isinstance(server_lr, bool) or not isinstance(server_lr, int | float) or not server_lr > 0:
+            raise ValueError(f"{owner}: server_lr={server_lr!r} is not allowed; server_lr must be > 0")
         self.server_lr = server_lr
+        self.aggregator = resolve_aggregator(owner, aggregator)
+        self.server_optimizer = resolve_server_optimizer(owner, server_optimizer, server_lr)
         self.spec: FlatSpec | None = None
         self.global_flat: Tensor | None = None
         self._acc: Tensor | None = None
@@ -41,13 +56,15 @@ class FedAvg(Strategy):
         self._views: Payload = {}
 
     def setup(self, model: nn.Module) -> None:
-        """Copy the model's float weights into one flat float32 master buffer."""
+        """Copy the model's float weights into one flat float32 master buffer and set the server optimizer up
+        for it (again after a structural change: its state sized to the old layout is dropped)."""
         state = float_state(model)
         self.spec = FlatSpec.from_payload(state)
         self.global_flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()
         self._tmp = self.spec.empty()
         self._views = self.spec.unflatten(self.global_flat)  # updated in place: the views stay valid
+        self.server_optimizer.setup(self.global_flat)
 
     def _require_setup(self) -> tuple[FlatSpec, Tensor]:
         if self.spec is None or self.global_flat is None:
@@ -78,12 +95,17 @@ class FedAvg(Strategy):
         return spec.tensor_specs()
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
-        """Add ``server_lr`` times the example-weighted mean delta to the global weights."""
+        """Aggregate the deltas with their example shares (the aggregator), then step the global weights
+        (the server optimizer): by default ``global += server_lr * example-weighted mean delta``."""
         spec, flat = self._require_setup()
         assert self._acc is not None and self._tmp is not None
         weights = example_weights([r.num_examples for r in replies])
-        update = weighted_sum_(self._acc, (spec.as_flat(r.payload, out=self._tmp) for r in replies), weights)
-        apply_update_(flat, update, self.server_lr)
+        if self.aggregator.streaming:  # one reused scratch buffer, whatever the number of replies
+            flats: Any = (spec.as_flat(r.payload, out=self._tmp) for r in replies)
+        else:
+            flats = [spec.as_flat(r.payload) for r in replies]
+        update = self.aggregator(self._acc, flats, weights)
+        self.server_optimizer.step(flat, update)
         return {"update_norm": flat_norm(update)}
 
     def load_global(self, model: nn.Module) -> None:
@@ -91,16 +113,20 @@ class FedAvg(Strategy):
         load_into(model, self.global_payload())
 
     def state_dict(self) -> dict[str, Any]:
-        """The global weights (flat) and the layout names, for checkpoints."""
+        """The global weights (flat), the layout names and the server optimizer's state, for checkpoints."""
         spec, flat = self._require_setup()
-        return {"global_flat": flat.clone(), "names": list(spec.names)}
+        return {"global_flat": flat.clone(), "names": list(spec.names),
+                "server_optimizer": self.server_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the global weights; the layout must match the model given to :meth:`setup`."""
+        """Restore the global weights and the server optimizer's state; the layout must match the model given
+        to :meth:`setup` (checkpoints without optimizer state leave it as :meth:`setup` made it)."""
         spec, flat = self._require_setup()
         if list(state["names"]) != list(spec.names) or state["global_flat"].numel() != flat.numel():
             raise ValueError("FedAvg checkpoint does not match the model's federated weights")
         flat.copy_(state["global_flat"])
+        if "server_optimizer" in state:
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
 
 
 __all__ = ["FedAvg"]

@@ -21,7 +21,9 @@ from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
 from lightning_fed.seeding import Stream, generator
+from lightning_fed.strategies.aggregators import Aggregator, resolve_aggregator
 from lightning_fed.strategies.base import Strategy
+from lightning_fed.strategies.server_opt import ServerOptimizer, resolve_server_optimizer
 from lightning_fed.strategies.tiers import (
     LogitEnsemble,
     ModelTiers,
@@ -30,6 +32,7 @@ from lightning_fed.strategies.tiers import (
     predict_logits,
     tier_module,
     tier_of,
+    tier_optimizers,
 )
 from lightning_fed.weights import delta, load_into
 
@@ -56,11 +59,16 @@ class FedDF(Strategy):
         distill_lr: Adam learning rate of the distillation.
         temperature: softmax temperature of the distillation loss.
         seed: seed of the proxy subsets and batches.
+        aggregator: the averaging rule applied per tier, before distillation (``None``:
+            :class:`~lightning_fed.strategies.WeightedMean`).
+        server_optimizer: how each tier's aggregate is applied to its global weights (``None``: the plain
+            step); every tier gets its own copy, and their states are part of :meth:`state_dict`.
     """
 
     def __init__(self, *, public: PublicData | None = None, tiers: ModelTiers | None = None,
                  proxy_size: int = 500, distill_steps: int = 100, distill_batch_size: int = 64,
-                 distill_lr: float = 1e-3, temperature: float = 1.0, seed: int = 0) -> None:
+                 distill_lr: float = 1e-3, temperature: float = 1.0, seed: int = 0,
+                 aggregator: Aggregator | None = None, server_optimizer: ServerOptimizer | None = None) -> None:
         checks = (("proxy_size", proxy_size, proxy_size >= 1, ">= 1"),
                   ("distill_steps", distill_steps, distill_steps >= 0, ">= 0"),
                   ("distill_batch_size", distill_batch_size, distill_batch_size >= 1, ">= 1"),
@@ -77,6 +85,8 @@ class FedDF(Strategy):
         self.distill_lr = distill_lr
         self.temperature = temperature
         self.seed = seed
+        self.aggregator = resolve_aggregator("FedDF", aggregator)
+        self.server_optimizer = resolve_server_optimizer("FedDF", server_optimizer)
         self._default: nn.Module | None = None
         self.avg: list[TierAverage] = []
         self._ensemble: LogitEnsemble | None = None
@@ -87,9 +97,11 @@ class FedDF(Strategy):
         return tier_module(self.tiers, tier, self._default)
 
     def setup(self, model: nn.Module) -> None:
-        """One FedAvg state per architecture, from the tiers' initial weights."""
+        """One FedAvg state per architecture (with its own server optimizer), from the tiers' initial weights."""
         self._default = model
-        self.avg = [TierAverage(self._module(t)) for t in range(num_tiers(self.tiers))]
+        count = num_tiers(self.tiers)
+        opts = tier_optimizers(self.server_optimizer, count)
+        self.avg = [TierAverage(self._module(t), self.aggregator, opts[t]) for t in range(count)]
         self._ensemble = None
 
     def client_module(self, client_id: int, default: nn.Module) -> nn.Module:
@@ -180,8 +192,9 @@ class FedDF(Strategy):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Every tier's global weights (flat)."""
-        return {"flats": [a.flat.clone() for a in self.avg]}
+        """Every tier's global weights (flat) and server optimizer state."""
+        return {"flats": [a.flat.clone() for a in self.avg],
+                "server_optimizers": [a.server_optimizer.state_dict() for a in self.avg]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the tiers must be the same architectures."""
@@ -190,6 +203,8 @@ class FedDF(Strategy):
             raise ValueError("FedDF checkpoint does not match the tiers' architectures")
         for f, a in zip(flats, self.avg):
             a.flat.copy_(f)
+        for opt_state, a in zip(state.get("server_optimizers", []), self.avg, strict=False):
+            a.server_optimizer.load_state_dict(opt_state)
 
 
 __all__ = ["FedDF"]

@@ -25,8 +25,10 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.flat import FlatSpec
 from lightning_fed.moe.layer import moe_layers
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
-from lightning_fed.strategies.aggregate import apply_update_, flat_norm
+from lightning_fed.strategies.aggregate import flat_norm
+from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.weights import float_state
 
 log = logging.getLogger("lightning_fed")
@@ -58,11 +60,17 @@ class FedMoE(FedAvg):
             in that layer (0 = any use); a lossy knob: the local updates of rarely used experts are dropped.
         personal_router: each client keeps its routers locally (in its client state) and never sends
             them; the server's routers then stay at their initial values.
+        aggregator: the rule applied per group (dense weights, each router, each expert) over the replies that
+            sent the group, with their weights normalised within the group (``None``:
+            :class:`~lightning_fed.strategies.WeightedMean`, computed for all groups in one pass).
+        server_optimizer: how the aggregated update is applied to the global weights (``None``:
+            ``ServerSGD(lr=server_lr)``); its state is part of :meth:`state_dict`.
     """
 
     def __init__(self, *, server_lr: float = 1.0, expert_weighting: str = "tokens", min_tokens: int = 1,
-                 min_share: float = 0.0, personal_router: bool = False) -> None:
-        super().__init__(server_lr=server_lr)
+                 min_share: float = 0.0, personal_router: bool = False, aggregator: Aggregator | None = None,
+                 server_optimizer: ServerOptimizer | None = None) -> None:
+        super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         if expert_weighting not in _WEIGHTINGS:
             raise ValueError(f"FedMoE: expert_weighting={expert_weighting!r} is not allowed; use one of {_WEIGHTINGS}")
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
@@ -155,14 +163,33 @@ class FedMoE(FedAvg):
         return out
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
-        """Per group: weighted mean delta over the replies that sent it; ``global += server_lr * mean``."""
-        spec, flat = self._require_setup()
-        assert self._acc is not None and self._tmp is not None
-        acc, tmp = self._acc.zero_(), self._tmp
-        totals: dict[Group, float] = {g: 0.0 for g in self.groups}
+        """Per group: the aggregate of the deltas of the replies that sent it; then the server optimizer's step
+        (by default ``global += server_lr * weighted mean``)."""
+        _, flat = self._require_setup()
+        parts, sent = self._contributions(server_round, replies)
+        if isinstance(self.aggregator, WeightedMean):
+            totals = self._mean_in_one_pass(replies, parts)
+        else:
+            totals = self._aggregate_groups(replies, parts)
+        update = self._acc
+        assert update is not None
+        self.server_optimizer.step(flat, update)
+        num_experts = sum(self.layers.values())
+        metrics = {"update_norm": flat_norm(update)}
+        if num_experts:
+            updated = sum(1 for g, total in totals.items() if g[0] == "expert" and total > 0)
+            metrics["moe_experts_sent"] = sent / (len(replies) * num_experts)
+            metrics["moe_experts_updated"] = updated / num_experts
+        return metrics
+
+    def _contributions(self, server_round: int, replies: list[Reply]) -> tuple[list[list[tuple[Group, float]]], int]:
+        """Per reply, the groups it updates with their raw weights (examples, times the expert's share under
+        ``"tokens"``), in group order; and the number of complete experts sent."""
+        parts: list[list[tuple[Group, float]]] = []
         sent = 0
         for r in replies:
             shares = {name: _shares(r.payload[SHARE_PREFIX + name]) for name in self.layers}
+            mine: list[tuple[Group, float]] = []
             for g in self._sent_groups():
                 keys = self.groups[g]
                 if g[0] == "expert":
@@ -178,29 +205,67 @@ class FedMoE(FedAvg):
                         w *= float(shares[g[1]][g[2]])
                 else:
                     w = float(r.num_examples)
-                if w <= 0:
-                    continue
-                for key in keys:
-                    off, n = spec.offsets[self._index[key]], r.payload[key].numel()
-                    tmp[off : off + n].copy_(r.payload[key].reshape(-1))
+                if w > 0:
+                    mine.append((g, w))
+            parts.append(mine)
+        return parts, sent
+
+    def _copy_group(self, reply: Reply, g: Group, out: Tensor, start: int = 0, end: int | None = None) -> None:
+        """Copy the entries of group ``g`` lying in flat ``[start, end)`` from ``reply`` into ``out``, which
+        holds the flat range starting at ``start``."""
+        spec = self.spec
+        assert spec is not None
+        for key in self.groups[g]:
+            off = spec.offsets[self._index[key]]
+            if off < start or (end is not None and off >= end):
+                continue
+            t = reply.payload[key]
+            out[off - start : off - start + t.numel()].copy_(t.reshape(-1))
+
+    def _mean_in_one_pass(self, replies: list[Reply], parts: list[list[tuple[Group, float]]]) -> dict[Group, float]:
+        """The weighted mean of every group in one pass over the replies (each copied once into the scratch
+        buffer): ``acc = sum_i w_i * delta_i / sum_i w_i`` per group; groups nobody sent stay zero."""
+        assert self._acc is not None and self._tmp is not None
+        acc, tmp = self._acc.zero_(), self._tmp
+        totals: dict[Group, float] = {g: 0.0 for g in self.groups}
+        for r, mine in zip(replies, parts, strict=True):
+            for g, w in mine:
+                self._copy_group(r, g, tmp)
                 for a, b in self._ranges[g]:
                     acc[a:b].add_(tmp[a:b], alpha=w)
                 totals[g] += w
-        updated = 0
         for g, total in totals.items():
             for a, b in self._ranges[g]:
                 if total > 0:
                     acc[a:b].div_(total)
-            if g[0] == "expert" and total > 0:
-                updated += 1
-        apply_update_(flat, acc, self.server_lr)
-        num_experts = sum(self.layers.values())
-        metrics = {"update_norm": flat_norm(acc)}
-        if num_experts:
-            metrics["moe_experts_sent"] = sent / (len(replies) * num_experts)
-            metrics["moe_experts_updated"] = updated / num_experts
-        return metrics
+        return totals
 
+    def _aggregate_groups(self, replies: list[Reply], parts: list[list[tuple[Group, float]]]) -> dict[Group, float]:
+        """Any other aggregator, called per contiguous range of each group over the replies that sent the
+        group, with their weights normalised within the group; groups nobody sent stay zero."""
+        assert self._acc is not None and self._tmp is not None
+        acc, tmp = self._acc.zero_(), self._tmp
+        senders: dict[Group, list[tuple[Reply, float]]] = {g: [] for g in self.groups}
+        for r, mine in zip(replies, parts, strict=True):
+            for g, w in mine:
+                senders[g].append((r, w))
+        totals: dict[Group, float] = {}
+        for g, group in senders.items():
+            totals[g] = total = sum(w for _, w in group)
+            if not group:
+                continue
+            weights = [w / total for _, w in group]
+            for a, b in self._ranges[g]:
+                if self.aggregator.streaming:
+                    flats: Any = (self._filled(r, g, tmp[a:b], a, b) for r, _ in group)
+                else:
+                    flats = [self._filled(r, g, torch.empty(b - a), a, b) for r, _ in group]
+                self.aggregator(acc[a:b], flats, weights)
+        return totals
+
+    def _filled(self, reply: Reply, g: Group, out: Tensor, start: int, end: int) -> Tensor:
+        self._copy_group(reply, g, out, start, end)
+        return out
 
 
 class PersonalRouter(FedCallback):

@@ -14,6 +14,7 @@ logs the mean (``tier<t>/test_acc``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Callable
@@ -27,8 +28,10 @@ from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload
-from lightning_fed.strategies.aggregate import example_weights, weighted_sum_
+from lightning_fed.strategies.aggregate import example_weights
+from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
 from lightning_fed.strategies.base import Strategy
+from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
 from lightning_fed.weights import float_state, load_into
 
 log = logging.getLogger("lightning_fed")
@@ -67,9 +70,9 @@ class ModelTiers:
         self.models = list(models or [])
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"ModelTiers: assignment={assignment!r} is not allowed; assignment must be one of {ASSIGNMENTS}")
-        for m in self.models:
-            if not isinstance(m, nn.Module):
-                raise ValueError(f"ModelTiers: models must be LightningModules, got {type(m).__name__}")
+        bad = [type(m).__name__ for m in self.models if not isinstance(m, nn.Module)]
+        if bad:
+            raise ValueError(f"ModelTiers: models must be LightningModules, got {bad[0]}")
         self.assignment = assignment
         self.client_map = {int(k): int(v) for k, v in (client_map or {}).items()}
         for cid, tier in self.client_map.items():
@@ -135,29 +138,52 @@ class TierAverage:
         avg = TierAverage(model)
         avg.average([delta_a, delta_b], [100, 50])    # global += weighted mean delta
         load_into(model, avg.payload())
+
+    Args:
+        model: the architecture's module; its float weights are the initial global weights.
+        aggregator: the rule applied to the deltas and example shares (``None``: :class:`WeightedMean`).
+        server_optimizer: how the aggregate is applied to the global weights (``None``: ``ServerSGD(lr=1)``);
+            it is set up for this tier's buffer, so give every tier its own instance (see
+            :func:`tier_optimizers`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, aggregator: Aggregator | None = None,
+                 server_optimizer: ServerOptimizer | None = None) -> None:
         state = float_state(model)
         self.spec = FlatSpec.from_payload(state)
         self.flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()
         self._tmp = self.spec.empty()
+        self.aggregator = aggregator if aggregator is not None else WeightedMean()
+        self.server_optimizer = server_optimizer if server_optimizer is not None else ServerSGD()
+        self.server_optimizer.setup(self.flat)
 
     def payload(self) -> Payload:
         """The global weights as views of the flat buffer."""
         return self.spec.unflatten(self.flat)
 
     def average(self, deltas: list[Payload], num_examples: list[int]) -> Tensor:
-        """Add the example-weighted mean of ``deltas`` to the global weights; return the mean delta."""
-        update = weighted_sum_(self._acc, (self.spec.as_flat(d, out=self._tmp) for d in deltas),
-                               example_weights(num_examples))
-        self.flat.add_(update)
+        """Aggregate ``deltas`` by their example shares and step the global weights with the server optimizer
+        (by default ``global += weighted mean delta``); return the aggregated update."""
+        if self.aggregator.streaming:
+            flats: Any = (self.spec.as_flat(d, out=self._tmp) for d in deltas)
+        else:
+            flats = [self.spec.as_flat(d) for d in deltas]
+        update = self.aggregator(self._acc, flats, example_weights(num_examples))
+        self.server_optimizer.step(self.flat, update)
         return update
 
     def read_from(self, model: nn.Module) -> None:
         """Overwrite the global weights with ``model``'s (after server-side training)."""
         self.flat.copy_(self.spec.flatten({k: v.detach().float().cpu() for k, v in float_state(model).items()}))
+
+
+def tier_optimizers(server_optimizer: ServerOptimizer | None, count: int) -> list[ServerOptimizer | None]:
+    """One independent copy of ``server_optimizer`` per tier (its state is sized to one tier's weights), or
+    ``count`` times ``None`` (each tier then gets the default plain step)."""
+    if server_optimizer is None:
+        return [None] * count
+    return [copy.deepcopy(server_optimizer) for _ in range(count)]
 
 
 class LogitEnsemble(L.LightningModule):
@@ -346,4 +372,5 @@ __all__ = [
     "snapshot",
     "tier_module",
     "tier_of",
+    "tier_optimizers",
 ]
