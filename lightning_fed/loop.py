@@ -46,9 +46,11 @@ from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.trainer_view import TrainerView
+from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 
+OWNER = "FedLoop"  # how configuration errors name the class
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -141,29 +143,25 @@ class FedLoop:
         max_failed_rounds: int = 3,
         runner: ClientRunner | None = None,
     ) -> None:
-        def need(cond: bool, key: str, value: Any, allowed: str) -> None:
-            if not cond:
-                raise ValueError(f"FedLoop: {key}={value!r} is not allowed; {key} must be {allowed}")
-
-        need(num_clients >= 1, "num_clients", num_clients, ">= 1")
-        need(1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
+        need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
+        need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
              f"between 1 and num_clients={num_clients}")
-        need(rounds >= 1, "rounds", rounds, ">= 1")
-        need(local_epochs >= 1, "local_epochs", local_epochs, ">= 1")
-        need(1 <= min_clients <= clients_per_round, "min_clients", min_clients,
+        need(OWNER, rounds >= 1, "rounds", rounds, ">= 1")
+        need(OWNER, local_epochs >= 1, "local_epochs", local_epochs, ">= 1")
+        need(OWNER, 1 <= min_clients <= clients_per_round, "min_clients", min_clients,
              f"between 1 and clients_per_round={clients_per_round}")
-        need(eval_every >= 1, "eval_every", eval_every, ">= 1")
-        need(uplink_allocation in UPLINK_ALLOCATIONS, "uplink_allocation", uplink_allocation,
+        need(OWNER, eval_every >= 1, "eval_every", eval_every, ">= 1")
+        need(OWNER, uplink_allocation in UPLINK_ALLOCATIONS, "uplink_allocation", uplink_allocation,
              f"one of {UPLINK_ALLOCATIONS}")
-        need(checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
-        need(keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
-        need(max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
-        need(str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
-        need(max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
-        need(max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
+        need(OWNER, checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
+        need(OWNER, keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
+        need(OWNER, max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
+        need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
+        need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
+        need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
         loggers = list(LOGGERS) if loggers is None else list(loggers)
         for name in loggers:
-            need(name in LOGGERS, "loggers", loggers, f"a list of {LOGGERS}")
+            need(OWNER, name in LOGGERS, "loggers", loggers, f"a list of {LOGGERS}")
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
         self.rounds = rounds

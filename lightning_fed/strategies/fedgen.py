@@ -182,7 +182,7 @@ class FedGen(Strategy):
         """FedAvg state, and a generator sized to the model's head."""
         head = model.get_submodule(self.head) if hasattr(model, self.head) else None
         if not isinstance(head, nn.Linear):
-            raise ValueError(  # noqa: TRY004 (a configuration error: ValueError naming the key, by project rule)
+            raise ValueError(
                 f"FedGen: head={self.head!r} is not allowed for {type(model).__name__}; "
                 "it must name the model's linear classifier head")
         self.num_classes = head.out_features
