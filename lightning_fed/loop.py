@@ -33,6 +33,7 @@ from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.data.loaders import client_loader, dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.evaluate import Evaluator
+from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.progress import RoundProgress
 from lightning_fed.protocol import Instruction, RejectedReply, Reply, spec_of, validate_reply
@@ -231,7 +232,8 @@ class FedLoop:
                 under ``output_dir``.
             run_config: text of the resolved configuration, saved as ``config.yaml`` in the run folder.
         """
-        ckpt_dir = resolve_resume(self.output_dir, resume)
+        self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
+        ckpt_dir = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
         run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
@@ -469,6 +471,7 @@ class FedLoop:
             "round": r,
             "num_clients": self.num_clients,
             "seed": self.seed,
+            "identity": self.identity,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "strategy": self.strategy.state_dict(),
             "codec": self.codec.state_dict(),
@@ -482,11 +485,6 @@ class FedLoop:
 
     def _restore(self, ckpt_dir: Path) -> int:
         state = load_checkpoint(ckpt_dir)
-        if state["num_clients"] != self.num_clients or state["seed"] != self.seed:
-            raise ValueError(
-                f"checkpoint {ckpt_dir} was made with num_clients={state['num_clients']}, seed={state['seed']}; "
-                f"this run has num_clients={self.num_clients}, seed={self.seed}"
-            )
         for cb in self.all_callbacks:  # callbacks first: they may rebuild the model's structure (pruning)
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])
