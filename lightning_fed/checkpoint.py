@@ -75,7 +75,7 @@ def checkpoint_problem(ckpt: Path) -> tuple[str | None, dict[str, Any] | None]:
         state = load_checkpoint(ckpt)
     except Exception as err:  # noqa: BLE001 - any unreadable file (truncated zip, garbage, refused pickle) is damage
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return f"{ckpt / 'state.pt'} cannot be loaded ({type(err).__name__}: {first})", None
+        return f"{ckpt / 'state.pt'} cannot be loaded, truncated or corrupt ({type(err).__name__}: {first})", None
     if not isinstance(state, dict) or "round" not in state:
         return f"{ckpt / 'state.pt'} is not a lightning_fed checkpoint (no 'round')", None
     if not (ckpt / "clients").is_dir():
