@@ -12,31 +12,40 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from lightning_fed.checkpoint import CheckpointError
 from lightning_fed.data.partition import PartitionError
+from lightning_fed.identity import ResumeMismatch
 from lightning_fed.loop import FedLoop
+from lightning_fed.recipe_errors import instantiation_error, parse_error
 
 log = logging.getLogger("lightning_fed")
 
 
 def build_parser() -> ArgumentParser:
-    """The ``lightning-fed`` argument parser with its ``fit`` subcommand."""
-    parser = ArgumentParser(prog="lightning-fed", description="Federated training of Lightning modules from recipes.")
+    """The ``lightning-fed`` argument parser with its ``fit`` subcommand; errors raise ``ArgumentError``."""
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[ArgumentParser, ArgumentParser]:
+    """The root parser and its ``fit`` subcommand parser (kept, to dump the resolved ``fit`` config)."""
+    parser = ArgumentParser(prog="lightning-fed", description="Federated training of Lightning modules from recipes.",
+                            exit_on_error=False)
     subcommands = parser.add_subcommands(required=True, dest="subcommand")
-    fit = ArgumentParser(description="Train a LightningModule federated, as a recipe describes.")
+    fit = ArgumentParser(description="Train a LightningModule federated, as a recipe describes.", exit_on_error=False)
     fit.add_argument("--config", action=ActionConfigFile, help="YAML recipe (may be given more than once).")
     fit.add_subclass_arguments(L.LightningModule, "model", required=True, help="The LightningModule to train.")
     fit.add_subclass_arguments(L.LightningDataModule, "data", required=True, help="The data to split among clients.")
     fit.add_class_arguments(FedLoop, "loop", help="The federated loop.")
     fit.add_argument("--resume", type=str | None, default=None,
-                     help="Run folder or checkpoint to continue from, or 'last' for the newest run under loop.output_dir.")
+                     help="Run folder or checkpoint to continue from, or 'last' for the newest run under "
+                          "loop.output_dir. The run's settings must match the checkpoint's (docs/resume.md).")
     subcommands.add_subcommand("fit", fit, help="Federated training from a recipe.")
-    return parser
+    return parser, fit
 
 
 def _setup_logging() -> None:
@@ -55,23 +64,33 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> Any:
-    """Parse ``argv``, build the objects and run the subcommand; return its result (a ``FitResult``)."""
+    """Parse ``argv``, build the objects and run the subcommand; return its result (a ``FitResult``).
+
+    A bad recipe, a refused resume or a missing checkpoint prints ``lightning-fed: error: ...`` (the recipe
+    file, the full key and what is wrong, no usage text) and exits with code 2."""
     _setup_logging()
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, fit = _build_parsers()
+    try:
+        cfg = parser.parse_args(argv)
+    except ArgumentError as err:
+        _fail(parse_error(err, argv))
     fit_cfg = cfg["fit"]
     L.seed_everything(fit_cfg.loop.seed, verbose=False)  # the initial global model depends on the seed
-    sub = parser._subcommands_action._name_parser_map["fit"]
-    config_text = sub.dump(fit_cfg, skip_none=False)
+    config_text = fit.dump(fit_cfg, skip_unset=False)
     try:
-        init = parser.instantiate_classes(cfg)["fit"]
+        init = parser.instantiate(cfg)["fit"]
     except (ValueError, TypeError) as err:
-        parser.error(f"invalid configuration: {err}")
+        _fail(instantiation_error(err, fit_cfg.clone().as_dict(), argv))
     try:
         return init.loop.fit(init.model, init.data, resume=fit_cfg.resume, run_config=config_text)
-    except (CheckpointError, PartitionError, FileNotFoundError) as err:
-        print(f"lightning-fed: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"lightning-fed: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

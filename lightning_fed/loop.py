@@ -36,6 +36,7 @@ from lightning_fed.data.loaders import dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import RoundsFailed
 from lightning_fed.evaluate import Evaluator
+from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.plan import UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
 from lightning_fed.progress import RoundProgress
@@ -222,7 +223,8 @@ class FedLoop:
             RoundsFailed: ``max_failed_rounds`` consecutive rounds (or every round of the run) had fewer than
                 ``min_clients`` valid replies.
         """
-        ckpt_dir = resolve_resume(self.output_dir, resume)
+        self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
+        ckpt_dir = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
         run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
@@ -416,6 +418,7 @@ class FedLoop:
             "round": r,
             "num_clients": self.num_clients,
             "seed": self.seed,
+            "identity": self.identity,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "strategy": self.strategy.state_dict(),
             "codec": self.uplink.state_dict(),
@@ -432,11 +435,6 @@ class FedLoop:
 
     def _restore(self, ckpt_dir: Path) -> int:
         state = load_checkpoint(ckpt_dir)
-        if state["num_clients"] != self.num_clients or state["seed"] != self.seed:
-            raise ValueError(
-                f"checkpoint {ckpt_dir} was made with num_clients={state['num_clients']}, seed={state['seed']}; "
-                f"this run has num_clients={self.num_clients}, seed={self.seed}"
-            )
         for cb in self.all_callbacks:  # callbacks first: they may rebuild the model's structure (pruning)
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_fed.checkpoint import find_checkpoint
+from lightning_fed.checkpoint import CheckpointError, find_intact_checkpoint
+from lightning_fed.identity import LEGACY_KEYS, check_identity
 from lightning_fed.report import plot_history, summary_table, write_history
 from lightning_fed.weights import float_state
 
@@ -28,21 +30,45 @@ def new_run_dir(output_dir: str | Path) -> Path:
     return root / f"version_{max(versions, default=-1) + 1}"
 
 
-def resolve_resume(output_dir: str | Path, resume: str | Path | None) -> Path | None:
+def resolve_resume(output_dir: str | Path, resume: str | Path | None,
+                   identity: Mapping[str, Any] | None = None) -> Path | None:
     """The checkpoint folder ``resume`` names: ``None``, ``"last"`` (the newest run under ``output_dir`` that
-    has one), a run folder or a checkpoint folder."""
+    has a checkpoint), a run folder or a checkpoint folder. In a run folder the newest intact checkpoint is used
+    (damaged ones are skipped with a warning).
+
+    Nothing is written: when ``identity`` (:func:`lightning_fed.identity.run_identity` of the run being started)
+    is given, it is compared with the checkpoint's, so that a mismatched run is refused before it touches the
+    run folder.
+
+    Raises:
+        CheckpointError: no (intact) checkpoint where ``resume`` points.
+        ResumeMismatch: the checkpoint was made by a run with other settings (each difference named).
+    """
     if resume is None:
         return None
     if str(resume) == "last":
         root = Path(output_dir)
         runs = sorted(
-            (p for p in root.glob("version_*") if (p / "checkpoints" / "last").is_file()),
+            (p for p in root.glob("version_*")
+             if re.fullmatch(r"version_\d+", p.name) and _has_checkpoints(p / "checkpoints")),
             key=lambda p: int(p.name.split("_")[1]),
         )
         if not runs:
-            raise FileNotFoundError(f"resume='last': no run with a checkpoint under {root}")
+            raise CheckpointError(f"resume='last': no run with a checkpoint under {root}")
         resume = runs[-1]
-    return find_checkpoint(resume)
+    ckpt, state = find_intact_checkpoint(resume)
+    if identity is not None:
+        saved = state.get("identity")
+        if saved is None:  # written before identities were recorded: only what it kept can be compared
+            log.warning("checkpoint %s records no run identity: only %s are checked", ckpt, ", ".join(LEGACY_KEYS))
+            saved = {k: state[k] for k in LEGACY_KEYS if k in state}
+        check_identity(saved, identity, ckpt)
+    return ckpt
+
+
+def _has_checkpoints(root: Path) -> bool:
+    return (root / "last").is_file() or any(p.is_dir() and not p.name.endswith(".partial")
+                                            for p in root.glob("round-*"))
 
 
 def make_loggers(names: list[str], run_dir: Path) -> list[Any]:

@@ -8,6 +8,7 @@ import yaml
 from lightning_fed.cli import build_parser, run
 
 RECIPES = sorted(str(p) for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+FEDAVG = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
 QUICK = ["--loop.rounds", "1", "--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1"]
 
 
@@ -32,7 +33,7 @@ def test_recipe_runs_one_round(recipe, tmp_path):
 
 
 def test_saved_config_reruns_and_resumes(tmp_path):
-    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
+    recipe = FEDAVG
     args = ["--loop.num_clients", "4", "--loop.clients_per_round", "2", "--loop.local_epochs", "1",
             "--loop.checkpoint_every", "1", "--loop.output_dir", str(tmp_path)]
     res = run(["fit", "--config", recipe, *QUICK, *args])
@@ -41,7 +42,7 @@ def test_saved_config_reruns_and_resumes(tmp_path):
 
 
 def test_print_config(capsys):
-    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
+    recipe = FEDAVG
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, "--loop.rounds", "7", "--print_config"])
     assert e.value.code == 0
@@ -53,18 +54,19 @@ def test_print_config(capsys):
     "extra, message",
     [
         (["--loop.roundz", "3"], "roundz"),
-        (["--loop.partition.init_args.alpha", "0"], "alpha must be > 0"),
+        (["--loop.partition.init_args.alpha", "0"], "command line: loop.partition.init_args.alpha: must be > 0"),
         (["--loop.clients_per_round", "50"], "clients_per_round=50"),
         (["--loop.precision", "4-bit"], "precision"),
-        (["--model.init_args.optimizer", "rmsprop"], "optimizer must be one of"),
+        (["--model.init_args.optimizer", "rmsprop"], "model.init_args.optimizer: must be one of"),
     ],
 )
 def test_bad_configuration_names_the_key(extra, message, capsys):
-    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
+    recipe = FEDAVG
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, *extra])
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-fed: error: ") and message in err and "usage" not in err
 
 
 def test_missing_and_malformed_recipe(tmp_path, capsys):
@@ -79,7 +81,101 @@ def test_missing_and_malformed_recipe(tmp_path, capsys):
 
 
 def test_impossible_partition_is_a_clean_error(tmp_path, capsys):
-    recipe = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
+    recipe = FEDAVG
     with pytest.raises(SystemExit) as e:
         run(["fit", "--config", recipe, "--loop.num_clients", "1000", "--loop.output_dir", str(tmp_path)])
     assert e.value.code == 2 and "min_samples=10" in capsys.readouterr().err
+
+
+def _recipe(tmp_path, edit, name="x.yaml"):
+    """The FedAvg recipe with ``edit`` applied to its parsed YAML, written to tmp_path/name."""
+    recipe = yaml.safe_load(Path(FEDAVG).read_text())
+    edit(recipe)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def edit(recipe):
+        node = recipe
+        for k in keys[:-1]:
+            node = node[k]
+        if value is _DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set("loop", "partition", "init_args", "alpha", 0), "loop.partition.init_args.alpha: must be > 0, got 0.0"),
+        (_set("loop", "num_clients", "twenty"), "loop.num_clients: expected int, got 'twenty'"),
+        (_set("loop", "roundz", 3), "loop.roundz: unknown key; did you mean loop.rounds?"),
+        (_set("loop", "strategy", "init_args", "server_lrr", 1.0),
+         "loop.strategy.init_args.server_lrr: unknown key; did you mean loop.strategy.init_args.server_lr?"),
+        (_set("loop", "partition", "class_path", "lightning_fed.data.Dirichlett"),
+         ("loop.partition.class_path: cannot use class_path 'lightning_fed.data.Dirichlett': module "
+          "'lightning_fed.data' has no attribute 'Dirichlett'")),
+        (_set("loop", "callbacks", 0, "init_args", "min_scale", 5),
+         "loop.callbacks[0].init_args.min_scale: min_scale=5.0 is not allowed; min_scale must be in [0, 1]"),
+        (_set("loop", "clients_per_round", 50), "loop.clients_per_round: clients_per_round=50 is not allowed"),
+    ],
+    ids=["constructor", "type", "unknown", "unknown-init-arg", "class_path", "list-item", "loop"],
+)
+def test_recipe_error_names_file_and_key(tmp_path, capsys, edit, message):
+    path = _recipe(tmp_path, edit)
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "--config", path, "--loop.output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == f"lightning-fed: error: {path}: {message}\n" or err.startswith(f"lightning-fed: error: {path}: {message}")
+    assert "Union" not in err and "usage" not in err and "NoneType" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_missing_recipe_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "--config", str(tmp_path / "nope.yaml")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"lightning-fed: error: recipe '{tmp_path / 'nope.yaml'}' does not exist\n"
+
+
+def test_console_script_error_has_no_usage_or_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = _recipe(tmp_path, _set("loop", "partition", "init_args", "alpha", 0))
+    out = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "fit", "--config", path], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 2
+    assert out.stderr == f"lightning-fed: error: {path}: loop.partition.init_args.alpha: must be > 0, got 0.0\n"
+    assert "Traceback" not in out.stderr and "usage" not in out.stderr
+
+
+def test_refused_resume_is_a_clean_error(tmp_path, capsys):
+    recipe = FEDAVG
+    args = ["--loop.num_clients", "4", "--loop.clients_per_round", "2", "--loop.local_epochs", "1",
+            "--loop.checkpoint_every", "1", "--loop.output_dir", str(tmp_path), *QUICK]
+    res = run(["fit", "--config", recipe, *args])
+    before = {p: p.stat().st_mtime_ns for p in res.run_dir.rglob("*")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "--config", recipe, *args, "--loop.rounds", "2", "--loop.partition.init_args.alpha", "0.1",
+             "--resume", "last"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("lightning-fed: error: cannot resume from ")
+    assert "partition: Dirichlet(alpha=0.5, max_tries=1000, min_samples=10) in the checkpoint, " \
+           "Dirichlet(alpha=0.1, max_tries=1000, min_samples=10) now" in err
+    assert {p: p.stat().st_mtime_ns for p in res.run_dir.rglob("*")} == before
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "--config", recipe, *QUICK, "--loop.output_dir", str(tmp_path / "empty"), "--resume", "last"])
+    assert e.value.code == 2 and "no run with a checkpoint" in capsys.readouterr().err
