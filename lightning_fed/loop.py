@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
@@ -225,13 +226,16 @@ class FedLoop:
         """
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
         ckpt_dir = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
+        rows = self._setup_data(datamodule)
         run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # everything that can refuse the run has run by now
         if run_config is not None:
             (run_dir / "config.yaml").write_text(run_config)
+        write_partition_csv(rows, run_dir / "partition.csv")
+        if not self.console.quiet:  # a quiet console still renders what it is given
+            self.console.print(partition_table(rows))
         fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision,
                         loggers=make_loggers(self.logger_names, run_dir))
-        self._setup_data(datamodule, run_dir)
         model = fabric.to_device(fabric.strategy.precision.convert_module(model))
         self.fabric, self.model, self.run_dir = fabric, model, run_dir
         self.all_callbacks = self.callbacks + self.strategy.client_callbacks()
@@ -388,7 +392,9 @@ class FedLoop:
         return value
 
     # ------------------------------------------------------------------ data and outputs
-    def _setup_data(self, dm: L.LightningDataModule, run_dir: Path) -> None:
+    def _setup_data(self, dm: L.LightningDataModule) -> list[list[Any]]:
+        """Split the training set among the clients and find the evaluation loader; return the partition table's
+        rows. Writes nothing: an impossible split fails before the run folder is touched."""
         dm.prepare_data()
         dm.setup("fit")
         self.train_template = dm.train_dataloader()
@@ -401,15 +407,12 @@ class FedLoop:
             labels = torch.zeros(len(dataset), dtype=torch.long)
         self.shards = self.partition.split(labels, self.num_clients, self.seed)
         self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
-        rows = summary_rows(self.shards, labels, int(labels.max()) + 1 if len(labels) else 1)
-        write_partition_csv(rows, run_dir / "partition.csv")
-        if not self.console.quiet:  # a quiet console still renders what it is given
-            self.console.print(partition_table(rows))
         dm.setup("test")
         try:
             self.eval_loader = dm.test_dataloader()
-        except Exception:  # noqa: BLE001 - Lightning raises MisconfigurationException when not implemented
+        except MisconfigurationException:  # what Lightning raises when a data module has no test_dataloader
             self.eval_loader = dm.val_dataloader()
+        return summary_rows(self.shards, labels, int(labels.max()) + 1 if len(labels) else 1)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, r: int) -> Path:
