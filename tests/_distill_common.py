@@ -65,3 +65,15 @@ class Spy(FedCallback):
 
     def on_client_end(self, trainer, pl_module, reply):
         self.replies.append((reply.client_id, {k: (tuple(v.shape), v.dtype) for k, v in reply.payload.items()}))
+
+
+def fit_rejected(loop: FedLoop, model, dm) -> list[dict]:
+    """Fit a loop whose every reply is rejected: the run must stop with ``RoundsFailed`` naming the rejections.
+    Returns the history of the rounds it ran."""
+    import pytest
+
+    from lightning_fed.errors import RoundsFailed
+
+    with pytest.raises(RoundsFailed, match=r"reply of client \d+ rejected"):
+        loop.fit(model, dm)
+    return loop.history

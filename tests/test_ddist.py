@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public
+from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, tiny_public
 
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import DecentralizedDistillation, ModelTiers
@@ -58,8 +58,9 @@ def test_ddist_heterogeneous_run(tmp_path):
 
 def test_ddist_loop_rejects_malformed_soft_labels(tmp_path):
     s = DecentralizedDistillation(num_clients=4, degree=2, public=tiny_public(30), reference_size=30)
-    res = tiny_loop(tmp_path, s, callbacks=[Corrupt("soft", lambda t: t[:, :5])]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    history = fit_rejected(tiny_loop(tmp_path, s, callbacks=[Corrupt("soft", lambda t: t[:, :5])]), cnn(4),
+                           tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public
+from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, tiny_public
 
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.protocol import Reply
@@ -77,8 +77,8 @@ def test_distillation_moves_each_tier_toward_the_ensemble():
 def test_feddf_rejects_wrong_architecture_reply(tmp_path):
     s = FedDF(public=tiny_public(), proxy_size=20, distill_steps=1)
     bad = Corrupt("conv1.weight", lambda t: torch.zeros(t.shape[0] + 1, *t.shape[1:]))
-    res = tiny_loop(tmp_path, s, callbacks=[bad]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    history = fit_rejected(tiny_loop(tmp_path, s, callbacks=[bad]), cnn(4), tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"proxy_size": 0}, "proxy_size=0"), ({"distill_lr": 0.0}, "distill_lr=0.0"),

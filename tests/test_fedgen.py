@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, trainer
+from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, trainer
 
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedGen, ModelTiers
@@ -67,9 +67,9 @@ def test_negative_label_counts_dropped():
 
 
 def test_malformed_label_counts_rejected_by_loop(tmp_path):
-    res = tiny_loop(tmp_path, FedGen(gen_steps=1), callbacks=[Corrupt("label_counts", lambda t: t[:3])]).fit(
-        cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    loop = tiny_loop(tmp_path, FedGen(gen_steps=1), callbacks=[Corrupt("label_counts", lambda t: t[:3])])
+    history = fit_rejected(loop, cnn(4), tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
 
 
 def test_fedgen_client_under_trainer_adds_regulariser():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, trainer
+from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, trainer
 
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedGKT, ModelTiers
@@ -47,11 +47,12 @@ def test_inconsistent_rows_and_labels_rejected_in_aggregate():
 def test_malformed_features_rejected_by_loop(tmp_path):
     s = FedGKT(server_hidden=8, server_epochs=1)
     bad = Corrupt("features", lambda t: t[:, :-1])
-    res = tiny_loop(tmp_path / "a", s, callbacks=[bad]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    history = fit_rejected(tiny_loop(tmp_path / "a", s, callbacks=[bad]), cnn(4), tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
     bad_dtype = Corrupt("labels", lambda t: t.float())
-    res = tiny_loop(tmp_path / "b", FedGKT(server_hidden=8), callbacks=[bad_dtype]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    history = fit_rejected(tiny_loop(tmp_path / "b", FedGKT(server_hidden=8), callbacks=[bad_dtype]), cnn(4),
+                           tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
 
 
 def test_gkt_client_under_trainer_collects_and_distils():

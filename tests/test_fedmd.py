@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _distill_common import Corrupt, Spy, cnn, tiny_dm, tiny_loop, tiny_public, trainer
+from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, tiny_public, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fed import FedCallback, FedLoop
@@ -66,11 +66,12 @@ def test_consensus_is_mean_of_logits():
 def test_fedmd_rejects_malformed_logits(tmp_path):
     bad_shape = Corrupt("logits", lambda t: t[:-1])
     s = FedMD(public=tiny_public(), public_per_round=20)
-    res = tiny_loop(tmp_path / "a", s, callbacks=[bad_shape]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2] and all(h["skipped"] == 1 for h in res.history)
+    history = fit_rejected(tiny_loop(tmp_path / "a", s, callbacks=[bad_shape]), cnn(4), tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2] and all(h["skipped"] == 1 for h in history)
     nan = Corrupt("logits", lambda t: t.fill_(float("nan")))
-    res = tiny_loop(tmp_path / "b", FedMD(public=tiny_public(), public_per_round=20), callbacks=[nan]).fit(cnn(4), tiny_dm())
-    assert [h["rejected"] for h in res.history] == [2, 2]
+    history = fit_rejected(tiny_loop(tmp_path / "b", FedMD(public=tiny_public(), public_per_round=20), callbacks=[nan]),
+                           cnn(4), tiny_dm())
+    assert [h["rejected"] for h in history] == [2, 2]
 
 
 def test_digest_moves_model_toward_target_under_trainer():

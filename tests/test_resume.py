@@ -127,7 +127,9 @@ def one_round_run(tmp_path, make_loop, small_dm):
                                           r"checkpoint, Dirichlet\(alpha=0.1, max_tries=1000, min_samples=5\) now")),
         ({"num_clients": 5}, {}, "num_clients: 4 in the checkpoint, 5 now"),
         ({"seed": 7}, {}, "seed: 0 in the checkpoint, 7 now"),
-        ({"strategy": "lr0.5"}, {}, r"strategy: FedAvg\(server_lr=1.0\) in the checkpoint, FedAvg\(server_lr=0.5\) now"),
+        ({"strategy": "lr0.5"}, {}, (r"strategy: FedAvg\(aggregator=WeightedMean\(\), server_lr=1.0, "
+                                     r"server_optimizer=ServerSGD\(lr=1.0\)\) in the checkpoint, FedAvg\(aggregator="
+                                     r"WeightedMean\(\), server_lr=0.5, server_optimizer=ServerSGD\(lr=0.5\)\) now")),
         ({"codec": "topk"}, {}, r"codec: Identity\(\) in the checkpoint, TopK\(.*ratio=0.1.*\) now"),
         ({"downlink_codec": "fp16"}, {}, r"downlink_codec: Identity\(\) in the checkpoint, Cast\(dtype='fp16'"),
         ({"local_epochs": 2}, {}, "local_epochs: 1 in the checkpoint, 2 now"),
