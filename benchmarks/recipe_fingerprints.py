@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             moved += not same
             row.append("identical" if same else "new" if before is None else f"moved (was {before['acc']:.4f})")
         table.add_row(*row)
-    Console().print(table)
+    Console(width=140).print(table)
     if old:
         print(f"{moved} of {len(found)} recipes moved", file=sys.stderr)
 

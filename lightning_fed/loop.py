@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,8 @@ class FedLoop:
                 self.uplink = wrap(self.uplink)
         self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
-        self.modules = WorkingModules({id(view): view, **{id(cb): cb for cb in self.all_callbacks}})
+        proxy = weakref.proxy(view)  # what LightningModule.fabric holds (the setter stores a weak proxy)
+        self.modules = WorkingModules({id(view): view, id(proxy): proxy, **{id(cb): cb for cb in self.all_callbacks}})
         self.work = ClientWork(
             strategy=self.strategy, codec=self.uplink, downlink_codec=self.downlink_codec, store=self.store,
             dataset=self.train_template.dataset, shards=self.shards, template=self.train_template, local=self.local,
@@ -460,19 +462,18 @@ class FedLoop:
     # ------------------------------------------------------------------ module attachment
     @staticmethod
     def _attach(model: L.LightningModule, view: TrainerView) -> None:
-        """Route ``self.log``, ``self.trainer`` and ``self.optimizers()`` of the module to the view."""
-        for m in model.modules():
-            if isinstance(m, L.LightningModule):
-                m._fabric = view  # type: ignore[assignment]
-                m._trainer = view  # type: ignore[assignment]
+        """Route ``self.log``, ``self.trainer`` and ``self.optimizers()`` of the module (and of the LightningModules
+        inside it) to the view, through Lightning's public setters."""
+        model.trainer = view  # type: ignore[assignment]
+        model.fabric = view  # type: ignore[assignment]
 
     @staticmethod
     def _detach(model: L.LightningModule) -> None:
+        model.trainer = None
+        model.fabric = None
         for m in model.modules():
             if isinstance(m, L.LightningModule):
-                m._fabric = None
-                m._trainer = None
-                m._fabric_optimizers = []
+                m._fabric_optimizers = []  # no public setter: what ``optimizers()`` returns under Fabric
 
 
 __all__ = ["FED_HOOKS", "UPLINK_ALLOCATIONS", "FedLoop", "FitResult", "uplink_shares"]
