@@ -28,6 +28,11 @@ class ClientError(RuntimeError):
     dropped with this message, the run goes on."""
 
 
+class ModelMismatch(ClientError, ValueError):
+    """A model's entries no longer match a payload (names or shapes): on a client, its code changed its model, so
+    that client is dropped; on the server it stops the run like any other failure there."""
+
+
 class RoundsFailed(RuntimeError):
     """Too many consecutive rounds without enough valid replies to aggregate: the run stops."""
 
@@ -60,4 +65,4 @@ def is_client_fault(err: BaseException) -> bool:
     return not ours or owner.startswith(USER_SIDE)
 
 
-__all__ = ["ClientError", "RoundsFailed", "is_client_fault"]
+__all__ = ["ClientError", "ModelMismatch", "RoundsFailed", "is_client_fault"]

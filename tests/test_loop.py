@@ -171,21 +171,38 @@ class CrashInRound(FedCallback):
 
 
 class ChangesShape(FedCallback):
-    def on_client_start(self, trainer, pl_module, instruction):
+    """Client 0 replaces its first parameter by one of another shape, before training (its forward then fails)
+    or after it (its reply no longer matches the instruction)."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def _break(self, trainer):
         if trainer.fed.client_id == 0:
             module = trainer.lightning_module
             name = next(iter(module.named_parameters()))[0]
             owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
             setattr(owner, name.rsplit(".", 1)[-1], torch.nn.Parameter(torch.zeros(3, 3)))
 
+    def on_client_start(self, trainer, pl_module, instruction):
+        if self.when == "before":
+            self._break(trainer)
 
-def test_a_client_that_changes_its_model_is_dropped_alone(make_loop, small_dm, caplog):
+    def on_train_end(self, trainer, pl_module):
+        if self.when == "after":
+            self._break(trainer)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_client_that_changes_its_model_is_dropped_alone(when, make_loop, small_dm, caplog):
     caplog.set_level(logging.WARNING, "lightning_fed")
-    loop = make_loop(num_clients=3, clients_per_round=3, rounds=2, callbacks=[ChangesShape()])
+    loop = make_loop(num_clients=3, clients_per_round=3, rounds=2, callbacks=[ChangesShape(when)])
     res = loop.fit(seeded(MNIST1DMLP), small_dm)
-    assert [h["failed"] + h["rejected"] for h in res.history] == [1, 1]
+    assert [h["failed"] for h in res.history] == [1, 1]
     assert [h["good"] for h in res.history] == [2, 2]
     assert "client 0 changed its model's structure" in caplog.text
+    if when == "after":
+        assert "client 0 dropped: ModelMismatch" in caplog.text
 
 
 def test_a_failure_of_lightning_fed_code_stops_the_run(make_loop, small_dm, monkeypatch):
