@@ -238,6 +238,49 @@ class FedLoop:
         fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision,
                         loggers=make_loggers(self.logger_names, run_dir))
         model = fabric.to_device(fabric.strategy.precision.convert_module(model))
+        self._build(fabric, model, run_dir)
+        view = self.view
+        for cb in self.all_callbacks:
+            cb.setup(view, model, "fit")
+        start = 0
+        if ckpt_dir is not None:
+            start = self._restore(ckpt_dir)
+        else:
+            self.strategy.setup(model)
+        for cb in self.all_callbacks:
+            cb.on_fit_start(view, model)
+        model.on_fit_start()
+        final: dict[str, float] = {}
+        status = "failed"
+        try:
+            with RoundProgress(self.rounds, start, enabled=self.verbose, console=self.console) as progress:
+                for r in range(start, self.rounds):
+                    metrics = self._round(r)
+                    self.history.append(metrics)
+                    fabric.log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
+                    final = self._last_eval or final
+                    if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
+                        self.save_checkpoint(r)
+                    progress.advance(metrics)
+            if self.history and all(h.get("skipped") for h in self.history):
+                raise RoundsFailed(self._failure_report("every round of the run"))
+            for cb in self.all_callbacks:
+                cb.on_fit_end(view, model)
+            model.on_fit_end()
+            for cb in self.all_callbacks:
+                cb.teardown(view, model, "fit")
+            status = "success"
+        finally:
+            for lg in fabric.loggers:
+                lg.finalize(status)
+            for m in [model, *self._prepared.values()]:
+                self._detach(m)
+        write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
+        return FitResult(run_dir, self.history, final)
+
+    def _build(self, fabric: Fabric, model: L.LightningModule, run_dir: Path) -> None:
+        """The parts of a run: the stores, the context and trainer view, the uplink codec as the callbacks wrap
+        it, the client side (:class:`ClientWork`) and the server side (:class:`Server`)."""
         self.fabric, self.model, self.run_dir = fabric, model, run_dir
         self.all_callbacks = self.callbacks + self.strategy.client_callbacks()
         self.store = ClientStore(run_dir / "clients")
@@ -257,7 +300,7 @@ class FedLoop:
                 self.uplink = wrap(self.uplink)
         self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
-        proxy = weakref.proxy(view)  # what LightningModule.fabric holds (the setter stores a weak proxy)
+        proxy = weakref.proxy(view)  # what LightningModule.fabric holds (its setter stores a weak proxy)
         self.modules = WorkingModules({id(view): view, id(proxy): proxy, **{id(cb): cb for cb in self.all_callbacks}})
         self.work = ClientWork(
             strategy=self.strategy, codec=self.uplink, downlink_codec=self.downlink_codec, store=self.store,
@@ -269,41 +312,6 @@ class FedLoop:
         self._downlink_state: dict[str, Any] = {}
         self._last_eval: dict[str, float] = {}
         self._failed: list[tuple[int, list[str]]] = []  # the current streak of rounds that could not aggregate
-        for cb in self.all_callbacks:
-            cb.setup(view, model, "fit")
-        start = 0
-        if ckpt_dir is not None:
-            start = self._restore(ckpt_dir)
-        else:
-            self.strategy.setup(model)
-        for cb in self.all_callbacks:
-            cb.on_fit_start(view, model)
-        model.on_fit_start()
-        final: dict[str, float] = {}
-        try:
-            with RoundProgress(self.rounds, start, enabled=self.verbose, console=self.console) as progress:
-                for r in range(start, self.rounds):
-                    metrics = self._round(r)
-                    self.history.append(metrics)
-                    fabric.log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
-                    final = self._last_eval or final
-                    if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
-                        self.save_checkpoint(r)
-                    progress.advance(metrics)
-            if self.history and all(h.get("skipped") for h in self.history):
-                raise RoundsFailed(self._failure_report("every round of the run"))
-            for cb in self.all_callbacks:
-                cb.on_fit_end(view, model)
-            model.on_fit_end()
-            for cb in self.all_callbacks:
-                cb.teardown(view, model, "fit")
-        finally:
-            for lg in fabric.loggers:
-                lg.finalize("success")
-            for m in [model, *self._prepared.values()]:
-                self._detach(m)
-        write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
-        return FitResult(run_dir, self.history, final)
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> dict[str, float]:
@@ -315,8 +323,7 @@ class FedLoop:
                           self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
         self.modules.round_start([model, *self._prepared.values()])
         messages = self.runner.run(plan.tasks, self.work)
-        got = self.server.collect(r, plan.instructions, messages)
-        del messages
+        got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}

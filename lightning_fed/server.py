@@ -57,12 +57,12 @@ class Server:
     max_update_abs: float | None = None
 
     def collect(self, server_round: int, instructions: list[Instruction], messages: list[ClientMessage]) -> Collected:
-        """Decode and validate every message against the instruction its sender was sent (releasing each message
-        once decoded); log every failure and rejection."""
+        """Decode and validate every message against the instruction its sender was sent; log every failure and
+        rejection. ``messages`` is consumed (emptied) as it goes, so each message is released once decoded."""
         out = Collected(stats={"bytes_up": 0, "raw_bytes_up": 0, "failed": 0, "rejected": 0, "encode_s": 0.0,
                                "decode_s": 0.0})
         sent = {instr.client_id: instr for instr in instructions}
-        messages = list(reversed(messages))
+        messages.reverse()
         while messages:
             msg = messages.pop()
             out.stats["decode_s"] += msg.decode_s  # the clients' downlink decoding
