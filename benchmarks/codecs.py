@@ -1,4 +1,4 @@
-"""Update-compression benchmark (issue 3): accuracy and uplink bytes per codec, and codec throughput.
+"""Update-compression benchmark: accuracy and uplink bytes per codec, and codec throughput.
 
 Accuracy table: the FedAvg MNIST-1D recipe (MNIST1DCNN, 20 clients, Dirichlet(0.5), 10 per round,
 5 local epochs, SGD lr 0.05 momentum 0.9, batch 16, cosine client-LR decay to 10 % over the rounds) for

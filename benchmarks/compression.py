@@ -1,4 +1,4 @@
-"""Model-compression benchmark (issue 4): structured pruning, QAT, pruning + QAT and magnitude sparsity against the
+"""Model-compression benchmark: structured pruning, QAT, pruning + QAT and magnitude sparsity against the
 unpruned FedAvg baseline, all on the FedAvg MNIST-1D recipe and measured side by side in this one process.
 
 Recipe (recipes/mnist1d/fedavg.yaml): MNIST1DCNN (25 channels), 20 clients, Dirichlet(0.5), 10 per round, 5 local

@@ -1,4 +1,4 @@
-"""Distillation benchmark (issue 5): heterogeneous clients on MNIST-1D.
+"""Distillation benchmark: heterogeneous clients on MNIST-1D.
 
 Three client architectures (MNIST1DCNN with 8 / 16 / 32 channels, tiers 0 / 1 / 2, client ``i`` gets tier
 ``i % 3``), 20 clients, Dirichlet(alpha=0.5) label split, 10 clients per round. For every method it reports

@@ -1,4 +1,4 @@
-"""FedLoop versus Flower's simulation on the same FedAvg work (issue 2: "FedLoop at least 10x faster").
+"""FedLoop versus Flower's simulation on the same FedAvg work.
 
 The work, identical for both frameworks:
     FedAvg, 100 clients, 10 sampled per round, 1 local epoch, MNIST1DCNN (lightning_fed.models), MNIST-1D
