@@ -40,7 +40,7 @@ from lightning_fed.errors import RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
-from lightning_fed.plan import UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
+from lightning_fed.plan import SAMPLINGS, UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
 from lightning_fed.progress import RoundProgress
 from lightning_fed.report import partition_table, write_partition_csv
 from lightning_fed.runner import ClientRunner, ClientWork, SequentialRunner, WorkingModules
@@ -115,6 +115,9 @@ class FedLoop:
             which no round aggregated stops with it too.
         runner: where and when the clients of a round run; default :class:`~lightning_fed.runner.SequentialRunner`
             (one process, one client after another).
+        sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
+            once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
+            :func:`~lightning_fed.plan.sample_clients`).
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class FedLoop:
         plot: bool = True,
         max_failed_rounds: int = 3,
         runner: ClientRunner | None = None,
+        sampling: str = "random",
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -159,6 +163,7 @@ class FedLoop:
         need(OWNER, checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
         need(OWNER, keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
         need(OWNER, max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
+        need(OWNER, sampling in SAMPLINGS, "sampling", sampling, f"one of {SAMPLINGS}")
         need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
         need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
         need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
@@ -195,13 +200,14 @@ class FedLoop:
         self.verbose = verbose
         self.plot = plot
         self.max_failed_rounds = max_failed_rounds
+        self.sampling = sampling
         self.runner = runner if runner is not None else SequentialRunner()
         self.console = Console(stderr=True, quiet=not verbose)
 
     # ------------------------------------------------------------------ public API
     def sample_clients(self, server_round: int) -> list[int]:
         """The clients of ``server_round``: a seeded sample without replacement, sorted."""
-        return sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round)
+        return sample_clients(self.seed, server_round, self.num_clients, self.clients_per_round, self.sampling)
 
     def fit(
         self,

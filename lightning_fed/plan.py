@@ -20,6 +20,8 @@ from lightning_fed.seeding import derive_seed
 from lightning_fed.strategies.base import Strategy
 
 UPLINK_ALLOCATIONS = ("uniform", "examples")
+SAMPLINGS = ("random", "cyclic")
+CYCLE_STREAM = 0x6379  # the (seed, "cy", cycle) stream orders a cycle of cyclic sampling
 
 
 def uplink_shares(allocation: str, examples: list[int]) -> list[float]:
@@ -39,10 +41,28 @@ def uplink_shares(allocation: str, examples: list[int]) -> list[float]:
     return [x * len(n) / total for x in n]
 
 
-def sample_clients(seed: int, server_round: int, num_clients: int, per_round: int) -> list[int]:
-    """The clients of ``server_round``: a sample without replacement seeded by ``(seed, round)``, sorted."""
-    g = torch.Generator().manual_seed(derive_seed(seed, server_round))
-    return sorted(torch.randperm(num_clients, generator=g)[:per_round].tolist())
+def sample_clients(seed: int, server_round: int, num_clients: int, per_round: int, sampling: str = "random") -> list[int]:
+    """The clients of ``server_round``, sorted.
+
+    ``"random"``: a sample without replacement seeded by ``(seed, round)`` (rounds are independent).
+    ``"cyclic"``: a seeded permutation of all clients is walked ``per_round`` at a time, so every client takes part
+    once in each cycle of ``ceil(num_clients / per_round)`` rounds; the last round of a cycle is topped up with
+    clients drawn from the rest, so every round has ``per_round`` clients.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling={sampling!r} is not allowed; use one of {SAMPLINGS}")
+    if sampling == "random":
+        g = torch.Generator().manual_seed(derive_seed(seed, server_round))
+        return sorted(torch.randperm(num_clients, generator=g)[:per_round].tolist())
+    per_cycle = -(-num_clients // per_round)
+    cycle, step = divmod(server_round, per_cycle)
+    order = torch.randperm(num_clients, generator=torch.Generator().manual_seed(derive_seed(seed, CYCLE_STREAM, cycle)))
+    chosen = order[step * per_round : (step + 1) * per_round].tolist()
+    if len(chosen) < per_round:  # the cycle's last round: top up from the clients already seen this cycle
+        g = torch.Generator().manual_seed(derive_seed(seed, CYCLE_STREAM, cycle, server_round))
+        rest = order[: step * per_round]
+        chosen += rest[torch.randperm(len(rest), generator=g)[: per_round - len(chosen)]].tolist()
+    return sorted(chosen)
 
 
 @dataclass
@@ -107,4 +127,4 @@ def plan_round(
     return RoundPlan(server_round, clients, instructions, tasks, stats)
 
 
-__all__ = ["UPLINK_ALLOCATIONS", "RoundPlan", "plan_round", "sample_clients", "uplink_shares"]
+__all__ = ["SAMPLINGS", "UPLINK_ALLOCATIONS", "RoundPlan", "plan_round", "sample_clients", "uplink_shares"]

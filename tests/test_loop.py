@@ -101,6 +101,20 @@ class Recorder(FedCallback):
         metrics["custom"] = 42.0
 
 
+
+def test_cyclic_sampling_gives_every_client_a_turn_each_cycle():
+    from lightning_fed.plan import sample_clients
+
+    seen = [sample_clients(0, r, 10, 3, "cyclic") for r in range(8)]  # cycles of ceil(10 / 3) = 4 rounds
+    assert all(len(s) == 3 == len(set(s)) for s in seen)
+    for cycle in (seen[:4], seen[4:]):
+        assert set().union(*cycle) == set(range(10))  # everyone once; the last round tops up with 2 repeats
+        assert sum(len(s) for s in cycle) == 12
+    assert seen[:4] != seen[4:]  # each cycle has its own order
+    assert seen == [sample_clients(0, r, 10, 3, "cyclic") for r in range(8)]
+    with pytest.raises(ValueError, match="sampling='round_robin' is not allowed"):
+        FedLoop(sampling="round_robin")
+
 def test_hooks_trainer_view_and_client_state(make_loop, small_dm):
     rec = Recorder()
     res = make_loop(num_clients=2, clients_per_round=2, rounds=2, callbacks=[rec]).fit(seeded(MNIST1DMLP), small_dm)
