@@ -10,6 +10,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -121,7 +122,7 @@ def eval_loader(trainer: Any) -> DataLoader | None:
             if dm is not None:
                 dm.setup("test")
                 return getattr(dm, name)()
-        except Exception as err:  # noqa: BLE001 - Lightning raises when a loader is not implemented
+        except MisconfigurationException as err:  # what Lightning raises when a loader is not implemented
             log.debug("no %s: %s", name, err)
     loaders = getattr(trainer, "val_dataloaders", None)
     return loaders if isinstance(loaders, DataLoader) else None
