@@ -19,7 +19,9 @@ def test_feddf_heterogeneous_run_payload_shapes(tmp_path):
     tiers = ModelTiers(models=[cnn(6)])
     default = cnn(4)
     s = FedDF(public=tiny_public(), tiers=tiers, proxy_size=60, distill_steps=3)
-    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy]).fit(default, tiny_dm())
+    initial = [{k: v.detach().clone() for k, v in float_state(m).items()} for m in (default, tiers.models[0])]
+    dm = tiny_dm()
+    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy]).fit(default, dm)
     shapes = {0: {k: (tuple(v.shape), torch.float32) for k, v in float_state(cnn(4)).items()},
               1: {k: (tuple(v.shape), torch.float32) for k, v in float_state(cnn(6)).items()}}
     for cid, payload in spy.replies:
@@ -27,6 +29,22 @@ def test_feddf_heterogeneous_run_payload_shapes(tmp_path):
     last = res.history[-1]
     assert {"tier0/test_acc", "tier1/test_acc", "server/test_acc"} <= set(last)
     assert last["test_acc"] == pytest.approx(last["tier0/test_acc"])
+    # tier<t>/test_acc: each tier's global (averaged, then distilled) model; server/test_acc: their logit ensemble
+    x, y = dm.test_set.tensors
+    logits = []
+    for t, arch in enumerate((cnn(4), cnn(6))):
+        g = s.avg[t].payload()
+        assert any(not torch.equal(g[k], initial[t][k]) for k in g)  # the tier's global model moved
+        load_into(arch, g)
+        with torch.no_grad():
+            logits.append(arch.eval()(x))
+        assert last[f"tier{t}/test_acc"] == pytest.approx((logits[-1].argmax(1) == y).float().mean().item(), abs=1e-6)
+    ensemble = (torch.stack(logits).mean(0).argmax(1) == y).float().mean().item()
+    assert last["server/test_acc"] == pytest.approx(ensemble, abs=1e-6)
+    # each client receives and sends its own tier's float32 weights, nothing else
+    sizes = [sum(v.numel() * 4 for v in w.values()) for w in initial]
+    raw = sum(sizes[tiers.tier_of(cid)] for cid, _ in spy.replies[-2:])
+    assert last["raw_bytes_up"] == raw and last["raw_bytes_down"] == raw
 
 
 def test_without_distillation_it_is_fedavg_per_tier():

@@ -9,14 +9,17 @@ from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop,
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedGen, ModelTiers
 from lightning_fed.strategies.fedgen import FedGenClient, LatentGenerator
-from lightning_fed.weights import float_state
+from lightning_fed.weights import float_state, load_into
 
 
 def test_fedgen_run_payload_shapes(tmp_path):
     torch.manual_seed(0)
     spy = Spy()
     s = FedGen(gen_steps=5)
-    res = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy]).fit(cnn(4), tiny_dm())
+    model, dm = cnn(4), tiny_dm()
+    initial = {k: v.detach().clone() for k, v in float_state(model).items()}
+    loop = tiny_loop(tmp_path, s, rounds=2, callbacks=[spy])
+    res = loop.fit(model, dm)
     weights = {f"w/{k}": (tuple(v.shape), torch.float32) for k, v in float_state(cnn(4)).items()}
     for _, p in spy.replies:
         assert p == {**weights, "label_counts": ((10,), torch.float32)}
@@ -24,6 +27,26 @@ def test_fedgen_run_payload_shapes(tmp_path):
     assert first == set(weights)  # no generator before the first aggregation
     assert "label_dist" in later and any(k.startswith("g/") for k in later)
     assert res.history[-1]["fedgen_rejected"] == 0 and "generator_loss" in res.history[-1]
+    last = res.history[-1]
+    # test_acc is the accuracy of the averaged global weights, which moved from the initial ones
+    g = s.avg.payload()
+    assert any(not torch.equal(g[k], initial[k]) for k in g)
+    check = cnn(4)
+    load_into(check, g)
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        acc = (check.eval()(x).argmax(1) == y).float().mean().item()
+    assert last["test_acc"] == pytest.approx(acc, abs=1e-6)
+    # the server's label counts (the generator's label distribution) are the labels of every reply's shard:
+    # one local epoch sees each of the client's samples once
+    labels = dm.train_set.tensors[1]
+    expected = sum(torch.bincount(labels[loop.shards[cid]], minlength=10) for cid, _ in spy.replies)
+    assert torch.equal(s.label_counts, expected.float())
+    # uplink: weight deltas + 10 float32 label counts per client; downlink: weights + the generator + label_dist
+    w = sum(v.numel() * 4 for v in initial.values())
+    gen = sum(v.numel() * v.element_size() for v in s.generator.state_dict().values())
+    assert last["raw_bytes_up"] == 2 * (w + 10 * 4)
+    assert last["raw_bytes_down"] == 2 * (w + gen + 10 * 4)
 
 
 def test_label_counts_sum_to_local_examples(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop, trainer
@@ -9,6 +11,7 @@ from _distill_common import Corrupt, Spy, cnn, fit_rejected, tiny_dm, tiny_loop,
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedGKT, ModelTiers
 from lightning_fed.strategies.fedgkt import GKTClient, GKTComposed, GKTConvServer, GKTServerModel
+from lightning_fed.weights import load_into
 
 
 def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
@@ -16,8 +19,8 @@ def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
     spy = Spy()
     tiers = ModelTiers(models=[cnn(6)])
     s = FedGKT(tiers=tiers, server_hidden=32, server_epochs=1, eval_clients=2)
-    loop = tiny_loop(tmp_path, s, rounds=3, callbacks=[spy])
-    res = loop.fit(cnn(4), tiny_dm())
+    loop, dm, default = tiny_loop(tmp_path, s, rounds=3, callbacks=[spy]), tiny_dm(), cnn(4)
+    res = loop.fit(default, dm)
     shapes = {0: (4, 19), 1: (6, 19)}  # [channels, length] after the first convolution (split=1, the default)
     assert s.feature_shapes == [shapes[0], shapes[1]]
     for cid, p in spy.replies:
@@ -31,6 +34,28 @@ def test_fedgkt_heterogeneous_run_payload_shapes(tmp_path):
     last = res.history[-1]
     assert last["rejected"] == 0 and last["gkt_rejected"] == 0
     assert "server/test_acc" in last and "clients/test_acc" in last
+    # clients/test_acc: mean test accuracy of the stored client models; server/test_acc: the server model on those
+    # clients' extractors (split inference); <= 2 clients per tier, so every stored client is evaluated
+    x, y = dm.test_set.tensors
+    last_clients = [cid for cid, _ in spy.replies[-2:]]
+    accs, server_accs = [], []
+    for cid in sorted(loop.store.ids()):
+        tier = tiers.tier_of(cid)
+        m = tiers.module(tier, default).eval()
+        state = loop.store.load(cid)
+        load_into(m, state["model"])
+        assert not torch.equal(m.state_dict()["head.weight"], s._initial(tier)["head.weight"])  # it trained
+        with torch.no_grad():
+            accs.append((m(x).argmax(1) == y).float().mean().item())
+            server_accs.append((s.server(s.extract(m, x), tier).argmax(1) == y).float().mean().item())
+            if cid in last_clients:  # the server logits it gets next are the server model's on the features it sent
+                assert torch.allclose(s.server_logits[cid], s.server(s.extract(m, state["gkt_x"]), tier), atol=1e-5)
+    assert len(accs) == 3
+    assert last["clients/test_acc"] == pytest.approx(sum(accs) / len(accs), abs=1e-6)
+    assert last["server/test_acc"] == pytest.approx(sum(server_accs) / len(server_accs), abs=1e-6)
+    # the last round's uplink is exactly its replies' features, logits and int64 labels (+ safetensors headers)
+    raw = sum(len(loop.shards[cid]) * (math.prod(shapes[tiers.tier_of(cid)]) * 4 + 10 * 4 + 8) for cid in last_clients)
+    assert last["raw_bytes_up"] == raw and raw <= last["bytes_up"] < raw + 2 * 400
 
 
 def test_inconsistent_rows_and_labels_rejected_in_aggregate():
