@@ -184,3 +184,40 @@ def test_loop_counts_mask_bytes_downlink(tmp_path):
     mask_bytes = h1["bytes_down"] - h0["bytes_down"]  # same model both rounds: the difference is the mask
     # round 1's mask (built from round 0's accepted replies) to each of 2 clients; round 0 has none
     assert seen.sent[0] == b"" and mask_bytes > 0 and mask_bytes == 2 * len(seen.sent[1])
+
+
+def test_in_fedloop_a_rejected_reply_does_not_shape_the_next_mask(tmp_path):
+    """A whole run: client 0's reply is huge (rejected by max_update_abs after decoding); the mask the clients get
+    in the next round is the top of the sum of the round's accepted replies only."""
+    from lightning_fed import FedLoop
+    from lightning_fed.callbacks import FedCallback
+    from lightning_fed.data import IID, MNIST1DDataModule
+    from lightning_fed.models import MNIST1DMLP
+
+    class Huge(FedCallback):
+        def on_client_end(self, trainer, pl_module, reply):
+            if trainer.fed.client_id == 0 and trainer.fed.round == 0:
+                for v in reply.payload.values():
+                    v.mul_(1e6)
+
+    class Record(FedCallback):
+        def __init__(self):
+            self.accepted, self.sent = {}, {}
+
+        def on_round_start(self, trainer, pl_module, instructions):
+            self.sent[trainer.fed.round] = codec.broadcast(trainer.fed.round)
+
+        def on_aggregate_start(self, trainer, pl_module, replies):
+            self.accepted[trainer.fed.round] = [{k: v.clone() for k, v in r.payload.items()} for r in replies]
+
+    torch.manual_seed(0)
+    codec = TimeCorrelatedTopK(ratio=0.02, mask_ratio=0.1)
+    rec = Record()
+    loop = FedLoop(num_clients=3, clients_per_round=3, rounds=2, local_epochs=1, partition=IID(), codec=codec,
+                   max_update_abs=100.0, eval_every=2, checkpoint_every=0, output_dir=str(tmp_path), verbose=False,
+                   plot=False, loggers=[], callbacks=[Huge(), rec])
+    res = loop.fit(MNIST1DMLP(hidden=16), MNIST1DDataModule(batch_size=64, num_samples=400))
+    assert res.history[0]["rejected"] == 1 and res.history[0]["good"] == 2
+    ref = TimeCorrelatedTopK(ratio=0.02, mask_ratio=0.1)
+    ref.accept(0, rec.accepted[0])  # the two accepted replies of round 0
+    assert rec.sent[1] == ref.broadcast(1) != b""  # round 1's clients got exactly that mask
