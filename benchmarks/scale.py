@@ -1,7 +1,9 @@
-"""Memory at scale: 10,000 clients versus 100 clients, the same work, every client taking part.
+"""Memory at scale: 10,000 clients versus 100 clients, every client taking part.
 
-Both federations train 10,000 client-rounds at 100 clients per round: 100 clients over 100 rounds, and 10,000
-clients over 100 rounds with cyclic sampling (each of the 10,000 clients exactly once). Every client that trained
+Both federations run 10,000 client-rounds at 100 clients per round: 100 clients over 100 rounds, and 10,000
+clients over 100 rounds with cyclic sampling (each of the 10,000 clients exactly once). The training set is the
+same, so a client of the 100 holds 500 samples and a client of the 10,000 holds 5 (the seconds differ for that
+reason). Every client that trained
 keeps state: its optimizer state (``keep_optimizer_state=True``: SGD momentum), its codec state and the server's
 state about it. The codec is ``Differential(TopK)``, which keeps one update-sized reference per client on both
 sides: on the client in the client store, on the server in the sender store. A third run puts all 10,000 clients in
