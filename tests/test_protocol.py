@@ -122,6 +122,7 @@ def test_eval_batches_equal_the_dataloaders():
 def test_delta_of_model_weights():
     from torch import nn
 
+    from lightning_fed.errors import ModelMismatch
     from lightning_fed.weights import delta, float_state, load_into
 
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
@@ -135,7 +136,11 @@ def test_delta_of_model_weights():
     model_bf16 = nn.Linear(3, 2).to(torch.bfloat16)
     d = delta(model_bf16, {k: torch.zeros(v.shape) for k, v in float_state(model_bf16).items()})
     assert d["weight"].dtype == torch.float32 and torch.equal(d["weight"], model_bf16.weight.float())
-    with pytest.raises(KeyError, match="not floating-point state entries"):
+    with pytest.raises(ModelMismatch, match="not floating-point state entries"):
         delta(model, {"nope": torch.zeros(1)})
+    with pytest.raises(ModelMismatch, match=r"changed shape during local training .*'0.weight': \(2, 3\), sent \(3, 3\)"):
+        delta(model, {"0.weight": torch.zeros(3, 3)})
+    with pytest.raises(ModelMismatch, match="has shape"):
+        load_into(model, {"0.weight": torch.zeros(3, 3)})
     load_into(model, ref)
     assert torch.equal(model[0].weight, ref["0.weight"])
