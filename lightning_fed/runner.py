@@ -16,12 +16,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_fed.client import LocalTrainer
@@ -49,28 +55,50 @@ class WorkingModules:
     """The modules clients train on (one per architecture), each restorable to its structure at round start.
 
     A client's code may change its working model's structure (replace a parameter, add a layer). Sharing one
-    working module between clients would then leak that change into every later client of the round. After
-    each client, the module's structure is compared with the one recorded at round start and, if it differs,
-    the module is restored in place from a copy taken then (structural copies are only taken when the server
-    changed the structure, e.g. pruning, or at the first round).
+    working module between clients would then leak that change into every later client of the round. During a
+    client's work, torch's global registration hooks note any parameter, buffer or submodule being registered
+    anywhere, and the recorded tensors' shapes are compared after it (a ``.data`` swap changes a shape in place);
+    only then is the module's full structure compared with the one recorded at round start and, if it differs,
+    the module restored in place from a copy taken then. Structural copies are only taken when the structure is
+    new (the first round, or after the server pruned the model).
     """
 
     def __init__(self, keep: dict[int, Any]) -> None:
         self._keep = keep  # objects a copy must share, not duplicate (the trainer view, callbacks)
-        self._pristine: dict[int, tuple[list[Any], torch.nn.Module]] = {}
+        self._pristine: dict[int, tuple[list[Any], torch.nn.Module, list[tuple[torch.Tensor, torch.Size]]]] = {}
+        self._registered = False
 
     def round_start(self, modules: Sequence[torch.nn.Module]) -> None:
         """Record each module's structure (and a copy, when the structure is new)."""
         for m in modules:
             sig = _signature(m)
             known = self._pristine.get(id(m))
-            if known is None or known[0] != sig:
-                self._pristine[id(m)] = (sig, copy.deepcopy(m, dict(self._keep)))
+            copy_ = known[1] if known is not None and known[0] == sig else copy.deepcopy(m, dict(self._keep))
+            self._pristine[id(m)] = (sig, copy_, [(t, t.shape) for t in (*m.parameters(), *m.buffers())])
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        """Note, while a client works, whether any module registered a parameter, buffer or submodule."""
+        def mark(*args: Any) -> None:
+            self._registered = True
+
+        self._registered = False
+        handles = [register_module_parameter_registration_hook(mark), register_module_buffer_registration_hook(mark),
+                   register_module_module_registration_hook(mark)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def restore(self, module: torch.nn.Module) -> bool:
         """Restore ``module``'s structure if a client changed it; return whether it had to."""
         known = self._pristine.get(id(module))
-        if known is None or _signature(module) == known[0]:
+        if known is None:
+            return False
+        if not self._registered and all(t.shape == shape for t, shape in known[2]):
+            return False  # nothing was registered and no recorded tensor changed shape: the structure is intact
+        if _signature(module) == known[0]:
             return False
         fresh = copy.deepcopy(known[1], dict(self._keep))
         module.__dict__.clear()
@@ -131,20 +159,22 @@ class ClientWork:
         view.lightning_module = module
         instr = Instruction(cid, payload, task.config)
         try:
-            seed_rngs(derive_seed(self.seed, task.round, cid))
-            self.strategy.client_receive(module, instr)
-            shard = self.chain("on_client_data", ctx.shard)
-            self.hook("on_client_start", instr)
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, task.round, cid, LOADER_STREAM))
-            loader = client_loader(self.template, shard, generator)
-            metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)))
-            reply = Reply(cid, self.strategy.client_reply(module, instr), num_examples=len(ctx.shard), metrics=metrics)
-            self.hook("on_client_end", reply)
-            t = time.perf_counter()
-            codec_state = ctx.client_state.setdefault("codec", {})
-            message = self.codec.encode(reply.payload, codec_state,
-                                        EncodeArgs(round=task.round, share=task.share, broadcast=task.broadcast))
-            encode_s = time.perf_counter() - t
+            with self.modules.watch():  # notes a structural change the client makes
+                seed_rngs(derive_seed(self.seed, task.round, cid))
+                self.strategy.client_receive(module, instr)
+                shard = self.chain("on_client_data", ctx.shard)
+                self.hook("on_client_start", instr)
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, task.round, cid, LOADER_STREAM))
+                loader = client_loader(self.template, shard, generator)
+                metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)))
+                payload = self.strategy.client_reply(module, instr)
+                reply = Reply(cid, payload, num_examples=len(ctx.shard), metrics=metrics)
+                self.hook("on_client_end", reply)
+                t = time.perf_counter()
+                codec_state = ctx.client_state.setdefault("codec", {})
+                message = self.codec.encode(reply.payload, codec_state,
+                                            EncodeArgs(round=task.round, share=task.share, broadcast=task.broadcast))
+                encode_s = time.perf_counter() - t
         except Exception as err:
             if not is_client_fault(err):
                 raise

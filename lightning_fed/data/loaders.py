@@ -49,8 +49,10 @@ def subset_indices(data: Dataset, root: Dataset) -> Tensor | None:
             return None
         chain.append(data)
         data = data.dataset
-    idx = torch.arange(len(root))
-    for sub in reversed(chain):
+    if not chain:
+        return torch.arange(len(root))
+    idx = torch.as_tensor(chain[-1].indices, dtype=torch.long)
+    for sub in reversed(chain[:-1]):
         idx = idx[torch.as_tensor(sub.indices, dtype=torch.long)]
     return idx
 
