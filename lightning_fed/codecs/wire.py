@@ -3,9 +3,9 @@
 A message is byte-for-byte a safetensors file (8-byte little-endian header length, JSON header with
 ``__metadata__``, then the raw little-endian tensor data), so ``safetensors.torch.load`` reads it. We write and
 read that documented layout directly: with the parsed-header cache warm (every round repeats the layout) a
-5k-parameter message decodes in ~21 µs against ~32-52 µs for ``safetensors.torch.load`` and encodes ~5x faster
-than ``safetensors.torch.save``; at 1.3M parameters decode is ~1.1x and encode on par (safetensors 0.8,
-``benchmarks/wire.py``). :func:`unpack` checks the header's declared sizes
+5k-parameter message decodes in 20 µs against 32 µs for ``safetensors.torch.load`` and encodes 3.6x faster
+than ``safetensors.torch.save``; at 1.3M parameters both are within 11 % (safetensors 0.8, ``benchmarks/wire.py``;
+benchmarks/RESULTS.md, "Wire format against safetensors"). :func:`unpack` checks the header's declared sizes
 against the message length before any tensor is materialised, so truncated, oversized or hostile messages fail
 with a clear :class:`MalformedMessage` instead of a crash or a huge allocation.
 """
