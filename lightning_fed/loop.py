@@ -34,7 +34,6 @@ from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
 from lightning_fed.client import LocalTrainer
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
-from lightning_fed.data.loaders import dataset_labels
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import RoundsFailed
 from lightning_fed.evaluate import Evaluator
@@ -414,20 +413,15 @@ class FedLoop:
         dm.setup("fit")
         self.train_template = dm.train_dataloader()
         dataset = self.train_template.dataset
-        try:
-            labels = dataset_labels(dataset)
-        except ValueError:
-            if not isinstance(self.partition, IID):
-                raise
-            labels = torch.zeros(len(dataset), dtype=torch.long)
-        self.shards = self.partition.split(labels, self.num_clients, self.seed)
+        labels = self.partition.dataset_labels(dataset)  # None: labels unknown and the partition needs none
+        self.shards = self.partition.split(labels if labels is not None else len(dataset), self.num_clients, self.seed)
         self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
         dm.setup("test")
         try:
             self.eval_loader = dm.test_dataloader()
         except MisconfigurationException:  # what Lightning raises when a data module has no test_dataloader
             self.eval_loader = dm.val_dataloader()
-        return summary_rows(self.shards, labels, int(labels.max()) + 1 if len(labels) else 1)
+        return summary_rows(self.shards, labels)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, r: int) -> Path:

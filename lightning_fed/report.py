@@ -8,25 +8,30 @@ from pathlib import Path
 from rich.table import Table
 
 
-def partition_table(rows: list[tuple[int, int, list[int]]], max_rows: int = 30) -> Table:
-    """A rich table of client id, sample count and label histogram (first ``max_rows`` clients)."""
+def partition_table(rows: list[tuple[int, int, list[int] | None]], max_rows: int = 30) -> Table:
+    """A rich table of client id, sample count and label histogram (first ``max_rows`` clients); the histogram
+    reads "n/a" where it is ``None`` (the dataset's labels are not known)."""
     table = Table(title=f"client partition ({len(rows)} clients)", show_lines=False)
     table.add_column("client", justify="right")
     table.add_column("samples", justify="right")
     table.add_column("label histogram")
     for cid, n, hist in rows[:max_rows]:
-        table.add_row(str(cid), str(n), " ".join(f"{h:>4d}" for h in hist))
+        table.add_row(str(cid), str(n), "n/a" if hist is None else " ".join(f"{h:>4d}" for h in hist))
     if len(rows) > max_rows:
         sizes = [n for _, n, _ in rows]
         table.add_row("…", f"min {min(sizes)} / max {max(sizes)}", f"{len(rows) - max_rows} more clients")
     return table
 
 
-def write_partition_csv(rows: list[tuple[int, int, list[int]]], path: Path) -> None:
-    """The full partition summary as CSV: client, samples, label_0..label_{C-1}."""
-    num_classes = len(rows[0][2]) if rows else 0
-    lines = ["client,samples," + ",".join(f"label_{c}" for c in range(num_classes))]
-    lines += [f"{cid},{n}," + ",".join(map(str, hist)) for cid, n, hist in rows]
+def write_partition_csv(rows: list[tuple[int, int, list[int] | None]], path: Path) -> None:
+    """The full partition summary as CSV: client, samples, label_0..label_{C-1}; without label histograms
+    (labels not known): client, samples, labels with "n/a"."""
+    if rows and rows[0][2] is None:
+        lines = ["client,samples,labels"] + [f"{cid},{n},n/a" for cid, n, _ in rows]
+    else:
+        num_classes = len(rows[0][2] or []) if rows else 0
+        lines = ["client,samples," + ",".join(f"label_{c}" for c in range(num_classes))]
+        lines += [f"{cid},{n}," + ",".join(map(str, hist or [])) for cid, n, hist in rows]
     Path(path).write_text("\n".join(lines) + "\n")
 
 

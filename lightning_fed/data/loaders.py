@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
@@ -116,32 +117,101 @@ def _default_collate(fn: Callable | None) -> bool:
     return fn is None or fn is default_collate
 
 
-def dataset_labels(dataset: Dataset) -> Tensor:
-    """Integer class labels of every sample, for label-aware partitions.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+"""Keys of dict samples read as the class label by :func:`dataset_labels`, first match wins."""
 
-    Uses ``tensors[1]`` of a ``TensorDataset``, a ``targets``/``labels`` attribute, or (slowest) reads
-    ``dataset[i][1]`` for every sample.
+
+class LabelsNotFound(ValueError):
+    """No integer class label per sample can be read from a dataset; the message says what was found."""
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """The integer class label of every sample of ``dataset`` (a 1-D int64 tensor), for label-based partitions.
+
+    Labels are read from the first of these sources that the dataset has:
+
+    1. ``tensors[1]`` of a ``TensorDataset`` (with at least two tensors);
+    2. a ``targets`` or ``labels`` attribute (tensor, array or sequence), as torchvision datasets have;
+    3. the samples themselves, one by one (slowest): ``(x, y, ...)`` tuples or lists take ``y``; dict samples
+       take the first of the keys :data:`LABEL_KEYS`.
+
+    The source found must hold one integer (or bool) per sample, none negative: floats (regression targets),
+    several values per sample (multi-label, one-hot, a feature vector) or negative values are refused rather
+    than read as classes. A ``Subset`` takes its parent dataset's labels at its indices.
+
+    Raises:
+        LabelsNotFound: no source, or the source found does not hold integer class labels; the message says
+            what was found.
     """
     if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return dataset.tensors[1].reshape(len(dataset), -1)[:, 0].long()
-    for attr in ("targets", "labels", "y"):
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr)).long().reshape(-1)
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     try:
-        return torch.as_tensor([_sample_label(dataset[i]) for i in range(len(dataset))])  # type: ignore[arg-type]
-    except (TypeError, IndexError, KeyError, ValueError) as err:
-        raise ValueError(
-            "cannot read class labels from the training dataset; give it a `targets` attribute or return "
-            "(x, y) samples, or use the IID partition"
-        ) from err
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise LabelsNotFound(f"the dataset ({type(dataset).__name__}) has no len()") from err
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return class_labels(dataset.tensors[1], n, "TensorDataset.tensors[1]")
+    for attr in ("targets", "labels"):
+        values = getattr(dataset, attr, None)
+        if values is not None and not callable(values):
+            return class_labels(values, n, f"the `{attr}` attribute")
+    return torch.as_tensor([_sample_label(dataset, i) for i in range(n)], dtype=torch.long).reshape(n)
 
 
-def _sample_label(sample: Any) -> int:
+def class_labels(values: Any, n: int, where: str) -> Tensor:
+    """``values`` as a 1-D int64 tensor of ``n`` class labels, or :class:`LabelsNotFound` naming ``where`` and
+    what it holds when they are not one non-negative integer per sample. Shape ``(n, 1)`` counts as one value
+    per sample."""
+    try:
+        t = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise LabelsNotFound(f"{where} is a {type(values).__name__} that is not a numeric array") from err
+    if t.is_floating_point() or t.is_complex():
+        raise LabelsNotFound(f"{where} holds {_describe(t)}, not integer class labels")
+    if t.ndim == 0 or t.shape[0] != n or t.numel() != n:
+        raise LabelsNotFound(f"{where} holds {_describe(t)}, not one value per sample of the {n}")
+    t = t.detach().cpu().reshape(n).long()
+    if n and int(t.min()) < 0:
+        raise LabelsNotFound(f"{where} holds negative values (min {int(t.min())}), not class indices")
+    return t
+
+
+def _sample_label(dataset: Dataset, i: int) -> int:
+    try:
+        sample = dataset[i]
+    except (TypeError, IndexError, KeyError, NotImplementedError) as err:
+        raise LabelsNotFound(f"samples of {type(dataset).__name__} cannot be read by index ({err!r})") from err
     if isinstance(sample, dict):
-        for key in ("label", "labels", "y", "target", "targets"):
-            if key in sample:
-                return int(sample[key])
-        raise KeyError("no label key in sample dict")
-    return int(sample[1])
+        key = next((k for k in LABEL_KEYS if k in sample), None)
+        if key is None:
+            raise LabelsNotFound(f"sample {i} is a dict with keys {sorted(map(str, sample))}, none of {list(LABEL_KEYS)}")
+        value, where = sample[key], f"sample {i}[{key!r}]"
+    elif isinstance(sample, (tuple, list)) and len(sample) >= 2:
+        value, where = sample[1], f"sample {i}[1]"
+    else:
+        raise LabelsNotFound(f"sample {i} is {_describe(sample)}, not an (x, y) pair")
+    if isinstance(value, (bool, int, np.integer)):
+        label = int(value)
+    elif isinstance(value, (Tensor, np.ndarray)) and _integral(value) and value.reshape(-1).shape[0] == 1:
+        label = int(value.item())
+    else:
+        raise LabelsNotFound(f"{where} is {_describe(value)}, not an integer class label")
+    if label < 0:
+        raise LabelsNotFound(f"{where} is {label}, a negative value, not a class index")
+    return label
+
+
+def _integral(x: Tensor | np.ndarray) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "iub"
+    return not (x.is_floating_point() or x.is_complex())
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of dtype {str(x.dtype).removeprefix('torch.')} and shape {tuple(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"an array of dtype {x.dtype} and shape {x.shape}"
+    if isinstance(x, (bool, int, float, np.number)):
+        return f"the {type(x).__name__} {x!r}"
+    return f"a {type(x).__name__}"
