@@ -216,3 +216,17 @@ def test_table_and_csv_say_na_without_labels(tmp_path):
     labelled = summary_rows(shards, torch.arange(N) % 4)
     write_partition_csv(labelled, tmp_path / "q.csv")
     assert (tmp_path / "q.csv").read_text().splitlines()[0] == "client,samples,label_0,label_1,label_2,label_3"
+
+
+def test_partitions_doc_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "partitions.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedLoop(" in b)
+    code = code.replace('output_dir="runs/partitions"', f'output_dir="{tmp_path}", verbose=False, plot=False')
+    code = code.replace("print(", "str(")
+    scope: dict = {}
+    exec(compile(code, "docs/partitions.md", "exec"), scope)  # noqa: S102 - the documented example itself
+    csv = (scope["result"].run_dir / "partition.csv").read_text().splitlines()
+    assert csv[0] == "client,samples,label_0,label_1,label_2" and len(csv) == 7
