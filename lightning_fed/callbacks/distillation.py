@@ -17,8 +17,8 @@ registered in the student: it never receives gradients and is never part of a fe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
