@@ -122,8 +122,10 @@ def as_inputs(x: Tensor | ModelInputs) -> ModelInputs:
 
 
 def has_forward(module: nn.Module) -> bool:
-    """Whether ``module`` defines ``forward`` (a module without one raises ``NotImplementedError`` when called)."""
-    return getattr(type(module).forward, "__name__", "") != "_forward_unimplemented"
+    """Whether ``module`` defines ``forward`` (a module without one, or a LightningModule that inherits
+    Lightning's, raises ``NotImplementedError`` when called)."""
+    forward = type(module).forward
+    return getattr(forward, "__name__", "") != "_forward_unimplemented" and forward is not L.LightningModule.forward
 
 
 def no_forward_message(owner: str, module: nn.Module) -> str:

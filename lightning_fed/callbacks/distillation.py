@@ -110,6 +110,9 @@ def as_class_logits(owner: str, out: Any, who: str) -> Tensor:
         raise ValueError(f"{owner}: the {who}'s output {shape} is not logits ([B, C] class logits or [B, T, V] token "
                          "logits); set logits_layer / teacher_logits_layer to the submodule that produces the logits, "
                          "or give outputs_fn(module, batch) -> logits")
+    if out.shape[-1] < 2:
+        raise ValueError(f"{owner}: the {who}'s output {tuple(out.shape)} has one output per sample (a regression "
+                         "model?); soft-target distillation compares class distributions and needs >= 2 logits")
     return out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
 
 
