@@ -365,3 +365,12 @@ def test_dict_batches_need_batch_to_inputs(tmp_path):
     fp = Footprint(repeats=1, batch_to_inputs=lambda b: ((b["x"],), {}))
     fit(model, DictDM(None, None), [fp], tmp_path)
     assert fp.results["after"]["params"] > 0
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_sparsity_with_nothing_to_mask_warns_once(tmp_path, caplog, scope):
+    with caplog.at_level(logging.WARNING, logger="lightning_fed"):
+        fit(seeded(Classifier), classifier_dm(), [MagnitudeSparsity(sparsity=0.5, at=[0], min_numel=10**6,
+                                                                    scope=scope)], tmp_path)
+    msgs = [r.getMessage() for r in caplog.records if "nothing to sparsify" in r.getMessage()]
+    assert len(msgs) == 1 and "min_numel" in msgs[0]
