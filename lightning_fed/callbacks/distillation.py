@@ -17,12 +17,22 @@ registered in the student: it never receives gradients and is never part of a fe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_fed.callbacks._compress import (
+    BatchToInputs,
+    ForwardFn,
+    ModelInputs,
+    call_model,
+    has_forward,
+    inputs_from_batch,
+    no_forward_message,
+)
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import attention_loss, hint_loss, kd_loss
 from lightning_fed.callbacks.step_hook import TrainingStepHook, step_loss, with_loss
@@ -83,6 +93,29 @@ class _Capture:
         self.out.clear()
 
 
+OutputsFn = Callable[[nn.Module, Any], Tensor]
+
+
+def as_class_logits(owner: str, out: Any, who: str) -> Tensor:
+    """The logits the soft-target loss compares: ``[B, C]`` class logits as they are, ``[B, T, V]`` token logits
+    (a language model) flattened to ``[B * T, V]`` (one distribution per token; the class dimension is last).
+
+    Raises:
+        ValueError: not a tensor, or fewer than 2 dimensions (e.g. a forward that returns the loss).
+    """
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        out = out[0]
+    if not isinstance(out, Tensor) or out.ndim < 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{owner}: the {who}'s output {shape} is not logits ([B, C] class logits or [B, T, V] token "
+                         "logits); set logits_layer / teacher_logits_layer to the submodule that produces the logits, "
+                         "or give outputs_fn(module, batch) -> logits")
+    if out.shape[-1] < 2:
+        raise ValueError(f"{owner}: the {who}'s output {tuple(out.shape)} has one output per sample (a regression "
+                         "model?); soft-target distillation compares class distributions and needs >= 2 logits")
+    return out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
+
+
 class Distillation(FedCallback):
     """Distil a frozen teacher into the trained module (under ``lightning.Trainer`` and inside FedLoop).
 
@@ -112,8 +145,21 @@ class Distillation(FedCallback):
         attention: layers for attention transfer (NAD's attention-map loss); same naming as ``hints``.
         attention_weight: weight of the attention terms.
         attention_p: exponent ``p`` of the attention map ``sum_c |a_c|^p``.
-        input_index: position of the input in a batch tuple/list (the teacher is called on ``batch[i]``).
+        input_index: position of the input in a batch tuple/list (the teacher is called on ``batch[i]``) when
+            there is no ``batch_to_inputs``.
         logits_layer: submodule whose output is the student's logits; ``""`` = the module's own forward.
+        teacher_logits_layer: submodule of the teacher whose output is its logits; ``None`` = the teacher's own
+            output (e.g. ``"head"`` when the forward returns a loss).
+        batch_to_inputs: ``batch_to_inputs(batch) -> (args, kwargs)``: what the teacher is called with
+            (``teacher(*args, **kwargs)``); ``None`` = the student module's ``batch_to_inputs`` method if it has
+            one, else ``batch[input_index]``. See docs/models.md.
+        outputs_fn: ``outputs_fn(module, batch) -> Tensor`` giving the logits to compare for the student and the
+            teacher (the student's is computed again, with gradients); ``None`` = the captured outputs.
+        forward_fn: ``forward_fn(module, *args, **kwargs) -> Tensor`` run instead of ``module(...)`` for the teacher
+            and, when the student has no ``forward``, for the student's logits (a second forward, with gradients).
+
+    The compared outputs are ``[B, C]`` class logits, or ``[B, T, V]`` token logits (language models), compared per
+    token (flattened to ``[B * T, V]``).
     """
 
     def __init__(
@@ -129,6 +175,10 @@ class Distillation(FedCallback):
         attention_p: float = 2.0,
         input_index: int = 0,
         logits_layer: str = "",
+        teacher_logits_layer: str | None = None,
+        batch_to_inputs: BatchToInputs | None = None,
+        outputs_fn: OutputsFn | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if not isinstance(teacher, nn.Module):
             raise ValueError(f"Distillation: teacher={type(teacher).__name__} is not allowed; it must be an nn.Module")
@@ -160,6 +210,10 @@ class Distillation(FedCallback):
         self.attention_p = attention_p
         self.input_index = input_index
         self.logits_layer = logits_layer
+        self.teacher_logits_layer = teacher_logits_layer
+        self.batch_to_inputs = batch_to_inputs
+        self.outputs_fn = outputs_fn
+        self.forward_fn = forward_fn
         self._hook = TrainingStepHook(self._step)
         self._student = _Capture()
         self._teacher = _Capture()
@@ -171,7 +225,16 @@ class Distillation(FedCallback):
         self.teacher.to(pl_module.device)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self._student.add(pl_module, self.logits_layer, "__logits__")
+        if self.outputs_fn is None and self.forward_fn is None:
+            for who, m, layer in (("module", pl_module, self.logits_layer),
+                                  ("teacher", self.teacher, self.teacher_logits_layer)):
+                if not layer and not has_forward(m):
+                    raise ValueError(no_forward_message("Distillation", m) + f" (or name the {who}'s logits submodule "
+                                     "in logits_layer / teacher_logits_layer, or give outputs_fn(module, batch))")
+        if self.outputs_fn is None:
+            self._student.add(pl_module, self.logits_layer, "__logits__")
+            if self.teacher_logits_layer is not None:
+                self._teacher.add(self.teacher, self.teacher_logits_layer, "__logits__")
         for s, t in self.hints:
             self._student.add(pl_module, s, f"hint:{s}")
             self._teacher.add(self.teacher, t, f"hint:{s}")
@@ -193,24 +256,44 @@ class Distillation(FedCallback):
         self.on_train_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ the loss
+    def _teacher_inputs(self, batch: Any) -> ModelInputs:
+        if self.batch_to_inputs is not None or callable(getattr(self._module, "batch_to_inputs", None)):
+            inp = inputs_from_batch(batch, self._module, self.batch_to_inputs)
+            if inp is None:
+                raise ValueError(f"Distillation: batch_to_inputs gave no inputs for a batch of type {type(batch).__name__}")
+            return inp
+        return ModelInputs((self._input(batch),), {})
+
     def _input(self, batch: Any) -> Tensor:
         if isinstance(batch, Tensor):
             return batch
         if isinstance(batch, (tuple, list)):
             return batch[self.input_index]
         raise ValueError(f"Distillation: cannot find the input in a batch of type {type(batch).__name__}; "
-                         "batches must be tensors or tuples/lists (see input_index)")
+                         "batches must be tensors or tuples/lists (see input_index), or give batch_to_inputs="
+                         "(a function batch -> (args, kwargs))")
 
     def distillation_terms(self, task: Tensor, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The combined loss from the task loss and the captured student outputs of this step."""
-        x = self._input(batch)
         self._teacher.clear()
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        s_logits = self._student.out.get("__logits__")
-        if s_logits is None:
-            raise RuntimeError("Distillation: the student's forward was not called in training_step; "
-                               "set logits_layer to the submodule that produces the logits")
+        if self.outputs_fn is not None:
+            with torch.no_grad():
+                t_out = self.outputs_fn(self.teacher, batch)
+            s_out = self.outputs_fn(self._module, batch)
+        else:
+            inputs = self._teacher_inputs(batch)
+            with torch.no_grad():
+                t_out = call_model(self.teacher, inputs, self.forward_fn, "Distillation")
+            if self.teacher_logits_layer is not None:
+                t_out = self._teacher.out.get("__logits__")
+            s_out = self._student.out.get("__logits__")
+            if s_out is None and self.forward_fn is not None and self._module is not None:
+                s_out = call_model(self._module, inputs, self.forward_fn, "Distillation")
+            if s_out is None:
+                raise RuntimeError("Distillation: the student's forward was not called in training_step; "
+                                   "set logits_layer to the submodule that produces the logits")
+        s_logits = as_class_logits("Distillation", s_out, "student")
+        t_logits = as_class_logits("Distillation", t_out, "teacher")
         kd = kd_loss(s_logits, t_logits.detach(), self.temperature)
         loss = self.alpha * task + (1.0 - self.alpha) * kd
         parts = {"kd_loss": kd.detach()}

@@ -17,10 +17,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_fed.callbacks._compress import (
+    BatchToInputs,
+    Bound,
+    ForwardFn,
+    ModelInputs,
+    as_inputs,
     cpu_copy,
     example_from_batch,
-    example_input,
+    has_forward,
     in_fedloop,
+    model_inputs,
+    no_forward_message,
     on_server,
     torch_pruning,
 )
@@ -38,23 +45,26 @@ def serialized_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, example: Tensor, *, repeats: int = 30, warmup: int = 5, threads: int = 1) -> float:
-    """Median wall time (ms) of ``model(example)`` on the CPU over ``repeats`` runs after ``warmup`` runs.
+def cpu_latency_ms(model: nn.Module, example: Tensor | ModelInputs, *, repeats: int = 30, warmup: int = 5,
+                   threads: int = 1) -> float:
+    """Median wall time (ms) of ``model(example)`` on the CPU over ``repeats`` runs after ``warmup`` runs
+    (``model(*args, **kwargs)`` for :class:`~lightning_fed.callbacks._compress.ModelInputs`).
 
     ``threads`` intra-op threads are used while timing (1 by default: an edge-like single core, and the only
     setting that gives stable numbers on a shared machine, where idle-spinning thread pools wait for
     descheduled threads)."""
     model = model.cpu().eval()
-    example = example.cpu()
+    inp = as_inputs(example).to("cpu")
+    args, kwargs = inp.args, inp.kwargs
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(warmup):
-            model(example)
+            model(*args, **kwargs)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            model(example)
+            model(*args, **kwargs)
             times.append(time.perf_counter() - t)
     finally:
         torch.set_num_threads(saved)
@@ -71,10 +81,13 @@ def float_copy(model: nn.Module) -> nn.Module:
 
 
 def measure_footprint(
-    model: nn.Module, example: Tensor, *, repeats: int = 30, batch_size: int = 1, threads: int = 1
+    model: nn.Module, example: Tensor | ModelInputs, *, repeats: int = 30, batch_size: int = 1, threads: int = 1,
+    forward_fn: ForwardFn | None = None,
 ) -> dict[str, float]:
     """Parameters, MACs, serialized bytes and median CPU latency of ``model`` on a batch of ``example`` rows
-    (fake-quantized layers are measured as the float layers they train).
+    (fake-quantized layers are measured as the float layers they train). ``example`` is one input tensor or a
+    :class:`~lightning_fed.callbacks._compress.ModelInputs`; ``forward_fn(model, *args, **kwargs)`` replaces
+    ``model(...)`` (models without ``forward``).
 
     Example::
 
@@ -82,21 +95,28 @@ def measure_footprint(
         stats["macs"], stats["latency_ms"]
     """
     m = float_copy(model)
-    x = example[:1].cpu()
-    macs, params = torch_pruning().utils.count_ops_and_params(m, x)
-    batch = x.expand(batch_size, *x.shape[1:]).contiguous()
+    inp = as_inputs(example).to("cpu").rows(1)
+    if forward_fn is None and not has_forward(m):
+        raise ValueError(no_forward_message("Footprint", m))
+    run = Bound(m, forward_fn) if forward_fn is not None else m
+    if inp.args and inp.kwargs:  # positional and keyword inputs: bind the keywords (the counter passes one kind)
+        kw, call = inp.kwargs, (forward_fn or (lambda mod, *a, **k: mod(*a, **k)))
+        run, inp = Bound(m, lambda mod, *a: call(mod, *a, **kw)), ModelInputs(inp.args, {})
+    macs, params = torch_pruning().utils.count_ops_and_params(run, inp.for_tracing())
+    batch = inp.repeat_first(batch_size)
     return {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m)),
-            "latency_ms": cpu_latency_ms(m, batch, repeats=repeats, threads=threads)}
+            "latency_ms": cpu_latency_ms(run, batch, repeats=repeats, threads=threads)}
 
 
-def measure_exported(exported: nn.Module, reference: dict[str, float], example: Tensor, *, repeats: int = 30,
-                     batch_size: int = 1, threads: int = 1) -> dict[str, float]:
+def measure_exported(exported: nn.Module, reference: dict[str, float], example: Tensor | ModelInputs, *,
+                     repeats: int = 30, batch_size: int = 1, threads: int = 1,
+                     forward_fn: ForwardFn | None = None) -> dict[str, float]:
     """Bytes and latency of an exported (integer) model; parameters and MACs are the float model's
     (``reference``): the same operations, which the MAC counter does not see in integer layers."""
-    x = example[:1].cpu()
-    batch = x.expand(batch_size, *x.shape[1:]).contiguous()
+    batch = as_inputs(example).to("cpu").rows(1).repeat_first(batch_size)
+    run = Bound(exported, forward_fn) if forward_fn is not None else exported
     return {"params": reference["params"], "macs": reference["macs"], "bytes": float(serialized_bytes(exported)),
-            "latency_ms": cpu_latency_ms(exported, batch, repeats=repeats, threads=threads)}
+            "latency_ms": cpu_latency_ms(run, batch, repeats=repeats, threads=threads)}
 
 
 @torch.no_grad()
@@ -171,11 +191,17 @@ class Footprint(FedCallback):
         batch_size: batch size of the latency measurement.
         threads: CPU threads while timing (1 gives stable numbers on shared machines).
         example_input_shape: shape of one input (e.g. ``[1, 40]``); ``None`` = the module's
-            ``example_input_array`` or the first training batch.
+            ``example_input_array`` (tensor, tuple of positional inputs or dict of keyword inputs) or the first
+            training batch's inputs.
+        batch_to_inputs: ``batch_to_inputs(batch) -> (args, kwargs)``; ``None`` = the module's method of that name
+            or ``(x,)`` of ``(x, y, ...)`` batches. See docs/models.md.
+        forward_fn: ``forward_fn(module, *args, **kwargs) -> Tensor`` measured instead of ``module(...)`` (models
+            without ``forward``, e.g. a recurrent cell loop).
     """
 
     def __init__(
-        self, *, repeats: int = 30, batch_size: int = 1, threads: int = 1, example_input_shape: list[int] | None = None
+        self, *, repeats: int = 30, batch_size: int = 1, threads: int = 1, example_input_shape: list[int] | None = None,
+        batch_to_inputs: BatchToInputs | None = None, forward_fn: ForwardFn | None = None,
     ) -> None:
         if repeats < 1:
             raise ValueError(f"Footprint: repeats={repeats!r} is not allowed; repeats must be >= 1")
@@ -190,12 +216,22 @@ class Footprint(FedCallback):
         self.threads = threads
         self.batch_size = batch_size
         self.example_input_shape = example_input_shape
+        self.batch_to_inputs = batch_to_inputs
+        self.forward_fn = forward_fn
         self.results: dict[str, dict[str, float]] = {}
-        self._seen: Tensor | None = None
+        self._seen: Tensor | ModelInputs | None = None
+
+    def _inputs(self, trainer: Any, pl_module: nn.Module) -> ModelInputs:
+        return model_inputs("Footprint", trainer, pl_module, self.example_input_shape, self._seen, self.batch_to_inputs)
 
     def _measure(self, trainer: Any, pl_module: nn.Module) -> dict[str, float]:
-        x = example_input("Footprint", trainer, pl_module, self.example_input_shape, self._seen)
-        return measure_footprint(pl_module, x, repeats=self.repeats, batch_size=self.batch_size, threads=self.threads)
+        return measure_footprint(pl_module, self._inputs(trainer, pl_module), repeats=self.repeats,
+                                 batch_size=self.batch_size, threads=self.threads, forward_fn=self.forward_fn)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse a module without ``forward`` unless ``forward_fn`` is given."""
+        if self.forward_fn is None and not has_forward(pl_module):
+            raise ValueError(no_forward_message("Footprint", pl_module))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """FedLoop: measure the initial model (on an example from the held-out data, ``trainer.fed.eval_data``)."""
@@ -205,7 +241,7 @@ class Footprint(FedCallback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """``lightning.Trainer``: measure the model as it starts training (first batch)."""
         if self._seen is None:
-            self._seen = example_from_batch(batch)
+            self._seen = example_from_batch(batch, pl_module, self.batch_to_inputs)
         if "before" not in self.results and not in_fedloop(trainer):
             self.results["before"] = self._measure(trainer, pl_module)
 
@@ -217,10 +253,9 @@ class Footprint(FedCallback):
         for cb in trainer.callbacks:
             export = getattr(cb, "export_model", None)
             if callable(export) and getattr(cb, "export", False):
-                x = example_input("Footprint", trainer, pl_module, self.example_input_shape, self._seen)
                 self.results["exported"] = measure_exported(
-                    export(trainer, pl_module), self.results["after"], x, repeats=self.repeats,
-                    batch_size=self.batch_size, threads=self.threads)
+                    export(trainer, pl_module), self.results["after"], self._inputs(trainer, pl_module),
+                    repeats=self.repeats, batch_size=self.batch_size, threads=self.threads, forward_fn=self.forward_fn)
         table = footprint_table(self.results)
         ctx = fed_context(trainer)
         console = ctx.console if ctx is not None else Console(stderr=True)

@@ -57,6 +57,9 @@ class MoERouting(FedCallback):
         capacity_final: anneal every MoE layer's training capacity factor linearly to this value.
         k_final: anneal every MoE layer's ``k`` linearly (rounded) to this value.
         anneal_periods: epochs (``lightning.Trainer``) or rounds (``FedLoop``) the annealing takes.
+        warn_dropped: warn (once per layer) when a training step of an MoE layer drops more than this share of its
+            token assignments to the capacity limit (raise ``capacity_factor`` or use ``None``, dropless);
+            ``None`` = never warn.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class MoERouting(FedCallback):
         capacity_final: float | None = None,
         k_final: int | None = None,
         anneal_periods: int = 10,
+        warn_dropped: float | None = 0.1,
     ) -> None:
         need("MoERouting",
              isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 2,
@@ -95,6 +99,8 @@ class MoERouting(FedCallback):
              "an int >= 1 or None")
         need("MoERouting", k_final is None or not convert or k_final <= num_experts, "k_final", k_final,
              f"<= num_experts={num_experts}")
+        need("MoERouting", warn_dropped is None or 0.0 <= warn_dropped <= 1.0, "warn_dropped", warn_dropped,
+             "in [0, 1] or None")
         need("MoERouting", anneal_periods >= 1, "anneal_periods", anneal_periods, ">= 1")
         need("MoERouting", convert is None or len(set(convert)) == len(convert), "convert", convert,
              "a list of distinct names")
@@ -107,6 +113,8 @@ class MoERouting(FedCallback):
         self.capacity_final, self.k_final, self.anneal_periods = capacity_final, k_final, anneal_periods
         self._start: dict[str, tuple[int, float | None]] = {}
         self._warned = False
+        self.warn_dropped = warn_dropped
+        self._warned_dropped: set[str] = set()
         self._hook = TrainingStepHook(lambda original, *a, **kw: self._training_step(self._hook.module, original, *a, **kw))
 
     # ------------------------------------------------------------------ setup / teardown
@@ -149,6 +157,8 @@ class MoERouting(FedCallback):
         flat = [s for lst in stats.values() for s in lst]
         if not flat:
             return out
+        if self.warn_dropped is not None:
+            self._check_dropped(stats, layers)
         balance = torch.stack([s.balance_loss for s in flat]).mean()
         z = torch.stack([s.z_loss for s in flat]).mean()
         aux = self.balance_weight * balance + self.z_weight * z
@@ -163,6 +173,18 @@ class MoERouting(FedCallback):
                         "(with manual optimization add them yourself)", type(out).__name__)
             self._warned = True
         return out
+
+    def _check_dropped(self, stats: dict[str, list[Any]], layers: dict[str, MoELayer]) -> None:
+        for name, lst in stats.items():
+            if not lst or name in self._warned_dropped:
+                continue
+            dropped = float(torch.stack([s.dropped for s in lst]).mean())
+            if dropped > self.warn_dropped:
+                self._warned_dropped.add(name)
+                log.warning("MoERouting: MoE layer %r dropped %.1f%% of its token assignments in a training step "
+                            "(more than warn_dropped=%.2f): its experts are over capacity; raise capacity_factor "
+                            "(now %s) or set it to None (dropless)", name, 100 * dropped, self.warn_dropped,
+                            layers[name].capacity_factor)
 
     def _log(self, pl_module: Any, stats: dict[str, list[Any]], balance: Tensor, z: Tensor) -> None:
         flat = [s for lst in stats.values() for s in lst]

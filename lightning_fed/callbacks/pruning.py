@@ -21,14 +21,22 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import (
+    BatchToInputs,
+    ForwardFn,
+    ModelInputs,
+    as_inputs,
     example_from_batch,
-    example_input,
+    has_forward,
     in_fedloop,
+    model_inputs,
+    no_forward_message,
     on_server,
     parse_schedule,
     rebuild_optimizers,
     reset_stale_client_state,
     torch_pruning,
+    tracing_forward_fn,
+    warn_once,
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
@@ -62,8 +70,12 @@ def make_importance(name: str) -> tp.importance.Importance:
     raise ValueError(f"unknown importance {name!r}; allowed: {IMPORTANCES}")
 
 
-def replay_pruning(model: nn.Module, history: History, example_inputs: Tensor) -> None:
+def replay_pruning(model: nn.Module, history: History, example_inputs: Tensor | ModelInputs,
+                   forward_fn: ForwardFn | None = None) -> None:
     """Re-apply a pruning history to ``model`` in place (e.g. a fresh model before ``load_state_dict``).
+
+    ``example_inputs`` is one input tensor or a :class:`~lightning_fed.callbacks._compress.ModelInputs` (several
+    positional / keyword inputs); ``forward_fn(model, *args, **kwargs)`` replaces ``model(...)`` in the trace.
 
     Example::
 
@@ -74,7 +86,9 @@ def replay_pruning(model: nn.Module, history: History, example_inputs: Tensor) -
     if not history:
         return
     with torch.enable_grad(), kept_modes(model):  # the dependency graph is traced through autograd
-        dg = torch_pruning().DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        inp = as_inputs(example_inputs)
+        dg = torch_pruning().DependencyGraph().build_dependency(
+            model, example_inputs=inp.for_tracing(), forward_fn=tracing_forward_fn(inp, forward_fn), verbose=False)
         dg.load_pruning_history([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in history])
 
 
@@ -139,8 +153,15 @@ class StructuredPruning(FedCallback):
         round_to: keep channel counts multiples of this (hardware-friendly widths); ``None`` = no rounding.
         max_layer_ratio: no layer loses more than this fraction of its channels (for global pruning).
         example_input_shape: shape of the tracing input, e.g. ``[1, 40]``; ``None`` uses the module's
-            ``example_input_array`` or the first training batch.
+            ``example_input_array`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) or the
+            first training batch's inputs (see ``batch_to_inputs``).
         reset_client_state: per-client state entries reset when a client first trains after a pruning step.
+        batch_to_inputs: ``batch_to_inputs(batch) -> (args, kwargs)``, the model inputs of a batch; ``None`` = the
+            module's ``batch_to_inputs`` method if it has one, else ``(x,)`` of ``(x, y, ...)`` batches or the
+            batch itself for a tensor batch. See docs/models.md.
+        forward_fn: ``forward_fn(module, *args, **kwargs) -> Tensor``, run instead of ``module(...)`` when tracing
+            (for modules without ``forward``, e.g. a recurrent cell loop). Torch-pruning must be able to trace
+            through it (autograd); if it cannot, pruning fails at its first step with torch-pruning's error.
     """
 
     def __init__(
@@ -156,6 +177,8 @@ class StructuredPruning(FedCallback):
         max_layer_ratio: float = 1.0,
         example_input_shape: list[int] | None = None,
         reset_client_state: list[str] | None = None,
+        batch_to_inputs: BatchToInputs | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         need("StructuredPruning", isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0, "ratio", ratio,
              "in [0, 1)")
@@ -181,12 +204,14 @@ class StructuredPruning(FedCallback):
         self.max_layer_ratio = max_layer_ratio
         self.example_input_shape = list(example_input_shape) if example_input_shape is not None else None
         self.reset_client_state = ["optimizer", "codec"] if reset_client_state is None else list(reset_client_state)
+        self.batch_to_inputs = batch_to_inputs
+        self.forward_fn = forward_fn
         self.history: History = []
         self.steps_done = 0
         self.original_widths: dict[str, int] = {}  # output channels of each prunable layer before pruning
         self._applied = 0  # history entries applied to the working model
         self._model: nn.Module | None = None
-        self._seen: Tensor | None = None
+        self._seen: Tensor | ModelInputs | None = None
         self._grad_sum: dict[str, Tensor] = {}
         self._grad_batches = 0
         self._client_grads: dict[int, tuple[dict[str, Tensor], int]] = {}
@@ -218,11 +243,17 @@ class StructuredPruning(FedCallback):
             out[m] = min(max(1.0 - (keep + 0.5) / width, 0.0), 0.999)
         return out
 
-    def _example(self, trainer: Any, pl_module: nn.Module) -> Tensor:
-        x = example_input("StructuredPruning", trainer, pl_module, self.example_input_shape, self._seen)
-        if self.example_input_shape is None:
-            self.example_input_shape = list(x.shape)
-        return x
+    def _example(self, trainer: Any, pl_module: nn.Module) -> ModelInputs:
+        inp = model_inputs("StructuredPruning", trainer, pl_module, self.example_input_shape, self._seen,
+                           self.batch_to_inputs)
+        x = inp.single
+        if self.example_input_shape is None and x is not None and x.is_floating_point():
+            self.example_input_shape = list(x.shape)  # a float tensor input is rebuilt as zeros(shape) on resume
+        return inp
+
+    def _check_runnable(self, pl_module: nn.Module) -> None:
+        if self.forward_fn is None and not has_forward(pl_module):
+            raise ValueError(no_forward_message("StructuredPruning", pl_module))
 
     def prune(self, trainer: Any, pl_module: nn.Module, grads: dict[str, Tensor] | None = None) -> int:
         """Run the next pruning step on ``pl_module`` now; return the number of parameters removed.
@@ -230,10 +261,17 @@ class StructuredPruning(FedCallback):
         ``grads`` (by parameter name) are what Taylor importance multiplies the weights with; without them a
         Taylor step falls back to magnitude importance (logged)."""
         step = self.steps_done + 1
+        self._check_runnable(pl_module)
         example = self._example(trainer, pl_module)
         ignored = (_resolve(pl_module, self.ignored_layers, "ignored_layers") if self.ignored_layers is not None
                    else [m for m in pl_module.modules() if isinstance(m, nn.Linear)][-1:])
         per_layer = self._layer_ratios(pl_module, ignored, step)
+        prunable = [m for m in pl_module.modules() if _width(m) is not None and not any(m is i for i in ignored)]
+        if not prunable:
+            warn_once(self, "nothing", "StructuredPruning: nothing to prune in %s: every Linear/Conv layer is in the "
+                      "ignored layers (%s); the last nn.Linear is skipped as the classifier head when "
+                      "ignored_layers=None: set ignored_layers=[...] to the layers to keep, or add prunable layers",
+                      type(pl_module).__name__, "the head" if self.ignored_layers is None else self.ignored_layers)
         before = sum(p.numel() for p in pl_module.parameters())
         importance = self.importance
         if importance == "taylor" and grads is None:
@@ -244,7 +282,8 @@ class StructuredPruning(FedCallback):
                 for name, p in pl_module.named_parameters():
                     p.grad = grads[name].to(p) if name in grads else None
             pruner = torch_pruning().pruner.MetaPruner(
-                pl_module, example, importance=make_importance(importance), global_pruning=self.global_pruning,
+                pl_module, example.for_tracing(), forward_fn=tracing_forward_fn(example, self.forward_fn),
+                importance=make_importance(importance), global_pruning=self.global_pruning,
                 pruning_ratio=self._relative(self.ratio, step), pruning_ratio_dict=per_layer or None,
                 max_pruning_ratio=self.max_layer_ratio, ignored_layers=ignored, round_to=self.round_to,
             )
@@ -255,6 +294,11 @@ class StructuredPruning(FedCallback):
         self._applied = len(self.history)
         self.steps_done = step
         removed = before - sum(p.numel() for p in pl_module.parameters())
+        if prunable and removed == 0:
+            warn_once(self, "none_removed", "StructuredPruning: pruning step %d removed no channel of %s: ratio=%s "
+                      "is too small for its layer widths (or round_to=%s / max_layer_ratio=%s forbid it); raise "
+                      "ratio or lower round_to", step, type(pl_module).__name__, self.ratio, self.round_to,
+                      self.max_layer_ratio)
         log.info("pruning step %d/%d: %d -> %d parameters", step, len(self.at), before, before - removed)
         return removed
 
@@ -263,6 +307,7 @@ class StructuredPruning(FedCallback):
         """Remember the model (a FedLoop resume replays into it); under ``lightning.Trainer`` make a resumed fit
         rebuild the pruned structure before Lightning loads the checkpoint's weights."""
         self._model = pl_module
+        self._check_runnable(pl_module)
         if in_fedloop(trainer) or getattr(pl_module.on_load_checkpoint, "_pruning_replay", False):
             return
         original = pl_module.on_load_checkpoint
@@ -293,7 +338,7 @@ class StructuredPruning(FedCallback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Keep a small example input for tracing."""
         if self._seen is None:
-            self._seen = example_from_batch(batch)
+            self._seen = example_from_batch(batch, pl_module, self.batch_to_inputs)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         """Accumulate gradients (Taylor importance) during the epoch / round that ends in a pruning step."""
@@ -332,7 +377,8 @@ class StructuredPruning(FedCallback):
         """Client: replay pruning steps this client's model lacks; reset state made for an older structure."""
         history = instruction.config.get("pruning_history", self.history)
         if len(history) > self._applied:  # a remote client's own model: bring it to the server's structure
-            replay_pruning(trainer.lightning_module, history[self._applied:], self._example(trainer, pl_module))
+            replay_pruning(trainer.lightning_module, history[self._applied:], self._example(trainer, pl_module),
+                           self.forward_fn)
             self._applied = len(history)
         reset_stale_client_state(trainer, "pruning_version", len(history), self.reset_client_state)
         self._grad_sum, self._grad_batches = {}, 0
@@ -379,10 +425,15 @@ class StructuredPruning(FedCallback):
         if state.get("example_input_shape") is not None:
             self.example_input_shape = [int(d) for d in state["example_input_shape"]]
         if self._model is not None and len(self.history) > self._applied:
-            if self.example_input_shape is None:
-                raise ValueError("StructuredPruning: the checkpoint has no example_input_shape to replay pruning with")
-            device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
-            replay_pruning(self._model, self.history[self._applied:], torch.zeros(*self.example_input_shape, device=device))
+            if self.example_input_shape is not None:
+                device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
+                example: Tensor | ModelInputs = torch.zeros(*self.example_input_shape, device=device)
+            elif getattr(self._model, "example_input_array", None) is not None or self._seen is not None:
+                example = model_inputs("StructuredPruning", None, self._model, None, self._seen, self.batch_to_inputs)
+            else:
+                raise ValueError("StructuredPruning: the checkpoint has no example_input_shape to replay pruning with; "
+                                 "set the module's example_input_array (models with several or integer inputs)")
+            replay_pruning(self._model, self.history[self._applied:], example, self.forward_fn)
             self._applied = len(self.history)
 
 

@@ -20,13 +20,28 @@ scales are computed over, so QAT must only start after the last pruning step; th
 from __future__ import annotations
 
 import logging
+import numbers
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
-from lightning_fed.callbacks._compress import cpu_copy, in_fedloop, on_server
+from lightning_fed.callbacks._compress import (
+    BatchToInputs,
+    ForwardFn,
+    ModelInputs,
+    call_model,
+    cpu_copy,
+    example_from_batch,
+    has_forward,
+    in_fedloop,
+    model_inputs,
+    no_forward_message,
+    on_server,
+    warn_once,
+)
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.footprint import (
     classification_accuracy,
@@ -120,6 +135,15 @@ class QuantizationAware(FedCallback):
         export: quantize, evaluate and save the model at the end of fit.
         export_dir: folder for ``quantized.safetensors``; ``None`` = the FedLoop run folder or the Trainer's
             ``default_root_dir``.
+        batch_to_inputs: ``batch_to_inputs(batch) -> (args, kwargs)`` for the export check; ``None`` = the module's
+            method of that name or ``(x,)`` of ``(x, y, ...)`` batches. See docs/models.md.
+        forward_fn: ``forward_fn(module, *args, **kwargs) -> Tensor`` run instead of ``module(...)`` in the export
+            check (models without ``forward``).
+
+    The export is checked by running the float and the integer model on example inputs (the module's
+    ``example_input_array`` or a training batch's inputs): ``report["export_max_abs_diff"]`` is the largest
+    difference of their outputs. Accuracies (``float_acc``, ``quant_acc``) are computed only for classifiers
+    (``model(x)`` on ``(x, y)`` records with integer labels); otherwise a warning says why they are skipped.
     """
 
     def __init__(
@@ -131,6 +155,8 @@ class QuantizationAware(FedCallback):
         layers: list[str] | None = None,
         export: bool = True,
         export_dir: str | None = None,
+        batch_to_inputs: BatchToInputs | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         need("QuantizationAware", scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
         need("QuantizationAware", isinstance(start, int) and start >= 0, "start", start,
@@ -144,6 +170,9 @@ class QuantizationAware(FedCallback):
         self.layers = layers
         self.export = export
         self.export_dir = export_dir
+        self.batch_to_inputs = batch_to_inputs
+        self.forward_fn = forward_fn
+        self._seen: Tensor | ModelInputs | None = None
         self.prepared = False
         self.exported: nn.Module | None = None
         self.report: dict[str, float] = {}
@@ -169,6 +198,56 @@ class QuantizationAware(FedCallback):
         """Check the order against the other callbacks and remember the model."""
         check_prune_then_qat(list(trainer.callbacks))
         self._model = pl_module
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Keep a small example input for the export check."""
+        if self._seen is None and self.export:
+            self._seen = example_from_batch(batch, pl_module, self.batch_to_inputs)
+
+    def _classifier_reason(self, pl_module: nn.Module, loader: Any) -> str | None:
+        """Why accuracy cannot be computed on ``loader`` (``None``: ``model(x)`` on ``(x, y)`` integer labels)."""
+        if self.forward_fn is not None or not has_forward(pl_module):
+            return "the model is run through forward_fn / has no forward()"
+        if self.batch_to_inputs is not None or callable(getattr(pl_module, "batch_to_inputs", None)):
+            return "the model's inputs come from batch_to_inputs, not x of (x, y)"
+        ex = getattr(pl_module, "example_input_array", None)
+        if ex is not None and not isinstance(ex, Tensor):
+            return "the model takes several inputs (example_input_array is not one tensor)"
+        data = getattr(loader, "dataset", None)
+        try:
+            record = data[0] if data is not None and len(data) else None
+        except (TypeError, IndexError, KeyError):
+            record = None
+        if not (isinstance(record, (tuple, list)) and len(record) >= 2):
+            return "held-out records are not (x, y) pairs"
+        y = record[1]
+        if not (isinstance(y, numbers.Integral) or (isinstance(y, Tensor) and not y.is_floating_point() and y.ndim == 0)):
+            return "held-out targets are not integer class labels"
+        return None
+
+    def _check_export(self, trainer: Any, pl_module: nn.Module, float_model: nn.Module, exported: nn.Module) -> None:
+        """Run the float and the exported model on example inputs; record the largest output difference."""
+        if self.forward_fn is None and not has_forward(pl_module):
+            warn_once(self, "no_forward", "%s; the export is saved but not checked",
+                      no_forward_message("QuantizationAware", pl_module))
+            return
+        with torch.random.fork_rng(devices=[]):  # reading a held-out batch must not move the run's random stream
+            try:
+                inputs = model_inputs("QuantizationAware", trainer, pl_module, None, self._seen, self.batch_to_inputs)
+            except ValueError as err:
+                warn_once(self, "no_inputs", "%s; the export is saved but not checked", err)
+                return
+        inputs = inputs.to("cpu")
+        with torch.no_grad():
+            f_out = call_model(float_model, inputs, self.forward_fn, "QuantizationAware")
+            q_out = call_model(exported, inputs, self.forward_fn, "QuantizationAware")
+        f_out = f_out[0] if isinstance(f_out, (tuple, list)) else f_out
+        q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
+        if isinstance(f_out, Tensor) and isinstance(q_out, Tensor) and f_out.shape == q_out.shape:
+            self.report["export_max_abs_diff"] = float((f_out.float() - q_out.float()).abs().max()) if f_out.numel() else 0.0
+        else:
+            warn_once(self, "outputs", "QuantizationAware: the exported model's outputs (%s) do not match the float "
+                      "model's (%s)", type(q_out).__name__, type(f_out).__name__)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """``lightning.Trainer``: switch on fake quantization from epoch ``start``."""
@@ -205,8 +284,13 @@ class QuantizationAware(FedCallback):
         fw = sum(tensor_bytes(v) for k, v in fsd.items() if k.rsplit(".", 1)[0] in qlayers and k.endswith(".weight"))
         self.report = {"float_bytes": float(serialized_bytes(float_model)), "quant_bytes": float(serialized_bytes(exported)),
                        "float_weight_bytes": float(fw), "quant_weight_bytes": float(qw)}
+        self._check_export(trainer, pl_module, float_model, exported)
         loader = eval_loader(trainer)
-        if loader is not None:
+        reason = self._classifier_reason(pl_module, loader) if loader is not None else None
+        if reason is not None:
+            warn_once(self, "accuracy", "QuantizationAware: accuracy of the export is not computed: %s (it needs a "
+                      "classifier model(x) over (x, y) records with integer labels); see export_max_abs_diff", reason)
+        elif loader is not None:
             self.report["float_acc"] = classification_accuracy(float_model, loader)
             self.report["quant_acc"] = classification_accuracy(exported, loader)
         ctx = fed_context(trainer)

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_fed.callbacks._compress import in_fedloop, on_server, parse_schedule, reset_stale_client_state
+from lightning_fed.callbacks._compress import (
+    in_fedloop,
+    on_server,
+    parse_schedule,
+    reset_stale_client_state,
+    warn_once,
+)
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs, Identity
 from lightning_fed.codecs.wire import MalformedMessage
@@ -31,6 +37,8 @@ SCOPES = ("layer", "global")
 def magnitude_masks(params: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
     """Boolean keep-masks that zero the ``sparsity`` fraction of smallest-magnitude entries, per tensor
     (``scope="layer"``) or across all tensors (``"global"``). Ties at the threshold are broken by index."""
+    if not params:
+        return {}
     if scope == "global":
         flat = torch.cat([p.detach().abs().reshape(-1).float() for p in params.values()])
         k = int(sparsity * flat.numel())
@@ -196,7 +204,11 @@ class MagnitudeSparsity(FedCallback):
         """Recompute the masks for the next step of the schedule and apply them; return the new sparsity."""
         self.steps_done += 1
         target = self.sparsity * self.steps_done / len(self.at)
-        self.masks = {k: v.cpu() for k, v in magnitude_masks(self._targets(model), target, self.scope).items()}
+        targets = self._targets(model)
+        if not targets:
+            warn_once(self, "no_targets", "MagnitudeSparsity: nothing to sparsify in %s: no weight has ndim >= 2 and "
+                      "at least min_numel=%d elements; lower min_numel", type(model).__name__, self.min_numel)
+        self.masks = {k: v.cpu() for k, v in magnitude_masks(targets, target, self.scope).items()}
         self.apply_masks(model)
         if self._codec is not None:
             self._codec.masks = self.masks
