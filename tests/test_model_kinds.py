@@ -297,12 +297,11 @@ def test_regression_trainer(tmp_path, caplog):
 
 
 class FloatTargets(torch.utils.data.Dataset):
-    """(x, y) records with float targets. Workaround in this branch only: the loop reads class labels for its
-    partition summary even with IID, and float targets (negative ones) break it, so ``targets`` gives it integers."""
+    """(x, y) records with float targets and no class labels: IID splits them without reading labels, and the
+    partition table says n/a."""
 
     def __init__(self, data: TensorDataset) -> None:
         self.x, self.y = data.tensors
-        self.targets = torch.zeros(len(self.y), dtype=torch.long)
 
     def __len__(self):
         return len(self.y)
