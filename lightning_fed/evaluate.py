@@ -4,7 +4,7 @@
 ``stage="test"`` runs its ``test_step`` (and the test hooks) on the test loader. Both add the built-in
 classification metrics ``<stage>_acc`` / ``<stage>_loss`` unless the module logs those names itself.
 Test data is never reported under a validation name: when a module has no ``test_step``, the test stage runs
-its ``validation_step`` and renames every ``val`` word of the logged names to ``test`` (:func:`test_name`).
+its ``validation_step`` and renames every ``val`` word of the logged names to ``test`` (:func:`as_test_name`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _overridden(module: L.LightningModule, name: str) -> bool:
     return getattr(type(module), name, None) is not getattr(L.LightningModule, name)
 
 
-def test_name(name: str) -> str:
+def as_test_name(name: str) -> str:
     """The test-stage name of a metric a ``validation_step`` logs: every ``val`` word (delimited by ``_``, ``/``,
     ``.``, ``-`` or the ends) becomes ``test``: ``val_acc`` → ``test_acc``, ``my_val_acc`` → ``my_test_acc``,
     ``tier0/val_loss`` → ``tier0/test_loss``; names without such a word (``acc``, ``interval``) are unchanged."""
@@ -53,7 +53,7 @@ class Evaluator:
 
     ``run(loader, "val")`` calls ``validation_step`` with the ``on_validation_*`` hooks; ``run(loader, "test")``
     calls ``test_step`` with the ``on_test_*`` hooks, or, for a module without ``test_step``, ``validation_step``
-    with the validation hooks; at the test stage every logged name is renamed by :func:`test_name`, so test data
+    with the validation hooks; at the test stage every logged name is renamed by :func:`as_test_name`, so test data
     never appears under a ``val`` name. Values the step logs are reported as their means over the batches
     weighted by batch size (Lightning's epoch means); values logged by the epoch-end hooks as they are. For classification batches ``(x, y)`` with integer ``y`` and ``[B, C]``
     logits from ``module(x)``, it also reports ``<stage>_acc`` (torchmetrics ``MulticlassAccuracy``, micro) and
@@ -139,7 +139,7 @@ class Evaluator:
         self._hook(f"on_{hooks}_end")
         means = {k: sums[k] / weights[k] for k in sums}
         means.update(view.means())  # logged by the epoch-end hooks
-        metrics = {test_name(k) if stage == "test" else k: v for k, v in means.items()}
+        metrics = {as_test_name(k) if stage == "test" else k: v for k, v in means.items()}
         if acc is not None and loss_mean is not None:  # the module's own metric of the same name wins
             metrics.setdefault(f"{stage}_acc", float(acc.compute()))
             metrics.setdefault(f"{stage}_loss", float(loss_mean.compute()))
