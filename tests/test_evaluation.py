@@ -161,3 +161,18 @@ def test_strategies_per_tier_names_follow_the_stage(tmp_path):
     assert "clients/val_acc" in first and not any("test" in k for k in first)
     assert {"clients/val_acc", "clients/test_acc"} <= set(last)
     assert any(k.startswith("tier") and k.endswith("/test_acc") for k in last)
+
+
+def test_evaluation_doc_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)[-1]
+    code = code.replace('output_dir="runs/evaluation"', f'output_dir="{tmp_path}"')
+    scope: dict = {"print": lambda *args: None}
+    exec(compile(code, "docs/evaluation.md", "exec"), scope)  # noqa: S102 - the documented example itself
+    result = scope["result"]
+    assert [int(h["round"]) for h in result.history if "val_acc" in h] == [1, 2, 3, 4]
+    assert [int(h["round"]) for h in result.history if "test_acc" in h] == [2, 4]
+    assert len(scope["dm"].val_set) == 80 and len(scope["dm"].train_set) == 720
