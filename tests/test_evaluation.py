@@ -176,3 +176,18 @@ def test_evaluation_doc_example_runs(tmp_path):
     assert [int(h["round"]) for h in result.history if "val_acc" in h] == [1, 2, 3, 4]
     assert [int(h["round"]) for h in result.history if "test_acc" in h] == [2, 4]
     assert len(scope["dm"].val_set) == 80 and len(scope["dm"].train_set) == 720
+
+
+def test_qat_report_uses_the_module_test_metrics(tmp_path):
+    from lightning_fed import FedLoop
+    from lightning_fed.callbacks import QuantizationAware
+    from lightning_fed.callbacks.footprint import classification_accuracy
+    from lightning_fed.models import MNIST1DCNN
+
+    cb, dm = QuantizationAware(scheme="int8", start=0), MNIST1DDataModule(num_samples=500, val_fraction=0.2)
+    FedLoop(num_clients=2, clients_per_round=2, rounds=1, verbose=False, plot=False, loggers=[], checkpoint_every=0,
+            output_dir=str(tmp_path), callbacks=[cb]).fit(MNIST1DCNN(channels=4), dm)
+    r = cb.report
+    assert {"float_acc", "quant_acc", "float_test_loss", "quant_test_loss"} <= set(r)  # test_step's own metrics
+    assert not any("val" in k for k in r)  # on the test data, never the validation split
+    assert r["quant_acc"] == pytest.approx(classification_accuracy(cb.exported, dm.test_dataloader()), abs=1e-6)

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from lightning_fed.callbacks._compress import cpu_copy, in_fedloop, on_server
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.footprint import (
-    classification_accuracy,
-    eval_loader,
     float_copy,
+    held_out_metrics,
     log_metrics,
     serialized_bytes,
 )
@@ -106,7 +105,9 @@ class QuantizationAware(FedCallback):
         callbacks = [StructuredPruning(ratio=0.36, at=[20, 30, 40]), QuantizationAware(scheme="int8", start=60)]
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=100, callbacks=callbacks)
 
-    After fit, :attr:`report` holds ``float_acc``, ``quant_acc``, ``float_bytes``, ``quant_bytes``,
+    After fit, :attr:`report` holds ``float_acc``, ``quant_acc`` (test accuracy), the other test metrics of both
+    models (``float_test_loss``, ``quant_<what test_step logs>``…; see
+    :func:`~lightning_fed.callbacks.footprint.held_out_metrics`), ``float_bytes``, ``quant_bytes``,
     ``float_weight_bytes`` and ``quant_weight_bytes`` (quantized layers' weights and scales), and
     :attr:`exported` the integer model (also written as ``quantized.safetensors`` to the run folder).
 
@@ -205,10 +206,9 @@ class QuantizationAware(FedCallback):
         fw = sum(tensor_bytes(v) for k, v in fsd.items() if k.rsplit(".", 1)[0] in qlayers and k.endswith(".weight"))
         self.report = {"float_bytes": float(serialized_bytes(float_model)), "quant_bytes": float(serialized_bytes(exported)),
                        "float_weight_bytes": float(fw), "quant_weight_bytes": float(qw)}
-        loader = eval_loader(trainer)
-        if loader is not None:
-            self.report["float_acc"] = classification_accuracy(float_model, loader)
-            self.report["quant_acc"] = classification_accuracy(exported, loader)
+        for kind, m in (("float", float_model), ("quant", exported)):  # the module's own test metrics when it has them
+            for k, v in held_out_metrics(trainer, m).items():
+                self.report[f"{kind}_acc" if k == "test_acc" else f"{kind}_{k}"] = v
         ctx = fed_context(trainer)
         out_dir = Path(self.export_dir) if self.export_dir else (
             ctx.run_dir if ctx is not None else Path(trainer.default_root_dir))
