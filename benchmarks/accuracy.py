@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -44,7 +46,10 @@ def main() -> None:
             extra = ["--loop.rounds", "10"] if args.quick else []
             name = recipe.split("/")[-1].removesuffix(".yaml")
             t0 = time.perf_counter()
-            res = run(["fit", "--config", recipe, *extra, "--loop.seed", str(seed), "--loop.verbose", "false",
+            # the test-accuracy curve ("best") needs the test at every evaluation round (test_every, docs/evaluation.md)
+            every = (yaml.safe_load(Path(recipe).read_text()).get("loop") or {}).get("eval_every", 1)
+            res = run(["fit", "--config", recipe, *extra, "--loop.test_every", str(every),
+                       "--loop.seed", str(seed), "--loop.verbose", "false",
                        "--loop.output_dir", f"{args.output_dir}/{name}-seed{seed}"])
             wall = time.perf_counter() - t0
             accs = [h["test_acc"] for h in res.history if "test_acc" in h]

@@ -65,7 +65,7 @@ def fit(name: str, rounds: int, out: str, callbacks: list[Any] | None = None, **
     cbs = callbacks if callbacks is not None else callbacks_for(name, rounds)
     loop = FedLoop(num_clients=20, clients_per_round=10, rounds=rounds, local_epochs=5,
                    partition=Dirichlet(alpha=0.5, min_samples=10), strategy=FedAvg(), callbacks=cbs,
-                   eval_every=10, checkpoint_every=0, output_dir=out, seed=0, verbose=False, plot=False, loggers=[])
+                   eval_every=10, test_every=10, checkpoint_every=0, output_dir=out, seed=0, verbose=False, plot=False, loggers=[])
     model = MNIST1DCNN(channels=25, lr=0.05, optimizer="sgd", momentum=0.9, **model_kw)
     res = loop.fit(model, MNIST1DDataModule(batch_size=32))
     return res, model, cbs

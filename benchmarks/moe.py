@@ -68,7 +68,7 @@ def run(name: str, hidden: int, experts: int, strategy: str, args: argparse.Name
     with tempfile.TemporaryDirectory() as tmp:
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=args.rounds, local_epochs=args.local_epochs,
                        partition=Dirichlet(alpha=0.5, min_samples=10), strategy=strat, callbacks=callbacks,
-                       eval_every=args.eval_every, checkpoint_every=0, output_dir=tmp, seed=args.seed,
+                       eval_every=args.eval_every, test_every=args.eval_every, checkpoint_every=0, output_dir=tmp, seed=args.seed,
                        verbose=False, plot=False, loggers=[])
         t0 = time.perf_counter()
         res = loop.fit(model, dm)

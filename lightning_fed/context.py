@@ -5,7 +5,8 @@ object, never through the loop's attributes. Under ``lightning.Trainer`` there i
 :func:`fed_context` returns ``None`` there.
 
 Server side (``client_id is None``): ``round``, ``num_rounds``, ``num_clients``, ``run_dir``,
-:meth:`FedContext.is_eval_round`, :meth:`FedContext.evaluate`, ``eval_data``, :meth:`FedContext.model_changed`,
+:meth:`FedContext.is_eval_round`, :meth:`FedContext.eval_stages`, :meth:`FedContext.evaluate`, ``val_data``,
+``test_data``, ``eval_data``, :meth:`FedContext.model_changed`,
 :meth:`FedContext.stored_clients` / :meth:`FedContext.stored_client_state` (simulation only: evaluating
 the clients' own models, e.g. personalised tiers).
 
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 
-def _no_evaluator(module: nn.Module) -> dict[str, float]:
+def _no_evaluator(module: nn.Module, stage: str = "val") -> dict[str, float]:
     raise RuntimeError("FedContext.evaluate is only available inside FedLoop.fit")
 
 
@@ -40,13 +41,16 @@ class FedContext:
     Attributes:
         num_clients: clients in the federation.
         num_rounds: rounds of the run.
-        eval_every: the global model is evaluated every this many rounds (and after the last).
+        eval_every: the global model is validated every this many rounds (and after the last).
         run_dir: the run's output folder (exports, plots).
         round: the current server round (0-based).
         client_id: the client whose local work is running; ``None`` on the server.
         client_state: that client's persisted state (empty dict on the server); store per-client state here.
         shard: that client's training data (``None`` on the server).
-        eval_data: the held-out evaluation loader (``None`` when the data module has none).
+        eval_data: a held-out loader for example inputs: ``val_data``, else ``test_data`` (``None`` if neither).
+        test_every: the global model is also tested every this many rounds; 0: only after the last round.
+        val_data: the validation loader (``val_dataloader()``; ``None`` when the data module has none).
+        test_data: the test loader (``test_dataloader()``; ``None`` when the data module has none).
         console: the loop's rich console (quiet when the loop is not verbose).
     """
 
@@ -59,8 +63,11 @@ class FedContext:
     client_state: dict[str, Any] = field(default_factory=dict)
     shard: Dataset | None = None
     eval_data: DataLoader | None = None
+    test_every: int = 0
+    val_data: DataLoader | None = None
+    test_data: DataLoader | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True, quiet=True))
-    _evaluate: Callable[[nn.Module], dict[str, float]] = field(default=_no_evaluator, repr=False)
+    _evaluate: Callable[..., dict[str, float]] = field(default=_no_evaluator, repr=False)
     _stored_clients: Callable[[], list[int]] = field(default=_no_store, repr=False)
     _stored_state: Callable[[int], dict[str, Any]] = field(default=lambda cid: {}, repr=False)
     _model_changed: bool = field(default=False, repr=False)
@@ -75,10 +82,27 @@ class FedContext:
         r = self.round if server_round is None else server_round
         return (r + 1) % self.eval_every == 0 or r + 1 == self.num_rounds
 
-    def evaluate(self, module: nn.Module) -> dict[str, float]:
-        """Server: evaluate any module (a tier's model, a client's own model) with the loop's evaluator on the
-        held-out data; returns its metrics (``test_acc``…)."""
-        return self._evaluate(module)
+    def is_test_round(self, server_round: int | None = None) -> bool:
+        """Whether the global model is tested after ``server_round`` (default: the current round): the last round,
+        and every ``test_every`` rounds when it is set."""
+        r = self.round if server_round is None else server_round
+        return r + 1 == self.num_rounds or (self.test_every > 0 and (r + 1) % self.test_every == 0)
+
+    def eval_stages(self, server_round: int | None = None) -> list[str]:
+        """The evaluations after ``server_round`` (default: the current round), in order: ``"val"`` at evaluation
+        rounds when there is validation data, ``"test"`` at test rounds when there is test data."""
+        stages = []
+        if self.val_data is not None and self.is_eval_round(server_round):
+            stages.append("val")
+        if self.test_data is not None and self.is_test_round(server_round):
+            stages.append("test")
+        return stages
+
+    def evaluate(self, module: nn.Module, stage: str = "val") -> dict[str, float]:
+        """Server: evaluate any module (a tier's model, a client's own model) with the loop's evaluator:
+        ``stage="val"``: ``validation_step`` on ``val_data`` (``val_acc``…); ``"test"``: ``test_step`` on
+        ``test_data`` (``test_acc``…); ``{}`` when that loader is missing."""
+        return self._evaluate(module, stage)
 
     def stored_clients(self) -> list[int]:
         """Server, simulation only: the clients that have persisted state."""

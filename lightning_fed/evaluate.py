@@ -1,15 +1,22 @@
-"""Evaluation of the global model on the held-out split: torchmetrics accuracy and loss, plus whatever the
-module's own ``validation_step`` (or ``test_step``) logs with ``self.log``.
+"""Evaluation of the global model with Lightning's meaning of validation and test (docs/evaluation.md).
+
+``stage="val"`` runs the module's ``validation_step`` (and the validation hooks) on the validation loader;
+``stage="test"`` runs its ``test_step`` (and the test hooks) on the test loader. Both add the built-in
+classification metrics ``<stage>_acc`` / ``<stage>_loss`` unless the module logs those names itself.
+Test data is never reported under a validation name: when a module has no ``test_step``, the test stage runs
+its ``validation_step`` and renames every ``val`` word of the logged names to ``test`` (:func:`as_test_name`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -18,17 +25,39 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
 
+STAGES = ("val", "test")
+_VAL_WORD = re.compile(r"(^|[/_.\-])val(?=$|[/_.\-])")
+
 
 def _overridden(module: L.LightningModule, name: str) -> bool:
     return getattr(type(module), name, None) is not getattr(L.LightningModule, name)
 
 
-class Evaluator:
-    """Runs the working model over a loader in eval mode with validation hooks.
+def as_test_name(name: str) -> str:
+    """The test-stage name of a metric a ``validation_step`` logs: every ``val`` word (delimited by ``_``, ``/``,
+    ``.``, ``-`` or the ends) becomes ``test``: ``val_acc`` → ``test_acc``, ``my_val_acc`` → ``my_test_acc``,
+    ``tier0/val_loss`` → ``tier0/test_loss``; names without such a word (``acc``, ``interval``) are unchanged."""
+    return _VAL_WORD.sub(r"\1test", name)
 
-    For classification batches ``(x, y)`` with integer ``y`` and ``[B, C]`` logits from ``module(x)``, it
-    reports ``test_acc`` (torchmetrics ``MulticlassAccuracy``, micro) and ``test_loss`` (cross-entropy);
-    values logged by the module's ``validation_step``/``test_step`` are reported as their batch means.
+
+def stage_metrics(metrics: dict[str, float], prefix: str, names: tuple[str, ...] = ("acc",)) -> dict[str, float]:
+    """The built-in metrics of an evaluation result under ``prefix``: ``{prefix}<stage>_<name>`` for each
+    ``<stage>_<name>`` present (e.g. ``stage_metrics(evaluate(m), "tier0/")`` → ``{"tier0/val_acc": …}`` at
+    validation, ``{"tier0/test_acc": …}`` at test); what the result lacks is left out."""
+    return {f"{prefix}{stage}_{name}": metrics[f"{stage}_{name}"]
+            for stage in STAGES for name in names if f"{stage}_{name}" in metrics}
+
+
+class Evaluator:
+    """Runs the working model over a loader in eval mode, as Lightning's validation or test loop would.
+
+    ``run(loader, "val")`` calls ``validation_step`` with the ``on_validation_*`` hooks; ``run(loader, "test")``
+    calls ``test_step`` with the ``on_test_*`` hooks, or, for a module without ``test_step``, ``validation_step``
+    with the validation hooks; at the test stage every logged name is renamed by :func:`as_test_name`, so test data
+    never appears under a ``val`` name. Values the step logs are reported as their means over the batches
+    weighted by batch size (Lightning's epoch means); values logged by the epoch-end hooks as they are. For classification batches ``(x, y)`` with integer ``y`` and ``[B, C]``
+    logits from ``module(x)``, it also reports ``<stage>_acc`` (torchmetrics ``MulticlassAccuracy``, micro) and
+    ``<stage>_loss`` (cross-entropy) unless the step logged those names itself.
     When the step itself calls ``module(x)`` on the batch's input tensor, those logits are reused (a forward hook
     sees the call), so the model runs once per batch; otherwise one extra forward computes them.
     """
@@ -55,27 +84,33 @@ class Evaluator:
         getattr(module, name)(*args)
 
     @torch.no_grad()
-    def run(self, loader: DataLoader) -> dict[str, float]:
-        """Evaluate and return a dict of metrics."""
+    def run(self, loader: DataLoader, stage: str = "val") -> dict[str, float]:
+        """Evaluate the view's module on ``loader`` as ``stage`` (``"val"`` or ``"test"``); return its metrics."""
+        if stage not in STAGES:
+            raise ValueError(f"Evaluator.run: stage must be one of {STAGES}, got {stage!r}")
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
-        step = "validation_step" if _overridden(module, "validation_step") else (
-            "test_step" if _overridden(module, "test_step") else None
-        )
+        if stage == "test" and _overridden(module, "test_step"):
+            step, hooks = "test_step", "test"
+        else:
+            step = "validation_step" if _overridden(module, "validation_step") else None
+            hooks = "validation"
         was_training = module.training
         module.eval()
         view.validating, view.training = True, False
         view.reset_means()
         acc: MulticlassAccuracy | None = None
         loss_mean: MeanMetric | None = None
-        self._hook("on_validation_start")
-        self._hook("on_validation_epoch_start")
+        self._hook(f"on_{hooks}_start")
+        self._hook(f"on_{hooks}_epoch_start")
+        sums: dict[str, float] = {}  # what the step logs, weighted by batch size as Lightning's epoch means are
+        weights: dict[str, float] = {}
         seen: list[tuple[Tensor, Any]] = []  # (input, output) of the module's calls during the user's step
         handle = module.register_forward_hook(lambda _m, args, output: seen.append((args[0] if args else None, output)))
         try:
             for batch_idx, batch in enumerate(eval_batches(loader)):
                 if fabric.device.type != "cpu":  # CPU batches are already where they belong
                     batch = fabric.to_device(batch)
-                self._hook("on_validation_batch_start", batch, batch_idx)
+                self._hook(f"on_{hooks}_batch_start", batch, batch_idx)
                 seen.clear()
                 with fabric.autocast():
                     out = getattr(module, step)(batch, batch_idx) if step else None
@@ -90,18 +125,34 @@ class Evaluator:
                                 acc, loss_mean = self._metric_pair(logits.shape[1], logits.device)
                             acc.update(logits.float(), y)
                             loss_mean.update(F.cross_entropy(logits.float(), y).cpu(), weight=len(y))
-                self._hook("on_validation_batch_end", out, batch, batch_idx)
+                self._hook(f"on_{hooks}_batch_end", out, batch, batch_idx)
+                logged = view.means()
+                if logged:
+                    n = float(_batch_size(batch))
+                    for k, v in logged.items():
+                        sums[k] = sums.get(k, 0.0) + v * n
+                        weights[k] = weights.get(k, 0.0) + n
+                    view.reset_means()
         finally:
             handle.remove()
-        self._hook("on_validation_epoch_end")
-        self._hook("on_validation_end")
-        metrics = dict(view.means())
-        if acc is not None and loss_mean is not None:
-            metrics["test_acc"] = float(acc.compute())
-            metrics["test_loss"] = float(loss_mean.compute())
+        self._hook(f"on_{hooks}_epoch_end")
+        self._hook(f"on_{hooks}_end")
+        means = {k: sums[k] / weights[k] for k in sums}
+        means.update(view.means())  # logged by the epoch-end hooks
+        metrics = {as_test_name(k) if stage == "test" else k: v for k, v in means.items()}
+        if acc is not None and loss_mean is not None:  # the module's own metric of the same name wins
+            metrics.setdefault(f"{stage}_acc", float(acc.compute()))
+            metrics.setdefault(f"{stage}_loss", float(loss_mean.compute()))
         view.validating = False
         module.train(was_training)
         return metrics
+
+
+def _batch_size(batch: Any) -> int:
+    try:
+        return extract_batch_size(batch)
+    except Exception:  # noqa: BLE001 - a batch without a tensor to size it: weigh it as one
+        return 1
 
 
 def _is_classification(batch: Any) -> bool:

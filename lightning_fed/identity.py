@@ -33,7 +33,7 @@ MUST_MATCH = ("num_clients", "clients_per_round", "seed", "local_epochs", "parti
               "downlink_codec", "uplink_allocation", "keep_optimizer_state", "precision", "callbacks", "sampling")
 """``FedLoop`` parameters a resumed run must share with its checkpoint (plus the model, see :func:`model_identity`)."""
 
-MAY_CHANGE = ("rounds", "eval_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",
+MAY_CHANGE = ("rounds", "eval_every", "test_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",
               "min_clients", "max_message_bytes", "max_update_abs", "loggers", "verbose", "plot", "max_failed_rounds",
               "runner")
 """``FedLoop`` parameters that may differ on resume: the horizon, evaluation and checkpoint cadence, outputs,

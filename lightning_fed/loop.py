@@ -63,7 +63,8 @@ class FitResult:
     Attributes:
         run_dir: the run's output folder.
         history: one dict of metrics per round.
-        final_metrics: the last evaluation's metrics.
+        final_metrics: the metrics of the last evaluation rounds: the final test (``test_*``, from
+            ``test_step`` on ``test_dataloader()`` after the last round) and the last validation (``val_*``).
     """
 
     run_dir: Path
@@ -96,7 +97,13 @@ class FedLoop:
             (``TopK``, ``Differential(TopK(...))``, ``TimeCorrelatedTopK``) use it; fixed-rate codecs ignore it.
         callbacks: Lightning callbacks (FedCallbacks also get the federated hooks).
         min_clients: the round is aggregated only if at least this many replies are valid.
-        eval_every: evaluate the global model every this many rounds (and after the last).
+        eval_every: validate the global model every this many rounds (and after the last): ``validation_step`` on
+            ``val_dataloader()``, logged as the module's own ``val_*`` names plus ``val_acc``/``val_loss`` for
+            classifiers. A data module without ``val_dataloader()`` gets no validation (see docs/evaluation.md).
+        test_every: also test the global model every this many rounds: ``test_step`` on ``test_dataloader()``,
+            logged as ``test_*``. ``0`` (default): test only after the last round, which is always tested; the
+            final test metrics are :attr:`FitResult.final_metrics`. Set it to report a test-accuracy curve, never
+            to choose a model or hyperparameters (that is what validation is for).
         checkpoint_every: checkpoint every this many rounds; 0 disables checkpoints.
         keep_checkpoints: how many recent checkpoints to keep.
         output_dir: runs are written to ``output_dir/version_N``.
@@ -133,6 +140,7 @@ class FedLoop:
         callbacks: list[Callback] | None = None,
         min_clients: int = 1,
         eval_every: int = 1,
+        test_every: int = 0,
         checkpoint_every: int = 10,
         keep_checkpoints: int = 2,
         output_dir: str = "runs/fedloop",
@@ -157,6 +165,7 @@ class FedLoop:
         need(OWNER, 1 <= min_clients <= clients_per_round, "min_clients", min_clients,
              f"between 1 and clients_per_round={clients_per_round}")
         need(OWNER, eval_every >= 1, "eval_every", eval_every, ">= 1")
+        need(OWNER, test_every >= 0, "test_every", test_every, ">= 0 (0: test only after the last round)")
         need(OWNER, uplink_allocation in UPLINK_ALLOCATIONS, "uplink_allocation", uplink_allocation,
              f"one of {UPLINK_ALLOCATIONS}")
         need(OWNER, checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
@@ -186,6 +195,7 @@ class FedLoop:
                 check(self.callbacks)
         self.min_clients = min_clients
         self.eval_every = eval_every
+        self.test_every = test_every
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
         self.output_dir = output_dir
@@ -220,8 +230,8 @@ class FedLoop:
 
         Args:
             model: the LightningModule (its weights are the initial global model).
-            datamodule: provides ``train_dataloader()`` (split among clients) and ``test_dataloader()`` or
-                ``val_dataloader()`` (the held-out evaluation set).
+            datamodule: provides ``train_dataloader()`` (split among clients) and, optionally,
+                ``val_dataloader()`` (validation at evaluation rounds) and ``test_dataloader()`` (the final test).
             resume: a run folder or checkpoint folder to continue from, or ``"last"`` for the newest run
                 under ``output_dir``.
             run_config: text of the resolved configuration, saved as ``config.yaml`` in the run folder.
@@ -263,7 +273,7 @@ class FedLoop:
                     metrics = self._round(r)
                     self.history.append(metrics)
                     fabric.log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
-                    final = self._last_eval or final
+                    final = self._final_eval or final
                     if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
                         self.save_checkpoint(r)
                     progress.advance(metrics)
@@ -292,7 +302,9 @@ class FedLoop:
         self.senders = ClientStore(run_dir / "senders")
         self.context = ctx = FedContext(
             num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
-            eval_data=self.eval_loader, console=self.console, _evaluate=self.evaluate_module,
+            test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
+            eval_data=self.val_loader if self.val_loader is not None else self.test_loader,
+            console=self.console, _evaluate=self.evaluate_module,
             _stored_clients=self.store.ids, _stored_state=self.store.load)
         self.view = view = TrainerView(fabric, ctx)
         view.lightning_module, view.callbacks = model, self.all_callbacks
@@ -315,7 +327,7 @@ class FedLoop:
         self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
-        self._last_eval: dict[str, float] = {}
+        self._final_eval: dict[str, float] = {}  # the latest validation and test metrics
         self._failed: list[tuple[int, list[str]]] = []  # the current streak of rounds that could not aggregate
 
     # ------------------------------------------------------------------ one round
@@ -359,10 +371,11 @@ class FedLoop:
         self._fed_hook("on_round_end", metrics)
         if ctx.take_model_changed():
             self.strategy.model_changed(model)
-        if ctx.is_eval_round(r):
-            self._last_eval = self.evaluator.run(self.eval_loader)
-            self._last_eval.update(self.strategy.evaluate(self.evaluate_module))
-            metrics.update(self._last_eval)
+        for stage in ctx.eval_stages(r):
+            evaluated = self.evaluate_module(model, stage)
+            evaluated.update(self.strategy.evaluate(lambda m, stage=stage: self.evaluate_module(m, stage)))
+            self._final_eval.update(evaluated)
+            metrics.update(evaluated)
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -382,12 +395,16 @@ class FedLoop:
         self._prepared[id(module)] = module
         return module
 
-    def evaluate_module(self, module: L.LightningModule) -> dict[str, float]:
-        """Evaluate any module (e.g. a tier's model) on the held-out split with the loop's evaluator."""
+    def evaluate_module(self, module: L.LightningModule, stage: str = "val") -> dict[str, float]:
+        """Evaluate any module (e.g. a tier's model) with the loop's evaluator: ``stage="val"`` on the validation
+        loader (``val_*`` names), ``"test"`` on the test loader (``test_*``); ``{}`` when that loader is missing."""
+        loader = {"val": self.val_loader, "test": self.test_loader}[stage]
+        if loader is None:
+            return {}
         module = self._working_module(module)
         self.view.lightning_module = module
         try:
-            return self.evaluator.run(self.eval_loader)
+            return self.evaluator.run(loader, stage)
         finally:
             self.view.lightning_module = self.model
 
@@ -407,8 +424,8 @@ class FedLoop:
 
     # ------------------------------------------------------------------ data and outputs
     def _setup_data(self, dm: L.LightningDataModule) -> list[list[Any]]:
-        """Split the training set among the clients and find the evaluation loader; return the partition table's
-        rows. Writes nothing: an impossible split fails before the run folder is touched."""
+        """Split the training set among the clients and find the validation and test loaders; return the partition
+        table's rows. Writes nothing: an impossible split fails before the run folder is touched."""
         dm.prepare_data()
         dm.setup("fit")
         self.train_template = dm.train_dataloader()
@@ -416,11 +433,14 @@ class FedLoop:
         labels = self.partition.dataset_labels(dataset)  # None: labels unknown and the partition needs none
         self.shards = self.partition.split(labels if labels is not None else len(dataset), self.num_clients, self.seed)
         self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
+        self.val_loader = _loader(dm, "val_dataloader")
         dm.setup("test")
-        try:
-            self.eval_loader = dm.test_dataloader()
-        except MisconfigurationException:  # what Lightning raises when a data module has no test_dataloader
-            self.eval_loader = dm.val_dataloader()
+        self.test_loader = _loader(dm, "test_dataloader")
+        if self.val_loader is None:
+            log.info("%s has no val_dataloader: no validation metrics (val_*); the test set is evaluated after the "
+                     "last round only%s", type(dm).__name__, f" and every {self.test_every} rounds" if self.test_every else "")
+        if self.test_loader is None:
+            log.info("%s has no test_dataloader: no test metrics (test_*)", type(dm).__name__)
         return summary_rows(self.shards, labels)
 
     # ------------------------------------------------------------------ checkpoints
@@ -481,6 +501,18 @@ class FedLoop:
         for m in model.modules():
             if isinstance(m, L.LightningModule):
                 m._fabric_optimizers = []  # no public setter: what ``optimizers()`` returns under Fabric
+
+
+def _loader(dm: L.LightningDataModule, name: str) -> Any:
+    """``dm.<name>()``, or ``None`` when the data module does not provide it (Lightning's base hooks raise
+    ``MisconfigurationException``; an empty list or ``None`` also means no loader, as for ``lightning.Trainer``)."""
+    try:
+        loader = getattr(dm, name)()
+    except MisconfigurationException:
+        return None
+    if loader is None or (isinstance(loader, (list, tuple)) and len(loader) == 0):
+        return None
+    return loader
 
 
 __all__ = ["FED_HOOKS", "UPLINK_ALLOCATIONS", "FedLoop", "FitResult", "uplink_shares"]

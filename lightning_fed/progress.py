@@ -51,11 +51,12 @@ class RoundProgress:
         return self
 
     def advance(self, metrics: dict[str, float]) -> None:
-        """Mark one round done and show its accuracy / loss."""
+        """Mark one round done and show its validation accuracy (``val_acc``), test accuracy (``test_acc``, at
+        test rounds) and training loss."""
         if self._progress is None:
             return
         parts = []
-        for key, fmt in (("test_acc", "acc {:.2%}"), ("train_loss", "loss {:.3f}")):
+        for key, fmt in (("val_acc", "val {:.2%}"), ("test_acc", "test {:.2%}"), ("train_loss", "loss {:.3f}")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
         if parts:

@@ -36,18 +36,21 @@ def write_partition_csv(rows: list[tuple[int, int, list[int] | None]], path: Pat
 
 
 def summary_table(history: list[dict[str, float]]) -> Table:
-    """Final summary: rounds, best/final accuracy, bytes and time."""
+    """Final summary: rounds, final test accuracy (``test_acc``), last and best validation accuracy (``val_acc``),
+    bytes and time. A row whose metric the run never logged reads ``n/a``."""
     table = Table(title="federated training summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    accs = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
-    best = max(accs, key=lambda a: a[1]) if accs else None
+    tests = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
+    vals = [(h["round"], h["val_acc"]) for h in history if "val_acc" in h]
+    best = max(vals, key=lambda a: a[1]) if vals else None
     up = sum(h.get("bytes_up", 0) for h in history)
     down = sum(h.get("bytes_down", 0) for h in history)
     rows = [
         ("rounds", f"{len(history)}"),
-        ("final test accuracy", f"{accs[-1][1]:.2%}" if accs else "n/a"),
-        ("best test accuracy", f"{best[1]:.2%} (round {int(best[0])})" if best else "n/a"),
+        ("final test accuracy", f"{tests[-1][1]:.2%} (round {int(tests[-1][0])})" if tests else "n/a"),
+        ("final validation accuracy", f"{vals[-1][1]:.2%}" if vals else "n/a"),
+        ("best validation accuracy", f"{best[1]:.2%} (round {int(best[0])})" if best else "n/a"),
         ("uplink", f"{up / 1e6:.3f} MB"),
         ("downlink", f"{down / 1e6:.3f} MB"),
         ("rejected / failed replies", f"{sum(h.get('rejected', 0) for h in history):.0f} / {sum(h.get('failed', 0) for h in history):.0f}"),
@@ -84,9 +87,13 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
-    """PNG of test accuracy against rounds and against cumulative uplink+downlink megabytes."""
-    pts = [(h["round"], h["test_acc"]) for h in history if "test_acc" in h]
-    if not pts:
+    """PNG of accuracy against rounds and against cumulative uplink+downlink megabytes: validation accuracy
+    (``val_acc``) as a line, test accuracy (``test_acc``: the final test, and every ``test_every`` rounds) as
+    markers."""
+    series = [(name, [(h["round"], h[key]) for h in history if key in h])
+              for name, key in (("validation", "val_acc"), ("test", "test_acc"))]
+    series = [(name, pts) for name, pts in series if pts]
+    if not series:
         return None
     import matplotlib
 
@@ -98,12 +105,15 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -
         cum += (h.get("bytes_up", 0) + h.get("bytes_down", 0)) / 1e6
         mb[h["round"]] = cum
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    rounds, acc = zip(*pts)
-    a.plot(rounds, [100 * x for x in acc], marker=".")
+    for name, pts in series:
+        rounds, acc = zip(*pts)
+        style = {"marker": "."} if name == "validation" else {"marker": "*", "markersize": 10, "linestyle": ":"}
+        a.plot(rounds, [100 * x for x in acc], label=name, **style)
+        b.plot([mb[r] for r in rounds], [100 * x for x in acc], label=name, **style)
     a.set_xlabel("round")
-    a.set_ylabel("test accuracy (%)")
+    a.set_ylabel("accuracy (%)")
     a.grid(alpha=0.3)
-    b.plot([mb[r] for r in rounds], [100 * x for x in acc], marker=".", color="tab:orange")
+    a.legend()
     b.set_xlabel("cumulative communication (MB, up + down)")
     b.grid(alpha=0.3)
     if title:

@@ -21,10 +21,10 @@ def _weights(model):
 def test_fit_improves_accuracy_and_writes_outputs(make_loop, small_dm, tmp_path):
     model = seeded(MNIST1DCNN)
     before = _weights(model).clone()
-    loop = make_loop(rounds=4, local_epochs=2, partition=Dirichlet(1.0), plot=True, loggers=["csv"])
+    loop = make_loop(rounds=4, local_epochs=2, partition=Dirichlet(1.0), plot=True, loggers=["csv"], test_every=1)
     res = loop.fit(model, small_dm)
     assert not torch.equal(before, _weights(model))
-    losses = [h["test_loss"] for h in res.history]
+    losses = [h["test_loss"] for h in res.history]  # test_every=1: a test-loss curve
     assert losses[-1] < losses[0] - 0.05  # the global model learns
     assert res.history[-1]["test_acc"] > 0.12  # above chance (10 %) after 4 tiny rounds
     for name in ("final.safetensors", "history.json", "accuracy.png", "partition.csv"):
@@ -83,6 +83,9 @@ class Recorder(FedCallback):
     def on_validation_end(self, trainer, pl_module):
         self.calls.append("on_validation_end")
 
+    def on_test_end(self, trainer, pl_module):
+        self.calls.append("on_test_end")
+
     def on_round_start(self, trainer, pl_module, instructions):
         self.calls.append("on_round_start")
         for ins in instructions:
@@ -120,7 +123,8 @@ def test_hooks_trainer_view_and_client_state(make_loop, small_dm):
     res = make_loop(num_clients=2, clients_per_round=2, rounds=2, callbacks=[rec]).fit(seeded(MNIST1DMLP), small_dm)
     assert rec.calls[:2] == ["setup", "on_fit_start"]
     assert rec.calls.count("on_round_start") == 2 and rec.calls.count("on_train_start") == 4
-    assert ("aggregate", 2) in rec.calls and "on_validation_end" in rec.calls
+    assert ("aggregate", 2) in rec.calls and "on_test_end" in rec.calls  # the final test (test_step's hooks)
+    assert "on_validation_end" not in rec.calls  # small_dm has no validation split
     # local_epochs was raised to 2 by on_round_start: epochs 0 and 1 for each client
     assert (0, 0, 0, 2) == rec.seen[0][1:] and (0, 0, 1, 2) == rec.seen[1][1:]
     assert res.history[0]["custom"] == 42.0
@@ -372,6 +376,9 @@ class _CountingCNN(MNIST1DCNN):
         logits = self(x + self.shift) if self.shift else self(x)
         self.log("val_acc_own", (logits.argmax(1) == y).float().mean())
 
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)  # logged names are renamed at the test stage: test_acc_own
+
 
 @pytest.mark.parametrize("shift", [0.0, 0.5])
 def test_evaluation_reuses_the_steps_logits_and_stays_correct(make_loop, small_dm, shift):
@@ -388,7 +395,8 @@ def test_evaluation_reuses_the_steps_logits_and_stays_correct(make_loop, small_d
         expected = float((model(x).argmax(1) == y).float().mean())
     assert res.final_metrics["test_acc"] == pytest.approx(expected)
     if shift == 0.0:
-        assert res.final_metrics["val_acc_own"] == pytest.approx(expected, abs=1e-6)
+        assert res.final_metrics["test_acc_own"] == pytest.approx(expected, abs=1e-6)
+    assert not any(k.startswith("val_") for k in res.final_metrics)  # no validation data, no val_ name
 
 
 def test_optimizers_are_unwrapped_only_when_fabric_would_step_them_unchanged():

@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+import lightning as L
 import safetensors.torch
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -131,11 +132,11 @@ def classification_accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def eval_loader(trainer: Any) -> DataLoader | None:
-    """The held-out loader: FedLoop's evaluation data (``trainer.fed.eval_data``), or the Trainer's datamodule
-    test (else val) loader."""
+    """The held-out loader for end-of-fit reports: FedLoop's test data (``trainer.fed.test_data``, else its
+    validation data), or the Trainer's datamodule test (else val) loader."""
     ctx = fed_context(trainer)
     if ctx is not None:
-        return ctx.eval_data
+        return ctx.test_data if ctx.test_data is not None else ctx.eval_data
     dm = getattr(trainer, "datamodule", None)
     for name in ("test_dataloader", "val_dataloader"):
         try:
@@ -146,6 +147,22 @@ def eval_loader(trainer: Any) -> DataLoader | None:
             log.debug("no %s: %s", name, err)
     loaders = getattr(trainer, "val_dataloaders", None)
     return loaders if isinstance(loaders, DataLoader) else None
+
+
+def held_out_metrics(trainer: Any, model: nn.Module) -> dict[str, float]:
+    """End-of-fit metrics of ``model`` (e.g. an exported copy) on the held-out data, named as the final test's.
+
+    Under FedLoop on the CPU: the loop's evaluator at the test stage (``trainer.fed.evaluate(model, "test")``):
+    what the module's own ``test_step`` (else ``validation_step``) logs, as ``test_*`` names, plus ``test_acc`` /
+    ``test_loss`` for classifiers. Otherwise (``lightning.Trainer``, or an accelerator an exported integer model
+    need not run on, or a model that is not a LightningModule): the classification accuracy of ``model(x)`` on
+    :func:`eval_loader` as ``test_acc``. ``{}`` without held-out data."""
+    ctx = fed_context(trainer)
+    if ctx is not None and ctx.test_data is not None and isinstance(model, L.LightningModule) \
+            and getattr(trainer, "device", torch.device("cpu")).type == "cpu":
+        return ctx.evaluate(model, "test")
+    loader = eval_loader(trainer)
+    return {} if loader is None else {"test_acc": classification_accuracy(model, loader)}
 
 
 def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
@@ -273,6 +290,12 @@ class Footprint(FedCallback):
 
 
 __all__ = [
-    "Footprint", "classification_accuracy", "cpu_latency_ms", "float_copy", "measure_exported", "measure_footprint",
+    "Footprint",
+    "classification_accuracy",
+    "cpu_latency_ms",
+    "float_copy",
+    "held_out_metrics",
+    "measure_exported",
+    "measure_footprint",
     "serialized_bytes",
 ]

@@ -24,6 +24,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import safetensors.torch
 import torch
 from torch import Tensor, nn
@@ -44,9 +45,9 @@ from lightning_fed.callbacks._compress import (
 )
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.footprint import (
-    classification_accuracy,
     eval_loader,
     float_copy,
+    held_out_metrics,
     log_metrics,
     serialized_bytes,
 )
@@ -121,7 +122,9 @@ class QuantizationAware(FedCallback):
         callbacks = [StructuredPruning(ratio=0.36, at=[20, 30, 40]), QuantizationAware(scheme="int8", start=60)]
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=100, callbacks=callbacks)
 
-    After fit, :attr:`report` holds ``float_acc``, ``quant_acc``, ``float_bytes``, ``quant_bytes``,
+    After fit, :attr:`report` holds ``float_acc``, ``quant_acc`` (test accuracy), the other test metrics of both
+    models (``float_test_loss``, ``quant_<what test_step logs>``…; see
+    :func:`~lightning_fed.callbacks.footprint.held_out_metrics`), ``float_bytes``, ``quant_bytes``,
     ``float_weight_bytes`` and ``quant_weight_bytes`` (quantized layers' weights and scales), and
     :attr:`exported` the integer model (also written as ``quantized.safetensors`` to the run folder).
 
@@ -285,15 +288,18 @@ class QuantizationAware(FedCallback):
         self.report = {"float_bytes": float(serialized_bytes(float_model)), "quant_bytes": float(serialized_bytes(exported)),
                        "float_weight_bytes": float(fw), "quant_weight_bytes": float(qw)}
         self._check_export(trainer, pl_module, float_model, exported)
+        ctx = fed_context(trainer)
+        in_loop_cpu = ctx is not None and ctx.test_data is not None and isinstance(pl_module, L.LightningModule) \
+            and getattr(trainer, "device", torch.device("cpu")).type == "cpu"
         loader = eval_loader(trainer)
-        reason = self._classifier_reason(pl_module, loader) if loader is not None else None
-        if reason is not None:
+        reason = None if in_loop_cpu or loader is None else self._classifier_reason(pl_module, loader)
+        if reason is not None:  # outside the loop's evaluator only class accuracy can be computed
             warn_once(self, "accuracy", "QuantizationAware: accuracy of the export is not computed: %s (it needs a "
                       "classifier model(x) over (x, y) records with integer labels); see export_max_abs_diff", reason)
-        elif loader is not None:
-            self.report["float_acc"] = classification_accuracy(float_model, loader)
-            self.report["quant_acc"] = classification_accuracy(exported, loader)
-        ctx = fed_context(trainer)
+        else:
+            for kind, m in (("float", float_model), ("quant", exported)):  # the module's own test metrics if any
+                for k, v in held_out_metrics(trainer, m).items():
+                    self.report[f"{kind}_acc" if k == "test_acc" else f"{kind}_{k}"] = v
         out_dir = Path(self.export_dir) if self.export_dir else (
             ctx.run_dir if ctx is not None else Path(trainer.default_root_dir))
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,9 +60,14 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | Path 
 class MNIST1DDataModule(L.LightningDataModule):
     """MNIST-1D train (4,000) / test (1,000) sequences of length 40, 10 classes, generated locally.
 
+    MNIST-1D has no validation split. ``val_fraction > 0`` carves one out of the TRAINING data (a seeded random
+    ``round(val_fraction * 4000)`` of it; the clients train on the rest); the test split is never used for it.
+    With the default ``val_fraction=0`` the training set is unchanged and there is no ``val_dataloader()``:
+    FedLoop then reports no ``val_*`` metrics and tests after the last round (docs/evaluation.md).
+
     Example::
 
-        dm = MNIST1DDataModule(batch_size=32)
+        dm = MNIST1DDataModule(batch_size=32, val_fraction=0.1)  # 3,600 train / 400 val / 1,000 test
         loop.fit(MNIST1DCNN(), dm)
 
     Args:
@@ -70,14 +75,22 @@ class MNIST1DDataModule(L.LightningDataModule):
         num_samples: total samples generated (80 % train, 20 % test).
         seed: data-generation seed (use another seed for public / proxy data).
         cache_dir: cache folder for the generated tensors.
+        val_fraction: share of the training data held out as the validation split, in ``[0, 1)``; 0 = none.
+        val_seed: seed of which training examples are held out.
     """
 
-    def __init__(self, batch_size: int = 32, num_samples: int = 5000, seed: int = 42, cache_dir: str | None = None) -> None:
+    def __init__(self, batch_size: int = 32, num_samples: int = 5000, seed: int = 42, cache_dir: str | None = None,
+                 val_fraction: float = 0.0, val_seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"MNIST1DDataModule: batch_size must be >= 1, got {batch_size}")
         if num_samples < 10:
             raise ValueError(f"MNIST1DDataModule: num_samples must be >= 10, got {num_samples}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"MNIST1DDataModule: val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
+        self.val_seed = val_seed
+        self.val_set: TensorDataset | None = None
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.seed = seed
@@ -91,10 +104,17 @@ class MNIST1DDataModule(L.LightningDataModule):
         make_mnist1d(self.num_samples, self.seed, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the train and test ``TensorDataset``s."""
+        """Build the train, validation (``val_fraction > 0``) and test ``TensorDataset``s."""
         if self.train_set is None:
             d = make_mnist1d(self.num_samples, self.seed, self.cache_dir)
-            self.train_set = TensorDataset(d["x"], d["y"])
+            x, y = d["x"], d["y"]
+            n_val = round(self.val_fraction * len(y))
+            if n_val > 0:
+                perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.val_seed))
+                val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+                self.val_set = TensorDataset(x[val_idx], y[val_idx])
+                x, y = x[train_idx], y[train_idx]
+            self.train_set = TensorDataset(x, y)
             self.test_set = TensorDataset(d["x_test"], d["y_test"])
 
     def train_dataloader(self) -> DataLoader:
@@ -102,9 +122,13 @@ class MNIST1DDataModule(L.LightningDataModule):
         assert self.train_set is not None, "call setup() first"
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """The held-out test split (MNIST-1D has no separate validation split)."""
-        return self.test_dataloader()
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split carved from the training data; ``[]`` (no validation, for ``lightning.Trainer``
+        and FedLoop alike) when ``val_fraction == 0``."""
+        assert self.train_set is not None, "call setup() first"
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256))
 
     def test_dataloader(self) -> DataLoader:
         """The held-out test split."""

@@ -37,14 +37,17 @@ class _Classifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Logs ``val_loss`` and ``val_acc``."""
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", self.val_acc(logits, y))
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Same as :meth:`validation_step`."""
-        self.validation_step(batch, batch_idx)
+        """Logs ``test_loss`` and ``test_acc`` (the same computation as :meth:`validation_step`)."""
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}_loss", F.cross_entropy(logits, y))
+        self.log(f"{stage}_acc", self.val_acc(logits, y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD (with momentum), Adam or AdamW at ``lr``."""

@@ -61,8 +61,10 @@ class Strategy:
         return default
 
     def evaluate(self, evaluate_module: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-        """Extra evaluation at evaluation rounds (e.g. per tier): ``evaluate_module(m)`` runs the loop's
-        evaluator on any module; return metrics to log (names should be prefixed, e.g. ``tier0/test_acc``)."""
+        """Extra evaluation (e.g. per tier), called once per evaluation the loop runs: ``evaluate_module(m)``
+        runs the loop's evaluator on any module for that evaluation's stage, returning ``val_*`` names on the
+        validation data or ``test_*`` names on the test data; return metrics to log under prefixed names that
+        keep the stage (e.g. :func:`~lightning_fed.evaluate.stage_metrics`: ``tier0/val_acc``, ``tier0/test_acc``)."""
         return {}
 
     def client_callbacks(self) -> list[Callback]:

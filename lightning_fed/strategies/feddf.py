@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.data.public import PublicData
+from lightning_fed.evaluate import stage_metrics
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
 from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.aggregators import Aggregator, resolve_aggregator
@@ -47,8 +48,9 @@ class FedDF(Strategy):
         strategy = FedDF(public=PublicData(num_samples=2000, seed=7), proxy_size=1000, distill_steps=100,
                          tiers=ModelTiers(models=[MNIST1DCNN(channels=16), MNIST1DCNN(channels=32)]))
 
-    Evaluation logs ``tier<t>/test_acc`` (each architecture's fused global model) and ``server/test_acc``
-    (the logit ensemble of the tiers' global models); the loop's ``test_acc`` is tier 0's.
+    Evaluation logs ``tier<t>/<stage>_acc`` (each architecture's fused global model) and ``server/<stage>_acc``
+    (the logit ensemble of the tiers' global models), ``<stage>`` being ``val`` at validation and ``test`` at
+    the test (docs/evaluation.md); the loop's ``val_acc``/``test_acc`` are tier 0's.
 
     Args:
         public: the unlabeled proxy data (default: 1,000 MNIST-1D samples made with seed 7).
@@ -178,17 +180,18 @@ class FedDF(Strategy):
         load_into(model, self.avg[0].payload())
 
     def evaluate(self, evaluate_module: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-        """Each tier's global model, and their logit ensemble (``server/test_acc``)."""
+        """Each tier's global model (``tier<t>/val_acc`` or ``tier<t>/test_acc``, following the stage that
+        ``evaluate_module`` runs), and their logit ensemble (``server/val_acc`` / ``server/test_acc``)."""
         out: dict[str, float] = {}
         modules = []
         for t, avg in enumerate(self.avg):
             module = self._module(t)
             load_into(module, avg.payload())
-            out[f"tier{t}/test_acc"] = evaluate_module(module).get("test_acc", float("nan"))
+            out.update(stage_metrics(evaluate_module(module), f"tier{t}/"))
             modules.append(module)
         if self._ensemble is None:
             self._ensemble = LogitEnsemble(modules)
-        out["server/test_acc"] = evaluate_module(self._ensemble).get("test_acc", float("nan"))
+        out.update(stage_metrics(evaluate_module(self._ensemble), "server/"))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.kd_losses import kd_loss
 from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
+from lightning_fed.evaluate import stage_metrics
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.seeding import Stream, generator
 from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_of
@@ -209,7 +210,7 @@ class FedGKT(OwnModels):
 
     Evaluation logs ``tier<t>/test_acc`` (mean over evaluated clients' own models), ``server/test_acc``
     (split inference: the server model on those clients' extractors, the paper's model) and
-    ``tier<t>/server_test_acc``.
+    ``tier<t>/server_test_acc`` on the test data; the same with ``val`` for ``test`` on the validation data.
 
     Args:
         tiers: client architectures (each implements the split: ``extract``, ``classify``, ``extract_shape``;
@@ -409,7 +410,7 @@ class FedGKT(OwnModels):
         assert self.server is not None
         if tier not in self._composed:
             self._composed[tier] = GKTComposed(module, self.server, tier, self.extract)
-        return {"server/test_acc": evaluate(self._composed[tier]).get("test_acc", float("nan"))}
+        return stage_metrics(evaluate(self._composed[tier]), "server/")
 
     def state_dict(self) -> dict[str, Any]:
         """Tier initial weights, the server model and optimizer, the per-client server logits and feature cache."""

@@ -9,12 +9,13 @@ Algorithms whose clients keep their own models (FedMD, FedGKT, decentralized dis
 :class:`ClientModels`: it loads the client's weights from ``trainer.client_state`` into its tier's module
 when the client becomes active and saves them after its reply, so only the active client's weights are in
 memory. At evaluation rounds it also evaluates up to ``eval_clients`` stored client models per tier and
-logs the mean (``tier<t>/test_acc``).
+logs the mean (``tier<t>/val_acc`` at validation, ``tier<t>/test_acc`` at the test).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
+from lightning_fed.evaluate import stage_metrics
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload
 from lightning_fed.strategies.aggregate import example_weights
@@ -210,8 +212,9 @@ class ClientModels(FedCallback):
     On ``on_client_start`` the active client's weights (``trainer.client_state["model"]``, or its tier's
     initial weights for a client never seen) are loaded into the tier's working module; on
     ``on_client_end`` they are saved back. At evaluation rounds, up to ``eval_clients`` stored client models
-    per tier (lowest ids first) are evaluated on the held-out split and their mean accuracy is logged as
-    ``tier<t>/test_acc`` (and ``clients/test_acc`` over all of them). Under a plain ``lightning.Trainer``
+    per tier (lowest ids first) are evaluated and their mean accuracy is logged as ``tier<t>/val_acc`` on the
+    validation data and ``tier<t>/test_acc`` on the test data at the rounds each is evaluated (and
+    ``clients/val_acc`` / ``clients/test_acc`` over all of them; docs/evaluation.md). Under a plain ``lightning.Trainer``
     it does nothing.
 
     Example::
@@ -255,7 +258,7 @@ class ClientModels(FedCallback):
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
         """At evaluation rounds, evaluate stored client models per tier and log the means."""
         fed = fed_context(trainer)
-        if fed is None or self.eval_clients == 0 or not fed.is_eval_round():
+        if fed is None or self.eval_clients == 0 or not fed.eval_stages():
             return
         stored = set(fed.stored_clients())
         overall: dict[str, list[float]] = {}
@@ -268,14 +271,16 @@ class ClientModels(FedCallback):
                 if weights is None:
                     continue
                 load_into(module, weights)
-                out = {"clients/test_acc": fed.evaluate(module).get("test_acc", float("nan"))}
-                if self.extra_eval is not None:
-                    out.update(self.extra_eval(module, t, fed.evaluate))
-                for k, v in out.items():
-                    per_tier.setdefault(k, []).append(v)
-                    overall.setdefault(k, []).append(v)
+                for stage in fed.eval_stages():
+                    evaluate = functools.partial(fed.evaluate, stage=stage)
+                    out = stage_metrics(evaluate(module), "clients/")
+                    if self.extra_eval is not None:
+                        out.update(self.extra_eval(module, t, evaluate))
+                    for k, v in out.items():
+                        per_tier.setdefault(k, []).append(v)
+                        overall.setdefault(k, []).append(v)
             for k, vals in per_tier.items():
-                name = "test_acc" if k == "clients/test_acc" else k.replace("/", "_")
+                name = k.split("/", 1)[1] if k.startswith("clients/") else k.replace("/", "_")
                 metrics[f"tier{t}/{name}"] = sum(vals) / len(vals)
         for k, vals in overall.items():
             metrics[k] = sum(vals) / len(vals)
@@ -303,7 +308,8 @@ class OwnModels(Strategy):
     It assigns clients to tiers (:meth:`client_module`), keeps every tier's initial weights for clients never
     seen, and installs :class:`ClientModels` (per-client weights in the client store, evaluation per tier).
     ``load_global`` leaves the loop's model as the last tier-0 client left it: there is no global model, so
-    read ``tier<t>/test_acc`` (mean over evaluated clients) rather than ``test_acc``.
+    read ``tier<t>/val_acc`` / ``tier<t>/test_acc`` (mean over evaluated clients) rather than ``val_acc`` /
+    ``test_acc``.
 
     Args:
         tiers: client architectures (``None``: every client trains the loop's model architecture).
