@@ -8,7 +8,15 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``global_step``               optimizer steps of the active client in this round
 ``max_epochs``                local epochs of this round
 ``num_training_batches``      batches per local epoch of the active client
-``estimated_stepping_batches`` ``max_epochs * num_training_batches`` (sizing LR schedules)
+``estimated_stepping_batches`` ``max_epochs * ceil(num_training_batches / accumulate_grad_batches)`` (sizing
+                              LR schedules), as ``lightning.Trainer`` computes it
+``is_last_batch``             whether the current batch is the last of the local epoch
+``max_steps``                 always ``-1`` (FedLoop trains whole local epochs)
+``accumulate_grad_batches``   ``FedLoop(accumulate_grad_batches=)``
+``gradient_clip_val``         ``FedLoop(gradient_clip_val=)``
+``gradient_clip_algorithm``   ``FedLoop(gradient_clip_algorithm=)``
+``precision``                 the Fabric precision (``"32-true"``, ``"bf16-mixed"``…)
+``world_size``                forwarded from Fabric (1: each client trains in one process)
 ``optimizers``                the active client's optimizers (list): those ``configure_optimizers`` returned, wrapped
                               by Fabric only when its strategy changes the step (e.g. a gradient scaler)
 ``lr_scheduler_configs``      its LR schedulers (list of ``SchedulerConfig``)
@@ -33,6 +41,7 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +69,13 @@ class TrainerView:
         self.validating = False
         self.sanity_checking = False
         self.should_stop = False
+        self.is_last_batch = False
+        self.max_steps = -1
+        self.accumulate_grad_batches = 1
+        self.gradient_clip_val: float | None = None
+        self.gradient_clip_algorithm = "norm"
+        self.backward_router: Callable[..., None] | None = None  # set by local training: hooks around backward
+        self.fresh_metrics: set[str] = set()  # names logged since local training started
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
@@ -85,8 +101,13 @@ class TrainerView:
 
     @property
     def estimated_stepping_batches(self) -> int:
-        """Optimizer steps of this client's local training (``max_epochs * num_training_batches``)."""
-        return self.max_epochs * self.num_training_batches
+        """Optimizer steps of this client's local training, as ``lightning.Trainer`` estimates them."""
+        return -(-self.num_training_batches // self.accumulate_grad_batches) * max(self.max_epochs, 1)
+
+    @property
+    def precision(self) -> str:
+        """The Fabric precision, e.g. ``"32-true"``."""
+        return str(self.fabric.strategy.precision.precision)
 
     @property
     def logged_metrics(self) -> dict[str, torch.Tensor]:
@@ -114,12 +135,34 @@ class TrainerView:
         for name, value in metrics.items():
             v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.callback_metrics[name] = v
+            self.fresh_metrics.add(name)
             self._sums[name] = self._sums.get(name, 0.0) + float(v)
             self._counts[name] = self._counts.get(name, 0) + 1
 
     def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """``manual_backward`` support: route through Fabric (precision-aware)."""
-        self.fabric.backward(tensor, *args, **kwargs)
+        """``manual_backward`` and the module's default ``backward``: during local training through its hooks
+        (``on_before_backward``, the module's ``backward``, ``on_after_backward``), else through Fabric."""
+        if self.backward_router is not None:
+            self.backward_router(tensor, *args, **kwargs)
+        else:
+            self.fabric.backward(tensor, *args, **kwargs)
+
+    def clip_gradients(self, module: Any, optimizer: torch.optim.Optimizer, clip_val: float | None = None,
+                       max_norm: float | None = None, norm_type: float = 2.0,
+                       error_if_nonfinite: bool = False) -> torch.Tensor | None:
+        """What ``LightningModule.clip_gradients`` calls: clip the gradients of ``optimizer``'s parameters like
+        ``lightning.Trainer``'s precision plugin (by value, or by norm; ``None`` or 0 clips nothing)."""
+        if clip_val is not None and max_norm is not None:
+            raise ValueError("clip_gradients: pass clip_val (by value) or max_norm (by norm), not both")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if clip_val is not None:
+            if clip_val > 0:
+                torch.nn.utils.clip_grad_value_(params, clip_value=clip_val)
+            return None
+        if not max_norm or max_norm <= 0:
+            return None
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite)
 
     def reset_means(self) -> None:
         """Start a new averaging window for logged values."""
