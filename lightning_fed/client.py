@@ -19,6 +19,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision, Precision
 from lightning.fabric.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -225,7 +226,7 @@ class LocalTrainer:
         self.plain_steps = plain_optimizer_steps(fabric)
         self.scaler = getattr(fabric.strategy.precision, "scaler", None)
         view.gradient_clip_val = gradient_clip_val
-        view.gradient_clip_algorithm = gradient_clip_algorithm
+        view.gradient_clip_algorithm = GradClipAlgorithmType(gradient_clip_algorithm)  # a str, as the Trainer's
         view.accumulate_grad_batches = accumulate_grad_batches
         self._in_backward = False
         self._scheds: list[LRSchedulerConfig] = []
