@@ -402,3 +402,38 @@ def test_16_mixed_gradient_scaler_parity(tmp_path):
     fed, trn = run_both(seeded(Warmup, lr=0.05), fed_kw={**kw, "accelerator": "cuda"},
                         trainer_kw={**kw, "accelerator": "gpu"}, tmp_path=tmp_path)
     assert_same_weights(fed, trn)
+
+
+@pytest.mark.parametrize("init_scale", [2.0**8, 2.0**19])  # 2**19 overflows fp16 at first: the scaler skips steps
+def test_gradient_scaler_parity_cpu(init_scale):
+    """The scaler path of local training (Fabric's 16-mixed precision with a GradScaler, here a CPU one) matches
+    lightning.Trainer's MixedPrecision plugin with the same scaler: unscale, clip, scaler step and update."""
+    from pathlib import Path
+
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision as FabricMixed
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from lightning_fed.client import LocalTrainer
+    from lightning_fed.context import FedContext
+    from lightning_fed.trainer_view import TrainerView
+
+    batches = client_batches(TensorDM())
+    model = seeded(Warmup, lr=0.05)
+    fabric = Fabric(accelerator="cpu", devices=1,
+                    plugins=[FabricMixed("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))])
+    fed = copy.deepcopy(model)
+    view = TrainerView(fabric, FedContext(num_clients=1, num_rounds=1, eval_every=1, run_dir=Path(".")))
+    view.lightning_module, fed.trainer, fed.fabric = fed, view, view
+    local = LocalTrainer(fabric, view, [], gradient_clip_val=0.05)
+    assert not local.plain_steps and local.scaler is not None
+    local.fit(batches, 1)
+    cap = Capture()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.05, callbacks=[cap],
+              plugins=[plugin]).fit(copy.deepcopy(model), DataLoader(batches, batch_size=None))
+    assert local.scaler.get_scale() == plugin.scaler.get_scale() == (init_scale if init_scale < 2**10 else 2.0**17)
+    for k, v in fed.state_dict().items():
+        torch.testing.assert_close(v, cap.weights[k], rtol=0, atol=0)
+    assert not torch.equal(fed.state_dict()["net.0.weight"], model.state_dict()["net.0.weight"])
