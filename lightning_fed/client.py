@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
+from torchmetrics import Metric, MetricCollection
 
 from lightning_fed.errors import ClientError
 from lightning_fed.trainer_view import TrainerView
@@ -193,6 +194,37 @@ def check_module(module: Any, template: DataLoader, shard_sizes: Sequence[int]) 
                     "the data module's train_dataloader (or change batch_size)", ones, len(shard_sizes), bs)
 
 
+def _accept_metric_objects(module: Any, view: TrainerView) -> None:
+    """Let the module's ``self.log``/``self.log_dict`` take torchmetrics ``Metric`` objects during local training,
+    as under ``lightning.Trainer`` (LightningModule's Fabric path refuses them): instance attributes shadowing the
+    two methods, removed by :func:`_restore_log`. Other values go to Lightning's own methods unchanged."""
+    log_fn, log_dict_fn = module.log, module.log_dict
+
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            view.log_metric(name, value)
+        else:
+            log_fn(name, value, *args, **kwargs)
+
+    def log_dict(dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        items = dictionary.items(keep_base=False) if isinstance(dictionary, MetricCollection) else dictionary.items()
+        rest = {}
+        for name, value in items:
+            if isinstance(value, Metric):
+                view.log_metric(name, value)
+            else:
+                rest[name] = value
+        if rest:
+            log_dict_fn(rest, *args, **kwargs)
+
+    module.__dict__["log"], module.__dict__["log_dict"] = log, log_dict
+
+
+def _restore_log(module: Any) -> None:
+    module.__dict__.pop("log", None)
+    module.__dict__.pop("log_dict", None)
+
+
 class LocalTrainer:
     """Runs local epochs of a LightningModule on one client's data, calling Lightning hooks in Lightning's order.
 
@@ -258,6 +290,7 @@ class LocalTrainer:
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
         self._scheds = scheds if module.automatic_optimization else []  # Lightning steps them only when automatic
         view.backward_router = self.backward
+        _accept_metric_objects(module, view)
         if not module.training:  # evaluation switched it off (the mode of submodules a callback set is kept)
             module.train()
         try:
@@ -270,13 +303,17 @@ class LocalTrainer:
                     view.is_last_batch = batch_idx + 1 == view.num_training_batches
                     if self._train_batch(batch, batch_idx, steppers) is False or view.should_stop:
                         break
+                view.compute_metrics()
                 self._hook("on_train_epoch_end")
+                view.reset_metrics()
                 self._step_schedulers("epoch", epoch + 1, plateau=True)
                 if view.should_stop:
                     break
             self._hook("on_train_end")
         finally:
             view.backward_router = None
+            _restore_log(module)
+            view.reset_metrics()
             module._fabric_optimizers = []
             view.optimizers = []
         view.training = False

@@ -76,6 +76,8 @@ class TrainerView:
         self.gradient_clip_algorithm = "norm"
         self.backward_router: Callable[..., None] | None = None  # set by local training: hooks around backward
         self.fresh_metrics: set[str] = set()  # names logged since local training started
+        self._metric_objects: dict[str, Any] = {}  # torchmetrics Metrics logged this epoch, computed at its end
+        self._epoch_values: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
@@ -164,14 +166,38 @@ class TrainerView:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
                                               error_if_nonfinite=error_if_nonfinite)
 
+    def log_metric(self, name: str, metric: Any) -> None:
+        """A torchmetrics ``Metric`` passed to ``self.log``: its batch value (what its forward returned) now, as
+        Lightning logs it on step; ``compute()`` at the end of the epoch (:meth:`compute_metrics`)."""
+        self._metric_objects[name] = metric
+        batch_value = getattr(metric, "_forward_cache", None)
+        if isinstance(batch_value, torch.Tensor) and batch_value.numel() == 1:
+            self.callback_metrics[name] = batch_value.detach().float()
+        self.fresh_metrics.add(name)
+
+    def compute_metrics(self) -> None:
+        """End of epoch: ``compute()`` every Metric object logged in it, as its logged value and epoch value."""
+        for name, metric in self._metric_objects.items():
+            value = metric.compute()
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self.callback_metrics[name] = value.detach().float()
+                self._epoch_values[name] = float(value)
+
+    def reset_metrics(self) -> None:
+        """After the epoch-end hooks: reset the Metric objects logged in the epoch, as Lightning does."""
+        for metric in self._metric_objects.values():
+            metric.reset()
+        self._metric_objects.clear()
+
     def reset_means(self) -> None:
         """Start a new averaging window for logged values."""
         self._sums.clear()
         self._counts.clear()
+        self._epoch_values.clear()
 
     def means(self) -> dict[str, float]:
-        """Mean of each logged value since the last :meth:`reset_means`."""
-        return {k: self._sums[k] / self._counts[k] for k in self._sums}
+        """Mean of each logged value since the last :meth:`reset_means` (a Metric object's ``compute()``)."""
+        return {**{k: self._sums[k] / self._counts[k] for k in self._sums}, **self._epoch_values}
 
     def __getattr__(self, item: str) -> Any:
         # Only reached for names not set above: forward to Fabric (device, world_size, ...).

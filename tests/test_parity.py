@@ -437,3 +437,44 @@ def test_gradient_scaler_parity_cpu(init_scale):
     for k, v in fed.state_dict().items():
         torch.testing.assert_close(v, cap.weights[k], rtol=0, atol=0)
     assert not torch.equal(fed.state_dict()["net.0.weight"], model.state_dict()["net.0.weight"])
+
+
+class WithMetrics(Base):
+    """torchmetrics Metric objects (and a MetricCollection) passed to self.log / self.log_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.train_acc = MulticlassAccuracy(num_classes=3)
+        self.extra = MetricCollection({"f1": MulticlassF1Score(num_classes=3)}, prefix="train_")
+        self.at_epoch_end: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.train_acc(logits, y)
+        self.extra(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_dict(self.extra, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+    def on_train_epoch_end(self):
+        self.at_epoch_end.append(float(self.trainer.callback_metrics["train_acc"]))
+
+
+def test_metric_objects_in_self_log(tmp_path):
+    model = seeded(WithMetrics)
+    fed = copy.deepcopy(model)
+    result = FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
+                     verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(fed, TensorDM())
+    assert result.history[0]["good"] == 1, result.history
+    trn = copy.deepcopy(model)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(trn, DataLoader(client_batches(TensorDM()), batch_size=None))
+    assert fed.at_epoch_end == trn.at_epoch_end
+    assert result.history[0]["train_acc"] == pytest.approx(float(trainer.callback_metrics["train_acc"]), abs=1e-7)
+    assert result.history[0]["train_f1"] == pytest.approx(float(trainer.callback_metrics["train_f1"]), abs=1e-7)
+    assert "log" not in fed.__dict__ and "log_dict" not in fed.__dict__  # the module is left as it was
