@@ -3,8 +3,11 @@
 The module's own ``configure_optimizers``, ``training_step`` and ``self.log`` are used. Callback hooks
 receive the :class:`~lightning_fed.trainer_view.TrainerView` as ``trainer``. Hooks run in Lightning's
 order (callbacks, then the module) for: ``on_train_start``, ``on_train_epoch_start``,
-``on_train_batch_start``, ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
-``on_before_zero_grad``, ``on_train_batch_end``, ``on_train_epoch_end``, ``on_train_end``.
+``on_train_batch_start``, ``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``,
+``on_before_optimizer_step``, ``on_train_batch_end``, ``on_train_epoch_end``, ``on_train_end``; the module's
+``optimizer_step``, ``optimizer_zero_grad``, ``backward``, ``configure_gradient_clipping`` and
+``lr_scheduler_step`` are called as ``lightning.Trainer`` calls them (see docs/lightning.md, checked weight for
+weight against the Trainer by tests/test_parity.py).
 """
 
 from __future__ import annotations

@@ -478,3 +478,19 @@ def test_metric_objects_in_self_log(tmp_path):
     assert result.history[0]["train_acc"] == pytest.approx(float(trainer.callback_metrics["train_acc"]), abs=1e-7)
     assert result.history[0]["train_f1"] == pytest.approx(float(trainer.callback_metrics["train_f1"]), abs=1e-7)
     assert "log" not in fed.__dict__ and "log_dict" not in fed.__dict__  # the module is left as it was
+
+
+def test_docs_example_runs(tmp_path):
+    """docs/lightning.md's example runs (shortened)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "lightning.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
+    code = code.replace("rounds=3", "rounds=1").replace("num_clients=10, clients_per_round=5", "num_clients=4, clients_per_round=2")
+    code = code.replace('output_dir="runs/lightning"', f'output_dir="{tmp_path}", verbose=False, plot=False, loggers=[]')
+    code = code.replace("MNIST1DDataModule(batch_size=32)", "MNIST1DDataModule(batch_size=32, num_samples=1000)")
+    assert code.count(str(tmp_path)) == 1 and "num_samples=1000" in code
+    scope: dict = {}
+    exec(compile(code, "docs/lightning.md", "exec"), scope)  # noqa: S102 - the documented example itself
+    assert scope["loop"].history[0]["good"] == 2
