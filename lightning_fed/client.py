@@ -121,8 +121,11 @@ class StepOptimizer:
         """Wrap ``optimizer``; ``fabric_optimizer`` is it, or Fabric's wrapper when the precision changes the step."""
         cls = _STEP_CLASSES.get(type(optimizer))
         if cls is None:
-            name = "FedLoop" + type(optimizer).__name__
-            cls = _STEP_CLASSES[type(optimizer)] = type(name, (StepOptimizer, type(optimizer)), {})
+            try:
+                cls = type("FedLoop" + type(optimizer).__name__, (StepOptimizer, type(optimizer)), {})
+            except TypeError:  # a class that cannot be subclassed this way: no isinstance checks, same behaviour
+                cls = StepOptimizer
+            _STEP_CLASSES[type(optimizer)] = cls
         obj = object.__new__(cls)
         obj.__dict__.update(_optimizer=optimizer, _fabric_optimizer=fabric_optimizer, _trainer=trainer)
         return obj
@@ -403,7 +406,8 @@ class LocalTrainer:
             if self.scaler is not None:
                 self.scaler.unscale_(raw)  # hooks and clipping see true gradients
             self._hook("on_before_optimizer_step", raw)
-            if automatic:
+            # the default hook clips nothing without a value: skipped then, as it changes nothing
+            if automatic and (view.gradient_clip_val is not None or self._custom_clipping(module)):
                 module.configure_gradient_clipping(raw, gradient_clip_val=view.gradient_clip_val,
                                                    gradient_clip_algorithm=view.gradient_clip_algorithm)
             return out
@@ -417,6 +421,10 @@ class LocalTrainer:
         if not automatic:
             view.global_step += 1
         return out
+
+    @staticmethod
+    def _custom_clipping(module: Any) -> bool:
+        return type(module).configure_gradient_clipping is not L.LightningModule.configure_gradient_clipping
 
     def _step_schedulers(self, interval: str, idx: int, plateau: bool) -> None:
         """Lightning's ``_update_learning_rates``: the schedulers of ``interval`` whose frequency divides ``idx``."""

@@ -50,6 +50,10 @@ from lightning.fabric import Fabric
 from lightning_fed.context import FedContext
 
 
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class TrainerView:
     """A small stand-in for ``lightning.Trainer`` that FedLoop hands to callbacks and to the module."""
 
@@ -156,14 +160,13 @@ class TrainerView:
         ``lightning.Trainer``'s precision plugin (by value, or by norm; ``None`` or 0 clips nothing)."""
         if clip_val is not None and max_norm is not None:
             raise ValueError("clip_gradients: pass clip_val (by value) or max_norm (by norm), not both")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         if clip_val is not None:
             if clip_val > 0:
-                torch.nn.utils.clip_grad_value_(params, clip_value=clip_val)
+                torch.nn.utils.clip_grad_value_(_params(optimizer), clip_value=clip_val)
             return None
         if not max_norm or max_norm <= 0:
             return None
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+        return torch.nn.utils.clip_grad_norm_(_params(optimizer), max_norm, norm_type=norm_type,
                                               error_if_nonfinite=error_if_nonfinite)
 
     def log_metric(self, name: str, metric: Any) -> None:
