@@ -494,3 +494,15 @@ def test_docs_example_runs(tmp_path):
     scope: dict = {}
     exec(compile(code, "docs/lightning.md", "exec"), scope)  # noqa: S102 - the documented example itself
     assert scope["loop"].history[0]["good"] == 2
+
+
+def test_module_prepare_data_called_once(tmp_path):
+    calls = []
+
+    class Prepares(Base):
+        def prepare_data(self):
+            calls.append("module")
+
+    FedLoop(num_clients=2, clients_per_round=1, rounds=2, seed=SEED, output_dir=str(tmp_path / "runs"), verbose=False,
+            plot=False, loggers=[], checkpoint_every=0).fit(Prepares(), TensorDM())
+    assert calls == ["module"]
