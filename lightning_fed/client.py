@@ -3,25 +3,36 @@
 The module's own ``configure_optimizers``, ``training_step`` and ``self.log`` are used. Callback hooks
 receive the :class:`~lightning_fed.trainer_view.TrainerView` as ``trainer``. Hooks run in Lightning's
 order (callbacks, then the module) for: ``on_train_start``, ``on_train_epoch_start``,
-``on_train_batch_start``, ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
-``on_before_zero_grad``, ``on_train_batch_end``, ``on_train_epoch_end``, ``on_train_end``.
+``on_train_batch_start``, ``on_before_zero_grad``, ``on_before_backward``, ``on_after_backward``,
+``on_before_optimizer_step``, ``on_train_batch_end``, ``on_train_epoch_end``, ``on_train_end``; the module's
+``optimizer_step``, ``optimizer_zero_grad``, ``backward``, ``configure_gradient_clipping`` and
+``lr_scheduler_step`` are called as ``lightning.Trainer`` calls them (see docs/lightning.md, checked weight for
+weight against the Trainer by tests/test_parity.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision, Precision
 from lightning.fabric.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
+from torchmetrics import Metric, MetricCollection
 
 from lightning_fed.errors import ClientError
 from lightning_fed.trainer_view import TrainerView
+
+log = logging.getLogger("lightning_fed")
 
 
 class ClientTrainingError(ClientError):
@@ -55,18 +66,25 @@ def _parse_dict(conf: dict) -> tuple[list[torch.optim.Optimizer], list[LRSchedul
     if "optimizer" not in conf:
         raise ClientTrainingError("configure_optimizers returned a dict without an 'optimizer' key")
     sched = conf.get("lr_scheduler")
-    return [conf["optimizer"]], ([] if sched is None else [_sched_config(sched)])
+    return [conf["optimizer"]], ([] if sched is None else [_sched_config(sched, conf.get("monitor"))])
 
 
-def _sched_config(s: Any) -> LRSchedulerConfig:
+def _sched_config(s: Any, monitor: str | None = None) -> LRSchedulerConfig:
+    """One scheduler config, as Lightning builds it: ``ReduceLROnPlateau`` needs a ``monitor`` (in the scheduler
+    dict or beside ``lr_scheduler``) and is stepped with that logged value."""
     if isinstance(s, LRSchedulerConfig):
         return s
-    if isinstance(s, dict):
-        cfg = {k: v for k, v in s.items() if k in ("scheduler", "interval", "frequency", "monitor", "name", "strict")}
-        if cfg.get("interval", "epoch") not in ("epoch", "step"):
-            raise ClientTrainingError(f"lr_scheduler interval must be 'epoch' or 'step', got {cfg['interval']!r}")
-        return LRSchedulerConfig(**cfg)
-    return LRSchedulerConfig(s)
+    keys = ("scheduler", "interval", "frequency", "monitor", "name", "strict", "reduce_on_plateau")
+    cfg = {k: v for k, v in s.items() if k in keys} if isinstance(s, dict) else {"scheduler": s}
+    if monitor is not None:
+        cfg.setdefault("monitor", monitor)
+    if cfg.get("interval", "epoch") not in ("epoch", "step"):
+        raise ClientTrainingError(f"lr_scheduler interval must be 'epoch' or 'step', got {cfg['interval']!r}")
+    cfg.setdefault("reduce_on_plateau", isinstance(cfg.get("scheduler"), torch.optim.lr_scheduler.ReduceLROnPlateau))
+    if cfg["reduce_on_plateau"] and cfg.get("monitor") is None:
+        raise ClientTrainingError("a ReduceLROnPlateau scheduler needs a monitor: return {'optimizer': opt, "
+                                  "'lr_scheduler': {'scheduler': sched, 'monitor': 'metric_logged_with_self_log'}}")
+    return LRSchedulerConfig(**cfg)
 
 
 def plain_optimizer_steps(fabric: Fabric) -> bool:
@@ -81,22 +99,175 @@ def plain_optimizer_steps(fabric: Fabric) -> bool:
     )
 
 
+_STEP_CLASSES: dict[type, type] = {}  # one wrapper class per optimizer class, made once
+
+
+class StepOptimizer:
+    """The optimizer the module's hooks receive (``optimizer_step``'s ``optimizer``, ``self.optimizers()``), as
+    Lightning's ``LightningOptimizer``: ``step(closure)`` runs the closure (``training_step`` and backward), then
+    ``on_before_optimizer_step``, gradient clipping (automatic optimization) and the precision plugin's step (the
+    gradient scaler under ``16-mixed``). It passes ``isinstance`` checks for the wrapped optimizer's class; every
+    other attribute (``param_groups``, ``state``…) is the wrapped optimizer's own.
+
+    Create with :meth:`wrap`.
+    """
+
+    _optimizer: torch.optim.Optimizer
+    _fabric_optimizer: Any
+    _trainer: LocalTrainer
+
+    @staticmethod
+    def wrap(optimizer: torch.optim.Optimizer, fabric_optimizer: Any, trainer: LocalTrainer) -> StepOptimizer:
+        """Wrap ``optimizer``; ``fabric_optimizer`` is it, or Fabric's wrapper when the precision changes the step."""
+        cls = _STEP_CLASSES.get(type(optimizer))
+        if cls is None:
+            try:
+                cls = type("FedLoop" + type(optimizer).__name__, (StepOptimizer, type(optimizer)), {})
+            except TypeError:  # a class that cannot be subclassed this way: no isinstance checks, same behaviour
+                cls = StepOptimizer
+            _STEP_CLASSES[type(optimizer)] = cls
+        obj = object.__new__(cls)
+        obj.__dict__.update(_optimizer=optimizer, _fabric_optimizer=fabric_optimizer, _trainer=trainer)
+        return obj
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._optimizer
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Lightning's optimizer step: closure, ``on_before_optimizer_step``, clipping, the precision's step."""
+        return self._trainer.optimizer_step(self, closure, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``."""
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state."""
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the wrapped optimizer."""
+        self._optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add to the wrapped optimizer."""
+        self._optimizer.add_param_group(param_group)
+
+    def __getattr__(self, item: str) -> Any:
+        opt = self.__dict__.get("_optimizer")
+        if opt is None:
+            raise AttributeError(item)
+        return getattr(opt, item)
+
+    def __repr__(self) -> str:
+        return f"StepOptimizer({self._optimizer!r})"
+
+
+def _closure_loss(out: Any) -> Tensor | None:
+    """The loss of a ``training_step`` output under automatic optimization (Lightning's rules)."""
+    if out is None or isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise ClientTrainingError("training_step returned a dict without a 'loss' key (automatic optimization)")
+        return out["loss"]
+    raise ClientTrainingError(f"training_step must return a Tensor, a dict with 'loss' or None, got {type(out).__name__}")
+
+
+def check_module(module: Any, template: DataLoader, shard_sizes: Sequence[int]) -> None:
+    """Start-up checks of a LightningModule before a FedLoop run: refuse what local training cannot honour
+    (``ValueError`` naming FedLoop and the alternative) and warn, once, about clients whose every round would fail.
+
+    Args:
+        module: the user's LightningModule.
+        template: the data module's training loader (batch size, ``drop_last``).
+        shard_sizes: examples per client.
+    """
+    if type(module).configure_model is not L.LightningModule.configure_model:
+        raise ValueError(f"FedLoop does not call {type(module).__name__}.configure_model (Trainer's hook for sharded "
+                         "or delayed initialisation): each client trains the whole model on one device; build the "
+                         "layers in __init__")
+    bs = template.batch_size or 1
+    if getattr(template, "drop_last", False) or not any(isinstance(m, _BatchNorm) for m in module.modules()):
+        return
+    ones = sum(1 for n in shard_sizes if n and (bs == 1 or n % bs == 1))
+    if ones:
+        log.warning("%d of %d clients end a local epoch with a one-sample batch (batch_size=%d) and the model has "
+                    "BatchNorm layers, which raise on a single value per channel in training (as under "
+                    "lightning.Trainer): those clients fail every round. Pass drop_last=True to the DataLoader of "
+                    "the data module's train_dataloader (or change batch_size)", ones, len(shard_sizes), bs)
+
+
+def _accept_metric_objects(module: Any, view: TrainerView) -> None:
+    """Let the module's ``self.log``/``self.log_dict`` take torchmetrics ``Metric`` objects during local training,
+    as under ``lightning.Trainer`` (LightningModule's Fabric path refuses them): instance attributes shadowing the
+    two methods, removed by :func:`_restore_log`. Other values go to Lightning's own methods unchanged."""
+    log_fn, log_dict_fn = module.log, module.log_dict
+
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            view.log_metric(name, value)
+        else:
+            log_fn(name, value, *args, **kwargs)
+
+    def log_dict(dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        items = dictionary.items(keep_base=False) if isinstance(dictionary, MetricCollection) else dictionary.items()
+        rest = {}
+        for name, value in items:
+            if isinstance(value, Metric):
+                view.log_metric(name, value)
+            else:
+                rest[name] = value
+        if rest:
+            log_dict_fn(rest, *args, **kwargs)
+
+    module.__dict__["log"], module.__dict__["log_dict"] = log, log_dict
+
+
+def _restore_log(module: Any) -> None:
+    module.__dict__.pop("log", None)
+    module.__dict__.pop("log_dict", None)
+
+
 class LocalTrainer:
-    """Runs local epochs of a LightningModule on one client's data, calling Lightning hooks.
+    """Runs local epochs of a LightningModule on one client's data, calling Lightning hooks in Lightning's order.
+
+    Automatic optimization follows ``lightning.Trainer`` (``loops/optimization/automatic.py``): the module's
+    ``optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)`` is called with a closure that runs
+    ``training_step``, ``on_before_zero_grad`` and ``optimizer_zero_grad`` (first batch of an accumulation window),
+    and ``backward`` (``on_before_backward``, the module's ``backward``, ``on_after_backward``); ``optimizer.step``
+    then calls ``on_before_optimizer_step`` and ``configure_gradient_clipping`` before stepping. Schedulers step
+    through ``lr_scheduler_step`` at their ``interval``/``frequency``, ``ReduceLROnPlateau`` with its monitored
+    logged value. Manual optimization gets every optimizer from ``self.optimizers()``; its ``manual_backward`` runs
+    the backward hooks, and ``global_step`` counts its optimizer steps.
 
     Args:
         fabric: the loop's Fabric (device, precision, backward).
         view: the trainer view shared with callbacks.
         callbacks: Lightning callbacks, called before the module's own hook.
         keep_optimizer_state: carry each client's optimizer state across its rounds (in ``client_state``).
+        gradient_clip_val: ``Trainer(gradient_clip_val=)``, passed to ``configure_gradient_clipping``.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        accumulate_grad_batches: ``Trainer(accumulate_grad_batches=)``: step every this many batches (and on the
+            last batch of an epoch); the loss is divided by it.
     """
 
-    def __init__(self, fabric: Fabric, view: TrainerView, callbacks: list[Any], keep_optimizer_state: bool = False) -> None:
+    def __init__(self, fabric: Fabric, view: TrainerView, callbacks: list[Any], keep_optimizer_state: bool = False,
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
+                 accumulate_grad_batches: int = 1) -> None:
         self.fabric = fabric
         self.view = view
         self.callbacks = callbacks
         self.keep_optimizer_state = keep_optimizer_state
         self.plain_steps = plain_optimizer_steps(fabric)
+        self.scaler = getattr(fabric.strategy.precision, "scaler", None)
+        view.gradient_clip_val = gradient_clip_val
+        view.gradient_clip_algorithm = GradClipAlgorithmType(gradient_clip_algorithm)  # a str, as the Trainer's
+        view.accumulate_grad_batches = accumulate_grad_batches
+        self._in_backward = False
+        self._scheds: list[LRSchedulerConfig] = []
 
     def _hook(self, name: str, *args: Any) -> Any:
         module = self.view.lightning_module
@@ -110,6 +281,8 @@ class LocalTrainer:
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
         view.num_training_batches, view.should_stop, view.training = len(loader), False, True
+        view.is_last_batch = False
+        view.fresh_metrics.clear()
         opts, scheds = parse_optimizers(module.configure_optimizers())
         if module.automatic_optimization and len(opts) > 1:
             raise ClientTrainingError("automatic optimization supports one optimizer; set automatic_optimization=False")
@@ -118,33 +291,45 @@ class LocalTrainer:
                 opt.load_state_dict(state)
         # Fabric's wrapper (a new class per optimizer) only matters when its strategy changes the step
         fopts = opts if self.plain_steps else [fabric.setup_optimizers(o) for o in opts]
-        module._fabric_optimizers = fopts
+        steppers = [StepOptimizer.wrap(o, f, self) for o, f in zip(opts, fopts, strict=True)]
+        module._fabric_optimizers = steppers
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
+        self._scheds = scheds if module.automatic_optimization else []  # Lightning steps them only when automatic
+        view.backward_router = self.backward
+        _accept_metric_objects(module, view)
         if not module.training:  # evaluation switched it off (the mode of submodules a callback set is kept)
             module.train()
-        self._hook("on_train_start")
-        for epoch in range(epochs):
-            view.current_epoch = epoch
-            view.reset_means()
-            self._hook("on_train_epoch_start")
-            for batch_idx, batch in enumerate(loader):
-                if self._train_batch(batch, batch_idx, fopts, scheds) is False or view.should_stop:
+        try:
+            self._hook("on_train_start")
+            for epoch in range(epochs):
+                view.current_epoch = epoch
+                view.reset_means()
+                self._hook("on_train_epoch_start")
+                for batch_idx, batch in enumerate(loader):
+                    view.is_last_batch = batch_idx + 1 == view.num_training_batches
+                    if self._train_batch(batch, batch_idx, steppers) is False or view.should_stop:
+                        break
+                view.compute_metrics()
+                self._hook("on_train_epoch_end")
+                view.reset_metrics()
+                self._step_schedulers("epoch", epoch + 1, plateau=True)
+                if view.should_stop:
                     break
-            self._hook("on_train_epoch_end")
-            for cfg in scheds:
-                if cfg.interval == "epoch" and (epoch + 1) % cfg.frequency == 0:
-                    cfg.scheduler.step()
-            if view.should_stop:
-                break
-        self._hook("on_train_end")
+            self._hook("on_train_end")
+        finally:
+            view.backward_router = None
+            _restore_log(module)
+            view.reset_metrics()
+            module._fabric_optimizers = []
+            view.optimizers = []
         view.training = False
+        for opt in opts:  # Lightning zeroes before backward; the last step's gradients are not kept
+            opt.zero_grad(set_to_none=True)
         if self.keep_optimizer_state and opts:
             view.client_state["optimizer"] = [o.state_dict() for o in opts]
-        module._fabric_optimizers = []
-        view.optimizers = []
         return view.means()
 
-    def _train_batch(self, batch: Any, batch_idx: int, opts: list[Any], scheds: list[LRSchedulerConfig]) -> bool:
+    def _train_batch(self, batch: Any, batch_idx: int, opts: list[StepOptimizer]) -> bool:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         batch = module.on_before_batch_transfer(batch, 0)
         if fabric.device.type != "cpu":  # CPU batches are already where they belong
@@ -152,22 +337,111 @@ class LocalTrainer:
         batch = module.on_after_batch_transfer(batch, 0)
         if self._hook("on_train_batch_start", batch, batch_idx) == -1:
             return False
-        with fabric.autocast():
-            out = module.training_step(batch, batch_idx)
         if module.automatic_optimization and opts:
-            loss = out if isinstance(out, Tensor) else out.get("loss") if isinstance(out, dict) else None
-            if loss is not None:
-                opt = opts[0]
-                self._hook("on_before_backward", loss)
-                fabric.backward(loss)
-                self._hook("on_after_backward")
-                self._hook("on_before_optimizer_step", opt)
-                opt.step()
-                self._hook("on_before_zero_grad", opt)
-                opt.zero_grad(set_to_none=True)
-                for cfg in scheds:
-                    if cfg.interval == "step" and (view.global_step + 1) % cfg.frequency == 0:
-                        cfg.scheduler.step()
-        view.global_step += 1
+            out = self._automatic(batch, batch_idx, opts[0])
+        else:
+            with fabric.autocast():
+                out = module.training_step(batch, batch_idx)
+            if not opts:
+                view.global_step += 1
         self._hook("on_train_batch_end", out, batch, batch_idx)
         return True
+
+    def _automatic(self, batch: Any, batch_idx: int, opt: StepOptimizer) -> Any:
+        """One batch of automatic optimization; returns what Lightning passes to ``on_train_batch_end``."""
+        view, module = self.view, self.view.lightning_module
+        acc, epoch, raw = view.accumulate_grad_batches, view.current_epoch, opt.optimizer
+        result: dict[str, Any] = {}
+
+        @torch.enable_grad()
+        def closure() -> Tensor | None:
+            with self.fabric.autocast():
+                out = module.training_step(batch, batch_idx)
+            loss = _closure_loss(out)
+            if loss is not None:
+                result.update(out if isinstance(out, Mapping) else {})
+                if acc > 1:
+                    loss = loss / acc
+                result["loss"] = loss.detach()
+            if batch_idx % acc == 0:
+                self._hook("on_before_zero_grad", raw)
+                module.optimizer_zero_grad(epoch, batch_idx, raw)
+            if loss is None:
+                return None
+            self.backward(loss)
+            return result["loss"]
+
+        if (batch_idx + 1) % acc and not view.is_last_batch:  # accumulating: no step (Lightning steps on the last batch)
+            closure()
+            return result
+        module.optimizer_step(epoch, batch_idx, opt, closure)
+        view.global_step += 1
+        self._step_schedulers("step", batch_idx + 1, plateau=False)
+        if view.is_last_batch:
+            self._step_schedulers("epoch", epoch + 1, plateau=False)
+        self._step_schedulers("step", batch_idx + 1, plateau=True)
+        return result
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward as Lightning's strategy runs it: ``on_before_backward``, the module's ``backward`` hook (whose
+        default calls Fabric's precision-aware backward), ``on_after_backward``. ``manual_backward`` lands here too."""
+        if self._in_backward:  # the module's backward hook calling back through the view
+            self.fabric.backward(loss, *args, **kwargs)
+            return
+        self._in_backward = True
+        try:
+            self._hook("on_before_backward", loss)
+            self.view.lightning_module.backward(loss, *args, **kwargs)
+            self._hook("on_after_backward")
+        finally:
+            self._in_backward = False
+
+    def optimizer_step(self, opt: StepOptimizer, closure: Callable[[], Any] | None, **kwargs: Any) -> Any:
+        """What ``StepOptimizer.step`` runs (Lightning's precision plugin ``optimizer_step``)."""
+        view, module = self.view, self.view.lightning_module
+        raw, automatic = opt.optimizer, module.automatic_optimization
+
+        def wrapped() -> Any:
+            out = closure() if closure is not None else None
+            if self.scaler is not None:
+                self.scaler.unscale_(raw)  # hooks and clipping see true gradients
+            self._hook("on_before_optimizer_step", raw)
+            # the default hook clips nothing without a value: skipped then, as it changes nothing
+            if automatic and (view.gradient_clip_val is not None or self._custom_clipping(module)):
+                module.configure_gradient_clipping(raw, gradient_clip_val=view.gradient_clip_val,
+                                                   gradient_clip_algorithm=view.gradient_clip_algorithm)
+            return out
+
+        if opt._fabric_optimizer is raw:  # the optimizer calls the closure itself (LBFGS may call it again)
+            out = raw.step(closure=wrapped, **kwargs)
+        else:  # the scaler cannot step with a closure: run it first, as Lightning's MixedPrecision does
+            out = wrapped()
+            if not (automatic and out is None):
+                opt._fabric_optimizer.step(**kwargs)
+        if not automatic:
+            view.global_step += 1
+        return out
+
+    @staticmethod
+    def _custom_clipping(module: Any) -> bool:
+        return type(module).configure_gradient_clipping is not L.LightningModule.configure_gradient_clipping
+
+    def _step_schedulers(self, interval: str, idx: int, plateau: bool) -> None:
+        """Lightning's ``_update_learning_rates``: the schedulers of ``interval`` whose frequency divides ``idx``."""
+        view, module = self.view, self.view.lightning_module
+        for cfg in self._scheds:
+            if cfg.interval != interval or cfg.reduce_on_plateau != plateau or idx % cfg.frequency:
+                continue
+            metric = None
+            if cfg.reduce_on_plateau:
+                metric = view.callback_metrics.get(cfg.monitor) if cfg.monitor in view.fresh_metrics else None
+                if metric is None:
+                    if cfg.strict:
+                        raise ClientTrainingError(
+                            f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged with self.log in this "
+                            f"client's local training before the scheduler's {interval} step (FedLoop runs no "
+                            f"validation inside local training); logged: {sorted(view.fresh_metrics)}")
+                    warnings.warn(f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged; strict=False: "
+                                  "skipping its step", RuntimeWarning, stacklevel=2)
+                    continue
+            module.lr_scheduler_step(cfg.scheduler, metric)

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from lightning_fed.callbacks.base import FED_HOOKS
 from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
-from lightning_fed.client import LocalTrainer
+from lightning_fed.client import LocalTrainer, check_module
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
 from lightning_fed.data.partition import IID, Partition, summary_rows
@@ -121,6 +121,11 @@ class FedLoop:
             which no round aggregated stops with it too.
         runner: where and when the clients of a round run; default :class:`~lightning_fed.runner.SequentialRunner`
             (one process, one client after another).
+        gradient_clip_val: as ``lightning.Trainer(gradient_clip_val=)``: passed to the module's
+            ``configure_gradient_clipping`` on every optimizer step of local training; ``None`` clips nothing.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``, as ``lightning.Trainer(gradient_clip_algorithm=)``.
+        accumulate_grad_batches: as ``lightning.Trainer(accumulate_grad_batches=)``: a client steps its optimizer
+            every this many batches (and on the last batch of a local epoch), the loss divided by it.
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
             once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
             :func:`~lightning_fed.plan.sample_clients`).
@@ -156,6 +161,9 @@ class FedLoop:
         max_failed_rounds: int = 3,
         runner: ClientRunner | None = None,
         sampling: str = "random",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -172,6 +180,11 @@ class FedLoop:
         need(OWNER, keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
         need(OWNER, max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
         need(OWNER, sampling in SAMPLINGS, "sampling", sampling, f"one of {SAMPLINGS}")
+        need(OWNER, gradient_clip_val is None or gradient_clip_val >= 0, "gradient_clip_val", gradient_clip_val,
+             ">= 0 or None")
+        need(OWNER, gradient_clip_algorithm in ("norm", "value"), "gradient_clip_algorithm", gradient_clip_algorithm,
+             "one of ('norm', 'value')")
+        need(OWNER, accumulate_grad_batches >= 1, "accumulate_grad_batches", accumulate_grad_batches, ">= 1")
         need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
         need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
         need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
@@ -210,6 +223,9 @@ class FedLoop:
         self.plot = plot
         self.max_failed_rounds = max_failed_rounds
         self.sampling = sampling
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.runner = runner if runner is not None else SequentialRunner()
         self.console = Console(stderr=True, quiet=not verbose)
 
@@ -243,6 +259,8 @@ class FedLoop:
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
         ckpt_dir = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
         rows = self._setup_data(datamodule)
+        model.prepare_data()  # after the data module's, as lightning.Trainer calls them
+        check_module(model, self.train_template, [len(s) for s in self.shards])
         run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # everything that can refuse the run has run by now
         if run_config is not None:
@@ -315,7 +333,8 @@ class FedLoop:
             wrap = getattr(cb, "wrap_uplink", None)
             if wrap is not None:
                 self.uplink = wrap(self.uplink)
-        self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state)
+        self.local = LocalTrainer(fabric, view, self.all_callbacks, self.keep_optimizer_state, self.gradient_clip_val,
+                                  self.gradient_clip_algorithm, self.accumulate_grad_batches)
         self.evaluator = Evaluator(fabric, view, self.all_callbacks)
         proxy = weakref.proxy(view)  # what LightningModule.fabric holds (its setter stores a weak proxy)
         self.modules = WorkingModules({id(view): view, id(proxy): proxy, **{id(cb): cb for cb in self.all_callbacks}})

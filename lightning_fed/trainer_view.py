@@ -8,7 +8,15 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``global_step``               optimizer steps of the active client in this round
 ``max_epochs``                local epochs of this round
 ``num_training_batches``      batches per local epoch of the active client
-``estimated_stepping_batches`` ``max_epochs * num_training_batches`` (sizing LR schedules)
+``estimated_stepping_batches`` ``max_epochs * ceil(num_training_batches / accumulate_grad_batches)`` (sizing
+                              LR schedules), as ``lightning.Trainer`` computes it
+``is_last_batch``             whether the current batch is the last of the local epoch
+``max_steps``                 always ``-1`` (FedLoop trains whole local epochs)
+``accumulate_grad_batches``   ``FedLoop(accumulate_grad_batches=)``
+``gradient_clip_val``         ``FedLoop(gradient_clip_val=)``
+``gradient_clip_algorithm``   ``FedLoop(gradient_clip_algorithm=)``
+``precision``                 the Fabric precision (``"32-true"``, ``"bf16-mixed"``…)
+``world_size``                forwarded from Fabric (1: each client trains in one process)
 ``optimizers``                the active client's optimizers (list): those ``configure_optimizers`` returned, wrapped
                               by Fabric only when its strategy changes the step (e.g. a gradient scaler)
 ``lr_scheduler_configs``      its LR schedulers (list of ``SchedulerConfig``)
@@ -33,12 +41,17 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.fabric import Fabric
 
 from lightning_fed.context import FedContext
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 class TrainerView:
@@ -60,6 +73,15 @@ class TrainerView:
         self.validating = False
         self.sanity_checking = False
         self.should_stop = False
+        self.is_last_batch = False
+        self.max_steps = -1
+        self.accumulate_grad_batches = 1
+        self.gradient_clip_val: float | None = None
+        self.gradient_clip_algorithm = "norm"
+        self.backward_router: Callable[..., None] | None = None  # set by local training: hooks around backward
+        self.fresh_metrics: set[str] = set()  # names logged since local training started
+        self._metric_objects: dict[str, Any] = {}  # torchmetrics Metrics logged this epoch, computed at its end
+        self._epoch_values: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
@@ -85,8 +107,13 @@ class TrainerView:
 
     @property
     def estimated_stepping_batches(self) -> int:
-        """Optimizer steps of this client's local training (``max_epochs * num_training_batches``)."""
-        return self.max_epochs * self.num_training_batches
+        """Optimizer steps of this client's local training, as ``lightning.Trainer`` estimates them."""
+        return -(-self.num_training_batches // self.accumulate_grad_batches) * max(self.max_epochs, 1)
+
+    @property
+    def precision(self) -> str:
+        """The Fabric precision, e.g. ``"32-true"``."""
+        return str(self.fabric.strategy.precision.precision)
 
     @property
     def logged_metrics(self) -> dict[str, torch.Tensor]:
@@ -114,21 +141,66 @@ class TrainerView:
         for name, value in metrics.items():
             v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.callback_metrics[name] = v
+            self.fresh_metrics.add(name)
             self._sums[name] = self._sums.get(name, 0.0) + float(v)
             self._counts[name] = self._counts.get(name, 0) + 1
 
     def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """``manual_backward`` support: route through Fabric (precision-aware)."""
-        self.fabric.backward(tensor, *args, **kwargs)
+        """``manual_backward`` and the module's default ``backward``: during local training through its hooks
+        (``on_before_backward``, the module's ``backward``, ``on_after_backward``), else through Fabric."""
+        if self.backward_router is not None:
+            self.backward_router(tensor, *args, **kwargs)
+        else:
+            self.fabric.backward(tensor, *args, **kwargs)
+
+    def clip_gradients(self, module: Any, optimizer: torch.optim.Optimizer, clip_val: float | None = None,
+                       max_norm: float | None = None, norm_type: float = 2.0,
+                       error_if_nonfinite: bool = False) -> torch.Tensor | None:
+        """What ``LightningModule.clip_gradients`` calls: clip the gradients of ``optimizer``'s parameters like
+        ``lightning.Trainer``'s precision plugin (by value, or by norm; ``None`` or 0 clips nothing)."""
+        if clip_val is not None and max_norm is not None:
+            raise ValueError("clip_gradients: pass clip_val (by value) or max_norm (by norm), not both")
+        if clip_val is not None:
+            if clip_val > 0:
+                torch.nn.utils.clip_grad_value_(_params(optimizer), clip_value=clip_val)
+            return None
+        if not max_norm or max_norm <= 0:
+            return None
+        return torch.nn.utils.clip_grad_norm_(_params(optimizer), max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite)
+
+    def log_metric(self, name: str, metric: Any) -> None:
+        """A torchmetrics ``Metric`` passed to ``self.log``: its batch value (what its forward returned) now, as
+        Lightning logs it on step; ``compute()`` at the end of the epoch (:meth:`compute_metrics`)."""
+        self._metric_objects[name] = metric
+        batch_value = getattr(metric, "_forward_cache", None)
+        if isinstance(batch_value, torch.Tensor) and batch_value.numel() == 1:
+            self.callback_metrics[name] = batch_value.detach().float()
+        self.fresh_metrics.add(name)
+
+    def compute_metrics(self) -> None:
+        """End of epoch: ``compute()`` every Metric object logged in it, as its logged value and epoch value."""
+        for name, metric in self._metric_objects.items():
+            value = metric.compute()
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self.callback_metrics[name] = value.detach().float()
+                self._epoch_values[name] = float(value)
+
+    def reset_metrics(self) -> None:
+        """After the epoch-end hooks: reset the Metric objects logged in the epoch, as Lightning does."""
+        for metric in self._metric_objects.values():
+            metric.reset()
+        self._metric_objects.clear()
 
     def reset_means(self) -> None:
         """Start a new averaging window for logged values."""
         self._sums.clear()
         self._counts.clear()
+        self._epoch_values.clear()
 
     def means(self) -> dict[str, float]:
-        """Mean of each logged value since the last :meth:`reset_means`."""
-        return {k: self._sums[k] / self._counts[k] for k in self._sums}
+        """Mean of each logged value since the last :meth:`reset_means` (a Metric object's ``compute()``)."""
+        return {**{k: self._sums[k] / self._counts[k] for k in self._sums}, **self._epoch_values}
 
     def __getattr__(self, item: str) -> Any:
         # Only reached for names not set above: forward to Fabric (device, world_size, ...).
