@@ -200,10 +200,11 @@ def check_module(module: Any, template: DataLoader, shard_sizes: Sequence[int]) 
                     "the data module's train_dataloader (or change batch_size)", ones, len(shard_sizes), bs)
 
 
-def _accept_metric_objects(module: Any, view: TrainerView) -> None:
-    """Let the module's ``self.log``/``self.log_dict`` take torchmetrics ``Metric`` objects during local training,
+def accept_metric_objects(module: Any, view: TrainerView) -> None:
+    """Let the module's ``self.log``/``self.log_dict`` take torchmetrics ``Metric`` objects during local training
+    and evaluation,
     as under ``lightning.Trainer`` (LightningModule's Fabric path refuses them): instance attributes shadowing the
-    two methods, removed by :func:`_restore_log`. Other values go to Lightning's own methods unchanged."""
+    two methods, removed by :func:`restore_log`. Other values go to Lightning's own methods unchanged."""
     log_fn, log_dict_fn = module.log, module.log_dict
 
     def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -226,7 +227,8 @@ def _accept_metric_objects(module: Any, view: TrainerView) -> None:
     module.__dict__["log"], module.__dict__["log_dict"] = log, log_dict
 
 
-def _restore_log(module: Any) -> None:
+def restore_log(module: Any) -> None:
+    """Undo :func:`accept_metric_objects`: the module's own ``log``/``log_dict`` again."""
     module.__dict__.pop("log", None)
     module.__dict__.pop("log_dict", None)
 
@@ -296,7 +298,7 @@ class LocalTrainer:
         view.optimizers, view.lr_scheduler_configs = fopts, scheds
         self._scheds = scheds if module.automatic_optimization else []  # Lightning steps them only when automatic
         view.backward_router = self.backward
-        _accept_metric_objects(module, view)
+        accept_metric_objects(module, view)
         if not module.training:  # evaluation switched it off (the mode of submodules a callback set is kept)
             module.train()
         try:
@@ -318,7 +320,7 @@ class LocalTrainer:
             self._hook("on_train_end")
         finally:
             view.backward_router = None
-            _restore_log(module)
+            restore_log(module)
             view.reset_metrics()
             module._fabric_optimizers = []
             view.optimizers = []

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_fed.client import accept_metric_objects, restore_log
 from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
 
@@ -106,6 +107,7 @@ class Evaluator:
         weights: dict[str, float] = {}
         seen: list[tuple[Tensor, Any]] = []  # (input, output) of the module's calls during the user's step
         handle = module.register_forward_hook(lambda _m, args, output: seen.append((args[0] if args else None, output)))
+        accept_metric_objects(module, view)  # torchmetrics Metric objects in self.log, as under lightning.Trainer
         try:
             for batch_idx, batch in enumerate(eval_batches(loader)):
                 if fabric.device.type != "cpu":  # CPU batches are already where they belong
@@ -133,12 +135,15 @@ class Evaluator:
                         sums[k] = sums.get(k, 0.0) + v * n
                         weights[k] = weights.get(k, 0.0) + n
                     view.reset_means()
+            view.compute_metrics()  # Metric objects logged by the steps: compute() before the epoch-end hooks
+            self._hook(f"on_{hooks}_epoch_end")
+            self._hook(f"on_{hooks}_end")
+            means = {k: sums[k] / weights[k] for k in sums}
+            means.update(view.means())  # Metric objects' values and what the epoch-end hooks logged
+            view.reset_metrics()
         finally:
             handle.remove()
-        self._hook(f"on_{hooks}_epoch_end")
-        self._hook(f"on_{hooks}_end")
-        means = {k: sums[k] / weights[k] for k in sums}
-        means.update(view.means())  # logged by the epoch-end hooks
+            restore_log(module)
         metrics = {as_test_name(k) if stage == "test" else k: v for k, v in means.items()}
         if acc is not None and loss_mean is not None:  # the module's own metric of the same name wins
             metrics.setdefault(f"{stage}_acc", float(acc.compute()))

@@ -191,3 +191,46 @@ def test_qat_report_uses_the_module_test_metrics(tmp_path):
     assert {"float_acc", "quant_acc", "float_test_loss", "quant_test_loss"} <= set(r)  # test_step's own metrics
     assert not any("val" in k for k in r)  # on the test data, never the validation split
     assert r["quant_acc"] == pytest.approx(classification_accuracy(cb.exported, dm.test_dataloader()), abs=1e-6)
+
+
+class MetricObjects(L.LightningModule):
+    """Logs a torchmetrics Accuracy object (not a tensor) in validation_step and test_step, as Lightning allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.net = nn.Linear(40, 10)
+        self.val_metric = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_metric = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_metric(self(x), y)
+        self.log("val_metric_acc", self.val_metric)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_metric(self(x), y)
+        self.log("test_metric_acc", self.test_metric)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_metric_objects_in_self_log_are_computed_over_the_epoch(make_loop):
+    torch.manual_seed(0)
+    loop = make_loop(num_clients=2, clients_per_round=2, rounds=2, eval_every=1)
+    res = loop.fit(MetricObjects(), ConstantDM())
+    # the Metric objects' epoch values equal the built-in accuracy over all samples of the same loader
+    for h in res.history:
+        assert h["val_metric_acc"] == pytest.approx(h["val_acc"], abs=1e-6)
+    assert res.final_metrics["test_metric_acc"] == pytest.approx(res.final_metrics["test_acc"], abs=1e-6)
+    assert res.final_metrics["test_acc"] != res.history[-1]["val_acc"]  # val labels all 0, test labels all 1
