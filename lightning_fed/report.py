@@ -37,7 +37,8 @@ def write_partition_csv(rows: list[tuple[int, int, list[int] | None]], path: Pat
 
 def summary_table(history: list[dict[str, float]]) -> Table:
     """Final summary: rounds, final test accuracy (``test_acc``), last and best validation accuracy (``val_acc``),
-    bytes and time. A row whose metric the run never logged reads ``n/a``."""
+    the other final ``test_*`` and last ``val_*`` metrics the module's own steps logged (a regression model's
+    ``test_mse``…), bytes and time. A row whose metric the run never logged reads ``n/a``."""
     table = Table(title="federated training summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -57,10 +58,23 @@ def summary_table(history: list[dict[str, float]]) -> Table:
         ("skipped rounds", f"{sum(h.get('skipped', 0) for h in history):.0f}"),
         ("wall time", f"{sum(h.get('seconds', 0) for h in history):.1f} s"),
     ]
-    rows[5:5] = _compression_rows(history)
+    rows[4:4] = _module_rows(history)
+    rows[len(rows) - 4:len(rows) - 4] = _compression_rows(history)
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _module_rows(history: list[dict[str, float]]) -> list[tuple[str, str]]:
+    """The final ``test_*`` and the last ``val_*`` values of every other metric the evaluation reported."""
+    rows = []
+    for stage, label in (("test", "final test"), ("val", "final validation")):
+        last = next((h for h in reversed(history) if f"{stage}_acc" in h or any(k.startswith(f"{stage}_") for k in h)),
+                    None)
+        for k in sorted(last or {}):
+            if k.startswith(f"{stage}_") and k != f"{stage}_acc":
+                rows.append((f"{label} {k[len(stage) + 1:]}", f"{last[k]:.4g}"))
+    return rows
 
 
 def _compression_rows(history: list[dict[str, float]]) -> list[tuple[str, str]]:

@@ -234,3 +234,16 @@ def test_metric_objects_in_self_log_are_computed_over_the_epoch(make_loop):
         assert h["val_metric_acc"] == pytest.approx(h["val_acc"], abs=1e-6)
     assert res.final_metrics["test_metric_acc"] == pytest.approx(res.final_metrics["test_acc"], abs=1e-6)
     assert res.final_metrics["test_acc"] != res.history[-1]["val_acc"]  # val labels all 0, test labels all 1
+
+
+def test_summary_table_reports_the_modules_own_metrics():
+    from rich.console import Console
+
+    from lightning_fed.report import summary_table
+
+    history = [{"round": 1, "val_mse": 0.5}, {"round": 2, "val_mse": 0.4, "test_mse": 0.45}]
+    console = Console(width=100, record=True)
+    console.print(summary_table(history))
+    text = console.export_text()
+    assert "final test mse" in text and "0.45" in text and "final validation mse" in text and "0.4 " in text
+    assert "final test accuracy" in text and "n/a" in text  # a regression model has no accuracy

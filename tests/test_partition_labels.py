@@ -231,3 +231,4 @@ def test_partitions_doc_example_runs(tmp_path):
     exec(compile(code, "docs/partitions.md", "exec"), scope)  # noqa: S102 - the documented example itself
     csv = (scope["result"].run_dir / "partition.csv").read_text().splitlines()
     assert csv[0] == "client,samples,label_0,label_1,label_2" and len(csv) == 7
+
