@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_fed.callbacks._compress import has_forward
 from lightning_fed.client import accept_metric_objects, restore_log
 from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
@@ -59,6 +60,7 @@ class Evaluator:
     weighted by batch size (Lightning's epoch means); values logged by the epoch-end hooks as they are. For classification batches ``(x, y)`` with integer ``y`` and ``[B, C]``
     logits from ``module(x)``, it also reports ``<stage>_acc`` (torchmetrics ``MulticlassAccuracy``, micro) and
     ``<stage>_loss`` (cross-entropy) unless the step logged those names itself.
+    A module without ``forward`` (a recurrent cell loop) gets no built-in accuracy, only what its steps log.
     When the step itself calls ``module(x)`` on the batch's input tensor, those logits are reused (a forward hook
     sees the call), so the model runs once per batch; otherwise one extra forward computes them.
     """
@@ -120,7 +122,7 @@ class Evaluator:
                         x, y = batch
                         # the logits of this very input if the step computed them (no second forward), else a forward
                         logits = next((o for i, o in seen if i is x), None)
-                        if logits is None:
+                        if logits is None and has_forward(module):  # without forward(): the step's own metrics only
                             logits = module(x)
                         if isinstance(logits, Tensor) and logits.ndim == 2:
                             if acc is None or loss_mean is None:

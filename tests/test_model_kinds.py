@@ -373,3 +373,103 @@ def test_sparsity_with_nothing_to_mask_warns_once(tmp_path, caplog, scope):
                                                                     scope=scope)], tmp_path)
     msgs = [r.getMessage() for r in caplog.records if "nothing to sparsify" in r.getMessage()]
     assert len(msgs) == 1 and "min_numel" in msgs[0]
+
+
+# ---------------------------------------------------------------------- every kind x callback inside FedLoop
+def fedloop(tmp_path, callbacks):
+    return FedLoop(num_clients=2, clients_per_round=2, rounds=2, partition=IID(), verbose=False, plot=False,
+                   loggers=[], checkpoint_every=0, output_dir=str(tmp_path), callbacks=callbacks)
+
+
+def all_clients_ok(res):
+    """A callback that raises inside a client's work drops that client (it is no test failure): check none did."""
+    return all(h["failed"] == 0 and h["rejected"] == 0 and h["good"] == 2 for h in res.history)
+
+
+def float_regression_dm():
+    dm = regression_dm()
+    dm.train, dm.test = FloatTargets(dm.train), FloatTargets(dm.test)
+    return dm
+
+
+def numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def lr_spy(cb):
+    """Record the rounds :class:`RoundLRDecay` scaled the clients' learning rate for."""
+    steps, original = [], cb.scale
+    cb.scale = lambda step, total=None: steps.append(step) or original(step, total)
+    return steps
+
+
+def eight_bit_spy(cb):
+    """Record the optimizers :class:`EightBitOptimizer` built (one per client's local training)."""
+    made, original = [], cb.make
+    cb.make = lambda optimizer: made.append(original(optimizer)) or made[-1]
+    return made
+
+
+def check_8bit_and_lr(res, made, steps, smaller=True):
+    assert len(made) == 4 and all(type(o).__name__ == "Adam8bit" for o in made)  # 2 clients x 2 rounds
+    for h in res.history:  # tiny layers: 8-bit state + its per-tensor quantization maps can outweigh float32's
+        assert h["optim_state_bytes"] > 0 and (h["optim_state_bytes"] < h["optim_state_bytes_fp32"]) == smaller
+    assert sorted(set(steps)) == [0, 1]  # each client started round r at the rate decayed r times
+
+
+def test_recurrent_in_fedloop(tmp_path):
+    model = seeded(Recurrent)
+    before = numel(model)
+    fp, qat = Footprint(repeats=1, forward_fn=run), QuantizationAware(start=1, forward_fn=run)
+    res = fedloop(tmp_path, [StructuredPruning(ratio=0.5, at=0, forward_fn=run), MagnitudeSparsity(sparsity=0.5, at=0),
+                             fp, qat]).fit(model, recurrent_dm())
+    assert all_clients_ok(res)
+    assert model.rec.out_features == 8 and model.rec.in_features == 8 and numel(model) < before
+    assert 0 < fp.results["after"]["macs"] < fp.results["before"]["macs"] and "exported" in fp.results
+    assert "export_max_abs_diff" in qat.report and (res.run_dir / "quantized.safetensors").is_file()
+    assert res.history[-1]["density"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_recurrent_distillation_8bit_lr_in_fedloop(tmp_path):
+    model = seeded(Recurrent)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, eight = RoundLRDecay(gamma=0.5), EightBitOptimizer(min_8bit_size=8)
+    steps, made = lr_spy(lr), eight_bit_spy(eight)
+    res = fedloop(tmp_path, [Distillation(seeded(Recurrent, seed=1), forward_fn=run), eight, lr]).fit(
+        model, recurrent_dm())
+    assert all_clients_ok(res) and all(h["distill/kd_loss"] > 0 for h in res.history)
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    check_8bit_and_lr(res, made, steps, smaller=False)
+
+
+def test_lm_sparsity_distillation_in_fedloop(tmp_path):
+    model = seeded(TinyLM)
+    distill = Distillation(seeded(TinyLM, width=48, seed=1), logits_layer="head", teacher_logits_layer="head")
+    res = fedloop(tmp_path, [MagnitudeSparsity(sparsity=0.5, at=0), distill]).fit(model, lm_dm())
+    assert all_clients_ok(res) and all(h["distill/kd_loss"] > 0 for h in res.history)  # token logits, per token
+    assert res.history[-1]["density"] == pytest.approx(0.5, abs=0.05)
+    assert (model.ffn[0].weight == 0).float().mean() >= 0.45  # the global model keeps the masks
+
+
+def test_lm_moe_8bit_lr_in_fedloop(tmp_path):
+    model = seeded(TinyLM)
+    lr, eight = RoundLRDecay(gamma=0.5), EightBitOptimizer(min_8bit_size=256)
+    steps, made = lr_spy(lr), eight_bit_spy(eight)
+    res = fedloop(tmp_path, [MoERouting(convert=["ffn"]), eight, lr]).fit(model, lm_dm())
+    assert all_clients_ok(res) and type(model.ffn).__name__ == "MoELayer"
+    assert all("moe/balance_loss" in h and "moe/ffn/load_0" in h for h in res.history)
+    check_8bit_and_lr(res, made, steps)
+
+
+def test_regression_sparsity_8bit_lr_in_fedloop(tmp_path):
+    model = seeded(Regression)
+    lr, eight = RoundLRDecay(gamma=0.5), EightBitOptimizer(min_8bit_size=8)
+    steps, made = lr_spy(lr), eight_bit_spy(eight)
+    res = fedloop(tmp_path, [MagnitudeSparsity(sparsity=0.5, at=0), eight, lr]).fit(model, float_regression_dm())
+    assert all_clients_ok(res) and res.history[-1]["density"] == pytest.approx(0.5, abs=0.05)
+    check_8bit_and_lr(res, made, steps, smaller=False)
+
+
+def test_regression_distillation_in_fedloop_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="one output per sample.*needs >= 2 logits"):
+        fedloop(tmp_path, [Distillation(seeded(Regression, seed=1))]).fit(seeded(Regression), float_regression_dm())
