@@ -7,7 +7,8 @@ Four model kinds written for these tests:
   **loss** (as language models that take labels do); its logits come from ``logits(inputs)`` / the ``head`` layer,
   and its ``batch_to_inputs`` method tells the callbacks that a batch ``(inputs, target)`` is both arguments;
 * ``Recurrent``: a cell loop with a custom ``step`` and **no** ``forward``; callbacks get ``forward_fn``;
-* ``Regression``: float targets, ``forward(x)``, no ``example_input_array`` (the first batch is the example).
+* ``Regression``: float targets, ``forward(x)``, no ``example_input_array`` (the first batch is the example);
+  ``RegressionWithExample`` is the same model with one.
 """
 
 from __future__ import annotations
@@ -142,6 +143,14 @@ class Regression(Base):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.mse_loss(self(x), y)
+
+
+class RegressionWithExample(Regression):
+    """:class:`Regression` with an ``example_input_array``: callbacks can run it at setup, before any data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = torch.zeros(2, 8)
 
 
 # ---------------------------------------------------------------------- data
@@ -292,8 +301,31 @@ def test_regression_trainer(tmp_path, caplog):
                                      qat, EightBitOptimizer(), RoundLRDecay()], tmp_path, epochs=2)
     assert model.net[0].out_features == 16 and "float_acc" not in qat.report
     assert any("integer class labels" in r.getMessage() for r in caplog.records)
-    with pytest.raises(ValueError, match="one output per sample"):
-        fit(seeded(Regression), regression_dm(), [Distillation(seeded(Regression, seed=1))], tmp_path)
+
+
+def distillation_spy(cb):
+    """Record the training steps :class:`Distillation` computed its loss in."""
+    seen, original = [], cb.distillation_terms
+    cb.distillation_terms = lambda task, batch: seen.append(1) or original(task, batch)
+    return seen
+
+
+def test_regression_distillation_is_refused_at_setup(tmp_path):
+    """With an ``example_input_array`` the teacher runs once at setup: refused before any training step."""
+    cb = Distillation(seeded(RegressionWithExample, seed=1))
+    seen = distillation_spy(cb)
+    with pytest.raises(ValueError, match=r"teacher's output \(2, 1\) has one output per sample.*needs >= 2 logits"):
+        fit(seeded(RegressionWithExample), regression_dm(), [cb], tmp_path)
+    assert not seen
+
+
+def test_regression_distillation_without_example_is_refused_at_the_first_step(tmp_path):
+    """Without an ``example_input_array`` the inputs come from data: the first training step refuses it."""
+    cb = Distillation(seeded(Regression, seed=1))
+    seen = distillation_spy(cb)
+    with pytest.raises(ValueError, match=r"student's output \(16, 1\) has one output per sample"):
+        fit(seeded(Regression), regression_dm(), [cb], tmp_path)
+    assert seen == [1]
 
 
 class FloatTargets(torch.utils.data.Dataset):
@@ -470,6 +502,45 @@ def test_regression_sparsity_8bit_lr_in_fedloop(tmp_path):
     check_8bit_and_lr(res, made, steps, smaller=False)
 
 
-def test_regression_distillation_in_fedloop_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="one output per sample.*needs >= 2 logits"):
-        fedloop(tmp_path, [Distillation(seeded(Regression, seed=1))]).fit(seeded(Regression), float_regression_dm())
+@pytest.mark.parametrize("model, at", [(RegressionWithExample, "setup"), (Regression, "first step")])
+def test_regression_distillation_in_fedloop_is_refused(tmp_path, model, at):
+    cb = Distillation(seeded(model, seed=1))
+    seen = distillation_spy(cb)
+    who = r"teacher's output \(2, 1\)" if at == "setup" else "student's output"
+    with pytest.raises(ValueError, match=who + ".*one output per sample.*needs >= 2 logits"):
+        fedloop(tmp_path, [cb]).fit(seeded(model), float_regression_dm())
+    assert bool(seen) == (at == "first step")
+
+
+
+# ---------------------------------------------------------------------- MoERouting on the recurrent and regression models
+MOE_CASES = [  # (model, data, block to convert): the recurrent cell's `rec` runs once per time step
+    pytest.param(Recurrent, recurrent_dm, "rec", id="recurrent"),
+    pytest.param(Regression, regression_dm, "net", id="regression"),
+]
+
+
+def moe_module(model, name):
+    return type(model.get_submodule(name)).__name__
+
+
+@pytest.mark.parametrize("make, data, block", MOE_CASES)
+def test_moe_trainer(tmp_path, make, data, block):
+    model = seeded(make)
+    trainer = fit(model, data(), [MoERouting(convert=[block], capacity_factor=None)], tmp_path)
+    assert moe_module(model, block) == "MoELayer"
+    logged = trainer.callback_metrics
+    assert {"moe/balance_loss", "moe/z_loss", "moe/entropy", "moe/dropped", f"moe/{block}/load_0"} <= set(logged)
+    assert float(logged["moe/dropped"]) == 0.0  # dropless
+
+
+@pytest.mark.parametrize("make, data, block", MOE_CASES)
+def test_moe_in_fedloop(tmp_path, make, data, block):
+    model = seeded(make)
+    dm = data()
+    if make is Regression:
+        dm.train, dm.test = FloatTargets(dm.train), FloatTargets(dm.test)
+    res = fedloop(tmp_path, [MoERouting(convert=[block])]).fit(model, dm)
+    assert all_clients_ok(res) and moe_module(model, block) == "MoELayer"
+    assert len(res.history) == 2
+    assert all("moe/balance_loss" in h and f"moe/{block}/load_0" in h for h in res.history)

@@ -31,6 +31,7 @@ from lightning_fed.callbacks._compress import (
     call_model,
     has_forward,
     inputs_from_batch,
+    model_inputs,
     no_forward_message,
 )
 from lightning_fed.callbacks.base import FedCallback
@@ -159,7 +160,9 @@ class Distillation(FedCallback):
             and, when the student has no ``forward``, for the student's logits (a second forward, with gradients).
 
     The compared outputs are ``[B, C]`` class logits, or ``[B, T, V]`` token logits (language models), compared per
-    token (flattened to ``[B * T, V]``).
+    token (flattened to ``[B * T, V]``). Other outputs (one per sample, or a loss) are refused with a ``ValueError``
+    at setup when the module has an ``example_input_array`` (the teacher runs once on it), else at the first
+    training step.
     """
 
     def __init__(
@@ -220,6 +223,35 @@ class Distillation(FedCallback):
         self._module: nn.Module | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse a teacher whose outputs cannot be distilled (one output per sample, or not logits) before any
+        training, by running it once on the module's ``example_input_array``. Without one (the inputs would come
+        from data) the same check runs at the first training step; it is also skipped with ``outputs_fn`` (which
+        needs a batch) and for a teacher that cannot be run without ``forward_fn`` (refused in ``on_train_start``).
+        """
+        if stage != "fit" or self.outputs_fn is not None or getattr(pl_module, "example_input_array", None) is None:
+            return
+        if self.forward_fn is None and self.teacher_logits_layer is None and not has_forward(self.teacher):
+            return
+        device = next((p.device for p in self.teacher.parameters()), torch.device("cpu"))
+        inputs = model_inputs("Distillation", trainer, pl_module, None, None, self.batch_to_inputs).to(device)
+        capture = _Capture()
+        if self.teacher_logits_layer is not None:
+            capture.add(self.teacher, self.teacher_logits_layer, "__logits__")
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                out = call_model(self.teacher, inputs, self.forward_fn, "Distillation")
+            if self.teacher_logits_layer is not None:
+                out = capture.out.get("__logits__")
+        except Exception as err:  # noqa: BLE001 - the first training step runs it again and raises for real
+            log.debug("Distillation: the teacher did not run on example_input_array at setup (%s); the first "
+                      "training step checks its outputs", err)
+            return
+        finally:
+            capture.remove()
+        as_class_logits("Distillation", out, "teacher")
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Freeze the teacher on the module's device, register the layer hooks, wrap ``training_step``."""
         self.teacher.to(pl_module.device)
