@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
 from lightning_fed.callbacks.base import FED_HOOKS
-from lightning_fed.checkpoint import load_checkpoint, save_checkpoint
+from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
@@ -257,7 +257,8 @@ class FedLoop:
                 ``min_clients`` valid replies.
         """
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
-        ckpt_dir = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
+        found = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
+        ckpt_dir, ckpt_state = found if found is not None else (None, None)
         rows = self._setup_data(datamodule)
         model.prepare_data()  # after the data module's, as lightning.Trainer calls them
         check_module(model, self.train_template, [len(s) for s in self.shards])
@@ -277,7 +278,7 @@ class FedLoop:
             cb.setup(view, model, "fit")
         start = 0
         if ckpt_dir is not None:
-            start = self._restore(ckpt_dir)
+            start = self._restore(ckpt_dir, ckpt_state)
         else:
             self.strategy.setup(model)
         for cb in self.all_callbacks:
@@ -484,8 +485,8 @@ class FedLoop:
         return save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
                                self.keep_checkpoints)
 
-    def _restore(self, ckpt_dir: Path) -> int:
-        state = load_checkpoint(ckpt_dir)
+    def _restore(self, ckpt_dir: Path, state: dict[str, Any]) -> int:
+        """Load the checkpoint ``state`` (read from ``ckpt_dir`` by ``resolve_resume``); return the next round."""
         for cb in self.all_callbacks:  # callbacks first: they may rebuild the model's structure (pruning)
             if cb.state_key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][cb.state_key])

@@ -31,10 +31,11 @@ def new_run_dir(output_dir: str | Path) -> Path:
 
 
 def resolve_resume(output_dir: str | Path, resume: str | Path | None,
-                   identity: Mapping[str, Any] | None = None) -> Path | None:
-    """The checkpoint folder ``resume`` names: ``None``, ``"last"`` (the newest run under ``output_dir`` that
-    has a checkpoint), a run folder or a checkpoint folder. In a run folder the newest intact checkpoint is used
-    (damaged ones are skipped with a warning).
+                   identity: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint folder ``resume`` names, and its loaded state (read once: the caller restores from it):
+    ``None`` for no resume; ``"last"`` (the newest run under ``output_dir`` that has a checkpoint), a run folder
+    or a checkpoint folder. In a run folder the newest intact checkpoint is used (damaged ones are skipped with a
+    warning).
 
     Nothing is written: when ``identity`` (:func:`lightning_fed.identity.run_identity` of the run being started)
     is given, it is compared with the checkpoint's, so that a mismatched run is refused before it touches the
@@ -63,7 +64,7 @@ def resolve_resume(output_dir: str | Path, resume: str | Path | None,
             log.warning("checkpoint %s records no run identity: only %s are checked", ckpt, ", ".join(LEGACY_KEYS))
             saved = {k: state[k] for k in LEGACY_KEYS if k in state}
         check_identity(saved, identity, ckpt)
-    return ckpt
+    return ckpt, state
 
 
 def _has_checkpoints(root: Path) -> bool:
