@@ -21,6 +21,7 @@ from lightning_fed.checkpoint import CheckpointError
 from lightning_fed.data.partition import PartitionError
 from lightning_fed.identity import ResumeMismatch
 from lightning_fed.loop import FedLoop
+from lightning_fed.ranks import RankFailed
 from lightning_fed.recipe_errors import instantiation_error, parse_error
 
 log = logging.getLogger("lightning_fed")
@@ -84,7 +85,7 @@ def run(argv: list[str] | None = None) -> Any:
         _fail(instantiation_error(err, fit_cfg.clone().as_dict(), argv))
     try:
         return init.loop.fit(init.model, init.data, resume=fit_cfg.resume, run_config=config_text)
-    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError) as err:
+    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
         _fail(str(err))
 
 

@@ -36,10 +36,10 @@ MUST_MATCH = ("num_clients", "clients_per_round", "seed", "local_epochs", "parti
 
 MAY_CHANGE = ("rounds", "eval_every", "test_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",
               "min_clients", "max_message_bytes", "max_update_abs", "loggers", "verbose", "plot", "max_failed_rounds",
-              "runner")
+              "runner", "devices", "num_nodes", "processes_per_device", "timeout_s")
 """``FedLoop`` parameters that may differ on resume: the horizon, evaluation and checkpoint cadence, outputs,
 device, the server's acceptance thresholds (which apply from the resumed round on), and where clients run (a
-runner changes where the work happens, not its result)."""
+runner or the number of processes changes where the work happens, not its result)."""
 
 LEGACY_KEYS = ("num_clients", "seed")
 """Identity fields that checkpoints written before identities were recorded kept at their top level."""

@@ -14,8 +14,11 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import shutil
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ import lightning as L
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
@@ -39,10 +43,13 @@ from lightning_fed.errors import RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
+from lightning_fed.parallel import RankRunner
 from lightning_fed.plan import SAMPLINGS, UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
 from lightning_fed.progress import RoundProgress
+from lightning_fed.ranks import DEFAULT_TIMEOUT_S, RankFailed, Ranks, launch
 from lightning_fed.report import partition_table, write_partition_csv
 from lightning_fed.runner import ClientRunner, ClientWork, SequentialRunner, WorkingModules
+from lightning_fed.seeding import derive_seed, rng_untouched, seed_rngs
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
@@ -53,6 +60,7 @@ from lightning_fed.validation import need
 log = logging.getLogger("lightning_fed")
 
 OWNER = "FedLoop"  # how configuration errors name the class
+SERVER_STREAM = -1  # (seed, round, -1) seeds the server side of a round; clients use (seed, round, client >= 0)
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -110,6 +118,14 @@ class FedLoop:
         seed: seed of client sampling, partition and local training.
         accelerator: Fabric accelerator ("cpu", "cuda", "auto"…).
         precision: Fabric precision ("32-true", "bf16-mixed", "16-mixed"…).
+        devices: processes per node, as ``lightning.Trainer(devices=)``: the round's clients are split among
+            them and the result is the same as with one process (docs/scale-out.md). ``1`` (default): one process.
+            With ``accelerator="cuda"`` each process gets its own GPU unless ``processes_per_device`` > 1.
+        num_nodes: machines, each running ``devices`` processes (started by torchrun, SLURM, or the same command
+            on every machine with ``NODE_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, as for Lightning).
+        processes_per_device: how many processes share one GPU (``accelerator="cuda"``): ``devices=8,
+            processes_per_device=4`` runs 8 processes on 2 GPUs, which keeps a GPU busy with small models.
+        timeout_s: how long a rank waits for the others at the end of a round before giving up.
         max_message_bytes: replies larger than this are rejected before decoding; ``None`` = no limit.
         max_update_abs: replies with an entry larger than this in magnitude are rejected; ``None`` = no bound.
         keep_optimizer_state: keep each client's optimizer state between its rounds (in the client store).
@@ -164,6 +180,10 @@ class FedLoop:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
+        devices: int = 1,
+        num_nodes: int = 1,
+        processes_per_device: int = 1,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -185,6 +205,13 @@ class FedLoop:
         need(OWNER, gradient_clip_algorithm in ("norm", "value"), "gradient_clip_algorithm", gradient_clip_algorithm,
              "one of ('norm', 'value')")
         need(OWNER, accumulate_grad_batches >= 1, "accumulate_grad_batches", accumulate_grad_batches, ">= 1")
+        need(OWNER, isinstance(devices, int) and devices >= 1, "devices", devices, "an integer >= 1 (processes per node)")
+        need(OWNER, isinstance(num_nodes, int) and num_nodes >= 1, "num_nodes", num_nodes, "an integer >= 1")
+        need(OWNER, isinstance(processes_per_device, int) and processes_per_device >= 1, "processes_per_device",
+             processes_per_device, "an integer >= 1")
+        need(OWNER, timeout_s > 0, "timeout_s", timeout_s, "> 0")
+        need(OWNER, runner is None or devices * num_nodes == 1, "runner", runner,
+             "None when devices * num_nodes > 1 (the processes split the clients themselves)")
         need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
         need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
         need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
@@ -226,7 +253,12 @@ class FedLoop:
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.devices = devices
+        self.num_nodes = num_nodes
+        self.processes_per_device = processes_per_device
+        self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
+        self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 
     # ------------------------------------------------------------------ public API
@@ -255,22 +287,50 @@ class FedLoop:
         Raises:
             RoundsFailed: ``max_failed_rounds`` consecutive rounds (or every round of the run) had fewer than
                 ``min_clients`` valid replies.
+            RankFailed: a process of a multi-process run died (named in the message), or one cannot see the run
+                folder; the run continues from its last checkpoint with ``resume="last"``.
         """
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
+        self.ranks = launch(self.devices, self.num_nodes, self.timeout_s)
+        ok = False
+        try:
+            result = self._fit(model, datamodule, resume, run_config)
+            ok = True
+            return result
+        finally:
+            self._close_ranks(ok)
+
+    def _fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, resume: str | Path | None,
+             run_config: str | None) -> FitResult:
+        ranks = self.ranks
+        rank_zero_only.rank = ranks.rank  # Lightning's rank-zero utilities (loggers) follow our ranks
+        self.console = Console(stderr=True, quiet=not (self.verbose and ranks.is_zero))
         found = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
         ckpt_dir, ckpt_state = found if found is not None else (None, None)
         rows = self._setup_data(datamodule)
-        model.prepare_data()  # after the data module's, as lightning.Trainer calls them
+        if self._prepares(model):
+            with rng_untouched():
+                model.prepare_data()  # after the data module's, as lightning.Trainer calls them
         check_module(model, self.train_template, [len(s) for s in self.shards])
-        run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else new_run_dir(self.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)  # everything that can refuse the run has run by now
-        if run_config is not None:
-            (run_dir / "config.yaml").write_text(run_config)
-        write_partition_csv(rows, run_dir / "partition.csv")
+        if ranks.distributed:
+            for cb in [*self.callbacks, *self.strategy.client_callbacks()]:
+                reason = getattr(cb, "single_process_reason", None)
+                if reason:
+                    raise ValueError(f"{type(cb).__name__} cannot run with devices * num_nodes > 1: {reason}")
+            self._check_same_start(model)  # also: every rank has resolved the resume before a new folder exists
+        run_dir = ckpt_dir.parent.parent if ckpt_dir is not None else (new_run_dir(self.output_dir) if ranks.is_zero else None)
+        run_dir = Path(ranks.agree(str(run_dir) if ranks.is_zero else None))
+        if ranks.is_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)  # everything that can refuse the run has run by now
+            if run_config is not None:
+                (run_dir / "config.yaml").write_text(run_config)
+            write_partition_csv(rows, run_dir / "partition.csv")
         if not self.console.quiet:  # a quiet console still renders what it is given
             self.console.print(partition_table(rows))
-        fabric = Fabric(accelerator=self.accelerator, devices=1, precision=self.precision,
-                        loggers=make_loggers(self.logger_names, run_dir))
+        if ranks.distributed:
+            self._check_shared_folder(run_dir)
+        fabric = Fabric(accelerator=self._accelerator(), devices=self._fabric_devices(), precision=self.precision)
+        self.loggers = make_loggers(self.logger_names, run_dir) if ranks.is_zero else []
         model = fabric.to_device(fabric.strategy.precision.convert_module(model))
         self._build(fabric, model, run_dir)
         view = self.view
@@ -287,15 +347,19 @@ class FedLoop:
         final: dict[str, float] = {}
         status = "failed"
         try:
-            with RoundProgress(self.rounds, start, enabled=self.verbose, console=self.console) as progress:
+            with RoundProgress(self.rounds, start, enabled=self.verbose and ranks.is_zero,
+                               console=self.console) as progress:
                 for r in range(start, self.rounds):
+                    ranks.activity = f"round {r + 1}"
                     metrics = self._round(r)
                     self.history.append(metrics)
-                    fabric.log_dict({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
+                    for lg in self.loggers:
+                        lg.log_metrics({k: v for k, v in metrics.items() if k != "round"}, step=r + 1)
                     final = self._final_eval or final
                     if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
                         self.save_checkpoint(r)
                     progress.advance(metrics)
+            ranks.activity = "the end of the run"
             if self.history and all(h.get("skipped") for h in self.history):
                 raise RoundsFailed(self._failure_report("every round of the run"))
             for cb in self.all_callbacks:
@@ -305,11 +369,12 @@ class FedLoop:
                 cb.teardown(view, model, "fit")
             status = "success"
         finally:
-            for lg in fabric.loggers:
+            for lg in self.loggers:
                 lg.finalize(status)
             for m in [model, *self._prepared.values()]:
                 self._detach(m)
-        write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
+        if ranks.is_zero:
+            write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
         return FitResult(run_dir, self.history, final)
 
     def _build(self, fabric: Fabric, model: L.LightningModule, run_dir: Path) -> None:
@@ -317,15 +382,20 @@ class FedLoop:
         it, the client side (:class:`ClientWork`) and the server side (:class:`Server`)."""
         self.fabric, self.model, self.run_dir = fabric, model, run_dir
         self.all_callbacks = self.callbacks + self.strategy.client_callbacks()
-        self.store = ClientStore(run_dir / "clients")
-        self.senders = ClientStore(run_dir / "senders")
+        ranks = self.ranks
+        self.store = ClientStore(run_dir / "clients", shared=ranks.distributed)  # each rank saves its clients
+        if ranks.is_zero:
+            self.senders = ClientStore(run_dir / "senders")
+        else:  # every rank decodes every message; rank 0's copy of the senders' state is the one checkpointed
+            self._senders_tmp = Path(tempfile.mkdtemp(prefix=f"lightning_fed-rank{ranks.rank}-senders-"))
+            self.senders = ClientStore(self._senders_tmp)
         self.context = ctx = FedContext(
             num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
             test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
             eval_data=self.val_loader if self.val_loader is not None else self.test_loader,
             console=self.console, _evaluate=self.evaluate_module,
             _stored_clients=self.store.ids, _stored_state=self.store.load)
-        self.view = view = TrainerView(fabric, ctx)
+        self.view = view = TrainerView(fabric, ctx, self.loggers, ranks.rank, ranks.world_size)
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
         self._prepared: dict[int, L.LightningModule] = {}
@@ -344,6 +414,7 @@ class FedLoop:
             dataset=self.train_template.dataset, shards=self.shards, template=self.train_template, local=self.local,
             view=view, context=ctx, modules=self.modules, prepare=self._working_module, hook=self._fed_hook,
             chain=self._chain_hook, seed=self.seed, local_epochs=self.local_epochs, downlink_state={})
+        self.round_runner = RankRunner(ranks) if ranks.distributed else self.runner
         self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
@@ -359,7 +430,8 @@ class FedLoop:
         plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
                           self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
         self.modules.round_start([model, *self._prepared.values()])
-        messages = self.runner.run(plan.tasks, self.work)
+        messages = self.round_runner.run(plan.tasks, self.work)
+        seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
         got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
@@ -396,6 +468,12 @@ class FedLoop:
             evaluated.update(self.strategy.evaluate(lambda m, stage=stage: self.evaluate_module(m, stage)))
             self._final_eval.update(evaluated)
             metrics.update(evaluated)
+        if isinstance(self.round_runner, RankRunner):
+            ranks_stats = self.round_runner.round_stats()
+            metrics.update(ranks_stats)
+            log.info("round %d: busy/waiting seconds per rank: %s", r + 1, ", ".join(
+                f"{k}: {ranks_stats[f'rank{k}_busy_s']:.2f}/{ranks_stats[f'rank{k}_wait_s']:.2f}"
+                for k in range(self.ranks.world_size)))
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -442,11 +520,84 @@ class FedLoop:
                 value = fn(self.view, self.model, value)
         return value
 
+    # ------------------------------------------------------------------ processes
+    def _close_ranks(self, ok: bool) -> None:
+        senders_tmp = getattr(self, "_senders_tmp", None)
+        if senders_tmp is not None:
+            shutil.rmtree(senders_tmp, ignore_errors=True)
+            self._senders_tmp = None
+        self.ranks.close(ok)
+
+    def _prepares(self, hooks: Any) -> bool:
+        """Whether this process runs ``prepare_data`` of ``hooks`` (a module or data module): local rank 0 of each
+        node, or global rank 0 when ``prepare_data_per_node`` is ``False``, as ``lightning.Trainer`` does."""
+        if getattr(hooks, "prepare_data_per_node", True):
+            return self.ranks.local_rank == 0
+        return self.ranks.is_zero
+
+    def _check_same_start(self, model: L.LightningModule) -> None:
+        """Every rank must start from the same weights and random state (each replays the server)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(torch.get_rng_state().numpy().tobytes())
+        h.update(repr(random.getstate()).encode())
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests = self.ranks.gather(h.digest())
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RankFailed(
+                f"ranks {differ} start from other initial weights or random state than rank 0: every process must "
+                "build the same model from the same seed (call lightning.seed_everything(seed) before building "
+                "the model; the CLI does)")
+
+    def _check_shared_folder(self, run_dir: Path) -> None:
+        """Every rank must see the run folder rank 0 made: the client store lives there."""
+        ranks = self.ranks
+        token = ranks.agree(f"{random.Random().getrandbits(64):016x}" if ranks.is_zero else None)
+        marker = run_dir / ".ranks"
+        if ranks.is_zero:
+            marker.mkdir(exist_ok=True)
+            (marker / "token").write_text(token)
+        ranks.barrier()
+        try:
+            seen = (marker / "token").read_text() == token
+        except OSError:
+            seen = False
+        blind = [r for r, ok in enumerate(ranks.gather(b"1" if seen else b"0")) if ok != b"1"]
+        if blind:
+            raise RankFailed(
+                f"rank(s) {blind} cannot see the run folder {run_dir} that rank 0 created: the client store lives "
+                "there, so output_dir must be on a file system every process sees (e.g. a shared network drive)")
+
+    def _accelerator(self) -> str:
+        if self.accelerator == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.accelerator
+
+    def _fabric_devices(self) -> Any:
+        """This process's device for its one-device Fabric: ``1`` on CPU; on GPUs the local rank's share."""
+        acc = self._accelerator()
+        if not self.ranks.distributed or acc == "cpu":
+            return 1
+        if acc not in ("cuda", "gpu"):
+            raise ValueError(f"{OWNER}: devices={self.devices} with accelerator={self.accelerator!r} is not "
+                             "supported; use accelerator='cpu' or 'cuda'")
+        index = self.ranks.local_rank // self.processes_per_device
+        available = torch.cuda.device_count()
+        need(OWNER, index < available, "devices", self.devices,
+             f"at most {available * self.processes_per_device} processes per node with {available} GPU(s) and "
+             f"processes_per_device={self.processes_per_device}")
+        return [index]
+
     # ------------------------------------------------------------------ data and outputs
     def _setup_data(self, dm: L.LightningDataModule) -> list[list[Any]]:
         """Split the training set among the clients and find the validation and test loaders; return the partition
         table's rows. Writes nothing: an impossible split fails before the run folder is touched."""
-        dm.prepare_data()
+        if self._prepares(dm):
+            with rng_untouched():  # it runs on some processes only, and draws only when nothing is cached
+                dm.prepare_data()
+        self.ranks.barrier()  # what prepare_data writes is there before any rank reads it
         dm.setup("fit")
         self.train_template = dm.train_dataloader()
         dataset = self.train_template.dataset
@@ -465,7 +616,11 @@ class FedLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, r: int) -> Path:
-        """Atomically checkpoint the state after round ``r`` (0-based)."""
+        """Atomically checkpoint the state after round ``r`` (0-based); rank 0 writes it, every rank waits for it.
+        Returns the checkpoint folder (other ranks: the run's checkpoints folder)."""
+        if not self.ranks.is_zero:
+            self.ranks.barrier()  # no rank writes the client store while rank 0 snapshots it
+            return self.run_dir / "checkpoints"
         state = {
             "round": r,
             "num_clients": self.num_clients,
@@ -482,8 +637,10 @@ class FedLoop:
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
-        return save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
+        path = save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
                                self.keep_checkpoints)
+        self.ranks.barrier()
+        return path
 
     def _restore(self, ckpt_dir: Path, state: dict[str, Any]) -> int:
         """Load the checkpoint ``state`` (read from ``ckpt_dir`` by ``resolve_resume``); return the next round."""
@@ -501,8 +658,10 @@ class FedLoop:
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
-        self.store.restore(ckpt_dir / "clients")
+        if self.ranks.is_zero:
+            self.store.restore(ckpt_dir / "clients")
         self.senders.restore(ckpt_dir / "senders")
+        self.ranks.barrier()  # the client store is back before any rank reads it
         log.info("resumed from %s after round %d", ckpt_dir, state["round"] + 1)
         return state["round"] + 1
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 
@@ -72,4 +75,21 @@ def seed_rngs(seed: int) -> None:
     random.seed(seed)
 
 
-__all__ = ["Stream", "derive_seed", "generator", "seed_rngs"]
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Restore torch's CPU generator, Python's ``random`` and NumPy's global state on exit.
+
+    ``prepare_data`` runs on one process per node and may draw from the global generators when it generates data
+    (and not when a cache exists): around it, the training's random state stays the same on every process and
+    in every run.
+    """
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+__all__ = ["Stream", "derive_seed", "generator", "rng_untouched", "seed_rngs"]

@@ -18,7 +18,7 @@ import torch
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one writer per process, even on a shared folder
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -31,11 +31,14 @@ class ClientStore:
 
     Args:
         root: the folder; created if missing.
+        shared: other processes write to the folder too (a multi-process run: each rank saves the clients it
+            trained): look for a client's file on every load instead of trusting this process's index.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, shared: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.shared = shared
         self._stored = self._scan()  # ids with a file: saves a stat per client per round
 
     def _scan(self) -> set[int]:
@@ -46,6 +49,11 @@ class ClientStore:
 
     def load(self, client_id: int) -> dict[str, Any]:
         """The client's state (an empty dict for a client never seen); loaded with ``weights_only=True``."""
+        if self.shared:
+            try:
+                return torch.load(self._path(client_id), weights_only=True)
+            except FileNotFoundError:
+                return {}
         if client_id not in self._stored:
             return {}
         return torch.load(self._path(client_id), weights_only=True)
@@ -55,13 +63,13 @@ class ClientStore:
         if state:
             atomic_torch_save(state, self._path(client_id))
             self._stored.add(client_id)
-        elif client_id in self._stored:
+        elif client_id in self._stored or self.shared:
             self._path(client_id).unlink(missing_ok=True)
             self._stored.discard(client_id)
 
     def ids(self) -> list[int]:
         """Clients that have stored state."""
-        return sorted(self._stored)
+        return sorted(self._scan() if self.shared else self._stored)
 
     def snapshot(self, dest: str | Path) -> None:
         """Hard-link (or copy, across file systems) every state file into ``dest``."""

@@ -16,7 +16,7 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``gradient_clip_val``         ``FedLoop(gradient_clip_val=)``
 ``gradient_clip_algorithm``   ``FedLoop(gradient_clip_algorithm=)``
 ``precision``                 the Fabric precision (``"32-true"``, ``"bf16-mixed"``…)
-``world_size``                forwarded from Fabric (1: each client trains in one process)
+``world_size``, ``global_rank`` the run's processes and this one's rank (each client trains in one process)
 ``optimizers``                the active client's optimizers (list): those ``configure_optimizers`` returned, wrapped
                               by Fabric only when its strategy changes the step (e.g. a gradient scaler)
 ``lr_scheduler_configs``      its LR schedulers (list of ``SchedulerConfig``)
@@ -29,7 +29,7 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``training`` / ``validating`` the current stage
 ``sanity_checking``           always ``False``
 ``should_stop``               set ``True`` to stop the client's local training early
-``is_global_zero``            ``True`` on the process that aggregates
+``is_global_zero``            ``True`` on rank 0, the process that writes outputs
 ``fed``                       the federated context (:class:`~lightning_fed.context.FedContext`): round,
                               client id and state, the client's data shard, run folder, evaluator…
 ``current_round``             federated round (0-based), same as ``fed.round``
@@ -57,9 +57,15 @@ def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class TrainerView:
     """A small stand-in for ``lightning.Trainer`` that FedLoop hands to callbacks and to the module."""
 
-    def __init__(self, fabric: Fabric, fed: FedContext) -> None:
+    def __init__(self, fabric: Fabric, fed: FedContext, loggers: list[Any] | None = None, global_rank: int = 0,
+                 world_size: int = 1) -> None:
         self.fabric = fabric
         self.fed = fed
+        self._loggers = list(loggers or [])
+        self.global_rank = global_rank
+        """This process's rank in a multi-process run (0 in one process)."""
+        self.world_size = world_size
+        """Processes of the run (each trains a part of every round's clients)."""
         self.lightning_module: Any = None
         self.callbacks: list[Any] = []
         self.current_epoch = 0
@@ -122,18 +128,18 @@ class TrainerView:
 
     @property
     def logger(self) -> Any:
-        """The first Fabric logger, or ``None``."""
-        return self.fabric.logger if self.fabric.loggers else None
+        """The loop's first Lightning logger, or ``None`` (rank 0 alone has loggers)."""
+        return self._loggers[0] if self._loggers else None
 
     @property
     def loggers(self) -> list[Any]:
-        """All Fabric loggers."""
-        return self.fabric.loggers
+        """The loop's Lightning loggers (empty on ranks other than 0)."""
+        return self._loggers
 
     @property
     def is_global_zero(self) -> bool:
-        """Whether this process is rank 0."""
-        return self.fabric.is_global_zero
+        """Whether this process is rank 0 (the one that writes the run's outputs)."""
+        return self.global_rank == 0
 
     # -- what LightningModule.log / manual_backward call through ``module._fabric`` -----------------------
     def log_dict(self, metrics: dict[str, Any], step: int | None = None) -> None:

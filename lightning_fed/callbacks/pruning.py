@@ -326,6 +326,15 @@ class StructuredPruning(FedCallback):
         if getattr(pl_module.__dict__.get("on_load_checkpoint"), "_pruning_replay", False):
             del pl_module.on_load_checkpoint
 
+    @property
+    def single_process_reason(self) -> str | None:
+        """Why this callback needs a one-process FedLoop, or ``None``: Taylor importance reads the clients' mean
+        gradients from this object's memory, not from their messages, so a process sees only its own clients."""
+        if self.importance == "taylor":
+            return ("importance='taylor' collects the clients' gradients in the callback's memory, which a "
+                    "multi-process run does not share; use importance='magnitude', 'l1', 'lamp' or 'fpgm'")
+        return None
+
     def _collecting(self, trainer: Any) -> bool:
         step = trainer.current_round if in_fedloop(trainer) else trainer.current_epoch
         return self.importance == "taylor" and step in self.at and self.steps_done < len(self.at)

@@ -302,9 +302,10 @@ class QuantizationAware(FedCallback):
                     self.report[f"{kind}_acc" if k == "test_acc" else f"{kind}_{k}"] = v
         out_dir = Path(self.export_dir) if self.export_dir else (
             ctx.run_dir if ctx is not None else Path(trainer.default_root_dir))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in qsd.items()},
-                                    str(out_dir / "quantized.safetensors"))
+        if getattr(trainer, "is_global_zero", True):  # one writer in a multi-process run
+            out_dir.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in qsd.items()},
+                                        str(out_dir / "quantized.safetensors"))
         log.info("QAT export (%s): %s", self.scheme, {k: round(v, 4) for k, v in self.report.items()})
         log_metrics(trainer, {f"qat/{k}": v for k, v in self.report.items()})
         self.exported = exported

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fed.seeding import rng_untouched
 from lightning_fed.store import atomic_torch_save
 
 
@@ -45,7 +46,8 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | Path 
             return torch.load(path, weights_only=True)
         except Exception:  # noqa: BLE001 - any unreadable cache file (pickle, zip, IO errors) is regenerated, never trusted
             path.unlink(missing_ok=True)
-    raw = make_dataset(args)
+    with rng_untouched():  # the package seeds NumPy's global generator: the training's random state is kept
+        raw = make_dataset(args)
     data = {
         "x": torch.as_tensor(raw["x"], dtype=torch.float32),
         "y": torch.as_tensor(raw["y"], dtype=torch.long),

@@ -1,0 +1,252 @@
+"""Clients in parallel on several processes (gloo on CPU): the same result as one process.
+
+Each multi-process run is a real ``python -m lightning_fed.cli fit ... --loop.devices N`` in a subprocess (the ranks
+re-run that command); the one-process reference runs in this process with one torch thread, as each rank has.
+Compared: the whole last checkpoint (global model, strategy, codec and callback state, every client's stored state),
+not just the final weights.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_fed.checkpoint import find_checkpoint, load_checkpoint
+from lightning_fed.cli import run
+from lightning_fed.parallel import assign_lpt, pack_messages, unpack_messages
+from lightning_fed.protocol import ClientMessage
+
+ROOT = Path(__file__).parents[1]
+RECIPES = ROOT / "recipes" / "mnist1d"
+SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
+         "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5", "--loop.loggers", "[]"]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ranks(args, devices, env=None, check=True):
+    """Run the CLI with ``--loop.devices devices`` in a subprocess; returns the completed process."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+         **(env or {})}
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        e.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "fit", *args, "--loop.devices", str(devices)],
+                          check=False, env=e, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}/{k}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def _state(out_dir: Path) -> dict:
+    """The last checkpoint of the only run under ``out_dir``, flattened, with every client's stored state."""
+    (run_dir,) = sorted(out_dir.glob("version_*"))
+    ckpt = find_checkpoint(run_dir)
+    state = load_checkpoint(ckpt)
+    history = state.pop("history")  # wall-clock seconds differ
+    flat = _flatten(state)
+    flat["rounds"] = [h["round"] for h in history]
+    flat["skipped"] = [h.get("skipped") for h in history]
+    for sub in ("clients", "senders"):
+        for f in sorted((ckpt / sub).glob("client-*.pt")):
+            flat.update(_flatten(torch.load(f, weights_only=True), f"{sub}/{f.name}"))
+    return flat
+
+
+def _assert_same(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: {sorted(set(a) ^ set(b))[:5]}"
+    assert any(isinstance(v, torch.Tensor) for v in a.values())
+    for k, va in a.items():
+        if k.endswith("latency_ms"):  # measured wall-clock time
+            continue
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, b[k]), f"{what}: {k} differs"
+        else:
+            assert va == b[k], f"{what}: {k} differs ({va!r} vs {b[k]!r})"
+
+
+def _pruning_recipe(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((RECIPES / "fedavg_pruning_qat.yaml").read_text())
+    cfg["loop"]["callbacks"][0]["init_args"]["at"] = [0, 1]
+    cfg["loop"]["callbacks"][1]["init_args"]["start"] = 2
+    path = tmp_path / "pruning.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+CASES = {  # name: (recipe, processes)
+    "fedavg-2": ("fedavg", 2),
+    "fedavg-3": ("fedavg", 3),
+    "differential-codec-2": ("codec_differential", 2),
+    "feddf-tiers-3": ("feddf", 3),
+    "fedmoe-2": ("fedmoe", 2),
+    "pruning-qat-2": (None, 2),
+    "bf16-mixed-2": ("fedavg", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_match_one_process(case, tmp_path, one_thread):
+    recipe, n = CASES[case]
+    path = _pruning_recipe(tmp_path) if recipe is None else RECIPES / f"{recipe}.yaml"
+    args = ["--config", str(path), *SMALL, "--loop.rounds", "3"]
+    if case.startswith("bf16"):
+        args += ["--loop.precision", "bf16-mixed"]
+    run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], n)
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), f"{case}: {n} processes vs one")
+
+
+def _dying(tmp_path: Path, recipe: str) -> list[str]:
+    cfg = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
+    cfg["model"]["class_path"] = "_parallel_models.DyingCNN"
+    path = tmp_path / "dying.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["--config", str(path), *SMALL, "--loop.rounds", "4"]
+
+
+def _in_process(argv):
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        return run(argv)
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+
+
+def test_resume_with_another_number_of_processes(tmp_path, one_thread):
+    """3 processes, rank 2 killed in round 3, resumed with 2 processes: the same as one uninterrupted process."""
+    args = _dying(tmp_path, "codec_differential")  # per-client state on both sides of the wire
+    _in_process(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    many = [*args, "--loop.output_dir", str(tmp_path / "many")]
+    died = _ranks(many, 3, env={"KILL_ROUND": "3", "KILL_RANK": "2"}, check=False)
+    assert died.returncode != 0 and "rank 2" in died.stderr, died.stderr[-2000:]
+    _ranks([*many, "--resume", "last"], 2)
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "3 processes, resumed with 2, vs one")
+
+
+def test_failing_client_on_rank_1_is_dropped(tmp_path, one_thread):
+    cfg = yaml.safe_load((RECIPES / "fedavg.yaml").read_text())
+    cfg["model"]["class_path"] = "_parallel_models.FailingCNN"
+    cfg["model"]["init_args"]["fail_client"] = 19  # the smallest shard: LPT gives it to the last rank
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(path), *SMALL, "--loop.rounds", "3"]
+    one = _in_process(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    assert sum(h["failed"] for h in one.history) >= 1, "client 19 was never sampled: pick another"
+    _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2)
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "a failing client, 2 processes vs one")
+
+
+def test_killed_rank_is_named_and_the_run_resumes(tmp_path, one_thread):
+    """Rank 1 killed in round 3: a clear message naming it; resumed in one process, the same as never killed."""
+    args = _dying(tmp_path, "fedavg")
+    _in_process(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    many = [*args, "--loop.output_dir", str(tmp_path / "many")]
+    died = _ranks(many, 2, env={"KILL_ROUND": "3", "KILL_RANK": "1"}, check=False)
+    assert died.returncode != 0
+    assert "rank 1" in died.stderr and "killed by signal 9" in died.stderr and "round 3" in died.stderr, died.stderr[-2000:]
+    assert "--resume last" in died.stderr
+    _in_process(["fit", *many, "--resume", "last"])
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "killed at round 3, resumed, vs one process")
+
+
+def test_lpt_balances_by_cost():
+    costs = [10, 9, 8, 2, 2, 1]
+    owner = assign_lpt(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert owner == [0, 1, 1, 0, 0, 0] and loads == [15, 17]  # by hand: 10|9, 8 -> 1, then 2, 2, 1 -> 0
+    assert owner == assign_lpt(costs, 2)  # deterministic
+    assert assign_lpt([1.0] * 5, 3) == [0, 1, 2, 0, 1]  # equal costs: in order, lowest rank first
+    round_robin = [i % 2 for i in range(len(costs))]
+    rr = [sum(c for c, o in zip(costs, round_robin) if o == r) for r in range(2)]
+    assert max(loads) < max(rr)
+
+
+def test_messages_travel_as_bytes():
+    msgs = [ClientMessage(3, b"\x00\x01abc", 17, {"train_loss": 0.25}, raw_bytes=40, encode_s=0.5),
+            ClientMessage(5, failure="ValueError: broken"), ClientMessage(8, b"", 4)]
+    got, busy = unpack_messages(pack_messages(msgs, 1.5))
+    assert busy == 1.5
+    assert got == msgs
+    blob = pack_messages(msgs, 0.0)
+    with pytest.raises(ValueError, match="trailing"):
+        unpack_messages(blob + b"x")
+
+
+def test_gpu_of_each_rank(monkeypatch):
+    """``processes_per_device`` processes share a GPU: local rank k uses GPU k // processes_per_device."""
+    from lightning_fed import FedLoop
+    from lightning_fed.ranks import Ranks
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    loop = FedLoop(devices=4, processes_per_device=2, accelerator="cuda", verbose=False)
+    got = []
+    for local in range(4):
+        loop.ranks = Ranks(rank=local, world_size=4, local_rank=local, local_world_size=4)
+        got.append(loop._fabric_devices())
+    assert got == [[0], [0], [1], [1]]
+    loop = FedLoop(devices=3, accelerator="cuda", verbose=False)
+    loop.ranks = Ranks(rank=2, world_size=3, local_rank=2, local_world_size=3)
+    with pytest.raises(ValueError, match="at most 2 processes per node"):
+        loop._fabric_devices()
+    with pytest.raises(ValueError, match="processes_per_device"):
+        FedLoop(processes_per_device=0)
+    with pytest.raises(ValueError, match="devices"):
+        FedLoop(devices=0)
+
+
+def test_devices_refused_in_process(tmp_path):
+    with pytest.raises(RuntimeError, match="pytest"):
+        run(["fit", "--config", str(RECIPES / "fedavg.yaml"), *SMALL, "--loop.rounds", "1", "--loop.devices", "2",
+             "--loop.output_dir", str(tmp_path)])
+    assert not list(tmp_path.glob("version_*"))
+
+
+def test_taylor_pruning_refused_with_ranks(tmp_path):
+    cfg = yaml.safe_load((RECIPES / "fedavg_pruning.yaml").read_text())
+    cfg["loop"]["callbacks"] = [c for c in cfg["loop"]["callbacks"] if "Pruning" in c["class_path"]]
+    cfg["loop"]["callbacks"][0]["init_args"]["importance"] = "taylor"
+    path = tmp_path / "taylor.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _ranks(["--config", str(path), *SMALL, "--loop.rounds", "1", "--loop.output_dir", str(tmp_path / "o")], 2,
+                  check=False)
+    assert proc.returncode != 0 and "importance='taylor'" in proc.stderr
+    assert not list((tmp_path / "o").glob("version_*"))
+
+
+def test_a_rank_that_cannot_see_the_run_folder_is_named(tmp_path):
+    """Rank 1 reading another file system (simulated: its answer is 'not seen'): a clear error naming it."""
+    from lightning_fed import FedLoop
+    from lightning_fed.ranks import RankFailed, Ranks
+
+    class Blind(Ranks):
+        def gather(self, blob):
+            return [blob, b"0" if blob in (b"0", b"1") else blob]
+
+        def agree(self, value):
+            return value
+
+    loop = FedLoop(verbose=False)
+    loop.ranks = Blind(rank=0, world_size=2)
+    with pytest.raises(RankFailed, match=r"rank\(s\) \[1\] cannot see the run folder"):
+        loop._check_shared_folder(tmp_path)
+    assert (tmp_path / ".ranks" / "token").exists()
