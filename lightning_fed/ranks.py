@@ -251,6 +251,9 @@ def launch(devices: int, num_nodes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -
     except BaseException:
         ranks.close(ok=False)
         raise
+    if rank == 0:
+        log.info("%d processes (%d on this node), %d torch thread(s) each: the same weights as one process run with "
+                 "OMP_NUM_THREADS=%d", world, local_world, torch.get_num_threads(), torch.get_num_threads())
     if rank != 0:  # one voice: rank 0 logs the run (every rank replays the server, so it would repeat it)
         logging.getLogger("lightning_fed").setLevel(logging.ERROR)
     return ranks
