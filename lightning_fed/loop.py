@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -329,7 +330,7 @@ class FedLoop:
             self.console.print(partition_table(rows))
         if ranks.distributed:
             self._check_shared_folder(run_dir)
-        fabric = Fabric(accelerator=self._accelerator(), devices=self._fabric_devices(), precision=self.precision)
+        fabric = self._fabric()
         self.loggers = make_loggers(self.logger_names, run_dir) if ranks.is_zero else []
         model = fabric.to_device(fabric.strategy.precision.convert_module(model))
         self._build(fabric, model, run_dir)
@@ -569,6 +570,23 @@ class FedLoop:
             raise RankFailed(
                 f"rank(s) {blind} cannot see the run folder {run_dir} that rank 0 created: the client store lives "
                 "there, so output_dir must be on a file system every process sees (e.g. a shared network drive)")
+
+    def _fabric(self) -> Fabric:
+        """This process's one-device Fabric. Under ``fabric run`` (which sets ``LT_*`` variables for a Fabric of N
+        devices) the loop's own settings must agree with the command line's; the variables are then hidden from
+        the one-device Fabric each rank builds."""
+        ours = {"devices": self.devices, "num_nodes": self.num_nodes, "accelerator": self.accelerator,
+                "precision": self.precision}
+        cli = {k: os.environ[f"LT_{k.upper()}"] for k in ours if f"LT_{k.upper()}" in os.environ}
+        for k, v in cli.items():
+            if k == "accelerator" and v == "auto":
+                continue
+            need(OWNER, str(ours[k]) == v, k, ours[k], f"{v!r}, as `fabric run --{k}={v}` says")
+        hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("LT_")}
+        try:
+            return Fabric(accelerator=self._accelerator(), devices=self._fabric_devices(), precision=self.precision)
+        finally:
+            os.environ.update(hidden)
 
     def _accelerator(self) -> str:
         if self.accelerator == "auto":

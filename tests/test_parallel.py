@@ -34,13 +34,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _ranks(args, devices, env=None, check=True):
-    """Run the CLI with ``--loop.devices devices`` in a subprocess; returns the completed process."""
+def _ranks(args, devices, env=None, check=True, launcher=()):
+    """Run the CLI with ``--loop.devices devices`` in a subprocess (``launcher``: a command in front, e.g.
+    torchrun's); returns the completed process."""
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
          **(env or {})}
     for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
         e.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "lightning_fed.cli", "fit", *args, "--loop.devices", str(devices)],
+    cmd = [*launcher] if launcher else [sys.executable]
+    proc = subprocess.run([*cmd, "-m", "lightning_fed.cli", "fit", *args, "--loop.devices", str(devices)],
                           check=False, env=e, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,6 +116,21 @@ def test_ranks_match_one_process(case, tmp_path, one_thread):
     run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
     _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], n)
     _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), f"{case}: {n} processes vs one")
+
+
+def test_torchrun_starts_the_ranks(tmp_path, one_thread):
+    """Processes started by torchrun (Fabric's TorchElasticEnvironment) instead of by the loop: the same result."""
+    args = ["--config", str(RECIPES / "fedavg.yaml"), *SMALL, "--loop.rounds", "2"]
+    run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(find_free_network_port())]
+    _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2, launcher=torchrun)
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "torchrun, 2 processes, vs one")
+    torchrun[-1] = str(find_free_network_port())
+    wrong = _ranks([*args, "--loop.output_dir", str(tmp_path / "wrong")], 3, launcher=torchrun, check=False)
+    assert wrong.returncode != 0 and "devices=3 x num_nodes=1 = 3 processes, but the launcher started 2" in wrong.stderr
 
 
 def _dying(tmp_path: Path, recipe: str) -> list[str]:
