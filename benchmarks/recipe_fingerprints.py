@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
@@ -26,14 +31,23 @@ from safetensors.torch import load_file
 from lightning_fed.cli import run
 
 ROOT = Path(__file__).parents[1] / "recipes"
-TIMED = ("seconds", "encode_s", "decode_s", "latency_ms")
+TIMED = ("seconds", "encode_s", "decode_s", "latency_ms", "busy_s", "wait_s")
 
 
 def fingerprint(recipe: Path, rounds: int, workdir: Path) -> dict[str, object]:
     """Run ``recipe`` for ``rounds`` rounds (one local epoch, quiet) and digest what it produced."""
-    result = run(["fit", "--config", str(recipe), "--loop.rounds", str(rounds), "--loop.local_epochs", "1",
-                  "--loop.eval_every", "1", "--loop.checkpoint_every", "0", "--loop.verbose", "false",
-                  "--loop.plot", "false", "--loop.output_dir", str(workdir / recipe.stem)])
+    argv = ["fit", "--config", str(recipe), "--loop.rounds", str(rounds), "--loop.local_epochs", "1",
+            "--loop.eval_every", "1", "--loop.checkpoint_every", "0", "--loop.verbose", "false",
+            "--loop.plot", "false", "--loop.output_dir", str(workdir / recipe.stem)]
+    if yaml.safe_load(recipe.read_text())["loop"].get("devices", 1) > 1:  # its ranks re-run the command: not this one
+        subprocess.run([sys.executable, "-m", "lightning_fed.cli", *argv], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+        (run_dir,) = (workdir / recipe.stem).glob("version_*")
+        history = json.loads((run_dir / "history.json").read_text())
+        final = {k: v for k, v in history[-1].items() if k.startswith(("test_", "val_"))}
+        result = SimpleNamespace(run_dir=run_dir, history=history, final_metrics=final)
+    else:
+        result = run(argv)
     weights = load_file(str(result.run_dir / "final.safetensors"))
     h = hashlib.sha256()
     for name in sorted(weights):
