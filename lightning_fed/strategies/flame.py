@@ -5,7 +5,9 @@ Three steps on the round's updates:
 1. **filter**: the pairwise cosine distances ``1 - cos(u_i, u_j)`` of the updates are clustered with HDBSCAN
    (``min_cluster_size = n // 2 + 1``, so at most one cluster can hold a majority); updates outside the
    largest cluster are dropped. The paper clusters the local models; with one global model per round the
-   updates differ from the models by the same offset and carry the same directions, more visibly.
+   updates differ from the models by the same offset and carry the same directions, more visibly. HDBSCAN with
+   one cluster allowed labels only the points that stay in it longest, so an honest update at the edge of the
+   cluster may be dropped too (as in the paper's implementation, which uses the same settings).
 2. **clip**: every kept update longer than ``S``, the median L2 norm of the kept updates, is scaled to ``S``.
 3. **noise**: the weighted mean of the clipped updates gets Gaussian noise of standard deviation
    ``noise_level * S`` per coordinate (the paper's ``lambda``: 0.001 for image classification), seeded as
