@@ -111,9 +111,10 @@ class FedAvg(Strategy):
         self.server_optimizer.step(flat, update)
         metrics = {"update_norm": flat_norm(update), **self.aggregator.report()}
         last = getattr(self.aggregator, "last", None)  # a robust rule's record: positions in ``replies``
-        if last is not None and (last.dropped or last.clipped):
-            log.info("round %d: %r dropped clients %s, clipped clients %s", server_round + 1, self.aggregator,
-                     [replies[i].client_id for i in last.dropped], [replies[i].client_id for i in last.clipped])
+        if last is not None:
+            log.info("round %d: %r took %.4f s; dropped clients %s, clipped clients %s", server_round + 1,
+                     self.aggregator, last.seconds, [replies[i].client_id for i in last.dropped],
+                     [replies[i].client_id for i in last.clipped])
         return metrics
 
     def load_global(self, model: nn.Module) -> None:

@@ -6,9 +6,9 @@ Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017), norm bounding 
 Every rule here needs all the round's vectors at once (``streaming = False``): it stacks them into one
 ``[n, d]`` matrix and works with torch ops over it (sorts, a Gram matrix, norms), never a Python loop over
 coordinates. Each call records what it did in :attr:`RobustAggregator.last` (seconds, and the *positions* in the
-round's reply list that it dropped or scaled down), logs it at INFO level, and reports it as metrics through
-:meth:`Aggregator.report` (FedAvg adds them to the round's metrics). Positions map to client ids through the
-strategy's reply order (FedAvg logs the ids).
+round's reply list that it dropped or scaled down), logs it at DEBUG level, and reports it as metrics through
+:meth:`Aggregator.report` (FedAvg adds them to the round's metrics and logs, at INFO level, the seconds and the
+client ids dropped and clipped).
 
 Weights: the averaging rules (multi-Krum, norm bounding, weak DP, FLAME) use the strategy's trust weights,
 renormalised over the vectors they keep; the median and the trimmed mean are unweighted (their robustness comes
@@ -99,8 +99,8 @@ class RobustAggregator(Aggregator):
         self.combine(out, x, w, report)
         report.seconds = time.perf_counter() - t0
         self.last = report
-        log.info("%r: %d replies, dropped %s, clipped %s, %.4f s", self, report.count, report.dropped,
-                 report.clipped, report.seconds)
+        log.debug("%r: %d replies, dropped %s, clipped %s, %.4f s", self, report.count, report.dropped,
+                  report.clipped, report.seconds)
         return out
 
     def combine(self, out: Tensor, x: Tensor, w: Tensor, report: AggregationReport) -> None:
