@@ -219,3 +219,15 @@ def test_invalid_settings_name_the_key(build, match):
 
 def test_attacks_are_fed_callbacks():
     assert all(isinstance(b(), Attack) and isinstance(b(), FedCallback) for b in ATTACKS)
+
+
+def test_attacks_do_nothing_under_lightning_trainer(small_dm, tmp_path):
+    import lightning as L
+
+    model = seeded(MNIST1DCNN, channels=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[b() for b in ATTACKS])
+    trainer.fit(model, small_dm)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
