@@ -37,7 +37,15 @@ class AggregationRefused(ValueError):
     """An aggregation rule cannot combine this round's replies (e.g. Krum got ``n <= 2f + 2``): the round cannot
     aggregate. Raised by the aggregator before anything is changed (the global weights and the server optimizer's
     state are untouched), with the reason; the loop is meant to count the round as skipped (like one with fewer
-    than ``min_clients`` valid replies), not to stop the run."""
+    than ``min_clients`` valid replies), not to stop the run.
+
+    Example::
+
+        try:
+            strategy.aggregate(server_round, replies)
+        except AggregationRefused as err:  # e.g. "Krum(byzantine=2, select=None) needs at least 7 replies, got 5"
+            log.warning("round %d skipped: %s", server_round + 1, err)
+    """
 
 
 class RoundsFailed(RuntimeError):

@@ -43,6 +43,12 @@ log = logging.getLogger("lightning_fed")
 class AggregationReport:
     """What one call of a robust aggregator did.
 
+    Example::
+
+        krum = Krum(byzantine=1)
+        krum(out, flats, weights)
+        krum.last.dropped, krum.last.scores, krum.last.seconds  # positions in ``flats``
+
     Attributes:
         count: vectors received.
         seconds: wall-clock seconds of the call.
