@@ -33,6 +33,21 @@ class ModelMismatch(ClientError, ValueError):
     that client is dropped; on the server it stops the run like any other failure there."""
 
 
+class AggregationRefused(ValueError):
+    """An aggregation rule cannot combine this round's replies (e.g. Krum got ``n <= 2f + 2``): the round cannot
+    aggregate. Raised by the aggregator before anything is changed (the global weights and the server optimizer's
+    state are untouched), with the reason; the loop is meant to count the round as skipped (like one with fewer
+    than ``min_clients`` valid replies), not to stop the run.
+
+    Example::
+
+        try:
+            strategy.aggregate(server_round, replies)
+        except AggregationRefused as err:  # e.g. "Krum(byzantine=2, select=None) needs at least 7 replies, got 5"
+            log.warning("round %d skipped: %s", server_round + 1, err)
+    """
+
+
 class RoundsFailed(RuntimeError):
     """Too many consecutive rounds without enough valid replies to aggregate: the run stops."""
 
@@ -65,4 +80,4 @@ def is_client_fault(err: BaseException) -> bool:
     return not ours or owner.startswith(USER_SIDE)
 
 
-__all__ = ["ClientError", "ModelMismatch", "RoundsFailed", "is_client_fault"]
+__all__ = ["AggregationRefused", "ClientError", "ModelMismatch", "RoundsFailed", "is_client_fault"]

@@ -44,6 +44,18 @@ class Stream(IntEnum):
     """D-Dist's random regular graph (keys: number of clients, degree)."""
     DIGEST = 9
     """ConsensusDigest's batch order on a client (keys: round)."""
+    WEAK_DP = 10
+    """WeakDP's noise on the aggregate (keys: a fingerprint of the round's updates)."""
+    FLAME_NOISE = 11
+    """FLAME's noise on the aggregate (keys: a fingerprint of the round's updates)."""
+    ATTACK_CLIENTS = 12
+    """Which clients are malicious (keys: none for a fixed set, round when drawn per round)."""
+    ATTACK_NOISE = 13
+    """A Gaussian attacker's update (keys: round, client id)."""
+    ATTACK_DIRECTION = 14
+    """The direction shared by the malicious clients of a round ("a little is enough"; keys: round)."""
+    BACKDOOR_POISON = 15
+    """Which records of a malicious client carry the backdoor trigger (keys: round, client id)."""
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -1,5 +1,8 @@
-"""Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop."""
+"""Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
+attacks (poisoned clients) for FedLoop."""
 
+from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
+from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.distillation import Distillation
 from lightning_fed.callbacks.footprint import Footprint, measure_footprint
@@ -11,6 +14,7 @@ from lightning_fed.callbacks.qat import QuantizationAware
 from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 
 __all__ = [
-    "Distillation", "EightBitOptimizer", "FedCallback", "Footprint", "MagnitudeSparsity", "MoERouting",
-    "QuantizationAware", "RoundLRDecay", "SparseUplink", "StructuredPruning", "measure_footprint", "replay_pruning",
+    "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "Footprint", "GaussianUpdate",
+    "LabelFlip", "LittleIsEnough", "MagnitudeSparsity", "MoERouting", "QuantizationAware", "RoundLRDecay", "SignFlip",
+    "SparseUplink", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]

@@ -10,11 +10,22 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.flame import FLAME
+from lightning_fed.strategies.robust import (
+    CoordinateMedian,
+    Krum,
+    NormBound,
+    RobustAggregator,
+    TrimmedMean,
+    WeakDP,
+)
 from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
 from lightning_fed.strategies.tiers import ModelTiers
 
 __all__ = [
+    "FLAME",
     "Aggregator",
+    "CoordinateMedian",
     "DecentralizedDistillation",
     "FedAvg",
     "FedDF",
@@ -23,9 +34,14 @@ __all__ = [
     "FedMD",
     "FedMDNFDP",
     "FedMoE",
+    "Krum",
     "ModelTiers",
+    "NormBound",
+    "RobustAggregator",
     "ServerOptimizer",
     "ServerSGD",
     "Strategy",
+    "TrimmedMean",
+    "WeakDP",
     "WeightedMean",
 ]

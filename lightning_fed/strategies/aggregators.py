@@ -4,7 +4,8 @@ A strategy that averages weights (FedAvg, FedMoE, FedDF and FedGen per tier) own
 own: it hands its replies, as flat contiguous vectors in the global layout, and their normalised trust weights
 to an :class:`Aggregator`, which writes the update into a preallocated flat buffer. The default
 :class:`WeightedMean` is FedAvg's example-weighted mean (McMahan et al. 2017). Robust rules (coordinate-wise
-median, trimmed mean, Krum…) are new subclasses in new files; every averaging strategy gets them.
+median, trimmed mean, Krum, norm bounding, weak DP: :mod:`.robust`; FLAME: :mod:`.flame`) are subclasses in
+their own files; every averaging strategy gets them.
 
 Streaming: a *streaming* aggregator (``streaming = True``, e.g. a mean) consumes the vectors one by one from
 an iterable; the strategy then decodes each reply into one reused scratch buffer, so a round costs two flat
@@ -55,6 +56,10 @@ class Aggregator:
                 shares ``n_i / sum(n)``); a rule may ignore them.
         """
         raise NotImplementedError
+
+    def report(self) -> dict[str, float]:
+        """Metrics of the latest call for the round's log (seconds, what was dropped…); ``{}`` by default."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

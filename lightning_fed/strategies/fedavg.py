@@ -10,6 +10,7 @@ Reddi et al. 2021 with SGD). The averaging rule and the server step are plug poi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ from lightning_fed.strategies.aggregators import Aggregator, resolve_aggregator
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.server_opt import ServerOptimizer, resolve_server_optimizer
 from lightning_fed.weights import delta, float_state, load_into
+
+log = logging.getLogger("lightning_fed")
 
 
 class FedAvg(Strategy):
@@ -106,7 +109,13 @@ class FedAvg(Strategy):
             flats = [spec.as_flat(r.payload) for r in replies]
         update = self.aggregator(self._acc, flats, weights)
         self.server_optimizer.step(flat, update)
-        return {"update_norm": flat_norm(update)}
+        metrics = {"update_norm": flat_norm(update), **self.aggregator.report()}
+        last = getattr(self.aggregator, "last", None)  # a robust rule's record: positions in ``replies``
+        if last is not None:
+            log.info("round %d: %r took %.4f s; dropped clients %s, clipped clients %s", server_round + 1,
+                     self.aggregator, last.seconds, [replies[i].client_id for i in last.dropped],
+                     [replies[i].client_id for i in last.clipped])
+        return metrics
 
     def load_global(self, model: nn.Module) -> None:
         """Write the global weights into the working model."""

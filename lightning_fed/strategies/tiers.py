@@ -173,6 +173,10 @@ class TierAverage:
             flats = [self.spec.as_flat(d) for d in deltas]
         update = self.aggregator(self._acc, flats, example_weights(num_examples))
         self.server_optimizer.step(self.flat, update)
+        last = getattr(self.aggregator, "last", None)  # a robust rule's record: positions in ``deltas``
+        if last is not None:
+            log.info("%r on %d replies took %.4f s; dropped positions %s, clipped positions %s", self.aggregator,
+                     len(deltas), last.seconds, last.dropped, last.clipped)
         return update
 
     def read_from(self, model: nn.Module) -> None:
