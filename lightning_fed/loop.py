@@ -40,7 +40,7 @@ from lightning_fed.client import LocalTrainer, check_module
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
 from lightning_fed.data.partition import IID, Partition, summary_rows
-from lightning_fed.errors import RoundsFailed
+from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
@@ -437,14 +437,20 @@ class FedLoop:
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
+        refused = None
         if len(replies) >= self.min_clients:
-            metrics.update(self.server.aggregate(r, replies))
+            try:
+                metrics.update(self.server.aggregate(r, replies))
+            except AggregationRefused as err:  # e.g. Krum with too few replies: nothing was changed
+                refused = f"aggregation refused: {err}"
+        if len(replies) >= self.min_clients and refused is None:
             metrics["skipped"] = 0
             self._failed.clear()
         else:
-            log.warning("round %d skipped: %d valid replies, min_clients=%d", r + 1, len(replies), self.min_clients)
+            log.warning("round %d skipped: %s", r + 1,
+                        refused or f"{len(replies)} valid replies, min_clients={self.min_clients}")
             metrics["skipped"] = 1
-            self._failed.append((r, got.reasons))
+            self._failed.append((r, [*got.reasons, *([refused] if refused else [])]))
             if len(self._failed) >= self.max_failed_rounds:
                 raise RoundsFailed(self._failure_report(f"{len(self._failed)} consecutive rounds"))
         self.strategy.load_global(model)
@@ -480,7 +486,8 @@ class FedLoop:
 
     def _failure_report(self, what: str) -> str:
         """Why the run stops: the rounds that could not aggregate and each client's reason."""
-        lines = [f"{what} had fewer than min_clients={self.min_clients} valid replies; the run stops."]
+        lines = [(f"{what} could not aggregate (fewer than min_clients={self.min_clients} valid replies, or the "
+                  "aggregation rule refused them); the run stops.")]
         for r, reasons in self._failed:
             lines.append(f"round {r + 1}: " + ("; ".join(reasons) if reasons else "no client was sent an instruction"))
         return "\n".join(lines)

@@ -203,3 +203,19 @@ def test_refused_round_leaves_the_global_weights_unchanged():
     with pytest.raises(AggregationRefused, match="needs at least 7 replies, got 6"):
         strategy.aggregate(0, replies)
     assert torch.equal(strategy.global_flat, before)
+
+
+def test_a_refused_round_is_skipped_by_the_loop_and_named(make_loop, small_dm):
+    """In FedLoop a refusal skips the round (logged, weights unchanged); consecutive refusals stop the run with
+    the rule's reason."""
+    from lightning_fed.errors import RoundsFailed
+    from lightning_fed.models import MNIST1DCNN
+
+    loop = make_loop(num_clients=6, clients_per_round=4, rounds=3, max_failed_rounds=2,
+                     strategy=FedAvg(aggregator=Krum(byzantine=2)))
+    with pytest.raises(RoundsFailed, match=r"(?s)2 consecutive rounds could not aggregate.*round 1: aggregation "
+                                           r"refused: Krum\(byzantine=2, select=None\) needs at least 7 replies, got 4"):
+        loop.fit(MNIST1DCNN(), small_dm)
+    loop = make_loop(num_clients=6, clients_per_round=5, rounds=2, strategy=FedAvg(aggregator=Krum(byzantine=1)))
+    result = loop.fit(MNIST1DCNN(), small_dm)  # 5 replies are enough for f = 1
+    assert [h["skipped"] for h in result.history] == [0, 0]
