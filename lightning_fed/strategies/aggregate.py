@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_fed.flat import FlatSpec
+from lightning_fed.protocol import Payload, value_bounds, values_within
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -32,6 +36,31 @@ def weighted_sum_(out: Tensor, flats: Iterable[Tensor], weights: Sequence[float]
     return out
 
 
+def weighted_sum_payloads_(out: Tensor, spec: FlatSpec, payloads: Iterable[Payload],
+                           weights: Sequence[float]) -> Tensor:
+    """``out = sum_i weights[i] * payloads[i]`` in ``spec``'s flat layout, without copying any payload.
+
+    A payload whose entries tile one buffer in ``spec``'s order (:meth:`FlatSpec.as_flat` returns a view, e.g. a
+    message decoded by :class:`~lightning_fed.codecs.Identity`) is added with one ``add_``; any other is added
+    entry by entry into views of ``out`` (one ``_foreach_add_``), reading the decoded tensors where they lie.
+    Bit-identical to :func:`weighted_sum_` over ``spec.flatten(payload)``: the same elementwise ``out + w * x``,
+    in the same reply order (an elementwise add gives the same bits whatever the split into pieces).
+    """
+    out.zero_()
+    parts = list(spec.unflatten(out).values())
+    count = 0
+    for payload, w in zip(payloads, weights, strict=False):
+        span = spec.flat_view(payload)
+        if span is not None:
+            out.add_(span, alpha=w)
+        else:
+            torch._foreach_add_(parts, [payload[k].detach() for k in spec.names], alpha=w)
+        count += 1
+    if count != len(weights):
+        raise ValueError(f"got {count} payloads for {len(weights)} weights")
+    return out
+
+
 def apply_update_(global_flat: Tensor, update: Tensor, server_lr: float = 1.0) -> Tensor:
     """``global += server_lr * update`` in place."""
     return global_flat.add_(update, alpha=server_lr)
@@ -40,3 +69,94 @@ def apply_update_(global_flat: Tensor, update: Tensor, server_lr: float = 1.0) -
 def flat_norm(flat: Tensor) -> float:
     """L2 norm of a flat buffer, as a Python float."""
     return float(torch.linalg.vector_norm(flat))
+
+
+FOLD_CHUNK = 1 << 20
+"""Elements per piece of :class:`MeanFold`'s fused pass (4 MiB of float32: checked, then added, while cached)."""
+
+
+class MeanFold:
+    """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
+    validation fused into the same pass: each reply is read once from memory, as by a plain ``axpy``.
+
+    The server opens a fold for a round when it knows the total example count of the round's messages
+    (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted. Each
+    reply is checked and added piece by piece into a *second* buffer (``next = current + w * x``), so a reply
+    whose values fail the check leaves the accumulator exactly as it was. The strategy uses the fold only when
+    the replies it is asked to aggregate are exactly the ones folded (:meth:`covers`: same replies, same order,
+    payload entries neither replaced nor written in place, example counts summing to the total); otherwise it
+    aggregates the replies again the ordinary way. The result is bit-identical to
+    :func:`weighted_sum_payloads_` over the same replies (same ``current + w * x`` per element, same order).
+
+    Example::
+
+        fold = MeanFold(spec, acc, spare, total=sum(counts))
+        for reply in replies:
+            if not fold.add(reply, max_abs=None):
+                ...  # reject the reply: nothing was added
+        update = fold.result() if fold.covers(replies) else weighted_sum_payloads_(...)
+
+    Args:
+        spec: the flat layout of the payloads (the strategy's).
+        current: a flat buffer of ``spec`` (zeroed here); the accumulator.
+        spare: another flat buffer of ``spec``; the two swap roles after each accepted reply.
+        total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
+    """
+
+    def __init__(self, spec: FlatSpec, current: Tensor, spare: Tensor, total: int) -> None:
+        self.spec = spec
+        self.total = total
+        self._cur, self._next = current.zero_(), spare
+        self._parts = list(spec.unflatten(current).values())
+        self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
+        self.broken = False
+
+    @staticmethod
+    def _stamp(payload: Payload) -> list[tuple[int, int]]:
+        return [(id(t), t._version) for t in payload.values()]
+
+    def add(self, reply: Any, max_abs: float | None = None) -> bool:
+        """Check ``reply.payload``'s values (finite; ``|x| <= max_abs`` if given) and, if they pass, add
+        ``reply.num_examples / total`` times it. Returns whether the values passed; ``False`` adds nothing.
+
+        The payload must already match ``spec`` (names, shapes, float32 dtype): the server checks the structure
+        before folding."""
+        payload = reply.payload
+        w = reply.num_examples / float(self.total)
+        x = self.spec.flat_view(payload)
+        if x is None:  # entries in another order or in several buffers: check them, then add entry by entry
+            lo, hi = value_bounds(list(payload.values()))
+            if not values_within(lo, hi, max_abs):
+                return False
+            torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        else:
+            cur, nxt = self._cur, self._next
+            lows, highs = [], []
+            for s in range(0, x.numel(), FOLD_CHUNK):
+                xc = x[s : s + FOLD_CHUNK]
+                lo_t, hi_t = torch.aminmax(xc)  # reads the piece into the cache...
+                torch.add(cur[s : s + FOLD_CHUNK], xc, alpha=w, out=nxt[s : s + FOLD_CHUNK])  # ...adds it from there
+                lows.append(lo_t)
+                highs.append(hi_t)
+            lo, hi = (float(torch.stack(lows).min()), float(torch.stack(highs).max())) if lows else (0.0, 0.0)
+            if not values_within(lo, hi, max_abs):
+                return False
+            self._cur, self._next = nxt, cur
+            self._parts = list(self.spec.unflatten(nxt).values())
+        self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
+        return True
+
+    def covers(self, replies: list[Any]) -> bool:
+        """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
+        payload dict it was folded with, its entries neither replaced nor written in place since, its example
+        count unchanged, and the counts summing to the total the fold weighted by."""
+        if self.broken or len(replies) != len(self._folded):
+            return False
+        for r, (reply, payload, n, stamp) in zip(replies, self._folded):
+            if r is not reply or r.payload is not payload or r.num_examples != n or self._stamp(payload) != stamp:
+                return False
+        return sum(n for _, _, n, _ in self._folded) == self.total
+
+    def result(self) -> Tensor:
+        """The accumulated ``sum_i n_i / total * x_i`` (one of the two buffers given)."""
+        return self._cur
