@@ -11,10 +11,11 @@ the other codecs one decoded buffer per reply (the message is released).
 Folding: when the round's total example count is known before decoding (the messages come as a list, or the
 caller says it) and the strategy offers a fold (:meth:`~lightning_fed.strategies.Strategy.begin_fold`, FedAvg
 with the weighted mean), each reply whose structure is valid is checked for values and added to the aggregate in
-one pass over its memory, betting that every reply will be accepted. A reply whose values fail is rejected and
-adds nothing; when the replies finally aggregated differ from those folded (a rejection changed the total, a
-callback dropped or edited one, too few replies for ``min_clients`` and no aggregation at all), the fold is
-discarded and the strategy aggregates the kept replies itself, with the same result.
+one pass over its memory, betting that every reply will be accepted. A reply whose values fail is rejected
+and voids the fold; when the replies finally aggregated differ from those folded (a rejection changed the
+total, a callback dropped or edited one), the fold is discarded and the strategy aggregates the kept replies
+itself, with the same result. A round with too few replies for ``min_clients`` never aggregates: the fold only
+ever wrote the strategy's scratch buffer, never the global model.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class Server:
         the logged reason it was rejected.
 
         With a ``fold`` (:meth:`collect`), the structure is validated first, then the fold checks the values and
-        adds the reply in one pass; a reply whose values fail is validated in full for the reason and rejected,
-        having added nothing."""
+        adds the reply in one pass; a reply whose values fail is validated in full for the reason and rejected
+        (the fold, voided, is never used)."""
         try:
             spec = self.strategy.reply_spec(instr)
             state = self.senders.load(msg.client_id)
@@ -143,9 +144,8 @@ class Server:
                 validate_reply(reply, spec, max_abs=self.max_update_abs)
             else:
                 validate_reply(reply, spec, max_abs=self.max_update_abs, check_values=False)
-                if not fold.add(reply, self.max_update_abs):
+                if not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
                     validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
-                    fold.broken = True  # pragma: no cover - the two value checks agree; never fold a stray reply
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", server_round + 1, msg.client_id, err)
             return f"reply of client {msg.client_id} rejected: {err}"

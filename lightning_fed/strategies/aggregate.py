@@ -72,7 +72,7 @@ def flat_norm(flat: Tensor) -> float:
 
 
 FOLD_CHUNK = 1 << 20
-"""Elements per piece of :class:`MeanFold`'s fused pass (4 MiB of float32: checked, then added, while cached)."""
+"""Elements per piece of :class:`MeanFold`'s fused pass (4 MiB of float32: checked, then added while cached)."""
 
 
 class MeanFold:
@@ -81,33 +81,34 @@ class MeanFold:
 
     The server opens a fold for a round when it knows the total example count of the round's messages
     (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted. Each
-    reply is checked and added piece by piece into a *second* buffer (``next = current + w * x``), so a reply
-    whose values fail the check leaves the accumulator exactly as it was. The strategy uses the fold only when
-    the replies it is asked to aggregate are exactly the ones folded (:meth:`covers`: same replies, same order,
-    payload entries neither replaced nor written in place, example counts summing to the total); otherwise it
-    aggregates the replies again the ordinary way. The result is bit-identical to
-    :func:`weighted_sum_payloads_` over the same replies (same ``current + w * x`` per element, same order).
+    reply is checked and added piece by piece (a piece is added right after its values are checked, while it is
+    in the cache). A reply whose values fail is rejected; the pieces of it already added make the fold
+    *broken*: it adds nothing more and is never used (a rejection changes the total it bet on anyway). The
+    strategy uses the fold only when the replies it is asked to aggregate are exactly the ones folded
+    (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place, example
+    counts summing to the total); otherwise it aggregates the replies again the ordinary way. The result is
+    bit-identical to :func:`weighted_sum_payloads_` over the same replies (same ``acc + w * x`` per element, in
+    the same order: an elementwise add gives the same bits whatever the split into pieces).
 
     Example::
 
-        fold = MeanFold(spec, acc, spare, total=sum(counts))
+        fold = MeanFold(spec, acc, total=sum(counts))
         for reply in replies:
             if not fold.add(reply, max_abs=None):
-                ...  # reject the reply: nothing was added
+                ...  # reject the reply (the fold is broken now)
         update = fold.result() if fold.covers(replies) else weighted_sum_payloads_(...)
 
     Args:
         spec: the flat layout of the payloads (the strategy's).
-        current: a flat buffer of ``spec`` (zeroed here); the accumulator.
-        spare: another flat buffer of ``spec``; the two swap roles after each accepted reply.
+        acc: a flat buffer of ``spec`` (zeroed here): the accumulator.
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
     """
 
-    def __init__(self, spec: FlatSpec, current: Tensor, spare: Tensor, total: int) -> None:
+    def __init__(self, spec: FlatSpec, acc: Tensor, total: int) -> None:
         self.spec = spec
         self.total = total
-        self._cur, self._next = current.zero_(), spare
-        self._parts = list(spec.unflatten(current).values())
+        self._acc = acc.zero_()
+        self._parts = list(spec.unflatten(acc).values())
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self.broken = False
 
@@ -116,35 +117,34 @@ class MeanFold:
         return [(id(t), t._version) for t in payload.values()]
 
     def add(self, reply: Any, max_abs: float | None = None) -> bool:
-        """Check ``reply.payload``'s values (finite; ``|x| <= max_abs`` if given) and, if they pass, add
-        ``reply.num_examples / total`` times it. Returns whether the values passed; ``False`` adds nothing.
+        """Check ``reply.payload``'s values (finite; ``|x| <= max_abs`` if given) and add ``reply.num_examples /
+        total`` times it. Returns whether the values passed; ``False`` breaks the fold.
 
         The payload must already match ``spec`` (names, shapes, float32 dtype): the server checks the structure
         before folding."""
         payload = reply.payload
-        w = reply.num_examples / float(self.total)
         x = self.spec.flat_view(payload)
-        if x is None:  # entries in another order or in several buffers: check them, then add entry by entry
-            lo, hi = value_bounds(list(payload.values()))
-            if not values_within(lo, hi, max_abs):
-                return False
-            torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        if self.broken or x is None:  # check, then (entries in another order or buffer) add entry by entry
+            ok = values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
+            if ok and not self.broken:
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names],
+                                    alpha=reply.num_examples / float(self.total))
         else:
-            cur, nxt = self._cur, self._next
-            lows, highs = [], []
+            w = reply.num_examples / float(self.total)
+            acc, lows, highs = self._acc, [], []
             for s in range(0, x.numel(), FOLD_CHUNK):
-                xc = x[s : s + FOLD_CHUNK]
-                lo_t, hi_t = torch.aminmax(xc)  # reads the piece into the cache...
-                torch.add(cur[s : s + FOLD_CHUNK], xc, alpha=w, out=nxt[s : s + FOLD_CHUNK])  # ...adds it from there
+                piece = x[s : s + FOLD_CHUNK]
+                lo_t, hi_t = torch.aminmax(piece)  # reads the piece into the cache...
+                acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # ...and adds it from there
                 lows.append(lo_t)
                 highs.append(hi_t)
             lo, hi = (float(torch.stack(lows).min()), float(torch.stack(highs).max())) if lows else (0.0, 0.0)
-            if not values_within(lo, hi, max_abs):
-                return False
-            self._cur, self._next = nxt, cur
-            self._parts = list(self.spec.unflatten(nxt).values())
-        self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
-        return True
+            ok = values_within(lo, hi, max_abs)
+        if not ok:
+            self.broken = True
+        elif not self.broken:
+            self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
+        return ok
 
     def covers(self, replies: list[Any]) -> bool:
         """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
@@ -158,5 +158,5 @@ class MeanFold:
         return sum(n for _, _, n, _ in self._folded) == self.total
 
     def result(self) -> Tensor:
-        """The accumulated ``sum_i n_i / total * x_i`` (one of the two buffers given)."""
-        return self._cur
+        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given)."""
+        return self._acc

@@ -97,7 +97,7 @@ class FedAvg(Strategy):
         return spec.tensor_specs()
 
     def begin_fold(self, server_round: int, total_examples: int) -> MeanFold | None:
-        """A :class:`~lightning_fed.strategies.aggregate.MeanFold` over the two scratch buffers when the aggregator
+        """A :class:`~lightning_fed.strategies.aggregate.MeanFold` into the accumulator buffer when the aggregator
         is the plain :class:`~lightning_fed.strategies.WeightedMean` and :meth:`aggregate` is FedAvg's own;
         ``None`` otherwise."""
         if type(self.aggregator) is not WeightedMean or type(self).aggregate is not FedAvg.aggregate:
@@ -105,7 +105,7 @@ class FedAvg(Strategy):
             return None
         spec, _ = self._require_setup()
         assert self._acc is not None and self._tmp is not None
-        self._fold = MeanFold(spec, self._acc, self._tmp, total_examples)
+        self._fold = MeanFold(spec, self._acc, total_examples)
         return self._fold
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
