@@ -11,8 +11,9 @@ the other codecs one decoded buffer per reply (the message is released).
 Folding: when the round's total example count is known before decoding (the messages come as a list, or the
 caller says it) and the strategy offers a fold (:meth:`~lightning_fed.strategies.Strategy.begin_fold`, FedAvg
 with the weighted mean), each reply whose structure is valid is checked for values and added to the aggregate in
-one pass over its memory, betting that every reply will be accepted. A reply whose values fail is rejected
-and voids the fold; when the replies finally aggregated differ from those folded (a rejection changed the
+one pass over its memory, betting that every reply will be accepted (without ``max_update_abs``, finiteness is
+checked once on the round's sum; only if that fails is each reply checked, and the culprits rejected, before
+:meth:`Server.collect` returns). A reply whose values fail is rejected and voids the fold; when the replies finally aggregated differ from those folded (a rejection changed the
 total, a callback dropped or edited one), the fold is discarded and the strategy aggregates the kept replies
 itself, with the same result. A round with too few replies for ``min_clients`` never aggregates: the fold only
 ever wrote the strategy's scratch buffer, never the global model.
@@ -98,6 +99,7 @@ class Server:
         else:
             stream = messages
         fold = None
+        marks: list[int] = []  # per accepted reply: how many reasons preceded it
         if self.fold and total_examples:
             fold = self.strategy.begin_fold(server_round, total_examples)
         for msg in stream:
@@ -120,17 +122,37 @@ class Server:
                 out.reasons.append(reply)
             else:
                 out.replies.append(reply)
+                marks.append(len(out.reasons))
             del msg
+        if fold is not None and not fold.settle():
+            self._recheck(server_round, out, marks, sent, fold)
         return out
+
+    def _recheck(self, server_round: int, out: Collected, marks: list[int], sent: dict[int, Instruction],
+                 fold: MeanFold) -> None:
+        """The fold found a value that is not finite among the replies it added unchecked: validate each reply in
+        full, reject the culprits (their reasons where they would have been, in message order) and void the
+        fold."""
+        for i in reversed(range(len(out.replies))):
+            reply = out.replies[i]
+            try:
+                validate_reply(reply, self.strategy.reply_spec(sent[reply.client_id]), max_abs=self.max_update_abs)
+            except RejectedReply as err:
+                log.warning("round %d: reply of client %d rejected: %s", server_round + 1, reply.client_id, err)
+                del out.replies[i]
+                out.reasons.insert(marks[i], f"reply of client {reply.client_id} rejected: {err}")
+                out.stats["rejected"] += 1
+                fold.broken = True
 
     def receive(self, server_round: int, instr: Instruction, msg: ClientMessage,
                 stats: dict[str, Any], fold: MeanFold | None = None) -> Reply | str:
         """One message: size limit, decode (no pickle) with the sender's state, validate. Returns the reply, or
         the logged reason it was rejected.
 
-        With a ``fold`` (:meth:`collect`), the structure is validated first, then the fold checks the values and
-        adds the reply in one pass; a reply whose values fail is validated in full for the reason and rejected
-        (the fold, voided, is never used)."""
+        With a ``fold`` (:meth:`collect`), the structure is validated first, then the fold adds the reply,
+        checking its values in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
+        for the whole round at the end of :meth:`collect`. A reply whose values fail is validated in full for the
+        reason and rejected; the fold, voided, is never used."""
         try:
             spec = self.strategy.reply_spec(instr)
             state = self.senders.load(msg.client_id)
@@ -142,7 +164,7 @@ class Server:
             reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics))
             if fold is None:
                 validate_reply(reply, spec, max_abs=self.max_update_abs)
-            else:
+            else:  # the structure now; the values in the pass that adds them (or for the round, see MeanFold)
                 validate_reply(reply, spec, max_abs=self.max_update_abs, check_values=False)
                 if not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
                     validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry

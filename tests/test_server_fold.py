@@ -126,6 +126,28 @@ def test_a_rejected_reply_is_never_added(bad, tmp_path, monkeypatch):
     assert torch.equal(s.global_flat, want)
 
 
+@pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
+def test_without_a_bound_bad_replies_are_found_after_the_fold_and_rejected_in_order(make_codec, tmp_path):
+    """No max_update_abs: finiteness is checked once on the round's sum; when it fails every reply is checked,
+    the culprits are rejected (reasons in message order, failures included) and the fold is not used."""
+    s, codec = _strategy(), make_codec()
+    assert s.spec is not None
+    deltas = _deltas(s.spec, 6)
+    deltas[2][7] = float("inf")
+    deltas[4][-1] = float("nan")
+    messages = _messages(codec, s.spec, deltas)
+    messages[1] = ClientMessage(1, b"", COUNTS[1], failure="out of memory")
+    want = _reference(s, codec, messages, [0, 3, 5])
+    server = _server(s, codec, tmp_path)
+    got = server.collect(0, s.configure_round(0, list(range(6))), messages)
+    assert [r.client_id for r in got.replies] == [0, 3, 5]
+    assert [reason.split(":")[0] for reason in got.reasons] == [
+        "client 1 dropped", "reply of client 2 rejected", "reply of client 4 rejected"]
+    assert got.stats["rejected"] == 2 and got.stats["failed"] == 1
+    server.aggregate(0, got.replies)
+    assert torch.equal(s.global_flat, want)
+
+
 def test_a_round_below_min_clients_leaves_the_global_model_unchanged(tmp_path):
     s, codec = _strategy(), Identity()
     assert s.spec is not None and s.global_flat is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,18 +78,25 @@ FOLD_CHUNK = 1 << 20
 
 class MeanFold:
     """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
-    validation fused into the same pass: each reply is read once from memory, as by a plain ``axpy``.
+    validation folded in too: each reply is read once from memory, as by a plain ``axpy``.
 
     The server opens a fold for a round when it knows the total example count of the round's messages
-    (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted. Each
-    reply is checked and added piece by piece (a piece is added right after its values are checked, while it is
-    in the cache). A reply whose values fail is rejected; the pieces of it already added make the fold
-    *broken*: it adds nothing more and is never used (a rejection changes the total it bet on anyway). The
-    strategy uses the fold only when the replies it is asked to aggregate are exactly the ones folded
-    (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place, example
-    counts summing to the total); otherwise it aggregates the replies again the ordinary way. The result is
-    bit-identical to :func:`weighted_sum_payloads_` over the same replies (same ``acc + w * x`` per element, in
-    the same order: an elementwise add gives the same bits whatever the split into pieces).
+    (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted, and adds
+    each reply whose structure is valid (:meth:`add`). Its values are checked in the same pass:
+
+    * with a bound (``max_abs``), piece by piece, each piece added right after it is checked while it is in
+      the cache;
+    * without one, not per reply at all: a non-finite value makes the sum non-finite, so one check of the sum
+      when the round's messages are all in (:meth:`settle`) clears every reply at once; only when it fails does
+      the server check each folded reply to find (and reject) the culprits.
+
+    A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
+    anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
+    folded (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place,
+    example counts summing to the total); otherwise it aggregates the replies again the ordinary way. So no
+    rejected reply ever reaches the aggregate, and the result is bit-identical to :func:`weighted_sum_payloads_`
+    over the same replies (same ``acc + w * x`` per element, in the same order: an elementwise add gives the
+    same bits whatever the split into pieces).
 
     Example::
 
@@ -96,6 +104,8 @@ class MeanFold:
         for reply in replies:
             if not fold.add(reply, max_abs=None):
                 ...  # reject the reply (the fold is broken now)
+        if not fold.settle():
+            ...  # check every folded reply; a rejection breaks the fold
         update = fold.result() if fold.covers(replies) else weighted_sum_payloads_(...)
 
     Args:
@@ -110,6 +120,7 @@ class MeanFold:
         self._acc = acc.zero_()
         self._parts = list(spec.unflatten(acc).values())
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
+        self._unchecked = False
         self.broken = False
 
     @staticmethod
@@ -117,20 +128,29 @@ class MeanFold:
         return [(id(t), t._version) for t in payload.values()]
 
     def add(self, reply: Any, max_abs: float | None = None) -> bool:
-        """Check ``reply.payload``'s values (finite; ``|x| <= max_abs`` if given) and add ``reply.num_examples /
-        total`` times it. Returns whether the values passed; ``False`` breaks the fold.
+        """Add ``reply.num_examples / total`` times ``reply.payload``.
 
-        The payload must already match ``spec`` (names, shapes, float32 dtype): the server checks the structure
-        before folding."""
+        With ``max_abs``, its values are checked first (finite, ``|x| <= max_abs``), piece by piece; without,
+        only their finiteness is, later, for all replies at once (:meth:`settle`). Returns ``False`` when the
+        values failed (the fold is broken then), ``True`` otherwise. The payload must already match ``spec``
+        (names, shapes, float32 dtype): the server checks the structure before folding."""
         payload = reply.payload
+        if self.broken:  # nothing more to add: just the check the caller needs
+            return values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
+        w = reply.num_examples / float(self.total)
         x = self.spec.flat_view(payload)
-        if self.broken or x is None:  # check, then (entries in another order or buffer) add entry by entry
+        ok = True
+        if max_abs is None:
+            self._unchecked = True
+            if x is not None:
+                self._acc.add_(x, alpha=w)
+            else:  # entries in another order or in several buffers: added entry by entry, where they lie
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        elif x is None:
             ok = values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
-            if ok and not self.broken:
-                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names],
-                                    alpha=reply.num_examples / float(self.total))
+            if ok:
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
         else:
-            w = reply.num_examples / float(self.total)
             acc, lows, highs = self._acc, [], []
             for s in range(0, x.numel(), FOLD_CHUNK):
                 piece = x[s : s + FOLD_CHUNK]
@@ -142,9 +162,17 @@ class MeanFold:
             ok = values_within(lo, hi, max_abs)
         if not ok:
             self.broken = True
-        elif not self.broken:
+        else:
             self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
         return ok
+
+    def settle(self) -> bool:
+        """Whether the replies added without a check (no ``max_abs``) are certainly finite: the sum of the
+        accumulator is finite (one read of one buffer for the round). ``False``: some value is not finite, or the
+        sum overflowed; the caller checks each folded reply (and breaks the fold if it rejects one)."""
+        if self.broken or not self._unchecked:
+            return True
+        return math.isfinite(float(self._acc.sum()))
 
     def covers(self, replies: list[Any]) -> bool:
         """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
