@@ -55,6 +55,7 @@ class FedAvg(Strategy):
         self._tmp: Tensor | None = None
         self._views: Payload = {}
         self._fold: MeanFold | None = None
+        self._reply_spec: PayloadSpec | None = None
 
     def setup(self, model: nn.Module) -> None:
         """Copy the model's float weights into one flat float32 master buffer and set the server optimizer up
@@ -66,6 +67,7 @@ class FedAvg(Strategy):
         self._tmp = self.spec.empty()
         self._views = self.spec.unflatten(self.global_flat)  # updated in place: the views stay valid
         self._fold = None  # a fold over the previous buffers is void
+        self._reply_spec = None
         self.server_optimizer.setup(self.global_flat)
 
     def _require_setup(self) -> tuple[FlatSpec, Tensor]:
@@ -92,9 +94,12 @@ class FedAvg(Strategy):
         return delta(model, instruction.payload)
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
-        """A float32 tensor per federated weight, shaped like the global model."""
+        """A float32 tensor per federated weight, shaped like the global model (one dict, built once per layout:
+        read it, do not modify it)."""
         spec, _ = self._require_setup()
-        return spec.tensor_specs()
+        if self._reply_spec is None:
+            self._reply_spec = spec.tensor_specs()
+        return self._reply_spec
 
     def begin_fold(self, server_round: int, total_examples: int) -> MeanFold | None:
         """A :class:`~lightning_fed.strategies.aggregate.MeanFold` into the accumulator buffer when the aggregator
