@@ -4,9 +4,10 @@ round's replies, next to a plain ``acc.add_(flat, alpha=w)`` over the same numbe
     OMP_NUM_THREADS=1 python benchmarks/aggregation.py
     OMP_NUM_THREADS=1 python benchmarks/aggregation.py --replies 10 100 --params 1e6 --codecs identity
 
-"ours" is the whole server path of a FedAvg round: ``Server.collect`` (per message: decode with the uplink codec,
-validate, fold into the mean) then ``Server.aggregate`` (``codec.accept`` and ``FedAvg.aggregate``: the server
-step). Messages are produced one at a time by a generator (a copy of one of two pre-encoded replies, so no two
+"ours" is the server's decode and accumulate for a FedAvg round: ``Server.collect`` (per message: size limit,
+decode with the uplink codec and the sender's state, validation, fold into the mean; the round's finiteness
+check). "+ server step" is what ``Server.aggregate`` adds once per round (``codec.accept``, ``FedAvg.aggregate``:
+the fold's sum taken as the update, ``global += update``, the update's norm), not in the ratio. Messages are produced one at a time by a generator (a copy of one of two pre-encoded replies, so no two
 replies share memory) and handed to the server as they are made; the generator's time is not counted. "floor"
 is a plain axpy over flat float32 replies, timed the same way: each flat buffer is a fresh copy of a delta's
 bytes made with the same copy as a message, just before its add (not counted), and kept until the end as the
@@ -127,7 +128,7 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
         server.aggregate(1, got.replies)
         t3 = time.perf_counter()
     assert len(got.replies) == n_replies, got.reasons
-    return {"s": (t1 - t0 - gen_s) + (t3 - t2), "held": held, "rss": rss.delta}
+    return {"s": t1 - t0 - gen_s, "step_s": t3 - t2, "held": held, "rss": rss.delta}
 
 
 def run_floor(n_params: int, n_replies: int, raw: list[bytes]) -> float:
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 need = n_replies * n_params * 4  # every codec here decodes to float32 kept until aggregation
                 label = f"{n_params / 1e6:g} M"
                 if need > args.max_held_gb * 2**30:
-                    rows.append((name, n_replies, label, None, None, None, None, None,
+                    rows.append((name, n_replies, label, None, None, None, None, None, None,
                                  f"skipped: the server would hold {n_replies} replies = {need / 2**30:.0f} GiB"))
                     print(rows[-1][-1], f"({name}, {n_replies} x {label})", flush=True)
                     continue
@@ -207,20 +208,21 @@ def main(argv: list[str] | None = None) -> None:
                     spent += time.perf_counter() - t
                     runs += 1
                 rows.append((name, n_replies, label, ours["s"] * 1e3, floor * 1e3, 100 * floor / ours["s"],
-                             ours["held"] / 2**20, ours["rss"] / 2**20, ""))
+                             ours["step_s"] * 1e3, ours["held"] / 2**20, ours["rss"] / 2**20, ""))
                 print(f"{name} {n_replies} x {label}: ours {ours['s'] * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms "
-                      f"({100 * floor / ours['s']:.0f} %), held {ours['held'] / 2**20:.0f} MiB, "
-                      f"RSS peak +{ours['rss'] / 2**20:.0f} MiB", flush=True)
+                      f"({100 * floor / ours['s']:.0f} %), step {ours['step_s'] * 1e3:.1f} ms, "
+                      f"held {ours['held'] / 2**20:.0f} MiB, RSS peak +{ours['rss'] / 2**20:.0f} MiB", flush=True)
             del deltas, pool, raw
     print()
-    print("| codec | replies | params | ours ms | floor ms | floor/ours | server held MiB | RSS peak +MiB | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n, label, ours_ms, floor_ms, pct, held, rss, note in rows:
+    print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
+          "| RSS peak +MiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, label, ours_ms, floor_ms, pct, step_ms, held, rss, note in rows:
         if ours_ms is None:
-            print(f"| {name} | {n} | {label} | | | | | | {note} |")
+            print(f"| {name} | {n} | {label} | | | | | | | {note} |")
         else:
-            print(f"| {name} | {n} | {label} | {ours_ms:.1f} | {floor_ms:.1f} | {pct:.0f} % | {held:.0f} | "
-                  f"{rss:.0f} | |")
+            print(f"| {name} | {n} | {label} | {ours_ms:.1f} | {floor_ms:.1f} | {pct:.0f} % | {step_ms:.1f} | "
+                  f"{held:.0f} | {rss:.0f} | |")
 
 
 if __name__ == "__main__":
