@@ -10,13 +10,14 @@ the other codecs one decoded buffer per reply (the message is released).
 
 Folding: when the round's total example count is known before decoding (the messages come as a list, or the
 caller says it) and the strategy offers a fold (:meth:`~lightning_fed.strategies.Strategy.begin_fold`, FedAvg
-with the weighted mean), each reply whose structure is valid is checked for values and added to the aggregate in
-one pass over its memory, betting that every reply will be accepted (without ``max_update_abs``, finiteness is
-checked once on the round's sum; only if that fails is each reply checked, and the culprits rejected, before
-:meth:`Server.collect` returns). A reply whose values fail is rejected and voids the fold; when the replies finally aggregated differ from those folded (a rejection changed the
-total, a callback dropped or edited one), the fold is discarded and the strategy aggregates the kept replies
-itself, with the same result. A round with too few replies for ``min_clients`` never aggregates: the fold only
-ever wrote the strategy's scratch buffer, never the global model.
+with the weighted mean), each reply whose structure is valid is checked for values and added to the aggregate
+in one pass over its memory, betting that every reply will be accepted (without ``max_update_abs``, finiteness
+is checked once on the round's sum; only if that fails is each reply checked, and the culprits rejected, before
+:meth:`Server.collect` returns). A reply whose values fail is rejected and voids the fold; when the replies
+finally aggregated differ from those folded (a rejection changed the total, a callback dropped or edited one),
+the fold is discarded and the strategy aggregates the kept replies itself, with the same result. A round with
+too few replies for ``min_clients`` never aggregates: the fold only ever wrote the strategy's scratch buffer,
+never the global model.
 """
 
 from __future__ import annotations
