@@ -9,8 +9,8 @@ median, trimmed mean, Krum…) are new subclasses in new files; every averaging 
 Streaming: a *streaming* aggregator (``streaming = True``, e.g. a mean) consumes the vectors one by one from
 an iterable; a reply that is not one flat buffer already is then copied into one reused scratch buffer, so the
 aggregation costs at most two flat buffers whatever the number of replies. :class:`WeightedMean` copies
-nothing: it reads each decoded reply where it lies (:meth:`Aggregator.aggregate_payloads`). An aggregator that needs all vectors at once (a median, Krum) sets
-``streaming = False`` and is given a list of separate tensors.
+nothing: it reads each decoded reply where it lies (:meth:`Aggregator.aggregate_payloads`). An aggregator that
+needs all vectors at once (a median, Krum) sets ``streaming = False`` and is given a list of separate tensors.
 """
 
 from __future__ import annotations
