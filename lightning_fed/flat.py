@@ -181,15 +181,22 @@ class FlatSpec:
             out[off : off + size].copy_(payload[name].detach().reshape(-1))
         return out
 
+    def flat_view(self, payload: Payload) -> Tensor | None:
+        """``payload`` as one flat vector without copying: a view when its entries already tile one buffer in
+        this layout's order and dtype (e.g. a message decoded by :class:`~lightning_fed.codecs.Identity`), else
+        ``None``. Read it, do not write it: the view shares the payload's memory."""
+        if tuple(payload) != self.names:
+            return None
+        span = contiguous_span(list(payload.values()))
+        if span is not None and span.dtype == self.dtype and span.numel() == self.numel:
+            return span
+        return None
+
     def as_flat(self, payload: Payload, out: Tensor | None = None) -> Tensor:
-        """``payload`` as one flat buffer: a view without copying when its entries already tile one buffer in
-        this layout's order and dtype (e.g. a decoded message), else :meth:`flatten` into ``out``. Read it, do
-        not write it: the view shares the payload's memory."""
-        if tuple(payload) == self.names:
-            span = contiguous_span(list(payload.values()))
-            if span is not None and span.dtype == self.dtype and span.numel() == self.numel:
-                return span
-        return self.flatten(payload, out)
+        """``payload`` as one flat buffer: :meth:`flat_view` when it is one already, else :meth:`flatten` into
+        ``out``. Read it, do not write it: the view shares the payload's memory."""
+        span = self.flat_view(payload)
+        return span if span is not None else self.flatten(payload, out)
 
     def unflatten(self, flat: Tensor) -> Payload:
         """Entries shaped like the originals: views of ``flat`` (no copy), except entries whose own dtype differs

@@ -34,7 +34,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
-from lightning_fed.callbacks.base import FED_HOOKS
+from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module
 from lightning_fed.codecs.base import Codec, Identity
@@ -417,6 +417,8 @@ class FedLoop:
             chain=self._chain_hook, seed=self.seed, local_epochs=self.local_epochs, downlink_state={})
         self.round_runner = RankRunner(ranks) if ranks.distributed else self.runner
         self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs)
+        # a callback that sees the replies before aggregation may drop or edit them: no fold to discard then
+        self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks)
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
         self._final_eval: dict[str, float] = {}  # the latest validation and test metrics
@@ -705,6 +707,12 @@ class FedLoop:
         for m in model.modules():
             if isinstance(m, L.LightningModule):
                 m._fabric_optimizers = []  # no public setter: what ``optimizers()`` returns under Fabric
+
+
+def _overrides(callback: Any, hook: str) -> bool:
+    """Whether ``callback`` has its own ``hook`` (not :class:`FedCallback`'s no-op, nor none at all)."""
+    fn = getattr(type(callback), hook, None)
+    return fn is not None and fn is not getattr(FedCallback, hook)
 
 
 def _loader(dm: L.LightningDataModule, name: str) -> Any:

@@ -136,7 +136,31 @@ def spec_of(payload: Payload) -> PayloadSpec:
     return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in payload.items()}
 
 
-def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None = None) -> None:
+def value_bounds(tensors: list[Tensor]) -> tuple[float, float]:
+    """The smallest and largest value over the float ``tensors`` (NaN bounds if any value is NaN), one read of
+    each and nothing allocated. Tensors that tile one buffer (in order, or in address order: a codec layout
+    reordered to the spec's order) are reduced as one vector."""
+    span = contiguous_span(tensors)
+    if span is None:
+        span = contiguous_span(sorted(tensors, key=lambda t: t.data_ptr()))
+    pairs = [torch.aminmax(span)] if span is not None else [torch.aminmax(t.detach()) for t in tensors if t.numel()]
+    if not pairs:
+        return 0.0, 0.0
+    lo = float(torch.stack([p[0].float() for p in pairs]).min())  # min and max propagate NaN
+    hi = float(torch.stack([p[1].float() for p in pairs]).max())
+    return lo, hi
+
+
+def values_within(lo: float, hi: float, max_abs: float | None) -> bool:
+    """Whether values bounded by ``lo`` and ``hi`` (:func:`value_bounds`) are finite and, if ``max_abs`` is given,
+    of magnitude at most ``max_abs``: the value rule of :func:`validate_payload`. A NaN bound fails."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    return max_abs is None or max(-lo, hi) <= max_abs
+
+
+def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None = None,
+                     check_values: bool = True) -> None:
     """Raise :class:`RejectedReply` unless ``payload`` matches ``spec`` exactly and is finite.
 
     Args:
@@ -144,6 +168,8 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
         spec: the expected names, shapes and dtypes.
         max_abs: if given, entries whose largest magnitude exceeds it are rejected (a norm bound on
             hostile updates).
+        check_values: ``False`` checks the structure only (names, shapes, dtypes), for a caller that checks the
+            values itself in the pass that reads them anyway (:class:`~lightning_fed.strategies.aggregate.MeanFold`).
     """
     if not isinstance(payload, dict):
         raise RejectedReply(f"payload must be a dict of tensors, got {type(payload).__name__}")
@@ -167,11 +193,7 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
             floats.append(t)
     if not floats:
         return
-    # one fused reduction for the common case; the per-entry pass below only runs to name the culprit
-    span = contiguous_span(floats)  # a decoded message's entries usually share one buffer: no copy needed
-    flat = span if span is not None else torch.cat([t.detach().reshape(-1).float() for t in floats])
-    peak = float(flat.abs().max())  # NaN if any entry is NaN, inf if any is infinite
-    if math.isfinite(peak) and (max_abs is None or peak <= max_abs):
+    if not check_values or values_within(*value_bounds(floats), max_abs):  # one read, nothing allocated
         return
     for name, t in payload.items():
         if t.is_floating_point() and t.numel():
@@ -179,15 +201,17 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
                 raise RejectedReply(f"entry {name!r} contains NaN or Inf")
             if max_abs is not None and float(t.abs().max()) > max_abs:
                 raise RejectedReply(f"entry {name!r} exceeds the bound max_abs={max_abs}")
-    raise RejectedReply("payload contains values that are not finite")  # pragma: no cover - float overflow in cat
+    raise RejectedReply("payload contains values that are not finite")  # pragma: no cover - overflow to float32
 
 
-def validate_reply(reply: Reply, spec: PayloadSpec, *, max_abs: float | None = None) -> None:
-    """Validate a whole reply: its payload against ``spec`` and a finite, positive example count."""
+def validate_reply(reply: Reply, spec: PayloadSpec, *, max_abs: float | None = None,
+                   check_values: bool = True) -> None:
+    """Validate a whole reply: its payload against ``spec`` (values too unless ``check_values`` is false, see
+    :func:`validate_payload`) and a finite, positive example count."""
     n = reply.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise RejectedReply(f"num_examples must be a positive int, got {n!r}")
     for k, v in reply.metrics.items():
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise RejectedReply(f"metric {k!r} is not a finite number: {v!r}")
-    validate_payload(reply.payload, spec, max_abs=max_abs)
+    validate_payload(reply.payload, spec, max_abs=max_abs, check_values=check_values)

@@ -4,13 +4,27 @@ their say, and aggregate.
 The server sees only messages (:class:`~lightning_fed.protocol.ClientMessage`): the sender's id, the bytes,
 the example count and metrics the client reported. Each message is decoded with the codec's server half and
 the server's state about that sender (kept on disk in the sender store), validated against the reply the
-strategy expects, and released as soon as it is decoded, so a round holds one copy of each reply.
+strategy expects, and released as soon as it is decoded, so a round holds one copy of each reply: for
+:class:`~lightning_fed.codecs.Identity` the decoded reply *is* the message (read-only views of its bytes), for
+the other codecs one decoded buffer per reply (the message is released).
+
+Folding: when the round's total example count is known before decoding (the messages come as a list, or the
+caller says it) and the strategy offers a fold (:meth:`~lightning_fed.strategies.Strategy.begin_fold`, FedAvg
+with the weighted mean), each reply whose structure is valid is checked for values and added to the aggregate
+in one pass over its memory, betting that every reply will be accepted (without ``max_update_abs``, finiteness
+is checked once on the round's sum; only if that fails is each reply checked, and the culprits rejected, before
+:meth:`Server.collect` returns). A reply whose values fail is rejected and voids the fold; when the replies
+finally aggregated differ from those folded (a rejection changed the total, a callback dropped or edited one),
+the fold is discarded and the strategy aggregates the kept replies itself, with the same result. A round with
+too few replies for ``min_clients`` never aggregates: the fold only ever wrote the strategy's scratch buffer,
+never the global model.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +32,7 @@ from lightning_fed.codecs.base import Codec, DecodeArgs
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.protocol import ClientMessage, Instruction, RejectedReply, Reply, validate_reply
 from lightning_fed.store import ClientStore
+from lightning_fed.strategies.aggregate import MeanFold
 from lightning_fed.strategies.base import Strategy
 
 log = logging.getLogger("lightning_fed")
@@ -55,16 +70,40 @@ class Server:
     senders: ClientStore
     max_message_bytes: int | None = None
     max_update_abs: float | None = None
+    fold: bool = True
+    """Offer the strategy to fold replies while they arrive (see the module doc); the loop turns it off when a
+    callback's ``on_aggregate_start`` may drop or edit replies (the fold would then be discarded anyway)."""
 
-    def collect(self, server_round: int, instructions: list[Instruction], messages: list[ClientMessage]) -> Collected:
+    def collect(self, server_round: int, instructions: list[Instruction], messages: Iterable[ClientMessage],
+                total_examples: int | None = None) -> Collected:
         """Decode and validate every message against the instruction its sender was sent; log every failure and
-        rejection. ``messages`` is consumed (emptied) as it goes, so each message is released once decoded."""
+        rejection.
+
+        Args:
+            server_round: the round (0-based).
+            instructions: what each sampled client was sent.
+            messages: the round's messages: a list is consumed (emptied) as it goes, so each message is released
+                once decoded; any other iterable is read one message at a time (e.g. generated or received on
+                the fly), so the server never holds a message it has already decoded.
+            total_examples: the sum of the example counts of the messages that carry a reply, when ``messages``
+                is not a list (a list gives it by itself); lets the strategy fold the replies as they arrive.
+        """
         out = Collected(stats={"bytes_up": 0, "raw_bytes_up": 0, "failed": 0, "rejected": 0, "encode_s": 0.0,
                                "decode_s": 0.0})
         sent = {instr.client_id: instr for instr in instructions}
-        messages.reverse()
-        while messages:
-            msg = messages.pop()
+        if isinstance(messages, list):
+            counts = [m.num_examples for m in messages if m.failure is None]
+            if all(type(n) is int and n > 0 for n in counts):
+                total_examples = sum(counts)
+            messages.reverse()
+            stream: Iterable[ClientMessage] = _popping(messages)
+        else:
+            stream = messages
+        fold = None
+        marks: list[int] = []  # per accepted reply: how many reasons preceded it
+        if self.fold and total_examples:
+            fold = self.strategy.begin_fold(server_round, total_examples)
+        for msg in stream:
             out.stats["decode_s"] += msg.decode_s  # the clients' downlink decoding
             if msg.failure is not None:
                 log.warning("round %d: client %d dropped: %s", server_round + 1, msg.client_id, msg.failure)
@@ -78,19 +117,43 @@ class Server:
             if instr is None:
                 raise RuntimeError(f"round {server_round + 1}: a message from client {msg.client_id}, who was sent "
                                    "no instruction")
-            reply = self.receive(server_round, instr, msg, out.stats)
+            reply = self.receive(server_round, instr, msg, out.stats, fold)
             if isinstance(reply, str):
                 out.stats["rejected"] += 1
                 out.reasons.append(reply)
             else:
                 out.replies.append(reply)
+                marks.append(len(out.reasons))
             del msg
+        if fold is not None and not fold.settle():
+            self._recheck(server_round, out, marks, sent, fold)
         return out
 
+    def _recheck(self, server_round: int, out: Collected, marks: list[int], sent: dict[int, Instruction],
+                 fold: MeanFold) -> None:
+        """The fold found a value that is not finite among the replies it added unchecked: validate each reply in
+        full, reject the culprits (their reasons where they would have been, in message order) and void the
+        fold."""
+        for i in reversed(range(len(out.replies))):
+            reply = out.replies[i]
+            try:
+                validate_reply(reply, self.strategy.reply_spec(sent[reply.client_id]), max_abs=self.max_update_abs)
+            except RejectedReply as err:
+                log.warning("round %d: reply of client %d rejected: %s", server_round + 1, reply.client_id, err)
+                del out.replies[i]
+                out.reasons.insert(marks[i], f"reply of client {reply.client_id} rejected: {err}")
+                out.stats["rejected"] += 1
+                fold.broken = True
+
     def receive(self, server_round: int, instr: Instruction, msg: ClientMessage,
-                stats: dict[str, Any]) -> Reply | str:
+                stats: dict[str, Any], fold: MeanFold | None = None) -> Reply | str:
         """One message: size limit, decode (no pickle) with the sender's state, validate. Returns the reply, or
-        the logged reason it was rejected."""
+        the logged reason it was rejected.
+
+        With a ``fold`` (:meth:`collect`), the structure is validated first, then the fold adds the reply,
+        checking its values in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
+        for the whole round at the end of :meth:`collect`. A reply whose values fail is validated in full for the
+        reason and rejected; the fold, voided, is never used."""
         try:
             spec = self.strategy.reply_spec(instr)
             state = self.senders.load(msg.client_id)
@@ -100,7 +163,12 @@ class Server:
             stats["decode_s"] += time.perf_counter() - t
             self.senders.save(msg.client_id, state)  # the sender's encoder advanced too, whatever validation says
             reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics))
-            validate_reply(reply, spec, max_abs=self.max_update_abs)
+            if fold is None:
+                validate_reply(reply, spec, max_abs=self.max_update_abs)
+            else:  # the structure now; the values in the pass that adds them (or for the round, see MeanFold)
+                validate_reply(reply, spec, max_abs=self.max_update_abs, check_values=False)
+                if not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
+                    validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", server_round + 1, msg.client_id, err)
             return f"reply of client {msg.client_id} rejected: {err}"
@@ -111,6 +179,12 @@ class Server:
         Returns the strategy's metrics."""
         self.codec.accept(server_round, [r.payload for r in replies])
         return self.strategy.aggregate(server_round, replies)
+
+
+def _popping(messages: list[ClientMessage]) -> Iterator[ClientMessage]:
+    """The messages of a reversed list, popped one by one, so the list stops holding each as it is read."""
+    while messages:
+        yield messages.pop()
 
 
 __all__ = ["Collected", "Server"]

@@ -58,7 +58,9 @@ class FedCallback(Callback):
         """Client: reply built, about to be encoded."""
 
     def on_aggregate_start(self, trainer: Any, pl_module: Any, replies: list[Reply]) -> None:
-        """Server: validated replies about to be aggregated."""
+        """Server: validated replies about to be aggregated. Drop replies from the list or replace payload
+        entries; never write an entry in place (an ``Identity`` reply's entries are read-only views of its
+        message). Overriding this hook turns off the server's fold (replies added as they arrive)."""
 
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
         """Server: aggregation done, global weights loaded into ``pl_module``."""

@@ -130,7 +130,12 @@ class Identity(Codec):
         return pack(payload, {"codec": self.name})
 
     def decode(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Payload:
-        """Deserialise and check the codec tag (the message names its entries: ``args.spec`` is not needed)."""
-        tensors, meta = unpack(message, max_bytes=args.max_bytes)
+        """Deserialise and check the codec tag (the message names its entries: ``args.spec`` is not needed).
+
+        A message from a client (``args.sender`` set) received as ``bytes`` decodes without a copy: the entries
+        are read-only views of the message, back to back in the sender's order (one flat buffer in the strategy's
+        layout for FedAvg, so aggregation reads the message itself). The downlink (``args.sender is None``, one
+        message shared by every client) is decoded into a writable copy."""
+        tensors, meta = unpack(message, max_bytes=args.max_bytes, share=args.sender is not None)
         expect_codec(meta, self.name)
         return tensors

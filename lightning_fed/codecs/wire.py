@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import warnings
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -100,14 +101,24 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     return bytes(out)
 
 
-def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+def unpack(message: bytes, *, max_bytes: int | None = None,
+           share: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Parse and validate a message; return its tensors and metadata.
+
+    Args:
+        message: the bytes received.
+        max_bytes: reject larger messages before parsing them.
+        share: when ``message`` is a ``bytes`` object, return tensors that are views of its memory instead of
+            views of one copy of its body (no copy: the server's uplink decode, so a decoded reply costs no memory
+            beyond its message). Such tensors must be read, never written in place (they alias an immutable
+            ``bytes`` object): replace an entry instead of editing it. Other buffer types are always copied.
 
     Raises:
         MalformedMessage: the message is not a well-formed, self-consistent safetensors blob.
     """
     if not isinstance(message, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"message must be bytes, got {type(message).__name__}")
+    share = share and type(message) is bytes  # a bytes object's data is 16-byte aligned: dtype views are legal
     message = bytes(message)
     if max_bytes is not None and len(message) > max_bytes:
         raise MalformedMessage(f"message of {len(message)} bytes exceeds the limit of {max_bytes}")
@@ -128,6 +139,14 @@ def unpack(message: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, T
         raise MalformedMessage(f"message body is {body} bytes but the header describes {described}")
     if not body:
         data = torch.empty(0, dtype=torch.uint8)
+    elif share:
+        with warnings.catch_warnings():  # read-only buffer: the tensors are documented as read-only views
+            warnings.simplefilter("ignore", UserWarning)
+            if uniform is not None:  # one dtype view and one split for the whole body
+                dtype, numels = uniform
+                parts = torch.frombuffer(message, dtype=dtype, offset=8 + hlen).split(numels)
+                return {e[0]: part.view(e[2]) for e, part in zip(entries, parts)}, dict(meta)
+            data = torch.frombuffer(message, dtype=torch.uint8, offset=8 + hlen)
     else:
         buffer = bytearray(memoryview(message)[8 + hlen :])  # one writable copy that the tensors share
         if uniform is not None:  # one dtype view and one split for the whole body

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_fed.flat import FlatSpec
+from lightning_fed.protocol import Payload, value_bounds, values_within
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -32,6 +37,31 @@ def weighted_sum_(out: Tensor, flats: Iterable[Tensor], weights: Sequence[float]
     return out
 
 
+def weighted_sum_payloads_(out: Tensor, spec: FlatSpec, payloads: Iterable[Payload],
+                           weights: Sequence[float]) -> Tensor:
+    """``out = sum_i weights[i] * payloads[i]`` in ``spec``'s flat layout, without copying any payload.
+
+    A payload whose entries tile one buffer in ``spec``'s order (:meth:`FlatSpec.as_flat` returns a view, e.g. a
+    message decoded by :class:`~lightning_fed.codecs.Identity`) is added with one ``add_``; any other is added
+    entry by entry into views of ``out`` (one ``_foreach_add_``), reading the decoded tensors where they lie.
+    Bit-identical to :func:`weighted_sum_` over ``spec.flatten(payload)``: the same elementwise ``out + w * x``,
+    in the same reply order (an elementwise add gives the same bits whatever the split into pieces).
+    """
+    out.zero_()
+    parts = list(spec.unflatten(out).values())
+    count = 0
+    for payload, w in zip(payloads, weights, strict=False):
+        span = spec.flat_view(payload)
+        if span is not None:
+            out.add_(span, alpha=w)
+        else:
+            torch._foreach_add_(parts, [payload[k].detach() for k in spec.names], alpha=w)
+        count += 1
+    if count != len(weights):
+        raise ValueError(f"got {count} payloads for {len(weights)} weights")
+    return out
+
+
 def apply_update_(global_flat: Tensor, update: Tensor, server_lr: float = 1.0) -> Tensor:
     """``global += server_lr * update`` in place."""
     return global_flat.add_(update, alpha=server_lr)
@@ -40,3 +70,121 @@ def apply_update_(global_flat: Tensor, update: Tensor, server_lr: float = 1.0) -
 def flat_norm(flat: Tensor) -> float:
     """L2 norm of a flat buffer, as a Python float."""
     return float(torch.linalg.vector_norm(flat))
+
+
+FOLD_CHUNK = 1 << 20
+"""Elements per piece of :class:`MeanFold`'s fused pass (4 MiB of float32: checked, then added while cached)."""
+
+
+class MeanFold:
+    """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
+    validation folded in too: each reply is read once from memory, as by a plain ``axpy``.
+
+    The server opens a fold for a round when it knows the total example count of the round's messages
+    (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted, and adds
+    each reply whose structure is valid (:meth:`add`). Its values are checked in the same pass:
+
+    * with a bound (``max_abs``), piece by piece, each piece added right after it is checked while it is in
+      the cache;
+    * without one, not per reply at all: a non-finite value makes the sum non-finite, so one check of the sum
+      when the round's messages are all in (:meth:`settle`) clears every reply at once; only when it fails does
+      the server check each folded reply to find (and reject) the culprits.
+
+    A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
+    anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
+    folded (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place,
+    example counts summing to the total); otherwise it aggregates the replies again the ordinary way. So no
+    rejected reply ever reaches the aggregate, and the result is bit-identical to :func:`weighted_sum_payloads_`
+    over the same replies (same ``acc + w * x`` per element, in the same order: an elementwise add gives the
+    same bits whatever the split into pieces).
+
+    Example::
+
+        fold = MeanFold(spec, acc, total=sum(counts))
+        for reply in replies:
+            if not fold.add(reply, max_abs=None):
+                ...  # reject the reply (the fold is broken now)
+        if not fold.settle():
+            ...  # check every folded reply; a rejection breaks the fold
+        update = fold.result() if fold.covers(replies) else weighted_sum_payloads_(...)
+
+    Args:
+        spec: the flat layout of the payloads (the strategy's).
+        acc: a flat buffer of ``spec`` (zeroed here): the accumulator.
+        total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
+    """
+
+    def __init__(self, spec: FlatSpec, acc: Tensor, total: int) -> None:
+        self.spec = spec
+        self.total = total
+        self._acc = acc.zero_()
+        self._parts = list(spec.unflatten(acc).values())
+        self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
+        self._unchecked = False
+        self.broken = False
+
+    @staticmethod
+    def _stamp(payload: Payload) -> list[tuple[int, int]]:
+        return [(id(t), t._version) for t in payload.values()]
+
+    def add(self, reply: Any, max_abs: float | None = None) -> bool:
+        """Add ``reply.num_examples / total`` times ``reply.payload``.
+
+        With ``max_abs``, its values are checked first (finite, ``|x| <= max_abs``), piece by piece; without,
+        only their finiteness is, later, for all replies at once (:meth:`settle`). Returns ``False`` when the
+        values failed (the fold is broken then), ``True`` otherwise. The payload must already match ``spec``
+        (names, shapes, float32 dtype): the server checks the structure before folding."""
+        payload = reply.payload
+        if self.broken:  # nothing more to add: just the check the caller needs
+            return values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
+        w = reply.num_examples / float(self.total)
+        x = self.spec.flat_view(payload)
+        ok = True
+        if max_abs is None:
+            self._unchecked = True
+            if x is not None:
+                self._acc.add_(x, alpha=w)
+            else:  # entries in another order or in several buffers: added entry by entry, where they lie
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        elif x is None:
+            ok = values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
+            if ok:
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        else:
+            acc, lows, highs = self._acc, [], []
+            for s in range(0, x.numel(), FOLD_CHUNK):
+                piece = x[s : s + FOLD_CHUNK]
+                lo_t, hi_t = torch.aminmax(piece)  # reads the piece into the cache...
+                acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # ...and adds it from there
+                lows.append(lo_t)
+                highs.append(hi_t)
+            lo, hi = (float(torch.stack(lows).min()), float(torch.stack(highs).max())) if lows else (0.0, 0.0)
+            ok = values_within(lo, hi, max_abs)
+        if not ok:
+            self.broken = True
+        else:
+            self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
+        return ok
+
+    def settle(self) -> bool:
+        """Whether the replies added without a check (no ``max_abs``) are certainly finite: the sum of the
+        accumulator is finite (one read of one buffer for the round). ``False``: some value is not finite, or the
+        sum overflowed; the caller checks each folded reply (and breaks the fold if it rejects one)."""
+        if self.broken or not self._unchecked:
+            return True
+        return math.isfinite(float(self._acc.sum()))
+
+    def covers(self, replies: list[Any]) -> bool:
+        """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
+        payload dict it was folded with, its entries neither replaced nor written in place since, its example
+        count unchanged, and the counts summing to the total the fold weighted by."""
+        if self.broken or len(replies) != len(self._folded):
+            return False
+        for r, (reply, payload, n, stamp) in zip(replies, self._folded):
+            if r is not reply or r.payload is not payload or r.num_examples != n or self._stamp(payload) != stamp:
+                return False
+        return sum(n for _, _, n, _ in self._folded) == self.total
+
+    def result(self) -> Tensor:
+        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given)."""
+        return self._acc

@@ -8,9 +8,10 @@ median, trimmed mean, Krum, norm bounding, weak DP: :mod:`.robust`; FLAME: :mod:
 their own files; every averaging strategy gets them.
 
 Streaming: a *streaming* aggregator (``streaming = True``, e.g. a mean) consumes the vectors one by one from
-an iterable; the strategy then decodes each reply into one reused scratch buffer, so a round costs two flat
-buffers whatever its number of replies. An aggregator that needs all vectors at once (a median, Krum) sets
-``streaming = False`` and is given a list of separate tensors.
+an iterable; a reply that is not one flat buffer already is then copied into one reused scratch buffer, so the
+aggregation costs at most two flat buffers whatever the number of replies. :class:`WeightedMean` copies
+nothing: it reads each decoded reply where it lies (:meth:`Aggregator.aggregate_payloads`). An aggregator that
+needs all vectors at once (a median, Krum) sets ``streaming = False`` and is given a list of separate tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from lightning_fed.strategies.aggregate import weighted_sum_
+from lightning_fed.flat import FlatSpec
+from lightning_fed.protocol import Payload
+from lightning_fed.strategies.aggregate import weighted_sum_, weighted_sum_payloads_
 
 
 class Aggregator:
@@ -61,6 +64,28 @@ class Aggregator:
         """Metrics of the latest call for the round's log (seconds, what was dropped…); ``{}`` by default."""
         return {}
 
+    def aggregate_payloads(self, out: Tensor, spec: FlatSpec, payloads: Iterable[Payload],
+                           weights: Sequence[float], scratch: Tensor | None = None) -> Tensor:
+        """Aggregate decoded payloads laid out by ``spec`` into ``out``: what a strategy calls.
+
+        The default hands :meth:`__call__` each payload as one flat vector (:meth:`FlatSpec.as_flat`: a view of
+        the decoded message when it is one already, else a copy into ``scratch``, reused for every payload of a
+        streaming aggregator, or into a new buffer per payload otherwise). A rule that can read the decoded
+        entries where they lie overrides it (:class:`WeightedMean`).
+
+        Args:
+            out: preallocated flat buffer of ``spec`` (its content on entry is undefined).
+            spec: the strategy's flat layout of the payloads.
+            payloads: the validated replies' payloads, in client order (an iterable: read once, in order).
+            weights: one trust weight per payload, as in :meth:`__call__`.
+            scratch: a flat buffer of ``spec`` the default may copy a payload into (``None``: allocate one).
+        """
+        if self.streaming:
+            flats: Iterable[Tensor] = (spec.as_flat(p, out=scratch) for p in payloads)
+        else:
+            flats = [spec.as_flat(p) for p in payloads]
+        return self(out, flats, weights)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -78,6 +103,16 @@ class WeightedMean(Aggregator):
     def __call__(self, out: Tensor, flats: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
         """Accumulate ``weights[i] * flats[i]`` into ``out`` in place, in the order of ``flats``."""
         return weighted_sum_(out, flats, weights)
+
+    def aggregate_payloads(self, out: Tensor, spec: FlatSpec, payloads: Iterable[Payload],
+                           weights: Sequence[float], scratch: Tensor | None = None) -> Tensor:
+        """The weighted mean read straight from the decoded payloads, no copy (``scratch`` is not used): one
+        ``add_`` per payload that is one flat buffer in ``spec``'s order, one ``_foreach_add_`` over its entries
+        otherwise (:func:`~lightning_fed.strategies.aggregate.weighted_sum_payloads_`). Bit-identical to
+        :meth:`__call__` over flattened copies."""
+        if type(self).__call__ is not WeightedMean.__call__:  # a subclass with its own rule
+            return super().aggregate_payloads(out, spec, payloads, weights, scratch)
+        return weighted_sum_payloads_(out, spec, payloads, weights)
 
 
 def resolve_aggregator(owner: str, aggregator: Aggregator | None) -> Aggregator:

@@ -11,12 +11,15 @@ training (a proximal term, a distillation step) return Lightning callbacks from
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
+
+if TYPE_CHECKING:
+    from lightning_fed.strategies.aggregate import MeanFold as Fold
 
 
 class Strategy:
@@ -45,6 +48,17 @@ class Strategy:
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """Fold validated replies into the server state; return scalar metrics to log."""
         raise NotImplementedError
+
+    def begin_fold(self, server_round: int, total_examples: int) -> Fold | None:
+        """Optionally fold the round's replies into the aggregate while the server receives them.
+
+        The server calls this before decoding a round's messages when it knows the sum of their example counts
+        (and nothing else needs to see the replies first); a strategy whose aggregate is a streaming weighted
+        mean returns a fold (:class:`~lightning_fed.strategies.aggregate.MeanFold`) that reads each reply once,
+        checking its values in the same pass, and uses it in :meth:`aggregate` when the replies it is given are
+        exactly those folded. ``None`` (the default): the server validates each reply on its own and
+        :meth:`aggregate` does all the work."""
+        return None
 
     def load_global(self, model: nn.Module) -> None:
         """Write the current global model into the working model (for evaluation and checkpoints)."""

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
-from lightning_fed.strategies.aggregate import example_weights, flat_norm
-from lightning_fed.strategies.aggregators import Aggregator, resolve_aggregator
+from lightning_fed.strategies.aggregate import MeanFold, example_weights, flat_norm
+from lightning_fed.strategies.aggregators import Aggregator, WeightedMean, resolve_aggregator
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.server_opt import ServerOptimizer, resolve_server_optimizer
 from lightning_fed.weights import delta, float_state, load_into
@@ -57,6 +57,8 @@ class FedAvg(Strategy):
         self._acc: Tensor | None = None
         self._tmp: Tensor | None = None
         self._views: Payload = {}
+        self._fold: MeanFold | None = None
+        self._reply_spec: PayloadSpec | None = None
 
     def setup(self, model: nn.Module) -> None:
         """Copy the model's float weights into one flat float32 master buffer and set the server optimizer up
@@ -67,6 +69,8 @@ class FedAvg(Strategy):
         self._acc = self.spec.empty()
         self._tmp = self.spec.empty()
         self._views = self.spec.unflatten(self.global_flat)  # updated in place: the views stay valid
+        self._fold = None  # a fold over the previous buffers is void
+        self._reply_spec = None
         self.server_optimizer.setup(self.global_flat)
 
     def _require_setup(self) -> tuple[FlatSpec, Tensor]:
@@ -93,21 +97,39 @@ class FedAvg(Strategy):
         return delta(model, instruction.payload)
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
-        """A float32 tensor per federated weight, shaped like the global model."""
+        """A float32 tensor per federated weight, shaped like the global model (one dict, built once per layout:
+        read it, do not modify it)."""
         spec, _ = self._require_setup()
-        return spec.tensor_specs()
+        if self._reply_spec is None:
+            self._reply_spec = spec.tensor_specs()
+        return self._reply_spec
+
+    def begin_fold(self, server_round: int, total_examples: int) -> MeanFold | None:
+        """A :class:`~lightning_fed.strategies.aggregate.MeanFold` into the accumulator buffer when the aggregator
+        is the plain :class:`~lightning_fed.strategies.WeightedMean` and :meth:`aggregate` is FedAvg's own;
+        ``None`` otherwise."""
+        if type(self.aggregator) is not WeightedMean or type(self).aggregate is not FedAvg.aggregate:
+            self._fold = None
+            return None
+        spec, _ = self._require_setup()
+        assert self._acc is not None and self._tmp is not None
+        self._fold = MeanFold(spec, self._acc, total_examples)
+        return self._fold
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """Aggregate the deltas with their example shares (the aggregator), then step the global weights
-        (the server optimizer): by default ``global += server_lr * example-weighted mean delta``."""
+        (the server optimizer): by default ``global += server_lr * example-weighted mean delta``. When the
+        server folded exactly these replies while receiving them (:meth:`begin_fold`), the fold's sum is the
+        aggregate (bit-identical); otherwise the replies are aggregated here."""
         spec, flat = self._require_setup()
         assert self._acc is not None and self._tmp is not None
-        weights = example_weights([r.num_examples for r in replies])
-        if self.aggregator.streaming:  # one reused scratch buffer, whatever the number of replies
-            flats: Any = (spec.as_flat(r.payload, out=self._tmp) for r in replies)
-        else:
-            flats = [spec.as_flat(r.payload) for r in replies]
-        update = self.aggregator(self._acc, flats, weights)
+        fold, self._fold = self._fold, None
+        if fold is not None and fold.covers(replies):
+            update = fold.result()
+        else:  # read from the decoded replies where they lie; a copy goes through one scratch buffer at most
+            weights = example_weights([r.num_examples for r in replies])
+            update = self.aggregator.aggregate_payloads(self._acc, spec, (r.payload for r in replies), weights,
+                                                        self._tmp)
         self.server_optimizer.step(flat, update)
         metrics = {"update_norm": flat_norm(update), **self.aggregator.report()}
         last = getattr(self.aggregator, "last", None)  # a robust rule's record: positions in ``replies``

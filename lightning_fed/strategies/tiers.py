@@ -167,11 +167,8 @@ class TierAverage:
     def average(self, deltas: list[Payload], num_examples: list[int]) -> Tensor:
         """Aggregate ``deltas`` by their example shares and step the global weights with the server optimizer
         (by default ``global += weighted mean delta``); return the aggregated update."""
-        if self.aggregator.streaming:
-            flats: Any = (self.spec.as_flat(d, out=self._tmp) for d in deltas)
-        else:
-            flats = [self.spec.as_flat(d) for d in deltas]
-        update = self.aggregator(self._acc, flats, example_weights(num_examples))
+        update = self.aggregator.aggregate_payloads(self._acc, self.spec, deltas, example_weights(num_examples),
+                                                    self._tmp)
         self.server_optimizer.step(self.flat, update)
         last = getattr(self.aggregator, "last", None)  # a robust rule's record: positions in ``deltas``
         if last is not None:

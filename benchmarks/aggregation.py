@@ -1,0 +1,229 @@
+"""Server aggregation against the flat axpy floor: the time the server takes to decode, validate and average a
+round's replies, next to a plain ``acc.add_(flat, alpha=w)`` over the same number of ready flat float32 buffers.
+
+    OMP_NUM_THREADS=1 python benchmarks/aggregation.py
+    OMP_NUM_THREADS=1 python benchmarks/aggregation.py --replies 10 100 --params 1e6 --codecs identity
+
+"ours" is the server's decode and accumulate for a FedAvg round: ``Server.collect`` (per message: size limit,
+decode with the uplink codec and the sender's state, validation, fold into the mean; the round's finiteness
+check). "+ server step" is what ``Server.aggregate`` adds once per round (``codec.accept``, ``FedAvg.aggregate``:
+the fold's sum taken as the update, ``global += update``, the update's norm), not in the ratio. Messages are produced one at a time by a generator (a copy of one of two pre-encoded replies, so no two
+replies share memory) and handed to the server as they are made; the generator's time is not counted. "floor"
+is a plain axpy over flat float32 replies, timed the same way: each flat buffer is a fresh copy of a delta's
+bytes made with the same copy as a message, just before its add (not counted), and kept until the end as the
+server keeps its replies; it times ``acc.zero_()`` plus one ``acc.add_(flat, alpha=w)`` per buffer. One torch thread; the best of ``--repeat`` runs of each (ours and
+floor alternating; fewer for a combination whose runs take longer than ``--repeat-budget-s``).
+
+Memory: "held" counts the bytes of the buffers the server holds when aggregation starts (the distinct storages of
+the accepted replies' payloads, plus FedAvg's accumulator); "RSS peak" is the largest growth of the process's
+resident memory over the timed region (the kernel's high-water mark ``VmHWM``, reset when the region starts). The server keeps every
+accepted reply until the round aggregates (for Identity the reply *is* the message), so a combination whose
+replies do not fit ``--max-held-gb`` is skipped and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Self
+
+import torch
+from torch import nn
+
+from lightning_fed.codecs import Blockwise8bit, Codec, Identity
+from lightning_fed.protocol import ClientMessage
+from lightning_fed.server import Server
+from lightning_fed.store import ClientStore
+from lightning_fed.strategies import FedAvg
+
+CODECS = {"identity": Identity, "int8": Blockwise8bit}
+POOL = 2  # distinct encoded replies; each message is a fresh copy of one of them
+
+
+class Params(nn.Module):
+    """A model of ``n`` float32 parameters in four entries (halves, quarters…), initialised to zero."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        sizes = [n // 2, n // 4, n // 8]
+        sizes.append(n - sum(sizes))
+        for i, s in enumerate(sizes):
+            self.register_parameter(f"w{i}", nn.Parameter(torch.zeros(s), requires_grad=False))
+
+
+class RssPeak:
+    """The growth of the process's peak resident memory while the context is open: the kernel's high-water mark
+    (``VmHWM``), reset on entry by writing 5 to ``/proc/self/clear_refs`` (no sampling thread to perturb timing)."""
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in /proc/self/status")
+
+    def __enter__(self) -> Self:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = self._status("VmRSS")
+        self.peak = self.base
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = self._status("VmHWM")
+
+    @property
+    def delta(self) -> int:
+        """Bytes above the resident size at entry."""
+        return self.peak - self.base
+
+
+def counts(replies: int) -> list[int]:
+    """Example counts of the replies (uneven, so the weights differ)."""
+    return [100 + (i * 37) % 50 for i in range(replies)]
+
+
+def held_bytes(strategy: FedAvg, replies: list) -> int:
+    """Bytes of the distinct storages the accepted replies' payloads live in, plus the accumulator."""
+    seen: dict[int, int] = {}
+    for r in replies:
+        for t in r.payload.values():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    assert strategy._acc is not None
+    return sum(seen.values()) + strategy._acc.numel() * 4
+
+
+def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str) -> dict[str, float]:
+    """Time the server's path over ``n_replies`` generated messages; return seconds and memory."""
+    strategy = FedAvg()
+    strategy.setup(Params(n_params))
+    server = Server(strategy, codec, ClientStore(workdir))
+    ns = counts(n_replies)
+    gen_s = 0.0
+
+    def messages(count: int) -> Iterator[ClientMessage]:
+        nonlocal gen_s
+        for i in range(count):
+            t = time.perf_counter()
+            msg = ClientMessage(i, bytes(memoryview(pool[i % POOL])), ns[i])  # a fresh copy: what a rank receives
+            gen_s += time.perf_counter() - t
+            yield msg
+
+    warm = strategy.configure_round(0, [0, 1])  # touch the accumulator's pages once, untimed
+    server.aggregate(0, server.collect(0, warm, messages(2), total_examples=sum(ns[:2])).replies)
+    gen_s = 0.0
+    instructions = strategy.configure_round(1, list(range(n_replies)))
+    with RssPeak() as rss:
+        t0 = time.perf_counter()
+        got = server.collect(1, instructions, messages(n_replies), total_examples=sum(ns))
+        t1 = time.perf_counter()
+        held = held_bytes(strategy, got.replies)
+        t2 = time.perf_counter()
+        server.aggregate(1, got.replies)
+        t3 = time.perf_counter()
+    assert len(got.replies) == n_replies, got.reasons
+    return {"s": t1 - t0 - gen_s, "step_s": t3 - t2, "held": held, "rss": rss.delta}
+
+
+def run_floor(n_params: int, n_replies: int, raw: list[bytes]) -> float:
+    """Seconds of ``acc.zero_()`` and one ``acc.add_(flat, alpha=w)`` per reply, timed the same way as the
+    server: each ``flat`` is made just before its add (not counted) as a float32 view of a fresh copy of a delta's
+    bytes, made with the same copy as a message, and kept until the end, as the server keeps its replies (so
+    memory, page faults and the cache are in the same state for both)."""
+    acc = torch.zeros(n_params)
+    ns = counts(n_replies)
+    total = float(sum(ns))
+    kept = []
+    t = time.perf_counter()
+    acc.zero_()
+    timed = time.perf_counter() - t
+    for i in range(n_replies):
+        data = bytes(memoryview(raw[i % POOL]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: only read
+            flat = torch.frombuffer(data, dtype=torch.float32)
+        t = time.perf_counter()
+        acc.add_(flat, alpha=ns[i] / total)
+        timed += time.perf_counter() - t
+        kept.append(flat)
+    return timed
+
+
+def release() -> None:
+    """Hand freed memory back to the system, so the next run's resident-memory growth starts from a low base."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the grid and print the table (and its markdown rows)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replies", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7, 1e8])
+    p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    p.add_argument("--repeat", type=int, default=3, help="runs per combination (best of), ours and floor alternating")
+    p.add_argument("--repeat-budget-s", type=float, default=10.0,
+                   help="no further run of a combination once its runs took this long")
+    p.add_argument("--max-held-gb", type=float, default=12.0,
+                   help="skip a combination whose replies the server would hold beyond this")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.codecs:
+        codec = CODECS[name]()
+        for n_params in (int(x) for x in args.params):
+            g = torch.Generator().manual_seed(0)
+            deltas = [torch.randn(n_params, generator=g) * 0.01 for _ in range(POOL)]
+            spec_model = FedAvg()
+            spec_model.setup(Params(n_params))
+            assert spec_model.spec is not None
+            pool = [codec.encode(spec_model.spec.unflatten(d), {}) for d in deltas]
+            raw = [d.numpy().tobytes() for d in deltas]
+            del spec_model
+            for n_replies in args.replies:
+                need = n_replies * n_params * 4  # every codec here decodes to float32 kept until aggregation
+                label = f"{n_params / 1e6:g} M"
+                if need > args.max_held_gb * 2**30:
+                    rows.append((name, n_replies, label, None, None, None, None, None, None,
+                                 f"skipped: the server would hold {n_replies} replies = {need / 2**30:.0f} GiB"))
+                    print(rows[-1][-1], f"({name}, {n_replies} x {label})", flush=True)
+                    continue
+                ours, floor, spent, runs = {"s": float("inf")}, float("inf"), 0.0, 0
+                while runs < args.repeat and (runs == 0 or spent < args.repeat_budget_s):
+                    t = time.perf_counter()
+                    release()
+                    with tempfile.TemporaryDirectory() as workdir:
+                        run = run_ours(codec, n_params, n_replies, pool, workdir)
+                    ours = run if run["s"] < ours["s"] else ours
+                    release()
+                    floor = min(floor, run_floor(n_params, n_replies, raw))
+                    spent += time.perf_counter() - t
+                    runs += 1
+                rows.append((name, n_replies, label, ours["s"] * 1e3, floor * 1e3, 100 * floor / ours["s"],
+                             ours["step_s"] * 1e3, ours["held"] / 2**20, ours["rss"] / 2**20, ""))
+                print(f"{name} {n_replies} x {label}: ours {ours['s'] * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms "
+                      f"({100 * floor / ours['s']:.0f} %), step {ours['step_s'] * 1e3:.1f} ms, "
+                      f"held {ours['held'] / 2**20:.0f} MiB, RSS peak +{ours['rss'] / 2**20:.0f} MiB", flush=True)
+            del deltas, pool, raw
+    print()
+    print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
+          "| RSS peak +MiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, label, ours_ms, floor_ms, pct, step_ms, held, rss, note in rows:
+        if ours_ms is None:
+            print(f"| {name} | {n} | {label} | | | | | | | {note} |")
+        else:
+            print(f"| {name} | {n} | {label} | {ours_ms:.1f} | {floor_ms:.1f} | {pct:.0f} % | {step_ms:.1f} | "
+                  f"{held:.0f} | {rss:.0f} | |")
+
+
+if __name__ == "__main__":
+    main()
