@@ -15,7 +15,7 @@ class FailingCNN(MNIST1DCNN):
 
     def training_step(self, batch, batch_idx):
         if self.trainer.fed.client_id == self.fail_client:
-            raise ValueError(f"client {self.fail_client} has a broken sensor")
+            raise ValueError(f"client {self.fail_client} has a broken sensor (rank {self.trainer.global_rank})")
         return super().training_step(batch, batch_idx)
 
 

@@ -169,7 +169,9 @@ def test_failing_client_on_rank_1_is_dropped(tmp_path, one_thread):
     args = ["--config", str(path), *SMALL, "--loop.rounds", "3"]
     one = _in_process(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
     assert sum(h["failed"] for h in one.history) >= 1, "client 19 was never sampled: pick another"
-    _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2)
+    proc = _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2)
+    logged = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long log lines
+    assert "client 19 dropped: ValueError: client 19 has a broken sensor (rank 1)" in logged, logged[-2000:]
     _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "a failing client, 2 processes vs one")
 
 
