@@ -35,7 +35,7 @@ MUST_MATCH = ("num_clients", "clients_per_round", "seed", "local_epochs", "parti
 """``FedLoop`` parameters a resumed run must share with its checkpoint (plus the model, see :func:`model_identity`)."""
 
 MAY_CHANGE = ("rounds", "eval_every", "test_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",
-              "min_clients", "max_message_bytes", "max_update_abs", "loggers", "verbose", "plot", "max_failed_rounds",
+              "min_clients", "max_message_bytes", "max_update_abs", "max_norm_ratio", "loggers", "verbose", "plot", "max_failed_rounds",
               "runner", "devices", "num_nodes", "processes_per_device", "timeout_s")
 """``FedLoop`` parameters that may differ on resume: the horizon, evaluation and checkpoint cadence, outputs,
 device, the server's acceptance thresholds (which apply from the resumed round on), and where clients run (a

@@ -129,6 +129,10 @@ class FedLoop:
         timeout_s: how long a rank waits for the others at the end of a round before giving up.
         max_message_bytes: replies larger than this are rejected before decoding; ``None`` = no limit.
         max_update_abs: replies with an entry larger than this in magnitude are rejected; ``None`` = no bound.
+        max_norm_ratio: replies whose L2 norm is more than this many times the median of the round's replies (of
+            the same structure, at least 3) are rejected, a bound honest runs never reach (the largest ratio of
+            every round is logged as ``norm_ratio``); ``None`` disables it. Whatever it is, the server weights a
+            reply by the client's partition size at most, never by the count the client claims.
         keep_optimizer_state: keep each client's optimizer state between its rounds (in the client store).
         loggers: Lightning loggers to write to: any of "csv", "tensorboard" (skipped if not installed).
         verbose: show the rich progress bar and tables on the console.
@@ -171,6 +175,7 @@ class FedLoop:
         precision: str = "32-true",
         max_message_bytes: int | None = None,
         max_update_abs: float | None = None,
+        max_norm_ratio: float | None = 1e4,
         keep_optimizer_state: bool = False,
         loggers: list[str] | None = None,
         verbose: bool = True,
@@ -216,6 +221,7 @@ class FedLoop:
         need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
         need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
         need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
+        need(OWNER, max_norm_ratio is None or max_norm_ratio > 1, "max_norm_ratio", max_norm_ratio, "> 1 or None")
         loggers = list(LOGGERS) if loggers is None else list(loggers)
         for name in loggers:
             need(OWNER, name in LOGGERS, "loggers", loggers, f"a list of {LOGGERS}")
@@ -245,6 +251,7 @@ class FedLoop:
         self.precision = str(precision)
         self.max_message_bytes = max_message_bytes
         self.max_update_abs = max_update_abs
+        self.max_norm_ratio = max_norm_ratio
         self.keep_optimizer_state = keep_optimizer_state
         self.logger_names = loggers
         self.verbose = verbose
@@ -416,7 +423,9 @@ class FedLoop:
             view=view, context=ctx, modules=self.modules, prepare=self._working_module, hook=self._fed_hook,
             chain=self._chain_hook, seed=self.seed, local_epochs=self.local_epochs, downlink_state={})
         self.round_runner = RankRunner(ranks) if ranks.distributed else self.runner
-        self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs)
+        sizes = [len(s) for s in self.shards]
+        self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs,
+                             trusted_examples=sizes.__getitem__, max_norm_ratio=self.max_norm_ratio)
         # a callback that sees the replies before aggregation may drop or edit them: no fold to discard then
         self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks)
         self.history: list[dict[str, float]] = []

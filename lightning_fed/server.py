@@ -23,10 +23,13 @@ never the global model.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from lightning_fed.codecs.base import Codec, DecodeArgs
 from lightning_fed.codecs.wire import MalformedMessage
@@ -63,6 +66,12 @@ class Server:
         senders: the server's per-sender codec state on disk.
         max_message_bytes: larger messages are rejected before decoding.
         max_update_abs: replies with a larger entry are rejected.
+        trusted_examples: the most examples the server believes each client has (a client's id in, a count out):
+            in simulation the partition's size for that client (FedLoop passes it), in deployment a configured
+            cap. A reply claiming more is weighted at that count (logged); one claiming fewer than 1 is rejected.
+            ``None`` trusts the claim.
+        max_norm_ratio: a reply whose L2 norm exceeds this many times the median norm of the round's replies of
+            the same structure (at least 3 of them) is rejected; ``None`` disables the check.
     """
 
     strategy: Strategy
@@ -70,6 +79,8 @@ class Server:
     senders: ClientStore
     max_message_bytes: int | None = None
     max_update_abs: float | None = None
+    trusted_examples: Callable[[int], int] | None = None
+    max_norm_ratio: float | None = None
     fold: bool = True
     """Offer the strategy to fold replies while they arrive (see the module doc); the loop turns it off when a
     callback's ``on_aggregate_start`` may drop or edit replies (the fold would then be discarded anyway)."""
@@ -92,13 +103,15 @@ class Server:
                                "decode_s": 0.0})
         sent = {instr.client_id: instr for instr in instructions}
         if isinstance(messages, list):
+            for m in messages:
+                self._trust(server_round, m)
             counts = [m.num_examples for m in messages if m.failure is None]
             if all(type(n) is int and n > 0 for n in counts):
                 total_examples = sum(counts)
             messages.reverse()
             stream: Iterable[ClientMessage] = _popping(messages)
         else:
-            stream = messages
+            stream = (self._trust(server_round, m) for m in messages)
         fold = None
         marks: list[int] = []  # per accepted reply: how many reasons preceded it
         if self.fold and total_examples:
@@ -127,7 +140,53 @@ class Server:
             del msg
         if fold is not None and not fold.settle():
             self._recheck(server_round, out, marks, sent, fold)
+        if self.max_norm_ratio is not None:
+            self._norm_outliers(server_round, out)
         return out
+
+    def _trust(self, server_round: int, msg: ClientMessage) -> ClientMessage:
+        """Weight a reply by what the server can trust of its example count, not by the client's claim."""
+        if msg.failure is not None or self.trusted_examples is None:
+            return msg
+        n, cap = msg.num_examples, self.trusted_examples(msg.client_id)
+        if type(n) is not int or n < 1:
+            msg.failure = f"claimed {n!r} training examples (at least 1 expected)"
+            msg.message = b""
+        elif n > cap:
+            log.warning("round %d: client %d claimed %d training examples, the server trusts %d: weighted as %d",
+                        server_round + 1, msg.client_id, n, cap, cap)
+            msg.num_examples = cap
+        return msg
+
+    def _norm_outliers(self, server_round: int, out: Collected) -> None:
+        """Reject replies whose norm is far outside the round's: more than ``max_norm_ratio`` times the median
+        norm of the replies of the same structure (tiers differ in size, so each structure has its own median)."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        norms: list[float] = []
+        for i, reply in enumerate(out.replies):
+            key = tuple((k, tuple(v.shape)) for k, v in sorted(reply.payload.items()))
+            groups.setdefault(key, []).append(i)
+            norms.append(payload_norm(reply.payload))
+        drop: set[int] = set()
+        ratio = 0.0
+        for members in groups.values():
+            if len(members) < 3:
+                continue
+            median = statistics.median(norms[i] for i in members)
+            if not median > 0:
+                continue
+            for i in members:
+                ratio = max(ratio, norms[i] / median)
+                if norms[i] > self.max_norm_ratio * median:  # type: ignore[operator]
+                    drop.add(i)
+        out.stats["norm_ratio"] = ratio  # the largest norm over its round's median: how close honest runs come
+        for i in sorted(drop, reverse=True):
+            reply = out.replies.pop(i)
+            reason = (f"reply of client {reply.client_id} rejected: its norm {norms[i]:.4g} is more than "
+                      f"max_norm_ratio={self.max_norm_ratio} times the round's median")
+            log.warning("round %d: %s", server_round + 1, reason)
+            out.reasons.append(reason)
+            out.stats["rejected"] += 1
 
     def _recheck(self, server_round: int, out: Collected, marks: list[int], sent: dict[int, Instruction],
                  fold: MeanFold) -> None:
@@ -181,10 +240,19 @@ class Server:
         return self.strategy.aggregate(server_round, replies)
 
 
+def payload_norm(payload: dict[str, torch.Tensor]) -> float:
+    """L2 norm of a payload's floating-point entries taken together (integer entries, e.g. indices, skipped)."""
+    total = 0.0
+    for t in payload.values():
+        if t.is_floating_point():
+            total += float(torch.linalg.vector_norm(t, dtype=torch.float32)) ** 2
+    return total ** 0.5
+
+
 def _popping(messages: list[ClientMessage]) -> Iterator[ClientMessage]:
     """The messages of a reversed list, popped one by one, so the list stops holding each as it is read."""
     while messages:
         yield messages.pop()
 
 
-__all__ = ["Collected", "Server"]
+__all__ = ["Collected", "Server", "payload_norm"]
