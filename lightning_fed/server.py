@@ -68,8 +68,7 @@ class Server:
         max_update_abs: replies with a larger entry are rejected.
         trusted_examples: the most examples the server believes each client has (a client's id in, a count out):
             in simulation the partition's size for that client (FedLoop passes it), in deployment a configured
-            cap. A reply claiming more is weighted at that count (logged); one claiming fewer than 1 is rejected.
-            ``None`` trusts the claim.
+            cap. A reply claiming more is weighted at that count (logged). ``None`` trusts the claim.
         max_norm_ratio: a reply whose L2 norm exceeds this many times the median norm of the round's replies of
             the same structure (at least 3 of them) is rejected; ``None`` disables the check.
     """
@@ -149,10 +148,7 @@ class Server:
         if msg.failure is not None or self.trusted_examples is None:
             return msg
         n, cap = msg.num_examples, self.trusted_examples(msg.client_id)
-        if type(n) is not int or n < 1:
-            msg.failure = f"claimed {n!r} training examples (at least 1 expected)"
-            msg.message = b""
-        elif n > cap:
+        if type(n) is int and n > cap:  # a claim that is not a positive count is rejected by validation
             log.warning("round %d: client %d claimed %d training examples, the server trusts %d: weighted as %d",
                         server_round + 1, msg.client_id, n, cap, cap)
             msg.num_examples = cap
