@@ -4,9 +4,9 @@ round's replies, next to a plain ``acc.add_(flat, alpha=w)`` over the same numbe
     OMP_NUM_THREADS=1 python benchmarks/aggregation.py
     OMP_NUM_THREADS=1 python benchmarks/aggregation.py --replies 10 100 --params 1e6 --codecs identity
 
-"ours" is the server's decode and accumulate for a FedAvg round: ``Server.collect`` (per message: size limit,
-decode with the uplink codec and the sender's state, validation, fold into the mean; the round's finiteness
-check). "+ server step" is what ``Server.aggregate`` adds once per round (``codec.accept``, ``FedAvg.aggregate``:
+"ours" is the server's decode and accumulate for a FedAvg round, with FedLoop's defaults: ``Server.collect`` (per
+message: size limit, the example claim capped, decode with the uplink codec and the sender's state, validation,
+fold into the mean with the reply's norm summed in the same pass; the round's finiteness check and norm check). "+ server step" is what ``Server.aggregate`` adds once per round (``codec.accept``, ``FedAvg.aggregate``:
 the fold's sum taken as the update, ``global += update``, the update's norm), not in the ratio. Messages are produced one at a time by a generator (a copy of one of two pre-encoded replies, so no two
 replies share memory) and handed to the server as they are made; the generator's time is not counted. "floor"
 is a plain axpy over flat float32 replies, timed the same way: each flat buffer is a fresh copy of a delta's
@@ -103,8 +103,9 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    server = Server(strategy, codec, ClientStore(workdir))
     ns = counts(n_replies)
+    # FedLoop's defaults: claims capped at the partition size, the norm check against the round's median
+    server = Server(strategy, codec, ClientStore(workdir), trusted_examples=lambda cid: ns[cid], max_norm_ratio=1e4)
     gen_s = 0.0
 
     def messages(count: int) -> Iterator[ClientMessage]:

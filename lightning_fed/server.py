@@ -140,7 +140,7 @@ class Server:
         if fold is not None and not fold.settle():
             self._recheck(server_round, out, marks, sent, fold)
         if self.max_norm_ratio is not None:
-            self._norm_outliers(server_round, out)
+            self._norm_outliers(server_round, out, fold.norms if fold is not None else {})
         return out
 
     def _trust(self, server_round: int, msg: ClientMessage) -> ClientMessage:
@@ -154,15 +154,17 @@ class Server:
             msg.num_examples = cap
         return msg
 
-    def _norm_outliers(self, server_round: int, out: Collected) -> None:
+    def _norm_outliers(self, server_round: int, out: Collected, known: dict[int, float]) -> None:
         """Reject replies whose norm is far outside the round's: more than ``max_norm_ratio`` times the median
-        norm of the replies of the same structure (tiers differ in size, so each structure has its own median)."""
+        norm of the replies of the same structure (tiers differ in size, so each structure has its own median).
+        ``known``: norms the fold computed, by ``id(reply)``."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         norms: list[float] = []
         for i, reply in enumerate(out.replies):
             key = tuple((k, tuple(v.shape)) for k, v in sorted(reply.payload.items()))
             groups.setdefault(key, []).append(i)
-            norms.append(payload_norm(reply.payload))
+            norm = known.get(id(reply))  # the fold summed it while adding the reply
+            norms.append(norm if norm is not None else payload_norm(reply.payload))
         drop: set[int] = set()
         ratio = 0.0
         for members in groups.values():

@@ -98,3 +98,16 @@ def test_claims_are_capped_and_non_positive_claims_still_rejected(tmp_path):
 
 def test_payload_norm_skips_integer_entries():
     assert payload_norm({"a": torch.tensor([3.0, 4.0]), "idx": torch.tensor([100, 200])}) == 5.0
+
+
+def test_the_fold_measures_the_same_norms(tmp_path):
+    """With the fold (the default FedAvg path) the norms come from the pass that adds the replies."""
+    ratios = []
+    for fold in (False, True):
+        server, model = _server(tmp_path / str(fold))
+        server.fold = fold
+        msgs = [_message(model, c, s) for c, s in enumerate([1.0, 1.2, 100.0, 0.8])]
+        got = server.collect(0, [Instruction(c, {}) for c in range(4)], msgs)
+        assert [r.client_id for r in got.replies] == [0, 1, 3]
+        ratios.append(got.stats["norm_ratio"])
+    assert abs(ratios[0] - ratios[1]) < 1e-4

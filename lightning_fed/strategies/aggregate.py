@@ -122,6 +122,9 @@ class MeanFold:
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
         self.broken = False
+        self.norms: dict[int, float] = {}
+        """L2 norm of each reply folded from one flat buffer (by ``id(reply)``), summed from the pieces while
+        they are in the cache: the server's norm check then reads no reply twice."""
 
     @staticmethod
     def _stamp(payload: Payload) -> list[tuple[int, int]]:
@@ -143,7 +146,12 @@ class MeanFold:
         if max_abs is None:
             self._unchecked = True
             if x is not None:
-                self._acc.add_(x, alpha=w)
+                acc, sq = self._acc, 0.0
+                for s in range(0, x.numel(), FOLD_CHUNK):
+                    piece = x[s : s + FOLD_CHUNK]
+                    acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # reads the piece into the cache...
+                    sq += float(torch.dot(piece, piece))  # ...and its squares from there
+                self.norms[id(reply)] = math.sqrt(sq)
             else:  # entries in another order or in several buffers: added entry by entry, where they lie
                 torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
         elif x is None:
@@ -151,13 +159,15 @@ class MeanFold:
             if ok:
                 torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
         else:
-            acc, lows, highs = self._acc, [], []
+            acc, lows, highs, sq = self._acc, [], [], 0.0
             for s in range(0, x.numel(), FOLD_CHUNK):
                 piece = x[s : s + FOLD_CHUNK]
                 lo_t, hi_t = torch.aminmax(piece)  # reads the piece into the cache...
                 acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # ...and adds it from there
+                sq += float(torch.dot(piece, piece))
                 lows.append(lo_t)
                 highs.append(hi_t)
+            self.norms[id(reply)] = math.sqrt(sq)
             lo, hi = (float(torch.stack(lows).min()), float(torch.stack(highs).max())) if lows else (0.0, 0.0)
             ok = values_within(lo, hi, max_abs)
         if not ok:
