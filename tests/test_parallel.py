@@ -133,6 +133,27 @@ def test_torchrun_starts_the_ranks(tmp_path, one_thread):
     assert wrong.returncode != 0 and "devices=3 x num_nodes=1 = 3 processes, but the launcher started 2" in wrong.stderr
 
 
+def test_slurm_tasks_are_found(tmp_path, one_thread):
+    """Two processes started as SLURM tasks (srun's environment, faked here): Fabric's SLURMEnvironment finds their
+    ranks and the run matches one process."""
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    args = ["--config", str(RECIPES / "fedavg.yaml"), *SMALL, "--loop.rounds", "2"]
+    run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fed",
+            "SLURM_NODELIST": "localhost", "MASTER_PORT": str(find_free_network_port())}
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        base.pop(k, None)
+    cmd = [sys.executable, "-m", "lightning_fed.cli", "fit", *args, "--loop.devices", "2", "--loop.output_dir",
+           str(tmp_path / "many")]
+    procs = [subprocess.Popen(cmd, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "SLURM tasks, 2 processes, vs one")
+
+
 def _dying(tmp_path: Path, recipe: str) -> list[str]:
     cfg = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
     cfg["model"]["class_path"] = "_parallel_models.DyingCNN"
