@@ -170,13 +170,19 @@ class Ranks:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` on this machine still runs (a zombie, dead but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True  # no /proc (not Linux): it answered the signal, so it exists
+    return state not in ("Z", "X")
 
 
 def _launch_command() -> list[str]:

@@ -209,6 +209,15 @@ def test_killed_rank_is_named_and_the_run_resumes(tmp_path, one_thread):
     _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "killed at round 3, resumed, vs one process")
 
 
+def test_killed_rank_0_is_named_by_the_others(tmp_path):
+    """Rank 0 (the process that started the others) killed in round 2: rank 1 names it and stops."""
+    args = _dying(tmp_path, "fedavg")
+    died = _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2, env={"KILL_ROUND": "2", "KILL_RANK": "0"},
+                  check=False)
+    assert died.returncode == -9
+    assert "lightning-fed: error: rank 1: rank 0 (pid" in died.stderr and "died during round 2" in died.stderr
+
+
 def test_lpt_balances_by_cost():
     costs = [10, 9, 8, 2, 2, 1]
     owner = assign_lpt(costs, 2)
