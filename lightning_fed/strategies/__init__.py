@@ -10,10 +10,19 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.server_adaptive import (
+    AdaptiveServerOptimizer,
+    ServerAdagrad,
+    ServerAdam,
+    ServerYogi,
+)
+from lightning_fed.strategies.server_momentum import ServerMomentum
 from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
+from lightning_fed.strategies.server_torch import TorchServerOptimizer
 from lightning_fed.strategies.tiers import ModelTiers
 
 __all__ = [
+    "AdaptiveServerOptimizer",
     "Aggregator",
     "DecentralizedDistillation",
     "FedAvg",
@@ -24,8 +33,13 @@ __all__ = [
     "FedMDNFDP",
     "FedMoE",
     "ModelTiers",
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerMomentum",
     "ServerOptimizer",
     "ServerSGD",
+    "ServerYogi",
     "Strategy",
+    "TorchServerOptimizer",
     "WeightedMean",
 ]
