@@ -10,6 +10,7 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
 from lightning_fed.strategies.server_adaptive import (
     AdaptiveServerOptimizer,
     ServerAdagrad,
@@ -33,6 +34,8 @@ __all__ = [
     "FedMDNFDP",
     "FedMoE",
     "ModelTiers",
+    "Scaffold",
+    "ScaffoldClient",
     "ServerAdagrad",
     "ServerAdam",
     "ServerMomentum",
