@@ -1,6 +1,9 @@
 """SCAFFOLD (option II): the variates over two rounds of FedLoop against a hand computation (a linear model, full-batch
 SGD, fixed data), the variates' bytes on the wire, the strategy's state, and its refusals."""
 
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -192,3 +195,11 @@ def test_client_callback_is_inert_without_variates():
     p.grad = torch.ones_like(p)
     cb.on_before_optimizer_step(View(), View.lightning_module, torch.optim.SGD([p], lr=0.1))
     assert torch.equal(p.grad, torch.ones_like(p)) and cb.steps == 0
+
+
+def test_doc_example_runs(tmp_path):
+    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "Scaffold()" in c)
+    scope: dict = {}
+    exec(compile(code.replace('"runs/scaffold"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    assert scope["result"].history[-1]["variate_norm"] > 0

@@ -4,6 +4,8 @@ through checkpoints, and their misconfigurations."""
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +214,12 @@ def test_repr_names_the_settings():
     assert repr(ServerAdam()) == "ServerAdam(lr=0.01, beta1=0.9, beta2=0.99, tau=0.001)"
     assert repr(ServerAdagrad()) == "ServerAdagrad(lr=0.1, beta1=0.9, tau=0.001)"
     assert repr(ServerMomentum()) == "ServerMomentum(lr=1.0, momentum=0.9)"
+
+
+def test_doc_example_runs(tmp_path):
+    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "ServerAdam(" in c)
+    scope: dict = {}
+    exec(compile(code.replace('"runs/fedadam"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    assert scope["strategy"].server_optimizer.steps == 2
+    assert 0 <= scope["result"].final_metrics["test_acc"] <= 1

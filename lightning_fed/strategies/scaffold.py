@@ -37,6 +37,7 @@ resets ``c``, and clients reset a stored ``c_i`` of another shape.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ from lightning_fed.weights import delta, float_state, load_into
 VARIATE = "c/"  # the server variate's entries in the instruction payload
 VARIATE_DELTA = "dc/"  # the client's variate change in the reply payload
 STATE_KEY = "scaffold_c"  # the client's own variate in its store
+
+log = logging.getLogger("lightning_fed")
 
 
 class ScaffoldClient(FedCallback):
@@ -80,6 +83,7 @@ class ScaffoldClient(FedCallback):
         self._corr: list[Tensor] = []
         self._lr_sum: list[float] = []
         self.steps = 0
+        self._warned = False
 
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
         """Read ``c`` and ``x`` from the instruction and ``c_i`` from the client's store (zero at first, or when
@@ -107,6 +111,11 @@ class ScaffoldClient(FedCallback):
         if not self._active:
             return
         lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+        if not self._warned and (optimizer.param_groups[0].get("momentum") or "betas" in optimizer.param_groups[0]):
+            self._warned = True
+            log.warning("SCAFFOLD's option II assumes plain SGD on the clients; %s with momentum makes "
+                        "(x - y_i) / (K * lr) overstate the mean gradient (about 1 / (1 - momentum) times), so the "
+                        "control variates over-correct: use SGD without momentum", type(optimizer).__name__)
         self.steps += 1
         for i, (p, corr) in enumerate(zip(self._params, self._corr)):
             lr = lrs.get(id(p))
