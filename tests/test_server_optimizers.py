@@ -22,6 +22,7 @@ from lightning_fed.strategies import (
     ServerYogi,
     TorchServerOptimizer,
 )
+from lightning_fed.strategies.tiers import TierAverage, tier_optimizers
 
 X0 = [1.0, -2.0, 0.5]  # Linear(2, 1): weight (1, 2) then bias (1,), flattened in that order
 # two rounds of two replies each: (delta, num_examples); the weighted means are the updates Δ_t
@@ -223,3 +224,33 @@ def test_doc_example_runs(tmp_path):
     exec(compile(code.replace('"runs/fedadam"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
     assert scope["strategy"].server_optimizer.steps == 2
     assert 0 <= scope["result"].final_metrics["test_acc"] <= 1
+
+
+MAKERS = [lambda: ServerMomentum(lr=0.5), lambda: ServerAdagrad(), lambda: ServerAdam(), lambda: ServerYogi()]
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_checkpoint_loads_with_weights_only(make, tmp_path):
+    """As lightning_fed.checkpoint loads it: torch.load(weights_only=True), then one more round on both."""
+    a = FedAvg(server_optimizer=make())
+    a.setup(_model())
+    a.aggregate(0, [_reply(i, d, n) for i, (d, n) in enumerate(ROUNDS[0])])
+    torch.save(a.state_dict(), tmp_path / "state.pt")
+    b = FedAvg(server_optimizer=make())
+    b.setup(_model())
+    b.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for s in (a, b):
+        s.aggregate(1, [_reply(i, d, n) for i, (d, n) in enumerate(ROUNDS[1])])
+    assert torch.equal(a.global_flat, b.global_flat)
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_tiers_get_independent_copies(make):
+    """FedDF and FedGen average through TierAverage; FedDF deep-copies the optimizer once per tier."""
+    opts = tier_optimizers(make(), 2)
+    tiers = [TierAverage(_model(), None, opt) for opt in opts]
+    tiers[0].average([{"weight": torch.ones(1, 2), "bias": torch.ones(1)}], [1])
+    assert not torch.equal(tiers[0].flat, tiers[1].flat)
+    assert torch.equal(tiers[1].flat, torch.tensor(X0))  # the other tier's optimizer did not step it
+    tiers[1].average([{"weight": torch.ones(1, 2), "bias": torch.ones(1)}], [1])
+    assert torch.equal(tiers[0].flat, tiers[1].flat)
