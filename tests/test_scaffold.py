@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fed import FedLoop
+from lightning_fed.codecs import Cast
 from lightning_fed.data import IID
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.strategies import FedAvg, Scaffold, ScaffoldClient
@@ -203,3 +204,15 @@ def test_doc_example_runs(tmp_path):
     scope: dict = {}
     exec(compile(code.replace('"runs/scaffold"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
     assert scope["result"].history[-1]["variate_norm"] > 0
+
+
+def test_the_uplink_codec_encodes_the_variate_deltas(tmp_path):
+    """Cast to fp16 on the uplink: the reply (weight deltas and dc) costs fewer bytes than uncompressed, and the
+    server's c is built from what was decoded (fp16-rounded dc), not from the clients' exact values."""
+    exact, cast = Scaffold(), Scaffold()
+    a = _loop(tmp_path / "a", exact, rounds=1).fit(Linear(), FixedData())
+    b = _loop(tmp_path / "b", cast, rounds=1, codec=Cast(dtype="fp16")).fit(Linear(), FixedData())
+    assert b.history[0]["raw_bytes_up"] == a.history[0]["raw_bytes_up"] == PER_ROUND * 16
+    assert b.history[0]["bytes_up"] < a.history[0]["bytes_up"]
+    assert not torch.equal(cast.variate, exact.variate)
+    assert torch.allclose(cast.variate, exact.variate, rtol=1e-2, atol=1e-3)
