@@ -5,7 +5,8 @@ client LR decay) through the CLI, with the Dirichlet concentration, the number o
 overridden, and the test set evaluated every round. The table has the final and best test accuracy, the first round
 whose test accuracy reaches FedAvg's final accuracy at the same alpha ("rounds to FedAvg"), the uplink megabytes
 and the wall time. The recipes' client optimizers differ where the algorithm asks for it: SCAFFOLD runs plain SGD
-(its option II assumes it), the others fedavg.yaml's SGD with momentum.
+(its option II assumes it), the others fedavg.yaml's SGD with momentum; ``fedavg_sgd`` is FedAvg with SCAFFOLD's
+client optimizer, to tell the effect of the control variates from that of the optimizer.
 
 Run from the repository root::
 
@@ -25,14 +26,17 @@ from rich.table import Table
 
 from lightning_fed.cli import run
 
-STRATEGIES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"]
+STRATEGIES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedavg_sgd"]
+# fedavg_sgd: fedavg.yaml with SCAFFOLD's client optimizer (plain SGD, lr 0.2), to separate the two changes
+VARIANTS = {"fedavg_sgd": ("fedavg", ["--model.init_args.momentum", "0.0", "--model.init_args.lr", "0.2"])}
 ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 
 
 def one_run(name: str, alpha: float, rounds: int, local_epochs: int, seed: int, out: Path) -> dict[str, object]:
     """One recipe at one alpha: the per-round test accuracy, the uplink bytes and the wall time."""
     t0 = time.perf_counter()
-    res = run(["fit", "--config", str(ROOT / f"{name}.yaml"), "--loop.rounds", str(rounds),
+    recipe, extra = VARIANTS.get(name, (name, []))
+    res = run(["fit", "--config", str(ROOT / f"{recipe}.yaml"), *extra, "--loop.rounds", str(rounds),
                "--loop.local_epochs", str(local_epochs), "--loop.partition.init_args.alpha", str(alpha),
                "--loop.seed", str(seed), "--loop.test_every", "1", "--loop.checkpoint_every", "0",
                "--loop.verbose", "false", "--loop.plot", "false", "--loop.output_dir", str(out / f"{name}-{alpha}")])

@@ -1,5 +1,6 @@
 """SCAFFOLD (option II): the variates over two rounds of FedLoop against a hand computation (a linear model, full-batch
-SGD, fixed data), the variates' bytes on the wire, the strategy's state, and its refusals."""
+SGD, fixed data), the variates' bytes on the wire, the strategy's state, and its refusals; the plain-mean
+aggregator it uses by default."""
 
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning_fed import FedLoop
 from lightning_fed.codecs import Cast
 from lightning_fed.data import IID
 from lightning_fed.protocol import Instruction, Reply
-from lightning_fed.strategies import FedAvg, Scaffold, ScaffoldClient
+from lightning_fed.strategies import FedAvg, Scaffold, ScaffoldClient, UniformMean, WeightedMean
 from lightning_fed.strategies.scaffold import STATE_KEY, VARIATE, VARIATE_DELTA
 
 W0 = [0.5, -1.0]
@@ -47,19 +48,20 @@ class Linear(L.LightningModule):
 
 
 class FixedData(L.LightningDataModule):
-    """12 fixed points; one batch holds a whole shard, so each local epoch is one full-batch step."""
+    """13 fixed points (IID shards of 5, 4 and 4); one batch holds a whole shard, so each local epoch is one
+    full-batch step."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(12, 2, generator=g)
-        self.y = self.x @ torch.tensor([2.0, 1.0]) + 0.3 * torch.randn(12, generator=g) + 2 * (self.x[:, 0] > 0)
+        self.x = torch.randn(13, 2, generator=g)
+        self.y = self.x @ torch.tensor([2.0, 1.0]) + 0.3 * torch.randn(13, generator=g) + 2 * (self.x[:, 0] > 0)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=12)
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
 
     def test_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=12)
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
 
 
 def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
@@ -68,7 +70,7 @@ def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
     xg, c = torch.tensor(W0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     ci = {i: torch.zeros(2, dtype=torch.float64) for i in range(CLIENTS)}
     for clients in sampled:
-        dys, dcs, ns = [], [], []
+        dys, dcs = [], []
         for i in clients:
             xs, ys = x64[shards[i]], y64[shards[i]]
             y = xg.clone()
@@ -78,9 +80,8 @@ def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
             new = ci[i] - c + (xg - y) / (EPOCHS * LR)
             dys.append(y - xg)
             dcs.append(new - ci[i])
-            ns.append(len(ys))
             ci[i] = new
-        xg = xg + sum(n / sum(ns) * d for n, d in zip(ns, dys))
+        xg = xg + sum(dys) / len(dys)  # the plain mean (the paper's)
         c = c + len(clients) / CLIENTS * (sum(dcs) / len(dcs))
     return xg, c, ci
 
@@ -115,13 +116,18 @@ def test_two_rounds_match_the_hand_computation(tmp_path):
     assert res.history[-1]["variate_norm"] == pytest.approx(float(c.norm()), abs=1e-5)
 
 
-def test_without_variates_it_is_fedavg(tmp_path):
-    """Round 0 has c = c_i = 0: no correction, so its global weights are FedAvg's."""
-    a = _loop(tmp_path / "a", Scaffold(), rounds=1)
-    a.fit(Linear(), FixedData())
-    b = _loop(tmp_path / "b", FedAvg(), rounds=1)
-    b.fit(Linear(), FixedData())
-    assert torch.equal(a.strategy.global_flat, b.strategy.global_flat)
+def test_without_variates_it_is_unweighted_fedavg(tmp_path):
+    """Round 0 has c = c_i = 0: no correction, so its global weights are FedAvg's with the plain mean; with
+    aggregator=WeightedMean() they are FedAvg's own."""
+    runs = {}
+    for name, strategy in [("scaffold", Scaffold()), ("uniform", FedAvg(aggregator=UniformMean())),
+                           ("scaffold_weighted", Scaffold(aggregator=WeightedMean())), ("fedavg", FedAvg())]:
+        loop = _loop(tmp_path / name, strategy, rounds=1)
+        loop.fit(Linear(), FixedData())
+        runs[name] = strategy.global_flat
+    assert torch.equal(runs["scaffold"], runs["uniform"])
+    assert torch.equal(runs["scaffold_weighted"], runs["fedavg"])
+    assert not torch.equal(runs["scaffold"], runs["fedavg"])  # the shards differ in size
 
 
 def test_both_variates_travel_and_are_counted(tmp_path):
@@ -155,8 +161,8 @@ def test_aggregate_by_hand_and_state_round_trip():
     replies = [Reply(0, {"lin.weight": torch.tensor([[1.0, 0.0]]), "dc/lin.weight": torch.tensor([[2.0, -4.0]])}, 1),
                Reply(1, {"lin.weight": torch.tensor([[0.0, 1.0]]), "dc/lin.weight": torch.tensor([[6.0, 0.0]])}, 3)]
     s.aggregate(0, replies)
-    # x += example-weighted mean of the deltas; c += |S|/N * plain mean of dc = (1/4) * sum
-    assert s.global_flat.tolist() == pytest.approx([0.5 + 0.25, -1.0 + 0.75])
+    # x += plain mean of the deltas (the example counts 1 and 3 do not weigh); c += |S|/N * plain mean of dc
+    assert s.global_flat.tolist() == pytest.approx([0.5 + 0.5, -1.0 + 0.5])
     assert s.variate.tolist() == pytest.approx([2.0, -1.0])
     t = _strategy()
     t.load_state_dict(s.state_dict())
@@ -216,3 +222,11 @@ def test_the_uplink_codec_encodes_the_variate_deltas(tmp_path):
     assert b.history[0]["bytes_up"] < a.history[0]["bytes_up"]
     assert not torch.equal(cast.variate, exact.variate)
     assert torch.allclose(cast.variate, exact.variate, rtol=1e-2, atol=1e-3)
+
+
+def test_uniform_mean_by_hand():
+    out = torch.full((2,), float("nan"))
+    res = UniformMean()(out, iter([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])]), [0.9, 0.1])
+    assert res is out and out.tolist() == [2.0, 4.0]  # the weights are ignored
+    with pytest.raises(ValueError, match="got 1 buffers for 2 weights"):
+        UniformMean()(out, [torch.zeros(2)], [0.5, 0.5])

@@ -1,6 +1,6 @@
 """Server strategies: what clients are sent and how their replies are aggregated."""
 
-from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
+from lightning_fed.strategies.aggregators import Aggregator, UniformMean, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
 from lightning_fed.strategies.fedavg import FedAvg
@@ -44,5 +44,6 @@ __all__ = [
     "ServerYogi",
     "Strategy",
     "TorchServerOptimizer",
+    "UniformMean",
     "WeightedMean",
 ]

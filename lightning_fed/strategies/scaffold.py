@@ -13,7 +13,7 @@ After its ``K`` local optimizer steps with learning rate ``lr`` it ends at ``y_i
 
 then sends ``Δy_i = y_i - x`` and ``Δc_i = c_i+ - c_i``. The server, with ``S`` the replies and ``N`` the clients::
 
-    x <- x + lr_g * mean(Δy_i)                 (the strategy's aggregator and server optimizer, as FedAvg)
+    x <- x + lr_g * mean(Δy_i)                 (the aggregator, a plain mean by default, and the server optimizer)
     c <- c + |S| / N * mean(Δc_i)              (a plain mean: c stays the mean of every c_i)
 
 Settings (the paper's experiments): plain SGD on the clients, ``lr_g = 1``, and option II, which costs no extra
@@ -22,6 +22,12 @@ calls) and ``K * lr`` is the sum of the learning rates of those steps (each para
 scheduler changing the client's learning rate keeps the estimate ``(x - y_i) / sum(lr)`` of the mean corrected
 gradient. With momentum or Adam on the client the correction still applies to the gradient the optimizer sees,
 but that estimate is no longer exact (the paper analyses SGD).
+
+Both means are plain, as in the paper: the corrections pull every client towards the gradient of the unweighted
+objective ``(1/N) sum_i f_i`` that ``c`` estimates, so ``x`` averages the same way (default aggregator
+:class:`~lightning_fed.strategies.UniformMean`). FedAvg's example-weighted mean for ``x`` (``aggregator=
+WeightedMean()``) mixes two objectives; on MNIST-1D at Dirichlet(0.1), where shard sizes differ most, it trained
+far worse (benchmarks/RESULTS.md, "Server optimizers and SCAFFOLD").
 
 Where things live: ``c`` is server state (:meth:`Scaffold.state_dict`); ``c_i`` is in the client's store
 (``trainer.fed.client_state["scaffold_c"]``), checkpointed with it; the correction is the client callback
@@ -48,7 +54,7 @@ from lightning_fed.context import fed_context
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.strategies.aggregate import flat_norm
-from lightning_fed.strategies.aggregators import Aggregator
+from lightning_fed.strategies.aggregators import Aggregator, UniformMean
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.weights import delta, float_state, load_into
@@ -161,7 +167,7 @@ class _FederationSize(FedCallback):
 
 
 class Scaffold(FedAvg):
-    """SCAFFOLD (option II): FedAvg of the weight deltas plus control variates correcting the local gradients.
+    """SCAFFOLD (option II): the plain mean of the weight deltas plus control variates correcting the local gradients.
 
     ``N``, the number of clients in ``c += |S| / N * mean(Δc_i)``, is FedLoop's ``num_clients`` (read at set-up;
     set ``num_clients`` yourself to use the strategy outside FedLoop).
@@ -174,14 +180,16 @@ class Scaffold(FedAvg):
     Args:
         server_lr: the global step size ``lr_g`` on the averaged weight delta (the paper: 1.0); shorthand for
             ``server_optimizer=ServerSGD(lr=server_lr)``.
-        aggregator: averages the weight deltas (``None``: example-weighted
-            :class:`~lightning_fed.strategies.WeightedMean`); the variate deltas always take the plain mean.
+        aggregator: averages the weight deltas (``None``: the plain mean
+            :class:`~lightning_fed.strategies.UniformMean`, the paper's); the variate deltas always take the plain
+            mean.
         server_optimizer: applies the averaged weight delta (``None``: ``ServerSGD(lr=server_lr)``).
     """
 
     def __init__(self, *, server_lr: float = 1.0, aggregator: Aggregator | None = None,
                  server_optimizer: ServerOptimizer | None = None) -> None:
-        super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
+        super().__init__(server_lr=server_lr, aggregator=UniformMean() if aggregator is None else aggregator,
+                         server_optimizer=server_optimizer)
         self.num_clients: int | None = None
         self.client = ScaffoldClient()
         self.variate_spec: FlatSpec | None = None
