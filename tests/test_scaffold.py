@@ -230,3 +230,13 @@ def test_uniform_mean_by_hand():
     assert res is out and out.tolist() == [2.0, 4.0]  # the weights are ignored
     with pytest.raises(ValueError, match="got 1 buffers for 2 weights"):
         UniformMean()(out, [torch.zeros(2)], [0.5, 0.5])
+
+
+def test_momentum_on_the_clients_is_warned_about(tmp_path, caplog):
+    class WithMomentum(Linear):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+    with caplog.at_level("WARNING", logger="lightning_fed"):
+        _loop(tmp_path, Scaffold(), rounds=1).fit(WithMomentum(), FixedData())
+    assert sum("option II assumes plain SGD" in r.message for r in caplog.records) == 1  # once, not per step
