@@ -122,7 +122,7 @@ def test_momentum_is_torch_sgd():
 def test_adagrad_without_momentum_is_torch_adagrad():
     ours = _run(ServerAdagrad(lr=0.3, beta1=0.0, tau=0.5))
     ref = _torch_by_hand(lambda ps: torch.optim.Adagrad(ps, lr=0.3, eps=0.5, initial_accumulator_value=0.25))
-    assert ours == pytest.approx(ref, rel=1e-6, abs=1e-7)
+    assert ours == ref  # bit for bit
 
 
 def test_adam_is_not_torch_adam():
