@@ -254,3 +254,17 @@ def test_tiers_get_independent_copies(make):
     assert torch.equal(tiers[1].flat, torch.tensor(X0))  # the other tier's optimizer did not step it
     tiers[1].average([{"weight": torch.ones(1, 2), "bias": torch.ones(1)}], [1])
     assert torch.equal(tiers[0].flat, tiers[1].flat)
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_fedmoe_steps_its_flat_buffer_with_them(make):
+    from test_aggregators import _moe, _moe_replies  # the MoE model and replies of the plug-point tests
+
+    from lightning_fed.strategies import FedMoE
+
+    s = FedMoE(server_optimizer=make())
+    s.setup(_moe())
+    before = s.global_flat.clone()
+    s.aggregate(0, _moe_replies(s))
+    assert not torch.equal(s.global_flat, before) and torch.isfinite(s.global_flat).all()
+    assert s.state_dict()["server_optimizer"]
