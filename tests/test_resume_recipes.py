@@ -1,6 +1,6 @@
-"""Every algorithm resumes exactly: for each recipe (distillation strategies, MoE, error-feedback codecs, compression
-callbacks), a run stopped after round 1 and resumed to round 3 ends with the same global model, strategy state,
-codec state and per-client state as an uninterrupted 3-round run."""
+"""Every algorithm resumes exactly: for each recipe (distillation strategies, MoE, server optimizers, SCAFFOLD,
+error-feedback codecs, compression callbacks), a run stopped after round 1 and resumed to round 3 ends with the same
+global model, strategy state, codec state and per-client state as an uninterrupted 3-round run."""
 
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from lightning_fed.cli import run
 ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "fedgen", "fedgkt", "ddist", "distillation", "fedmoe", "codec_topk",
            "codec_dgc", "codec_powersgd", "codec_tcs", "codec_allocation", "fedavg_pruning_qat", "attack_backdoor",
-           "defence_flame", "defence_krum"]
+           "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 

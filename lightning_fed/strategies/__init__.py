@@ -1,6 +1,6 @@
 """Server strategies: what clients are sent and how their replies are aggregated."""
 
-from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
+from lightning_fed.strategies.aggregators import Aggregator, UniformMean, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
 from lightning_fed.strategies.fedavg import FedAvg
@@ -19,11 +19,21 @@ from lightning_fed.strategies.robust import (
     TrimmedMean,
     WeakDP,
 )
+from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
+from lightning_fed.strategies.server_adaptive import (
+    AdaptiveServerOptimizer,
+    ServerAdagrad,
+    ServerAdam,
+    ServerYogi,
+)
+from lightning_fed.strategies.server_momentum import ServerMomentum
 from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
+from lightning_fed.strategies.server_torch import TorchServerOptimizer
 from lightning_fed.strategies.tiers import ModelTiers
 
 __all__ = [
     "FLAME",
+    "AdaptiveServerOptimizer",
     "Aggregator",
     "CoordinateMedian",
     "DecentralizedDistillation",
@@ -38,10 +48,18 @@ __all__ = [
     "ModelTiers",
     "NormBound",
     "RobustAggregator",
+    "Scaffold",
+    "ScaffoldClient",
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerMomentum",
     "ServerOptimizer",
     "ServerSGD",
+    "ServerYogi",
     "Strategy",
+    "TorchServerOptimizer",
     "TrimmedMean",
+    "UniformMean",
     "WeakDP",
     "WeightedMean",
 ]

@@ -115,6 +115,24 @@ class WeightedMean(Aggregator):
         return weighted_sum_payloads_(out, spec, payloads, weights)
 
 
+class UniformMean(Aggregator):
+    """The plain mean ``out = sum_i flats[i] / len(flats)``, ignoring the weights, streamed in one pass: every
+    reply counts the same whatever its example count (the mean of SCAFFOLD's Algorithm 1, Karimireddy et al. 2020,
+    and of unweighted FedAvg variants).
+
+    Example::
+
+        strategy = FedAvg(aggregator=UniformMean())   # every client's delta counts the same
+    """
+
+    streaming = True
+
+    def __call__(self, out: Tensor, flats: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
+        """Accumulate ``flats[i] / len(weights)`` into ``out`` in place (one vector per weight)."""
+        n = len(weights)
+        return weighted_sum_(out, flats, [1.0 / n] * n)
+
+
 def resolve_aggregator(owner: str, aggregator: Aggregator | None) -> Aggregator:
     """``aggregator``, or a :class:`WeightedMean` when it is ``None``.
 
@@ -131,4 +149,4 @@ def resolve_aggregator(owner: str, aggregator: Aggregator | None) -> Aggregator:
     )
 
 
-__all__ = ["Aggregator", "WeightedMean", "resolve_aggregator"]
+__all__ = ["Aggregator", "UniformMean", "WeightedMean", "resolve_aggregator"]

@@ -2,8 +2,10 @@
 
 Reddi et al., "Adaptive Federated Optimization", ICLR 2021, treat the aggregated client delta as a
 pseudo-gradient (with the sign of a descent step) that a server optimizer applies to the global model.
-:class:`ServerSGD` is the plain step ``global += lr * update`` (``lr = 1``: FedAvg). Stateful rules (FedAvgM,
-FedAdam, FedYogi) are new subclasses in new files; their state is checkpointed by the strategy that owns them.
+:class:`ServerSGD` is the plain step ``global += lr * update`` (``lr = 1``: FedAvg). Stateful rules are new subclasses
+in new files, their state checkpointed by the strategy that owns them: ``server_momentum.py`` (FedAvgM),
+``server_adaptive.py`` (FedAdagrad, FedAdam, FedYogi), on top of ``server_torch.py`` (a ``torch.optim`` optimizer
+stepping the flat buffer).
 """
 
 from __future__ import annotations
