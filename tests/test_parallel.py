@@ -103,6 +103,8 @@ CASES = {  # name: (recipe, processes)
     "fedmoe-2": ("fedmoe", 2),
     "pruning-qat-2": (None, 2),
     "bf16-mixed-2": ("fedavg", 2),
+    "backdoor-attack-2": ("attack_backdoor", 2),  # a server hook that writes a file in the run folder
+    "scaffold-2": ("scaffold", 2),
 }
 
 

@@ -115,7 +115,8 @@ class Attack(FedCallback):
             return
         bad = set(self.malicious(fed.round, fed.num_clients))
         self._round_malicious = sorted({i.client_id for i in instructions} & bad)
-        _write_rows(Path(fed.run_dir) / CSV_NAME, type(self).__name__, fed.round + 1, self._round_malicious)
+        if getattr(trainer, "is_global_zero", True):  # every rank replays the server; rank 0 writes
+            _write_rows(Path(fed.run_dir) / CSV_NAME, type(self).__name__, fed.round + 1, self._round_malicious)
 
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
         """Server: the ``malicious`` metric, the number of malicious clients sampled this round."""
@@ -131,7 +132,9 @@ def _write_rows(path: Path, attack: str, round_no: int, clients: list[int]) -> N
     lines = path.read_text().splitlines()[1:] if path.exists() else []
     kept = [ln for ln in lines if not (ln.split(",")[2] == attack and int(ln.split(",")[0]) >= round_no)]
     kept += [f"{round_no},{cid},{attack}" for cid in clients]
-    path.write_text("\n".join(["round,client,attack", *kept]) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(["round,client,attack", *kept]) + "\n")
+    tmp.replace(path)  # atomic: a run killed while writing keeps the previous file
 
 
 def float_items(reply: Reply) -> list[tuple[str, Tensor]]:
