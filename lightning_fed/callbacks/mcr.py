@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_fed.callbacks._defence import CleanDataDefence, accuracy, device_of, finetune, model_copy, train_epochs
+from lightning_fed.callbacks._defence import (
+    CleanDataDefence,
+    accuracy,
+    device_of,
+    finetune,
+    model_copy,
+    train_epochs,
+)
 from lightning_fed.data.public import PublicData
 from lightning_fed.seeding import Stream, generator
 from lightning_fed.validation import need
