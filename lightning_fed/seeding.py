@@ -56,6 +56,12 @@ class Stream(IntEnum):
     """The direction shared by the malicious clients of a round ("a little is enough"; keys: round)."""
     BACKDOOR_POISON = 15
     """Which records of a malicious client carry the backdoor trigger (keys: round, client id)."""
+    FINE_PRUNING = 16
+    """Fine-pruning's split of the clean data (no keys) and its fine-tuning batches (keys: round)."""
+    NAD = 17
+    """Neural attention distillation's split of the clean data (no keys) and its batches (keys: round)."""
+    MCR = 18
+    """Mode connectivity repair's split of the clean data (no keys), its batches and curve points (keys: round)."""
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_two_examples():
-    assert len(BLOCKS) == 2
+def test_there_are_three_examples():
+    assert len(BLOCKS) == 3
 
 
 def test_krum_detection_example_runs(tmp_path):
@@ -32,3 +32,13 @@ def test_backdoor_example_runs(tmp_path):
     scope = _run(BLOCKS[1], tmp_path)
     last = scope["result"].history[-1]
     assert 0.0 <= last["test_asr"] <= 1.0 and "agg_dropped" in last  # the FLAME run is the last one
+
+
+def test_defences_example_runs(tmp_path):
+    scope = _run(BLOCKS[2], tmp_path)
+    last = scope["result"].history[-1]  # the MCR run
+    assert 0.0 <= last["test_asr"] <= 1.0 and 0.1 <= last["mcr_t"] <= 0.9
+    assert {"mcr_acc_before", "mcr_endpoint_acc", "mcr_acc_after"} <= last.keys()
+    fp = scope["defences"]["fine-pruning"]
+    assert fp.records[-1]["pruned_channels"] == 10 and fp.records[-1]["channels"] == 15
+    assert scope["defences"]["nad"].done == [2]

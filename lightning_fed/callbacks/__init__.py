@@ -1,20 +1,25 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
-attacks (poisoned clients) for FedLoop."""
+attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair) for
+FedLoop."""
 
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.distillation import Distillation
+from lightning_fed.callbacks.fine_pruning import FinePruning
 from lightning_fed.callbacks.footprint import Footprint, measure_footprint
 from lightning_fed.callbacks.lr_schedule import RoundLRDecay
+from lightning_fed.callbacks.mcr import MCR
 from lightning_fed.callbacks.moe_routing import MoERouting
+from lightning_fed.callbacks.nad import NAD
 from lightning_fed.callbacks.optim8bit import EightBitOptimizer
 from lightning_fed.callbacks.pruning import StructuredPruning, replay_pruning
 from lightning_fed.callbacks.qat import QuantizationAware
 from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 
 __all__ = [
-    "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "Footprint", "GaussianUpdate",
-    "LabelFlip", "LittleIsEnough", "MagnitudeSparsity", "MoERouting", "QuantizationAware", "RoundLRDecay", "SignFlip",
+    "MCR", "NAD", "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "FinePruning", "Footprint",
+    "GaussianUpdate", "LabelFlip", "LittleIsEnough", "MagnitudeSparsity", "MoERouting", "QuantizationAware",
+    "RoundLRDecay", "SignFlip",
     "SparseUplink", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]

@@ -251,6 +251,10 @@ class StructuredPruning(FedCallback):
             self.example_input_shape = list(x.shape)  # a float tensor input is rebuilt as zeros(shape) on resume
         return inp
 
+    def _criterion(self, name: str) -> tp.importance.Importance:
+        """The torch-pruning importance a pruning step ranks channels with (a subclass may score otherwise)."""
+        return make_importance(name)
+
     def _check_runnable(self, pl_module: nn.Module) -> None:
         if self.forward_fn is None and not has_forward(pl_module):
             raise ValueError(no_forward_message("StructuredPruning", pl_module))
@@ -283,7 +287,7 @@ class StructuredPruning(FedCallback):
                     p.grad = grads[name].to(p) if name in grads else None
             pruner = torch_pruning().pruner.MetaPruner(
                 pl_module, example.for_tracing(), forward_fn=tracing_forward_fn(example, self.forward_fn),
-                importance=make_importance(importance), global_pruning=self.global_pruning,
+                importance=self._criterion(importance), global_pruning=self.global_pruning,
                 pruning_ratio=self._relative(self.ratio, step), pruning_ratio_dict=per_layer or None,
                 max_pruning_ratio=self.max_layer_ratio, ignored_layers=ignored, round_to=self.round_to,
             )
