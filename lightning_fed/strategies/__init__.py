@@ -19,6 +19,7 @@ from lightning_fed.strategies.robust import (
     TrimmedMean,
     WeakDP,
 )
+from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
 from lightning_fed.strategies.server_adaptive import (
     AdaptiveServerOptimizer,
@@ -49,6 +50,7 @@ __all__ = [
     "NormBound",
     "RobustAggregator",
     "Scaffold",
+    "SecAggFedAvg",
     "ScaffoldClient",
     "ServerAdagrad",
     "ServerAdam",
