@@ -34,9 +34,9 @@ from lightning_fed.protocol import Payload
 
 _REFUSED = {
     "TopK": "each client sends its own top-k positions, so the masked values of different clients sit at different "
-            "positions and their sum means nothing (use RandomK, whose positions the round's shared seed selects)",
+    "positions and their sum means nothing (use RandomK, whose positions the round's shared seed selects)",
     "TimeCorrelatedTopK": "besides the shared mask it sends each client's own top-k positions (private indices), "
-                          "whose masked sum means nothing",
+    "whose masked sum means nothing",
     "Sign": "signs with a per-client scale are not additive: a sum of masked signs is not a sum of updates",
     "QSGD": "stochastic levels with a per-client norm are not additive across clients",
     "PowerSGD": "low-rank factors are not additive: the sum of the factors is not the factor of the sum",
@@ -54,12 +54,18 @@ def check_linear(codec: Codec) -> None:
         return
     if type(codec) is RandomK:
         if codec.values is not None:
-            raise ValueError(f"SecAggFedAvg: codec=RandomK(values={codec.values!r}) is not allowed; secure "
-                             "aggregation quantizes to fixed point itself, leave values=None")
+            raise ValueError(
+                f"SecAggFedAvg: codec=RandomK(values={codec.values!r}) is not allowed; secure "
+                "aggregation quantizes to fixed point itself, leave values=None"
+            )
         return
-    why = _REFUSED.get(name, "it is not known to be linear (its messages' sum may not be the sum of the updates)")
-    raise ValueError(f"SecAggFedAvg: codec={name} is not allowed under secure aggregation: {why}. "
-                     "Allowed: Identity, RandomK")
+    why = _REFUSED.get(
+        name, "it is not known to be linear (its messages' sum may not be the sum of the updates)"
+    )
+    raise ValueError(
+        f"SecAggFedAvg: codec={name} is not allowed under secure aggregation: {why}. "
+        "Allowed: Identity, RandomK"
+    )
 
 
 def support_size(codec: Codec, n: int) -> int:
@@ -96,11 +102,17 @@ class SecAggUplink(Codec):
         """Weight, quantize and mask the update (``args.config["secagg"]``: the round's setup for this client)."""
         cfg = args.config.get("secagg")
         if cfg is None or args.client_id is None:
-            raise ValueError("SecAggUplink encodes only with the round's secure-aggregation setup in the "
-                             "instruction config: use it through strategy SecAggFedAvg")
+            raise ValueError(
+                "SecAggUplink encodes only with the round's secure-aggregation setup in the "
+                "instruction config: use it through strategy SecAggFedAvg"
+            )
         if cfg["drop"]:
             raise ClientError("dropped out after sharing its keys (simulated secure-aggregation dropout)")
-        x = torch.cat([t.detach().reshape(-1).float() for t in payload.values()]) if payload else torch.zeros(0)
+        x = (
+            torch.cat([t.detach().reshape(-1).float() for t in payload.values()])
+            if payload
+            else torch.zeros(0)
+        )
         idx = support(self.inner, x.numel(), cfg["support_seed"])
         if idx is not None:
             if self.inner.error_feedback:  # type: ignore[attr-defined]

@@ -64,8 +64,9 @@ class ProtocolViolation(ValueError):
 
 def _raw(key: X25519PrivateKey | X25519PublicKey) -> bytes:
     if isinstance(key, X25519PrivateKey):
-        return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -153,9 +154,14 @@ class ClientSecrets:
         """Secrets expanded by HKDF from a simulation's ``key_seed`` and (round, client): every process of a
         simulated run and a resumed run derive the same keys for the same client, so the client halves can run
         wherever the loop runs that client."""
-        raw = _hkdf(key_seed, b"lightning_fed secagg keys" + struct.pack("<II", server_round, client), 3 * _KEY_BYTES)
-        return cls(X25519PrivateKey.from_private_bytes(raw[:32]), X25519PrivateKey.from_private_bytes(raw[32:64]),
-                   raw[64:])
+        raw = _hkdf(
+            key_seed, b"lightning_fed secagg keys" + struct.pack("<II", server_round, client), 3 * _KEY_BYTES
+        )
+        return cls(
+            X25519PrivateKey.from_private_bytes(raw[:32]),
+            X25519PrivateKey.from_private_bytes(raw[32:64]),
+            raw[64:],
+        )
 
 
 def mask_vector(seed: bytes, length: int, bits: int) -> Tensor:
@@ -209,7 +215,11 @@ def _head(data: bytes, kind: int, server_round: int, what: str) -> int:
 # ---------------------------------------------------------------- client halves
 def advertise(secrets: ClientSecrets, server_round: int, client: int) -> bytes:
     """Round 1, client: its two public keys."""
-    return _HEAD.pack(ADVERT, server_round, client) + _raw(secrets.c_key.public_key()) + _raw(secrets.s_key.public_key())
+    return (
+        _HEAD.pack(ADVERT, server_round, client)
+        + _raw(secrets.c_key.public_key())
+        + _raw(secrets.s_key.public_key())
+    )
 
 
 def parse_roster(roster: bytes, server_round: int, client: int) -> dict[int, tuple[bytes, bytes]]:
@@ -232,7 +242,9 @@ def share_keys(secrets: ClientSecrets, params: Params, client: int, roster: byte
     that neighbour (AES-GCM, the header authenticated). Returns ``{neighbour: ciphertext message}``."""
     peers = parse_roster(roster, params.round, client)
     if len(peers) < params.threshold:
-        raise ProtocolViolation(f"client {client}: {len(peers)} neighbours, fewer than the threshold {params.threshold}")
+        raise ProtocolViolation(
+            f"client {client}: {len(peers)} neighbours, fewer than the threshold {params.threshold}"
+        )
     points = [p + 1 for p in sorted(peers)]
     b_shares = shamir.split(secrets.b_seed, params.threshold, points)
     s_shares = shamir.split(_raw(secrets.s_key), params.threshold, points)
@@ -245,8 +257,9 @@ def share_keys(secrets: ClientSecrets, params: Params, client: int, roster: byte
     return out
 
 
-def masked_input(secrets: ClientSecrets, params: Params, client: int, roster: bytes, inbox: dict[int, bytes],
-                 x: Tensor) -> bytes:
+def masked_input(
+    secrets: ClientSecrets, params: Params, client: int, roster: bytes, inbox: dict[int, bytes], x: Tensor
+) -> bytes:
     """Round 3, client: ``x`` (integers, any sign; taken modulo ``2**bits``) plus its self mask and its pairwise
     masks with the neighbours in ``roster`` that sent it shares in round 2 (``inbox``: a neighbour that did not
     dropped out before the masks and masks with nobody)."""
@@ -262,8 +275,14 @@ def masked_input(secrets: ClientSecrets, params: Params, client: int, roster: by
     return _HEAD.pack(MASKED, params.round, client) + pack_ints(y, params.bits)
 
 
-def unmask_response(secrets: ClientSecrets, params: Params, client: int, roster: bytes, inbox: dict[int, bytes],
-                    request: bytes) -> bytes:
+def unmask_response(
+    secrets: ClientSecrets,
+    params: Params,
+    client: int,
+    roster: bytes,
+    inbox: dict[int, bytes],
+    request: bytes,
+) -> bytes:
     """Round 4, client: for each neighbour the server lists, decrypt the share it sent in round 2 and reveal its
     ``b`` share (the neighbour sent its input) or its ``s`` share (it dropped out). A tampered, replayed or
     misaddressed share fails authentication and is refused (:class:`ProtocolViolation`)."""
@@ -276,7 +295,9 @@ def unmask_response(secrets: ClientSecrets, params: Params, client: int, roster:
     for off in range(0, len(body), 5):
         peer, flag = struct.unpack_from("<IB", body, off)
         if peer in asked or peer not in peers or flag not in (_SURVIVED, _DROPPED):
-            raise ProtocolViolation(f"unmask request: client {peer} asked twice, not a neighbour, or bad flag")
+            raise ProtocolViolation(
+                f"unmask request: client {peer} asked twice, not a neighbour, or bad flag"
+            )
         asked[peer] = flag
     out = [_HEAD.pack(RESPONSE, params.round, client)]
     for peer, flag in asked.items():
@@ -288,19 +309,23 @@ def unmask_response(secrets: ClientSecrets, params: Params, client: int, roster:
     return b"".join(out)
 
 
-def open_share(secrets: ClientSecrets, server_round: int, client: int, sender: int, sender_c_pub: bytes,
-               msg: bytes) -> tuple[bytes, bytes]:
+def open_share(
+    secrets: ClientSecrets, server_round: int, client: int, sender: int, sender_c_pub: bytes, msg: bytes
+) -> tuple[bytes, bytes]:
     """Decrypt one share message addressed to ``client``: its ``b`` and ``s`` share values (bytes)."""
     if len(msg) < _PAIR.size:
         raise ProtocolViolation("share: message too short")
     head = msg[: _PAIR.size]
     kind, r, snd, rcv = _PAIR.unpack(head)
     if (kind, r, snd, rcv) != (SHARE, server_round, sender, client):
-        raise ProtocolViolation(f"share from {snd} to {rcv} of round {r} delivered as {sender} -> {client}, round "
-                                f"{server_round}: replayed or misrouted")
+        raise ProtocolViolation(
+            f"share from {snd} to {rcv} of round {r} delivered as {sender} -> {client}, round "
+            f"{server_round}: replayed or misrouted"
+        )
     try:
         plain = _share_cipher(secrets.c_key, sender_c_pub, server_round).decrypt(
-            _nonce(server_round, sender, client), msg[_PAIR.size :], head)
+            _nonce(server_round, sender, client), msg[_PAIR.size :], head
+        )
     except InvalidTag as err:
         raise ProtocolViolation(f"share from client {sender}: authentication failed (tampered)") from err
     return plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :]
@@ -332,7 +357,11 @@ class SecAggServer:
         """Round 1: keep each client's advert; return each client's roster (its neighbours' adverts)."""
         size = _HEAD.size + 2 * _KEY_BYTES
         for client, msg in sorted(messages.items()):
-            if client not in self.graph or len(msg) != size or _head(msg, ADVERT, self.params.round, "advert") != client:
+            if (
+                client not in self.graph
+                or len(msg) != size
+                or _head(msg, ADVERT, self.params.round, "advert") != client
+            ):
                 raise ProtocolViolation(f"advert of client {client} rejected")
             self.adverts[client] = msg
             self._count("up_advertise", len(msg))
@@ -361,7 +390,9 @@ class SecAggServer:
         if _head(msg, MASKED, self.params.round, "masked input") != client:
             raise ProtocolViolation(f"masked input of client {client} names another sender")
         if client in self.masked or client not in self.sent:
-            raise ProtocolViolation(f"masked input of client {client}: repeated, or the client shared no keys")
+            raise ProtocolViolation(
+                f"masked input of client {client}: repeated, or the client shared no keys"
+            )
         y = unpack_ints(msg[_HEAD.size :], self.params.bits, self.params.length)
         self.total = y if self.total is None else (self.total + y) & ((1 << self.params.bits) - 1)
         self.masked.append(client)
@@ -376,8 +407,11 @@ class SecAggServer:
         done = set(self.masked)
         out = {}
         for client in sorted(done):
-            body = b"".join(struct.pack("<IB", p, _SURVIVED if p in done else _DROPPED)
-                            for p in self.graph[client] if p in self.sent)
+            body = b"".join(
+                struct.pack("<IB", p, _SURVIVED if p in done else _DROPPED)
+                for p in self.graph[client]
+                if p in self.sent
+            )
             out[client] = _HEAD.pack(REQUEST, self.params.round, client) + body
             self._count("down_unmask", len(out[client]))
         return out
@@ -400,11 +434,17 @@ class SecAggServer:
                 raise ProtocolViolation(f"unmask response of client {responder}: malformed")
             for off in range(0, len(body), step):
                 peer, flag = struct.unpack_from("<IB", body, off)
-                if responder not in self.graph.get(peer, ()) or flag != (_SURVIVED if peer in done else _DROPPED):
-                    raise ProtocolViolation(f"unmask response of client {responder}: unexpected share of {peer}")
+                if responder not in self.graph.get(peer, ()) or flag != (
+                    _SURVIVED if peer in done else _DROPPED
+                ):
+                    raise ProtocolViolation(
+                        f"unmask response of client {responder}: unexpected share of {peer}"
+                    )
                 got = shares.setdefault((peer, flag), {})
                 if responder + 1 in got:
-                    raise ProtocolViolation(f"unmask response of client {responder}: share of {peer} repeated")
+                    raise ProtocolViolation(
+                        f"unmask response of client {responder}: share of {peer} repeated"
+                    )
                 got[responder + 1] = shamir.from_bytes(body[off + 5 : off + step])
         full = (1 << p.bits) - 1
         total = self.total.clone()  # type: ignore[union-attr]
@@ -414,7 +454,9 @@ class SecAggServer:
         for client in dropped:
             if not any(q in done for q in self.graph[client]):
                 continue  # no survivor masked with it
-            s_key = X25519PrivateKey.from_private_bytes(self._reconstruct(shares, client, _DROPPED, "mask key"))
+            s_key = X25519PrivateKey.from_private_bytes(
+                self._reconstruct(shares, client, _DROPPED, "mask key")
+            )
             for peer in self.graph[client]:
                 if peer in done:
                     s_pub = self.adverts[peer][_HEAD.size + _KEY_BYTES :]
@@ -422,11 +464,15 @@ class SecAggServer:
                     total = (total - m if peer < client else total + m) & full  # what ``peer`` added
         return torch.where(total >= 1 << (p.bits - 1), total - (1 << p.bits), total)
 
-    def _reconstruct(self, shares: dict[tuple[int, int], dict[int, int]], client: int, flag: int, what: str) -> bytes:
+    def _reconstruct(
+        self, shares: dict[tuple[int, int], dict[int, int]], client: int, flag: int, what: str
+    ) -> bytes:
         got = shares.get((client, flag), {})
         if len(got) < self.params.threshold:
-            raise SecAggAborted(f"cannot unmask: the {what} of client {client} has {len(got)} shares from responding "
-                                f"neighbours, the threshold is {self.params.threshold} (too many dropouts)")
+            raise SecAggAborted(
+                f"cannot unmask: the {what} of client {client} has {len(got)} shares from responding "
+                f"neighbours, the threshold is {self.params.threshold} (too many dropouts)"
+            )
         try:
             return shamir.combine(got, self.params.threshold, _KEY_BYTES)
         except ValueError as err:
@@ -434,7 +480,22 @@ class SecAggServer:
 
 
 __all__ = [
-    "GRAPHS", "ClientSecrets", "Params", "ProtocolViolation", "SecAggAborted", "SecAggServer", "advertise",
-    "degree_for", "harary_graph", "mask_vector", "masked_input", "open_share", "pack_ints", "parse_roster",
-    "share_keys", "threshold_for", "unmask_response", "unpack_ints",
+    "GRAPHS",
+    "ClientSecrets",
+    "Params",
+    "ProtocolViolation",
+    "SecAggAborted",
+    "SecAggServer",
+    "advertise",
+    "degree_for",
+    "harary_graph",
+    "mask_vector",
+    "masked_input",
+    "open_share",
+    "pack_ints",
+    "parse_roster",
+    "share_keys",
+    "threshold_for",
+    "unmask_response",
+    "unpack_ints",
 ]

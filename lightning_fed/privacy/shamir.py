@@ -18,13 +18,19 @@ SHARE_BYTES = 66  # ceil(521 / 8): one field element on the wire
 MAX_SECRET_BYTES = 64
 
 
-def split(secret: bytes, threshold: int, points: list[int], rng: random.Random | None = None) -> dict[int, int]:
+def split(
+    secret: bytes, threshold: int, points: list[int], rng: random.Random | None = None
+) -> dict[int, int]:
     """Shares of ``secret`` for the holders at ``points`` (distinct integers in ``[1, p)``); any ``threshold`` of
     them reconstruct it. ``rng``: a seeded source for the coefficients (default: the OS's CSPRNG)."""
     if not 1 <= threshold <= len(points):
-        raise ValueError(f"threshold={threshold} is not allowed; it must be between 1 and the {len(points)} holders")
+        raise ValueError(
+            f"threshold={threshold} is not allowed; it must be between 1 and the {len(points)} holders"
+        )
     if len(secret) > MAX_SECRET_BYTES:
-        raise ValueError(f"a secret of {len(secret)} bytes does not fit the field; at most {MAX_SECRET_BYTES}")
+        raise ValueError(
+            f"a secret of {len(secret)} bytes does not fit the field; at most {MAX_SECRET_BYTES}"
+        )
     if len(set(points)) != len(points) or not all(0 < x < PRIME for x in points):
         raise ValueError("share points must be distinct and in [1, p)")
     draw = rng.randrange if rng is not None else _secrets.randbelow
@@ -41,7 +47,9 @@ def split(secret: bytes, threshold: int, points: list[int], rng: random.Random |
 def combine(shares: dict[int, int], threshold: int, length: int) -> bytes:
     """The ``length``-byte secret from at least ``threshold`` shares (``{x: y}``); ``ValueError`` with fewer."""
     if len(shares) < threshold:
-        raise ValueError(f"{len(shares)} shares cannot reconstruct a secret shared with threshold {threshold}")
+        raise ValueError(
+            f"{len(shares)} shares cannot reconstruct a secret shared with threshold {threshold}"
+        )
     pts = sorted(shares.items())[:threshold]
     secret = 0
     for i, (xi, yi) in enumerate(pts):

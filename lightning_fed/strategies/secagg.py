@@ -60,7 +60,12 @@ from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
 OWNER = "SecAggFedAvg"
-_GRAPH, _DROP, _LATE, _SUPPORT = 0x5347, 0x5344, 0x534C, 0x5353  # stream tags of the server's public randomness
+_GRAPH, _DROP, _LATE, _SUPPORT = (
+    0x5347,
+    0x5344,
+    0x534C,
+    0x5353,
+)  # stream tags of the server's public randomness
 _HEAD = 9  # kind, round, client of a masked input
 
 
@@ -108,24 +113,58 @@ class SecAggFedAvg(FedAvg):
         aggregator: only :class:`WeightedMean` (a robust rule needs the individual updates the server never sees).
     """
 
-    def __init__(self, *, bits: int = 32, frac_bits: int = 16, clip: float = 4.0, weight_cap: int = 1000,
-                 graph: str = "sparse", degree_factor: float = 1.5, threshold_ratio: float = 0.5,
-                 dropout: float = 0.0, late_dropout: float = 0.0, seed: int = 0, key_seed: int = 0,
-                 server_lr: float = 1.0, server_optimizer: ServerOptimizer | None = None,
-                 aggregator: Aggregator | None = None) -> None:
-        need(OWNER, isinstance(bits, int) and bits % 8 == 0 and 16 <= bits <= 56, "bits", bits,
-             "a multiple of 8 from 16 to 56")
-        need(OWNER, isinstance(frac_bits, int) and 0 <= frac_bits < bits - 1, "frac_bits", frac_bits,
-             f"an integer in [0, bits - 1 = {bits - 1})")
+    def __init__(
+        self,
+        *,
+        bits: int = 32,
+        frac_bits: int = 16,
+        clip: float = 4.0,
+        weight_cap: int = 1000,
+        graph: str = "sparse",
+        degree_factor: float = 1.5,
+        threshold_ratio: float = 0.5,
+        dropout: float = 0.0,
+        late_dropout: float = 0.0,
+        seed: int = 0,
+        key_seed: int = 0,
+        server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
+        aggregator: Aggregator | None = None,
+    ) -> None:
+        need(
+            OWNER,
+            isinstance(bits, int) and bits % 8 == 0 and 16 <= bits <= 56,
+            "bits",
+            bits,
+            "a multiple of 8 from 16 to 56",
+        )
+        need(
+            OWNER,
+            isinstance(frac_bits, int) and 0 <= frac_bits < bits - 1,
+            "frac_bits",
+            frac_bits,
+            f"an integer in [0, bits - 1 = {bits - 1})",
+        )
         need(OWNER, clip > 0, "clip", clip, "> 0")
-        need(OWNER, isinstance(weight_cap, int) and weight_cap >= 1, "weight_cap", weight_cap, "an integer >= 1")
+        need(
+            OWNER,
+            isinstance(weight_cap, int) and weight_cap >= 1,
+            "weight_cap",
+            weight_cap,
+            "an integer >= 1",
+        )
         need(OWNER, graph in GRAPHS, "graph", graph, f"one of {GRAPHS}")
         need(OWNER, degree_factor > 0, "degree_factor", degree_factor, "> 0")
         need(OWNER, 0.5 <= threshold_ratio <= 1, "threshold_ratio", threshold_ratio, "in [0.5, 1]")
         need(OWNER, 0 <= dropout < 1, "dropout", dropout, "in [0, 1)")
         need(OWNER, 0 <= late_dropout < 1, "late_dropout", late_dropout, "in [0, 1)")
-        need(OWNER, aggregator is None or type(aggregator) is WeightedMean, "aggregator", aggregator,
-             "None or WeightedMean (the server sees only the sum, so no robust rule can run)")
+        need(
+            OWNER,
+            aggregator is None or type(aggregator) is WeightedMean,
+            "aggregator",
+            aggregator,
+            "None or WeightedMean (the server sees only the sum, so no robust rule can run)",
+        )
         super().__init__(server_lr=server_lr, server_optimizer=server_optimizer, aggregator=aggregator)
         self.bits, self.frac_bits, self.clip, self.weight_cap = bits, frac_bits, float(clip), weight_cap
         self.graph, self.degree_factor, self.threshold_ratio = graph, degree_factor, threshold_ratio
@@ -150,11 +189,15 @@ class SecAggFedAvg(FedAvg):
         """The global weights, and in each config the client's secure-aggregation setup (protocol rounds 1-2)."""
         n = len(clients)
         if n * self.clip * 2.0**self.frac_bits >= 2.0 ** (self.bits - 1):
-            raise ValueError(f"{OWNER}: {n} clients with clip={self.clip} and frac_bits={self.frac_bits} can "
-                             f"overflow bits={self.bits}; lower clip or frac_bits, or raise bits")
+            raise ValueError(
+                f"{OWNER}: {n} clients with clip={self.clip} and frac_bits={self.frac_bits} can "
+                f"overflow bits={self.bits}; lower clip or frac_bits, or raise bits"
+            )
         degree = degree_for(n, self.graph, self.degree_factor)
         params = Params(server_round, self.bits, self._length(), threshold_for(degree, self.threshold_ratio))
-        server = SecAggServer(params, harary_graph(clients, degree, derive_seed(self.seed, _GRAPH, server_round)))
+        server = SecAggServer(
+            params, harary_graph(clients, degree, derive_seed(self.seed, _GRAPH, server_round))
+        )
         t_client = time.perf_counter()
         secrets = {c: ClientSecrets.derive(self.key_bytes, server_round, c) for c in clients}
         adverts = {c: advertise(secrets[c], server_round, c) for c in clients}
@@ -170,9 +213,20 @@ class SecAggFedAvg(FedAvg):
         t_server += time.perf_counter() - t
         drop = set(_pick(clients, self.dropout, derive_seed(self.seed, _DROP, server_round)))
         support_seed = derive_seed(self.seed, _SUPPORT, server_round) & 0xFFFFFFFF
-        setups = {c: {"drop": c in drop, "roster": rosters[c], "inbox": inboxes[c], "bits": self.bits,
-                      "frac_bits": self.frac_bits, "clip": self.clip, "weight_cap": self.weight_cap,
-                      "threshold": params.threshold, "support_seed": support_seed} for c in clients}
+        setups = {
+            c: {
+                "drop": c in drop,
+                "roster": rosters[c],
+                "inbox": inboxes[c],
+                "bits": self.bits,
+                "frac_bits": self.frac_bits,
+                "clip": self.clip,
+                "weight_cap": self.weight_cap,
+                "threshold": params.threshold,
+                "support_seed": support_seed,
+            }
+            for c in clients
+        }
         self._round = (server_round, server, setups, {"client_s": t_client, "server_s": t_server})
         payload = self.global_payload()
         return [Instruction(c, payload, {"secagg": setups[c]}) for c in clients]
@@ -198,7 +252,9 @@ class SecAggFedAvg(FedAvg):
             try:
                 server.receive_masked(r.client_id, r.payload["masked"].numpy().tobytes())
             except ProtocolViolation as err:  # the sender is treated as a dropout
-                log.warning("round %d: masked input of client %d refused: %s", server_round + 1, r.client_id, err)
+                log.warning(
+                    "round %d: masked input of client %d refused: %s", server_round + 1, r.client_id, err
+                )
         requests = server.unmask_requests()
         secs["server_s"] += time.perf_counter() - t
         late = set(_pick(sorted(requests), self.late_dropout, derive_seed(self.seed, _LATE, server_round)))
@@ -231,11 +287,18 @@ class SecAggFedAvg(FedAvg):
         n = len(setups)
         up = b.get("up_advertise", 0) + b.get("up_share", 0) + b.get("up_masked", 0) + b.get("up_unmask", 0)
         down = b.get("down_advertise", 0) + b.get("down_share", 0) + b.get("down_unmask", 0)
-        return {"update_norm": flat_norm(update), "secagg_dropped": float(len(server.dropped())),
-                "secagg_late": float(len(late)), "secagg_bytes_up": float(up), "secagg_bytes_down": float(down),
-                "secagg_bytes_per_client": (up + down) / n, "secagg_masked_bytes": float(b.get("up_masked", 0)),
-                "secagg_server_s": secs["server_s"], "secagg_client_s": secs["client_s"] / n,
-                "secagg_total_weight": float(count)}
+        return {
+            "update_norm": flat_norm(update),
+            "secagg_dropped": float(len(server.dropped())),
+            "secagg_late": float(len(late)),
+            "secagg_bytes_up": float(up),
+            "secagg_bytes_down": float(down),
+            "secagg_bytes_per_client": (up + down) / n,
+            "secagg_masked_bytes": float(b.get("up_masked", 0)),
+            "secagg_server_s": secs["server_s"],
+            "secagg_client_s": secs["client_s"] / n,
+            "secagg_total_weight": float(count),
+        }
 
 
 def _pick(items: list[int], fraction: float, seed: int) -> list[int]:
