@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_fed.codecs import Identity
 from lightning_fed.codecs.base import EncodeArgs
-from lightning_fed.errors import ClientError
+from lightning_fed.errors import AggregationRefused, ClientError
 from lightning_fed.privacy import secagg as sa
 from lightning_fed.protocol import Reply
 from lightning_fed.strategies import FedAvg, SecAggFedAvg
@@ -54,11 +54,13 @@ def _updates(n: int, length: int, seed: int = 0) -> tuple[dict[int, dict], dict[
     return deltas, counts
 
 
-def secure_round(n: int, length: int, graph: str, dropout: float) -> dict[str, float]:
+def secure_round(n: int, length: int, graph: str, dropout: float, factor: float = 1.5) -> dict[str, float]:
     """One SecAggFedAvg round by hand (setup, each client's masked encoding, aggregation), timed per side."""
     model = _model(length)
     deltas, counts = _updates(n, length)
-    s = SecAggFedAvg(frac_bits=FRAC, weight_cap=CAP, clip=CLIP, graph=graph, dropout=dropout)
+    s = SecAggFedAvg(
+        frac_bits=FRAC, weight_cap=CAP, clip=CLIP, graph=graph, dropout=dropout, degree_factor=factor
+    )
     s.setup(model)
     before = s.global_flat.clone()
     uplink = s.client_callbacks()[0].wrap_uplink(Identity())
@@ -70,7 +72,9 @@ def secure_round(n: int, length: int, graph: str, dropout: float) -> dict[str, f
         c = ins.client_id
         t = time.perf_counter()
         try:
-            msg = uplink.encode(deltas[c], {}, EncodeArgs(client_id=c, num_examples=counts[c], config=ins.config))
+            msg = uplink.encode(
+                deltas[c], {}, EncodeArgs(client_id=c, num_examples=counts[c], config=ins.config)
+            )
         except ClientError:
             continue
         encode_s += time.perf_counter() - t
@@ -83,14 +87,20 @@ def secure_round(n: int, length: int, graph: str, dropout: float) -> dict[str, f
     plain.aggregate(0, [Reply(r.client_id, deltas[r.client_id], counts[r.client_id]) for r in replies])
     err = float((secure_step - (plain.global_flat - p0)).abs().max())
     total = sum(counts[r.client_id] for r in replies)
-    return {**m, "setup_s": setup_s, "encode_s": encode_s, "survivors": len(replies), "err": err,
-            "bound": 0.5 * 2.0**-FRAC * CAP * len(replies) / total}
+    return {
+        **m,
+        "setup_s": setup_s,
+        "encode_s": encode_s,
+        "survivors": len(replies),
+        "err": err,
+        "bound": 0.5 * 2.0**-FRAC * CAP * len(replies) / total,
+    }
 
 
-def integer_sum_exact(n: int, length: int, graph: str, dropout: float) -> bool:
+def integer_sum_exact(n: int, length: int, graph: str, dropout: float, factor: float = 1.5) -> bool:
     """The protocol alone on random fixed-point integers: the unmasked sum equals the plain sum exactly."""
     clients = list(range(n))
-    k = sa.degree_for(n, graph)
+    k = sa.degree_for(n, graph, factor)
     p = sa.Params(round=0, bits=32, length=length, threshold=sa.threshold_for(k, 0.5))
     server = sa.SecAggServer(p, sa.harary_graph(clients, k, 1))
     sec = {c: sa.ClientSecrets.derive(b"bench" * 7, 0, c) for c in clients}
@@ -103,7 +113,9 @@ def integer_sum_exact(n: int, length: int, graph: str, dropout: float) -> bool:
         if c not in drop:
             server.receive_masked(c, sa.masked_input(sec[c], p, c, rosters[c], inboxes[c], xs[c]))
     req = server.unmask_requests()
-    got = server.unmask({c: sa.unmask_response(sec[c], p, c, rosters[c], inboxes[c], r) for c, r in req.items()})
+    got = server.unmask(
+        {c: sa.unmask_response(sec[c], p, c, rosters[c], inboxes[c], r) for c, r in req.items()}
+    )
     return bool(torch.equal(got, sum(xs[c] for c in clients if c not in drop)))
 
 
@@ -118,7 +130,20 @@ def plain_cost(n: int, length: int) -> tuple[float, float, float]:
     s = FedAvg()
     s.setup(model)
     t = time.perf_counter()
-    s.aggregate(0, [Reply(c, codec.decode(msgs[c], {}, ), counts[c]) for c in range(n)])
+    s.aggregate(
+        0,
+        [
+            Reply(
+                c,
+                codec.decode(
+                    msgs[c],
+                    {},
+                ),
+                counts[c],
+            )
+            for c in range(n)
+        ],
+    )
     return float(len(msgs[0])), enc, time.perf_counter() - t
 
 
@@ -139,8 +164,15 @@ def complete_client_sample(n: int, length: int, sample: int) -> tuple[float, flo
         # up: advert, shares, masked input, one b-share answer per neighbour; down: roster, shares, request
         answer = 9 + (n - 1) * (5 + 66)
         request = 9 + 5 * (n - 1)
-        total_b += 73 + sum(map(len, out.values())) + len(masked) + answer + len(rosters[c]) + \
-            sum(map(len, out.values())) + request
+        total_b += (
+            73
+            + sum(map(len, out.values()))
+            + len(masked)
+            + answer
+            + len(rosters[c])
+            + sum(map(len, out.values()))
+            + request
+        )
     return total_b / sample, total_s / sample
 
 
@@ -156,40 +188,93 @@ def main() -> None:
     torch.set_num_threads(1)
     exact_n = 30 if args.quick else 100
     exact_len = 500 if args.quick else 1_000
-    table = Table(title=f"Secure aggregation exactness ({exact_n} clients, {exact_len} entries, 32-bit field, "
-                        f"{FRAC} fraction bits)")
-    for col in ("graph", "dropout", "survivors", "integer sum == plain", "max |secure - plain| step", "bound", "ok"):
+    table = Table(
+        title=f"Secure aggregation exactness ({exact_n} clients, {exact_len} entries, 32-bit field, "
+        f"{FRAC} fraction bits)"
+    )
+    for col in (
+        "graph",
+        "degree",
+        "dropout",
+        "survivors",
+        "integer sum == plain",
+        "max |secure - plain| step",
+        "bound",
+        "ok",
+    ):
         table.add_column(col)
-    for graph in ("sparse", "complete"):
+    for graph, factor in (("sparse", 1.5), ("sparse", 4.0), ("complete", 1.5)):
         for dropout in (0.0, 0.1, 0.3):
-            r = secure_round(exact_n, exact_len, graph, dropout)
-            same = integer_sum_exact(exact_n, exact_len, graph, dropout)
-            table.add_row(graph, f"{dropout:.0%}", str(r["survivors"]), str(same), f"{r['err']:.2e}",
-                          f"{r['bound']:.2e}", "yes" if same and r["err"] <= r["bound"] else "NO")
+            name = f"{graph} (factor {factor})" if graph == "sparse" else graph
+            try:
+                r = secure_round(exact_n, exact_len, graph, dropout, factor)
+                same = integer_sum_exact(exact_n, exact_len, graph, dropout, factor)
+            except AggregationRefused as err:
+                table.add_row(
+                    name,
+                    str(sa.degree_for(exact_n, graph, factor)),
+                    f"{dropout:.0%}",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"refused: {str(err)[:60]}",
+                )
+                continue
+            table.add_row(
+                name,
+                str(sa.degree_for(exact_n, graph, factor)),
+                f"{dropout:.0%}",
+                str(r["survivors"]),
+                str(same),
+                f"{r['err']:.2e}",
+                f"{r['bound']:.2e}",
+                "yes" if same and r["err"] <= r["bound"] else "NO",
+            )
     console.print(table)
 
     sizes = (10, 100) if args.quick else (10, 100, 1000)
-    cost = Table(title="Secure aggregation cost per round (bytes per client beyond the model download: plain = its update up; secure = up + down over the four protocol rounds)")
+    cost = Table(
+        title="Secure aggregation cost per round (bytes per client beyond the model download: plain = its "
+        "update up; secure = up + down over the four protocol rounds)"
+    )
     for col in ("clients", "entries", "method", "degree", "KB / client", "x plain", "client s", "server s"):
         cost.add_column(col, justify="right")
     for n in sizes:
         length = args.length_1000 if n >= 1000 else (2_000 if args.quick else args.length)
         up, enc, agg = plain_cost(n, length)
-        cost.add_row(str(n), f"{length:,}", "FedAvg (plain)", "-", f"{up / 1e3:.1f}", "1.0", f"{enc:.5f}",
-                     f"{agg:.4f}")
-        for graph in ("sparse", "complete"):
-            k = sa.degree_for(n, graph)
+        cost.add_row(
+            str(n), f"{length:,}", "FedAvg (plain)", "-", f"{up / 1e3:.1f}", "1.0", f"{enc:.5f}", f"{agg:.4f}"
+        )
+        for graph, factor in (("sparse", 1.5), ("sparse", 4.0), ("complete", 1.5)):
+            k = sa.degree_for(n, graph, factor)
             if graph == "complete" and n >= 1000:
                 per_b, per_s = complete_client_sample(n, length, args.complete_sample)
-                cost.add_row(str(n), f"{length:,}", "SecAgg (complete)", str(k), f"{per_b / 1e3:.1f}",
-                             f"{per_b / up:.1f}", f"{per_s:.4f}", "n/a")
+                cost.add_row(
+                    str(n),
+                    f"{length:,}",
+                    "SecAgg (complete)",
+                    str(k),
+                    f"{per_b / 1e3:.1f}",
+                    f"{per_b / up:.1f}",
+                    f"{per_s:.4f}",
+                    "n/a",
+                )
                 continue
-            r = secure_round(n, length, graph, 0.0)
+            r = secure_round(n, length, graph, 0.0, factor)
             per_b = r["secagg_bytes_per_client"]
             per_s = r["secagg_client_s"] + r["encode_s"] / r["survivors"]
-            name = "SecAgg+ (sparse)" if graph == "sparse" else "SecAgg (complete)"
-            cost.add_row(str(n), f"{length:,}", name, str(k), f"{per_b / 1e3:.1f}", f"{per_b / up:.1f}",
-                         f"{per_s:.4f}", f"{r['secagg_server_s']:.3f}")
+            name = f"SecAgg+ (sparse, factor {factor})" if graph == "sparse" else "SecAgg (complete)"
+            cost.add_row(
+                str(n),
+                f"{length:,}",
+                name,
+                str(k),
+                f"{per_b / 1e3:.1f}",
+                f"{per_b / up:.1f}",
+                f"{per_s:.4f}",
+                f"{r['secagg_server_s']:.3f}",
+            )
     console.print(cost)
 
 
