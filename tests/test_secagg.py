@@ -12,6 +12,7 @@ from lightning_fed.codecs import QSGD, Identity, PowerSGD, RandomK, Sign, TimeCo
 from lightning_fed.codecs.base import EncodeArgs
 from lightning_fed.codecs.secagg import SecAggUplink
 from lightning_fed.errors import AggregationRefused, ClientError, RoundsFailed
+from lightning_fed.flat import FlatSpec
 from lightning_fed.privacy import secagg as sa
 from lightning_fed.privacy import shamir
 from lightning_fed.protocol import Reply
@@ -180,13 +181,18 @@ def test_a_request_for_both_secrets_of_a_client_is_refused():
         (Sign(), "not additive"),
         (QSGD(), "not additive"),
         (PowerSGD(), "low-rank"),
-        (TimeCorrelatedTopK(), "private indices"),
     ],
 )
 def test_nonlinear_codec_is_refused_at_construction(make_loop, codec, why):
     with pytest.raises(ValueError, match=f"codec={type(codec).__name__} is not allowed .*{why}"):
         make_loop(strategy=SecAggFedAvg(), codec=codec)
     make_loop(strategy=SecAggFedAvg(), codec=RandomK(0.1))  # linear ones pass
+    make_loop(strategy=SecAggFedAvg(), codec=TimeCorrelatedTopK())
+
+
+def test_value_codecs_inside_linear_codecs_are_refused(make_loop):
+    with pytest.raises(ValueError, match=r"codec=RandomK\(values=.*leave values=None"):
+        make_loop(strategy=SecAggFedAvg(), codec=RandomK(0.1, values=Sign()))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +225,11 @@ def _round(strategy, codec, deltas, counts, server_round=0):
     replies = []
     for ins in instructions:
         args = EncodeArgs(
-            round=server_round, client_id=ins.client_id, num_examples=counts[ins.client_id], config=ins.config
+            round=server_round,
+            client_id=ins.client_id,
+            num_examples=counts[ins.client_id],
+            config=ins.config,
+            broadcast=uplink.broadcast(server_round),
         )
         try:
             msg = uplink.encode(deltas[ins.client_id], {}, args)
@@ -302,3 +312,35 @@ def test_loop_stops_when_unmasking_keeps_failing(make_loop, small_dm):
 def test_uplink_refuses_to_encode_without_the_setup():
     with pytest.raises(ValueError, match="SecAggFedAvg"):
         SecAggUplink(Identity(), KEY).encode({"w": torch.zeros(3)}, {}, EncodeArgs(client_id=0))
+
+
+def _codec_flat(strategy):
+    """The global weights in the codec layout (entries sorted by name), where codec positions live."""
+    payload = strategy.global_payload()
+    return FlatSpec.from_floats(payload)[0].flatten(payload)
+
+
+def test_secagg_with_tcs_sends_the_shared_mask_and_shared_exploration():
+    model = _model()
+    n = sum(v.numel() for v in model.state_dict().values())
+    g = torch.Generator().manual_seed(1)
+    deltas = {
+        c: {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()} for c in range(4)
+    }
+    counts = dict.fromkeys(range(4), 5)
+    tcs = TimeCorrelatedTopK(ratio=0.1, mask_ratio=0.2, error_feedback=False)
+    s = SecAggFedAvg(weight_cap=5)
+    s.setup(model)
+    before = _codec_flat(s)
+    _round(s, tcs, deltas, counts, server_round=0)  # no mask yet: only the shared exploration
+    first = (_codec_flat(s) - before).nonzero().flatten()
+    assert len(first) == round(0.1 * n)
+    assert set(tcs.mask.tolist()) == set(first.tolist())  # the next mask: the top of the unmasked mean
+    mask = tcs.mask.clone()
+    before = _codec_flat(s)
+    _round(s, tcs, deltas, counts, server_round=1)
+    moved = _codec_flat(s) - before
+    second = set(moved.nonzero().flatten().tolist())
+    assert set(mask.tolist()) <= second and len(second) == len(mask) + round(0.1 * n)
+    mean = sum(FlatSpec.from_floats(d)[0].flatten(d) for d in deltas.values()) / 4
+    assert torch.allclose(moved[mask], mean[mask], atol=1e-4)  # the mask's entries are the plain mean there

@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from lightning_fed.codecs.base import Codec, Identity
-from lightning_fed.codecs.secagg import SecAggUplink, check_linear, support, support_size
+from lightning_fed.codecs.secagg import SecAggUplink, check_linear, support
 from lightning_fed.errors import AggregationRefused
+from lightning_fed.flat import FlatSpec
 from lightning_fed.privacy.secagg import (
     GRAPHS,
     ClientSecrets,
@@ -171,7 +173,10 @@ class SecAggFedAvg(FedAvg):
         self.dropout, self.late_dropout, self.seed = dropout, late_dropout, seed
         self.key_bytes = int(key_seed).to_bytes(32, "little", signed=True)
         self.inner: Codec = Identity()
-        self._round: tuple[int, SecAggServer, dict[int, dict[str, Any]], dict[str, float]] | None = None
+        self._round: (
+            tuple[int, SecAggServer, dict[int, dict[str, Any]], Tensor | None, dict[str, float]] | None
+        )
+        self._round = None
 
     def check_codec(self, codec: Codec) -> None:
         """``ValueError`` naming why unless ``codec`` is linear (FedLoop asks at construction)."""
@@ -180,10 +185,6 @@ class SecAggFedAvg(FedAvg):
     def client_callbacks(self) -> list[Callback]:
         """The hook that masks the uplink."""
         return [_Wrap(self)]
-
-    def _length(self) -> int:
-        spec, _ = self._require_setup()
-        return support_size(self.inner, spec.numel) + 1  # the sent coordinates and the capped count
 
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """The global weights, and in each config the client's secure-aggregation setup (protocol rounds 1-2)."""
@@ -194,7 +195,11 @@ class SecAggFedAvg(FedAvg):
                 f"overflow bits={self.bits}; lower clip or frac_bits, or raise bits"
             )
         degree = degree_for(n, self.graph, self.degree_factor)
-        params = Params(server_round, self.bits, self._length(), threshold_for(degree, self.threshold_ratio))
+        spec, _ = self._require_setup()
+        support_seed = derive_seed(self.seed, _SUPPORT, server_round) & 0xFFFFFFFF
+        idx = support(self.inner, spec.numel, support_seed, self.inner.broadcast(server_round))
+        length = (spec.numel if idx is None else idx.numel()) + 1  # the sent coordinates and the capped count
+        params = Params(server_round, self.bits, length, threshold_for(degree, self.threshold_ratio))
         server = SecAggServer(
             params, harary_graph(clients, degree, derive_seed(self.seed, _GRAPH, server_round))
         )
@@ -212,7 +217,6 @@ class SecAggFedAvg(FedAvg):
         inboxes = server.route_shares(outboxes)
         t_server += time.perf_counter() - t
         drop = set(_pick(clients, self.dropout, derive_seed(self.seed, _DROP, server_round)))
-        support_seed = derive_seed(self.seed, _SUPPORT, server_round) & 0xFFFFFFFF
         setups = {
             c: {
                 "drop": c in drop,
@@ -227,13 +231,15 @@ class SecAggFedAvg(FedAvg):
             }
             for c in clients
         }
-        self._round = (server_round, server, setups, {"client_s": t_client, "server_s": t_server})
+        self._round = (server_round, server, setups, idx, {"client_s": t_client, "server_s": t_server})
         payload = self.global_payload()
         return [Instruction(c, payload, {"secagg": setups[c]}) for c in clients]
 
     def reply_spec(self, instruction: Instruction) -> PayloadSpec:
-        """One ``uint8`` entry: the masked input's bytes."""
-        return {"masked": TensorSpec((_HEAD + self.bits // 8 * self._length(),), torch.uint8)}
+        """One ``uint8`` entry: the masked input's bytes (their number is the round's)."""
+        if self._round is None:
+            raise RuntimeError(f"{OWNER}: reply_spec outside a configured round")
+        return {"masked": TensorSpec((_HEAD + self.bits // 8 * self._round[1].params.length,), torch.uint8)}
 
     def begin_fold(self, server_round: int, total_examples: int) -> MeanFold | None:
         """No fold: only the sum of every masked input means anything."""
@@ -244,7 +250,7 @@ class SecAggFedAvg(FedAvg):
         :class:`AggregationRefused` when unmasking is impossible (too many dropouts)."""
         if self._round is None or self._round[0] != server_round:
             raise RuntimeError(f"{OWNER}: aggregate for round {server_round + 1} without its configure_round")
-        _, server, setups, secs = self._round
+        _, server, setups, idx, secs = self._round
         self._round = None
         spec, flat = self._require_setup()
         t = time.perf_counter()
@@ -275,13 +281,17 @@ class SecAggFedAvg(FedAvg):
         if count <= 0:
             raise AggregationRefused(f"the unmasked total weight is {count}")
         mean = (total[:-1].double() * (self.weight_cap / count / 2.0**self.frac_bits)).float()
-        update = torch.zeros_like(flat)
-        idx = support(self.inner, spec.numel, setups[server.masked[0]]["support_seed"])
+        layout = FlatSpec.from_floats(self.global_payload())[0]  # the codec layout the clients flatten with
+        sent = torch.zeros(layout.numel)
         if idx is None:
-            update.copy_(mean)
+            sent.copy_(mean)
         else:
-            update[idx] = mean
+            sent[idx] = mean
+        update = spec.flatten(layout.unflatten(sent), self._tmp)  # back to the strategy's layout
         self.server_optimizer.step(flat, update)
+        self.inner.accept(
+            server_round, [layout.unflatten(sent)]
+        )  # e.g. TCS's next mask, from the unmasked mean
         secs["server_s"] += time.perf_counter() - t
         b = server.bytes
         n = len(setups)
