@@ -94,7 +94,8 @@ class SecAggUplink(Codec):
     Built by :class:`~lightning_fed.strategies.SecAggFedAvg` around the run's ``codec``, not by hand.
 
     Args:
-        inner: the linear codec (``Identity`` or ``RandomK``); others are refused (:func:`check_linear`).
+        inner: the linear codec (``Identity``, ``RandomK``, ``TimeCorrelatedTopK``); others are refused
+            (:func:`check_linear`).
         key_seed: the simulated clients' secret (see :meth:`ClientSecrets.derive`); the server half never reads it.
     """
 

@@ -31,6 +31,7 @@ the server could substitute keys (an active attack), which the protocol here doe
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -145,8 +146,6 @@ class ClientSecrets:
     @classmethod
     def generate(cls) -> ClientSecrets:
         """Fresh secrets from the operating system's CSPRNG (a real client)."""
-        import os
-
         return cls(X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(_KEY_BYTES))
 
     @classmethod

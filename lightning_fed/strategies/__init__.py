@@ -19,8 +19,8 @@ from lightning_fed.strategies.robust import (
     TrimmedMean,
     WeakDP,
 )
-from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
+from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.server_adaptive import (
     AdaptiveServerOptimizer,
     ServerAdagrad,
@@ -50,8 +50,8 @@ __all__ = [
     "NormBound",
     "RobustAggregator",
     "Scaffold",
-    "SecAggFedAvg",
     "ScaffoldClient",
+    "SecAggFedAvg",
     "ServerAdagrad",
     "ServerAdam",
     "ServerMomentum",
