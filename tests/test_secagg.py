@@ -344,3 +344,24 @@ def test_secagg_with_tcs_sends_the_shared_mask_and_shared_exploration():
     assert set(mask.tolist()) <= second and len(second) == len(mask) + round(0.1 * n)
     mean = sum(FlatSpec.from_floats(d)[0].flatten(d) for d in deltas.values()) / 4
     assert torch.allclose(moved[mask], mean[mask], atol=1e-4)  # the mask's entries are the plain mean there
+
+
+def test_replayed_masked_input_in_the_loop_counts_as_a_dropout():
+    model = _model()
+    deltas = {c: {k: torch.full(v.shape, float(c)) for k, v in model.state_dict().items()} for c in range(6)}
+    counts = dict.fromkeys(range(6), 10)
+    s = SecAggFedAvg(weight_cap=10, clip=16.0)
+    s.setup(model)
+    _, old = _round(s, Identity(), deltas, counts, server_round=0)
+    uplink = s.client_callbacks()[0].wrap_uplink(Identity())
+    instructions = s.configure_round(1, list(range(6)))
+    replies = [old[0]]  # client 0's masked input of round 0, replayed
+    for ins in instructions[1:]:
+        args = EncodeArgs(round=1, client_id=ins.client_id, num_examples=10, config=ins.config)
+        replies.append(
+            Reply(ins.client_id, uplink.decode(uplink.encode(deltas[ins.client_id], {}, args), {}), 10)
+        )
+    before = s.global_flat.clone()
+    metrics = s.aggregate(1, replies)
+    assert metrics["secagg_dropped"] == 1 and metrics["secagg_total_weight"] == 50
+    assert torch.allclose(s.global_flat - before, torch.full_like(before, 3.0), atol=1e-4)  # mean of 1..5
