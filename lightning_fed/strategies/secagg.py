@@ -289,9 +289,8 @@ class SecAggFedAvg(FedAvg):
             sent[idx] = mean
         update = spec.flatten(layout.unflatten(sent), self._tmp)  # back to the strategy's layout
         self.server_optimizer.step(flat, update)
-        self.inner.accept(
-            server_round, [layout.unflatten(sent)]
-        )  # e.g. TCS's next mask, from the unmasked mean
+        # the inner codec adapts to the unmasked mean, as to one reply (TCS's next mask)
+        self.inner.accept(server_round, [layout.unflatten(sent)])
         secs["server_s"] += time.perf_counter() - t
         b = server.bytes
         n = len(setups)
