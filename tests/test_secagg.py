@@ -365,3 +365,16 @@ def test_replayed_masked_input_in_the_loop_counts_as_a_dropout():
     metrics = s.aggregate(1, replies)
     assert metrics["secagg_dropped"] == 1 and metrics["secagg_total_weight"] == 50
     assert torch.allclose(s.global_flat - before, torch.full_like(before, 3.0), atol=1e-4)  # mean of 1..5
+
+
+def test_a_round_of_one_client_or_one_that_can_overflow_is_refused():
+    s = SecAggFedAvg()
+    s.setup(_model())
+    with pytest.raises(ValueError, match="clients_per_round must be >= 2"):
+        s.configure_round(0, [3])
+    s = SecAggFedAvg(clip=20000.0)
+    s.setup(_model())
+    with pytest.raises(
+        ValueError, match=r"2 clients with clip=20000.0 and frac_bits=16 can overflow bits=32"
+    ):
+        s.configure_round(0, [0, 1])

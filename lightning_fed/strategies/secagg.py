@@ -189,6 +189,11 @@ class SecAggFedAvg(FedAvg):
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """The global weights, and in each config the client's secure-aggregation setup (protocol rounds 1-2)."""
         n = len(clients)
+        if n < 2:
+            raise ValueError(
+                f"{OWNER}: a round of {n} client cannot be aggregated securely; clients_per_round must "
+                "be >= 2 (the sum of one update is that update)"
+            )
         if n * self.clip * 2.0**self.frac_bits >= 2.0 ** (self.bits - 1):
             raise ValueError(
                 f"{OWNER}: {n} clients with clip={self.clip} and frac_bits={self.frac_bits} can "
