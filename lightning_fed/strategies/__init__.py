@@ -20,6 +20,7 @@ from lightning_fed.strategies.robust import (
     WeakDP,
 )
 from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
+from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.server_adaptive import (
     AdaptiveServerOptimizer,
     ServerAdagrad,
@@ -50,6 +51,7 @@ __all__ = [
     "RobustAggregator",
     "Scaffold",
     "ScaffoldClient",
+    "SecAggFedAvg",
     "ServerAdagrad",
     "ServerAdam",
     "ServerMomentum",
