@@ -279,3 +279,38 @@ def test_personal_evaluation_leaves_training_unchanged(make_loop, small_dm):
     )
     plain.fit(_model(), small_dm)
     assert torch.equal(with_eval.strategy.global_flat, plain.strategy.global_flat)
+
+
+@pytest.mark.parametrize("recipe", ["fedmd_nfdp", "fedgkt", "ddist"])
+def test_distillation_recipes_report_their_own_models(recipe, tmp_path):
+    from pathlib import Path
+
+    from lightning_fed.cli import run
+
+    path = Path(__file__).parents[1] / "recipes" / "mnist1d" / f"{recipe}.yaml"
+    res = run(
+        [
+            "fit",
+            "--config",
+            str(path),
+            "--loop.rounds",
+            "1",
+            "--loop.local_epochs",
+            "1",
+            "--loop.verbose",
+            "false",
+            "--loop.plot",
+            "false",
+            "--loop.checkpoint_every",
+            "0",
+            "--loop.output_dir",
+            str(tmp_path),
+            "--loop.personal_eval",
+            "lightning_fed.PersonalEval",
+        ]
+    )
+    last = res.history[-1]
+    assert 0.0 <= last["personal/acc_p10"] <= last["personal/acc_mean"] <= 1.0
+    assert "personal/global_acc_mean" not in last
+    rows = _rows(res, 1)
+    assert len(rows) == last["personal/clients"] and all(r["personal_correct"] != "" for r in rows)
