@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from lightning_fed.data.loaders import LabelsNotFound, client_loader, dataset_labels
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
 from lightning_fed.validation import need
-from lightning_fed.weights import float_state, load_into
+from lightning_fed.weights import load_into
 
 HOLDOUTS = ("test", "shard")
 COLUMNS = ("client", "examples", "global_correct", "global_acc", "personal_correct", "personal_acc")
@@ -255,7 +255,7 @@ class PersonalEval:
         if run is None:
             raise RuntimeError("PersonalEval.bind(run) must be called before evaluate (FedLoop does)")
         rows = []
-        keep = {k: v.detach().clone() for k, v in float_state(run.model).items()}
+        keep = {k: v.detach().clone() for k, v in run.model.state_dict().items()}  # integer buffers too
         with rng_untouched():
             for cid in range(len(run.holdouts)):
                 n = len(run.holdouts[cid])
