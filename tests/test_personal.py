@@ -269,7 +269,9 @@ def test_one_working_model_for_every_client(make_loop, small_dm):
 
     strategy = Counting()
     _fit(make_loop, small_dm, strategy, num_clients=12, clients_per_round=2)
-    assert strategy.modules == {strategy.modules.copy().pop()} and strategy.states == 2 * 12
+    assert (
+        len(strategy.modules) == 1 and strategy.states == 2 * 12
+    )  # one working module, one state per client
 
 
 def test_personal_evaluation_leaves_training_unchanged(make_loop, small_dm):
