@@ -1,4 +1,5 @@
-"""Server-side strategies on non-IID MNIST-1D: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad and SCAFFOLD.
+"""Strategies on non-IID MNIST-1D: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, and personalization
+(FedAvg-FT, FedPer, Ditto, isolated local training).
 
 Each strategy runs its recipe (``recipes/mnist1d/<name>.yaml``: 20 clients, 10 per round, MNIST1DCNN, batch 16, cosine
 client LR decay) through the CLI, with the Dirichlet concentration, the number of rounds and of local epochs
@@ -8,10 +9,18 @@ and the wall time. The recipes' client optimizers differ where the algorithm ask
 (its option II assumes it), the others fedavg.yaml's SGD with momentum; ``fedavg_sgd`` is FedAvg with SCAFFOLD's
 client optimizer, to tell the effect of the control variates from that of the optimizer.
 
+Every run also has personalized evaluation (``PersonalEval``: each client's 100-example slice of the test set with its
+label proportions, the same slices for every strategy): "global on clients" is the global model's mean and 10th
+percentile accuracy over the 20 clients' slices after the last round; "personal" the personal models' (FedAvg-FT: the
+global model fine-tuned on the client's shard; FedPer: shared convolutions + the client's own head; Ditto: the
+client's own model). ``isolated`` is Ditto with ``lam=0``: each client's personal model trains on its own data only,
+the same epochs on the same rounds as Ditto's (its global model is FedAvg's and is not shown).
+
 Run from the repository root::
 
     python benchmarks/strategies.py                                  # alpha 0.1 and 0.5, 30 rounds, 5 local epochs
     python benchmarks/strategies.py --alphas 0.1 --rounds 20 --local_epochs 2 --out runs/strategies-0.1.json
+    python benchmarks/strategies.py --alphas 0.1 --strategies fedavg_ft fedper ditto isolated   # personalization
 """
 
 from __future__ import annotations
@@ -26,23 +35,39 @@ from rich.table import Table
 
 from lightning_fed.cli import run
 
-STRATEGIES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedavg_sgd"]
+STRATEGIES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedavg_sgd", "fedavg_ft", "fedper",
+              "ditto", "isolated"]
+PERSONAL = ("fedavg_ft", "fedper", "ditto", "isolated")  # rows with personal models
+NO_GLOBAL = ("fedper", "isolated")  # FedPer has no global model; isolated training's is FedAvg's
 # fedavg_sgd: fedavg.yaml with SCAFFOLD's client optimizer (plain SGD, lr 0.2), to separate the two changes
-VARIANTS = {"fedavg_sgd": ("fedavg", ["--model.init_args.momentum", "0.0", "--model.init_args.lr", "0.2"])}
+VARIANTS = {"fedavg_sgd": ("fedavg", ["--model.init_args.momentum", "0.0", "--model.init_args.lr", "0.2"]),
+            "isolated": ("ditto", ["--loop.strategy.init_args.lam", "0.0"])}
+PERSONAL_EVAL = ["--loop.personal_eval", "lightning_fed.PersonalEval", "--loop.personal_eval.init_args.holdout", "test",
+                 "--loop.personal_eval.init_args.size", "100"]
 ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 
 
 def one_run(name: str, alpha: float, rounds: int, local_epochs: int, seed: int, out: Path) -> dict[str, object]:
-    """One recipe at one alpha: the per-round test accuracy, the uplink bytes and the wall time."""
+    """One recipe at one alpha: the per-round test accuracy, the last round's personalized accuracies, the uplink
+    bytes and the wall time."""
     t0 = time.perf_counter()
     recipe, extra = VARIANTS.get(name, (name, []))
-    res = run(["fit", "--config", str(ROOT / f"{recipe}.yaml"), *extra, "--loop.rounds", str(rounds),
+    res = run(["fit", "--config", str(ROOT / f"{recipe}.yaml"), *extra, *PERSONAL_EVAL, "--loop.rounds", str(rounds),
                "--loop.local_epochs", str(local_epochs), "--loop.partition.init_args.alpha", str(alpha),
                "--loop.seed", str(seed), "--loop.test_every", "1", "--loop.checkpoint_every", "0",
                "--loop.verbose", "false", "--loop.plot", "false", "--loop.output_dir", str(out / f"{name}-{alpha}")])
     accs = [float(h["test_acc"]) for h in res.history if "test_acc" in h]
+    last = res.history[-1]
+    personal = {k: float(last[f"personal/{k}"]) for k in ("global_acc_mean", "global_acc_p10", "acc_mean", "acc_p10")
+                if f"personal/{k}" in last}
     return {"strategy": name, "alpha": alpha, "acc": accs, "uplink_mb": sum(h["bytes_up"] for h in res.history) / 1e6,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "personal": personal}
+
+
+def pct(row: dict, key: str) -> str:
+    """A personalized accuracy of ``row`` as a percentage, ``-`` where the row has none."""
+    v = row["personal"].get(key)
+    return "-" if v is None else f"{v:.2%}"
 
 
 def rounds_to(accs: list[float], target: float) -> int | None:
@@ -65,16 +90,28 @@ def main(argv: list[str] | None = None) -> None:
     rows = [one_run(n, a, args.rounds, args.local_epochs, args.seed, args.output_dir) for a in args.alphas for n in names]
     table = Table(title=f"MNIST-1D, 20 clients, 10 per round, {args.rounds} rounds, {args.local_epochs} local epochs, "
                         f"seed {args.seed} (test accuracy)")
-    for col in ("strategy", "alpha", "final acc", "best acc", "rounds to FedAvg", "uplink MB", "wall s"):
+    for col in ("strategy", "alpha", "final acc", "best acc", "rounds to FedAvg", "global on clients mean / p10",
+                "personal mean / p10", "beats FedAvg and isolated", "uplink MB", "wall s"):
         table.add_column(col)
     for row in rows:
         base = next(r for r in rows if r["strategy"] == "fedavg" and r["alpha"] == row["alpha"])
         accs, target = row["acc"], base["acc"][-1]
         reach = rounds_to(accs, target)
         row["rounds_to_fedavg"] = reach
-        table.add_row(str(row["strategy"]), str(row["alpha"]), f"{accs[-1]:.2%}", f"{max(accs):.2%}",
-                      "-" if reach is None else str(reach), f"{row['uplink_mb']:.2f}", f"{row['wall_s']:.0f}")
-    Console(width=140).print(table)
+        beats = "-"
+        iso = next((r for r in rows if r["strategy"] == "isolated" and r["alpha"] == row["alpha"]), None)
+        if row["strategy"] in PERSONAL and row["strategy"] != "isolated" and iso is not None:
+            mine = row["personal"]["acc_mean"]
+            beats = "yes" if mine > base["personal"]["global_acc_mean"] and mine > iso["personal"]["acc_mean"] else "no"
+            row["beats_fedavg_and_isolated"] = beats == "yes"
+        no_global = row["strategy"] in NO_GLOBAL
+        table.add_row(str(row["strategy"]), str(row["alpha"]), "-" if no_global else f"{accs[-1]:.2%}",
+                      "-" if no_global else f"{max(accs):.2%}",
+                      "-" if reach is None or no_global else str(reach),
+                      "-" if no_global else f"{pct(row, 'global_acc_mean')} / {pct(row, 'global_acc_p10')}",
+                      f"{pct(row, 'acc_mean')} / {pct(row, 'acc_p10')}", beats, f"{row['uplink_mb']:.2f}",
+                      f"{row['wall_s']:.0f}")
+    Console(width=180).print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

@@ -33,6 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
+from torch.utils.data import DataLoader
 
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
@@ -45,6 +46,7 @@ from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.parallel import RankRunner
+from lightning_fed.personal import PersonalEval, PersonalRun
 from lightning_fed.plan import SAMPLINGS, UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
 from lightning_fed.progress import RoundProgress
 from lightning_fed.ranks import DEFAULT_TIMEOUT_S, RankFailed, Ranks, launch
@@ -147,6 +149,9 @@ class FedLoop:
         gradient_clip_algorithm: ``"norm"`` or ``"value"``, as ``lightning.Trainer(gradient_clip_algorithm=)``.
         accumulate_grad_batches: as ``lightning.Trainer(accumulate_grad_batches=)``: a client steps its optimizer
             every this many batches (and on the last batch of a local epoch), the loss divided by it.
+        personal_eval: personalized evaluation at evaluation rounds: every client's held-out split (a slice of the
+            test set with its label proportions, or a split of its shard) scores the global model and, for strategies
+            that keep them, the personal models (:class:`~lightning_fed.personal.PersonalEval`); ``None``: none.
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
             once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
             :func:`~lightning_fed.plan.sample_clients`).
@@ -190,6 +195,7 @@ class FedLoop:
         num_nodes: int = 1,
         processes_per_device: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        personal_eval: PersonalEval | None = None,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -269,6 +275,7 @@ class FedLoop:
         self.processes_per_device = processes_per_device
         self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
+        self.personal_eval = personal_eval
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 
@@ -323,6 +330,7 @@ class FedLoop:
             with rng_untouched():
                 model.prepare_data()  # after the data module's, as lightning.Trainer calls them
         check_module(model, self.train_template, [len(s) for s in self.shards])
+        self.strategy.check_model(model)
         if ranks.distributed:
             for cb in [*self.callbacks, *self.strategy.client_callbacks()]:
                 reason = getattr(cb, "single_process_reason", None)
@@ -435,6 +443,14 @@ class FedLoop:
         self._downlink_state: dict[str, Any] = {}
         self._final_eval: dict[str, float] = {}  # the latest validation and test metrics
         self._failed: list[tuple[int, list[str]]] = []  # the current streak of rounds that could not aggregate
+        if self.personal_eval is not None:
+            held_in_test = self.personal_eval.holdout == "test"
+            source = self.test_loader if held_in_test else self.train_template
+            self.personal_eval.bind(PersonalRun(
+                strategy=self.strategy, model=model, prepare=self._working_module, load_state=self.store.load,
+                template=self.train_template, shards=self.shards, data=source.dataset,
+                collate=getattr(source, "collate_fn", None), holdouts=self.holdouts, seed=self.seed, run_dir=run_dir,
+                write=ranks.is_zero))
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> dict[str, float]:
@@ -489,6 +505,9 @@ class FedLoop:
             evaluated.update(self.strategy.evaluate(lambda m, stage=stage: self.evaluate_module(m, stage)))
             self._final_eval.update(evaluated)
             metrics.update(evaluated)
+        if self.personal_eval is not None and ctx.is_eval_round(r):
+            metrics.update(self.personal_eval.evaluate(r))
+            self.ranks.barrier()  # no rank's next round writes a client's state while another still reads it
         if isinstance(self.round_runner, RankRunner):
             ranks_stats = self.round_runner.round_stats()
             metrics.update(ranks_stats)
@@ -642,10 +661,13 @@ class FedLoop:
         dataset = self.train_template.dataset
         labels = self.partition.dataset_labels(dataset)  # None: labels unknown and the partition needs none
         self.shards = self.partition.split(labels if labels is not None else len(dataset), self.num_clients, self.seed)
-        self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
         self.val_loader = _loader(dm, "val_dataloader")
         dm.setup("test")
         self.test_loader = _loader(dm, "test_dataloader")
+        if self.personal_eval is not None:  # "shard" holds part of each shard out of training
+            test_data = self.test_loader.dataset if isinstance(self.test_loader, DataLoader) else None
+            self.shards, self.holdouts = self.personal_eval.split(self.shards, labels, test_data)
+        self.uplink_shares = uplink_shares(self.uplink_allocation, [len(s) for s in self.shards])
         if self.val_loader is None:
             log.info("%s has no val_dataloader: no validation metrics (val_*); the test set is evaluated after the "
                      "last round only%s", type(dm).__name__, f" and every {self.test_every} rounds" if self.test_every else "")

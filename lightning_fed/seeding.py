@@ -62,6 +62,12 @@ class Stream(IntEnum):
     """Neural attention distillation's split of the clean data (no keys) and its batches (keys: round)."""
     MCR = 18
     """Mode connectivity repair's split of the clean data (no keys), its batches and curve points (keys: round)."""
+    PERSONAL_SPLIT = 19
+    """A client's held-out split for personalized evaluation (keys: client)."""
+    PERSONAL_FT = 20
+    """Fine-tuning batches of personalized evaluation (keys: round, client)."""
+    DITTO = 21
+    """Ditto's personal-model batches (keys: round, client)."""
 
 
 def generator(*parts: int) -> torch.Generator:

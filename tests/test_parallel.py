@@ -106,6 +106,7 @@ CASES = {  # name: (recipe, processes)
     "backdoor-attack-2": ("attack_backdoor", 2),  # a server hook that writes a file in the run folder
     "scaffold-2": ("scaffold", 2),
     "secagg-2": ("secagg", 2),  # the protocol's setup replayed on every rank, masked inputs from both
+    "fedper-2": ("fedper", 2),  # personal layers in the client store, personalized evaluation on every rank
 }
 
 
@@ -119,6 +120,10 @@ def test_ranks_match_one_process(case, tmp_path, one_thread):
     run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
     _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], n)
     _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), f"{case}: {n} processes vs one")
+    tables = [sorted(next((tmp_path / w).glob("version_*")).glob("personalized/*.csv")) for w in ("one", "many")]
+    assert [p.name for p in tables[0]] == [p.name for p in tables[1]]
+    for a, b in zip(*tables):  # the per-client table, written once by rank 0, is the one process's
+        assert a.read_text() == b.read_text(), f"{case}: {a.name} differs"
 
 
 def test_torchrun_starts_the_ranks(tmp_path, one_thread):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "fedgen", "fedgkt", "ddist", "distillation", "fedmoe", "codec_topk",
            "codec_dgc", "codec_powersgd", "codec_tcs", "codec_allocation", "fedavg_pruning_qat", "attack_backdoor",
            "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
-           "defence_fine_pruning", "defence_nad", "defence_mcr", "secagg"]
+           "defence_fine_pruning", "defence_nad", "defence_mcr", "secagg", "fedavg_ft",
+           "fedper", "ditto"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 
@@ -64,3 +65,8 @@ def test_recipe_resumes_to_identical_state(recipe, tmp_path):
         else:
             assert a[k] == b[k], f"{recipe}: {k} differs after resume ({a[k]!r} vs {b[k]!r})"
     assert resumed.final_metrics["test_acc"] == full.final_metrics["test_acc"]
+    for name in ("round_0002.csv", "round_0003.csv"):  # personalized evaluation: the same per-client table
+        if (full.run_dir / "personalized" / name).exists():
+            assert (full.run_dir / "personalized" / name).read_text() == (resumed.run_dir / "personalized" / name).read_text()
+    keys = [k for k in full.history[-1] if k.startswith("personal/")]
+    assert [resumed.history[-1][k] for k in keys] == [full.history[-1][k] for k in keys]

@@ -3,13 +3,16 @@
 from lightning_fed.strategies.aggregators import Aggregator, UniformMean, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
+from lightning_fed.strategies.ditto import Ditto, DittoClient
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.fedavg_ft import FedAvgFT
 from lightning_fed.strategies.feddf import FedDF
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.fedper import FedPer, PersonalLayers
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
@@ -38,16 +41,21 @@ __all__ = [
     "Aggregator",
     "CoordinateMedian",
     "DecentralizedDistillation",
+    "Ditto",
+    "DittoClient",
     "FedAvg",
+    "FedAvgFT",
     "FedDF",
     "FedGKT",
     "FedGen",
     "FedMD",
     "FedMDNFDP",
     "FedMoE",
+    "FedPer",
     "Krum",
     "ModelTiers",
     "NormBound",
+    "PersonalLayers",
     "RobustAggregator",
     "Scaffold",
     "ScaffoldClient",

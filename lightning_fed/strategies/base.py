@@ -10,7 +10,7 @@ training (a proximal term, a distillation step) return Lightning callbacks from
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
@@ -23,7 +23,33 @@ if TYPE_CHECKING:
 
 
 class Strategy:
-    """Base class of server strategies. Subclasses implement every method that raises here."""
+    """Base class of server strategies. Subclasses implement every method that raises here.
+
+    Attributes:
+        has_global_model: whether :meth:`load_global` writes one global model that every client could use (not
+            for strategies whose clients keep their own models or layers): personalized evaluation then also
+            scores it on every client's split.
+    """
+
+    has_global_model: bool = True
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this strategy's configuration does not fit (e.g. a layer name it does not have), before
+        anything is written; raise ``ValueError`` naming the key, the value and what is allowed."""
+
+    def personal_model(self, client_id: int, client_state: dict[str, Any], module: nn.Module,
+                       train_batches: Callable[[], Iterable[Any]]) -> nn.Module | None:
+        """Personalized evaluation (simulation): write client ``client_id``'s personal model into ``module`` (the
+        client's working module, holding the global weights where there are any) and return it; ``None`` (the
+        default): this strategy keeps no personal model.
+
+        Args:
+            client_id: the client.
+            client_state: a copy of the client's stored state (empty for a client never sampled).
+            module: the working module to load it into (restored to the global weights afterwards).
+            train_batches: a fresh seeded pass over the client's training shard on each call (fine-tuning).
+        """
+        return None
 
     def setup(self, model: nn.Module) -> None:
         """Initialise the server state from the (freshly built) working model."""

@@ -60,10 +60,15 @@ class FedAvg(Strategy):
         self._fold: MeanFold | None = None
         self._reply_spec: PayloadSpec | None = None
 
+    def federated_state(self, model: nn.Module) -> Payload:
+        """The model's entries this strategy averages: every float state entry (subclasses may keep some local)."""
+        return float_state(model)
+
     def setup(self, model: nn.Module) -> None:
-        """Copy the model's float weights into one flat float32 master buffer and set the server optimizer up
-        for it (again after a structural change: its state sized to the old layout is dropped)."""
-        state = float_state(model)
+        """Copy the model's federated weights (:meth:`federated_state`) into one flat float32 master buffer and set
+        the server optimizer up for it (again after a structural change: its state sized to the old layout is
+        dropped)."""
+        state = self.federated_state(model)
         self.spec = FlatSpec.from_payload(state)
         self.global_flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()

@@ -307,7 +307,8 @@ class OwnModels(Strategy):
     """Base of strategies whose clients keep their own models (FedMD, FedGKT, decentralized distillation).
 
     It assigns clients to tiers (:meth:`client_module`), keeps every tier's initial weights for clients never
-    seen, and installs :class:`ClientModels` (per-client weights in the client store, evaluation per tier).
+    seen, and installs :class:`ClientModels` (per-client weights in the client store, evaluation per tier). Personalized evaluation
+    (:class:`~lightning_fed.personal.PersonalEval`) scores every client's own model on its own split.
     ``load_global`` leaves the loop's model as the last tier-0 client left it: there is no global model, so
     read ``tier<t>/val_acc`` / ``tier<t>/test_acc`` (mean over evaluated clients) rather than ``val_acc`` /
     ``test_acc``.
@@ -316,6 +317,8 @@ class OwnModels(Strategy):
         tiers: client architectures (``None``: every client trains the loop's model architecture).
         eval_clients: stored client models evaluated per tier at evaluation rounds.
     """
+
+    has_global_model = False
 
     def __init__(self, *, tiers: ModelTiers | None = None, eval_clients: int = 5) -> None:
         self.tiers = tiers
@@ -356,6 +359,13 @@ class OwnModels(Strategy):
 
     def load_global(self, model: nn.Module) -> None:
         """No global model: the loop's model is left as the last tier-0 client left it."""
+
+    def personal_model(self, client_id: int, client_state: dict[str, Any], module: nn.Module,
+                       train_batches: Callable[[], Any]) -> nn.Module:
+        """The client's own model (its tier's initial weights if it was never sampled) in its tier's module."""
+        stored = client_state.get(self.client_models.state_key_name)
+        load_into(module, stored if stored is not None else self._initial(tier_of(self.tiers, client_id)))
+        return module
 
     def state_dict(self) -> dict[str, Any]:
         """The tiers' initial weights."""
