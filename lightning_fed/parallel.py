@@ -46,10 +46,11 @@ def assign_lpt(costs: Sequence[float], world_size: int) -> list[int]:
 
 def pack_messages(messages: Sequence[ClientMessage], busy_s: float) -> bytes:
     """One rank's reply messages as bytes: a JSON header (sender, example count, metrics, failure, sizes,
-    timings) and the messages' bytes unchanged after it. No pickle: a rank only ever reads bytes and JSON."""
+    timings, local steps) and the messages' bytes unchanged after it. No pickle: a rank only ever reads bytes and JSON."""
     head = {"busy_s": busy_s, "messages": [
         {"client_id": m.client_id, "num_examples": m.num_examples, "metrics": m.metrics, "failure": m.failure,
-         "raw_bytes": m.raw_bytes, "encode_s": m.encode_s, "decode_s": m.decode_s, "size": len(m.message)}
+         "raw_bytes": m.raw_bytes, "encode_s": m.encode_s, "decode_s": m.decode_s, "local_steps": m.local_steps,
+         "size": len(m.message)}
         for m in messages]}
     text = json.dumps(head).encode()
     return b"".join([_HEADER.pack(len(text)), text, *(m.message for m in messages)])

@@ -62,6 +62,8 @@ class Stream(IntEnum):
     """Neural attention distillation's split of the clean data (no keys) and its batches (keys: round)."""
     MCR = 18
     """Mode connectivity repair's split of the clean data (no keys), its batches and curve points (keys: round)."""
+    STRAGGLERS = 19
+    """Which of a round's clients straggle, and how much work each does (keys: round)."""
 
 
 def generator(*parts: int) -> torch.Generator:

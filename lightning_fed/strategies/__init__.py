@@ -10,6 +10,8 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.fednova import FedNova
+from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
@@ -44,6 +46,9 @@ __all__ = [
     "FedMD",
     "FedMDNFDP",
     "FedMoE",
+    "FedNova",
+    "FedProx",
+    "FedProxClient",
     "Krum",
     "ModelTiers",
     "NormBound",
