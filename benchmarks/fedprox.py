@@ -50,7 +50,7 @@ class GlobalTrainLoss(FedCallback):
         self.losses: list[float] = []
 
     @torch.no_grad()
-    def on_round_end(self, trainer, pl_module, metrics):  # noqa: D102 - see the class docstring
+    def on_round_end(self, trainer, pl_module, metrics):
         loss = float(F.cross_entropy(pl_module(self.x), self.y))
         self.losses.append(loss)
         metrics["global_train_loss"] = loss
@@ -63,15 +63,33 @@ def one_run(method: str, fraction: float, rounds: int, local_epochs: int, seed: 
     dm = SyntheticDataModule(alpha=1.0, beta=1.0, num_devices=30, seed=0, batch_size=10)
     dm.setup("fit")
     probe = GlobalTrainLoss(*dm.train_set.tensors)
-    loop = FedLoop(num_clients=30, clients_per_round=10, rounds=rounds, local_epochs=local_epochs,
-                   partition=Natural(), strategy=make(), callbacks=[Stragglers(fraction, mode, seed=seed), probe],
-                   test_every=10, eval_every=10, checkpoint_every=0, verbose=False, plot=False, loggers=[],
-                   output_dir=str(out / f"{method.replace(' ', '_')}-{fraction}"), seed=seed)
+    loop = FedLoop(
+        num_clients=30,
+        clients_per_round=10,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        partition=Natural(),
+        strategy=make(),
+        callbacks=[Stragglers(fraction, mode, seed=seed), probe],
+        test_every=10,
+        eval_every=10,
+        checkpoint_every=0,
+        verbose=False,
+        plot=False,
+        loggers=[],
+        output_dir=str(out / f"{method.replace(' ', '_')}-{fraction}"),
+        seed=seed,
+    )
     t0 = time.perf_counter()
     res = loop.fit(LogisticRegression(lr=0.01), dm)
     accs = [(int(h["round"]), float(h["test_acc"])) for h in res.history if "test_acc" in h]
-    return {"method": method, "stragglers": fraction, "train_loss": probe.losses, "test_acc": accs,
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "method": method,
+        "stragglers": fraction,
+        "train_loss": probe.losses,
+        "test_acc": accs,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,22 +103,43 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output_dir", type=Path, default=Path("runs/bench-fedprox"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
-    rows = [one_run(m, f, args.rounds, args.local_epochs, args.seed, args.output_dir)
-            for f in args.stragglers for m in args.methods]
-    table = Table(title=f"Synthetic(1,1), 30 devices, 10 per round, E={args.local_epochs}, batch 10, SGD lr 0.01, "
-                        f"{args.rounds} rounds, seed {args.seed}")
-    for col in ("stragglers", "method", "final train loss", "min train loss", "final test acc", "best test acc",
-                "wall s"):
+    rows = [
+        one_run(m, f, args.rounds, args.local_epochs, args.seed, args.output_dir)
+        for f in args.stragglers
+        for m in args.methods
+    ]
+    table = Table(
+        title=f"Synthetic(1,1), 30 devices, 10 per round, E={args.local_epochs}, batch 10, SGD lr 0.01, "
+        f"{args.rounds} rounds, seed {args.seed}"
+    )
+    for col in (
+        "stragglers",
+        "method",
+        "final train loss",
+        "min train loss",
+        "final test acc",
+        "best test acc",
+        "wall s",
+    ):
         table.add_column(col)
     for r in rows:
         losses, accs = r["train_loss"], [a for _, a in r["test_acc"]]
         final = losses[-1] if losses else math.nan
-        table.add_row(f"{r['stragglers']:.0%}", r["method"], f"{final:.3f}", f"{min(losses):.3f}",
-                      f"{accs[-1]:.2%}", f"{max(accs):.2%}", f"{r['wall_s']:.0f}")
+        table.add_row(
+            f"{r['stragglers']:.0%}",
+            r["method"],
+            f"{final:.3f}",
+            f"{min(losses):.3f}",
+            f"{accs[-1]:.2%}",
+            f"{max(accs):.2%}",
+            f"{r['wall_s']:.0f}",
+        )
     Console(width=140).print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

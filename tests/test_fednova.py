@@ -28,8 +28,10 @@ def _aggregate(strategy, replies):
 
 def _replies():
     # client A: 1 example, 2 steps, moved (-2, 0); client B: 3 examples, 4 steps, moved (0, -4)
-    return [Reply(0, {"w": torch.tensor([-2.0, 0.0])}, 1, local_steps=2),
-            Reply(1, {"w": torch.tensor([0.0, -4.0])}, 3, local_steps=4)]
+    return [
+        Reply(0, {"w": torch.tensor([-2.0, 0.0])}, 1, local_steps=2),
+        Reply(1, {"w": torch.tensor([0.0, -4.0])}, 3, local_steps=4),
+    ]
 
 
 def test_two_clients_plain_sgd_by_hand():
@@ -91,23 +93,42 @@ def test_fedloop_with_stragglers_logs_tau_eff(tmp_path):
     class Data(L.LightningDataModule):
         def train_dataloader(self):
             g = torch.Generator().manual_seed(0)
-            ds = torch.utils.data.TensorDataset(torch.randn(60, 3, generator=g), torch.randint(0, 2, (60,), generator=g))
+            ds = torch.utils.data.TensorDataset(
+                torch.randn(60, 3, generator=g), torch.randint(0, 2, (60,), generator=g)
+            )
             return torch.utils.data.DataLoader(ds, batch_size=5)
 
     L.seed_everything(0)
-    loop = FedLoop(num_clients=4, clients_per_round=4, rounds=2, local_epochs=4, partition=IID(),
-                   strategy=FedNova(momentum=0.9), callbacks=[Stragglers(0.5, "partial")], verbose=False, plot=False,
-                   checkpoint_every=0, loggers=[], output_dir=str(tmp_path))
+    loop = FedLoop(
+        num_clients=4,
+        clients_per_round=4,
+        rounds=2,
+        local_epochs=4,
+        partition=IID(),
+        strategy=FedNova(momentum=0.9),
+        callbacks=[Stragglers(0.5, "partial")],
+        verbose=False,
+        plot=False,
+        checkpoint_every=0,
+        loggers=[],
+        output_dir=str(tmp_path),
+    )
     res = loop.fit(Linear(), Data())
     full = accumulation_norm(12, 0.9)  # 4 epochs of 3 batches
     assert all(0 < h["tau_eff"] < full for h in res.history)  # two of the four clients stopped early
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: FedNova(momentum=1.0), r"FedNova: momentum=1.0 is not allowed; momentum must be a number in \[0, 1\)"),
-    (lambda: FedNova(momentum=-0.1), r"momentum=-0.1 is not allowed"),
-    (lambda: FedNova(max_steps=0), r"FedNova: max_steps=0 is not allowed; max_steps must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: FedNova(momentum=1.0),
+            r"FedNova: momentum=1.0 is not allowed; momentum must be a number in \[0, 1\)",
+        ),
+        (lambda: FedNova(momentum=-0.1), r"momentum=-0.1 is not allowed"),
+        (lambda: FedNova(max_steps=0), r"FedNova: max_steps=0 is not allowed; max_steps must be an int >= 1"),
+    ],
+)
 def test_bad_settings_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()

@@ -73,8 +73,15 @@ def _hand_two_steps(mu):
 
 def test_plain_trainer_two_sgd_steps_match_the_hand_computation():
     model = Linear()
-    trainer = L.Trainer(max_steps=2, callbacks=[FedProxClient(mu=MU)], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[FedProxClient(mu=MU)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=2))
     assert torch.allclose(model.w.detach(), _hand_two_steps(MU), atol=1e-6)
     assert not torch.allclose(_hand_two_steps(MU), _hand_two_steps(0.0), atol=1e-3)  # the term matters here
@@ -84,8 +91,19 @@ def test_fedloop_client_matches_the_hand_computation(tmp_path):
     """One client, one round, two local epochs of one full batch each: the global model is the hand result."""
     strategy = FedProx(mu=MU)
     assert strategy.client_callbacks() == [strategy.client] and strategy.client.mu == MU
-    loop = FedLoop(num_clients=1, clients_per_round=1, rounds=1, local_epochs=2, partition=IID(), strategy=strategy,
-                   verbose=False, plot=False, checkpoint_every=0, loggers=[], output_dir=str(tmp_path))
+    loop = FedLoop(
+        num_clients=1,
+        clients_per_round=1,
+        rounds=1,
+        local_epochs=2,
+        partition=IID(),
+        strategy=strategy,
+        verbose=False,
+        plot=False,
+        checkpoint_every=0,
+        loggers=[],
+        output_dir=str(tmp_path),
+    )
     model = Linear()
     loop.fit(model, Data())
     assert torch.allclose(model.w.detach(), _hand_two_steps(MU), atol=1e-6)
@@ -95,8 +113,18 @@ def test_fedprox_mu_zero_is_fedavg(tmp_path):
     def run(strategy):
         L.seed_everything(0)
         model = Linear()
-        FedLoop(num_clients=2, clients_per_round=2, rounds=2, local_epochs=3, strategy=strategy, verbose=False,
-                plot=False, checkpoint_every=0, loggers=[], output_dir=str(tmp_path)).fit(model, Data())
+        FedLoop(
+            num_clients=2,
+            clients_per_round=2,
+            rounds=2,
+            local_epochs=3,
+            strategy=strategy,
+            verbose=False,
+            plot=False,
+            checkpoint_every=0,
+            loggers=[],
+            output_dir=str(tmp_path),
+        ).fit(model, Data())
         return model.w.detach().clone()
 
     assert torch.equal(run(FedProx(mu=0.0)), run(FedAvg()))
@@ -114,12 +142,15 @@ def test_max_steps_goes_into_every_instruction():
     assert all("max_steps" not in i.config for i in uncapped.configure_round(0, [0, 1]))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: FedProxClient(mu=-0.1), r"FedProxClient: mu=-0.1 is not allowed"),
-    (lambda: FedProx(mu=-1.0), r"mu=-1.0 is not allowed; mu must be a number >= 0"),
-    (lambda: FedProx(max_steps=0), r"FedProx: max_steps=0 is not allowed; max_steps must be an int >= 1"),
-    (lambda: FedProx(max_steps=2.5), r"max_steps=2.5 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: FedProxClient(mu=-0.1), r"FedProxClient: mu=-0.1 is not allowed"),
+        (lambda: FedProx(mu=-1.0), r"mu=-1.0 is not allowed; mu must be a number >= 0"),
+        (lambda: FedProx(max_steps=0), r"FedProx: max_steps=0 is not allowed; max_steps must be an int >= 1"),
+        (lambda: FedProx(max_steps=2.5), r"max_steps=2.5 is not allowed"),
+    ],
+)
 def test_bad_settings_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()

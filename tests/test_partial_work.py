@@ -38,8 +38,11 @@ class Linear(L.LightningModule):
 class Data(L.LightningDataModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(N, 3, generator=g), torch.randn(N, generator=g)),
-                          batch_size=BATCH, shuffle=True)
+        return DataLoader(
+            TensorDataset(torch.randn(N, 3, generator=g), torch.randn(N, generator=g)),
+            batch_size=BATCH,
+            shuffle=True,
+        )
 
 
 class Record(FedCallback):
@@ -50,7 +53,10 @@ class Record(FedCallback):
 
     def on_train_end(self, trainer, pl_module):
         self.client_steps[trainer.fed.round, trainer.client_id] = trainer.global_step
-        self.max_steps[trainer.fed.round, trainer.client_id] = (trainer.max_steps, trainer.estimated_stepping_batches)
+        self.max_steps[trainer.fed.round, trainer.client_id] = (
+            trainer.max_steps,
+            trainer.estimated_stepping_batches,
+        )
 
     def on_aggregate_start(self, trainer, pl_module, replies):
         self.server_steps.append({r.client_id: r.local_steps for r in replies})
@@ -59,9 +65,20 @@ class Record(FedCallback):
 def _fit(tmp_path, strategy, callbacks=(), epochs=2, rounds=2):
     L.seed_everything(0)
     rec = Record()
-    loop = FedLoop(num_clients=4, clients_per_round=4, rounds=rounds, local_epochs=epochs, partition=IID(),
-                   strategy=strategy, callbacks=[*callbacks, rec], verbose=False, plot=False, checkpoint_every=0,
-                   loggers=[], output_dir=str(tmp_path))
+    loop = FedLoop(
+        num_clients=4,
+        clients_per_round=4,
+        rounds=rounds,
+        local_epochs=epochs,
+        partition=IID(),
+        strategy=strategy,
+        callbacks=[*callbacks, rec],
+        verbose=False,
+        plot=False,
+        checkpoint_every=0,
+        loggers=[],
+        output_dir=str(tmp_path),
+    )
     res = loop.fit(Linear(), Data())
     return rec, res, loop
 
@@ -78,15 +95,17 @@ def test_max_steps_truncates_local_training_and_the_count_reaches_the_server(tmp
 
 
 def test_stragglers_partial_work_is_seeded_and_below_full(tmp_path):
-    rec, res, _ = _fit(tmp_path, FedProx(mu=0.1), [Stragglers(fraction=0.5, mode="partial", seed=3)], epochs=3,
-                       rounds=3)
+    rec, res, _ = _fit(
+        tmp_path, FedProx(mu=0.1), [Stragglers(fraction=0.5, mode="partial", seed=3)], epochs=3, rounds=3
+    )
     for steps in rec.server_steps:
         assert sorted(steps) == [0, 1, 2, 3]  # nobody dropped
         assert sorted(steps.values())[2:] == [9, 9]  # two run the full 3 epochs x 3 steps
         assert all(s in (3, 6) for s in sorted(steps.values())[:2])  # two stragglers: 1 or 2 epochs
     assert [h["stragglers"] for h in res.history] == [2, 2, 2]
-    again, _, _ = _fit(tmp_path, FedProx(mu=0.1), [Stragglers(fraction=0.5, mode="partial", seed=3)], epochs=3,
-                       rounds=3)
+    again, _, _ = _fit(
+        tmp_path, FedProx(mu=0.1), [Stragglers(fraction=0.5, mode="partial", seed=3)], epochs=3, rounds=3
+    )
     assert again.server_steps == rec.server_steps
 
 
@@ -98,8 +117,15 @@ def test_stragglers_drop_mode_sends_them_nothing(tmp_path):
 
 
 def test_stragglers_draw_on_the_server():
-    ctx = FedContext(num_clients=10, num_rounds=5, eval_every=1, run_dir=".", local_epochs=20,
-                     steps_per_epoch=[7] * 10, round=2)
+    ctx = FedContext(
+        num_clients=10,
+        num_rounds=5,
+        eval_every=1,
+        run_dir=".",
+        local_epochs=20,
+        steps_per_epoch=[7] * 10,
+        round=2,
+    )
     trainer = SimpleNamespace(fed=ctx)
     instructions = [Instruction(c, {}) for c in range(10)]
     Stragglers(fraction=0.9, mode="partial", seed=1).on_round_start(trainer, None, instructions)
@@ -135,15 +161,27 @@ def test_a_client_claiming_more_steps_than_allowed_is_rejected(tmp_path):
 
 
 def test_local_steps_travel_between_processes():
-    msgs = [ClientMessage(3, b"abc", 10, {"train_loss": 0.5}, local_steps=17), ClientMessage(4, failure="boom")]
+    msgs = [
+        ClientMessage(3, b"abc", 10, {"train_loss": 0.5}, local_steps=17),
+        ClientMessage(4, failure="boom"),
+    ]
     out, _ = unpack_messages(pack_messages(msgs, 0.0))
     assert [m.local_steps for m in out] == [17, 0]
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: Stragglers(fraction=1.5), r"Stragglers: fraction=1.5 is not allowed; fraction must be a number in \[0, 1\]"),
-    (lambda: Stragglers(mode="late"), r"Stragglers: mode='late' is not allowed; mode must be one of \('partial', 'drop'\)"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: Stragglers(fraction=1.5),
+            r"Stragglers: fraction=1.5 is not allowed; fraction must be a number in \[0, 1\]",
+        ),
+        (
+            lambda: Stragglers(mode="late"),
+            r"Stragglers: mode='late' is not allowed; mode must be one of \('partial', 'drop'\)",
+        ),
+    ],
+)
 def test_bad_straggler_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make()

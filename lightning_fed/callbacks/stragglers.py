@@ -58,8 +58,13 @@ class Stragglers(FedCallback):
     """
 
     def __init__(self, fraction: float = 0.5, mode: str = "partial", seed: int = 0) -> None:
-        need("Stragglers", isinstance(fraction, int | float) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
-             "fraction", fraction, "a number in [0, 1]")
+        need(
+            "Stragglers",
+            isinstance(fraction, int | float) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
+            "fraction",
+            fraction,
+            "a number in [0, 1]",
+        )
         need("Stragglers", mode in MODES, "mode", mode, f"one of {MODES}")
         need("Stragglers", isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an int")
         self.fraction = float(fraction)

@@ -39,7 +39,9 @@ class Natural(Partition):
     def __init__(self, *, groups: Callable[[Any], Any] | None = None, min_samples: int = 1) -> None:
         super().__init__(min_samples=min_samples)
         if groups is not None and not callable(groups):
-            raise TypeError(f"Natural: groups must be a function dataset -> group ids, got {type(groups).__name__}")
+            raise TypeError(
+                f"Natural: groups must be a function dataset -> group ids, got {type(groups).__name__}"
+            )
         self.groups = groups
 
     def split_dataset(self, dataset: Any, labels: Tensor | None, num_clients: int, seed: int) -> list[Tensor]:
@@ -51,20 +53,28 @@ class Natural(Partition):
         """
         raw = self.groups(dataset) if self.groups is not None else getattr(dataset, "groups", None)
         if raw is None:
-            raise PartitionError(f"Natural: the training dataset ({type(dataset).__name__}) has no 'groups' attribute; "
-                                 "give Natural(groups=lambda ds: ...) one group id per sample")
+            raise PartitionError(
+                f"Natural: the training dataset ({type(dataset).__name__}) has no 'groups' attribute; "
+                "give Natural(groups=lambda ds: ...) one group id per sample"
+            )
         ids = torch.as_tensor(raw).reshape(-1)
         if ids.is_floating_point() or len(ids) != len(dataset):
-            raise PartitionError(f"Natural: group ids must be one integer per sample ({len(dataset)}), got "
-                                 f"{len(ids)} of dtype {ids.dtype}")
+            raise PartitionError(
+                f"Natural: group ids must be one integer per sample ({len(dataset)}), got "
+                f"{len(ids)} of dtype {ids.dtype}"
+            )
         found = torch.unique(ids).tolist()
         if found != list(range(num_clients)):
-            raise PartitionError(f"Natural: num_clients={num_clients} is not allowed for this data; num_clients must "
-                                 f"be the number of groups, {len(found)} (ids {found[0]}..{found[-1]}, each used)")
+            raise PartitionError(
+                f"Natural: num_clients={num_clients} is not allowed for this data; num_clients must "
+                f"be the number of groups, {len(found)} (ids {found[0]}..{found[-1]}, each used)"
+            )
         shards = [torch.nonzero(ids == k).reshape(-1) for k in range(num_clients)]
         small = min(len(s) for s in shards)
         if small < self.min_samples:
-            raise PartitionError(f"Natural: a group has {small} samples, fewer than min_samples={self.min_samples}")
+            raise PartitionError(
+                f"Natural: a group has {small} samples, fewer than min_samples={self.min_samples}"
+            )
         return shards
 
     def _split(self, labels: Any, num_clients: int, rng: Any) -> list[Any]:

@@ -29,8 +29,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_fed.validation import need
 
 
-def make_synthetic(alpha: float = 1.0, beta: float = 1.0, *, iid: bool = False, num_devices: int = 30,
-                   dimension: int = 60, num_classes: int = 10, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+def make_synthetic(
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    *,
+    iid: bool = False,
+    num_devices: int = 30,
+    dimension: int = 60,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> tuple[list[Tensor], list[Tensor]]:
     """Generate Synthetic(alpha, beta) (or Synthetic-IID): per device, its inputs ``[n_k, dimension]`` (float32)
     and labels ``[n_k]`` (int64).
 
@@ -95,8 +103,16 @@ class SyntheticDataModule(L.LightningDataModule):
         test_fraction: share of each device's samples held out for the test set, in ``(0, 1)``.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_devices: int = 30, seed: int = 0,
-                 batch_size: int = 10, test_fraction: float = 0.2) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        iid: bool = False,
+        num_devices: int = 30,
+        seed: int = 0,
+        batch_size: int = 10,
+        test_fraction: float = 0.2,
+    ) -> None:
         super().__init__()
         owner = "SyntheticDataModule"
         need(owner, alpha >= 0, "alpha", alpha, ">= 0")
@@ -115,7 +131,9 @@ class SyntheticDataModule(L.LightningDataModule):
         least one sample), the rest test; the generator draws samples i.i.d., so the split needs no shuffle."""
         if self.train_set is not None:
             return
-        xs, ys = make_synthetic(self.alpha, self.beta, iid=self.iid, num_devices=self.num_devices, seed=self.seed)
+        xs, ys = make_synthetic(
+            self.alpha, self.beta, iid=self.iid, num_devices=self.num_devices, seed=self.seed
+        )
         train_x, train_y, groups, test_x, test_y = [], [], [], [], []
         for k, (x, y) in enumerate(zip(xs, ys)):
             n_train = min(max(round((1 - self.test_fraction) * len(y)), 1), len(y) - 1)

@@ -29,8 +29,15 @@ class LogisticRegression(_Classifier):
         weight_decay: L2 weight decay.
     """
 
-    def __init__(self, in_features: int = 60, num_classes: int = 10, lr: float = 0.01, optimizer: str = "sgd",
-                 momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int = 60,
+        num_classes: int = 10,
+        lr: float = 0.01,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(lr, optimizer, momentum, weight_decay, num_classes)
         for key, value in (("in_features", in_features), ("num_classes", num_classes)):
             if value < 1:

@@ -27,7 +27,6 @@ uniformly from 2 to 5, SGD lr 0.02 with and without momentum 0.9.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.strategies.aggregate import example_weights, flat_norm
@@ -53,7 +52,9 @@ def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
     return (steps - momentum * (1 - momentum**steps) / (1 - momentum)) / (1 - momentum)
 
 
-def fednova_weights(num_examples: list[int], steps: list[int], momentum: float = 0.0) -> tuple[list[float], float]:
+def fednova_weights(
+    num_examples: list[int], steps: list[int], momentum: float = 0.0
+) -> tuple[list[float], float]:
     """The weight of each reply's raw delta in FedNova's update, ``p_i * tau_eff / ||a_i||_1``, and ``tau_eff``.
     Replies with 0 steps get weight 0 and no share of ``p``.
 
@@ -91,10 +92,21 @@ class FedNova(FedAvg):
         server_optimizer: applies the normalised update (``None``: ``ServerSGD(lr=server_lr)``).
     """
 
-    def __init__(self, *, momentum: float = 0.0, max_steps: int | None = None, server_lr: float = 1.0,
-                 server_optimizer: ServerOptimizer | None = None) -> None:
-        need("FedNova", isinstance(momentum, int | float) and not isinstance(momentum, bool) and 0 <= momentum < 1,
-             "momentum", momentum, "a number in [0, 1) (the clients' SGD momentum)")
+    def __init__(
+        self,
+        *,
+        momentum: float = 0.0,
+        max_steps: int | None = None,
+        server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
+    ) -> None:
+        need(
+            "FedNova",
+            isinstance(momentum, int | float) and not isinstance(momentum, bool) and 0 <= momentum < 1,
+            "momentum",
+            momentum,
+            "a number in [0, 1) (the clients' SGD momentum)",
+        )
         check_max_steps("FedNova", max_steps)
         self.momentum = float(momentum)
         self.max_steps = max_steps
@@ -111,12 +123,16 @@ class FedNova(FedAvg):
         assert self._acc is not None and self._tmp is not None
         steps = [r.local_steps for r in replies]
         if not any(s > 0 for s in steps):
-            log.warning("round %d: FedNova: no reply ran a local step; the global model is unchanged", server_round + 1)
+            log.warning(
+                "round %d: FedNova: no reply ran a local step; the global model is unchanged",
+                server_round + 1,
+            )
             return {"tau_eff": 0.0}
         weights, tau_eff = fednova_weights([r.num_examples for r in replies], steps, self.momentum)
         live = [(r, w) for r, w in zip(replies, weights) if w > 0]
-        update = self.aggregator.aggregate_payloads(self._acc, spec, (r.payload for r, _ in live),
-                                                    [w for _, w in live], self._tmp)
+        update = self.aggregator.aggregate_payloads(
+            self._acc, spec, (r.payload for r, _ in live), [w for _, w in live], self._tmp
+        )
         self.server_optimizer.step(flat, update)
         return {"update_norm": flat_norm(update), "tau_eff": tau_eff}
 

@@ -39,8 +39,14 @@ from lightning_fed.validation import need
 
 def check_max_steps(owner: str, max_steps: int | None) -> None:
     """Raise ``ValueError`` (naming ``owner``) unless ``max_steps`` is ``None`` or an int >= 1."""
-    need(owner, max_steps is None or (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1),
-         "max_steps", max_steps, "an int >= 1 or None (no cap)")
+    need(
+        owner,
+        max_steps is None
+        or (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1),
+        "max_steps",
+        max_steps,
+        "an int >= 1 or None (no cap)",
+    )
 
 
 def capped(instructions: list[Instruction], max_steps: int | None) -> list[Instruction]:
@@ -69,8 +75,13 @@ class FedProxClient(FedCallback):
     """
 
     def __init__(self, mu: float = 0.01) -> None:
-        need("FedProxClient", isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0, "mu", mu,
-             "a number >= 0")
+        need(
+            "FedProxClient",
+            isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0,
+            "mu",
+            mu,
+            "a number >= 0",
+        )
         self.mu = float(mu)
         self._anchor: dict[int, Tensor] = {}
 
@@ -83,7 +94,9 @@ class FedProxClient(FedCallback):
         self._anchor = {id(p): p.detach().clone() for p in module.parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer
+    ) -> None:
         """``g <- g + mu * (w - w_start)`` for every parameter this optimizer steps (a parameter without a gradient
         gets the term alone)."""
         if not self._anchor:
@@ -123,8 +136,15 @@ class FedProx(FedAvg):
         server_optimizer: see :class:`~lightning_fed.strategies.FedAvg`.
     """
 
-    def __init__(self, *, mu: float = 0.01, max_steps: int | None = None, server_lr: float = 1.0,
-                 aggregator: Aggregator | None = None, server_optimizer: ServerOptimizer | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mu: float = 0.01,
+        max_steps: int | None = None,
+        server_lr: float = 1.0,
+        aggregator: Aggregator | None = None,
+        server_optimizer: ServerOptimizer | None = None,
+    ) -> None:
         check_max_steps("FedProx", max_steps)
         self.client = FedProxClient(mu)
         self.mu = self.client.mu
