@@ -15,8 +15,15 @@ from lightning_fed.callbacks import FedCallback, Stragglers
 from lightning_fed.callbacks.stragglers import straggler_cap
 from lightning_fed.context import FedContext
 from lightning_fed.data import IID
-from lightning_fed.parallel import pack_messages, unpack_messages
-from lightning_fed.protocol import ClientMessage, Instruction, RejectedReply, Reply, validate_local_steps
+from lightning_fed.parallel import pack_messages, task_cost, unpack_messages
+from lightning_fed.protocol import (
+    ClientMessage,
+    ClientTask,
+    Instruction,
+    RejectedReply,
+    Reply,
+    validate_local_steps,
+)
 from lightning_fed.strategies import FedAvg, FedProx
 
 N, BATCH = 40, 4  # 4 clients of 10 samples: 3 batches (4, 4, 2) per local epoch
@@ -185,3 +192,18 @@ def test_local_steps_travel_between_processes():
 def test_bad_straggler_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_load_balance_counts_only_the_capped_work():
+    module = nn.Linear(3, 1)  # 4 parameters
+    work = SimpleNamespace(
+        local_epochs=2,
+        shards=[torch.arange(10), torch.arange(10)],
+        template=SimpleNamespace(batch_size=4),
+        view=SimpleNamespace(lightning_module=module, accumulate_grad_batches=1),
+        strategy=SimpleNamespace(client_module=lambda cid, default: default),
+    )
+    full = ClientTask(0, 0, b"", {}, {})
+    capped = ClientTask(0, 1, b"", {}, {"max_steps": 2})
+    assert task_cost(full, work) == 10 * 2 * 4  # examples x epochs x parameters
+    assert task_cost(capped, work) == 2 * 4 * 4  # 2 steps of 4 examples
