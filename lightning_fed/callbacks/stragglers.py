@@ -92,7 +92,7 @@ class Stragglers(FedCallback):
                 if cap is not None:
                     old = instr.config.get("max_steps")
                     instr.config["max_steps"] = cap if old is None else min(old, cap)
-        log.info("round %d: stragglers (%s) %s", ctx.round + 1, self.mode, self.last)
+        log.debug("round %d: stragglers (%s) %s", ctx.round + 1, self.mode, self.last)
 
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
         """Log the number of stragglers of the round (``stragglers``)."""
