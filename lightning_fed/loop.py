@@ -233,6 +233,9 @@ class FedLoop:
         self.strategy = strategy if strategy is not None else FedAvg()
         self.codec = codec if codec is not None else Identity()
         self.downlink_codec = downlink_codec if downlink_codec is not None else Identity()
+        check_codec = getattr(self.strategy, "check_codec", None)  # e.g. secure aggregation needs a linear codec
+        if callable(check_codec):
+            check_codec(self.codec)
         self.uplink_allocation = uplink_allocation
         self.uplink_shares: list[float] = [1.0] * num_clients
         self.callbacks = list(callbacks or [])

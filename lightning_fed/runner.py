@@ -175,7 +175,9 @@ class ClientWork:
                 t = time.perf_counter()
                 codec_state = ctx.client_state.setdefault("codec", {})
                 message = self.codec.encode(reply.payload, codec_state,
-                                            EncodeArgs(round=task.round, share=task.share, broadcast=task.broadcast))
+                                            EncodeArgs(round=task.round, share=task.share, broadcast=task.broadcast,
+                                                       client_id=cid, num_examples=reply.num_examples,
+                                                       config=task.config))
                 encode_s = time.perf_counter() - t
         except Exception as err:
             if not is_client_fault(err):

@@ -105,6 +105,7 @@ CASES = {  # name: (recipe, processes)
     "bf16-mixed-2": ("fedavg", 2),
     "backdoor-attack-2": ("attack_backdoor", 2),  # a server hook that writes a file in the run folder
     "scaffold-2": ("scaffold", 2),
+    "secagg-2": ("secagg", 2),  # the protocol's setup replayed on every rank, masked inputs from both
     "fednova-stragglers-2": ("fednova", 2),  # partial work: each reply's local_steps crosses between the ranks
 }
 

@@ -14,7 +14,8 @@ it checkpoints it through :meth:`Codec.state_dict`. The server tells a codec whi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_fed.codecs.wire import expect_codec, pack, unpack
@@ -40,11 +41,19 @@ class EncodeArgs:
             their rate by it; fixed-rate codecs ignore it.
         broadcast: what the server's codec broadcast to every sampled client this round
             (:meth:`Codec.broadcast`, e.g. TCS's global mask), exactly as received; ``b""`` when none.
+        client_id: the encoding client (``None`` outside a round).
+        num_examples: the client's number of training examples (a codec that weights the update itself before
+            it leaves the client, as secure aggregation must, reads it).
+        config: the plain config of the client's instruction (per-client setup data of a protocol whose
+            strategy prepares the encoding, e.g. the keys of secure aggregation).
     """
 
     round: int = 0
     share: float = 1.0
     broadcast: bytes = b""
+    client_id: int | None = None
+    num_examples: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_share(self.share)

@@ -22,6 +22,7 @@ from lightning_fed.strategies.robust import (
     WeakDP,
 )
 from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
+from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.server_adaptive import (
     AdaptiveServerOptimizer,
     ServerAdagrad,
@@ -55,6 +56,7 @@ __all__ = [
     "RobustAggregator",
     "Scaffold",
     "ScaffoldClient",
+    "SecAggFedAvg",
     "ServerAdagrad",
     "ServerAdam",
     "ServerMomentum",
