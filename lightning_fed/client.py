@@ -277,11 +277,21 @@ class LocalTrainer:
             getattr(cb, name)(self.view, module, *args)
         return getattr(module, name)(*args)
 
-    def fit(self, loader: DataLoader, epochs: int) -> dict[str, float]:
-        """Train for ``epochs`` local epochs; return the mean of each value logged in the last epoch."""
+    def fit(self, loader: DataLoader, epochs: int, max_steps: int | None = None) -> dict[str, float]:
+        """Train for ``epochs`` local epochs, or until ``max_steps`` optimizer steps (``None``: no cap) as
+        ``lightning.Trainer(max_steps=)`` stops (partial work); return the mean of each value logged in the last
+        epoch. The steps run are ``trainer.global_step`` afterwards.
+
+        Raises:
+            ValueError: ``max_steps`` is not ``None`` nor an int >= 1.
+        """
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"LocalTrainer: max_steps={max_steps!r} is not allowed; max_steps must be an int >= 1 "
+                             "or None")
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
+        view.max_steps = -1 if max_steps is None else max_steps
         view.num_training_batches, view.should_stop, view.training = len(loader), False, True
         view.is_last_batch = False
         view.fresh_metrics.clear()
@@ -311,6 +321,9 @@ class LocalTrainer:
                     view.is_last_batch = batch_idx + 1 == view.num_training_batches
                     if self._train_batch(batch, batch_idx, steppers) is False or view.should_stop:
                         break
+                    if max_steps is not None and view.global_step >= max_steps:
+                        view.should_stop = True  # as the Trainer: the epoch ends here, its hooks still run
+                        break
                 view.compute_metrics()
                 self._hook("on_train_epoch_end")
                 view.reset_metrics()
@@ -325,6 +338,7 @@ class LocalTrainer:
             module._fabric_optimizers = []
             view.optimizers = []
         view.training = False
+        view.max_steps = -1
         for opt in opts:  # Lightning zeroes before backward; the last step's gradients are not kept
             opt.zero_grad(set_to_none=True)
         if self.keep_optimizer_state and opts:

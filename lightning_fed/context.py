@@ -52,6 +52,10 @@ class FedContext:
         val_data: the validation loader (``val_dataloader()``; ``None`` when the data module has none).
         test_data: the test loader (``test_dataloader()``; ``None`` when the data module has none).
         console: the loop's rich console (quiet when the loop is not verbose).
+        local_epochs: the loop's local epochs per round (an instruction's ``local_epochs`` overrides it).
+        steps_per_epoch: each client's optimizer steps in one full local epoch of its shard (batches per epoch over
+            ``accumulate_grad_batches``, rounded up), by client id: what a server-side callback may cap with an
+            instruction's ``max_steps`` (partial work).
     """
 
     num_clients: int
@@ -67,6 +71,8 @@ class FedContext:
     val_data: DataLoader | None = None
     test_data: DataLoader | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True, quiet=True))
+    local_epochs: int = 1
+    steps_per_epoch: list[int] = field(default_factory=list)
     _evaluate: Callable[..., dict[str, float]] = field(default=_no_evaluator, repr=False)
     _stored_clients: Callable[[], list[int]] = field(default=_no_store, repr=False)
     _stored_state: Callable[[int], dict[str, Any]] = field(default=lambda cid: {}, repr=False)

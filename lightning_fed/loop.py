@@ -412,8 +412,8 @@ class FedLoop:
             num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
             test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
             eval_data=self.val_loader if self.val_loader is not None else self.test_loader,
-            console=self.console, _evaluate=self.evaluate_module,
-            _stored_clients=self.store.ids, _stored_state=self.store.load)
+            console=self.console, local_epochs=self.local_epochs, steps_per_epoch=self._steps_per_epoch(),
+            _evaluate=self.evaluate_module, _stored_clients=self.store.ids, _stored_state=self.store.load)
         self.view = view = TrainerView(fabric, ctx, self.loggers, ranks.rank, ranks.world_size)
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
@@ -660,7 +660,7 @@ class FedLoop:
         self.train_template = dm.train_dataloader()
         dataset = self.train_template.dataset
         labels = self.partition.dataset_labels(dataset)  # None: labels unknown and the partition needs none
-        self.shards = self.partition.split(labels if labels is not None else len(dataset), self.num_clients, self.seed)
+        self.shards = self.partition.split_dataset(dataset, labels, self.num_clients, self.seed)
         self.val_loader = _loader(dm, "val_dataloader")
         dm.setup("test")
         self.test_loader = _loader(dm, "test_dataloader")
@@ -674,6 +674,14 @@ class FedLoop:
         if self.test_loader is None:
             log.info("%s has no test_dataloader: no test metrics (test_*)", type(dm).__name__)
         return summary_rows(self.shards, labels)
+
+    def _steps_per_epoch(self) -> list[int]:
+        """Each client's optimizer steps in one local epoch: its shard's batches (the training loader's batch size
+        and ``drop_last``) over ``accumulate_grad_batches``, rounded up (Lightning steps on an epoch's last batch)."""
+        bs = self.train_template.batch_size or 1
+        drop = bool(getattr(self.train_template, "drop_last", False))
+        batches = [len(s) // bs if drop else -(-len(s) // bs) for s in self.shards]
+        return [-(-b // self.accumulate_grad_batches) for b in batches]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, r: int) -> Path:

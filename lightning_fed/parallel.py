@@ -8,8 +8,8 @@ depends only on its task, its stored state and its (seed, round, client) random 
 runs it.
 
 Load balance: clients are assigned longest-processing-time first (Graham 1969) on a cost model, the client's
-training examples x local epochs x its model's parameter count (tiers differ in size), so ranks finish
-together instead of round-robin.
+training examples x local epochs (capped by an instruction's ``max_steps``) x its model's parameter count (tiers
+differ in size), so ranks finish together instead of round-robin.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ def assign_lpt(costs: Sequence[float], world_size: int) -> list[int]:
 
 def pack_messages(messages: Sequence[ClientMessage], busy_s: float) -> bytes:
     """One rank's reply messages as bytes: a JSON header (sender, example count, metrics, failure, sizes,
-    timings) and the messages' bytes unchanged after it. No pickle: a rank only ever reads bytes and JSON."""
+    timings, local steps) and the messages' bytes unchanged after it. No pickle: a rank only ever reads bytes and JSON."""
     head = {"busy_s": busy_s, "messages": [
         {"client_id": m.client_id, "num_examples": m.num_examples, "metrics": m.metrics, "failure": m.failure,
-         "raw_bytes": m.raw_bytes, "encode_s": m.encode_s, "decode_s": m.decode_s, "size": len(m.message)}
+         "raw_bytes": m.raw_bytes, "encode_s": m.encode_s, "decode_s": m.decode_s, "local_steps": m.local_steps,
+         "size": len(m.message)}
         for m in messages]}
     text = json.dumps(head).encode()
     return b"".join([_HEADER.pack(len(text)), text, *(m.message for m in messages)])
@@ -132,11 +133,17 @@ class RankRunner(ClientRunner):
 
 
 def task_cost(task: ClientTask, work: ClientWork) -> float:
-    """Cost model of one client's round: training examples x local epochs x parameters of its model."""
+    """Cost model of one client's round: training examples x local epochs x parameters of its model; the examples
+    of at most ``max_steps`` optimizer steps when the instruction caps its work (partial work)."""
     epochs = int(task.config.get("local_epochs", work.local_epochs))
     module = work.strategy.client_module(task.client_id, work.view.lightning_module)
     params = sum(p.numel() for p in module.parameters())
-    return float(len(work.shards[task.client_id]) * epochs * max(params, 1))
+    samples = len(work.shards[task.client_id]) * epochs
+    cap = task.config.get("max_steps")
+    if cap is not None:
+        per_step = (work.template.batch_size or 1) * work.view.accumulate_grad_batches
+        samples = min(samples, int(cap) * per_step)
+    return float(samples * max(params, 1))
 
 
 __all__ = ["RankRunner", "assign_lpt", "pack_messages", "task_cost", "unpack_messages"]

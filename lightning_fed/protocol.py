@@ -26,7 +26,8 @@ class Instruction:
     Attributes:
         client_id: the client this instruction is for.
         payload: tensors to load or use on the client (the global weights for FedAvg).
-        config: plain settings for this round's local work (``local_epochs``, ``lr``…).
+        config: plain settings for this round's local work: ``local_epochs`` (local epochs), ``max_steps`` (an int
+            cap on the local optimizer steps, ``None`` or absent: no cap; a client stops when it reaches it)…
     """
 
     client_id: int
@@ -43,12 +44,15 @@ class Reply:
         payload: the tensors to aggregate (a weights delta for FedAvg).
         num_examples: the number of local training examples (the aggregation weight).
         metrics: scalar metrics of the local work (``train_loss``…).
+        local_steps: the optimizer steps the client's local training ran (partial work under ``max_steps`` runs
+            fewer); untrusted, checked by :func:`validate_local_steps`.
     """
 
     client_id: int
     payload: Payload
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    local_steps: int = 0
 
 
 @dataclass
@@ -86,6 +90,7 @@ class ClientMessage:
         failure: ``None``, or the reason the client dropped out (its exception, one line).
         raw_bytes: the size of the payload before encoding (for the compression ratio).
         encode_s: seconds spent encoding the reply; decode_s: decoding the downlink.
+        local_steps: the optimizer steps its local training ran (the reply's :attr:`Reply.local_steps`).
     """
 
     client_id: int
@@ -96,6 +101,7 @@ class ClientMessage:
     raw_bytes: int = 0
     encode_s: float = 0.0
     decode_s: float = 0.0
+    local_steps: int = 0
 
 
 class RejectedReply(ValueError):
@@ -215,3 +221,14 @@ def validate_reply(reply: Reply, spec: PayloadSpec, *, max_abs: float | None = N
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise RejectedReply(f"metric {k!r} is not a finite number: {v!r}")
     validate_payload(reply.payload, spec, max_abs=max_abs, check_values=check_values)
+
+
+def validate_local_steps(reply: Reply, max_steps: Any = None) -> None:
+    """Raise :class:`RejectedReply` unless the reply's ``local_steps`` is an int ``>= 0`` and, when the
+    instruction capped local work (``config["max_steps"]``), at most that cap: a client that claims more steps
+    than it was allowed is not believed."""
+    n = reply.local_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise RejectedReply(f"local_steps must be an int >= 0, got {n!r}")
+    if max_steps is not None and n > max_steps:
+        raise RejectedReply(f"local_steps={n} exceeds the instruction's max_steps={max_steps}")

@@ -166,9 +166,11 @@ class ClientWork:
                 self.hook("on_client_start", instr)
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, task.round, cid, LOADER_STREAM))
                 loader = client_loader(self.template, shard, generator)
-                metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)))
+                metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)),
+                                         task.config.get("max_steps"))
                 payload = self.strategy.client_reply(module, instr)
-                reply = Reply(cid, payload, num_examples=len(ctx.shard), metrics=metrics)
+                reply = Reply(cid, payload, num_examples=len(ctx.shard), metrics=metrics,
+                              local_steps=int(view.global_step))
                 self.hook("on_client_end", reply)
                 t = time.perf_counter()
                 codec_state = ctx.client_state.setdefault("codec", {})
@@ -193,7 +195,7 @@ class ClientWork:
         self.store.save(cid, ctx.client_state)
         ctx.client_state = {}
         return ClientMessage(cid, message, reply.num_examples, reply.metrics, raw_bytes=payload_bytes(reply.payload),
-                             encode_s=encode_s)
+                             encode_s=encode_s, local_steps=reply.local_steps)
 
 
 class ClientRunner:

@@ -7,7 +7,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import IntEnum
+from enum import IntEnum, unique
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+@unique
 class Stream(IntEnum):
     """Tags of the private random streams, the second part of every :func:`generator` call.
 
@@ -68,6 +69,8 @@ class Stream(IntEnum):
     """Fine-tuning batches of personalized evaluation (keys: round, client)."""
     DITTO = 21
     """Ditto's personal-model batches (keys: round, client)."""
+    STRAGGLERS = 22
+    """Which of a round's clients straggle, and how much work each does (keys: round)."""
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -33,7 +33,14 @@ import torch
 
 from lightning_fed.codecs.base import Codec, DecodeArgs
 from lightning_fed.codecs.wire import MalformedMessage
-from lightning_fed.protocol import ClientMessage, Instruction, RejectedReply, Reply, validate_reply
+from lightning_fed.protocol import (
+    ClientMessage,
+    Instruction,
+    RejectedReply,
+    Reply,
+    validate_local_steps,
+    validate_reply,
+)
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.aggregate import MeanFold
 from lightning_fed.strategies.base import Strategy
@@ -219,7 +226,8 @@ class Server:
                 round=server_round, sender=msg.client_id, spec=spec, max_bytes=self.max_message_bytes))
             stats["decode_s"] += time.perf_counter() - t
             self.senders.save(msg.client_id, state)  # the sender's encoder advanced too, whatever validation says
-            reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics))
+            reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics), msg.local_steps)
+            validate_local_steps(reply, instr.config.get("max_steps"))
             if fold is None:
                 validate_reply(reply, spec, max_abs=self.max_update_abs)
             else:  # the structure now; the values in the pass that adds them (or for the round, see MeanFold)

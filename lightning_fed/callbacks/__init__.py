@@ -16,10 +16,11 @@ from lightning_fed.callbacks.optim8bit import EightBitOptimizer
 from lightning_fed.callbacks.pruning import StructuredPruning, replay_pruning
 from lightning_fed.callbacks.qat import QuantizationAware
 from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
+from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
     "MCR", "NAD", "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "FinePruning", "Footprint",
     "GaussianUpdate", "LabelFlip", "LittleIsEnough", "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
-    "SparseUplink", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
+    "SparseUplink", "Stragglers", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]

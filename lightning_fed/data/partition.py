@@ -127,6 +127,12 @@ class Partition:
             )
         return [torch.as_tensor(np.sort(s), dtype=torch.long) for s in shards]
 
+    def split_dataset(self, dataset: Any, labels: Tensor | None, num_clients: int, seed: int) -> list[Tensor]:
+        """The shards of ``dataset`` (what FedLoop calls): :meth:`split` of its ``labels`` (from
+        :meth:`dataset_labels`), or of its length when they are ``None``. A partition that reads more of the dataset
+        than its labels (:class:`~lightning_fed.data.Natural`: a group id per sample) overrides it."""
+        return self.split(labels if labels is not None else len(dataset), num_clients, seed)
+
     def _split(self, labels: Any, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
         raise NotImplementedError
 

@@ -12,7 +12,9 @@ from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
+from lightning_fed.strategies.fednova import FedNova
 from lightning_fed.strategies.fedper import FedPer, PersonalLayers
+from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
@@ -51,7 +53,10 @@ __all__ = [
     "FedMD",
     "FedMDNFDP",
     "FedMoE",
+    "FedNova",
     "FedPer",
+    "FedProx",
+    "FedProxClient",
     "Krum",
     "ModelTiers",
     "NormBound",
