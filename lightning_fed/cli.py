@@ -14,6 +14,11 @@ import logging
 import sys
 from typing import Any, NoReturn
 
+from lightning_fed import prelaunch
+
+if __name__ == "__main__":  # `python -m lightning_fed.cli`: the other ranks start before the heavy imports below,
+    prelaunch.start(sys.argv[1:])  # and import and build the recipe beside this one
+
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
@@ -95,4 +100,7 @@ def _fail(message: str) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        prelaunch.stop_unadopted()

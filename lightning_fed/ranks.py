@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +36,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+from lightning_fed.prelaunch import adopt, launch_command
 
 log = logging.getLogger("lightning_fed")
 
@@ -185,27 +186,6 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _launch_command() -> list[str]:
-    """The command that started this process, for the extra ranks (as Fabric's subprocess launcher builds it)."""
-    import __main__
-
-    spec = getattr(__main__, "__spec__", None)
-    main_file = getattr(__main__, "__file__", None)
-    name = spec.name if spec is not None else os.path.basename(main_file or "")
-    if main_file is None and spec is None:
-        raise RuntimeError(
-            "FedLoop(devices>1) starts the extra ranks by re-running the command that started this process, and "
-            "an interactive session has none: run a script or `lightning-fed fit ... --loop.devices N`, or start "
-            "the processes with torchrun")
-    if name.split(".")[0] in ("pytest", "_pytest", "py") or os.path.basename(main_file or "").startswith("pytest"):
-        raise RuntimeError(
-            "FedLoop(devices>1) re-runs the command that started this process for the extra ranks, which would "
-            "re-run pytest: run the multi-process run in a subprocess (a script or `python -m lightning_fed.cli`)")
-    if spec is None:
-        return [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
-    return [sys.executable, "-m", spec.name, *sys.argv[1:]]
-
-
 def launch(devices: int, num_nodes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Start (or join) the run's processes and their gloo process group; ``Ranks()`` for one process.
 
@@ -228,8 +208,9 @@ def launch(devices: int, num_nodes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -
         address, port = env.main_address, env.main_port
         local_world = int(os.environ.get("SLURM_NTASKS_PER_NODE", str(devices)).split("(")[0])
     else:
+        children = adopt()  # started by the command line before its heavy imports (lightning_fed.prelaunch)
         if "LOCAL_RANK" not in os.environ:  # this process starts the other local ranks
-            cmd = _launch_command()
+            cmd = launch_command()
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
             os.environ.setdefault("NODE_RANK", "0")
@@ -244,6 +225,7 @@ def launch(devices: int, num_nodes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -
     if world != total:
         for proc in children:
             proc.kill()
+            proc.wait()
         raise ValueError(f"FedLoop: devices={devices} x num_nodes={num_nodes} = {total} processes, but the launcher "
                          f"started {world}: make them agree (e.g. torchrun --nproc-per-node={devices} "
                          f"--nnodes={num_nodes})")
