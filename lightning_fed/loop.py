@@ -34,6 +34,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 
+from lightning_fed.callbacks._compress import model_inputs
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module
@@ -55,6 +56,7 @@ from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.systems.clock import MacCounter, SimulatedClock, Workload
 from lightning_fed.trainer_view import TrainerView
 from lightning_fed.validation import need
 
@@ -150,6 +152,9 @@ class FedLoop:
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
             once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
             :func:`~lightning_fed.plan.sample_clients`).
+        clock: a :class:`~lightning_fed.systems.SimulatedClock`: clients get device and network profiles, rounds
+            get simulated seconds (``sim_round_s``, ``sim_time_s``, ``clock.csv``), and its deadline, straggler
+            policy, over-selection and dropouts decide which replies arrive (docs/systems.md). ``None``: none.
     """
 
     def __init__(
@@ -190,6 +195,7 @@ class FedLoop:
         num_nodes: int = 1,
         processes_per_device: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        clock: SimulatedClock | None = None,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -266,6 +272,9 @@ class FedLoop:
         self.processes_per_device = processes_per_device
         self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
+        self.clock = clock
+        if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run
+            clock.bind(num_clients, clients_per_round, seed)
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 
@@ -428,6 +437,12 @@ class FedLoop:
                              trusted_examples=sizes.__getitem__, max_norm_ratio=self.max_norm_ratio)
         # a callback that sees the replies before aggregation may drop or edit them: no fold to discard then
         self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks)
+        if self.clock is not None:
+            macs = MacCounter()
+            self.workload = Workload(
+                examples=sizes, batch_size=self.train_template.batch_size or 1,
+                drop_last=bool(self.train_template.drop_last), accumulate_grad_batches=self.accumulate_grad_batches,
+                local_epochs=self.local_epochs, macs_per_sample=lambda cid: self._macs(macs, cid))
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
         self._final_eval: dict[str, float] = {}  # the latest validation and test metrics
@@ -442,12 +457,18 @@ class FedLoop:
         plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
                           self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
         self.modules.round_start([model, *self._prepared.values()])
-        messages = self.round_runner.run(plan.tasks, self.work)
+        tasks, absent, sim = plan.tasks, [], {}
+        if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
+            tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
+        messages = self.round_runner.run(tasks, self.work)
+        if self.clock is not None:
+            order = {t.client_id: i for i, t in enumerate(plan.tasks)}
+            messages, sim = self.clock.finish(r, sorted(messages + absent, key=lambda m: order[m.client_id]))
         seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
         got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
-        metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
+        metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies), **sim}
         refused = None
         if len(replies) >= self.min_clients:
             try:
@@ -493,7 +514,15 @@ class FedLoop:
                 f"{k}: {ranks_stats[f'rank{k}_busy_s']:.2f}/{ranks_stats[f'rank{k}_wait_s']:.2f}"
                 for k in range(self.ranks.world_size)))
         metrics["seconds"] = time.perf_counter() - t0
+        if self.clock is not None and self.ranks.is_zero:
+            self.clock.write_csv(self.run_dir / "clock.csv")
         return metrics
+
+    def _macs(self, counter: MacCounter, client_id: int) -> float:
+        """MACs of one sample's forward pass through the model ``client_id`` trains this round (its tier)."""
+        module = self._working_module(self.strategy.client_module(client_id, self.model))
+        with rng_untouched():  # the example input may come from a loader, which draws a seed
+            return counter(module, model_inputs(OWNER, self.view, module, None, None))
 
     def _failure_report(self, what: str) -> str:
         """Why the run stops: the rounds that could not aggregate and each client's reason."""
@@ -669,6 +698,7 @@ class FedLoop:
             "downlink_state": self._downlink_state,
             "downlink_receiver_state": self.work.downlink_state,
             "failed_rounds": [[r, list(reasons)] for r, reasons in self._failed],
+            "clock": self.clock.state_dict() if self.clock is not None else None,
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.all_callbacks},
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
@@ -691,6 +721,8 @@ class FedLoop:
         self._downlink_state = state["downlink_state"]
         self.work.downlink_state = state["downlink_receiver_state"]
         self._failed = [(int(r), list(reasons)) for r, reasons in state["failed_rounds"]]
+        if self.clock is not None:
+            self.clock.load_state_dict(state["clock"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))

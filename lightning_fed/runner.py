@@ -166,7 +166,8 @@ class ClientWork:
                 self.hook("on_client_start", instr)
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, task.round, cid, LOADER_STREAM))
                 loader = client_loader(self.template, shard, generator)
-                metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)))
+                metrics = self.local.fit(loader, int(task.config.get("local_epochs", self.local_epochs)),
+                                         task.config.get("max_steps"))
                 payload = self.strategy.client_reply(module, instr)
                 reply = Reply(cid, payload, num_examples=len(ctx.shard), metrics=metrics)
                 self.hook("on_client_end", reply)

@@ -62,6 +62,10 @@ class Stream(IntEnum):
     """Neural attention distillation's split of the clean data (no keys) and its batches (keys: round)."""
     MCR = 18
     """Mode connectivity repair's split of the clean data (no keys), its batches and curve points (keys: round)."""
+    SYSTEMS_PROFILES = 41
+    """Client device and network profiles drawn from a preset (keys: number of clients)."""
+    SYSTEMS_DROPOUT = 42
+    """Whether a sampled client drops out of a round (keys: round, client id)."""
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -105,6 +105,8 @@ CASES = {  # name: (recipe, processes)
     "bf16-mixed-2": ("fedavg", 2),
     "backdoor-attack-2": ("attack_backdoor", 2),  # a server hook that writes a file in the run folder
     "scaffold-2": ("scaffold", 2),
+    "stragglers-deadline-2": ("stragglers_deadline", 2),  # a simulated clock: dropouts, partial work, clock.csv
+    "overselect-2": ("overselect", 2),
 }
 
 
