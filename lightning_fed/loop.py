@@ -46,7 +46,14 @@ from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.parallel import RankRunner
-from lightning_fed.plan import SAMPLINGS, UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
+from lightning_fed.plan import (
+    SAMPLINGS,
+    UPLINK_ALLOCATIONS,
+    acknowledge_downlink,
+    plan_round,
+    sample_clients,
+    uplink_shares,
+)
 from lightning_fed.progress import RoundProgress
 from lightning_fed.ranks import DEFAULT_TIMEOUT_S, RankFailed, Ranks, launch
 from lightning_fed.report import partition_table, write_partition_csv
@@ -406,6 +413,9 @@ class FedLoop:
         else:  # every rank decodes every message; rank 0's copy of the senders' state is the one checkpointed
             self._senders_tmp = Path(tempfile.mkdtemp(prefix=f"lightning_fed-rank{ranks.rank}-senders-"))
             self.senders = ClientStore(self._senders_tmp)
+        self.receivers = None  # the server's state about each receiver of a per-receiver downlink codec
+        if self.downlink_codec.per_receiver:
+            self.receivers = ClientStore(run_dir / "receivers" if ranks.is_zero else self._senders_tmp / "receivers")
         self.context = ctx = FedContext(
             num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
             test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
@@ -455,12 +465,15 @@ class FedLoop:
         ctx.round, ctx.client_id, ctx.client_state = r, None, {}
         clients = self.sample_clients(r)
         plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
-                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
+                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
+                          self.receivers)
         self.modules.round_start([model, *self._prepared.values()])
         tasks, absent, sim = plan.tasks, [], {}
         if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
             tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
         messages = self.round_runner.run(tasks, self.work)
+        if self.receivers is not None:
+            acknowledge_downlink(self.receivers, messages)
         if self.clock is not None:
             order = {t.client_id: i for i, t in enumerate(plan.tasks)}
             messages, sim = self.clock.finish(r, sorted(messages + absent, key=lambda m: order[m.client_id]))
@@ -703,8 +716,10 @@ class FedLoop:
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
-        path = save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
-                               self.keep_checkpoints)
+        stores = {"clients": self.store, "senders": self.senders}
+        if self.receivers is not None:
+            stores["receivers"] = self.receivers
+        path = save_checkpoint(self.run_dir, r, state, stores, self.keep_checkpoints)
         self.ranks.barrier()
         return path
 
@@ -729,6 +744,8 @@ class FedLoop:
         if self.ranks.is_zero:
             self.store.restore(ckpt_dir / "clients")
         self.senders.restore(ckpt_dir / "senders")
+        if self.receivers is not None:
+            self.receivers.restore(ckpt_dir / "receivers")
         self.ranks.barrier()  # the client store is back before any rank reads it
         log.info("resumed from %s after round %d", ckpt_dir, state["round"] + 1)
         return state["round"] + 1
