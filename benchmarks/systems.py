@@ -38,13 +38,27 @@ from rich.table import Table
 from lightning_fed.cli import run
 
 ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
-TCS = json.dumps({"class_path": "lightning_fed.codecs.TimeCorrelatedTopK", "init_args": {
-    "ratio": 0.005, "mask_ratio": 0.18,
-    "values": {"class_path": "lightning_fed.codecs.Sign", "init_args": {"block": 64, "scale_dtype": "float16"}}}})
+TCS = json.dumps(
+    {
+        "class_path": "lightning_fed.codecs.TimeCorrelatedTopK",
+        "init_args": {
+            "ratio": 0.005,
+            "mask_ratio": 0.18,
+            "values": {
+                "class_path": "lightning_fed.codecs.Sign",
+                "init_args": {"block": 64, "scale_dtype": "float16"},
+            },
+        },
+    }
+)
 INT8 = json.dumps({"class_path": "lightning_fed.codecs.Blockwise8bit"})
 FOUR = json.dumps({"class_path": "lightning_fed.codecs.Blockwise4bit"})
-DELTA4 = json.dumps({"class_path": "lightning_fed.codecs.DownlinkDelta",
-                     "init_args": {"inner": {"class_path": "lightning_fed.codecs.Blockwise4bit"}}})
+DELTA4 = json.dumps(
+    {
+        "class_path": "lightning_fed.codecs.DownlinkDelta",
+        "init_args": {"inner": {"class_path": "lightning_fed.codecs.Blockwise4bit"}},
+    }
+)
 SYNC = ["--loop.clock.init_args.deadline", "null", "--loop.clock.init_args.straggler", "drop"]
 METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "sync": ("stragglers_deadline", SYNC),
@@ -64,16 +78,43 @@ def one_run(name: str, rounds: int, seed: int, out: Path) -> dict[str, object]:
     """One method: per-round test accuracy and simulated time, bytes, the clock's counts and the wall time."""
     t0 = time.perf_counter()
     recipe, extra = METHODS[name]
-    res = run(["fit", "--config", str(ROOT / f"{recipe}.yaml"), *extra, "--loop.rounds", str(rounds),
-               "--loop.seed", str(seed), "--loop.test_every", "1", "--loop.checkpoint_every", "0",
-               "--loop.verbose", "false", "--loop.plot", "false", "--loop.loggers", "[]",
-               "--loop.output_dir", str(out / name)])
+    res = run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / f"{recipe}.yaml"),
+            *extra,
+            "--loop.rounds",
+            str(rounds),
+            "--loop.seed",
+            str(seed),
+            "--loop.test_every",
+            "1",
+            "--loop.checkpoint_every",
+            "0",
+            "--loop.verbose",
+            "false",
+            "--loop.plot",
+            "false",
+            "--loop.loggers",
+            "[]",
+            "--loop.output_dir",
+            str(out / name),
+        ]
+    )
     h = res.history
-    return {"method": name, "acc": [float(x.get("test_acc", float("nan"))) for x in h],
-            "sim_time_s": [float(x["sim_time_s"]) for x in h],
-            "up_mb": sum(x["bytes_up"] for x in h) / 1e6, "down_mb": sum(x["bytes_down"] for x in h) / 1e6,
-            **{k: int(sum(x.get(k, 0) for x in h)) for k in ("sim_late", "sim_partial", "sim_dropouts", "sim_extra")},
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "method": name,
+        "acc": [float(x.get("test_acc", float("nan"))) for x in h],
+        "sim_time_s": [float(x["sim_time_s"]) for x in h],
+        "up_mb": sum(x["bytes_up"] for x in h) / 1e6,
+        "down_mb": sum(x["bytes_down"] for x in h) / 1e6,
+        **{
+            k: int(sum(x.get(k, 0) for x in h))
+            for k in ("sim_late", "sim_partial", "sim_dropouts", "sim_extra")
+        },
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def to_target(r: dict[str, object]) -> tuple[int | None, float | None]:
@@ -84,18 +125,44 @@ def to_target(r: dict[str, object]) -> tuple[int | None, float | None]:
 
 def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
     """The rich table of every method (speed-up: sync's simulated time to 90 % over the method's)."""
-    t = Table(title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} test accuracy "
-                    f"({rounds} rounds, seed {seed})")
-    for col in ("method", "final test acc", "rounds to 90%", "sim s to 90%", "vs sync", "sim s total", "up MB",
-                "down MB", "late", "partial", "dropouts", "discarded", "wall s"):
+    t = Table(
+        title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} test accuracy "
+        f"({rounds} rounds, seed {seed})"
+    )
+    for col in (
+        "method",
+        "final test acc",
+        "rounds to 90%",
+        "sim s to 90%",
+        "vs sync",
+        "sim s total",
+        "up MB",
+        "down MB",
+        "late",
+        "partial",
+        "dropouts",
+        "discarded",
+        "wall s",
+    ):
         t.add_column(col, justify="left" if col == "method" else "right")
     base = next((to_target(r)[1] for r in results if r["method"] == "sync"), None)
     for r in results:
         n, s = to_target(r)
-        t.add_row(r["method"], f"{r['acc'][-1]:.2%}", "-" if n is None else str(n), "-" if s is None else f"{s:.2f}",
-                  f"{base / s:.2f}x" if base and s else "-", f"{r['sim_time_s'][-1]:.2f}", f"{r['up_mb']:.3f}",
-                  f"{r['down_mb']:.3f}", str(r["sim_late"]), str(r["sim_partial"]), str(r["sim_dropouts"]),
-                  str(r["sim_extra"]), f"{r['wall_s']:.0f}")
+        t.add_row(
+            r["method"],
+            f"{r['acc'][-1]:.2%}",
+            "-" if n is None else str(n),
+            "-" if s is None else f"{s:.2f}",
+            f"{base / s:.2f}x" if base and s else "-",
+            f"{r['sim_time_s'][-1]:.2f}",
+            f"{r['up_mb']:.3f}",
+            f"{r['down_mb']:.3f}",
+            str(r["sim_late"]),
+            str(r["sim_partial"]),
+            str(r["sim_dropouts"]),
+            str(r["sim_extra"]),
+            f"{r['wall_s']:.0f}",
+        )
     return t
 
 

@@ -287,6 +287,7 @@ class LocalTrainer:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
+        view.max_steps = -1 if max_steps is None else max_steps
         view.num_training_batches, view.should_stop, view.training = len(loader), False, True
         view.is_last_batch = False
         view.fresh_metrics.clear()

@@ -325,3 +325,55 @@ def test_clock_csv_and_plot(tmp_path, make_loop, small_dm):
     assert (
         Image.open(with_time).width > Image.open(without).width
     )  # a third panel: accuracy against simulated time
+
+
+def test_step_cap_matches_lightning_trainer_max_steps(tmp_path):
+    import copy
+
+    import lightning as L
+    from test_parity import SEED, Base, Capture, TensorDM, assert_same_weights, client_batches
+    from torch.utils.data import DataLoader
+
+    from lightning_fed import FedLoop
+    from lightning_fed.callbacks.base import FedCallback
+    from lightning_fed.data import IID
+
+    class Cap(FedCallback):
+        def on_round_start(self, trainer, pl_module, instructions):
+            for instr in instructions:
+                instr.config["max_steps"] = 4  # of the epoch's 7 batches
+
+    L.seed_everything(0, verbose=False)
+    model, dm, fed, trn = Base(), TensorDM(), Capture(), Capture()
+    loop = FedLoop(
+        num_clients=1,
+        clients_per_round=1,
+        rounds=1,
+        local_epochs=1,
+        partition=IID(),
+        seed=SEED,
+        output_dir=str(tmp_path),
+        verbose=False,
+        plot=False,
+        loggers=[],
+        checkpoint_every=0,
+        callbacks=[Cap(), fed],
+    )
+    loop.fit(copy.deepcopy(model), dm)
+    trainer = L.Trainer(
+        max_epochs=1,
+        max_steps=4,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[trn],
+    )
+    trainer.fit(copy.deepcopy(model), DataLoader(client_batches(dm), batch_size=None))
+    assert len(fed.inputs) == len(trn.inputs) == 4
+    for a, b in zip(fed.inputs, trn.inputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_weights(fed, trn)
