@@ -23,6 +23,7 @@ Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/systems.py                       # every method, 100 rounds
     OMP_NUM_THREADS=1 python benchmarks/systems.py --methods sync partial --rounds 30 --out runs/systems.json
+    python benchmarks/systems.py --rounds 30 --load runs/a.json runs/b.json     # one table of several --out files
 """
 
 from __future__ import annotations
@@ -174,7 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=Path, default=Path("runs/systems"), help="where the runs are written")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--load",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the table of earlier --out files (e.g. methods run in parallel) instead of running",
+    )
     args = ap.parse_args(argv)
+    if args.load is not None:
+        merged = [r for path in args.load for r in json.loads(path.read_text())]
+        Console(width=200).print(table(merged, args.rounds, args.seed))
+        return
     results = []
     for name in args.methods:
         results.append(one_run(name, args.rounds, args.seed, args.runs))
