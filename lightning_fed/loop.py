@@ -736,7 +736,7 @@ class FedLoop:
         self._downlink_state = state["downlink_state"]
         self.work.downlink_state = state["downlink_receiver_state"]
         self._failed = [(int(r), list(reasons)) for r, reasons in state["failed_rounds"]]
-        if self.clock is not None:
+        if self.clock is not None and state.get("clock") is not None:
             self.clock.load_state_dict(state["clock"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -377,3 +377,58 @@ def test_step_cap_matches_lightning_trainer_max_steps(tmp_path):
     for a, b in zip(fed.inputs, trn.inputs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert_same_weights(fed, trn)
+
+
+def test_resume_refuses_another_clock(tmp_path, make_loop, small_dm):
+    from conftest import seeded
+
+    from lightning_fed.identity import ResumeMismatch
+    from lightning_fed.models import MNIST1DMLP
+
+    out = str(tmp_path / "o")
+    res = make_loop(rounds=1, checkpoint_every=1, output_dir=out, clock=SimulatedClock(deadline=0.1)).fit(
+        seeded(MNIST1DMLP), small_dm
+    )
+    with pytest.raises(ResumeMismatch, match=r"clock: SimulatedClock\(.*deadline=0.1.* in the checkpoint"):
+        make_loop(rounds=2, output_dir=out, clock=SimulatedClock(deadline=0.2)).fit(
+            seeded(MNIST1DMLP), small_dm, resume=str(res.run_dir)
+        )
+
+
+def test_two_processes_match_one_with_downlink_deltas(tmp_path):
+    import json
+    from pathlib import Path
+
+    from test_parallel import SMALL, _assert_same, _flatten, _ranks, _state
+
+    from lightning_fed.cli import run
+
+    recipe = Path(__file__).parents[1] / "recipes" / "mnist1d" / "stragglers_deadline.yaml"
+    delta = json.dumps(
+        {
+            "class_path": "lightning_fed.codecs.DownlinkDelta",
+            "init_args": {"inner": {"class_path": "lightning_fed.codecs.Blockwise8bit"}},
+        }
+    )
+    args = ["--config", str(recipe), *SMALL, "--loop.rounds", "3", "--loop.downlink_codec", delta]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(["fit", *args, "--loop.output_dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(before)
+    _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2)
+    _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "downlink deltas: 2 processes vs one")
+    (one_ckpt,) = (tmp_path / "one").glob("version_*/checkpoints/round-000003")
+    (many_ckpt,) = (tmp_path / "many").glob("version_*/checkpoints/round-000003")
+    files = sorted((one_ckpt / "receivers").glob("client-*.pt"))
+    assert files and [f.name for f in files] == sorted(
+        f.name for f in (many_ckpt / "receivers").glob("client-*.pt")
+    )
+    for f in (
+        files
+    ):  # the server's per-receiver references (acknowledged, and pending for clients that dropped out)
+        a = _flatten(torch.load(f, weights_only=True))
+        b = _flatten(torch.load(many_ckpt / "receivers" / f.name, weights_only=True))
+        assert a.keys() == b.keys() and any(k.endswith("weight") for k in a)
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
