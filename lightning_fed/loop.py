@@ -446,7 +446,8 @@ class FedLoop:
         self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs,
                              trusted_examples=sizes.__getitem__, max_norm_ratio=self.max_norm_ratio)
         # a callback that sees the replies before aggregation may drop or edit them: no fold to discard then
-        self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks)
+        self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks) and not (
+            self.clock is not None and self.clock.discards)
         if self.clock is not None:
             macs = MacCounter()
             self.workload = Workload(
@@ -468,7 +469,7 @@ class FedLoop:
                           self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
                           self.receivers)
         self.modules.round_start([model, *self._prepared.values()])
-        tasks, absent, sim = plan.tasks, [], {}
+        tasks, absent, sim, discard = plan.tasks, [], {}, {}
         if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
             tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
         messages = self.round_runner.run(tasks, self.work)
@@ -476,9 +477,15 @@ class FedLoop:
             acknowledge_downlink(self.receivers, messages)
         if self.clock is not None:
             order = {t.client_id: i for i, t in enumerate(plan.tasks)}
-            messages, sim = self.clock.finish(r, sorted(messages + absent, key=lambda m: order[m.client_id]))
+            messages = sorted(messages + absent, key=lambda m: order[m.client_id])
+            discard, sim = self.clock.finish(r, messages)
         seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
         got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
+        if discard:  # decoded (each sender's codec state advanced), but late or over-selected: not aggregated
+            got.replies = [rp for rp in got.replies if rp.client_id not in discard]
+            for _, reason in sorted(discard.items()):
+                log.info("round %d: %s", r + 1, reason)
+                got.reasons.append(reason)
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
         metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies), **sim}

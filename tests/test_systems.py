@@ -116,13 +116,14 @@ def _fleet(tmp_path):
 
 
 def _round(clock, tasks_bytes, up_bytes, workload, r=0):
-    """Admit tasks with downlink messages of ``tasks_bytes``, reply with ``up_bytes``; return the clock's output."""
+    """Admit tasks with downlink messages of ``tasks_bytes``, reply with ``up_bytes``; return the tasks run, the
+    clients that did not run (failure messages), the replies to discard and the clock's metrics."""
     spec = {"w": TensorSpec((1000,), torch.float32)}  # 4,000 raw bytes: the first round's uplink estimate
     tasks = [ClientTask(r, c, b"x" * n, spec, {}) for c, n in enumerate(tasks_bytes)]
     run, absent = clock.admit(r, tasks, workload)
     messages = [ClientMessage(t.client_id, b"y" * up_bytes[t.client_id], 10) for t in run]
-    kept, metrics = clock.finish(r, messages + absent)
-    return run, kept, metrics
+    discard, metrics = clock.finish(r, messages + absent)
+    return run, absent, discard, metrics
 
 
 def _work(examples=(100, 100, 100), macs=1e6, epochs=1):
@@ -139,12 +140,12 @@ def _work(examples=(100, 100, 100), macs=1e6, epochs=1):
 def test_round_time_matches_hand_computation(tmp_path):
     clock = SimulatedClock(profiles=_fleet(tmp_path))
     clock.bind(3, 3, seed=0)
-    _, kept, m = _round(clock, [1000, 1000, 1000], [500, 500, 500], _work())
+    _, _, discard, m = _round(clock, [1000, 1000, 1000], [500, 500, 500], _work())
     # client 0: down 8*1000/4e6 = 0.002; compute 1e6 MACs * 100 samples * 3 * 2 / 1e9 = 0.6; up 8*500/1e6 = 0.004
     hand = [0.002 + 0.6 + 0.004, 0.001 + 0.3 + 0.002, 0.0005 + 0.15 + 0.001]
     assert [t.finish_s for t in clock.rows] == pytest.approx(hand, rel=1e-12)
     assert m["sim_round_s"] == pytest.approx(hand[0]) and m["sim_time_s"] == pytest.approx(hand[0])
-    assert len(kept) == 3 and all(t.status == "ok" for t in clock.rows)
+    assert discard == {} and all(t.status == "ok" for t in clock.rows)
     assert FORWARD_BACKWARD == 3 and FLOPS_PER_MAC == 2
     _round(clock, [1000, 1000, 1000], [500, 500, 500], _work(), r=1)
     assert clock.time_s == pytest.approx(2 * hand[0])
@@ -153,18 +154,16 @@ def test_round_time_matches_hand_computation(tmp_path):
 def test_deadline_drops_the_late_clients(tmp_path):
     clock = SimulatedClock(profiles=_fleet(tmp_path), deadline=0.5)
     clock.bind(3, 3, seed=0)
-    run, kept, m = _round(clock, [1000] * 3, [500] * 3, _work())
-    assert len(run) == 3  # everyone trains; the late reply is discarded when it arrives
-    assert [msg.client_id for msg in kept if msg.failure is None] == [1, 2]
-    (late,) = [msg for msg in kept if msg.failure is not None]
-    assert late.client_id == 0 and "past the deadline" in late.failure
+    run, absent, discard, m = _round(clock, [1000] * 3, [500] * 3, _work())
+    assert len(run) == 3 and absent == []  # everyone trains; the late reply is discarded when it arrives
+    assert list(discard) == [0] and "client 0 past the deadline: it finished at 0.606" in discard[0]
     assert m["sim_round_s"] == 0.5 and m["sim_late"] == 1  # the server waited until the deadline
 
 
 def test_partial_work_truncates_to_the_steps_that_fit(tmp_path):
     clock = SimulatedClock(profiles=_fleet(tmp_path), deadline=0.5, straggler="partial")
     clock.bind(3, 3, seed=0)
-    run, kept, m = _round(clock, [1000] * 3, [500] * 3, _work())
+    run, _, discard, m = _round(clock, [1000] * 3, [500] * 3, _work())
     caps = {t.client_id: t.config.get("max_steps") for t in run}
     # client 0: a step (10 samples) costs 1e6 * 10 * 6 / 1e9 = 0.06 s; the budget is 0.5 - 0.002 (down)
     # - 8 * 4000 / 1e6 (uplink estimate: the uncompressed payload) = 0.466 s -> 7 of its 10 steps
@@ -172,21 +171,22 @@ def test_partial_work_truncates_to_the_steps_that_fit(tmp_path):
     row0 = clock.rows[0]
     assert (row0.status, row0.samples, row0.max_steps) == ("partial", 70, 7)
     assert row0.compute_s == pytest.approx(1e6 * 70 * 6 / 1e9)
-    assert all(msg.failure is None for msg in kept) and m["sim_partial"] == 1 and m["sim_late"] == 0
+    assert discard == {} and m["sim_partial"] == 1 and m["sim_late"] == 0
     assert m["sim_round_s"] == pytest.approx(max(t.finish_s for t in clock.rows))
     # the next round estimates the uplink from the client's previous reply (500 bytes): 0.494 s -> 8 steps
-    run, _, _ = _round(clock, [1000] * 3, [500] * 3, _work(), r=1)
+    run, _, _, _ = _round(clock, [1000] * 3, [500] * 3, _work(), r=1)
     assert run[0].config["max_steps"] == 8
 
 
 def test_partial_work_with_no_step_that_fits_is_dropped_before_training(tmp_path):
     clock = SimulatedClock(profiles=_fleet(tmp_path), deadline=0.06, straggler="partial")
     clock.bind(3, 3, seed=0)
-    run, kept, m = _round(clock, [1000] * 3, [500] * 3, _work())
+    run, absent, discard, m = _round(clock, [1000] * 3, [500] * 3, _work())
     # budgets (deadline - downlink - uplink estimate of 4,000 bytes) over step times: client 0 (0.06 - 0.002 -
     # 0.032) / 0.06 -> 0 steps; client 1 (0.06 - 0.001 - 0.016) / 0.03 -> 1; client 2 (0.06 - 0.0005 - 0.008) / 0.015 -> 3
     assert [t.client_id for t in run] == [1, 2] and [t.config["max_steps"] for t in run] == [1, 3]
-    assert "not one local step fits" in next(msg.failure for msg in kept if msg.client_id == 0)
+    assert [msg.client_id for msg in absent] == [0] and "not one local step fits" in absent[0].failure
+    assert discard == {}
     assert [t.status for t in clock.rows] == ["no_step", "partial", "partial"]
     assert m["sim_late"] == 1 and m["sim_round_s"] == 0.06  # someone never reported: the server waited
 
@@ -195,8 +195,8 @@ def test_over_selection_keeps_the_first_k(tmp_path):
     clock = SimulatedClock(profiles=_fleet(tmp_path), keep_first=2)
     clock.bind(3, 3, seed=0)
     # client 2 is slowed by a large reply: 8 * 400000 / 4e6 = 0.8 s of uplink, so clients 1 and 0 arrive first
-    _, kept, m = _round(clock, [1000] * 3, [500, 500, 400_000], _work())
-    assert [msg.client_id for msg in kept] == [0, 1]
+    _, _, discard, m = _round(clock, [1000] * 3, [500, 500, 400_000], _work())
+    assert discard == {2: "client 2 not among the first 2 to arrive"}
     assert [t.status for t in clock.rows] == ["ok", "ok", "extra"]
     assert m["sim_round_s"] == pytest.approx(clock.rows[0].finish_s) and m["sim_extra"] == 1
 
@@ -432,3 +432,30 @@ def test_two_processes_match_one_with_downlink_deltas(tmp_path):
         b = _flatten(torch.load(many_ckpt / "receivers" / f.name, weights_only=True))
         assert a.keys() == b.keys() and any(k.endswith("weight") for k in a)
         assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_discarded_replies_keep_stateful_codecs_in_step(tmp_path, make_loop, small_dm):
+    from conftest import seeded
+
+    from lightning_fed.codecs import Differential, TopK
+    from lightning_fed.models import MNIST1DMLP
+
+    # 3 of 4 clients sampled, the first 2 kept; clients 2 and 3 are slow (3 the slowest). The server still decodes a
+    # discarded reply, so its copy of that sender's differential reference advances with the sender's own, and the
+    # sender's next reply, when it is kept, is not refused
+    profiles = ClientProfiles(
+        csv=_csv(tmp_path, ["0,1e12,1e9,1e9,0", "1,1e12,1e9,1e9,0", "2,1e9,1e7,1e7,0", "3,1e8,1e6,1e6,0"])
+    )
+    loop = make_loop(
+        num_clients=4,
+        clients_per_round=3,
+        rounds=8,
+        codec=Differential(TopK(0.1)),
+        clock=SimulatedClock(profiles=profiles, keep_first=2),
+    )
+    res = loop.fit(seeded(MNIST1DMLP), small_dm)
+    rows = list(csv.DictReader((res.run_dir / "clock.csv").open()))
+    two = [r["status"] for r in rows if r["client_id"] == "2"]
+    assert "extra" in two and "ok" in two[two.index("extra") :]  # discarded, then kept later
+    assert all(h["good"] == 2 for h in res.history)
+    assert sum(h["rejected"] for h in res.history) == 0

@@ -25,7 +25,9 @@ A straggler that would finish after ``deadline`` is dropped (``straggler="drop"`
 the local optimizer steps that fit: ``Instruction.config["max_steps"]`` caps its steps (honoured by
 :class:`~lightning_fed.client.LocalTrainer`), sized before it trains from its downlink time, its step time and an
 estimate of its uplink time (the size of its previous reply, else of the instruction's uncompressed payload); a
-client still late after that is dropped. Dropouts draw from ``(seed, round, client)`` only.
+client still late after that is dropped. Dropouts draw from ``(seed, round, client)`` only. A dropped or
+over-selected reply is still decoded by the server (so a stateful codec's state about its sender stays in step)
+and left out of the aggregate.
 """
 
 from __future__ import annotations
@@ -329,12 +331,19 @@ class SimulatedClock:
             run.append(task)
         return run, failed
 
+    @property
+    def discards(self) -> bool:
+        """Whether replies may arrive and be discarded (a deadline or over-selection): the server then decodes
+        every reply (keeping each sender's codec state in step) before the clock's discards are removed."""
+        return self.deadline is not None or self.keep_first is not None
+
     def finish(
         self, server_round: int, messages: list[ClientMessage]
-    ) -> tuple[list[ClientMessage], dict[str, float]]:
-        """After the clients ran: time every reply, drop the late ones (turned into failure messages naming the
-        deadline) and, with ``keep_first``, discard all but the first arrivals. Returns the messages the server
-        collects and the round's clock metrics."""
+    ) -> tuple[dict[int, str], dict[str, float]]:
+        """After the clients ran: time every reply, find the late ones and, with ``keep_first``, all but the first
+        arrivals. Returns the replies to discard after decoding (client id -> reason) and the round's clock
+        metrics. The server still decodes a discarded reply: a stateful codec's state about its sender must
+        advance as the sender's own did."""
         times = self._pending
         for msg in messages:
             t = times[msg.client_id]
@@ -361,19 +370,15 @@ class SimulatedClock:
             round_s = self.deadline
         else:
             round_s = max((t.finish_s for t in arrived), default=0.0)
-        out = []
-        for msg in messages:
-            t = times[msg.client_id]
+        discard = {}
+        for t in times.values():
             if t.status == "late":
-                out.append(
-                    ClientMessage(
-                        msg.client_id,
-                        failure=f"past the deadline: it would finish at "
-                        f"{t.finish_s:.4g} simulated s > {self.deadline:g}",
-                    )
+                discard[t.client_id] = (
+                    f"client {t.client_id} past the deadline: it finished at {t.finish_s:.4g} simulated s > "
+                    f"{self.deadline:g}"
                 )
-            elif t.status != "extra":
-                out.append(msg)
+            elif t.status == "extra":
+                discard[t.client_id] = f"client {t.client_id} not among the first {self.keep_first} to arrive"
         self.time_s += round_s
         rows = sorted(times.values(), key=lambda t: t.client_id)
         self.rows.extend(rows)
@@ -387,7 +392,7 @@ class SimulatedClock:
             "sim_partial": count["partial"],
             "sim_extra": count["extra"],
         }
-        return out, metrics
+        return discard, metrics
 
     def write_csv(self, path: str | Path) -> None:
         """Write every sampled client's simulated round (:class:`ClientTime` rows) to ``path`` atomically."""
