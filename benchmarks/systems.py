@@ -12,6 +12,7 @@ Methods (``--methods``):
 
 * ``sync``: synchronous FedAvg that waits for every client (no deadline);
 * ``drop`` / ``partial``: a 0.1 s deadline; stragglers are dropped, or do only the local steps that fit;
+  ``drop-0.2s`` / ``partial-0.2s``: the same with a 0.2 s deadline;
 * ``overselect``: 13 clients sampled, the first 10 to arrive aggregated;
 * ``sync-codecs`` / ``partial-codecs``: ``sync`` / ``partial`` with the 109x uplink codec of
   ``codec_tcs.yaml`` and an 8-bit downlink (``Blockwise8bit``);
@@ -65,6 +66,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "sync": ("stragglers_deadline", SYNC),
     "drop": ("stragglers_deadline", ["--loop.clock.init_args.straggler", "drop"]),
     "partial": ("stragglers_deadline", []),
+    "drop-0.2s": (
+        "stragglers_deadline",
+        ["--loop.clock.init_args.straggler", "drop", "--loop.clock.init_args.deadline", "0.2"],
+    ),
+    "partial-0.2s": ("stragglers_deadline", ["--loop.clock.init_args.deadline", "0.2"]),
     "overselect": ("overselect", []),
     "sync-codecs": ("stragglers_deadline", [*SYNC, "--loop.codec", TCS, "--loop.downlink_codec", INT8]),
     "partial-codecs": ("stragglers_deadline", ["--loop.codec", TCS, "--loop.downlink_codec", INT8]),
