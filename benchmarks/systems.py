@@ -79,6 +79,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "down-delta4": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", DELTA4]),
 }
 TARGET = 0.90
+SECOND = 0.85
 
 
 def one_run(name: str, rounds: int, seed: int, out: Path) -> dict[str, object]:
@@ -124,16 +125,16 @@ def one_run(name: str, rounds: int, seed: int, out: Path) -> dict[str, object]:
     }
 
 
-def to_target(r: dict[str, object]) -> tuple[int | None, float | None]:
-    """The first round (1-based) whose test accuracy reaches :data:`TARGET`, and the simulated seconds until then."""
-    i = next((i for i, a in enumerate(r["acc"]) if a >= TARGET), None)  # type: ignore[arg-type]
+def to_target(r: dict[str, object], target: float = TARGET) -> tuple[int | None, float | None]:
+    """The first round (1-based) whose test accuracy reaches ``target``, and the simulated seconds until then."""
+    i = next((i for i, a in enumerate(r["acc"]) if a >= target), None)  # type: ignore[arg-type]
     return (None, None) if i is None else (i + 1, r["sim_time_s"][i])  # type: ignore[index]
 
 
 def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
-    """The rich table of every method (speed-up: sync's simulated time to 90 % over the method's)."""
+    """The rich table of every method ("vs sync": sync's simulated time to the target over the method's)."""
     t = Table(
-        title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} test accuracy "
+        title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} (and {SECOND:.0%}) test accuracy "
         f"({rounds} rounds, seed {seed})"
     )
     for col in (
@@ -142,6 +143,8 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
         "rounds to 90%",
         "sim s to 90%",
         "vs sync",
+        "sim s to 85%",
+        "vs sync ",
         "sim s total",
         "up MB",
         "down MB",
@@ -152,15 +155,19 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
         "wall s",
     ):
         t.add_column(col, justify="left" if col == "method" else "right")
-    base = next((to_target(r)[1] for r in results if r["method"] == "sync"), None)
+    sync = next((r for r in results if r["method"] == "sync"), None)
+    base = {g: to_target(sync, g)[1] if sync else None for g in (TARGET, SECOND)}
     for r in results:
         n, s = to_target(r)
+        s2 = to_target(r, SECOND)[1]
         t.add_row(
             r["method"],
             f"{r['acc'][-1]:.2%}",
             "-" if n is None else str(n),
             "-" if s is None else f"{s:.2f}",
-            f"{base / s:.2f}x" if base and s else "-",
+            f"{base[TARGET] / s:.2f}x" if base[TARGET] and s else "-",
+            "-" if s2 is None else f"{s2:.2f}",
+            f"{base[SECOND] / s2:.2f}x" if base[SECOND] and s2 else "-",
             f"{r['sim_time_s'][-1]:.2f}",
             f"{r['up_mb']:.3f}",
             f"{r['down_mb']:.3f}",
