@@ -64,8 +64,11 @@ DELTA4 = json.dumps(
 SYNC = ["--loop.clock.init_args.deadline", "null", "--loop.clock.init_args.straggler", "drop"]
 METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "sync": ("stragglers_deadline", SYNC),
-    "drop": ("stragglers_deadline", ["--loop.clock.init_args.straggler", "drop"]),
-    "partial": ("stragglers_deadline", []),
+    "drop": (
+        "stragglers_deadline",
+        ["--loop.clock.init_args.straggler", "drop", "--loop.clock.init_args.deadline", "0.1"],
+    ),
+    "partial": ("stragglers_deadline", ["--loop.clock.init_args.deadline", "0.1"]),
     "drop-0.2s": (
         "stragglers_deadline",
         ["--loop.clock.init_args.straggler", "drop", "--loop.clock.init_args.deadline", "0.2"],
@@ -73,7 +76,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "partial-0.2s": ("stragglers_deadline", ["--loop.clock.init_args.deadline", "0.2"]),
     "overselect": ("overselect", []),
     "sync-codecs": ("stragglers_deadline", [*SYNC, "--loop.codec", TCS, "--loop.downlink_codec", INT8]),
-    "partial-codecs": ("stragglers_deadline", ["--loop.codec", TCS, "--loop.downlink_codec", INT8]),
+    "partial-codecs": (
+        "stragglers_deadline",
+        ["--loop.clock.init_args.deadline", "0.1", "--loop.codec", TCS, "--loop.downlink_codec", INT8],
+    ),
     "down-int8": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", INT8]),
     "down-4bit": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", FOUR]),
     "down-delta4": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", DELTA4]),
