@@ -282,6 +282,8 @@ class FedLoop:
         self.clock = clock
         if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run
             clock.bind(num_clients, clients_per_round, seed)
+            need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
+                 f"at most the clock's keep_first={clock.keep_first} (the replies a round keeps)")
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 

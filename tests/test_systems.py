@@ -44,6 +44,7 @@ def test_profiles_round_trip_through_csv(tmp_path):
     assert [(p.flops_per_s, p.up_bps, p.down_bps, p.dropout) for p in back] == [
         (p.flops_per_s, p.up_bps, p.down_bps, p.dropout) for p in drawn
     ]
+    assert [p.device for p in back] == ["mid_range"] * 5
 
 
 @pytest.mark.parametrize(
@@ -107,6 +108,8 @@ def test_bad_clock_settings_rejected(make_loop):
         ValueError, match=r"keep_first=3 is not allowed; keep_first must be at most clients_per_round=2"
     ):
         make_loop(clock=SimulatedClock(keep_first=3))
+    with pytest.raises(ValueError, match=r"FedLoop: min_clients=2 is not allowed; .* keep_first=1"):
+        make_loop(min_clients=2, clock=SimulatedClock(keep_first=1))
 
 
 # ------------------------------------------------------------------ the clock on scripted rounds

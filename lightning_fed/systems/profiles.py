@@ -79,7 +79,7 @@ class Profile:
         up_bps: uplink bandwidth (bit/s).
         down_bps: downlink bandwidth (bit/s).
         dropout: probability of dropping out of a round the client was sampled for, in [0, 1).
-        device: the device class's name (``"csv"`` for a profile read from a file).
+        device: the device class's name (a CSV's optional ``device`` column, else ``"csv"``).
     """
 
     client_id: int
@@ -132,7 +132,7 @@ def read_profiles_csv(path: str | Path) -> list[Profile]:
                 except ValueError:
                     need(OWNER, False, f"{where}{key}", row[key], "a number")
                 _check(where, key, values[key], dropout=key == "dropout")
-            out[cid] = Profile(cid, **values)
+            out[cid] = Profile(cid, **values, device=row.get("device") or "csv")
     need(OWNER, bool(out), "csv", str(path), "a CSV with at least one client row")
     return [out[c] for c in sorted(out)]
 
