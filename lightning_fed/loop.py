@@ -451,6 +451,7 @@ class FedLoop:
         self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks) and not (
             self.clock is not None and self.clock.discards)
         if self.clock is not None:
+            self.clock.bind(self.num_clients, self.clients_per_round, self.seed)  # a new run starts at time 0
             macs = MacCounter()
             self.workload = Workload(
                 examples=sizes, batch_size=self.train_template.batch_size or 1,

@@ -318,6 +318,10 @@ def test_clock_csv_and_plot(tmp_path, make_loop, small_dm):
     times = [h["sim_time_s"] for h in res.history]
     assert times[1] == pytest.approx(times[0] + res.history[1]["sim_round_s"]) and times[0] > 0
     assert len(list(csv.DictReader((res.run_dir / "clock.csv").open()))) == 4  # 2 rounds x 2 clients
+    again = make_loop(rounds=2, clock=loop.clock).fit(
+        seeded(MNIST1DMLP), small_dm
+    )  # the same clock, a new run
+    assert [h["sim_time_s"] for h in again.history] == times
     from PIL import Image
 
     with_time = plot_history(res.history, tmp_path / "acc.png")

@@ -238,8 +238,8 @@ class SimulatedClock:
         self._pending: dict[int, ClientTime] = {}
 
     def bind(self, num_clients: int, clients_per_round: int, seed: int) -> None:
-        """Resolve the profiles for the run's clients (FedLoop calls it at construction, so a bad profile fails
-        before anything runs)."""
+        """Resolve the profiles for the run's clients and start at simulated time 0 (FedLoop calls it at
+        construction, so a bad profile fails before anything runs, and again when a run starts)."""
         need(
             OWNER,
             self.keep_first is None or self.keep_first <= clients_per_round,
@@ -249,6 +249,7 @@ class SimulatedClock:
         )
         self.table = self.profiles.resolve(num_clients, seed)
         self.seed = seed
+        self.time_s, self.rows, self._last_up, self._pending = 0.0, [], {}, {}
 
     def drops_out(self, server_round: int, client_id: int) -> bool:
         """Whether ``client_id`` drops out of ``server_round`` (seeded by (seed, round, client) only)."""
