@@ -38,7 +38,8 @@ def write_partition_csv(rows: list[tuple[int, int, list[int] | None]], path: Pat
 def summary_table(history: list[dict[str, float]]) -> Table:
     """Final summary: rounds, final test accuracy (``test_acc``), last and best validation accuracy (``val_acc``),
     the other final ``test_*`` and last ``val_*`` metrics the module's own steps logged (a regression model's
-    ``test_mse``…), bytes and time. A row whose metric the run never logged reads ``n/a``."""
+    ``test_mse``…), bytes and time (and the simulated time, with a clock). A row whose metric the run never logged
+    reads ``n/a``."""
     table = Table(title="federated training summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -60,6 +61,8 @@ def summary_table(history: list[dict[str, float]]) -> Table:
     ]
     rows[4:4] = _module_rows(history)
     rows[len(rows) - 4:len(rows) - 4] = _compression_rows(history)
+    if history and "sim_time_s" in history[-1]:  # a simulated clock ran (docs/systems.md)
+        rows.append(("simulated time", f"{history[-1]['sim_time_s']:.4g} s"))
     for k, v in rows:
         table.add_row(k, v)
     return table

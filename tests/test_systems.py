@@ -322,6 +322,10 @@ def test_clock_csv_and_plot(tmp_path, make_loop, small_dm):
         seeded(MNIST1DMLP), small_dm
     )  # the same clock, a new run
     assert [h["sim_time_s"] for h in again.history] == times
+    from lightning_fed.report import summary_table
+
+    cells = dict(zip(*(c._cells for c in summary_table(res.history).columns), strict=True))
+    assert cells["simulated time"] == f"{times[1]:.4g} s" and "wall time" in cells
     from PIL import Image
 
     with_time = plot_history(res.history, tmp_path / "acc.png")
