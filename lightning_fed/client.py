@@ -278,16 +278,12 @@ class LocalTrainer:
         return getattr(module, name)(*args)
 
     def fit(self, loader: DataLoader, epochs: int, max_steps: int | None = None) -> dict[str, float]:
-        """Train for ``epochs`` local epochs, or until ``max_steps`` optimizer steps (``None``: no cap) as
-        ``lightning.Trainer(max_steps=)`` stops (partial work); return the mean of each value logged in the last
-        epoch. The steps run are ``trainer.global_step`` afterwards.
-
-        Raises:
-            ValueError: ``max_steps`` is not ``None`` nor an int >= 1.
-        """
+        """Train for ``epochs`` local epochs, or until ``max_steps`` optimizer steps (as ``lightning.Trainer(
+        max_steps=)``: the epoch in progress ends there, with its end hooks; ``None`` = no cap); return the mean of
+        each value logged in the last epoch. FedLoop passes an instruction's ``config["max_steps"]`` (partial work
+        of a straggler, or an algorithm's own cap)."""
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"LocalTrainer: max_steps={max_steps!r} is not allowed; max_steps must be an int >= 1 "
-                             "or None")
+            raise ClientTrainingError(f"max_steps={max_steps!r} is not allowed; max_steps must be an int >= 1 or None")
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
@@ -322,13 +318,12 @@ class LocalTrainer:
                     if self._train_batch(batch, batch_idx, steppers) is False or view.should_stop:
                         break
                     if max_steps is not None and view.global_step >= max_steps:
-                        view.should_stop = True  # as the Trainer: the epoch ends here, its hooks still run
                         break
                 view.compute_metrics()
                 self._hook("on_train_epoch_end")
                 view.reset_metrics()
                 self._step_schedulers("epoch", epoch + 1, plateau=True)
-                if view.should_stop:
+                if view.should_stop or (max_steps is not None and view.global_step >= max_steps):
                     break
             self._hook("on_train_end")
         finally:

@@ -31,7 +31,7 @@ from torch import nn
 
 MUST_MATCH = ("num_clients", "clients_per_round", "seed", "local_epochs", "partition", "strategy", "codec",
               "downlink_codec", "uplink_allocation", "keep_optimizer_state", "precision", "callbacks", "sampling",
-              "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches", "personal_eval")
+              "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches", "personal_eval", "clock")
 """``FedLoop`` parameters a resumed run must share with its checkpoint (plus the model, see :func:`model_identity`)."""
 
 MAY_CHANGE = ("rounds", "eval_every", "test_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",

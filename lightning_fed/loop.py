@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from lightning_fed.callbacks._compress import model_inputs
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module
@@ -47,7 +48,14 @@ from lightning_fed.identity import run_identity
 from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
 from lightning_fed.parallel import RankRunner
 from lightning_fed.personal import PersonalEval, PersonalRun
-from lightning_fed.plan import SAMPLINGS, UPLINK_ALLOCATIONS, plan_round, sample_clients, uplink_shares
+from lightning_fed.plan import (
+    SAMPLINGS,
+    UPLINK_ALLOCATIONS,
+    acknowledge_downlink,
+    plan_round,
+    sample_clients,
+    uplink_shares,
+)
 from lightning_fed.progress import RoundProgress
 from lightning_fed.ranks import DEFAULT_TIMEOUT_S, RankFailed, Ranks, launch
 from lightning_fed.report import partition_table, write_partition_csv
@@ -57,6 +65,7 @@ from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.systems.clock import MacCounter, SimulatedClock, Workload
 from lightning_fed.trainer_view import TrainerView
 from lightning_fed.validation import need
 
@@ -155,6 +164,9 @@ class FedLoop:
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
             once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
             :func:`~lightning_fed.plan.sample_clients`).
+        clock: a :class:`~lightning_fed.systems.SimulatedClock`: clients get device and network profiles, rounds
+            get simulated seconds (``sim_round_s``, ``sim_time_s``, ``clock.csv``), and its deadline, straggler
+            policy, over-selection and dropouts decide which replies arrive (docs/systems.md). ``None``: none.
     """
 
     def __init__(
@@ -196,6 +208,7 @@ class FedLoop:
         processes_per_device: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         personal_eval: PersonalEval | None = None,
+        clock: SimulatedClock | None = None,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -276,6 +289,11 @@ class FedLoop:
         self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
         self.personal_eval = personal_eval
+        self.clock = clock
+        if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run
+            clock.bind(num_clients, clients_per_round, seed)
+            need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
+                 f"at most the clock's keep_first={clock.keep_first} (the replies a round keeps)")
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 
@@ -408,6 +426,9 @@ class FedLoop:
         else:  # every rank decodes every message; rank 0's copy of the senders' state is the one checkpointed
             self._senders_tmp = Path(tempfile.mkdtemp(prefix=f"lightning_fed-rank{ranks.rank}-senders-"))
             self.senders = ClientStore(self._senders_tmp)
+        self.receivers = None  # the server's state about each receiver of a per-receiver downlink codec
+        if self.downlink_codec.per_receiver:
+            self.receivers = ClientStore(run_dir / "receivers" if ranks.is_zero else self._senders_tmp / "receivers")
         self.context = ctx = FedContext(
             num_clients=self.num_clients, num_rounds=self.rounds, eval_every=self.eval_every, run_dir=run_dir,
             test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
@@ -438,7 +459,15 @@ class FedLoop:
         self.server = Server(self.strategy, self.uplink, self.senders, self.max_message_bytes, self.max_update_abs,
                              trusted_examples=sizes.__getitem__, max_norm_ratio=self.max_norm_ratio)
         # a callback that sees the replies before aggregation may drop or edit them: no fold to discard then
-        self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks)
+        self.server.fold = not any(_overrides(cb, "on_aggregate_start") for cb in self.all_callbacks) and not (
+            self.clock is not None and self.clock.discards)
+        if self.clock is not None:
+            self.clock.bind(self.num_clients, self.clients_per_round, self.seed)  # a new run starts at time 0
+            macs = MacCounter()
+            self.workload = Workload(
+                examples=sizes, batch_size=self.train_template.batch_size or 1,
+                drop_last=bool(self.train_template.drop_last), accumulate_grad_batches=self.accumulate_grad_batches,
+                local_epochs=self.local_epochs, macs_per_sample=lambda cid: self._macs(macs, cid))
         self.history: list[dict[str, float]] = []
         self._downlink_state: dict[str, Any] = {}
         self._final_eval: dict[str, float] = {}  # the latest validation and test metrics
@@ -459,14 +488,29 @@ class FedLoop:
         ctx.round, ctx.client_id, ctx.client_state = r, None, {}
         clients = self.sample_clients(r)
         plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
-                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions))
+                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
+                          self.receivers)
         self.modules.round_start([model, *self._prepared.values()])
-        messages = self.round_runner.run(plan.tasks, self.work)
+        tasks, absent, sim, discard = plan.tasks, [], {}, {}
+        if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
+            tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
+        messages = self.round_runner.run(tasks, self.work)
+        if self.receivers is not None:
+            acknowledge_downlink(self.receivers, messages)
+        if self.clock is not None:
+            order = {t.client_id: i for i, t in enumerate(plan.tasks)}
+            messages = sorted(messages + absent, key=lambda m: order[m.client_id])
+            discard, sim = self.clock.finish(r, messages)
         seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
         got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
+        if discard:  # decoded (each sender's codec state advanced), but late or over-selected: not aggregated
+            got.replies = [rp for rp in got.replies if rp.client_id not in discard]
+            for _, reason in sorted(discard.items()):
+                log.info("round %d: %s", r + 1, reason)
+                got.reasons.append(reason)
         replies = got.replies
         self._fed_hook("on_aggregate_start", replies)
-        metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies)}
+        metrics: dict[str, float] = {"round": r + 1, "clients": len(clients), "good": len(replies), **sim}
         refused = None
         if len(replies) >= self.min_clients:
             try:
@@ -515,7 +559,15 @@ class FedLoop:
                 f"{k}: {ranks_stats[f'rank{k}_busy_s']:.2f}/{ranks_stats[f'rank{k}_wait_s']:.2f}"
                 for k in range(self.ranks.world_size)))
         metrics["seconds"] = time.perf_counter() - t0
+        if self.clock is not None and self.ranks.is_zero:
+            self.clock.write_csv(self.run_dir / "clock.csv")
         return metrics
+
+    def _macs(self, counter: MacCounter, client_id: int) -> float:
+        """MACs of one sample's forward pass through the model ``client_id`` trains this round (its tier)."""
+        module = self._working_module(self.strategy.client_module(client_id, self.model))
+        with rng_untouched():  # the example input may come from a loader, which draws a seed
+            return counter(module, model_inputs(OWNER, self.view, module, None, None))
 
     def _failure_report(self, what: str) -> str:
         """Why the run stops: the rounds that could not aggregate and each client's reason."""
@@ -702,12 +754,15 @@ class FedLoop:
             "downlink_state": self._downlink_state,
             "downlink_receiver_state": self.work.downlink_state,
             "failed_rounds": [[r, list(reasons)] for r, reasons in self._failed],
+            "clock": self.clock.state_dict() if self.clock is not None else None,
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.all_callbacks},
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
-        path = save_checkpoint(self.run_dir, r, state, {"clients": self.store, "senders": self.senders},
-                               self.keep_checkpoints)
+        stores = {"clients": self.store, "senders": self.senders}
+        if self.receivers is not None:
+            stores["receivers"] = self.receivers
+        path = save_checkpoint(self.run_dir, r, state, stores, self.keep_checkpoints)
         self.ranks.barrier()
         return path
 
@@ -724,12 +779,16 @@ class FedLoop:
         self._downlink_state = state["downlink_state"]
         self.work.downlink_state = state["downlink_receiver_state"]
         self._failed = [(int(r), list(reasons)) for r, reasons in state["failed_rounds"]]
+        if self.clock is not None and state.get("clock") is not None:
+            self.clock.load_state_dict(state["clock"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if self.ranks.is_zero:
             self.store.restore(ckpt_dir / "clients")
         self.senders.restore(ckpt_dir / "senders")
+        if self.receivers is not None:
+            self.receivers.restore(ckpt_dir / "receivers")
         self.ranks.barrier()  # the client store is back before any rank reads it
         log.info("resumed from %s after round %d", ckpt_dir, state["round"] + 1)
         return state["round"] + 1

@@ -7,6 +7,7 @@ codec's broadcast. Each distinct payload is encoded once; its bytes are counted 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from lightning_fed.codecs.base import Codec, EncodeArgs
-from lightning_fed.protocol import ClientTask, Instruction, PayloadSpec, payload_bytes, spec_of
+from lightning_fed.protocol import ClientMessage, ClientTask, Instruction, PayloadSpec, payload_bytes, spec_of
 from lightning_fed.seeding import derive_seed
+from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 
 UPLINK_ALLOCATIONS = ("uniform", "examples")
@@ -93,6 +95,7 @@ def plan_round(
     uplink_codec: Codec,
     shares: list[float],
     on_round_start: Callable[[list[Instruction]], None],
+    receivers: ClientStore | None = None,
 ) -> RoundPlan:
     """Build the round's tasks.
 
@@ -105,6 +108,8 @@ def plan_round(
         uplink_codec: its ``broadcast(round)`` goes to every sampled client.
         shares: every client's share of the uplink budget, by client id.
         on_round_start: the callbacks' hook; it may edit the list of instructions.
+        receivers: the server's per-client downlink state, for a ``per_receiver`` downlink codec (one message per
+            client, coded against the state the client last acknowledged; see :func:`acknowledge_downlink`).
     """
     instructions = strategy.configure_round(server_round, clients)
     on_round_start(instructions)
@@ -113,7 +118,17 @@ def plan_round(
     encoded: dict[int, tuple[bytes, int, PayloadSpec]] = {}
     tasks = []
     for instr in instructions:
-        key = id(instr.payload)
+        key = (id(instr.payload), instr.client_id) if downlink_codec.per_receiver else id(instr.payload)
+        if downlink_codec.per_receiver and key not in encoded:
+            if receivers is None:
+                raise ValueError(f"{type(downlink_codec).__name__} codes per receiver: plan_round needs receivers=")
+            stored = receivers.load(instr.client_id)
+            state = copy.deepcopy(stored.get("acked", {}))
+            t = time.perf_counter()
+            message = downlink_codec.encode(instr.payload, state, EncodeArgs(round=server_round))
+            stats["encode_s"] += time.perf_counter() - t
+            receivers.save(instr.client_id, {**stored, "pending": state})
+            encoded[key] = (message, payload_bytes(instr.payload), spec_of(instr.payload))
         if key not in encoded:
             t = time.perf_counter()
             message = downlink_codec.encode(instr.payload, downlink_state, EncodeArgs(round=server_round))
@@ -127,4 +142,16 @@ def plan_round(
     return RoundPlan(server_round, clients, instructions, tasks, stats)
 
 
-__all__ = ["SAMPLINGS", "UPLINK_ALLOCATIONS", "RoundPlan", "plan_round", "sample_clients", "uplink_shares"]
+def acknowledge_downlink(receivers: ClientStore, messages: list[ClientMessage]) -> None:
+    """A ``per_receiver`` downlink codec's state about each client that replied (it decoded its message and saved
+    its state) becomes the state the next message is coded against; a client that dropped out or failed keeps
+    the one before, as it does itself."""
+    for msg in messages:
+        if msg.failure is None:
+            stored = receivers.load(msg.client_id)
+            if "pending" in stored:
+                stored["acked"] = stored.pop("pending")
+                receivers.save(msg.client_id, stored)
+
+
+__all__ = ["SAMPLINGS", "UPLINK_ALLOCATIONS", "RoundPlan", "acknowledge_downlink", "plan_round", "sample_clients", "uplink_shares"]

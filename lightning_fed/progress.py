@@ -52,11 +52,12 @@ class RoundProgress:
 
     def advance(self, metrics: dict[str, float]) -> None:
         """Mark one round done and show its validation accuracy (``val_acc``), test accuracy (``test_acc``, at
-        test rounds) and training loss."""
+        test rounds), training loss and, with a simulated clock, the simulated time so far (``sim_time_s``)."""
         if self._progress is None:
             return
         parts = []
-        for key, fmt in (("val_acc", "val {:.2%}"), ("test_acc", "test {:.2%}"), ("train_loss", "loss {:.3f}")):
+        for key, fmt in (("val_acc", "val {:.2%}"), ("test_acc", "test {:.2%}"), ("train_loss", "loss {:.3f}"),
+                         ("sim_time_s", "sim {:.4g} s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
         if parts:

@@ -38,7 +38,8 @@ def write_partition_csv(rows: list[tuple[int, int, list[int] | None]], path: Pat
 def summary_table(history: list[dict[str, float]]) -> Table:
     """Final summary: rounds, final test accuracy (``test_acc``), last and best validation accuracy (``val_acc``),
     the other final ``test_*`` and last ``val_*`` metrics the module's own steps logged (a regression model's
-    ``test_mse``…), bytes and time. A row whose metric the run never logged reads ``n/a``."""
+    ``test_mse``…), bytes and time (and the simulated time, with a clock). A row whose metric the run never logged
+    reads ``n/a``."""
     table = Table(title="federated training summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -60,6 +61,8 @@ def summary_table(history: list[dict[str, float]]) -> Table:
     ]
     rows[4:4] = _module_rows(history)
     rows[len(rows) - 4:len(rows) - 4] = _compression_rows(history)
+    if history and "sim_time_s" in history[-1]:  # a simulated clock ran (docs/systems.md)
+        rows.append(("simulated time", f"{history[-1]['sim_time_s']:.4g} s"))
     for k, v in rows:
         table.add_row(k, v)
     return table
@@ -101,9 +104,9 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -> Path | None:
-    """PNG of accuracy against rounds and against cumulative uplink+downlink megabytes: validation accuracy
-    (``val_acc``) as a line, test accuracy (``test_acc``: the final test, and every ``test_every`` rounds) as
-    markers."""
+    """PNG of accuracy against rounds, against cumulative uplink+downlink megabytes and, when a simulated clock ran
+    (``sim_time_s`` in the history), against simulated seconds: validation accuracy (``val_acc``) as a line, test
+    accuracy (``test_acc``: the final test, and every ``test_every`` rounds) as markers."""
     series = [(name, [(h["round"], h[key]) for h in history if key in h])
               for name, key in (("validation", "val_acc"), ("test", "test_acc"))]
     series = [(name, pts) for name, pts in series if pts]
@@ -118,12 +121,19 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str = "") -
     for h in history:
         cum += (h.get("bytes_up", 0) + h.get("bytes_down", 0)) / 1e6
         mb[h["round"]] = cum
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sim = {h["round"]: h["sim_time_s"] for h in history if "sim_time_s" in h}
+    fig, axes = plt.subplots(1, 3 if sim else 2, figsize=(15 if sim else 10, 3.6))
+    a, b = axes[0], axes[1]
     for name, pts in series:
         rounds, acc = zip(*pts)
         style = {"marker": "."} if name == "validation" else {"marker": "*", "markersize": 10, "linestyle": ":"}
         a.plot(rounds, [100 * x for x in acc], label=name, **style)
         b.plot([mb[r] for r in rounds], [100 * x for x in acc], label=name, **style)
+        if sim:
+            axes[2].plot([sim.get(r, float("nan")) for r in rounds], [100 * x for x in acc], label=name, **style)
+    if sim:
+        axes[2].set_xlabel("simulated time (s)")
+        axes[2].grid(alpha=0.3)
     a.set_xlabel("round")
     a.set_ylabel("accuracy (%)")
     a.grid(alpha=0.3)

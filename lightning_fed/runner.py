@@ -148,11 +148,19 @@ class ClientWork:
     local_epochs: int
     downlink_state: dict[str, Any]
 
-    def __call__(self, task: ClientTask, payload: Payload) -> ClientMessage:
-        """Run one client's round on the decoded instruction ``payload``; a client's own failure becomes a
-        :class:`ClientMessage` with ``failure`` set, a failure of lightning_fed's code propagates."""
+    def __call__(self, task: ClientTask, payload: Payload | None) -> ClientMessage:
+        """Run one client's round on the decoded instruction ``payload`` (``None``: the client decodes the task's
+        message itself, with its own downlink state, for a ``per_receiver`` downlink codec); a client's own
+        failure becomes a :class:`ClientMessage` with ``failure`` set, a failure of lightning_fed's code
+        propagates."""
         cid, ctx, view = task.client_id, self.context, self.view
         ctx.client_id, ctx.client_state = cid, self.store.load(cid)
+        decode_s = 0.0
+        if payload is None:
+            t = time.perf_counter()
+            payload = self.downlink_codec.decode(task.message, ctx.client_state.setdefault("downlink", {}),
+                                                 DecodeArgs(round=task.round, spec=task.spec))
+            decode_s = time.perf_counter() - t
         ctx.shard = Subset(self.dataset, self.shards[cid])
         default = view.lightning_module
         module = self.prepare(self.strategy.client_module(cid, default))
@@ -195,7 +203,7 @@ class ClientWork:
         self.store.save(cid, ctx.client_state)
         ctx.client_state = {}
         return ClientMessage(cid, message, reply.num_examples, reply.metrics, raw_bytes=payload_bytes(reply.payload),
-                             encode_s=encode_s, local_steps=reply.local_steps)
+                             encode_s=encode_s, decode_s=decode_s, local_steps=reply.local_steps)
 
 
 class ClientRunner:
@@ -218,6 +226,9 @@ class SequentialRunner(ClientRunner):
         decoded: dict[int, tuple[Payload, float]] = {}
         out = []
         for task in tasks:
+            if work.downlink_codec.per_receiver:  # the client decodes its own message with its own state
+                out.append(work(task, None))
+                continue
             key = id(task.message)
             if key not in decoded:
                 t = time.perf_counter()

@@ -71,6 +71,10 @@ class Stream(IntEnum):
     """Ditto's personal-model batches (keys: round, client)."""
     STRAGGLERS = 22
     """Which of a round's clients straggle, and how much work each does (keys: round)."""
+    SYSTEMS_PROFILES = 41
+    """Client device and network profiles drawn from a preset (keys: number of clients)."""
+    SYSTEMS_DROPOUT = 42
+    """Whether a sampled client drops out of a round (keys: round, client id)."""
 
 
 def generator(*parts: int) -> torch.Generator:

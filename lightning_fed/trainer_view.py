@@ -11,7 +11,8 @@ except attributes of the underlying ``Fabric``, which are forwarded):
 ``estimated_stepping_batches`` ``max_epochs * ceil(num_training_batches / accumulate_grad_batches)`` (sizing
                               LR schedules), as ``lightning.Trainer`` computes it
 ``is_last_batch``             whether the current batch is the last of the local epoch
-``max_steps``                 the instruction's ``max_steps`` cap on local steps (partial work), else ``-1``
+``max_steps``                 the round's cap on the client's optimizer steps (``Instruction.config["max_steps"]``,
+                              e.g. a straggler's partial work), else ``-1``
 ``accumulate_grad_batches``   ``FedLoop(accumulate_grad_batches=)``
 ``gradient_clip_val``         ``FedLoop(gradient_clip_val=)``
 ``gradient_clip_algorithm``   ``FedLoop(gradient_clip_algorithm=)``
@@ -113,10 +114,10 @@ class TrainerView:
 
     @property
     def estimated_stepping_batches(self) -> int:
-        """Optimizer steps of this client's local training, as ``lightning.Trainer`` estimates them (capped by
+        """Optimizer steps of this client's local training, as ``lightning.Trainer`` estimates them (at most
         ``max_steps`` when it is set)."""
-        total = -(-self.num_training_batches // self.accumulate_grad_batches) * max(self.max_epochs, 1)
-        return total if self.max_steps == -1 else min(total, self.max_steps)
+        steps = -(-self.num_training_batches // self.accumulate_grad_batches) * max(self.max_epochs, 1)
+        return steps if self.max_steps == -1 else min(steps, self.max_steps)
 
     @property
     def precision(self) -> str:

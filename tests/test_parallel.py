@@ -108,6 +108,8 @@ CASES = {  # name: (recipe, processes)
     "secagg-2": ("secagg", 2),  # the protocol's setup replayed on every rank, masked inputs from both
     "fedper-2": ("fedper", 2),  # personal layers in the client store, personalized evaluation on every rank
     "fednova-stragglers-2": ("fednova", 2),  # partial work: each reply's local_steps crosses between the ranks
+    "stragglers-deadline-2": ("stragglers_deadline", 2),  # a simulated clock: dropouts, partial work, clock.csv
+    "overselect-2": ("overselect", 2),
 }
 
 

@@ -15,7 +15,8 @@ RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "fedgen", "fedgkt", "ddist", "distill
            "codec_dgc", "codec_powersgd", "codec_tcs", "codec_allocation", "fedavg_pruning_qat", "attack_backdoor",
            "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
            "defence_fine_pruning", "defence_nad", "defence_mcr", "secagg", "fedavg_ft",
-           "fedper", "ditto", "fedprox", "fednova", "../synthetic/fedprox_synthetic_1_1"]
+           "fedper", "ditto", "fedprox", "fednova", "../synthetic/fedprox_synthetic_1_1", "stragglers_deadline",
+           "overselect"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 

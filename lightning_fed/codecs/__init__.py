@@ -4,6 +4,7 @@ from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs, Identity
 from lightning_fed.codecs.blockwise import Blockwise4bit, Blockwise8bit
 from lightning_fed.codecs.cast import Cast
 from lightning_fed.codecs.differential import Differential
+from lightning_fed.codecs.downlink_delta import DownlinkDelta
 from lightning_fed.codecs.powersgd import PowerSGD
 from lightning_fed.codecs.qsgd import QSGD
 from lightning_fed.codecs.randk import RandomK
@@ -15,5 +16,5 @@ from lightning_fed.codecs.wire import MalformedMessage
 
 __all__ = ["Codec", "DecodeArgs", "EncodeArgs", "Identity", "MalformedMessage"]
 __all__ += [
-    "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "Differential", "PowerSGD", "RandomK", "Sign", "TimeCorrelatedTopK", "TopK", "ValueCodec", "VectorCodec",
+    "QSGD", "Blockwise4bit", "Blockwise8bit", "Cast", "Differential", "DownlinkDelta", "PowerSGD", "RandomK", "Sign", "TimeCorrelatedTopK", "TopK", "ValueCodec", "VectorCodec",
 ]

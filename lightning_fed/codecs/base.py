@@ -86,6 +86,10 @@ class Codec:
     """
 
     name: str = "codec"
+    per_receiver: bool = False
+    """As a downlink codec: its messages depend on the receiving client (a delta to what that client last
+    received), so the server encodes one message per client with its state about that client, and each client
+    decodes with its own state (see :class:`~lightning_fed.codecs.DownlinkDelta`)."""
 
     def encode(self, payload: Payload, state: dict[str, Any], args: EncodeArgs = EncodeArgs()) -> bytes:
         """Client side: encode ``payload`` into a message.
