@@ -148,8 +148,8 @@ class FedLoop:
         accumulate_grad_batches: as ``lightning.Trainer(accumulate_grad_batches=)``: a client steps its optimizer
             every this many batches (and on the last batch of a local epoch), the loss divided by it.
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
-            once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
-            :func:`~lightning_fed.plan.sample_clients`).
+            once per cycle of ``ceil(num_clients / clients_per_round)`` rounds; ``"poisson"``: each client takes
+            part with probability ``clients_per_round / num_clients`` (see :func:`~lightning_fed.plan.sample_clients`).
     """
 
     def __init__(
@@ -266,6 +266,7 @@ class FedLoop:
         self.processes_per_device = processes_per_device
         self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
+        self.strategy.check_plan(num_clients, clients_per_round, rounds, sampling)
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 

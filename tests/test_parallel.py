@@ -105,6 +105,8 @@ CASES = {  # name: (recipe, processes)
     "bf16-mixed-2": ("fedavg", 2),
     "backdoor-attack-2": ("attack_backdoor", 2),  # a server hook that writes a file in the run folder
     "scaffold-2": ("scaffold", 2),
+    "dp-adaptive-2": ("dp_adaptive", 2),  # server noise and the adaptive bound replayed on every rank
+    "dp-local-2": ("dp_local", 2),  # client noise keyed by (seed, round, client), whoever runs the client
 }
 
 

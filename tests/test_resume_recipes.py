@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "fedgen", "fedgkt", "ddist", "distillation", "fedmoe", "codec_topk",
            "codec_dgc", "codec_powersgd", "codec_tcs", "codec_allocation", "fedavg_pruning_qat", "attack_backdoor",
            "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
-           "defence_fine_pruning", "defence_nad", "defence_mcr"]
+           "defence_fine_pruning", "defence_nad", "defence_mcr", "dp_central", "dp_adaptive", "dp_local", "dp_sgd"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 

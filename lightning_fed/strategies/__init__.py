@@ -3,6 +3,7 @@
 from lightning_fed.strategies.aggregators import Aggregator, UniformMean, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
+from lightning_fed.strategies.dp import ClipNoise, DPFedAvg
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.feddf import FedDF
 from lightning_fed.strategies.fedgen import FedGen
@@ -35,7 +36,9 @@ __all__ = [
     "FLAME",
     "AdaptiveServerOptimizer",
     "Aggregator",
+    "ClipNoise",
     "CoordinateMedian",
+    "DPFedAvg",
     "DecentralizedDistillation",
     "FedAvg",
     "FedDF",
