@@ -1,12 +1,12 @@
 """Differential privacy on MNIST-1D: test accuracy against epsilon for central DP-FedAvg (fixed and adaptive clipping),
 local DP and record-level DP-SGD, next to non-private FedAvg on the same setting.
 
-Setting (defaults: the full one): an MNIST-1D training set of ``--train`` samples over ``--clients`` clients (IID),
-``--per_round`` clients per round with Poisson sampling, ``--rounds`` rounds of ``--local_epochs`` local epochs,
-MNIST1DCNN with SGD and momentum, server momentum (FedAvgM; McMahan et al. 2018 use it for DP-FedAvg too; the
-noised update is post-processed, at no privacy cost). For each method and each epsilon (``inf``: clipping only, no noise) the noise multiplier is
-calibrated with Opacus' ``get_noise_multiplier`` (RDP accountant) so that the planned run spends that epsilon at
-``delta = 1 / N^1.1``:
+Setting (defaults): an MNIST-1D training set of ``--train`` (50,000) samples over ``--clients`` (1,000) clients, IID,
+``--per_round`` (100) clients per round with Poisson sampling, ``--rounds`` (30) rounds of ``--local_epochs`` (3)
+local epochs, MNIST1DCNN with SGD (lr 0.05, momentum 0.9, batch 16) and server momentum 0.9 (FedAvgM; the noised
+update is post-processed, at no privacy cost). For each method and each epsilon (``inf``: clipping only, no noise)
+the noise multiplier is calibrated with Opacus' ``get_noise_multiplier`` (RDP accountant) so that the planned run
+spends that epsilon at ``delta = 1 / N^1.1``:
 
 * central (``DPFedAvg``), fixed and adaptive clipping: user-level, sample rate ``per_round / clients``, one step per
   round, ``N`` = clients;
@@ -16,10 +16,12 @@ calibrated with Opacus' ``get_noise_multiplier`` (RDP accountant) so that the pl
   over the expected participations, ``N`` = training records.
 
 The table shows the epsilon the run itself reported (central: ``dp_epsilon`` after the last round; local and DP-SGD:
-the mean over the last round's clients) and the final test accuracy. Run from the repository root::
+the mean over the last round's clients, who may have taken part more or less often than expected) and the final
+test accuracy. Run from the repository root::
 
-    python benchmarks/privacy.py                                 # 1,000 clients, 50,000 samples, 100 per round
-    python benchmarks/privacy.py --clients 200 --train 10000 --per_round 20 --rounds 20 --methods central adaptive
+    python benchmarks/privacy.py                        # everything, the full setting (hours on 2 cores)
+    python benchmarks/privacy.py --methods central --epsilons 8 --out central-8.json   # one cell
+    python benchmarks/privacy.py --merge fedavg.json central-8.json     # one table from several --out files
 """
 
 from __future__ import annotations
@@ -139,17 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         "--train", type=int, default=50000, help="training samples (MNIST-1D keeps 20 %% more as test)"
     )
     ap.add_argument("--per_round", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--local_epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local_epochs", type=int, default=3)
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9, help="client SGD momentum")
     ap.add_argument(
         "--server_momentum", type=float, default=0.9, help="server momentum (FedAvgM; 0: plain FedAvg)"
     )
     ap.add_argument("--channels", type=int, default=25)
     ap.add_argument(
-        "--clip", type=float, default=0.5, help="update L2 bound (central, local; adaptive: initial)"
+        "--clip", type=float, default=1.0, help="update L2 bound (central, local; adaptive: initial)"
     )
     ap.add_argument("--grad_clip", type=float, default=1.0, help="DP-SGD per-example gradient bound")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -157,14 +159,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--runs", type=Path, default=Path("runs/privacy"))
+    ap.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="only print the rows of these --out files"
+    )
     a = ap.parse_args(argv)
+    if a.merge:
+        files = [json.loads(f.read_text()) for f in a.merge]
+        print_table([r for f in files for r in f["rows"]], files[0]["args"])
+        return
     torch.set_num_threads(1)
     rows = [one_run("fedavg", math.inf, a, a.runs)] if "fedavg" in a.methods else []
     rows += [one_run(m, e, a, a.runs) for m in a.methods if m != "fedavg" for e in a.epsilons]
-    base = rows[0]["test_acc"] if "fedavg" in a.methods else math.nan
+    args = {k: str(v) for k, v in vars(a).items()}
+    print_table(rows, args)
+    if a.out is not None:
+        a.out.write_text(json.dumps({"args": args, "rows": rows}, indent=1))
+
+
+def print_table(rows: list[dict], args: dict[str, str]) -> None:
+    """The rows as a rich table; "vs FedAvg" against the non-private row when there is one."""
+    base = next((r["test_acc"] for r in rows if r["method"] == "fedavg"), math.nan)
     table = Table(
-        title=f"MNIST-1D, {a.clients} clients, {a.train} samples, {a.per_round} per round (Poisson), "
-        f"{a.rounds} rounds, {a.local_epochs} local epoch(s)"
+        title=f"MNIST-1D, {args['clients']} clients, {args['train']} samples, {args['per_round']} per round "
+        f"(Poisson), {args['rounds']} rounds, {args['local_epochs']} local epoch(s)"
     )
     for col in (
         "method",
@@ -188,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['clip']:.3g}",
             f"{r['wall_s']:.0f}",
         )
-    Console().print(table)
-    if a.out is not None:
-        a.out.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=1)
-        )
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

@@ -306,3 +306,41 @@ def test_dp_sgd_clips_every_per_example_gradient(make_loop, small_dm):
     make_loop(num_clients=2, clients_per_round=1, rounds=1).fit(unclipped, small_dm)
     free = math.sqrt(sum(float((unclipped.state_dict()[k] - v).pow(2).sum()) for k, v in before.items()))
     assert free > 100 * moved  # without DPSGD the same run moves much further
+
+
+def test_dp_sgd_works_under_a_plain_lightning_trainer(small_dm):
+    import lightning as L
+
+    cb = DPSGD(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5)
+    model = seeded(MNIST1DMLP)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, small_dm)
+    batches = math.ceil(800 / 32)
+    ref = RDPAccountant()
+    for _ in range(batches):
+        ref.step(noise_multiplier=1.1, sample_rate=1 / batches)
+    assert cb.last_epsilon == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-9)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resumed_dp_run_reports_the_same_epsilon_and_bound(make_loop, small_dm, tmp_path):
+    def loop(rounds, out):
+        strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, adaptive=True, count_std=1.0)
+        return make_loop(strategy=strategy, rounds=rounds, checkpoint_every=1, output_dir=str(tmp_path / out))
+
+    full = loop(3, "full").fit(seeded(MNIST1DMLP), small_dm)
+    part = loop(1, "part").fit(seeded(MNIST1DMLP), small_dm)
+    resumed = loop(3, "part").fit(seeded(MNIST1DMLP), small_dm, resume=str(part.run_dir))
+    for key in ("dp_epsilon", "dp_clip", "dp_noise_std"):
+        assert [h[key] for h in resumed.history] == [h[key] for h in full.history]
+    assert resumed.history[-1]["dp_clip"] != 1.0
+    assert resumed.final_metrics["test_acc"] == full.final_metrics["test_acc"]
