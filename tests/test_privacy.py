@@ -344,3 +344,16 @@ def test_resumed_dp_run_reports_the_same_epsilon_and_bound(make_loop, small_dm, 
         assert [h[key] for h in resumed.history] == [h[key] for h in full.history]
     assert resumed.history[-1]["dp_clip"] != 1.0
     assert resumed.final_metrics["test_acc"] == full.final_metrics["test_acc"]
+
+
+def test_local_dp_target_epsilon_drops_a_client_whose_budget_is_spent(make_loop, small_dm):
+    cb = LocalDP(clip_norm=0.5, noise_multiplier=4.0, delta=1e-5)
+    one, two = cb.epsilon(1), cb.epsilon(2)
+    limited = LocalDP(clip_norm=0.5, noise_multiplier=4.0, delta=1e-5, target_epsilon=(one + two) / 2)
+    res = make_loop(callbacks=[limited], num_clients=2, clients_per_round=2, rounds=2).fit(
+        seeded(MNIST1DMLP), small_dm
+    )
+    assert res.history[0]["good"] == 2 and res.history[0]["ldp_epsilon"] == pytest.approx(one)
+    assert (
+        res.history[1]["good"] == 0 and res.history[1]["skipped"] == 1
+    )  # both spent: nothing more is released

@@ -21,7 +21,8 @@ import torch
 from lightning_fed.accounting import PrivacyAccountant, check_privacy_args
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
-from lightning_fed.protocol import Payload, Reply
+from lightning_fed.errors import ClientError
+from lightning_fed.protocol import Instruction, Payload, Reply
 from lightning_fed.validation import need
 
 log = logging.getLogger("lightning_fed")
@@ -58,6 +59,9 @@ class LocalDP(FedCallback):
         clip_norm: L2 bound of a client's whole update (> 0).
         noise_multiplier: noise standard deviation over ``clip_norm`` (>= 0).
         delta: delta of the per-client epsilon, in (0, 1).
+        target_epsilon: each client's budget (``None``: none): a client whose next release would spend more is
+            dropped before it trains (a logged client failure), so it never exceeds the budget; once every sampled
+            client is spent the rounds cannot aggregate and the run stops.
         accountant: ``"rdp"`` or ``"prv"`` (Opacus' accountants).
     """
 
@@ -67,18 +71,32 @@ class LocalDP(FedCallback):
         clip_norm: float = 1.0,
         noise_multiplier: float = 1.0,
         delta: float = 1e-5,
+        target_epsilon: float | None = None,
         accountant: str = "rdp",
     ) -> None:
         need(OWNER, isinstance(clip_norm, int | float) and clip_norm > 0, "clip_norm", clip_norm, "> 0")
-        check_privacy_args(OWNER, noise_multiplier, delta, None, accountant)
+        check_privacy_args(OWNER, noise_multiplier, delta, target_epsilon, accountant)
         self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
-        self.delta, self.accountant = delta, accountant
+        self.delta, self.accountant, self.target_epsilon = delta, accountant, target_epsilon
 
     def epsilon(self, releases: int) -> float:
         """A client's epsilon at ``delta`` after ``releases`` privatised updates (noise multiplier ``z / 2``)."""
         return PrivacyAccountant.planned(
             self.accountant, self.noise_multiplier / 2, 1.0, releases, self.delta
         )
+
+    def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
+        """Drop the client (before it trains) when its next release would exceed ``target_epsilon``."""
+        ctx = fed_context(trainer)
+        if self.target_epsilon is None or ctx is None:
+            return
+        releases = int(ctx.client_state.get("ldp_releases", 0)) + 1
+        eps = self.epsilon(releases)
+        if eps > self.target_epsilon:
+            raise ClientError(
+                f"LocalDP: client {ctx.client_id} has spent its budget: release {releases} would reach epsilon "
+                f"{eps:.3f} > target_epsilon={self.target_epsilon} at delta={self.delta}; it sends no more updates"
+            )
 
     def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:
         """Replace the reply's payload by its clipped, noised copy; count the release and report the epsilon."""
