@@ -266,7 +266,9 @@ class FedLoop:
         self.processes_per_device = processes_per_device
         self.timeout_s = timeout_s
         self.runner = runner if runner is not None else SequentialRunner()
-        self.strategy.check_plan(num_clients, clients_per_round, rounds, sampling)
+        check_plan = getattr(self.strategy, "check_plan", None)  # a budget over the planned rounds (DPFedAvg)
+        if callable(check_plan):
+            check_plan(num_clients, clients_per_round, rounds, sampling)
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 
