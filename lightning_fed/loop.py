@@ -162,8 +162,8 @@ class FedLoop:
             test set with its label proportions, or a split of its shard) scores the global model and, for strategies
             that keep them, the personal models (:class:`~lightning_fed.personal.PersonalEval`); ``None``: none.
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
-            once per cycle of ``ceil(num_clients / clients_per_round)`` rounds (see
-            :func:`~lightning_fed.plan.sample_clients`).
+            once per cycle of ``ceil(num_clients / clients_per_round)`` rounds; ``"poisson"``: each client takes
+            part with probability ``clients_per_round / num_clients`` (see :func:`~lightning_fed.plan.sample_clients`).
         clock: a :class:`~lightning_fed.systems.SimulatedClock`: clients get device and network profiles, rounds
             get simulated seconds (``sim_round_s``, ``sim_time_s``, ``clock.csv``), and its deadline, straggler
             policy, over-selection and dropouts decide which replies arrive (docs/systems.md). ``None``: none.
@@ -294,6 +294,9 @@ class FedLoop:
             clock.bind(num_clients, clients_per_round, seed)
             need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
                  f"at most the clock's keep_first={clock.keep_first} (the replies a round keeps)")
+        check_plan = getattr(self.strategy, "check_plan", None)  # a budget over the planned rounds (DPFedAvg)
+        if callable(check_plan):
+            check_plan(num_clients, clients_per_round, rounds, sampling)
         self.ranks = Ranks()
         self.console = Console(stderr=True, quiet=not verbose)
 

@@ -22,7 +22,7 @@ from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 
 UPLINK_ALLOCATIONS = ("uniform", "examples")
-SAMPLINGS = ("random", "cyclic")
+SAMPLINGS = ("random", "cyclic", "poisson")
 CYCLE_STREAM = 0x6379  # the (seed, "cy", cycle) stream orders a cycle of cyclic sampling
 
 
@@ -50,12 +50,17 @@ def sample_clients(seed: int, server_round: int, num_clients: int, per_round: in
     ``"cyclic"``: a seeded permutation of all clients is walked ``per_round`` at a time, so every client takes part
     once in each cycle of ``ceil(num_clients / per_round)`` rounds; the last round of a cycle is topped up with
     clients drawn from the rest, so every round has ``per_round`` clients.
+    ``"poisson"``: each client takes part independently with probability ``per_round / num_clients``, seeded by
+    ``(seed, round)`` (``per_round`` clients on average; the sampling that DP accounting assumes).
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling={sampling!r} is not allowed; use one of {SAMPLINGS}")
     if sampling == "random":
         g = torch.Generator().manual_seed(derive_seed(seed, server_round))
         return sorted(torch.randperm(num_clients, generator=g)[:per_round].tolist())
+    if sampling == "poisson":
+        g = torch.Generator().manual_seed(derive_seed(seed, server_round))
+        return torch.nonzero(torch.rand(num_clients, generator=g) < per_round / num_clients).flatten().tolist()
     per_cycle = -(-num_clients // per_round)
     cycle, step = divmod(server_round, per_cycle)
     order = torch.randperm(num_clients, generator=torch.Generator().manual_seed(derive_seed(seed, CYCLE_STREAM, cycle)))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("torch_pruning", "bitsandbytes", "torchao", "sklearn")
+HEAVY = ("torch_pruning", "bitsandbytes", "torchao", "sklearn", "opacus")
 
 
 def test_import_lightning_fed_is_lazy_about_heavy_dependencies():

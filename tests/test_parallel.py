@@ -110,6 +110,8 @@ CASES = {  # name: (recipe, processes)
     "fednova-stragglers-2": ("fednova", 2),  # partial work: each reply's local_steps crosses between the ranks
     "stragglers-deadline-2": ("stragglers_deadline", 2),  # a simulated clock: dropouts, partial work, clock.csv
     "overselect-2": ("overselect", 2),
+    "dp-adaptive-2": ("dp_adaptive", 2),  # server noise and the adaptive bound replayed on every rank
+    "dp-local-2": ("dp_local", 2),  # client noise keyed by (seed, round, client), whoever runs the client
 }
 
 

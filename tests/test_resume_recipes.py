@@ -16,7 +16,7 @@ RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "fedgen", "fedgkt", "ddist", "distill
            "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
            "defence_fine_pruning", "defence_nad", "defence_mcr", "secagg", "fedavg_ft",
            "fedper", "ditto", "fedprox", "fednova", "../synthetic/fedprox_synthetic_1_1", "stragglers_deadline",
-           "overselect"]
+           "overselect", "dp_central", "dp_adaptive", "dp_local", "dp_sgd"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 

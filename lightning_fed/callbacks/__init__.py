@@ -6,8 +6,10 @@ from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, L
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.distillation import Distillation
+from lightning_fed.callbacks.dp_sgd import DPSGD
 from lightning_fed.callbacks.fine_pruning import FinePruning
 from lightning_fed.callbacks.footprint import Footprint, measure_footprint
+from lightning_fed.callbacks.local_dp import LocalDP
 from lightning_fed.callbacks.lr_schedule import RoundLRDecay
 from lightning_fed.callbacks.mcr import MCR
 from lightning_fed.callbacks.moe_routing import MoERouting
@@ -19,8 +21,8 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "MCR", "NAD", "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "FinePruning", "Footprint",
-    "GaussianUpdate", "LabelFlip", "LittleIsEnough", "MagnitudeSparsity", "MoERouting", "QuantizationAware",
+    "DPSGD", "MCR", "NAD", "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "FinePruning", "Footprint",
+    "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP", "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
     "SparseUplink", "Stragglers", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]

@@ -4,6 +4,7 @@ from lightning_fed.strategies.aggregators import Aggregator, UniformMean, Weight
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.ddist import DecentralizedDistillation
 from lightning_fed.strategies.ditto import Ditto, DittoClient
+from lightning_fed.strategies.dp import ClipNoise, DPFedAvg
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.fedavg_ft import FedAvgFT
 from lightning_fed.strategies.feddf import FedDF
@@ -41,7 +42,9 @@ __all__ = [
     "FLAME",
     "AdaptiveServerOptimizer",
     "Aggregator",
+    "ClipNoise",
     "CoordinateMedian",
+    "DPFedAvg",
     "DecentralizedDistillation",
     "Ditto",
     "DittoClient",

@@ -55,6 +55,11 @@ class Strategy:
         """Initialise the server state from the (freshly built) working model."""
         raise NotImplementedError
 
+    def check_plan(self, num_clients: int, clients_per_round: int, rounds: int, sampling: str) -> None:
+        """Called by ``FedLoop.__init__`` with the loop's sampling plan, before anything runs: a strategy whose
+        settings depend on it (a privacy budget over the planned rounds) checks them here and raises
+        ``ValueError`` naming the key. Nothing to check by default."""
+
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """One instruction per sampled client, in the order of ``clients``."""
         raise NotImplementedError
