@@ -182,3 +182,148 @@ def test_assistant_weights_are_checkpointed():
     c.setup(default)
     with pytest.raises(ValueError, match=r"assistants \['mid'\] do not match assistants \[\]"):
         c.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- the callback: teacher -> assistants -> student
+
+
+def _dm():
+    from _distill_common import tiny_dm
+
+    return tiny_dm()
+
+
+def _fit(cb, student, batches: int, dm=None) -> None:
+    """One epoch of a quiet CPU Lightning Trainer with ``cb``."""
+    import lightning as L
+
+    L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        callbacks=[cb],
+    ).fit(student, dm if dm is not None else _dm())
+
+
+def test_callback_trains_the_chain_in_order_then_distils_the_last_assistant():
+    from lightning_fed.callbacks import AssistantDistillation
+
+    torch.manual_seed(0)
+    teacher, a0, a1, student = cnn(32), cnn(16), cnn(8), cnn(4)
+    cb = AssistantDistillation(teacher=teacher, assistants=[a0, a1], assistant_epochs=1, assistant_lr=1e-2)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a0, a1)]
+    taught: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+    train = cb._train_assistant
+
+    def spy(assistant, t, loader):
+        taught.append((t, assistant))
+        train(assistant, t, loader)
+
+    cb._train_assistant = spy
+    _fit(cb, student, 3)
+    assert [(t is teacher, a is a0) for t, a in taught[:1]] == [(True, True)]
+    assert taught[1][0] is a0 and taught[1][1] is a1  # the first assistant, trained, teaches the second
+    assert cb.teacher is a1  # the student learns from the last assistant
+    assert cb.routes == [
+        ("teacher", "assistants[0]"),
+        ("assistants[0]", "assistants[1]"),
+        ("assistants[1]", "student"),
+    ]
+    for m, b in zip((a0, a1), before, strict=True):
+        assert any(not torch.equal(v, b[k]) for k, v in m.state_dict().items())  # each assistant was trained
+
+
+def test_callback_assistant_moves_toward_its_teacher():
+    """One epoch of pure distillation (alpha=0) brings the assistant's predictions closer to the teacher's."""
+    from lightning_fed.callbacks import AssistantDistillation
+    from lightning_fed.callbacks.kd_losses import kd_loss
+
+    torch.manual_seed(0)
+    teacher, a0 = cnn(32), cnn(16)
+    dm = _dm()
+    dm.setup("fit")
+    x = dm.train_dataloader().dataset.tensors[0][:200]
+    gap = lambda: float(kd_loss(predict_logits(a0, x), predict_logits(teacher, x), 4.0))
+    start = gap()
+    cb = AssistantDistillation(
+        teacher=teacher, assistants=[a0], assistant_epochs=3, assistant_lr=1e-2, alpha=0.0
+    )
+    _fit(cb, cnn(4), 1, dm)
+    assert gap() < 0.5 * start
+
+
+def test_callback_state_restores_trained_assistants_without_training_again():
+    from lightning_fed.callbacks import AssistantDistillation
+
+    torch.manual_seed(0)
+    a = AssistantDistillation(teacher=cnn(32), assistants=[cnn(16)])
+    _fit(a, cnn(4), 2)
+    state = a.state_dict()
+    torch.manual_seed(1)
+    b = AssistantDistillation(teacher=cnn(32), assistants=[cnn(16)])
+    b.load_state_dict(state)
+    b._train_assistant = lambda *args: pytest.fail("a restored, trained assistant was trained again")
+    _fit(b, cnn(4), 2)
+    for k, v in a.assistants[0].state_dict().items():
+        assert torch.equal(v, b.assistants[0].state_dict()[k])
+    assert b.teacher is b.assistants[0]
+    with pytest.raises(ValueError, match="checkpoint has 1 assistants, this callback 2"):
+        AssistantDistillation(teacher=cnn(32), assistants=[cnn(16), cnn(8)]).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"assistants": []}, r"assistants=\[\] is not allowed"),
+        ({"assistants": [cnn(48)]}, r"teacher \(\d+ parameters\) cannot teach assistants\[0\]"),
+        (
+            {"assistants": [cnn(8), cnn(16)]},
+            r"assistants\[0\] \(\d+ parameters\) cannot teach assistants\[1\]",
+        ),
+        ({"assistants": [cnn(16)], "assistant_epochs": 0}, r"assistant_epochs=0 is not allowed; .* >= 1"),
+        ({"assistants": [cnn(16)], "assistant_lr": 0.0}, r"assistant_lr=0.0 is not allowed"),
+    ],
+)
+def test_callback_invalid_chains_are_refused_at_construction(kwargs, match):
+    from lightning_fed.callbacks import AssistantDistillation
+
+    with pytest.raises(ValueError, match=match):
+        AssistantDistillation(teacher=cnn(32), **kwargs)
+
+
+def test_callback_student_not_smaller_than_its_assistant_is_refused_at_setup():
+    from lightning_fed.callbacks import AssistantDistillation
+
+    cb = AssistantDistillation(teacher=cnn(32), assistants=[cnn(8)])
+    with pytest.raises(ValueError, match=r"assistants\[0\] \(\d+ parameters\) cannot teach student"):
+        _fit(cb, cnn(16), 1)
+
+
+def test_callback_is_refused_inside_fedloop(tmp_path):
+    from _distill_common import tiny_loop
+
+    from lightning_fed.callbacks import AssistantDistillation
+    from lightning_fed.strategies import FedAvg
+
+    cb = AssistantDistillation(teacher=cnn(32), assistants=[cnn(16)])
+    with pytest.raises(ValueError, match="AssistantDistillation is not allowed inside FedLoop"):
+        tiny_loop(tmp_path, FedAvg(), rounds=1, callbacks=[cb]).fit(cnn(4), _dm())
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "distillation.md").read_text()
+    code = next(
+        b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "AssistantDistillation(" in b
+    )
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.replace("\nprint(", "\n_ = ("), "docs/distillation.md", "exec"), scope)  # noqa: S102
+    assert scope["cb"].routes == [("teacher", "assistants[0]"), ("assistants[0]", "student")]
