@@ -327,3 +327,66 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(code.replace("\nprint(", "\n_ = ("), "docs/distillation.md", "exec"), scope)  # noqa: S102
     assert scope["cb"].routes == [("teacher", "assistants[0]"), ("assistants[0]", "student")]
+
+
+# ---------------------------------------------------------------- FedMD: digest targets routed along the chain
+
+
+def test_fedmd_chain_sends_each_tier_its_teacher_tiers_logits():
+    from lightning_fed.strategies import FedMD
+
+    tiers = _tiers()
+    s = FedMD(
+        public=tiny_public(80), tiers=tiers, public_per_round=20, assistant_chain=["large", "medium", "small"]
+    )
+    s.setup(cnn(4))
+    clients = list(range(6))  # round robin: tiers 0, 1, 2, 0, 1, 2
+    first = s.configure_round(1, clients)
+    assert all("consensus" not in i.payload for i in first)  # nothing to digest in the first round
+    # constructed logits: every party of tier t sends the constant t + 1, so the tier means are 1, 2, 3
+    replies = [Reply(c, {"logits": torch.full((20, 10), float(tiers.tier_of(c) + 1))}, 10) for c in clients]
+    s.aggregate(1, replies)
+    out = {i.client_id: i.payload for i in s.configure_round(2, clients)}
+    consensus = torch.full((20, 10), 2.0)
+    for c in clients:
+        target = out[c]["consensus"]
+        expected = {2: consensus, 1: torch.full((20, 10), 3.0), 0: torch.full((20, 10), 2.0)}[
+            tiers.tier_of(c)
+        ]
+        assert torch.equal(target, expected), f"client {c} of tier {tiers.tier_of(c)}"
+    assert s.last_routes == {2: "consensus", 1: "large", 0: "medium"}
+    # a teacher tier that sent nothing: its students fall back to the consensus
+    s.aggregate(2, [r for r in replies if tiers.tier_of(r.client_id) != 1])
+    out = {i.client_id: i.payload for i in s.configure_round(3, clients)}
+    assert s.last_routes == {2: "consensus", 1: "large", 0: "consensus"}
+    assert torch.equal(out[0]["consensus"], torch.full((20, 10), 2.0))
+    # the per-tier means are checkpointed
+    state = s.state_dict()
+    t = FedMD(
+        public=tiny_public(80), tiers=tiers, public_per_round=20, assistant_chain=["large", "medium", "small"]
+    )
+    t.setup(cnn(4))
+    t.load_state_dict(state)
+    assert {k: v.tolist() for k, v in t.tier_consensus.items()} == {
+        k: v.tolist() for k, v in s.tier_consensus.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"assistant_chain": ["small", "large"]}, r"FedMD: assistant_chain=.*cannot teach 'large'"),
+        ({"assistant_chain": ["large", "large"]}, r"FedMD: assistant_chain=.*appears twice"),
+        ({"assistant_chain": ["large", "nope"]}, r"FedMD: assistant_chain=.*'nope' is not a tier"),
+        (
+            {"assistant_chain": ["large", "small"], "digest_epochs": 0},
+            r"FedMD: assistant_chain=.*digest_epochs=0",
+        ),
+    ],
+)
+def test_fedmd_invalid_chains_are_refused(kwargs, match):
+    from lightning_fed.strategies import FedMD
+
+    with pytest.raises(ValueError, match=match):
+        s = FedMD(public=tiny_public(), tiers=_tiers(), **kwargs)
+        s.setup(cnn(4))  # "small" (tier 0) is sized only here
