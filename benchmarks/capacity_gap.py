@@ -6,7 +6,7 @@ channels (8, 16, 32, 64) and are trained on the same data as the student (the MN
 epochs with the same seed and optimizer (Adam, 3e-3):
 
 * alone: cross-entropy only (the baseline);
-* direct: ``Distillation(teacher)`` (``0.5 * CE + 0.5 * T^2 * KL``, ``T = 4``);
+* direct: ``Distillation(teacher)`` (``alpha * CE + (1 - alpha) * T^2 * KL``, ``alpha = 0.5``, ``T = 4`` by default);
 * assistant: ``AssistantDistillation(teacher, assistants=[A])``, ``A`` a CNN with ``round(sqrt(8 * c))``
   channels between the teacher's ``c`` and the student's 8, trained from the teacher first (none for 1x).
 
@@ -69,26 +69,40 @@ def fit(model: MNIST1DCNN, dm: MNIST1DDataModule, epochs: int, callbacks: list |
     return float(trainer.test(model, dm, verbose=False)[0]["test_acc"])
 
 
-def run_seed(seed: int, epochs: int, train_samples: int) -> dict[str, float]:
+def run_seed(
+    seed: int,
+    epochs: int,
+    train_samples: int,
+    factors: tuple[int, ...] = FACTORS,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+) -> dict[str, float]:
     """Accuracies of one seed: ``teacher/<c>``, ``alone``, ``direct/<c>``, ``assistant/<c>``."""
     dm = MNIST1DDataModule(batch_size=32, num_samples=train_samples + 1000, seed=42)
     out: dict[str, float] = {}
     L.seed_everything(seed, verbose=False)
     out["alone"] = fit(cnn(STUDENT), dm, epochs)
-    for f in FACTORS:
+    for f in factors:
         c = STUDENT * f
         L.seed_everything(seed, verbose=False)
         teacher = cnn(c)
         out[f"teacher/{c}"] = fit(teacher, dm, epochs)
         teacher.eval()
         L.seed_everything(seed, verbose=False)
-        out[f"direct/{c}"] = fit(cnn(STUDENT), dm, epochs, [Distillation(teacher=teacher)])
+        out[f"direct/{c}"] = fit(
+            cnn(STUDENT), dm, epochs, [Distillation(teacher=teacher, alpha=alpha, temperature=temperature)]
+        )
         if f > 1:
             a = round(math.sqrt(STUDENT * c))
             L.seed_everything(seed, verbose=False)
             assistant = cnn(a)
             cb = AssistantDistillation(
-                teacher=teacher, assistants=[assistant], assistant_epochs=epochs, assistant_lr=3e-3
+                teacher=teacher,
+                assistants=[assistant],
+                assistant_epochs=epochs,
+                assistant_lr=3e-3,
+                alpha=alpha,
+                temperature=temperature,
             )
             out[f"assistant/{c}"] = fit(cnn(STUDENT), dm, epochs, [cb])
             out[f"assistant_channels/{c}"] = a
@@ -135,6 +149,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--train-samples", type=int, default=4000)
+    p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), help="teacher channels / 8")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the task loss in every distillation")
+    p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--plot", default=str(Path(__file__).parent / "plots" / "capacity_gap.png"))
     p.add_argument("--json", default=None, help="also write the per-seed results to this JSON file")
     args = p.parse_args()
@@ -143,7 +160,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    seeds = [run_seed(s, args.epochs, args.train_samples) for s in range(args.seeds)]
+    factors = tuple(args.factors)
+    seeds = [
+        run_seed(s, args.epochs, args.train_samples, factors, args.alpha, args.temperature)
+        for s in range(args.seeds)
+    ]
     if args.json:
         Path(args.json).write_text(json.dumps(seeds, indent=1))
     mean = lambda key: statistics.fmean(s[key] for s in seeds)
@@ -151,7 +172,7 @@ def main() -> None:
     student_params = params(cnn(STUDENT))
     alone = mean("alone")
     rows = []
-    for f in FACTORS:
+    for f in factors:
         c = STUDENT * f
         rows.append(
             {
@@ -167,7 +188,7 @@ def main() -> None:
         )
     table = Table(
         title=f"Capacity gap, MNIST-1D, student {STUDENT} ch ({student_params} params), "
-        f"{args.epochs} epochs, {args.seeds} seeds; student alone {100 * alone:.1f} % "
+        f"{args.epochs} epochs, {args.seeds} seeds, alpha {args.alpha}, T {args.temperature}; student alone {100 * alone:.1f} % "
         f"(sd {100 * sd('alone'):.1f})"
     )
     for col in (
