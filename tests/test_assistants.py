@@ -390,3 +390,22 @@ def test_fedmd_invalid_chains_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         s = FedMD(public=tiny_public(), tiers=_tiers(), **kwargs)
         s.setup(cnn(4))  # "small" (tier 0) is sized only here
+
+
+def test_callback_assistants_do_not_change_the_students_batches():
+    """With alpha=1 the student ignores its teacher: training the assistants first must leave the student exactly
+    as plain training leaves it (same shuffles, same weights)."""
+    import lightning as L
+
+    from lightning_fed.callbacks import AssistantDistillation
+
+    L.seed_everything(3, verbose=False)
+    alone = cnn(4)
+    _fit(L.Callback(), alone, 4)
+    cb = AssistantDistillation(teacher=cnn(32), assistants=[cnn(16)], alpha=1.0)  # built before the seed
+    L.seed_everything(3, verbose=False)
+    student = cnn(4)
+    _fit(cb, student, 4)
+    assert cb.trained
+    for k, v in alone.state_dict().items():
+        assert torch.equal(v, student.state_dict()[k]), k

@@ -4,7 +4,9 @@ Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI 2
 from a teacher far larger than itself; an intermediate-size assistant, distilled from the teacher first,
 teaches the student instead. Before the student's first epoch the callback trains each assistant in turn on
 the student's training batches (``alpha * CE + (1 - alpha) * KD`` from the previous model of the chain,
-Adam), then distils the last assistant into the student exactly as :class:`Distillation` does.
+Adam), then distils the last assistant into the student exactly as :class:`Distillation` does. The assistants'
+training draws from the global random state (the data loader's shuffles) and puts it back afterwards, so the
+student sees the same batches as without assistants.
 """
 
 from __future__ import annotations
@@ -133,10 +135,13 @@ class AssistantDistillation(Distillation):
         if not self.trained:
             self.routes = []
             teacher = self.chain_teacher.to(pl_module.device).eval()
-            for i, assistant in enumerate(self.assistants):
-                self._train_assistant(assistant.to(pl_module.device), teacher, trainer.train_dataloader)
-                self.routes.append((self.names[i], self.names[i + 1]))
-                teacher = assistant
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # the student's shuffles are those it would have without us
+                for i, assistant in enumerate(self.assistants):
+                    self._train_assistant(assistant.to(pl_module.device), teacher, trainer.train_dataloader)
+                    self.routes.append((self.names[i], self.names[i + 1]))
+                    teacher = assistant
             self.trained = True
         self.routes = [*self.routes[: len(self.assistants)], (self.names[-2], "student")]
         self.teacher = self.assistants[-1]
