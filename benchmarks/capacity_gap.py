@@ -94,7 +94,8 @@ def run_seed(
         )
         if f > 1:
             a = round(math.sqrt(STUDENT * c))
-            L.seed_everything(seed, verbose=False)
+            # its own seed, so that the student below starts exactly as in the other routes
+            L.seed_everything(seed + 1000, verbose=False)
             assistant = cnn(a)
             cb = AssistantDistillation(
                 teacher=teacher,
@@ -104,6 +105,7 @@ def run_seed(
                 alpha=alpha,
                 temperature=temperature,
             )
+            L.seed_everything(seed, verbose=False)
             out[f"assistant/{c}"] = fit(cnn(STUDENT), dm, epochs, [cb])
             out[f"assistant_channels/{c}"] = a
         print(
