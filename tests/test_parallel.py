@@ -100,6 +100,8 @@ CASES = {  # name: (recipe, processes)
     "fedavg-3": ("fedavg", 3),
     "differential-codec-2": ("codec_differential", 2),
     "feddf-tiers-3": ("feddf", 3),
+    "feddf-assistant-2": ("feddf_assistant", 2),  # a server-side assistant replayed on every rank
+    "fedmd-assistant-2": ("fedmd_assistant", 2),  # per-tier digest targets
     "fedmoe-2": ("fedmoe", 2),
     "pruning-qat-2": (None, 2),
     "bf16-mixed-2": ("fedavg", 2),

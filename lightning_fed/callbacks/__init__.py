@@ -2,6 +2,7 @@
 attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair) for
 FedLoop."""
 
+from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
 from lightning_fed.callbacks.base import FedCallback
@@ -21,8 +22,9 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "DPSGD", "MCR", "NAD", "Attack", "Backdoor", "Distillation", "EightBitOptimizer", "FedCallback", "FinePruning", "Footprint",
-    "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP", "MagnitudeSparsity", "MoERouting", "QuantizationAware",
+    "DPSGD", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Distillation", "EightBitOptimizer",
+    "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
+    "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
     "SparseUplink", "Stragglers", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]

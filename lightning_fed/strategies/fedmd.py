@@ -30,8 +30,16 @@ from torch import Tensor, nn
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.seeding import Stream, generator
+from lightning_fed.strategies.assistants import AssistantChain
 from lightning_fed.strategies.digest import ConsensusDigest
-from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits, snapshot
+from lightning_fed.strategies.tiers import (
+    ModelTiers,
+    OwnModels,
+    predict_logits,
+    snapshot,
+    tier_names,
+    tier_of,
+)
 
 log = logging.getLogger("lightning_fed")
 
@@ -59,13 +67,28 @@ class FedMD(OwnModels):
             transfer-learning phase); 0 skips it. Needs ``PublicData(labeled=True)``.
         transfer_lr: Adam learning rate of the transfer phase.
         transfer_batch_size: batch size of the transfer phase.
+        assistant_chain: teaching order of tiers by name, largest first (``None``: every party digests the
+            consensus). Parties of the chain's first tier and of tiers outside it digest the consensus; a party
+            of a later tier digests instead the mean logits of the previous tier's parties (of the previous
+            round, on the same subset), e.g. consensus -> large -> medium -> small; it falls back to the
+            consensus when that tier sent nothing yet. Names as :class:`ModelTiers` ``names``; no name twice,
+            parameter counts strictly decreasing; needs ``digest_epochs >= 1``.
     """
 
     def __init__(self, *, public: PublicData | None = None, tiers: ModelTiers | None = None,
                  public_per_round: int = 500, digest_epochs: int = 1, digest_batch_size: int = 64,
                  digest_lr: float | None = 1e-3, eval_clients: int = 5, seed: int = 0, transfer_epochs: int = 0,
-                 transfer_lr: float = 1e-3, transfer_batch_size: int = 32) -> None:
+                 transfer_lr: float = 1e-3, transfer_batch_size: int = 32,
+                 assistant_chain: list[str] | None = None) -> None:
         name = type(self).__name__
+        if assistant_chain is not None and digest_epochs < 1:
+            raise ValueError(f"{name}: assistant_chain={assistant_chain} is not allowed with digest_epochs="
+                             f"{digest_epochs}; a chain routes the digest targets, so digest_epochs must be >= 1")
+        self.chain = None if assistant_chain is None else AssistantChain(name, assistant_chain, tiers)
+        self.tier_consensus: dict[int, Tensor] = {}
+        """Mean logits of each tier's parties in the last round (kept only with ``assistant_chain``)."""
+        self.last_routes: dict[int, str] = {}
+        """Whose logits each tier's parties were sent to digest in the last configured round, by tier."""
         if public_per_round < 1:
             raise ValueError(f"{name}: public_per_round={public_per_round} is not allowed; it must be >= 1")
         if transfer_epochs < 0:
@@ -97,6 +120,9 @@ class FedMD(OwnModels):
             raise ValueError(f"{type(self).__name__}: the tiers' models output different numbers of classes {sorted(sizes)}")
         self.num_classes = sizes.pop()
         self.consensus = self.consensus_subset = self._subset = None
+        self.tier_consensus, self.last_routes = {}, {}
+        if self.chain is not None:
+            self.chain.check_sizes(model)
         if self.transfer_epochs:
             self.transfer_acc = [self._transfer(t, m) for t, m in enumerate(self.tier_modules())]
             self._init = [snapshot(m) for m in self.tier_modules()]
@@ -136,7 +162,20 @@ class FedMD(OwnModels):
         if self.consensus is not None and self.consensus_subset is not None:
             payload["consensus"] = self.consensus
             payload["consensus_subset"] = self.consensus_subset
-        return [Instruction(cid, payload) for cid in clients]
+        if self.chain is None or "consensus" not in payload:
+            return [Instruction(cid, payload) for cid in clients]
+        per_tier: dict[int, Payload] = {}
+        self.last_routes = {}
+        for t, name in enumerate(tier_names(self.tiers)):
+            teacher = self.chain.chain[self.chain.chain.index(name) - 1] if name in self.chain.chain[1:] else None
+            tt = None if teacher is None else self.chain.tier_index(teacher)
+            if tt is not None and tt in self.tier_consensus:
+                per_tier[t] = {**payload, "consensus": self.tier_consensus[tt]}
+                self.last_routes[t] = teacher
+            else:
+                per_tier[t] = payload
+                self.last_routes[t] = "consensus"
+        return [Instruction(cid, per_tier[tier_of(self.tiers, cid)]) for cid in clients]
 
     def client_receive(self, model: nn.Module, instruction: Instruction) -> None:
         """Set the digest target (consensus on the previous subset); weights come from the client's store."""
@@ -159,6 +198,9 @@ class FedMD(OwnModels):
         stacked = torch.stack([r.payload["logits"].float() for r in replies])
         self.consensus = stacked.mean(0)
         self.consensus_subset = self._subset
+        if self.chain is not None:
+            tiers = torch.tensor([tier_of(self.tiers, r.client_id) for r in replies])
+            self.tier_consensus = {int(t): stacked[tiers == t].mean(0) for t in tiers.unique()}
         agree = (stacked.argmax(-1) == self.consensus.argmax(-1)).float().mean()
         return {"consensus_agreement": float(agree)}
 
@@ -171,6 +213,8 @@ class FedMD(OwnModels):
         state = super().state_dict()
         if self.consensus is not None and self.consensus_subset is not None:
             state.update(consensus=self.consensus.clone(), consensus_subset=self.consensus_subset.clone())
+        if self.chain is not None:
+            state["tier_consensus"] = {t: v.clone() for t, v in self.tier_consensus.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -178,6 +222,7 @@ class FedMD(OwnModels):
         super().load_state_dict(state)
         self.consensus = state.get("consensus")
         self.consensus_subset = state.get("consensus_subset")
+        self.tier_consensus = {int(t): v for t, v in state.get("tier_consensus", {}).items()}
 
 
 __all__ = ["FedMD"]

@@ -65,10 +65,12 @@ class ModelTiers:
             (a seeded uniform draw per client).
         client_map: explicit ``{client_id: tier}`` entries that override the rule.
         seed: seed of the ``"random"`` rule.
+        names: one name per tier, tier 0 first (``None``: ``tier0``, ``tier1``, ...); teacher-assistant chains
+            (``assistant_chain``) name tiers by these.
     """
 
     def __init__(self, models: list[L.LightningModule] | None = None, assignment: str = "round_robin",
-                 client_map: dict[int, int] | None = None, seed: int = 0) -> None:
+                 client_map: dict[int, int] | None = None, seed: int = 0, names: list[str] | None = None) -> None:
         self.models = list(models or [])
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"ModelTiers: assignment={assignment!r} is not allowed; assignment must be one of {ASSIGNMENTS}")
@@ -84,6 +86,10 @@ class ModelTiers:
                     f"between 0 and {self.num_tiers - 1}"
                 )
         self.seed = seed
+        self.names = [f"tier{t}" for t in range(self.num_tiers)] if names is None else [str(n) for n in names]
+        if len(self.names) != self.num_tiers or len(set(self.names)) != len(self.names):
+            raise ValueError(f"ModelTiers: names={names} is not allowed; give {self.num_tiers} distinct names, "
+                             "tier 0 (the loop's model) first")
 
     @property
     def num_tiers(self) -> int:
@@ -110,6 +116,11 @@ class ModelTiers:
 def num_tiers(tiers: ModelTiers | None) -> int:
     """Tiers of an optional :class:`ModelTiers` (1 when there are none)."""
     return 1 if tiers is None else tiers.num_tiers
+
+
+def tier_names(tiers: ModelTiers | None) -> list[str]:
+    """Names of the tiers of optional tiers (``["tier0"]`` when there are none)."""
+    return ["tier0"] if tiers is None else list(tiers.names)
 
 
 def tier_of(tiers: ModelTiers | None, client_id: int) -> int:
@@ -388,6 +399,7 @@ __all__ = [
     "require_homogeneous",
     "snapshot",
     "tier_module",
+    "tier_names",
     "tier_of",
     "tier_optimizers",
 ]
