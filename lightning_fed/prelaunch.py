@@ -103,14 +103,20 @@ def start(argv: list[str]) -> int:
         cmd = launch_command()
     except RuntimeError:
         return 0  # ranks.launch raises it with the same message when the run starts
+    _children.extend(spawn_local_ranks(cmd, devices, devices))
+    return devices - 1
+
+
+def spawn_local_ranks(cmd: list[str], devices: int, world_size: int) -> list[subprocess.Popen]:
+    """Make this process local rank 0 of ``world_size`` (``LOCAL_RANK``, ``WORLD_SIZE``, and ``MASTER_ADDR``,
+    ``MASTER_PORT``, ``NODE_RANK`` unless set) and start local ranks ``1 .. devices - 1`` running ``cmd``, as
+    Fabric's subprocess launcher does."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("NODE_RANK", "0")
-    os.environ["WORLD_SIZE"] = str(devices)
+    os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_RANK"] = "0"
-    for local_rank in range(1, devices):
-        _children.append(subprocess.Popen(cmd, env={**os.environ, "LOCAL_RANK": str(local_rank)}))
-    return devices - 1
+    return [subprocess.Popen(cmd, env={**os.environ, "LOCAL_RANK": str(r)}) for r in range(1, devices)]
 
 
 def adopt() -> list[subprocess.Popen]:
@@ -175,4 +181,4 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["adopt", "launch_command", "main", "planned_processes", "start", "stop_unadopted"]
+__all__ = ["adopt", "launch_command", "main", "planned_processes", "spawn_local_ranks", "start", "stop_unadopted"]

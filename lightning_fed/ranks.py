@@ -35,9 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-from lightning_fed.prelaunch import adopt, launch_command
+from lightning_fed.prelaunch import adopt, launch_command, spawn_local_ranks
 
 log = logging.getLogger("lightning_fed")
 
@@ -210,14 +209,7 @@ def launch(devices: int, num_nodes: int, timeout_s: float = DEFAULT_TIMEOUT_S) -
     else:
         children = adopt()  # started by the command line before its heavy imports (lightning_fed.prelaunch)
         if "LOCAL_RANK" not in os.environ:  # this process starts the other local ranks
-            cmd = launch_command()
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
-            os.environ.setdefault("NODE_RANK", "0")
-            os.environ["WORLD_SIZE"] = str(total)
-            os.environ["LOCAL_RANK"] = "0"
-            for local_rank in range(1, devices):
-                children.append(subprocess.Popen(cmd, env={**os.environ, "LOCAL_RANK": str(local_rank)}))
+            children += spawn_local_ranks(launch_command(), devices, total)
         local = int(os.environ["LOCAL_RANK"])
         node = int(os.environ.get("NODE_RANK", "0"))
         rank, world, local_world = node * devices + local, int(os.environ.get("WORLD_SIZE", total)), devices

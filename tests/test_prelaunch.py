@@ -46,3 +46,27 @@ def test_a_bad_recipe_with_two_processes_fails_once_and_leaves_no_rank_behind(tm
     assert not list(tmp_path.iterdir())  # refused before anything was written
     leftover = subprocess.run(["pgrep", "-f", f"--loop.output_dir {tmp_path}"], capture_output=True, text=True, check=False)
     assert leftover.stdout.strip() == ""  # the early rank was stopped with the command
+
+
+def test_a_script_starts_its_ranks_when_it_calls_fit(tmp_path):
+    """Without the command line's early start, FedLoop.fit re-runs the script for the other rank (ranks.launch)."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import lightning as L
+from lightning_fed import FedLoop, MNIST1DDataModule
+from lightning_fed.models import MNIST1DMLP
+
+if __name__ == "__main__":
+    L.seed_everything(0)
+    loop = FedLoop(num_clients=4, clients_per_round=2, rounds=1, devices=2, verbose=False, plot=False, loggers=[],
+                   checkpoint_every=0, output_dir={str(tmp_path / "runs")!r})
+    loop.fit(MNIST1DMLP(), MNIST1DDataModule(batch_size=64))
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[rank: 1]" in proc.stderr  # the script ran a second time, as rank 1 (Lightning prefixes its output)
+    assert len(list((tmp_path / "runs").glob("*/final.safetensors"))) == 1  # written by rank 0 only
