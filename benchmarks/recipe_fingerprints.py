@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--compare", type=Path, default=None, help="an earlier fingerprint file")
     args = p.parse_args(argv)
-    recipes = sorted(ROOT.glob("*/*.yaml"))
+    recipes = sorted(r for r in ROOT.glob("*/*.yaml") if r.parent.name != "search")  # search recipes: not `fit`
     if args.recipes:
         recipes = [r for r in recipes if r.stem in args.recipes]
     old = json.loads(args.compare.read_text()) if args.compare else {}

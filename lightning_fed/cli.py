@@ -6,6 +6,7 @@ Example::
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --loop.rounds 5
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --print_config
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --resume last
+    lightning-fed search --config recipes/search/mnist1d_tiers.yaml   # each tier's architecture, docs/tiers.md
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from lightning_fed.identity import ResumeMismatch
 from lightning_fed.loop import FedLoop
 from lightning_fed.ranks import RankFailed
 from lightning_fed.recipe_errors import instantiation_error, parse_error
+from lightning_fed.search import ArchSearch
 
 log = logging.getLogger("lightning_fed")
 
 
 def build_parser() -> ArgumentParser:
-    """The ``lightning-fed`` argument parser with its ``fit`` subcommand; errors raise ``ArgumentError``."""
+    """The ``lightning-fed`` argument parser with its ``fit`` and ``search`` subcommands; errors raise
+    ``ArgumentError``."""
     return _build_parsers()[0]
 
 
@@ -51,6 +54,11 @@ def _build_parsers() -> tuple[ArgumentParser, ArgumentParser]:
                      help="Run folder or checkpoint to continue from, or 'last' for the newest run under "
                           "loop.output_dir. The run's settings must match the checkpoint's (docs/resume.md).")
     subcommands.add_subcommand("fit", fit, help="Federated training from a recipe.")
+    search = ArgumentParser(description="Search each tier's architecture within its device budget (docs/tiers.md).",
+                            exit_on_error=False)
+    search.add_argument("--config", action=ActionConfigFile, help="YAML search recipe (recipes/search/).")
+    search.add_class_arguments(ArchSearch, None, as_group=False)
+    subcommands.add_subcommand("search", search, help="Architecture search per tier under a device budget.")
     return parser, fit
 
 
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> Any:
-    """Parse ``argv``, build the objects and run the subcommand; return its result (a ``FitResult``).
+    """Parse ``argv``, build the objects and run the subcommand; return its result (a ``FitResult``, or a
+    ``SearchResult`` for ``search``).
 
     A bad recipe, a refused resume or a missing checkpoint prints ``lightning-fed: error: ...`` (the recipe
     file, the full key and what is wrong, no usage text) and exits with code 2."""
@@ -81,6 +90,8 @@ def run(argv: list[str] | None = None) -> Any:
         cfg = parser.parse_args(argv)
     except ArgumentError as err:
         _fail(parse_error(err, argv))
+    if cfg.subcommand == "search":
+        return _search(cfg["search"])
     fit_cfg = cfg["fit"]
     L.seed_everything(fit_cfg.loop.seed, verbose=False)  # the initial global model depends on the seed
     config_text = fit.dump(fit_cfg, skip_unset=False)
@@ -92,6 +103,17 @@ def run(argv: list[str] | None = None) -> Any:
         return init.loop.fit(init.model, init.data, resume=fit_cfg.resume, run_config=config_text)
     except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
         _fail(str(err))
+
+
+def _search(cfg: Any) -> Any:
+    import inspect
+
+    kwargs = {k: cfg[k] for k in inspect.signature(ArchSearch).parameters if k in cfg}
+    try:
+        search = ArchSearch(**kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err).replace("ArchSearch: ", "search: ", 1))
+    return search.run()
 
 
 def _fail(message: str) -> NoReturn:

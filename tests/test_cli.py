@@ -11,7 +11,8 @@ import yaml
 
 from lightning_fed.cli import build_parser, run
 
-RECIPES = sorted(str(p) for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+# `fit` recipes; recipes/search/ holds `lightning-fed search` recipes (tests/test_search.py)
+RECIPES = sorted(str(p) for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml") if p.parent.name != "search")
 FEDAVG = next(r for r in RECIPES if r.endswith("mnist1d/fedavg.yaml"))
 QUICK = ["--loop.rounds", "1", "--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1"]
 

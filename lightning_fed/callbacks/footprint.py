@@ -95,6 +95,25 @@ def measure_footprint(
         stats = measure_footprint(MNIST1DCNN(), torch.zeros(1, 40))
         stats["macs"], stats["latency_ms"]
     """
+    _, run, inp, size = _size(model, example, forward_fn)
+    batch = inp.repeat_first(batch_size)
+    return {**size, "latency_ms": cpu_latency_ms(run, batch, repeats=repeats, threads=threads)}
+
+
+def measure_size(model: nn.Module, example: Tensor | ModelInputs, *,
+                 forward_fn: ForwardFn | None = None) -> dict[str, float]:
+    """The deterministic part of :func:`measure_footprint`: parameters, MACs per sample (torch-pruning's counter
+    on one row of ``example``) and serialized bytes, without the latency timing.
+
+    Example::
+
+        measure_size(MNIST1DCNN(channels=8), torch.zeros(1, 40))  # {"params": ..., "macs": ..., "bytes": ...}
+    """
+    return _size(model, example, forward_fn)[3]
+
+
+def _size(model: nn.Module, example: Tensor | ModelInputs,
+          forward_fn: ForwardFn | None) -> tuple[nn.Module, nn.Module, ModelInputs, dict[str, float]]:
     m = float_copy(model)
     inp = as_inputs(example).to("cpu").rows(1)
     if forward_fn is None and not has_forward(m):
@@ -104,9 +123,7 @@ def measure_footprint(
         kw, call = inp.kwargs, (forward_fn or (lambda mod, *a, **k: mod(*a, **k)))
         run, inp = Bound(m, lambda mod, *a: call(mod, *a, **kw)), ModelInputs(inp.args, {})
     macs, params = torch_pruning().utils.count_ops_and_params(run, inp.for_tracing())
-    batch = inp.repeat_first(batch_size)
-    return {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m)),
-            "latency_ms": cpu_latency_ms(run, batch, repeats=repeats, threads=threads)}
+    return m, run, inp, {"params": float(params), "macs": float(macs), "bytes": float(serialized_bytes(m))}
 
 
 def measure_exported(exported: nn.Module, reference: dict[str, float], example: Tensor | ModelInputs, *,
@@ -297,5 +314,6 @@ __all__ = [
     "held_out_metrics",
     "measure_exported",
     "measure_footprint",
+    "measure_size",
     "serialized_bytes",
 ]

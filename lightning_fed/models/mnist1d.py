@@ -84,11 +84,15 @@ def conv_stem_features(module: nn.Module, x: Tensor) -> Tensor:
 
 class MNIST1DCNN(_Classifier):
     """The MNIST-1D paper's CNN: three stride-2 1-D convolutions of ``channels`` filters and a linear head
-    (about 5.2k parameters at 25 channels). It can be split after convolution 1, 2 or 3: ``classify(extract(x,
-    s), s) == forward(x)`` (FedGKT runs the bottom half on the client and a large model on its feature map).
+    (about 5.2k parameters at 25 channels); ``depth > 3`` adds ``depth - 3`` length-preserving (stride-1, kernel 3)
+    convolutions of the same width after the third. It can be split after convolution 1, 2 or 3:
+    ``classify(extract(x, s), s) == forward(x)`` (FedGKT runs the bottom half on the client and a large model on
+    its feature map).
 
     Args:
         channels: filters per convolution.
+        depth: convolutions in all, at least 3 (the paper's three; ``channels`` and ``depth`` are the size knobs
+            an architecture search turns, docs/tiers.md).
         num_classes: output classes.
         lr: learning rate.
         optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
@@ -106,17 +110,30 @@ class MNIST1DCNN(_Classifier):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         length: int = 40,
+        depth: int = 3,
     ) -> None:
         super().__init__(lr, optimizer, momentum, weight_decay, num_classes)
         if channels < 1:
             raise ValueError(f"MNIST1DCNN: channels must be >= 1, got {channels}")
+        if depth < 3:
+            raise ValueError(f"MNIST1DCNN: depth={depth!r} is not allowed; depth must be >= 3 (the stem's three "
+                             "convolutions)")
         self.save_hyperparameters()
         out_len = add_conv_stem(self, channels, length)
+        # empty at depth 3: the paper's model keeps its parameter names and state dict
+        self.extra = nn.ModuleList(nn.Conv1d(channels, channels, 3, padding=1) for _ in range(depth - 3))
         self.head = nn.Linear(channels * out_len, num_classes)
+
+    def _extra(self, h: Tensor) -> Tensor:
+        for conv in self.extra:
+            h = F.relu(conv(h))
+        return h
 
     def features(self, x: Tensor) -> Tensor:
         """The flattened convolutional features (the head's input)."""
-        return conv_stem_features(self, x)
+        if not len(self.extra):
+            return conv_stem_features(self, x)
+        return self._extra(self.extract(x, 3)).flatten(1)
 
     def _check_split(self, split: int) -> None:
         if split not in SPLITS:
@@ -137,7 +154,7 @@ class MNIST1DCNN(_Classifier):
         self._check_split(split)
         for conv in (self.conv1, self.conv2, self.conv3)[split:]:
             h = F.relu(conv(h))
-        return self.head(h.flatten(1))
+        return self.head(self._extra(h).flatten(1))
 
     def extract_shape(self, split: int) -> tuple[int, ...]:
         """Shape of one sample's :meth:`extract` output, ``(channels, L)``."""
