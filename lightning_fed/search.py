@@ -43,16 +43,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lightning_fed.callbacks._compress import example_from_batch
-from lightning_fed.callbacks.footprint import measure_size
+from lightning_fed.search_space import (
+    check_space,
+    example_input,
+    measure_candidate,
+    set_dotted,
+    tier_entries,
+    tier_names,
+    with_knobs,
+)
 
 log = logging.getLogger("lightning_fed")
 
 MEASURES = ("macs", "params", "bytes")
 """What a budget may bound: the footprint counter's deterministic measures (MACs per sample, parameters, bytes)."""
-MAX_CANDIDATES = 4096
-"""Largest search space (the product of the knobs' value counts): every candidate is built and measured up front."""
-TIERS_KEY = ("loop", "strategy", "init_args", "tiers", "init_args", "models")
 
 
 @dataclass
@@ -132,9 +136,9 @@ class ArchSearch:
             raise ValueError(
                 f"ArchSearch: recipe={recipe!r} is not allowed; it must be a `lightning-fed fit` recipe"
             )
-        self.entries = _tier_entries(self.base)
-        self.names = _tier_names(self.base, len(self.entries))
-        self.space = _check_space(space, self.entries)
+        self.entries = tier_entries(self.base)
+        self.names = tier_names(self.base, len(self.entries))
+        self.space = check_space(space, self.entries)
         if len(budgets) != len(self.entries):
             raise ValueError(
                 f"ArchSearch: budgets has {len(budgets)} entries; {recipe} has {len(self.entries)} "
@@ -157,9 +161,9 @@ class ArchSearch:
         ]
         self._fit = _fit_parser()
         self._check_proxy()
-        example = _example(self.base, example_input_shape)
+        example = example_input(self.base, example_input_shape)
         self.footprints = [
-            [_measure(self.entries[t], c, example, f"space {c}") for c in self.candidates]
+            [measure_candidate(self.entries[t], c, example, f"space {c}") for c in self.candidates]
             for t in range(len(self.entries))
         ]
         self.feasible = [
@@ -306,9 +310,9 @@ class ArchSearch:
     # -- one trial ----------------------------------------------------------------------------------------------
 
     def _proxy_config(self, tier: int, knobs: dict[str, Any], out: str) -> dict[str, Any]:
-        cfg = _with_knobs(self.base, tier, knobs)
+        cfg = with_knobs(self.base, tier, knobs)
         for key, value in self.proxy.items():
-            _set_dotted(cfg, key, value)
+            set_dotted(cfg, key, value)
         loop = cfg.setdefault("loop", {})
         loop.update(
             {
@@ -380,7 +384,7 @@ class ArchSearch:
     def _write_recipe(self, chosen: list[dict[str, Any]]) -> Path:
         cfg = self.base
         for t, c in enumerate(chosen):
-            cfg = _with_knobs(cfg, t, c["knobs"])
+            cfg = with_knobs(cfg, t, c["knobs"])
         cfg.setdefault("loop", {})["output_dir"] = str(self.output_dir / "fit")
         lines = [
             f"# Written by `lightning-fed search` from {self.recipe_path} (seed {self.seed}): each tier's",
@@ -404,138 +408,6 @@ def _fit_parser() -> ArgumentParser:
     from lightning_fed.cli import _build_parsers
 
     return _build_parsers()[1]
-
-
-def _tier_entries(recipe: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``class_path``/``init_args`` entry of every tier: the recipe's model, then the strategy's tier models."""
-    node: Any = recipe
-    for key in TIERS_KEY:
-        node = node.get(key) if isinstance(node, dict) else None
-    extra = node if isinstance(node, list) else []
-    entries = [recipe["model"], *extra]
-    bad = [t for t, e in enumerate(entries) if not isinstance(e, dict) or "class_path" not in e]
-    if bad:
-        raise ValueError(
-            f"ArchSearch: recipe tier {bad[0]} is not allowed; every tier's model must be given as "
-            "class_path/init_args"
-        )
-    return entries
-
-
-def _tier_names(recipe: dict[str, Any], n: int) -> list[str]:
-    try:
-        names = recipe["loop"]["strategy"]["init_args"]["tiers"]["init_args"]["names"]
-    except (KeyError, TypeError):
-        names = None
-    return (
-        [str(x) for x in names]
-        if isinstance(names, list) and len(names) == n
-        else [f"tier{t}" for t in range(n)]
-    )
-
-
-def _import(class_path: str) -> type:
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"ArchSearch: the recipe's class_path {class_path!r} cannot be imported") from None
-
-
-def _check_space(space: dict[str, list[Any]], entries: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    import inspect
-
-    if not space:
-        raise ValueError(
-            "ArchSearch: space={} is not allowed; name at least one constructor argument and its values"
-        )
-    for name, values in space.items():
-        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
-            raise ValueError(
-                f"ArchSearch: space.{name}={values!r} is not allowed; give a non-empty list of "
-                "distinct values"
-            )
-        for t, entry in enumerate(entries):
-            params = inspect.signature(_import(entry["class_path"])).parameters
-            if name not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                raise ValueError(
-                    f"ArchSearch: space.{name} is not allowed; {entry['class_path']} (tier {t}) takes "
-                    f"no argument {name!r} (it takes {', '.join(p for p in params if p != 'self')})"
-                )
-    size = 1
-    for values in space.values():
-        size *= len(values)
-    if size > MAX_CANDIDATES:
-        raise ValueError(
-            f"ArchSearch: space has {size} candidates; at most {MAX_CANDIDATES} are allowed (each is "
-            "built and measured before the search): give fewer values"
-        )
-    return {k: list(v) for k, v in space.items()}
-
-
-def _with_knobs(recipe: dict[str, Any], tier: int, knobs: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``recipe`` with ``knobs`` set in tier ``tier``'s ``init_args``."""
-    cfg = json.loads(json.dumps(recipe))
-    entry = cfg["model"] if tier == 0 else _dig(cfg, TIERS_KEY)[tier - 1]
-    entry["init_args"] = {**(entry.get("init_args") or {}), **knobs}
-    return cfg
-
-
-def _dig(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    for key in keys:
-        cfg = cfg[key]
-    return cfg
-
-
-def _set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
-    node: Any = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise ValueError(
-                f"ArchSearch: proxy key {key!r} is not allowed; {part!r} is not a section of the recipe"
-            )
-    node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
-
-
-def _example(recipe: dict[str, Any], shape: list[int] | None) -> Any:
-    """One input for the footprint counter: ``zeros(shape)``, else the first training batch of the recipe's data."""
-    import torch
-
-    if shape is not None:
-        if not shape or any(d < 1 for d in shape):
-            raise ValueError(f"ArchSearch: example_input_shape={shape!r} is not allowed; give sizes >= 1")
-        return torch.zeros(shape)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningDataModule, "data")
-    data = parser.instantiate_classes(parser.parse_object({"data": recipe["data"]})).data
-    data.setup("fit")
-    example = example_from_batch(next(iter(data.train_dataloader())))
-    if example is None:
-        raise ValueError(
-            "ArchSearch: the recipe's first training batch gives no model input; set example_input_shape"
-        )
-    return example
-
-
-def _measure(entry: dict[str, Any], knobs: dict[str, Any], example: Any, where: str) -> dict[str, float]:
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningModule, "model")
-    built = {"class_path": entry["class_path"], "init_args": {**(entry.get("init_args") or {}), **knobs}}
-    try:
-        model = parser.instantiate_classes(parser.parse_object({"model": built})).model
-    except Exception as err:  # noqa: BLE001 - a constructor's ValueError or jsonargparse's type error
-        raise ValueError(
-            f"ArchSearch: {where} is not allowed; {entry['class_path']} refuses it: "
-            f"{str(err).splitlines()[0]}"
-        ) from None
-    return measure_size(model, example)
 
 
 def _within(fp: dict[str, float], budget: dict[str, float]) -> bool:

@@ -4,6 +4,7 @@ and the recipe it writes runs with `lightning-fed fit`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,24 @@ BUDGETS = [{"macs": 5000}, {"params": 2000}, {"bytes": 12000}]
 
 
 def search(out: Path, **kw) -> ArchSearch:
-    args = {"recipe": FEDDF, "space": SPACE, "budgets": BUDGETS, "trials": 3, "random_trials": 2,
-            "proxy_rounds": 1, "proxy": TINY, "seed": 0, "output_dir": str(out)}
+    args = {
+        "recipe": FEDDF,
+        "space": SPACE,
+        "budgets": BUDGETS,
+        "trials": 2,
+        "random_trials": 1,
+        "proxy_rounds": 1,
+        "proxy": TINY,
+        "seed": 0,
+        "output_dir": str(out),
+    }
     args.update(kw)
     return ArchSearch(**args)
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    """One complete tiny search (3 tiers, 3 trials each)."""
+    """One complete tiny search (3 tiers, 2 trials each: a random draw, then a neighbour of the best)."""
     return search(tmp_path_factory.mktemp("search") / "a").run()
 
 
@@ -51,7 +61,8 @@ def _history(result):
 
 
 def test_every_trial_and_choice_within_its_measured_budget(done):
-    assert [sum(h["tier"] == t for h in done.trials) for t in range(3)] == [3, 3, 3]
+    assert [sum(h["tier"] == t for h in done.trials) for t in range(3)] == [2, 2, 2]
+    assert [h["drawn"] for h in done.trials] == ["random", "neighbour"] * 3
     for h in done.trials:
         assert all(h["footprint"][k] <= v for k, v in BUDGETS[h["tier"]].items()), h
         assert 0.0 <= h["score"] <= 1.0
@@ -70,7 +81,10 @@ def test_every_trial_and_choice_within_its_measured_budget(done):
 
 
 def test_over_budget_candidates_are_never_trained(done):
-    over = {(16, 3), (16, 4)}  # 14,394 and 18,314 MACs: over tier 0's 5,000; 2,474 and 3,258 params: over tier 1's
+    over = {
+        (16, 3),
+        (16, 4),
+    }  # 14,394 and 18,314 MACs: over tier 0's 5,000; 2,474 and 3,258 params: over tier 1's
     for h in done.trials:
         if h["tier"] in (0, 1):
             assert (h["knobs"]["channels"], h["knobs"]["depth"]) not in over
@@ -79,7 +93,7 @@ def test_over_budget_candidates_are_never_trained(done):
 def test_results_are_written(done):
     rows = (done.run_dir / "trials.csv").read_text().splitlines()
     assert rows[0] == "tier,name,trial,drawn,channels,depth,macs,params,bytes,score,seconds"
-    assert len(rows) == 1 + 9
+    assert len(rows) == 1 + 6
     text = done.recipe.read_text()
     assert text.startswith("# Written by `lightning-fed search`") and "budget macs <= 5,000" in text
 
@@ -100,28 +114,31 @@ def test_interrupted_search_resumes_to_the_same_choice(done, tmp_path, monkeypat
     real = ArchSearch._proxy_score
     calls = {"n": 0}
 
-    def killed_after_four(self, tier, knobs):
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # killed during the fifth proxy run
+    def killed_after_three(self, tier, knobs):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during the fourth proxy run (tier 1's second trial)
         calls["n"] += 1
         return real(self, tier, knobs)
 
-    monkeypatch.setattr(ArchSearch, "_proxy_score", killed_after_four)
+    monkeypatch.setattr(ArchSearch, "_proxy_score", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         first.run()
     monkeypatch.setattr(ArchSearch, "_proxy_score", real)
-    assert len(yaml.safe_load((out / "search.json").read_text())["trials"]) == 4
+    assert len(yaml.safe_load((out / "search.json").read_text())["trials"]) == 3
     resumed = search(out)
-    assert len(resumed.history) == 4  # continued from the folder, not started over
+    assert len(resumed.history) == 3  # continued from the folder, not started over
     result = resumed.run()
     assert _history(result) == _history(done)
     assert [c["knobs"] for c in result.chosen] == [c["knobs"] for c in done.chosen]
 
 
 def test_impossible_budget_refused_with_the_smallest_footprint(tmp_path):
-    with pytest.raises(ValueError, match=r"budgets\[1\]=\{'macs': 100.0\} \(tier tier1\) is met by no candidate; "
-                                         r"the smallest, \{'channels': 4, 'depth': 3\}, measures params 338, "
-                                         r"macs 1,446, bytes 1,912"):
+    with pytest.raises(
+        ValueError,
+        match=r"budgets\[1\]=\{'macs': 100.0\} \(tier tier1\) is met by no candidate; "
+        r"the smallest, \{'channels': 4, 'depth': 3\}, measures params 338, "
+        r"macs 1,446, bytes 1,912",
+    ):
         search(tmp_path, budgets=[{"macs": 5000}, {"macs": 100}, {"macs": 5000}])
     assert not (tmp_path / "search.json").exists()
 
@@ -129,16 +146,30 @@ def test_impossible_budget_refused_with_the_smallest_footprint(tmp_path):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"space": {"width": [4, 8]}}, r"space.width is not allowed; lightning_fed.models.MNIST1DCNN \(tier 0\) "
-                                       r"takes no argument 'width'"),
+        (
+            {"space": {"width": [4, 8]}},
+            r"space.width is not allowed; .*MNIST1DCNN \(tier 0\) takes no argument 'width'",
+        ),
         ({"space": {"channels": []}}, r"space.channels=\[\] is not allowed; give a non-empty list"),
-        ({"space": {"channels": [4, 4]}}, r"space.channels=\[4, 4\] is not allowed; give a non-empty list of distinct"),
+        (
+            {"space": {"channels": [4, 4]}},
+            r"space.channels=\[4, 4\] is not allowed; give a non-empty list of distinct",
+        ),
         ({"space": {"depth": [2, 3]}}, r"space \{'depth': 2\} is not allowed; .*depth=2 is not allowed"),
         ({"space": {}}, r"space=\{\} is not allowed"),
         ({"budgets": [{"macs": 5000}]}, r"budgets has 1 entries; .* has 3 tiers \(tier0, tier1, tier2\)"),
-        ({"budgets": [{"latency_ms": 1}, {"macs": 1e5}, {"macs": 1e5}]}, r"budgets\[0\]=\{'latency_ms': 1\} is not"),
-        ({"budgets": [{"macs": 0}, {"macs": 1e5}, {"macs": 1e5}]}, r"budgets\[0\]=\{'macs': 0\} is not allowed"),
-        ({"metric": "test_acc"}, r"metric='test_acc' is not allowed; the search is judged on validation data"),
+        (
+            {"budgets": [{"latency_ms": 1}, {"macs": 1e5}, {"macs": 1e5}]},
+            r"budgets\[0\]=\{'latency_ms': 1\} is not",
+        ),
+        (
+            {"budgets": [{"macs": 0}, {"macs": 1e5}, {"macs": 1e5}]},
+            r"budgets\[0\]=\{'macs': 0\} is not allowed",
+        ),
+        (
+            {"metric": "test_acc"},
+            r"metric='test_acc' is not allowed; the search is judged on validation data",
+        ),
         ({"trials": 0}, r"trials=0 is not allowed"),
         ({"proxy": {"loop.roundz": 2}}, r"proxy=\{'loop.roundz': 2\} .* does not give a valid recipe"),
     ],
@@ -159,25 +190,74 @@ def test_user_module_through_its_constructor_arguments(tmp_path):
     recipe["model"] = {"class_path": "lightning_fed.models.MNIST1DMLP", "init_args": {"hidden": 100}}
     path = tmp_path / "mlp.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proxy = {"data.init_args.num_samples": 600, "data.init_args.val_fraction": 0.2, "loop.num_clients": 4,
-             "loop.clients_per_round": 2, "loop.local_epochs": 1}
-    result = ArchSearch(recipe=str(path), space={"hidden": [8, 16, 32, 64]}, budgets=[{"params": 2000}],
-                        trials=2, proxy_rounds=1, proxy=proxy, output_dir=str(tmp_path / "out")).run()
+    proxy = {
+        "data.init_args.num_samples": 600,
+        "data.init_args.val_fraction": 0.2,
+        "loop.num_clients": 4,
+        "loop.clients_per_round": 2,
+        "loop.local_epochs": 1,
+    }
+    result = ArchSearch(
+        recipe=str(path),
+        space={"hidden": [8, 16, 32, 64]},
+        budgets=[{"params": 2000}],
+        trials=2,
+        proxy_rounds=1,
+        proxy=proxy,
+        output_dir=str(tmp_path / "out"),
+    ).run()
     # hidden=32: 40*32+32 + 32*32+32 + 32*10+10 = 2,698 parameters, over budget; 8 and 16 fit
     assert sorted(h["knobs"]["hidden"] for h in result.trials) == [8, 16]
-    assert yaml.safe_load(result.recipe.read_text())["model"]["init_args"]["hidden"] == result.chosen[0]["knobs"]["hidden"]
+    assert (
+        yaml.safe_load(result.recipe.read_text())["model"]["init_args"]["hidden"]
+        == result.chosen[0]["knobs"]["hidden"]
+    )
 
 
 def test_cli_search_then_fit_the_written_recipe(tmp_path):
     out = tmp_path / "cli"
     proxy = "{" + ", ".join(f'"{k}": {v}' for k, v in TINY.items()) + "}"
-    res = run(["search", "--config", str(SEARCH_RECIPE), "--trials", "1", "--proxy_rounds", "1",
-               "--recipe", FEDDF, "--proxy", proxy, "--output_dir", str(out)])
+    res = run(
+        [
+            "search",
+            "--config",
+            str(SEARCH_RECIPE),
+            "--trials",
+            "1",
+            "--proxy_rounds",
+            "1",
+            "--recipe",
+            FEDDF,
+            "--proxy",
+            proxy,
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert res.recipe == out / "recipe.yaml" and len(res.trials) == 3
-    fit = run(["fit", "--config", str(res.recipe), "--loop.rounds", "1", "--loop.num_clients", "4",
-               "--loop.clients_per_round", "2", "--loop.local_epochs", "1", "--loop.verbose", "false",
-               "--loop.plot", "false", "--loop.strategy.init_args.distill_steps", "2",
-               "--loop.output_dir", str(tmp_path / "fit")])
+    fit = run(
+        [
+            "fit",
+            "--config",
+            str(res.recipe),
+            "--loop.rounds",
+            "1",
+            "--loop.num_clients",
+            "4",
+            "--loop.clients_per_round",
+            "2",
+            "--loop.local_epochs",
+            "1",
+            "--loop.verbose",
+            "false",
+            "--loop.plot",
+            "false",
+            "--loop.strategy.init_args.distill_steps",
+            "2",
+            "--loop.output_dir",
+            str(tmp_path / "fit"),
+        ]
+    )
     assert len(fit.history) == 1 and fit.history[0]["good"] >= 1
     saved = yaml.safe_load((fit.run_dir / "config.yaml").read_text())
     tiers = [saved["model"], *saved["loop"]["strategy"]["init_args"]["tiers"]["init_args"]["models"]]
@@ -186,7 +266,17 @@ def test_cli_search_then_fit_the_written_recipe(tmp_path):
 
 def test_cli_refuses_a_bad_search_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run(["search", "--config", str(SEARCH_RECIPE), "--space", '{"width": [4]}', "--output_dir", str(tmp_path)])
+        run(
+            [
+                "search",
+                "--config",
+                str(SEARCH_RECIPE),
+                "--space",
+                '{"width": [4]}',
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("lightning-fed: error: search: space.width is not allowed")
 
@@ -204,7 +294,16 @@ def test_cnn_depth_knob():
         torch.testing.assert_close(deep.classify(deep.extract(x, split), split), deep(x))
     assert len(deep.extra) == 2
     # depth 3 is the paper's model: same parameter names as before the knob existed
-    assert list(MNIST1DCNN(channels=6).state_dict()) == [f"{n}.{p}" for n in ("conv1", "conv2", "conv3", "head")
-                                                          for p in ("weight", "bias")]
+    assert list(MNIST1DCNN(channels=6).state_dict()) == [
+        f"{n}.{p}" for n in ("conv1", "conv2", "conv3", "head") for p in ("weight", "bias")
+    ]
     with pytest.raises(ValueError, match=r"depth=2 is not allowed; depth must be >= 3"):
         MNIST1DCNN(depth=2)
+
+
+def test_docs_tiers_footprint_example(capsys):
+    doc = (ROOT / "docs" / "tiers.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "measure_size" in b)
+    exec(compile(code, "docs/tiers.md", "exec"), {})  # noqa: S102 - the documented example itself
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [line[2:] for line in code.splitlines() if line.startswith("# ")]
