@@ -25,7 +25,7 @@ from lightning_fed.cli import build_parser, run
 def tier_models(recipe: Path) -> list[torch.nn.Module]:
     """The recipe's tier models, built (tier 0 first)."""
     parser = build_parser()
-    init = parser.instantiate_classes(parser.parse_args(["fit", "--config", str(recipe)]))["fit"]
+    init = parser.instantiate(parser.parse_args(["fit", "--config", str(recipe)]))["fit"]
     tiers = getattr(init.loop.strategy, "tiers", None)
     return [init.model, *(tiers.models if tiers is not None else [])]
 

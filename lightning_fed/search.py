@@ -347,7 +347,7 @@ class ArchSearch:
         with tempfile.TemporaryDirectory(prefix="proxy-", dir=self.output_dir) as tmp:
             cfg = self._fit.parse_object(self._proxy_config(tier, knobs, tmp))
             L.seed_everything(cfg.loop.seed, verbose=False)  # as `lightning-fed fit`: the initial model
-            init = self._fit.instantiate_classes(cfg)
+            init = self._fit.instantiate(cfg)
             result = init.loop.fit(init.model, init.data)
         key = f"tier{tier}/{self.metric}" if len(self.entries) > 1 else self.metric
         last = result.history[-1] if result.history else {}

@@ -130,7 +130,7 @@ def example_input(recipe: dict[str, Any], shape: list[int] | None) -> Any:
         return torch.zeros(shape)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
-    data = parser.instantiate_classes(parser.parse_object({"data": recipe["data"]})).data
+    data = parser.instantiate(parser.parse_object({"data": recipe["data"]})).data
     data.setup("fit")
     example = example_from_batch(next(iter(data.train_dataloader())))
     if example is None:
@@ -152,7 +152,7 @@ def measure_candidate(
         if any(
             isinstance(v, dict) for v in built["init_args"].values()
         ):  # nested objects: jsonargparse builds them
-            model = parser.instantiate_classes(parser.parse_object({"model": built})).model
+            model = parser.instantiate(parser.parse_object({"model": built})).model
         else:  # plain values: the constructor's own message names the refused argument
             model = import_class(entry["class_path"])(**built["init_args"])
     except Exception as err:  # noqa: BLE001 - a constructor's ValueError or jsonargparse's type error

@@ -68,7 +68,7 @@ def test_every_trial_and_choice_within_its_measured_budget(done):
         assert 0.0 <= h["score"] <= 1.0
     # the written recipe's models, built and measured again, are within their tiers' budgets
     cfg = build_parser().parse_args(["fit", "--config", str(done.recipe)])
-    init = build_parser().instantiate_classes(cfg)["fit"]
+    init = build_parser().instantiate(cfg)["fit"]
     models = [init.model, *init.loop.strategy.tiers.models]
     for t, (model, chosen) in enumerate(zip(models, done.chosen, strict=True)):
         fp = measure_size(model, torch.zeros(1, 40))
