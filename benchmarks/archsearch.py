@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run both recipes and print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--searched", type=Path, required=True, help="the recipe `lightning-fed search` wrote")
-    p.add_argument("--hand", type=Path, required=True, help="the recipe with hand-picked tiers it searched")
+    p.add_argument(
+        "--hand", type=Path, default=None, help="the recipe with hand-picked tiers it searched (none: skip)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
         "--override", nargs="*", default=[], help="extra `fit` overrides for both (e.g. --loop.rounds 5)"
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, recipe in (("hand-picked", args.hand), ("searched", args.searched)):
+            if recipe is None:
+                continue
             models = tier_models(recipe)
             runs = [test_accuracy(recipe, s, Path(tmp) / f"{name}-{s}", args.override) for s in args.seeds]
             rows[name] = {"models": models, "accs": [r[0] for r in runs], "seconds": sum(r[1] for r in runs)}
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"Tiers: hand-picked against searched, test accuracy (seeds {args.seeds})")
     for col in ("tier", "recipe", "architecture", "MACs", "params", "test acc (mean)", "per seed"):
         table.add_column(col, justify="right" if col in ("MACs", "params", "test acc (mean)") else "left")
-    for t in range(len(rows["hand-picked"]["models"])):
+    for t in range(len(rows["searched"]["models"])):
         for name, row in rows.items():
             model = row["models"][t]
             fp = measure_size(model, torch.zeros(1, model.hparams.get("length", 40)))
