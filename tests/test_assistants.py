@@ -709,3 +709,29 @@ def test_fedgkt_assistant_smaller_than_its_student_is_refused_at_setup():
         ValueError, match=r"FedGKT: assistant_chain=.*'mid' \(\d+ parameters\) cannot teach 'large'"
     ):
         s.setup(cnn(4))
+
+
+@pytest.mark.parametrize(
+    ("marker", "routes"),
+    [
+        ("FedMDNFDP(", "{0: 'medium', 1: 'large', 2: 'consensus'}"),
+        (
+            "DecentralizedDistillation(",
+            "{0: 'medium', 1: 'large', 2: 'neighbors', 3: 'medium', 4: 'large', 5: 'neighbors'}",
+        ),
+        ("FedGKT(", "[('server', 'mid'), ('mid', 'small'), ('server', 'large')]"),
+    ],
+)
+def test_docs_strategy_chain_examples_run(marker, routes, tmp_path, monkeypatch):
+    """The docs' runnable examples of the strategies' chains run and print the routes they state."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "distillation.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if marker in b)
+    assert routes in code
+    monkeypatch.chdir(tmp_path)
+    printed: list = []
+    scope: dict = {"print": lambda *a: printed.append(a)}
+    exec(compile(code, "docs/distillation.md", "exec"), scope)  # noqa: S102
+    assert str(printed[-1][0]) == routes
