@@ -18,7 +18,7 @@ teacher/student parameter ratio, and plots student accuracy against that ratio
 
 ``--federated`` runs the same question inside FedDF on the tiered setting of ``recipes/mnist1d/feddf.yaml``
 (tiers small / medium / large = 8 / 16 / 32 channels, 20 clients, 10 per round, Dirichlet 0.5, proxy data
-1,000 public MNIST-1D samples): a server-side teacher of ``--teachers`` channels (4x and 8x the large tier's
+1,000 public MNIST-1D samples): a server-side teacher of ``--teachers`` channels (2x, 4x and 8x the large tier's
 by default) learns from the client ensemble each round and teaches a tier, either directly
 (``assistant_chain=[teacher, <tier>]``) or through the other tiers (``[teacher, large, medium, small]``);
 against each tier trained alone (``distill_steps=0``: FedAvg within the tier, the same clients and data).
@@ -240,7 +240,7 @@ def main() -> None:
 
 TIER_CHANNELS = (8, 16, 32)
 TIER_NAMES = ("small", "medium", "large")
-TEACHERS = (128, 256)
+TEACHERS = (64, 128, 256)
 
 
 def fed_cnn(channels: int) -> MNIST1DCNN:
