@@ -735,3 +735,17 @@ def test_docs_strategy_chain_examples_run(marker, routes, tmp_path, monkeypatch)
     scope: dict = {"print": lambda *a: printed.append(a)}
     exec(compile(code, "docs/distillation.md", "exec"), scope)  # noqa: S102
     assert str(printed[-1][0]) == routes
+
+
+def test_fedgkt_chain_with_flat_features_uses_hidden_widths():
+    """``split=None``: an assistant is the server's MLP with the given hidden width; the order is in hidden units."""
+    torch.manual_seed(0)
+    s = _gkt(split=None, assistants={"mid": 8})
+    s.setup(cnn(4))
+    assert s.chain.models["mid"].adapters[0].out_features == 8
+    s.aggregate(0, _gkt_replies(s))
+    assert s.last_routes == [("server", "mid"), ("mid", "small"), ("server", "large")]
+    with pytest.raises(
+        ValueError, match=r"'server' \(32 hidden units\) cannot teach 'mid' \(64 hidden units\)"
+    ):
+        _gkt(split=None, assistants={"mid": 64})
