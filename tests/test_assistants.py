@@ -3,6 +3,7 @@ weights are checkpointed."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -409,3 +410,342 @@ def test_callback_assistants_do_not_change_the_students_batches():
     assert cb.trained
     for k, v in alone.state_dict().items():
         assert torch.equal(v, student.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------- FedMD-NFDP: FedMD's chain, with its record subsets
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"assistant_chain": ["small", "large"]}, r"FedMDNFDP: assistant_chain=.*cannot teach 'large'"),
+        ({"assistant_chain": ["large", "medium", "large"]}, r"FedMDNFDP: assistant_chain=.*appears twice"),
+        ({"assistant_chain": ["large", "nope"]}, r"FedMDNFDP: assistant_chain=.*'nope' is not a tier"),
+        (
+            {"assistant_chain": ["large", "small"], "digest_epochs": 0},
+            r"FedMDNFDP: assistant_chain=.*digest_epochs=0",
+        ),
+    ],
+)
+def test_fedmd_nfdp_invalid_chains_are_refused(kwargs, match):
+    from lightning_fed.strategies import FedMDNFDP
+
+    with pytest.raises(ValueError, match=match):
+        s = FedMDNFDP(public=tiny_public(), tiers=_tiers(), records_per_party=10, **kwargs)
+        s.setup(cnn(4))
+
+
+def test_fedmd_nfdp_chain_sends_each_tier_its_teacher_tiers_logits():
+    from lightning_fed.strategies import FedMDNFDP
+
+    tiers = _tiers()
+    s = FedMDNFDP(
+        public=tiny_public(80),
+        tiers=tiers,
+        records_per_party=10,
+        public_per_round=20,
+        assistant_chain=["large", "medium", "small"],
+    )
+    s.setup(cnn(4))
+    clients = list(range(6))
+    s.configure_round(1, clients)
+    replies = [Reply(c, {"logits": torch.full((20, 10), float(tiers.tier_of(c) + 1))}, 50) for c in clients]
+    metrics = s.aggregate(1, replies)
+    assert metrics["nfdp/delta"] == pytest.approx(10 / 50)  # the NFDP accounting still runs
+    out = {i.client_id: i.payload["consensus"] for i in s.configure_round(2, clients)}
+    assert s.last_routes == {2: "consensus", 1: "large", 0: "medium"}
+    expected = {0: 2.0, 1: 3.0, 2: 2.0}  # small <- medium's mean, medium <- large's, large <- the consensus
+    for c in clients:
+        assert torch.equal(out[c], torch.full((20, 10), expected[tiers.tier_of(c)])), c
+    assert any(isinstance(cb, type(s.subset)) for cb in s.client_callbacks())
+
+
+# ---------------------------------------------------------------- decentralized distillation: along the tiers
+
+
+def _ddist(chain=("large", "medium", "small"), **kw):
+    from lightning_fed.strategies import DecentralizedDistillation
+
+    s = DecentralizedDistillation(
+        num_clients=12,
+        graph="ring",
+        degree=2,
+        public=tiny_public(40),
+        reference_size=40,
+        tiers=_tiers(),
+        assistant_chain=None if chain is None else list(chain),
+        **kw,
+    )
+    s.setup(cnn(4))
+    return s
+
+
+def _tier_soft(s, clients) -> list[Reply]:
+    """Every client of tier t sends the same probability vector, peaked on class t."""
+    out = []
+    for c in clients:
+        p = torch.full((40, 10), 0.05)
+        p[:, s.tiers.tier_of(c)] = 0.55
+        out.append(Reply(c, {"soft": p}, 10))
+    return out
+
+
+def test_ddist_chain_passes_soft_labels_from_the_teaching_tiers_neighbours():
+    """On a ring with round-robin tiers (client i: tier i % 3), client i's neighbours are i - 1 and i + 1: a small
+    client (tier 0) has a large and a medium neighbour, a medium client a small and a large one."""
+    s = _ddist()
+    clients = list(range(12))
+    s.aggregate(1, _tier_soft(s, clients))
+    out = {i.client_id: i.payload["neighbor_soft"] for i in s.configure_round(2, clients)}
+    peak = lambda t: _tier_soft(s, [t])[0].payload["soft"]
+    for c in clients:
+        t = s.tiers.tier_of(c)
+        if t == 0:  # small <- its medium neighbour only
+            assert torch.equal(out[c], peak(1)), c
+            assert s.last_routes[c] == "medium"
+        elif t == 1:  # medium <- its large neighbour only
+            assert torch.equal(out[c], peak(2)), c
+            assert s.last_routes[c] == "large"
+        else:  # large, the chain's head: all its neighbours (a medium and a small one), as without a chain
+            assert torch.allclose(out[c], (peak(0) + peak(1)) / 2), c
+            assert s.last_routes[c] == "neighbors"
+    plain = _ddist(chain=None)
+    plain.aggregate(1, _tier_soft(plain, clients))
+    same = {i.client_id: i.payload["neighbor_soft"] for i in plain.configure_round(2, clients)}
+    assert all(torch.equal(same[c], out[c]) for c in clients if c % 3 == 2)
+    assert not any(torch.equal(same[c], out[c]) for c in clients if c % 3 != 2)
+
+
+def test_ddist_chain_falls_back_to_all_neighbours_when_the_teaching_tier_is_silent():
+    s = _ddist()
+    s.aggregate(1, _tier_soft(s, [c for c in range(12) if c % 3 != 1]))  # no medium client has sent
+    out = {i.client_id: i for i in s.configure_round(2, [0, 3])}
+    assert s.last_routes == {0: "neighbors", 3: "neighbors"}
+    assert out[0].config["neighbors"] == 1  # client 0's neighbours: 11 (large, sent) and 1 (medium, silent)
+
+
+DD = "DecentralizedDistillation: assistant_chain="
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chain": ["large", "medium", "large"]}, DD + r".*appears twice"),
+        ({"chain": ["large", "tiny"]}, DD + r".*'tiny' is not a tier"),
+        ({"chain": ["medium", "large"]}, DD + r".*'medium' \(\d+ parameters\) cannot teach 'large'"),
+        (
+            {"chain": ["small", "medium"]},
+            DD + r".*'small' \(\d+ parameters\) cannot teach 'medium'",
+        ),  # at setup
+        ({"chain": ["large", "small"], "digest_epochs": 0}, DD + r".*digest_epochs=0"),
+    ],
+)
+def test_ddist_invalid_chains_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _ddist(**kwargs)
+
+
+# ---------------------------------------------------------------- FedGKT: server -> assistants -> one tier
+
+
+def _gkt(chain=("server", "mid", "small"), assistants=None, **kw):
+    from lightning_fed.strategies import FedGKT
+
+    kw = {
+        "split": 1,
+        "server_channels": 16,
+        "server_hidden": 32,
+        "server_layers": 1,
+        "server_epochs": 1,
+        **kw,
+    }
+    return FedGKT(
+        tiers=ModelTiers(models=[cnn(32)], names=["small", "large"]),
+        assistant_chain=None if chain is None else list(chain),
+        assistants={"mid": 8} if assistants is None and chain is not None else assistants,
+        **kw,
+    )
+
+
+def _gkt_replies(s) -> list[Reply]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for c in range(4):  # clients 0, 2: small (4 channels); 1, 3: large (32 channels)
+        shape = s.feature_shapes[s.tiers.tier_of(c)]
+        out.append(
+            Reply(
+                c,
+                {
+                    "features": torch.randn(12, *shape, generator=g),
+                    "logits": torch.randn(12, 10, generator=g),
+                    "labels": torch.randint(10, (12,), generator=g),
+                },
+                12,
+            )
+        )
+    return out
+
+
+def test_fedgkt_chain_passes_the_servers_knowledge_through_the_assistant(monkeypatch):
+    """The server learns from the client logits, the assistant from the server's logits as the server left its
+    training, and the small tier's clients receive the assistant's logits; the large tier's the server's."""
+    from lightning_fed.strategies import fedgkt, gkt_chain
+
+    torch.manual_seed(0)
+    s = _gkt()
+    s.setup(cnn(4))
+    calls = []
+    fit = gkt_chain.fit_on_features
+
+    def spy(model, opt, train, targets, *args):
+        out = fit(model, opt, train, targets, *args)
+        with torch.no_grad():
+            calls.append(
+                (model, [t.clone() for t in targets], [model(p["features"], t) for _c, p, t in train])
+            )
+        return out
+
+    monkeypatch.setattr(fedgkt, "fit_on_features", spy)
+    monkeypatch.setattr(gkt_chain, "fit_on_features", spy)
+    replies = _gkt_replies(s)
+    s.aggregate(0, replies)
+    (server, server_targets, server_out), (mid, mid_targets, mid_out) = calls
+    assert server is s.server and mid is s.chain.models["mid"]
+    assert all(
+        torch.equal(t, r.payload["logits"]) for t, r in zip(server_targets, replies)
+    )  # clients -> server
+    assert all(torch.equal(t, o) for t, o in zip(mid_targets, server_out))  # server -> mid
+    for i, r in enumerate(replies):  # mid -> small; server -> large
+        expected = mid_out[i] if s.tiers.tier_of(r.client_id) == 0 else server_out[i]
+        assert torch.equal(s.server_logits[r.client_id], expected), r.client_id
+        assert not torch.equal(mid_out[i], server_out[i])
+    assert s.last_routes == [("server", "mid"), ("mid", "small"), ("server", "large")]
+    assert "assistant/mid/loss" in s.aggregate(1, replies)
+
+
+def test_fedgkt_tiers_outside_the_chain_receive_what_they_would_without_it():
+    logits = []
+    for chain in (None, ("server", "mid", "small")):
+        torch.manual_seed(0)
+        s = _gkt(chain=chain)
+        s.setup(cnn(4))
+        replies = _gkt_replies(s)
+        s.aggregate(0, replies)
+        logits.append(s.server_logits)
+    assert torch.equal(logits[0][1], logits[1][1]) and torch.equal(logits[0][3], logits[1][3])  # large
+    assert not torch.equal(logits[0][0], logits[1][0])  # small: from the assistant instead
+
+
+def test_fedgkt_assistants_and_their_optimizers_are_checkpointed():
+    torch.manual_seed(0)
+    a, b = _gkt(), _gkt()
+    a.setup(cnn(4))
+    b.setup(cnn(4))
+    replies = _gkt_replies(a)
+    a.aggregate(0, replies)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a checkpoint file: no tensor shared with a
+    for k, v in a.chain.models["mid"].state_dict().items():
+        assert torch.equal(v, b.chain.models["mid"].state_dict()[k])
+    a.aggregate(1, replies)  # the same next round from the restored state: Adam's moments were restored too
+    b.aggregate(1, replies)
+    assert all(torch.equal(a.server_logits[c], b.server_logits[c]) for c in range(4))
+    plain = _gkt(chain=None)
+    plain.setup(cnn(4))
+    with pytest.raises(ValueError, match=r"assistants \['mid'\] do not match assistants \[\]"):
+        plain.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"chain": ["server", "mid", "server"]},
+            r"FedGKT: assistant_chain=.*'server' appears twice \(a loop\)",
+        ),
+        (
+            {"chain": ["server", "tiny", "small"], "assistants": {}},
+            r"FedGKT: assistant_chain=.*'tiny' is not a tier or assistant",
+        ),
+        (
+            {"chain": ["server", "large", "small"], "assistants": {}},
+            r"FedGKT: assistant_chain=.*'large' is a client tier and cannot teach 'small'",
+        ),
+        ({"chain": ["mid", "small"]}, r"FedGKT: assistant_chain=.*starts at 'server'"),
+        ({"chain": ["server", "mid"]}, r"FedGKT: assistant_chain=.*ends at the client tier"),
+        (
+            {"chain": ["server", "mid", "small"], "assistants": {"mid": 16}},
+            r"FedGKT: assistant_chain=.*'server' \(16 channels\) cannot teach 'mid' \(16 channels\)",
+        ),
+        (
+            {"chain": ["server", "a", "b", "small"], "assistants": {"a": 4, "b": 8}},
+            r"FedGKT: assistant_chain=.*'a' \(4 channels\) cannot teach 'b'",
+        ),
+        (
+            {"chain": ["server"], "assistants": {}},
+            r"FedGKT: assistant_chain=\['server'\] is not allowed; a chain names",
+        ),
+        (
+            {"chain": ["server", "small"], "assistants": {"mid": 8}},
+            r"FedGKT: assistants=\{'mid'.*assistant_chain",
+        ),
+        ({"chain": None, "assistants": {"mid": 8}}, r"FedGKT: assistants=\['mid'\] is not allowed without"),
+        (
+            {"chain": ["server", "large"], "assistants": {"large": 8}},
+            r"assistants=\{'large'.*differ from 'server'",
+        ),
+        ({"chain": ["server", "mid", "small"], "assistants": {"mid": 0}}, r"assistants=\{'mid': 0\}.*>= 1"),
+    ],
+)
+def test_fedgkt_invalid_chains_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _gkt(**kwargs)
+
+
+def test_fedgkt_assistant_smaller_than_its_student_is_refused_at_setup():
+    s = _gkt(
+        chain=("server", "mid", "large"), assistants={"mid": 1}
+    )  # the server's architecture at 1 channel
+    with pytest.raises(
+        ValueError, match=r"FedGKT: assistant_chain=.*'mid' \(\d+ parameters\) cannot teach 'large'"
+    ):
+        s.setup(cnn(4))
+
+
+@pytest.mark.parametrize(
+    ("marker", "routes"),
+    [
+        ("FedMDNFDP(", "{0: 'medium', 1: 'large', 2: 'consensus'}"),
+        (
+            "DecentralizedDistillation(",
+            "{0: 'medium', 1: 'large', 2: 'neighbors', 3: 'medium', 4: 'large', 5: 'neighbors'}",
+        ),
+        ("FedGKT(", "[('server', 'mid'), ('mid', 'small'), ('server', 'large')]"),
+    ],
+)
+def test_docs_strategy_chain_examples_run(marker, routes, tmp_path, monkeypatch):
+    """The docs' runnable examples of the strategies' chains run and print the routes they state."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "distillation.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if marker in b)
+    assert routes in code
+    monkeypatch.chdir(tmp_path)
+    printed: list = []
+    scope: dict = {"print": lambda *a: printed.append(a)}
+    exec(compile(code, "docs/distillation.md", "exec"), scope)  # noqa: S102
+    assert str(printed[-1][0]) == routes
+
+
+def test_fedgkt_chain_with_flat_features_uses_hidden_widths():
+    """``split=None``: an assistant is the server's MLP with the given hidden width; the order is in hidden units."""
+    torch.manual_seed(0)
+    s = _gkt(split=None, assistants={"mid": 8})
+    s.setup(cnn(4))
+    assert s.chain.models["mid"].adapters[0].out_features == 8
+    s.aggregate(0, _gkt_replies(s))
+    assert s.last_routes == [("server", "mid"), ("mid", "small"), ("server", "large")]
+    with pytest.raises(
+        ValueError, match=r"'server' \(32 hidden units\) cannot teach 'mid' \(64 hidden units\)"
+    ):
+        _gkt(split=None, assistants={"mid": 64})

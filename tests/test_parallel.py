@@ -102,6 +102,9 @@ CASES = {  # name: (recipe, processes)
     "feddf-tiers-3": ("feddf", 3),
     "feddf-assistant-2": ("feddf_assistant", 2),  # a server-side assistant replayed on every rank
     "fedmd-assistant-2": ("fedmd_assistant", 2),  # per-tier digest targets
+    "fedmd-nfdp-assistant-2": ("fedmd_nfdp_assistant", 2),
+    "fedgkt-assistant-2": ("fedgkt_assistant", 2),  # a server-side assistant and its optimizer on every rank
+    "ddist-assistant-2": ("ddist_assistant", 2),  # per-client digest targets along the chain of tiers
     "fedmoe-2": ("fedmoe", 2),
     "pruning-qat-2": (None, 2),
     "bf16-mixed-2": ("fedavg", 2),

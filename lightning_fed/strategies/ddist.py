@@ -7,6 +7,11 @@ a shared reference set. The simulation's "server" is only a relay: it keeps each
 labels and hands each sampled client the mean over its graph neighbours, which the client digests
 (``T^2 * KL``) before its local epochs; the client replies with its own soft labels.
 
+With ``assistant_chain`` (teacher-assistant distillation, Mirzadeh et al. 2020) knowledge passes along a chain
+of tiers, e.g. large -> medium -> small: a client of a tier after the chain's first digests only its neighbours of
+the previous tier in the chain (all its neighbours when none of them has sent soft labels yet); clients of the
+chain's first tier and of tiers outside it digest all their neighbours, as without a chain.
+
 Graphs: a ring lattice (each client linked to ``degree / 2`` clients on each side) or a random
 ``degree``-regular graph (seeded).
 """
@@ -23,8 +28,9 @@ from lightning_fed.callbacks.kd_losses import soft_targets
 from lightning_fed.data.public import PublicData
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.seeding import Stream, generator
+from lightning_fed.strategies.assistants import AssistantChain
 from lightning_fed.strategies.digest import ConsensusDigest
-from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits
+from lightning_fed.strategies.tiers import ModelTiers, OwnModels, predict_logits, tier_names, tier_of
 
 log = logging.getLogger("lightning_fed")
 
@@ -80,14 +86,24 @@ class DecentralizedDistillation(OwnModels):
         tiers: client architectures.
         eval_clients: stored client models evaluated per tier.
         seed: seed of the random graph.
+        assistant_chain: teaching order of tiers by name, largest first (``None``: every client digests all its
+            neighbours): a client of ``assistant_chain[i]``, ``i >= 1``, digests the mean soft labels of its
+            neighbours of tier ``assistant_chain[i - 1]`` (all its neighbours when none of those has sent any).
+            Names as :class:`ModelTiers` ``names``; no name twice, parameter counts strictly decreasing; needs
+            ``digest_epochs >= 1``.
     """
 
     def __init__(self, *, num_clients: int, graph: str = "ring", degree: int = 2, public: PublicData | None = None,
                  reference_size: int = 500, temperature: float = 2.0, digest_epochs: int = 1,
                  digest_batch_size: int = 64, digest_lr: float | None = 1e-3, tiers: ModelTiers | None = None,
-                 eval_clients: int = 5,
-                 seed: int = 0) -> None:
+                 eval_clients: int = 5, seed: int = 0, assistant_chain: list[str] | None = None) -> None:
         name = "DecentralizedDistillation"
+        if assistant_chain is not None and digest_epochs < 1:
+            raise ValueError(f"{name}: assistant_chain={assistant_chain} is not allowed with digest_epochs="
+                             f"{digest_epochs}; a chain routes the digest targets, so digest_epochs must be >= 1")
+        self.chain = None if assistant_chain is None else AssistantChain(name, assistant_chain, tiers)
+        self.last_routes: dict[int, str] = {}
+        """Whose soft labels each client of the last configured round digests: a tier name, or ``"neighbors"``."""
         if num_clients < 2:
             raise ValueError(f"{name}: num_clients={num_clients} is not allowed; num_clients must be >= 2")
         if graph not in GRAPHS:
@@ -129,15 +145,35 @@ class DecentralizedDistillation(OwnModels):
             raise ValueError(f"DecentralizedDistillation: the tiers' models output different numbers of classes {sorted(sizes)}")
         self.num_classes = sizes.pop()
         self.soft = {}
+        self.last_routes = {}
+        if self.chain is not None:
+            self.chain.check_sizes(model)
+
+    def teacher_tier(self, client_id: int) -> int | None:
+        """The tier whose neighbours teach ``client_id`` along ``assistant_chain`` (``None``: all neighbours)."""
+        if self.chain is None:
+            return None
+        name = tier_names(self.tiers)[tier_of(self.tiers, client_id)]
+        if name not in self.chain.chain[1:]:
+            return None
+        return self.chain.tier_index(self.chain.chain[self.chain.chain.index(name) - 1])
 
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
-        """Each client gets the mean soft labels of its neighbours that have sent any (relay only)."""
+        """Each client gets the mean soft labels of its neighbours that have sent any (relay only); along
+        ``assistant_chain``, of its neighbours of the teaching tier when any of them has."""
         out = []
+        self.last_routes = {}
         for cid in clients:
             if cid >= self.num_clients:
                 raise ValueError(f"DecentralizedDistillation: client {cid} is not on the graph of num_clients="
                                  f"{self.num_clients}; set num_clients to the loop's num_clients")
-            have = [self.soft[j] for j in self.neighbors[cid] if j in self.soft]
+            senders = [j for j in self.neighbors[cid] if j in self.soft]
+            teacher = self.teacher_tier(cid)
+            taught = [] if teacher is None else [j for j in senders if tier_of(self.tiers, j) == teacher]
+            self.last_routes[cid] = "neighbors"
+            if teacher is not None and taught:
+                senders, self.last_routes[cid] = taught, tier_names(self.tiers)[teacher]
+            have = [self.soft[j] for j in senders]
             payload = {"neighbor_soft": torch.stack(have).mean(0)} if have else {}
             out.append(Instruction(cid, payload, {"neighbors": len(have)}))
         return out

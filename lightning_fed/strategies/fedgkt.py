@@ -16,6 +16,9 @@ model then implements ``extract(x, split)``, ``classify(h, split)`` and ``extrac
 model needs ``features(x)`` and a linear ``head``, and the server is an MLP (:class:`GKTServerModel`).
 Clients of different tiers may have different feature widths: the server model starts with one adapter
 per tier, followed by a shared trunk.
+
+With ``assistant_chain`` (teacher-assistant distillation, :mod:`~lightning_fed.strategies.gkt_chain`) the
+server's knowledge reaches one tier through smaller server-side assistants (e.g. server -> mid -> small).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_fed.callbacks.base import FedCallback
@@ -36,7 +38,8 @@ from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, 
 from lightning_fed.evaluate import stage_metrics
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply, TensorSpec
 from lightning_fed.seeding import Stream, generator
-from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_of
+from lightning_fed.strategies.gkt_chain import SERVER, GKTAssistants, fit_on_features
+from lightning_fed.strategies.tiers import ModelTiers, OwnModels, tier_names, tier_of
 
 log = logging.getLogger("lightning_fed")
 
@@ -237,12 +240,22 @@ class FedGKT(OwnModels):
             replies only.
         eval_clients: stored client models evaluated per tier.
         seed: seed of the server's batch order.
+        assistant_chain: route of the server's logits to one tier through server-side assistants, e.g.
+            ``["server", "mid", "small"]`` (``None``: every tier receives the server model's logits): each
+            assistant learns from the previous model's logits on the round's feature maps, and the clients of the
+            chain's last name (a tier, :class:`ModelTiers` ``names``) receive the logits of the model before it.
+            Starts at ``"server"``; no name twice; sizes strictly decreasing.
+        assistants: server-side assistants by name: the server model's architecture with this many channels
+            (``split`` set; the MLP head's width scaled by the same factor) or this hidden width (``split=None``);
+            trained with the server's optimizer settings, checkpointed, and evaluated (split inference) as
+            ``assistant/<name>/<stage>_acc``.
     """
 
     def __init__(self, *, tiers: ModelTiers | None = None, split: int | None = 1, server_channels: int = 64,
                  server_hidden: int = 256, server_layers: int = 3, server_epochs: int = 2, server_lr: float = 1e-3,
                  server_batch_size: int = 64, alpha: float = 1.0, temperature: float = 3.0, max_samples: int = 4096,
-                 feature_cache: bool = False, eval_clients: int = 5, seed: int = 0) -> None:
+                 feature_cache: bool = False, eval_clients: int = 5, seed: int = 0,
+                 assistant_chain: list[str] | None = None, assistants: dict[str, int] | None = None) -> None:
         for key, val, ok, allowed in (("server_hidden", server_hidden, server_hidden >= 1, ">= 1"),
                                       ("server_channels", server_channels, server_channels >= 1, ">= 1"),
                                       ("server_layers", server_layers, server_layers >= 1, ">= 1"),
@@ -251,6 +264,14 @@ class FedGKT(OwnModels):
                                       ("server_batch_size", server_batch_size, server_batch_size >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"FedGKT: {key}={val} is not allowed; {key} must be {allowed}")
+        if assistant_chain is None and assistants:
+            raise ValueError(f"FedGKT: assistants={sorted(assistants)} is not allowed without assistant_chain; name "
+                             "them in assistant_chain, or leave assistants unset")
+        self.chain = None if assistant_chain is None else GKTAssistants(
+            assistant_chain, assistants, tiers, server_hidden if split is None else server_channels,
+            "hidden units" if split is None else "channels")
+        self.last_routes: list[tuple[str, str]] = []
+        """``(teacher, student)`` pairs of the last round: the server-side steps, then who teaches each tier."""
         super().__init__(tiers=tiers, eval_clients=eval_clients)
         self.gkt = GKTClient(alpha=alpha, temperature=temperature, max_samples=max_samples)
         self.split, self.server_channels = split, server_channels
@@ -264,7 +285,7 @@ class FedGKT(OwnModels):
         self.server: nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.server_logits: dict[int, Tensor] = {}
-        self._composed: dict[int, GKTComposed] = {}
+        self._composed: dict[tuple[str, int], GKTComposed] = {}
 
     def _feature_shape(self, t: int, m: nn.Module) -> tuple[int, ...]:
         name = type(m).__name__
@@ -302,18 +323,25 @@ class FedGKT(OwnModels):
         if len(classes) != 1:
             raise ValueError(f"FedGKT: the tiers' heads have different numbers of classes {sorted(classes)}")
         self.feature_shapes, self.num_classes = shapes, classes.pop()
-        if self.split is None:
-            self.server = GKTServerModel([s[0] for s in shapes], self.num_classes, self.server_hidden,
-                                         self.server_layers)
-        else:
+        if self.split is not None:
             lengths = {s[1] for s in shapes}
             if len(lengths) != 1:
                 raise ValueError(f"FedGKT: at split={self.split} the tiers' feature maps have lengths {sorted(lengths)};"
                                  " the server model needs one length across tiers")
-            self.server = GKTConvServer([s[0] for s in shapes], lengths.pop(), self.num_classes, self.server_channels,
-                                        self.server_hidden, self.server_layers)
+        self.server = self._server_model(self.server_hidden if self.split is None else self.server_channels)
         self.opt = torch.optim.Adam(self.server.parameters(), lr=self.server_lr)
-        self.server_logits, self._composed, self.cache = {}, {}, {}
+        self.server_logits, self._composed, self.cache, self.last_routes = {}, {}, {}, []
+        if self.chain is not None:
+            self.chain.build(self._server_model, self.server, self.tier_modules(), self.server_lr)
+
+    def _server_model(self, width: int) -> nn.Module:
+        """A server-side model on the tiers' features: ``width`` channels (``split`` set; the head's hidden width
+        scaled alike) or ``width`` hidden units (``split=None``)."""
+        shapes = self.feature_shapes
+        if self.split is None:
+            return GKTServerModel([s[0] for s in shapes], self.num_classes, width, self.server_layers)
+        hidden = max(1, round(self.server_hidden * width / self.server_channels))
+        return GKTConvServer([s[0] for s in shapes], shapes[0][1], self.num_classes, width, hidden, self.server_layers)
 
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """Each client gets the server's logits on the samples it sent last time (if any)."""
@@ -374,31 +402,25 @@ class FedGKT(OwnModels):
             self.cache.update(received)
             received = dict(sorted(self.cache.items()))
         train = [(cid, p, tier_of(self.tiers, cid)) for cid, p in received.items()]
-        self.server.train()
         g = generator(self.seed, Stream.FEDGKT_SERVER, server_round)
-        total, count = 0.0, 0
-        with torch.enable_grad():
-            for _ in range(self.server_epochs):
-                batches = []
-                for i, (_cid, p, _t) in enumerate(train):
-                    n = len(p["labels"])
-                    order = torch.randperm(n, generator=g)
-                    batches += [(i, order[s : s + self.server_batch_size]) for s in range(0, n, self.server_batch_size)]
-                for j in torch.randperm(len(batches), generator=g).tolist():
-                    i, b = batches[j]
-                    _cid, p, t = train[i]
-                    out = self.server(p["features"][b], t)
-                    loss = F.cross_entropy(out, p["labels"][b]) + self.alpha * kd_loss(out, p["logits"][b], self.temperature)
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.opt.step()
-                    total += float(loss.detach()) * len(b)
-                    count += len(b)
-        self.server.eval()
+        total, count = fit_on_features(self.server, self.opt, train, [p["logits"] for _c, p, _t in train],
+                                       self.server_epochs, self.server_batch_size, self.alpha, self.temperature, g)
+        metrics = {"server_loss": total / max(count, 1), "gkt_rejected": float(rejected)}
+        self.last_routes = []
+        if self.chain is not None:
+            chain_metrics, self.last_routes = self.chain.train(server_round, train, self.server, self.seed,
+                                                               self.server_epochs, self.server_batch_size, self.alpha,
+                                                               self.temperature)
+            metrics.update(chain_metrics)
+        teachers = {}
+        for t, name in enumerate(tier_names(self.tiers)):
+            who = SERVER if self.chain is None else self.chain.teacher_name(t)
+            teachers[t] = self.server if self.chain is None or who == SERVER else self.chain.models[who]
+            self.last_routes.append((who, name))
         with torch.no_grad():
             for cid, p, t in train:
-                self.server_logits[cid] = self.server(p["features"], t)
-        return {"server_loss": total / max(count, 1), "gkt_rejected": float(rejected)}
+                self.server_logits[cid] = teachers[t](p["features"], t)
+        return metrics
 
     def client_callbacks(self) -> list[Any]:
         """Per-client models and the FedGKT client callback."""
@@ -406,11 +428,16 @@ class FedGKT(OwnModels):
 
     def extra_eval(self, module: nn.Module, tier: int,
                    evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-        """The server model on this client's extractor."""
+        """The server model on this client's extractor (and every assistant, as ``assistant/<name>/``)."""
         assert self.server is not None
-        if tier not in self._composed:
-            self._composed[tier] = GKTComposed(module, self.server, tier, self.extract)
-        return stage_metrics(evaluate(self._composed[tier]), "server/")
+        models = {SERVER: self.server, **(self.chain.models if self.chain is not None else {})}
+        out: dict[str, float] = {}
+        for name, server in models.items():
+            if (name, tier) not in self._composed:
+                self._composed[name, tier] = GKTComposed(module, server, tier, self.extract)
+            prefix = "server/" if name == SERVER else f"assistant/{name}/"
+            out.update(stage_metrics(evaluate(self._composed[name, tier]), prefix))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Tier initial weights, the server model and optimizer, the per-client server logits and feature cache."""
@@ -419,6 +446,8 @@ class FedGKT(OwnModels):
         state.update(server={k: v.clone() for k, v in self.server.state_dict().items()},
                      opt=self.opt.state_dict(), server_logits={int(c): v.clone() for c, v in self.server_logits.items()},
                      cache={int(c): {k: v.clone() for k, v in p.items()} for c, p in self.cache.items()})
+        if self.chain is not None:
+            state["assistants"] = self.chain.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -429,6 +458,11 @@ class FedGKT(OwnModels):
         self.opt.load_state_dict(state["opt"])
         self.server_logits = {int(c): v for c, v in state["server_logits"].items()}
         self.cache = {int(c): dict(p) for c, p in state.get("cache", {}).items()}
+        if self.chain is not None or state.get("assistants"):
+            if self.chain is None:
+                raise ValueError(f"FedGKT checkpoint's assistants {sorted(state['assistants'])} do not match "
+                                 "assistants []")
+            self.chain.load_state_dict(state.get("assistants", {}))
 
 
 __all__ = ["FedGKT", "GKTClient", "GKTComposed", "GKTConvServer", "GKTServerModel"]

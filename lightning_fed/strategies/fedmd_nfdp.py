@@ -136,19 +136,23 @@ class FedMDNFDP(FedMD):
         transfer_epochs: FedMD's transfer-learning epochs on the labelled public set (see :class:`FedMD`).
         transfer_lr: Adam learning rate of the transfer phase.
         transfer_batch_size: batch size of the transfer phase.
+        assistant_chain: teaching order of tiers by name, largest first, as in :class:`FedMD` (``None``: every
+            party digests the consensus): a party of a later tier in the chain digests the previous tier's
+            mean logits.
     """
 
     def __init__(self, *, records_per_party: int = 64, public: PublicData | None = None,
                  tiers: ModelTiers | None = None, public_per_round: int = 500, digest_epochs: int = 1,
                  digest_batch_size: int = 64, digest_lr: float | None = 1e-3, eval_clients: int = 5,
                  seed: int = 0, transfer_epochs: int = 0, transfer_lr: float = 1e-3,
-                 transfer_batch_size: int = 32) -> None:
+                 transfer_batch_size: int = 32, assistant_chain: list[str] | None = None) -> None:
         if records_per_party < 1:
             raise ValueError(f"FedMDNFDP: records_per_party={records_per_party} is not allowed; it must be >= 1")
         super().__init__(public=public, tiers=tiers, public_per_round=public_per_round,
                          digest_epochs=digest_epochs, digest_batch_size=digest_batch_size,
                          digest_lr=digest_lr, eval_clients=eval_clients, seed=seed, transfer_epochs=transfer_epochs,
-                         transfer_lr=transfer_lr, transfer_batch_size=transfer_batch_size)
+                         transfer_lr=transfer_lr, transfer_batch_size=transfer_batch_size,
+                         assistant_chain=assistant_chain)
         self.records_per_party = records_per_party
         self.subset = RecordSubset(records_per_party, seed=seed)
         self.guarantees: dict[int, tuple[float, float]] = {}
