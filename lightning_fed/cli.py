@@ -6,12 +6,14 @@ Example::
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --loop.rounds 5
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --print_config
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --resume last
+    lightning-fed flower --config recipes/mnist1d/fedavg.yaml --app-dir flower-app   # docs/deployment.md
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from lightning_fed import prelaunch
@@ -76,6 +78,39 @@ def run(argv: list[str] | None = None) -> Any:
     file, the full key and what is wrong, no usage text) and exits with code 2."""
     _setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "flower":  # optional extra: imported only when asked for
+        from lightning_fed.flower.command import main as flower_main
+
+        return flower_main(argv[1:])
+    recipe = load_recipe(argv)
+    try:
+        return recipe.loop.fit(recipe.model, recipe.data, resume=recipe.resume, run_config=recipe.config_text)
+    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
+        _fail(str(err))
+
+
+@dataclass
+class Recipe:
+    """A recipe's objects, built as ``lightning-fed fit`` builds them (seeded, so the initial model is the same).
+
+    Attributes:
+        model: the LightningModule.
+        data: the LightningDataModule.
+        loop: the FedLoop.
+        resume: the ``--resume`` value.
+        config_text: the resolved configuration (YAML), saved as the run's ``config.yaml``.
+    """
+
+    model: L.LightningModule
+    data: L.LightningDataModule
+    loop: FedLoop
+    resume: str | None
+    config_text: str
+
+
+def load_recipe(argv: list[str]) -> Recipe:
+    """Parse a ``fit`` command line (``["fit", "--config", "recipe.yaml", ...]``) and build its objects; a bad
+    recipe prints ``lightning-fed: error: ...`` and exits with code 2."""
     parser, fit = _build_parsers()
     try:
         cfg = parser.parse_args(argv)
@@ -88,10 +123,7 @@ def run(argv: list[str] | None = None) -> Any:
         init = parser.instantiate(cfg)["fit"]
     except (ValueError, TypeError) as err:
         _fail(instantiation_error(err, fit_cfg.clone().as_dict(), argv))
-    try:
-        return init.loop.fit(init.model, init.data, resume=fit_cfg.resume, run_config=config_text)
-    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
-        _fail(str(err))
+    return Recipe(init.model, init.data, init.loop, fit_cfg.resume, config_text)
 
 
 def _fail(message: str) -> NoReturn:
