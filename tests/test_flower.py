@@ -137,8 +137,9 @@ def test_node_needs_its_partition_in_the_node_config(tmp_path):
 
 
 def test_app_folder_holds_only_a_pyproject_naming_our_apps_and_the_recipe(tmp_path):
-    flower_main(
+    run(  # what `lightning-fed flower ...` runs
         [
+            "flower",
             "--config",
             str(RECIPES / "fedavg.yaml"),
             *TINY,
@@ -242,3 +243,13 @@ def test_recipe_through_flower_simulation_equals_fit(tmp_path, recipe, extra):
         run_config_of([*args, "--loop.output_dir", str(tmp_path / "flower")], 300.0, 300.0), 3, num_cpus=2
     )
     assert _same(_final(tmp_path / "flower"), _fit_weights(args, tmp_path / "fit"))
+
+
+def test_runner_and_local_deployment_refuse_bad_settings(tmp_path):
+    from lightning_fed.flower import FlowerRunner
+    from lightning_fed.flower.local import LocalDeployment
+
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        FlowerRunner(grid=None, num_clients=3, timeout_s=0)
+    with pytest.raises(ValueError, match="num_nodes=0"):
+        LocalDeployment(num_nodes=0, workdir=tmp_path)

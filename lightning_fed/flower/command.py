@@ -44,6 +44,8 @@ build-backend = "hatchling.build"
 [project]
 name = "{name}"
 version = "1.0.0"
+description = "A lightning_fed recipe on Flower"
+license = "Apache-2.0"
 dependencies = ["lightning_fed[flower]", "flwr[simulation]{FLWR_RANGE}"]
 
 [tool.hatch.build.targets.wheel]
