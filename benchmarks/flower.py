@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table.add_row(*row("FedLoop (1 process)", fed_wall, fed))
     table.add_row(*row("Flower, localhost SuperLink + SuperNodes", fl_wall, fl))
-    console = Console()
+    console = Console(width=160)
     console.print(table)
     console.print(
         f"overhead per round (steady): {fl['steady_s'] - fed['steady_s']:.2f} s "

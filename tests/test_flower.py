@@ -253,3 +253,12 @@ def test_runner_and_local_deployment_refuse_bad_settings(tmp_path):
         FlowerRunner(grid=None, num_clients=3, timeout_s=0)
     with pytest.raises(ValueError, match="num_nodes=0"):
         LocalDeployment(num_nodes=0, workdir=tmp_path)
+
+
+def test_docs_example_of_a_flower_strategy_builds(monkeypatch):
+    doc = (RECIPES.parents[1] / "docs" / "deployment.md").read_text()
+    code = doc.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(RECIPES.parents[1])
+    scope: dict = {}
+    exec(compile(code, "docs/deployment.md", "exec"), scope)  # noqa: S102 - the documented example itself
+    assert isinstance(scope["server_app"], ServerApp) and len(scope["initial"]) > 0
