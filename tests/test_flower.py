@@ -262,3 +262,14 @@ def test_docs_example_of_a_flower_strategy_builds(monkeypatch):
     scope: dict = {}
     exec(compile(code, "docs/deployment.md", "exec"), scope)  # noqa: S102 - the documented example itself
     assert isinstance(scope["server_app"], ServerApp) and len(scope["initial"]) > 0
+
+
+def test_a_node_reads_its_own_data_arguments_from_its_node_config(tmp_path):
+    run_config = run_config_of(["--config", str(RECIPES / "fedavg.yaml"), *TINY], 60.0, 60.0)
+    node = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path / "a")}
+    default = client_side(Context(1, 1, node, RecordDict(), {}), run_config)
+    own = {**node, "state-dir": str(tmp_path / "b"), "recipe-args": "--data.init_args.num_samples 600"}
+    local = client_side(Context(1, 2, own, RecordDict(), {}), run_config)
+    assert (default.partition_id, local.partition_id) == (1, 1)
+    assert (len(default.work.dataset), len(local.work.dataset)) == (800, 480)  # 80 % of the samples train
+    assert (tmp_path / "b" / "clients").is_dir()  # the node's client store lives in its state-dir
