@@ -273,3 +273,62 @@ def test_a_node_reads_its_own_data_arguments_from_its_node_config(tmp_path):
     assert (default.partition_id, local.partition_id) == (1, 1)
     assert (len(default.work.dataset), len(local.work.dataset)) == (800, 480)  # 80 % of the samples train
     assert (tmp_path / "b" / "clients").is_dir()  # the node's client store lives in its state-dir
+
+
+class _Grid:
+    """Flower's ``Grid`` in this process: each message goes straight to the ClientApp of its node (no Ray, no
+    network); the nodes in ``dead`` never answer, a node in ``broken`` answers with an error."""
+
+    def __init__(self, client, nodes: dict[int, dict], dead=(), broken=()) -> None:
+        self.client, self.nodes, self.dead, self.broken = client, nodes, set(dead), set(broken)
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        self.timeouts.append(timeout)
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.dead and msg.metadata.message_type.startswith("train"):
+                continue
+            if node in self.broken and msg.metadata.message_type.startswith("train"):
+                out.append(Message(Error(code=0, reason="ClientApp crashed"), reply_to=msg))
+                continue
+            out.append(self.client(msg, Context(1, node, self.nodes[node], RecordDict(), {})))
+        return out
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower's runtime sets in each process before messages are built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_in_process_grid_equals_fit_and_lost_nodes_become_logged_failures(tmp_path, task_identity, caplog):
+    args = ["--config", str(RECIPES / "codec_differential.yaml"), *TINY]
+    run_config = run_config_of([*args, "--loop.output_dir", str(tmp_path / "grid")], 5.0, 5.0)
+    _, client = flower_apps(run_config)
+    nodes = {
+        100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / "nodes")}
+        for i in range(3)
+    }
+    grid = _Grid(client, nodes)
+    serve(grid, run_config)
+    assert _same(_final(tmp_path / "grid"), _fit_weights(args, tmp_path / "fit"))
+    assert set(grid.timeouts[1:]) == {5.0}  # every round waits round-timeout at most
+
+    one_round = ["--loop.rounds", "1", "--loop.clients_per_round", "3", "--loop.eval_every", "1"]
+    run_config = run_config_of([*args, *one_round, "--loop.output_dir", str(tmp_path / "lost")], 5.0, 5.0)
+    _, client = flower_apps(run_config)
+    nodes = {100 + i: {**n, "state-dir": str(tmp_path / "nodes2")} for i, n in enumerate(nodes.values())}
+    history = serve(_Grid(client, nodes, dead=[101], broken=[102]), run_config).history
+    assert (history[0]["good"], history[0]["failed"]) == (1, 2)
+    assert "client 1: no reply from node 101 within timeout_s=5.0" in caplog.text
+    assert "Flower error: ClientApp crashed" in caplog.text
