@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lightning_fed.cli import _fail, load_recipe
 from lightning_fed.flower.apps import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -91,8 +93,11 @@ def run_config_of(recipe_args: list[str], round_timeout: float, connect_timeout:
     """The Flower run config of a recipe: its resolved YAML (``output_dir`` made absolute) and the timeouts."""
     recipe = load_recipe(["fit", *recipe_args])
     check_loop(recipe.loop)
-    out = Path(recipe.loop.output_dir).resolve()
-    text = load_recipe(["fit", *recipe_args, "--loop.output_dir", str(out)]).config_text
+    resolved = yaml.safe_load(recipe.config_text)
+    resolved["loop"]["output_dir"] = str(
+        Path(recipe.loop.output_dir).resolve()
+    )  # the server's cwd may differ
+    text = yaml.safe_dump(resolved, sort_keys=False)
     return {"recipe": text, "round-timeout": float(round_timeout), "connect-timeout": float(connect_timeout)}
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str]) -> None:
         (folder / "pyproject.toml").write_text(app_pyproject(run_config))
         log.info("wrote the Flower app %s; run it with `flwr run %s <superlink-connection>`", folder, folder)
     if args.simulate:
-        num_clients = load_recipe(["fit", *recipe_args]).loop.num_clients
+        num_clients = int(yaml.safe_load(run_config["recipe"])["loop"]["num_clients"])
         simulate(run_config, num_clients, args.num_cpus, args.cpus_per_client)
 
 
