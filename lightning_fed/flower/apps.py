@@ -12,8 +12,8 @@ the same app serves every recipe and no code is generated per recipe. Each node 
 
 ``partition-id``     the client it is (0 .. num_clients - 1); Flower's simulation sets it for every node.
 ``num-partitions``   must equal the recipe's ``loop.num_clients``.
-``recipe-args``      optional extra recipe arguments for this node only, e.g. its own data folder:
-                     ``--data.init_args.cache_dir /data/site-3``.
+``recipe-args``      optional extra recipe arguments for this node only, e.g. where this machine keeps the
+                     data: ``--data.init_args.cache_dir /data/fed``.
 ``state-dir``        optional folder of the node's client store (default: a folder under the system's temp dir).
 
 Run config keys: ``recipe`` (YAML text), ``round-timeout`` (seconds a round waits for replies),
