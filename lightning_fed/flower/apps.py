@@ -105,9 +105,8 @@ class ClientSide:
     partition_id: int
 
 
-_SIDES: dict[
-    tuple[str, str, str], ClientSide
-] = {}  # one per recipe and node folder, for the process's lifetime
+# one per recipe, node arguments and node folder, for the process's lifetime
+_SIDES: dict[tuple[str, str, str], ClientSide] = {}
 
 
 def client_side(context: Context, run_config: dict[str, Any]) -> ClientSide:
@@ -125,16 +124,16 @@ def client_side(context: Context, run_config: dict[str, Any]) -> ClientSide:
     key = (str(run_config.get("recipe")), extra, state_dir)
     if key not in _SIDES:
         recipe = recipe_from(run_config, extra)
-        loop = recipe.loop
-        check_loop(loop)
-        if parts != loop.num_clients or not 0 <= pid < parts:
-            raise ValueError(
-                f"node config partition-id={pid} num-partitions={parts}: num-partitions must equal the "
-                f"recipe's loop.num_clients={loop.num_clients} and partition-id be in 0..{parts - 1}"
-            )
-        work = loop.client_side(recipe.model, recipe.data, state_dir)
-        _SIDES[key] = ClientSide(loop, work, pid)
+        check_loop(recipe.loop)
+        work = recipe.loop.client_side(recipe.model, recipe.data, state_dir)
+        _SIDES[key] = ClientSide(recipe.loop, work, pid)
     side = _SIDES[key]
+    clients = side.loop.num_clients
+    if parts != clients or not 0 <= pid < parts:
+        raise ValueError(
+            f"node config partition-id={pid} num-partitions={parts}: num-partitions must equal the "
+            f"recipe's loop.num_clients={clients} and partition-id be in 0..{clients - 1}"
+        )
     side.partition_id = pid  # simulated nodes of one process share the built side
     return side
 
