@@ -7,12 +7,14 @@ Example::
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --print_config
     lightning-fed fit --config recipes/mnist1d/fedavg.yaml --resume last
     lightning-fed search --config recipes/search/mnist1d_tiers.yaml   # each tier's architecture, docs/tiers.md
+    lightning-fed flower --config recipes/mnist1d/fedavg.yaml --app-dir flower-app   # docs/deployment.md
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from lightning_fed import prelaunch
@@ -85,13 +87,60 @@ def run(argv: list[str] | None = None) -> Any:
     file, the full key and what is wrong, no usage text) and exits with code 2."""
     _setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "flower":  # optional extra: imported only when asked for
+        from lightning_fed.flower.command import main as flower_main
+
+        return flower_main(argv[1:])
+    parser, fit, cfg = _parse(argv)
+    if cfg.subcommand == "search":
+        return _search(cfg["search"])
+    recipe = _build(parser, fit, cfg, argv)
+    try:
+        return recipe.loop.fit(recipe.model, recipe.data, resume=recipe.resume, run_config=recipe.config_text)
+    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
+        _fail(str(err))
+
+
+@dataclass
+class Recipe:
+    """A recipe's objects, built as ``lightning-fed fit`` builds them (seeded, so the initial model is the same).
+
+    Attributes:
+        model: the LightningModule.
+        data: the LightningDataModule.
+        loop: the FedLoop.
+        resume: the ``--resume`` value.
+        config_text: the resolved configuration (YAML), saved as the run's ``config.yaml``.
+    """
+
+    model: L.LightningModule
+    data: L.LightningDataModule
+    loop: FedLoop
+    resume: str | None
+    config_text: str
+
+
+def load_recipe(argv: list[str]) -> Recipe:
+    """Parse a ``fit`` command line (``["fit", "--config", "recipe.yaml", ...]``) and build its objects; a bad
+    recipe prints ``lightning-fed: error: ...`` and exits with code 2."""
+    parser, fit, cfg = _parse(argv)
+    if cfg.subcommand != "fit":
+        _fail(f"load_recipe builds a 'fit' command line, not '{cfg.subcommand}'")
+    return _build(parser, fit, cfg, argv)
+
+
+def _parse(argv: list[str]) -> tuple[ArgumentParser, ArgumentParser, Any]:
+    """The parsers and the parsed command line; a parse error exits with code 2."""
     parser, fit = _build_parsers()
     try:
         cfg = parser.parse_args(argv)
     except ArgumentError as err:
         _fail(parse_error(err, argv))
-    if cfg.subcommand == "search":
-        return _search(cfg["search"])
+    return parser, fit, cfg
+
+
+def _build(parser: ArgumentParser, fit: ArgumentParser, cfg: Any, argv: list[str]) -> Recipe:
+    """Instantiate a parsed ``fit`` command line (seeded first, so the initial model is the same)."""
     fit_cfg = cfg["fit"]
     L.seed_everything(fit_cfg.loop.seed, verbose=False)  # the initial global model depends on the seed
     config_text = fit.dump(fit_cfg, skip_unset=False)
@@ -99,10 +148,7 @@ def run(argv: list[str] | None = None) -> Any:
         init = parser.instantiate(cfg)["fit"]
     except (ValueError, TypeError) as err:
         _fail(instantiation_error(err, fit_cfg.clone().as_dict(), argv))
-    try:
-        return init.loop.fit(init.model, init.data, resume=fit_cfg.resume, run_config=config_text)
-    except (CheckpointError, PartitionError, ResumeMismatch, FileNotFoundError, RankFailed) as err:
-        _fail(str(err))
+    return Recipe(init.model, init.data, init.loop, fit_cfg.resume, config_text)
 
 
 def _search(cfg: Any) -> Any:

@@ -417,6 +417,29 @@ class FedLoop:
             write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
         return FitResult(run_dir, self.history, final)
 
+    def client_side(self, model: L.LightningModule, datamodule: L.LightningDataModule, state_dir: str | Path) -> ClientWork:
+        """This loop's client side alone, built as :meth:`fit` builds it, for a runtime that runs each client on
+        its own machine (Flower's ClientApp, :mod:`lightning_fed.flower`): the shards, the module and its
+        callbacks set up, the strategy's client half, the uplink codec. The client store lives in ``state_dir``
+        (shared by the processes of one node). Nothing of the server side is used."""
+        self._setup_data(datamodule)
+        with rng_untouched():
+            model.prepare_data()
+        check_module(model, self.train_template, [len(s) for s in self.shards])
+        self.strategy.check_model(model)
+        fabric = self._fabric()
+        self.loggers = []
+        model = fabric.to_device(fabric.strategy.precision.convert_module(model))
+        self._build(fabric, model, Path(state_dir))
+        self.store = self.work.store = ClientStore(Path(state_dir) / "clients", shared=True)
+        for cb in self.all_callbacks:
+            cb.setup(self.view, model, "fit")
+        self.strategy.setup(model)
+        for cb in self.all_callbacks:
+            cb.on_fit_start(self.view, model)
+        model.on_fit_start()
+        return self.work
+
     def _build(self, fabric: Fabric, model: L.LightningModule, run_dir: Path) -> None:
         """The parts of a run: the stores, the context and trainer view, the uplink codec as the callbacks wrap
         it, the client side (:class:`ClientWork`) and the server side (:class:`Server`)."""
@@ -555,9 +578,11 @@ class FedLoop:
         if self.personal_eval is not None and ctx.is_eval_round(r):
             metrics.update(self.personal_eval.evaluate(r))
             self.ranks.barrier()  # no rank's next round writes a client's state while another still reads it
+        round_stats = getattr(self.round_runner, "round_stats", None)  # a runner's own per-round numbers
+        if callable(round_stats):
+            metrics.update(round_stats())
         if isinstance(self.round_runner, RankRunner):
             ranks_stats = self.round_runner.round_stats()
-            metrics.update(ranks_stats)
             log.info("round %d: busy/waiting seconds per rank: %s", r + 1, ", ".join(
                 f"{k}: {ranks_stats[f'rank{k}_busy_s']:.2f}/{ranks_stats[f'rank{k}_wait_s']:.2f}"
                 for k in range(self.ranks.world_size)))
