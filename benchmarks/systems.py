@@ -18,7 +18,14 @@ Methods (``--methods``):
   ``codec_tcs.yaml`` and an 8-bit downlink (``Blockwise8bit``);
 * ``down-int8`` / ``down-4bit`` / ``down-delta4``: ``sync`` with a downlink codec only: 8-bit or 4-bit blockwise
   weights, or the 4-bit delta to the model each client last received (``DownlinkDelta(Blockwise4bit())``): the
-  accuracy cost of downlink compression.
+  accuracy cost of downlink compression;
+* ``fedbuff``: asynchronous buffered aggregation (``recipes/mnist1d/fedbuff.yaml``: 10 clients in flight, a server
+  version every 5 arrivals, staleness weight ``1/sqrt(1+tau)``, server lr 1); ``fedbuff-k3`` / ``fedbuff-k10``:
+  a version every 3 / 10 arrivals; ``fedbuff-c15``: 15 in flight; ``fedbuff-lr2``: server lr 2;
+  ``fedbuff-const``: no staleness weight; ``fedbuff-diff``: with ``codec_differential.yaml``'s 103x uplink codec;
+  ``fedbuff-pruned``: ``fedavg_pruning.yaml``'s structured pruning (3 steps of 36 %) at versions 10, 20, 30;
+  ``fedbuff-diff-pruned``: both; ``fedbuff-diff-delta4``: the 103x uplink and the 4-bit downlink delta; ``fedbuff-k3-diff`` / ``fedbuff-k3-pruned``: the same with a version every 3
+  arrivals. They run ``--versions`` server versions (default 200) instead of ``--rounds``.
 
 Run from the repository root::
 
@@ -94,6 +101,7 @@ PRUNE = json.dumps(  # fedavg_pruning.yaml's pruning (3 steps of 36 %), early in
     }
 )
 FEDBUFF: list[str] = []  # the recipe as it is
+K3 = ["--loop.strategy.init_args.buffer_size", "3"]
 SYNC = ["--loop.clock.init_args.deadline", "null", "--loop.clock.init_args.straggler", "drop"]
 METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "sync": ("stragglers_deadline", SYNC),
@@ -125,6 +133,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "fedbuff-diff": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF]),
     "fedbuff-pruned": ("fedbuff", [*FEDBUFF, "--loop.callbacks+", PRUNE]),
     "fedbuff-diff-pruned": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF, "--loop.callbacks+", PRUNE]),
+    "fedbuff-diff-delta4": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF, "--loop.downlink_codec", DELTA4]),
+    "fedbuff-k3-diff": ("fedbuff", [*FEDBUFF, *K3, "--loop.codec", DIFF]),
+    "fedbuff-k3-pruned": ("fedbuff", [*FEDBUFF, *K3, "--loop.callbacks+", PRUNE]),
 }
 TARGET = 0.90
 SECOND = 0.85
@@ -189,7 +200,7 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
     """The rich table of every method ("vs sync": sync's simulated time to the target over the method's)."""
     t = Table(
         title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} (and {SECOND:.0%}) test accuracy "
-        f"({rounds} rounds, seed {seed})"
+        f"({rounds} rounds; asynchronous methods: the versions in 'rounds to 90%''s run, seed {seed})"
     )
     for col in (
         "method",
@@ -206,6 +217,8 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
         "partial",
         "dropouts",
         "discarded",
+        "stale",
+        "staleness mean/max",
         "wall s",
     ):
         t.add_column(col, justify="left" if col == "method" else "right")
@@ -229,6 +242,8 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
             str(r["sim_partial"]),
             str(r["sim_dropouts"]),
             str(r["sim_extra"]),
+            str(r.get("sim_stale", 0)),
+            f"{r.get('staleness_mean', 0.0):.2f}/{r.get('staleness_max', 0.0):.0f}",
             f"{r['wall_s']:.0f}",
         )
     return t
