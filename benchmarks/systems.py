@@ -18,7 +18,14 @@ Methods (``--methods``):
   ``codec_tcs.yaml`` and an 8-bit downlink (``Blockwise8bit``);
 * ``down-int8`` / ``down-4bit`` / ``down-delta4``: ``sync`` with a downlink codec only: 8-bit or 4-bit blockwise
   weights, or the 4-bit delta to the model each client last received (``DownlinkDelta(Blockwise4bit())``): the
-  accuracy cost of downlink compression.
+  accuracy cost of downlink compression;
+* ``fedbuff``: asynchronous buffered aggregation (``recipes/mnist1d/fedbuff.yaml``: 10 clients in flight, a server
+  version every 5 arrivals, staleness weight ``1/sqrt(1+tau)``, server lr 1); ``fedbuff-k3`` / ``fedbuff-k10``:
+  a version every 3 / 10 arrivals; ``fedbuff-c15``: 15 in flight; ``fedbuff-lr2``: server lr 2;
+  ``fedbuff-const``: no staleness weight; ``fedbuff-diff``: with ``codec_differential.yaml``'s 103x uplink codec;
+  ``fedbuff-pruned``: ``fedavg_pruning.yaml``'s structured pruning (3 steps of 36 %) at versions 10, 20, 30;
+  ``fedbuff-diff-pruned``: both; ``fedbuff-diff-delta4``: the 103x uplink and the 4-bit downlink delta; ``fedbuff-k3-diff`` / ``fedbuff-k3-pruned``: the same with a version every 3
+  arrivals. They run ``--versions`` server versions (default 200) instead of ``--rounds``.
 
 Run from the repository root::
 
@@ -61,6 +68,40 @@ DELTA4 = json.dumps(
         "init_args": {"inner": {"class_path": "lightning_fed.codecs.Blockwise4bit"}},
     }
 )
+DIFF = json.dumps(  # codec_differential.yaml's codec: 103x, the best >= 100x codec over 48 seeds (RESULTS.md)
+    {
+        "class_path": "lightning_fed.codecs.Differential",
+        "init_args": {
+            "smoothing": 0.5,
+            "inner": {
+                "class_path": "lightning_fed.codecs.TopK",
+                "init_args": {
+                    "ratio": 0.031,
+                    "error_feedback": True,
+                    "warmup_rounds": 10,
+                    "warmup_start": 0.1,
+                    "values": {
+                        "class_path": "lightning_fed.codecs.Sign",
+                        "init_args": {"block": 32, "scale_dtype": "float16"},
+                    },
+                },
+            },
+        },
+    }
+)
+PRUNE = json.dumps(  # fedavg_pruning.yaml's pruning (3 steps of 36 %), early in the run
+    {
+        "class_path": "lightning_fed.callbacks.StructuredPruning",
+        "init_args": {
+            "ratio": 0.36,
+            "importance": "magnitude",
+            "at": [10, 20, 30],
+            "example_input_shape": [1, 40],
+        },
+    }
+)
+FEDBUFF: list[str] = []  # the recipe as it is
+K3 = ["--loop.strategy.init_args.buffer_size", "3"]
 SYNC = ["--loop.clock.init_args.deadline", "null", "--loop.clock.init_args.straggler", "drop"]
 METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "sync": ("stragglers_deadline", SYNC),
@@ -83,15 +124,30 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # name: (recipe, overrides)
     "down-int8": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", INT8]),
     "down-4bit": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", FOUR]),
     "down-delta4": ("stragglers_deadline", [*SYNC, "--loop.downlink_codec", DELTA4]),
+    "fedbuff": ("fedbuff", []),
+    "fedbuff-k3": ("fedbuff", [*FEDBUFF, "--loop.strategy.init_args.buffer_size", "3"]),
+    "fedbuff-k10": ("fedbuff", [*FEDBUFF, "--loop.strategy.init_args.buffer_size", "10"]),
+    "fedbuff-c15": ("fedbuff", [*FEDBUFF, "--loop.strategy.init_args.concurrency", "15"]),
+    "fedbuff-lr2": ("fedbuff", [*FEDBUFF, "--loop.strategy.init_args.server_lr", "2.0"]),
+    "fedbuff-const": ("fedbuff", [*FEDBUFF, "--loop.strategy.init_args.staleness", "constant"]),
+    "fedbuff-diff": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF]),
+    "fedbuff-pruned": ("fedbuff", [*FEDBUFF, "--loop.callbacks+", PRUNE]),
+    "fedbuff-diff-pruned": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF, "--loop.callbacks+", PRUNE]),
+    "fedbuff-diff-delta4": ("fedbuff", [*FEDBUFF, "--loop.codec", DIFF, "--loop.downlink_codec", DELTA4]),
+    "fedbuff-k3-diff": ("fedbuff", [*FEDBUFF, *K3, "--loop.codec", DIFF]),
+    "fedbuff-k3-pruned": ("fedbuff", [*FEDBUFF, *K3, "--loop.callbacks+", PRUNE]),
 }
 TARGET = 0.90
 SECOND = 0.85
 
 
-def one_run(name: str, rounds: int, seed: int, out: Path) -> dict[str, object]:
-    """One method: per-round test accuracy and simulated time, bytes, the clock's counts and the wall time."""
+def one_run(name: str, rounds: int, seed: int, out: Path, versions: int = 200) -> dict[str, object]:
+    """One method: per-round test accuracy and simulated time, bytes, the clock's counts and the wall time
+    (asynchronous methods run ``versions`` server versions instead of ``rounds`` rounds)."""
     t0 = time.perf_counter()
     recipe, extra = METHODS[name]
+    if recipe == "fedbuff":
+        rounds = versions
     res = run(
         [
             "fit",
@@ -125,8 +181,11 @@ def one_run(name: str, rounds: int, seed: int, out: Path) -> dict[str, object]:
         "down_mb": sum(x["bytes_down"] for x in h) / 1e6,
         **{
             k: int(sum(x.get(k, 0) for x in h))
-            for k in ("sim_late", "sim_partial", "sim_dropouts", "sim_extra")
+            for k in ("sim_late", "sim_partial", "sim_dropouts", "sim_extra", "sim_stale", "rejected")
         },
+        "staleness_mean": sum(x.get("staleness_mean", 0.0) for x in h) / len(h),
+        "staleness_max": max(x.get("staleness_max", 0.0) for x in h),
+        "rounds": len(h),
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -141,7 +200,7 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
     """The rich table of every method ("vs sync": sync's simulated time to the target over the method's)."""
     t = Table(
         title=f"MNIST-1D, heterogeneous fleet: simulated time to {TARGET:.0%} (and {SECOND:.0%}) test accuracy "
-        f"({rounds} rounds, seed {seed})"
+        f"({rounds} rounds; asynchronous methods: the versions in 'rounds to 90%''s run, seed {seed})"
     )
     for col in (
         "method",
@@ -158,6 +217,8 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
         "partial",
         "dropouts",
         "discarded",
+        "stale",
+        "staleness mean/max",
         "wall s",
     ):
         t.add_column(col, justify="left" if col == "method" else "right")
@@ -181,6 +242,8 @@ def table(results: list[dict[str, object]], rounds: int, seed: int) -> Table:
             str(r["sim_partial"]),
             str(r["sim_dropouts"]),
             str(r["sim_extra"]),
+            str(r.get("sim_stale", 0)),
+            f"{r.get('staleness_mean', 0.0):.2f}/{r.get('staleness_max', 0.0):.0f}",
             f"{r['wall_s']:.0f}",
         )
     return t
@@ -191,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument(
+        "--versions", type=int, default=200, help="server versions of the asynchronous (fedbuff) methods"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=Path, default=Path("runs/systems"), help="where the runs are written")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -208,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     for name in args.methods:
-        results.append(one_run(name, args.rounds, args.seed, args.runs))
+        results.append(one_run(name, args.rounds, args.seed, args.runs, args.versions))
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results))

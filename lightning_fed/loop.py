@@ -51,12 +51,14 @@ from lightning_fed.personal import PersonalEval, PersonalRun
 from lightning_fed.plan import (
     SAMPLINGS,
     UPLINK_ALLOCATIONS,
+    RoundPlan,
     acknowledge_downlink,
     plan_round,
     sample_clients,
     uplink_shares,
 )
 from lightning_fed.progress import RoundProgress
+from lightning_fed.protocol import ClientMessage
 from lightning_fed.ranks import DEFAULT_TIMEOUT_S, RankFailed, Ranks, launch
 from lightning_fed.report import partition_table, write_partition_csv
 from lightning_fed.runner import ClientRunner, ClientWork, SequentialRunner, WorkingModules
@@ -167,6 +169,8 @@ class FedLoop:
         clock: a :class:`~lightning_fed.systems.SimulatedClock`: clients get device and network profiles, rounds
             get simulated seconds (``sim_round_s``, ``sim_time_s``, ``clock.csv``), and its deadline, straggler
             policy, over-selection and dropouts decide which replies arrive (docs/systems.md). ``None``: none.
+            An asynchronous strategy (:class:`~lightning_fed.strategies.FedBuff`) needs one: its rounds are server
+            versions, each receiving the replies that arrive first on the clock (``clients_per_round`` unused).
     """
 
     def __init__(
@@ -294,6 +298,9 @@ class FedLoop:
             clock.bind(num_clients, clients_per_round, seed)
             need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
                  f"at most the clock's keep_first={clock.keep_first} (the replies a round keeps)")
+        self.schedule = self.strategy.schedule()  # asynchronous rounds (FedBuff): an event queue on the clock
+        if self.schedule is not None:
+            self.schedule.check(num_clients, clock)
         check_plan = getattr(self.strategy, "check_plan", None)  # a budget over the planned rounds (DPFedAvg)
         if callable(check_plan):
             check_plan(num_clients, clients_per_round, rounds, sampling)
@@ -489,6 +496,8 @@ class FedLoop:
             self.clock is not None and self.clock.discards)
         if self.clock is not None:
             self.clock.bind(self.num_clients, self.clients_per_round, self.seed)  # a new run starts at time 0
+            if self.schedule is not None:
+                self.schedule.bind(self.clock, self.num_clients, self.seed)
             macs = MacCounter()
             self.workload = Workload(
                 examples=sizes, batch_size=self.train_template.batch_size or 1,
@@ -512,23 +521,20 @@ class FedLoop:
         t0 = time.perf_counter()
         ctx, model = self.context, self.model
         ctx.round, ctx.client_id, ctx.client_state = r, None, {}
-        clients = self.sample_clients(r)
-        plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
-                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
-                          self.receivers)
-        self.modules.round_start([model, *self._prepared.values()])
-        tasks, absent, sim, discard = plan.tasks, [], {}, {}
-        if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
-            tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
-        messages = self.round_runner.run(tasks, self.work)
-        if self.receivers is not None:
-            acknowledge_downlink(self.receivers, messages)
-        if self.clock is not None:
-            order = {t.client_id: i for i, t in enumerate(plan.tasks)}
-            messages = sorted(messages + absent, key=lambda m: order[m.client_id])
-            discard, sim = self.clock.finish(r, messages)
+        if self.schedule is not None:  # asynchronous: this version's dispatches, then its arrivals
+            ex = self.schedule.exchange(r, self._dispatch)
+            clients, instructions, messages, discard, sim, down = (
+                ex.clients, ex.instructions, ex.messages, ex.discard, ex.sim, ex.down)
+        else:
+            clients = self.sample_clients(r)
+            plan, messages, absent = self._dispatch(r, clients)
+            instructions, down, sim, discard = plan.instructions, plan.stats, {}, {}
+            if self.clock is not None:
+                order = {t.client_id: i for i, t in enumerate(plan.tasks)}
+                messages = sorted(messages + absent, key=lambda m: order[m.client_id])
+                discard, sim = self.clock.finish(r, messages)
         seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
-        got = self.server.collect(r, plan.instructions, messages)  # consumes the messages as it decodes them
+        got = self.server.collect(r, instructions, messages)  # consumes the messages as it decodes them
         if discard:  # decoded (each sender's codec state advanced), but late or over-selected: not aggregated
             got.replies = [rp for rp in got.replies if rp.client_id not in discard]
             for _, reason in sorted(discard.items()):
@@ -560,8 +566,8 @@ class FedLoop:
                 vals = [(rp.metrics[key], rp.num_examples) for rp in replies if key in rp.metrics]
                 metrics[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
             metrics["examples"] = n
-        stats = {**got.stats, "bytes_down": plan.stats["bytes_down"], "raw_bytes_down": plan.stats["raw_bytes_down"]}
-        stats["encode_s"] += plan.stats["encode_s"]
+        stats = {**got.stats, "bytes_down": down["bytes_down"], "raw_bytes_down": down["raw_bytes_down"]}
+        stats["encode_s"] += down["encode_s"]
         metrics.update(stats)
         if stats["bytes_up"]:
             metrics["compression_ratio"] = stats["raw_bytes_up"] / stats["bytes_up"]
@@ -590,6 +596,21 @@ class FedLoop:
         if self.clock is not None and self.ranks.is_zero:
             self.clock.write_csv(self.run_dir / "clock.csv")
         return metrics
+
+    def _dispatch(self, r: int, clients: list[int]) -> tuple[RoundPlan, list[ClientMessage], list[ClientMessage]]:
+        """Send ``clients`` their instructions for round ``r`` and run them: the plan, the replies of the clients
+        that trained and the failure messages of those the clock kept from training (dropouts)."""
+        plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
+                          self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
+                          self.receivers)
+        self.modules.round_start([self.model, *self._prepared.values()])
+        tasks, absent = plan.tasks, []
+        if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
+            tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
+        messages = self.round_runner.run(tasks, self.work)
+        if self.receivers is not None:
+            acknowledge_downlink(self.receivers, messages)
+        return plan, messages, absent
 
     def _macs(self, counter: MacCounter, client_id: int) -> float:
         """MACs of one sample's forward pass through the model ``client_id`` trains this round (its tier)."""
@@ -783,6 +804,7 @@ class FedLoop:
             "downlink_receiver_state": self.work.downlink_state,
             "failed_rounds": [[r, list(reasons)] for r, reasons in self._failed],
             "clock": self.clock.state_dict() if self.clock is not None else None,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.all_callbacks},
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
@@ -809,6 +831,8 @@ class FedLoop:
         self._failed = [(int(r), list(reasons)) for r, reasons in state["failed_rounds"]]
         if self.clock is not None and state.get("clock") is not None:
             self.clock.load_state_dict(state["clock"])
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))

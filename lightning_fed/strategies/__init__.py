@@ -7,6 +7,7 @@ from lightning_fed.strategies.ditto import Ditto, DittoClient
 from lightning_fed.strategies.dp import ClipNoise, DPFedAvg
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.fedavg_ft import FedAvgFT
+from lightning_fed.strategies.fedbuff import FedBuff
 from lightning_fed.strategies.feddf import FedDF
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
@@ -50,6 +51,7 @@ __all__ = [
     "DittoClient",
     "FedAvg",
     "FedAvgFT",
+    "FedBuff",
     "FedDF",
     "FedGKT",
     "FedGen",

@@ -116,6 +116,12 @@ class Strategy:
         """Callbacks this algorithm installs on every client's local training."""
         return []
 
+    def schedule(self) -> Any:
+        """The asynchronous schedule that decides which clients run when and which replies each server update
+        receives (e.g. :class:`~lightning_fed.systems.asynchronous.BufferedSchedule` of ``FedBuff``); ``None`` (the
+        default): synchronous rounds."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Server state to checkpoint."""
         return {}

@@ -58,10 +58,11 @@ FORWARD_BACKWARD = 3.0
 FLOPS_PER_MAC = 2.0
 """A multiply-accumulate counts as two floating-point operations."""
 STRAGGLER_POLICIES = ("drop", "partial")
-STATUSES = ("ok", "partial", "late", "dropout", "no_step", "extra", "failed")
+STATUSES = ("ok", "partial", "late", "dropout", "no_step", "extra", "failed", "stale")
 """What happened to a sampled client: reported in time (``ok``; ``partial`` with capped steps), ``late`` (past the
 deadline, dropped), ``dropout`` (the profile's dropout), ``no_step`` (not one step fits before the deadline),
-``extra`` (over-selected and not among the first ``keep_first``), ``failed`` (the client's own failure)."""
+``extra`` (over-selected and not among the first ``keep_first``), ``failed`` (the client's own failure), ``stale``
+(asynchronous: more versions old than ``max_staleness``, dropped)."""
 
 
 @dataclass
@@ -165,6 +166,8 @@ class ClientTime:
     compute_s: float = 0.0
     up_s: float = 0.0
     finish_s: float = 0.0
+    start_s: float = 0.0  # the simulated time the client was sent its instruction (finish_s counts from it)
+    staleness: int = 0  # asynchronous rounds: versions the global model advanced while the client worked
 
 
 class SimulatedClock:
@@ -332,6 +335,12 @@ class SimulatedClock:
             run.append(task)
         return run, failed
 
+    def take_dispatched(self) -> dict[int, ClientTime]:
+        """The rows :meth:`admit` started (downlink and compute times, dropouts), for a caller that times the
+        replies itself (asynchronous rounds); :meth:`finish` is then not called."""
+        pending, self._pending = self._pending, {}
+        return pending
+
     @property
     def discards(self) -> bool:
         """Whether replies may arrive and be discarded (a deadline or over-selection): the server then decodes
@@ -380,8 +389,10 @@ class SimulatedClock:
                 )
             elif t.status == "extra":
                 discard[t.client_id] = f"client {t.client_id} not among the first {self.keep_first} to arrive"
-        self.time_s += round_s
         rows = sorted(times.values(), key=lambda t: t.client_id)
+        for t in rows:
+            t.start_s = self.time_s
+        self.time_s += round_s
         self.rows.extend(rows)
         self._pending = {}
         count = {s: sum(t.status == s for t in rows) for s in STATUSES}
