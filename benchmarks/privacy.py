@@ -198,7 +198,8 @@ def print_table(rows: list[dict], args: dict[str, str]) -> None:
     base = next((r["test_acc"] for r in rows if r["method"] == "fedavg"), math.nan)
     table = Table(
         title=f"MNIST-1D, {args['clients']} clients, {args['train']} samples, {args['per_round']} per round "
-        f"(Poisson), {args['rounds']} rounds, {args['local_epochs']} local epoch(s)"
+        f"(Poisson), {args['rounds']} rounds, {args['local_epochs']} local epoch(s), server "
+        f"{args.get('server_opt', 'momentum')} lr {args.get('server_lr', '1.0')}, clip {args['clip']}"
     )
     for col in (
         "method",
