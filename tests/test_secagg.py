@@ -2,6 +2,7 @@
 dropout recovery up to the threshold and a clear failure beyond, tampered and replayed messages refused,
 nonlinear codecs and bad settings refused at construction, and SecAggFedAvg against plain FedAvg."""
 
+import itertools
 import random
 
 import pytest
@@ -87,12 +88,27 @@ def test_clients_silent_in_the_unmasking_are_recovered():
 
 
 def test_sparse_graph_degree_grows_logarithmically():
-    degrees = [sa.degree_for(n) for n in (10, 100, 1000, 10000)]
-    assert degrees == [9, 20, 30, 40]
+    assert [sa.degree_for(n, factor=1.5) for n in (10, 100, 1000, 10000)] == [9, 20, 30, 40]
+    tolerant = [sa.degree_for(n) for n in (100, 1000, 10000, 100000)]  # 30 % dropouts, failure 1e-6
+    assert tolerant == sorted(tolerant) and tolerant[-1] < 300  # each 10x more clients adds a few dozen
+    steps = [b - a for a, b in itertools.pairwise(tolerant)]
+    assert steps == sorted(steps, reverse=True)  # log n: the increments shrink
     graph = sa.harary_graph(list(range(100)), 20, 0)
     assert all(len(v) == 20 for v in graph.values())
     assert all(a in graph[b] for a in graph for b in graph[a])  # symmetric
     assert sa.degree_for(100, "complete") == 99
+
+
+def test_unmask_failure_against_a_hand_computed_hypergeometric_tail():
+    # 10 clients, degree 4, threshold 2: a client fails when 3 or 4 of its 4 neighbours are among the 3 dropped
+    # of its 9 others: C(3,3) C(6,1) / C(9,4) = 6 / 126; at most 3 dropped, so 4 cannot; union bound over 10
+    assert sa.unmask_failure(10, 4, 0.3) == pytest.approx(10 * 6 / 126)
+    assert sa.unmask_failure(10, 6, 0.3) == 0.0  # 3 lost of 6 keep the threshold of 3
+    assert sa.unmask_failure(100, 20, 0.3) > 0.5  # the former default degree at 100 clients
+    k = sa.tolerant_degree(100, 0.3, 1e-6)
+    assert k % 2 == 0 and sa.unmask_failure(100, k, 0.3) <= 1e-6 < sa.unmask_failure(100, k - 2, 0.3)
+    assert sa.tolerant_degree(100, 0.1, 1e-6) < k  # fewer dropouts, fewer neighbours
+    assert sa.tolerant_degree(5, 0.4, 1e-6) == 4  # degree 2 fails w.p. 5 / 6: the complete graph
 
 
 def test_dropouts_beyond_the_threshold_fail_naming_the_client():
@@ -203,6 +219,10 @@ def test_value_codecs_inside_linear_codecs_are_refused(make_loop):
         ({"threshold_ratio": 0.3}, "threshold_ratio"),
         ({"graph": "ring"}, "graph"),
         ({"dropout": 1.0}, "dropout"),
+        ({"dropout_tolerance": 0.5}, "dropout_tolerance"),
+        ({"threshold_ratio": 0.8, "dropout_tolerance": 0.3}, "dropout_tolerance"),
+        ({"failure_probability": 0.0}, "failure_probability"),
+        ({"degree_factor": 0}, "degree_factor"),
         ({"weight_cap": 0}, "weight_cap"),
         ({"aggregator": Krum()}, "aggregator"),
         ({"clip": 0}, "clip"),
@@ -265,7 +285,7 @@ def test_secagg_fedavg_with_dropouts_averages_the_survivors():
     model = _model()
     deltas = {c: {k: torch.full(v.shape, float(c)) for k, v in model.state_dict().items()} for c in range(10)}
     counts = dict.fromkeys(range(10), 10)
-    s = SecAggFedAvg(dropout=0.3, late_dropout=0.1, weight_cap=10, clip=16.0)
+    s = SecAggFedAvg(dropout=0.3, late_dropout=0.1, dropout_tolerance=0.4, weight_cap=10, clip=16.0)
     s.setup(model)
     g0 = {k: v.clone() for k, v in s.global_payload().items()}
     metrics, replies = _round(s, Identity(), deltas, counts)
@@ -274,6 +294,43 @@ def test_secagg_fedavg_with_dropouts_averages_the_survivors():
     want = sum(survivors) / 7
     for k, v in s.global_payload().items():
         assert torch.allclose(v - g0[k], torch.full_like(v, want), atol=1e-4)
+
+
+@pytest.mark.parametrize("degree_factor", [None, 1.5])
+def test_default_degree_tolerates_30_percent_dropouts_at_100_clients(degree_factor):
+    model = nn.Linear(3, 1, bias=False)
+    n = 100
+    deltas = {c: {"weight": torch.full((1, 3), float(c % 7))} for c in range(n)}
+    s = SecAggFedAvg(dropout=0.3, weight_cap=10, clip=16.0, seed=0, degree_factor=degree_factor)
+    s.setup(model)
+    if degree_factor is not None:  # the former default: degree 20 loses unmasking at 30 % dropouts
+        with pytest.raises(AggregationRefused, match="threshold is 10"):
+            _round(s, Identity(), deltas, dict.fromkeys(range(n), 10))
+        return
+    assert s.degree(n) == sa.tolerant_degree(n, 0.3, 1e-6)
+    g0 = s.global_flat.clone()
+    metrics, replies = _round(s, Identity(), deltas, dict.fromkeys(range(n), 10))
+    survivors = [r.client_id for r in replies]
+    assert len(survivors) == 70 and metrics["secagg_dropped"] == 30
+    want = sum(c % 7 for c in survivors) / 70
+    assert torch.allclose(s.global_flat - g0, torch.full((3,), want), atol=1e-4)
+
+
+def test_tolerant_degree_keeps_every_client_unmaskable_over_many_random_graphs():
+    n, drop = 100, 30
+    clients = list(range(n))
+
+    def failures(degree, seed):
+        graph = sa.harary_graph(clients, degree, seed)
+        dropped = set(random.Random(seed).sample(clients, drop))
+        t = sa.threshold_for(degree, 0.5)
+        return sum(sum(x not in dropped for x in graph[c]) < t for c in clients)
+
+    k = sa.degree_for(n)
+    assert sum(failures(k, seed) > 0 for seed in range(300)) == 0
+    assert (
+        sum(failures(20, seed) > 0 for seed in range(300)) > 50
+    )  # degree 20 fails about a quarter of rounds
 
 
 def test_secagg_with_shared_random_k_updates_only_the_shared_positions():

@@ -30,6 +30,7 @@ the server could substitute keys (an active attack), which the protocol here doe
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -98,13 +99,58 @@ class Params:
             raise ValueError("threshold must be >= 1 and length >= 0")
 
 
-def degree_for(n: int, graph: str = "sparse", factor: float = 1.5) -> int:
-    """Neighbours per client among ``n``: ``n - 1`` for the complete graph (SecAgg); for SecAgg+ the even number
-    ``2 * ceil(factor * log2 n)``, at most ``n - 1``."""
+DROPOUT_TOLERANCE = 0.3
+"""The default fraction of a round's clients that may drop out (before sending or before unmasking)."""
+FAILURE_PROBABILITY = 1e-6
+"""The default bound on the probability that a round with that many dropouts cannot be unmasked."""
+
+
+def unmask_failure(n: int, degree: int, dropout: float, ratio: float = 0.5) -> float:
+    """A bound on the probability that unmasking fails when ``floor(dropout * n)`` of ``n`` clients drop out, chosen
+    independently of the graph's random order: each client's ``degree`` neighbours are then a uniform sample of the
+    ``n - 1`` others, so the number that dropped is hypergeometric, and unmasking that client fails when more than
+    ``degree - threshold`` did; a union bound over the ``n`` clients (Bell et al. 2020, section 3.3, with no
+    corrupt clients). Computed with ``scipy.stats.hypergeom``."""
+    from scipy.stats import hypergeom  # here: scipy.stats is slow to import and only the server half needs it
+
+    if degree < 1:
+        return 1.0 if n > 1 else 0.0
+    dropped = math.floor(dropout * n)
+    lost_ok = degree - threshold_for(degree, ratio)  # neighbours a client may lose
+    return min(1.0, n * float(hypergeom.sf(lost_ok, n - 1, min(dropped, n - 1), degree)))
+
+
+@functools.lru_cache(maxsize=256)
+def tolerant_degree(
+    n: int, dropout: float = DROPOUT_TOLERANCE, failure: float = FAILURE_PROBABILITY, ratio: float = 0.5
+) -> int:
+    """The smallest even degree (at most ``n - 1``) whose :func:`unmask_failure` with ``dropout`` of the ``n``
+    clients dropping out is at most ``failure``; ``n - 1`` (the complete graph) when none is. It grows as
+    ``O(log(n / failure))`` for a fixed margin ``1 - ratio - dropout``."""
+    for degree in range(2, n - 1, 2):
+        if unmask_failure(n, degree, dropout, ratio) <= failure:
+            return degree
+    return max(n - 1, 0)
+
+
+def degree_for(
+    n: int,
+    graph: str = "sparse",
+    factor: float | None = None,
+    *,
+    dropout: float = DROPOUT_TOLERANCE,
+    failure: float = FAILURE_PROBABILITY,
+    ratio: float = 0.5,
+) -> int:
+    """Neighbours per client among ``n``: ``n - 1`` for the complete graph (SecAgg); for SecAgg+ the
+    :func:`tolerant_degree` for ``dropout``, ``failure`` and threshold ``ratio``, or, with a ``factor``, the even
+    number ``2 * ceil(factor * log2 n)``, at most ``n - 1``."""
     if graph not in GRAPHS:
         raise ValueError(f"graph={graph!r} is not allowed; use one of {GRAPHS}")
     if graph == "complete" or n <= 2:
         return max(n - 1, 0)
+    if factor is None:
+        return tolerant_degree(n, dropout, failure, ratio)
     return min(n - 1, 2 * math.ceil(factor * math.log2(n)))
 
 
@@ -479,6 +525,8 @@ class SecAggServer:
 
 
 __all__ = [
+    "DROPOUT_TOLERANCE",
+    "FAILURE_PROBABILITY",
     "GRAPHS",
     "ClientSecrets",
     "Params",
@@ -495,6 +543,8 @@ __all__ = [
     "parse_roster",
     "share_keys",
     "threshold_for",
+    "tolerant_degree",
+    "unmask_failure",
     "unmask_response",
     "unpack_ints",
 ]

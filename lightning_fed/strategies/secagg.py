@@ -39,6 +39,8 @@ from lightning_fed.codecs.secagg import SecAggUplink, check_linear, support
 from lightning_fed.errors import AggregationRefused
 from lightning_fed.flat import FlatSpec
 from lightning_fed.privacy.secagg import (
+    DROPOUT_TOLERANCE,
+    FAILURE_PROBABILITY,
     GRAPHS,
     ClientSecrets,
     Params,
@@ -100,9 +102,16 @@ class SecAggFedAvg(FedAvg):
         clip: update entries are clipped to ``[-clip, clip]``; ``clients * clip * 2**frac_bits`` must stay below
             ``2**(bits-1)`` (checked each round) so the sum cannot wrap.
         weight_cap: the most examples a client's update weighs (its trusted-count cap).
-        graph: ``"sparse"`` (SecAgg+: a Harary graph of degree ``2 * ceil(degree_factor * log2 n)``) or
-            ``"complete"`` (the original SecAgg: every client is every other's neighbour).
-        degree_factor: the sparse graph's degree factor.
+        graph: ``"sparse"`` (SecAgg+: a Harary graph whose degree follows from ``dropout_tolerance`` and
+            ``failure_probability``, ``O(log n)``) or ``"complete"`` (the original SecAgg: every client is every
+            other's neighbour).
+        dropout_tolerance: the fraction of a round's clients that may drop out (before sending or before
+            unmasking) while unmasking still succeeds with probability ``1 - failure_probability``, in
+            ``[0, 1 - threshold_ratio)``; the sparse graph's degree is the smallest that guarantees it
+            (:func:`~lightning_fed.privacy.secagg.tolerant_degree`).
+        failure_probability: the bound on a round's unmasking failure at ``dropout_tolerance``, in ``(0, 1)``.
+        degree_factor: instead, the sparse graph's degree ``2 * ceil(degree_factor * log2 n)`` (``None``: derived
+            from the tolerance).
         threshold_ratio: shares needed to unmask a client, as a fraction of its neighbours, in ``[0.5, 1]``;
             unmasking tolerates every client losing up to ``1 - threshold_ratio`` of its neighbours.
         dropout: fraction of the sampled clients that drop out after sharing their keys (simulated, seeded).
@@ -123,7 +132,9 @@ class SecAggFedAvg(FedAvg):
         clip: float = 4.0,
         weight_cap: int = 1000,
         graph: str = "sparse",
-        degree_factor: float = 1.5,
+        dropout_tolerance: float = DROPOUT_TOLERANCE,
+        failure_probability: float = FAILURE_PROBABILITY,
+        degree_factor: float | None = None,
         threshold_ratio: float = 0.5,
         dropout: float = 0.0,
         late_dropout: float = 0.0,
@@ -156,8 +167,17 @@ class SecAggFedAvg(FedAvg):
             "an integer >= 1",
         )
         need(OWNER, graph in GRAPHS, "graph", graph, f"one of {GRAPHS}")
-        need(OWNER, degree_factor > 0, "degree_factor", degree_factor, "> 0")
+        need(OWNER, degree_factor is None or degree_factor > 0, "degree_factor", degree_factor, "> 0 or None")
         need(OWNER, 0.5 <= threshold_ratio <= 1, "threshold_ratio", threshold_ratio, "in [0.5, 1]")
+        need(
+            OWNER,
+            0 <= dropout_tolerance < 1 - threshold_ratio,
+            "dropout_tolerance",
+            dropout_tolerance,
+            f"in [0, 1 - threshold_ratio = {1 - threshold_ratio:g}) (a client must keep threshold_ratio of its "
+            "neighbours)",
+        )
+        need(OWNER, 0 < failure_probability < 1, "failure_probability", failure_probability, "in (0, 1)")
         need(OWNER, 0 <= dropout < 1, "dropout", dropout, "in [0, 1)")
         need(OWNER, 0 <= late_dropout < 1, "late_dropout", late_dropout, "in [0, 1)")
         need(
@@ -170,6 +190,7 @@ class SecAggFedAvg(FedAvg):
         super().__init__(server_lr=server_lr, server_optimizer=server_optimizer, aggregator=aggregator)
         self.bits, self.frac_bits, self.clip, self.weight_cap = bits, frac_bits, float(clip), weight_cap
         self.graph, self.degree_factor, self.threshold_ratio = graph, degree_factor, threshold_ratio
+        self.dropout_tolerance, self.failure_probability = dropout_tolerance, failure_probability
         self.dropout, self.late_dropout, self.seed = dropout, late_dropout, seed
         self.key_bytes = int(key_seed).to_bytes(32, "little", signed=True)
         self.inner: Codec = Identity()
@@ -177,6 +198,17 @@ class SecAggFedAvg(FedAvg):
             tuple[int, SecAggServer, dict[int, dict[str, Any]], Tensor | None, dict[str, float]] | None
         )
         self._round = None
+
+    def degree(self, n: int) -> int:
+        """The neighbours of each of ``n`` clients: ``n - 1`` (complete graph), or the sparse graph's degree."""
+        return degree_for(
+            n,
+            self.graph,
+            self.degree_factor,
+            dropout=self.dropout_tolerance,
+            failure=self.failure_probability,
+            ratio=self.threshold_ratio,
+        )
 
     def check_codec(self, codec: Codec) -> None:
         """``ValueError`` naming why unless ``codec`` is linear (FedLoop asks at construction)."""
@@ -199,7 +231,7 @@ class SecAggFedAvg(FedAvg):
                 f"{OWNER}: {n} clients with clip={self.clip} and frac_bits={self.frac_bits} can "
                 f"overflow bits={self.bits}; lower clip or frac_bits, or raise bits"
             )
-        degree = degree_for(n, self.graph, self.degree_factor)
+        degree = self.degree(n)
         spec, _ = self._require_setup()
         support_seed = derive_seed(self.seed, _SUPPORT, server_round) & 0xFFFFFFFF
         idx = support(self.inner, spec.numel, support_seed, self.inner.broadcast(server_round))
