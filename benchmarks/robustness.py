@@ -380,70 +380,101 @@ def curve(args: argparse.Namespace) -> None:
     console.print(table)
 
 
-def cell(rows: list[dict[str, Any]], key: str) -> str:
-    """``mean +- sd`` in percent of ``key`` over ``rows`` (``-`` when none)."""
+def cell(rows: list[dict[str, Any]], key: str, seeds: int = 0) -> str:
+    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``)."""
     vals = [100 * r[key] for r in rows if key in r and not math.isnan(r[key])]
     if not vals:
         return "-"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.fmean(vals):.1f}" + (f" ±{sd:.1f}" if len(vals) > 1 else "")
+    sd = f" ±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+    return f"{statistics.fmean(vals):.1f}{sd}" + (f" (n={len(vals)})" if len(vals) < seeds else "")
 
 
-def tables(rows: list[dict[str, Any]], console: Console) -> None:
-    """The accuracy / attack-success table and the detection table of every setting and fraction in ``rows``."""
+Grid = tuple[str, list[str], list[list[str]], str]
+
+
+def grids(rows: list[dict[str, Any]]) -> list[Grid]:
+    """``(title, header, body, footnote)`` of the accuracy / attack-success table and of the detection table of
+    every setting and fraction in ``rows``."""
+    out: list[Grid] = []
     for clients in sorted({r["clients"] for r in rows}):
         mine = [r for r in rows if r["clients"] == clients]
         ref = [r for r in mine if r["attack"] == "clean"]
         seeds = sorted({r["seed"] for r in mine})
+        n = len(seeds)
         for fraction in sorted({r["fraction"] for r in mine if r["attack"] != "clean"}):
             here = [r for r in mine if r["fraction"] == fraction]
             defences = [d for d in DEFENCES if any(r["defence"] == d for r in here)]
-            table = Table(
-                title=f"{clients} clients, {100 * fraction:.0f} % malicious, seeds {seeds}: clean test "
-                f"accuracy % / attack success rate % (mean ± sd); clean FedAvg {cell(ref, 'acc')} %"
-            )
-            table.add_column("attack")
-            for d in defences:
-                table.add_column(LABELS[d], justify="right")
-            for attack in [a for a in ATTACKS if any(r["attack"] == a for r in here)]:
-                cells = []
+            attacks = [a for a in ATTACKS if any(r["attack"] == a for r in here)]
+            body = []
+            for attack in attacks:
+                cells = [LABELS[attack]]
                 for d in defences:
                     got = [r for r in here if r["attack"] == attack and r["defence"] == d]
                     if not got:
                         cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, "feddf") else "")
                     elif attack in BACKDOORS:
-                        cells.append(f"{cell(got, 'acc')}\n{cell(got, 'asr')}")
+                        cells.append(f"{cell(got, 'acc', n)} / {cell(got, 'asr', n)}")
                     else:
-                        cells.append(cell(got, "acc"))
-                table.add_row(LABELS[attack], *cells)
-            console.print(table)
-            console.print(
-                "¹ n/a: a post-training backdoor defence does not repair a model wrecked by a byzantine "
-                "attack; FedDF was run under the backdoor only."
+                        cells.append(cell(got, "acc", n))
+                body.append(cells)
+            title = (
+                f"{clients} clients, {100 * fraction:.0f} % malicious, seeds {seeds}: clean test accuracy % "
+                f"(backdoor rows: accuracy % / attack success rate %), mean ±sd; clean FedAvg "
+                f"{cell(ref, 'acc', n)} %"
             )
-            det = Table(
-                title=f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, "
-                "precision % / recall % (mean ± sd over seeds; dropped for Krum and FLAME, clipped "
-                "for the norm bounds)"
+            note = (
+                "¹ a post-training backdoor defence does not repair a model wrecked by a byzantine attack; "
+                "FedDF runs under the backdoors only."
             )
-            det.add_column("attack")
+            out.append((title, ["attack", *[LABELS[d] for d in defences]], body, note))
             detecting = [d for d in defences if d in DETECTS]
-            for d in detecting:
-                det.add_column(LABELS[d], justify="right")
-            for attack in [a for a in ATTACKS if any(r["attack"] == a for r in here)]:
-                cells = []
+            if not detecting:
+                continue
+            det = []
+            for attack in attacks:
+                cells = [LABELS[attack]]
                 for d in detecting:
                     got = [
                         r["detection"]
                         for r in here
                         if r["attack"] == attack and r["defence"] == d and "detection" in r
                     ]
-                    cells.append(f"{cell(got, 'precision')} / {cell(got, 'recall')}" if got else "")
-                det.add_row(LABELS[attack], *cells)
-            if detecting:
-                console.print(det)
-        seconds = sum(r["seconds"] for r in mine)
-        console.print(f"{clients} clients: {len(mine)} cells, {seconds / 60:.1f} min of compute")
+                    cells.append(f"{cell(got, 'precision', n)} / {cell(got, 'recall', n)}" if got else "")
+                det.append(cells)
+            out.append(
+                (
+                    (
+                        f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
+                        "/ recall % (replies dropped by multi-Krum and FLAME, clipped by the norm bounds)"
+                    ),
+                    ["attack", *[LABELS[d] for d in detecting]],
+                    det,
+                    "",
+                )
+            )
+    return out
+
+
+def tables(rows: list[dict[str, Any]], console: Console, markdown: bool = False) -> None:
+    """Print :func:`grids` as rich tables (or Markdown) and the compute spent."""
+    for title, header, body, note in grids(rows):
+        if markdown:
+            console.print(f"\n{title}\n", markup=False, highlight=False, soft_wrap=True)
+            lines = [header, ["---"] * len(header), *body]
+            for line in lines:
+                console.print("| " + " | ".join(line) + " |", markup=False, highlight=False, soft_wrap=True)
+        else:
+            table = Table(title=title)
+            for i, h in enumerate(header):
+                table.add_column(h, justify="left" if i == 0 else "right")
+            for line in body:
+                table.add_row(*line)
+            console.print(table)
+        if note:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
+    for clients in sorted({r["clients"] for r in rows}):
+        mine = [r for r in rows if r["clients"] == clients]
+        console.print(f"{clients} clients: {len(mine)} cells, {sum(r['seconds'] for r in mine) / 60:.1f} min")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -497,6 +528,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
     p.add_argument("--load", type=Path, nargs="+", help="print the tables of saved JSON results and exit")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
@@ -508,10 +540,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run (or load) the benchmark, print its tables, return its cells."""
     args = parse(argv)
-    console = Console()
+    console = Console(width=250)
     if args.load:
         rows = [r for path in args.load for r in json.loads(path.read_text())]
-        tables(rows, console)
+        tables(rows, console, args.markdown)
         return rows
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     logging.getLogger("lightning_fed").setLevel(logging.ERROR)
@@ -535,7 +567,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for clients in args.clients:
         for seed in args.seeds:
             run_seed(args, clients, seed, emit)
-    tables(rows, console)
+    tables(rows, console, args.markdown)
     return rows
 
 
