@@ -508,7 +508,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--distill-steps", type=int, default=100, help="FedDF's distillation steps per round")
     p.add_argument(
-        "--fp-ratio", type=float, default=0.4, help="fine-pruning: share of conv3's channels removed"
+        "--fp-ratio", type=float, default=0.6, help="fine-pruning: share of conv3's channels removed"
     )
     p.add_argument(
         "--fp-epochs", type=int, default=10, help="fine-pruning: fine-tuning epochs on the clean data"
@@ -527,7 +527,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--models", type=Path, help="keep the undefended backdoor models here (reused when present)"
     )
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
-    p.add_argument("--load", type=Path, nargs="+", help="print the tables of saved JSON results and exit")
+    p.add_argument(
+        "--load",
+        type=Path,
+        nargs="+",
+        help="print the tables of saved JSON results (a later file's cell wins) and exit",
+    )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
     if args.quick:
@@ -542,7 +547,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     console = Console(width=250)
     if args.load:
-        rows = [r for path in args.load for r in json.loads(path.read_text())]
+        cells = {}  # a cell in a later file replaces the same cell in an earlier one
+        for path in args.load:
+            for r in json.loads(path.read_text()):
+                cells[(r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])] = r
+        rows = list(cells.values())
         tables(rows, console, args.markdown)
         return rows
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
