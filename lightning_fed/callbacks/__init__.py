@@ -6,6 +6,7 @@ from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
 from lightning_fed.callbacks.base import FedCallback
+from lightning_fed.callbacks.detection import Detection
 from lightning_fed.callbacks.distillation import Distillation
 from lightning_fed.callbacks.dp_sgd import DPSGD
 from lightning_fed.callbacks.fine_pruning import FinePruning
@@ -22,7 +23,7 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "DPSGD", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Distillation", "EightBitOptimizer",
+    "DPSGD", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",

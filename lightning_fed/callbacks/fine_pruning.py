@@ -185,6 +185,12 @@ class FinePruning(StructuredPruning):
                  record["channels"], record["acc_before"], record["acc_pruned"], record["acc_after"])
         fed.model_changed()
 
+    def defend(self, trainer: Any, pl_module: nn.Module, server_round: int) -> dict[str, Any]:
+        """One fine-pruning step on ``pl_module`` now, outside the schedule (as :meth:`CleanDataDefence.defend` for
+        NAD and MCR): prune, fine-tune, return the step's record. ``trainer`` may be ``None`` (e.g. to repair a
+        copy of a trained model); the schedule's bookkeeping (``done``, ``records``) is left alone."""
+        return self._step(trainer, pl_module, server_round, {})
+
     def _step(self, trainer: Any, model: nn.Module, r: int, metrics: dict[str, float]) -> dict[str, Any]:
         target = self._check_layer(model)
         xt, yt, xh, yh = self.data()

@@ -1,0 +1,584 @@
+"""Poisoned clients on MNIST-1D: every attack against every defence, clean accuracy and attack success rate.
+
+Setting ``20`` is fedavg.yaml's (MNIST1DCNN with 25 channels, SGD lr 0.05 momentum 0.9, batch 16, 20 clients on a
+Dirichlet(0.5) label split, 10 per round, cosine client-LR decay to 10 %); setting ``100`` is the same with 100
+clients (40 records each), 10 per round. ``--rounds`` and ``--local-epochs`` are the benchmark's (fewer than the
+recipe's 100 x 5: ``--curve`` measures clean FedAvg's test accuracy against the rounds to choose them). A fixed,
+seeded set of ``fraction`` of the clients is malicious (``mode="fixed"``); the attack's seed is the run's seed.
+
+Rows are attacks, columns defences:
+
+* aggregation columns (every attack): the weighted mean (no defence), ``CoordinateMedian``, ``TrimmedMean``,
+  multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``; each is its own training run;
+* post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
+  clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
+  model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
+  own copy of that same final model;
+* ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
+  records (feddf.yaml's settings, one architecture) under the same attack.
+
+A cell is clean test accuracy (and attack success rate on the triggered test records of the other classes, for the
+backdoor rows), mean +- sd over the seeds. Where a rule detects (multi-Krum and FLAME drop replies, NormBound and
+WeakDP clip them), the detection precision and recall over the run against the known malicious clients
+(:class:`~lightning_fed.callbacks.Detection`) are in a second table. Runs in-process, one FedLoop per training run.
+
+Run from the repository root::
+
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --quick                  # smoke test, seconds
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --curve --rounds 40      # clean FedAvg's curve
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --clients 20 --seeds 0 1 2 --json runs/rob20.json
+    python benchmarks/robustness.py --load runs/rob20-a.json runs/rob20-b.json  # tables of saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lightning_fed import FedLoop
+from lightning_fed.callbacks import (
+    MCR,
+    NAD,
+    Backdoor,
+    Detection,
+    FinePruning,
+    GaussianUpdate,
+    LabelFlip,
+    LittleIsEnough,
+    RoundLRDecay,
+    SignFlip,
+    attack_success_rate,
+)
+from lightning_fed.callbacks._defence import accuracy
+from lightning_fed.callbacks.attacks import Attack, shard_tensors
+from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
+from lightning_fed.models import MNIST1DCNN
+from lightning_fed.strategies import (
+    FLAME,
+    CoordinateMedian,
+    FedAvg,
+    FedDF,
+    Krum,
+    NormBound,
+    TrimmedMean,
+    WeakDP,
+)
+
+TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
+BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
+BACKDOORS = ("backdoor", "backdoor_mr")
+ATTACKS = (*BYZANTINE, *BACKDOORS)
+AGGREGATION = ("none", "median", "trimmed", "krum", "normbound", "weakdp", "flame")
+POST = ("fp", "nad", "mcr", "fp+nad")
+DEFENCES = (*AGGREGATION, *POST, "feddf")
+DETECTS = {"krum": "dropped", "flame": "dropped", "normbound": "clipped", "weakdp": "clipped"}
+LABELS = {
+    "none": "no defence",
+    "median": "median",
+    "trimmed": "trimmed mean",
+    "krum": "multi-Krum",
+    "normbound": "norm bound",
+    "weakdp": "weak DP",
+    "flame": "FLAME",
+    "fp": "fine-pruning",
+    "nad": "NAD",
+    "mcr": "MCR",
+    "fp+nad": "FP + NAD",
+    "feddf": "FedDF",
+    "label_flip": "label flip",
+    "sign_flip": "sign flip",
+    "gaussian": "Gaussian",
+    "alie": "little is enough",
+    "backdoor": "backdoor",
+    "backdoor_mr": "backdoor + model replacement",
+}
+
+
+def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
+    """The attack ``name`` on a fixed, seeded ``fraction`` of the clients."""
+    common = {"fraction": fraction, "mode": "fixed", "seed": seed}
+    if name == "label_flip":
+        return LabelFlip(num_classes=10, **common)
+    if name == "sign_flip":
+        return SignFlip(scale=4.0, **common)
+    if name == "gaussian":
+        return GaussianUpdate(std=1.0, **common)
+    if name == "alie":
+        return LittleIsEnough(z=1.0, **common)
+    replace = name == "backdoor_mr"
+    return Backdoor(
+        target=TARGET,
+        poison_fraction=0.5,
+        trigger_size=TRIGGER_SIZE,
+        trigger_value=TRIGGER_VALUE,
+        boost=boost if replace else 1.0,
+        **common,
+    )
+
+
+def make_aggregator(name: str, fraction: float, per_round: int, seed: int) -> Any:
+    """The robust rule of column ``name``, sized for ``fraction`` malicious among ``per_round`` replies."""
+    expected = fraction * per_round
+    if name == "median":
+        return CoordinateMedian()
+    if name == "trimmed":
+        return TrimmedMean(trim=min(0.4, (math.ceil(expected) + 1) / per_round))
+    if name == "krum":
+        return Krum(byzantine=min((per_round - 3) // 2, math.ceil(expected) + 1))
+    if name == "normbound":
+        return NormBound(max_norm=None)
+    if name == "weakdp":
+        return WeakDP(max_norm=None, noise_std=0.001, seed=seed)
+    if name == "flame":
+        return FLAME(noise_level=0.001, seed=seed)
+    return None
+
+
+def post_defence(name: str, clean: PublicData, seed: int, args: argparse.Namespace) -> list[Any]:
+    """The post-training defence(s) of column ``name``, fresh instances, applied in order."""
+    fp = FinePruning(
+        clean=clean,
+        layer="conv3",
+        ratio=args.fp_ratio,
+        at=0,
+        epochs=args.fp_epochs,
+        lr=args.defence_lr,
+        seed=seed,
+    )
+    nad = NAD(
+        clean=clean,
+        layers=["conv2", "conv3"],
+        at=0,
+        teacher_epochs=args.nad_epochs,
+        epochs=args.nad_epochs,
+        beta=args.nad_beta,
+        lr=args.defence_lr,
+        seed=seed,
+    )
+    mcr = MCR(
+        clean=clean,
+        at=0,
+        endpoint_epochs=args.mcr_epochs,
+        epochs=args.mcr_epochs,
+        lr=args.defence_lr,
+        seed=seed,
+    )
+    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad]}[name]
+
+
+def seeded_model(seed: int) -> MNIST1DCNN:
+    """fedavg.yaml's model, its initial weights seeded."""
+    L.seed_everything(seed, verbose=False)
+    return MNIST1DCNN(channels=25, lr=0.05, optimizer="sgd", momentum=0.9)
+
+
+def test_tensors(dm: MNIST1DDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as two tensors."""
+    data = dm.test_dataloader().dataset
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return data.tensors[0], data.tensors[1]
+    return shard_tensors(data)
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Clean test accuracy and the attack success rate of the benchmark's trigger."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    return {
+        "acc": accuracy(model, x, y),
+        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE),
+    }
+
+
+def train(
+    args: argparse.Namespace,
+    clients: int,
+    seed: int,
+    attack: Attack | None,
+    defence: str,
+    out: Path,
+    test_every: int = 0,
+) -> tuple[nn.Module, dict[str, Any], MNIST1DDataModule]:
+    """One FedLoop run: the final global model, what was recorded (detection, curve), the data module."""
+    per_round = min(args.per_round, clients)
+    fraction = attack.fraction if attack is not None else 0.0
+    agg = make_aggregator(defence, fraction, per_round, seed)
+    if defence == "feddf":
+        strategy: Any = FedDF(
+            public=PublicData(num_samples=1000, seed=7),
+            proxy_size=1000,
+            distill_steps=args.distill_steps,
+            distill_lr=1e-3,
+            temperature=1.0,
+            seed=seed,
+        )
+    else:
+        strategy = FedAvg(aggregator=agg)
+    callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
+    detection = None
+    if attack is not None:
+        callbacks.append(attack)
+        if defence in DETECTS:
+            detection = Detection(attack, agg, flag=DETECTS[defence])
+            callbacks.append(detection)
+    dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
+    loop = FedLoop(
+        num_clients=clients,
+        clients_per_round=per_round,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        partition=Dirichlet(alpha=0.5, min_samples=args.min_samples),
+        strategy=strategy,
+        callbacks=callbacks,
+        eval_every=args.rounds,
+        test_every=test_every,
+        checkpoint_every=0,
+        output_dir=str(out),
+        seed=seed,
+        verbose=False,
+        plot=False,
+        loggers=[],
+    )
+    model = seeded_model(seed)
+    result = loop.fit(model, dm)
+    record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
+    if detection is not None:
+        record["detection"] = detection.totals()
+    if test_every:
+        record["curve"] = [(int(h["round"]), h["test_acc"]) for h in result.history if "test_acc" in h]
+    return model, record, dm
+
+
+def repair(model: nn.Module, defences: list[Any], seed: int) -> nn.Module:
+    """A repaired copy of ``model``: each defence's step in order, with torch's generator seeded and restored."""
+    fixed = copy.deepcopy(model)
+    for i, defence in enumerate(defences):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 100 + i)
+            defence.defend(None, fixed, 0)
+    return fixed
+
+
+def run_seed(
+    args: argparse.Namespace, clients: int, seed: int, emit: Callable[[dict[str, Any]], None]
+) -> None:
+    """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
+    clean = PublicData(num_samples=500, seed=7, labeled=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
+        dm.prepare_data()
+        dm.setup("test")
+        x, y = test_tensors(dm)
+        if "clean" in args.attacks:
+            t0 = time.perf_counter()
+            model, rec, _ = train(args, clients, seed, None, "none", out / "clean")
+            emit(
+                {
+                    "clients": clients,
+                    "seed": seed,
+                    "fraction": 0.0,
+                    "attack": "clean",
+                    "defence": "none",
+                    **measure(model, x, y),
+                    **rec,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+        for fraction in args.fractions:
+            for attack_name in [a for a in args.attacks if a != "clean"]:
+                backdoor = attack_name in BACKDOORS
+                defences = [d for d in args.defences if d in AGGREGATION or (backdoor and d == "feddf")]
+                if backdoor and "none" not in defences and any(d in POST for d in args.defences):
+                    defences.insert(0, "none")  # the post-training defences repair the undefended model
+                for defence in defences:
+                    t0 = time.perf_counter()
+                    attack = make_attack(attack_name, fraction, seed, args.boost)
+                    saved = (
+                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}.pt"
+                        if args.models is not None and backdoor and defence == "none"
+                        else None
+                    )
+                    if saved is not None and saved.exists():  # the same run, trained before
+                        model, rec = seeded_model(seed), {}
+                        model.load_state_dict(torch.load(saved))
+                    else:
+                        model, rec, _ = train(
+                            args, clients, seed, attack, defence, out / f"{attack_name}-{defence}"
+                        )
+                        if saved is not None:
+                            saved.parent.mkdir(parents=True, exist_ok=True)
+                            torch.save(model.state_dict(), saved)
+                    row = {
+                        "clients": clients,
+                        "seed": seed,
+                        "fraction": fraction,
+                        "attack": attack_name,
+                        "defence": defence,
+                        **measure(model, x, y),
+                        **rec,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                    emit(row)
+                    if defence != "none" or not backdoor:
+                        continue
+                    for post in [d for d in args.defences if d in POST]:
+                        t0 = time.perf_counter()
+                        fixed = repair(model, post_defence(post, clean, seed, args), seed)
+                        emit(
+                            {
+                                **row,
+                                "defence": post,
+                                **measure(fixed, x, y),
+                                "seconds": time.perf_counter() - t0,
+                            }
+                        )
+
+
+def curve(args: argparse.Namespace) -> None:
+    """Clean FedAvg's test accuracy every 5 rounds, per requested setting and seed."""
+    console = Console()
+    table = Table(
+        title=f"Clean FedAvg, test accuracy against rounds ({args.local_epochs} local epochs, "
+        f"cosine decay over {args.rounds} rounds)"
+    )
+    table.add_column("clients")
+    table.add_column("seed")
+    table.add_column("seconds", justify="right")
+    rounds = list(range(5, args.rounds + 1, 5))
+    for r in rounds:
+        table.add_column(f"r{r}", justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients in args.clients:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                _, rec, _ = train(
+                    args, clients, seed, None, "none", Path(tmp) / f"c{clients}s{seed}", test_every=5
+                )
+                accs = dict(rec["curve"])
+                table.add_row(
+                    str(clients),
+                    str(seed),
+                    f"{time.perf_counter() - t0:.0f}",
+                    *[f"{100 * accs[r]:.1f}" if r in accs else "" for r in rounds],
+                )
+    console.print(table)
+
+
+def cell(rows: list[dict[str, Any]], key: str, seeds: int = 0) -> str:
+    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``)."""
+    vals = [100 * r[key] for r in rows if key in r and not math.isnan(r[key])]
+    if not vals:
+        return "-"
+    sd = f" ±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+    return f"{statistics.fmean(vals):.1f}{sd}" + (f" (n={len(vals)})" if len(vals) < seeds else "")
+
+
+Grid = tuple[str, list[str], list[list[str]], str]
+
+
+def grids(rows: list[dict[str, Any]]) -> list[Grid]:
+    """``(title, header, body, footnote)`` of the accuracy / attack-success table and of the detection table of
+    every setting and fraction in ``rows``."""
+    out: list[Grid] = []
+    for clients in sorted({r["clients"] for r in rows}):
+        mine = [r for r in rows if r["clients"] == clients]
+        ref = [r for r in mine if r["attack"] == "clean"]
+        seeds = sorted({r["seed"] for r in mine})
+        n = len(seeds)
+        for fraction in sorted({r["fraction"] for r in mine if r["attack"] != "clean"}):
+            here = [r for r in mine if r["fraction"] == fraction]
+            defences = [d for d in DEFENCES if any(r["defence"] == d for r in here)]
+            attacks = [a for a in ATTACKS if any(r["attack"] == a for r in here)]
+            body = []
+            for attack in attacks:
+                cells = [LABELS[attack]]
+                for d in defences:
+                    got = [r for r in here if r["attack"] == attack and r["defence"] == d]
+                    if not got:
+                        cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, "feddf") else "")
+                    elif attack in BACKDOORS:
+                        cells.append(f"{cell(got, 'acc', n)} / {cell(got, 'asr', n)}")
+                    else:
+                        cells.append(cell(got, "acc", n))
+                body.append(cells)
+            title = (
+                f"{clients} clients, {100 * fraction:.0f} % malicious, seeds {seeds}: clean test accuracy % "
+                f"(backdoor rows: accuracy % / attack success rate %), mean ±sd; clean FedAvg "
+                f"{cell(ref, 'acc', n)} %"
+            )
+            note = (
+                "¹ a post-training backdoor defence does not repair a model wrecked by a byzantine attack; "
+                "FedDF runs under the backdoors only."
+            )
+            out.append((title, ["attack", *[LABELS[d] for d in defences]], body, note))
+            detecting = [d for d in defences if d in DETECTS]
+            if not detecting:
+                continue
+            det = []
+            for attack in attacks:
+                cells = [LABELS[attack]]
+                for d in detecting:
+                    got = [
+                        r["detection"]
+                        for r in here
+                        if r["attack"] == attack and r["defence"] == d and "detection" in r
+                    ]
+                    cells.append(f"{cell(got, 'precision', n)} / {cell(got, 'recall', n)}" if got else "")
+                det.append(cells)
+            out.append(
+                (
+                    (
+                        f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
+                        "/ recall % (replies dropped by multi-Krum and FLAME, clipped by the norm bounds)"
+                    ),
+                    ["attack", *[LABELS[d] for d in detecting]],
+                    det,
+                    "",
+                )
+            )
+    return out
+
+
+def tables(rows: list[dict[str, Any]], console: Console, markdown: bool = False) -> None:
+    """Print :func:`grids` as rich tables (or Markdown) and the compute spent."""
+    for title, header, body, note in grids(rows):
+        if markdown:
+            console.print(f"\n{title}\n", markup=False, highlight=False, soft_wrap=True)
+            lines = [header, ["---"] * len(header), *body]
+            for line in lines:
+                console.print("| " + " | ".join(line) + " |", markup=False, highlight=False, soft_wrap=True)
+        else:
+            table = Table(title=title)
+            for i, h in enumerate(header):
+                table.add_column(h, justify="left" if i == 0 else "right")
+            for line in body:
+                table.add_row(*line)
+            console.print(table)
+        if note:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
+    for clients in sorted({r["clients"] for r in rows}):
+        mine = [r for r in rows if r["clients"] == clients]
+        console.print(f"{clients} clients: {len(mine)} cells, {sum(r['seconds'] for r in mine) / 60:.1f} min")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--clients", type=int, nargs="+", default=[20], help="settings: number of clients (20, 100)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--fractions", type=float, nargs="+", default=[0.1, 0.2], help="shares of malicious clients"
+    )
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=["clean", *ATTACKS],
+        choices=["clean", *ATTACKS],
+        help="rows (clean: the reference run without attack)",
+    )
+    p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--per-round", type=int, default=10, help="clients per round")
+    p.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples (80 %% train, 20 %% test)")
+    p.add_argument("--min-samples", type=int, default=10, help="Dirichlet's minimum records per client")
+    p.add_argument(
+        "--boost",
+        type=float,
+        default=5.0,
+        help="model replacement's boost (the paper's n / eta, shared by the round's expected attackers)",
+    )
+    p.add_argument("--distill-steps", type=int, default=100, help="FedDF's distillation steps per round")
+    p.add_argument(
+        "--fp-ratio", type=float, default=0.6, help="fine-pruning: share of conv3's channels removed"
+    )
+    p.add_argument(
+        "--fp-epochs", type=int, default=10, help="fine-pruning: fine-tuning epochs on the clean data"
+    )
+    p.add_argument("--nad-beta", type=float, default=100.0, help="NAD: weight of the attention loss")
+    p.add_argument(
+        "--nad-epochs", type=int, default=20, help="NAD: epochs of the teacher and of the distillation"
+    )
+    p.add_argument("--mcr-epochs", type=int, default=20, help="MCR: epochs of the endpoint and of the curve")
+    p.add_argument("--defence-lr", type=float, default=0.05, help="SGD lr of the clean-data defences")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: 1 seed, 2 rounds, 400 samples, few epochs"
+    )
+    p.add_argument("--curve", action="store_true", help="only clean FedAvg's accuracy every 5 rounds")
+    p.add_argument(
+        "--models", type=Path, help="keep the undefended backdoor models here (reused when present)"
+    )
+    p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
+    p.add_argument(
+        "--load",
+        type=Path,
+        nargs="+",
+        help="print the tables of saved JSON results (a later file's cell wins) and exit",
+    )
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
+        args.min_samples, args.distill_steps = 2, 2
+        args.fp_epochs = args.nad_epochs = args.mcr_epochs = 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run (or load) the benchmark, print its tables, return its cells."""
+    args = parse(argv)
+    console = Console(width=250)
+    if args.load:
+        cells = {}  # a cell in a later file replaces the same cell in an earlier one
+        for path in args.load:
+            for r in json.loads(path.read_text()):
+                cells[(r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])] = r
+        rows = list(cells.values())
+        tables(rows, console, args.markdown)
+        return rows
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    logging.getLogger("lightning_fed").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    if args.curve:
+        curve(args)
+        return []
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        console.log(
+            f"{row['clients']} clients, seed {row['seed']}, {row['fraction']:.0%} {row['attack']} / "
+            f"{row['defence']}: acc {100 * row['acc']:.1f} asr {100 * row['asr']:.1f} "
+            f"({row['seconds']:.1f} s)"
+        )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=1))
+
+    for clients in args.clients:
+        for seed in args.seeds:
+            run_seed(args, clients, seed, emit)
+    tables(rows, console, args.markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
