@@ -1,7 +1,8 @@
 """Personalized evaluation and the personalization methods: per-client splits (seeded, disjoint from training),
 metrics recomputed from the per-client CSV, personal layers that never leave the client (payload keys and bytes),
-Ditto's personal update against a hand computation, FedAvg-FT, the distillation strategies' own models, one working
-model for any number of clients, and refused configurations."""
+Ditto's proximal pull against a hand computation, FedAvg-FT and Ditto training through the module's own
+``configure_optimizers`` / ``training_step``, the distillation strategies' own models, one working model for any
+number of clients, and refused configurations."""
 
 import csv
 import math
@@ -19,7 +20,7 @@ from lightning_fed.personal import client_test_slice, largest_remainder, shard_s
 from lightning_fed.seeding import generator
 from lightning_fed.strategies import Ditto, FedAvg, FedAvgFT, FedMD, FedPer
 from lightning_fed.strategies.ditto import STATE_KEY as DITTO_KEY
-from lightning_fed.strategies.ditto import ditto_step
+from lightning_fed.strategies.ditto import DittoPull
 from lightning_fed.strategies.fedper import STATE_KEY as FEDPER_KEY
 from lightning_fed.weights import float_state, load_into
 
@@ -113,7 +114,7 @@ def test_shard_holdout_is_never_trained_on(make_loop, small_dm):
 
 
 def test_metrics_are_recomputed_from_the_csv(make_loop, small_dm):
-    loop, res = _fit(make_loop, small_dm, Ditto(lam=0.1, personal_batch_size=32))
+    loop, res = _fit(make_loop, small_dm, Ditto(lam=0.1))
     for r in (1, 2):
         rows, hist = _rows(res, r), res.history[r - 1]
         assert [int(row["client"]) for row in rows] == list(range(4))
@@ -188,13 +189,11 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     ("make", "message"),
     [
         (lambda: Ditto(lam=-0.1), r"Ditto: lam=-0.1 is not allowed; lam must be >= 0"),
-        (lambda: Ditto(personal_lr=0), r"Ditto: personal_lr=0 is not allowed"),
         (lambda: Ditto(personal_epochs=0), r"Ditto: personal_epochs=0 is not allowed"),
         (
             lambda: FedAvgFT(finetune_steps=-1),
             r"FedAvgFT: finetune_steps=-1 is not allowed; finetune_steps must be an",
         ),
-        (lambda: FedAvgFT(finetune_lr=-1.0), r"FedAvgFT: finetune_lr=-1.0 is not allowed"),
         (
             lambda: PersonalEval(holdout="val"),
             r"PersonalEval: holdout='val' is not allowed; holdout must be one of",
@@ -208,14 +207,20 @@ def test_bad_configuration_names_the_key(make, message):
         make()
 
 
-def test_ditto_step_matches_a_hand_computation():
+def test_ditto_pull_matches_a_hand_computation():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2, bias=False)
     v0 = lin.weight.detach().clone()
     w = torch.randn(2, 3)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
     lr, lam = 0.1, 0.5
-    loss = ditto_step(lin, (x, y), [w], lam, torch.optim.SGD(lin.parameters(), lr=lr))
+    pull = DittoPull({"weight": w}, lam)
+    view = type("View", (), {"lightning_module": lin})()
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    pull.on_train_start(view, lin)
+    F.cross_entropy(lin(x), y).backward()
+    pull.on_before_optimizer_step(view, lin, opt)
+    opt.step()
     # by hand: d CE / d logits = (softmax - onehot) / B; logits = x v^T, so the gradient is that^T x
     logits = x @ v0.T
     p = torch.exp(logits - logits.max(1, keepdim=True).values)
@@ -223,12 +228,60 @@ def test_ditto_step_matches_a_hand_computation():
     grad = (p - F.one_hot(y, 2).float()).T @ x / len(y)
     expected = v0 - lr * (grad + lam * (v0 - w))
     assert torch.allclose(lin.weight.detach(), expected, atol=1e-6)
-    assert loss == pytest.approx(float(-torch.log(p[torch.arange(4), y]).mean()), rel=1e-5)
-    assert lin.weight.grad is None  # no gradient left behind for the global model's training
+    pull.on_train_end(view, lin)
+    assert not pull._anchor  # no reference kept after training
+
+
+class Recording(MNIST1DCNN):
+    """Records every ``training_step`` (client, round, batch size) and ``configure_optimizers`` call; its optimizer
+    is Adam, so a personal model trained with plain SGD would differ."""
+
+    def __init__(self):
+        super().__init__(channels=8)
+        self.steps, self.optimizers_made = [], 0
+
+    def configure_optimizers(self):
+        self.optimizers_made += 1
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def training_step(self, batch, batch_idx):
+        fed = self.trainer.fed
+        self.steps.append((fed.client_id, fed.round, len(batch[0])))
+        return super().training_step(batch, batch_idx)
+
+
+def test_fedavg_ft_fine_tunes_through_training_step(make_loop, small_dm):
+    L.seed_everything(0, verbose=False)
+    model = Recording()
+    loop = make_loop(strategy=FedAvgFT(finetune_steps=3), partition=Dirichlet(alpha=0.3, min_samples=10), rounds=2,
+                     eval_every=1, personal_eval=PersonalEval(size=40))
+    res = loop.fit(model, small_dm)
+    evaluated = int(res.history[-1]["personal/clients"])
+    server_side = [s for s in model.steps if s[0] is None]  # fine-tuning runs at evaluation, outside client work
+    assert len(server_side) == 2 * evaluated * 3  # two evaluation rounds, 3 optimizer steps per client
+    assert {r for _, r, _ in server_side} == {0, 1}
+    clients = [s for s in model.steps if s[0] is not None]
+    assert model.optimizers_made == 2 * 2 + 2 * evaluated  # local training (2 clients x 2 rounds) + fine-tuning
+    assert clients and len(model.steps) == len(clients) + len(server_side)
+
+
+def test_ditto_personal_model_trains_through_training_step(make_loop, small_dm):
+    runs = {}
+    for name, strategy in (("fedavg", FedAvg()), ("ditto", Ditto(lam=0.1, personal_epochs=2))):
+        L.seed_everything(0, verbose=False)
+        model = Recording()
+        loop = make_loop(strategy=strategy, partition=Dirichlet(alpha=0.3, min_samples=10), rounds=2)
+        loop.fit(model, small_dm)
+        runs[name] = (loop, model)
+    (fa_loop, fa), (d_loop, d) = runs["fedavg"], runs["ditto"]
+    # each sampled client also trains v: 2 personal epochs over the same shard as 1 local epoch, batch size kept
+    assert len(d.steps) == 3 * len(fa.steps) and d.optimizers_made == 2 * fa.optimizers_made
+    assert {b for *_, b in d.steps} == {b for *_, b in fa.steps}
+    assert torch.equal(d_loop.strategy.global_flat, fa_loop.strategy.global_flat)  # the global model is FedAvg's
 
 
 def test_ditto_trains_the_global_model_as_fedavg(make_loop, small_dm):
-    loop_d, _ = _fit(make_loop, small_dm, Ditto(lam=0.1, personal_batch_size=32))
+    loop_d, _ = _fit(make_loop, small_dm, Ditto(lam=0.1))
     loop_f, _ = _fit(make_loop, small_dm, FedAvg())
     assert torch.equal(loop_d.strategy.global_flat, loop_f.strategy.global_flat)
     stored = [
@@ -243,7 +296,7 @@ def test_fedavg_ft_zero_steps_is_the_global_model(make_loop, small_dm):
     _, zero = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=0))
     for row in _rows(zero, 2):
         assert row["personal_correct"] == row["global_correct"]
-    _, tuned = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=10, finetune_lr=0.05))
+    _, tuned = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=10))
     assert any(r["personal_correct"] != r["global_correct"] for r in _rows(tuned, 2))
     assert tuned.history[-1]["personal/global_acc_mean"] == zero.history[-1]["personal/global_acc_mean"]
 
@@ -259,13 +312,13 @@ def test_own_model_strategies_report_personal_accuracy(make_loop, small_dm):
 def test_one_working_model_for_every_client(make_loop, small_dm):
     class Counting(Ditto):
         def __init__(self):
-            super().__init__(personal_batch_size=32)
+            super().__init__()
             self.modules, self.states = set(), 0
 
-        def personal_model(self, client_id, client_state, module, train_batches):
+        def personal_model(self, client_id, client_state, module, train):
             self.modules.add(id(module))
             self.states += 1
-            return super().personal_model(client_id, client_state, module, train_batches)
+            return super().personal_model(client_id, client_state, module, train)
 
     strategy = Counting()
     _fit(make_loop, small_dm, strategy, num_clients=12, clients_per_round=2)

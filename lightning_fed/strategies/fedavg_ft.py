@@ -2,19 +2,21 @@
 
 The simplest personalization baseline (e.g. Wang et al., "Federated Evaluation of On-device Personalization",
 arXiv:1910.10252, 2019; Yu, Bagdasaryan & Shmatikov, "Salvaging Federated Learning by Local Adaptation", 2020):
-training is FedAvg's, unchanged; a client's personal model is the global model after ``finetune_steps`` SGD steps on
-the cross-entropy of ``module(x)`` over its training shard (its data loader's batch size, batches seeded by
-``(seed, round, client)``, reshuffled each pass). Nothing is stored per client: the fine-tuned model exists only
-while its client is evaluated (:class:`~lightning_fed.personal.PersonalEval`).
+training is FedAvg's, unchanged; a client's personal model is the global model after ``finetune_steps`` optimizer
+steps on its training shard, trained as local training trains: the module's own ``configure_optimizers`` (a fresh
+optimizer), ``training_step`` and hooks, the loop's gradient clipping and accumulation, the data module's batch size
+(batches seeded by ``(seed, round, client)``, reshuffled each pass), as ``lightning.Trainer(max_steps=k)`` would.
+The loop's callbacks do not run (they act on the federated update), so a per-round learning-rate schedule such as
+``RoundLRDecay`` does not apply: the learning rate is the one ``configure_optimizers`` sets. Nothing is stored per
+client: the fine-tuned model exists only while its client is evaluated
+(:class:`~lightning_fed.personal.PersonalEval`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_fed.strategies.aggregators import Aggregator
@@ -23,45 +25,17 @@ from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
 
 
-def finetune(module: nn.Module, batches: Callable[[], Iterable[Any]], steps: int, lr: float) -> int:
-    """``steps`` plain SGD steps (``lr``) on ``CE(module(x), y)`` over ``batches()``, restarted when a pass ends;
-    returns the steps taken (0 for an empty shard). The module is left in its original train/eval mode."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if steps == 0 or not params:
-        return 0
-    device = params[0].device
-    optimizer = torch.optim.SGD(params, lr=lr)
-    was_training = module.training
-    module.train()
-    done = 0
-    with torch.enable_grad():
-        while done < steps:
-            before = done
-            for batch in batches():
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(module(batch[0].to(device)), batch[1].to(device)).backward()
-                optimizer.step()
-                done += 1
-                if done == steps:
-                    break
-            if done == before:  # no batch at all
-                break
-    optimizer.zero_grad(set_to_none=True)
-    module.train(was_training)
-    return done
-
-
 class FedAvgFT(FedAvg):
     """FedAvg whose personal models are the global model fine-tuned ``finetune_steps`` steps on the client's data.
 
     Example::
 
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=50, personal_eval=PersonalEval(),
-                       strategy=FedAvgFT(finetune_steps=20, finetune_lr=0.01))
+                       strategy=FedAvgFT(finetune_steps=20))
 
     Args:
-        finetune_steps: SGD steps of fine-tuning (``k >= 0``; 0: the personal model is the global model).
-        finetune_lr: their learning rate (> 0).
+        finetune_steps: optimizer steps of fine-tuning (``k >= 0``; 0: the personal model is the global model),
+            with the module's ``configure_optimizers`` and ``training_step``.
         server_lr: FedAvg's server step size.
         aggregator: averages the deltas (``None``: FedAvg's example-weighted mean).
         server_optimizer: applies the averaged delta (``None``: ``ServerSGD(lr=server_lr)``).
@@ -71,7 +45,6 @@ class FedAvgFT(FedAvg):
         self,
         *,
         finetune_steps: int = 20,
-        finetune_lr: float = 0.01,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -83,20 +56,20 @@ class FedAvgFT(FedAvg):
             finetune_steps,
             "an integer >= 0",
         )
-        need("FedAvgFT", finetune_lr > 0, "finetune_lr", finetune_lr, "> 0")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
-        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.finetune_steps = finetune_steps
 
     def personal_model(
         self,
         client_id: int,
         client_state: dict[str, Any],
         module: nn.Module,
-        train_batches: Callable[[], Iterable[Any]],
+        train: Callable[..., int],
     ) -> nn.Module:
         """The global model (already in ``module``) fine-tuned on the client's training shard."""
-        finetune(module, train_batches, self.finetune_steps, self.finetune_lr)
+        if self.finetune_steps:
+            train(module, epochs=None, max_steps=self.finetune_steps)
         return module
 
 
-__all__ = ["FedAvgFT", "finetune"]
+__all__ = ["FedAvgFT"]

@@ -157,7 +157,7 @@ class FedPer(FedAvg):
         client_id: int,
         client_state: dict[str, Any],
         module: nn.Module,
-        train_batches: Callable[[], Any],
+        train: Callable[..., int],
     ) -> nn.Module:
         """The global base layers (already in ``module``) with the client's own personal layers."""
         super().load_global(module)
