@@ -116,8 +116,16 @@ class FedContext:
         ``test_data`` (``test_acc``…); ``{}`` when that loader is missing."""
         return self._evaluate(module, stage)
 
-    def train(self, module: nn.Module, data: Dataset | Tensor, generator: torch.Generator, *,
-              epochs: int | None = 1, max_steps: int | None = None, callbacks: Sequence[Any] = ()) -> int:
+    def train(
+        self,
+        module: nn.Module,
+        data: Dataset | Tensor,
+        generator: torch.Generator,
+        *,
+        epochs: int | None = 1,
+        max_steps: int | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> int:
         """Train ``module`` (a model that is not the client's federated update: a personal model) on ``data`` (a
         ``Dataset``, e.g. ``shard``, or indices into the training set) as local training does: its own
         ``configure_optimizers``, ``training_step`` and hooks, the loop's gradient clipping and accumulation, batches

@@ -302,7 +302,9 @@ class PersonalEval:
             """``module`` trained on client ``cid``'s training shard with its own Lightning hooks (batches seeded
             by ``(seed, round, client)``, the same on every call); returns the optimizer steps taken."""
             g = generator(self.seed, Stream.PERSONAL_FT, server_round, cid)
-            return run.train(module, run.shards[cid], g, epochs=epochs, max_steps=max_steps, callbacks=callbacks)
+            return run.train(
+                module, run.shards[cid], g, epochs=epochs, max_steps=max_steps, callbacks=callbacks
+            )
 
         return train
 

@@ -32,11 +32,11 @@ def _model(seed=0):
     return MNIST1DCNN(channels=8)
 
 
-def _fit(make_loop, dm, strategy, holdout="test", **kw):
+def _fit(make_loop, dm, strategy, holdout="test", rounds=2, **kw):
     loop = make_loop(
         strategy=strategy,
         partition=Dirichlet(alpha=0.3, min_samples=10),
-        rounds=2,
+        rounds=rounds,
         eval_every=1,
         personal_eval=PersonalEval(holdout=holdout, size=40),
         **kw,
@@ -169,6 +169,77 @@ def test_fedper_personal_layers_never_leave_the_client(make_loop, small_dm):
     assert "personal/acc_mean" in res.history[-1] and "personal/global_acc_mean" not in res.history[-1]
 
 
+def test_fedper_warmup_federates_then_starts_heads_from_the_global_one(make_loop, small_dm):
+    class Spy(FedCallback):
+        def __init__(self):
+            self.down, self.up = [], []
+
+        def on_round_start(self, trainer, pl_module, instructions):
+            self.down.append(
+                ({k for i in instructions for k in i.payload}, instructions[0].config.get("fedper_init"))
+            )
+
+        def on_aggregate_start(self, trainer, pl_module, replies):
+            self.up.append({k for r in replies for k in r.payload})
+
+    spy, strategy = Spy(), FedPer(personal_layers=["head"], warmup_rounds=1)
+    loop, res = _fit(make_loop, small_dm, strategy, callbacks=[spy], rounds=3)
+    every = set(float_state(_model()))
+    shared = every - set(HEAD)
+    assert spy.down[0] == (every, None) and spy.up[0] == every  # round 1: FedAvg on the whole model
+    for down, up in zip(
+        spy.down[1:], spy.up[1:], strict=True
+    ):  # then the head goes down as a start, never up
+        assert down == (every, sorted(HEAD)) and up == shared
+    size = {k: 4 * v.numel() for k, v in float_state(_model()).items()}
+    head, base = sum(size[k] for k in HEAD), sum(size[k] for k in shared)
+    for i, h in enumerate(res.history):
+        assert h["raw_bytes_down"] == h["clients"] * (base + head)
+        assert h["raw_bytes_up"] == h["good"] * (base + (head if i == 0 else 0))
+    stored = {
+        f.name: torch.load(f, weights_only=True).get(FEDPER_KEY)
+        for f in (loop.run_dir / "clients").glob("*.pt")
+    }
+    starts = strategy._init_personal  # the global head after round 1, every client's start
+    assert (
+        set(starts) == set(HEAD)
+        and stored
+        and all(s is not None and set(s) == set(HEAD) for s in stored.values())
+    )
+    assert all(not torch.equal(s["head.weight"], starts["head.weight"]) for s in stored.values())
+
+
+@pytest.mark.parametrize("stop", [1, 2])
+def test_fedper_warmup_resumes_exactly(make_loop, small_dm, tmp_path, stop):
+    def fit(rounds, out, resume=None):
+        loop = make_loop(
+            strategy=FedPer(personal_layers=["head"], warmup_rounds=2),
+            partition=Dirichlet(alpha=0.3, min_samples=10),
+            rounds=rounds,
+            eval_every=1,
+            checkpoint_every=1,
+            personal_eval=PersonalEval(size=40),
+            output_dir=str(tmp_path / out),
+        )
+        return loop, loop.fit(_model(), small_dm, **({"resume": resume} if resume else {}))
+
+    full_loop, full = fit(4, "full")
+    _, part = fit(stop, "part")
+    resumed_loop, resumed = fit(4, "part", resume=str(part.run_dir))
+    assert torch.equal(full_loop.strategy.global_flat, resumed_loop.strategy.global_flat)
+    assert full_loop.strategy._init_personal.keys() == resumed_loop.strategy._init_personal.keys()
+    for k, v in full_loop.strategy._init_personal.items():
+        assert torch.equal(v, resumed_loop.strategy._init_personal[k])
+    assert _rows(full, 4) == _rows(resumed, 4)
+    for f in sorted((full.run_dir / "clients").glob("*.pt")):
+        a, b = (
+            torch.load(f, weights_only=True),
+            torch.load(resumed.run_dir / "clients" / f.name, weights_only=True),
+        )
+        for k in a.get(FEDPER_KEY, {}):
+            assert torch.equal(a[FEDPER_KEY][k], b[FEDPER_KEY][k])
+
+
 def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     with pytest.raises(
         ValueError, match=r"FedPer: personal_layers=\['fc9'\] is not allowed.*\['fc9'\] name none.*head"
@@ -190,6 +261,10 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     [
         (lambda: Ditto(lam=-0.1), r"Ditto: lam=-0.1 is not allowed; lam must be >= 0"),
         (lambda: Ditto(personal_epochs=0), r"Ditto: personal_epochs=0 is not allowed"),
+        (
+            lambda: FedPer(personal_layers=["head"], warmup_rounds=-1),
+            r"FedPer: warmup_rounds=-1 is not allowed; warmup_rounds must be an integer >= 0",
+        ),
         (
             lambda: FedAvgFT(finetune_steps=-1),
             r"FedAvgFT: finetune_steps=-1 is not allowed; finetune_steps must be an",
@@ -253,15 +328,24 @@ class Recording(MNIST1DCNN):
 def test_fedavg_ft_fine_tunes_through_training_step(make_loop, small_dm):
     L.seed_everything(0, verbose=False)
     model = Recording()
-    loop = make_loop(strategy=FedAvgFT(finetune_steps=3), partition=Dirichlet(alpha=0.3, min_samples=10), rounds=2,
-                     eval_every=1, personal_eval=PersonalEval(size=40))
+    loop = make_loop(
+        strategy=FedAvgFT(finetune_steps=3),
+        partition=Dirichlet(alpha=0.3, min_samples=10),
+        rounds=2,
+        eval_every=1,
+        personal_eval=PersonalEval(size=40),
+    )
     res = loop.fit(model, small_dm)
     evaluated = int(res.history[-1]["personal/clients"])
-    server_side = [s for s in model.steps if s[0] is None]  # fine-tuning runs at evaluation, outside client work
+    server_side = [
+        s for s in model.steps if s[0] is None
+    ]  # fine-tuning runs at evaluation, outside client work
     assert len(server_side) == 2 * evaluated * 3  # two evaluation rounds, 3 optimizer steps per client
     assert {r for _, r, _ in server_side} == {0, 1}
     clients = [s for s in model.steps if s[0] is not None]
-    assert model.optimizers_made == 2 * 2 + 2 * evaluated  # local training (2 clients x 2 rounds) + fine-tuning
+    assert (
+        model.optimizers_made == 2 * 2 + 2 * evaluated
+    )  # local training (2 clients x 2 rounds) + fine-tuning
     assert clients and len(model.steps) == len(clients) + len(server_side)
 
 
@@ -277,7 +361,9 @@ def test_ditto_personal_model_trains_through_training_step(make_loop, small_dm):
     # each sampled client also trains v: 2 personal epochs over the same shard as 1 local epoch, batch size kept
     assert len(d.steps) == 3 * len(fa.steps) and d.optimizers_made == 2 * fa.optimizers_made
     assert {b for *_, b in d.steps} == {b for *_, b in fa.steps}
-    assert torch.equal(d_loop.strategy.global_flat, fa_loop.strategy.global_flat)  # the global model is FedAvg's
+    assert torch.equal(
+        d_loop.strategy.global_flat, fa_loop.strategy.global_flat
+    )  # the global model is FedAvg's
 
 
 def test_ditto_trains_the_global_model_as_fedavg(make_loop, small_dm):
