@@ -455,3 +455,27 @@ def test_distillation_recipes_report_their_own_models(recipe, tmp_path):
     assert "personal/global_acc_mean" not in last
     rows = _rows(res, 1)
     assert len(rows) == last["personal/clients"] and all(r["personal_correct"] != "" for r in rows)
+
+
+def test_context_train_leaves_the_trainer_view_as_it_was(make_loop, small_dm):
+    class Probe(FedCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_client_start(self, trainer, pl_module, instruction):
+            fields = ("global_step", "current_epoch", "max_epochs", "max_steps", "training", "num_training_batches")
+            before = {k: getattr(trainer, k) for k in fields}
+            module, optimizers = trainer.lightning_module, list(trainer.optimizers)
+            metrics = dict(trainer.callback_metrics)
+            g = torch.Generator().manual_seed(0)
+            self.steps.append(trainer.fed.train(module, trainer.fed.shard, g, epochs=None, max_steps=3))
+            assert {k: getattr(trainer, k) for k in fields} == before
+            assert trainer.lightning_module is module and trainer.optimizers == optimizers
+            assert trainer.callback_metrics.keys() == metrics.keys()
+            load_into(module, instruction.payload)  # local training starts from the received weights again
+
+    probe = Probe()
+    loop, _ = _fit(make_loop, small_dm, FedAvg(), callbacks=[probe])
+    plain, _ = _fit(make_loop, small_dm, FedAvg())
+    assert probe.steps == [3] * 4  # 2 clients x 2 rounds, 3 optimizer steps each
+    assert torch.equal(loop.strategy.global_flat, plain.strategy.global_flat)  # the federated update is unchanged
