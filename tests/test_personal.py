@@ -261,6 +261,7 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     [
         (lambda: Ditto(lam=-0.1), r"Ditto: lam=-0.1 is not allowed; lam must be >= 0"),
         (lambda: Ditto(personal_epochs=0), r"Ditto: personal_epochs=0 is not allowed"),
+        (lambda: FedAvgFT(lr_scale=0), r"FedAvgFT: lr_scale=0 is not allowed; lr_scale must be > 0"),
         (
             lambda: FedPer(personal_layers=["head"], warmup_rounds=-1),
             r"FedPer: warmup_rounds=-1 is not allowed; warmup_rounds must be an integer >= 0",
@@ -463,7 +464,14 @@ def test_context_train_leaves_the_trainer_view_as_it_was(make_loop, small_dm):
             self.steps = []
 
         def on_client_start(self, trainer, pl_module, instruction):
-            fields = ("global_step", "current_epoch", "max_epochs", "max_steps", "training", "num_training_batches")
+            fields = (
+                "global_step",
+                "current_epoch",
+                "max_epochs",
+                "max_steps",
+                "training",
+                "num_training_batches",
+            )
             before = {k: getattr(trainer, k) for k in fields}
             module, optimizers = trainer.lightning_module, list(trainer.optimizers)
             metrics = dict(trainer.callback_metrics)
@@ -478,4 +486,23 @@ def test_context_train_leaves_the_trainer_view_as_it_was(make_loop, small_dm):
     loop, _ = _fit(make_loop, small_dm, FedAvg(), callbacks=[probe])
     plain, _ = _fit(make_loop, small_dm, FedAvg())
     assert probe.steps == [3] * 4  # 2 clients x 2 rounds, 3 optimizer steps each
-    assert torch.equal(loop.strategy.global_flat, plain.strategy.global_flat)  # the federated update is unchanged
+    assert torch.equal(
+        loop.strategy.global_flat, plain.strategy.global_flat
+    )  # the federated update is unchanged
+
+
+def test_scale_lr_scales_the_rates_and_the_schedules_base():
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from lightning_fed.strategies.fedavg_ft import ScaleLR
+
+    lin = nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    view = type("View", (), {"optimizers": [opt], "lr_scheduler_configs": [LRSchedulerConfig(sched)]})()
+    ScaleLR(0.1).on_train_start(view, lin)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # the schedule continues from the scaled rate
+    assert sched.base_lrs == [pytest.approx(0.05)]

@@ -7,7 +7,8 @@ steps on its training shard, trained as local training trains: the module's own 
 optimizer), ``training_step`` and hooks, the loop's gradient clipping and accumulation, the data module's batch size
 (batches seeded by ``(seed, round, client)``, reshuffled each pass), as ``lightning.Trainer(max_steps=k)`` would.
 The loop's callbacks do not run (they act on the federated update), so a per-round learning-rate schedule such as
-``RoundLRDecay`` does not apply: the learning rate is the one ``configure_optimizers`` sets. Nothing is stored per
+``RoundLRDecay`` does not apply: the learning rates are the ones ``configure_optimizers`` sets, times ``lr_scale``
+(:class:`ScaleLR`; e.g. 0.1 where ``RoundLRDecay(min_scale=0.1)`` ended local training at a tenth). Nothing is stored per
 client: the fine-tuned model exists only while its client is evaluated
 (:class:`~lightning_fed.personal.PersonalEval`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_fed.strategies.aggregators import Aggregator
@@ -25,17 +27,50 @@ from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
 
 
+class ScaleLR(Callback):
+    """Multiplies the learning rates ``configure_optimizers`` set by ``scale`` when training starts: every param
+    group's ``lr`` and the ``base_lrs`` of every scheduler (so a schedule keeps scaling from the scaled rates).
+
+    Example::
+
+        trainer = L.Trainer(max_steps=20, callbacks=[ScaleLR(0.1)])   # fine-tune at a tenth of the module's rate
+
+    Args:
+        scale: the factor, > 0.
+    """
+
+    def __init__(self, scale: float) -> None:
+        need(
+            "ScaleLR",
+            isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0,
+            "scale",
+            scale,
+            "> 0",
+        )
+        self.scale = float(scale)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Scale the optimizers' learning rates and the schedulers' base rates."""
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * self.scale
+        for cfg in trainer.lr_scheduler_configs:
+            if hasattr(cfg.scheduler, "base_lrs"):
+                cfg.scheduler.base_lrs = [lr * self.scale for lr in cfg.scheduler.base_lrs]
+
+
 class FedAvgFT(FedAvg):
     """FedAvg whose personal models are the global model fine-tuned ``finetune_steps`` steps on the client's data.
 
     Example::
 
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=50, personal_eval=PersonalEval(),
-                       strategy=FedAvgFT(finetune_steps=20))
+                       strategy=FedAvgFT(finetune_steps=20, lr_scale=0.1))
 
     Args:
         finetune_steps: optimizer steps of fine-tuning (``k >= 0``; 0: the personal model is the global model),
             with the module's ``configure_optimizers`` and ``training_step``.
+        lr_scale: multiplies the learning rates ``configure_optimizers`` sets, for fine-tuning only (> 0).
         server_lr: FedAvg's server step size.
         aggregator: averages the deltas (``None``: FedAvg's example-weighted mean).
         server_optimizer: applies the averaged delta (``None``: ``ServerSGD(lr=server_lr)``).
@@ -45,6 +80,7 @@ class FedAvgFT(FedAvg):
         self,
         *,
         finetune_steps: int = 20,
+        lr_scale: float = 1.0,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -56,8 +92,15 @@ class FedAvgFT(FedAvg):
             finetune_steps,
             "an integer >= 0",
         )
+        need(
+            "FedAvgFT",
+            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            "lr_scale",
+            lr_scale,
+            "> 0",
+        )
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
-        self.finetune_steps = finetune_steps
+        self.finetune_steps, self.lr_scale = finetune_steps, float(lr_scale)
 
     def personal_model(
         self,
@@ -68,8 +111,9 @@ class FedAvgFT(FedAvg):
     ) -> nn.Module:
         """The global model (already in ``module``) fine-tuned on the client's training shard."""
         if self.finetune_steps:
-            train(module, epochs=None, max_steps=self.finetune_steps)
+            scale = [ScaleLR(self.lr_scale)] if self.lr_scale != 1.0 else []
+            train(module, epochs=None, max_steps=self.finetune_steps, callbacks=scale)
         return module
 
 
-__all__ = ["FedAvgFT"]
+__all__ = ["FedAvgFT", "ScaleLR"]
