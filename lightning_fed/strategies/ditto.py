@@ -12,7 +12,8 @@ global model. ``F_k`` is the module's own objective: ``v_k`` trains as local tra
 and accumulation and the data module's batch size, for ``personal_epochs`` passes over the client's shard
 (``FedContext.train``); the pull is added to the gradients by the callback :class:`DittoPull` before each optimizer
 step, so ``training_step`` is unchanged. The loop's callbacks do not run on ``v_k`` (they act on the federated update;
-a per-round learning-rate schedule such as ``RoundLRDecay`` does not apply to it). ``v_k`` starts from the model's
+a per-round learning-rate schedule such as ``RoundLRDecay`` does not apply to it; ``lr_scale`` scales the rates
+``configure_optimizers`` sets). ``v_k`` starts from the model's
 initial weights, as every ``v_k`` does in the paper, is stored in the client store
 (``trainer.fed.client_state["ditto"]``) and never sent: the messages are FedAvg's. The client callback
 :class:`DittoClient` trains ``v_k`` before the global model's local training, with the random state saved and
@@ -32,6 +33,7 @@ from lightning_fed.protocol import Instruction, Payload
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.fedavg_ft import ScaleLR
 from lightning_fed.strategies.fedprox import FedProxClient
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
@@ -96,7 +98,8 @@ class DittoClient(FedCallback):
             seed_rngs(derive_seed(s.seed, Stream.DITTO, ctx.round, ctx.client_id))  # dropout, if any
             load_into(module, ctx.client_state.get(STATE_KEY) or s.initial)
             g = generator(s.seed, Stream.DITTO, ctx.round, ctx.client_id)
-            ctx.train(module, ctx.shard, g, epochs=s.personal_epochs, callbacks=[DittoPull(w, s.lam)])
+            scale = [ScaleLR(s.lr_scale)] if s.lr_scale != 1.0 else []
+            ctx.train(module, ctx.shard, g, epochs=s.personal_epochs, callbacks=[DittoPull(w, s.lam), *scale])
             ctx.client_state[STATE_KEY] = {
                 k: v.detach().cpu().clone() for k, v in float_state(module).items()
             }
@@ -115,6 +118,8 @@ class Ditto(FedAvg):
         lam: the proximal weight ``lam`` (>= 0; 0: isolated local training of the personal models).
         personal_epochs: passes over the client's shard per round for the personal model (>= 1), with the
             module's ``configure_optimizers`` and ``training_step`` and the data module's batch size.
+        lr_scale: multiplies the learning rates ``configure_optimizers`` sets, for the personal model only (> 0;
+            :class:`~lightning_fed.strategies.fedavg_ft.ScaleLR`).
         seed: seed of the personal models' batches (with round and client).
         server_lr: step size on the averaged delta of the global model (FedAvg's).
         aggregator: averages the global model's deltas (``None``: FedAvg's example-weighted mean).
@@ -126,6 +131,7 @@ class Ditto(FedAvg):
         *,
         lam: float = 0.1,
         personal_epochs: int = 1,
+        lr_scale: float = 1.0,
         seed: int = 0,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
@@ -145,8 +151,16 @@ class Ditto(FedAvg):
             personal_epochs,
             "an integer >= 1",
         )
+        need(
+            "Ditto",
+            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            "lr_scale",
+            lr_scale,
+            "> 0",
+        )
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.lam, self.personal_epochs, self.seed = float(lam), personal_epochs, seed
+        self.lr_scale = float(lr_scale)
         self.initial: Payload = {}
         self.client = DittoClient(self)
 
