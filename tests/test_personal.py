@@ -262,6 +262,7 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
         (lambda: Ditto(lam=-0.1), r"Ditto: lam=-0.1 is not allowed; lam must be >= 0"),
         (lambda: Ditto(personal_epochs=0), r"Ditto: personal_epochs=0 is not allowed"),
         (lambda: FedAvgFT(lr_scale=0), r"FedAvgFT: lr_scale=0 is not allowed; lr_scale must be > 0"),
+        (lambda: Ditto(lr_scale=-1.0), r"Ditto: lr_scale=-1.0 is not allowed; lr_scale must be > 0"),
         (
             lambda: FedPer(personal_layers=["head"], warmup_rounds=-1),
             r"FedPer: warmup_rounds=-1 is not allowed; warmup_rounds must be an integer >= 0",
