@@ -5,9 +5,13 @@ Three client architectures (MNIST1DCNN with 8 / 16 / 32 channels, tiers 0 / 1 / 
 the final accuracy of each tier (the tier's global model for FedDF / FedAvg / FedGen; the mean over all the
 tier's clients' own models for FedMD, FedMD-NFDP, FedGKT, decentralized distillation and isolated
 training), the server model's accuracy where there is one, and the mean bytes exchanged per round (up + down,
-as counted by FedLoop).
+as counted by FedLoop). With ``--personal`` every client is also judged on its own data (``PersonalEval``: 100
+test examples with its label proportions): the personal models' mean and 10th-percentile accuracy (the clients' own
+models of FedMD, FedMD-NFDP, FedGKT, decentralized distillation, isolated training) and the global model's on the
+same splits (FedAvg, FedGen).
 
     python benchmarks/distillation.py --rounds 30 --local-epochs 2
+    python benchmarks/distillation.py --rounds 30 --local-epochs 2 --personal --methods isolated fedavg_small fedmd
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 import lightning as L
 import torch
 
-from lightning_fed import FedLoop
+from lightning_fed import FedLoop, PersonalEval
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.strategies import (
@@ -91,8 +95,8 @@ def build(method: str, public: PublicData, seed: int) -> tuple[object, bool]:
     raise ValueError(method)
 
 
-def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, float]:
-    """One method end to end; returns its final metrics."""
+def run(method: str, rounds: int, local_epochs: int, seed: int, personal: bool = False) -> dict[str, float]:
+    """One method end to end; returns its final metrics (and the personalized ones with ``personal``)."""
     L.seed_everything(seed, verbose=False)
     public = PublicData(num_samples=1000, seed=7, labeled="transfer" in method)
     strategy, tiered = build(method, public, seed)
@@ -100,7 +104,8 @@ def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, flo
     with tempfile.TemporaryDirectory() as out:
         loop = FedLoop(num_clients=NUM_CLIENTS, clients_per_round=10, rounds=rounds, local_epochs=local_epochs,
                        partition=Dirichlet(alpha=0.5, min_samples=10), strategy=strategy, eval_every=rounds,
-                       checkpoint_every=0, output_dir=out, seed=seed, verbose=False, plot=False, loggers=[])
+                       checkpoint_every=0, output_dir=out, seed=seed, verbose=False, plot=False, loggers=[],
+                       personal_eval=PersonalEval(holdout="test", size=100) if personal else None)
         t = time.perf_counter()
         res = loop.fit(model, MNIST1DDataModule(batch_size=32))
         secs = time.perf_counter() - t
@@ -115,6 +120,9 @@ def run(method: str, rounds: int, local_epochs: int, seed: int) -> dict[str, flo
     else:
         row["tier0"] = last["test_acc"]
     row["server"] = last.get("server/test_acc", float("nan"))
+    for key in ("acc_mean", "acc_p10", "global_acc_mean", "global_acc_p10"):
+        if f"personal/{key}" in last:
+            row[f"personal_{key}"] = last[f"personal/{key}"]
     if method.startswith("fedmd_nfdp"):
         row["epsilon"], row["delta"] = last["nfdp/epsilon"], last["nfdp/delta"]
     return row
@@ -128,12 +136,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--personal", action="store_true", help="also judge every client on its own data (PersonalEval)")
     args = p.parse_args()
     logging.getLogger("lightning_fed").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     rows = []
     for m in args.methods:
-        rows.append(run(m, args.rounds, args.local_epochs, args.seed))
+        rows.append(run(m, args.rounds, args.local_epochs, args.seed, args.personal))
         r = rows[-1]
         print(f"done {m}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
               flush=True)
@@ -152,6 +161,12 @@ def main() -> None:
         if "tier0_server" in r:  # FedGKT's deployed model: each client's extractor, then the server model
             print(f"| {r['method']} (client extractor + server model) | {fmt(r['tier0_server'])} | "
                   f"{fmt(r['tier1_server'])} | {fmt(r['tier2_server'])} | | | |")
+    if args.personal:
+        print("\n| method | personal mean / p10 | global on clients mean / p10 |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {fmt(r.get('personal_acc_mean'))} / {fmt(r.get('personal_acc_p10'))} | "
+                  f"{fmt(r.get('personal_global_acc_mean'))} / {fmt(r.get('personal_global_acc_p10'))} |")
 
 
 if __name__ == "__main__":

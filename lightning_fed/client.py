@@ -12,6 +12,7 @@ weight against the Trainer by tests/test_parity.py).
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -456,3 +457,41 @@ class LocalTrainer:
                                   "skipping its step", RuntimeWarning, stacklevel=2)
                     continue
             module.lr_scheduler_step(cfg.scheduler, metric)
+
+
+def train_aside(local: LocalTrainer, module: Any, loader: Any, epochs: int | None = None,
+                max_steps: int | None = None, callbacks: Sequence[Any] = ()) -> int:
+    """Train ``module`` with its own Lightning hooks outside the client's federated update (a personal model):
+    ``LocalTrainer.fit`` with ``local``'s Fabric, trainer view, gradient clipping and accumulation, but only
+    ``callbacks`` (not the loop's), a fresh optimizer from ``configure_optimizers`` (never the client's kept one),
+    and the trainer view's fields, ``lightning_module`` included, as they were afterwards; the module's train/eval
+    mode is restored. ``epochs=None``: as many epochs as ``max_steps`` optimizer steps need. Returns the optimizer
+    steps taken (0 for a loader without batches)."""
+    if len(loader) == 0 or (epochs is None and not max_steps):
+        return 0
+    view = local.view
+    if epochs is None:
+        assert max_steps is not None
+        per_epoch = -(-len(loader) // max(int(view.accumulate_grad_batches), 1))
+        epochs = -(-max_steps // per_epoch)
+    saved = {k: (v, copy.copy(v) if isinstance(v, (dict, set, list)) else None) for k, v in view.__dict__.items()}
+    was_training = module.training
+    aside = LocalTrainer(local.fabric, view, list(callbacks), keep_optimizer_state=False,
+                         gradient_clip_val=view.gradient_clip_val,
+                         gradient_clip_algorithm=str(view.gradient_clip_algorithm.value),
+                         accumulate_grad_batches=view.accumulate_grad_batches)
+    view.lightning_module = module
+    try:
+        aside.fit(loader, epochs, max_steps)
+        return int(view.global_step)
+    finally:
+        for k in [k for k in view.__dict__ if k not in saved]:
+            del view.__dict__[k]
+        for k, (obj, contents) in saved.items():  # the same objects (others may hold them), their contents again
+            if isinstance(obj, list):
+                obj[:] = contents
+            elif isinstance(obj, (dict, set)):
+                obj.clear()
+                obj.update(contents)
+            view.__dict__[k] = obj
+        module.train(was_training)

@@ -16,18 +16,23 @@ rounds) and ``shard`` (the client's training data as a ``Dataset``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 
 def _no_evaluator(module: nn.Module, stage: str = "val") -> dict[str, float]:
     raise RuntimeError("FedContext.evaluate is only available inside FedLoop.fit")
+
+
+def _no_trainer(*args: Any, **kwargs: Any) -> int:
+    raise RuntimeError("FedContext.train is only available inside FedLoop.fit")
 
 
 def _no_store() -> list[int]:
@@ -74,6 +79,7 @@ class FedContext:
     local_epochs: int = 1
     steps_per_epoch: list[int] = field(default_factory=list)
     _evaluate: Callable[..., dict[str, float]] = field(default=_no_evaluator, repr=False)
+    _train: Callable[..., int] = field(default=_no_trainer, repr=False)
     _stored_clients: Callable[[], list[int]] = field(default=_no_store, repr=False)
     _stored_state: Callable[[int], dict[str, Any]] = field(default=lambda cid: {}, repr=False)
     _model_changed: bool = field(default=False, repr=False)
@@ -109,6 +115,25 @@ class FedContext:
         ``stage="val"``: ``validation_step`` on ``val_data`` (``val_acc``…); ``"test"``: ``test_step`` on
         ``test_data`` (``test_acc``…); ``{}`` when that loader is missing."""
         return self._evaluate(module, stage)
+
+    def train(
+        self,
+        module: nn.Module,
+        data: Dataset | Tensor,
+        generator: torch.Generator,
+        *,
+        epochs: int | None = 1,
+        max_steps: int | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> int:
+        """Train ``module`` (a model that is not the client's federated update: a personal model) on ``data`` (a
+        ``Dataset``, e.g. ``shard``, or indices into the training set) as local training does: its own
+        ``configure_optimizers``, ``training_step`` and hooks, the loop's gradient clipping and accumulation, batches
+        as the data module's training loader makes them, shuffled by ``generator``; with ``callbacks`` only (not the
+        loop's) and a fresh optimizer. ``epochs`` local epochs, at most ``max_steps`` optimizer steps
+        (``epochs=None``: as many epochs as ``max_steps`` need). The trainer view is left as it was; returns the
+        optimizer steps taken."""
+        return self._train(module, data, generator, epochs, max_steps, callbacks)
 
     def stored_clients(self) -> list[int]:
         """Server, simulation only: the clients that have persisted state."""

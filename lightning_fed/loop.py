@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader
 from lightning_fed.callbacks._compress import model_inputs
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
-from lightning_fed.client import LocalTrainer, check_module
+from lightning_fed.client import LocalTrainer, check_module, train_aside
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
+from lightning_fed.data.loaders import client_loader
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
@@ -467,7 +468,8 @@ class FedLoop:
             test_every=self.test_every, val_data=self.val_loader, test_data=self.test_loader,
             eval_data=self.val_loader if self.val_loader is not None else self.test_loader,
             console=self.console, local_epochs=self.local_epochs, steps_per_epoch=self._steps_per_epoch(),
-            _evaluate=self.evaluate_module, _stored_clients=self.store.ids, _stored_state=self.store.load)
+            _evaluate=self.evaluate_module, _train=self._train_aside, _stored_clients=self.store.ids,
+            _stored_state=self.store.load)
         self.view = view = TrainerView(fabric, ctx, self.loggers, ranks.rank, ranks.world_size)
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
@@ -512,7 +514,7 @@ class FedLoop:
             source = self.test_loader if held_in_test else self.train_template
             self.personal_eval.bind(PersonalRun(
                 strategy=self.strategy, model=model, prepare=self._working_module, load_state=self.store.load,
-                template=self.train_template, shards=self.shards, data=source.dataset,
+                train=ctx.train, shards=self.shards, data=source.dataset,
                 collate=getattr(source, "collate_fn", None), holdouts=self.holdouts, seed=self.seed, run_dir=run_dir,
                 write=ranks.is_zero))
 
@@ -634,6 +636,13 @@ class FedLoop:
         self._attach(module, self.view)
         self._prepared[id(module)] = module
         return module
+
+    def _train_aside(self, module: L.LightningModule, data: Any, generator: torch.Generator, epochs: int | None,
+                     max_steps: int | None, callbacks: Any) -> int:
+        """``FedContext.train``: ``module`` trained on ``data`` (batches as the training loader's) by
+        :func:`~lightning_fed.client.train_aside`."""
+        loader = client_loader(self.train_template, data, generator)
+        return train_aside(self.local, self._working_module(module), loader, epochs, max_steps, callbacks)
 
     def evaluate_module(self, module: L.LightningModule, stage: str = "val") -> dict[str, float]:
         """Evaluate any module (e.g. a tier's model) with the loop's evaluator: ``stage="val"`` on the validation

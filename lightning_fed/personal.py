@@ -26,7 +26,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from lightning_fed.data.loaders import LabelsNotFound, client_loader, dataset_labels
+from lightning_fed.data.loaders import LabelsNotFound, dataset_labels
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
 from lightning_fed.validation import need
 from lightning_fed.weights import load_into
@@ -100,7 +100,7 @@ class PersonalRun:
         model: the loop's working model, holding the global weights at evaluation.
         prepare: puts a strategy-provided module (a tier's) on the device, once.
         load_state: a client's state from the client store.
-        template: the training loader (batch size, collate function) for fine-tuning batches.
+        train: trains a module on data with its own Lightning hooks (:meth:`~lightning_fed.context.FedContext.train`).
         shards: every client's training indices.
         data: the dataset the held-out indices point into (the test set or the training set).
         collate: the collate function of ``data``'s loader.
@@ -114,7 +114,7 @@ class PersonalRun:
     model: nn.Module
     prepare: Callable[[nn.Module], nn.Module]
     load_state: Callable[[int], dict[str, Any]]
-    template: DataLoader
+    train: Callable[..., int]
     shards: list[Tensor]
     data: Dataset
     collate: Callable[[list[Any]], Any] | None
@@ -269,7 +269,7 @@ class PersonalEval:
                     derive_seed(self.seed, Stream.PERSONAL_FT, server_round, cid)
                 )  # dropout while fine-tuning
                 personal = run.strategy.personal_model(
-                    cid, run.load_state(cid), module, self._train_batches(server_round, cid)
+                    cid, run.load_state(cid), module, self._trainer(server_round, cid)
                 )
                 if personal is not None:
                     row["personal_correct"] = self.correct(personal, cid)
@@ -288,15 +288,25 @@ class PersonalEval:
             write_csv_atomic(run.run_dir / "personalized" / f"round_{server_round + 1:04d}.csv", rows)
         return metrics
 
-    def _train_batches(self, server_round: int, cid: int) -> Callable[[], Iterable[Any]]:
+    def _trainer(self, server_round: int, cid: int) -> Callable[..., int]:
         run = self.run
         assert run is not None
 
-        def batches() -> Iterable[Any]:
+        def train(
+            module: nn.Module,
+            *,
+            epochs: int | None = 1,
+            max_steps: int | None = None,
+            callbacks: Sequence[Any] = (),
+        ) -> int:
+            """``module`` trained on client ``cid``'s training shard with its own Lightning hooks (batches seeded
+            by ``(seed, round, client)``, the same on every call); returns the optimizer steps taken."""
             g = generator(self.seed, Stream.PERSONAL_FT, server_round, cid)
-            return client_loader(run.template, run.shards[cid], g)
+            return run.train(
+                module, run.shards[cid], g, epochs=epochs, max_steps=max_steps, callbacks=callbacks
+            )
 
-        return batches
+        return train
 
 
 def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:

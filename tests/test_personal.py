@@ -1,7 +1,8 @@
 """Personalized evaluation and the personalization methods: per-client splits (seeded, disjoint from training),
 metrics recomputed from the per-client CSV, personal layers that never leave the client (payload keys and bytes),
-Ditto's personal update against a hand computation, FedAvg-FT, the distillation strategies' own models, one working
-model for any number of clients, and refused configurations."""
+Ditto's proximal pull against a hand computation, FedAvg-FT and Ditto training through the module's own
+``configure_optimizers`` / ``training_step``, the distillation strategies' own models, one working model for any
+number of clients, and refused configurations."""
 
 import csv
 import math
@@ -19,7 +20,7 @@ from lightning_fed.personal import client_test_slice, largest_remainder, shard_s
 from lightning_fed.seeding import generator
 from lightning_fed.strategies import Ditto, FedAvg, FedAvgFT, FedMD, FedPer
 from lightning_fed.strategies.ditto import STATE_KEY as DITTO_KEY
-from lightning_fed.strategies.ditto import ditto_step
+from lightning_fed.strategies.ditto import DittoPull
 from lightning_fed.strategies.fedper import STATE_KEY as FEDPER_KEY
 from lightning_fed.weights import float_state, load_into
 
@@ -31,11 +32,11 @@ def _model(seed=0):
     return MNIST1DCNN(channels=8)
 
 
-def _fit(make_loop, dm, strategy, holdout="test", **kw):
+def _fit(make_loop, dm, strategy, holdout="test", rounds=2, **kw):
     loop = make_loop(
         strategy=strategy,
         partition=Dirichlet(alpha=0.3, min_samples=10),
-        rounds=2,
+        rounds=rounds,
         eval_every=1,
         personal_eval=PersonalEval(holdout=holdout, size=40),
         **kw,
@@ -113,7 +114,7 @@ def test_shard_holdout_is_never_trained_on(make_loop, small_dm):
 
 
 def test_metrics_are_recomputed_from_the_csv(make_loop, small_dm):
-    loop, res = _fit(make_loop, small_dm, Ditto(lam=0.1, personal_batch_size=32))
+    loop, res = _fit(make_loop, small_dm, Ditto(lam=0.1))
     for r in (1, 2):
         rows, hist = _rows(res, r), res.history[r - 1]
         assert [int(row["client"]) for row in rows] == list(range(4))
@@ -168,6 +169,77 @@ def test_fedper_personal_layers_never_leave_the_client(make_loop, small_dm):
     assert "personal/acc_mean" in res.history[-1] and "personal/global_acc_mean" not in res.history[-1]
 
 
+def test_fedper_warmup_federates_then_starts_heads_from_the_global_one(make_loop, small_dm):
+    class Spy(FedCallback):
+        def __init__(self):
+            self.down, self.up = [], []
+
+        def on_round_start(self, trainer, pl_module, instructions):
+            self.down.append(
+                ({k for i in instructions for k in i.payload}, instructions[0].config.get("fedper_init"))
+            )
+
+        def on_aggregate_start(self, trainer, pl_module, replies):
+            self.up.append({k for r in replies for k in r.payload})
+
+    spy, strategy = Spy(), FedPer(personal_layers=["head"], warmup_rounds=1)
+    loop, res = _fit(make_loop, small_dm, strategy, callbacks=[spy], rounds=3)
+    every = set(float_state(_model()))
+    shared = every - set(HEAD)
+    assert spy.down[0] == (every, None) and spy.up[0] == every  # round 1: FedAvg on the whole model
+    for down, up in zip(
+        spy.down[1:], spy.up[1:], strict=True
+    ):  # then the head goes down as a start, never up
+        assert down == (every, sorted(HEAD)) and up == shared
+    size = {k: 4 * v.numel() for k, v in float_state(_model()).items()}
+    head, base = sum(size[k] for k in HEAD), sum(size[k] for k in shared)
+    for i, h in enumerate(res.history):
+        assert h["raw_bytes_down"] == h["clients"] * (base + head)
+        assert h["raw_bytes_up"] == h["good"] * (base + (head if i == 0 else 0))
+    stored = {
+        f.name: torch.load(f, weights_only=True).get(FEDPER_KEY)
+        for f in (loop.run_dir / "clients").glob("*.pt")
+    }
+    starts = strategy._init_personal  # the global head after round 1, every client's start
+    assert (
+        set(starts) == set(HEAD)
+        and stored
+        and all(s is not None and set(s) == set(HEAD) for s in stored.values())
+    )
+    assert all(not torch.equal(s["head.weight"], starts["head.weight"]) for s in stored.values())
+
+
+@pytest.mark.parametrize("stop", [1, 2])
+def test_fedper_warmup_resumes_exactly(make_loop, small_dm, tmp_path, stop):
+    def fit(rounds, out, resume=None):
+        loop = make_loop(
+            strategy=FedPer(personal_layers=["head"], warmup_rounds=2),
+            partition=Dirichlet(alpha=0.3, min_samples=10),
+            rounds=rounds,
+            eval_every=1,
+            checkpoint_every=1,
+            personal_eval=PersonalEval(size=40),
+            output_dir=str(tmp_path / out),
+        )
+        return loop, loop.fit(_model(), small_dm, **({"resume": resume} if resume else {}))
+
+    full_loop, full = fit(4, "full")
+    _, part = fit(stop, "part")
+    resumed_loop, resumed = fit(4, "part", resume=str(part.run_dir))
+    assert torch.equal(full_loop.strategy.global_flat, resumed_loop.strategy.global_flat)
+    assert full_loop.strategy._init_personal.keys() == resumed_loop.strategy._init_personal.keys()
+    for k, v in full_loop.strategy._init_personal.items():
+        assert torch.equal(v, resumed_loop.strategy._init_personal[k])
+    assert _rows(full, 4) == _rows(resumed, 4)
+    for f in sorted((full.run_dir / "clients").glob("*.pt")):
+        a, b = (
+            torch.load(f, weights_only=True),
+            torch.load(resumed.run_dir / "clients" / f.name, weights_only=True),
+        )
+        for k in a.get(FEDPER_KEY, {}):
+            assert torch.equal(a[FEDPER_KEY][k], b[FEDPER_KEY][k])
+
+
 def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     with pytest.raises(
         ValueError, match=r"FedPer: personal_layers=\['fc9'\] is not allowed.*\['fc9'\] name none.*head"
@@ -188,13 +260,17 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
     ("make", "message"),
     [
         (lambda: Ditto(lam=-0.1), r"Ditto: lam=-0.1 is not allowed; lam must be >= 0"),
-        (lambda: Ditto(personal_lr=0), r"Ditto: personal_lr=0 is not allowed"),
         (lambda: Ditto(personal_epochs=0), r"Ditto: personal_epochs=0 is not allowed"),
+        (lambda: FedAvgFT(lr_scale=0), r"FedAvgFT: lr_scale=0 is not allowed; lr_scale must be > 0"),
+        (lambda: Ditto(lr_scale=-1.0), r"Ditto: lr_scale=-1.0 is not allowed; lr_scale must be > 0"),
+        (
+            lambda: FedPer(personal_layers=["head"], warmup_rounds=-1),
+            r"FedPer: warmup_rounds=-1 is not allowed; warmup_rounds must be an integer >= 0",
+        ),
         (
             lambda: FedAvgFT(finetune_steps=-1),
             r"FedAvgFT: finetune_steps=-1 is not allowed; finetune_steps must be an",
         ),
-        (lambda: FedAvgFT(finetune_lr=-1.0), r"FedAvgFT: finetune_lr=-1.0 is not allowed"),
         (
             lambda: PersonalEval(holdout="val"),
             r"PersonalEval: holdout='val' is not allowed; holdout must be one of",
@@ -208,14 +284,20 @@ def test_bad_configuration_names_the_key(make, message):
         make()
 
 
-def test_ditto_step_matches_a_hand_computation():
+def test_ditto_pull_matches_a_hand_computation():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2, bias=False)
     v0 = lin.weight.detach().clone()
     w = torch.randn(2, 3)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
     lr, lam = 0.1, 0.5
-    loss = ditto_step(lin, (x, y), [w], lam, torch.optim.SGD(lin.parameters(), lr=lr))
+    pull = DittoPull({"weight": w}, lam)
+    view = type("View", (), {"lightning_module": lin})()
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    pull.on_train_start(view, lin)
+    F.cross_entropy(lin(x), y).backward()
+    pull.on_before_optimizer_step(view, lin, opt)
+    opt.step()
     # by hand: d CE / d logits = (softmax - onehot) / B; logits = x v^T, so the gradient is that^T x
     logits = x @ v0.T
     p = torch.exp(logits - logits.max(1, keepdim=True).values)
@@ -223,12 +305,71 @@ def test_ditto_step_matches_a_hand_computation():
     grad = (p - F.one_hot(y, 2).float()).T @ x / len(y)
     expected = v0 - lr * (grad + lam * (v0 - w))
     assert torch.allclose(lin.weight.detach(), expected, atol=1e-6)
-    assert loss == pytest.approx(float(-torch.log(p[torch.arange(4), y]).mean()), rel=1e-5)
-    assert lin.weight.grad is None  # no gradient left behind for the global model's training
+    pull.on_train_end(view, lin)
+    assert not pull._anchor  # no reference kept after training
+
+
+class Recording(MNIST1DCNN):
+    """Records every ``training_step`` (client, round, batch size) and ``configure_optimizers`` call; its optimizer
+    is Adam, so a personal model trained with plain SGD would differ."""
+
+    def __init__(self):
+        super().__init__(channels=8)
+        self.steps, self.optimizers_made = [], 0
+
+    def configure_optimizers(self):
+        self.optimizers_made += 1
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def training_step(self, batch, batch_idx):
+        fed = self.trainer.fed
+        self.steps.append((fed.client_id, fed.round, len(batch[0])))
+        return super().training_step(batch, batch_idx)
+
+
+def test_fedavg_ft_fine_tunes_through_training_step(make_loop, small_dm):
+    L.seed_everything(0, verbose=False)
+    model = Recording()
+    loop = make_loop(
+        strategy=FedAvgFT(finetune_steps=3),
+        partition=Dirichlet(alpha=0.3, min_samples=10),
+        rounds=2,
+        eval_every=1,
+        personal_eval=PersonalEval(size=40),
+    )
+    res = loop.fit(model, small_dm)
+    evaluated = int(res.history[-1]["personal/clients"])
+    server_side = [
+        s for s in model.steps if s[0] is None
+    ]  # fine-tuning runs at evaluation, outside client work
+    assert len(server_side) == 2 * evaluated * 3  # two evaluation rounds, 3 optimizer steps per client
+    assert {r for _, r, _ in server_side} == {0, 1}
+    clients = [s for s in model.steps if s[0] is not None]
+    assert (
+        model.optimizers_made == 2 * 2 + 2 * evaluated
+    )  # local training (2 clients x 2 rounds) + fine-tuning
+    assert clients and len(model.steps) == len(clients) + len(server_side)
+
+
+def test_ditto_personal_model_trains_through_training_step(make_loop, small_dm):
+    runs = {}
+    for name, strategy in (("fedavg", FedAvg()), ("ditto", Ditto(lam=0.1, personal_epochs=2))):
+        L.seed_everything(0, verbose=False)
+        model = Recording()
+        loop = make_loop(strategy=strategy, partition=Dirichlet(alpha=0.3, min_samples=10), rounds=2)
+        loop.fit(model, small_dm)
+        runs[name] = (loop, model)
+    (fa_loop, fa), (d_loop, d) = runs["fedavg"], runs["ditto"]
+    # each sampled client also trains v: 2 personal epochs over the same shard as 1 local epoch, batch size kept
+    assert len(d.steps) == 3 * len(fa.steps) and d.optimizers_made == 2 * fa.optimizers_made
+    assert {b for *_, b in d.steps} == {b for *_, b in fa.steps}
+    assert torch.equal(
+        d_loop.strategy.global_flat, fa_loop.strategy.global_flat
+    )  # the global model is FedAvg's
 
 
 def test_ditto_trains_the_global_model_as_fedavg(make_loop, small_dm):
-    loop_d, _ = _fit(make_loop, small_dm, Ditto(lam=0.1, personal_batch_size=32))
+    loop_d, _ = _fit(make_loop, small_dm, Ditto(lam=0.1))
     loop_f, _ = _fit(make_loop, small_dm, FedAvg())
     assert torch.equal(loop_d.strategy.global_flat, loop_f.strategy.global_flat)
     stored = [
@@ -243,7 +384,7 @@ def test_fedavg_ft_zero_steps_is_the_global_model(make_loop, small_dm):
     _, zero = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=0))
     for row in _rows(zero, 2):
         assert row["personal_correct"] == row["global_correct"]
-    _, tuned = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=10, finetune_lr=0.05))
+    _, tuned = _fit(make_loop, small_dm, FedAvgFT(finetune_steps=10))
     assert any(r["personal_correct"] != r["global_correct"] for r in _rows(tuned, 2))
     assert tuned.history[-1]["personal/global_acc_mean"] == zero.history[-1]["personal/global_acc_mean"]
 
@@ -259,13 +400,13 @@ def test_own_model_strategies_report_personal_accuracy(make_loop, small_dm):
 def test_one_working_model_for_every_client(make_loop, small_dm):
     class Counting(Ditto):
         def __init__(self):
-            super().__init__(personal_batch_size=32)
+            super().__init__()
             self.modules, self.states = set(), 0
 
-        def personal_model(self, client_id, client_state, module, train_batches):
+        def personal_model(self, client_id, client_state, module, train):
             self.modules.add(id(module))
             self.states += 1
-            return super().personal_model(client_id, client_state, module, train_batches)
+            return super().personal_model(client_id, client_state, module, train)
 
     strategy = Counting()
     _fit(make_loop, small_dm, strategy, num_clients=12, clients_per_round=2)
@@ -316,3 +457,53 @@ def test_distillation_recipes_report_their_own_models(recipe, tmp_path):
     assert "personal/global_acc_mean" not in last
     rows = _rows(res, 1)
     assert len(rows) == last["personal/clients"] and all(r["personal_correct"] != "" for r in rows)
+
+
+def test_context_train_leaves_the_trainer_view_as_it_was(make_loop, small_dm):
+    class Probe(FedCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_client_start(self, trainer, pl_module, instruction):
+            fields = (
+                "global_step",
+                "current_epoch",
+                "max_epochs",
+                "max_steps",
+                "training",
+                "num_training_batches",
+            )
+            before = {k: getattr(trainer, k) for k in fields}
+            module, optimizers = trainer.lightning_module, list(trainer.optimizers)
+            metrics = dict(trainer.callback_metrics)
+            g = torch.Generator().manual_seed(0)
+            self.steps.append(trainer.fed.train(module, trainer.fed.shard, g, epochs=None, max_steps=3))
+            assert {k: getattr(trainer, k) for k in fields} == before
+            assert trainer.lightning_module is module and trainer.optimizers == optimizers
+            assert trainer.callback_metrics.keys() == metrics.keys()
+            load_into(module, instruction.payload)  # local training starts from the received weights again
+
+    probe = Probe()
+    loop, _ = _fit(make_loop, small_dm, FedAvg(), callbacks=[probe])
+    plain, _ = _fit(make_loop, small_dm, FedAvg())
+    assert probe.steps == [3] * 4  # 2 clients x 2 rounds, 3 optimizer steps each
+    assert torch.equal(
+        loop.strategy.global_flat, plain.strategy.global_flat
+    )  # the federated update is unchanged
+
+
+def test_scale_lr_scales_the_rates_and_the_schedules_base():
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from lightning_fed.strategies.fedavg_ft import ScaleLR
+
+    lin = nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    view = type("View", (), {"optimizers": [opt], "lr_scheduler_configs": [LRSchedulerConfig(sched)]})()
+    ScaleLR(0.1).on_train_start(view, lin)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # the schedule continues from the scaled rate
+    assert sched.base_lrs == [pytest.approx(0.05)]

@@ -10,7 +10,7 @@ training (a proximal term, a distillation step) return Lightning callbacks from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
@@ -38,7 +38,7 @@ class Strategy:
         anything is written; raise ``ValueError`` naming the key, the value and what is allowed."""
 
     def personal_model(self, client_id: int, client_state: dict[str, Any], module: nn.Module,
-                       train_batches: Callable[[], Iterable[Any]]) -> nn.Module | None:
+                       train: Callable[..., int]) -> nn.Module | None:
         """Personalized evaluation (simulation): write client ``client_id``'s personal model into ``module`` (the
         client's working module, holding the global weights where there are any) and return it; ``None`` (the
         default): this strategy keeps no personal model.
@@ -47,7 +47,9 @@ class Strategy:
             client_id: the client.
             client_state: a copy of the client's stored state (empty for a client never sampled).
             module: the working module to load it into (restored to the global weights afterwards).
-            train_batches: a fresh seeded pass over the client's training shard on each call (fine-tuning).
+            train: ``train(module, *, epochs=1, max_steps=None, callbacks=())`` trains ``module`` on the client's
+                training shard with its own ``configure_optimizers``, ``training_step`` and hooks (fine-tuning;
+                batches seeded by the evaluation round and the client); returns the optimizer steps taken.
         """
         return None
 

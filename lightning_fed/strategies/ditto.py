@@ -4,12 +4,17 @@ Li, Hu, Beirami & Smith, "Ditto: Fair and Robust Federated Learning Through Pers
 Algorithm 1. The global model ``w`` is trained exactly as FedAvg. Each sampled client ``k`` also updates its
 personal model ``v_k`` by local steps on its own objective plus a proximal pull to the global model it received::
 
-    h_k(v; w) = F_k(v) + lam / 2 * ||v - w||^2        v <- v - lr * (grad F_k(v) + lam * (v - w))
+    h_k(v; w) = F_k(v) + lam / 2 * ||v - w||^2        gradient: grad F_k(v) + lam * (v - w)
 
 ``lam = 0`` is isolated local training (each ``v_k`` sees its own data only); a large ``lam`` keeps ``v_k`` near the
-global model. Here ``F_k`` is the cross-entropy of ``module(x)`` on the client's shard (classification), the steps are
-plain SGD (the paper's solver) over ``personal_epochs`` passes with ``personal_batch_size``, and ``v_k`` starts from
-the model's initial weights, as every ``v_k`` does in the paper. ``v_k`` is stored in the client store
+global model. ``F_k`` is the module's own objective: ``v_k`` trains as local training trains, with the module's
+``configure_optimizers`` (a fresh optimizer each round), ``training_step`` and hooks, the loop's gradient clipping
+and accumulation and the data module's batch size, for ``personal_epochs`` passes over the client's shard
+(``FedContext.train``); the pull is added to the gradients by the callback :class:`DittoPull` before each optimizer
+step, so ``training_step`` is unchanged. The loop's callbacks do not run on ``v_k`` (they act on the federated update;
+a per-round learning-rate schedule such as ``RoundLRDecay`` does not apply to it; ``lr_scale`` scales the rates
+``configure_optimizers`` sets). ``v_k`` starts from the model's
+initial weights, as every ``v_k`` does in the paper, is stored in the client store
 (``trainer.fed.client_state["ditto"]``) and never sent: the messages are FedAvg's. The client callback
 :class:`DittoClient` trains ``v_k`` before the global model's local training, with the random state saved and
 restored around it, so the global model trains bit-identically to FedAvg.
@@ -17,21 +22,19 @@ restored around it, so the global model trains bit-identically to FedAvg.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch import nn
 
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
-from lightning_fed.data.loaders import client_loader
 from lightning_fed.protocol import Instruction, Payload
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.fedavg_ft import ScaleLR
+from lightning_fed.strategies.fedprox import FedProxClient
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
 from lightning_fed.weights import float_state, load_into
@@ -39,51 +42,37 @@ from lightning_fed.weights import float_state, load_into
 STATE_KEY = "ditto"  # the client's personal model in its store
 
 
-def ditto_step(
-    module: nn.Module, batch: Any, reference: list[Tensor], lam: float, optimizer: torch.optim.Optimizer
-) -> float:
-    """One step on ``h(v; w) = CE(module(x), y) + lam / 2 * ||v - w||^2`` for the module's trainable parameters
-    ``v`` (in ``named_parameters`` order) and ``reference`` ``w`` (the same shapes); returns the cross-entropy.
+class DittoPull(FedProxClient):
+    """Ditto's proximal pull: adds ``lam * (v - w)`` to every trainable parameter's gradient before each optimizer
+    step, ``w`` being a fixed reference (the received global model), not the weights training started from.
 
-    The proximal gradient ``lam * (v - w)`` is added to each parameter's gradient before ``optimizer.step()``.
+    Example::
+
+        trainer = L.Trainer(max_epochs=1, callbacks=[DittoPull(global_weights, lam=0.1)])
+
+    Args:
+        reference: ``w`` by state-entry name (parameters without an entry get no pull).
+        lam: the proximal weight, >= 0.
     """
-    x, y = batch[0], batch[1]
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(module(x), y)
-    loss.backward()
-    with torch.no_grad():
-        for p, w in zip(params, reference):
-            prox = (p - w) * lam
-            if p.grad is None:
-                p.grad = prox
-            else:
-                p.grad.add_(prox)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
+    def __init__(self, reference: Payload, lam: float) -> None:
+        super().__init__(mu=lam)
+        self.reference = reference
 
-def train_personal(
-    module: nn.Module,
-    batches: Callable[[], Iterable[Any]],
-    reference: Payload,
-    lam: float,
-    lr: float,
-    epochs: int,
-) -> None:
-    """``epochs`` passes of :func:`ditto_step` with SGD(``lr``) over ``batches()`` (the module in train mode)."""
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    device = next(module.parameters()).device
-    ref = [reference[n].detach().to(device) for n in names]
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr)
-    was_training = module.training
-    module.train()
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for batch in batches():
-                ditto_step(module, [batch[0].to(device), batch[1].to(device)], ref, lam, optimizer)
-    module.train(was_training)
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """``w`` for every trainable parameter of the working module, on its device and in its dtype."""
+        self._anchor = {}
+        if self.mu == 0:
+            return
+        module = trainer.lightning_module
+        self._anchor = {
+            id(p): self.reference[n].detach().to(p.device, p.dtype)
+            for n, p in module.named_parameters()
+            if p.requires_grad and n in self.reference
+        }
+
+    def __repr__(self) -> str:
+        return f"DittoPull(lam={self.mu})"
 
 
 class DittoClient(FedCallback):
@@ -92,8 +81,7 @@ class DittoClient(FedCallback):
     Installed by :class:`Ditto`. Under a plain ``lightning.Trainer`` (no ``trainer.fed``) it does nothing.
 
     Args:
-        strategy: the :class:`Ditto` whose ``lam``, ``personal_lr``, ``personal_epochs``, ``personal_batch_size`` and
-            initial weights it uses.
+        strategy: the :class:`Ditto` whose ``lam``, ``personal_epochs``, ``seed`` and initial weights it uses.
     """
 
     def __init__(self, strategy: Ditto) -> None:
@@ -109,19 +97,9 @@ class DittoClient(FedCallback):
         with rng_untouched():  # the global model's training draws the same random numbers as under FedAvg
             seed_rngs(derive_seed(s.seed, Stream.DITTO, ctx.round, ctx.client_id))  # dropout, if any
             load_into(module, ctx.client_state.get(STATE_KEY) or s.initial)
-            root = (
-                ctx.shard.dataset if isinstance(ctx.shard, Subset) else ctx.shard
-            )  # tensor datasets: fast batches
-            template = DataLoader(root, batch_size=s.personal_batch_size)
             g = generator(s.seed, Stream.DITTO, ctx.round, ctx.client_id)
-            train_personal(
-                module,
-                lambda: client_loader(template, ctx.shard, g),
-                w,
-                s.lam,
-                s.personal_lr,
-                s.personal_epochs,
-            )
+            scale = [ScaleLR(s.lr_scale)] if s.lr_scale != 1.0 else []
+            ctx.train(module, ctx.shard, g, epochs=s.personal_epochs, callbacks=[DittoPull(w, s.lam), *scale])
             ctx.client_state[STATE_KEY] = {
                 k: v.detach().cpu().clone() for k, v in float_state(module).items()
             }
@@ -138,9 +116,10 @@ class Ditto(FedAvg):
 
     Args:
         lam: the proximal weight ``lam`` (>= 0; 0: isolated local training of the personal models).
-        personal_lr: SGD learning rate of the personal model (> 0).
-        personal_epochs: passes over the client's shard per round for the personal model (>= 1).
-        personal_batch_size: batch size of those passes (>= 1).
+        personal_epochs: passes over the client's shard per round for the personal model (>= 1), with the
+            module's ``configure_optimizers`` and ``training_step`` and the data module's batch size.
+        lr_scale: multiplies the learning rates ``configure_optimizers`` sets, for the personal model only (> 0;
+            :class:`~lightning_fed.strategies.fedavg_ft.ScaleLR`).
         seed: seed of the personal models' batches (with round and client).
         server_lr: step size on the averaged delta of the global model (FedAvg's).
         aggregator: averages the global model's deltas (``None``: FedAvg's example-weighted mean).
@@ -151,9 +130,8 @@ class Ditto(FedAvg):
         self,
         *,
         lam: float = 0.1,
-        personal_lr: float = 0.05,
         personal_epochs: int = 1,
-        personal_batch_size: int = 16,
+        lr_scale: float = 1.0,
         seed: int = 0,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
@@ -166,7 +144,6 @@ class Ditto(FedAvg):
             lam,
             ">= 0",
         )
-        need("Ditto", personal_lr > 0, "personal_lr", personal_lr, "> 0")
         need(
             "Ditto",
             isinstance(personal_epochs, int) and personal_epochs >= 1,
@@ -176,14 +153,14 @@ class Ditto(FedAvg):
         )
         need(
             "Ditto",
-            isinstance(personal_batch_size, int) and personal_batch_size >= 1,
-            "personal_batch_size",
-            personal_batch_size,
-            "an integer >= 1",
+            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            "lr_scale",
+            lr_scale,
+            "> 0",
         )
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
-        self.lam, self.personal_lr, self.personal_epochs = float(lam), personal_lr, personal_epochs
-        self.personal_batch_size, self.seed = personal_batch_size, seed
+        self.lam, self.personal_epochs, self.seed = float(lam), personal_epochs, seed
+        self.lr_scale = float(lr_scale)
         self.initial: Payload = {}
         self.client = DittoClient(self)
 
@@ -206,7 +183,7 @@ class Ditto(FedAvg):
         client_id: int,
         client_state: dict[str, Any],
         module: nn.Module,
-        train_batches: Callable[[], Any],
+        train: Callable[..., int],
     ) -> nn.Module:
         """The client's personal model ``v`` (the initial weights for a client never sampled)."""
         load_into(module, client_state.get(STATE_KEY) or self.initial)
@@ -222,4 +199,4 @@ class Ditto(FedAvg):
         self.initial = dict(state["initial"])
 
 
-__all__ = ["Ditto", "DittoClient", "ditto_step", "train_personal"]
+__all__ = ["Ditto", "DittoClient", "DittoPull"]

@@ -68,7 +68,11 @@ class FedAvg(Strategy):
         """Copy the model's federated weights (:meth:`federated_state`) into one flat float32 master buffer and set
         the server optimizer up for it (again after a structural change: its state sized to the old layout is
         dropped)."""
-        state = self.federated_state(model)
+        self.setup_state(self.federated_state(model))
+
+    def setup_state(self, state: Payload) -> None:
+        """:meth:`setup` from the federated weights themselves (a strategy that changes which weights it federates
+        mid-run rebuilds its buffer with them)."""
         self.spec = FlatSpec.from_payload(state)
         self.global_flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()

@@ -2,19 +2,23 @@
 
 The simplest personalization baseline (e.g. Wang et al., "Federated Evaluation of On-device Personalization",
 arXiv:1910.10252, 2019; Yu, Bagdasaryan & Shmatikov, "Salvaging Federated Learning by Local Adaptation", 2020):
-training is FedAvg's, unchanged; a client's personal model is the global model after ``finetune_steps`` SGD steps on
-the cross-entropy of ``module(x)`` over its training shard (its data loader's batch size, batches seeded by
-``(seed, round, client)``, reshuffled each pass). Nothing is stored per client: the fine-tuned model exists only
-while its client is evaluated (:class:`~lightning_fed.personal.PersonalEval`).
+training is FedAvg's, unchanged; a client's personal model is the global model after ``finetune_steps`` optimizer
+steps on its training shard, trained as local training trains: the module's own ``configure_optimizers`` (a fresh
+optimizer), ``training_step`` and hooks, the loop's gradient clipping and accumulation, the data module's batch size
+(batches seeded by ``(seed, round, client)``, reshuffled each pass), as ``lightning.Trainer(max_steps=k)`` would.
+The loop's callbacks do not run (they act on the federated update), so a per-round learning-rate schedule such as
+``RoundLRDecay`` does not apply: the learning rates are the ones ``configure_optimizers`` sets, times ``lr_scale``
+(:class:`ScaleLR`; e.g. 0.1 where ``RoundLRDecay(min_scale=0.1)`` ended local training at a tenth). Nothing is stored per
+client: the fine-tuned model exists only while its client is evaluated
+(:class:`~lightning_fed.personal.PersonalEval`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_fed.strategies.aggregators import Aggregator
@@ -23,32 +27,36 @@ from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
 
 
-def finetune(module: nn.Module, batches: Callable[[], Iterable[Any]], steps: int, lr: float) -> int:
-    """``steps`` plain SGD steps (``lr``) on ``CE(module(x), y)`` over ``batches()``, restarted when a pass ends;
-    returns the steps taken (0 for an empty shard). The module is left in its original train/eval mode."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if steps == 0 or not params:
-        return 0
-    device = params[0].device
-    optimizer = torch.optim.SGD(params, lr=lr)
-    was_training = module.training
-    module.train()
-    done = 0
-    with torch.enable_grad():
-        while done < steps:
-            before = done
-            for batch in batches():
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(module(batch[0].to(device)), batch[1].to(device)).backward()
-                optimizer.step()
-                done += 1
-                if done == steps:
-                    break
-            if done == before:  # no batch at all
-                break
-    optimizer.zero_grad(set_to_none=True)
-    module.train(was_training)
-    return done
+class ScaleLR(Callback):
+    """Multiplies the learning rates ``configure_optimizers`` set by ``scale`` when training starts: every param
+    group's ``lr`` and the ``base_lrs`` of every scheduler (so a schedule keeps scaling from the scaled rates).
+
+    Example::
+
+        trainer = L.Trainer(max_steps=20, callbacks=[ScaleLR(0.1)])   # fine-tune at a tenth of the module's rate
+
+    Args:
+        scale: the factor, > 0.
+    """
+
+    def __init__(self, scale: float) -> None:
+        need(
+            "ScaleLR",
+            isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0,
+            "scale",
+            scale,
+            "> 0",
+        )
+        self.scale = float(scale)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Scale the optimizers' learning rates and the schedulers' base rates."""
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * self.scale
+        for cfg in trainer.lr_scheduler_configs:
+            if hasattr(cfg.scheduler, "base_lrs"):
+                cfg.scheduler.base_lrs = [lr * self.scale for lr in cfg.scheduler.base_lrs]
 
 
 class FedAvgFT(FedAvg):
@@ -57,11 +65,12 @@ class FedAvgFT(FedAvg):
     Example::
 
         loop = FedLoop(num_clients=20, clients_per_round=10, rounds=50, personal_eval=PersonalEval(),
-                       strategy=FedAvgFT(finetune_steps=20, finetune_lr=0.01))
+                       strategy=FedAvgFT(finetune_steps=20, lr_scale=0.1))
 
     Args:
-        finetune_steps: SGD steps of fine-tuning (``k >= 0``; 0: the personal model is the global model).
-        finetune_lr: their learning rate (> 0).
+        finetune_steps: optimizer steps of fine-tuning (``k >= 0``; 0: the personal model is the global model),
+            with the module's ``configure_optimizers`` and ``training_step``.
+        lr_scale: multiplies the learning rates ``configure_optimizers`` sets, for fine-tuning only (> 0).
         server_lr: FedAvg's server step size.
         aggregator: averages the deltas (``None``: FedAvg's example-weighted mean).
         server_optimizer: applies the averaged delta (``None``: ``ServerSGD(lr=server_lr)``).
@@ -71,7 +80,7 @@ class FedAvgFT(FedAvg):
         self,
         *,
         finetune_steps: int = 20,
-        finetune_lr: float = 0.01,
+        lr_scale: float = 1.0,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -83,20 +92,28 @@ class FedAvgFT(FedAvg):
             finetune_steps,
             "an integer >= 0",
         )
-        need("FedAvgFT", finetune_lr > 0, "finetune_lr", finetune_lr, "> 0")
+        need(
+            "FedAvgFT",
+            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            "lr_scale",
+            lr_scale,
+            "> 0",
+        )
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
-        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.finetune_steps, self.lr_scale = finetune_steps, float(lr_scale)
 
     def personal_model(
         self,
         client_id: int,
         client_state: dict[str, Any],
         module: nn.Module,
-        train_batches: Callable[[], Iterable[Any]],
+        train: Callable[..., int],
     ) -> nn.Module:
         """The global model (already in ``module``) fine-tuned on the client's training shard."""
-        finetune(module, train_batches, self.finetune_steps, self.finetune_lr)
+        if self.finetune_steps:
+            scale = [ScaleLR(self.lr_scale)] if self.lr_scale != 1.0 else []
+            train(module, epochs=None, max_steps=self.finetune_steps, callbacks=scale)
         return module
 
 
-__all__ = ["FedAvgFT", "finetune"]
+__all__ = ["FedAvgFT", "ScaleLR"]

@@ -372,7 +372,7 @@ class OwnModels(Strategy):
         """No global model: the loop's model is left as the last tier-0 client left it."""
 
     def personal_model(self, client_id: int, client_state: dict[str, Any], module: nn.Module,
-                       train_batches: Callable[[], Any]) -> nn.Module:
+                       train: Callable[..., int]) -> nn.Module:
         """The client's own model (its tier's initial weights if it was never sampled) in its tier's module."""
         stored = client_state.get(self.client_models.state_key_name)
         load_into(module, stored if stored is not None else self._initial(tier_of(self.tiers, client_id)))
