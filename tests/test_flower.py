@@ -1,6 +1,7 @@
 """Deployment through Flower: our messages inside Flower records, the refusals, the generated app, and Flower's
 simulation runtime giving the same global weights as ``lightning-fed fit`` (FedAvg, a codec with per-client
-state, a tiered distillation strategy), plus Flower's own FedAvg driving lightning_fed clients.
+state, a tiered distillation strategy), nodes following the server's pruning, sparsity masks and QAT, plus Flower's
+own FedAvg, FedAdam and client-side DP clipping driving lightning_fed clients.
 
 The simulation tests start Ray (tens of seconds each on a small CPU): one per recipe, the FedAvg one shared with
 the interop check."""
@@ -436,12 +437,15 @@ class _FreshGrid(_Grid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-@pytest.mark.parametrize("recipe", ["fedavg_pruning.yaml", "fedavg_sparsity.yaml"])
-def test_nodes_follow_the_servers_pruning_and_masks_and_equal_fit(tmp_path, task_identity, recipe):
+@pytest.mark.parametrize("recipe", ["fedavg_pruning.yaml", "fedavg_sparsity.yaml", "fedavg_qat.yaml"])
+def test_nodes_follow_the_servers_pruning_masks_and_qat_and_equal_fit(tmp_path, task_identity, recipe):
     import yaml
 
     cfg = yaml.safe_load((RECIPES / recipe).read_text())
-    cfg["loop"]["callbacks"][0]["init_args"]["at"] = [1, 2]  # shrunk: two changes in three rounds
+    first = cfg["loop"]["callbacks"][0][
+        "init_args"
+    ]  # shrunk: the server changes the model within three rounds
+    first.update({"at": [1, 2]} if "at" in first else {"start": 1})
     (tmp_path / recipe).write_text(yaml.safe_dump(cfg))
     args = ["--config", str(tmp_path / recipe), *TINY]
     run_config = run_config_of([*args, "--loop.output_dir", str(tmp_path / "grid")], 5.0, 5.0)
@@ -456,5 +460,6 @@ def test_nodes_follow_the_servers_pruning_and_masks_and_equal_fit(tmp_path, task
     assert _same(_final(tmp_path / "grid"), fit)
     if recipe == "fedavg_pruning.yaml":
         assert fit["conv1.weight"].shape[0] < cfg["model"]["init_args"]["channels"]
-    else:
+    if recipe == "fedavg_sparsity.yaml":
         assert (fit["conv2.weight"] == 0).float().mean() > 0.4
+    # QAT changes no shape: a node that trained without fake quantization would differ only in the values
