@@ -1,6 +1,7 @@
 """Deployment through Flower: our messages inside Flower records, the refusals, the generated app, and Flower's
 simulation runtime giving the same global weights as ``lightning-fed fit`` (FedAvg, a codec with per-client
-state, a tiered distillation strategy), plus Flower's own FedAvg driving lightning_fed clients.
+state, a tiered distillation strategy), nodes following the server's pruning, sparsity masks and QAT, plus Flower's
+own FedAvg, FedAdam and client-side DP clipping driving lightning_fed clients.
 
 The simulation tests start Ray (tens of seconds each on a small CPU): one per recipe, the FedAvg one shared with
 the interop check."""
@@ -149,6 +150,8 @@ def test_app_folder_holds_only_a_pyproject_naming_our_apps_and_the_recipe(tmp_pa
             str(tmp_path / "app"),
             "--round-timeout",
             "30",
+            "--client-mods",
+            "fixedclipping_mod",
         ]
     )
     assert [p.name for p in (tmp_path / "app").iterdir()] == ["pyproject.toml"]
@@ -159,6 +162,7 @@ def test_app_folder_holds_only_a_pyproject_naming_our_apps_and_the_recipe(tmp_pa
         "clientapp": "lightning_fed.flower.apps:client_app",
     }
     assert flwr["config"]["round-timeout"] == 30.0
+    assert flwr["config"]["client-mods"] == "fixedclipping_mod"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(flwr["config"]["recipe"])
     loop = load_recipe(["fit", "--config", str(recipe)]).loop
@@ -332,3 +336,130 @@ def test_in_process_grid_equals_fit_and_lost_nodes_become_logged_failures(tmp_pa
     assert (history[0]["good"], history[0]["failed"]) == (1, 2)
     assert "client 1: no reply from node 101 within timeout_s=5.0" in caplog.text
     assert "Flower error: ClientApp crashed" in caplog.text
+
+
+class _Recorder(_Grid):
+    """The in-process grid, keeping each training round's global weights sent and the replies (weights, examples)."""
+
+    def __init__(self, client, nodes: dict[int, dict]) -> None:
+        super().__init__(client, nodes)
+        self.rounds: list[tuple[dict, list[tuple[dict, int]]]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == "train":
+            sent = messages[0].content["arrays"].to_torch_state_dict()
+            got = [
+                (r.content["arrays"].to_torch_state_dict(), int(r.content["metrics"]["num-examples"]))
+                for r in replies
+            ]
+            self.rounds.append((sent, got))
+        return replies
+
+
+def _mean(replies: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
+    total = sum(n for _, n in replies)
+    return {k: sum(w[k].double() * n for w, n in replies) / total for k in replies[0][0]}
+
+
+def test_flower_fedadam_and_client_side_dp_clipping_drive_our_clients(tmp_path, task_identity):
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam
+
+    args = ["--config", str(RECIPES / "fedavg.yaml"), *TINY]
+    initial = {k: v.clone() for k, v in load_recipe(["fit", *args]).model.state_dict().items()}
+    every = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 3, "min_available_nodes": 3}
+
+    def nodes(folder: str) -> dict[int, dict]:
+        return {
+            100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / folder)}
+            for i in range(3)
+        }
+
+    # Flower's FedAdam, two rounds, against the same update computed by hand from the clients' replies
+    _, client = flower_apps(run_config_of(args, 5.0, 5.0))
+    grid = _Recorder(client, nodes("adam"))
+    eta, tau, b1, b2 = 0.03, 1e-3, 0.9, 0.99
+    adam = FedAdam(**every, eta=eta, tau=tau, beta_1=b1, beta_2=b2)
+    flower = adam.start(
+        grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=2
+    ).arrays.to_torch_state_dict()
+    x = {k: v.double() for k, v in initial.items()}
+    m = {k: torch.zeros_like(v) for k, v in x.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in x.items()}
+    for t, (sent, replies) in enumerate(grid.rounds, start=1):
+        assert all(torch.allclose(sent[k].double(), x[k], rtol=0, atol=1e-6) for k in x)
+        delta = {k: a - x[k] for k, a in _mean(replies).items()}
+        m = {k: b1 * m[k] + (1 - b1) * d for k, d in delta.items()}
+        v2 = {k: b2 * v2[k] + (1 - b2) * d**2 for k, d in delta.items()}
+        step = eta * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))  # Flower's bias correction
+        x = {k: x[k] + step * m[k] / (v2[k].sqrt() + tau) for k in x}
+    assert len(grid.rounds) == 2 and flower.keys() == x.keys()
+    assert all(torch.allclose(flower[k].double(), x[k], rtol=0, atol=1e-5) for k in x)
+    assert max((flower[k].double() - initial[k].double()).abs().max().item() for k in x) > 0.01
+
+    # Flower's client-side fixed clipping around its FedAvg, with Flower's fixedclipping_mod on our ClientApp
+    clip = 0.05
+    _, dp_client = flower_apps(run_config_of(args, 5.0, 5.0, "fixedclipping_mod"))
+    dp_grid = _Recorder(dp_client, nodes("dp"))
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        FlowerFedAvg(**every), noise_multiplier=0.0, clipping_norm=clip, num_sampled_clients=3
+    )
+    final = dp.start(
+        grid=dp_grid, initial_arrays=ArrayRecord(initial), num_rounds=1
+    ).arrays.to_torch_state_dict()
+    (_, clipped), (_, raw) = dp_grid.rounds[0], grid.rounds[0]  # round 1 of both runs starts from `initial`
+    for (w, n), (u, n_raw) in zip(clipped, raw, strict=True):
+        update = {k: u[k].double() - initial[k].double() for k in u}
+        norm = math.sqrt(sum((d**2).sum().item() for d in update.values()))
+        assert n == n_raw and norm > 2 * clip  # the unclipped update would pass unchanged otherwise
+        want = {k: initial[k].double() + d * (clip / norm) for k, d in update.items()}
+        assert all(torch.allclose(w[k].double(), want[k], rtol=0, atol=1e-6) for k in w)
+    assert all(torch.allclose(final[k].double(), a, rtol=0, atol=1e-6) for k, a in _mean(clipped).items())
+
+
+def test_unknown_client_mod_is_refused_naming_the_allowed_ones():
+    args = ["--config", str(RECIPES / "fedavg.yaml"), *TINY]
+    with pytest.raises(ValueError, match=r"client-mods='secaggplus_mod': unknown mod .*fixedclipping_mod"):
+        run_config_of(args, 5.0, 5.0, "secaggplus_mod")
+    with pytest.raises(ValueError, match="client-mods='fixedclipping_mod,localdp'"):
+        flower_apps({"client-mods": "fixedclipping_mod,localdp"})
+
+
+class _FreshGrid(_Grid):
+    """The in-process grid where, as on a deployed SuperNode, every message meets a freshly built client side
+    (a new ClientApp process) that only has the node's disk and the message."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from lightning_fed.flower import apps
+
+        apps._SIDES.clear()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("recipe", ["fedavg_pruning.yaml", "fedavg_sparsity.yaml", "fedavg_qat.yaml"])
+def test_nodes_follow_the_servers_pruning_masks_and_qat_and_equal_fit(tmp_path, task_identity, recipe):
+    import yaml
+
+    cfg = yaml.safe_load((RECIPES / recipe).read_text())
+    first = cfg["loop"]["callbacks"][0][
+        "init_args"
+    ]  # shrunk: the server changes the model within three rounds
+    first.update({"at": [1, 2]} if "at" in first else {"start": 1})
+    (tmp_path / recipe).write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(tmp_path / recipe), *TINY]
+    run_config = run_config_of([*args, "--loop.output_dir", str(tmp_path / "grid")], 5.0, 5.0)
+    _, client = flower_apps(run_config)
+    nodes = {
+        100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"n{i}")}
+        for i in range(3)
+    }
+    history = serve(_FreshGrid(client, nodes), run_config).history
+    assert [h["failed"] for h in history] == [0, 0, 0] and all(h["good"] == 2 for h in history)
+    fit = _fit_weights(args, tmp_path / "fit")
+    assert _same(_final(tmp_path / "grid"), fit)
+    if recipe == "fedavg_pruning.yaml":
+        assert fit["conv1.weight"].shape[0] < cfg["model"]["init_args"]["channels"]
+    if recipe == "fedavg_sparsity.yaml":
+        assert (fit["conv2.weight"] == 0).float().mean() > 0.4
+    # QAT changes no shape: a node that trained without fake quantization would differ only in the values

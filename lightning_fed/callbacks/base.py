@@ -1,10 +1,13 @@
 """Federated hooks on top of Lightning's ``Callback``.
 
 A ``FedCallback`` is a Lightning ``Callback`` (it also works under ``lightning.Trainer``, where the
-federated hooks are simply never called) with five extra hooks that FedLoop calls:
+federated hooks are simply never called) with six extra hooks that FedLoop (and a Flower node) calls:
 
 * ``on_round_start(trainer, pl_module, instructions)`` — server, after the strategy configured the round;
   may edit the list of :class:`~lightning_fed.protocol.Instruction`.
+* ``on_client_follow(trainer, pl_module, config)`` — a client on its own machine (a Flower node), before the
+  round's weights load: bring the working model to the structure the server's ``config`` describes (pruning).
+  FedLoop's own clients train the server's model and never need it.
 * ``on_client_data(trainer, pl_module, shard) -> Dataset`` — client, before its loader is built; may return a
   subset of the client's training data (e.g. ``RecordSubset``), or the shard unchanged.
 * ``on_client_start(trainer, pl_module, instruction)`` — client, after the payload was loaded, before
@@ -51,6 +54,12 @@ class FedCallback(Callback):
         """Client: the data this client trains on this round (``shard`` by default)."""
         return shard
 
+    def on_client_follow(self, trainer: Any, pl_module: Any, config: dict[str, Any]) -> None:
+        """Client on its own machine (a Flower node, :mod:`lightning_fed.flower`), before the round's weights load:
+        bring the working model to the server's current structure, as the task's ``config`` (what
+        ``on_round_start`` wrote into the instructions) describes it. Not called in FedLoop, whose clients train
+        the server's own (already restructured) model."""
+
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
         """Client: payload loaded, local training about to start."""
 
@@ -66,4 +75,4 @@ class FedCallback(Callback):
         """Server: aggregation done, global weights loaded into ``pl_module``."""
 
 
-FED_HOOKS = ("on_round_start", "on_client_data", "on_client_start", "on_client_end", "on_aggregate_start", "on_round_end")
+FED_HOOKS = ("on_round_start", "on_client_follow", "on_client_data", "on_client_start", "on_client_end", "on_aggregate_start", "on_round_end")

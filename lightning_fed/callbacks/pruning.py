@@ -386,13 +386,18 @@ class StructuredPruning(FedCallback):
             instr.config["pruning_history"] = self.history
         self._client_grads, self._accepted = {}, None
 
-    def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
-        """Client: replay pruning steps this client's model lacks; reset state made for an older structure."""
-        history = instruction.config.get("pruning_history", self.history)
+    def on_client_follow(self, trainer: Any, pl_module: Any, config: dict[str, Any]) -> None:
+        """Client on its own machine: replay the pruning steps its model lacks before the pruned weights load."""
+        history = config.get("pruning_history", self.history)
         if len(history) > self._applied:  # a remote client's own model: bring it to the server's structure
             replay_pruning(trainer.lightning_module, history[self._applied:], self._example(trainer, pl_module),
                            self.forward_fn)
             self._applied = len(history)
+
+    def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
+        """Client: replay pruning steps this client's model lacks; reset state made for an older structure."""
+        self.on_client_follow(trainer, pl_module, instruction.config)
+        history = instruction.config.get("pruning_history", self.history)
         reset_stale_client_state(trainer, "pruning_version", len(history), self.reset_client_state)
         self._grad_sum, self._grad_batches = {}, 0
 

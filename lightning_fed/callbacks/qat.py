@@ -264,6 +264,11 @@ class QuantizationAware(FedCallback):
             for instr in instructions:
                 instr.config["qat_scheme"] = self.scheme
 
+    def on_client_follow(self, trainer: Any, pl_module: Any, config: dict[str, Any]) -> None:
+        """Client on its own machine: once the server sends its scheme, make the working model quantization-aware."""
+        if "qat_scheme" in config:
+            self.prepare(trainer.lightning_module)
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Export, evaluate and save the integer model; log its accuracy and size."""
         if self.export and (not in_fedloop(trainer) or on_server(trainer)):

@@ -248,7 +248,16 @@ class MagnitudeSparsity(FedCallback):
             instr.config["sparsity_version"] = self.steps_done
 
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
-        """Client: reset state made under other masks (codec residuals are shaped by the packed vectors)."""
+        """Client: reset state made under other masks (codec residuals are shaped by the packed vectors). A client
+        on its own machine (a Flower node), whose masks are older than the server's, first derives them as the
+        non-zero entries of the weights it received (the server's masks zero the global model)."""
+        version = int(instruction.config.get("sparsity_version", self.steps_done))
+        if version != self.steps_done:
+            model = trainer.lightning_module
+            self.masks = {k: (p.detach() != 0).cpu() for k, p in self._targets(model).items()} if version else {}
+            self.steps_done = version
+            if self._codec is not None:
+                self._codec.masks = self.masks
         reset_stale_client_state(trainer, "sparsity_version", self.steps_done, self.reset_client_state)
 
     def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:

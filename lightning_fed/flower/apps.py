@@ -17,7 +17,10 @@ the same app serves every recipe and no code is generated per recipe. Each node 
 ``state-dir``        optional folder of the node's client store (default: a folder under the system's temp dir).
 
 Run config keys: ``recipe`` (YAML text), ``round-timeout`` (seconds a round waits for replies),
-``connect-timeout`` (seconds to wait for every client's node at the start).
+``connect-timeout`` (seconds to wait for every client's node at the start), ``client-mods`` (optional, Flower
+client mods, comma-separated names from :data:`CLIENT_MODS`, wrapped around the plain Flower training messages
+that Flower's own strategies send, e.g. ``fixedclipping_mod`` for Flower's
+``DifferentialPrivacyClientSideFixedClipping``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, arrays_size_mod, fixedclipping_mod, message_size_mod
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
 
 from lightning_fed.cli import Recipe, load_recipe
@@ -45,6 +51,31 @@ log = logging.getLogger("lightning_fed")
 
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 DEFAULT_CONNECT_TIMEOUT_S = 120.0
+
+# the Flower client mods a run config may name (``client-mods``): they wrap plain Flower training messages
+CLIENT_MODS: dict[str, Mod] = {
+    "fixedclipping_mod": fixedclipping_mod,
+    "adaptiveclipping_mod": adaptiveclipping_mod,
+    "arrays_size_mod": arrays_size_mod,
+    "message_size_mod": message_size_mod,
+}
+
+
+def client_mods(run_config: dict[str, Any]) -> list[Mod]:
+    """The Flower mods the run config's ``client-mods`` names (comma-separated, applied outermost first).
+
+    Raises:
+        ValueError: a name that is not in :data:`CLIENT_MODS`, naming the key, the value and what is allowed.
+    """
+    value = run_config.get("client-mods", "")
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    for name in names:
+        if name not in CLIENT_MODS:
+            raise ValueError(
+                f"Flower run config client-mods={value!r}: unknown mod {name!r}; allowed: comma-separated "
+                f"names from {sorted(CLIENT_MODS)}"
+            )
+    return [CLIENT_MODS[n] for n in names]
 
 
 def check_loop(loop: FedLoop) -> None:
@@ -87,6 +118,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> FitResult:
     """The ServerApp's main: the recipe's :meth:`FedLoop.fit` with a :class:`FlowerRunner` over ``grid``."""
     recipe = recipe_from(run_config)
     check_loop(recipe.loop)
+    client_mods(run_config)  # a bad name fails here, at the start, not on the nodes
     recipe.loop.runner = FlowerRunner(
         grid,
         recipe.loop.num_clients,
@@ -146,6 +178,9 @@ def run_task(side: ClientSide, task: ClientTask) -> Any:
             f"a task for client {task.client_id} reached the node of partition {side.partition_id}"
         )
     work.context.round = task.round
+    work.hook(
+        "on_client_follow", dict(task.config)
+    )  # e.g. replay the server's pruning before its weights load
     work.modules.round_start([work.view.lightning_module])
     return SequentialRunner().run([task], work)[0]
 
@@ -155,6 +190,7 @@ def flower_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, Cl
     Flower run's own config: ``flwr.simulation.run_simulation`` has none, a deployment gets it from the app's
     ``pyproject.toml`` (``[tool.flwr.app.config]``)."""
     fixed = dict(run_config or {})
+    client_mods(fixed)
     server, client = ServerApp(), ClientApp()
 
     @server.main()
@@ -173,14 +209,19 @@ def flower_apps(run_config: dict[str, Any] | None = None) -> tuple[ServerApp, Cl
 
     @client.train()
     def _train_plain(msg: Message, context: Context) -> Message:
-        return train_plain(client_side(context, {**context.run_config, **fixed}), msg)
+        config = {**context.run_config, **fixed}
+
+        def inner(m: Message, c: Context) -> Message:
+            return train_plain(client_side(c, config), m)
+
+        return make_ffn(inner, client_mods(config))(msg, context)
 
     return server, client
 
 
 def train_plain(side: ClientSide, msg: Message) -> Message:
     """A plain Flower training message (``arrays``: the global weights, ``config``): Flower's own strategies
-    (FedAvg, FedAdam…) drive the client; the reply is the trained weights (``arrays``) and ``metrics`` with
+    (FedAvg, FedAdam…) drive the client, with the run config's ``client-mods`` around it; the reply is the trained weights (``arrays``) and ``metrics`` with
     ``num-examples``, as Flower's strategies expect. Needs the Identity codec."""
     if not isinstance(side.loop.codec, Identity):
         raise ValueError(
@@ -204,7 +245,10 @@ def train_plain(side: ClientSide, msg: Message) -> Message:
     if out.failure is not None:
         raise RuntimeError(f"client {cid}: {out.failure}")
     module = work.strategy.client_module(cid, work.view.lightning_module)
-    trained = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in payload}
+    state = module.state_dict()
+    trained = {
+        k: state[k].detach().cpu() for k in payload
+    }  # the order sent (Flower's clipping mods check it)
     metrics = MetricRecord({"num-examples": out.num_examples, **out.metrics})
     return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": metrics}), reply_to=msg)
 
@@ -215,9 +259,11 @@ server_app, client_app = (
 
 
 __all__ = [
+    "CLIENT_MODS",
     "ClientSide",
     "check_loop",
     "client_app",
+    "client_mods",
     "client_side",
     "flower_apps",
     "recipe_from",

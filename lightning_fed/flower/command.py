@@ -26,6 +26,7 @@ from lightning_fed.flower.apps import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_ROUND_TIMEOUT_S,
     check_loop,
+    client_mods,
     flower_apps,
 )
 
@@ -84,13 +85,21 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=DEFAULT_CONNECT_TIMEOUT_S,
         help="seconds to wait at the start for a node of every client",
     )
+    p.add_argument(
+        "--client-mods",
+        default="",
+        help="Flower client mods around plain Flower training messages, comma-separated (e.g. fixedclipping_mod)",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="simulation: CPUs Ray may use (default: all)")
     p.add_argument("--cpus-per-client", type=float, default=1.0, help="simulation: CPUs per ClientApp actor")
     return p.parse_known_args(argv)
 
 
-def run_config_of(recipe_args: list[str], round_timeout: float, connect_timeout: float) -> dict[str, Any]:
-    """The Flower run config of a recipe: its resolved YAML (``output_dir`` made absolute) and the timeouts."""
+def run_config_of(
+    recipe_args: list[str], round_timeout: float, connect_timeout: float, mods: str = ""
+) -> dict[str, Any]:
+    """The Flower run config of a recipe: its resolved YAML (``output_dir`` made absolute), the timeouts and, if
+    given, the ``client-mods`` (Flower mods around plain Flower training messages, comma-separated)."""
     recipe = load_recipe(["fit", *recipe_args])
     check_loop(recipe.loop)
     resolved = yaml.safe_load(recipe.config_text)
@@ -98,7 +107,15 @@ def run_config_of(recipe_args: list[str], round_timeout: float, connect_timeout:
         Path(recipe.loop.output_dir).resolve()
     )  # the server's cwd may differ
     text = yaml.safe_dump(resolved, sort_keys=False)
-    return {"recipe": text, "round-timeout": float(round_timeout), "connect-timeout": float(connect_timeout)}
+    config = {
+        "recipe": text,
+        "round-timeout": float(round_timeout),
+        "connect-timeout": float(connect_timeout),
+    }
+    if mods:
+        config["client-mods"] = mods
+        client_mods(config)
+    return config
 
 
 def simulate(
@@ -131,7 +148,7 @@ def main(argv: list[str]) -> None:
             "lightning-fed flower: give --app-dir DIR (write a Flower app for `flwr run`), --simulate, or both"
         )
     try:
-        run_config = run_config_of(recipe_args, args.round_timeout, args.connect_timeout)
+        run_config = run_config_of(recipe_args, args.round_timeout, args.connect_timeout, args.client_mods)
     except ValueError as err:
         _fail(str(err))
     if args.app_dir:
