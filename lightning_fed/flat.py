@@ -36,8 +36,8 @@ def _malformed(text: str) -> Exception:
 
 
 def contiguous_span(tensors: Sequence[Tensor]) -> Tensor | None:
-    """A 1-D view covering ``tensors`` when they lie back to back, in order, in one storage (same dtype,
-    contiguous): e.g. the entries of :meth:`FlatSpec.unflatten` or of a decoded message. ``None`` otherwise.
+    """A 1-D view covering ``tensors`` when they lie back to back, in order, within the memory of the first one's
+    storage (same dtype, contiguous): e.g. the entries of :meth:`FlatSpec.unflatten` or of a decoded message. ``None`` otherwise.
 
     Lets the callers run one vectorised op (a norm check, a serialisation, an accumulation) on the whole
     payload without first copying it into a new buffer.
@@ -45,15 +45,18 @@ def contiguous_span(tensors: Sequence[Tensor]) -> Tensor | None:
     if not tensors:
         return None
     first = tensors[0]
-    dtype, storage = first.dtype, first.untyped_storage().data_ptr()
+    dtype, size = first.dtype, first.element_size()
     end = first.data_ptr()
     total = 0
     for t in tensors:
-        if (t.dtype != dtype or t.data_ptr() != end or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage):
+        if t.dtype != dtype or t.data_ptr() != end or not t.is_contiguous():
             return None
-        end += t.numel() * t.element_size()
-        total += t.numel()
+        n = t.numel()
+        end += n * size
+        total += n
+    storage = first.untyped_storage()  # memory past the first's storage could be another's: no view over it
+    if end > storage.data_ptr() + storage.nbytes():
+        return None
     return first.as_strided((total,), (1,), first.storage_offset())
 
 

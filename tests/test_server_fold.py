@@ -15,10 +15,22 @@ from lightning_fed.loop import _overrides
 from lightning_fed.protocol import ClientMessage, Reply
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
-from lightning_fed.strategies import FedAvg
-from lightning_fed.strategies import aggregate as agg
+from lightning_fed.strategies import FedAvg, fused
 from lightning_fed.strategies.aggregate import example_weights, weighted_sum_
 from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
+
+KERNELS = ["numba", "torch"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch) -> str:
+    """The fold's fused pass: compiled (numba, the `fast` extra) or torch's calls over pieces."""
+    if request.param == "numba" and fused.numba is None:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(fused, "NUMBA", request.param == "numba")
+    monkeypatch.setattr(fused, "PIECE", 333)  # several pieces per reply on the torch path
+    return request.param
+
 
 CODECS = [Identity, Blockwise8bit, lambda: TopK(0.1), lambda: Cast("bf16"), lambda: QSGD(levels=7)]
 COUNTS = [10, 13, 16, 19, 22, 25]
@@ -80,8 +92,7 @@ def test_identity_uplink_decodes_to_views_of_the_message():
 
 
 @pytest.mark.parametrize("make_codec", CODECS, ids=["identity", "int8", "topk", "bf16", "qsgd"])
-def test_fold_is_bit_identical_to_summing_flattened_copies(make_codec, tmp_path, monkeypatch):
-    monkeypatch.setattr(agg, "FOLD_CHUNK", 333)  # several pieces per reply
+def test_fold_is_bit_identical_to_summing_flattened_copies(make_codec, kernel, tmp_path, monkeypatch):
     s, codec = _strategy(), make_codec()
     assert s.spec is not None
     messages = _messages(codec, s.spec, _deltas(s.spec, 6))
@@ -110,8 +121,7 @@ def test_without_a_fold_aggregation_is_still_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["nan", "max_abs"])
-def test_a_rejected_reply_is_never_added(bad, tmp_path, monkeypatch):
-    monkeypatch.setattr(agg, "FOLD_CHUNK", 100)  # the bad value sits in a later piece than the first
+def test_a_rejected_reply_is_never_added(bad, kernel, tmp_path):  # the bad value in a later piece than the first
     s, codec = _strategy(), Identity()
     assert s.spec is not None
     deltas = _deltas(s.spec, 5)

@@ -41,12 +41,13 @@ class MalformedMessage(ValueError):
 class _Parsed(NamedTuple):
     """A validated header: its entries (name, dtype, shape, start, end), metadata, the body length it
     describes, and, when every entry has one dtype and they follow each other in header order, that dtype with
-    the element counts (so the body is cut with one ``split`` instead of one slice and dtype view per entry)."""
+    each entry's name, shape, strides and element offset (so the body is one dtype view, and each entry one
+    ``as_strided`` of it instead of a slice, a dtype view and a reshape)."""
 
     entries: list[tuple[str, torch.dtype, list[int], int, int]]
     meta: dict[str, str]
     described: int
-    uniform: tuple[torch.dtype, list[int]] | None
+    uniform: tuple[torch.dtype, list[tuple[str, tuple[int, ...], tuple[int, ...], int]]] | None
 
 
 MAX_HEADER_BYTES = 100_000_000
@@ -140,19 +141,14 @@ def unpack(message: bytes, *, max_bytes: int | None = None,
     if not body:
         data = torch.empty(0, dtype=torch.uint8)
     elif share:
-        with warnings.catch_warnings():  # read-only buffer: the tensors are documented as read-only views
-            warnings.simplefilter("ignore", UserWarning)
-            if uniform is not None:  # one dtype view and one split for the whole body
-                dtype, numels = uniform
-                parts = torch.frombuffer(message, dtype=dtype, offset=8 + hlen).split(numels)
-                return {e[0]: part.view(e[2]) for e, part in zip(entries, parts)}, dict(meta)
-            data = torch.frombuffer(message, dtype=torch.uint8, offset=8 + hlen)
+        data = _read_only_view(message, torch.uint8 if uniform is None else uniform[0], 8 + hlen)
+        if uniform is not None:  # one dtype view of the whole body, one strided view of it per entry
+            return {name: data.as_strided(shape, stride, off) for name, shape, stride, off in uniform[1]}, dict(meta)
     else:
         buffer = bytearray(memoryview(message)[8 + hlen :])  # one writable copy that the tensors share
-        if uniform is not None:  # one dtype view and one split for the whole body
-            dtype, numels = uniform
-            parts = torch.frombuffer(buffer, dtype=dtype).split(numels)
-            return {e[0]: part.view(e[2]) for e, part in zip(entries, parts)}, dict(meta)
+        if uniform is not None:
+            data = torch.frombuffer(buffer, dtype=uniform[0])
+            return {name: data.as_strided(shape, stride, off) for name, shape, stride, off in uniform[1]}, dict(meta)
         data = torch.frombuffer(buffer, dtype=torch.uint8)
     tensors = {}
     for name, dtype, shape, start, end in entries:
@@ -169,8 +165,34 @@ def _layout(entries: list[tuple[str, torch.dtype, list[int], int, int]], meta: d
     in_order = all(a[4] == b[3] for a, b in pairwise(entries))  # header order = byte order
     if entries and in_order and len({e[1] for e in entries}) == 1:
         size = _ITEMSIZE[entries[0][1]]
-        uniform = (entries[0][1], [(e[4] - e[3]) // size for e in entries])
+        uniform = (entries[0][1], [(e[0], tuple(e[2]), _contiguous_strides(e[2]), e[3] // size) for e in entries])
     return _Parsed(entries, meta, described, uniform)
+
+
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+_QUIET = False  # torch warns once per process about read-only buffers; set once that warning is spent
+
+
+def _read_only_view(message: bytes, dtype: torch.dtype, offset: int) -> Tensor:
+    """A tensor over a ``bytes`` object's memory from ``offset`` (read-only, as documented for ``share``).
+
+    Torch warns the first time a tensor is made over a read-only buffer, then never again in the process: that
+    one warning is silenced here, and later calls skip the cost of catching warnings."""
+    global _QUIET
+    if _QUIET:
+        return torch.frombuffer(message, dtype=dtype, offset=offset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(message, dtype=dtype, offset=offset)
+    _QUIET = True
+    return data
 
 
 def _parse_header(raw: bytes) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], dict[str, str]]:

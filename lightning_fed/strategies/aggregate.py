@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload, value_bounds, values_within
+from lightning_fed.strategies.fused import axpy_measure_
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -72,10 +73,6 @@ def flat_norm(flat: Tensor) -> float:
     return float(torch.linalg.vector_norm(flat))
 
 
-FOLD_CHUNK = 1 << 20
-"""Elements per piece of :class:`MeanFold`'s fused pass (4 MiB of float32: checked, then added while cached)."""
-
-
 class MeanFold:
     """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
     validation folded in too: each reply is read once from memory, as by a plain ``axpy``.
@@ -84,11 +81,14 @@ class MeanFold:
     (:meth:`~lightning_fed.strategies.Strategy.begin_fold`), betting that every reply will be accepted, and adds
     each reply whose structure is valid (:meth:`add`). Its values are checked in the same pass:
 
-    * with a bound (``max_abs``), piece by piece, each piece added right after it is checked while it is in
-      the cache;
-    * without one, not per reply at all: a non-finite value makes the sum non-finite, so one check of the sum
-      when the round's messages are all in (:meth:`settle`) clears every reply at once; only when it fails does
-      the server check each folded reply to find (and reject) the culprits.
+    * a reply that is one flat buffer is added, its squares summed (its norm, for the server's norm check) and,
+      with a bound (``max_abs``), its largest magnitude taken in one fused pass
+      (:func:`~lightning_fed.strategies.fused.axpy_measure_`); a finite sum of squares clears it of values that
+      are not finite;
+    * any other reply, without a bound, is not checked per reply: a non-finite value makes the sum non-finite,
+      so one check of the sum when the round's messages are all in (:meth:`settle`) clears every such reply
+      at once (as it does a reply whose sum of squares was not finite); only when it fails does the server
+      check each folded reply to find (and reject) the culprits.
 
     A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
     anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
@@ -143,33 +143,20 @@ class MeanFold:
         w = reply.num_examples / float(self.total)
         x = self.spec.flat_view(payload)
         ok = True
-        if max_abs is None:
+        if x is not None:  # one fused pass: added, its squares summed (and with a bound, its largest magnitude)
+            sq, top = axpy_measure_(self._acc, x, w, bound=max_abs is not None)
+            self.norms[id(reply)] = math.sqrt(sq)
+            if max_abs is not None:
+                ok = top <= max_abs
+            elif not math.isfinite(sq):  # a bad value, or (torch's float32 sum) an overflow: left to settle()
+                self._unchecked = True
+        elif max_abs is None:  # entries in another order or in several buffers: added entry by entry, where they lie
             self._unchecked = True
-            if x is not None:
-                acc, sq = self._acc, 0.0
-                for s in range(0, x.numel(), FOLD_CHUNK):
-                    piece = x[s : s + FOLD_CHUNK]
-                    acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # reads the piece into the cache...
-                    sq += float(torch.dot(piece, piece))  # ...and its squares from there
-                self.norms[id(reply)] = math.sqrt(sq)
-            else:  # entries in another order or in several buffers: added entry by entry, where they lie
-                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
-        elif x is None:
+            torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+        else:
             ok = values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
             if ok:
                 torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
-        else:
-            acc, lows, highs, sq = self._acc, [], [], 0.0
-            for s in range(0, x.numel(), FOLD_CHUNK):
-                piece = x[s : s + FOLD_CHUNK]
-                lo_t, hi_t = torch.aminmax(piece)  # reads the piece into the cache...
-                acc[s : s + FOLD_CHUNK].add_(piece, alpha=w)  # ...and adds it from there
-                sq += float(torch.dot(piece, piece))
-                lows.append(lo_t)
-                highs.append(hi_t)
-            self.norms[id(reply)] = math.sqrt(sq)
-            lo, hi = (float(torch.stack(lows).min()), float(torch.stack(highs).max())) if lows else (0.0, 0.0)
-            ok = values_within(lo, hi, max_abs)
         if not ok:
             self.broken = True
         else:

@@ -1,0 +1,91 @@
+"""Fused passes of the server's fold: a reply is added into the accumulator and measured (sum of squares, largest
+magnitude) in one read of its memory.
+
+With numba installed (``pip install lightning-fed[fast]``) each pass is one compiled loop; without it, the same
+work runs as torch calls over cache-sized pieces (each piece added, then measured while cached). The weighted
+add is bit-identical either way: both compute ``acc + w * x`` per element with one fused multiply-add and
+``w`` rounded to float32 first, as ``torch.Tensor.add_(x, alpha=w)`` does (the compiled loop may contract but
+never reassociates it). The measures may differ in their last bits between the two: numba sums the squares in
+float64, torch in float32 (its ``dot``); each is deterministic on a given machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # optional: the `fast` extra
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is not installed
+    numba = None
+
+PIECE = 1 << 20
+"""Elements per piece of the torch path (4 MiB of float32: added, then measured while in the cache)."""
+
+NUMBA = numba is not None and os.environ.get("LIGHTNING_FED_NO_NUMBA", "") in ("", "0")
+"""Whether the compiled loops are used (numba installed and ``LIGHTNING_FED_NO_NUMBA`` unset)."""
+
+
+if numba is not None:
+    # ``reassoc`` lets LLVM vectorise the two reductions (float64 partial sums); it has nothing to reassociate in
+    # the elementwise ``acc + w * x`` (one fma with ``contract``), which the tests hold bit-identical to torch.
+    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+    def _axpy_measure(
+        acc: np.ndarray, x: np.ndarray, w: np.float32
+    ) -> tuple[float, float]:  # pragma: no cover
+        sq = 0.0
+        top = np.float32(0.0)
+        for i in range(x.shape[0]):
+            v = x[i]
+            acc[i] += w * v
+            d = np.float64(v)
+            sq += d * d
+            a = abs(v)
+            top = max(top, a)
+        return sq, np.float64(top)
+
+    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+    def _axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
+        sq = 0.0
+        for i in range(x.shape[0]):
+            v = x[i]
+            acc[i] += w * v
+            d = np.float64(v)
+            sq += d * d
+        return sq
+
+
+def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[float, float]:
+    """``acc += w * x`` in place (1-D contiguous float32 tensors of one size), reading ``x`` once.
+
+    Returns ``(sum of squares of x, largest |x|)``; the second is computed only with ``bound`` (else ``0.0``) and
+    is ``inf`` when a value of ``x`` is not finite, so ``top <= max_abs`` is the value rule of
+    :func:`~lightning_fed.protocol.values_within`. A finite sum of squares proves every value finite (squares
+    are not negative: nothing cancels); one that is not finite proves a bad value with numba (float32 squares
+    cannot overflow float64) but may be an overflow of torch's float32 sum.
+    """
+    if NUMBA and x.numel():
+        a, b, w32 = acc.numpy(), x.numpy(), np.float32(w)
+        if not bound:
+            return _axpy_sumsq(a, b, w32), 0.0
+        sq, top = _axpy_measure(
+            a, b, w32
+        )  # a NaN escapes the max but not the sum (float32 squares fit float64)
+        return sq, (top if math.isfinite(sq) else math.inf)
+    sq, top = 0.0, 0.0
+    for s in range(0, x.numel(), PIECE):
+        piece = x[s : s + PIECE]
+        if bound:
+            lo, hi = torch.aminmax(piece)  # reads the piece into the cache...
+            lo_f, hi_f = float(lo), float(hi)
+            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        acc[s : s + PIECE].add_(piece, alpha=w)  # ...(or this does)...
+        sq += float(torch.dot(piece, piece))  # ...and its squares are summed from there
+    return sq, top
+
+
+__all__ = ["NUMBA", "PIECE", "axpy_measure_"]

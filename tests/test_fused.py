@@ -1,0 +1,56 @@
+"""The fold's fused passes: the compiled loop (numba) and the torch fallback add bit-identically to
+``Tensor.add_`` and measure the same values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_fed.strategies import fused
+
+SIZES = [1, 7, 333, 1000, 4097]
+
+
+def _paths(monkeypatch) -> list[str]:
+    monkeypatch.setattr(fused, "PIECE", 100)  # several pieces on the torch path
+    return ["torch"] + (["numba"] if fused.numba is not None else [])
+
+
+def _run(path: str, monkeypatch, acc: torch.Tensor, x: torch.Tensor, w: float, bound: bool):
+    monkeypatch.setattr(fused, "NUMBA", path == "numba")
+    return fused.axpy_measure_(acc, x, w, bound=bound)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_both_paths_add_bit_identically_to_add_and_measure_the_same(n, monkeypatch):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 0.03
+    start = torch.randn(n, generator=g)
+    w = 13 / 97  # not a float32: rounded to float32 as add_ does
+    want = start.clone().add_(x, alpha=w)
+    exact = float((x.double() ** 2).sum())
+    for path in _paths(monkeypatch):
+        for bound in (False, True):
+            acc = start.clone()
+            sq, top = _run(path, monkeypatch, acc, x, w, bound)
+            assert torch.equal(acc, want), (path, bound)
+            assert sq == pytest.approx(exact, rel=1e-5)
+            assert top == (float(x.abs().max()) if bound else 0.0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_value_that_is_not_finite_makes_the_largest_magnitude_infinite(bad, monkeypatch):
+    x = torch.linspace(-1, 1, 1000)
+    x[777] = bad
+    for path in _paths(monkeypatch):
+        sq, top = _run(path, monkeypatch, torch.zeros(1000), x, 0.5, True)
+        assert top == math.inf, path
+        assert not math.isfinite(sq), path
+
+
+def test_an_empty_reply_adds_nothing(monkeypatch):
+    for path in _paths(monkeypatch):
+        acc = torch.zeros(0)
+        assert _run(path, monkeypatch, acc, torch.zeros(0), 0.5, True) == (0.0, 0.0)
