@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_fed.codecs.frame import Reader, Writer
 from lightning_fed.codecs.vector import ValueCodec
 from lightning_fed.codecs.wire import MalformedMessage
+from lightning_fed.kernels import dequantize_blockwise
 
 log = logging.getLogger("lightning_fed")
 
@@ -96,10 +97,7 @@ class Blockwise8bit(ValueCodec):
         if n == 0:
             return torch.zeros(0)
         absmax = _check_absmax(r.floats(math.ceil(n / self.blocksize), what="block scales"))
-        codes = torch.frombuffer(bytearray(r.take(n, "8-bit codes")), dtype=torch.uint8)
-        return _bnb().dequantize_blockwise(
-            codes, absmax=absmax, code=self._dynamic_code(), blocksize=self.blocksize
-        )
+        return dequantize_blockwise(r.take(n, "8-bit codes"), absmax, self._dynamic_code(), self.blocksize)
 
 
 class Blockwise4bit(ValueCodec):

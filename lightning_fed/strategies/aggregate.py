@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload, value_bounds, values_within
-from lightning_fed.strategies.fused import axpy_measure_
+from lightning_fed.kernels import axpy_measure_
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -83,7 +83,7 @@ class MeanFold:
 
     * a reply that is one flat buffer is added, its squares summed (its norm, for the server's norm check) and,
       with a bound (``max_abs``), its largest magnitude taken in one fused pass
-      (:func:`~lightning_fed.strategies.fused.axpy_measure_`); a finite sum of squares clears it of values that
+      (:func:`~lightning_fed.kernels.axpy_measure_`); a finite sum of squares clears it of values that
       are not finite;
     * any other reply, without a bound, is not checked per reply: a non-finite value makes the sum non-finite,
       so one check of the sum when the round's messages are all in (:meth:`settle`) clears every such reply

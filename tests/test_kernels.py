@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_fed.strategies import fused
+from lightning_fed import kernels as fused
 
 SIZES = [1, 7, 333, 1000, 4097]
 
@@ -54,3 +54,18 @@ def test_an_empty_reply_adds_nothing(monkeypatch):
     for path in _paths(monkeypatch):
         acc = torch.zeros(0)
         assert _run(path, monkeypatch, acc, torch.zeros(0), 0.5, True) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(("n", "blocksize"), [(1, 64), (255, 64), (1000, 256), (5000, 4096)])
+def test_blockwise_dequantization_is_bitsandbytes_bit_for_bit(n, blocksize, monkeypatch):
+    import bitsandbytes.functional as F  # noqa: PLC0415 - seconds to import: only here
+
+    code = F.create_dynamic_map(signed=True)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.02
+    codes, qs = F.quantize_blockwise(v, code=code, blocksize=blocksize)
+    want = F.dequantize_blockwise(codes, absmax=qs.absmax, code=code, blocksize=blocksize)
+    message = memoryview(codes.numpy().tobytes())  # read-only, as a message's codes are
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        got = fused.dequantize_blockwise(message, qs.absmax, code, blocksize)
+        assert got.dtype == torch.float32 and torch.equal(got, want), path
