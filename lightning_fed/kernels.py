@@ -64,10 +64,10 @@ if numba is not None:
             sq += d * d
         return sq
 
-
     @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
-    def _dequantize(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int,
-                    out: np.ndarray) -> None:  # pragma: no cover - compiled
+    def _dequantize(
+        codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray
+    ) -> None:  # pragma: no cover - compiled
         n = codes.shape[0]
         for b in range(absmax.shape[0]):
             scale = absmax[b]
@@ -88,9 +88,11 @@ def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocks
     n = len(codes)
     if NUMBA and n:
         out = torch.empty(n)
-        _dequantize(np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(), blocksize, out.numpy())
+        _dequantize(
+            np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(), blocksize, out.numpy()
+        )
         return out
-    import bitsandbytes.functional as F  # noqa: PLC0415 - imported by the codec already (seconds)
+    import bitsandbytes.functional as F
 
     as_tensor = torch.frombuffer(bytearray(codes), dtype=torch.uint8)
     return F.dequantize_blockwise(as_tensor, absmax=absmax, code=code, blocksize=blocksize)

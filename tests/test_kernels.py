@@ -58,7 +58,7 @@ def test_an_empty_reply_adds_nothing(monkeypatch):
 
 @pytest.mark.parametrize(("n", "blocksize"), [(1, 64), (255, 64), (1000, 256), (5000, 4096)])
 def test_blockwise_dequantization_is_bitsandbytes_bit_for_bit(n, blocksize, monkeypatch):
-    import bitsandbytes.functional as F  # noqa: PLC0415 - seconds to import: only here
+    import bitsandbytes.functional as F
 
     code = F.create_dynamic_map(signed=True)
     v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.02

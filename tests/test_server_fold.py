@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_fed import kernels as fused
 from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, Codec, DecodeArgs, Identity, TopK
 from lightning_fed.flat import FlatSpec
 from lightning_fed.loop import _overrides
 from lightning_fed.protocol import ClientMessage, Reply
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
-from lightning_fed import kernels as fused
 from lightning_fed.strategies import FedAvg
 from lightning_fed.strategies.aggregate import example_weights, weighted_sum_
 from lightning_fed.strategies.aggregators import Aggregator, WeightedMean

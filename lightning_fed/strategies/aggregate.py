@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.protocol import Payload, value_bounds, values_within
 from lightning_fed.kernels import axpy_measure_
+from lightning_fed.protocol import Payload, value_bounds, values_within
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
