@@ -69,10 +69,17 @@ if numba is not None:
         codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray
     ) -> None:  # pragma: no cover - compiled
         n = codes.shape[0]
-        for b in range(absmax.shape[0]):
+        whole = n // blocksize
+        points = np.empty(blocksize, dtype=np.float32)
+        for b in range(whole):  # per block: the table lookups (gathers) first, then one vectorised scaling
+            start = b * blocksize
+            for j in range(blocksize):
+                points[j] = code[codes[start + j]]
             scale = absmax[b]
-            for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
-                out[i] = code[codes[i]] * scale
+            for j in range(blocksize):
+                out[start + j] = points[j] * scale
+        for i in range(whole * blocksize, n):  # the last, partial block
+            out[i] = code[codes[i]] * absmax[whole]
 
 
 def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
