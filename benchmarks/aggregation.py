@@ -32,6 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from importlib.metadata import version
 from typing import Self
 
 import torch
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"held {ours['held'] / 2**20:.0f} MiB, RSS peak +{ours['rss'] / 2**20:.0f} MiB", flush=True)
             del deltas, pool, raw
     print()
-    print("kernels:", f"numba {kernels.numba.__version__}" if kernels.NUMBA else "torch (numba not installed or disabled)")
+    print("kernels:", f"numba {version('numba')}" if kernels.NUMBA else "torch (numba not installed or disabled)")
     print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
           "| RSS peak +MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")

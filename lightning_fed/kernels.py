@@ -17,69 +17,29 @@ float64, torch in float32 (its ``dot``); each is deterministic on a given machin
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
-try:  # optional: the `fast` extra
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is not installed
-    numba = None
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+"""Whether numba is installed (the `fast` extra)."""
 
 PIECE = 1 << 20
 """Elements per piece of the torch path (4 MiB of float32: added, then measured while in the cache)."""
 
-NUMBA = numba is not None and os.environ.get("LIGHTNING_FED_NO_NUMBA", "") in ("", "0")
+NUMBA = HAVE_NUMBA and os.environ.get("LIGHTNING_FED_NO_NUMBA", "") in ("", "0")
 """Whether the compiled loops are used (numba installed and ``LIGHTNING_FED_NO_NUMBA`` unset)."""
 
 
-if numba is not None:
-    # ``reassoc`` lets LLVM vectorise the two reductions (float64 partial sums); it has nothing to reassociate in
-    # the elementwise ``acc + w * x`` (one fma with ``contract``), which the tests hold bit-identical to torch.
-    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
-    def _axpy_measure(
-        acc: np.ndarray, x: np.ndarray, w: np.float32
-    ) -> tuple[float, float]:  # pragma: no cover
-        sq = 0.0
-        top = np.float32(0.0)
-        for i in range(x.shape[0]):
-            v = x[i]
-            acc[i] += w * v
-            d = np.float64(v)
-            sq += d * d
-            a = abs(v)
-            top = max(top, a)
-        return sq, np.float64(top)
+def _loops() -> ModuleType:
+    from lightning_fed import _compiled
 
-    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
-    def _axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
-        sq = 0.0
-        for i in range(x.shape[0]):
-            v = x[i]
-            acc[i] += w * v
-            d = np.float64(v)
-            sq += d * d
-        return sq
-
-    @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
-    def _dequantize(
-        codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray
-    ) -> None:  # pragma: no cover - compiled
-        n = codes.shape[0]
-        whole = n // blocksize
-        points = np.empty(blocksize, dtype=np.float32)
-        for b in range(whole):  # per block: the table lookups (gathers) first, then one vectorised scaling
-            start = b * blocksize
-            for j in range(blocksize):
-                points[j] = code[codes[start + j]]
-            scale = absmax[b]
-            for j in range(blocksize):
-                out[start + j] = points[j] * scale
-        for i in range(whole * blocksize, n):  # the last, partial block
-            out[i] = code[codes[i]] * absmax[whole]
+    return _compiled
 
 
 def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
@@ -95,7 +55,7 @@ def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocks
     n = len(codes)
     if NUMBA and n:
         out = torch.empty(n)
-        _dequantize(
+        _loops().dequantize(
             np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(), blocksize, out.numpy()
         )
         return out
@@ -117,10 +77,8 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     if NUMBA and x.numel():
         a, b, w32 = acc.numpy(), x.numpy(), np.float32(w)
         if not bound:
-            return _axpy_sumsq(a, b, w32), 0.0
-        sq, top = _axpy_measure(
-            a, b, w32
-        )  # a NaN escapes the max but not the sum (float32 squares fit float64)
+            return _loops().axpy_sumsq(a, b, w32), 0.0
+        sq, top = _loops().axpy_measure(a, b, w32)  # a NaN escapes the max, not the sum (squares fit float64)
         return sq, (top if math.isfinite(sq) else math.inf)
     sq, top = 0.0, 0.0
     for s in range(0, x.numel(), PIECE):

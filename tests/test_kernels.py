@@ -15,7 +15,7 @@ SIZES = [1, 7, 333, 1000, 4097]
 
 def _paths(monkeypatch) -> list[str]:
     monkeypatch.setattr(fused, "PIECE", 100)  # several pieces on the torch path
-    return ["torch"] + (["numba"] if fused.numba is not None else [])
+    return ["torch"] + (["numba"] if fused.HAVE_NUMBA else [])
 
 
 def _run(path: str, monkeypatch, acc: torch.Tensor, x: torch.Tensor, w: float, bound: bool):

@@ -1,0 +1,53 @@
+"""The compiled loops of :mod:`lightning_fed.kernels` (numba, the `fast` extra): imported on first use only, so a
+process that never folds or decodes 8-bit replies does not import numba. Call them through
+:mod:`lightning_fed.kernels`, which checks their inputs and holds their torch fallbacks."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+# ``reassoc`` lets LLVM vectorise the two reductions (float64 partial sums); it has nothing to reassociate in
+# the elementwise ``acc + w * x`` (one fma with ``contract``), which the tests hold bit-identical to torch.
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def axpy_measure(acc: np.ndarray, x: np.ndarray, w: np.float32) -> tuple[float, float]:  # pragma: no cover
+    sq = 0.0
+    top = np.float32(0.0)
+    for i in range(x.shape[0]):
+        v = x[i]
+        acc[i] += w * v
+        d = np.float64(v)
+        sq += d * d
+        a = abs(v)
+        top = max(top, a)
+    return sq, np.float64(top)
+
+
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
+    sq = 0.0
+    for i in range(x.shape[0]):
+        v = x[i]
+        acc[i] += w * v
+        d = np.float64(v)
+        sq += d * d
+    return sq
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize(
+    codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    n = codes.shape[0]
+    whole = n // blocksize
+    points = np.empty(blocksize, dtype=np.float32)
+    for b in range(whole):  # per block: the table lookups (gathers) first, then one vectorised scaling
+        start = b * blocksize
+        for j in range(blocksize):
+            points[j] = code[codes[start + j]]
+        scale = absmax[b]
+        for j in range(blocksize):
+            out[start + j] = points[j] * scale
+    for i in range(whole * blocksize, n):  # the last, partial block
+        out[i] = code[codes[i]] * absmax[whole]
