@@ -38,10 +38,16 @@ NUMBA = HAVE_NUMBA and os.environ.get("LIGHTNING_FED_NO_NUMBA", "") in ("", "0")
 """Whether the compiled loops are used (numba installed and ``LIGHTNING_FED_NO_NUMBA`` unset)."""
 
 
-def _loops() -> ModuleType:
-    from lightning_fed import _compiled  # imports numba (a fifth of a second): only once a loop is needed
+_LOOPS: ModuleType | None = None
 
-    return _compiled
+
+def _loops() -> ModuleType:
+    global _LOOPS
+    if _LOOPS is None:  # imports numba (a fifth of a second): only once a loop is needed
+        from lightning_fed import _compiled
+
+        _LOOPS = _compiled
+    return _LOOPS
 
 
 def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:

@@ -168,7 +168,7 @@ class Server:
         groups: dict[tuple[Any, ...], list[int]] = {}
         norms: list[float] = []
         for i, reply in enumerate(out.replies):
-            key = tuple((k, tuple(v.shape)) for k, v in sorted(reply.payload.items()))
+            key = tuple((k, v.shape) for k, v in sorted(reply.payload.items()))  # a torch.Size is a tuple
             groups.setdefault(key, []).append(i)
             norm = known.get(id(reply))  # the fold summed it while adding the reply
             norms.append(norm if norm is not None else payload_norm(reply.payload))
