@@ -179,7 +179,7 @@ def validate_payload(payload: Any, spec: PayloadSpec, *, max_abs: float | None =
     """
     if not isinstance(payload, dict):
         raise RejectedReply(f"payload must be a dict of tensors, got {type(payload).__name__}")
-    if payload.keys() != spec.keys():  # the same keys (the usual case) leave nothing missing and nothing extra
+    if payload.keys() != spec.keys():  # the same keys (the usual case): nothing missing, nothing extra
         missing = sorted(k for k, v in spec.items() if not v.optional and k not in payload)
         extra = sorted(set(payload) - set(spec))
         if missing or extra:
