@@ -245,3 +245,22 @@ def test_wire_fast_paths_give_the_same_bytes_and_tensors():
     raw += b" " * (-len(raw) % 8)
     out, _ = wire.unpack(struct.pack("<Q", len(raw)) + raw + body)
     assert torch.equal(out["w"], payload["w"]) and torch.equal(out["b"], payload["b"])
+
+
+def test_shared_decode_is_views_of_the_message():
+    """A message decoded with ``share`` (the server's uplink) gives views of the message's own bytes, back to back,
+    shaped as sent: scalars, empty, 1-D and N-D entries alike."""
+    import numpy as np
+
+    from lightning_fed.codecs import wire
+    from lightning_fed.flat import contiguous_span
+
+    payload = {"w": torch.randn(3, 4), "s": torch.tensor(2.5), "empty": torch.zeros(0, 3), "b": torch.randn(4)}
+    msg = wire.pack(payload, {"codec": "identity"})
+    out, _ = wire.unpack(msg, share=True)
+    assert list(out) == list(payload)
+    assert all(torch.equal(out[k], v) and out[k].shape == v.shape for k, v in payload.items())
+    span = contiguous_span([t for t in out.values() if t.numel()])  # an empty tensor has no address
+    assert span is not None and span.numel() == 17
+    at = np.frombuffer(msg, dtype=np.uint8).ctypes.data  # the message's own memory (no copy)
+    assert span.data_ptr() == at + len(msg) - 17 * 4  # the entries are the message's last 17 floats, in place

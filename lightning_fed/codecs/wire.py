@@ -41,13 +41,13 @@ class MalformedMessage(ValueError):
 class _Parsed(NamedTuple):
     """A validated header: its entries (name, dtype, shape, start, end), metadata, the body length it
     describes, and, when every entry has one dtype and they follow each other in header order, that dtype with
-    each entry's name, shape, strides and element offset (so the body is one dtype view, and each entry one
-    ``as_strided`` of it instead of a slice, a dtype view and a reshape)."""
+    each entry's name and shape (``None`` for a 1-D entry) and the entries' element counts (so the body is one
+    dtype view, split into the entries by one call, and only the entries that are not 1-D reshaped)."""
 
     entries: list[tuple[str, torch.dtype, list[int], int, int]]
     meta: dict[str, str]
     described: int
-    uniform: tuple[torch.dtype, list[tuple[str, tuple[int, ...], tuple[int, ...], int]]] | None
+    uniform: tuple[torch.dtype, list[tuple[str, tuple[int, ...] | None]], list[int]] | None
 
 
 MAX_HEADER_BYTES = 100_000_000
@@ -142,13 +142,12 @@ def unpack(message: bytes, *, max_bytes: int | None = None,
         data = torch.empty(0, dtype=torch.uint8)
     elif share:
         data = _read_only_view(message, torch.uint8 if uniform is None else uniform[0], 8 + hlen)
-        if uniform is not None:  # one dtype view of the whole body, one strided view of it per entry
-            return {name: data.as_strided(shape, stride, off) for name, shape, stride, off in uniform[1]}, dict(meta)
+        if uniform is not None:  # one dtype view of the whole body, split into the entries
+            return _split(data, uniform), dict(meta)
     else:
         buffer = bytearray(memoryview(message)[8 + hlen :])  # one writable copy that the tensors share
         if uniform is not None:
-            data = torch.frombuffer(buffer, dtype=uniform[0])
-            return {name: data.as_strided(shape, stride, off) for name, shape, stride, off in uniform[1]}, dict(meta)
+            return _split(torch.frombuffer(buffer, dtype=uniform[0]), uniform), dict(meta)
         data = torch.frombuffer(buffer, dtype=torch.uint8)
     tensors = {}
     for name, dtype, shape, start, end in entries:
@@ -165,16 +164,19 @@ def _layout(entries: list[tuple[str, torch.dtype, list[int], int, int]], meta: d
     in_order = all(a[4] == b[3] for a, b in pairwise(entries))  # header order = byte order
     if entries and in_order and len({e[1] for e in entries}) == 1:
         size = _ITEMSIZE[entries[0][1]]
-        uniform = (entries[0][1], [(e[0], tuple(e[2]), _contiguous_strides(e[2]), e[3] // size) for e in entries])
+        items = [(e[0], None if len(e[2]) == 1 else tuple(e[2])) for e in entries]
+        uniform = (entries[0][1], items, [(e[4] - e[3]) // size for e in entries])
     return _Parsed(entries, meta, described, uniform)
 
 
-def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
+def _split(
+    data: Tensor, uniform: tuple[torch.dtype, list[tuple[str, tuple[int, ...] | None]], list[int]]
+) -> dict[str, Tensor]:
+    """The entries of a uniform layout: ``data`` (the body as one dtype view) split into views by one call, the
+    entries that are not 1-D reshaped (views too)."""
+    _, items, sizes = uniform
+    parts = data.split_with_sizes(sizes)
+    return {name: part if shape is None else part.view(shape) for (name, shape), part in zip(items, parts)}
 
 
 _QUIET = False  # torch warns once per process about read-only buffers; set once that warning is spent
