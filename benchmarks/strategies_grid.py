@@ -1,0 +1,129 @@
+"""Tuning grid behind the target "at Dirichlet 0.1 the best server-side strategy reaches FedAvg's final global
+accuracy in at most half the rounds" (MNIST-1D, 20 clients, 10 per round, 5 local epochs, seed 0).
+
+Every configuration is a recipe of ``benchmarks/strategies.py`` with some CLI arguments changed: FedAvg's client
+learning rate and schedule, FedAvgM's server learning rate and momentum, FedAdam's and FedYogi's server learning rate
+and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's client learning rate.
+"final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
+configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
+Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
+
+Run from the repository root::
+
+    python benchmarks/strategies_grid.py --out runs/grid-0.1.json --resume
+    python benchmarks/strategies_grid.py --only fedavg fedavgm --out runs/grid-0.1.json --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
+
+CLIENT_LR = "--model.init_args.lr"
+SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
+
+
+def server(**kw: float) -> list[str]:
+    """CLI arguments setting the recipe's server optimizer's ``kw``."""
+    return [a for k, v in kw.items() for a in (SERVER_OPT + k, str(v))]
+
+
+# (label, recipe, CLI arguments): the recipes' own settings first in each family
+GRID: list[tuple[str, str, list[str]]] = [
+    ("fedavg lr0.05", "fedavg", []),
+    ("fedavg lr0.02", "fedavg", [CLIENT_LR, "0.02"]),
+    ("fedavg lr0.1", "fedavg", [CLIENT_LR, "0.1"]),
+    ("fedavgm s1 m0.7", "fedavgm", []),
+    ("fedavgm s1 m0.9", "fedavgm", server(momentum=0.9)),
+    ("fedavgm s1 m0.8", "fedavgm", server(momentum=0.8)),
+    ("fedavgm s1 m0.7 lr0.1", "fedavgm", [CLIENT_LR, "0.1"]),
+    ("fedadam s0.1 t1e-3", "fedadam", server(lr=0.1)),
+    ("fedadam s0.03 t1e-2", "fedadam", server(tau=0.01)),
+    ("fedadam s0.1 t1e-2", "fedadam", server(lr=0.1, tau=0.01)),
+    ("fedyogi s0.1 t1e-2", "fedyogi", server(lr=0.1, tau=0.01)),
+]
+
+
+def family(label: str) -> str:
+    """The strategy a grid label belongs to (its first word)."""
+    return label.split()[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the grid (or the families in ``--only``) at one alpha and print the table and the verdict."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local_epochs", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", default=None, help="run only these families (fedavg, fedavgm, ...)")
+    ap.add_argument("--output_dir", type=Path, default=Path("runs/bench-strategies-grid"))
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON after every run")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    args = ap.parse_args(argv)
+    rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out and args.out.exists() else []
+    for label, recipe, more in GRID:
+        if (args.only and family(label) not in args.only) or any(r["strategy"] == label for r in rows):
+            continue
+        rows.append(
+            one_run(
+                recipe,
+                args.alpha,
+                args.rounds,
+                args.local_epochs,
+                args.seed,
+                args.output_dir,
+                more=more,
+                label=label,
+            )
+        )
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+            )
+    fedavg = [r for r in rows if family(r["strategy"]) == "fedavg"]
+    if not fedavg:
+        raise SystemExit("no FedAvg row: run the fedavg family first")
+    base = max(fedavg, key=lambda r: final_acc(r["acc"]))
+    target = final_acc(base["acc"])
+    table = Table(
+        title=f"MNIST-1D, 20 clients, Dirichlet {args.alpha}, {args.rounds} rounds, seed {args.seed}: "
+        f"target {target:.2%} (best FedAvg, {base['strategy']}, mean of its last 3 evaluations)"
+    )
+    for col in (
+        "configuration",
+        "round 10",
+        "round 15",
+        "round 20",
+        "final (last 3)",
+        "best",
+        "rounds to FedAvg",
+    ):
+        table.add_column(col)
+    for r in rows:
+        accs = r["acc"]
+        reach = rounds_to(accs, target)
+        r["rounds_to_fedavg"] = reach
+        at = [f"{accs[i - 1]:.1%}" if len(accs) >= i else "-" for i in (10, 15, 20)]
+        table.add_row(r["strategy"], *at, f"{final_acc(accs):.2%}", f"{max(accs):.2%}", str(reach or "-"))
+    console = Console(width=200)
+    console.print(table)
+    server = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    if server:
+        best = min(server, key=lambda r: (r["rounds_to_fedavg"] or args.rounds + 1, -final_acc(r["acc"])))
+        reach = best["rounds_to_fedavg"]
+        verdict = "met" if reach is not None and reach <= args.rounds / 2 else "not met"
+        console.print(
+            f"fastest server-side configuration: {best['strategy']}, round {reach or '-'} of {args.rounds}; "
+            f"target (at most {args.rounds / 2:g} rounds) {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    main()
