@@ -45,7 +45,10 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedadam s0.1 t1e-3", "fedadam", server(lr=0.1)),
     ("fedadam s0.03 t1e-2", "fedadam", server(tau=0.01)),
     ("fedadam s0.1 t1e-2", "fedadam", server(lr=0.1, tau=0.01)),
+    ("fedadam s0.3 t1e-2", "fedadam", server(lr=0.3, tau=0.01)),
+    ("fedadam s0.3 t1e-1", "fedadam", server(lr=0.3, tau=0.1)),
     ("fedyogi s0.1 t1e-2", "fedyogi", server(lr=0.1, tau=0.01)),
+    ("fedyogi s0.3 t1e-1", "fedyogi", server(lr=0.3, tau=0.1)),
 ]
 
 
