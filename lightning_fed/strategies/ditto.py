@@ -22,9 +22,8 @@ weights, as every ``v_k`` in Algorithm 1 (``w^0``), and a client never sampled k
 participation; under partial participation a client first sampled in round ``t`` would otherwise start ``t`` rounds
 of federated training behind, with only its own participations to catch up (100 clients, 10 per round: about one
 participation in ten rounds). Isolated local training (``lam=0``) needs ``"initial"``: it must not see the global
-model. The client callback
-:class:`DittoClient` trains ``v_k`` before the global model's local training, with the random state saved and
-restored around it, so the global model trains bit-identically to FedAvg.
+model. The client callback :class:`DittoClient` trains ``v_k`` before the global model's local training, with the
+random state saved and restored around it, so the global model trains bit-identically to FedAvg.
 """
 
 from __future__ import annotations
@@ -96,8 +95,9 @@ class DittoClient(FedCallback):
         self.strategy = strategy
 
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
-        """Update ``v`` (from the store, or where :class:`Ditto`'s ``personal_init`` says) on the client's shard with the pull to ``w``, store
-        it, and put ``w`` back into the working model for the global model's local training."""
+        """Update ``v`` (from the store, or where :class:`Ditto`'s ``personal_init`` says) on the client's shard with
+        the pull to ``w``, store it, and put ``w`` back into the working model for the global model's local
+        training."""
         ctx = fed_context(trainer)
         if ctx is None or ctx.shard is None or len(ctx.shard) == 0:
             return
