@@ -8,10 +8,17 @@ server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narr
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
 
+Two readings of the target besides the default one: ``--constant_lr`` drops the recipes' client learning-rate decay
+(``RoundLRDecay``) from every run, so that no method is judged mid-schedule; ``--target_from`` takes the target from
+an earlier grid's JSON (its best FedAvg row) and judges runs of their own length against it: a server-side run of at
+most half that grid's rounds, each with its schedule spanning its own rounds, whose final accuracy reaches the target.
+
 Run from the repository root::
 
     python benchmarks/strategies_grid.py --out runs/grid-0.1.json --resume
     python benchmarks/strategies_grid.py --only fedavg fedavgm --out runs/grid-0.1.json --resume
+    python benchmarks/strategies_grid.py --constant_lr --labels "fedavg lr0.1" "fedavgm s1 m0.7" --out runs/c.json
+    python benchmarks/strategies_grid.py --rounds 15 --only fedavgm fedadam --target_from runs/grid-0.1.json
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from rich.table import Table
 from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
 
 CLIENT_LR = "--model.init_args.lr"
+NO_DECAY = [
+    "--loop.callbacks",
+    "[]",
+]  # the recipes' only callback is RoundLRDecay: without it the client lr is constant
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
 
 
@@ -41,6 +52,7 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedavgm s1 m0.7", "fedavgm", []),
     ("fedavgm s1 m0.9", "fedavgm", server(momentum=0.9)),
     ("fedavgm s1 m0.8", "fedavgm", server(momentum=0.8)),
+    ("fedavgm s0.5 m0.9", "fedavgm", server(lr=0.5, momentum=0.9)),
     ("fedavgm s1 m0.7 lr0.1", "fedavgm", [CLIENT_LR, "0.1"]),
     ("fedadam s0.1 t1e-3", "fedadam", server(lr=0.1)),
     ("fedadam s0.03 t1e-2", "fedadam", server(tau=0.01)),
@@ -57,6 +69,29 @@ def family(label: str) -> str:
     return label.split()[0]
 
 
+def selected(label: str, only: list[str] | None, labels: list[str] | None) -> bool:
+    """Whether the grid configuration ``label`` runs under ``--only`` (families) and ``--labels`` (exact labels)."""
+    return (only is None or family(label) in only) and (labels is None or label in labels)
+
+
+def reference(rows: list[dict]) -> dict:
+    """The best FedAvg row of ``rows`` (highest final accuracy): its final accuracy is the target."""
+    fedavg = [r for r in rows if family(r["strategy"]) == "fedavg"]
+    if not fedavg:
+        raise SystemExit("no FedAvg row: run the fedavg family first")
+    return max(fedavg, key=lambda r: final_acc(r["acc"]))
+
+
+def budget_verdict(rows: list[dict], target: float, ref_rounds: int) -> tuple[dict | None, bool]:
+    """The best server-side row by final accuracy, and whether it meets "reaches the target in at most half the
+    rounds" as a budget: its run had at most ``ref_rounds / 2`` rounds and its final accuracy is at least ``target``."""
+    server_rows = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    if not server_rows:
+        return None, False
+    best = max(server_rows, key=lambda r: final_acc(r["acc"]))
+    return best, len(best["acc"]) <= ref_rounds / 2 and final_acc(best["acc"]) >= target
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the grid (or the families in ``--only``) at one alpha and print the table and the verdict."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,13 +100,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local_epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", default=None, help="run only these families (fedavg, fedavgm, ...)")
+    ap.add_argument(
+        "--labels", nargs="+", default=None, help="run only these grid configurations (exact labels)"
+    )
+    ap.add_argument("--constant_lr", action="store_true", help="no client learning-rate decay in any run")
+    ap.add_argument(
+        "--target_from",
+        type=Path,
+        default=None,
+        help="an earlier grid's --out JSON: its best FedAvg final accuracy is the target (budget reading)",
+    )
     ap.add_argument("--output_dir", type=Path, default=Path("runs/bench-strategies-grid"))
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON after every run")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.labels or ()) - {g[0] for g in GRID})
+    if unknown:
+        ap.error(f"--labels: {unknown} not in the grid; allowed: {[g[0] for g in GRID]}")
     rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out and args.out.exists() else []
     for label, recipe, more in GRID:
-        if (args.only and family(label) not in args.only) or any(r["strategy"] == label for r in rows):
+        if not selected(label, args.only, args.labels) or any(r["strategy"] == label for r in rows):
             continue
         rows.append(
             one_run(
@@ -81,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.local_epochs,
                 args.seed,
                 args.output_dir,
-                more=more,
+                more=[*more, *(NO_DECAY if args.constant_lr else [])],
                 label=label,
             )
         )
@@ -90,15 +138,15 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(
                 json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
             )
-    fedavg = [r for r in rows if family(r["strategy"]) == "fedavg"]
-    if not fedavg:
-        raise SystemExit("no FedAvg row: run the fedavg family first")
-    base = max(fedavg, key=lambda r: final_acc(r["acc"]))
+    ref_rows = json.loads(args.target_from.read_text())["rows"] if args.target_from else rows
+    base = reference(ref_rows)
     target = final_acc(base["acc"])
-    recipe = next((r for r in rows if r["strategy"] == GRID[0][0]), base)  # fedavg.yaml as written
+    recipe = next((r for r in ref_rows if r["strategy"] == GRID[0][0]), base)  # fedavg.yaml as written
+    schedule = "constant client lr" if args.constant_lr else "cosine client-lr decay over the run"
+    source = f" over {len(base['acc'])} rounds, from {args.target_from}" if args.target_from else ""
     table = Table(
-        title=f"MNIST-1D, 20 clients, Dirichlet {args.alpha}, {args.rounds} rounds, seed {args.seed}: "
-        f"target {target:.2%} (best FedAvg, {base['strategy']}, mean of its last 3 evaluations)"
+        title=f"MNIST-1D, 20 clients, Dirichlet {args.alpha}, {args.rounds} rounds, {schedule}, seed {args.seed}: "
+        f"target {target:.2%} (best FedAvg, {base['strategy']}{source}, mean of its last 3 evaluations)"
     )
     for col in (
         "configuration",
@@ -127,6 +175,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     console = Console(width=200)
     console.print(table)
+    if args.target_from:
+        best, met = budget_verdict(rows, target, len(base["acc"]))
+        if best is not None:
+            console.print(
+                f"best server-side configuration in {args.rounds} rounds: {best['strategy']}, final "
+                f"{final_acc(best['acc']):.2%} against FedAvg's {target:.2%} in {len(base['acc'])} rounds; "
+                f"target (its final accuracy in at most half the rounds) {'met' if met else 'not met'}"
+            )
+        return
     server = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
     if server:
         best = min(server, key=lambda r: (r["rounds_to_fedavg"] or args.rounds + 1, -final_acc(r["acc"])))
