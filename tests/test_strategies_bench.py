@@ -37,3 +37,53 @@ def test_one_lucky_evaluation_does_not_reach_the_target(bench):
     assert bench.rounds_to(spike, target, 1) == 2  # the single-evaluation measure counts the spike
     assert bench.rounds_to(fedavg, target, 3) == 4  # FedAvg reaches its own final accuracy at its last round
     assert bench.rounds_to([0.1, 0.2], 0.9, 3) is None
+
+
+@pytest.fixture(scope="module")
+def grid(bench):
+    import sys
+
+    sys.modules.setdefault("strategies", bench)  # strategies_grid imports the benchmark as a sibling module
+    spec = importlib.util.spec_from_file_location(
+        "strategies_grid", ROOT / "benchmarks" / "strategies_grid.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_selection_by_family_and_label(grid):
+    assert grid.selected("fedavgm s1 m0.7", None, None)
+    assert grid.selected("fedavgm s1 m0.7", ["fedavgm"], ["fedavgm s1 m0.7"])
+    assert not grid.selected("fedavgm s1 m0.9", None, ["fedavgm s1 m0.7"])
+    assert not grid.selected("fedadam s0.1 t1e-2", ["fedavgm"], None)
+    with pytest.raises(SystemExit):  # a label outside the grid is refused before anything runs
+        grid.main(["--labels", "fedavgm s9 m0.1"])
+
+
+def test_budget_verdict_by_hand(grid):
+    fedavg = {"strategy": "fedavg lr0.1", "acc": [0.5] * 27 + [0.8, 0.84, 0.86]}  # final (last 3): 0.8333
+    target = grid.final_acc(grid.reference([fedavg, {"strategy": "fedavg lr0.05", "acc": [0.7] * 30}])["acc"])
+    assert target == pytest.approx(2.5 / 3)
+    half = {"strategy": "fedavgm s1 m0.7", "acc": [0.5] * 12 + [0.83, 0.84, 0.84]}  # 15 rounds, final 0.8367
+    low = {
+        "strategy": "fedadam s0.1 t1e-2",
+        "acc": [0.5] * 12 + [0.9, 0.8, 0.78],
+    }  # best single, final 0.8267
+    best, met = grid.budget_verdict([fedavg, half, low], target, 30)
+    assert best is half and met
+    best, met = grid.budget_verdict([low], target, 30)  # one lucky evaluation does not count
+    assert best is low and not met
+    long = {"strategy": "fedavgm s1 m0.7", "acc": [0.5] * 14 + [0.83, 0.84, 0.84]}  # 17 rounds: over half
+    assert grid.budget_verdict([long], target, 30) == (long, False)
+    assert grid.budget_verdict([fedavg], target, 30) == (None, False)  # FedAvg is not a server-side strategy
+
+
+@pytest.mark.parametrize("recipe", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_constant_lr_drops_the_client_lr_decay(grid, recipe):
+    from lightning_fed.callbacks import RoundLRDecay
+    from lightning_fed.cli import load_recipe
+
+    argv = ["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml")]
+    assert any(isinstance(c, RoundLRDecay) for c in load_recipe(argv).loop.callbacks)
+    assert not any(isinstance(c, RoundLRDecay) for c in load_recipe([*argv, *grid.NO_DECAY]).loop.callbacks)
