@@ -32,10 +32,8 @@ from rich.table import Table
 from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
 
 CLIENT_LR = "--model.init_args.lr"
-NO_DECAY = [
-    "--loop.callbacks",
-    "[]",
-]  # the recipes' only callback is RoundLRDecay: without it the client lr is constant
+# the recipes' only callback is RoundLRDecay: without it the client learning rate is constant
+NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
 
 
