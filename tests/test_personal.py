@@ -264,6 +264,10 @@ def test_fedper_refuses_bad_layer_names(make_loop, small_dm, tmp_path):
         (lambda: FedAvgFT(lr_scale=0), r"FedAvgFT: lr_scale=0 is not allowed; lr_scale must be > 0"),
         (lambda: Ditto(lr_scale=-1.0), r"Ditto: lr_scale=-1.0 is not allowed; lr_scale must be > 0"),
         (
+            lambda: Ditto(personal_init="zeros"),
+            r"Ditto: personal_init='zeros' is not allowed; personal_init must be one of \('global', 'initial'\)",
+        ),
+        (
             lambda: FedPer(personal_layers=["head"], warmup_rounds=-1),
             r"FedPer: warmup_rounds=-1 is not allowed; warmup_rounds must be an integer >= 0",
         ),
@@ -378,6 +382,47 @@ def test_ditto_trains_the_global_model_as_fedavg(make_loop, small_dm):
     assert stored and all(
         not torch.equal(s["head.weight"], loop_d.strategy.initial["head.weight"]) for s in stored
     )
+
+
+@pytest.mark.parametrize("personal_init", ["global", "initial"])
+def test_ditto_personal_model_starts_where_personal_init_says(make_loop, small_dm, personal_init):
+    class Received(FedCallback):  # the global model each client receives, by round
+        def __init__(self):
+            self.got = {}
+
+        def on_client_start(self, trainer, pl_module, instruction):
+            ctx = trainer.fed  # round 0-based
+            self.got[(ctx.round, ctx.client_id)] = {k: v.clone() for k, v in instruction.payload.items()}
+
+    spy = Received()
+    # lam 0 and a vanishing learning rate: the stored v is where it started, to float precision
+    strategy = Ditto(lam=0.0, lr_scale=1e-12, personal_init=personal_init)
+    loop, res = _fit(make_loop, small_dm, strategy, num_clients=6, clients_per_round=3, callbacks=[spy])
+    first = {}
+    for r, cid in sorted(spy.got):
+        first.setdefault(cid, r)
+    # a client first sampled in the second round, and one never sampled
+    assert 1 in first.values() and len(first) < 6
+    for cid, r in first.items():
+        state = torch.load(loop.run_dir / "clients" / f"client-{cid}.pt", weights_only=True)[DITTO_KEY]
+        start = spy.got[(r, cid)] if personal_init == "global" else strategy.initial
+        for k, v in state.items():
+            torch.testing.assert_close(v, start[k], rtol=0, atol=1e-6)
+        if r == 1:  # the global model after the first round is not the initial one
+            assert not torch.equal(spy.got[(r, cid)]["head.weight"], strategy.initial["head.weight"])
+    never = [row for row in _rows(res, 2) if int(row["client"]) not in first]
+    assert never
+    model = _model()
+    load_into(model, strategy.initial)
+    x, y = small_dm.test_dataloader().dataset.tensors
+    for row in never:  # "global": judged with the global model; "initial": with the initial weights
+        if personal_init == "global":
+            assert row["personal_correct"] == row["global_correct"]
+        else:
+            idx = loop.holdouts[int(row["client"])]
+            with torch.no_grad():
+                hits = int((model.eval()(x[idx]).argmax(-1) == y[idx]).sum())
+            assert int(row["personal_correct"]) == hits
 
 
 def test_fedavg_ft_zero_steps_is_the_global_model(make_loop, small_dm):

@@ -13,11 +13,17 @@ and accumulation and the data module's batch size, for ``personal_epochs`` passe
 (``FedContext.train``); the pull is added to the gradients by the callback :class:`DittoPull` before each optimizer
 step, so ``training_step`` is unchanged. The loop's callbacks do not run on ``v_k`` (they act on the federated update;
 a per-round learning-rate schedule such as ``RoundLRDecay`` does not apply to it; ``lr_scale`` scales the rates
-``configure_optimizers`` sets). ``v_k`` starts from the model's
-initial weights, as every ``v_k`` does in the paper, is stored in the client store
-(``trainer.fed.client_state["ditto"]``) and never sent: the messages are FedAvg's. The client callback
-:class:`DittoClient` trains ``v_k`` before the global model's local training, with the random state saved and
-restored around it, so the global model trains bit-identically to FedAvg.
+``configure_optimizers`` sets). ``v_k`` is stored in the client store (``trainer.fed.client_state["ditto"]``) and
+never sent: the messages are FedAvg's.
+
+Where ``v_k`` starts (``personal_init``): ``"global"`` (the default), the global model the client receives the first
+time it is sampled, and a client never sampled is judged with the global model; ``"initial"``, the model's initial
+weights, as every ``v_k`` in Algorithm 1 (``w^0``), and a client never sampled keeps them. The two agree under full
+participation; under partial participation a client first sampled in round ``t`` would otherwise start ``t`` rounds
+of federated training behind, with only its own participations to catch up (100 clients, 10 per round: about one
+participation in ten rounds). Isolated local training (``lam=0``) needs ``"initial"``: it must not see the global
+model. The client callback :class:`DittoClient` trains ``v_k`` before the global model's local training, with the
+random state saved and restored around it, so the global model trains bit-identically to FedAvg.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from lightning_fed.validation import need
 from lightning_fed.weights import float_state, load_into
 
 STATE_KEY = "ditto"  # the client's personal model in its store
+PERSONAL_INITS = ("global", "initial")
 
 
 class DittoPull(FedProxClient):
@@ -88,15 +95,16 @@ class DittoClient(FedCallback):
         self.strategy = strategy
 
     def on_client_start(self, trainer: Any, pl_module: Any, instruction: Instruction) -> None:
-        """Update ``v`` (from the store, or the initial weights) on the client's shard with the pull to ``w``, store
-        it, and put ``w`` back into the working model for the global model's local training."""
+        """Update ``v`` (from the store, or where :class:`Ditto`'s ``personal_init`` says) on the client's shard with
+        the pull to ``w``, store it, and put ``w`` back into the working model for the global model's local
+        training."""
         ctx = fed_context(trainer)
         if ctx is None or ctx.shard is None or len(ctx.shard) == 0:
             return
         s, module, w = self.strategy, trainer.lightning_module, instruction.payload
         with rng_untouched():  # the global model's training draws the same random numbers as under FedAvg
             seed_rngs(derive_seed(s.seed, Stream.DITTO, ctx.round, ctx.client_id))  # dropout, if any
-            load_into(module, ctx.client_state.get(STATE_KEY) or s.initial)
+            load_into(module, ctx.client_state.get(STATE_KEY) or s.start(w))
             g = generator(s.seed, Stream.DITTO, ctx.round, ctx.client_id)
             scale = [ScaleLR(s.lr_scale)] if s.lr_scale != 1.0 else []
             ctx.train(module, ctx.shard, g, epochs=s.personal_epochs, callbacks=[DittoPull(w, s.lam), *scale])
@@ -120,6 +128,9 @@ class Ditto(FedAvg):
             module's ``configure_optimizers`` and ``training_step`` and the data module's batch size.
         lr_scale: multiplies the learning rates ``configure_optimizers`` sets, for the personal model only (> 0;
             :class:`~lightning_fed.strategies.fedavg_ft.ScaleLR`).
+        personal_init: where a personal model starts: ``"global"``, the global model received at the client's first
+            participation (never sampled: the global model); ``"initial"``, the model's initial weights (the paper's
+            ``w^0``; isolated training).
         seed: seed of the personal models' batches (with round and client).
         server_lr: step size on the averaged delta of the global model (FedAvg's).
         aggregator: averages the global model's deltas (``None``: FedAvg's example-weighted mean).
@@ -132,6 +143,7 @@ class Ditto(FedAvg):
         lam: float = 0.1,
         personal_epochs: int = 1,
         lr_scale: float = 1.0,
+        personal_init: str = "global",
         seed: int = 0,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
@@ -158,7 +170,15 @@ class Ditto(FedAvg):
             lr_scale,
             "> 0",
         )
+        need(
+            "Ditto",
+            personal_init in PERSONAL_INITS,
+            "personal_init",
+            personal_init,
+            f"one of {PERSONAL_INITS}",
+        )
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
+        self.personal_init = personal_init
         self.lam, self.personal_epochs, self.seed = float(lam), personal_epochs, seed
         self.lr_scale = float(lr_scale)
         self.initial: Payload = {}
@@ -174,6 +194,11 @@ class Ditto(FedAvg):
         ):
             self.initial = {k: v.detach().cpu().clone() for k, v in state.items()}
 
+    def start(self, received: Payload) -> Payload:
+        """Where a personal model with nothing stored starts: ``received`` (the global model the client holds) or
+        the initial weights, as ``personal_init`` says."""
+        return received if self.personal_init == "global" else self.initial
+
     def client_callbacks(self) -> list[Any]:
         """:class:`DittoClient`."""
         return [self.client]
@@ -185,8 +210,11 @@ class Ditto(FedAvg):
         module: nn.Module,
         train: Callable[..., int],
     ) -> nn.Module:
-        """The client's personal model ``v`` (the initial weights for a client never sampled)."""
-        load_into(module, client_state.get(STATE_KEY) or self.initial)
+        """The client's personal model ``v``; for a client never sampled, ``module`` as given (the global model)
+        or the initial weights, as ``personal_init`` says."""
+        stored = client_state.get(STATE_KEY)
+        if stored or self.personal_init == "initial":
+            load_into(module, stored or self.initial)
         return module
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""Tuning grid behind the target "at Dirichlet 0.1 the best server-side strategy reaches FedAvg's final global
+accuracy in at most half the rounds" (MNIST-1D, 20 clients, 10 per round, 5 local epochs, seed 0).
+
+Every configuration is a recipe of ``benchmarks/strategies.py`` with some CLI arguments changed: FedAvg's client
+learning rate, FedAvgM's server learning rate and momentum (and the client learning rate), FedAdam's and FedYogi's
+server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model).
+"final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
+configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
+Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
+
+Two readings of the target besides the default one: ``--constant_lr`` drops the recipes' client learning-rate decay
+(``RoundLRDecay``) from every run, so that no method is judged mid-schedule; ``--target_from`` takes the target from
+an earlier grid's JSON (its best FedAvg row) and judges runs of their own length against it: a server-side run of at
+most half that grid's rounds, each with its schedule spanning its own rounds, whose final accuracy reaches the target.
+
+Run from the repository root::
+
+    python benchmarks/strategies_grid.py --out runs/grid-0.1.json --resume
+    python benchmarks/strategies_grid.py --only fedavg fedavgm --out runs/grid-0.1.json --resume
+    python benchmarks/strategies_grid.py --constant_lr --labels "fedavg lr0.1" "fedavgm s1 m0.7" --out runs/c.json
+    python benchmarks/strategies_grid.py --rounds 15 --only fedavgm fedadam --target_from runs/grid-0.1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
+
+CLIENT_LR = "--model.init_args.lr"
+# the recipes' only callback is RoundLRDecay: without it the client learning rate is constant
+NO_DECAY = ["--loop.callbacks", "[]"]
+SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
+
+
+def server(**kw: float) -> list[str]:
+    """CLI arguments setting the recipe's server optimizer's ``kw``."""
+    return [a for k, v in kw.items() for a in (SERVER_OPT + k, str(v))]
+
+
+# (label, recipe, CLI arguments): the recipes' own settings first in each family
+GRID: list[tuple[str, str, list[str]]] = [
+    ("fedavg lr0.05", "fedavg", []),
+    ("fedavg lr0.02", "fedavg", [CLIENT_LR, "0.02"]),
+    ("fedavg lr0.1", "fedavg", [CLIENT_LR, "0.1"]),
+    ("fedavgm s1 m0.7", "fedavgm", []),
+    ("fedavgm s1 m0.9", "fedavgm", server(momentum=0.9)),
+    ("fedavgm s1 m0.8", "fedavgm", server(momentum=0.8)),
+    ("fedavgm s0.5 m0.9", "fedavgm", server(lr=0.5, momentum=0.9)),
+    ("fedavgm s1 m0.7 lr0.1", "fedavgm", [CLIENT_LR, "0.1"]),
+    ("fedadam s0.1 t1e-3", "fedadam", server(lr=0.1)),
+    ("fedadam s0.03 t1e-2", "fedadam", server(tau=0.01)),
+    ("fedadam s0.1 t1e-2", "fedadam", server(lr=0.1, tau=0.01)),
+    ("fedadam s0.3 t1e-2", "fedadam", server(lr=0.3, tau=0.01)),
+    ("fedadam s0.3 t1e-1", "fedadam", server(lr=0.3, tau=0.1)),
+    ("fedyogi s0.1 t1e-2", "fedyogi", server(lr=0.1, tau=0.01)),
+    ("fedyogi s0.3 t1e-1", "fedyogi", server(lr=0.3, tau=0.1)),
+]
+
+
+def family(label: str) -> str:
+    """The strategy a grid label belongs to (its first word)."""
+    return label.split()[0]
+
+
+def selected(label: str, only: list[str] | None, labels: list[str] | None) -> bool:
+    """Whether the grid configuration ``label`` runs under ``--only`` (families) and ``--labels`` (exact labels)."""
+    return (only is None or family(label) in only) and (labels is None or label in labels)
+
+
+def reference(rows: list[dict]) -> dict:
+    """The best FedAvg row of ``rows`` (highest final accuracy): its final accuracy is the target."""
+    fedavg = [r for r in rows if family(r["strategy"]) == "fedavg"]
+    if not fedavg:
+        raise SystemExit("no FedAvg row: run the fedavg family first")
+    return max(fedavg, key=lambda r: final_acc(r["acc"]))
+
+
+def budget_verdict(rows: list[dict], target: float, ref_rounds: int) -> tuple[dict | None, bool]:
+    """The best server-side row by final accuracy, and whether it meets "reaches the target in at most half the
+    rounds" as a budget: its run had at most ``ref_rounds / 2`` rounds and its final accuracy is at least ``target``."""
+    server_rows = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    if not server_rows:
+        return None, False
+    best = max(server_rows, key=lambda r: final_acc(r["acc"]))
+    return best, len(best["acc"]) <= ref_rounds / 2 and final_acc(best["acc"]) >= target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the grid (or the families in ``--only``) at one alpha and print the table and the verdict."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local_epochs", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", default=None, help="run only these families (fedavg, fedavgm, ...)")
+    ap.add_argument(
+        "--labels", nargs="+", default=None, help="run only these grid configurations (exact labels)"
+    )
+    ap.add_argument("--constant_lr", action="store_true", help="no client learning-rate decay in any run")
+    ap.add_argument(
+        "--target_from",
+        type=Path,
+        default=None,
+        help="an earlier grid's --out JSON: its best FedAvg final accuracy is the target (budget reading)",
+    )
+    ap.add_argument("--output_dir", type=Path, default=Path("runs/bench-strategies-grid"))
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON after every run")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.labels or ()) - {g[0] for g in GRID})
+    if unknown:
+        ap.error(f"--labels: {unknown} not in the grid; allowed: {[g[0] for g in GRID]}")
+    rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out and args.out.exists() else []
+    for label, recipe, more in GRID:
+        if not selected(label, args.only, args.labels) or any(r["strategy"] == label for r in rows):
+            continue
+        rows.append(
+            one_run(
+                recipe,
+                args.alpha,
+                args.rounds,
+                args.local_epochs,
+                args.seed,
+                args.output_dir,
+                more=[*more, *(NO_DECAY if args.constant_lr else [])],
+                label=label,
+            )
+        )
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+            )
+    ref_rows = json.loads(args.target_from.read_text())["rows"] if args.target_from else rows
+    base = reference(ref_rows)
+    target = final_acc(base["acc"])
+    recipe = next((r for r in ref_rows if r["strategy"] == GRID[0][0]), base)  # fedavg.yaml as written
+    schedule = "constant client lr" if args.constant_lr else "cosine client-lr decay over the run"
+    source = f" over {len(base['acc'])} rounds, from {args.target_from}" if args.target_from else ""
+    table = Table(
+        title=f"MNIST-1D, 20 clients, Dirichlet {args.alpha}, {args.rounds} rounds, {schedule}, seed {args.seed}: "
+        f"target {target:.2%} (best FedAvg, {base['strategy']}{source}, mean of its last 3 evaluations)"
+    )
+    for col in (
+        "configuration",
+        "round 10",
+        "round 15",
+        "round 20",
+        "final (last 3)",
+        "best",
+        "rounds to FedAvg",
+        "rounds to fedavg.yaml's final",
+    ):
+        table.add_column(col)
+    for r in rows:
+        accs = r["acc"]
+        reach = rounds_to(accs, target)
+        r["rounds_to_fedavg"] = reach
+        at = [f"{accs[i - 1]:.1%}" if len(accs) >= i else "-" for i in (10, 15, 20)]
+        to_recipe = rounds_to(accs, final_acc(recipe["acc"]))
+        table.add_row(
+            r["strategy"],
+            *at,
+            f"{final_acc(accs):.2%}",
+            f"{max(accs):.2%}",
+            str(reach or "-"),
+            str(to_recipe or "-"),
+        )
+    console = Console(width=200)
+    console.print(table)
+    if args.target_from:
+        best, met = budget_verdict(rows, target, len(base["acc"]))
+        if best is not None:
+            console.print(
+                f"best server-side configuration in {args.rounds} rounds: {best['strategy']}, final "
+                f"{final_acc(best['acc']):.2%} against FedAvg's {target:.2%} in {len(base['acc'])} rounds; "
+                f"target (its final accuracy in at most half the rounds) {'met' if met else 'not met'}"
+            )
+        return
+    server = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    if server:
+        best = min(server, key=lambda r: (r["rounds_to_fedavg"] or args.rounds + 1, -final_acc(r["acc"])))
+        reach = best["rounds_to_fedavg"]
+        verdict = "met" if reach is not None and reach <= args.rounds / 2 else "not met"
+        console.print(
+            f"fastest server-side configuration: {best['strategy']}, round {reach or '-'} of {args.rounds}; "
+            f"target (at most {args.rounds / 2:g} rounds) {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    main()

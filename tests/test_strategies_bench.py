@@ -1,0 +1,89 @@
+"""The measures of benchmarks/strategies.py against hand computations: a final accuracy is the mean of the last
+evaluations, and "rounds to FedAvg" is the first round whose trailing mean reaches the target, measured the same way
+for every strategy."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("strategies_bench", ROOT / "benchmarks" / "strategies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trailing_mean_by_hand(bench):
+    accs = [0.1, 0.4, 0.7, 0.2]
+    assert bench.trailing_mean(accs, 3) == pytest.approx([0.1, 0.25, 0.4, 13 / 30])
+    assert bench.trailing_mean(accs, 1) == accs
+    assert bench.final_acc(accs, 3) == pytest.approx(13 / 30)
+    assert bench.final_acc(accs, 1) == 0.2
+
+
+def test_one_lucky_evaluation_does_not_reach_the_target(bench):
+    fedavg = [0.5, 0.8, 0.82, 0.84]  # final (last 3): 0.82
+    spike = [0.5, 0.9, 0.6, 0.7, 0.85, 0.9, 0.8]  # a single 0.9 in round 2
+    target = bench.final_acc(fedavg, 3)
+    # trailing means from round 3: 0.667, 0.733, 0.717, 0.817, 0.85
+    assert bench.rounds_to(spike, target, 3) == 7
+    assert bench.rounds_to(spike, target, 1) == 2  # the single-evaluation measure counts the spike
+    assert bench.rounds_to(fedavg, target, 3) == 4  # FedAvg reaches its own final accuracy at its last round
+    assert bench.rounds_to([0.1, 0.2], 0.9, 3) is None
+
+
+@pytest.fixture(scope="module")
+def grid(bench):
+    import sys
+
+    sys.modules.setdefault("strategies", bench)  # strategies_grid imports the benchmark as a sibling module
+    spec = importlib.util.spec_from_file_location(
+        "strategies_grid", ROOT / "benchmarks" / "strategies_grid.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_selection_by_family_and_label(grid):
+    assert grid.selected("fedavgm s1 m0.7", None, None)
+    assert grid.selected("fedavgm s1 m0.7", ["fedavgm"], ["fedavgm s1 m0.7"])
+    assert not grid.selected("fedavgm s1 m0.9", None, ["fedavgm s1 m0.7"])
+    assert not grid.selected("fedadam s0.1 t1e-2", ["fedavgm"], None)
+    with pytest.raises(SystemExit):  # a label outside the grid is refused before anything runs
+        grid.main(["--labels", "fedavgm s9 m0.1"])
+
+
+def test_budget_verdict_by_hand(grid):
+    fedavg = {"strategy": "fedavg lr0.1", "acc": [0.5] * 27 + [0.8, 0.84, 0.86]}  # final (last 3): 0.8333
+    target = grid.final_acc(grid.reference([fedavg, {"strategy": "fedavg lr0.05", "acc": [0.7] * 30}])["acc"])
+    assert target == pytest.approx(2.5 / 3)
+    half = {"strategy": "fedavgm s1 m0.7", "acc": [0.5] * 12 + [0.83, 0.84, 0.84]}  # 15 rounds, final 0.8367
+    low = {
+        "strategy": "fedadam s0.1 t1e-2",
+        "acc": [0.5] * 12 + [0.9, 0.8, 0.78],
+    }  # best single, final 0.8267
+    best, met = grid.budget_verdict([fedavg, half, low], target, 30)
+    assert best is half and met
+    best, met = grid.budget_verdict([low], target, 30)  # one lucky evaluation does not count
+    assert best is low and not met
+    long = {"strategy": "fedavgm s1 m0.7", "acc": [0.5] * 14 + [0.83, 0.84, 0.84]}  # 17 rounds: over half
+    assert grid.budget_verdict([long], target, 30) == (long, False)
+    assert grid.budget_verdict([fedavg], target, 30) == (None, False)  # FedAvg is not a server-side strategy
+
+
+@pytest.mark.parametrize("recipe", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_constant_lr_drops_the_client_lr_decay(grid, recipe):
+    from lightning_fed.callbacks import RoundLRDecay
+    from lightning_fed.cli import load_recipe
+
+    argv = ["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml")]
+    assert any(isinstance(c, RoundLRDecay) for c in load_recipe(argv).loop.callbacks)
+    assert not any(isinstance(c, RoundLRDecay) for c in load_recipe([*argv, *grid.NO_DECAY]).loop.callbacks)
