@@ -6,8 +6,8 @@ IID (50 samples each), ``--per_round`` (100) clients per round with Poisson samp
 ``--local_epochs`` (3) local epochs, MNIST1DCNN with SGD (lr 0.05, momentum 0.9, batch 16), update bound ``--clip``
 (2.0) and server momentum ``--server_momentum`` (0.5) at server learning rate ``--server_lr`` (1.0) (FedAvgM;
 ``--server_opt adam`` for FedAdam; the noised update is post-processed, at no privacy cost). For each method and
-each epsilon (``inf``: clipping only, no noise) the noise multiplier is calibrated with Opacus' ``get_noise_multiplier`` (RDP accountant) so that the planned run
-spends that epsilon at ``delta = 1 / N^1.1``:
+each epsilon (``inf``: clipping only, no noise) the noise multiplier is calibrated with Opacus'
+``get_noise_multiplier`` (RDP accountant) so that the planned run spends that epsilon at ``delta = 1 / N^1.1``:
 
 * central (``DPFedAvg``), fixed and adaptive clipping: user-level, sample rate ``per_round / clients``, one step per
   round, ``N`` = clients;
