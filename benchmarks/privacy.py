@@ -2,12 +2,12 @@
 local DP and record-level DP-SGD, next to non-private FedAvg on the same setting.
 
 Setting (defaults): an MNIST-1D training set of ``--train`` (100,000) samples over ``--clients`` (2,000) clients,
-IID (50 samples each), ``--per_round`` (200) clients per round with Poisson sampling, ``--rounds`` (20) rounds of
+IID (50 samples each), ``--per_round`` (100) clients per round with Poisson sampling, ``--rounds`` (50) rounds of
 ``--local_epochs`` (3) local epochs, MNIST1DCNN with SGD (lr 0.05, momentum 0.9, batch 16), update bound ``--clip``
-(2.0) and server momentum 0.9 at server learning rate ``--server_lr`` (1.0) (FedAvgM; ``--server_opt adam`` for
-FedAdam; the noised update is post-processed, at no privacy cost). For each method and each epsilon (``inf``: clipping only, no noise)
-the noise multiplier is calibrated with Opacus' ``get_noise_multiplier`` (RDP accountant) so that the planned run
-spends that epsilon at ``delta = 1 / N^1.1``:
+(2.0) and server momentum ``--server_momentum`` (0.5) at server learning rate ``--server_lr`` (1.0) (FedAvgM;
+``--server_opt adam`` for FedAdam; the noised update is post-processed, at no privacy cost). For each method and
+each epsilon (``inf``: clipping only, no noise) the noise multiplier is calibrated with Opacus'
+``get_noise_multiplier`` (RDP accountant) so that the planned run spends that epsilon at ``delta = 1 / N^1.1``:
 
 * central (``DPFedAvg``), fixed and adaptive clipping: user-level, sample rate ``per_round / clients``, one step per
   round, ``N`` = clients;
@@ -18,11 +18,13 @@ spends that epsilon at ``delta = 1 / N^1.1``:
 
 The table shows the epsilon the run itself reported (central: ``dp_epsilon`` after the last round; local and DP-SGD:
 the mean over the last round's clients, who may have taken part more or less often than expected) and the final
-test accuracy. Run from the repository root::
+test accuracy; ``--merge`` of runs with several ``--seed`` values adds the mean and standard deviation of each cell
+over its seeds. Run from the repository root::
 
     python benchmarks/privacy.py                        # everything, the full setting (hours on 2 cores)
     python benchmarks/privacy.py --methods central --epsilons 8 --out central-8.json   # one cell
     python benchmarks/privacy.py --merge fedavg.json central-8.json     # one table from several --out files
+    python benchmarks/privacy.py --methods fedavg --seed 1 --out fedavg-s1.json      # another seed of a cell
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -132,6 +135,7 @@ def one_run(method: str, eps: float, a: argparse.Namespace, out: Path) -> dict[s
     reported = float(last.get(key[method], math.inf)) if method in key else math.inf
     return {
         "method": method,
+        "seed": a.seed,
         "target_eps": eps,
         "eps": reported,
         "noise_multiplier": z,
@@ -142,21 +146,24 @@ def one_run(method: str, eps: float, a: argparse.Namespace, out: Path) -> dict[s
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run non-private FedAvg and every method at every epsilon; print the table (and write JSON with ``--out``)."""
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run non-private FedAvg and every method at every epsilon; print the table (and write JSON with ``--out``).
+
+    Returns the rows (with ``--merge``: the rows of the merged files).
+    """
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=2000)
     ap.add_argument(
         "--train", type=int, default=100000, help="training samples (MNIST-1D keeps 20 %% more as test)"
     )
-    ap.add_argument("--per_round", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--per_round", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--local_epochs", type=int, default=3)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9, help="client SGD momentum")
     ap.add_argument(
-        "--server_momentum", type=float, default=0.9, help="server momentum (FedAvgM; 0: plain FedAvg)"
+        "--server_momentum", type=float, default=0.5, help="server momentum (FedAvgM; 0: plain FedAvg)"
     )
     ap.add_argument("--server_lr", type=float, default=1.0, help="server learning rate")
     ap.add_argument(
@@ -182,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.merge:
         files = [json.loads(f.read_text()) for f in a.merge]
-        print_table([r for f in files for r in f["rows"]], files[0]["args"])
-        return
+        rows = [{"seed": int(f["args"]["seed"]), **r} for f in files for r in f["rows"]]
+        print_table(rows, files[0]["args"])
+        return rows
     torch.set_num_threads(1)
     rows = [one_run("fedavg", math.inf, a, a.runs)] if "fedavg" in a.methods else []
     rows += [one_run(m, e, a, a.runs) for m in a.methods if m != "fedavg" for e in a.epsilons]
@@ -191,11 +199,35 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, args)
     if a.out is not None:
         a.out.write_text(json.dumps({"args": args, "rows": rows}, indent=1))
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Each cell (method, target epsilon) over its seeds: ``n``, mean and sample standard deviation of the test
+    accuracy (sd 0 for one seed) and the seeds, in the order the cells first appear."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["target_eps"]), []).append(r)
+    out = []
+    for (method, eps), rs in cells.items():
+        accs = [r["test_acc"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "target_eps": eps,
+                "n": len(accs),
+                "mean": statistics.fmean(accs),
+                "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seeds": sorted(r["seed"] for r in rs),
+            }
+        )
+    return out
 
 
 def print_table(rows: list[dict], args: dict[str, str]) -> None:
-    """The rows as a rich table; "vs FedAvg" against the non-private row when there is one."""
-    base = next((r["test_acc"] for r in rows if r["method"] == "fedavg"), math.nan)
+    """The rows as a rich table, then each cell's mean +- sd over seeds when a cell has several; "vs FedAvg" is
+    against the non-private row of the same seed (its mean over seeds in the summary) when there is one."""
+    base = {r["seed"]: r["test_acc"] for r in rows if r["method"] == "fedavg"}
     table = Table(
         title=f"MNIST-1D, {args['clients']} clients, {args['train']} samples, {args['per_round']} per round "
         f"(Poisson), {args['rounds']} rounds, {args['local_epochs']} local epoch(s), server "
@@ -203,6 +235,7 @@ def print_table(rows: list[dict], args: dict[str, str]) -> None:
     )
     for col in (
         "method",
+        "seed",
         "target eps",
         "reported eps",
         "noise mult.",
@@ -213,17 +246,36 @@ def print_table(rows: list[dict], args: dict[str, str]) -> None:
     ):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
+        b = base.get(r["seed"])
         table.add_row(
             str(r["method"]),
+            str(r["seed"]),
             f"{r['target_eps']:g}",
             f"{r['eps']:.3g}",
             f"{r['noise_multiplier']:.3f}",
             f"{r['test_acc']:.2%}",
-            f"{(r['test_acc'] - base) * 100:+.1f} pt" if not math.isnan(base) else "n/a",
+            f"{(r['test_acc'] - b) * 100:+.1f} pt" if b is not None else "n/a",
             f"{r['clip']:.3g}",
             f"{r['wall_s']:.0f}",
         )
-    Console(width=120).print(table)
+    console = Console(width=120)
+    console.print(table)
+    cells = summarize(rows)
+    if all(c["n"] == 1 for c in cells):
+        return
+    fed = next((c for c in cells if c["method"] == "fedavg"), None)
+    summary = Table(title="mean +- sd over seeds")
+    for col in ("method", "target eps", "seeds", "test acc", "vs FedAvg"):
+        summary.add_column(col, justify="left" if col == "method" else "right")
+    for c in cells:
+        summary.add_row(
+            c["method"],
+            f"{c['target_eps']:g}",
+            " ".join(map(str, c["seeds"])),
+            f"{c['mean']:.2%} +- {c['sd']:.2%}",
+            f"{(c['mean'] - fed['mean']) * 100:+.1f} pt" if fed is not None else "n/a",
+        )
+    console.print(summary)
 
 
 if __name__ == "__main__":
