@@ -13,7 +13,10 @@ Rows are attacks, columns defences:
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
-  own copy of that same final model;
+  own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio is chosen per model on the
+  server's held-out clean records (:func:`choose_fp_ratio`); no setting of any defence reads the test set;
+* combinations ``RULE/POST`` (backdoor rows only), e.g. ``normbound/fp+nad``: training with the aggregation rule
+  ``RULE``, then the post-training defence ``POST`` on a copy of that run's final model;
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
@@ -68,6 +71,7 @@ from lightning_fed.callbacks import (
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
+from lightning_fed.errors import RoundsFailed
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.strategies import (
     FLAME,
@@ -86,7 +90,8 @@ BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
 AGGREGATION = ("none", "median", "trimmed", "krum", "normbound", "weakdp", "flame")
 POST = ("fp", "nad", "mcr", "fp+nad")
-DEFENCES = (*AGGREGATION, *POST, "feddf")
+COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
+DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {"krum": "dropped", "flame": "dropped", "normbound": "clipped", "weakdp": "clipped"}
 LABELS = {
     "none": "no defence",
@@ -108,6 +113,15 @@ LABELS = {
     "backdoor": "backdoor",
     "backdoor_mr": "backdoor + model replacement",
 }
+LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" for c in COMBOS})
+FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def split_post(defence: str) -> tuple[str, str]:
+    """``(training rule, post-training step)`` of a post-training column: ``"fp"`` -> ``("none", "fp")``,
+    ``"normbound/fp+nad"`` -> ``("normbound", "fp+nad")``."""
+    rule, _, post = defence.rpartition("/")
+    return rule or "none", post
 
 
 def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
@@ -150,12 +164,30 @@ def make_aggregator(name: str, fraction: float, per_round: int, seed: int) -> An
     return None
 
 
-def post_defence(name: str, clean: PublicData, seed: int, args: argparse.Namespace) -> list[Any]:
-    """The post-training defence(s) of column ``name``, fresh instances, applied in order."""
+def choose_fp_ratio(model: nn.Module, clean: PublicData, seed: int, args: argparse.Namespace) -> float:
+    """Fine-pruning's ratio for ``model``, chosen on the server's held-out clean records only (Liu et al.'s rule):
+    prune ever more of conv3's least active channels (``FP_GRID`` up to ``--fp-ratio``, no fine-tuning) and keep
+    the largest ratio before the held-out clean accuracy first falls more than ``--fp-max-drop`` below the
+    unpruned model's. The test set and the trigger are never used."""
+    chosen = FP_GRID[0]
+    for ratio in [r for r in FP_GRID if r <= args.fp_ratio + 1e-9]:
+        probe = FinePruning(clean=clean, layer="conv3", ratio=ratio, at=0, epochs=0, seed=seed)
+        rec = probe.defend(None, copy.deepcopy(model), 0)
+        if rec["acc_pruned"] < rec["acc_before"] - args.fp_max_drop:
+            break
+        chosen = ratio
+    return chosen
+
+
+def post_defence(
+    name: str, clean: PublicData, seed: int, args: argparse.Namespace, fp_ratio: float | None = None
+) -> list[Any]:
+    """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``), fresh
+    instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's channels."""
     fp = FinePruning(
         clean=clean,
         layer="conv3",
-        ratio=args.fp_ratio,
+        ratio=args.fp_ratio if fp_ratio is None else fp_ratio,
         at=0,
         epochs=args.fp_epochs,
         lr=args.defence_lr,
@@ -255,7 +287,10 @@ def train(
         loggers=[],
     )
     model = seeded_model(seed)
-    result = loop.fit(model, dm)
+    try:
+        result = loop.fit(model, dm)
+    except RoundsFailed as err:  # the attack wrecked the model: every reply rejected (e.g. non-finite losses)
+        return model, {"collapsed": str(err).splitlines()[0]}, dm
     record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
     if detection is not None:
         record["detection"] = detection.totals()
@@ -304,14 +339,17 @@ def run_seed(
             for attack_name in [a for a in args.attacks if a != "clean"]:
                 backdoor = attack_name in BACKDOORS
                 defences = [d for d in args.defences if d in AGGREGATION or (backdoor and d == "feddf")]
-                if backdoor and "none" not in defences and any(d in POST for d in args.defences):
-                    defences.insert(0, "none")  # the post-training defences repair the undefended model
+                posts = [d for d in args.defences if d in POST or d in COMBOS] if backdoor else []
+                for rule in dict.fromkeys(split_post(d)[0] for d in posts):  # the models they repair
+                    if rule not in defences:
+                        defences.insert(0, rule)
                 for defence in defences:
                     t0 = time.perf_counter()
                     attack = make_attack(attack_name, fraction, seed, args.boost)
+                    tag = "" if defence == "none" else f"-{defence}"
                     saved = (
-                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}.pt"
-                        if args.models is not None and backdoor and defence == "none"
+                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
+                        if args.models is not None and backdoor and defence != "feddf"
                         else None
                     )
                     if saved is not None and saved.exists():  # the same run, trained before
@@ -335,16 +373,19 @@ def run_seed(
                         "seconds": time.perf_counter() - t0,
                     }
                     emit(row)
-                    if defence != "none" or not backdoor:
-                        continue
-                    for post in [d for d in args.defences if d in POST]:
+                    for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
-                        fixed = repair(model, post_defence(post, clean, seed, args), seed)
+                        post = split_post(column)[1]
+                        ratio = None
+                        if "fp" in post and args.fp_max_drop is not None:
+                            ratio = choose_fp_ratio(model, clean, seed, args)
+                        fixed = repair(model, post_defence(post, clean, seed, args, ratio), seed)
                         emit(
                             {
                                 **row,
-                                "defence": post,
+                                "defence": column,
                                 **measure(fixed, x, y),
+                                **({"fp_ratio": ratio} if ratio is not None else {}),
                                 "seconds": time.perf_counter() - t0,
                             }
                         )
@@ -381,12 +422,18 @@ def curve(args: argparse.Namespace) -> None:
 
 
 def cell(rows: list[dict[str, Any]], key: str, seeds: int = 0) -> str:
-    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``)."""
+    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``;
+    ``†k`` when k of the runs stopped early because every reply was rejected: the model they left is measured)."""
     vals = [100 * r[key] for r in rows if key in r and not math.isnan(r[key])]
     if not vals:
         return "-"
     sd = f" ±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-    return f"{statistics.fmean(vals):.1f}{sd}" + (f" (n={len(vals)})" if len(vals) < seeds else "")
+    dead = sum(1 for r in rows if r.get("collapsed"))
+    return (
+        f"{statistics.fmean(vals):.1f}{sd}"
+        + (f" (n={len(vals)})" if len(vals) < seeds else "")
+        + (f" †{dead}" if dead and key == "acc" else "")
+    )
 
 
 Grid = tuple[str, list[str], list[list[str]], str]
@@ -411,7 +458,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 for d in defences:
                     got = [r for r in here if r["attack"] == attack and r["defence"] == d]
                     if not got:
-                        cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, "feddf") else "")
+                        cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, *COMBOS, "feddf") else "")
                     elif attack in BACKDOORS:
                         cells.append(f"{cell(got, 'acc', n)} / {cell(got, 'asr', n)}")
                     else:
@@ -425,6 +472,12 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
             note = (
                 "¹ a post-training backdoor defence does not repair a model wrecked by a byzantine attack; "
                 "FedDF runs under the backdoors only."
+                + (
+                    " †k: k of the seeds' runs stopped early (every reply rejected, e.g. non-finite losses); the "
+                    "global model they left is measured."
+                    if any(r.get("collapsed") for r in here)
+                    else ""
+                )
             )
             out.append((title, ["attack", *[LABELS[d] for d in defences]], body, note))
             detecting = [d for d in defences if d in DETECTS]
@@ -509,6 +562,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=100, help="FedDF's distillation steps per round")
     p.add_argument(
         "--fp-ratio", type=float, default=0.6, help="fine-pruning: share of conv3's channels removed"
+    )
+    p.add_argument(
+        "--fp-max-drop",
+        type=float,
+        help="fine-pruning: choose the ratio per model on the held-out clean records (the largest of 0.1, 0.2, ... "
+        "up to --fp-ratio before their accuracy falls by more than this); unset: --fp-ratio",
     )
     p.add_argument(
         "--fp-epochs", type=int, default=10, help="fine-pruning: fine-tuning epochs on the clean data"
