@@ -180,17 +180,24 @@ def choose_fp_ratio(model: nn.Module, clean: PublicData, seed: int, args: argpar
 
 
 def post_defence(
-    name: str, clean: PublicData, seed: int, args: argparse.Namespace, fp_ratio: float | None = None
+    name: str,
+    clean: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    fp_ratio: float | None = None,
+    lr: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``), fresh
-    instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's channels."""
+    instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's channels;
+    every SGD step uses ``lr`` (default the first ``--defence-lr``)."""
+    lr = args.defence_lr[0] if lr is None else lr
     fp = FinePruning(
         clean=clean,
         layer="conv3",
         ratio=args.fp_ratio if fp_ratio is None else fp_ratio,
         at=0,
         epochs=args.fp_epochs,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     nad = NAD(
@@ -200,7 +207,7 @@ def post_defence(
         teacher_epochs=args.nad_epochs,
         epochs=args.nad_epochs,
         beta=args.nad_beta,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     mcr = MCR(
@@ -208,10 +215,32 @@ def post_defence(
         at=0,
         endpoint_epochs=args.mcr_epochs,
         epochs=args.mcr_epochs,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad]}[name]
+
+
+def repair_selected(
+    model: nn.Module,
+    post: str,
+    clean: PublicData,
+    select: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    fp_ratio: float | None,
+) -> tuple[nn.Module, float]:
+    """``(repaired copy, lr)``: with one ``--defence-lr``, :func:`repair` with it; with several, the largest whose
+    repaired model's accuracy on the server's selection records ``select`` (clean records no defence trains on)
+    stays within ``--select-drop`` of the unrepaired model's, or the smallest when none does. The test set and
+    the trigger are never used."""
+    lrs = sorted(args.defence_lr, reverse=True)
+    base = accuracy(model, select.x, select.y) if len(lrs) > 1 else 0.0
+    for lr in lrs:
+        fixed = repair(model, post_defence(post, clean, seed, args, fp_ratio, lr), seed)
+        if len(lrs) == 1 or accuracy(fixed, select.x, select.y) >= base - args.select_drop:
+            break
+    return fixed, lr
 
 
 def seeded_model(seed: int) -> MNIST1DCNN:
@@ -314,6 +343,7 @@ def run_seed(
 ) -> None:
     """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
     clean = PublicData(num_samples=500, seed=7, labeled=True)
+    select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -379,12 +409,13 @@ def run_seed(
                         ratio = None
                         if "fp" in post and args.fp_max_drop is not None:
                             ratio = choose_fp_ratio(model, clean, seed, args)
-                        fixed = repair(model, post_defence(post, clean, seed, args, ratio), seed)
+                        fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio)
                         emit(
                             {
                                 **row,
                                 "defence": column,
                                 **measure(fixed, x, y),
+                                "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 "seconds": time.perf_counter() - t0,
                             }
@@ -577,7 +608,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--nad-epochs", type=int, default=20, help="NAD: epochs of the teacher and of the distillation"
     )
     p.add_argument("--mcr-epochs", type=int, default=20, help="MCR: epochs of the endpoint and of the curve")
-    p.add_argument("--defence-lr", type=float, default=0.05, help="SGD lr of the clean-data defences")
+    p.add_argument(
+        "--defence-lr",
+        type=float,
+        nargs="+",
+        default=[0.05],
+        help="SGD lr of the clean-data defences; several: chosen per model on the selection records",
+    )
+    p.add_argument(
+        "--select-drop",
+        type=float,
+        default=0.02,
+        help="with several --defence-lr: the largest whose selection accuracy is within this of the unrepaired",
+    )
+    p.add_argument(
+        "--select-samples",
+        type=int,
+        default=200,
+        help="clean records the server holds apart to choose settings on (PublicData, generator seed 8)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke test: 1 seed, 2 rounds, 400 samples, few epochs"
     )

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,3 +151,23 @@ def test_a_collapsed_run_is_marked_in_its_cell(bench):
     assert bench.cell(rows[1:], "acc", 2) == "30.0 (n=1)"
     ((_, _, body, note), *_) = bench.grids(rows)
     assert body == [["sign flip", "20.0 ±14.1 †1"]] and "†k" in note
+
+
+def test_defence_lr_is_chosen_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    model = bench.seeded_model(0)
+    lrs = ["--defence-lr", "0.01", "0.05", "0.02"]
+    loose = bench.parse(["--quick", *lrs, "--select-drop", "1.0"])
+    strict = bench.parse(["--quick", *lrs, "--select-drop", "-1.0"])
+    one = bench.parse(["--quick", "--defence-lr", "0.03"])
+    assert bench.repair_selected(model, "nad", clean, select, 0, loose, None)[1] == 0.05  # the largest passes
+    assert (
+        bench.repair_selected(model, "nad", clean, select, 0, strict, None)[1] == 0.01
+    )  # none: the smallest
+    fixed, lr = bench.repair_selected(model, "nad", clean, select, 0, one, None)
+    again = bench.repair(model, bench.post_defence("nad", clean, 0, one, None, 0.03), 0)
+    assert lr == 0.03
+    assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), again.state_dict().values()))
