@@ -13,8 +13,9 @@ Rows are attacks, columns defences:
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
-  own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio is chosen per model on the
-  server's held-out clean records (:func:`choose_fp_ratio`); no setting of any defence reads the test set;
+  own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
+  the defences' learning rate, are chosen per model on 200 further clean records the server holds apart
+  (generator seed 8; :func:`choose_fp_ratio`, :func:`repair_selected`); no setting reads the test set;
 * combinations ``RULE/POST`` (backdoor rows only), e.g. ``normbound/fp+nad``: training with the aggregation rule
   ``RULE``, then the post-training defence ``POST`` on a copy of that run's final model;
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
@@ -164,18 +165,21 @@ def make_aggregator(name: str, fraction: float, per_round: int, seed: int) -> An
     return None
 
 
-def choose_fp_ratio(model: nn.Module, clean: PublicData, seed: int, args: argparse.Namespace) -> float:
-    """Fine-pruning's ratio for ``model``, chosen on the server's held-out clean records only (Liu et al.'s rule):
-    prune ever more of conv3's least active channels (``FP_GRID`` up to ``--fp-ratio``, no fine-tuning) and keep
-    the largest ratio before the held-out clean accuracy first falls more than ``--fp-max-drop`` below the
-    unpruned model's. The test set and the trigger are never used."""
+def choose_fp_ratio(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """Fine-pruning's ratio for ``model``, chosen on clean records the server holds apart (``select``, which no
+    defence trains on): the strongest pruning the clean-accuracy budget allows. Each ratio of ``FP_GRID`` up to
+    ``--fp-ratio`` prunes a copy and fine-tunes it (``--fp-epochs`` at the largest ``--defence-lr``); the largest
+    ratio whose accuracy on ``select`` stays within ``--fp-max-drop`` of the unrepaired model's is chosen (the
+    smallest when none does). The test set and the trigger are never used."""
+    base = accuracy(model, select.x, select.y)
+    lr = max(args.defence_lr)
     chosen = FP_GRID[0]
     for ratio in [r for r in FP_GRID if r <= args.fp_ratio + 1e-9]:
-        probe = FinePruning(clean=clean, layer="conv3", ratio=ratio, at=0, epochs=0, seed=seed)
-        rec = probe.defend(None, copy.deepcopy(model), 0)
-        if rec["acc_pruned"] < rec["acc_before"] - args.fp_max_drop:
-            break
-        chosen = ratio
+        probe = repair(model, post_defence("fp", clean, seed, args, ratio, lr), seed)
+        if accuracy(probe, select.x, select.y) >= base - args.fp_max_drop:
+            chosen = ratio
     return chosen
 
 
@@ -403,12 +407,14 @@ def run_seed(
                         "seconds": time.perf_counter() - t0,
                     }
                     emit(row)
+                    chosen: list[float] = []  # fine-pruning's ratio for this model, chosen once
                     for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
                         post = split_post(column)[1]
                         ratio = None
                         if "fp" in post and args.fp_max_drop is not None:
-                            ratio = choose_fp_ratio(model, clean, seed, args)
+                            chosen = chosen or [choose_fp_ratio(model, clean, select, seed, args)]
+                            ratio = chosen[0]
                         fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio)
                         emit(
                             {
@@ -597,8 +603,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fp-max-drop",
         type=float,
-        help="fine-pruning: choose the ratio per model on the held-out clean records (the largest of 0.1, 0.2, ... "
-        "up to --fp-ratio before their accuracy falls by more than this); unset: --fp-ratio",
+        help="fine-pruning: choose the ratio per model on the selection records (the largest of 0.1, 0.2, ... "
+        "up to --fp-ratio whose fine-tuned accuracy is within this of the unrepaired model's); unset: --fp-ratio",
     )
     p.add_argument(
         "--fp-epochs", type=int, default=10, help="fine-pruning: fine-tuning epochs on the clean data"

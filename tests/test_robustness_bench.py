@@ -116,18 +116,19 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     assert "norm bound, then FP + NAD" in printed
 
 
-def test_fine_pruning_ratio_is_chosen_on_held_out_clean_records(bench):
+def test_fine_pruning_ratio_is_chosen_on_the_selection_records(bench):
     from lightning_fed.data import PublicData
 
     clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
     model = bench.seeded_model(0)
     strict = bench.parse(["--quick", "--fp-max-drop", "-1.0", "--fp-ratio", "0.8"])
     loose = bench.parse(["--quick", "--fp-max-drop", "1.0", "--fp-ratio", "0.8"])
     capped = bench.parse(["--quick", "--fp-max-drop", "1.0", "--fp-ratio", "0.3"])
     # no drop allowed: the least pruning of the grid
-    assert bench.choose_fp_ratio(model, clean, 0, strict) == bench.FP_GRID[0]
-    assert bench.choose_fp_ratio(model, clean, 0, loose) == 0.8
-    assert bench.choose_fp_ratio(model, clean, 0, capped) == 0.3
+    assert bench.choose_fp_ratio(model, clean, select, 0, strict) == bench.FP_GRID[0]
+    assert bench.choose_fp_ratio(model, clean, select, 0, loose) == 0.8
+    assert bench.choose_fp_ratio(model, clean, select, 0, capped) == 0.3
 
 
 def test_combination_columns_split_into_rule_and_post_step(bench):
