@@ -387,7 +387,7 @@ def run_seed(
                         else None
                     )
                     if saved is not None and saved.exists():  # the same run, trained before
-                        model, rec = seeded_model(seed), {}
+                        model, rec = seeded_model(seed), {"reused": True}
                         model.load_state_dict(torch.load(saved))
                     else:
                         model, rec, _ = train(
@@ -645,7 +645,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--load",
         type=Path,
         nargs="+",
-        help="print the tables of saved JSON results (a later file's cell wins) and exit",
+        help="print the tables of saved JSON results (a later file's cell wins, unless it only reused a saved "
+        "model) and exit",
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
@@ -661,10 +662,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     console = Console(width=250)
     if args.load:
-        cells = {}  # a cell in a later file replaces the same cell in an earlier one
-        for path in args.load:
+        cells = {}  # a cell in a later file replaces the same cell in an earlier one, unless it only reused a
+        for (
+            path
+        ) in args.load:  # saved model (its training run's record, e.g. detection, is in the earlier file)
             for r in json.loads(path.read_text()):
-                cells[(r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])] = r
+                key = (r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])
+                if not (r.get("reused") and key in cells):
+                    cells[key] = r
         rows = list(cells.values())
         tables(rows, console, args.markdown)
         return rows

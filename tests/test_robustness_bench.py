@@ -86,24 +86,24 @@ def test_post_training_defences_leave_the_trained_model_alone(bench):
 
 def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     models = tmp_path / "models"
-    rows = bench.main(
-        [
-            "--quick",
-            "--fractions",
-            "0.2",
-            "--attacks",
-            "sign_flip",
-            "backdoor",
-            "--defences",
-            "normbound/fp+nad",
-            "--fp-max-drop",
-            "1.0",
-            "--fp-ratio",
-            "0.5",
-            "--models",
-            str(models),
-        ]
-    )
+    argv = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "sign_flip",
+        "backdoor",
+        "--defences",
+        "normbound/fp+nad",
+        "--fp-max-drop",
+        "1.0",
+        "--fp-ratio",
+        "0.5",
+        "--models",
+        str(models),
+    ]
+    rows = bench.main(argv)
+    rows_by = {r["defence"]: r for r in rows}
     cells = {(r["attack"], r["defence"]) for r in rows}
     # the rule's own training run is a cell; no undefended run is trained for a combination alone, and a
     # combination (a backdoor defence) trains nothing under a byzantine attack
@@ -114,6 +114,15 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     assert sorted(p.name for p in models.iterdir()) == ["20-0.2-backdoor-0-normbound.pt"]
     printed = capsys.readouterr().out
     assert "norm bound, then FP + NAD" in printed
+    # a second run reuses the saved model: its rule cell has no training record and does not replace the first's
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(rows))
+    bench.main([*argv, "--json", str(second)])
+    reused = [r for r in json.loads(second.read_text()) if r["defence"] == "normbound"]
+    assert reused[0]["reused"] and "detection" not in reused[0]
+    merged = bench.main(["--load", str(first), str(second)])
+    kept = {r["defence"]: r for r in merged}["normbound"]
+    assert kept["detection"] == rows_by["normbound"]["detection"]
 
 
 def test_fine_pruning_ratio_is_chosen_on_the_selection_records(bench):
