@@ -418,7 +418,9 @@ def run_seed(
                         fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio)
                         emit(
                             {
-                                **row,
+                                **{
+                                    k: v for k, v in row.items() if k != "reused"
+                                },  # this cell is computed now
                                 "defence": column,
                                 **measure(fixed, x, y),
                                 "defence_lr": lr,

@@ -120,6 +120,7 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     bench.main([*argv, "--json", str(second)])
     reused = [r for r in json.loads(second.read_text()) if r["defence"] == "normbound"]
     assert reused[0]["reused"] and "detection" not in reused[0]
+    assert not any(r.get("reused") for r in json.loads(second.read_text()) if r["defence"] != "normbound")
     merged = bench.main(["--load", str(first), str(second)])
     kept = {r["defence"]: r for r in merged}["normbound"]
     assert kept["detection"] == rows_by["normbound"]["detection"]
