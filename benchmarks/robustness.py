@@ -13,7 +13,11 @@ Rows are attacks, columns defences:
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
-  own copy of that same final model;
+  own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
+  the defences' learning rate, are chosen per model on 200 further clean records the server holds apart
+  (generator seed 8; :func:`choose_fp_ratio`, :func:`repair_selected`); no setting reads the test set;
+* combinations ``RULE/POST`` (backdoor rows only), e.g. ``normbound/fp+nad``: training with the aggregation rule
+  ``RULE``, then the post-training defence ``POST`` on a copy of that run's final model;
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
@@ -68,6 +72,7 @@ from lightning_fed.callbacks import (
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
+from lightning_fed.errors import RoundsFailed
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.strategies import (
     FLAME,
@@ -86,7 +91,8 @@ BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
 AGGREGATION = ("none", "median", "trimmed", "krum", "normbound", "weakdp", "flame")
 POST = ("fp", "nad", "mcr", "fp+nad")
-DEFENCES = (*AGGREGATION, *POST, "feddf")
+COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
+DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {"krum": "dropped", "flame": "dropped", "normbound": "clipped", "weakdp": "clipped"}
 LABELS = {
     "none": "no defence",
@@ -108,6 +114,15 @@ LABELS = {
     "backdoor": "backdoor",
     "backdoor_mr": "backdoor + model replacement",
 }
+LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" for c in COMBOS})
+FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def split_post(defence: str) -> tuple[str, str]:
+    """``(training rule, post-training step)`` of a post-training column: ``"fp"`` -> ``("none", "fp")``,
+    ``"normbound/fp+nad"`` -> ``("normbound", "fp+nad")``."""
+    rule, _, post = defence.rpartition("/")
+    return rule or "none", post
 
 
 def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
@@ -150,15 +165,43 @@ def make_aggregator(name: str, fraction: float, per_round: int, seed: int) -> An
     return None
 
 
-def post_defence(name: str, clean: PublicData, seed: int, args: argparse.Namespace) -> list[Any]:
-    """The post-training defence(s) of column ``name``, fresh instances, applied in order."""
+def choose_fp_ratio(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """Fine-pruning's ratio for ``model``, chosen on clean records the server holds apart (``select``, which no
+    defence trains on): the strongest pruning the clean-accuracy budget allows. Each ratio of ``FP_GRID`` up to
+    ``--fp-ratio`` prunes a copy and fine-tunes it (``--fp-epochs`` at the largest ``--defence-lr``); the largest
+    ratio whose accuracy on ``select`` stays within ``--fp-max-drop`` of the unrepaired model's is chosen (the
+    smallest when none does). The test set and the trigger are never used."""
+    base = accuracy(model, select.x, select.y)
+    lr = max(args.defence_lr)
+    chosen = FP_GRID[0]
+    for ratio in [r for r in FP_GRID if r <= args.fp_ratio + 1e-9]:
+        probe = repair(model, post_defence("fp", clean, seed, args, ratio, lr), seed)
+        if accuracy(probe, select.x, select.y) >= base - args.fp_max_drop:
+            chosen = ratio
+    return chosen
+
+
+def post_defence(
+    name: str,
+    clean: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    fp_ratio: float | None = None,
+    lr: float | None = None,
+) -> list[Any]:
+    """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``), fresh
+    instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's channels;
+    every SGD step uses ``lr`` (default the first ``--defence-lr``)."""
+    lr = args.defence_lr[0] if lr is None else lr
     fp = FinePruning(
         clean=clean,
         layer="conv3",
-        ratio=args.fp_ratio,
+        ratio=args.fp_ratio if fp_ratio is None else fp_ratio,
         at=0,
         epochs=args.fp_epochs,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     nad = NAD(
@@ -168,7 +211,7 @@ def post_defence(name: str, clean: PublicData, seed: int, args: argparse.Namespa
         teacher_epochs=args.nad_epochs,
         epochs=args.nad_epochs,
         beta=args.nad_beta,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     mcr = MCR(
@@ -176,10 +219,32 @@ def post_defence(name: str, clean: PublicData, seed: int, args: argparse.Namespa
         at=0,
         endpoint_epochs=args.mcr_epochs,
         epochs=args.mcr_epochs,
-        lr=args.defence_lr,
+        lr=lr,
         seed=seed,
     )
     return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad]}[name]
+
+
+def repair_selected(
+    model: nn.Module,
+    post: str,
+    clean: PublicData,
+    select: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    fp_ratio: float | None,
+) -> tuple[nn.Module, float]:
+    """``(repaired copy, lr)``: with one ``--defence-lr``, :func:`repair` with it; with several, the largest whose
+    repaired model's accuracy on the server's selection records ``select`` (clean records no defence trains on)
+    stays within ``--select-drop`` of the unrepaired model's, or the smallest when none does. The test set and
+    the trigger are never used."""
+    lrs = sorted(args.defence_lr, reverse=True)
+    base = accuracy(model, select.x, select.y) if len(lrs) > 1 else 0.0
+    for lr in lrs:
+        fixed = repair(model, post_defence(post, clean, seed, args, fp_ratio, lr), seed)
+        if len(lrs) == 1 or accuracy(fixed, select.x, select.y) >= base - args.select_drop:
+            break
+    return fixed, lr
 
 
 def seeded_model(seed: int) -> MNIST1DCNN:
@@ -255,7 +320,10 @@ def train(
         loggers=[],
     )
     model = seeded_model(seed)
-    result = loop.fit(model, dm)
+    try:
+        result = loop.fit(model, dm)
+    except RoundsFailed as err:  # the attack wrecked the model: every reply rejected (e.g. non-finite losses)
+        return model, {"collapsed": str(err).splitlines()[0]}, dm
     record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
     if detection is not None:
         record["detection"] = detection.totals()
@@ -279,6 +347,7 @@ def run_seed(
 ) -> None:
     """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
     clean = PublicData(num_samples=500, seed=7, labeled=True)
+    select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -304,18 +373,21 @@ def run_seed(
             for attack_name in [a for a in args.attacks if a != "clean"]:
                 backdoor = attack_name in BACKDOORS
                 defences = [d for d in args.defences if d in AGGREGATION or (backdoor and d == "feddf")]
-                if backdoor and "none" not in defences and any(d in POST for d in args.defences):
-                    defences.insert(0, "none")  # the post-training defences repair the undefended model
+                posts = [d for d in args.defences if d in POST or d in COMBOS] if backdoor else []
+                for rule in dict.fromkeys(split_post(d)[0] for d in posts):  # the models they repair
+                    if rule not in defences:
+                        defences.insert(0, rule)
                 for defence in defences:
                     t0 = time.perf_counter()
                     attack = make_attack(attack_name, fraction, seed, args.boost)
+                    tag = "" if defence == "none" else f"-{defence}"
                     saved = (
-                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}.pt"
-                        if args.models is not None and backdoor and defence == "none"
+                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
+                        if args.models is not None and backdoor and defence != "feddf"
                         else None
                     )
                     if saved is not None and saved.exists():  # the same run, trained before
-                        model, rec = seeded_model(seed), {}
+                        model, rec = seeded_model(seed), {"reused": True}
                         model.load_state_dict(torch.load(saved))
                     else:
                         model, rec, _ = train(
@@ -335,16 +407,24 @@ def run_seed(
                         "seconds": time.perf_counter() - t0,
                     }
                     emit(row)
-                    if defence != "none" or not backdoor:
-                        continue
-                    for post in [d for d in args.defences if d in POST]:
+                    chosen: list[float] = []  # fine-pruning's ratio for this model, chosen once
+                    for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
-                        fixed = repair(model, post_defence(post, clean, seed, args), seed)
+                        post = split_post(column)[1]
+                        ratio = None
+                        if "fp" in post and args.fp_max_drop is not None:
+                            chosen = chosen or [choose_fp_ratio(model, clean, select, seed, args)]
+                            ratio = chosen[0]
+                        fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio)
                         emit(
                             {
-                                **row,
-                                "defence": post,
+                                **{
+                                    k: v for k, v in row.items() if k != "reused"
+                                },  # this cell is computed now
+                                "defence": column,
                                 **measure(fixed, x, y),
+                                "defence_lr": lr,
+                                **({"fp_ratio": ratio} if ratio is not None else {}),
                                 "seconds": time.perf_counter() - t0,
                             }
                         )
@@ -381,12 +461,18 @@ def curve(args: argparse.Namespace) -> None:
 
 
 def cell(rows: list[dict[str, Any]], key: str, seeds: int = 0) -> str:
-    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``)."""
+    """``mean ±sd`` in percent of ``key`` over ``rows`` (``-`` when none; ``(n=k)`` when fewer than ``seeds``;
+    ``†k`` when k of the runs stopped early because every reply was rejected: the model they left is measured)."""
     vals = [100 * r[key] for r in rows if key in r and not math.isnan(r[key])]
     if not vals:
         return "-"
     sd = f" ±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-    return f"{statistics.fmean(vals):.1f}{sd}" + (f" (n={len(vals)})" if len(vals) < seeds else "")
+    dead = sum(1 for r in rows if r.get("collapsed"))
+    return (
+        f"{statistics.fmean(vals):.1f}{sd}"
+        + (f" (n={len(vals)})" if len(vals) < seeds else "")
+        + (f" †{dead}" if dead and key == "acc" else "")
+    )
 
 
 Grid = tuple[str, list[str], list[list[str]], str]
@@ -411,7 +497,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 for d in defences:
                     got = [r for r in here if r["attack"] == attack and r["defence"] == d]
                     if not got:
-                        cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, "feddf") else "")
+                        cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, *COMBOS, "feddf") else "")
                     elif attack in BACKDOORS:
                         cells.append(f"{cell(got, 'acc', n)} / {cell(got, 'asr', n)}")
                     else:
@@ -425,6 +511,12 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
             note = (
                 "¹ a post-training backdoor defence does not repair a model wrecked by a byzantine attack; "
                 "FedDF runs under the backdoors only."
+                + (
+                    " †k: k of the seeds' runs stopped early (every reply rejected, e.g. non-finite losses); the "
+                    "global model they left is measured."
+                    if any(r.get("collapsed") for r in here)
+                    else ""
+                )
             )
             out.append((title, ["attack", *[LABELS[d] for d in defences]], body, note))
             detecting = [d for d in defences if d in DETECTS]
@@ -511,6 +603,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--fp-ratio", type=float, default=0.6, help="fine-pruning: share of conv3's channels removed"
     )
     p.add_argument(
+        "--fp-max-drop",
+        type=float,
+        help="fine-pruning: choose the ratio per model on the selection records (the largest of 0.1, 0.2, ... "
+        "up to --fp-ratio whose fine-tuned accuracy is within this of the unrepaired model's); unset: --fp-ratio",
+    )
+    p.add_argument(
         "--fp-epochs", type=int, default=10, help="fine-pruning: fine-tuning epochs on the clean data"
     )
     p.add_argument("--nad-beta", type=float, default=100.0, help="NAD: weight of the attention loss")
@@ -518,7 +616,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--nad-epochs", type=int, default=20, help="NAD: epochs of the teacher and of the distillation"
     )
     p.add_argument("--mcr-epochs", type=int, default=20, help="MCR: epochs of the endpoint and of the curve")
-    p.add_argument("--defence-lr", type=float, default=0.05, help="SGD lr of the clean-data defences")
+    p.add_argument(
+        "--defence-lr",
+        type=float,
+        nargs="+",
+        default=[0.05],
+        help="SGD lr of the clean-data defences; several: chosen per model on the selection records",
+    )
+    p.add_argument(
+        "--select-drop",
+        type=float,
+        default=0.02,
+        help="with several --defence-lr: the largest whose selection accuracy is within this of the unrepaired",
+    )
+    p.add_argument(
+        "--select-samples",
+        type=int,
+        default=200,
+        help="clean records the server holds apart to choose settings on (PublicData, generator seed 8)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke test: 1 seed, 2 rounds, 400 samples, few epochs"
     )
@@ -531,7 +647,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--load",
         type=Path,
         nargs="+",
-        help="print the tables of saved JSON results (a later file's cell wins) and exit",
+        help="print the tables of saved JSON results (a later file's cell wins, unless it only reused a saved "
+        "model) and exit",
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
@@ -547,10 +664,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     console = Console(width=250)
     if args.load:
-        cells = {}  # a cell in a later file replaces the same cell in an earlier one
-        for path in args.load:
+        cells = {}  # a cell in a later file replaces the same cell in an earlier one, unless it only reused a
+        for (
+            path
+        ) in args.load:  # saved model (its training run's record, e.g. detection, is in the earlier file)
             for r in json.loads(path.read_text()):
-                cells[(r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])] = r
+                key = (r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])
+                if not (r.get("reused") and key in cells):
+                    cells[key] = r
         rows = list(cells.values())
         tables(rows, console, args.markdown)
         return rows

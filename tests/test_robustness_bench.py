@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +82,103 @@ def test_post_training_defences_leave_the_trained_model_alone(bench):
     fixed = bench.repair(model, bench.post_defence("fp+nad", clean, 0, args), 0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert fixed.conv3.out_channels < model.conv3.out_channels  # pruned, and the original is not
+
+
+def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
+    models = tmp_path / "models"
+    argv = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "sign_flip",
+        "backdoor",
+        "--defences",
+        "normbound/fp+nad",
+        "--fp-max-drop",
+        "1.0",
+        "--fp-ratio",
+        "0.5",
+        "--models",
+        str(models),
+    ]
+    rows = bench.main(argv)
+    rows_by = {r["defence"]: r for r in rows}
+    cells = {(r["attack"], r["defence"]) for r in rows}
+    # the rule's own training run is a cell; no undefended run is trained for a combination alone, and a
+    # combination (a backdoor defence) trains nothing under a byzantine attack
+    assert cells == {("backdoor", "normbound"), ("backdoor", "normbound/fp+nad")}
+    (combo,) = [r for r in rows if r["defence"] == "normbound/fp+nad"]
+    # any held-out drop allowed: the largest ratio of the grid up to --fp-ratio
+    assert combo["fp_ratio"] == 0.5
+    assert sorted(p.name for p in models.iterdir()) == ["20-0.2-backdoor-0-normbound.pt"]
+    printed = capsys.readouterr().out
+    assert "norm bound, then FP + NAD" in printed
+    # a second run reuses the saved model: its rule cell has no training record and does not replace the first's
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(rows))
+    bench.main([*argv, "--json", str(second)])
+    reused = [r for r in json.loads(second.read_text()) if r["defence"] == "normbound"]
+    assert reused[0]["reused"] and "detection" not in reused[0]
+    assert not any(r.get("reused") for r in json.loads(second.read_text()) if r["defence"] != "normbound")
+    merged = bench.main(["--load", str(first), str(second)])
+    kept = {r["defence"]: r for r in merged}["normbound"]
+    assert kept["detection"] == rows_by["normbound"]["detection"]
+
+
+def test_fine_pruning_ratio_is_chosen_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    model = bench.seeded_model(0)
+    strict = bench.parse(["--quick", "--fp-max-drop", "-1.0", "--fp-ratio", "0.8"])
+    loose = bench.parse(["--quick", "--fp-max-drop", "1.0", "--fp-ratio", "0.8"])
+    capped = bench.parse(["--quick", "--fp-max-drop", "1.0", "--fp-ratio", "0.3"])
+    # no drop allowed: the least pruning of the grid
+    assert bench.choose_fp_ratio(model, clean, select, 0, strict) == bench.FP_GRID[0]
+    assert bench.choose_fp_ratio(model, clean, select, 0, loose) == 0.8
+    assert bench.choose_fp_ratio(model, clean, select, 0, capped) == 0.3
+
+
+def test_combination_columns_split_into_rule_and_post_step(bench):
+    assert bench.split_post("fp+nad") == ("none", "fp+nad")
+    assert bench.split_post("flame/fp+nad") == ("flame", "fp+nad")
+    assert "normbound/fp+nad" in bench.DEFENCES and bench.LABELS["krum/nad"] == "multi-Krum, then NAD"
+
+
+def test_a_collapsed_run_is_marked_in_its_cell(bench):
+    row = {
+        "clients": 20,
+        "fraction": 0.2,
+        "attack": "sign_flip",
+        "defence": "none",
+        "asr": 0.0,
+        "seconds": 1.0,
+    }
+    rows = [{**row, "seed": 0, "acc": 0.1, "collapsed": "3 consecutive rounds could not aggregate"}]
+    rows.append({**row, "seed": 1, "acc": 0.3})
+    assert bench.cell(rows, "acc", 2) == "20.0 ±14.1 †1"
+    assert bench.cell(rows[1:], "acc", 2) == "30.0 (n=1)"
+    ((_, _, body, note), *_) = bench.grids(rows)
+    assert body == [["sign flip", "20.0 ±14.1 †1"]] and "†k" in note
+
+
+def test_defence_lr_is_chosen_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    model = bench.seeded_model(0)
+    lrs = ["--defence-lr", "0.01", "0.05", "0.02"]
+    loose = bench.parse(["--quick", *lrs, "--select-drop", "1.0"])
+    strict = bench.parse(["--quick", *lrs, "--select-drop", "-1.0"])
+    one = bench.parse(["--quick", "--defence-lr", "0.03"])
+    assert bench.repair_selected(model, "nad", clean, select, 0, loose, None)[1] == 0.05  # the largest passes
+    assert (
+        bench.repair_selected(model, "nad", clean, select, 0, strict, None)[1] == 0.01
+    )  # none: the smallest
+    fixed, lr = bench.repair_selected(model, "nad", clean, select, 0, one, None)
+    again = bench.repair(model, bench.post_defence("nad", clean, 0, one, None, 0.03), 0)
+    assert lr == 0.03
+    assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), again.state_dict().values()))
