@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -28,8 +30,17 @@ def make_loop(tmp_path):
     """FedLoop factory with quiet, fast defaults writing under tmp_path."""
 
     def factory(**kw) -> FedLoop:
-        defaults = {"num_clients": 4, "clients_per_round": 2, "rounds": 2, "local_epochs": 1, "output_dir": str(tmp_path / "runs"),
-                        "verbose": False, "plot": False, "loggers": [], "checkpoint_every": 0}
+        defaults = {
+            "num_clients": 4,
+            "clients_per_round": 2,
+            "rounds": 2,
+            "local_epochs": 1,
+            "output_dir": str(tmp_path / "runs"),
+            "verbose": False,
+            "plot": False,
+            "loggers": [],
+            "checkpoint_every": 0,
+        }
         defaults.update(kw)
         return FedLoop(**defaults)
 
@@ -40,3 +51,12 @@ def seeded(cls, *args, seed: int = 0, **kw) -> L.LightningModule:
     """Build a module after seeding, so its initial weights are reproducible."""
     L.seed_everything(seed, verbose=False)
     return cls(*args, **kw)
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

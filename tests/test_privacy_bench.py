@@ -3,22 +3,19 @@ reports the epsilon its accountant spent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("privacy_bench", ROOT / "benchmarks" / "privacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("privacy")
 
 
 def _row(method: str, eps: float, seed: int, acc: float) -> dict:

@@ -4,20 +4,17 @@ for every strategy."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("strategies_bench", ROOT / "benchmarks" / "strategies.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("strategies")
 
 
 def test_trailing_mean_by_hand(bench):
@@ -44,12 +41,7 @@ def grid(bench):
     import sys
 
     sys.modules.setdefault("strategies", bench)  # strategies_grid imports the benchmark as a sibling module
-    spec = importlib.util.spec_from_file_location(
-        "strategies_grid", ROOT / "benchmarks" / "strategies_grid.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("strategies_grid")
 
 
 def test_grid_selection_by_family_and_label(grid):
