@@ -35,6 +35,18 @@ def axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragm
     return sq
 
 
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def measure(x: np.ndarray) -> tuple[float, float]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.float32(0.0)
+    for i in range(x.shape[0]):
+        v = x[i]
+        d = np.float64(v)
+        sq += d * d
+        top = max(top, abs(v))
+    return sq, np.float64(top)
+
+
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
 def dequantize(
     codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray

@@ -3,6 +3,9 @@ same values.
 
 * :func:`axpy_measure_`, the fold's fused pass: a reply is added into the accumulator and measured (sum of
   squares, largest magnitude) in one read of its memory.
+* :func:`measure`, the same measures without the add: a reply judged before it is added (the server's norm check
+  against the previous round, see :class:`~lightning_fed.strategies.aggregate.MeanFold`) is read once here and
+  once by the add, which then finds it in the cache when it is small.
 * :func:`dequantize_blockwise`, the blockwise 8-bit decode: code book lookup times the block's absmax, in one
   pass over the codes, bit-identical to bitsandbytes' ``dequantize_blockwise`` (the same one float32 product
   per value), about four times faster than bitsandbytes' CPU loop.
@@ -100,4 +103,23 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     return sq, top
 
 
-__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_blockwise"]
+def measure(x: Tensor) -> tuple[float, float]:
+    """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, as
+    :func:`axpy_measure_` with ``bound`` measures it (``inf`` for the largest magnitude when a value is not
+    finite), without adding it anywhere."""
+    if NUMBA and x.numel():
+        sq, top = _loops().measure(x.numpy())
+        return sq, (top if math.isfinite(sq) else math.inf)
+    sq, top = 0.0, 0.0
+    for s in range(0, x.numel(), PIECE):
+        piece = x[s : s + PIECE]
+        lo, hi = torch.aminmax(piece)
+        lo_f, hi_f = float(lo), float(hi)
+        top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        sq += float(torch.dot(piece, piece))
+    if not math.isfinite(sq) and math.isfinite(top):  # float32 overflow of finite values: sum them in float64
+        sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    return sq, top
+
+
+__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_blockwise", "measure"]

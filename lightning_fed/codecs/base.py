@@ -91,6 +91,11 @@ class Codec:
     received), so the server encodes one message per client with its state about that client, and each client
     decodes with its own state (see :class:`~lightning_fed.codecs.DownlinkDelta`)."""
 
+    reads_accepted: bool = False
+    """Whether :meth:`accept` reads the payloads it is given (TCS sums them). ``False`` lets the server release a
+    reply's payload once it is folded into the mean (see :class:`~lightning_fed.server.Server`); a codec that
+    overrides :meth:`accept` declares it in its own class."""
+
     def encode(self, payload: Payload, state: dict[str, Any], args: EncodeArgs = EncodeArgs()) -> bytes:
         """Client side: encode ``payload`` into a message.
 

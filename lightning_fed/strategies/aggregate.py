@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_measure_
-from lightning_fed.protocol import Payload, value_bounds, values_within
+from lightning_fed.kernels import axpy_measure_, measure
+from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -90,6 +90,14 @@ class MeanFold:
       at once (as it does a reply whose sum of squares was not finite); only when it fails does the server
       check each folded reply to find (and reject) the culprits.
 
+    A reply the server can judge on its own (its norm check has a reference: the previous round's median) is
+    *decided* before it is added (:meth:`add_decided`): measured in one read, rejected or added (a small reply
+    is still in the cache for the add), and then its payload may be released (:data:`~lightning_fed.protocol.
+    RELEASED`): nothing needs it again. Its rejection leaves the accumulator untouched, and once a reply is
+    released the fold is never voided: when the kept replies' example counts do not sum to the total the fold
+    bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by ``total / kept``, the
+    example-weighted mean of the kept replies up to one rounding per element.
+
     A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
     anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
     folded (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place,
@@ -122,13 +130,12 @@ class MeanFold:
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
         self.broken = False
+        self.released = 0
+        """How many folded replies' payloads were released (:meth:`add_decided`)."""
+        self._rescaled = False
         self.norms: dict[int, float] = {}
         """L2 norm of each reply folded from one flat buffer (by ``id(reply)``), summed from the pieces while
         they are in the cache: the server's norm check then reads no reply twice."""
-
-    @staticmethod
-    def _stamp(payload: Payload) -> list[tuple[int, int]]:
-        return [(id(t), t._version) for t in payload.values()]
 
     def add(self, reply: Any, max_abs: float | None = None) -> bool:
         """Add ``reply.num_examples / total`` times ``reply.payload``.
@@ -163,6 +170,43 @@ class MeanFold:
             self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
         return ok
 
+    def add_decided(self, reply: Any, max_abs: float | None, max_norm: float, release: bool) -> tuple[str | None, float]:
+        """Judge ``reply`` first, then add ``reply.num_examples / total`` times its payload: its values must be
+        finite (and of magnitude at most ``max_abs`` when given) and its L2 norm at most ``max_norm``.
+
+        Returns ``(None, norm)`` when added (its payload replaced by :data:`~lightning_fed.protocol.RELEASED`
+        when ``release``), or ``(why, norm)`` when rejected: ``"values"`` (validate it for the named reason) or
+        ``"norm"``; the accumulator is untouched then. The structure must already match ``spec``."""
+        payload = reply.payload
+        x = self.spec.flat_view(payload)
+        if x is not None:
+            sq, top = measure(x)
+        else:  # entries in several buffers: measured entry by entry, added where they lie
+            parts = [payload[k].detach().reshape(-1) for k in self.spec.names]
+            lo, hi = value_bounds([t for t in parts if t.numel()])
+            top = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+            sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in parts)
+        norm = math.sqrt(sq)
+        if not math.isfinite(top) or (max_abs is not None and top > max_abs):
+            return "values", norm
+        if not norm <= max_norm:
+            return "norm", norm
+        if not self.broken:
+            w = reply.num_examples / float(self.total)
+            if x is not None:
+                self._acc.add_(x, alpha=w)
+            else:
+                torch._foreach_add_(self._parts, [payload[k].detach() for k in self.spec.names], alpha=w)
+            if release:
+                reply.payload = RELEASED
+                self.released += 1
+            self._folded.append((reply, reply.payload, reply.num_examples, self._stamp(reply.payload)))
+        return None, norm
+
+    @staticmethod
+    def _stamp(payload: Payload) -> list[tuple[int, int]]:
+        return [] if payload is RELEASED else [(id(t), t._version) for t in payload.values()]
+
     def settle(self) -> bool:
         """Whether the replies added without a check (no ``max_abs``) are certainly finite: the sum of the
         accumulator is finite (one read of one buffer for the round). ``False``: some value is not finite, or the
@@ -174,14 +218,23 @@ class MeanFold:
     def covers(self, replies: list[Any]) -> bool:
         """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
         payload dict it was folded with, its entries neither replaced nor written in place since, its example
-        count unchanged, and the counts summing to the total the fold weighted by."""
+        count unchanged, and the counts summing to the total the fold weighted by (or, once a payload was
+        released, to any positive total: :meth:`result` rescales)."""
         if self.broken or len(replies) != len(self._folded):
             return False
         for r, (reply, payload, n, stamp) in zip(replies, self._folded):
             if r is not reply or r.payload is not payload or r.num_examples != n or self._stamp(payload) != stamp:
                 return False
-        return sum(n for _, _, n, _ in self._folded) == self.total
+        return self.released > 0 or self._kept() == self.total
+
+    def _kept(self) -> int:
+        return sum(n for _, _, n, _ in self._folded)
 
     def result(self) -> Tensor:
-        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given)."""
+        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given), rescaled once by ``total / kept`` when
+        released replies were folded and the kept replies' counts sum to ``kept != total``."""
+        kept = self._kept()
+        if kept != self.total and kept > 0 and not self._rescaled:
+            self._acc.mul_(self.total / kept)
+            self._rescaled = True
         return self._acc
