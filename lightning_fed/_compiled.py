@@ -63,3 +63,38 @@ def dequantize(
             out[start + j] = points[j] * scale
     for i in range(whole * blocksize, n):  # the last, partial block
         out[i] = code[codes[i]] * absmax[whole]
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> None:  # pragma: no cover - compiled
+    # acc[dst + k] += w * (code[codes[src + k]] * absmax[(src + k) // blocksize]): the decoded value rounded to
+    # float32 first, then one fma, as decoding and ``Tensor.add_`` do
+    i = 0
+    while i < n:
+        b = (src + i) // blocksize
+        end = min(n, (b + 1) * blocksize - src)
+        scale = absmax[b]
+        for k in range(i, end):
+            v = code[codes[src + k]] * scale
+            acc[dst + k] += w * v
+        i = end
+
+
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_measure(
+    codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.float32(0.0)
+    n = codes.shape[0]
+    for b in range((n + blocksize - 1) // blocksize):
+        scale = absmax[b]
+        for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
+            v = code[codes[i]] * scale
+            d = np.float64(v)
+            sq += d * d
+            top = max(top, abs(v))
+    return sq, np.float64(top)

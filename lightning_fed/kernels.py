@@ -6,6 +6,8 @@ same values.
 * :func:`measure`, the same measures without the add: a reply judged before it is added (the server's norm check
   against the previous round, see :class:`~lightning_fed.strategies.aggregate.MeanFold`) is read once here and
   once by the add, which then finds it in the cache when it is small.
+* :func:`dequantize_measure` and :func:`dequantize_axpy_`, the fold of a blockwise 8-bit reply read from its
+  codes: measured, then decoded and added in the same loop, never stored as float32.
 * :func:`dequantize_blockwise`, the blockwise 8-bit decode: code book lookup times the block's absmax, in one
   pass over the codes, bit-identical to bitsandbytes' ``dequantize_blockwise`` (the same one float32 product
   per value), about four times faster than bitsandbytes' CPU loop.
@@ -122,4 +124,46 @@ def measure(x: Tensor) -> tuple[float, float]:
     return sq, top
 
 
-__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_blockwise", "measure"]
+def _piece_step(blocksize: int) -> int:
+    """Values per piece of the torch path over codes: about :data:`PIECE`, whole blocks."""
+    return max(blocksize, PIECE // blocksize * blocksize)
+
+
+def dequantize_measure(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> tuple[float, float]:
+    """``(sum of squares, largest |x|)`` of the values :func:`dequantize_blockwise` decodes, read from the codes
+    (one byte per value) without decoding them into memory."""
+    n = len(codes)
+    if NUMBA and n:
+        return _loops().dequantize_measure(np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(),
+                                           blocksize)
+    sq, top = 0.0, 0.0
+    step = _piece_step(blocksize)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        sq += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+        top = max(top, float(piece.abs().max()))
+    return sq, top
+
+
+def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor, code: Tensor,
+                     blocksize: int, w: float) -> None:
+    """``acc[dst : dst + n] += w * x[src : src + n]`` in place, where ``x`` is what :func:`dequantize_blockwise`
+    decodes from all of ``codes``: the values are decoded as they are added, never stored; bit-identical to
+    decoding then ``acc[...].add_(x[...], alpha=w)``."""
+    if not n:
+        return
+    if NUMBA:
+        _loops().dequantize_axpy(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n, absmax.numpy(),
+                                 code.numpy(), blocksize, np.float32(w))
+        return
+    step = _piece_step(blocksize)
+    for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time
+        e = min(s + step, len(codes))
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        lo, hi = max(s, src), min(e, src + n)
+        acc[dst + lo - src : dst + hi - src].add_(piece[lo - s : hi - s], alpha=w)
+
+
+__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_axpy_", "dequantize_blockwise", "dequantize_measure",
+           "measure"]

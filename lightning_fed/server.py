@@ -291,9 +291,16 @@ class Server:
         try:
             spec = self.strategy.reply_spec(instr)
             state = self.senders.load(msg.client_id)
+            args = DecodeArgs(round=server_round, sender=msg.client_id, spec=spec, max_bytes=self.max_message_bytes)
+            reference = None
+            if fold is not None and self.release and decided is not None and not fold.broken:
+                key = self._structure(spec)
+                reference = self.reference.get(key) if self.max_norm_ratio is not None else math.inf
+            deferred = None
             t = time.perf_counter()
-            payload = self.codec.decode(msg.message, state, DecodeArgs(
-                round=server_round, sender=msg.client_id, spec=spec, max_bytes=self.max_message_bytes))
+            if reference is not None and not self.codec.reads_accepted:  # folded from the code if it can be
+                deferred = self.codec.decode_deferred(msg.message, state, args)
+            payload = self.codec.decode(msg.message, state, args) if deferred is None else {}
             stats["decode_s"] += time.perf_counter() - t
             self.senders.save(msg.client_id, state)  # the sender's encoder advanced too, whatever validation says
             reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics), msg.local_steps)
@@ -302,26 +309,37 @@ class Server:
             if fold is None:
                 validate_reply(reply, spec, max_abs=self.max_update_abs)
                 return reply
-            # the structure now; the values in the pass that adds them (or for the round, see MeanFold)
-            validate_reply(reply, spec, max_abs=self.max_update_abs, check_values=False)
-            key = self._structure(spec)
-            reference = self.reference.get(key) if self.max_norm_ratio is not None else math.inf
-            if self.release and reference is not None and decided is not None and not fold.broken:
-                limit = reference * (self.max_norm_ratio if self.max_norm_ratio is not None else 1.0)
+            # the structure now (a deferred reply's is the spec's by construction); its values in the fold's pass
+            validate_reply(reply, {} if deferred is not None else spec, check_values=False)
+            limit = math.inf
+            if reference is not None and self.max_norm_ratio is not None:
+                limit = reference * self.max_norm_ratio
+            if deferred is not None:
+                why, norm = fold.add_deferred(reply, deferred, self.max_update_abs, limit)
+                if why == "values":
+                    reply.payload = deferred.payload()  # decoded only to name the culprit
+                del deferred
+                self._judged(reply, spec, why, norm)
+                decided[id(reply)] = (key, norm)  # type: ignore[index]
+            elif reference is not None:
                 why, norm = fold.add_decided(reply, self.max_update_abs, limit, not self.codec.reads_accepted)
-                if why == "norm":
-                    raise RejectedReply(f"its norm {norm:.4g} is more than max_norm_ratio={self.max_norm_ratio} "
-                                        "times the previous round's median")
-                if why is not None:
-                    validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
-                    raise RejectedReply("its values are not finite")  # pragma: no cover - validation names it
-                decided[id(reply)] = (key, norm)
+                self._judged(reply, spec, why, norm)
+                decided[id(reply)] = (key, norm)  # type: ignore[index]
             elif not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
                 validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", server_round + 1, msg.client_id, err)
             return f"reply of client {msg.client_id} rejected: {err}"
         return reply
+
+    def _judged(self, reply: Reply, spec: PayloadSpec, why: str | None, norm: float) -> None:
+        """Raise the rejection a fold's verdict on a reply judged before its add stands for (``None``: none)."""
+        if why == "norm":
+            raise RejectedReply(f"its norm {norm:.4g} is more than max_norm_ratio={self.max_norm_ratio} times the "
+                                "previous round's median")
+        if why is not None:
+            validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
+            raise RejectedReply("its values are not finite")  # pragma: no cover - validation names it
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """The codec learns which replies are kept (:meth:`Codec.accept`), then the strategy aggregates them.

@@ -190,3 +190,46 @@ def test_aggregation_benchmark_times_released_rows(capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| identity |", "| int8 |"))]
     assert len(rows) == 2 and all("skipped" not in r for r in rows)
     assert all(r.split("|")[8].strip() == "0" for r in rows)  # held MiB: the 4 KB accumulator only
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_int8_replies_are_folded_from_their_codes(path, tmp_path, monkeypatch):
+    """With a reference, an 8-bit reply is measured and added straight from its codes (never decoded into a
+    float32 buffer), bit-identical to decoding it and adding the copy; a reply over ``max_update_abs`` is decoded
+    only to name its entry, and rejected before it touches the sum."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", 300)  # several pieces, not whole blocks of the codec's layout
+    s, codec = _strategy(), Blockwise8bit(blocksize=64)
+    server = _server(s, codec, tmp_path, max_update_abs=0.5)
+    assert s.spec is not None
+    second = _deltas(s.spec, 5, seed=5)
+    second[3][17] = 0.9  # over max_update_abs
+    messages, raw = _two_rounds(s, codec, server, second)
+    kept = [0, 1, 2, 4]
+    total = sum(COUNTS[:5])
+    rescaled = _rescaled_from(s, codec, raw, kept, total)
+    decoded = []
+    decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    got = server.collect(1, s.configure_round(1, list(range(5))), messages)
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    assert decoded == []
+    assert "client 3 rejected" in got.reasons[0] and "max_abs" in got.reasons[0]
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, rescaled)
+
+
+def _rescaled_from(s: FedAvg, codec: Codec, raw: list[bytes], keep: list[int], total: int) -> torch.Tensor:
+    """Decode each kept message, add its flat copy with ``n / total``, rescale once by ``total / kept``, step."""
+    spec = s.spec
+    assert spec is not None and s.global_flat is not None
+    acc = torch.zeros(spec.numel)
+    for i in keep:
+        payload = codec.decode(raw[i], {}, DecodeArgs(sender=i, spec=spec.tensor_specs()))
+        acc.add_(spec.flatten(payload), alpha=COUNTS[i] / float(total))
+    acc.mul_(total / sum(COUNTS[i] for i in keep))
+    return s.global_flat.clone().add_(acc)

@@ -119,6 +119,14 @@ class Codec:
         """
         raise NotImplementedError
 
+    def decode_deferred(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Any:
+        """Server side, optional: the message's values left where they are, for a server that folds them into
+        a mean without keeping them (:class:`~lightning_fed.codecs.vector.DeferredValues`: measured, added
+        and, only if something else reads them, decoded), or ``None`` (the default; also for a message this
+        codec cannot defer): the server calls :meth:`decode`. Raises ``MalformedMessage`` as :meth:`decode`
+        would; ``state`` changes as with :meth:`decode`."""
+        return None
+
     def broadcast(self, server_round: int) -> bytes:
         """Server side: codec data every sampled client of ``server_round`` receives before it encodes (e.g. a
         shared sparsity mask), passed to :meth:`encode` as ``args.broadcast``; the loop counts its length in

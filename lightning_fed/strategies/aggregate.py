@@ -203,6 +203,39 @@ class MeanFold:
             self._folded.append((reply, reply.payload, reply.num_examples, self._stamp(reply.payload)))
         return None, norm
 
+    def add_deferred(self, reply: Any, values: Any, max_abs: float | None, max_norm: float) -> tuple[str | None, float]:
+        """:meth:`add_decided` for values still in their message (:class:`~lightning_fed.codecs.vector.
+        DeferredValues`, e.g. 8-bit codes): measured and added straight from the code, never decoded into a
+        buffer; ``reply``'s payload is :data:`~lightning_fed.protocol.RELEASED` once added. The values' layout
+        must be the expected spec's (the codec defers only then)."""
+        sq, top = values.measure()
+        norm = math.sqrt(sq)
+        if not math.isfinite(top) or (max_abs is not None and top > max_abs):
+            return "values", norm
+        if not norm <= max_norm:
+            return "norm", norm
+        values.add_into(self._acc, reply.num_examples / float(self.total), self._segments(values.layout))
+        reply.payload = RELEASED
+        self.released += 1
+        self._folded.append((reply, RELEASED, reply.num_examples, []))
+        return None, norm
+
+    def _segments(self, layout: FlatSpec) -> list[tuple[int, int, int]]:
+        """``(src, dst, n)`` runs mapping a codec layout's flat vector onto the accumulator (``spec``'s order)."""
+        known = getattr(self, "_layout", None)
+        if known is not None and known[0] is layout:
+            return known[1]
+        where = dict(zip(self.spec.names, self.spec.offsets, strict=True))
+        runs: list[tuple[int, int, int]] = []
+        for name, src, n in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+            dst = where[name]
+            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+            elif n:
+                runs.append((src, dst, n))
+        self._layout = (layout, runs)
+        return runs
+
     @staticmethod
     def _stamp(payload: Payload) -> list[tuple[int, int]]:
         return [] if payload is RELEASED else [(id(t), t._version) for t in payload.values()]
