@@ -36,15 +36,26 @@ def axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragm
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
-def measure(x: np.ndarray) -> tuple[float, float]:  # pragma: no cover - compiled
+def sumsq(x: np.ndarray) -> float:  # pragma: no cover - compiled
     sq = 0.0
-    top = np.float32(0.0)
     for i in range(x.shape[0]):
-        v = x[i]
-        d = np.float64(v)
+        d = np.float64(x[i])
         sq += d * d
-        top = max(top, abs(v))
-    return sq, np.float64(top)
+    return sq
+
+
+# The largest magnitude as the largest of the values' bits with the sign cleared (``bits`` is ``x`` viewed as
+# int32): for non-negative floats the integer order is the float order (inf above every finite value, NaN above
+# inf), and an integer max vectorises where a float max (NaN rules) does not.
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def measure(x: np.ndarray, bits: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.int32(0)
+    for i in range(x.shape[0]):
+        d = np.float64(x[i])
+        sq += d * d
+        top = max(top, bits[i] & np.int32(0x7FFFFFFF))
+    return sq, top
 
 
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)

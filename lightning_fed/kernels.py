@@ -105,13 +105,18 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     return sq, top
 
 
-def measure(x: Tensor) -> tuple[float, float]:
+def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
     """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, as
-    :func:`axpy_measure_` with ``bound`` measures it (``inf`` for the largest magnitude when a value is not
-    finite), without adding it anywhere."""
+    :func:`axpy_measure_` measures it, without adding it anywhere. The largest magnitude is ``inf`` when a value
+    is not finite; without ``bound`` only that is known (``0.0`` or ``inf``, from the sum of squares)."""
     if NUMBA and x.numel():
-        sq, top = _loops().measure(x.numpy())
-        return sq, (top if math.isfinite(sq) else math.inf)
+        a = x.numpy()
+        if not bound:
+            sq = _loops().sumsq(a)
+            return sq, (0.0 if math.isfinite(sq) else math.inf)
+        sq, bits = _loops().measure(a, a.view(np.int32))
+        top = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+        return sq, (top if math.isfinite(top) else math.inf)  # NaN bits lie above inf's
     sq, top = 0.0, 0.0
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
@@ -121,7 +126,7 @@ def measure(x: Tensor) -> tuple[float, float]:
         sq += float(torch.dot(piece, piece))
     if not math.isfinite(sq) and math.isfinite(top):  # float32 overflow of finite values: sum them in float64
         sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-    return sq, top
+    return sq, (top if bound or not math.isfinite(top) else 0.0)
 
 
 def _piece_step(blocksize: int) -> int:

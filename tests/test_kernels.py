@@ -98,3 +98,20 @@ def test_int8_fold_from_the_codes_is_decode_then_add_bit_for_bit(n, blocksize, m
         assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6), path
         assert top == float(x.abs().max()), path
         assert fused.measure(x) == (pytest.approx(sq, rel=1e-6), top), path
+        assert fused.measure(x, bound=False) == (pytest.approx(sq, rel=1e-6), 0.0), path
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
+def test_measure_alone_finds_the_largest_magnitude_and_bad_values(bad, monkeypatch):
+    x = torch.linspace(-3, 2, 1001)
+    if bad is not None:
+        x[500] = bad
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        for bound in (True, False):
+            sq, top = fused.measure(x, bound=bound)
+            if bad is None:
+                assert top == (3.0 if bound else 0.0), (path, bound)
+                assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6)
+            else:
+                assert top == math.inf, (path, bound)

@@ -180,7 +180,7 @@ class MeanFold:
         payload = reply.payload
         x = self.spec.flat_view(payload)
         if x is not None:
-            sq, top = measure(x)
+            sq, top = measure(x, bound=max_abs is not None)
         else:  # entries in several buffers: measured entry by entry, added where they lie
             parts = [payload[k].detach().reshape(-1) for k in self.spec.names]
             lo, hi = value_bounds([t for t in parts if t.numel()])
