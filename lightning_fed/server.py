@@ -284,7 +284,10 @@ class Server:
         With a ``fold`` (:meth:`collect`), the structure is validated first. A reply whose norm check has a
         reference (the previous round's median, or no norm check at all) is then measured, judged and only then
         added (:meth:`MeanFold.add_decided <lightning_fed.strategies.aggregate.MeanFold.add_decided>`), its payload
-        released when the codec does not read accepted payloads, and recorded in ``decided``. Any other is added,
+        released when the codec does not read accepted payloads, and recorded in ``decided``; when the codec can
+        leave its values in the message (:meth:`Codec.decode_deferred`: an Identity message of the expected
+        layout, 8-bit codes), they are measured and added from there (:meth:`MeanFold.add_deferred
+        <lightning_fed.strategies.aggregate.MeanFold.add_deferred>`) and decoded only to name a bad entry. Any other is added,
         its values checked in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
         for the whole round at the end of :meth:`collect`. A reply whose values fail is validated in full for the
         reason and rejected; the fold, voided, is never used."""

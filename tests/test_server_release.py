@@ -233,3 +233,54 @@ def _rescaled_from(s: FedAvg, codec: Codec, raw: list[bytes], keep: list[int], t
         acc.add_(spec.flatten(payload), alpha=COUNTS[i] / float(total))
     acc.mul_(total / sum(COUNTS[i] for i in keep))
     return s.global_flat.clone().add_(acc)
+
+
+def _hostile_messages(s: FedAvg, codec: Codec) -> list[ClientMessage]:
+    """Six messages of the second round: well-formed ones around a missing entry, a float64 entry, a truncated
+    body, a NaN, an extra metadata key and a wrong shape."""
+    from lightning_fed.codecs.wire import pack
+
+    assert s.spec is not None
+    deltas = _deltas(s.spec, 8, seed=9)
+    payloads = [s.spec.unflatten(d) for d in deltas]
+    msgs = [ClientMessage(i, codec.encode(p, {}), COUNTS[i % 6]) for i, p in enumerate(payloads)]
+    name = s.spec.names[0]
+    missing = {k: v for k, v in payloads[1].items() if k != name}
+    msgs[1] = ClientMessage(1, codec.encode(missing, {}), COUNTS[1])
+    msgs[2] = ClientMessage(2, codec.encode({**payloads[2], name: payloads[2][name].double()}, {}), COUNTS[2])
+    msgs[3] = ClientMessage(3, msgs[3].message[:-4], COUNTS[3])
+    bad = {k: v.clone() for k, v in payloads[4].items()}
+    bad[name].view(-1)[3] = float("nan")
+    msgs[4] = ClientMessage(4, codec.encode(bad, {}), COUNTS[4])
+    msgs[5] = ClientMessage(5, pack(payloads[5], {"codec": "identity", "x": "1"}), COUNTS[5])
+    msgs[6] = ClientMessage(
+        6, codec.encode({**payloads[6], name: payloads[6][name].reshape(-1)}, {}), COUNTS[0]
+    )
+    return msgs
+
+
+def test_identity_fast_path_rejects_as_the_full_decode(tmp_path, monkeypatch):
+    """Messages of the known layout are read as one flat view (no parsing, no split); every other message is
+    decoded in full and rejected with the same reasons as on the held path."""
+    from lightning_fed.codecs import wire
+
+    results = []
+    for release in (False, True):
+        s, codec = _strategy(), Identity()
+        server = _server(s, codec, tmp_path / str(release), release=release)
+        _two_rounds(s, codec, server, [])
+        unpacked: list[int] = []
+
+        def counted(*a, _seen=unpacked, **k):
+            _seen.append(1)
+            return wire.unpack(*a, **k)
+
+        monkeypatch.setattr("lightning_fed.codecs.base.unpack", counted)
+        got = server.collect(1, s.configure_round(1, list(range(8))), _hostile_messages(s, codec))
+        monkeypatch.undo()
+        results.append((got.reasons, [r.client_id for r in got.replies], len(unpacked)))
+        assert all((r.payload is RELEASED) == release for r in got.replies)
+    (held_reasons, held_ids, held_unpacked), (reasons, ids, fast_unpacked) = results
+    assert ids == held_ids == [0, 5, 7]
+    assert reasons == held_reasons and len(reasons) == 5
+    assert held_unpacked == 8 and fast_unpacked == 6  # the two well-formed messages of the layout: no parse

@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.deferred import DeferredValues
 from lightning_fed.codecs.frame import Reader, Writer
-from lightning_fed.codecs.vector import DeferredValues, ValueCodec
+from lightning_fed.codecs.vector import ValueCodec
 from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.kernels import dequantize_axpy_, dequantize_blockwise, dequantize_measure
 
@@ -116,8 +117,8 @@ class BlockwiseCodes(DeferredValues):
     def __init__(self, codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> None:
         self.codes, self.absmax, self.code, self.blocksize = codes, absmax, code, blocksize
 
-    def measure(self) -> tuple[float, float]:
-        """Sum of squares and largest magnitude of the decoded values, from the codes."""
+    def measure(self, bound: bool = True) -> tuple[float, float]:
+        """Sum of squares and largest magnitude of the decoded values, from the codes (both, always)."""
         return dequantize_measure(self.codes, self.absmax, self.code, self.blocksize)
 
     def add_into(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]]) -> None:

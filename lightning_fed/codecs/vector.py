@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs
+from lightning_fed.codecs.deferred import DeferredValues, arrange
 from lightning_fed.codecs.frame import (
     FLAG_EXTRAS,
     FLAG_LAYOUT,
@@ -215,44 +216,6 @@ class ValueCodec(VectorCodec):
         """Read ``n`` values' code as :meth:`decode_values` does, leaving the values in the message; ``None``
         (the default): this codec decodes them in full."""
         return None
-
-
-class DeferredValues:
-    """A reply's values still in their message (:meth:`Codec.decode_deferred
-    <lightning_fed.codecs.Codec.decode_deferred>`): a server folding them into a mean measures them and adds
-    them straight from the code, and decodes them (:meth:`payload`) only if something else must read them.
-
-    Attributes:
-        layout: the codec layout of the values (set by the codec).
-        spec: the expected spec, for the payload's entry order (set by the codec).
-    """
-
-    layout: FlatSpec
-    spec: Any = None
-
-    def measure(self) -> tuple[float, float]:
-        """``(sum of squares, largest magnitude)`` of the values (``inf`` magnitude for a value not finite)."""
-        raise NotImplementedError
-
-    def add_into(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]]) -> None:
-        """``acc[dst : dst + n] += w * x[src : src + n]`` for each ``(src, dst, n)`` of ``segments`` (``x`` the
-        values in layout order), bit-identical to decoding ``x`` and calling ``add_``."""
-        raise NotImplementedError
-
-    def values(self) -> Tensor:
-        """The decoded float32 vector, in layout order."""
-        raise NotImplementedError
-
-    def payload(self) -> Payload:
-        """What :meth:`Codec.decode <lightning_fed.codecs.Codec.decode>` returns for the message."""
-        return arrange(self.layout.unflatten(self.values()), self.spec)
-
-
-def arrange(payload: Payload, spec: Any) -> Payload:
-    """``payload`` in the spec's order where it names the entries (the others after)."""
-    if spec is None:
-        return payload
-    return {**{k: payload[k] for k in spec if k in payload}, **payload}
 
 
 def layout_id(layout: FlatSpec) -> Tensor:

@@ -208,7 +208,7 @@ class MeanFold:
         DeferredValues`, e.g. 8-bit codes): measured and added straight from the code, never decoded into a
         buffer; ``reply``'s payload is :data:`~lightning_fed.protocol.RELEASED` once added. The values' layout
         must be the expected spec's (the codec defers only then)."""
-        sq, top = values.measure()
+        sq, top = values.measure(bound=max_abs is not None)
         norm = math.sqrt(sq)
         if not math.isfinite(top) or (max_abs is not None and top > max_abs):
             return "values", norm
