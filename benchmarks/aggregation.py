@@ -18,13 +18,14 @@ thread's CPU time (``time.thread_time``): other jobs on a shared machine add no 
 kernel's work for the thread (page faults) still counts.
 
 The timed round is the server's second: an untimed first round of 3 replies gives the norm check its reference
-(the median norm of the previous round's replies), so each timed reply is judged before its fold and released
-once added, as in every FedLoop round after the first; a codec whose ``accept`` reads the accepted payloads
-would keep them (neither codec here does). The floor keeps its flat buffers the way the server keeps its replies
-(here: not at all).
+(the median norm of the previous round's replies), so each timed reply is added and measured in one pass, judged,
+and released once the fold's undo window (up to 16 replies, 2 GiB) moves past it, as in every FedLoop round after
+the first; a codec whose ``accept`` reads the accepted payloads would keep them (neither codec here does). The
+floor keeps its flat buffers the way the server keeps its replies (here: it frees each after its add).
 
 Memory: "held" counts the bytes of the buffers the server holds when aggregation starts (the distinct storages of
-the payloads of the accepted replies still held, plus FedAvg's accumulator); "RSS peak" is the largest growth of
+the payloads of the accepted replies still held, plus FedAvg's accumulator; the undo window's snapshot and
+replies are gone by then, the RSS peak shows them); "RSS peak" is the largest growth of
 the process's resident memory over the timed region (the kernel's high-water mark ``VmHWM``, reset when the
 region starts), which includes the message being decoded and the generator's copy. A combination whose replies
 the server would hold beyond ``--max-held-gb`` is skipped, and so is one over ``--max-gvalues`` (replies times
@@ -153,7 +154,8 @@ def run_floor(n_params: int, n_replies: int, raw: list[bytes], keep: bool) -> fl
     """Seconds of ``acc.zero_()`` and one ``acc.add_(flat, alpha=w)`` per reply, timed the same way as the
     server: each ``flat`` is made just before its add (not counted) as a float32 view of a fresh copy of a delta's
     bytes, made with the same copy as a message, and kept until the end when ``keep`` (as the server keeps its
-    replies when it cannot release them), so memory, page faults and the cache are in the same state for both."""
+    replies when it cannot release them), else freed right after its add (timed, as the server's freeing of a
+    folded message is), so memory, page faults and the cache are in the same state for both."""
     acc = torch.zeros(n_params)
     ns = counts(n_replies)
     total = float(sum(ns))
@@ -168,10 +170,10 @@ def run_floor(n_params: int, n_replies: int, raw: list[bytes], keep: bool) -> fl
             flat = torch.frombuffer(data, dtype=torch.float32)
         t = clock()
         acc.add_(flat, alpha=ns[i] / total)
-        timed += clock() - t
         if keep:
             kept.append(flat)
-        del flat, data
+        del flat, data  # freed here when not kept, as the server frees a folded message: timed on both sides
+        timed += clock() - t
     return timed
 
 

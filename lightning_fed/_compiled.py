@@ -109,3 +109,41 @@ def dequantize_measure(
             sq += d * d
             top = max(top, abs(v))
     return sq, np.float64(top)
+
+
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def _block_measure(vals: np.ndarray, m: int) -> tuple[float, float]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.float32(0.0)
+    for j in range(m):
+        v = vals[j]
+        d = np.float64(v)
+        sq += d * d
+        top = max(top, abs(v))
+    return sq, np.float64(top)
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy_measure(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    # as dequantize_axpy, and the decoded values measured per block from a small buffer (the sums, in a helper
+    # allowed to reassociate, never touch the elementwise add, which keeps one rounding of the product and one fma)
+    vals = np.empty(blocksize, dtype=np.float32)
+    sq = 0.0
+    top = 0.0
+    i = 0
+    while i < n:
+        b = (src + i) // blocksize
+        end = min(n, (b + 1) * blocksize - src)
+        scale = absmax[b]
+        for k in range(i, end):
+            vals[k - i] = code[codes[src + k]] * scale
+        for k in range(i, end):
+            acc[dst + k] += w * vals[k - i]
+        s, t = _block_measure(vals, end - i)
+        sq += s
+        top = max(top, t)
+        i = end
+    return sq, top

@@ -170,5 +170,27 @@ def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int,
         acc[dst + lo - src : dst + hi - src].add_(piece[lo - s : hi - s], alpha=w)
 
 
-__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_axpy_", "dequantize_blockwise", "dequantize_measure",
+def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor,
+                             code: Tensor, blocksize: int, w: float) -> tuple[float, float]:
+    """:func:`dequantize_axpy_` that also returns ``(sum of squares, largest |x|)`` of the values it added, in the
+    same pass over the codes (the values are finite: the scales were checked)."""
+    if not n:
+        return 0.0, 0.0
+    if NUMBA:
+        return _loops().dequantize_axpy_measure(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n,
+                                                absmax.numpy(), code.numpy(), blocksize, np.float32(w))
+    step = _piece_step(blocksize)
+    sq, top = 0.0, 0.0
+    for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time
+        e = min(s + step, len(codes))
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        lo, hi = max(s, src), min(e, src + n)
+        part = piece[lo - s : hi - s]
+        acc[dst + lo - src : dst + hi - src].add_(part, alpha=w)
+        sq += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+        top = max(top, float(part.abs().max()))
+    return sq, top
+
+
+__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_axpy_", "dequantize_axpy_measure_", "dequantize_blockwise", "dequantize_measure",
            "measure"]

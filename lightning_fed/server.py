@@ -189,6 +189,8 @@ class Server:
                 out.replies.append(reply)
                 marks.append(len(out.reasons))
             del msg
+        if fold is not None:
+            fold.flush()  # the replies still held for an undo: nothing can reject them now
         if fold is not None and not fold.settle():
             self._recheck(server_round, out, marks, sent, fold)
         if self.max_norm_ratio is not None:
@@ -317,15 +319,11 @@ class Server:
             limit = math.inf
             if reference is not None and self.max_norm_ratio is not None:
                 limit = reference * self.max_norm_ratio
-            if deferred is not None:
-                why, norm = fold.add_deferred(reply, deferred, self.max_update_abs, limit)
-                if why == "values":
+            if reference is not None and not self.codec.reads_accepted:  # judged after its pass, then let go
+                why, norm = fold.add_released(reply, deferred, self.max_update_abs, limit)
+                if why == "values" and deferred is not None:
                     reply.payload = deferred.payload()  # decoded only to name the culprit
                 del deferred
-                self._judged(reply, spec, why, norm)
-                decided[id(reply)] = (key, norm)  # type: ignore[index]
-            elif reference is not None:
-                why, norm = fold.add_decided(reply, self.max_update_abs, limit, not self.codec.reads_accepted)
                 self._judged(reply, spec, why, norm)
                 decided[id(reply)] = (key, norm)  # type: ignore[index]
             elif not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it

@@ -94,6 +94,12 @@ def test_int8_fold_from_the_codes_is_decode_then_add_bit_for_bit(n, blocksize, m
             acc = start.clone()
             fused.dequantize_axpy_(acc, dst, message, src, count, qs.absmax, code, blocksize, w)
             assert torch.equal(acc, want), (path, src, dst, count)
+            acc = start.clone()
+            sq, top = fused.dequantize_axpy_measure_(acc, dst, message, src, count, qs.absmax, code, blocksize, w)
+            assert torch.equal(acc, want), (path, src, dst, count)
+            part = x[src : src + count]
+            assert sq == pytest.approx(float((part.double() ** 2).sum()), rel=1e-6)
+            assert top == float(part.abs().max())
         sq, top = fused.dequantize_measure(message, qs.absmax, code, blocksize)
         assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6), path
         assert top == float(x.abs().max()), path

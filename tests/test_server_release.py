@@ -14,7 +14,7 @@ from test_server_fold import COUNTS, _deltas, _messages, _reference, _strategy
 
 from lightning_fed import codecs
 from lightning_fed.callbacks.sparsity import SparseUplink
-from lightning_fed.codecs import Blockwise8bit, Codec, DecodeArgs, Identity, TimeCorrelatedTopK
+from lightning_fed.codecs import Blockwise8bit, Cast, Codec, DecodeArgs, Identity, TimeCorrelatedTopK
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
@@ -59,7 +59,7 @@ def test_replies_with_a_reference_are_released_and_the_result_is_unchanged(make_
     assert 0 < got.stats["norm_ratio_prev"] < 10
 
 
-def test_a_scaled_reply_is_rejected_before_its_fold_and_the_rest_rescaled(tmp_path):
+def test_a_scaled_reply_is_rejected_and_the_rest_rescaled(tmp_path):
     s, codec = _strategy(), Identity()
     server = _server(s, codec, tmp_path)
     assert s.spec is not None
@@ -284,3 +284,35 @@ def test_identity_fast_path_rejects_as_the_full_decode(tmp_path, monkeypatch):
     assert ids == held_ids == [0, 5, 7]
     assert reasons == held_reasons and len(reasons) == 5
     assert held_unpacked == 8 and fast_unpacked == 6  # the two well-formed messages of the layout: no parse
+
+
+@pytest.mark.parametrize("window", [1, 2, 16])
+@pytest.mark.parametrize(
+    "make_codec", [Identity, Blockwise8bit, lambda: Cast("fp32")], ids=["identity", "int8", "fp32"]
+)
+def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_path, monkeypatch):
+    """Replies are added and measured in one pass, then judged: a rejected one is taken out exactly (the
+    snapshot and the window's replies again), whether a snapshot was taken before it or not, and the payloads
+    are released once the window moves on."""
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    original = FedAvg.begin_fold
+
+    def begin_fold(self, *a, **k):
+        fold = original(self, *a, **k)
+        fold.window = window
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    second = _deltas(s.spec, 6, seed=5)
+    second[1].mul_(1e6)  # rejected before any snapshot when the window is larger than 1
+    second[4].mul_(1e6)  # after one at any window
+    messages, raw = _two_rounds(s, codec, server, second)
+    kept = [0, 2, 3, 5]
+    want = _rescaled_from(s, codec, raw, kept, sum(COUNTS))
+    got = server.collect(1, s.configure_round(1, list(range(6))), messages)
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    assert got.stats["rejected"] == 2
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, want)

@@ -19,7 +19,12 @@ from lightning_fed.codecs.deferred import DeferredValues
 from lightning_fed.codecs.frame import Reader, Writer
 from lightning_fed.codecs.vector import ValueCodec
 from lightning_fed.codecs.wire import MalformedMessage
-from lightning_fed.kernels import dequantize_axpy_, dequantize_blockwise, dequantize_measure
+from lightning_fed.kernels import (
+    dequantize_axpy_,
+    dequantize_axpy_measure_,
+    dequantize_blockwise,
+    dequantize_measure,
+)
 
 log = logging.getLogger("lightning_fed")
 
@@ -125,6 +130,15 @@ class BlockwiseCodes(DeferredValues):
         """Decode and add in one loop per segment."""
         for src, dst, n in segments:
             dequantize_axpy_(acc, dst, self.codes, src, n, self.absmax, self.code, self.blocksize, w)
+
+    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+                    ) -> tuple[float, float]:
+        """Decode, add and measure in one loop per segment."""
+        sq, top = 0.0, 0.0
+        for src, dst, n in segments:
+            s, t = dequantize_axpy_measure_(acc, dst, self.codes, src, n, self.absmax, self.code, self.blocksize, w)
+            sq, top = sq + s, max(top, t)
+        return sq, top
 
     def values(self) -> Tensor:
         """The decoded vector (what :meth:`Blockwise8bit.decode_values` returns)."""

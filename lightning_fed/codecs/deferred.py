@@ -37,6 +37,11 @@ class DeferredValues:
         values in layout order), bit-identical to decoding ``x`` and calling ``add_``."""
         raise NotImplementedError
 
+    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+                    ) -> tuple[float, float]:
+        """:meth:`add_into` and :meth:`measure` in one pass over the values."""
+        raise NotImplementedError
+
     def values(self) -> Tensor:
         """The decoded float32 vector, in layout order."""
         raise NotImplementedError
@@ -79,6 +84,19 @@ class FlatValues(DeferredValues):
             return
         for src, dst, n in segments:
             acc[dst : dst + n].add_(self.flat[src : src + n], alpha=w)
+
+    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+                    ) -> tuple[float, float]:
+        """The fold's fused pass (:func:`~lightning_fed.kernels.axpy_measure_`) where the values lie."""
+        from lightning_fed.kernels import axpy_measure_
+
+        if len(segments) == 1 and segments[0][2] == acc.numel():
+            return axpy_measure_(acc, self.flat, w, bound=bound)
+        sq, top = 0.0, 0.0
+        for src, dst, n in segments:
+            s, t = axpy_measure_(acc[dst : dst + n], self.flat[src : src + n], w, bound=bound)
+            sq, top = sq + s, max(top, t)
+        return sq, top
 
     def values(self) -> Tensor:
         """The values (a read-only view)."""
