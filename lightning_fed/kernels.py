@@ -3,11 +3,9 @@ same values.
 
 * :func:`axpy_measure_`, the fold's fused pass: a reply is added into the accumulator and measured (sum of
   squares, largest magnitude) in one read of its memory.
-* :func:`measure`, the same measures without the add: a reply judged before it is added (the server's norm check
-  against the previous round, see :class:`~lightning_fed.strategies.aggregate.MeanFold`) is read once here and
-  once by the add, which then finds it in the cache when it is small.
-* :func:`dequantize_measure` and :func:`dequantize_axpy_`, the fold of a blockwise 8-bit reply read from its
-  codes: measured, then decoded and added in the same loop, never stored as float32.
+* :func:`measure`, the same measures without the add (a reply's values measured where they lie).
+* :func:`dequantize_axpy_measure_` (and :func:`dequantize_axpy_`, :func:`dequantize_measure`), the fold of a
+  blockwise 8-bit reply read from its codes: decoded, added and measured in one loop, never stored as float32.
 * :func:`dequantize_blockwise`, the blockwise 8-bit decode: code book lookup times the block's absmax, in one
   pass over the codes, bit-identical to bitsandbytes' ``dequantize_blockwise`` (the same one float32 product
   per value), about four times faster than bitsandbytes' CPU loop.
@@ -192,5 +190,13 @@ def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int,
     return sq, top
 
 
-__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_axpy_", "dequantize_axpy_measure_", "dequantize_blockwise", "dequantize_measure",
-           "measure"]
+__all__ = [
+    "NUMBA",
+    "PIECE",
+    "axpy_measure_",
+    "dequantize_axpy_",
+    "dequantize_axpy_measure_",
+    "dequantize_blockwise",
+    "dequantize_measure",
+    "measure",
+]

@@ -21,10 +21,11 @@ never the global model.
 
 Releasing: the norm check (``max_norm_ratio``) judges a reply against the median norm of the *previous* round's
 accepted replies of the same structure when there is one (the server's state, :meth:`Server.state_dict`), so a
-folded reply is decided right after it is measured, before it is added (:meth:`MeanFold.add_decided
-<lightning_fed.strategies.aggregate.MeanFold.add_decided>`), and its payload released when nothing else reads it
+folded reply is decided right after the pass that adds and measures it, a rejection undone exactly
+(:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`), and its payload
+released when nothing else reads it
 (the codec's :meth:`~lightning_fed.codecs.Codec.accept` does not, :attr:`~lightning_fed.codecs.Codec.
-reads_accepted`): the round then holds the accumulator and the reply being decoded, not every reply. The
+reads_accepted`): the round then holds the accumulator, a snapshot of it and a few replies, not every reply. The
 reply kept in :attr:`Collected.replies` is a light record (client id, example count, metrics; its norm in
 ``Collected.norms``). Replies with no reference (the first round, a structure new after pruning, a round of
 fewer than 3 accepted replies before) are held and judged against their own round's median, as before.
@@ -284,12 +285,12 @@ class Server:
         the logged reason it was rejected.
 
         With a ``fold`` (:meth:`collect`), the structure is validated first. A reply whose norm check has a
-        reference (the previous round's median, or no norm check at all) is then measured, judged and only then
-        added (:meth:`MeanFold.add_decided <lightning_fed.strategies.aggregate.MeanFold.add_decided>`), its payload
-        released when the codec does not read accepted payloads, and recorded in ``decided``; when the codec can
-        leave its values in the message (:meth:`Codec.decode_deferred`: an Identity message of the expected
-        layout, 8-bit codes), they are measured and added from there (:meth:`MeanFold.add_deferred
-        <lightning_fed.strategies.aggregate.MeanFold.add_deferred>`) and decoded only to name a bad entry. Any other is added,
+        reference (the previous round's median, or no norm check at all) and a codec that does not read accepted
+        payloads is then added and measured in one pass and judged (a rejection undone exactly), its payload
+        released (:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`) and
+        its norm recorded in ``decided``; when the codec can leave its values in the message
+        (:meth:`Codec.decode_deferred`: an Identity message of the expected layout, 8-bit codes), they are added
+        and measured from there and decoded only to name a bad entry. Any other is added,
         its values checked in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
         for the whole round at the end of :meth:`collect`. A reply whose values fail is validated in full for the
         reason and rejected; the fold, voided, is never used."""
