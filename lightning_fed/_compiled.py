@@ -112,15 +112,14 @@ def dequantize_measure(
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
-def _block_measure(vals: np.ndarray, m: int) -> tuple[float, float]:  # pragma: no cover - compiled
+def _block_measure(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, int]:  # pragma: no cover
     sq = 0.0
-    top = np.float32(0.0)
-    for j in range(m):
-        v = vals[j]
-        d = np.float64(v)
+    top = np.int32(0)
+    for j in range(m):  # the largest magnitude as an integer max of the sign-cleared bits (see ``measure``)
+        d = np.float64(vals[j])
         sq += d * d
-        top = max(top, abs(v))
-    return sq, np.float64(top)
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    return sq, top
 
 
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
@@ -131,8 +130,9 @@ def dequantize_axpy_measure(
     # as dequantize_axpy, and the decoded values measured per block from a small buffer (the sums, in a helper
     # allowed to reassociate, never touch the elementwise add, which keeps one rounding of the product and one fma)
     vals = np.empty(blocksize, dtype=np.float32)
+    bits = vals.view(np.int32)
     sq = 0.0
-    top = 0.0
+    top = np.int32(0)
     i = 0
     while i < n:
         b = (src + i) // blocksize
@@ -142,8 +142,8 @@ def dequantize_axpy_measure(
             vals[k - i] = code[codes[src + k]] * scale
         for k in range(i, end):
             acc[dst + k] += w * vals[k - i]
-        s, t = _block_measure(vals, end - i)
+        s, t = _block_measure(vals, bits, end - i)
         sq += s
         top = max(top, t)
         i = end
-    return sq, top
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])

@@ -122,9 +122,12 @@ class MeanFold:
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
         hold_bytes: the most bytes of released replies (counted at the accumulator's size each) kept to undo a
             rejection exactly (:meth:`add_released`): 1 to 16 replies.
+        scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
+            pages already in memory); ``None``: allocated when first needed.
     """
 
-    def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30) -> None:
+    def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
+                 scratch: Tensor | None = None) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -138,7 +141,7 @@ class MeanFold:
         self.window = max(1, min(16, hold_bytes // max(1, acc.numel() * acc.element_size())))
         """How many released replies the fold holds at most, to undo a rejection exactly (``hold_bytes``)."""
         self._window: list[tuple[Any, Any, float]] = []
-        self._snap: Tensor | None = None
+        self._snap: Tensor | None = scratch
         self._snapped = False
         self.norms: dict[int, float] = {}
         """L2 norm of each reply folded from one flat buffer (by ``id(reply)``), summed from the pieces while
