@@ -37,8 +37,9 @@ class DeferredValues:
         values in layout order), bit-identical to decoding ``x`` and calling ``add_``."""
         raise NotImplementedError
 
-    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
-                    ) -> tuple[float, float]:
+    def add_measure(
+        self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+    ) -> tuple[float, float]:
         """:meth:`add_into` and :meth:`measure` in one pass over the values."""
         raise NotImplementedError
 
@@ -85,8 +86,9 @@ class FlatValues(DeferredValues):
         for src, dst, n in segments:
             acc[dst : dst + n].add_(self.flat[src : src + n], alpha=w)
 
-    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
-                    ) -> tuple[float, float]:
+    def add_measure(
+        self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+    ) -> tuple[float, float]:
         """The fold's fused pass (:func:`~lightning_fed.kernels.axpy_measure_`) where the values lie."""
         from lightning_fed.kernels import axpy_measure_
 
