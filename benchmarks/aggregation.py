@@ -17,11 +17,19 @@ floor alternating; fewer for a combination whose runs take longer than ``--repea
 thread's CPU time (``time.thread_time``): other jobs on a shared machine add no waiting to either side, while the
 kernel's work for the thread (page faults) still counts.
 
+The timed round is the server's second: an untimed first round of 3 replies gives the norm check its reference
+(the median norm of the previous round's replies), so each timed reply is added and measured in one pass, judged,
+and released once the fold's undo window (up to 16 replies, 2 GiB) moves past it, as in every FedLoop round after
+the first; a codec whose ``accept`` reads the accepted payloads would keep them (neither codec here does). The
+floor keeps its flat buffers the way the server keeps its replies (here: it frees each after its add).
+
 Memory: "held" counts the bytes of the buffers the server holds when aggregation starts (the distinct storages of
-the accepted replies' payloads, plus FedAvg's accumulator); "RSS peak" is the largest growth of the process's
-resident memory over the timed region (the kernel's high-water mark ``VmHWM``, reset when the region starts). The server keeps every
-accepted reply until the round aggregates (for Identity the reply *is* the message), so a combination whose
-replies do not fit ``--max-held-gb`` is skipped and the table says so.
+the payloads of the accepted replies still held, plus FedAvg's accumulator; the undo window's snapshot and
+replies are gone by then, the RSS peak shows them); "RSS peak" is the largest growth of
+the process's resident memory over the timed region (the kernel's high-water mark ``VmHWM``, reset when the
+region starts), which includes the message being decoded and the generator's copy. A combination whose replies
+the server would hold beyond ``--max-held-gb`` is skipped, and so is one over ``--max-gvalues`` (replies times
+parameters, in billions: the time it takes), and the table says so.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from torch import nn
 
 from lightning_fed import kernels
 from lightning_fed.codecs import Blockwise8bit, Codec, Identity
-from lightning_fed.protocol import ClientMessage
+from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg
@@ -98,6 +106,8 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
     """Bytes of the distinct storages the accepted replies' payloads live in, plus the accumulator."""
     seen: dict[int, int] = {}
     for r in replies:
+        if r.payload is RELEASED:  # folded and let go
+            continue
         for t in r.payload.values():
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
@@ -122,8 +132,9 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
             gen_s += clock() - t
             yield msg
 
-    warm = strategy.configure_round(0, [0, 1])  # touch the accumulator's pages once, untimed
-    server.aggregate(0, server.collect(0, warm, messages(2), total_examples=sum(ns[:2])).replies)
+    # untimed: touch the accumulator's pages once, and give the norm check its reference (3 replies at least)
+    warm = strategy.configure_round(0, [0, 1, 2])
+    server.aggregate(0, server.collect(0, warm, messages(3), total_examples=sum(ns[:3])).replies)
     gen_s = 0.0
     instructions = strategy.configure_round(1, list(range(n_replies)))
     with RssPeak() as rss:
@@ -135,14 +146,16 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
         server.aggregate(1, got.replies)
         t3 = clock()
     assert len(got.replies) == n_replies, got.reasons
-    return {"s": t1 - t0 - gen_s, "step_s": t3 - t2, "held": held, "rss": rss.delta}
+    kept = sum(r.payload is not RELEASED for r in got.replies)
+    return {"s": t1 - t0 - gen_s, "step_s": t3 - t2, "held": held, "rss": rss.delta, "kept": kept}
 
 
-def run_floor(n_params: int, n_replies: int, raw: list[bytes]) -> float:
+def run_floor(n_params: int, n_replies: int, raw: list[bytes], keep: bool) -> float:
     """Seconds of ``acc.zero_()`` and one ``acc.add_(flat, alpha=w)`` per reply, timed the same way as the
     server: each ``flat`` is made just before its add (not counted) as a float32 view of a fresh copy of a delta's
-    bytes, made with the same copy as a message, and kept until the end, as the server keeps its replies (so
-    memory, page faults and the cache are in the same state for both)."""
+    bytes, made with the same copy as a message, and kept until the end when ``keep`` (as the server keeps its
+    replies when it cannot release them), else freed right after its add (timed, as the server's freeing of a
+    folded message is), so memory, page faults and the cache are in the same state for both."""
     acc = torch.zeros(n_params)
     ns = counts(n_replies)
     total = float(sum(ns))
@@ -157,8 +170,10 @@ def run_floor(n_params: int, n_replies: int, raw: list[bytes]) -> float:
             flat = torch.frombuffer(data, dtype=torch.float32)
         t = clock()
         acc.add_(flat, alpha=ns[i] / total)
+        if keep:
+            kept.append(flat)
+        del flat, data  # freed here when not kept, as the server frees a folded message: timed on both sides
         timed += clock() - t
-        kept.append(flat)
     return timed
 
 
@@ -181,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="no further run of a combination once its runs took this long")
     p.add_argument("--max-held-gb", type=float, default=12.0,
                    help="skip a combination whose replies the server would hold beyond this")
+    p.add_argument("--max-gvalues", type=float, default=100.0,
+                   help="skip a combination of more than this many billion reply values (replies x parameters)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -196,12 +213,17 @@ def main(argv: list[str] | None = None) -> None:
             raw = [d.numpy().tobytes() for d in deltas]
             del spec_model
             for n_replies in args.replies:
-                need = n_replies * n_params * 4  # every codec here decodes to float32 kept until aggregation
                 label = f"{n_params / 1e6:g} M"
-                if need > args.max_held_gb * 2**30:
-                    rows.append((name, n_replies, label, None, None, None, None, None, None,
-                                 f"skipped: the server would hold {n_replies} replies = {need / 2**30:.0f} GiB"))
-                    print(rows[-1][-1], f"({name}, {n_replies} x {label})", flush=True)
+                held = codec.reads_accepted  # every codec here decodes to float32; kept only when accept reads it
+                need = n_replies * n_params * 4
+                why = None
+                if held and need > args.max_held_gb * 2**30:
+                    why = f"skipped: the server would hold {n_replies} replies = {need / 2**30:.0f} GiB"
+                elif n_replies * n_params > args.max_gvalues * 1e9:
+                    why = f"skipped: {n_replies * n_params / 1e9:g} G values > --max-gvalues {args.max_gvalues:g}"
+                if why is not None:
+                    rows.append((name, n_replies, label, None, None, None, None, None, None, why))
+                    print(why, f"({name}, {n_replies} x {label})", flush=True)
                     continue
                 ours, floor, spent, runs = {"s": float("inf")}, float("inf"), 0.0, 0
                 while runs < args.repeat and (runs == 0 or spent < args.repeat_budget_s):
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                         run = run_ours(codec, n_params, n_replies, pool, workdir)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
-                    floor = min(floor, run_floor(n_params, n_replies, raw))
+                    floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
                     spent += time.perf_counter() - t
                     runs += 1
                 rows.append((name, n_replies, label, ours["s"] * 1e3, floor * 1e3, 100 * floor / ours["s"],

@@ -35,6 +35,29 @@ def axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragm
     return sq
 
 
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def sumsq(x: np.ndarray) -> float:  # pragma: no cover - compiled
+    sq = 0.0
+    for i in range(x.shape[0]):
+        d = np.float64(x[i])
+        sq += d * d
+    return sq
+
+
+# The largest magnitude as the largest of the values' bits with the sign cleared (``bits`` is ``x`` viewed as
+# int32): for non-negative floats the integer order is the float order (inf above every finite value, NaN above
+# inf), and an integer max vectorises where a float max (NaN rules) does not.
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def measure(x: np.ndarray, bits: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.int32(0)
+    for i in range(x.shape[0]):
+        d = np.float64(x[i])
+        sq += d * d
+        top = max(top, bits[i] & np.int32(0x7FFFFFFF))
+    return sq, top
+
+
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
 def dequantize(
     codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, out: np.ndarray
@@ -51,3 +74,76 @@ def dequantize(
             out[start + j] = points[j] * scale
     for i in range(whole * blocksize, n):  # the last, partial block
         out[i] = code[codes[i]] * absmax[whole]
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> None:  # pragma: no cover - compiled
+    # acc[dst + k] += w * (code[codes[src + k]] * absmax[(src + k) // blocksize]): the decoded value rounded to
+    # float32 first, then one fma, as decoding and ``Tensor.add_`` do
+    i = 0
+    while i < n:
+        b = (src + i) // blocksize
+        end = min(n, (b + 1) * blocksize - src)
+        scale = absmax[b]
+        for k in range(i, end):
+            v = code[codes[src + k]] * scale
+            acc[dst + k] += w * v
+        i = end
+
+
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_measure(
+    codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.float32(0.0)
+    n = codes.shape[0]
+    for b in range((n + blocksize - 1) // blocksize):
+        scale = absmax[b]
+        for i in range(b * blocksize, min(n, (b + 1) * blocksize)):
+            v = code[codes[i]] * scale
+            d = np.float64(v)
+            sq += d * d
+            top = max(top, abs(v))
+    return sq, np.float64(top)
+
+
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def _block_measure(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, int]:  # pragma: no cover
+    sq = 0.0
+    top = np.int32(0)
+    for j in range(m):  # the largest magnitude as an integer max of the sign-cleared bits (see ``measure``)
+        d = np.float64(vals[j])
+        sq += d * d
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    return sq, top
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy_measure(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    # as dequantize_axpy, and the decoded values measured per block from a small buffer (the sums, in a helper
+    # allowed to reassociate, never touch the elementwise add, which keeps one rounding of the product and one fma)
+    vals = np.empty(blocksize, dtype=np.float32)
+    bits = vals.view(np.int32)
+    sq = 0.0
+    top = np.int32(0)
+    i = 0
+    while i < n:
+        b = (src + i) // blocksize
+        end = min(n, (b + 1) * blocksize - src)
+        scale = absmax[b]
+        for k in range(i, end):
+            vals[k - i] = code[codes[src + k]] * scale
+        for k in range(i, end):
+            acc[dst + k] += w * vals[k - i]
+        s, t = _block_measure(vals, bits, end - i)
+        sq += s
+        top = max(top, t)
+        i = end
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])

@@ -3,6 +3,9 @@ same values.
 
 * :func:`axpy_measure_`, the fold's fused pass: a reply is added into the accumulator and measured (sum of
   squares, largest magnitude) in one read of its memory.
+* :func:`measure`, the same measures without the add (a reply's values measured where they lie).
+* :func:`dequantize_axpy_measure_` (and :func:`dequantize_axpy_`, :func:`dequantize_measure`), the fold of a
+  blockwise 8-bit reply read from its codes: decoded, added and measured in one loop, never stored as float32.
 * :func:`dequantize_blockwise`, the blockwise 8-bit decode: code book lookup times the block's absmax, in one
   pass over the codes, bit-identical to bitsandbytes' ``dequantize_blockwise`` (the same one float32 product
   per value), about four times faster than bitsandbytes' CPU loop.
@@ -100,4 +103,100 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     return sq, top
 
 
-__all__ = ["NUMBA", "PIECE", "axpy_measure_", "dequantize_blockwise"]
+def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
+    """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, as
+    :func:`axpy_measure_` measures it, without adding it anywhere. The largest magnitude is ``inf`` when a value
+    is not finite; without ``bound`` only that is known (``0.0`` or ``inf``, from the sum of squares)."""
+    if NUMBA and x.numel():
+        a = x.numpy()
+        if not bound:
+            sq = _loops().sumsq(a)
+            return sq, (0.0 if math.isfinite(sq) else math.inf)
+        sq, bits = _loops().measure(a, a.view(np.int32))
+        top = float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+        return sq, (top if math.isfinite(top) else math.inf)  # NaN bits lie above inf's
+    sq, top = 0.0, 0.0
+    for s in range(0, x.numel(), PIECE):
+        piece = x[s : s + PIECE]
+        lo, hi = torch.aminmax(piece)
+        lo_f, hi_f = float(lo), float(hi)
+        top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        sq += float(torch.dot(piece, piece))
+    if not math.isfinite(sq) and math.isfinite(top):  # float32 overflow of finite values: sum them in float64
+        sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    return sq, (top if bound or not math.isfinite(top) else 0.0)
+
+
+def _piece_step(blocksize: int) -> int:
+    """Values per piece of the torch path over codes: about :data:`PIECE`, whole blocks."""
+    return max(blocksize, PIECE // blocksize * blocksize)
+
+
+def dequantize_measure(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> tuple[float, float]:
+    """``(sum of squares, largest |x|)`` of the values :func:`dequantize_blockwise` decodes, read from the codes
+    (one byte per value) without decoding them into memory."""
+    n = len(codes)
+    if NUMBA and n:
+        return _loops().dequantize_measure(np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(),
+                                           blocksize)
+    sq, top = 0.0, 0.0
+    step = _piece_step(blocksize)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        sq += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+        top = max(top, float(piece.abs().max()))
+    return sq, top
+
+
+def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor, code: Tensor,
+                     blocksize: int, w: float) -> None:
+    """``acc[dst : dst + n] += w * x[src : src + n]`` in place, where ``x`` is what :func:`dequantize_blockwise`
+    decodes from all of ``codes``: the values are decoded as they are added, never stored; bit-identical to
+    decoding then ``acc[...].add_(x[...], alpha=w)``."""
+    if not n:
+        return
+    if NUMBA:
+        _loops().dequantize_axpy(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n, absmax.numpy(),
+                                 code.numpy(), blocksize, np.float32(w))
+        return
+    step = _piece_step(blocksize)
+    for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time
+        e = min(s + step, len(codes))
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        lo, hi = max(s, src), min(e, src + n)
+        acc[dst + lo - src : dst + hi - src].add_(piece[lo - s : hi - s], alpha=w)
+
+
+def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor,
+                             code: Tensor, blocksize: int, w: float) -> tuple[float, float]:
+    """:func:`dequantize_axpy_` that also returns ``(sum of squares, largest |x|)`` of the values it added, in the
+    same pass over the codes (the values are finite: the scales were checked)."""
+    if not n:
+        return 0.0, 0.0
+    if NUMBA:
+        return _loops().dequantize_axpy_measure(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n,
+                                                absmax.numpy(), code.numpy(), blocksize, np.float32(w))
+    step = _piece_step(blocksize)
+    sq, top = 0.0, 0.0
+    for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time
+        e = min(s + step, len(codes))
+        piece = dequantize_blockwise(codes[s:e], absmax[s // blocksize : -(-e // blocksize)], code, blocksize)
+        lo, hi = max(s, src), min(e, src + n)
+        part = piece[lo - s : hi - s]
+        acc[dst + lo - src : dst + hi - src].add_(part, alpha=w)
+        sq += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+        top = max(top, float(part.abs().max()))
+    return sq, top
+
+
+__all__ = [
+    "NUMBA",
+    "PIECE",
+    "axpy_measure_",
+    "dequantize_axpy_",
+    "dequantize_axpy_measure_",
+    "dequantize_blockwise",
+    "dequantize_measure",
+    "measure",
+]

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,11 @@ class FedLoop:
         timeout_s: how long a rank waits for the others at the end of a round before giving up.
         max_message_bytes: replies larger than this are rejected before decoding; ``None`` = no limit.
         max_update_abs: replies with an entry larger than this in magnitude are rejected; ``None`` = no bound.
-        max_norm_ratio: replies whose L2 norm is more than this many times the median of the round's replies (of
-            the same structure, at least 3) are rejected, a bound honest runs never reach (the largest ratio of
-            every round is logged as ``norm_ratio``); ``None`` disables it. Whatever it is, the server weights a
+        max_norm_ratio: replies whose L2 norm is more than this many times the median of the previous round's
+            accepted replies (of the same structure, at least 3; without such a round, of the round's own replies)
+            are rejected, a bound honest runs never reach (the largest ratios of every round are logged as
+            ``norm_ratio``, against the round's median, and ``norm_ratio_prev``, against the previous one's);
+            ``None`` disables it. Judged before its fold, a reply's payload is let go once added. Whatever it is, the server weights a
             reply by the client's partition size at most, never by the count the client claims.
         keep_optimizer_state: keep each client's optimizer state between its rounds (in the client store).
         loggers: Lightning loggers to write to: any of "csv", "tensorboard" (skipped if not installed).
@@ -523,20 +526,27 @@ class FedLoop:
         t0 = time.perf_counter()
         ctx, model = self.context, self.model
         ctx.round, ctx.client_id, ctx.client_state = r, None, {}
+        total = 0
         if self.schedule is not None:  # asynchronous: this version's dispatches, then its arrivals
             ex = self.schedule.exchange(r, self._dispatch)
             clients, instructions, messages, discard, sim, down = (
                 ex.clients, ex.instructions, ex.messages, ex.discard, ex.sim, ex.down)
         else:
             clients = self.sample_clients(r)
-            plan, messages, absent = self._dispatch(r, clients)
+            # without a clock, the clients run while the server reads their messages (one message at a time)
+            plan, messages, absent = self._dispatch(r, clients, stream=self.clock is None)
             instructions, down, sim, discard = plan.instructions, plan.stats, {}, {}
             if self.clock is not None:
                 order = {t.client_id: i for i, t in enumerate(plan.tasks)}
                 messages = sorted(messages + absent, key=lambda m: order[m.client_id])
                 discard, sim = self.clock.finish(r, messages)
+            else:  # the fold's bet whatever the runner: the sampled clients' shard sizes (the trusted counts)
+                total = sum(len(self.shards[t.client_id]) for t in plan.tasks)
         seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))  # the server side's randomness: (seed, round) only
-        got = self.server.collect(r, instructions, messages)  # consumes the messages as it decodes them
+        # consumes the messages as it decodes them
+        got = self.server.collect(r, instructions, messages, total_examples=total if total else None)
+        if not isinstance(messages, list):  # the clients ran meanwhile and seeded the RNGs their own way
+            seed_rngs(derive_seed(self.seed, r, SERVER_STREAM))
         if discard:  # decoded (each sender's codec state advanced), but late or over-selected: not aggregated
             got.replies = [rp for rp in got.replies if rp.client_id not in discard]
             for _, reason in sorted(discard.items()):
@@ -599,9 +609,12 @@ class FedLoop:
             self.clock.write_csv(self.run_dir / "clock.csv")
         return metrics
 
-    def _dispatch(self, r: int, clients: list[int]) -> tuple[RoundPlan, list[ClientMessage], list[ClientMessage]]:
+    def _dispatch(self, r: int, clients: list[int], stream: bool = False
+                  ) -> tuple[RoundPlan, list[ClientMessage] | Iterator[ClientMessage], list[ClientMessage]]:
         """Send ``clients`` their instructions for round ``r`` and run them: the plan, the replies of the clients
-        that trained and the failure messages of those the clock kept from training (dropouts)."""
+        that trained and the failure messages of those the clock kept from training (dropouts). With ``stream``
+        (and no per-receiver downlink to acknowledge), the replies come as the runner's :meth:`~lightning_fed.
+        runner.ClientRunner.stream`: each client runs when the server asks for its message."""
         plan = plan_round(r, clients, self.strategy, self.downlink_codec, self._downlink_state, self.uplink,
                           self.uplink_shares, lambda instructions: self._fed_hook("on_round_start", instructions),
                           self.receivers)
@@ -609,6 +622,8 @@ class FedLoop:
         tasks, absent = plan.tasks, []
         if self.clock is not None:  # dropouts and stragglers' step caps, decided before anyone trains
             tasks, absent = self.clock.admit(r, plan.tasks, self.workload)
+        if stream and self.receivers is None:
+            return plan, self.round_runner.stream(tasks, self.work), absent
         messages = self.round_runner.run(tasks, self.work)
         if self.receivers is not None:
             acknowledge_downlink(self.receivers, messages)
@@ -808,6 +823,7 @@ class FedLoop:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "strategy": self.strategy.state_dict(),
             "codec": self.uplink.state_dict(),
+            "server": self.server.state_dict(),
             "downlink_codec": self.downlink_codec.state_dict(),
             "downlink_state": self._downlink_state,
             "downlink_receiver_state": self.work.downlink_state,
@@ -834,6 +850,8 @@ class FedLoop:
         self.strategy.setup(self.model)
         self.strategy.load_state_dict(state["strategy"])
         self.uplink.load_state_dict(state["codec"])
+        if "server" in state:  # the norm check's reference (checkpoints from before it: judged as a first round)
+            self.server.load_state_dict(state["server"])
         self.downlink_codec.load_state_dict(state["downlink_codec"])
         self._downlink_state = state["downlink_state"]
         self.work.downlink_state = state["downlink_receiver_state"]

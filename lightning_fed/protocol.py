@@ -55,6 +55,22 @@ class Reply:
     local_steps: int = 0
 
 
+class ReleasedPayload(dict):
+    """The payload of a reply the server folded into the mean and let go (:class:`~lightning_fed.server.Server`):
+    the reply keeps its client id, example count and metrics; reading its tensors is a bug of the reader, so
+    every read raises."""
+
+    def _released(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this reply's payload was released once it was folded into the aggregate; a reader of "
+                           "payloads after collection must turn the server's fold off (see Server.fold)")
+
+    __getitem__ = __iter__ = __len__ = __contains__ = keys = values = items = get = _released  # type: ignore[assignment]
+
+
+RELEASED = ReleasedPayload()
+"""The one released payload every folded reply points to once the server let its tensors go."""
+
+
 @dataclass
 class ClientTask:
     """What crosses the downlink to one sampled client for one round.

@@ -213,6 +213,14 @@ class ClientRunner:
         """Every task's reply message (in the order of ``tasks``)."""
         raise NotImplementedError
 
+    def stream(self, tasks: list[ClientTask], work: ClientWork) -> Iterator[ClientMessage]:
+        """The reply messages of :meth:`run` one at a time, in the same order, each let go by the runner once
+        yielded (so a consumer that releases them holds one at a time). By default :meth:`run`'s list, popped."""
+        messages = self.run(tasks, work)
+        messages.reverse()
+        while messages:
+            yield messages.pop()
+
 
 class SequentialRunner(ClientRunner):
     """Runs the clients one after another in this process (the default).
@@ -223,11 +231,15 @@ class SequentialRunner(ClientRunner):
 
     def run(self, tasks: list[ClientTask], work: ClientWork) -> list[ClientMessage]:
         """Decode each task's instruction and run the client."""
+        return list(self.stream(tasks, work))
+
+    def stream(self, tasks: list[ClientTask], work: ClientWork) -> Iterator[ClientMessage]:
+        """Run the clients one at a time, each when the consumer asks for the next message: the server decodes
+        and folds a reply before the next client trains, and no message outlives its decoding."""
         decoded: dict[int, tuple[Payload, float]] = {}
-        out = []
         for task in tasks:
             if work.downlink_codec.per_receiver:  # the client decodes its own message with its own state
-                out.append(work(task, None))
+                yield work(task, None)
                 continue
             key = id(task.message)
             if key not in decoded:
@@ -239,8 +251,8 @@ class SequentialRunner(ClientRunner):
             msg = work(task, payload)
             msg.decode_s = decode_s
             decoded[key] = (payload, 0.0)  # a shared payload is decoded (and timed) once
-            out.append(msg)
-        return out
+            yield msg
+            del msg
 
 
 __all__ = ["ClientRunner", "ClientWork", "SequentialRunner", "WorkingModules"]

@@ -18,11 +18,23 @@ finally aggregated differ from those folded (a rejection changed the total, a ca
 the fold is discarded and the strategy aggregates the kept replies itself, with the same result. A round with
 too few replies for ``min_clients`` never aggregates: the fold only ever wrote the strategy's scratch buffer,
 never the global model.
+
+Releasing: the norm check (``max_norm_ratio``) judges a reply against the median norm of the *previous* round's
+accepted replies of the same structure when there is one (the server's state, :meth:`Server.state_dict`), so a
+folded reply is decided right after the pass that adds and measures it, a rejection undone exactly
+(:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`), and its payload
+released when nothing else reads it
+(the codec's :meth:`~lightning_fed.codecs.Codec.accept` does not, :attr:`~lightning_fed.codecs.Codec.
+reads_accepted`): the round then holds the accumulator, a snapshot of it and a few replies, not every reply. The
+reply kept in :attr:`Collected.replies` is a light record (client id, example count, metrics; its norm in
+``Collected.norms``). Replies with no reference (the first round, a structure new after pruning, a round of
+fewer than 3 accepted replies before) are held and judged against their own round's median, as before.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +48,7 @@ from lightning_fed.codecs.wire import MalformedMessage
 from lightning_fed.protocol import (
     ClientMessage,
     Instruction,
+    PayloadSpec,
     RejectedReply,
     Reply,
     validate_local_steps,
@@ -61,6 +74,9 @@ class Collected:
     replies: list[Reply] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    decided: dict[int, tuple[Any, float]] = field(default_factory=dict)
+    """Each reply judged before it was folded, by ``id(reply)``: its structure key and L2 norm (its payload may
+    be released)."""
 
 
 @dataclass
@@ -76,8 +92,9 @@ class Server:
         trusted_examples: the most examples the server believes each client has (a client's id in, a count out):
             in simulation the partition's size for that client (FedLoop passes it), in deployment a configured
             cap. A reply claiming more is weighted at that count (logged). ``None`` trusts the claim.
-        max_norm_ratio: a reply whose L2 norm exceeds this many times the median norm of the round's replies of
-            the same structure (at least 3 of them) is rejected; ``None`` disables the check.
+        max_norm_ratio: a reply whose L2 norm exceeds this many times a reference norm is rejected: the median
+            norm of the previous round's accepted replies of the same structure (at least 3 of them), or without
+            one, of the round's own replies of that structure (at least 3); ``None`` disables the check.
     """
 
     strategy: Strategy
@@ -90,6 +107,32 @@ class Server:
     fold: bool = True
     """Offer the strategy to fold replies while they arrive (see the module doc); the loop turns it off when a
     callback's ``on_aggregate_start`` may drop or edit replies (the fold would then be discarded anyway)."""
+    release: bool = True
+    """Let go of a folded reply's payload once it is decided (see the module doc); ``False`` holds every reply
+    until the round aggregates, so that a rejection always re-aggregates the kept replies exactly."""
+    reference: dict[tuple[Any, ...], float] = field(default_factory=dict)
+    """The median norm of the previous round's accepted replies, per reply structure (names and shapes): the
+    norm check's reference (:meth:`state_dict`)."""
+
+    def __post_init__(self) -> None:
+        self._keys: dict[int, tuple[PayloadSpec, tuple[Any, ...]]] = {}
+
+    def _structure(self, spec: PayloadSpec) -> tuple[Any, ...]:
+        """The structure key of replies matching ``spec`` (computed once per spec object)."""
+        known = self._keys.get(id(spec))
+        if known is None or known[0] is not spec:
+            known = self._keys[id(spec)] = (spec, tuple((k, tuple(v.shape)) for k, v in sorted(spec.items())))
+        return known[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The norm check's reference (names, shapes and median norm per structure), for checkpoints."""
+        return {"reference": [[[k for k, _ in key], [list(shape) for _, shape in key], median]
+                              for key, median in self.reference.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.reference = {tuple((k, tuple(shape)) for k, shape in zip(names, shapes, strict=True)): float(median)
+                          for names, shapes, median in state["reference"]}
 
     def collect(self, server_round: int, instructions: list[Instruction], messages: Iterable[ClientMessage],
                 total_examples: int | None = None) -> Collected:
@@ -102,8 +145,11 @@ class Server:
             messages: the round's messages: a list is consumed (emptied) as it goes, so each message is released
                 once decoded; any other iterable is read one message at a time (e.g. generated or received on
                 the fly), so the server never holds a message it has already decoded.
-            total_examples: the sum of the example counts of the messages that carry a reply, when ``messages``
-                is not a list (a list gives it by itself); lets the strategy fold the replies as they arrive.
+            total_examples: the sum of the example counts the replies are expected to carry (a list of messages
+                gives it by itself when it is not given: its replies' counts); lets the strategy fold the replies
+                as they arrive. When the kept replies' counts sum to another total, the fold is aggregated again
+                from the held replies, or, if some were released, rescaled (see :class:`MeanFold
+                <lightning_fed.strategies.aggregate.MeanFold>`).
         """
         out = Collected(stats={"bytes_up": 0, "raw_bytes_up": 0, "failed": 0, "rejected": 0, "encode_s": 0.0,
                                "decode_s": 0.0})
@@ -112,7 +158,7 @@ class Server:
             for m in messages:
                 self._trust(server_round, m)
             counts = [m.num_examples for m in messages if m.failure is None]
-            if all(type(n) is int and n > 0 for n in counts):
+            if total_examples is None and all(type(n) is int and n > 0 for n in counts):
                 total_examples = sum(counts)
             messages.reverse()
             stream: Iterable[ClientMessage] = _popping(messages)
@@ -136,7 +182,7 @@ class Server:
             if instr is None:
                 raise RuntimeError(f"round {server_round + 1}: a message from client {msg.client_id}, who was sent "
                                    "no instruction")
-            reply = self.receive(server_round, instr, msg, out.stats, fold)
+            reply = self.receive(server_round, instr, msg, out.stats, fold, out.decided)
             if isinstance(reply, str):
                 out.stats["rejected"] += 1
                 out.reasons.append(reply)
@@ -144,6 +190,8 @@ class Server:
                 out.replies.append(reply)
                 marks.append(len(out.reasons))
             del msg
+        if fold is not None:
+            fold.flush()  # the replies still held for an undo: nothing can reject them now
         if fold is not None and not fold.settle():
             self._recheck(server_round, out, marks, sent, fold)
         if self.max_norm_ratio is not None:
@@ -162,33 +210,53 @@ class Server:
         return msg
 
     def _norm_outliers(self, server_round: int, out: Collected, known: dict[int, float]) -> None:
-        """Reject replies whose norm is far outside the round's: more than ``max_norm_ratio`` times the median
-        norm of the replies of the same structure (tiers differ in size, so each structure has its own median).
-        ``known``: norms the fold computed, by ``id(reply)``."""
+        """Reject replies whose norm is far outside: more than ``max_norm_ratio`` times the previous round's
+        median norm of the replies of the same structure (tiers differ in size, so each structure has its own),
+        or without one, the round's own median of that structure. Replies decided before their fold
+        (``out.decided``) are already judged. Then the accepted replies' medians become the next round's
+        reference. ``known``: norms the fold computed, by ``id(reply)``."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         norms: list[float] = []
         for i, reply in enumerate(out.replies):
-            key = tuple((k, v.shape) for k, v in sorted(reply.payload.items()))  # a torch.Size is a tuple
+            decided = out.decided.get(id(reply))
+            if decided is not None:  # judged against its reference before the fold; its payload may be gone
+                key, norm = decided
+            else:
+                key = tuple((k, tuple(v.shape)) for k, v in sorted(reply.payload.items()))
+                norm = known.get(id(reply))  # the fold summed it while adding the reply
+                norm = norm if norm is not None else payload_norm(reply.payload)
             groups.setdefault(key, []).append(i)
-            norm = known.get(id(reply))  # the fold summed it while adding the reply
-            norms.append(norm if norm is not None else payload_norm(reply.payload))
-        drop: set[int] = set()
-        ratio = 0.0
-        for members in groups.values():
-            if len(members) < 3:
-                continue
-            median = statistics.median(norms[i] for i in members)
-            if not median > 0:
+            norms.append(norm)
+        drop: dict[int, str] = {}
+        ratio = ratio_prev = 0.0
+        for key, members in groups.items():
+            reference = self.reference.get(key)
+            median = statistics.median(norms[i] for i in members) if len(members) >= 3 else 0.0
+            if median > 0:
+                ratio = max(ratio, *(norms[i] / median for i in members))
+            if reference is not None:
+                ratio_prev = max(ratio_prev, *(norms[i] / reference for i in members))
+                judge, what = reference, "the previous round's median"
+            elif median > 0:
+                judge, what = median, "the round's median"
+            else:
                 continue
             for i in members:
-                ratio = max(ratio, norms[i] / median)
-                if norms[i] > self.max_norm_ratio * median:  # type: ignore[operator]
-                    drop.add(i)
+                if id(out.replies[i]) not in out.decided and norms[i] > self.max_norm_ratio * judge:  # type: ignore[operator]
+                    drop[i] = what
         out.stats["norm_ratio"] = ratio  # the largest norm over its round's median: how close honest runs come
+        out.stats["norm_ratio_prev"] = ratio_prev  # ...and over the previous round's (the reference)
+        reference_next: dict[tuple[Any, ...], float] = {}
+        for key, members in groups.items():
+            kept = [norms[i] for i in members if i not in drop]
+            median = statistics.median(kept) if len(kept) >= 3 else 0.0
+            if median > 0:
+                reference_next[key] = median
+        self.reference = reference_next
         for i in sorted(drop, reverse=True):
             reply = out.replies.pop(i)
             reason = (f"reply of client {reply.client_id} rejected: its norm {norms[i]:.4g} is more than "
-                      f"max_norm_ratio={self.max_norm_ratio} times the round's median")
+                      f"max_norm_ratio={self.max_norm_ratio} times {drop[i]}")
             log.warning("round %d: %s", server_round + 1, reason)
             out.reasons.append(reason)
             out.stats["rejected"] += 1
@@ -200,6 +268,8 @@ class Server:
         fold."""
         for i in reversed(range(len(out.replies))):
             reply = out.replies[i]
+            if id(reply) in out.decided:  # checked before its fold
+                continue
             try:
                 validate_reply(reply, self.strategy.reply_spec(sent[reply.client_id]), max_abs=self.max_update_abs)
             except RejectedReply as err:
@@ -209,35 +279,69 @@ class Server:
                 out.stats["rejected"] += 1
                 fold.broken = True
 
-    def receive(self, server_round: int, instr: Instruction, msg: ClientMessage,
-                stats: dict[str, Any], fold: MeanFold | None = None) -> Reply | str:
+    def receive(self, server_round: int, instr: Instruction, msg: ClientMessage, stats: dict[str, Any],
+                fold: MeanFold | None = None, decided: dict[int, tuple[Any, float]] | None = None) -> Reply | str:
         """One message: size limit, decode (no pickle) with the sender's state, validate. Returns the reply, or
         the logged reason it was rejected.
 
-        With a ``fold`` (:meth:`collect`), the structure is validated first, then the fold adds the reply,
-        checking its values in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
+        With a ``fold`` (:meth:`collect`), the structure is validated first. A reply whose norm check has a
+        reference (the previous round's median, or no norm check at all) and a codec that does not read accepted
+        payloads is then added and measured in one pass and judged (a rejection undone exactly), its payload
+        released (:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`) and
+        its norm recorded in ``decided``; when the codec can leave its values in the message
+        (:meth:`Codec.decode_deferred`: an Identity message of the expected layout, 8-bit codes), they are added
+        and measured from there and decoded only to name a bad entry. Any other is added,
+        its values checked in the same pass (with ``max_update_abs``) or, without a bound, their finiteness once
         for the whole round at the end of :meth:`collect`. A reply whose values fail is validated in full for the
         reason and rejected; the fold, voided, is never used."""
         try:
             spec = self.strategy.reply_spec(instr)
             state = self.senders.load(msg.client_id)
+            args = DecodeArgs(round=server_round, sender=msg.client_id, spec=spec, max_bytes=self.max_message_bytes)
+            reference = None
+            if fold is not None and self.release and decided is not None and not fold.broken:
+                key = self._structure(spec)
+                reference = self.reference.get(key) if self.max_norm_ratio is not None else math.inf
+            deferred = None
             t = time.perf_counter()
-            payload = self.codec.decode(msg.message, state, DecodeArgs(
-                round=server_round, sender=msg.client_id, spec=spec, max_bytes=self.max_message_bytes))
+            if reference is not None and not self.codec.reads_accepted:  # folded from the code if it can be
+                deferred = self.codec.decode_deferred(msg.message, state, args)
+            payload = self.codec.decode(msg.message, state, args) if deferred is None else {}
             stats["decode_s"] += time.perf_counter() - t
             self.senders.save(msg.client_id, state)  # the sender's encoder advanced too, whatever validation says
             reply = Reply(msg.client_id, payload, msg.num_examples, dict(msg.metrics), msg.local_steps)
+            del payload
             validate_local_steps(reply, instr.config.get("max_steps"))
             if fold is None:
                 validate_reply(reply, spec, max_abs=self.max_update_abs)
-            else:  # the structure now; the values in the pass that adds them (or for the round, see MeanFold)
-                validate_reply(reply, spec, max_abs=self.max_update_abs, check_values=False)
-                if not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
-                    validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
+                return reply
+            # the structure now (a deferred reply's is the spec's by construction); its values in the fold's pass
+            validate_reply(reply, {} if deferred is not None else spec, check_values=False)
+            limit = math.inf
+            if reference is not None and self.max_norm_ratio is not None:
+                limit = reference * self.max_norm_ratio
+            if reference is not None and not self.codec.reads_accepted:  # judged after its pass, then let go
+                why, norm = fold.add_released(reply, deferred, self.max_update_abs, limit)
+                if why == "values" and deferred is not None:
+                    reply.payload = deferred.payload()  # decoded only to name the culprit
+                del deferred
+                self._judged(reply, spec, why, norm)
+                decided[id(reply)] = (key, norm)  # type: ignore[index]
+            elif not fold.add(reply, self.max_update_abs):  # the fold is void now; nothing uses it
+                validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
         except (MalformedMessage, RejectedReply) as err:
             log.warning("round %d: reply of client %d rejected: %s", server_round + 1, msg.client_id, err)
             return f"reply of client {msg.client_id} rejected: {err}"
         return reply
+
+    def _judged(self, reply: Reply, spec: PayloadSpec, why: str | None, norm: float) -> None:
+        """Raise the rejection a fold's verdict on a reply judged before its add stands for (``None``: none)."""
+        if why == "norm":
+            raise RejectedReply(f"its norm {norm:.4g} is more than max_norm_ratio={self.max_norm_ratio} times the "
+                                "previous round's median")
+        if why is not None:
+            validate_reply(reply, spec, max_abs=self.max_update_abs)  # raises, naming the entry
+            raise RejectedReply("its values are not finite")  # pragma: no cover - validation names it
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """The codec learns which replies are kept (:meth:`Codec.accept`), then the strategy aggregates them.

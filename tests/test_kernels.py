@@ -69,3 +69,55 @@ def test_blockwise_dequantization_is_bitsandbytes_bit_for_bit(n, blocksize, monk
         monkeypatch.setattr(fused, "NUMBA", path == "numba")
         got = fused.dequantize_blockwise(message, qs.absmax, code, blocksize)
         assert got.dtype == torch.float32 and torch.equal(got, want), path
+
+
+@pytest.mark.parametrize(("n", "blocksize"), [(1, 64), (255, 64), (1000, 256), (5000, 4096), (777, 32)])
+def test_int8_fold_from_the_codes_is_decode_then_add_bit_for_bit(n, blocksize, monkeypatch):
+    """Dequantize + weighted add in one loop equals decoding then ``add_``, over any span (segments that start
+    and end inside blocks, the last partial block), and the measures are those of the decoded values."""
+    import bitsandbytes.functional as F
+
+    code = F.create_dynamic_map(signed=True)
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g) * 0.02
+    codes, qs = F.quantize_blockwise(v, code=code, blocksize=blocksize)
+    message = memoryview(codes.numpy().tobytes())
+    x = F.dequantize_blockwise(codes, absmax=qs.absmax, code=code, blocksize=blocksize)
+    start = torch.randn(n + 10, generator=g)
+    w = 29 / 113
+    spans = [(0, 3, n)] + ([(n // 3, 0, n - n // 3), (5, 7, n // 2)] if n > 10 else [])
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        for src, dst, count in spans:
+            want = start.clone()
+            want[dst : dst + count].add_(x[src : src + count], alpha=w)
+            acc = start.clone()
+            fused.dequantize_axpy_(acc, dst, message, src, count, qs.absmax, code, blocksize, w)
+            assert torch.equal(acc, want), (path, src, dst, count)
+            acc = start.clone()
+            sq, top = fused.dequantize_axpy_measure_(acc, dst, message, src, count, qs.absmax, code, blocksize, w)
+            assert torch.equal(acc, want), (path, src, dst, count)
+            part = x[src : src + count]
+            assert sq == pytest.approx(float((part.double() ** 2).sum()), rel=1e-6)
+            assert top == float(part.abs().max())
+        sq, top = fused.dequantize_measure(message, qs.absmax, code, blocksize)
+        assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6), path
+        assert top == float(x.abs().max()), path
+        assert fused.measure(x) == (pytest.approx(sq, rel=1e-6), top), path
+        assert fused.measure(x, bound=False) == (pytest.approx(sq, rel=1e-6), 0.0), path
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
+def test_measure_alone_finds_the_largest_magnitude_and_bad_values(bad, monkeypatch):
+    x = torch.linspace(-3, 2, 1001)
+    if bad is not None:
+        x[500] = bad
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        for bound in (True, False):
+            sq, top = fused.measure(x, bound=bound)
+            if bad is None:
+                assert top == (3.0 if bound else 0.0), (path, bound)
+                assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6)
+            else:
+                assert top == math.inf, (path, bound)

@@ -13,7 +13,7 @@ from lightning_fed import kernels as fused
 from lightning_fed.codecs import QSGD, Blockwise8bit, Cast, Codec, DecodeArgs, Identity, TopK
 from lightning_fed.flat import FlatSpec
 from lightning_fed.loop import _overrides
-from lightning_fed.protocol import ClientMessage, Reply
+from lightning_fed.protocol import RELEASED, ClientMessage, Reply
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg
@@ -121,20 +121,43 @@ def test_without_a_fold_aggregation_is_still_bit_identical(tmp_path):
     assert torch.equal(s.global_flat, want)
 
 
+def _rescaled(strategy: FedAvg, codec: Codec, messages: list[ClientMessage], keep: list[int], total: int
+              ) -> torch.Tensor:
+    """What a fold that released replies computes when the kept counts do not sum to its bet ``total``: the kept
+    replies added with ``n / total``, the sum scaled by ``total / kept`` once, then the plain step."""
+    spec = strategy.spec
+    assert spec is not None and strategy.global_flat is not None
+    rspec = spec.tensor_specs()
+    acc = torch.zeros(spec.numel)
+    for i in keep:
+        acc.add_(spec.flatten(codec.decode(bytes(bytearray(messages[i].message)), {}, DecodeArgs(sender=i, spec=rspec))),
+                 alpha=COUNTS[i] / float(total))
+    acc.mul_(total / sum(COUNTS[i] for i in keep))
+    return strategy.global_flat.clone().add_(acc, alpha=1.0)
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["held", "released"])
 @pytest.mark.parametrize("bad", ["nan", "max_abs"])
-def test_a_rejected_reply_is_never_added(bad, kernel, tmp_path):  # the bad value in a later piece than the first
+def test_a_rejected_reply_is_never_added(bad, release, kernel, tmp_path):  # the bad value in a later piece
+    """Held replies are aggregated again exactly without the rejected one; released replies were judged before
+    their add, so the rejected one never touched the sum, which is rescaled to the kept replies' total."""
     s, codec = _strategy(), Identity()
     assert s.spec is not None
     deltas = _deltas(s.spec, 5)
     deltas[2][250] = float("nan") if bad == "nan" else 5.0
     messages = _messages(codec, s.spec, deltas)
-    want = _reference(s, codec, messages, [0, 1, 3, 4])
-    server = _server(s, codec, tmp_path, max_update_abs=1.0)
+    keep = [0, 1, 3, 4]
+    exact, rescaled = _reference(s, codec, messages, keep), _rescaled(s, codec, messages, keep, sum(COUNTS[:5]))
+    assert not torch.equal(exact, rescaled)  # the two paths are told apart
+    want = rescaled if release else exact
+    server = _server(s, codec, tmp_path, max_update_abs=1.0, release=release)
     got = server.collect(0, s.configure_round(0, list(range(5))), messages)
-    assert [r.client_id for r in got.replies] == [0, 1, 3, 4]
+    assert [r.client_id for r in got.replies] == keep
     assert got.stats["rejected"] == 1 and "client 2" in got.reasons[0]
+    assert all((r.payload is RELEASED) == release for r in got.replies)
     server.aggregate(0, got.replies)
     assert torch.equal(s.global_flat, want)
+    assert torch.allclose(exact, rescaled, rtol=1e-6, atol=1e-8)  # the same mean, up to one rounding
 
 
 @pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
@@ -149,7 +172,7 @@ def test_without_a_bound_bad_replies_are_found_after_the_fold_and_rejected_in_or
     messages = _messages(codec, s.spec, deltas)
     messages[1] = ClientMessage(1, b"", COUNTS[1], failure="out of memory")
     want = _reference(s, codec, messages, [0, 3, 5])
-    server = _server(s, codec, tmp_path)
+    server = _server(s, codec, tmp_path, release=False)
     got = server.collect(0, s.configure_round(0, list(range(6))), messages)
     assert [r.client_id for r in got.replies] == [0, 3, 5]
     assert [reason.split(":")[0] for reason in got.reasons] == [
@@ -181,7 +204,7 @@ def test_replies_changed_after_the_fold_are_aggregated_again(change, tmp_path):
     assert s.spec is not None
     messages = _messages(codec, s.spec, _deltas(s.spec, 4))
     keep = [0, 2, 3] if change == "drop" else [0, 1, 2, 3]
-    server = _server(s, codec, tmp_path)
+    server = _server(s, codec, tmp_path, release=False)  # what the loop makes of a callback that sees replies
     got = server.collect(0, s.configure_round(0, list(range(4))), list(messages))
     replies = got.replies
     name = s.spec.names[0]
@@ -214,7 +237,7 @@ def test_streamed_messages_leave_no_flat_copies(tmp_path, monkeypatch):
     for name in ("flatten", "empty"):
         original = getattr(FlatSpec, name)
         monkeypatch.setattr(FlatSpec, name, lambda self, *a, _o=original, _n=name, **k: made.append(_n) or _o(self, *a, **k))
-    server = _server(s, codec, tmp_path)
+    server = _server(s, codec, tmp_path, release=False)
     got = server.collect(0, s.configure_round(0, list(range(6))), iter(messages), total_examples=sum(COUNTS))
     ranges = [_bytes_range(m.message) for m in messages]
     storages = {r.payload[spec.names[0]].untyped_storage().data_ptr() for r in got.replies}

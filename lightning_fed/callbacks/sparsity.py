@@ -125,10 +125,16 @@ class SparseUplink(Codec):
         """The inner codec's broadcast."""
         return self.inner.broadcast(server_round)
 
+    @property
+    def reads_accepted(self) -> bool:  # type: ignore[override]
+        """The inner codec's: the payloads are packed for it only when it reads them."""
+        return self.inner.reads_accepted
+
     def accept(self, server_round: int, payloads: list[Payload]) -> None:
         """Forward the aggregated replies to the inner codec, packed as it decoded them (the masks must still be
-        those the round's replies were decoded with)."""
-        self.inner.accept(server_round, [self.pack(p) for p in payloads])
+        those the round's replies were decoded with); an inner codec that does not read them gets them as
+        they are (possibly released after the fold)."""
+        self.inner.accept(server_round, [self.pack(p) for p in payloads] if self.inner.reads_accepted else payloads)
 
     def state_dict(self) -> dict[str, Any]:
         """The inner codec's state (masks belong to :class:`MagnitudeSparsity`)."""

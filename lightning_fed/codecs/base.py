@@ -18,7 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_fed.codecs.wire import expect_codec, pack, unpack
+import torch
+
+from lightning_fed.codecs.deferred import FlatValues
+from lightning_fed.codecs.wire import expect_codec, header_prefix, pack, read_only_view, unpack
+from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload, PayloadSpec
 
 
@@ -91,6 +95,11 @@ class Codec:
     received), so the server encodes one message per client with its state about that client, and each client
     decodes with its own state (see :class:`~lightning_fed.codecs.DownlinkDelta`)."""
 
+    reads_accepted: bool = False
+    """Whether :meth:`accept` reads the payloads it is given (TCS sums them). ``False`` lets the server release a
+    reply's payload once it is folded into the mean (see :class:`~lightning_fed.server.Server`); a codec that
+    overrides :meth:`accept` declares it in its own class."""
+
     def encode(self, payload: Payload, state: dict[str, Any], args: EncodeArgs = EncodeArgs()) -> bytes:
         """Client side: encode ``payload`` into a message.
 
@@ -113,6 +122,14 @@ class Codec:
             args: the per-call inputs.
         """
         raise NotImplementedError
+
+    def decode_deferred(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Any:
+        """Server side, optional: the message's values left where they are, for a server that folds them into
+        a mean without keeping them (:class:`~lightning_fed.codecs.vector.DeferredValues`: measured, added
+        and, only if something else reads them, decoded), or ``None`` (the default; also for a message this
+        codec cannot defer): the server calls :meth:`decode`. Raises ``MalformedMessage`` as :meth:`decode`
+        would; ``state`` changes as with :meth:`decode`."""
+        return None
 
     def broadcast(self, server_round: int) -> bytes:
         """Server side: codec data every sampled client of ``server_round`` receives before it encodes (e.g. a
@@ -152,3 +169,29 @@ class Identity(Codec):
         tensors, meta = unpack(message, max_bytes=args.max_bytes, share=args.sender is not None)
         expect_codec(meta, self.name)
         return tensors
+
+    def decode_deferred(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()) -> Any:
+        """A sender's message of the expected layout (its header byte for byte what :meth:`encode` writes for a
+        payload matching ``args.spec``, every entry float32, in the spec's order) as one read-only float32 view
+        of its body (:class:`~lightning_fed.codecs.deferred.FlatValues`), without parsing it: such a message
+        decodes to exactly that structure. Any other message: ``None`` (the server decodes it in full, with
+        every check)."""
+        spec = args.spec
+        if args.sender is None or spec is None or type(message) is not bytes:
+            return None
+        known = self._known
+        if known is None or known[0] is not spec:
+            if not all(v.dtype == torch.float32 and not v.optional and min(v.shape, default=0) >= 0
+                       for v in spec.values()):
+                return None
+            layout = FlatSpec.build(list(spec), [tuple(v.shape) for v in spec.values()])
+            prefix = header_prefix([(k, torch.float32, tuple(v.shape)) for k, v in spec.items()], {"codec": self.name})
+            known = self._known = (spec, prefix, layout)
+        _, prefix, layout = known
+        if (len(message) != len(prefix) + 4 * layout.numel or not message.startswith(prefix)
+                or (args.max_bytes is not None and len(message) > args.max_bytes) or not layout.numel):
+            return None
+        flat = read_only_view(message, torch.float32, len(prefix))
+        return FlatValues(flat, layout, lambda: self.decode(message, {}, args))
+
+    _known: tuple[PayloadSpec, bytes, FlatSpec] | None = None

@@ -15,10 +15,16 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_fed.codecs.deferred import DeferredValues
 from lightning_fed.codecs.frame import Reader, Writer
 from lightning_fed.codecs.vector import ValueCodec
 from lightning_fed.codecs.wire import MalformedMessage
-from lightning_fed.kernels import dequantize_blockwise
+from lightning_fed.kernels import (
+    dequantize_axpy_,
+    dequantize_axpy_measure_,
+    dequantize_blockwise,
+    dequantize_measure,
+)
 
 log = logging.getLogger("lightning_fed")
 
@@ -98,6 +104,45 @@ class Blockwise8bit(ValueCodec):
             return torch.zeros(0)
         absmax = _check_absmax(r.floats(math.ceil(n / self.blocksize), what="block scales"))
         return dequantize_blockwise(r.take(n, "8-bit codes"), absmax, self._dynamic_code(), self.blocksize)
+
+    def defer_values(self, r: Reader, n: int) -> DeferredValues | None:
+        """The block scales (checked) and the codes where they lie in the message."""
+        if n == 0:
+            return None
+        absmax = _check_absmax(r.floats(math.ceil(n / self.blocksize), what="block scales"))
+        return BlockwiseCodes(r.take(n, "8-bit codes"), absmax, self._dynamic_code(), self.blocksize)
+
+
+class BlockwiseCodes(DeferredValues):
+    """Blockwise 8-bit values left as their codes: measured and folded straight from the codes and the block
+    scales (:func:`~lightning_fed.kernels.dequantize_measure`, :func:`~lightning_fed.kernels.dequantize_axpy_`),
+    never stored as float32 unless :meth:`values` is asked for. The scales were checked finite, so every value
+    is."""
+
+    def __init__(self, codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> None:
+        self.codes, self.absmax, self.code, self.blocksize = codes, absmax, code, blocksize
+
+    def measure(self, bound: bool = True) -> tuple[float, float]:
+        """Sum of squares and largest magnitude of the decoded values, from the codes (both, always)."""
+        return dequantize_measure(self.codes, self.absmax, self.code, self.blocksize)
+
+    def add_into(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]]) -> None:
+        """Decode and add in one loop per segment."""
+        for src, dst, n in segments:
+            dequantize_axpy_(acc, dst, self.codes, src, n, self.absmax, self.code, self.blocksize, w)
+
+    def add_measure(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
+                    ) -> tuple[float, float]:
+        """Decode, add and measure in one loop per segment."""
+        sq, top = 0.0, 0.0
+        for src, dst, n in segments:
+            s, t = dequantize_axpy_measure_(acc, dst, self.codes, src, n, self.absmax, self.code, self.blocksize, w)
+            sq, top = sq + s, max(top, t)
+        return sq, top
+
+    def values(self) -> Tensor:
+        """The decoded vector (what :meth:`Blockwise8bit.decode_values` returns)."""
+        return dequantize_blockwise(self.codes, self.absmax, self.code, self.blocksize)
 
 
 class Blockwise4bit(ValueCodec):

@@ -136,6 +136,8 @@ class TimeCorrelatedTopK(TopK):
             return b""
         return encode_mask(self.mask, self.mask_numel)
 
+    reads_accepted = True  # the next mask is the top of the accepted replies' sum
+
     def accept(self, server_round: int, payloads: list[Payload]) -> None:
         """Make the next mask the ``mask_ratio`` largest entries of the sum of the aggregated replies.
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.codecs.base import Codec, DecodeArgs, EncodeArgs
+from lightning_fed.codecs.deferred import DeferredValues, arrange
 from lightning_fed.codecs.frame import (
     FLAG_EXTRAS,
     FLAG_LAYOUT,
@@ -119,6 +120,42 @@ class VectorCodec(Codec):
             MalformedMessage: too large, truncated, trailing bytes, wrong codec or configuration, a layout
                 that is not the expected one, or inconsistent fields.
         """
+        r, flags, layout = self._open(message, args)
+        extras: Payload = {}
+        if flags & FLAG_EXTRAS:
+            extras, _ = unpack(r.blob("extras", len(r.data)))
+        pending = dict(state)  # the sender's state as this message leaves it, kept only if the message is valid
+        flat = self.decode_vector(r, layout, pending, args)
+        r.finish()
+        if flat.numel() != layout.numel:
+            raise MalformedMessage(f"decoded {flat.numel()} values, the layout has {layout.numel}")
+        state.clear()
+        state.update(pending)
+        return arrange({**layout.unflatten(flat), **extras}, args.spec)
+
+    def decode_deferred(self, message: bytes, state: dict[str, Any], args: DecodeArgs = DecodeArgs()
+                        ) -> DeferredValues | None:
+        """The message's values left in the message (:meth:`defer_vector`), when its layout is the expected
+        spec's, every entry float32, with nothing else in the frame; else ``None``."""
+        spec = args.spec
+        if spec is None or not all(v.dtype == torch.float32 and not v.optional for v in spec.values()):
+            return None
+        r, flags, layout = self._open(message, args)
+        if flags:  # a layout or extras travel: decoded in full
+            return None
+        deferred = self.defer_vector(r, layout, args)
+        if deferred is not None:
+            r.finish()
+        return deferred
+
+    def defer_vector(self, r: Reader, layout: FlatSpec, args: DecodeArgs) -> DeferredValues | None:
+        """Read the code as :meth:`decode_vector` does, but leave the values in the message; ``None``: this
+        codec cannot (the default)."""
+        return None
+
+    def _open(self, message: bytes, args: DecodeArgs) -> tuple[Reader, int, FlatSpec]:
+        """Size limit, header, layout and fingerprint of a frame: a reader at the codec body, the flags and the
+        layout."""
         if not isinstance(message, (bytes, bytearray, memoryview)):
             raise MalformedMessage(f"message must be bytes, got {type(message).__name__}")
         message = bytes(message)
@@ -140,20 +177,7 @@ class VectorCodec(Codec):
             raise MalformedMessage(
                 f"fingerprint mismatch: the message was not encoded by {self.wire_config()} for this payload layout"
             )
-        extras: Payload = {}
-        if flags & FLAG_EXTRAS:
-            extras, _ = unpack(r.blob("extras", len(message)))
-        pending = dict(state)  # the sender's state as this message leaves it, kept only if the message is valid
-        flat = self.decode_vector(r, layout, pending, args)
-        r.finish()
-        if flat.numel() != layout.numel:
-            raise MalformedMessage(f"decoded {flat.numel()} values, the layout has {layout.numel}")
-        state.clear()
-        state.update(pending)
-        out = {**layout.unflatten(flat), **extras}
-        if spec is not None:  # the spec's order where it names the entries
-            out = {**{k: out[k] for k in spec if k in out}, **out}
-        return out
+        return r, flags, layout
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.wire_config()})"
@@ -180,6 +204,18 @@ class ValueCodec(VectorCodec):
     def decode_vector(self, r: Reader, layout: FlatSpec, state: dict[str, Any], args: DecodeArgs) -> Tensor:
         """The whole vector through :meth:`decode_values`."""
         return self.decode_values(r, layout.numel)
+
+    def defer_vector(self, r: Reader, layout: FlatSpec, args: DecodeArgs) -> DeferredValues | None:
+        """The whole vector through :meth:`defer_values`."""
+        deferred = self.defer_values(r, layout.numel)
+        if deferred is not None:
+            deferred.layout, deferred.spec = layout, args.spec
+        return deferred
+
+    def defer_values(self, r: Reader, n: int) -> DeferredValues | None:
+        """Read ``n`` values' code as :meth:`decode_values` does, leaving the values in the message; ``None``
+        (the default): this codec decodes them in full."""
+        return None
 
 
 def layout_id(layout: FlatSpec) -> Tensor:

@@ -67,6 +67,32 @@ def _remember(cache: dict, key: object, value: object) -> None:
     cache[key] = value
 
 
+def header_prefix(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], meta: dict[str, str]) -> bytes:
+    """The bytes :func:`pack` writes before the data for tensors of these names, dtypes and shapes (in this
+    order) and this metadata: the 8-byte length and the JSON header (cached per layout)."""
+    key = (tuple(entries), tuple(meta.items()) if meta else ())
+    prefix = _PACKED.get(key)
+    if prefix is None:
+        header: dict[str, object] = {"__metadata__": dict(meta)} if meta else {}
+        offset = 0
+        for name, dtype, shape in entries:
+            n = _numel(shape) * _ITEMSIZE[dtype]
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        prefix = struct.pack("<Q", len(raw)) + raw
+        _remember(_PACKED, key, prefix)
+    return prefix
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     """Serialise tensors and string metadata into one safetensors-format message (no pickle)."""
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -76,19 +102,7 @@ def pack(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
         if t.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which the wire format does not carry")
         items.append((name, t.detach().cpu().contiguous()))
-    key = (tuple((name, t.dtype, tuple(t.shape)) for name, t in items), tuple(meta.items()) if meta else ())
-    prefix = _PACKED.get(key)
-    if prefix is None:
-        header: dict[str, object] = {"__metadata__": dict(meta)} if meta else {}
-        offset = 0
-        for name, t in items:
-            n = t.numel() * t.element_size()
-            header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        prefix = struct.pack("<Q", len(raw)) + raw
-        _remember(_PACKED, key, prefix)
+    prefix = header_prefix([(name, t.dtype, tuple(t.shape)) for name, t in items], meta)
     tensors_ = [t for _, t in items if t.numel()]
     span = contiguous_span(tensors_)  # entries of one flat buffer: serialised without concatenating
     if span is not None:
@@ -141,7 +155,7 @@ def unpack(message: bytes, *, max_bytes: int | None = None,
     if not body:
         data = torch.empty(0, dtype=torch.uint8)
     elif share:
-        data = _read_only_view(message, torch.uint8 if uniform is None else uniform[0], 8 + hlen)
+        data = read_only_view(message, torch.uint8 if uniform is None else uniform[0], 8 + hlen)
         if uniform is not None:  # one dtype view of the whole body, split into the entries
             return _split(data, uniform), dict(meta)
     else:
@@ -182,7 +196,7 @@ def _split(
 _QUIET = False  # torch warns once per process about read-only buffers; set once that warning is spent
 
 
-def _read_only_view(message: bytes, dtype: torch.dtype, offset: int) -> Tensor:
+def read_only_view(message: bytes, dtype: torch.dtype, offset: int) -> Tensor:
     """A tensor over a ``bytes`` object's memory from ``offset`` (read-only, as documented for ``share``).
 
     Torch warns the first time a tensor is made over a read-only buffer, then never again in the process: that

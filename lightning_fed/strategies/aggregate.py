@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
 from lightning_fed.kernels import axpy_measure_
-from lightning_fed.protocol import Payload, value_bounds, values_within
+from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -90,6 +90,14 @@ class MeanFold:
       at once (as it does a reply whose sum of squares was not finite); only when it fails does the server
       check each folded reply to find (and reject) the culprits.
 
+    A reply the server can judge on its own (its norm check has a reference: the previous round's median) is
+    added and measured in one pass and judged right after (:meth:`add_released`); a rejection is undone exactly
+    from a snapshot of the accumulator and the few replies added since (at most :attr:`window`), whose payloads
+    are released once the snapshot moves past them (:data:`~lightning_fed.protocol.RELEASED`). Once a reply is
+    released the fold is never voided: when the kept replies' example counts do not sum to the total the fold
+    bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by ``total / kept``, the
+    example-weighted mean of the kept replies up to one rounding per element.
+
     A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
     anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
     folded (:meth:`covers`: same replies, same order, payload entries neither replaced nor written in place,
@@ -112,9 +120,14 @@ class MeanFold:
         spec: the flat layout of the payloads (the strategy's).
         acc: a flat buffer of ``spec`` (zeroed here): the accumulator.
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
+        hold_bytes: the most bytes of released replies (counted at the accumulator's size each) kept to undo a
+            rejection exactly (:meth:`add_released`): 1 to 16 replies.
+        scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
+            pages already in memory); ``None``: allocated when first needed.
     """
 
-    def __init__(self, spec: FlatSpec, acc: Tensor, total: int) -> None:
+    def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
+                 scratch: Tensor | None = None) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -122,13 +135,17 @@ class MeanFold:
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
         self.broken = False
+        self.released = 0
+        """How many replies were added by :meth:`add_released` (their payloads released, or to be)."""
+        self._rescaled = False
+        self.window = max(1, min(16, hold_bytes // max(1, acc.numel() * acc.element_size())))
+        """How many released replies the fold holds at most, to undo a rejection exactly (``hold_bytes``)."""
+        self._window: list[tuple[Any, Any, float]] = []
+        self._snap: Tensor | None = scratch
+        self._snapped = False
         self.norms: dict[int, float] = {}
         """L2 norm of each reply folded from one flat buffer (by ``id(reply)``), summed from the pieces while
         they are in the cache: the server's norm check then reads no reply twice."""
-
-    @staticmethod
-    def _stamp(payload: Payload) -> list[tuple[int, int]]:
-        return [(id(t), t._version) for t in payload.values()]
 
     def add(self, reply: Any, max_abs: float | None = None) -> bool:
         """Add ``reply.num_examples / total`` times ``reply.payload``.
@@ -163,6 +180,106 @@ class MeanFold:
             self._folded.append((reply, payload, reply.num_examples, self._stamp(payload)))
         return ok
 
+    def add_released(self, reply: Any, values: Any, max_abs: float | None, max_norm: float) -> tuple[str | None, float]:
+        """Add ``reply.num_examples / total`` times the reply in one pass that also measures it, then judge it:
+        its values must be finite (and of magnitude at most ``max_abs`` when given), its L2 norm at most
+        ``max_norm``. ``values``: the reply's values still in their message (a :class:`~lightning_fed.codecs.
+        deferred.DeferredValues`, e.g. 8-bit codes, read from there), or ``None`` (its payload).
+
+        Exact undo: the fold keeps a snapshot of the accumulator and the replies added since (at most
+        :attr:`window`); a rejected reply restores the snapshot and adds those replies again (the same elementwise
+        ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the window is full
+        the snapshot is retaken and the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`;
+        :meth:`flush` releases the rest at the end of the round).
+
+        Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
+        or ``"norm"``. The structure must already match ``spec``."""
+        w = reply.num_examples / float(self.total)
+        bound = max_abs is not None
+        source: Any = values
+        if values is not None:
+            sq, top = values.add_measure(self._acc, w, self._segments(values.layout), bound)
+        else:
+            source = self.spec.flat_view(reply.payload)
+            if source is not None:
+                sq, top = axpy_measure_(self._acc, source, w, bound=bound)
+            else:  # entries in several buffers: added where they lie, measured entry by entry
+                parts = [reply.payload[k].detach() for k in self.spec.names]
+                torch._foreach_add_(self._parts, parts, alpha=w)
+                source = parts
+                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in parts)
+                top = math.inf if not math.isfinite(sq) else 0.0
+                if bound:
+                    lo, hi = value_bounds([t for t in parts if t.numel()])
+                    top = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
+            flat = [t for t in reply.payload.values() if t.numel()] if values is None else [values.values()]
+            lo, hi = value_bounds(flat)
+            if math.isfinite(lo) and math.isfinite(hi):
+                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat)
+            else:
+                top = math.inf
+        norm = math.sqrt(sq) if math.isfinite(sq) else math.inf
+        why = None
+        if not math.isfinite(top) or not math.isfinite(sq) or (bound and top > max_abs):  # type: ignore[operator]
+            why = "values"
+        elif not norm <= max_norm:
+            why = "norm"
+        if why is not None:
+            self._undo()
+            return why, norm
+        self._window.append((reply, source, w))
+        self.released += 1
+        self._folded.append((reply, None, reply.num_examples, []))
+        if len(self._window) >= self.window:
+            if self._snap is None:
+                self._snap = torch.empty_like(self._acc)
+            self._snap.copy_(self._acc)
+            self._snapped = True
+            self.flush()
+        return None, norm
+
+    def _undo(self) -> None:
+        """The accumulator as it was before the reply just added: the snapshot, then the window's replies again."""
+        if self._snapped:
+            assert self._snap is not None
+            self._acc.copy_(self._snap)
+        else:
+            self._acc.zero_()
+        for reply, source, w in self._window:
+            if isinstance(source, Tensor):
+                self._acc.add_(source, alpha=w)
+            elif isinstance(source, list):
+                torch._foreach_add_(self._parts, source, alpha=w)
+            else:
+                source.add_into(self._acc, w, self._segments(source.layout))
+
+    def flush(self) -> None:
+        """Release the payloads of the replies in the window (nothing can undo them any more)."""
+        for reply, _, _ in self._window:
+            reply.payload = RELEASED
+        self._window.clear()
+
+    def _segments(self, layout: FlatSpec) -> list[tuple[int, int, int]]:
+        """``(src, dst, n)`` runs mapping a codec layout's flat vector onto the accumulator (``spec``'s order)."""
+        known = getattr(self, "_layout", None)
+        if known is not None and known[0] is layout:
+            return known[1]
+        where = dict(zip(self.spec.names, self.spec.offsets, strict=True))
+        runs: list[tuple[int, int, int]] = []
+        for name, src, n in zip(layout.names, layout.offsets, layout.sizes, strict=True):
+            dst = where[name]
+            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+            elif n:
+                runs.append((src, dst, n))
+        self._layout = (layout, runs)
+        return runs
+
+    @staticmethod
+    def _stamp(payload: Payload) -> list[tuple[int, int]]:
+        return [] if payload is RELEASED else [(id(t), t._version) for t in payload.values()]
+
     def settle(self) -> bool:
         """Whether the replies added without a check (no ``max_abs``) are certainly finite: the sum of the
         accumulator is finite (one read of one buffer for the round). ``False``: some value is not finite, or the
@@ -174,14 +291,26 @@ class MeanFold:
     def covers(self, replies: list[Any]) -> bool:
         """Whether ``replies`` are exactly the folded replies: the same objects in the same order, each with the
         payload dict it was folded with, its entries neither replaced nor written in place since, its example
-        count unchanged, and the counts summing to the total the fold weighted by."""
+        count unchanged, and the counts summing to the total the fold weighted by (or, once a payload was
+        released, to any positive total: :meth:`result` rescales)."""
         if self.broken or len(replies) != len(self._folded):
             return False
         for r, (reply, payload, n, stamp) in zip(replies, self._folded):
-            if r is not reply or r.payload is not payload or r.num_examples != n or self._stamp(payload) != stamp:
+            if payload is None:  # released: its payload was let go (or will be, unread)
+                if r is not reply or r.num_examples != n:
+                    return False
+            elif r is not reply or r.payload is not payload or r.num_examples != n or self._stamp(payload) != stamp:
                 return False
-        return sum(n for _, _, n, _ in self._folded) == self.total
+        return self.released > 0 or self._kept() == self.total
+
+    def _kept(self) -> int:
+        return sum(n for _, _, n, _ in self._folded)
 
     def result(self) -> Tensor:
-        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given)."""
+        """The accumulated ``sum_i n_i / total * x_i`` (the buffer given), rescaled once by ``total / kept`` when
+        released replies were folded and the kept replies' counts sum to ``kept != total``."""
+        kept = self._kept()
+        if kept != self.total and kept > 0 and not self._rescaled:
+            self._acc.mul_(self.total / kept)
+            self._rescaled = True
         return self._acc

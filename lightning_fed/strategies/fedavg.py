@@ -122,7 +122,7 @@ class FedAvg(Strategy):
             return None
         spec, _ = self._require_setup()
         assert self._acc is not None and self._tmp is not None
-        self._fold = MeanFold(spec, self._acc, total_examples)
+        self._fold = MeanFold(spec, self._acc, total_examples, scratch=self._tmp)  # the fold's snapshot
         return self._fold
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:

@@ -1,0 +1,318 @@
+"""The server lets go of folded replies: from the second round the norm check judges a reply against the previous
+round's median before its fold, so an accepted reply's payload is released once added and the server holds the
+accumulator and the reply being decoded, not every reply."""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import pytest
+import torch
+from conftest import seeded
+from test_server_fold import COUNTS, _deltas, _messages, _reference, _strategy
+
+from lightning_fed import codecs
+from lightning_fed.callbacks.sparsity import SparseUplink
+from lightning_fed.codecs import Blockwise8bit, Cast, Codec, DecodeArgs, Identity, TimeCorrelatedTopK
+from lightning_fed.models import MNIST1DCNN
+from lightning_fed.protocol import RELEASED, ClientMessage
+from lightning_fed.server import Server
+from lightning_fed.store import ClientStore
+from lightning_fed.strategies import FedAvg
+
+
+def _server(s: FedAvg, codec: Codec, tmp_path, **kw) -> Server:
+    return Server(
+        s, codec, ClientStore(tmp_path / "senders"), max_norm_ratio=kw.pop("max_norm_ratio", 10.0), **kw
+    )
+
+
+def _two_rounds(s: FedAvg, codec: Codec, server: Server, second: list[torch.Tensor]):
+    """Round 0 with 4 honest replies (held: no reference yet), then round 1 with ``second``."""
+    assert s.spec is not None
+    first = server.collect(
+        0, s.configure_round(0, list(range(4))), _messages(codec, s.spec, _deltas(s.spec, 4))
+    )
+    assert all(r.payload is not RELEASED for r in first.replies)  # no reference in the first round
+    server.aggregate(0, first.replies)
+    messages = _messages(codec, s.spec, second)
+    return messages, [bytes(m.message) for m in messages]
+
+
+@pytest.mark.parametrize("make_codec", [Identity, Blockwise8bit], ids=["identity", "int8"])
+def test_replies_with_a_reference_are_released_and_the_result_is_unchanged(make_codec, tmp_path):
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    messages, raw = _two_rounds(s, codec, server, _deltas(s.spec, 6, seed=5))
+    assert len(server.reference) == 1
+    want = _reference(s, codec, [ClientMessage(i, m, COUNTS[i]) for i, m in enumerate(raw)], list(range(6)))
+    got = server.collect(1, s.configure_round(1, list(range(6))), messages)
+    assert [r.client_id for r in got.replies] == list(range(6))
+    assert all(r.payload is RELEASED for r in got.replies)
+    assert [r.num_examples for r in got.replies] == COUNTS
+    with pytest.raises(RuntimeError, match="released"):
+        got.replies[0].payload["0.weight"]
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, want)  # bit-identical to decoding, flattening and summing copies
+    assert 0 < got.stats["norm_ratio_prev"] < 10
+
+
+def test_a_scaled_reply_is_rejected_and_the_rest_rescaled(tmp_path):
+    s, codec = _strategy(), Identity()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    second = _deltas(s.spec, 5, seed=5)
+    second[2].mul_(1e6)
+    messages, raw = _two_rounds(s, codec, server, second)
+    kept = [0, 1, 3, 4]
+    exact = _reference(s, codec, [ClientMessage(i, m, COUNTS[i]) for i, m in enumerate(raw)], kept)
+    got = server.collect(1, s.configure_round(1, list(range(5))), messages)
+    assert [r.client_id for r in got.replies] == kept
+    assert got.stats["rejected"] == 1
+    assert "client 2 rejected: its norm" in got.reasons[0] and "previous round's median" in got.reasons[0]
+    server.aggregate(1, got.replies)
+    assert (
+        s.global_flat is not None and s.global_flat.abs().max() < 1
+    )  # the scaled reply never touched the sum
+    assert torch.allclose(s.global_flat, exact, rtol=1e-6, atol=1e-8)
+
+
+class Summing(Identity):
+    """Identity whose server half sums the accepted payloads (as TCS does for its next mask)."""
+
+    reads_accepted = True
+
+    def accept(self, server_round, payloads):
+        self.sums = [float(sum(v.sum() for v in p.values())) for p in payloads]
+
+
+def test_a_codec_that_reads_accepted_payloads_keeps_them(tmp_path):
+    s, codec = _strategy(), Summing()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    messages, _ = _two_rounds(s, codec, server, _deltas(s.spec, 4, seed=5))
+    got = server.collect(1, s.configure_round(1, list(range(4))), messages)
+    assert len(got.replies) == 4 and all(r.payload is not RELEASED for r in got.replies)
+    server.aggregate(1, got.replies)
+    assert len(codec.sums) == 4
+
+
+def test_every_codec_that_reads_accepted_payloads_says_so():
+    """A codec overriding ``accept`` declares ``reads_accepted`` in its own class (or forwards it)."""
+    classes = {c for _, c in inspect.getmembers(codecs, inspect.isclass) if issubclass(c, Codec)} | {
+        SparseUplink
+    }
+    overriding = [c for c in classes if "accept" in vars(c)]
+    assert TimeCorrelatedTopK in overriding and SparseUplink in overriding
+    assert all("reads_accepted" in vars(c) for c in overriding)
+    assert TimeCorrelatedTopK.reads_accepted and not Identity.reads_accepted
+    assert (
+        SparseUplink(Identity()).reads_accepted is False
+        and SparseUplink(TimeCorrelatedTopK(0.5)).reads_accepted
+    )
+
+
+def test_streamed_round_holds_one_decoded_reply_at_a_time(tmp_path):
+    """Messages made one at a time: when the next is made, every earlier decoded reply is gone."""
+    s, codec = _strategy(), Identity()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    _two_rounds(s, codec, server, [])
+    alive: list[weakref.ref] = []
+    decode = codec.decode
+
+    def tracked(message, state, args=DecodeArgs()):
+        payload = decode(message, state, args)
+        alive.append(weakref.ref(next(iter(payload.values()))))
+        return payload
+
+    codec.decode = tracked  # type: ignore[method-assign]
+    deltas = _deltas(s.spec, 6, seed=5)
+    seen = []
+
+    def stream():
+        for i, d in enumerate(deltas):
+            seen.append(sum(ref() is not None for ref in alive))
+            yield ClientMessage(i, codec.encode(s.spec.unflatten(d), {}), COUNTS[i])
+
+    got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
+    assert len(got.replies) == 6 and seen == [0] * 6
+
+
+def test_the_reference_is_checkpointed(tmp_path):
+    s, codec = _strategy(), Identity()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    _two_rounds(s, codec, server, [])
+    state = server.state_dict()
+    fresh = _server(s, codec, tmp_path / "b")
+    assert fresh.reference == {}
+    fresh.load_state_dict(state)
+    assert fresh.reference == server.reference and len(fresh.reference) == 1
+    (median,) = fresh.reference.values()
+    assert median > 0
+
+
+def test_the_loop_releases_from_the_second_round_and_rejects_the_hostile_reply(
+    make_loop, small_dm, monkeypatch
+):
+    """FedLoop streams the messages to the server; from round 2 the folded replies come back released, and a
+    1e6-scaled reply is rejected in every round (round 1 by its round's median, later by the previous one's)."""
+    from test_safe_defaults import Hostile
+
+    kinds, fed = [], []
+    original = Server.collect
+
+    def collect(self, server_round, instructions, messages, total_examples=None):
+        fed.append(type(messages).__name__)
+        got = original(self, server_round, instructions, messages, total_examples)
+        kinds.append([r.payload is RELEASED for r in got.replies])
+        return got
+
+    monkeypatch.setattr(Server, "collect", collect)
+    loop = make_loop(num_clients=5, clients_per_round=5, rounds=3, callbacks=[Hostile(scale=1e6, claim=1)])
+    result = loop.fit(seeded(MNIST1DCNN), small_dm)
+    assert fed == ["generator"] * 3
+    assert [h["rejected"] for h in result.history] == [1, 1, 1]
+    assert kinds == [[False] * 4, [True] * 4, [True] * 4]
+    assert all(0 < h["norm_ratio_prev"] < 10 for h in result.history[1:])
+
+
+def test_aggregation_benchmark_times_released_rows(capsys):
+    """The benchmark's timed round releases its replies: nothing held but the accumulator, no row skipped."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("aggregation")
+    bench.main(["--replies", "5", "--params", "1e3", "--repeat", "1", "--max-held-gb", "0"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| identity |", "| int8 |"))]
+    assert len(rows) == 2 and all("skipped" not in r for r in rows)
+    assert all(r.split("|")[8].strip() == "0" for r in rows)  # held MiB: the 4 KB accumulator only
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_int8_replies_are_folded_from_their_codes(path, tmp_path, monkeypatch):
+    """With a reference, an 8-bit reply is measured and added straight from its codes (never decoded into a
+    float32 buffer), bit-identical to decoding it and adding the copy; a reply over ``max_update_abs`` is decoded
+    only to name its entry, and rejected before it touches the sum."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", 300)  # several pieces, not whole blocks of the codec's layout
+    s, codec = _strategy(), Blockwise8bit(blocksize=64)
+    server = _server(s, codec, tmp_path, max_update_abs=0.5)
+    assert s.spec is not None
+    second = _deltas(s.spec, 5, seed=5)
+    second[3][17] = 0.9  # over max_update_abs
+    messages, raw = _two_rounds(s, codec, server, second)
+    kept = [0, 1, 2, 4]
+    total = sum(COUNTS[:5])
+    rescaled = _rescaled_from(s, codec, raw, kept, total)
+    decoded = []
+    decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    got = server.collect(1, s.configure_round(1, list(range(5))), messages)
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    assert decoded == []
+    assert "client 3 rejected" in got.reasons[0] and "max_abs" in got.reasons[0]
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, rescaled)
+
+
+def _rescaled_from(s: FedAvg, codec: Codec, raw: list[bytes], keep: list[int], total: int) -> torch.Tensor:
+    """Decode each kept message, add its flat copy with ``n / total``, rescale once by ``total / kept``, step."""
+    spec = s.spec
+    assert spec is not None and s.global_flat is not None
+    acc = torch.zeros(spec.numel)
+    for i in keep:
+        payload = codec.decode(raw[i], {}, DecodeArgs(sender=i, spec=spec.tensor_specs()))
+        acc.add_(spec.flatten(payload), alpha=COUNTS[i] / float(total))
+    acc.mul_(total / sum(COUNTS[i] for i in keep))
+    return s.global_flat.clone().add_(acc)
+
+
+def _hostile_messages(s: FedAvg, codec: Codec) -> list[ClientMessage]:
+    """Six messages of the second round: well-formed ones around a missing entry, a float64 entry, a truncated
+    body, a NaN, an extra metadata key and a wrong shape."""
+    from lightning_fed.codecs.wire import pack
+
+    assert s.spec is not None
+    deltas = _deltas(s.spec, 8, seed=9)
+    payloads = [s.spec.unflatten(d) for d in deltas]
+    msgs = [ClientMessage(i, codec.encode(p, {}), COUNTS[i % 6]) for i, p in enumerate(payloads)]
+    name = s.spec.names[0]
+    missing = {k: v for k, v in payloads[1].items() if k != name}
+    msgs[1] = ClientMessage(1, codec.encode(missing, {}), COUNTS[1])
+    msgs[2] = ClientMessage(2, codec.encode({**payloads[2], name: payloads[2][name].double()}, {}), COUNTS[2])
+    msgs[3] = ClientMessage(3, msgs[3].message[:-4], COUNTS[3])
+    bad = {k: v.clone() for k, v in payloads[4].items()}
+    bad[name].view(-1)[3] = float("nan")
+    msgs[4] = ClientMessage(4, codec.encode(bad, {}), COUNTS[4])
+    msgs[5] = ClientMessage(5, pack(payloads[5], {"codec": "identity", "x": "1"}), COUNTS[5])
+    msgs[6] = ClientMessage(
+        6, codec.encode({**payloads[6], name: payloads[6][name].reshape(-1)}, {}), COUNTS[0]
+    )
+    return msgs
+
+
+def test_identity_fast_path_rejects_as_the_full_decode(tmp_path, monkeypatch):
+    """Messages of the known layout are read as one flat view (no parsing, no split); every other message is
+    decoded in full and rejected with the same reasons as on the held path."""
+    from lightning_fed.codecs import wire
+
+    results = []
+    for release in (False, True):
+        s, codec = _strategy(), Identity()
+        server = _server(s, codec, tmp_path / str(release), release=release)
+        _two_rounds(s, codec, server, [])
+        unpacked: list[int] = []
+
+        def counted(*a, _seen=unpacked, **k):
+            _seen.append(1)
+            return wire.unpack(*a, **k)
+
+        monkeypatch.setattr("lightning_fed.codecs.base.unpack", counted)
+        got = server.collect(1, s.configure_round(1, list(range(8))), _hostile_messages(s, codec))
+        monkeypatch.undo()
+        results.append((got.reasons, [r.client_id for r in got.replies], len(unpacked)))
+        assert all((r.payload is RELEASED) == release for r in got.replies)
+    (held_reasons, held_ids, held_unpacked), (reasons, ids, fast_unpacked) = results
+    assert ids == held_ids == [0, 5, 7]
+    assert reasons == held_reasons and len(reasons) == 5
+    assert held_unpacked == 8 and fast_unpacked == 6  # the two well-formed messages of the layout: no parse
+
+
+@pytest.mark.parametrize("window", [1, 2, 16])
+@pytest.mark.parametrize(
+    "make_codec", [Identity, Blockwise8bit, lambda: Cast("fp32")], ids=["identity", "int8", "fp32"]
+)
+def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_path, monkeypatch):
+    """Replies are added and measured in one pass, then judged: a rejected one is taken out exactly (the
+    snapshot and the window's replies again), whether a snapshot was taken before it or not, and the payloads
+    are released once the window moves on."""
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    original = FedAvg.begin_fold
+
+    def begin_fold(self, *a, **k):
+        fold = original(self, *a, **k)
+        fold.window = window
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    second = _deltas(s.spec, 6, seed=5)
+    second[1].mul_(1e6)  # rejected before any snapshot when the window is larger than 1
+    second[4].mul_(1e6)  # after one at any window
+    messages, raw = _two_rounds(s, codec, server, second)
+    kept = [0, 2, 3, 5]
+    want = _rescaled_from(s, codec, raw, kept, sum(COUNTS))
+    got = server.collect(1, s.configure_round(1, list(range(6))), messages)
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    assert got.stats["rejected"] == 2
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, want)
