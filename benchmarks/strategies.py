@@ -45,8 +45,8 @@ from rich.table import Table
 from lightning_fed.cli import run
 
 DEFAULT = ["fedavg", "fedavgm", "fedadam", "fedyogi", "scaffold", "fedprox", "fedavg_ft", "fedper", "ditto", "isolated"]
-STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd"]
-SERVER_SIDE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedprox")
+STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd", "fedexp"]
+SERVER_SIDE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedprox", "fedexp")
 PERSONAL = ("fedavg_ft", "fedper", "ditto", "isolated")  # rows with personal models
 NO_GLOBAL = ("fedper", "isolated")  # FedPer has no global model; isolated training's is FedAvg's
 # fedavg_sgd: fedavg.yaml with SCAFFOLD's client optimizer (plain SGD, lr 0.2), to separate the two changes
