@@ -8,6 +8,7 @@ from lightning_fed.strategies.dp import ClipNoise, DPFedAvg
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.fedavg_ft import FedAvgFT
 from lightning_fed.strategies.fedbuff import FedBuff
+from lightning_fed.strategies.fedexp import FedExP
 from lightning_fed.strategies.feddf import FedDF
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
@@ -52,6 +53,7 @@ __all__ = [
     "FedAvg",
     "FedAvgFT",
     "FedBuff",
+    "FedExP",
     "FedDF",
     "FedGKT",
     "FedGen",
