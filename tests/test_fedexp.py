@@ -127,3 +127,13 @@ def test_recipe_extrapolates_and_resumes_exactly_with_the_average(tmp_path):
     b = load_checkpoint(find_checkpoint(resumed.run_dir))["strategy"]
     assert torch.equal(a["global_flat"], b["global_flat"]) and torch.equal(a["prev_flat"], b["prev_flat"])
     assert [h.get("val_acc") for h in full.history] == [h.get("val_acc") for h in resumed.history]
+
+
+def test_doc_example_runs(tmp_path):
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedExP(" in c)
+    scope: dict = {}
+    exec(compile(code.replace('"runs/fedexp"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    assert all(h["server_step"] >= 1.0 for h in scope["result"].history)
