@@ -66,7 +66,9 @@ def test_against_an_independent_float64_computation_on_random_replies():
     step = max(1.0, float((p * stacked.pow(2).sum(1)).sum() / (2 * (mean.pow(2).sum() + 1e-2))))
     assert step > 1
     assert s.last_step == pytest.approx(step, rel=1e-5)
-    assert s.global_flat.double() == pytest.approx(torch.tensor(X0, dtype=torch.float64) + step * mean, abs=1e-6)
+    assert s.global_flat.double() == pytest.approx(
+        torch.tensor(X0, dtype=torch.float64) + step * mean, abs=1e-6
+    )
 
 
 def test_agreeing_clients_take_fedavgs_step():
@@ -76,7 +78,9 @@ def test_agreeing_clients_take_fedavgs_step():
     s.aggregate(0, replies)
     ref.aggregate(0, replies)
     assert s.last_step == 1.0 and torch.equal(s.global_flat, ref.global_flat)
-    assert fedexp_step([1.0, 1.0], [0.5, 0.5], 0.0, 1e-3) == pytest.approx(1 / 2e-3)  # bounded by eps at d = 0
+    assert fedexp_step([1.0, 1.0], [0.5, 0.5], 0.0, 1e-3) == pytest.approx(
+        1 / 2e-3
+    )  # bounded by eps at d = 0
 
 
 def test_average_of_the_last_two_iterates_and_state_round_trip():
@@ -103,7 +107,10 @@ def test_average_of_the_last_two_iterates_and_state_round_trip():
     [
         ({"eps": 0.0}, "eps=0.0 is not allowed; eps must be a number > 0"),
         ({"eps": True}, "eps=True is not allowed"),
-        ({"aggregator": CoordinateMedian()}, "aggregator=.* is not allowed; FedExP's step size is defined for a mean"),
+        (
+            {"aggregator": CoordinateMedian()},
+            "aggregator=.* is not allowed; FedExP's step size is defined for a mean",
+        ),
         ({"average_last": "yes"}, "average_last='yes' is not allowed"),
     ],
 )
@@ -115,11 +122,36 @@ def test_refusals(kwargs, match):
 def test_recipe_extrapolates_and_resumes_exactly_with_the_average(tmp_path):
     """fedexp.yaml with average_last on, 3 rounds against 1 round resumed to 3: same strategy state, same history of
     test accuracy; the step exceeds FedAvg's in some round on the recipe's non-IID split."""
-    cfg = ["fit", "--config", str(RECIPE), "--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1",
-           "--loop.checkpoint_every", "1", "--loop.local_epochs", "1", "--loop.strategy.init_args.average_last", "true"]
+    cfg = [
+        "fit",
+        "--config",
+        str(RECIPE),
+        "--loop.verbose",
+        "false",
+        "--loop.plot",
+        "false",
+        "--loop.eval_every",
+        "1",
+        "--loop.checkpoint_every",
+        "1",
+        "--loop.local_epochs",
+        "1",
+        "--loop.strategy.init_args.average_last",
+        "true",
+    ]
     full = run([*cfg, "--loop.rounds", "3", "--loop.output_dir", str(tmp_path / "full")])
     part = run([*cfg, "--loop.rounds", "1", "--loop.output_dir", str(tmp_path / "part")])
-    resumed = run([*cfg, "--loop.rounds", "3", "--loop.output_dir", str(tmp_path / "part"), "--resume", str(part.run_dir)])
+    resumed = run(
+        [
+            *cfg,
+            "--loop.rounds",
+            "3",
+            "--loop.output_dir",
+            str(tmp_path / "part"),
+            "--resume",
+            str(part.run_dir),
+        ]
+    )
     steps = [h["server_step"] for h in full.history]
     assert min(steps) >= 1.0 and max(steps) > 1.0
     assert steps == [h["server_step"] for h in resumed.history]

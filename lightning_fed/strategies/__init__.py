@@ -8,8 +8,8 @@ from lightning_fed.strategies.dp import ClipNoise, DPFedAvg
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.fedavg_ft import FedAvgFT
 from lightning_fed.strategies.fedbuff import FedBuff
-from lightning_fed.strategies.fedexp import FedExP
 from lightning_fed.strategies.feddf import FedDF
+from lightning_fed.strategies.fedexp import FedExP
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
 from lightning_fed.strategies.fedmd import FedMD
@@ -53,8 +53,8 @@ __all__ = [
     "FedAvg",
     "FedAvgFT",
     "FedBuff",
-    "FedExP",
     "FedDF",
+    "FedExP",
     "FedGKT",
     "FedGen",
     "FedMD",

@@ -57,15 +57,20 @@ class FedExP(FedAvg):
         average_last: evaluate (and return) the average of the last two global iterates, as the paper reports.
     """
 
-    def __init__(self, *, eps: float = 1e-3, aggregator: Aggregator | None = None,
-                 average_last: bool = False) -> None:
+    def __init__(
+        self, *, eps: float = 1e-3, aggregator: Aggregator | None = None, average_last: bool = False
+    ) -> None:
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
             raise ValueError(f"FedExP: eps={eps!r} is not allowed; eps must be a number > 0")
         if aggregator is not None and type(aggregator) not in (WeightedMean, UniformMean):
-            raise ValueError(f"FedExP: aggregator={aggregator!r} is not allowed; FedExP's step size is defined for "
-                             "a mean: WeightedMean() (the default) or UniformMean()")
+            raise ValueError(
+                f"FedExP: aggregator={aggregator!r} is not allowed; FedExP's step size is defined for "
+                "a mean: WeightedMean() (the default) or UniformMean()"
+            )
         if not isinstance(average_last, bool):
-            raise ValueError(f"FedExP: average_last={average_last!r} is not allowed; average_last must be a bool")
+            raise ValueError(
+                f"FedExP: average_last={average_last!r} is not allowed; average_last must be a bool"
+            )
         super().__init__(aggregator=aggregator)
         self.eps = float(eps)
         self.average_last = average_last
@@ -86,8 +91,9 @@ class FedExP(FedAvg):
             weights = [1.0 / len(replies)] * len(replies)
         else:
             weights = example_weights([r.num_examples for r in replies])
-        update = self.aggregator.aggregate_payloads(self._acc, spec, (r.payload for r in replies), weights,
-                                                    self._tmp)
+        update = self.aggregator.aggregate_payloads(
+            self._acc, spec, (r.payload for r in replies), weights, self._tmp
+        )
         sq = []
         for r in replies:  # one reply at a time through the scratch buffer (a view when it is flat already)
             d = spec.as_flat(r.payload, self._tmp)
