@@ -85,6 +85,7 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedexp lr0.1", "fedexp", [CLIENT_LR, "0.1"]),
     ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02"]),
     ("fedexp lr0.05 avg", "fedexp", [FEDEXP + "average_last", "true"]),
+    ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean"]),
 ]
 
 

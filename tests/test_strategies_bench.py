@@ -97,3 +97,4 @@ def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     assert isinstance(ex.loop.strategy, FedExP) and ex.loop.strategy.average_last
     assert built["fedexp lr0.1"].model.hparams.lr == 0.1 and not built["fedexp lr0.1"].loop.strategy.average_last
     assert built["fedyogi s0.03 t1e-2"].loop.strategy.server_optimizer.tau == 0.01
+    assert type(built["fedexp lr0.05 uniform"].loop.strategy.aggregator).__name__ == "UniformMean"
