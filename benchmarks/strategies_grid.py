@@ -86,6 +86,11 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02"]),
     ("fedexp lr0.05 avg", "fedexp", [FEDEXP + "average_last", "true"]),
     ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean"]),
+    # plain SGD on the clients (FedExP's and SCAFFOLD's setting), FedAvg alike
+    ("fedavg lr0.2 sgd", "fedavg", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
+    ("fedavg lr0.5 sgd", "fedavg", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
+    ("fedexp lr0.2 sgd", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
+    ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
 ]
 
 
