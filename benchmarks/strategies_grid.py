@@ -91,6 +91,8 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedavg lr0.5 sgd", "fedavg", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
     ("fedexp lr0.2 sgd", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
     ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
+    ("fedexp lr0.2 sgd avg", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
+    ("fedexp lr0.5 sgd avg", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
 ]
 
 
