@@ -86,6 +86,9 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02"]),
     ("fedexp lr0.05 avg", "fedexp", [FEDEXP + "average_last", "true"]),
     ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean"]),
+    # FedAvg evaluated as FedExP with average_last: FedExP with a huge eps always steps 1 (FedAvg's update)
+    ("fedavg lr0.05 avg", "fedexp", [FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
+    ("fedavg lr0.1 avg", "fedexp", [CLIENT_LR, "0.1", FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
     # plain SGD on the clients (FedExP's and SCAFFOLD's setting), FedAvg alike
     ("fedavg lr0.2 sgd", "fedavg", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
     ("fedavg lr0.5 sgd", "fedavg", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),

@@ -98,3 +98,14 @@ def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     assert built["fedexp lr0.1"].model.hparams.lr == 0.1 and not built["fedexp lr0.1"].loop.strategy.average_last
     assert built["fedyogi s0.03 t1e-2"].loop.strategy.server_optimizer.tau == 0.01
     assert type(built["fedexp lr0.05 uniform"].loop.strategy.aggregator).__name__ == "UniformMean"
+
+
+def test_fedavg_avg_rows_are_fedavg_steps(grid):
+    """The "fedavg ... avg" rows run FedExP with an eps so large that its step is always FedAvg's 1."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies.fedexp import fedexp_step
+
+    label, recipe, more = next(g for g in grid.GRID if g[0] == "fedavg lr0.1 avg")
+    strategy = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more]).loop.strategy
+    assert strategy.average_last and grid.family(label) == "fedavg"
+    assert fedexp_step([1e3, 1e3], [0.5, 0.5], 0.0, strategy.eps) == 1.0  # deltas of norm ~30 and opposite
