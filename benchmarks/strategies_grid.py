@@ -37,6 +37,7 @@ from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
 CLIENT_LR = "--model.init_args.lr"
 MOMENTUM = "--model.init_args.momentum"
 FEDEXP = "--loop.strategy.init_args."
+LAST = [FEDEXP + "average_last", "false"]
 # the recipes' only callback is RoundLRDecay: without it the client learning rate is constant
 NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
@@ -81,19 +82,20 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("scaffold lr0.05 m0.9", "scaffold", [CLIENT_LR, "0.05", MOMENTUM, "0.9"]),
     ("scaffold lr0.1 m0.9", "scaffold", [CLIENT_LR, "0.1", MOMENTUM, "0.9"]),
     # FedExP: fedavg.yaml's clients, the server step max(1, sum ||d_i||^2 / (2 M (||d||^2 + eps)))
-    ("fedexp lr0.05", "fedexp", []),
-    ("fedexp lr0.1", "fedexp", [CLIENT_LR, "0.1"]),
-    ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02"]),
+    # (without "avg": evaluated at the last iterate; fedexp.yaml itself evaluates the average of the last two)
+    ("fedexp lr0.05", "fedexp", LAST),
+    ("fedexp lr0.1", "fedexp", [CLIENT_LR, "0.1", *LAST]),
+    ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02", *LAST]),
     ("fedexp lr0.05 avg", "fedexp", [FEDEXP + "average_last", "true"]),
-    ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean"]),
+    ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean", *LAST]),
     # FedAvg evaluated as FedExP with average_last: FedExP with a huge eps always steps 1 (FedAvg's update)
     ("fedavg lr0.05 avg", "fedexp", [FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
     ("fedavg lr0.1 avg", "fedexp", [CLIENT_LR, "0.1", FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
     # plain SGD on the clients (FedExP's and SCAFFOLD's setting), FedAvg alike
     ("fedavg lr0.2 sgd", "fedavg", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
     ("fedavg lr0.5 sgd", "fedavg", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
-    ("fedexp lr0.2 sgd", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
-    ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
+    ("fedexp lr0.2 sgd", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", *LAST]),
+    ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", *LAST]),
     ("fedexp lr0.2 sgd avg", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
     ("fedexp lr0.5 sgd avg", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
 ]

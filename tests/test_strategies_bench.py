@@ -98,6 +98,7 @@ def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     assert built["fedexp lr0.1"].model.hparams.lr == 0.1 and not built["fedexp lr0.1"].loop.strategy.average_last
     assert built["fedyogi s0.03 t1e-2"].loop.strategy.server_optimizer.tau == 0.01
     assert type(built["fedexp lr0.05 uniform"].loop.strategy.aggregator).__name__ == "UniformMean"
+    assert not any(built[k].loop.strategy.average_last for k in built if k.startswith("fedexp") and "avg" not in k)
 
 
 def test_fedavg_avg_rows_are_fedavg_steps(grid):
