@@ -16,8 +16,8 @@ default, as FedAvg's) or the paper's plain :class:`UniformMean`; the step size t
 ``sum_i p_i ||Δ_i||² / (2 (||Δ||² + eps))``, which is the formula above when ``p_i = 1/M``.
 
 The iterates of FedExP oscillate; the paper evaluates the average of the last two, ``(x_t + x_{t-1}) / 2``.
-``average_last=True`` does the same here: the model the loop evaluates, checkpoints with the run and returns is that
-average, while the clients keep training from ``x_t``. After a structural change of the model on the server
+``average_last=True`` does the same here: the model the loop evaluates and returns is that average, while the
+clients keep training from ``x_t`` (the checkpoint keeps both iterates). After a structural change of the model on the server
 (pruning) the strategy restarts from the model as the loop holds it, with no previous iterate.
 """
 
