@@ -1,9 +1,12 @@
 """Tuning grid behind the target "at Dirichlet 0.1 the best server-side strategy reaches FedAvg's final global
-accuracy in at most half the rounds" (MNIST-1D, 20 clients, 10 per round, 5 local epochs, seed 0).
+accuracy in at most half the rounds" (MNIST-1D, 20 clients, 10 per round, 5 local epochs, seed 0; 100 clients with
+``--num_clients 100 --num_samples 25000``).
 
 Every configuration is a recipe of ``benchmarks/strategies.py`` with some CLI arguments changed: FedAvg's client
 learning rate, FedAvgM's server learning rate and momentum (and the client learning rate), FedAdam's and FedYogi's
-server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model).
+server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's
+client learning rate with plain SGD and with momentum 0.9, FedExP's client learning rate and its averaging of the
+last two iterates.
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -32,6 +35,9 @@ from rich.table import Table
 from strategies import SERVER_SIDE, final_acc, one_run, rounds_to
 
 CLIENT_LR = "--model.init_args.lr"
+MOMENTUM = "--model.init_args.momentum"
+FEDEXP = "--loop.strategy.init_args."
+LAST = [FEDEXP + "average_last", "false"]
 # the recipes' only callback is RoundLRDecay: without it the client learning rate is constant
 NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
@@ -59,6 +65,39 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedadam s0.3 t1e-1", "fedadam", server(lr=0.3, tau=0.1)),
     ("fedyogi s0.1 t1e-2", "fedyogi", server(lr=0.1, tau=0.01)),
     ("fedyogi s0.3 t1e-1", "fedyogi", server(lr=0.3, tau=0.1)),
+    # 100 clients (--num_clients 100 --num_samples 25000): the recipes' values and their neighbours
+    ("fedavgm s1 m0.5", "fedavgm", server(momentum=0.5)),
+    ("fedavgm s0.5 m0.7", "fedavgm", server(lr=0.5)),
+    ("fedadam s0.03 t1e-3", "fedadam", []),
+    ("fedadam s0.01 t1e-3", "fedadam", server(lr=0.01)),
+    ("fedadam s0.03 t1e-4", "fedadam", server(tau=0.0001)),
+    ("fedyogi s0.03 t1e-3", "fedyogi", []),
+    ("fedyogi s0.1 t1e-3", "fedyogi", server(lr=0.1)),
+    ("fedyogi s0.03 t1e-2", "fedyogi", server(tau=0.01)),
+    # SCAFFOLD: plain SGD (the recipe, lr 0.2) and SGD with fedavg.yaml's momentum 0.9 (exact option II estimate)
+    ("scaffold lr0.1", "scaffold", [CLIENT_LR, "0.1"]),
+    ("scaffold lr0.2", "scaffold", []),
+    ("scaffold lr0.5", "scaffold", [CLIENT_LR, "0.5"]),
+    ("scaffold lr0.02 m0.9", "scaffold", [CLIENT_LR, "0.02", MOMENTUM, "0.9"]),
+    ("scaffold lr0.05 m0.9", "scaffold", [CLIENT_LR, "0.05", MOMENTUM, "0.9"]),
+    ("scaffold lr0.1 m0.9", "scaffold", [CLIENT_LR, "0.1", MOMENTUM, "0.9"]),
+    # FedExP: fedavg.yaml's clients, the server step max(1, sum ||d_i||^2 / (2 M (||d||^2 + eps)))
+    # (without "avg": evaluated at the last iterate; fedexp.yaml itself evaluates the average of the last two)
+    ("fedexp lr0.05", "fedexp", LAST),
+    ("fedexp lr0.1", "fedexp", [CLIENT_LR, "0.1", *LAST]),
+    ("fedexp lr0.02", "fedexp", [CLIENT_LR, "0.02", *LAST]),
+    ("fedexp lr0.05 avg", "fedexp", [FEDEXP + "average_last", "true"]),
+    ("fedexp lr0.05 uniform", "fedexp", [FEDEXP + "aggregator", "lightning_fed.strategies.UniformMean", *LAST]),
+    # FedAvg evaluated as FedExP with average_last: FedExP with a huge eps always steps 1 (FedAvg's update)
+    ("fedavg lr0.05 avg", "fedexp", [FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
+    ("fedavg lr0.1 avg", "fedexp", [CLIENT_LR, "0.1", FEDEXP + "eps", "1e9", FEDEXP + "average_last", "true"]),
+    # plain SGD on the clients (FedExP's and SCAFFOLD's setting), FedAvg alike
+    ("fedavg lr0.2 sgd", "fedavg", [CLIENT_LR, "0.2", MOMENTUM, "0.0"]),
+    ("fedavg lr0.5 sgd", "fedavg", [CLIENT_LR, "0.5", MOMENTUM, "0.0"]),
+    ("fedexp lr0.2 sgd", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", *LAST]),
+    ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", *LAST]),
+    ("fedexp lr0.2 sgd avg", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
+    ("fedexp lr0.5 sgd avg", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
 ]
 
 
@@ -97,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--local_epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num_clients", type=int, default=20)
+    ap.add_argument(
+        "--num_samples", type=int, default=5000, help="MNIST-1D samples generated (25000 with 100 clients)"
+    )
     ap.add_argument("--only", nargs="+", default=None, help="run only these families (fedavg, fedavgm, ...)")
     ap.add_argument(
         "--labels", nargs="+", default=None, help="run only these grid configurations (exact labels)"
@@ -127,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.local_epochs,
                 args.seed,
                 args.output_dir,
+                num_clients=args.num_clients,
+                num_samples=args.num_samples,
                 more=[*more, *(NO_DECAY if args.constant_lr else [])],
                 label=label,
             )
@@ -143,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     schedule = "constant client lr" if args.constant_lr else "cosine client-lr decay over the run"
     source = f" over {len(base['acc'])} rounds, from {args.target_from}" if args.target_from else ""
     table = Table(
-        title=f"MNIST-1D, 20 clients, Dirichlet {args.alpha}, {args.rounds} rounds, {schedule}, seed {args.seed}: "
+        title=f"MNIST-1D, {args.num_clients} clients, Dirichlet {args.alpha}, {args.rounds} rounds, {schedule}, seed {args.seed}: "
         f"target {target:.2%} (best FedAvg, {base['strategy']}{source}, mean of its last 3 evaluations)"
     )
     for col in (

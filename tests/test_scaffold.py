@@ -64,8 +64,10 @@ class FixedData(L.LightningDataModule):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
 
 
-def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
-    """Algorithm 1 of Karimireddy et al. (option II) in float64, one step per local epoch."""
+def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]], momentum: float = 0.0):
+    """Algorithm 1 of Karimireddy et al. (option II) in float64, one step per local epoch; with ``momentum`` the
+    clients run heavy-ball SGD (torch's: the buffer starts at the first gradient) and ``K * lr`` becomes the sum of
+    the steps' weights under a unit gradient, ``sum_k lr * (1 + m + ... + m^(k-1))``."""
     x64, y64 = dm.x.double(), dm.y.double()
     xg, c = torch.tensor(W0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     ci = {i: torch.zeros(2, dtype=torch.float64) for i in range(CLIENTS)}
@@ -73,11 +75,14 @@ def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
         dys, dcs = [], []
         for i in clients:
             xs, ys = x64[shards[i]], y64[shards[i]]
-            y = xg.clone()
+            y, buf, unit, denom = xg.clone(), None, 0.0, 0.0
             for _ in range(EPOCHS):
-                g = 2 / len(ys) * xs.T @ (xs @ y - ys)  # gradient of the mean squared error
-                y = y - LR * (g - ci[i] + c)
-            new = ci[i] - c + (xg - y) / (EPOCHS * LR)
+                g = 2 / len(ys) * xs.T @ (xs @ y - ys) - ci[i] + c  # corrected gradient of the mean squared error
+                buf = g if buf is None else momentum * buf + g
+                unit = momentum * unit + 1.0
+                y = y - LR * buf
+                denom += LR * unit
+            new = ci[i] - c + (xg - y) / denom
             dys.append(y - xg)
             dcs.append(new - ci[i])
             ci[i] = new
@@ -114,6 +119,55 @@ def test_two_rounds_match_the_hand_computation(tmp_path):
             assert STATE_KEY not in stored
     assert strategy.client.steps == EPOCHS  # K = optimizer steps actually taken
     assert res.history[-1]["variate_norm"] == pytest.approx(float(c.norm()), abs=1e-5)
+
+
+class WithMomentum(Linear):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
+def test_two_rounds_with_client_momentum_match_the_hand_computation(tmp_path):
+    """With momentum 0.9 the denominator is sum_k lr (1 - 0.9^k) / 0.1, not K * lr: the hand computation with that
+    denominator matches, the one with K * lr does not."""
+    strategy = Scaffold()
+    loop = _loop(tmp_path, strategy)
+    dm = FixedData()
+    loop.fit(WithMomentum(), dm)
+    sampled = [loop.sample_clients(r) for r in range(ROUNDS)]
+    xg, c, _ = _hand(dm, loop.shards, sampled, momentum=0.9)
+    assert strategy.global_flat.double() == pytest.approx(xg, abs=1e-5)
+    assert strategy.variate.double() == pytest.approx(c, abs=1e-5)
+    assert float(c.abs().max()) > 0.1
+    _, plain_c, _ = _hand(dm, loop.shards, sampled, momentum=0.0)
+    assert strategy.variate.double() != pytest.approx(plain_c, abs=1e-2)
+
+
+class ConstantGradient(L.LightningModule):
+    """``loss = w . a`` whatever the batch: every gradient is ``a``."""
+
+    def __init__(self, **sgd) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.sgd = sgd
+
+    def training_step(self, batch, batch_idx):
+        return self.w @ torch.tensor([3.0, -2.0]) + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), **self.sgd)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+@pytest.mark.parametrize("sgd", [{"lr": 0.1}, {"lr": 0.1, "momentum": 0.9},
+                                 {"lr": 0.05, "momentum": 0.5, "dampening": 0.3},
+                                 {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.0}])
+def test_the_variate_is_the_mean_gradient_for_every_sgd_setting(tmp_path, sgd):
+    """Under a constant gradient ``a`` the first round's ``c_i+`` is ``a`` exactly (every step's gradient), for
+    plain SGD, momentum, dampening and Nesterov, with a decaying learning rate (halved every epoch)."""
+    loop = _loop(tmp_path, Scaffold(), rounds=1)
+    loop.fit(ConstantGradient(**sgd), FixedData())
+    for i in loop.sample_clients(0):
+        assert loop.store.load(i)[STATE_KEY]["w"].tolist() == pytest.approx([3.0, -2.0], rel=1e-5)
 
 
 def test_without_variates_it_is_unweighted_fedavg(tmp_path):
@@ -232,11 +286,14 @@ def test_uniform_mean_by_hand():
         UniformMean()(out, [torch.zeros(2)], [0.5, 0.5])
 
 
-def test_momentum_on_the_clients_is_warned_about(tmp_path, caplog):
-    class WithMomentum(Linear):
+def test_only_a_non_sgd_client_optimizer_is_warned_about(tmp_path, caplog):
+    class WithAdam(Linear):
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+            return torch.optim.Adam(self.parameters(), lr=LR)
 
     with caplog.at_level("WARNING", logger="lightning_fed"):
-        _loop(tmp_path, Scaffold(), rounds=1).fit(WithMomentum(), FixedData())
-    assert sum("option II assumes plain SGD" in r.message for r in caplog.records) == 1  # once, not per step
+        _loop(tmp_path / "m", Scaffold(), rounds=1).fit(WithMomentum(), FixedData())
+    assert not [r for r in caplog.records if "SCAFFOLD" in r.message]  # momentum SGD is exact
+    with caplog.at_level("WARNING", logger="lightning_fed"):
+        _loop(tmp_path / "a", Scaffold(), rounds=1).fit(WithAdam(), FixedData())
+    assert sum("exact for torch.optim.SGD" in r.message for r in caplog.records) == 1  # once, not per step

@@ -79,3 +79,34 @@ def test_constant_lr_drops_the_client_lr_decay(grid, recipe):
     argv = ["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml")]
     assert any(isinstance(c, RoundLRDecay) for c in load_recipe(argv).loop.callbacks)
     assert not any(isinstance(c, RoundLRDecay) for c in load_recipe([*argv, *grid.NO_DECAY]).loop.callbacks)
+
+
+def test_every_grid_configuration_parses_to_what_its_label_says(grid):
+    """Each grid row's recipe and CLI arguments build (jsonargparse), with the label's settings applied."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies import FedExP, Scaffold
+
+    built = {}
+    for label, recipe, more in grid.GRID:
+        built[label] = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+    assert len(built) == len(grid.GRID)  # labels are unique
+    sc = built["scaffold lr0.05 m0.9"]
+    assert isinstance(sc.loop.strategy, Scaffold) and (sc.model.hparams.lr, sc.model.hparams.momentum) == (0.05, 0.9)
+    assert built["scaffold lr0.2"].model.hparams.momentum == 0.0
+    ex = built["fedexp lr0.05 avg"]
+    assert isinstance(ex.loop.strategy, FedExP) and ex.loop.strategy.average_last
+    assert built["fedexp lr0.1"].model.hparams.lr == 0.1 and not built["fedexp lr0.1"].loop.strategy.average_last
+    assert built["fedyogi s0.03 t1e-2"].loop.strategy.server_optimizer.tau == 0.01
+    assert type(built["fedexp lr0.05 uniform"].loop.strategy.aggregator).__name__ == "UniformMean"
+    assert not any(built[k].loop.strategy.average_last for k in built if k.startswith("fedexp") and "avg" not in k)
+
+
+def test_fedavg_avg_rows_are_fedavg_steps(grid):
+    """The "fedavg ... avg" rows run FedExP with an eps so large that its step is always FedAvg's 1."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies.fedexp import fedexp_step
+
+    label, recipe, more = next(g for g in grid.GRID if g[0] == "fedavg lr0.1 avg")
+    strategy = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more]).loop.strategy
+    assert strategy.average_last and grid.family(label) == "fedavg"
+    assert fedexp_step([1e3, 1e3], [0.5, 0.5], 0.0, strategy.eps) == 1.0  # deltas of norm ~30 and opposite

@@ -17,11 +17,18 @@ then sends ``Δy_i = y_i - x`` and ``Δc_i = c_i+ - c_i``. The server, with ``S`
     c <- c + |S| / N * mean(Δc_i)              (a plain mean: c stays the mean of every c_i)
 
 Settings (the paper's experiments): plain SGD on the clients, ``lr_g = 1``, and option II, which costs no extra
-gradient. Here ``K`` is the number of optimizer steps the client actually took (``on_before_optimizer_step``
-calls) and ``K * lr`` is the sum of the learning rates of those steps (each parameter's own param group), so a
-scheduler changing the client's learning rate keeps the estimate ``(x - y_i) / sum(lr)`` of the mean corrected
-gradient. With momentum or Adam on the client the correction still applies to the gradient the optimizer sees,
-but that estimate is no longer exact (the paper analyses SGD).
+gradient. ``K * lr`` generalises to the client's actual steps: ``(x - y_i) / K lr`` is meant to be the mean of the
+corrected gradients the client stepped with, and for ``torch.optim.SGD`` the displacement is linear in those
+gradients, ``x - y_i = sum_j w_j (g_j - c_i + c)``, so the denominator used is ``sum_j w_j``: the displacement the
+same optimizer, with the same per-step learning rates, would make under a constant unit gradient. Plain SGD gives
+``sum_k lr_k`` (``K * lr`` at a constant rate; a scheduler's decay is followed step by step). Momentum ``m`` (with
+torch's ``dampening`` and ``nesterov``) gives ``sum_k lr_k * (1 - m^k) / (1 - m)`` without dampening: about
+``1 / (1 - m)`` times ``sum_k lr_k``, the factor by which dividing by ``K * lr`` alone would overstate the gradient.
+With that denominator ``c_i+`` is exactly the ``w``-weighted mean of the client's raw gradients (the corrections
+cancel), as option II's is the plain mean under SGD. The client's momentum buffer must start at zero (FedLoop's
+default; ``keep_optimizer_state=True`` carries a stale one in, which is warned about). For other optimizers (Adam,
+...) the update is not linear in the gradients: the sum of the learning rates is used and a warning says the
+estimate is not exact.
 
 Both means are plain, as in the paper: the corrections pull every client towards the gradient of the unweighted
 objective ``(1/N) sum_i f_i`` that ``c`` estimates, so ``x`` averages the same way (default aggregator
@@ -88,6 +95,7 @@ class ScaffoldClient(FedCallback):
         self._ci: list[Tensor] = []
         self._corr: list[Tensor] = []
         self._lr_sum: list[float] = []
+        self._unit: list[float | None] = []  # per parameter: SGD's momentum buffer under a unit gradient
         self.steps = 0
         self._warned = False
 
@@ -109,34 +117,58 @@ class ScaffoldClient(FedCallback):
         self._ci = [stored[n].float() for n in self._names] if fits else [torch.zeros_like(c) for c in self._c]
         self._corr = [(c - ci).to(device=p.device, dtype=p.dtype) for c, ci, p in zip(self._c, self._ci, self._params)]
         self._lr_sum = [0.0] * len(self._names)
+        self._unit = [None] * len(self._names)
         self.steps = 0
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        """``g <- g - c_i + c`` for every variate parameter this optimizer steps; count the step and its lr."""
+        """``g <- g - c_i + c`` for every variate parameter this optimizer steps; add the step's weight (see the
+        module docstring) to the parameter's denominator."""
         if not self._active:
             return
-        lrs = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
-        if not self._warned and (optimizer.param_groups[0].get("momentum") or "betas" in optimizer.param_groups[0]):
-            self._warned = True
-            log.warning("SCAFFOLD's option II assumes plain SGD on the clients; %s with momentum makes "
-                        "(x - y_i) / (K * lr) overstate the mean gradient (about 1 / (1 - momentum) times), so the "
-                        "control variates over-correct: use SGD without momentum", type(optimizer).__name__)
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        sgd = isinstance(optimizer, torch.optim.SGD)
+        if not sgd:
+            self._warn(f"SCAFFOLD's option II estimate (x - y_i) / (K * lr) is exact for torch.optim.SGD (with or "
+                       f"without momentum) only; with {type(optimizer).__name__} it is approximate")
         self.steps += 1
         for i, (p, corr) in enumerate(zip(self._params, self._corr)):
-            lr = lrs.get(id(p))
-            if lr is None:  # another optimizer's parameter (manual optimization with several optimizers)
+            group = groups.get(id(p))
+            if group is None:  # another optimizer's parameter (manual optimization with several optimizers)
                 continue
+            lr = float(group["lr"])
+            if sgd:
+                if self._unit[i] is None and optimizer.state.get(p, {}).get("momentum_buffer") is not None:
+                    self._warn("SCAFFOLD: the client's SGD momentum buffer is carried over from an earlier round "
+                               "(keep_optimizer_state=True), so (x - y_i) / sum(w) mixes in stale steps")
+                lr *= self._unit_step(i, group)
             self._lr_sum[i] += lr
             if p.grad is None:  # unused in this step: its gradient is 0, the correction still applies
                 p.grad = corr.clone()
             else:
                 p.grad.add_(corr)
 
+    def _unit_step(self, i: int, group: dict[str, Any]) -> float:
+        """The factor torch's SGD applies to ``lr`` in this step when every gradient is 1: its momentum buffer
+        ``b`` (``b_1 = 1``, ``b_k = m b_{k-1} + 1 - dampening``), or ``1 + m b`` with Nesterov; 1 without momentum."""
+        m = float(group.get("momentum", 0.0))
+        if m == 0.0:
+            return 1.0
+        prev = self._unit[i]
+        b = 1.0 if prev is None else m * prev + 1.0 - float(group.get("dampening", 0.0))
+        self._unit[i] = b
+        return 1.0 + m * b if group.get("nesterov", False) else b
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(message)
+
     @torch.no_grad()
     def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:
-        """``Δc_i = (x - y_i) / sum(lr) - c`` into the reply (``dc/<name>``); ``c_i+ = c_i + Δc_i`` into the store.
-        A parameter no step touched (``sum(lr) = 0``) keeps its ``c_i`` (``Δc_i = 0``)."""
+        """``Δc_i = (x - y_i) / sum(w) - c`` into the reply (``dc/<name>``), with ``sum(w)`` the steps' weights (the
+        sum of the learning rates under plain SGD); ``c_i+ = c_i + Δc_i`` into the store. A parameter no step
+        touched (``sum(w) = 0``) keeps its ``c_i`` (``Δc_i = 0``)."""
         ctx = fed_context(trainer)
         if not self._active or ctx is None:
             return
