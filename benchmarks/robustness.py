@@ -10,9 +10,10 @@ Rows are attacks, columns defences:
 
 * aggregation columns (every attack): the weighted mean (no defence), ``CoordinateMedian``, ``TrimmedMean``,
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
-  than the expected attackers per round), ``FLTrust`` (the server's update on 100 clean root records, the clients'
-  optimizer settings); each is its own training run; with ``--clean-rules`` the clean row is also trained with
-  each requested rule (sized for the largest ``--fractions`` share): what the rule costs without an attack;
+  than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
+  optimizer settings); each is its own training run; with ``--clean-rules`` the clean row is trained with each
+  requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
+  without an attack;
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
@@ -94,7 +95,18 @@ TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
 BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
-AGGREGATION = ("none", "median", "trimmed", "krum", "normbound", "weakdp", "flame", "rlr", "fltrust")
+AGGREGATION = (
+    "none",
+    "median",
+    "trimmed",
+    "krum",
+    "normbound",
+    "weakdp",
+    "flame",
+    "rlr",
+    "rlr_zero",
+    "fltrust",
+)
 POST = ("fp", "nad", "mcr", "fp+nad")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
@@ -114,6 +126,7 @@ LABELS = {
     "weakdp": "weak DP",
     "flame": "FLAME",
     "rlr": "robust LR",
+    "rlr_zero": "robust LR (zeroed)",
     "fltrust": "FLTrust",
     "fp": "fine-pruning",
     "nad": "NAD",
@@ -169,8 +182,8 @@ def make_aggregator(name: str, fraction: float, per_round: int, seed: int, local
     ``PublicData`` generator seed 7) with the clients' own settings (``local_epochs``, SGD lr 0.05, momentum 0.9,
     batch 16, the same cosine decay): nothing is tuned."""
     expected = fraction * per_round
-    if name == "rlr":
-        return RobustLR(malicious=fraction, mode="negate")
+    if name in ("rlr", "rlr_zero"):
+        return RobustLR(malicious=fraction, mode="negate" if name == "rlr" else "zero")
     if name == "fltrust":
         return FLTrust(
             clean=PublicData(num_samples=100, seed=7, labeled=True),
@@ -388,8 +401,8 @@ def run_seed(
         dm.setup("test")
         x, y = test_tensors(dm)
         if "clean" in args.attacks:  # the reference, and each rule's cost without an attack
-            rules = ["none", *[d for d in args.defences if d in AGGREGATION and d != "none"]]
-            for rule in rules if args.clean_rules else ["none"]:
+            rules = [d for d in args.defences if d in AGGREGATION] if args.clean_rules else ["none"]
+            for rule in rules:
                 t0 = time.perf_counter()
                 assumed = max(args.fractions) if rule != "none" else 0.0
                 model, rec, _ = train(args, clients, seed, None, rule, out / f"clean-{rule}", assumed=assumed)
@@ -632,8 +645,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--clean-rules",
         action="store_true",
-        help="with the clean row: also train it with every requested aggregation rule (sized for the largest "
-        "--fractions share), the rule's cost without an attack",
+        help="the clean row with each requested aggregation rule ('none' only when requested; sized for the "
+        "largest --fractions share): the rule's cost without an attack",
     )
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
