@@ -9,7 +9,11 @@ seeded set of ``fraction`` of the clients is malicious (``mode="fixed"``); the a
 Rows are attacks, columns defences:
 
 * aggregation columns (every attack): the weighted mean (no defence), ``CoordinateMedian``, ``TrimmedMean``,
-  multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``; each is its own training run;
+  multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
+  than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
+  optimizer settings); each is its own training run; with ``--clean-rules`` the clean row is trained with each
+  requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
+  without an attack;
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
@@ -79,8 +83,10 @@ from lightning_fed.strategies import (
     CoordinateMedian,
     FedAvg,
     FedDF,
+    FLTrust,
     Krum,
     NormBound,
+    RobustLR,
     TrimmedMean,
     WeakDP,
 )
@@ -89,11 +95,28 @@ TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
 BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
-AGGREGATION = ("none", "median", "trimmed", "krum", "normbound", "weakdp", "flame")
+AGGREGATION = (
+    "none",
+    "median",
+    "trimmed",
+    "krum",
+    "normbound",
+    "weakdp",
+    "flame",
+    "rlr",
+    "rlr_zero",
+    "fltrust",
+)
 POST = ("fp", "nad", "mcr", "fp+nad")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
-DETECTS = {"krum": "dropped", "flame": "dropped", "normbound": "clipped", "weakdp": "clipped"}
+DETECTS = {
+    "krum": "dropped",
+    "flame": "dropped",
+    "fltrust": "dropped",
+    "normbound": "clipped",
+    "weakdp": "clipped",
+}
 LABELS = {
     "none": "no defence",
     "median": "median",
@@ -102,11 +125,15 @@ LABELS = {
     "normbound": "norm bound",
     "weakdp": "weak DP",
     "flame": "FLAME",
+    "rlr": "robust LR",
+    "rlr_zero": "robust LR (zeroed)",
+    "fltrust": "FLTrust",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
     "fp+nad": "FP + NAD",
     "feddf": "FedDF",
+    "clean": "no attack",
     "label_flip": "label flip",
     "sign_flip": "sign flip",
     "gaussian": "Gaussian",
@@ -147,9 +174,26 @@ def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
     )
 
 
-def make_aggregator(name: str, fraction: float, per_round: int, seed: int) -> Any:
-    """The robust rule of column ``name``, sized for ``fraction`` malicious among ``per_round`` replies."""
+def make_aggregator(name: str, fraction: float, per_round: int, seed: int, local_epochs: int = 1) -> Any:
+    """The robust rule of column ``name``, sized for ``fraction`` malicious among ``per_round`` replies.
+
+    Robust LR's theta is ``floor(fraction * n) + 1``, one more than the expected attackers of a round (as Krum's f
+    and the trimmed share). FLTrust's server update trains on ``ROOT`` (100 clean records the server holds,
+    ``PublicData`` generator seed 7) with the clients' own settings (``local_epochs``, SGD lr 0.05, momentum 0.9,
+    batch 16, the same cosine decay): nothing is tuned."""
     expected = fraction * per_round
+    if name in ("rlr", "rlr_zero"):
+        return RobustLR(malicious=fraction, mode="negate" if name == "rlr" else "zero")
+    if name == "fltrust":
+        return FLTrust(
+            clean=PublicData(num_samples=100, seed=7, labeled=True),
+            epochs=local_epochs,
+            lr=0.05,
+            momentum=0.9,
+            batch_size=16,
+            lr_decay=RoundLRDecay(schedule="cosine", min_scale=0.1),
+            seed=seed,
+        )
     if name == "median":
         return CoordinateMedian()
     if name == "trimmed":
@@ -278,11 +322,13 @@ def train(
     defence: str,
     out: Path,
     test_every: int = 0,
+    assumed: float = 0.0,
 ) -> tuple[nn.Module, dict[str, Any], MNIST1DDataModule]:
-    """One FedLoop run: the final global model, what was recorded (detection, curve), the data module."""
+    """One FedLoop run: the final global model, what was recorded (detection, curve), the data module. Without an
+    attack the rule is sized for an ``assumed`` malicious share."""
     per_round = min(args.per_round, clients)
-    fraction = attack.fraction if attack is not None else 0.0
-    agg = make_aggregator(defence, fraction, per_round, seed)
+    fraction = attack.fraction if attack is not None else assumed
+    agg = make_aggregator(defence, fraction, per_round, seed, args.local_epochs)
     if defence == "feddf":
         strategy: Any = FedDF(
             public=PublicData(num_samples=1000, seed=7),
@@ -354,21 +400,25 @@ def run_seed(
         dm.prepare_data()
         dm.setup("test")
         x, y = test_tensors(dm)
-        if "clean" in args.attacks:
-            t0 = time.perf_counter()
-            model, rec, _ = train(args, clients, seed, None, "none", out / "clean")
-            emit(
-                {
-                    "clients": clients,
-                    "seed": seed,
-                    "fraction": 0.0,
-                    "attack": "clean",
-                    "defence": "none",
-                    **measure(model, x, y),
-                    **rec,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+        if "clean" in args.attacks:  # the reference, and each rule's cost without an attack
+            rules = [d for d in args.defences if d in AGGREGATION] if args.clean_rules else ["none"]
+            for rule in rules:
+                t0 = time.perf_counter()
+                assumed = max(args.fractions) if rule != "none" else 0.0
+                model, rec, _ = train(args, clients, seed, None, rule, out / f"clean-{rule}", assumed=assumed)
+                emit(
+                    {
+                        "clients": clients,
+                        "seed": seed,
+                        "fraction": 0.0,
+                        "attack": "clean",
+                        "defence": rule,
+                        **({"assumed": assumed} if rule != "none" else {}),
+                        **measure(model, x, y),
+                        **rec,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
         for fraction in args.fractions:
             for attack_name in [a for a in args.attacks if a != "clean"]:
                 backdoor = attack_name in BACKDOORS
@@ -484,18 +534,23 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
     out: list[Grid] = []
     for clients in sorted({r["clients"] for r in rows}):
         mine = [r for r in rows if r["clients"] == clients]
-        ref = [r for r in mine if r["attack"] == "clean"]
+        ref = [r for r in mine if r["attack"] == "clean" and r["defence"] == "none"]
         seeds = sorted({r["seed"] for r in mine})
         n = len(seeds)
         for fraction in sorted({r["fraction"] for r in mine if r["attack"] != "clean"}):
             here = [r for r in mine if r["fraction"] == fraction]
+            here += [
+                r for r in mine if r["attack"] == "clean" and r.get("assumed") == fraction
+            ]  # a rule's cost
             defences = [d for d in DEFENCES if any(r["defence"] == d for r in here)]
-            attacks = [a for a in ATTACKS if any(r["attack"] == a for r in here)]
+            attacks = [a for a in ("clean", *ATTACKS) if any(r["attack"] == a for r in here)]
             body = []
             for attack in attacks:
                 cells = [LABELS[attack]]
                 for d in defences:
                     got = [r for r in here if r["attack"] == attack and r["defence"] == d]
+                    if not got and attack == "clean" and d == "none":
+                        got = ref
                     if not got:
                         cells.append("n/a¹" if attack in BYZANTINE and d in (*POST, *COMBOS, "feddf") else "")
                     elif attack in BACKDOORS:
@@ -537,7 +592,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 (
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
-                        "/ recall % (replies dropped by multi-Krum and FLAME, clipped by the norm bounds)"
+                        "/ recall % (replies dropped by multi-Krum and FLAME, given trust 0 by FLTrust, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],
                     det,
@@ -587,6 +642,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows (clean: the reference run without attack)",
     )
     p.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=DEFENCES)
+    p.add_argument(
+        "--clean-rules",
+        action="store_true",
+        help="the clean row with each requested aggregation rule ('none' only when requested; sized for the "
+        "largest --fractions share): the rule's cost without an attack",
+    )
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--per-round", type=int, default=10, help="clients per round")

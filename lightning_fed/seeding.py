@@ -71,6 +71,8 @@ class Stream(IntEnum):
     """Ditto's personal-model batches (keys: round, client)."""
     STRAGGLERS = 22
     """Which of a round's clients straggle, and how much work each does (keys: round)."""
+    FLTRUST_ROOT = 23
+    """FLTrust's server update: its root batches and torch's generator during it (keys: round)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42

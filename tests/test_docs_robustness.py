@@ -14,18 +14,18 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_four_examples():
-    assert len(BLOCKS) == 4
+def test_there_are_five_examples():
+    assert len(BLOCKS) == 5
 
 
 def test_detection_callback_example_runs_and_its_comment_is_true(tmp_path):
-    scope = _run(BLOCKS[0], tmp_path)
+    scope = _run(BLOCKS[1], tmp_path)
     assert scope["detection"].totals() == {"precision": 1.0, "recall": 1.0, "tp": 6.0, "fp": 0.0, "fn": 0.0}
     assert [h["det_recall"] for h in scope["result"].history] == [1.0, 1.0]
 
 
 def test_krum_detection_example_runs(tmp_path):
-    scope = _run(BLOCKS[1], tmp_path)
+    scope = _run(BLOCKS[2], tmp_path)
     history = scope["result"].history
     assert len(history) == 3
     for h in history:
@@ -35,16 +35,24 @@ def test_krum_detection_example_runs(tmp_path):
 
 
 def test_backdoor_example_runs(tmp_path):
-    scope = _run(BLOCKS[2], tmp_path)
+    scope = _run(BLOCKS[3], tmp_path)
     last = scope["result"].history[-1]
     assert 0.0 <= last["test_asr"] <= 1.0 and "agg_dropped" in last  # the FLAME run is the last one
 
 
 def test_defences_example_runs(tmp_path):
-    scope = _run(BLOCKS[3], tmp_path)
+    scope = _run(BLOCKS[4], tmp_path)
     last = scope["result"].history[-1]  # the MCR run
     assert 0.0 <= last["test_asr"] <= 1.0 and 0.1 <= last["mcr_t"] <= 0.9
     assert {"mcr_acc_before", "mcr_endpoint_acc", "mcr_acc_after"} <= last.keys()
     fp = scope["defences"]["fine-pruning"]
     assert fp.records[-1]["pruned_channels"] == 10 and fp.records[-1]["channels"] == 15
     assert scope["defences"]["nad"].done == [2]
+
+
+def test_robust_lr_and_fltrust_example_runs(tmp_path):
+    scope = _run(BLOCKS[0], tmp_path)
+    rlr, fltrust = (scope["rules"][k][0] for k in ("robust LR", "FLTrust"))
+    assert 0.0 <= rlr.report()["agg_disputed"] <= 1.0 and rlr.last.dropped == []
+    assert len(fltrust.last.scores) == 10 and all(s >= 0 for s in fltrust.last.scores)
+    assert set(fltrust.last.dropped) == {i for i, s in enumerate(fltrust.last.scores) if s == 0}

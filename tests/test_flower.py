@@ -239,6 +239,7 @@ def test_fedavg_through_flower_simulation_equals_fit_and_flower_fedavg_drives_ou
             "feddf.yaml",
             ["--loop.strategy.init_args.distill_steps", "3", "--loop.strategy.init_args.proxy_size", "100"],
         ),
+        ("defence_fltrust.yaml", []),  # the server update on the root data, in the ServerApp
     ],
 )
 def test_recipe_through_flower_simulation_equals_fit(tmp_path, recipe, extra):

@@ -119,6 +119,7 @@ CASES = {  # name: (recipe, processes)
     "overselect-2": ("overselect", 2),
     "dp-adaptive-2": ("dp_adaptive", 2),  # server noise and the adaptive bound replayed on every rank
     "dp-local-2": ("dp_local", 2),  # client noise keyed by (seed, round, client), whoever runs the client
+    "fltrust-2": ("defence_fltrust", 2),  # the server update on the root data replayed on every rank
 }
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1] / "recipes" / "mnist1d"
 RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "feddf_assistant", "fedmd_assistant", "fedgkt_assistant", "ddist_assistant",
            "fedmd_nfdp_assistant", "fedgen", "fedgkt", "ddist", "distillation", "fedmoe", "codec_topk",
            "codec_dgc", "codec_powersgd", "codec_tcs", "codec_allocation", "fedavg_pruning_qat", "attack_backdoor",
-           "defence_flame", "defence_krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
+           "defence_flame", "defence_krum", "defence_fltrust", "defence_rlr", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
            "defence_fine_pruning", "defence_nad", "defence_mcr", "secagg", "fedavg_ft",
            "fedper", "ditto", "fedprox", "fednova", "../synthetic/fedprox_synthetic_1_1", "stragglers_deadline", "fedbuff",
            "overselect", "dp_central", "dp_adaptive", "dp_local", "dp_sgd", "fedexp"]

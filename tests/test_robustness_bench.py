@@ -179,3 +179,38 @@ def test_defence_lr_is_chosen_on_the_selection_records(bench):
     again = bench.repair(model, bench.post_defence("nad", clean, 0, one, None, 0.03), 0)
     assert lr == 0.03
     assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), again.state_dict().values()))
+
+
+def test_new_rules_and_their_cost_without_an_attack(bench, capsys):
+    argv = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "clean",
+        "backdoor",
+        "--defences",
+        "none",
+        "rlr",
+        "fltrust",
+        "fltrust/fp",
+        "--clean-rules",
+    ]
+    rows = bench.main(argv)
+    cells = {(r["attack"], r["defence"]) for r in rows}
+    assert cells == {
+        ("clean", "none"),
+        ("clean", "rlr"),
+        ("clean", "fltrust"),
+        ("backdoor", "none"),
+        ("backdoor", "rlr"),
+        ("backdoor", "fltrust"),
+        ("backdoor", "fltrust/fp"),
+    }
+    assert {r["assumed"] for r in rows if r["attack"] == "clean" and r["defence"] != "none"} == {0.2}
+    fltrust = [r for r in rows if r["defence"] == "fltrust" and r["attack"] == "backdoor"]
+    assert set(fltrust[0]["detection"]) == {"precision", "recall", "tp", "fp", "fn"}
+    printed = capsys.readouterr().out
+    assert "| no attack |" not in printed and "no attack" in printed and "robust LR" in printed
+    assert bench.make_aggregator("rlr", 0.2, 10, 0).threshold(10) == 3
+    assert bench.make_aggregator("fltrust", 0.2, 10, 0, local_epochs=5).epochs == 5

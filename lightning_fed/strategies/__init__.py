@@ -19,6 +19,7 @@ from lightning_fed.strategies.fednova import FedNova
 from lightning_fed.strategies.fedper import FedPer, PersonalLayers
 from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.flame import FLAME
+from lightning_fed.strategies.fltrust import FLTrust
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
     Krum,
@@ -27,6 +28,7 @@ from lightning_fed.strategies.robust import (
     TrimmedMean,
     WeakDP,
 )
+from lightning_fed.strategies.robust_lr import RobustLR
 from lightning_fed.strategies.scaffold import Scaffold, ScaffoldClient
 from lightning_fed.strategies.secagg import SecAggFedAvg
 from lightning_fed.strategies.server_adaptive import (
@@ -50,6 +52,7 @@ __all__ = [
     "DecentralizedDistillation",
     "Ditto",
     "DittoClient",
+    "FLTrust",
     "FedAvg",
     "FedAvgFT",
     "FedBuff",
@@ -69,6 +72,7 @@ __all__ = [
     "NormBound",
     "PersonalLayers",
     "RobustAggregator",
+    "RobustLR",
     "Scaffold",
     "ScaffoldClient",
     "SecAggFedAvg",

@@ -17,6 +17,7 @@ needs all vectors at once (a median, Krum) sets ``streaming = False`` and is giv
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -59,6 +60,11 @@ class Aggregator:
                 shares ``n_i / sum(n)``); a rule may ignore them.
         """
         raise NotImplementedError
+
+    def callbacks(self) -> list[Any]:
+        """Server callbacks the rule needs (e.g. :class:`~lightning_fed.strategies.FLTrust`'s server update), which
+        the strategy installs with its own; ``[]`` by default."""
+        return []
 
     def report(self) -> dict[str, float]:
         """Metrics of the latest call for the round's log (seconds, what was dropped…); ``{}`` by default."""

@@ -92,6 +92,11 @@ class FedAvg(Strategy):
         self._require_setup()
         return dict(self._views)
 
+    def client_callbacks(self) -> list[Any]:
+        """The aggregator's callbacks (:meth:`~lightning_fed.strategies.Aggregator.callbacks`; none for the
+        built-in rules but :class:`~lightning_fed.strategies.FLTrust`)."""
+        return self.aggregator.callbacks()
+
     def configure_round(self, server_round: int, clients: list[int]) -> list[Instruction]:
         """Every client gets the same global weights (one shared payload, encoded once)."""
         payload = self.global_payload()
