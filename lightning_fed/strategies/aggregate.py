@@ -143,6 +143,7 @@ class MeanFold:
         self._window: list[tuple[Any, Any, float]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
+        self._snap_due = False  # the window was released: retake the snapshot before the next add (not after the last)
         self.norms: dict[int, float] = {}
         """L2 norm of each reply folded from one flat buffer (by ``id(reply)``), summed from the pieces while
         they are in the cache: the server's norm check then reads no reply twice."""
@@ -189,14 +190,21 @@ class MeanFold:
         Exact undo: the fold keeps a snapshot of the accumulator and the replies added since (at most
         :attr:`window`); a rejected reply restores the snapshot and adds those replies again (the same elementwise
         ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the window is full
-        the snapshot is retaken and the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`;
-        :meth:`flush` releases the rest at the end of the round).
+        the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the
+        rest at the end of the round) and the snapshot is retaken before the next reply is added (so never after
+        the round's last one).
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
         source: Any = values
+        if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
+            if self._snap is None:
+                self._snap = torch.empty_like(self._acc)
+            self._snap.copy_(self._acc)
+            self._snapped = True
+            self._snap_due = False
         if values is not None:
             sq, top = values.add_measure(self._acc, w, self._segments(values.layout), bound)
         else:
@@ -231,11 +239,8 @@ class MeanFold:
         self._window.append((reply, source, w))
         self.released += 1
         self._folded.append((reply, None, reply.num_examples, []))
-        if len(self._window) >= self.window:
-            if self._snap is None:
-                self._snap = torch.empty_like(self._acc)
-            self._snap.copy_(self._acc)
-            self._snapped = True
+        if len(self._window) >= self.window:  # the snapshot moves past the window, taken before the next add
+            self._snap_due = True
             self.flush()
         return None, norm
 

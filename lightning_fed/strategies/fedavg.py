@@ -76,7 +76,7 @@ class FedAvg(Strategy):
         self.spec = FlatSpec.from_payload(state)
         self.global_flat = self.spec.flatten({k: v.detach().float().cpu() for k, v in state.items()})
         self._acc = self.spec.empty()
-        self._tmp = self.spec.empty()
+        self._tmp = self.spec.empty().zero_()  # its pages touched once here, not by the first fold's snapshot
         self._views = self.spec.unflatten(self.global_flat)  # updated in place: the views stay valid
         self._fold = None  # a fold over the previous buffers is void
         self._reply_spec = None
