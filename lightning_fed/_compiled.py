@@ -49,13 +49,7 @@ def sumsq(x: np.ndarray) -> float:  # pragma: no cover - compiled
 # inf), and an integer max vectorises where a float max (NaN rules) does not.
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def measure(x: np.ndarray, bits: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
-    sq = 0.0
-    top = np.int32(0)
-    for i in range(x.shape[0]):
-        d = np.float64(x[i])
-        sq += d * d
-        top = max(top, bits[i] & np.int32(0x7FFFFFFF))
-    return sq, top
+    return _block_measure(x, bits, x.shape[0])
 
 
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
@@ -115,7 +109,8 @@ def dequantize_measure(
 def _block_measure(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, int]:  # pragma: no cover
     sq = 0.0
     top = np.int32(0)
-    for j in range(m):  # the largest magnitude as an integer max of the sign-cleared bits (see ``measure``)
+    for j in range(m):  # the largest magnitude as an integer max of the sign-cleared bits (see ``measure``): the
+        # first ``m`` values (a block of the 8-bit fold, or all of ``vals`` for ``measure``)
         d = np.float64(vals[j])
         sq += d * d
         top = max(top, bits[j] & np.int32(0x7FFFFFFF))
