@@ -75,17 +75,8 @@ def dequantize_axpy(
     acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
     blocksize: int, w: np.float32,
 ) -> None:  # pragma: no cover - compiled
-    # acc[dst + k] += w * (code[codes[src + k]] * absmax[(src + k) // blocksize]): the decoded value rounded to
-    # float32 first, then one fma, as decoding and ``Tensor.add_`` do
-    i = 0
-    while i < n:
-        b = (src + i) // blocksize
-        end = min(n, (b + 1) * blocksize - src)
-        scale = absmax[b]
-        for k in range(i, end):
-            v = code[codes[src + k]] * scale
-            acc[dst + k] += w * v
-        i = end
+    # the undo replay: the fold's own loop (the same additions, so the same bits), its measures discarded
+    dequantize_axpy_measure(acc, dst, codes, src, n, absmax, code, blocksize, w)
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
@@ -122,8 +113,10 @@ def dequantize_axpy_measure(
     acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
     blocksize: int, w: np.float32,
 ) -> tuple[float, float]:  # pragma: no cover - compiled
-    # as dequantize_axpy, and the decoded values measured per block from a small buffer (the sums, in a helper
-    # allowed to reassociate, never touch the elementwise add, which keeps one rounding of the product and one fma)
+    # acc[dst + k] += w * (code[codes[src + k]] * absmax[(src + k) // blocksize]): the decoded value rounded to
+    # float32 first, then one fma, as decoding and ``Tensor.add_`` do; and the decoded values measured per block
+    # from a small buffer (the sums, in a helper allowed to reassociate, never touch the elementwise add, which
+    # keeps one rounding of the product and one fma)
     vals = np.empty(blocksize, dtype=np.float32)
     bits = vals.view(np.int32)
     sq = 0.0
