@@ -20,6 +20,7 @@ from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg
+from lightning_fed.strategies.aggregate import JUDGE_FIRST_BYTES, MeanFold
 
 
 def _server(s: FedAvg, codec: Codec, tmp_path, **kw) -> Server:
@@ -302,6 +303,7 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_pa
     def begin_fold(self, *a, **k):
         fold = original(self, *a, **k)
         fold.window = window
+        fold.judge_first = False  # the pass and its undo (small replies are judged first by default)
         return fold
 
     monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
@@ -316,3 +318,63 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_pa
     assert got.stats["rejected"] == 2
     server.aggregate(1, got.replies)
     assert torch.equal(s.global_flat, want)
+
+
+@pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
+def test_a_small_reply_is_judged_before_it_is_added(make_codec, tmp_path, monkeypatch):
+    """A reply of float32 values no larger than ``JUDGE_FIRST_BYTES`` is measured and judged first: a rejected
+    one never touches the accumulator (no snapshot, nothing undone), an accepted one is added and released at
+    once (no window); the weights and reasons are those of the pass-then-undo path, the norms equal to 1e-12."""
+    results = []
+    for judge_first in (True, False):
+        s, codec = _strategy(), make_codec()
+        server = _server(s, codec, tmp_path / str(judge_first))
+        assert s.spec is not None
+        original, folds = FedAvg.begin_fold, []
+
+        def begin_fold(self, *a, _flag=judge_first, _folds=folds, _original=original, **k):
+            fold = _original(self, *a, **k)
+            fold.judge_first = _flag
+            _folds.append(fold)
+            return fold
+
+        monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+        if judge_first:
+            monkeypatch.setattr(MeanFold, "_undo", lambda self: pytest.fail("a judged reply was undone"))
+        second = _deltas(s.spec, 6, seed=5)
+        second[1].mul_(1e6)
+        second[4].mul_(1e6)
+        messages, _ = _two_rounds(s, codec, server, second)
+        held = []
+
+        def stream(_msgs=messages, _held=held, _folds=folds):
+            for m in _msgs:  # before each message: how many replies the fold still holds for an undo
+                _held.append(len(_folds[-1]._window))
+                yield m
+
+        got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
+        monkeypatch.undo()
+        fold = folds[-1]
+        assert [r.client_id for r in got.replies] == [0, 2, 3, 5] and all(r.payload is RELEASED for r in got.replies)
+        if judge_first:
+            assert held == [0] * 6 and not fold._snapped and fold.released == 4
+        else:
+            assert held == [0, 1, 1, 2, 3, 3]  # the pass-then-undo path holds the replies since its snapshot
+        server.aggregate(1, got.replies)
+        assert s.global_flat is not None
+        results.append((s.global_flat.clone(), got.reasons, got.stats["norm_ratio_prev"]))
+    (first, reasons, ratio), (fused, fused_reasons, fused_ratio) = results
+    assert torch.equal(first, fused) and reasons == fused_reasons and len(reasons) == 2
+    assert ratio == pytest.approx(fused_ratio, rel=1e-12)
+
+
+def test_only_small_replies_are_judged_first():
+    """The threshold counts the accumulator's bytes; ``judge_first_bytes=0`` turns judging first off."""
+    s = _strategy()
+    assert s.spec is not None
+    acc = torch.empty(s.spec.numel)
+    size = acc.numel() * 4
+    assert size <= JUDGE_FIRST_BYTES and MeanFold(s.spec, acc, 10).judge_first
+    assert MeanFold(s.spec, acc, 10, judge_first_bytes=size).judge_first
+    assert not MeanFold(s.spec, acc, 10, judge_first_bytes=size - 1).judge_first
+    assert not MeanFold(s.spec, acc, 10, judge_first_bytes=0).judge_first

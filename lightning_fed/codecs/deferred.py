@@ -25,6 +25,10 @@ class DeferredValues:
 
     layout: FlatSpec
     spec: Any = None
+    judge_first = False
+    """Whether the values lie as float32 (:meth:`values` is free) so that measuring them is one read at memory
+    speed: a fold judges a small reply before adding it (:data:`~lightning_fed.strategies.aggregate.
+    JUDGE_FIRST_BYTES`). Codes that must be decoded are added and measured in one pass instead."""
 
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """``(sum of squares, largest magnitude)`` of the values (``inf`` magnitude for a value not finite;
@@ -68,6 +72,8 @@ class FlatValues(DeferredValues):
         layout: their layout (the message's entry order).
         decode: what decoding the message in full gives (called only when the payload is read).
     """
+
+    judge_first = True
 
     def __init__(self, flat: Tensor, layout: FlatSpec, decode: Any) -> None:
         self.flat, self.layout, self._decode = flat, layout, decode

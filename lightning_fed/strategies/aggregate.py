@@ -10,8 +10,14 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_measure_
+from lightning_fed.kernels import axpy_measure_, measure
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
+
+JUDGE_FIRST_BYTES = 8 << 20
+"""Replies up to this size (counted at the accumulator's float32 size: 2 M parameters) whose values lie as float32
+are judged before they are added (:meth:`MeanFold.add_released`): one read measures them, a second, from the
+cache (32 MiB of last-level cache on the reference machine holds the reply and the accumulator), adds them; no
+undo window, no snapshot. Larger replies are added and measured in one pass over memory and a rejection undone."""
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
@@ -73,6 +79,28 @@ def flat_norm(flat: Tensor) -> float:
     return float(torch.linalg.vector_norm(flat))
 
 
+def _measure_parts(parts: list[Tensor], bound: bool) -> tuple[float, float]:
+    """``(sum of squares, largest magnitude)`` of a reply's entries, as :func:`~lightning_fed.kernels.measure`
+    gives them for one buffer (the magnitude ``inf`` for a value not finite, else ``0.0`` without ``bound``)."""
+    sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in parts)
+    top = math.inf if not math.isfinite(sq) else 0.0
+    if bound:
+        lo, hi = value_bounds([t for t in parts if t.numel()])
+        top = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+    return sq, top
+
+
+def _verdict(sq: float, top: float, max_abs: float | None, max_norm: float) -> tuple[str | None, float]:
+    """``(why, norm)`` of a reply measured as ``(sum of squares, largest magnitude)``: ``why`` is ``None`` (kept),
+    ``"values"`` (a value not finite, or above ``max_abs``) or ``"norm"`` (its L2 norm above ``max_norm``)."""
+    norm = math.sqrt(sq) if math.isfinite(sq) else math.inf
+    if not math.isfinite(top) or not math.isfinite(sq) or (max_abs is not None and top > max_abs):
+        return "values", norm
+    if not norm <= max_norm:
+        return "norm", norm
+    return None, norm
+
+
 class MeanFold:
     """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
     validation folded in too: each reply is read once from memory, as by a plain ``axpy``.
@@ -93,7 +121,9 @@ class MeanFold:
     A reply the server can judge on its own (its norm check has a reference: the previous round's median) is
     added and measured in one pass and judged right after (:meth:`add_released`); a rejection is undone exactly
     from a snapshot of the accumulator and the few replies added since (at most :attr:`window`), whose payloads
-    are released once the snapshot moves past them (:data:`~lightning_fed.protocol.RELEASED`). Once a reply is
+    are released once the snapshot moves past them (:data:`~lightning_fed.protocol.RELEASED`). A small reply
+    (:data:`JUDGE_FIRST_BYTES`, float32 values where they lie) is measured and judged first and added only when
+    kept, then released at once: nothing to undo. Once a reply is
     released the fold is never voided: when the kept replies' example counts do not sum to the total the fold
     bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by ``total / kept``, the
     example-weighted mean of the kept replies up to one rounding per element.
@@ -122,12 +152,14 @@ class MeanFold:
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
         hold_bytes: the most bytes of released replies (counted at the accumulator's size each) kept to undo a
             rejection exactly (:meth:`add_released`): 1 to 16 replies.
+        judge_first_bytes: replies of float32 values no larger than this (at the accumulator's size) are
+            judged before they are added (:data:`JUDGE_FIRST_BYTES`); ``0``: never.
         scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
             pages already in memory); ``None``: allocated when first needed.
     """
 
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
-                 scratch: Tensor | None = None) -> None:
+                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -140,6 +172,8 @@ class MeanFold:
         self._rescaled = False
         self.window = max(1, min(16, hold_bytes // max(1, acc.numel() * acc.element_size())))
         """How many released replies the fold holds at most, to undo a rejection exactly (``hold_bytes``)."""
+        self.judge_first = acc.numel() * acc.element_size() <= judge_first_bytes
+        """Whether replies of float32 values are measured and judged before they are added (small replies)."""
         self._window: list[tuple[Any, Any, float]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
@@ -192,12 +226,15 @@ class MeanFold:
         ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the window is full
         the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the
         rest at the end of the round) and the snapshot is retaken before the next reply is added (so never after
-        the round's last one).
+        the round's last one). A small reply of float32 values (:attr:`judge_first`) is measured and judged
+        first instead, added only when kept and released at once: nothing to undo, no window.
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
+        if self.judge_first and (values is None or values.judge_first):  # small, float32: judged, then added
+            return self._judge_then_add(reply, values, w, max_abs, max_norm)
         source: Any = values
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
             if self._snap is None:
@@ -215,11 +252,7 @@ class MeanFold:
                 parts = [reply.payload[k].detach() for k in self.spec.names]
                 torch._foreach_add_(self._parts, parts, alpha=w)
                 source = parts
-                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in parts)
-                top = math.inf if not math.isfinite(sq) else 0.0
-                if bound:
-                    lo, hi = value_bounds([t for t in parts if t.numel()])
-                    top = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+                sq, top = _measure_parts(parts, bound)
         if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
             flat = [t for t in reply.payload.values() if t.numel()] if values is None else [values.values()]
             lo, hi = value_bounds(flat)
@@ -227,12 +260,7 @@ class MeanFold:
                 sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat)
             else:
                 top = math.inf
-        norm = math.sqrt(sq) if math.isfinite(sq) else math.inf
-        why = None
-        if not math.isfinite(top) or not math.isfinite(sq) or (bound and top > max_abs):  # type: ignore[operator]
-            why = "values"
-        elif not norm <= max_norm:
-            why = "norm"
+        why, norm = _verdict(sq, top, max_abs, max_norm)
         if why is not None:
             self._undo()
             return why, norm
@@ -242,6 +270,33 @@ class MeanFold:
         if len(self._window) >= self.window:  # the snapshot moves past the window, taken before the next add
             self._snap_due = True
             self.flush()
+        return None, norm
+
+    def _judge_then_add(self, reply: Any, values: Any, w: float, max_abs: float | None,
+                        max_norm: float) -> tuple[str | None, float]:
+        """:meth:`add_released` for a small reply of float32 values (``values`` that lie as float32, or the
+        payload): measured (one read), judged, and added only when kept (a second read, from the cache), its
+        payload released at once."""
+        bound = max_abs is not None
+        flat = values.values() if values is not None else self.spec.flat_view(reply.payload)
+        parts = None
+        if flat is not None:
+            sq, top = measure(flat, bound=bound)
+        else:  # entries in several buffers
+            parts = [reply.payload[k].detach() for k in self.spec.names]
+            sq, top = _measure_parts(parts, bound)
+        why, norm = _verdict(sq, top, max_abs, max_norm)
+        if why is not None:
+            return why, norm
+        if values is not None:
+            values.add_into(self._acc, w, self._segments(values.layout))
+        elif parts is not None:
+            torch._foreach_add_(self._parts, parts, alpha=w)
+        else:
+            self._acc.add_(flat, alpha=w)
+        reply.payload = RELEASED
+        self.released += 1
+        self._folded.append((reply, None, reply.num_examples, []))
         return None, norm
 
     def _undo(self) -> None:
