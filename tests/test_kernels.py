@@ -121,3 +121,31 @@ def test_measure_alone_finds_the_largest_magnitude_and_bad_values(bad, monkeypat
                 assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-6)
             else:
                 assert top == math.inf, (path, bound)
+
+
+@pytest.mark.skipif(not fused.HAVE_NUMBA, reason="numba (the `fast` extra) not installed")
+def test_the_int8_fold_adds_in_vectors(capsys):
+    """The compiled 8-bit fold's weighted add is vectorised (packed fused multiply-adds), as the same loops
+    indexed at an offset are not (``benchmarks/int8_fold_loops.py``); both add the same bits."""
+    import platform
+
+    import numpy as np
+    from conftest import load_benchmark
+
+    flags = ""
+    if platform.system() == "Linux":
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    if platform.machine() != "x86_64" or " fma " not in flags:
+        pytest.skip("needs an x86-64 CPU with FMA")
+    bench = load_benchmark("int8_fold_loops")
+    bench.main(["--params", "4096", "--repeat", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "│ fold" in line]
+    assert len(rows) == 2 and "yes" in rows[0] and "yes" not in rows[1]  # "fold", then "fold, offset indices"
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, 1000, dtype=np.uint8)
+    absmax, code = rng.random(16).astype(np.float32), rng.standard_normal(256).astype(np.float32)
+    a, b = np.zeros(1010, np.float32), np.zeros(1010, np.float32)
+    fused._loops().dequantize_axpy_measure(a, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
+    bench.offset_indexed(b, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
+    assert np.array_equal(a, b)
