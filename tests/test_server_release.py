@@ -320,13 +320,20 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_pa
     assert torch.equal(s.global_flat, want)
 
 
+@pytest.mark.parametrize("path", ["numba", "torch"])
 @pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
-def test_a_small_reply_is_judged_before_it_is_added(make_codec, tmp_path, monkeypatch):
+def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, monkeypatch):
     """A reply of float32 values no larger than ``JUDGE_FIRST_BYTES`` is measured and judged first: a rejected
-    one never touches the accumulator (no snapshot, nothing undone), an accepted one is added and released at
-    once (no window); the weights and reasons are those of the pass-then-undo path, the norms equal to 1e-12."""
+    one (its norm; a value not finite) never touches the accumulator (no snapshot, nothing undone), an accepted
+    one is added and released at once (no window); the weights and reasons are those of the pass-then-undo
+    path, the norms equal to 1e-12."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
     results = []
     for judge_first in (True, False):
+        monkeypatch.setattr(kernels, "NUMBA", path == "numba")
         s, codec = _strategy(), make_codec()
         server = _server(s, codec, tmp_path / str(judge_first))
         assert s.spec is not None
@@ -343,7 +350,7 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, tmp_path, monkey
             monkeypatch.setattr(MeanFold, "_undo", lambda self: pytest.fail("a judged reply was undone"))
         second = _deltas(s.spec, 6, seed=5)
         second[1].mul_(1e6)
-        second[4].mul_(1e6)
+        second[4][7] = float("nan")
         messages, _ = _two_rounds(s, codec, server, second)
         held = []
 
@@ -365,6 +372,8 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, tmp_path, monkey
         results.append((s.global_flat.clone(), got.reasons, got.stats["norm_ratio_prev"]))
     (first, reasons, ratio), (fused, fused_reasons, fused_ratio) = results
     assert torch.equal(first, fused) and reasons == fused_reasons and len(reasons) == 2
+    assert "client 1 rejected: its norm" in reasons[0] and "client 4 rejected" in reasons[1]
+    assert "NaN or Inf" in reasons[1]  # named by the full validation
     assert ratio == pytest.approx(fused_ratio, rel=1e-12)
 
 
