@@ -129,11 +129,29 @@ def test_hostile_quantizer_fields():
     with pytest.raises(MalformedMessage, match="finite"):
         q.decode(_frame(q, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
     b8 = Blockwise8bit(64)
-    w = Writer()
-    w.floats(torch.tensor([-1.0]))
-    w.raw(b"\x00" * 64)
-    with pytest.raises(MalformedMessage, match="scales"):
-        b8.decode(_frame(b8, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
+    for bad in (-1.0, float("nan"), float("inf"), -float("inf")):
+        w = Writer()
+        w.floats(torch.tensor([bad]))
+        w.raw(b"\x00" * 64)
+        with pytest.raises(MalformedMessage, match="scales"):
+            b8.decode(_frame(b8, layout, w.getvalue()), {}, DecodeArgs(spec=spec))
+        with pytest.raises(MalformedMessage, match="scales"):  # the server's path: values left in the message
+            b8.decode_deferred(_frame(b8, layout, w.getvalue()), {}, DecodeArgs(sender=0, spec=spec))
+
+
+def test_the_layout_derived_once_per_spec_keeps_the_fingerprint_check():
+    """A codec derives the expected layout and fingerprint once per spec; a message of another configuration or
+    layout is still rejected after a good one filled that cache."""
+    p = {"w": torch.randn(300)}
+    spec = spec_of(p)
+    codec = Blockwise8bit(64)
+    assert torch.allclose(codec.decode(codec.encode(p, {}), {}, DecodeArgs(spec=spec))["w"], p["w"], atol=0.05)
+    with pytest.raises(MalformedMessage, match="fingerprint"):
+        codec.decode(Blockwise8bit(128).encode(p, {}), {}, DecodeArgs(spec=spec))
+    with pytest.raises(MalformedMessage, match="fingerprint"):
+        codec.decode(codec.encode({"w": torch.randn(299)}, {}), {}, DecodeArgs(spec=spec))
+    codec.blocksize = 128  # a configuration changed after use: derived again
+    assert codec.decode(Blockwise8bit(128).encode(p, {}), {}, DecodeArgs(spec=spec))["w"].shape == (300,)
 
 
 def test_self_describing_layout_is_validated():

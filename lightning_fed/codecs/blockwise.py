@@ -40,7 +40,8 @@ def _bnb():
 
 
 def _check_absmax(absmax: Tensor) -> Tensor:
-    if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
+    lo, hi = (float(v) for v in torch.aminmax(absmax))  # one read; a NaN makes both NaN
+    if not (lo >= 0 and math.isfinite(hi)):
         raise MalformedMessage("block scales must be finite and non-negative")
     return absmax
 

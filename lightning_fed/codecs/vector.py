@@ -164,20 +164,28 @@ class VectorCodec(Codec):
         r = Reader(message)
         flags, digest = read_header(r)
         spec = args.spec
+        config = self.wire_config()
         if flags & FLAG_LAYOUT:
             layout = FlatSpec.from_bytes(r.blob("layout", MAX_LAYOUT_BYTES))
+            expected = fingerprint(config, layout.key())
         elif spec is None:
             raise MalformedMessage(
                 f"{self.name}: the message does not carry its layout; decode with DecodeArgs(spec=expected_spec) or "
                 "encode with self_describing=True"
             )
-        else:
-            layout = FlatSpec.from_spec(spec)
-        if fingerprint(self.wire_config(), layout.key()) != digest:
+        else:  # the layout and fingerprint the expected spec implies: derived once per spec (and configuration)
+            known = self._expected
+            if known is None or known[0] is not spec or known[1] != config:
+                layout = FlatSpec.from_spec(spec)
+                known = self._expected = (spec, config, layout, fingerprint(config, layout.key()))
+            _, _, layout, expected = known
+        if expected != digest:
             raise MalformedMessage(
                 f"fingerprint mismatch: the message was not encoded by {self.wire_config()} for this payload layout"
             )
         return r, flags, layout
+
+    _expected: tuple[Any, str, FlatSpec, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.wire_config()})"
