@@ -362,7 +362,9 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
         got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
         monkeypatch.undo()
         fold = folds[-1]
-        assert [r.client_id for r in got.replies] == [0, 2, 3, 5] and all(r.payload is RELEASED for r in got.replies)
+        assert [r.client_id for r in got.replies] == [0, 2, 3, 5] and all(
+            r.payload is RELEASED for r in got.replies
+        )
         if judge_first:
             assert held == [0] * 6 and not fold._snapped and fold.released == 4
         else:
