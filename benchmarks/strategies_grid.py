@@ -6,7 +6,8 @@ Every configuration is a recipe of ``benchmarks/strategies.py`` with some CLI ar
 learning rate, FedAvgM's server learning rate and momentum (and the client learning rate), FedAdam's and FedYogi's
 server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's
 client learning rate with plain SGD and with momentum 0.9, FedExP's client learning rate and its averaging of the
-last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001) and client learning rate.
+last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client learning rate and evaluated model
+(``mean``: the mean of the round's client models).
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -42,6 +43,7 @@ LAST = [FEDEXP + "average_last", "false"]
 NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
 DYN_ALPHA = "--loop.strategy.init_args.alpha"
+DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
 
 
 def server(**kw: float) -> list[str]:
@@ -104,6 +106,12 @@ GRID: list[tuple[str, str, list[str]]] = [
         (f"feddyn a{a} lr{lr}", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr])])
         for lr in ("0.05", "0.1")
         for a in ("0.1", "0.01", "0.001")
+    ],
+    # ... evaluated at the mean of the round's client models (FedDyn(evaluate_mean=True), what the paper reports)
+    *[
+        (f"feddyn a{a} lr{lr} mean", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr]), *DYN_MEAN])
+        for lr in ("0.05", "0.1")
+        for a in ("0.01", "0.001")
     ],
 ]
 
