@@ -44,6 +44,7 @@ NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
 DYN_ALPHA = "--loop.strategy.init_args.alpha"
 DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
+DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
 
 
 def server(**kw: float) -> list[str]:
@@ -101,9 +102,10 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", *LAST]),
     ("fedexp lr0.2 sgd avg", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
     ("fedexp lr0.5 sgd avg", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
-    # FedDyn: fedavg.yaml's clients with the dynamic regularizer, the paper's alpha grid, client lr 0.05 and 0.1
+    # FedDyn: fedavg.yaml's clients with the dynamic regularizer, the paper's alpha grid, client lr 0.05 and 0.1,
+    # evaluated at the server model theta (these rows ran before feddyn.yaml set evaluate_mean: true)
     *[
-        (f"feddyn a{a} lr{lr}", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr])])
+        (f"feddyn a{a} lr{lr}", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr]), *DYN_THETA])
         for lr in ("0.05", "0.1")
         for a in ("0.1", "0.01", "0.001")
     ],

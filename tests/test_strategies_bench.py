@@ -103,6 +103,8 @@ def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     assert isinstance(dyn.loop.strategy, FedDyn) and dyn.loop.strategy.alpha == 0.001 and dyn.model.hparams.lr == 0.1
     assert (built["feddyn a0.1 lr0.05"].loop.strategy.alpha, built["feddyn a0.1 lr0.05"].model.hparams.lr) == (0.1, 0.05)
     assert grid.family("feddyn a0.01 lr0.05") in grid.SERVER_SIDE
+    assert built["feddyn a0.01 lr0.05 mean"].loop.strategy.evaluate_mean
+    assert not any(built[k].loop.strategy.evaluate_mean for k in built if k.startswith("feddyn") and "mean" not in k)
 
 
 def test_fedavg_avg_rows_are_fedavg_steps(grid):
