@@ -15,12 +15,14 @@ The server, with ``P`` the round's replies and ``N`` all clients, keeps ``h`` (t
     h <- h - (α / N) sum_{k in P} (θ_k - θ)
     θ <- (1/|P|) sum_{k in P} θ_k - h / α
 
-(the paper's plain mean over the replies). The paper's analysis follows, and the authors' code reports, the plain
-mean of the round's client models ``γ = (1/|P|) sum_{k in P} θ_k = θ + h / α`` rather than ``θ``;
-``evaluate_mean=True`` makes ``γ`` the model the loop evaluates and returns, while the clients keep training from
-``θ`` (``γ`` follows from ``θ`` and ``h``: nothing more is checkpointed). When the local problems are solved, the dynamic terms make a point where
+(the paper's plain mean over the replies). When the local problems are solved, the dynamic terms make a point where
 clients agree a stationary point of the global loss: the clients' drift at strong heterogeneity is corrected
 without sending anything but weights. The paper's ``α`` is in {0.1, 0.01, 0.001}.
+
+The paper's analysis follows the plain mean of the round's client models ``γ = (1/|P|) sum_{k in P} θ_k = θ + h / α``
+rather than ``θ``, and the authors' code reports it; ``evaluate_mean=True`` makes ``γ`` the model the loop evaluates
+and returns while the clients keep training from ``θ`` (``γ`` follows from ``θ`` and ``h``, up to rounding: nothing
+more is checkpointed).
 
 Where things live: ``h`` is server state (:meth:`FedDyn.state_dict`); ``h_k`` is in the client's store
 (``trainer.fed.client_state["feddyn_h"]``), checkpointed with it; the gradient term is the client callback
