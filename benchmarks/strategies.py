@@ -1,5 +1,5 @@
-"""Strategies on non-IID MNIST-1D: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedProx, FedExP (not
-run by default), and personalization (FedAvg-FT, FedPer, Ditto, isolated local training).
+"""Strategies on non-IID MNIST-1D: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedProx, FedExP and FedDyn
+(the last two not run by default), and personalization (FedAvg-FT, FedPer, Ditto, isolated local training).
 
 Each strategy runs its recipe (``recipes/mnist1d/<name>.yaml``: 20 clients, 10 per round, MNIST1DCNN, batch 16, cosine
 client LR decay) through the CLI, with the number of clients, the Dirichlet concentration, the number of rounds and of
@@ -9,7 +9,7 @@ rounds (``warmup_rounds=rounds // 2``, as fedper.yaml's 25 of 50). The table has
 of the last ``--window`` evaluations, default 3: one evaluation swings by a point or two) and the best, the first
 round whose trailing ``--window``-evaluation mean reaches FedAvg's final accuracy at the same alpha ("rounds to
 FedAvg"), the kilobytes per round up and down and the wall time, and a line per alpha checks the target "the best
-server-side strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedProx, FedExP) reaches FedAvg's final global
+server-side strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedProx, FedExP, FedDyn) reaches FedAvg's final global
 accuracy in at most half the rounds". The recipes' client optimizers differ where the algorithm asks for it: SCAFFOLD runs plain SGD
 (its option II assumes it), the others fedavg.yaml's SGD with momentum; ``fedavg_sgd`` is FedAvg with SCAFFOLD's
 client optimizer, to tell the effect of the control variates from that of the optimizer.
@@ -45,8 +45,8 @@ from rich.table import Table
 from lightning_fed.cli import run
 
 DEFAULT = ["fedavg", "fedavgm", "fedadam", "fedyogi", "scaffold", "fedprox", "fedavg_ft", "fedper", "ditto", "isolated"]
-STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd", "fedexp"]
-SERVER_SIDE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedprox", "fedexp")
+STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd", "fedexp", "feddyn"]
+SERVER_SIDE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedprox", "fedexp", "feddyn")
 PERSONAL = ("fedavg_ft", "fedper", "ditto", "isolated")  # rows with personal models
 NO_GLOBAL = ("fedper", "isolated")  # FedPer has no global model; isolated training's is FedAvg's
 # fedavg_sgd: fedavg.yaml with SCAFFOLD's client optimizer (plain SGD, lr 0.2), to separate the two changes

@@ -6,7 +6,8 @@ Every configuration is a recipe of ``benchmarks/strategies.py`` with some CLI ar
 learning rate, FedAvgM's server learning rate and momentum (and the client learning rate), FedAdam's and FedYogi's
 server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's
 client learning rate with plain SGD and with momentum 0.9, FedExP's client learning rate and its averaging of the
-last two iterates.
+last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client learning rate and evaluated model
+(``mean``: the mean of the round's client models).
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -41,6 +42,9 @@ LAST = [FEDEXP + "average_last", "false"]
 # the recipes' only callback is RoundLRDecay: without it the client learning rate is constant
 NO_DECAY = ["--loop.callbacks", "[]"]
 SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
+DYN_ALPHA = "--loop.strategy.init_args.alpha"
+DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
+DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
 
 
 def server(**kw: float) -> list[str]:
@@ -98,6 +102,19 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedexp lr0.5 sgd", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", *LAST]),
     ("fedexp lr0.2 sgd avg", "fedexp", [CLIENT_LR, "0.2", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
     ("fedexp lr0.5 sgd avg", "fedexp", [CLIENT_LR, "0.5", MOMENTUM, "0.0", FEDEXP + "average_last", "true"]),
+    # FedDyn: fedavg.yaml's clients with the dynamic regularizer, the paper's alpha grid, client lr 0.05 and 0.1,
+    # evaluated at the server model theta (these rows ran before feddyn.yaml set evaluate_mean: true)
+    *[
+        (f"feddyn a{a} lr{lr}", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr]), *DYN_THETA])
+        for lr in ("0.05", "0.1")
+        for a in ("0.1", "0.01", "0.001")
+    ],
+    # ... evaluated at the mean of the round's client models (FedDyn(evaluate_mean=True), what the paper reports)
+    *[
+        (f"feddyn a{a} lr{lr} mean", "feddyn", [DYN_ALPHA, a, *([] if lr == "0.05" else [CLIENT_LR, lr]), *DYN_MEAN])
+        for lr in ("0.05", "0.1")
+        for a in ("0.01", "0.001")
+    ],
 ]
 
 

@@ -84,7 +84,7 @@ def test_constant_lr_drops_the_client_lr_decay(grid, recipe):
 def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     """Each grid row's recipe and CLI arguments build (jsonargparse), with the label's settings applied."""
     from lightning_fed.cli import load_recipe
-    from lightning_fed.strategies import FedExP, Scaffold
+    from lightning_fed.strategies import FedDyn, FedExP, Scaffold
 
     built = {}
     for label, recipe, more in grid.GRID:
@@ -99,6 +99,12 @@ def test_every_grid_configuration_parses_to_what_its_label_says(grid):
     assert built["fedyogi s0.03 t1e-2"].loop.strategy.server_optimizer.tau == 0.01
     assert type(built["fedexp lr0.05 uniform"].loop.strategy.aggregator).__name__ == "UniformMean"
     assert not any(built[k].loop.strategy.average_last for k in built if k.startswith("fedexp") and "avg" not in k)
+    dyn = built["feddyn a0.001 lr0.1"]
+    assert isinstance(dyn.loop.strategy, FedDyn) and dyn.loop.strategy.alpha == 0.001 and dyn.model.hparams.lr == 0.1
+    assert (built["feddyn a0.1 lr0.05"].loop.strategy.alpha, built["feddyn a0.1 lr0.05"].model.hparams.lr) == (0.1, 0.05)
+    assert grid.family("feddyn a0.01 lr0.05") in grid.SERVER_SIDE
+    assert built["feddyn a0.01 lr0.05 mean"].loop.strategy.evaluate_mean
+    assert not any(built[k].loop.strategy.evaluate_mean for k in built if k.startswith("feddyn") and "mean" not in k)
 
 
 def test_fedavg_avg_rows_are_fedavg_steps(grid):

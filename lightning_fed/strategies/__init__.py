@@ -9,6 +9,7 @@ from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.fedavg_ft import FedAvgFT
 from lightning_fed.strategies.fedbuff import FedBuff
 from lightning_fed.strategies.feddf import FedDF
+from lightning_fed.strategies.feddyn import FedDyn, FedDynClient
 from lightning_fed.strategies.fedexp import FedExP
 from lightning_fed.strategies.fedgen import FedGen
 from lightning_fed.strategies.fedgkt import FedGKT
@@ -57,6 +58,8 @@ __all__ = [
     "FedAvgFT",
     "FedBuff",
     "FedDF",
+    "FedDyn",
+    "FedDynClient",
     "FedExP",
     "FedGKT",
     "FedGen",
