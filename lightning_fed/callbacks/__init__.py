@@ -1,5 +1,5 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
-attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair) for
+attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU) for
 FedLoop."""
 
 from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
@@ -11,6 +11,7 @@ from lightning_fed.callbacks.distillation import Distillation
 from lightning_fed.callbacks.dp_sgd import DPSGD
 from lightning_fed.callbacks.fine_pruning import FinePruning
 from lightning_fed.callbacks.footprint import Footprint, measure_footprint
+from lightning_fed.callbacks.ibau import IBAU
 from lightning_fed.callbacks.local_dp import LocalDP
 from lightning_fed.callbacks.lr_schedule import RoundLRDecay
 from lightning_fed.callbacks.mcr import MCR
@@ -23,7 +24,7 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "DPSGD", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
+    "DPSGD", "IBAU", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
