@@ -61,6 +61,7 @@ from torch import nn
 
 from lightning_fed import FedLoop
 from lightning_fed.callbacks import (
+    ANP,
     IBAU,
     MCR,
     NAD,
@@ -76,11 +77,13 @@ from lightning_fed.callbacks import (
     attack_success_rate,
 )
 from lightning_fed.callbacks._defence import accuracy
+from lightning_fed.callbacks.anp import prune_
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
 from lightning_fed.errors import RoundsFailed
 from lightning_fed.models import MNIST1DCNN
+from lightning_fed.seeding import generator
 from lightning_fed.strategies import (
     FLAME,
     CoordinateMedian,
@@ -116,7 +119,7 @@ AGGREGATION = (
     "refilter_krum",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -144,6 +147,7 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "oracle": "oracle (drops exactly the malicious; not a defence)",
     "ibau": "I-BAU",
+    "anp": "ANP",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -159,6 +163,8 @@ LABELS = {
 }
 LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" for c in COMBOS})
 FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ANP_LAYERS = ["conv1", "conv2", "conv3"]
 
 
 class Oracle(RobustAggregator):
@@ -312,6 +318,26 @@ def choose_ibau_eps(
     return chosen
 
 
+def choose_anp_threshold(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """ANP's pruning threshold for ``model``: its masks are learnt once (as :class:`ANP` does at round 0), then the
+    largest threshold of ``ANP_GRID`` whose pruned copy stays within ``--select-drop`` of the unrepaired model's
+    accuracy on the selection records is chosen (the smallest when none does). Never the test set, never the
+    trigger."""
+    anp = post_defence("anp", clean, seed, args)[0]
+    xt, yt, _, _ = anp.data()
+    masks = anp.masks(model, xt, yt, generator(seed, anp.stream, 0))
+    base = accuracy(model, select.x, select.y)
+    chosen = ANP_GRID[0]
+    for threshold in ANP_GRID:
+        probe = copy.deepcopy(model)
+        prune_(probe, masks, threshold)
+        if accuracy(probe, select.x, select.y) >= base - args.select_drop:
+            chosen = threshold
+    return chosen
+
+
 def post_defence(
     name: str,
     clean: PublicData,
@@ -320,11 +346,13 @@ def post_defence(
     fp_ratio: float | None = None,
     lr: float | None = None,
     ibau_eps: float | None = None,
+    anp_threshold: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
-    channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); every SGD step uses ``lr``
-    (default the first ``--defence-lr``)."""
+    channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
+    conv1-3) prunes below ``anp_threshold`` (default 0.2, the paper's); every SGD step but ANP's mask updates uses
+    ``lr`` (default the first ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -362,7 +390,15 @@ def post_defence(
         lr=lr,
         seed=seed,
     )
-    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad], "ibau": [ibau]}[name]
+    anp = ANP(
+        clean=clean,
+        layers=ANP_LAYERS,
+        at=0,
+        threshold=0.2 if anp_threshold is None else anp_threshold,
+        iterations=args.anp_iterations,
+        seed=seed,
+    )
+    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad], "ibau": [ibau], "anp": [anp]}[name]
 
 
 def repair_selected(
@@ -571,7 +607,14 @@ def run_seed(
                         if post == "ibau" and len(args.ibau_eps) > 1:
                             chosen_eps = chosen_eps or [choose_ibau_eps(model, clean, select, seed, args)]
                             eps = chosen_eps[0]
-                        fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
+                        if post == "anp":  # no learning rate to choose: only the threshold
+                            eps = choose_anp_threshold(model, clean, select, seed, args)
+                            fixed = repair(
+                                model, post_defence("anp", clean, seed, args, anp_threshold=eps), seed
+                            )
+                            lr = float("nan")
+                        else:
+                            fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
                             {
                                 **{
@@ -581,7 +624,11 @@ def run_seed(
                                 **measure(fixed, x, y),
                                 "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
-                                **({"ibau_eps": eps} if eps is not None else {}),
+                                **(
+                                    {{"ibau": "ibau_eps", "anp": "anp_threshold"}[post]: eps}
+                                    if eps is not None
+                                    else {}
+                                ),
                                 "seconds": time.perf_counter() - t0,
                             }
                         )
@@ -794,6 +841,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "within --select-drop on the selection records",
     )
     p.add_argument("--ibau-rounds", type=int, default=20, help="I-BAU: alternations (one outer epoch each)")
+    p.add_argument("--anp-iterations", type=int, default=2000, help="ANP: mask updates (the paper's 2000)")
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(
         "--defence-lr",
@@ -835,6 +883,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
         args.min_samples, args.distill_steps = 2, 2
         args.fp_epochs = args.nad_epochs = args.mcr_epochs = args.ibau_rounds = 1
+        args.anp_iterations = 2
     return args
 
 

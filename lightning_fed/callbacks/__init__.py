@@ -1,7 +1,8 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
-attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU) for
+attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU, adversarial neuron pruning) for
 FedLoop."""
 
+from lightning_fed.callbacks.anp import ANP
 from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
@@ -24,7 +25,7 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "DPSGD", "IBAU", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
+    "ANP", "DPSGD", "IBAU", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
