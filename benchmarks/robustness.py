@@ -318,24 +318,26 @@ def choose_ibau_eps(
     return chosen
 
 
-def choose_anp_threshold(
+def choose_anp(
     model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
-) -> float:
-    """ANP's pruning threshold for ``model``: its masks are learnt once (as :class:`ANP` does at round 0), then the
-    largest threshold of ``ANP_GRID`` whose pruned copy stays within ``--select-drop`` of the unrepaired model's
-    accuracy on the selection records is chosen (the smallest when none does). Never the test set, never the
-    trigger."""
-    anp = post_defence("anp", clean, seed, args)[0]
-    xt, yt, _, _ = anp.data()
-    masks = anp.masks(model, xt, yt, generator(seed, anp.stream, 0))
+) -> tuple[float, float]:
+    """ANP's ``(eps, threshold)`` for ``model``, on the selection records only: for every ``--anp-eps`` the masks are
+    learnt once (as :class:`ANP` does at round 0) and every threshold of ``ANP_GRID`` prunes a copy; of the pairs
+    whose pruned copy stays within ``--select-drop`` of the unrepaired model's accuracy there, the one that prunes
+    the most channels (ties: the larger eps, then the smaller threshold). ``(eps, 0.0)``, pruning nothing, when none
+    does. Never the test set, never the trigger."""
     base = accuracy(model, select.x, select.y)
-    chosen = ANP_GRID[0]
-    for threshold in ANP_GRID:
-        probe = copy.deepcopy(model)
-        prune_(probe, masks, threshold)
-        if accuracy(probe, select.x, select.y) >= base - args.select_drop:
-            chosen = threshold
-    return chosen
+    best: tuple[int, float, float] = (0, 0.0, 0.0)
+    for eps in sorted(args.anp_eps, reverse=True):
+        anp = post_defence("anp", clean, seed, args, anp_eps=eps)[0]
+        xt, yt, _, _ = anp.data()
+        masks = anp.masks(model, xt, yt, generator(seed, anp.stream, 0))
+        for threshold in ANP_GRID:
+            probe = copy.deepcopy(model)
+            count = sum(len(v) for v in prune_(probe, masks, threshold).values())
+            if accuracy(probe, select.x, select.y) >= base - args.select_drop and count > best[0]:
+                best = (count, eps, threshold)
+    return (best[1], best[2]) if best[0] else (max(args.anp_eps), 0.0)
 
 
 def post_defence(
@@ -347,12 +349,13 @@ def post_defence(
     lr: float | None = None,
     ibau_eps: float | None = None,
     anp_threshold: float | None = None,
+    anp_eps: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
     channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
-    conv1-3) prunes below ``anp_threshold`` (default 0.2, the paper's); every SGD step but ANP's mask updates uses
-    ``lr`` (default the first ``--defence-lr``)."""
+    conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
+    paper's); every SGD step but ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -395,6 +398,7 @@ def post_defence(
         layers=ANP_LAYERS,
         at=0,
         threshold=0.2 if anp_threshold is None else anp_threshold,
+        eps=max(args.anp_eps) if anp_eps is None else anp_eps,
         iterations=args.anp_iterations,
         seed=seed,
     )
@@ -607,12 +611,14 @@ def run_seed(
                         if post == "ibau" and len(args.ibau_eps) > 1:
                             chosen_eps = chosen_eps or [choose_ibau_eps(model, clean, select, seed, args)]
                             eps = chosen_eps[0]
-                        if post == "anp":  # no learning rate to choose: only the threshold
-                            eps = choose_anp_threshold(model, clean, select, seed, args)
+                        if post == "anp":  # no learning rate: the bound (in "defence_lr") and the threshold
+                            anp_eps, eps = choose_anp(model, clean, select, seed, args)
                             fixed = repair(
-                                model, post_defence("anp", clean, seed, args, anp_threshold=eps), seed
+                                model,
+                                post_defence("anp", clean, seed, args, anp_threshold=eps, anp_eps=anp_eps),
+                                seed,
                             )
-                            lr = float("nan")
+                            lr = anp_eps
                         else:
                             fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
@@ -842,6 +848,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ibau-rounds", type=int, default=20, help="I-BAU: alternations (one outer epoch each)")
     p.add_argument("--anp-iterations", type=int, default=2000, help="ANP: mask updates (the paper's 2000)")
+    p.add_argument(
+        "--anp-eps",
+        type=float,
+        nargs="+",
+        default=[0.4],
+        help="ANP: the neuron perturbations' bound (the paper's 0.4); several: chosen with the threshold on the "
+        "selection records",
+    )
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(
         "--defence-lr",
