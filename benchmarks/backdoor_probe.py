@@ -29,18 +29,20 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-import robustness as rb  # noqa: E402
+import robustness as rb
 
-from lightning_fed.callbacks.anp import prune_  # noqa: E402
-from lightning_fed.callbacks.ibau import universal_perturbation  # noqa: E402
-from lightning_fed.data import PublicData  # noqa: E402
-from lightning_fed.seeding import generator  # noqa: E402
+from lightning_fed.callbacks.anp import prune_
+from lightning_fed.callbacks.ibau import universal_perturbation
+from lightning_fed.data import PublicData
+from lightning_fed.seeding import generator
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print the I-BAU and ANP probe tables of the requested seeds' saved models."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", type=Path, required=True, help="the --models folder of benchmarks/robustness.py")
+    p.add_argument(
+        "--models", type=Path, required=True, help="the --models folder of benchmarks/robustness.py"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--attack", default="backdoor", choices=rb.BACKDOORS)
     p.add_argument("--ibau-eps", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0])
@@ -51,11 +53,23 @@ def main(argv: list[str] | None = None) -> None:
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=200, seed=8, labeled=True)
     console = Console(width=200)
-    ibau_t = Table(title="I-BAU probe: the universal perturbation, and the repair's selection-accuracy change (points)")
-    for h in ("seed", "eps", "clean acc under it", "top class (share)", "norm share on trigger", "lr 0.05", "0.02",
-              "0.01"):
+    ibau_t = Table(
+        title="I-BAU probe: the universal perturbation, and the repair's selection-accuracy change (points)"
+    )
+    for h in (
+        "seed",
+        "eps",
+        "clean acc under it",
+        "top class (share)",
+        "norm share on trigger",
+        "lr 0.05",
+        "0.02",
+        "0.01",
+    ):
         ibau_t.add_column(h, justify="right")
-    anp_t = Table(title="ANP probe: masks of conv1-3 (75 channels) and the selection-accuracy change after pruning")
+    anp_t = Table(
+        title="ANP probe: masks of conv1-3 (75 channels) and the selection-accuracy change after pruning"
+    )
     for h in ("seed", "eps", "masks < 0.05", "change", "masks < 0.2", "change"):
         anp_t.add_column(h, justify="right")
     for seed in a.seeds:
@@ -72,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
             share = float(delta[-rb.TRIGGER_SIZE :].norm() / delta.norm().clamp(min=1e-12))
             changes = []
             for lr in (0.05, 0.02, 0.01):
-                fixed = rb.repair(model, rb.post_defence("ibau", clean, seed, args, lr=lr, ibau_eps=eps), seed)
+                fixed = rb.repair(
+                    model, rb.post_defence("ibau", clean, seed, args, lr=lr, ibau_eps=eps), seed
+                )
                 changes.append(f"{100 * (rb.accuracy(fixed, select.x, select.y) - base):+.1f}")
             ibau_t.add_row(
                 str(seed),
