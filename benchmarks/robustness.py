@@ -145,7 +145,7 @@ LABELS = {
     "fltrust": "FLTrust",
     "refilter": "reference filter (median)",
     "refilter_krum": "reference filter (multi-Krum)",
-    "oracle": "oracle (drops exactly the malicious; not a defence)",
+    "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
     "anp": "ANP",
     "fp": "fine-pruning",
