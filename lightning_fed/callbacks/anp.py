@@ -194,7 +194,7 @@ class ANP(CleanDataDefence):
         done = 0
         try:
             with torch.enable_grad():
-                while done < self.iterations:
+                while done < self.iterations and len(x):
                     for idx in batches(len(x), self.batch_size, gen):
                         if done == self.iterations:
                             break
@@ -218,8 +218,6 @@ class ANP(CleanDataDefence):
                             for m in hooks.mask.values():
                                 m.clamp_(0, 1)
                         done += 1
-                    if len(x) == 0:
-                        break
         finally:
             hooks.remove()
             for p, r in zip(model.parameters(), grads, strict=True):
