@@ -11,10 +11,13 @@ Rows are attacks, columns defences:
 * aggregation columns (every attack): the weighted mean (no defence), ``CoordinateMedian``, ``TrimmedMean``,
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
-  optimizer settings); each is its own training run; with ``--clean-rules`` the clean row is trained with each
+  optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
+  multi-Krum mean), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
+  defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
-* post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
+* post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
+  (radius chosen with ``--ibau-eps``) and ``ANP`` (bound and threshold chosen with ``--anp-eps``), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
