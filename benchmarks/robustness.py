@@ -11,10 +11,13 @@ Rows are attacks, columns defences:
 * aggregation columns (every attack): the weighted mean (no defence), ``CoordinateMedian``, ``TrimmedMean``,
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
-  optimizer settings); each is its own training run; with ``--clean-rules`` the clean row is trained with each
+  optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
+  multi-Krum mean), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
+  defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
-* post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR`` and fine-pruning then NAD, on 500
+* post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
+  (radius chosen with ``--ibau-eps``) and ``ANP`` (bound and threshold chosen with ``--anp-eps``), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
@@ -61,10 +64,13 @@ from torch import nn
 
 from lightning_fed import FedLoop
 from lightning_fed.callbacks import (
+    ANP,
+    IBAU,
     MCR,
     NAD,
     Backdoor,
     Detection,
+    FedCallback,
     FinePruning,
     GaussianUpdate,
     LabelFlip,
@@ -74,10 +80,13 @@ from lightning_fed.callbacks import (
     attack_success_rate,
 )
 from lightning_fed.callbacks._defence import accuracy
+from lightning_fed.callbacks.anp import prune_
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
+from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
 from lightning_fed.errors import RoundsFailed
 from lightning_fed.models import MNIST1DCNN
+from lightning_fed.seeding import generator
 from lightning_fed.strategies import (
     FLAME,
     CoordinateMedian,
@@ -86,10 +95,13 @@ from lightning_fed.strategies import (
     FLTrust,
     Krum,
     NormBound,
+    ReferenceFilter,
+    RobustAggregator,
     RobustLR,
     TrimmedMean,
     WeakDP,
 )
+from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
@@ -106,8 +118,11 @@ AGGREGATION = (
     "rlr",
     "rlr_zero",
     "fltrust",
+    "refilter",
+    "refilter_krum",
+    "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -116,6 +131,9 @@ DETECTS = {
     "fltrust": "dropped",
     "normbound": "clipped",
     "weakdp": "clipped",
+    "refilter": "dropped",
+    "refilter_krum": "dropped",
+    "oracle": "dropped",
 }
 LABELS = {
     "none": "no defence",
@@ -128,6 +146,11 @@ LABELS = {
     "rlr": "robust LR",
     "rlr_zero": "robust LR (zeroed)",
     "fltrust": "FLTrust",
+    "refilter": "reference filter (median)",
+    "refilter_krum": "reference filter (multi-Krum)",
+    "oracle": "oracle (drops exactly the malicious, benchmark only)",
+    "ibau": "I-BAU",
+    "anp": "ANP",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -143,6 +166,40 @@ LABELS = {
 }
 LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" for c in COMBOS})
 FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ANP_LAYERS = ["conv1", "conv2", "conv3"]
+
+
+class Oracle(RobustAggregator):
+    """Benchmark only, never a defence: drops exactly the replies of the attack's malicious clients (which a server
+    cannot know) and takes the weighted mean of the rest: what "FedAvg on the honest replies" reaches, the ceiling
+    of any filter. :attr:`feed` (a callback the run must add) tells it, every round, which positions are
+    malicious."""
+
+    def __init__(self, attack: Attack) -> None:
+        super().__init__()
+        self.attack = attack
+        self.drop: list[int] = []
+        self.feed = OracleFeed(self)
+
+    def combine(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, report: AggregationReport) -> None:
+        """The weighted mean of the honest rows (all rows when every reply is malicious)."""
+        keep = [i for i in range(x.shape[0]) if i not in set(self.drop)]
+        report.dropped = [i for i in range(x.shape[0]) if i not in set(keep)] if keep else []
+        _weighted_mean_(out, x, w, torch.tensor(keep) if keep else None)
+
+
+class OracleFeed(FedCallback):
+    """Server: before each aggregation, gives :class:`Oracle` the positions of the malicious clients' replies."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        self.oracle = oracle
+
+    def on_aggregate_start(self, trainer: Any, pl_module: Any, replies: list[Any]) -> None:
+        """Note the positions of the round's malicious replies."""
+        fed = fed_context(trainer)
+        bad = set(self.oracle.attack.malicious(fed.round, fed.num_clients))
+        self.oracle.drop = [i for i, r in enumerate(replies) if r.client_id in bad]
 
 
 def split_post(defence: str) -> tuple[str, str]:
@@ -174,8 +231,20 @@ def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
     )
 
 
-def make_aggregator(name: str, fraction: float, per_round: int, seed: int, local_epochs: int = 1) -> Any:
+def make_aggregator(
+    name: str,
+    fraction: float,
+    per_round: int,
+    seed: int,
+    local_epochs: int = 1,
+    attack: Attack | None = None,
+) -> Any:
     """The robust rule of column ``name``, sized for ``fraction`` malicious among ``per_round`` replies.
+
+    The reference filter (``refilter``: against the round's median; ``refilter_krum``: against the multi-Krum mean,
+    Krum's f as below) drops replies whose cosine to the reference is <= 0 or whose norm is above 3 times the
+    round's median norm: fixed before any run, not tuned. ``oracle`` (:class:`Oracle`) drops exactly ``attack``'s
+    malicious replies (no attack: the weighted mean).
 
     Robust LR's theta is ``floor(fraction * n) + 1``, one more than the expected attackers of a round (as Krum's f
     and the trimmed share). FLTrust's server update trains on ``ROOT`` (100 clean records the server holds,
@@ -194,6 +263,13 @@ def make_aggregator(name: str, fraction: float, per_round: int, seed: int, local
             lr_decay=RoundLRDecay(schedule="cosine", min_scale=0.1),
             seed=seed,
         )
+    if name == "oracle":
+        return Oracle(attack) if attack is not None else None
+    if name == "refilter":
+        return ReferenceFilter(reference="median", min_cosine=0.0, max_norm_ratio=3.0)
+    if name == "refilter_krum":
+        byz = min((per_round - 3) // 2, math.ceil(expected) + 1)
+        return ReferenceFilter(reference="krum", byzantine=byz, min_cosine=0.0, max_norm_ratio=3.0)
     if name == "median":
         return CoordinateMedian()
     if name == "trimmed":
@@ -227,6 +303,46 @@ def choose_fp_ratio(
     return chosen
 
 
+def choose_ibau_eps(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """I-BAU's perturbation radius for ``model``, chosen like fine-pruning's ratio (:func:`choose_fp_ratio`): the
+    largest of ``--ibau-eps`` whose repaired copy (at the largest ``--defence-lr``) stays within ``--select-drop`` of
+    the unrepaired model's accuracy on the selection records (the smallest when none does). Never the test set, never
+    the trigger."""
+    base = accuracy(model, select.x, select.y)
+    lr = max(args.defence_lr)
+    grid = sorted(args.ibau_eps)
+    chosen = grid[0]
+    for eps in grid:
+        probe = repair(model, post_defence("ibau", clean, seed, args, lr=lr, ibau_eps=eps), seed)
+        if accuracy(probe, select.x, select.y) >= base - args.select_drop:
+            chosen = eps
+    return chosen
+
+
+def choose_anp(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """ANP's ``(eps, threshold)`` for ``model``, on the selection records only: for every ``--anp-eps`` the masks are
+    learnt once (as :class:`ANP` does at round 0) and every threshold of ``ANP_GRID`` prunes a copy; of the pairs
+    whose pruned copy stays within ``--select-drop`` of the unrepaired model's accuracy there, the one that prunes
+    the most channels (ties: the larger eps, then the smaller threshold). ``(eps, 0.0)``, pruning nothing, when none
+    does. Never the test set, never the trigger."""
+    base = accuracy(model, select.x, select.y)
+    best: tuple[int, float, float] = (0, 0.0, 0.0)
+    for eps in sorted(args.anp_eps, reverse=True):
+        anp = post_defence("anp", clean, seed, args, anp_eps=eps)[0]
+        xt, yt, _, _ = anp.data()
+        masks = anp.masks(model, xt, yt, generator(seed, anp.stream, 0))
+        for threshold in ANP_GRID:
+            probe = copy.deepcopy(model)
+            count = sum(len(v) for v in prune_(probe, masks, threshold).values())
+            if accuracy(probe, select.x, select.y) >= base - args.select_drop and count > best[0]:
+                best = (count, eps, threshold)
+    return (best[1], best[2]) if best[0] else (max(args.anp_eps), 0.0)
+
+
 def post_defence(
     name: str,
     clean: PublicData,
@@ -234,11 +350,25 @@ def post_defence(
     args: argparse.Namespace,
     fp_ratio: float | None = None,
     lr: float | None = None,
+    ibau_eps: float | None = None,
+    anp_threshold: float | None = None,
+    anp_eps: float | None = None,
 ) -> list[Any]:
-    """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``), fresh
-    instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's channels;
-    every SGD step uses ``lr`` (default the first ``--defence-lr``)."""
+    """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
+    fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
+    channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
+    conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
+    paper's); every SGD step but ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
+    ibau = IBAU(
+        clean=clean,
+        at=0,
+        eps=max(args.ibau_eps) if ibau_eps is None else ibau_eps,
+        rounds=args.ibau_rounds,
+        steps=args.ibau_steps,
+        lr=lr,
+        seed=seed,
+    )
     fp = FinePruning(
         clean=clean,
         layer="conv3",
@@ -266,7 +396,16 @@ def post_defence(
         lr=lr,
         seed=seed,
     )
-    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad]}[name]
+    anp = ANP(
+        clean=clean,
+        layers=ANP_LAYERS,
+        at=0,
+        threshold=0.2 if anp_threshold is None else anp_threshold,
+        eps=max(args.anp_eps) if anp_eps is None else anp_eps,
+        iterations=args.anp_iterations,
+        seed=seed,
+    )
+    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad], "ibau": [ibau], "anp": [anp]}[name]
 
 
 def repair_selected(
@@ -277,6 +416,7 @@ def repair_selected(
     seed: int,
     args: argparse.Namespace,
     fp_ratio: float | None,
+    ibau_eps: float | None = None,
 ) -> tuple[nn.Module, float]:
     """``(repaired copy, lr)``: with one ``--defence-lr``, :func:`repair` with it; with several, the largest whose
     repaired model's accuracy on the server's selection records ``select`` (clean records no defence trains on)
@@ -285,7 +425,7 @@ def repair_selected(
     lrs = sorted(args.defence_lr, reverse=True)
     base = accuracy(model, select.x, select.y) if len(lrs) > 1 else 0.0
     for lr in lrs:
-        fixed = repair(model, post_defence(post, clean, seed, args, fp_ratio, lr), seed)
+        fixed = repair(model, post_defence(post, clean, seed, args, fp_ratio, lr, ibau_eps), seed)
         if len(lrs) == 1 or accuracy(fixed, select.x, select.y) >= base - args.select_drop:
             break
     return fixed, lr
@@ -328,7 +468,7 @@ def train(
     attack the rule is sized for an ``assumed`` malicious share."""
     per_round = min(args.per_round, clients)
     fraction = attack.fraction if attack is not None else assumed
-    agg = make_aggregator(defence, fraction, per_round, seed, args.local_epochs)
+    agg = make_aggregator(defence, fraction, per_round, seed, args.local_epochs, attack)
     if defence == "feddf":
         strategy: Any = FedDF(
             public=PublicData(num_samples=1000, seed=7),
@@ -344,6 +484,8 @@ def train(
     detection = None
     if attack is not None:
         callbacks.append(attack)
+        if isinstance(agg, Oracle):
+            callbacks.append(agg.feed)
         if defence in DETECTS:
             detection = Detection(attack, agg, flag=DETECTS[defence])
             callbacks.append(detection)
@@ -402,6 +544,8 @@ def run_seed(
         x, y = test_tensors(dm)
         if "clean" in args.attacks:  # the reference, and each rule's cost without an attack
             rules = [d for d in args.defences if d in AGGREGATION] if args.clean_rules else ["none"]
+            # without an attack the oracle drops nothing: its clean run is plain FedAvg, the reference
+            rules = list(dict.fromkeys("none" if r == "oracle" else r for r in rules))
             for rule in rules:
                 t0 = time.perf_counter()
                 assumed = max(args.fractions) if rule != "none" else 0.0
@@ -458,6 +602,7 @@ def run_seed(
                     }
                     emit(row)
                     chosen: list[float] = []  # fine-pruning's ratio for this model, chosen once
+                    chosen_eps: list[float] = []  # I-BAU's radius for this model, chosen once
                     for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
                         post = split_post(column)[1]
@@ -465,7 +610,20 @@ def run_seed(
                         if "fp" in post and args.fp_max_drop is not None:
                             chosen = chosen or [choose_fp_ratio(model, clean, select, seed, args)]
                             ratio = chosen[0]
-                        fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio)
+                        eps = None
+                        if post == "ibau" and len(args.ibau_eps) > 1:
+                            chosen_eps = chosen_eps or [choose_ibau_eps(model, clean, select, seed, args)]
+                            eps = chosen_eps[0]
+                        if post == "anp":  # no learning rate: the bound (in "defence_lr") and the threshold
+                            anp_eps, eps = choose_anp(model, clean, select, seed, args)
+                            fixed = repair(
+                                model,
+                                post_defence("anp", clean, seed, args, anp_threshold=eps, anp_eps=anp_eps),
+                                seed,
+                            )
+                            lr = anp_eps
+                        else:
+                            fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
                             {
                                 **{
@@ -475,6 +633,11 @@ def run_seed(
                                 **measure(fixed, x, y),
                                 "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
+                                **(
+                                    {{"ibau": "ibau_eps", "anp": "anp_threshold"}[post]: eps}
+                                    if eps is not None
+                                    else {}
+                                ),
                                 "seconds": time.perf_counter() - t0,
                             }
                         )
@@ -592,7 +755,8 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 (
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
-                        "/ recall % (replies dropped by multi-Krum and FLAME, given trust 0 by FLTrust, clipped by the norm bounds)"
+                        "/ recall % (replies dropped by multi-Krum, FLAME, the reference filters and the oracle, given "
+                        "trust 0 by FLTrust, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],
                     det,
@@ -678,6 +842,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mcr-epochs", type=int, default=20, help="MCR: epochs of the endpoint and of the curve")
     p.add_argument(
+        "--ibau-eps",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="I-BAU: the perturbation's L2 radius, a share of the clean records' mean norm; several: the largest "
+        "within --select-drop on the selection records",
+    )
+    p.add_argument("--ibau-rounds", type=int, default=20, help="I-BAU: alternations (one outer epoch each)")
+    p.add_argument("--anp-iterations", type=int, default=2000, help="ANP: mask updates (the paper's 2000)")
+    p.add_argument(
+        "--anp-eps",
+        type=float,
+        nargs="+",
+        default=[0.4],
+        help="ANP: the neuron perturbations' bound (the paper's 0.4); several: chosen with the threshold on the "
+        "selection records",
+    )
+    p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
+    p.add_argument(
         "--defence-lr",
         type=float,
         nargs="+",
@@ -716,7 +899,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
         args.min_samples, args.distill_steps = 2, 2
-        args.fp_epochs = args.nad_epochs = args.mcr_epochs = 1
+        args.fp_epochs = args.nad_epochs = args.mcr_epochs = args.ibau_rounds = 1
+        args.anp_iterations = 2
     return args
 
 

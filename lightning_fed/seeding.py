@@ -73,6 +73,10 @@ class Stream(IntEnum):
     """Which of a round's clients straggle, and how much work each does (keys: round)."""
     FLTRUST_ROOT = 23
     """FLTrust's server update: its root batches and torch's generator during it (keys: round)."""
+    IBAU = 24
+    """I-BAU's split of the clean data (no keys) and its batches (keys: round)."""
+    ANP = 25
+    """Adversarial neuron pruning's split of the clean data (no keys), its batches and perturbations (keys: round)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42

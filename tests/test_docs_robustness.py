@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_five_examples():
-    assert len(BLOCKS) == 5
+def test_there_are_six_examples():
+    assert len(BLOCKS) == 6
 
 
 def test_detection_callback_example_runs_and_its_comment_is_true(tmp_path):
@@ -56,3 +56,13 @@ def test_robust_lr_and_fltrust_example_runs(tmp_path):
     assert 0.0 <= rlr.report()["agg_disputed"] <= 1.0 and rlr.last.dropped == []
     assert len(fltrust.last.scores) == 10 and all(s >= 0 for s in fltrust.last.scores)
     assert set(fltrust.last.dropped) == {i for i, s in enumerate(fltrust.last.scores) if s == 0}
+
+
+def test_reference_filter_and_ibau_example_runs(tmp_path):
+    scope = _run(BLOCKS[5], tmp_path)
+    assert scope["detection"].totals()["recall"] == 1.0
+    assert scope["detection"].tp == 6  # 2 flipped replies a round, 3 rounds
+    assert len(scope["rule"].last.scores) == 10 and len(scope["rule"].last.dropped) >= 2
+    record = scope["ibau"].records[-1]
+    assert scope["ibau"].done == [2] and record["radius"] > 0
+    assert 0.0 <= scope["result"].history[-1]["test_asr"] <= 1.0

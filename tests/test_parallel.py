@@ -121,6 +121,9 @@ CASES = {  # name: (recipe, processes)
     "dp-adaptive-2": ("dp_adaptive", 2),  # server noise and the adaptive bound replayed on every rank
     "dp-local-2": ("dp_local", 2),  # client noise keyed by (seed, round, client), whoever runs the client
     "fltrust-2": ("defence_fltrust", 2),  # the server update on the root data replayed on every rank
+    "reference-filter-2": ("defence_reference_filter", 2),
+    "ibau-2": ("defence_ibau", 2),  # a server-side repair on the clean data replayed on every rank
+    "anp-2": ("defence_anp", 2),  # masks learnt and channels zeroed on every rank
 }
 
 

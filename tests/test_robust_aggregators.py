@@ -15,6 +15,7 @@ from lightning_fed.strategies import (
     FedAvg,
     Krum,
     NormBound,
+    ReferenceFilter,
     RobustAggregator,
     TrimmedMean,
     WeakDP,
@@ -176,7 +177,7 @@ def test_invalid_settings_name_the_key(build, match):
 
 
 @pytest.mark.parametrize("agg", [CoordinateMedian(), TrimmedMean(0.2), Krum(byzantine=1), NormBound(5.0),
-                                 WeakDP(5.0, 0.0), FLAME(noise_level=0.0)], ids=repr)
+                                 WeakDP(5.0, 0.0), FLAME(noise_level=0.0), ReferenceFilter()], ids=repr)
 def test_fedavg_and_tiers_use_the_rule(agg):
     model = nn.Linear(3, 2)
     strategy = FedAvg(aggregator=agg)

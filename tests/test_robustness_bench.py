@@ -214,3 +214,53 @@ def test_new_rules_and_their_cost_without_an_attack(bench, capsys):
     assert "| no attack |" not in printed and "no attack" in printed and "robust LR" in printed
     assert bench.make_aggregator("rlr", 0.2, 10, 0).threshold(10) == 3
     assert bench.make_aggregator("fltrust", 0.2, 10, 0, local_epochs=5).epochs == 5
+
+
+def test_oracle_drops_exactly_the_malicious_and_the_filters_report_detection(bench):
+    argv = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "clean",
+        "sign_flip",
+        "--defences",
+        "oracle",
+        "refilter",
+        "refilter_krum",
+        "--clean-rules",
+    ]
+    rows = bench.main(argv)
+    cells = {(r["attack"], r["defence"]) for r in rows}
+    # without an attack the oracle is plain FedAvg: its clean run is the reference ("none"), trained once
+    assert cells == {
+        ("clean", "none"),
+        ("clean", "refilter"),
+        ("clean", "refilter_krum"),
+        ("sign_flip", "oracle"),
+        ("sign_flip", "refilter"),
+        ("sign_flip", "refilter_krum"),
+    }
+    by = {r["defence"]: r for r in rows if r["attack"] == "sign_flip"}
+    det = by["oracle"]["detection"]
+    assert det["precision"] == 1.0 and det["recall"] == 1.0 and det["fp"] == 0 and det["tp"] > 0
+    assert set(by["refilter"]["detection"]) == {"precision", "recall", "tp", "fp", "fn"}
+    assert bench.make_aggregator("refilter_krum", 0.2, 10, 0).byzantine == 3
+    assert bench.make_aggregator("oracle", 0.2, 10, 0) is None  # no attack: the weighted mean
+
+
+def test_ibau_radius_and_anp_settings_are_chosen_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    model = bench.seeded_model(0)
+    grid = ["--ibau-eps", "0.3", "0.1", "0.2"]
+    loose = bench.parse(["--quick", *grid, "--select-drop", "1.0", "--anp-eps", "0.4", "0.1"])
+    strict = bench.parse(["--quick", *grid, "--select-drop", "-1.0", "--anp-eps", "0.4", "0.1"])
+    assert bench.choose_ibau_eps(model, clean, select, 0, loose) == 0.3  # the largest passes
+    assert bench.choose_ibau_eps(model, clean, select, 0, strict) == 0.1  # none: the smallest
+    loose.anp_iterations = strict.anp_iterations = 100  # --quick's 2 updates leave every mask near 1
+    # any drop allowed: the pair that prunes the most channels (the largest threshold); none allowed: prune nothing
+    assert bench.choose_anp(model, clean, select, 0, loose)[1] == bench.ANP_GRID[-1]
+    assert bench.choose_anp(model, clean, select, 0, strict) == (0.4, 0.0)

@@ -1,7 +1,8 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
-attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair) for
+attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU, adversarial neuron pruning) for
 FedLoop."""
 
+from lightning_fed.callbacks.anp import ANP
 from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
 from lightning_fed.callbacks.backdoor import Backdoor, attack_success_rate
@@ -11,6 +12,7 @@ from lightning_fed.callbacks.distillation import Distillation
 from lightning_fed.callbacks.dp_sgd import DPSGD
 from lightning_fed.callbacks.fine_pruning import FinePruning
 from lightning_fed.callbacks.footprint import Footprint, measure_footprint
+from lightning_fed.callbacks.ibau import IBAU
 from lightning_fed.callbacks.local_dp import LocalDP
 from lightning_fed.callbacks.lr_schedule import RoundLRDecay
 from lightning_fed.callbacks.mcr import MCR
@@ -23,7 +25,7 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "DPSGD", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
+    "ANP", "DPSGD", "IBAU", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",

@@ -67,7 +67,7 @@ class Detection(FedCallback):
             isinstance(aggregator, RobustAggregator),
             "aggregator",
             aggregator,
-            "a RobustAggregator (CoordinateMedian, TrimmedMean, Krum, NormBound, WeakDP, FLAME)",
+            "a RobustAggregator (CoordinateMedian, TrimmedMean, Krum, NormBound, WeakDP, FLAME, ReferenceFilter)",
         )
         need("Detection", flag in FLAGS, "flag", flag, f"one of {FLAGS}")
         self.attack = attack

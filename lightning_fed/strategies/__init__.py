@@ -21,6 +21,7 @@ from lightning_fed.strategies.fedper import FedPer, PersonalLayers
 from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.fltrust import FLTrust
+from lightning_fed.strategies.reference_filter import ReferenceFilter
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
     Krum,
@@ -74,6 +75,7 @@ __all__ = [
     "ModelTiers",
     "NormBound",
     "PersonalLayers",
+    "ReferenceFilter",
     "RobustAggregator",
     "RobustLR",
     "Scaffold",
