@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
+from _defence_common import dm, fedloop, mnist_clean, run_and_resume
 from torch import nn
 
-from lightning_fed import FedLoop
 from lightning_fed.callbacks import ANP
 from lightning_fed.callbacks.anp import _Perturbed, prune_
-from lightning_fed.data import MNIST1DDataModule, PublicData
 from lightning_fed.models import MNIST1DCNN
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-
-
-def mnist_clean() -> PublicData:
-    return PublicData(num_samples=100, seed=7, labeled=True)
 
 
 def test_channel_output_by_hand():
@@ -87,44 +81,14 @@ def test_a_dead_channel_keeps_its_mask():
     assert masks["conv3"][0] == 1.0
 
 
-def fedloop(tmp_path, rounds: int, callbacks) -> FedLoop:
-    return FedLoop(
-        num_clients=4,
-        clients_per_round=2,
-        rounds=rounds,
-        local_epochs=1,
-        callbacks=callbacks,
-        output_dir=str(tmp_path),
-        verbose=False,
-        plot=False,
-        loggers=[],
-        checkpoint_every=1,
-        seed=0,
-    )
-
-
-def dm() -> MNIST1DDataModule:
-    return MNIST1DDataModule(batch_size=32, num_samples=600)
-
-
 def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
     def cb():
         return ANP(clean=mnist_clean(), layers=["conv2", "conv3"], at=[1], iterations=10, threshold=0.9)
 
-    L.seed_everything(0)
-    full = MNIST1DCNN()
-    first = cb()
-    res = fedloop(tmp_path / "a", 3, [first]).fit(full, dm())
+    res, first, again = run_and_resume(tmp_path, cb)
     assert {"anp_acc_before", "anp_acc_after", "anp_pruned"} <= res.history[1].keys()
     assert res.history[1]["anp_pruned"] == sum(len(v) for v in first.records[0]["pruned_channels"].values())
-    L.seed_everything(0)
-    run = fedloop(tmp_path / "b", 2, [cb()]).fit(MNIST1DCNN(), dm()).run_dir
-    L.seed_everything(1)
-    resumed, again = MNIST1DCNN(), cb()
-    fedloop(tmp_path / "b", 3, [again]).fit(resumed, dm(), resume=run)
     assert again.done == [1]
-    for k, v in full.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
 
 
 def test_unknown_layers_are_refused_at_setup(tmp_path):

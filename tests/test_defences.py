@@ -9,13 +9,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _defence_common import dm, fedloop, mnist_clean
 from torch import nn
 
-from lightning_fed import FedLoop
 from lightning_fed.callbacks import MCR, NAD, FinePruning
 from lightning_fed.callbacks.fine_pruning import mean_activation
 from lightning_fed.callbacks.mcr import bezier
-from lightning_fed.data import MNIST1DDataModule, PublicData
+from lightning_fed.data import PublicData
 from lightning_fed.models import MNIST1DCNN
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -55,19 +55,6 @@ def test_fine_pruning_removes_the_dormant_channels_of_a_hand_computation():
     assert model.conv.out_channels == 2 and model.head.in_features == 2 * 8  # really smaller
     assert torch.equal(model.conv.weight, kept_w)
     assert torch.equal(model.head.weight.view(2, 2, 8), kept_head)
-
-
-def fedloop(tmp_path, rounds: int, callbacks) -> FedLoop:
-    return FedLoop(num_clients=4, clients_per_round=2, rounds=rounds, local_epochs=1, callbacks=callbacks,
-                   output_dir=str(tmp_path), verbose=False, plot=False, loggers=[], checkpoint_every=1, seed=0)
-
-
-def dm() -> MNIST1DDataModule:
-    return MNIST1DDataModule(batch_size=32, num_samples=600)
-
-
-def mnist_clean() -> PublicData:
-    return PublicData(num_samples=100, seed=7, labeled=True)
 
 
 def test_fine_pruning_in_fedloop_replays_on_resume(tmp_path):

@@ -9,12 +9,12 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from _defence_common import dm, mnist_clean, run_and_resume
 from torch import nn
 
-from lightning_fed import FedLoop
 from lightning_fed.callbacks import IBAU
 from lightning_fed.callbacks.ibau import perturbed_loss, universal_perturbation
-from lightning_fed.data import MNIST1DDataModule, PublicData
+from lightning_fed.data import PublicData
 from lightning_fed.models import MNIST1DCNN
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -50,10 +50,6 @@ def test_radius_is_eps_times_the_mean_record_norm():
     assert IBAU(clean=clean, eps=0.5).radius(x) == pytest.approx(1.5)
 
 
-def mnist_clean() -> PublicData:
-    return PublicData(num_samples=100, seed=7, labeled=True)
-
-
 def test_a_step_unlearns_the_perturbation_it_found():
     """The loss under the first round's perturbation is above the clean loss; after training under it the loss under
     the last round's (freshly found, the worst the model now has) perturbation is lower."""
@@ -69,43 +65,14 @@ def test_a_step_unlearns_the_perturbation_it_found():
     assert {"acc_before", "acc_after"} <= record.keys()
 
 
-def fedloop(tmp_path, rounds: int, callbacks) -> FedLoop:
-    return FedLoop(
-        num_clients=4,
-        clients_per_round=2,
-        rounds=rounds,
-        local_epochs=1,
-        callbacks=callbacks,
-        output_dir=str(tmp_path),
-        verbose=False,
-        plot=False,
-        loggers=[],
-        checkpoint_every=1,
-        seed=0,
-    )
-
-
-def dm() -> MNIST1DDataModule:
-    return MNIST1DDataModule(batch_size=32, num_samples=600)
-
-
 def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
     def cb():
         return IBAU(clean=mnist_clean(), at=[1], rounds=2, steps=3)
 
-    L.seed_everything(0)
-    full = MNIST1DCNN()
-    res = fedloop(tmp_path / "a", 3, [cb()]).fit(full, dm())
+    res, _, again = run_and_resume(tmp_path, cb)
     assert {"ibau_acc_before", "ibau_acc_after", "ibau_radius", "ibau_loss_before"} <= res.history[1].keys()
     assert "ibau_radius" not in res.history[0]
-    L.seed_everything(0)
-    run = fedloop(tmp_path / "b", 2, [cb()]).fit(MNIST1DCNN(), dm()).run_dir  # killed after the step
-    L.seed_everything(1)
-    resumed, again = MNIST1DCNN(), cb()
-    fedloop(tmp_path / "b", 3, [again]).fit(resumed, dm(), resume=run)
     assert again.done == [1]
-    for k, v in full.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
 
 
 def test_does_nothing_under_lightning_trainer(tmp_path):

@@ -1,0 +1,44 @@
+"""The small FedLoop, data and clean server records shared by the server-side defence tests (fine-pruning, NAD,
+MCR, I-BAU, ANP), and the check that a run killed after a defence's step resumes to the same weights."""
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from lightning_fed import FedLoop
+from lightning_fed.data import MNIST1DDataModule, PublicData
+from lightning_fed.models import MNIST1DCNN
+
+
+def fedloop(tmp_path, rounds: int, callbacks) -> FedLoop:
+    """4 clients, 2 a round, 1 local epoch, checkpointed every round, quiet, seed 0."""
+    return FedLoop(num_clients=4, clients_per_round=2, rounds=rounds, local_epochs=1, callbacks=callbacks,
+                   output_dir=str(tmp_path), verbose=False, plot=False, loggers=[], checkpoint_every=1, seed=0)
+
+
+def dm() -> MNIST1DDataModule:
+    """600 MNIST-1D records, batches of 32."""
+    return MNIST1DDataModule(batch_size=32, num_samples=600)
+
+
+def mnist_clean() -> PublicData:
+    """100 labelled clean records the server holds (generator seed 7)."""
+    return PublicData(num_samples=100, seed=7, labeled=True)
+
+
+def run_and_resume(tmp_path, make_callback: Callable[[], object]):
+    """Run 3 rounds with one fresh callback; run 2 rounds, then resume that run to 3 with another (under a different
+    global seed); assert both end with the same weights. Returns the full run's result, its callback and the
+    resumed callback."""
+    L.seed_everything(0)
+    full, first = MNIST1DCNN(), make_callback()
+    res = fedloop(tmp_path / "a", 3, [first]).fit(full, dm())
+    L.seed_everything(0)
+    run = fedloop(tmp_path / "b", 2, [make_callback()]).fit(MNIST1DCNN(), dm()).run_dir  # killed after round 2
+    L.seed_everything(1)
+    resumed, again = MNIST1DCNN(), make_callback()
+    fedloop(tmp_path / "b", 3, [again]).fit(resumed, dm(), resume=run)
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    return res, first, again
