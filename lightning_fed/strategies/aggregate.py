@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_measure_, measure
+from lightning_fed.kernels import axpy_measure_, axpy_to_measure_, measure
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 JUDGE_FIRST_BYTES = 8 << 20
@@ -164,6 +164,8 @@ class MeanFold:
         self.total = total
         self._acc = acc.zero_()
         self._parts = list(spec.unflatten(acc).values())
+        self._home = acc  # where the sum ends (result()); small replies may leave it in the scratch buffer until then
+        self._other_parts: list[Tensor] | None = None  # views of the buffer that is not ``_acc`` (built when needed)
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
         self.broken = False
@@ -234,9 +236,15 @@ class MeanFold:
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
         if self.judge_first and (values is None or values.judge_first):  # small, float32: judged, then added
-            return self._judge_then_add(reply, values, w, max_abs, max_norm)
+            # a reply held to undo (values of another kind) is decided: let it go; an undo after this reply
+            # restores a snapshot taken anew, with this reply in it (the scratch may hold the sum now)
+            self.flush()
+            self._snap_due = True
+            verdict = self._add_aside(reply, values, w, max_abs, max_norm)
+            return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
         source: Any = values
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
+            self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
             if self._snap is None:
                 self._snap = torch.empty_like(self._acc)
             self._snap.copy_(self._acc)
@@ -271,6 +279,64 @@ class MeanFold:
             self._snap_due = True
             self.flush()
         return None, norm
+
+    def _add_aside(self, reply: Any, values: Any, w: float, max_abs: float | None,
+                   max_norm: float) -> tuple[str | None, float] | None:
+        """:meth:`add_released` for a small reply of float32 values in one buffer, read once: ``acc + w * x`` is
+        written into the other buffer (the scratch) while the reply is measured (the ping-pong accumulator); kept,
+        the two buffers swap roles, rejected, nothing is undone (the accumulator was not written). ``None``: the
+        reply is not one this pass takes (entries in several buffers, values not covering the accumulator)."""
+        if values is not None:
+            x = values.values()
+            runs = self._segments(values.layout)
+            if sum(n for _, _, n in runs) != self._acc.numel():
+                return None
+        else:
+            x = self.spec.flat_view(reply.payload)
+            if x is None:
+                return None
+            runs = [(0, 0, x.numel())]
+        bound = max_abs is not None
+        out = self._other()
+        sq, top = 0.0, 0.0
+        for src, dst, n in runs:
+            s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w, bound=bound)
+            sq, top = sq + s, max(top, t)
+        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
+            lo, hi = value_bounds([x])
+            if math.isfinite(lo) and math.isfinite(hi):
+                sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+            else:
+                top = math.inf
+        why, norm = _verdict(sq, top, max_abs, max_norm)
+        if why is not None:
+            return why, norm
+        self._swap()
+        reply.payload = RELEASED
+        self.released += 1
+        self._folded.append((reply, None, reply.num_examples, []))
+        return None, norm
+
+    def _other(self) -> Tensor:
+        """The buffer that is not the accumulator now: the strategy's scratch (the snapshot's), or its own."""
+        if self._acc is not self._home:
+            return self._home
+        if self._snap is None:
+            self._snap = torch.empty_like(self._acc)
+        return self._snap
+
+    def _swap(self) -> None:
+        """The other buffer becomes the accumulator (its views too); no copy."""
+        other = self._other()
+        if self._other_parts is None:
+            self._other_parts = list(self.spec.unflatten(other).values())
+        self._acc, self._parts, self._other_parts = other, self._other_parts, self._parts
+
+    def _go_home(self) -> None:
+        """The sum back in the buffer the fold was given (one copy, only when the last add left it aside)."""
+        if self._acc is not self._home:
+            self._home.copy_(self._acc)
+            self._swap()
 
     def _judge_then_add(self, reply: Any, values: Any, w: float, max_abs: float | None,
                         max_norm: float) -> tuple[str | None, float]:
@@ -369,6 +435,7 @@ class MeanFold:
     def result(self) -> Tensor:
         """The accumulated ``sum_i n_i / total * x_i`` (the buffer given), rescaled once by ``total / kept`` when
         released replies were folded and the kept replies' counts sum to ``kept != total``."""
+        self._go_home()
         kept = self._kept()
         if kept != self.total and kept > 0 and not self._rescaled:
             self._acc.mul_(self.total / kept)
