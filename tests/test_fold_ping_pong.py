@@ -1,7 +1,8 @@
-"""The fold's ping-pong accumulator for small replies: ``acc + w * x`` is written into the other buffer while the
-reply is measured, one read of the reply; a kept reply swaps the buffers, a rejected one leaves the sum as it
-was. The weights are those of the judge-first path and of the pass-then-undo path, bit for bit, whichever buffer
-the sum ends in."""
+"""The fold's ping-pong accumulator for small replies (``MeanFold(ping_pong=True)``): ``acc + w * x`` is written
+into the other buffer while the reply is measured, one read of the reply; a kept reply swaps the buffers, a
+rejected one leaves the sum as it was. The weights are those of the judge-first path and of the pass-then-undo
+path, bit for bit, whichever buffer the sum ends in; a fold mixing small replies and 8-bit codes undoes exactly
+on either small-reply path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from test_server_fold import COUNTS, _deltas, _strategy, kernel  # noqa: F401  (
 
 from lightning_fed.codecs import Blockwise8bit, DecodeArgs
 from lightning_fed.protocol import RELEASED, Reply
+from lightning_fed.strategies import FedAvg
 from lightning_fed.strategies.aggregate import MeanFold
 
 MODES = ["ping_pong", "judge_first", "undo"]
@@ -45,12 +47,11 @@ def _replies(spec, bad: dict[int, str], several: bool = False) -> list[Reply]:
 def _fold(mode: str, spec, replies: list[Reply], max_abs: float | None, monkeypatch) -> tuple:
     """Fold ``replies`` with ``mode``; ``(result, verdicts, kept replies, the sum was in the given buffer)``."""
     acc, scratch = torch.full((spec.numel,), 3.0), torch.full((spec.numel,), 5.0)
+    small = 0 if mode == "undo" else 1 << 30
     fold = MeanFold(
-        spec, acc, sum(COUNTS), scratch=scratch, judge_first_bytes=0 if mode == "undo" else 1 << 30
+        spec, acc, sum(COUNTS), scratch=scratch, judge_first_bytes=small, ping_pong=mode == "ping_pong"
     )
     with monkeypatch.context() as m:
-        if mode == "judge_first":
-            m.setattr(MeanFold, "_add_aside", lambda self, *a: None)
         if mode != "undo":
             m.setattr(MeanFold, "_undo", lambda self: pytest.fail("a small reply was undone"))
         verdicts = [fold.add_released(r, None, max_abs, 1.0) for r in replies]
@@ -120,10 +121,12 @@ def test_replies_in_several_buffers_fall_back_to_the_foreach_path(bad, monkeypat
 
 
 @pytest.mark.usefixtures("kernel")
-def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly():
-    """Small float32 replies (the ping-pong pass) and 8-bit codes (added, measured, undone on rejection) in one
-    fold: the snapshot an undo restores holds the replies added aside, so a rejected 8-bit reply after them
-    takes out only itself; the weights are the pass-then-undo path's for the same replies."""
+@pytest.mark.parametrize("ping_pong", [True, False], ids=["ping_pong", "judge_first"])
+def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly(ping_pong):
+    """Small float32 replies (judged first: added aside, or added after their measure) and 8-bit codes (added,
+    measured, undone on rejection) in one fold: the snapshot an undo restores holds the small replies added
+    before it, so a rejected 8-bit reply after them takes out only itself; the weights are the pass-then-undo
+    path's for the same replies."""
     spec = _strategy().spec
     assert spec is not None
     codec, rspec = Blockwise8bit(), spec.tensor_specs()
@@ -132,11 +135,10 @@ def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly():
     deltas[5].mul_(1e6)  # and one after a float32 reply while the window holds an 8-bit one
     int8 = {1, 2, 4, 5}
 
-    def fold(judge_first_bytes: int) -> tuple[torch.Tensor, list[str | None]]:
+    def fold(small: int) -> tuple[torch.Tensor, list[str | None]]:
         acc = torch.empty(spec.numel)
-        fold = MeanFold(
-            spec, acc, sum(COUNTS), scratch=torch.empty(spec.numel), judge_first_bytes=judge_first_bytes
-        )
+        scratch = torch.empty(spec.numel)
+        fold = MeanFold(spec, acc, sum(COUNTS), scratch=scratch, judge_first_bytes=small, ping_pong=ping_pong)
         whys = []
         for i, d in enumerate(deltas):
             if i in int8:
@@ -167,7 +169,8 @@ def test_fedavg_folds_aside_into_its_scratch_buffer(monkeypatch):
     s = _strategy()
     assert s.spec is not None and s._acc is not None and s._tmp is not None
     fold = s.begin_fold(1, sum(COUNTS[:3]))
-    assert fold is not None and fold.judge_first
+    assert fold is not None and fold.judge_first and not fold.ping_pong  # off by default
+    fold.ping_pong = True
     replies = _replies(s.spec, {})[:3]
     for r in replies:
         assert fold.add_released(r, None, None, math.inf)[0] is None
@@ -195,6 +198,15 @@ def test_a_resumed_run_folding_aside_ends_bit_identical(tmp_path, make_loop, sma
         return verdict
 
     monkeypatch.setattr(MeanFold, "_add_aside", aside)
+    begin = FedAvg.begin_fold
+
+    def begin_fold(self, *a):
+        fold = begin(self, *a)
+        if fold is not None:
+            fold.ping_pong = True
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
     three = {"clients_per_round": 3}  # a median of three replies: the next round's reference
     whole = make_loop(rounds=3, output_dir=str(tmp_path / "whole"), **three).fit(seeded(MNIST1DMLP), small_dm)
     assert kept == [True] * 6  # rounds 2 and 3: every reply folded by the ping-pong pass

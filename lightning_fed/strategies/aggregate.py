@@ -156,10 +156,16 @@ class MeanFold:
             judged before they are added (:data:`JUDGE_FIRST_BYTES`); ``0``: never.
         scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
             pages already in memory); ``None``: allocated when first needed.
+        ping_pong: fold the replies judged first (``judge_first_bytes``) in one read each, ``acc + w * x`` written
+            into the scratch buffer while they are measured, the buffers swapping roles when a reply is kept
+            (:meth:`add_released`); off by default: on the reference machine (shared 32 MiB last-level cache) the
+            write into the other buffer costs more than the second read it saves (``benchmarks/RESULTS.md``,
+            "The ping-pong accumulator").
     """
 
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
-                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES) -> None:
+                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES,
+                 ping_pong: bool = False) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -176,6 +182,8 @@ class MeanFold:
         """How many released replies the fold holds at most, to undo a rejection exactly (``hold_bytes``)."""
         self.judge_first = acc.numel() * acc.element_size() <= judge_first_bytes
         """Whether replies of float32 values are measured and judged before they are added (small replies)."""
+        self.ping_pong = ping_pong
+        """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
         self._window: list[tuple[Any, Any, float]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
@@ -229,7 +237,10 @@ class MeanFold:
         the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the
         rest at the end of the round) and the snapshot is retaken before the next reply is added (so never after
         the round's last one). A small reply of float32 values (:attr:`judge_first`) is measured and judged
-        first instead, added only when kept and released at once: nothing to undo, no window.
+        first instead, added only when kept and released at once: nothing to undo, no window; with
+        :attr:`ping_pong`, in one read: ``acc + w * x`` written into the scratch buffer as it is measured, the two
+        buffers swapping roles when it is kept (:meth:`result` leaves the sum in the buffer given). Such a reply
+        lets the window's replies go first and has the snapshot retaken before the next reply with a window.
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
@@ -240,7 +251,7 @@ class MeanFold:
             # restores a snapshot taken anew, with this reply in it (the scratch may hold the sum now)
             self.flush()
             self._snap_due = True
-            verdict = self._add_aside(reply, values, w, max_abs, max_norm)
+            verdict = self._add_aside(reply, values, w, max_abs, max_norm) if self.ping_pong else None
             return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
         source: Any = values
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
