@@ -19,8 +19,8 @@ kernel's work for the thread (page faults) still counts.
 
 The timed round is the server's second: an untimed first round of 3 replies gives the norm check its reference
 (the median norm of the previous round's replies), so each timed reply is added and measured in one pass, judged,
-and released once the fold's undo window (up to 16 replies, 2 GiB) moves past it, as in every FedLoop round after
-the first; a codec whose ``accept`` reads the accepted payloads would keep them (neither codec here does). The
+and released once the fold's undo window (up to 16 replies holding up to 2 GiB) moves past it, as in every
+FedLoop round after the first; a codec whose ``accept`` reads the accepted payloads would keep them (neither codec here does). The
 floor keeps its flat buffers the way the server keeps its replies (here: it frees each after its add).
 
 Memory: "held" counts the bytes of the buffers the server holds when aggregation starts (the distinct storages of

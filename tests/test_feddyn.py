@@ -5,64 +5,16 @@ wire, the client callback outside FedLoop, the refusals and the docs' example.""
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+from _linear_fed import CLIENTS, EPOCHS, LR, PER_ROUND, ROUNDS, W0, FixedData, Linear, make_loop
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed import FedLoop
-from lightning_fed.data import IID
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.strategies import FedAvg, FedDyn, FedDynClient, UniformMean
 from lightning_fed.strategies.feddyn import STATE_KEY
 
-W0 = [0.5, -1.0]
-LR, EPOCHS, CLIENTS, PER_ROUND, ROUNDS, ALPHA = 0.1, 3, 3, 2, 2, 0.5
-
-
-class Linear(L.LightningModule):
-    """``y = w . x`` with a mean squared error; plain SGD."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 1, bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.tensor([W0]))
-
-    def forward(self, x):
-        return self.lin(x).squeeze(-1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_loss", F.mse_loss(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-
-class FixedData(L.LightningDataModule):
-    """13 fixed points (IID shards of 5, 4 and 4); one batch holds a whole shard: each local epoch is one full-batch
-    step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(13, 2, generator=g)
-        self.y = (
-            self.x @ torch.tensor([2.0, 1.0]) + 0.3 * torch.randn(13, generator=g) + 2 * (self.x[:, 0] > 0)
-        )
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
-
-    def test_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
+ALPHA = 0.5
 
 
 def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
@@ -86,27 +38,11 @@ def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]]):
     return theta, h, hk
 
 
-def _loop(tmp_path, strategy, **kw) -> FedLoop:
-    args = {
-        "num_clients": CLIENTS,
-        "clients_per_round": PER_ROUND,
-        "rounds": ROUNDS,
-        "local_epochs": EPOCHS,
-        "partition": IID(),
-        "strategy": strategy,
-        "output_dir": str(tmp_path),
-        "verbose": False,
-        "plot": False,
-        "loggers": [],
-        "checkpoint_every": 1,
-    }
-    args.update(kw)
-    return FedLoop(**args)
 
 
 def test_two_rounds_match_the_hand_computation(tmp_path):
     strategy = FedDyn(alpha=ALPHA)
-    loop = _loop(tmp_path, strategy)
+    loop = make_loop(tmp_path, strategy)
     dm = FixedData()
     res = loop.fit(Linear(), dm)
     sampled = [loop.sample_clients(r) for r in range(ROUNDS)]
@@ -124,14 +60,14 @@ def test_two_rounds_match_the_hand_computation(tmp_path):
             assert STATE_KEY not in stored
     assert res.history[-1]["h_norm"] == pytest.approx(float(h.norm()), abs=1e-5)
     fedavg = FedAvg(aggregator=UniformMean())  # the same clients without the regularizer end elsewhere
-    _loop(tmp_path / "fedavg", fedavg).fit(Linear(), FixedData())
+    make_loop(tmp_path / "fedavg", fedavg).fit(Linear(), FixedData())
     assert not torch.allclose(fedavg.global_flat, strategy.global_flat, atol=1e-2)
 
 
 def test_messages_are_fedavgs(tmp_path):
     """The global weights down and the weight delta up: FedAvg's bytes, no extra state on the wire."""
-    a = _loop(tmp_path / "dyn", FedDyn(alpha=ALPHA), rounds=1).fit(Linear(), FixedData()).history[0]
-    b = _loop(tmp_path / "avg", FedAvg(), rounds=1).fit(Linear(), FixedData()).history[0]
+    a = make_loop(tmp_path / "dyn", FedDyn(alpha=ALPHA), rounds=1).fit(Linear(), FixedData()).history[0]
+    b = make_loop(tmp_path / "avg", FedAvg(), rounds=1).fit(Linear(), FixedData()).history[0]
     assert a["raw_bytes_up"] == b["raw_bytes_up"] == PER_ROUND * 2 * 4
     assert a["raw_bytes_down"] == b["raw_bytes_down"] == PER_ROUND * 2 * 4
 

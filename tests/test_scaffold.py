@@ -8,60 +8,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+from _linear_fed import CLIENTS, EPOCHS, LR, PER_ROUND, ROUNDS, W0, FixedData, Linear, make_loop
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed import FedLoop
 from lightning_fed.codecs import Cast
-from lightning_fed.data import IID
 from lightning_fed.protocol import Instruction, Reply
 from lightning_fed.strategies import FedAvg, Scaffold, ScaffoldClient, UniformMean, WeightedMean
 from lightning_fed.strategies.scaffold import STATE_KEY, VARIATE, VARIATE_DELTA
-
-W0 = [0.5, -1.0]
-LR, EPOCHS, CLIENTS, PER_ROUND, ROUNDS = 0.1, 3, 3, 2, 2
-
-
-class Linear(L.LightningModule):
-    """``y = w . x`` with a mean squared error; plain SGD."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 1, bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.tensor([W0]))
-
-    def forward(self, x):
-        return self.lin(x).squeeze(-1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_loss", F.mse_loss(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-
-class FixedData(L.LightningDataModule):
-    """13 fixed points (IID shards of 5, 4 and 4); one batch holds a whole shard, so each local epoch is one
-    full-batch step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(13, 2, generator=g)
-        self.y = self.x @ torch.tensor([2.0, 1.0]) + 0.3 * torch.randn(13, generator=g) + 2 * (self.x[:, 0] > 0)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
-
-    def test_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
 
 
 def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]], momentum: float = 0.0):
@@ -91,17 +44,11 @@ def _hand(dm: FixedData, shards: list[torch.Tensor], sampled: list[list[int]], m
     return xg, c, ci
 
 
-def _loop(tmp_path, strategy, **kw) -> FedLoop:
-    args = {"num_clients": CLIENTS, "clients_per_round": PER_ROUND, "rounds": ROUNDS, "local_epochs": EPOCHS,
-            "partition": IID(), "strategy": strategy, "output_dir": str(tmp_path), "verbose": False, "plot": False,
-            "loggers": [], "checkpoint_every": 1}
-    args.update(kw)
-    return FedLoop(**args)
 
 
 def test_two_rounds_match_the_hand_computation(tmp_path):
     strategy = Scaffold()
-    loop = _loop(tmp_path, strategy)
+    loop = make_loop(tmp_path, strategy)
     dm = FixedData()
     res = loop.fit(Linear(), dm)
     sampled = [loop.sample_clients(r) for r in range(ROUNDS)]
@@ -130,7 +77,7 @@ def test_two_rounds_with_client_momentum_match_the_hand_computation(tmp_path):
     """With momentum 0.9 the denominator is sum_k lr (1 - 0.9^k) / 0.1, not K * lr: the hand computation with that
     denominator matches, the one with K * lr does not."""
     strategy = Scaffold()
-    loop = _loop(tmp_path, strategy)
+    loop = make_loop(tmp_path, strategy)
     dm = FixedData()
     loop.fit(WithMomentum(), dm)
     sampled = [loop.sample_clients(r) for r in range(ROUNDS)]
@@ -164,7 +111,7 @@ class ConstantGradient(L.LightningModule):
 def test_the_variate_is_the_mean_gradient_for_every_sgd_setting(tmp_path, sgd):
     """Under a constant gradient ``a`` the first round's ``c_i+`` is ``a`` exactly (every step's gradient), for
     plain SGD, momentum, dampening and Nesterov, with a decaying learning rate (halved every epoch)."""
-    loop = _loop(tmp_path, Scaffold(), rounds=1)
+    loop = make_loop(tmp_path, Scaffold(), rounds=1)
     loop.fit(ConstantGradient(**sgd), FixedData())
     for i in loop.sample_clients(0):
         assert loop.store.load(i)[STATE_KEY]["w"].tolist() == pytest.approx([3.0, -2.0], rel=1e-5)
@@ -176,7 +123,7 @@ def test_without_variates_it_is_unweighted_fedavg(tmp_path):
     runs = {}
     for name, strategy in [("scaffold", Scaffold()), ("uniform", FedAvg(aggregator=UniformMean())),
                            ("scaffold_weighted", Scaffold(aggregator=WeightedMean())), ("fedavg", FedAvg())]:
-        loop = _loop(tmp_path / name, strategy, rounds=1)
+        loop = make_loop(tmp_path / name, strategy, rounds=1)
         loop.fit(Linear(), FixedData())
         runs[name] = strategy.global_flat
     assert torch.equal(runs["scaffold"], runs["uniform"])
@@ -185,7 +132,7 @@ def test_without_variates_it_is_unweighted_fedavg(tmp_path):
 
 
 def test_both_variates_travel_and_are_counted(tmp_path):
-    loop = _loop(tmp_path, Scaffold(), rounds=1)
+    loop = make_loop(tmp_path, Scaffold(), rounds=1)
     res = loop.fit(Linear(), FixedData())
     h = res.history[0]
     # per client: the 2 weights and c down, the 2 weight deltas and dc up, float32
@@ -270,8 +217,8 @@ def test_the_uplink_codec_encodes_the_variate_deltas(tmp_path):
     """Cast to fp16 on the uplink: the reply (weight deltas and dc) costs fewer bytes than uncompressed, and the
     server's c is built from what was decoded (fp16-rounded dc), not from the clients' exact values."""
     exact, cast = Scaffold(), Scaffold()
-    a = _loop(tmp_path / "a", exact, rounds=1).fit(Linear(), FixedData())
-    b = _loop(tmp_path / "b", cast, rounds=1, codec=Cast(dtype="fp16")).fit(Linear(), FixedData())
+    a = make_loop(tmp_path / "a", exact, rounds=1).fit(Linear(), FixedData())
+    b = make_loop(tmp_path / "b", cast, rounds=1, codec=Cast(dtype="fp16")).fit(Linear(), FixedData())
     assert b.history[0]["raw_bytes_up"] == a.history[0]["raw_bytes_up"] == PER_ROUND * 16
     assert b.history[0]["bytes_up"] < a.history[0]["bytes_up"]
     assert not torch.equal(cast.variate, exact.variate)
@@ -292,8 +239,8 @@ def test_only_a_non_sgd_client_optimizer_is_warned_about(tmp_path, caplog):
             return torch.optim.Adam(self.parameters(), lr=LR)
 
     with caplog.at_level("WARNING", logger="lightning_fed"):
-        _loop(tmp_path / "m", Scaffold(), rounds=1).fit(WithMomentum(), FixedData())
+        make_loop(tmp_path / "m", Scaffold(), rounds=1).fit(WithMomentum(), FixedData())
     assert not [r for r in caplog.records if "SCAFFOLD" in r.message]  # momentum SGD is exact
     with caplog.at_level("WARNING", logger="lightning_fed"):
-        _loop(tmp_path / "a", Scaffold(), rounds=1).fit(WithAdam(), FixedData())
+        make_loop(tmp_path / "a", Scaffold(), rounds=1).fit(WithAdam(), FixedData())
     assert sum("exact for torch.optim.SGD" in r.message for r in caplog.records) == 1  # once, not per step

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -389,3 +390,130 @@ def test_only_small_replies_are_judged_first():
     assert MeanFold(s.spec, acc, 10, judge_first_bytes=size).judge_first
     assert not MeanFold(s.spec, acc, 10, judge_first_bytes=size - 1).judge_first
     assert not MeanFold(s.spec, acc, 10, judge_first_bytes=0).judge_first
+
+
+def _held_before_each(
+    s: FedAvg, codec: Codec, server: Server, second: list[torch.Tensor], hold_bytes: int, monkeypatch
+) -> tuple[list[int], MeanFold, list[bytes], object]:
+    """Round 1 of ``second`` through a fold of ``hold_bytes`` (its pass and undo, no judging first): how many
+    replies the window holds before each message, the fold, the raw messages and what ``collect`` returned."""
+    original, folds = FedAvg.begin_fold, []
+
+    def begin_fold(self, *a, **k):
+        fold = original(self, *a, **k)
+        fold.hold_bytes, fold.judge_first = hold_bytes, False
+        folds.append(fold)
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    messages, raw = _two_rounds(s, codec, server, second)
+    held: list[int] = []
+
+    def stream():
+        for m in messages:
+            held.append(len(folds[-1]._window))
+            yield m
+
+    got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
+    monkeypatch.undo()
+    return held, folds[-1], raw, got
+
+
+@pytest.mark.parametrize(
+    "make_codec, held_want",
+    [
+        (Blockwise8bit, [0, 1, 1, 2, 3, 3]),  # codes and scales: 9 fit in 10 bytes per value
+        (Identity, [0, 1, 1, 0, 1, 1]),  # float32 values: 2 fit
+        (lambda: Cast("fp32"), [0, 1, 1, 0, 1, 1]),  # a decoded float32 payload: 2 fit
+    ],
+    ids=["int8", "identity", "fp32"],
+)
+def test_the_window_counts_what_its_replies_hold_and_undoes_exactly(
+    make_codec, held_want, tmp_path, monkeypatch
+):
+    """The undo window is counted by the bytes its replies keep alive: with ``hold_bytes`` of 10 bytes per
+    parameter, an 8-bit fold of the model holds every reply added since the start (no snapshot taken), a float32
+    fold of the same size at most 2 (a snapshot before every 3rd); both take the rejected replies out exactly."""
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    second = _deltas(s.spec, 6, seed=5)
+    second[1].mul_(1e6)
+    second[4].mul_(1e6)
+    held, fold, raw, got = _held_before_each(s, codec, server, second, 10 * s.spec.numel, monkeypatch)
+    assert held == held_want
+    assert fold._snapped == (held_want[3] == 0) and fold.hold_bytes == 10 * s.spec.numel
+    kept = [0, 2, 3, 5]
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    want = _rescaled_from(s, codec, raw, kept, sum(COUNTS))
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, want)
+
+
+@pytest.mark.parametrize("below", [0, 1], ids=["at_the_limit", "one_byte_less"])
+def test_the_window_is_let_go_at_the_byte_limit(below, tmp_path, monkeypatch):
+    """``hold_bytes`` exactly two 8-bit replies' codes and scales: the window holds two, then is let go right after
+    the second (a next reply as large would pass); one byte less, each reply is let go once added. The weights are
+    the same bits either way."""
+    s, codec = _strategy(), Blockwise8bit()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    size = s.spec.numel + 4 * -(
+        -s.spec.numel // codec.blocksize
+    )  # one byte per code, a float32 scale per block
+    held, fold, raw, got = _held_before_each(
+        s, codec, server, _deltas(s.spec, 6, seed=5), 2 * size - below, monkeypatch
+    )
+    assert held == ([0, 1, 0, 1, 0, 1] if below == 0 else [0] * 6)
+    assert fold._snapped and not fold._window  # flushed at the end of the round
+    assert len(got.replies) == 6 and all(r.payload is RELEASED for r in got.replies)
+    want = _reference(s, codec, [ClientMessage(i, m, COUNTS[i]) for i, m in enumerate(raw)], list(range(6)))
+    server.aggregate(1, got.replies)
+    assert torch.equal(s.global_flat, want)
+
+
+def test_a_larger_reply_lets_the_window_go_before_it_is_added():
+    """Two 8-bit replies fit in ``hold_bytes`` (three of them would); a float32 reply of the same model does
+    not: the window is released and the snapshot taken when it comes, before its pass, so its rejection
+    restores the accumulator as it was after the two, bit for bit."""
+    s = _strategy()
+    assert s.spec is not None
+    spec, rspec = s.spec, s.spec.tensor_specs()
+    deltas = _deltas(spec, 4, seed=3)
+    deltas[2].mul_(1e6)
+    int8, ident = Blockwise8bit(), Identity()
+    codecs_ = [int8, int8, ident, int8]
+    msgs = [c.encode(spec.unflatten(d), {}) for c, d in zip(codecs_, deltas, strict=True)]
+    values = [
+        c.decode_deferred(m, {}, DecodeArgs(sender=i, spec=rspec))
+        for i, (c, m) in enumerate(zip(codecs_, msgs))
+    ]
+    assert values[0].nbytes < values[2].nbytes == 4 * spec.numel
+    replies = [SimpleNamespace(payload={}, num_examples=n) for n in COUNTS[:4]]
+    total = sum(COUNTS[:4])
+    acc = torch.empty(spec.numel)
+    fold = MeanFold(spec, acc, total, hold_bytes=3 * values[0].nbytes, judge_first_bytes=0)
+    for i in range(2):
+        assert fold.add_released(replies[i], values[i], None, 1.0)[0] is None
+    assert len(fold._window) == 2 and not fold._snapped and replies[0].payload is not RELEASED
+    after_two = acc.clone()
+    assert fold.add_released(replies[2], values[2], None, 1.0)[0] == "norm"
+    assert (
+        fold._snapped
+        and not fold._window
+        and replies[0].payload is RELEASED
+        and replies[1].payload is RELEASED
+    )
+    assert torch.equal(acc, after_two)
+    assert fold.add_released(replies[3], values[3], None, 1.0)[0] is None
+    want = torch.zeros(spec.numel)
+    for i in (0, 1, 3):
+        want.add_(spec.flatten(values[i].payload()), alpha=COUNTS[i] / float(total))
+    assert torch.equal(acc, want)
+
+
+def test_hold_bytes_must_not_be_negative():
+    s = _strategy()
+    assert s.spec is not None
+    with pytest.raises(ValueError, match=r"hold_bytes=-1 is not allowed; hold_bytes must be >= 0"):
+        MeanFold(s.spec, torch.empty(s.spec.numel), 10, hold_bytes=-1)

@@ -123,6 +123,11 @@ class BlockwiseCodes(DeferredValues):
     def __init__(self, codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> None:
         self.codes, self.absmax, self.code, self.blocksize = codes, absmax, code, blocksize
 
+    @property
+    def nbytes(self) -> int:
+        """The codes (one byte per value) and the float32 block scales: a quarter of the float32 values."""
+        return self.codes.nbytes + self.absmax.numel() * self.absmax.element_size()
+
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """Sum of squares and largest magnitude of the decoded values, from the codes (both, always)."""
         return dequantize_measure(self.codes, self.absmax, self.code, self.blocksize)

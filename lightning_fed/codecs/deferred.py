@@ -30,6 +30,12 @@ class DeferredValues:
     speed: a fold judges a small reply before adding it (:data:`~lightning_fed.strategies.aggregate.
     JUDGE_FIRST_BYTES`). Codes that must be decoded are added and measured in one pass instead."""
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes these values keep alive while a fold holds them to undo a rejection (what its window counts
+        against ``hold_bytes``). The default is their float32 size; a code counts what it really holds."""
+        return self.layout.numel * 4
+
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """``(sum of squares, largest magnitude)`` of the values (``inf`` magnitude for a value not finite;
         without ``bound`` the magnitude may be ``0.0`` for finite values, as :func:`~lightning_fed.kernels.
@@ -77,6 +83,11 @@ class FlatValues(DeferredValues):
 
     def __init__(self, flat: Tensor, layout: FlatSpec, decode: Any) -> None:
         self.flat, self.layout, self._decode = flat, layout, decode
+
+    @property
+    def nbytes(self) -> int:
+        """The float32 values' bytes in the message."""
+        return self.flat.numel() * self.flat.element_size()
 
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """One read of the values (:func:`~lightning_fed.kernels.measure`)."""

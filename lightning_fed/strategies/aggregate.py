@@ -19,6 +19,10 @@ are judged before they are added (:meth:`MeanFold.add_released`): one read measu
 cache (32 MiB of last-level cache on the reference machine holds the reply and the accumulator), adds them; no
 undo window, no snapshot. Larger replies are added and measured in one pass over memory and a rejection undone."""
 
+MAX_WINDOW = 16
+"""The most replies a fold's undo window holds (:attr:`MeanFold.window`), whatever their size: undoing a rejection
+re-adds each of them."""
+
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:
     """Normalised FedAvg weights ``n_i / sum(n)``.
@@ -120,13 +124,13 @@ class MeanFold:
 
     A reply the server can judge on its own (its norm check has a reference: the previous round's median) is
     added and measured in one pass and judged right after (:meth:`add_released`); a rejection is undone exactly
-    from a snapshot of the accumulator and the few replies added since (at most :attr:`window`), whose payloads
-    are released once the snapshot moves past them (:data:`~lightning_fed.protocol.RELEASED`). A small reply
-    (:data:`JUDGE_FIRST_BYTES`, float32 values where they lie) is measured and judged first and added only when
-    kept, then released at once: nothing to undo. Once a reply is
-    released the fold is never voided: when the kept replies' example counts do not sum to the total the fold
-    bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by ``total / kept``, the
-    example-weighted mean of the kept replies up to one rounding per element.
+    from a snapshot of the accumulator and the few replies added since (at most :attr:`window` replies holding
+    at most ``hold_bytes``), whose payloads are released once the snapshot moves past them
+    (:data:`~lightning_fed.protocol.RELEASED`). A small reply (:data:`JUDGE_FIRST_BYTES`, float32 values where
+    they lie) is measured and judged first and added only when kept, then released at once: nothing to undo.
+    Once a reply is released the fold is never voided: when the kept replies' example counts do not sum to the
+    total the fold bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by
+    ``total / kept``, the example-weighted mean of the kept replies up to one rounding per element.
 
     A rejected reply voids (*breaks*) the fold: it is never used (a rejection changes the total it bet on
     anyway). The strategy uses the fold only when the replies it is asked to aggregate are exactly the ones
@@ -150,8 +154,10 @@ class MeanFold:
         spec: the flat layout of the payloads (the strategy's).
         acc: a flat buffer of ``spec`` (zeroed here): the accumulator.
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
-        hold_bytes: the most bytes of released replies (counted at the accumulator's size each) kept to undo a
-            rejection exactly (:meth:`add_released`): 1 to 16 replies.
+        hold_bytes: the most bytes the undo window's replies hold (:meth:`add_released`), counted by what each
+            really keeps alive: an 8-bit reply its codes and block scales (a quarter of the accumulator's size), a
+            float32 reply its values. The window holds 1 to :data:`MAX_WINDOW` replies: one larger than
+            ``hold_bytes`` is still held alone until the next reply comes.
         judge_first_bytes: replies of float32 values no larger than this (at the accumulator's size) are
             judged before they are added (:data:`JUDGE_FIRST_BYTES`); ``0``: never.
         scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
@@ -178,13 +184,19 @@ class MeanFold:
         self.released = 0
         """How many replies were added by :meth:`add_released` (their payloads released, or to be)."""
         self._rescaled = False
-        self.window = max(1, min(16, hold_bytes // max(1, acc.numel() * acc.element_size())))
-        """How many released replies the fold holds at most, to undo a rejection exactly (``hold_bytes``)."""
+        if hold_bytes < 0:
+            raise ValueError(f"MeanFold: hold_bytes={hold_bytes!r} is not allowed; hold_bytes must be >= 0")
+        self.hold_bytes = hold_bytes
+        """The most bytes the undo window's replies hold together (what they keep alive: codes or values)."""
+        self.window = MAX_WINDOW
+        """How many released replies the fold holds at most, to undo a rejection exactly (also within
+        :attr:`hold_bytes`)."""
+        self._held = 0  # bytes the window's replies hold
         self.judge_first = acc.numel() * acc.element_size() <= judge_first_bytes
         """Whether replies of float32 values are measured and judged before they are added (small replies)."""
         self.ping_pong = ping_pong
         """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
-        self._window: list[tuple[Any, Any, float]] = []
+        self._window: list[tuple[Any, Any, float, int]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
         self._snap_due = False  # the window was released: retake the snapshot before the next add (not after the last)
@@ -231,16 +243,19 @@ class MeanFold:
         ``max_norm``. ``values``: the reply's values still in their message (a :class:`~lightning_fed.codecs.
         deferred.DeferredValues`, e.g. 8-bit codes, read from there), or ``None`` (its payload).
 
-        Exact undo: the fold keeps a snapshot of the accumulator and the replies added since (at most
-        :attr:`window`); a rejected reply restores the snapshot and adds those replies again (the same elementwise
-        ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the window is full
-        the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the
-        rest at the end of the round) and the snapshot is retaken before the next reply is added (so never after
-        the round's last one). A small reply of float32 values (:attr:`judge_first`) is measured and judged
-        first instead, added only when kept and released at once: nothing to undo, no window; with
-        :attr:`ping_pong`, in one read: ``acc + w * x`` written into the scratch buffer as it is measured, the two
-        buffers swapping roles when it is kept (:meth:`result` leaves the sum in the buffer given). Such a reply
-        lets the window's replies go first and has the snapshot retaken before the next reply with a window.
+        Exact undo: the fold keeps a snapshot of the accumulator and the replies added since (its window: at most
+        :attr:`window` replies, holding at most :attr:`hold_bytes`, each counted by what it keeps alive: 8-bit codes
+        and scales, or float32 values); a rejected reply restores the snapshot and adds those replies again (the
+        same elementwise ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the
+        next reply would pass either limit (checked right after an add against a reply as large as the one just
+        added, so that the window is let go before the next is made, and again when the next comes), the window's
+        payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the rest at the
+        end of the round) and the snapshot is retaken before that reply is added (so never after the round's last
+        one). A small reply of float32 values (:attr:`judge_first`) is measured and judged first instead, added
+        only when kept and released at once: nothing to undo, no window; with :attr:`ping_pong`, in one read:
+        ``acc + w * x`` written into the scratch buffer as it is measured, the two buffers swapping roles when it
+        is kept (:meth:`result` leaves the sum in the buffer given). Such a reply lets the window's replies go
+        first and has the snapshot retaken before the next reply with a window.
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
@@ -254,6 +269,17 @@ class MeanFold:
             verdict = self._add_aside(reply, values, w, max_abs, max_norm) if self.ping_pong else None
             return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
         source: Any = values
+        if values is None:
+            source = self.spec.flat_view(reply.payload)
+            if source is None:  # entries in several buffers: added where they lie, measured entry by entry
+                source = [reply.payload[k].detach() for k in self.spec.names]
+            size = sum(t.numel() * t.element_size() for t in ([source] if isinstance(source, Tensor) else source))
+        else:
+            size = values.nbytes  # what it keeps alive: 8-bit codes count a quarter of their float32 values
+        # the window with this reply would pass the limit: the snapshot moves past the window, before the add
+        if self._window and self._held + size > self.hold_bytes:
+            self._snap_due = True
+            self.flush()
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
             self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
             if self._snap is None:
@@ -263,15 +289,11 @@ class MeanFold:
             self._snap_due = False
         if values is not None:
             sq, top = values.add_measure(self._acc, w, self._segments(values.layout), bound)
+        elif isinstance(source, Tensor):
+            sq, top = axpy_measure_(self._acc, source, w, bound=bound)
         else:
-            source = self.spec.flat_view(reply.payload)
-            if source is not None:
-                sq, top = axpy_measure_(self._acc, source, w, bound=bound)
-            else:  # entries in several buffers: added where they lie, measured entry by entry
-                parts = [reply.payload[k].detach() for k in self.spec.names]
-                torch._foreach_add_(self._parts, parts, alpha=w)
-                source = parts
-                sq, top = _measure_parts(parts, bound)
+            torch._foreach_add_(self._parts, source, alpha=w)
+            sq, top = _measure_parts(source, bound)
         if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
             flat = [t for t in reply.payload.values() if t.numel()] if values is None else [values.values()]
             lo, hi = value_bounds(flat)
@@ -283,10 +305,13 @@ class MeanFold:
         if why is not None:
             self._undo()
             return why, norm
-        self._window.append((reply, source, w))
+        self._window.append((reply, source, w, size))
+        self._held += size
         self.released += 1
         self._folded.append((reply, None, reply.num_examples, []))
-        if len(self._window) >= self.window:  # the snapshot moves past the window, taken before the next add
+        # a next reply as large would pass a limit: let the window go now, not while the next one is made (the
+        # snapshot is retaken before the next add, so never after the round's last)
+        if len(self._window) >= self.window or self._held + size > self.hold_bytes:
             self._snap_due = True
             self.flush()
         return None, norm
@@ -383,7 +408,7 @@ class MeanFold:
             self._acc.copy_(self._snap)
         else:
             self._acc.zero_()
-        for reply, source, w in self._window:
+        for _, source, w, _ in self._window:
             if isinstance(source, Tensor):
                 self._acc.add_(source, alpha=w)
             elif isinstance(source, list):
@@ -393,9 +418,10 @@ class MeanFold:
 
     def flush(self) -> None:
         """Release the payloads of the replies in the window (nothing can undo them any more)."""
-        for reply, _, _ in self._window:
+        for reply, _, _, _ in self._window:
             reply.payload = RELEASED
         self._window.clear()
+        self._held = 0
 
     def _segments(self, layout: FlatSpec) -> list[tuple[int, int, int]]:
         """``(src, dst, n)`` runs mapping a codec layout's flat vector onto the accumulator (``spec``'s order)."""
