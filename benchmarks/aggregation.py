@@ -52,6 +52,7 @@ from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg
+from lightning_fed.strategies.aggregate import MeanFold
 
 CODECS = {"identity": Identity, "int8": Blockwise8bit}
 clock = time.thread_time  # CPU time of this thread: other jobs on a shared machine do not count (page faults do)
@@ -115,10 +116,22 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
     return sum(seen.values()) + strategy._acc.numel() * 4
 
 
-def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str) -> dict[str, float]:
-    """Time the server's path over ``n_replies`` generated messages; return seconds and memory."""
+def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
+             ping_pong: bool = False) -> dict[str, float]:
+    """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
+    the fold adds small replies in the read that measures them (``MeanFold(ping_pong=True)``)."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
+    if ping_pong:
+        begin = strategy.begin_fold
+
+        def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
+            fold = begin(server_round, total_examples)
+            if fold is not None:
+                fold.ping_pong = True
+            return fold
+
+        strategy.begin_fold = begin_fold  # type: ignore[method-assign]
     ns = counts(n_replies)
     # FedLoop's defaults: claims capped at the partition size, the norm check against the round's median
     server = Server(strategy, codec, ClientStore(workdir), trusted_examples=lambda cid: ns[cid], max_norm_ratio=1e4)
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="no further run of a combination once its runs took this long")
     p.add_argument("--max-held-gb", type=float, default=12.0,
                    help="skip a combination whose replies the server would hold beyond this")
+    p.add_argument("--ping-pong", action="store_true",
+                   help="fold small replies with MeanFold(ping_pong=True): one read each, written aside")
     p.add_argument("--max-gvalues", type=float, default=100.0,
                    help="skip a combination of more than this many billion reply values (replies x parameters)")
     args = p.parse_args(argv)
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                     t = time.perf_counter()
                     release()
                     with tempfile.TemporaryDirectory() as workdir:
-                        run = run_ours(codec, n_params, n_replies, pool, workdir)
+                        run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
                     floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
@@ -244,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             del deltas, pool, raw
     print()
     print("kernels:", f"numba {version('numba')}" if kernels.NUMBA else "torch (numba not installed or disabled)")
+    print("small replies:", "ping-pong (one read, written aside)" if args.ping_pong else "measured, judged, then added")
     print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
           "| RSS peak +MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")

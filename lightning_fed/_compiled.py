@@ -143,3 +143,31 @@ def dequantize_axpy_measure(
         b += 1
         m = min(blocksize, n - k)
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
+
+
+# The ping-pong fold's pass (``MeanFold``, small replies): ``out = acc + w * x`` into the other buffer, the same fma
+# per element as ``axpy_measure`` (so the same bits as ``Tensor.add_``), ``acc`` left as it was.
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def axpy_to_measure(
+    out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    sq = 0.0
+    top = np.float32(0.0)
+    for i in range(x.shape[0]):
+        v = x[i]
+        out[i] = acc[i] + w * v
+        d = np.float64(v)
+        sq += d * d
+        top = max(top, abs(v))
+    return sq, np.float64(top)
+
+
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def axpy_to_sumsq(out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
+    sq = 0.0
+    for i in range(x.shape[0]):
+        v = x[i]
+        out[i] = acc[i] + w * v
+        d = np.float64(v)
+        sq += d * d
+    return sq

@@ -3,6 +3,8 @@ same values.
 
 * :func:`axpy_measure_`, the fold's fused pass: a reply is added into the accumulator and measured (sum of
   squares, largest magnitude) in one read of its memory.
+* :func:`axpy_to_measure_`, the same pass writing ``acc + w * x`` into another buffer (``acc`` untouched): the
+  fold's ping-pong accumulator for small replies.
 * :func:`measure`, the same measures without the add (a reply's values measured where they lie).
 * :func:`dequantize_axpy_measure_` (and :func:`dequantize_axpy_`, :func:`dequantize_measure`), the fold of a
   blockwise 8-bit reply read from its codes: decoded, added and measured in one loop, never stored as float32.
@@ -103,6 +105,28 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     return sq, top
 
 
+def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[float, float]:
+    """``out = acc + w * x`` (1-D contiguous float32 tensors of one size; ``out`` neither ``acc`` nor ``x``), reading
+    ``x`` once and leaving ``acc`` as it was: :func:`axpy_measure_` into another buffer, the same fma per element
+    (the same bits as ``acc.add_(x, alpha=w)``) and the same measures."""
+    if NUMBA and x.numel():
+        o, a, b, w32 = out.numpy(), acc.numpy(), x.numpy(), np.float32(w)
+        if not bound:
+            return _loops().axpy_to_sumsq(o, a, b, w32), 0.0
+        sq, top = _loops().axpy_to_measure(o, a, b, w32)
+        return sq, (top if math.isfinite(sq) else math.inf)
+    sq, top = 0.0, 0.0
+    for s in range(0, x.numel(), PIECE):
+        piece = x[s : s + PIECE]
+        if bound:
+            lo, hi = torch.aminmax(piece)
+            lo_f, hi_f = float(lo), float(hi)
+            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        torch.add(acc[s : s + PIECE], piece, alpha=w, out=out[s : s + PIECE])
+        sq += float(torch.dot(piece, piece))
+    return sq, top
+
+
 def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
     """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, as
     :func:`axpy_measure_` measures it, without adding it anywhere. The largest magnitude is ``inf`` when a value
@@ -194,6 +218,7 @@ __all__ = [
     "NUMBA",
     "PIECE",
     "axpy_measure_",
+    "axpy_to_measure_",
     "dequantize_axpy_",
     "dequantize_axpy_measure_",
     "dequantize_blockwise",

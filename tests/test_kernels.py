@@ -149,3 +149,25 @@ def test_the_int8_fold_adds_in_vectors(capsys):
     fused._loops().dequantize_axpy_measure(a, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
     bench.offset_indexed(b, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_the_ping_pong_pass_writes_add_s_bits_into_the_other_buffer(n, monkeypatch):
+    """``axpy_to_measure_``: ``acc + w * x`` written into ``out`` is ``acc.add_(x, alpha=w)`` bit for bit, ``acc``
+    is left as it was, and the measures are :func:`axpy_measure_`'s; a value not finite gives ``inf``."""
+    g = torch.Generator().manual_seed(100 + n)
+    x = torch.randn(n, generator=g) * 0.03
+    start = torch.randn(n, generator=g)
+    w = 13 / 97
+    want = start.clone().add_(x, alpha=w)
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        for bound in (False, True):
+            acc, out = start.clone(), torch.full((n,), 7.0)
+            got = fused.axpy_to_measure_(out, acc, x, w, bound=bound)
+            assert torch.equal(out, want) and torch.equal(acc, start), (path, bound)
+            assert got == fused.axpy_measure_(start.clone(), x, w, bound=bound), (path, bound)
+        bad = x.clone()
+        bad[n // 2] = math.nan
+        sq, top = fused.axpy_to_measure_(torch.empty(n), start, bad, w, bound=True)
+        assert top == math.inf and not math.isfinite(sq), path

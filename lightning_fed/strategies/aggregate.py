@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_measure_, measure
+from lightning_fed.kernels import axpy_measure_, axpy_to_measure_, measure
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 JUDGE_FIRST_BYTES = 8 << 20
@@ -162,14 +162,22 @@ class MeanFold:
             judged before they are added (:data:`JUDGE_FIRST_BYTES`); ``0``: never.
         scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
             pages already in memory); ``None``: allocated when first needed.
+        ping_pong: fold the replies judged first (``judge_first_bytes``) in one read each, ``acc + w * x`` written
+            into the scratch buffer while they are measured, the buffers swapping roles when a reply is kept
+            (:meth:`add_released`); off by default: on the reference machine (shared 32 MiB last-level cache) the
+            write into the other buffer costs more than the second read it saves (``benchmarks/RESULTS.md``,
+            "The ping-pong accumulator").
     """
 
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
-                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES) -> None:
+                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES,
+                 ping_pong: bool = False) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
         self._parts = list(spec.unflatten(acc).values())
+        self._home = acc  # where the sum ends (result()); small replies may leave it in the scratch buffer until then
+        self._other_parts: list[Tensor] | None = None  # views of the buffer that is not ``_acc`` (built when needed)
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
         self.broken = False
@@ -186,6 +194,8 @@ class MeanFold:
         self._held = 0  # bytes the window's replies hold
         self.judge_first = acc.numel() * acc.element_size() <= judge_first_bytes
         """Whether replies of float32 values are measured and judged before they are added (small replies)."""
+        self.ping_pong = ping_pong
+        """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
         self._window: list[tuple[Any, Any, float, int]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
@@ -242,14 +252,22 @@ class MeanFold:
         payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the rest at the
         end of the round) and the snapshot is retaken before that reply is added (so never after the round's last
         one). A small reply of float32 values (:attr:`judge_first`) is measured and judged first instead, added
-        only when kept and released at once: nothing to undo, no window.
+        only when kept and released at once: nothing to undo, no window; with :attr:`ping_pong`, in one read:
+        ``acc + w * x`` written into the scratch buffer as it is measured, the two buffers swapping roles when it
+        is kept (:meth:`result` leaves the sum in the buffer given). Such a reply lets the window's replies go
+        first and has the snapshot retaken before the next reply with a window.
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
         if self.judge_first and (values is None or values.judge_first):  # small, float32: judged, then added
-            return self._judge_then_add(reply, values, w, max_abs, max_norm)
+            # a reply held to undo (values of another kind) is decided: let it go; an undo after this reply
+            # restores a snapshot taken anew, with this reply in it (the scratch may hold the sum now)
+            self.flush()
+            self._snap_due = True
+            verdict = self._add_aside(reply, values, w, max_abs, max_norm) if self.ping_pong else None
+            return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
         source: Any = values
         if values is None:
             source = self.spec.flat_view(reply.payload)
@@ -263,6 +281,7 @@ class MeanFold:
             self._snap_due = True
             self.flush()
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
+            self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
             if self._snap is None:
                 self._snap = torch.empty_like(self._acc)
             self._snap.copy_(self._acc)
@@ -296,6 +315,64 @@ class MeanFold:
             self._snap_due = True
             self.flush()
         return None, norm
+
+    def _add_aside(self, reply: Any, values: Any, w: float, max_abs: float | None,
+                   max_norm: float) -> tuple[str | None, float] | None:
+        """:meth:`add_released` for a small reply of float32 values in one buffer, read once: ``acc + w * x`` is
+        written into the other buffer (the scratch) while the reply is measured (the ping-pong accumulator); kept,
+        the two buffers swap roles, rejected, nothing is undone (the accumulator was not written). ``None``: the
+        reply is not one this pass takes (entries in several buffers, values not covering the accumulator)."""
+        if values is not None:
+            x = values.values()
+            runs = self._segments(values.layout)
+            if sum(n for _, _, n in runs) != self._acc.numel():
+                return None
+        else:
+            x = self.spec.flat_view(reply.payload)
+            if x is None:
+                return None
+            runs = [(0, 0, x.numel())]
+        bound = max_abs is not None
+        out = self._other()
+        sq, top = 0.0, 0.0
+        for src, dst, n in runs:
+            s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w, bound=bound)
+            sq, top = sq + s, max(top, t)
+        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
+            lo, hi = value_bounds([x])
+            if math.isfinite(lo) and math.isfinite(hi):
+                sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+            else:
+                top = math.inf
+        why, norm = _verdict(sq, top, max_abs, max_norm)
+        if why is not None:
+            return why, norm
+        self._swap()
+        reply.payload = RELEASED
+        self.released += 1
+        self._folded.append((reply, None, reply.num_examples, []))
+        return None, norm
+
+    def _other(self) -> Tensor:
+        """The buffer that is not the accumulator now: the strategy's scratch (the snapshot's), or its own."""
+        if self._acc is not self._home:
+            return self._home
+        if self._snap is None:
+            self._snap = torch.empty_like(self._acc)
+        return self._snap
+
+    def _swap(self) -> None:
+        """The other buffer becomes the accumulator (its views too); no copy."""
+        other = self._other()
+        if self._other_parts is None:
+            self._other_parts = list(self.spec.unflatten(other).values())
+        self._acc, self._parts, self._other_parts = other, self._other_parts, self._parts
+
+    def _go_home(self) -> None:
+        """The sum back in the buffer the fold was given (one copy, only when the last add left it aside)."""
+        if self._acc is not self._home:
+            self._home.copy_(self._acc)
+            self._swap()
 
     def _judge_then_add(self, reply: Any, values: Any, w: float, max_abs: float | None,
                         max_norm: float) -> tuple[str | None, float]:
@@ -395,6 +472,7 @@ class MeanFold:
     def result(self) -> Tensor:
         """The accumulated ``sum_i n_i / total * x_i`` (the buffer given), rescaled once by ``total / kept`` when
         released replies were folded and the kept replies' counts sum to ``kept != total``."""
+        self._go_home()
         kept = self._kept()
         if kept != self.total and kept > 0 and not self._rescaled:
             self._acc.mul_(self.total / kept)
