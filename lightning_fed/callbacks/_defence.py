@@ -156,9 +156,10 @@ class CleanDataDefence(FedCallback):
     prefix = "defence"
 
     def __init__(self, clean: PublicData, at: int | list[int] | None, holdout: float, epochs: int, lr: float,
-                 momentum: float, batch_size: int, seed: int, *, need_holdout: bool = False) -> None:
+                 momentum: float, batch_size: int, seed: int, *, need_holdout: bool = False,
+                 epochs_key: str = "epochs") -> None:
         self.at = check_clean_settings(self.owner, clean, at, holdout, epochs, lr, momentum, batch_size, seed,
-                                       need_holdout=need_holdout)
+                                       need_holdout=need_holdout, epochs_key=epochs_key)
         self.clean = clean
         self.holdout = float(holdout)
         self.epochs = epochs

@@ -133,14 +133,7 @@ class ANP(CleanDataDefence):
         batch_size: int = 128,
         seed: int = 0,
     ) -> None:
-        need(
-            "ANP",
-            isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 0,
-            "iterations",
-            iterations,
-            "an integer >= 0",
-        )
-        super().__init__(clean, at, holdout, iterations, lr, momentum, batch_size, seed)
+        super().__init__(clean, at, holdout, iterations, lr, momentum, batch_size, seed, epochs_key="iterations")
         need(
             "ANP",
             isinstance(layers, list | tuple)

@@ -109,14 +109,7 @@ class IBAU(CleanDataDefence):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        need(
-            "IBAU",
-            isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0,
-            "rounds",
-            rounds,
-            "an integer >= 0",
-        )
-        super().__init__(clean, at, holdout, rounds, lr, momentum, batch_size, seed)
+        super().__init__(clean, at, holdout, rounds, lr, momentum, batch_size, seed, epochs_key="rounds")
         need(
             "IBAU", isinstance(eps, int | float) and not isinstance(eps, bool) and eps > 0, "eps", eps, "> 0"
         )
