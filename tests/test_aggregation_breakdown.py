@@ -1,0 +1,45 @@
+"""benchmarks/aggregation_breakdown.py: the steps of a reply's path are timed in the server's timed round, each
+step where the reply's path goes (a small float32 reply judged first), and the server is left as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import load_benchmark
+
+from lightning_fed import server as server_mod
+from lightning_fed.codecs import deferred
+from lightning_fed.strategies import aggregate
+
+
+def test_the_breakdown_times_the_path_of_a_reply_judged_first_and_restores_the_server(monkeypatch):
+    pytest.importorskip("numba")  # the benchmark compiles a kernel of its own
+    monkeypatch.syspath_prepend(
+        str(Path(__file__).resolve().parents[1] / "benchmarks")
+    )  # it imports aggregation
+    bench = load_benchmark("aggregation_breakdown")
+    wrapped = (
+        server_mod.Server.receive,
+        server_mod.Server.collect,
+        aggregate.MeanFold.add_released,
+        aggregate.measure,
+        deferred.FlatValues.add_into,
+    )
+    steps, ours, floor = bench.in_server("identity", 4096, 5, 1)
+    assert {
+        "Server.receive",
+        "MeanFold.add_released",
+        "kernels.measure (judged first)",
+        "FlatValues.add_into (torch add_)",
+        "Identity.decode_deferred",
+    } <= set(steps)
+    assert "BlockwiseCodes.add_measure (8-bit fold)" not in steps  # not this codec's path
+    assert ours > 0 and floor > 0
+    assert (
+        server_mod.Server.receive,
+        server_mod.Server.collect,
+        aggregate.MeanFold.add_released,
+        aggregate.measure,
+        deferred.FlatValues.add_into,
+    ) == wrapped
