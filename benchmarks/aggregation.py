@@ -117,18 +117,22 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
 
 
 def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
-             ping_pong: bool = False) -> dict[str, float]:
+             ping_pong: bool = False, add_first: bool = False, hold_bytes: int | None = None) -> dict[str, float]:
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
-    the fold adds small replies in the read that measures them (``MeanFold(ping_pong=True)``)."""
+    the fold adds small replies in the read that measures them (``MeanFold(ping_pong=True)``); ``add_first``: it
+    adds and measures them in one pass and undoes a rejection from its snapshot and window, as larger replies
+    (``judge_first`` off), the window holding at most ``hold_bytes`` (``None``: the fold's default)."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    if ping_pong:
+    if ping_pong or add_first or hold_bytes is not None:
         begin = strategy.begin_fold
 
         def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
             fold = begin(server_round, total_examples)
             if fold is not None:
-                fold.ping_pong = True
+                fold.ping_pong = ping_pong
+                fold.judge_first = fold.judge_first and not add_first
+                fold.hold_bytes = fold.hold_bytes if hold_bytes is None else hold_bytes
             return fold
 
         strategy.begin_fold = begin_fold  # type: ignore[method-assign]
@@ -211,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip a combination whose replies the server would hold beyond this")
     p.add_argument("--ping-pong", action="store_true",
                    help="fold small replies with MeanFold(ping_pong=True): one read each, written aside")
+    p.add_argument("--add-first", action="store_true",
+                   help="fold small replies as larger ones: added and measured in one pass, a rejection undone")
+    p.add_argument("--hold-mb", type=float, default=None,
+                   help="the most MB the fold's undo window holds (default: the fold's, 2 GiB)")
     p.add_argument("--max-gvalues", type=float, default=100.0,
                    help="skip a combination of more than this many billion reply values (replies x parameters)")
     args = p.parse_args(argv)
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                     t = time.perf_counter()
                     release()
                     with tempfile.TemporaryDirectory() as workdir:
-                        run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong)
+                        hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
+                        run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.add_first, hold)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
                     floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
@@ -259,7 +268,13 @@ def main(argv: list[str] | None = None) -> None:
             del deltas, pool, raw
     print()
     print("kernels:", f"numba {version('numba')}" if kernels.NUMBA else "torch (numba not installed or disabled)")
-    print("small replies:", "ping-pong (one read, written aside)" if args.ping_pong else "measured, judged, then added")
+    small = "measured, judged, then added"
+    if args.add_first:
+        small = "added and measured in one pass, a rejection undone"
+    elif args.ping_pong:
+        small = "ping-pong (one read, written aside)"
+    window = "" if args.hold_mb is None else f"; undo window at most {args.hold_mb:g} MB"
+    print("small replies:", small + window)
     print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
           "| RSS peak +MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -2,12 +2,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --params 1e6 --replies 500 --codecs identity int8
+    OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --codecs identity --add-first
 
 "In the server": the round of ``aggregation.py`` (the same model, messages, defaults and clock: the thread's CPU
 time, the generator's copies not counted), with the thread time of each step of a reply's path summed over the
 round and divided by the replies: ``Server.receive`` (everything for one message but the loop around it),
 ``MeanFold.add_released`` (the fold), inside it the measure (``kernels.measure``) and the add
-(``FlatValues.add_into``) of a reply judged first, or the 8-bit fold (``BlockwiseCodes.add_measure``), and the
+(``FlatValues.add_into``) of a reply judged first, or the fused pass of one added first (``--add-first``:
+``FlatValues.add_measure``; the window let go, ``MeanFold.flush``, frees its messages; the rest of the fold is
+mostly the snapshot's copy) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
 decode (``decode_deferred``; for 8-bit codes its frame, block scales and their check). Steps nest: a row includes
 the rows indented below it. Each wrapped call adds about a microsecond of clock reads. "floor" is
 ``aggregation.run_floor`` over the same number of replies. The best of ``--repeat`` rounds (by "ours").
@@ -49,6 +52,8 @@ STEPS: list[tuple[Any, str, str, int]] = [  # (owner, attribute, label, depth)
     (fold_mod.MeanFold, "add_released", "MeanFold.add_released", 1),
     (fold_mod, "measure", "kernels.measure (judged first)", 2),
     (deferred.FlatValues, "add_into", "FlatValues.add_into (torch add_)", 2),
+    (deferred.FlatValues, "add_measure", "FlatValues.add_measure (added first, fused)", 2),
+    (fold_mod.MeanFold, "flush", "MeanFold.flush (the window let go)", 2),
     (blockwise.BlockwiseCodes, "add_measure", "BlockwiseCodes.add_measure (8-bit fold)", 2),
     (base.Identity, "decode_deferred", "Identity.decode_deferred", 1),
     (vector.VectorCodec, "decode_deferred", "decode_deferred (8-bit)", 1),
@@ -111,8 +116,16 @@ class Timed:
             setattr(owner, name, f)
 
 
-def in_server(name: str, n_params: int, n_replies: int, repeat: int) -> tuple[dict[str, float], float, float]:
-    """Per-reply seconds of each step, of "ours" and of the floor: the best of ``repeat`` rounds."""
+def in_server(
+    name: str,
+    n_params: int,
+    n_replies: int,
+    repeat: int,
+    add_first: bool = False,
+    hold_bytes: int | None = None,
+) -> tuple[dict[str, float], float, float]:
+    """Per-reply seconds of each step, of "ours" and of the floor: the best of ``repeat`` rounds (``add_first``,
+    ``hold_bytes``: as ``aggregation.run_ours``)."""
     codec = agg.CODECS[name]()
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(n_params, generator=g) * 0.01 for _ in range(agg.POOL)]
@@ -123,11 +136,13 @@ def in_server(name: str, n_params: int, n_replies: int, repeat: int) -> tuple[di
     raw = [d.numpy().tobytes() for d in deltas]
     best: tuple[dict[str, float], float, float] | None = None
     with tempfile.TemporaryDirectory() as workdir:
-        agg.run_ours(codec, n_params, 20, pool, workdir)  # compiles and warms up
+        agg.run_ours(
+            codec, n_params, 20, pool, workdir, False, add_first, hold_bytes
+        )  # compiles and warms up
         for _ in range(repeat):
             agg.release()
             with Timed() as spent:
-                run = agg.run_ours(codec, n_params, n_replies, pool, workdir)
+                run = agg.run_ours(codec, n_params, n_replies, pool, workdir, False, add_first, hold_bytes)
             agg.release()
             floor = agg.run_floor(n_params, n_replies, raw, keep=run["kept"] > 0)
             if best is None or run["s"] < best[1]:
@@ -182,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codecs", nargs="+", default=list(agg.CODECS), choices=list(agg.CODECS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kernel-replies", type=int, default=200)
+    p.add_argument("--add-first", action="store_true", help="as aggregation.py's (small replies added first)")
+    p.add_argument(
+        "--hold-mb", type=float, default=None, help="as aggregation.py's (the undo window's limit)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     n = int(args.params)
@@ -189,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     if not kernels.NUMBA:
         raise SystemExit("numba is needed (pip install lightning-fed[fast])")
     for name in args.codecs:
-        steps, ours, floor = in_server(name, n, args.replies, args.repeat)
+        hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
+        steps, ours, floor = in_server(name, n, args.replies, args.repeat, args.add_first, hold)
         table = Table(
             title=f"{name}, {n / 1e6:g} M parameters, {args.replies} replies: us per reply (in the server)"
         )
