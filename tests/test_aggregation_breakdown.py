@@ -43,3 +43,12 @@ def test_the_breakdown_times_the_path_of_a_reply_judged_first_and_restores_the_s
         aggregate.measure,
         deferred.FlatValues.add_into,
     ) == wrapped
+
+
+def test_the_breakdown_with_add_first_times_the_fused_pass_instead(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = load_benchmark("aggregation_breakdown")
+    steps, _, _ = bench.in_server("identity", 4096, 5, 1, add_first=True, hold_bytes=3 * 4096 * 4)
+    assert "FlatValues.add_measure (added first, fused)" in steps
+    assert "kernels.measure (judged first)" not in steps and "FlatValues.add_into (torch add_)" not in steps
