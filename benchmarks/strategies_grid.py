@@ -46,7 +46,7 @@ DYN_ALPHA = "--loop.strategy.init_args.alpha"
 DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
 DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
 DF = "--loop.strategy.init_args."
-DF_MOMENTUM = [DF + "server_optimizer", "lightning_fed.strategies.ServerMomentum", SERVER_OPT + "momentum", "0.7"]
+MOMENTUM_OPT = "lightning_fed.strategies.ServerMomentum"  # fedavgm.yaml's server optimizer (lr 1)
 # FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here
 GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf")
 
@@ -126,7 +126,7 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("feddf d300 dlr1e-3", "feddf_fedavg", [DF + "distill_steps", "300"]),
     ("feddf d100 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1"]),
     ("feddf d300 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1", DF + "distill_steps", "300"]),
-    ("feddf d100 dlr1e-3 m0.7", "feddf_fedavg", DF_MOMENTUM),
+    ("feddf d100 dlr1e-3 m0.7", "feddf_fedavg", [DF + "server_optimizer", MOMENTUM_OPT, *server(momentum=0.7)]),
 ]
 
 
