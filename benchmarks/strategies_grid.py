@@ -126,6 +126,7 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("feddf d300 dlr1e-3", "feddf_fedavg", [DF + "distill_steps", "300"]),
     ("feddf d100 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1"]),
     ("feddf d300 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1", DF + "distill_steps", "300"]),
+    ("feddf d100 dlr1e-4", "feddf_fedavg", [DF + "distill_lr", "0.0001"]),
     ("feddf d100 dlr1e-3 m0.7", "feddf_fedavg", [DF + "server_optimizer", MOMENTUM_OPT, *server(momentum=0.7)]),
 ]
 
