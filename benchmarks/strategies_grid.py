@@ -7,7 +7,9 @@ learning rate, FedAvgM's server learning rate and momentum (and the client learn
 server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's
 client learning rate with plain SGD and with momentum 0.9, FedExP's client learning rate and its averaging of the
 last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client learning rate and evaluated model
-(``mean``: the mean of the round's client models).
+(``mean``: the mean of the round's client models), and FedDF with one architecture (``feddf_fedavg.yaml``: server-side
+ensemble distillation on unlabeled proxy records; its distillation steps and learning rate, the client learning rate,
+FedAvgM's server momentum), which counts as a server-side strategy in the verdicts.
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
