@@ -7,7 +7,9 @@ learning rate, FedAvgM's server learning rate and momentum (and the client learn
 server learning rate and ``tau`` (the grid of Reddi et al. 2021, Section 5, narrowed to this model), SCAFFOLD's
 client learning rate with plain SGD and with momentum 0.9, FedExP's client learning rate and its averaging of the
 last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client learning rate and evaluated model
-(``mean``: the mean of the round's client models).
+(``mean``: the mean of the round's client models), and FedDF with one architecture (``feddf_fedavg.yaml``: server-side
+ensemble distillation on unlabeled proxy records; its distillation steps and learning rate, the client learning rate,
+FedAvgM's server momentum), which counts as a server-side strategy in the verdicts.
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -45,6 +47,10 @@ SERVER_OPT = "--loop.strategy.init_args.server_optimizer.init_args."
 DYN_ALPHA = "--loop.strategy.init_args.alpha"
 DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
 DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
+DF = "--loop.strategy.init_args."
+MOMENTUM_OPT = "lightning_fed.strategies.ServerMomentum"  # fedavgm.yaml's server optimizer (lr 1)
+# FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here
+GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf")
 
 
 def server(**kw: float) -> list[str]:
@@ -115,6 +121,15 @@ GRID: list[tuple[str, str, list[str]]] = [
         for lr in ("0.05", "0.1")
         for a in ("0.01", "0.001")
     ],
+    # FedDF with one architecture (feddf_fedavg.yaml: fedavg.yaml's clients, 1,000 unlabeled proxy records, T=1):
+    # d distillation steps per round, dlr its Adam learning rate, lr the client learning rate, m0.7 FedAvgM's server
+    # momentum (fedavgm.yaml's ServerMomentum, lr 1) applied to the average before the distillation
+    ("feddf d100 dlr1e-3", "feddf_fedavg", []),
+    ("feddf d300 dlr1e-3", "feddf_fedavg", [DF + "distill_steps", "300"]),
+    ("feddf d100 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1"]),
+    ("feddf d300 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1", DF + "distill_steps", "300"]),
+    ("feddf d100 dlr1e-4", "feddf_fedavg", [DF + "distill_lr", "0.0001"]),
+    ("feddf d100 dlr1e-3 m0.7", "feddf_fedavg", [DF + "server_optimizer", MOMENTUM_OPT, *server(momentum=0.7)]),
 ]
 
 
@@ -139,7 +154,7 @@ def reference(rows: list[dict]) -> dict:
 def budget_verdict(rows: list[dict], target: float, ref_rounds: int) -> tuple[dict | None, bool]:
     """The best server-side row by final accuracy, and whether it meets "reaches the target in at most half the
     rounds" as a budget: its run had at most ``ref_rounds / 2`` rounds and its final accuracy is at least ``target``."""
-    server_rows = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    server_rows = [r for r in rows if family(r["strategy"]) in GRID_SERVER_SIDE]
     if not server_rows:
         return None, False
     best = max(server_rows, key=lambda r: final_acc(r["acc"]))
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"target (its final accuracy in at most half the rounds) {'met' if met else 'not met'}"
             )
         return
-    server = [r for r in rows if family(r["strategy"]) in SERVER_SIDE]
+    server = [r for r in rows if family(r["strategy"]) in GRID_SERVER_SIDE]
     if server:
         best = min(server, key=lambda r: (r["rounds_to_fedavg"] or args.rounds + 1, -final_acc(r["acc"])))
         reach = best["rounds_to_fedavg"]

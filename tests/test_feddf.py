@@ -104,3 +104,53 @@ def test_feddf_rejects_wrong_architecture_reply(tmp_path):
 def test_feddf_misconfiguration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FedDF(**kwargs)
+
+
+def test_one_architecture_without_distillation_is_fedavg(tmp_path):
+    """``tiers=None`` and ``distill_steps=0``: the same global model as FedAvg, bit for bit, over two rounds."""
+    from lightning_fed.strategies import FedAvg
+
+    models = []
+    for name, strategy in (("avg", FedAvg()), ("df", FedDF(public=tiny_public(), distill_steps=0, proxy_size=20))):
+        torch.manual_seed(0)
+        model = cnn(4)
+        tiny_loop(tmp_path / name, strategy, rounds=2).fit(model, tiny_dm())
+        models.append(float_state(model))
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_one_architecture_recipe_distills_on_records_outside_the_private_data():
+    """feddf_fedavg.yaml: one architecture (fedavg.yaml's model and clients); its proxy records are unlabeled and
+    none of them is a training or test record (another MNIST-1D seed)."""
+    from pathlib import Path
+
+    from lightning_fed.cli import load_recipe
+
+    root = Path(__file__).parents[1] / "recipes" / "mnist1d"
+    recipe = load_recipe(["fit", "--config", str(root / "feddf_fedavg.yaml")])
+    fedavg = load_recipe(["fit", "--config", str(root / "fedavg.yaml")])
+    s = recipe.loop.strategy
+    assert isinstance(s, FedDF) and s.tiers is None and s.public.y is None
+    assert (s.proxy_size, s.distill_steps, s.distill_lr, s.temperature) == (1000, 100, 1e-3, 1.0)
+    assert recipe.model.hparams == fedavg.model.hparams
+    assert (recipe.loop.num_clients, recipe.loop.clients_per_round, recipe.loop.local_epochs) == (20, 10, 5)
+    dm = recipe.data
+    dm.setup("fit")
+    private = torch.cat([dm.train_set.tensors[0], dm.test_set.tensors[0]]).float()
+    assert len(s.public) == 1000 and s.public.seed != dm.seed
+    same = (s.public.x[:, None, :] == private[None, :, :]).all(-1)  # [1000, 5000]
+    assert not same.any()
+
+
+def test_strategies_doc_one_architecture_example_runs(tmp_path):
+    """docs/strategies.md's FedDF example runs as written: one architecture, distilled every round."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedDF(" in c)
+    scope: dict = {}
+    exec(compile(code.replace('"runs/feddf-one"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    assert scope["strategy"].tiers is None and scope["strategy"].last_routes == [("ensemble", "tier0")]
+    assert all(h["tier0/distill_loss"] >= 0 for h in scope["result"].history)

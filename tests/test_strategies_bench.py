@@ -116,3 +116,45 @@ def test_fedavg_avg_rows_are_fedavg_steps(grid):
     strategy = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more]).loop.strategy
     assert strategy.average_last and grid.family(label) == "fedavg"
     assert fedexp_step([1e3, 1e3], [0.5, 0.5], 0.0, strategy.eps) == 1.0  # deltas of norm ~30 and opposite
+
+
+def test_feddf_grid_rows_are_one_architecture_feddf_and_server_side(grid):
+    """The FedDF rows build FedDF without tiers on fedavg.yaml's clients, with the label's distillation steps, client
+    learning rate and server momentum; their family counts as server-side in the verdicts, FedAvg's does not."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies import FedDF, ServerMomentum, ServerSGD
+
+    rows = {label: (recipe, more) for label, recipe, more in grid.GRID if grid.family(label) == "feddf"}
+    assert len(rows) >= 4
+    fedavg = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / "fedavg.yaml")])
+    for label, (recipe, more) in rows.items():
+        built = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+        s = built.loop.strategy
+        assert isinstance(s, FedDF) and s.tiers is None and s.temperature == 1.0 and s.proxy_size == 1000
+        words = label.split()
+        assert f"d{s.distill_steps}" in words and f"dlr{s.distill_lr:.0e}".replace("e-0", "e-") in words
+        lr = next((float(w[2:]) for w in words if w.startswith("lr")), fedavg.model.hparams.lr)
+        assert built.model.hparams.lr == lr and built.model.hparams.momentum == fedavg.model.hparams.momentum
+        if "m0.7" in words:
+            assert isinstance(s.server_optimizer, ServerMomentum) and s.server_optimizer.momentum == 0.7
+        else:
+            assert isinstance(s.server_optimizer, ServerSGD) and s.server_optimizer.lr == 1.0
+    fedavg_row = {"strategy": "fedavg lr0.1", "acc": [0.5] * 5 + [0.8] * 3}  # 8 rounds, final 0.8
+    feddf_row = {"strategy": next(iter(rows)), "acc": [0.5, 0.85, 0.85, 0.85]}  # 4 rounds, final 0.85
+    assert grid.budget_verdict([fedavg_row, feddf_row], 0.8, 8) == (feddf_row, True)
+    assert grid.budget_verdict([fedavg_row], 0.8, 8) == (None, False)
+
+
+def test_feddf_server_cost_times_the_distilling_step(capsys):
+    """benchmarks/feddf_server_cost.py runs FedDF's real server step (teacher logits, average, distillation) and
+    prints one row per distillation setting beside FedAvg's."""
+    cost = load_benchmark("feddf_server_cost")
+    from lightning_fed.data import PublicData
+    from lightning_fed.strategies import FedDF
+
+    s = FedDF(public=PublicData(num_samples=50, seed=7), proxy_size=50, distill_steps=2)
+    assert cost.server_seconds(s, clients=2, rounds=1) > 0
+    assert s.last_routes == [("ensemble", "tier0")]  # the one architecture was distilled from the ensemble
+    cost.main(["--distill_steps", "1", "--clients", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "FedAvg" in out and "FedDF, 1 distillation steps" in out
