@@ -68,6 +68,7 @@ from lightning_fed.callbacks import (
     IBAU,
     MCR,
     NAD,
+    ActivationClip,
     Backdoor,
     Detection,
     FedCallback,
@@ -122,7 +123,7 @@ AGGREGATION = (
     "refilter_krum",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -151,6 +152,7 @@ LABELS = {
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
     "anp": "ANP",
+    "clip": "activation clipping",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -168,6 +170,7 @@ LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" f
 FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANP_LAYERS = ["conv1", "conv2", "conv3"]
+CLIP_LAYERS = ["conv1", "conv2", "conv3"]
 
 
 class Oracle(RobustAggregator):
@@ -343,6 +346,23 @@ def choose_anp(
     return (best[1], best[2]) if best[0] else (max(args.anp_eps), 0.0)
 
 
+def choose_clip_quantile(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """Activation clipping's quantile for ``model``, chosen like I-BAU's radius (:func:`choose_ibau_eps`): the
+    smallest of ``--clip-q`` (the tightest bounds) whose clipped copy stays within ``--select-drop`` of the unrepaired
+    model's accuracy on the selection records (the largest when none does). Never the test set, never the
+    trigger."""
+    base = accuracy(model, select.x, select.y)
+    grid = sorted(args.clip_q, reverse=True)
+    chosen = grid[0]
+    for q in grid:
+        probe = repair(model, post_defence("clip", clean, seed, args, clip_q=q), seed)
+        if accuracy(probe, select.x, select.y) >= base - args.select_drop:
+            chosen = q
+    return chosen
+
+
 def post_defence(
     name: str,
     clean: PublicData,
@@ -353,12 +373,15 @@ def post_defence(
     ibau_eps: float | None = None,
     anp_threshold: float | None = None,
     anp_eps: float | None = None,
+    clip_q: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
     channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
     conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
-    paper's); every SGD step but ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
+    paper's); activation clipping (``"clip"``, per channel and position, conv1-3) bounds at the clean outputs' ``clip_q``
+    quantile (default the largest ``--clip-q``); every SGD step but ANP's mask updates uses ``lr`` (default the first
+    ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -405,7 +428,22 @@ def post_defence(
         iterations=args.anp_iterations,
         seed=seed,
     )
-    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad], "ibau": [ibau], "anp": [anp]}[name]
+    clip = ActivationClip(
+        clean=clean,
+        layers=CLIP_LAYERS,
+        quantile=max(args.clip_q) if clip_q is None else clip_q,
+        at=0,
+        seed=seed,
+    )
+    return {
+        "fp": [fp],
+        "nad": [nad],
+        "mcr": [mcr],
+        "fp+nad": [fp, nad],
+        "ibau": [ibau],
+        "anp": [anp],
+        "clip": [clip],
+    }[name]
 
 
 def repair_selected(
@@ -622,6 +660,10 @@ def run_seed(
                                 seed,
                             )
                             lr = anp_eps
+                        elif post == "clip":  # no learning rate: the quantile
+                            eps = choose_clip_quantile(model, clean, select, seed, args)
+                            fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
+                            lr = None
                         else:
                             fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
@@ -634,7 +676,11 @@ def run_seed(
                                 "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
-                                    {{"ibau": "ibau_eps", "anp": "anp_threshold"}[post]: eps}
+                                    {
+                                        {"ibau": "ibau_eps", "anp": "anp_threshold", "clip": "clip_quantile"}[
+                                            post
+                                        ]: eps
+                                    }
                                     if eps is not None
                                     else {}
                                 ),
@@ -858,6 +904,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.4],
         help="ANP: the neuron perturbations' bound (the paper's 0.4); several: chosen with the threshold on the "
         "selection records",
+    )
+    p.add_argument(
+        "--clip-q",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.95],
+        help="activation clipping: the bounds' quantile of the clean outputs; several: the smallest within "
+        "--select-drop on the selection records",
     )
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(

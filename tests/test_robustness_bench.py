@@ -264,3 +264,33 @@ def test_ibau_radius_and_anp_settings_are_chosen_on_the_selection_records(bench)
     # any drop allowed: the pair that prunes the most channels (the largest threshold); none allowed: prune nothing
     assert bench.choose_anp(model, clean, select, 0, loose)[1] == bench.ANP_GRID[-1]
     assert bench.choose_anp(model, clean, select, 0, strict) == (0.4, 0.0)
+
+
+def test_clip_column_chooses_its_quantile_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    rows = bench.main(
+        [
+            "--quick",
+            "--fractions",
+            "0.2",
+            "--attacks",
+            "backdoor",
+            "--defences",
+            "clip",
+            "--clip-q",
+            "1.0",
+            "0.5",
+            "--select-drop",
+            "1.0",
+        ]
+    )
+    assert {(r["attack"], r["defence"]) for r in rows} == {("backdoor", "none"), ("backdoor", "clip")}
+    (cell,) = [r for r in rows if r["defence"] == "clip"]
+    assert cell["clip_quantile"] == 0.5  # any drop allowed: the tightest bounds
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    strict = bench.parse(["--quick", "--clip-q", "0.9", "1.0", "0.5", "--select-drop", "-1.0"])
+    assert (
+        bench.choose_clip_quantile(bench.seeded_model(0), clean, select, 0, strict) == 1.0
+    )  # none: the loosest
