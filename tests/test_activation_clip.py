@@ -10,10 +10,17 @@ import lightning as L
 import pytest
 import torch
 from _defence_common import dm, fedloop, mnist_clean
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_fed.callbacks import ActivationClip
-from lightning_fed.callbacks.activation_clip import ClipHook, clip_bounds, remove_clips
+from lightning_fed.callbacks.activation_clip import (
+    BOUNDS_FILE,
+    ClipHook,
+    clip_bounds,
+    install_clips,
+    remove_clips,
+)
 from lightning_fed.callbacks.backdoor import apply_trigger
 from lightning_fed.data import PublicData
 from lightning_fed.models import MNIST1DCNN
@@ -104,6 +111,11 @@ def test_in_fedloop_logs_and_a_resumed_run_clips_identically(tmp_path):
     assert torch.equal(full(x), resumed(x))  # the resumed model carries the clips
     remove_clips(resumed)
     assert not torch.equal(full(x), resumed(x))  # and they change its outputs
+    # the run folder holds what a deployment needs: the final weights and the bounds
+    deployed = MNIST1DCNN().eval()
+    deployed.load_state_dict(load_file(res.run_dir / "final.safetensors"))
+    install_clips(deployed, load_file(res.run_dir / BOUNDS_FILE))
+    assert torch.equal(deployed(x), full(x))
 
 
 def test_does_nothing_under_lightning_trainer(tmp_path):

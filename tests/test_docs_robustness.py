@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_six_examples():
-    assert len(BLOCKS) == 6
+def test_there_are_seven_examples():
+    assert len(BLOCKS) == 7
 
 
 def test_detection_callback_example_runs_and_its_comment_is_true(tmp_path):
@@ -66,3 +66,17 @@ def test_reference_filter_and_ibau_example_runs(tmp_path):
     record = scope["ibau"].records[-1]
     assert scope["ibau"].done == [2] and record["radius"] > 0
     assert 0.0 <= scope["result"].history[-1]["test_asr"] <= 1.0
+
+
+def test_activation_clip_example_runs_and_the_deployed_copy_carries_the_bounds(tmp_path):
+    import torch
+
+    from lightning_fed.callbacks.activation_clip import ClipHook
+
+    scope = _run(BLOCKS[6], tmp_path)
+    clip, deployed = scope["clip"], scope["deployed"]
+    assert clip.done == [2] and set(clip.bounds) == {"conv1", "conv2", "conv3"}
+    assert {"clip_acc_before", "clip_acc_after"} <= scope["result"].history[-1].keys()
+    for name, bound in clip.bounds.items():
+        (hook,) = deployed.get_submodule(name)._forward_hooks.values()
+        assert isinstance(hook, ClipHook) and torch.equal(hook.bound, bound)

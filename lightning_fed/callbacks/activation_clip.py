@@ -8,7 +8,8 @@ upper bound of its output: the ``quantile`` of the clean outputs, one bound per 
 the layers are measured in order, each with the earlier ones already clipped. From then on the layer's output is
 clamped at its bound whenever the model runs in eval mode (inference, evaluation), through a forward hook; training
 (in train mode) is left as it was. The weights are not changed: the bounds are the defence's state, checkpointed
-and re-installed on resume; :meth:`ActivationClip.install` puts them on a deployed copy of the model.
+and re-installed on resume, and written next to ``final.safetensors`` as ``activation_clip.safetensors`` (rank 0;
+one tensor per layer name): :func:`install_clips` puts them on a deployed copy of the model.
 
 The paper optimises the bounds to shrink the logit margin on clean data; here the bounds are the clean outputs'
 quantiles (its initialisation), which on MNIST-1D's backdoored CNN already remove the trigger's effect (per
@@ -17,17 +18,22 @@ position: the trigger sits at fixed positions, where clean activations stay smal
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_fed.callbacks._defence import CleanDataDefence, accuracy, device_of
+from lightning_fed.context import fed_context
 from lightning_fed.data.public import PublicData
 from lightning_fed.seeding import Stream
 from lightning_fed.validation import need
 
 Bounds = dict[str, Tensor]
+BOUNDS_FILE = "activation_clip.safetensors"
 
 
 class ClipHook:
@@ -55,6 +61,14 @@ def install_clips(model: nn.Module, bounds: Bounds) -> None:
     remove_clips(model)
     for name, bound in bounds.items():
         model.get_submodule(name).register_forward_hook(ClipHook(bound))
+
+
+def save_bounds(bounds: Bounds, path: Path) -> None:
+    """Write ``bounds`` to ``path`` as safetensors (a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in bounds.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -94,16 +108,18 @@ class ActivationClip(CleanDataDefence):
     ``lightning.Trainer`` it does nothing.
 
     Round metrics at a step: ``clip_acc_before`` and ``clip_acc_after`` (clean held-out accuracy of the global model
-    in eval mode before and after clipping). Each step re-measures the bounds on the current global model and
-    replaces the previous step's.
+    in eval mode before and after clipping). Each step re-measures the bounds on the current global model, replaces
+    the previous step's and writes them to the run folder (``activation_clip.safetensors``).
 
     Example::
 
         clean = PublicData(num_samples=500, seed=7, labeled=True)
         clip = ActivationClip(clean=clean, layers=["conv1", "conv2", "conv3"], quantile=0.995)
         loop = FedLoop(..., callbacks=[clip, Backdoor(...)])
-        loop.fit(model, dm)          # model now clips in eval mode; clip.bounds holds the bounds
-        clip.install(deployed)       # the same bounds on another copy of the model
+        result = loop.fit(model, dm)  # model now clips in eval mode; clip.bounds holds the bounds
+        deployed = MNIST1DCNN()
+        deployed.load_state_dict(load_file(result.run_dir / "final.safetensors"))
+        install_clips(deployed, load_file(result.run_dir / "activation_clip.safetensors"))
 
     Args:
         clean: the server's clean data, a labelled :class:`~lightning_fed.data.PublicData`.
@@ -197,6 +213,9 @@ class ActivationClip(CleanDataDefence):
         remove_clips(pl_module)
         before = accuracy(pl_module, xe, ye)
         self.bounds = self.measure(pl_module, xt)
+        fed = fed_context(trainer)
+        if fed is not None and getattr(trainer, "is_global_zero", True):  # every rank replays; rank 0 writes
+            save_bounds(self.bounds, Path(fed.run_dir) / BOUNDS_FILE)
         return {"acc_before": before, "acc_after": accuracy(pl_module, xe, ye), "quantile": self.quantile}
 
     def install(self, model: nn.Module) -> None:
@@ -216,4 +235,13 @@ class ActivationClip(CleanDataDefence):
             install_clips(self._model, self.bounds)
 
 
-__all__ = ["ActivationClip", "ClipHook", "clip_bounds", "install_clips", "layer_output", "remove_clips"]
+__all__ = [
+    "BOUNDS_FILE",
+    "ActivationClip",
+    "ClipHook",
+    "clip_bounds",
+    "install_clips",
+    "layer_output",
+    "remove_clips",
+    "save_bounds",
+]
