@@ -17,7 +17,9 @@ Rows are attacks, columns defences:
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
-  (radius chosen with ``--ibau-eps``) and ``ANP`` (bound and threshold chosen with ``--anp-eps``), on 500
+  (radius chosen with ``--ibau-eps``), ``ANP`` (bound and threshold chosen with ``--anp-eps``) and
+  ``ActivationClip`` (``clip``: conv1-3 clamped at per channel and position quantiles of the clean outputs, the
+  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
