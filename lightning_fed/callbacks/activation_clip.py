@@ -11,9 +11,10 @@ clamped at its bound whenever the model runs in eval mode (inference, evaluation
 and re-installed on resume, and written next to ``final.safetensors`` as ``activation_clip.safetensors`` (rank 0;
 one tensor per layer name): :func:`install_clips` puts them on a deployed copy of the model.
 
-The paper optimises the bounds to shrink the logit margin on clean data; here the bounds are the clean outputs'
-quantiles (its initialisation), which on MNIST-1D's backdoored CNN already remove the trigger's effect (per
-position: the trigger sits at fixed positions, where clean activations stay small). No trigger knowledge is used.
+The paper optimises the bounds further, to shrink the classification margin on clean data; here they are the clean
+outputs' quantiles, without that optimisation. On MNIST-1D's backdoored CNN, bounds per position remove most of the
+trigger's effect (the trigger sits at fixed positions, where clean activations stay small; benchmarks/RESULTS.md,
+"Activation clipping"). No trigger knowledge is used.
 """
 
 from __future__ import annotations
