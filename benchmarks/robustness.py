@@ -31,7 +31,9 @@ Rows are attacks, columns defences:
   records (feddf.yaml's settings, one architecture) under the same attack.
 
 A cell is clean test accuracy (and attack success rate on the triggered test records of the other classes, for the
-backdoor rows), mean +- sd over the seeds. Where a rule detects (multi-Krum and FLAME drop replies, NormBound and
+backdoor rows), mean +- sd over the seeds. The trigger is the last 4 values set to +-3 unless ``--trigger-start`` /
+``--trigger-pattern`` put it elsewhere or make it constant (training and the attack success rate use the same one;
+its models are saved under their own names). Where a rule detects (multi-Krum and FLAME drop replies, NormBound and
 WeakDP clip them), the detection precision and recall over the run against the known malicious clients
 (:class:`~lightning_fed.callbacks.Detection`) are in a second table. Runs in-process, one FedLoop per training run.
 
@@ -85,6 +87,7 @@ from lightning_fed.callbacks import (
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.anp import prune_
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
+from lightning_fed.callbacks.backdoor import PATTERNS
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
 from lightning_fed.errors import RoundsFailed
@@ -107,6 +110,7 @@ from lightning_fed.strategies import (
 from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
+DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
 BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
@@ -214,8 +218,11 @@ def split_post(defence: str) -> tuple[str, str]:
     return rule or "none", post
 
 
-def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
-    """The attack ``name`` on a fixed, seeded ``fraction`` of the clients."""
+def make_attack(
+    name: str, fraction: float, seed: int, boost: float, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+) -> Attack:
+    """The attack ``name`` on a fixed, seeded ``fraction`` of the clients; backdoors write ``trigger`` (its
+    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`)."""
     common = {"fraction": fraction, "mode": "fixed", "seed": seed}
     if name == "label_flip":
         return LabelFlip(num_classes=10, **common)
@@ -231,6 +238,8 @@ def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
         poison_fraction=0.5,
         trigger_size=TRIGGER_SIZE,
         trigger_value=TRIGGER_VALUE,
+        trigger_start=trigger[0],
+        trigger_pattern=trigger[1],
         boost=boost if replace else 1.0,
         **common,
     )
@@ -485,12 +494,14 @@ def test_tensors(dm: MNIST1DDataModule) -> tuple[torch.Tensor, torch.Tensor]:
     return shard_tensors(data)
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Clean test accuracy and the attack success rate of the benchmark's trigger."""
+def measure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+) -> dict[str, float]:
+    """Clean test accuracy and the attack success rate of the benchmark's trigger (its ``(start, pattern)``)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
     return {
         "acc": accuracy(model, x, y),
-        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE),
+        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE, *trigger),
     }
 
 
@@ -576,6 +587,9 @@ def run_seed(
     """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
+    trigger = (args.trigger_start, args.trigger_pattern)
+    # a model trained with another trigger is saved apart; the default's names are unchanged
+    trigger_tag = "" if trigger == DEFAULT_TRIGGER else f"-trigger{args.trigger_start}{args.trigger_pattern}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -598,7 +612,7 @@ def run_seed(
                         "attack": "clean",
                         "defence": rule,
                         **({"assumed": assumed} if rule != "none" else {}),
-                        **measure(model, x, y),
+                        **measure(model, x, y, trigger),
                         **rec,
                         "seconds": time.perf_counter() - t0,
                     }
@@ -613,8 +627,8 @@ def run_seed(
                         defences.insert(0, rule)
                 for defence in defences:
                     t0 = time.perf_counter()
-                    attack = make_attack(attack_name, fraction, seed, args.boost)
-                    tag = "" if defence == "none" else f"-{defence}"
+                    attack = make_attack(attack_name, fraction, seed, args.boost, trigger)
+                    tag = ("" if defence == "none" else f"-{defence}") + trigger_tag
                     saved = (
                         args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
                         if args.models is not None and backdoor and defence != "feddf"
@@ -636,7 +650,8 @@ def run_seed(
                         "fraction": fraction,
                         "attack": attack_name,
                         "defence": defence,
-                        **measure(model, x, y),
+                        **({"trigger": list(trigger)} if trigger != DEFAULT_TRIGGER else {}),
+                        **measure(model, x, y, trigger),
                         **rec,
                         "seconds": time.perf_counter() - t0,
                     }
@@ -674,7 +689,7 @@ def run_seed(
                                     k: v for k, v in row.items() if k != "reused"
                                 },  # this cell is computed now
                                 "defence": column,
-                                **measure(fixed, x, y),
+                                **measure(fixed, x, y, trigger),
                                 "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
@@ -942,6 +957,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models", type=Path, help="keep the undefended backdoor models here (reused when present)"
     )
+    p.add_argument(
+        "--trigger-start",
+        type=int,
+        help="the backdoor trigger's first position (default: the last TRIGGER_SIZE values); training and the "
+        "attack success rate both use it",
+    )
+    p.add_argument(
+        "--trigger-pattern",
+        default="alternating",
+        choices=PATTERNS,
+        help="the trigger's values: alternating +-3 (the default) or constant +3",
+    )
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
     p.add_argument(
         "--load",
@@ -952,6 +979,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
+    if args.trigger_start is not None and not 0 <= args.trigger_start <= 40 - TRIGGER_SIZE:
+        p.error(
+            f"--trigger-start {args.trigger_start}: MNIST-1D's 40 values hold the trigger from 0 to "
+            f"{40 - TRIGGER_SIZE}"
+        )
     if args.quick:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
         args.min_samples, args.distill_steps = 2, 2

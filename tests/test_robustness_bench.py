@@ -294,3 +294,39 @@ def test_clip_column_chooses_its_quantile_on_the_selection_records(bench):
     assert (
         bench.choose_clip_quantile(bench.seeded_model(0), clean, select, 0, strict) == 1.0
     )  # none: the loosest
+
+
+def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_path):
+    from lightning_fed.callbacks import attack_success_rate
+
+    attack = bench.make_attack("backdoor_mr", 0.2, 0, 5.0, (18, "constant"))
+    assert (attack.trigger_start, attack.trigger_pattern, attack.boost) == (18, "constant", 5.0)
+    default = bench.make_attack("backdoor", 0.2, 0, 5.0)
+    assert (default.trigger_start, default.trigger_pattern) == (None, "alternating")
+    models = tmp_path / "models"
+    args = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "backdoor",
+        "--defences",
+        "none",
+        "--models",
+        str(models),
+    ]
+    rows = bench.main([*args, "--trigger-start", "18", "--trigger-pattern", "constant"])
+    (row,) = rows
+    assert row["trigger"] == [18, "constant"]
+    saved = models / "20-0.2-backdoor-0-trigger18constant.pt"
+    assert [p.name for p in models.iterdir()] == [saved.name]  # apart from the default trigger's models
+    model = bench.seeded_model(0)
+    model.load_state_dict(torch.load(saved))
+    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
+    dm.prepare_data()
+    dm.setup("test")
+    x, y = bench.test_tensors(dm)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    assert row["asr"] == attack_success_rate(model, loader, 0, 4, 3.0, start=18, pattern="constant")
+    with pytest.raises(SystemExit):
+        bench.parse(["--trigger-start", "37"])
