@@ -19,6 +19,8 @@ trigger knowledge; its setting is chosen on the 200 selection records (generator
 Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/clip_probe.py --models runs/models20 --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/clip_probe.py --models runs/models20 --only clip --trigger-start 18 \
+        --trigger-pattern constant    # models trained with robustness.py's same trigger options
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attack", default="backdoor", choices=rb.BACKDOORS)
     p.add_argument("--budget", type=float, default=0.02, help="selection-accuracy budget")
     p.add_argument("--only", nargs="+", default=["clip", "clp", "fst"])
+    p.add_argument("--trigger-start", type=int, help="the models' trigger (robustness.py's option)")
+    p.add_argument("--trigger-pattern", default="alternating", choices=rb.PATTERNS)
     a = p.parse_args(argv)
+    trigger = (a.trigger_start, a.trigger_pattern)
     torch.set_num_threads(1)
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=200, seed=8, labeled=True)
@@ -149,17 +154,17 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(h, justify="right")
     for seed in a.seeds:
         model = rb.seeded_model(seed)
-        model.load_state_dict(torch.load(a.models / f"20-0.2-{a.attack}-{seed}.pt"))
+        model.load_state_dict(torch.load(a.models / f"20-0.2-{a.attack}-{seed}{rb.trigger_tag(trigger)}.pt"))
         model.eval()
         base = accuracy(model, select.x, select.y)
-        r = rb.measure(model, xt, yt)
+        r = rb.measure(model, xt, yt, trigger)
         table.add_row(
             str(seed), "none", "", f"{100 * base:.1f}", f"{100 * r['acc']:.1f}", f"{100 * r['asr']:.1f}"
         )
 
         def row(label: str, setting: str, m: nn.Module, seed: int = seed) -> tuple[list[str], float]:
             sel = accuracy(m, select.x, select.y)
-            r = rb.measure(m, xt, yt)
+            r = rb.measure(m, xt, yt, trigger)
             return [
                 str(seed),
                 label,

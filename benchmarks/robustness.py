@@ -480,6 +480,12 @@ def repair_selected(
     return fixed, lr
 
 
+def trigger_tag(trigger: tuple[int | None, str]) -> str:
+    """The saved model's name suffix of a trigger ``(start, pattern)``: none for the default (the names are
+    unchanged), ``-trigger18constant`` otherwise, so a model trained with another trigger is saved apart."""
+    return "" if trigger == DEFAULT_TRIGGER else f"-trigger{trigger[0]}{trigger[1]}"
+
+
 def seeded_model(seed: int) -> MNIST1DCNN:
     """fedavg.yaml's model, its initial weights seeded."""
     L.seed_everything(seed, verbose=False)
@@ -588,8 +594,7 @@ def run_seed(
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
     trigger = (args.trigger_start, args.trigger_pattern)
-    # a model trained with another trigger is saved apart; the default's names are unchanged
-    trigger_tag = "" if trigger == DEFAULT_TRIGGER else f"-trigger{args.trigger_start}{args.trigger_pattern}"
+    tag_of_trigger = trigger_tag(trigger)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -628,7 +633,7 @@ def run_seed(
                 for defence in defences:
                     t0 = time.perf_counter()
                     attack = make_attack(attack_name, fraction, seed, args.boost, trigger)
-                    tag = ("" if defence == "none" else f"-{defence}") + trigger_tag
+                    tag = ("" if defence == "none" else f"-{defence}") + tag_of_trigger
                     saved = (
                         args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
                         if args.models is not None and backdoor and defence != "feddf"
