@@ -13,8 +13,9 @@ one tensor per layer name): :func:`install_clips` puts them on a deployed copy o
 
 The paper optimises the bounds further, to shrink the classification margin on clean data; here they are the clean
 outputs' quantiles, without that optimisation. On MNIST-1D's backdoored CNN, bounds per position remove most of the
-trigger's effect (the trigger sits at fixed positions, where clean activations stay small; benchmarks/RESULTS.md,
-"Activation clipping"). No trigger knowledge is used.
+effect of a trigger at the sequence's end, where clean activations stay small, but not of one in its middle (4
+values set to +3), where they are large: there the backdoor survives every setting that keeps the model usable
+(benchmarks/RESULTS.md, "Activation clipping"). No trigger knowledge is used.
 """
 
 from __future__ import annotations
