@@ -12,9 +12,9 @@ and re-installed on resume, and written next to ``final.safetensors`` as ``activ
 one tensor per layer name): :func:`install_clips` puts them on a deployed copy of the model.
 
 The paper optimises the bounds further, to shrink the classification margin on clean data; here they are the clean
-outputs' quantiles, without that optimisation. On MNIST-1D's backdoored CNN, bounds per position remove most of the
-effect of a trigger at the sequence's end, where clean activations stay small, but not of one in its middle (4
-values set to +3), where they are large: there the backdoor survives every setting that keeps the model usable
+outputs' quantiles, without that optimisation. On MNIST-1D's backdoored CNN, bounds per position remove the
+benchmark's trigger (the last 4 values set to +-3) but not other triggers: the middle 4 values set to +3 survive
+every setting that keeps the model usable, and the same 4 values at a constant +3, or the first 4, survive in part
 (benchmarks/RESULTS.md, "Activation clipping"). No trigger knowledge is used.
 """
 
