@@ -17,7 +17,9 @@ Rows are attacks, columns defences:
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
-  (radius chosen with ``--ibau-eps``) and ``ANP`` (bound and threshold chosen with ``--anp-eps``), on 500
+  (radius chosen with ``--ibau-eps``), ``ANP`` (bound and threshold chosen with ``--anp-eps``) and
+  ``ActivationClip`` (``clip``: conv1-3 clamped at per channel and position quantiles of the clean outputs, the
+  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
@@ -29,7 +31,9 @@ Rows are attacks, columns defences:
   records (feddf.yaml's settings, one architecture) under the same attack.
 
 A cell is clean test accuracy (and attack success rate on the triggered test records of the other classes, for the
-backdoor rows), mean +- sd over the seeds. Where a rule detects (multi-Krum and FLAME drop replies, NormBound and
+backdoor rows), mean +- sd over the seeds. The trigger is the last 4 values set to +-3 unless ``--trigger-start`` /
+``--trigger-pattern`` put it elsewhere or make it constant (training and the attack success rate use the same one;
+its models are saved under their own names). Where a rule detects (multi-Krum and FLAME drop replies, NormBound and
 WeakDP clip them), the detection precision and recall over the run against the known malicious clients
 (:class:`~lightning_fed.callbacks.Detection`) are in a second table. Runs in-process, one FedLoop per training run.
 
@@ -68,6 +72,7 @@ from lightning_fed.callbacks import (
     IBAU,
     MCR,
     NAD,
+    ActivationClip,
     Backdoor,
     Detection,
     FedCallback,
@@ -82,6 +87,7 @@ from lightning_fed.callbacks import (
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.anp import prune_
 from lightning_fed.callbacks.attacks import Attack, shard_tensors
+from lightning_fed.callbacks.backdoor import PATTERNS
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
 from lightning_fed.errors import RoundsFailed
@@ -104,6 +110,7 @@ from lightning_fed.strategies import (
 from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
+DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
 BACKDOORS = ("backdoor", "backdoor_mr")
 ATTACKS = (*BYZANTINE, *BACKDOORS)
@@ -122,7 +129,7 @@ AGGREGATION = (
     "refilter_krum",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -151,6 +158,7 @@ LABELS = {
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
     "anp": "ANP",
+    "clip": "activation clipping",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -168,6 +176,7 @@ LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" f
 FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANP_LAYERS = ["conv1", "conv2", "conv3"]
+CLIP_LAYERS = ["conv1", "conv2", "conv3"]
 
 
 class Oracle(RobustAggregator):
@@ -209,8 +218,11 @@ def split_post(defence: str) -> tuple[str, str]:
     return rule or "none", post
 
 
-def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
-    """The attack ``name`` on a fixed, seeded ``fraction`` of the clients."""
+def make_attack(
+    name: str, fraction: float, seed: int, boost: float, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+) -> Attack:
+    """The attack ``name`` on a fixed, seeded ``fraction`` of the clients; backdoors write ``trigger`` (its
+    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`)."""
     common = {"fraction": fraction, "mode": "fixed", "seed": seed}
     if name == "label_flip":
         return LabelFlip(num_classes=10, **common)
@@ -226,6 +238,8 @@ def make_attack(name: str, fraction: float, seed: int, boost: float) -> Attack:
         poison_fraction=0.5,
         trigger_size=TRIGGER_SIZE,
         trigger_value=TRIGGER_VALUE,
+        trigger_start=trigger[0],
+        trigger_pattern=trigger[1],
         boost=boost if replace else 1.0,
         **common,
     )
@@ -343,6 +357,23 @@ def choose_anp(
     return (best[1], best[2]) if best[0] else (max(args.anp_eps), 0.0)
 
 
+def choose_clip_quantile(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> float:
+    """Activation clipping's quantile for ``model``, chosen like I-BAU's radius (:func:`choose_ibau_eps`): the
+    smallest of ``--clip-q`` (the tightest bounds) whose clipped copy stays within ``--select-drop`` of the unrepaired
+    model's accuracy on the selection records (the largest when none does). Never the test set, never the
+    trigger."""
+    base = accuracy(model, select.x, select.y)
+    grid = sorted(args.clip_q, reverse=True)
+    chosen = grid[0]
+    for q in grid:
+        probe = repair(model, post_defence("clip", clean, seed, args, clip_q=q), seed)
+        if accuracy(probe, select.x, select.y) >= base - args.select_drop:
+            chosen = q
+    return chosen
+
+
 def post_defence(
     name: str,
     clean: PublicData,
@@ -353,12 +384,15 @@ def post_defence(
     ibau_eps: float | None = None,
     anp_threshold: float | None = None,
     anp_eps: float | None = None,
+    clip_q: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
     channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
     conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
-    paper's); every SGD step but ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
+    paper's); activation clipping (``"clip"``, per channel and position, conv1-3) bounds at the clean outputs' ``clip_q``
+    quantile (default the largest ``--clip-q``); every SGD step but ANP's mask updates uses ``lr`` (default the first
+    ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -405,7 +439,22 @@ def post_defence(
         iterations=args.anp_iterations,
         seed=seed,
     )
-    return {"fp": [fp], "nad": [nad], "mcr": [mcr], "fp+nad": [fp, nad], "ibau": [ibau], "anp": [anp]}[name]
+    clip = ActivationClip(
+        clean=clean,
+        layers=CLIP_LAYERS,
+        quantile=max(args.clip_q) if clip_q is None else clip_q,
+        at=0,
+        seed=seed,
+    )
+    return {
+        "fp": [fp],
+        "nad": [nad],
+        "mcr": [mcr],
+        "fp+nad": [fp, nad],
+        "ibau": [ibau],
+        "anp": [anp],
+        "clip": [clip],
+    }[name]
 
 
 def repair_selected(
@@ -431,6 +480,12 @@ def repair_selected(
     return fixed, lr
 
 
+def trigger_tag(trigger: tuple[int | None, str]) -> str:
+    """The saved model's name suffix of a trigger ``(start, pattern)``: none for the default (the names are
+    unchanged), ``-trigger18constant`` otherwise, so a model trained with another trigger is saved apart."""
+    return "" if trigger == DEFAULT_TRIGGER else f"-trigger{trigger[0]}{trigger[1]}"
+
+
 def seeded_model(seed: int) -> MNIST1DCNN:
     """fedavg.yaml's model, its initial weights seeded."""
     L.seed_everything(seed, verbose=False)
@@ -445,12 +500,14 @@ def test_tensors(dm: MNIST1DDataModule) -> tuple[torch.Tensor, torch.Tensor]:
     return shard_tensors(data)
 
 
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Clean test accuracy and the attack success rate of the benchmark's trigger."""
+def measure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+) -> dict[str, float]:
+    """Clean test accuracy and the attack success rate of the benchmark's trigger (its ``(start, pattern)``)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
     return {
         "acc": accuracy(model, x, y),
-        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE),
+        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE, *trigger),
     }
 
 
@@ -536,6 +593,8 @@ def run_seed(
     """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
+    trigger = (args.trigger_start, args.trigger_pattern)
+    tag_of_trigger = trigger_tag(trigger)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -558,7 +617,7 @@ def run_seed(
                         "attack": "clean",
                         "defence": rule,
                         **({"assumed": assumed} if rule != "none" else {}),
-                        **measure(model, x, y),
+                        **measure(model, x, y, trigger),
                         **rec,
                         "seconds": time.perf_counter() - t0,
                     }
@@ -573,8 +632,8 @@ def run_seed(
                         defences.insert(0, rule)
                 for defence in defences:
                     t0 = time.perf_counter()
-                    attack = make_attack(attack_name, fraction, seed, args.boost)
-                    tag = "" if defence == "none" else f"-{defence}"
+                    attack = make_attack(attack_name, fraction, seed, args.boost, trigger)
+                    tag = ("" if defence == "none" else f"-{defence}") + tag_of_trigger
                     saved = (
                         args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
                         if args.models is not None and backdoor and defence != "feddf"
@@ -596,7 +655,8 @@ def run_seed(
                         "fraction": fraction,
                         "attack": attack_name,
                         "defence": defence,
-                        **measure(model, x, y),
+                        **({"trigger": list(trigger)} if trigger != DEFAULT_TRIGGER else {}),
+                        **measure(model, x, y, trigger),
                         **rec,
                         "seconds": time.perf_counter() - t0,
                     }
@@ -622,6 +682,10 @@ def run_seed(
                                 seed,
                             )
                             lr = anp_eps
+                        elif post == "clip":  # no learning rate: the quantile
+                            eps = choose_clip_quantile(model, clean, select, seed, args)
+                            fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
+                            lr = None
                         else:
                             fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
@@ -630,11 +694,15 @@ def run_seed(
                                     k: v for k, v in row.items() if k != "reused"
                                 },  # this cell is computed now
                                 "defence": column,
-                                **measure(fixed, x, y),
+                                **measure(fixed, x, y, trigger),
                                 "defence_lr": lr,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
-                                    {{"ibau": "ibau_eps", "anp": "anp_threshold"}[post]: eps}
+                                    {
+                                        {"ibau": "ibau_eps", "anp": "anp_threshold", "clip": "clip_quantile"}[
+                                            post
+                                        ]: eps
+                                    }
                                     if eps is not None
                                     else {}
                                 ),
@@ -859,6 +927,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="ANP: the neuron perturbations' bound (the paper's 0.4); several: chosen with the threshold on the "
         "selection records",
     )
+    p.add_argument(
+        "--clip-q",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.95],
+        help="activation clipping: the bounds' quantile of the clean outputs; several: the smallest within "
+        "--select-drop on the selection records",
+    )
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(
         "--defence-lr",
@@ -886,6 +962,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models", type=Path, help="keep the undefended backdoor models here (reused when present)"
     )
+    p.add_argument(
+        "--trigger-start",
+        type=int,
+        help="the backdoor trigger's first position (default: the last TRIGGER_SIZE values); training and the "
+        "attack success rate both use it",
+    )
+    p.add_argument(
+        "--trigger-pattern",
+        default="alternating",
+        choices=PATTERNS,
+        help="the trigger's values: alternating +-3 (the default) or constant +3",
+    )
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
     p.add_argument(
         "--load",
@@ -896,6 +984,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
+    if args.trigger_start is not None and not 0 <= args.trigger_start <= 40 - TRIGGER_SIZE:
+        p.error(
+            f"--trigger-start {args.trigger_start}: MNIST-1D's 40 values hold the trigger from 0 to "
+            f"{40 - TRIGGER_SIZE}"
+        )
     if args.quick:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
         args.min_samples, args.distill_steps = 2, 2

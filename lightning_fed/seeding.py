@@ -77,6 +77,8 @@ class Stream(IntEnum):
     """I-BAU's split of the clean data (no keys) and its batches (keys: round)."""
     ANP = 25
     """Adversarial neuron pruning's split of the clean data (no keys), its batches and perturbations (keys: round)."""
+    ACTIVATION_CLIP = 26
+    """Activation clipping's split of the clean data (no keys)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42

@@ -231,3 +231,47 @@ def test_attacks_do_nothing_under_lightning_trainer(small_dm, tmp_path):
                         callbacks=[b() for b in ATTACKS])
     trainer.fit(model, small_dm)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+
+
+def test_trigger_start_and_constant_pattern_hand_checked():
+    x = torch.zeros(2, 10)
+    t = apply_trigger(x, size=3, value=2.0, start=2, pattern="constant")
+    assert t.tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 2
+    assert apply_trigger(x, 3, 2.0, start=0)[0].tolist() == [2.0, -2.0, 2.0, 0, 0, 0, 0, 0, 0, 0]
+    assert torch.equal(apply_trigger(x, 3, 2.0, start=7), apply_trigger(x, 3, 2.0))  # None: the end
+    img = apply_trigger(torch.zeros(1, 2, 4, 5), size=2, value=1.0, start=1, pattern="constant")
+    expected = [[0.0] * 5, [0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.0], [0.0] * 5]
+    assert img[0].tolist() == [expected] * 2
+    corner = apply_trigger(torch.zeros(1, 1, 4, 4), size=2, value=1.0, start=0)
+    assert corner[0, 0, :2, :2].tolist() == [[1.0, -1.0], [-1.0, 1.0]] and corner[0, 0, 2:].abs().sum() == 0
+
+
+def test_trigger_bad_settings_raise():
+    with pytest.raises(ValueError, match="cannot hold a trigger of size 3 from position 8"):
+        apply_trigger(torch.zeros(2, 10), size=3, start=8)
+    with pytest.raises(ValueError, match="cannot hold a trigger of size 2 from position 3"):
+        apply_trigger(torch.zeros(1, 1, 4, 6), size=2, start=3)  # fits the 6 columns, not the 4 rows
+    with pytest.raises(ValueError, match="start -1 is negative"):
+        apply_trigger(torch.zeros(2, 10), start=-1)
+    with pytest.raises(ValueError, match="'zigzag' is not one of alternating, constant"):
+        apply_trigger(torch.zeros(2, 10), pattern="zigzag")
+    with pytest.raises(ValueError, match=r"Backdoor: trigger_start=-1 is not allowed.*>= 0 or None"):
+        Backdoor(trigger_start=-1)
+    with pytest.raises(ValueError, match=r"Backdoor: trigger_start=1.5 is not allowed"):
+        Backdoor(trigger_start=1.5)
+    with pytest.raises(ValueError, match=r"Backdoor: trigger_pattern='zigzag' is not allowed.*alternating"):
+        Backdoor(trigger_pattern="zigzag")
+
+
+def test_backdoor_trigger_start_and_pattern_reach_poison_and_attack_success():
+    attack = Backdoor(fraction=1.0, target=7, poison_fraction=0.5, trigger_start=18, trigger_pattern="constant")
+    x, y = torch.randn(10, 40), torch.arange(10)
+    xs, ys = attack.poison(x, y, torch.Generator().manual_seed(0))
+    triggered = (xs[:, 18:22] == 3.0).all(dim=1)
+    assert int(triggered.sum()) == 5 and (ys[triggered] == 7).all()
+    assert torch.equal(xs[:, :18], x[:, :18]) and torch.equal(xs[:, 22:], x[:, 22:])  # nothing else written
+    loader = DataLoader(TensorDataset(torch.zeros(4, 40), torch.tensor([1, 2, 3, 1])), batch_size=2)
+    sees_middle = _Fixed(lambda v: torch.where((v[:, 18:22] == 3.0).all(dim=1), 0, 1))
+    assert attack_success_rate(sees_middle, loader, 0, 4, 3.0, start=18, pattern="constant") == 1.0
+    assert attack_success_rate(sees_middle, loader, 0, 4, 3.0) == 0.0  # the default trigger: the end, +-3
+    assert attack_success_rate(sees_middle, loader, 0, 4, 3.0, start=18) == 0.0  # there, but alternating

@@ -14,18 +14,34 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_six_examples():
-    assert len(BLOCKS) == 6
+def test_there_are_eight_examples():
+    assert len(BLOCKS) == 8
+
+
+def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
+    import torch
+
+    scope = _run(BLOCKS[0], tmp_path)
+    middle = scope["middle"]
+    assert (middle.trigger_start, middle.trigger_pattern, middle.trigger_size, middle.trigger_value) == (
+        18,
+        "constant",
+        4,
+        3.0,
+    )
+    written = scope["apply_trigger"](torch.zeros(1, 40), start=18, pattern="constant")[0]
+    assert written[16:24].tolist() == [0.0, 0.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0]
+    assert written.nonzero().flatten().tolist() == [18, 19, 20, 21]
 
 
 def test_detection_callback_example_runs_and_its_comment_is_true(tmp_path):
-    scope = _run(BLOCKS[1], tmp_path)
+    scope = _run(BLOCKS[2], tmp_path)
     assert scope["detection"].totals() == {"precision": 1.0, "recall": 1.0, "tp": 6.0, "fp": 0.0, "fn": 0.0}
     assert [h["det_recall"] for h in scope["result"].history] == [1.0, 1.0]
 
 
 def test_krum_detection_example_runs(tmp_path):
-    scope = _run(BLOCKS[2], tmp_path)
+    scope = _run(BLOCKS[3], tmp_path)
     history = scope["result"].history
     assert len(history) == 3
     for h in history:
@@ -35,13 +51,13 @@ def test_krum_detection_example_runs(tmp_path):
 
 
 def test_backdoor_example_runs(tmp_path):
-    scope = _run(BLOCKS[3], tmp_path)
+    scope = _run(BLOCKS[4], tmp_path)
     last = scope["result"].history[-1]
     assert 0.0 <= last["test_asr"] <= 1.0 and "agg_dropped" in last  # the FLAME run is the last one
 
 
 def test_defences_example_runs(tmp_path):
-    scope = _run(BLOCKS[4], tmp_path)
+    scope = _run(BLOCKS[5], tmp_path)
     last = scope["result"].history[-1]  # the MCR run
     assert 0.0 <= last["test_asr"] <= 1.0 and 0.1 <= last["mcr_t"] <= 0.9
     assert {"mcr_acc_before", "mcr_endpoint_acc", "mcr_acc_after"} <= last.keys()
@@ -51,7 +67,7 @@ def test_defences_example_runs(tmp_path):
 
 
 def test_robust_lr_and_fltrust_example_runs(tmp_path):
-    scope = _run(BLOCKS[0], tmp_path)
+    scope = _run(BLOCKS[1], tmp_path)
     rlr, fltrust = (scope["rules"][k][0] for k in ("robust LR", "FLTrust"))
     assert 0.0 <= rlr.report()["agg_disputed"] <= 1.0 and rlr.last.dropped == []
     assert len(fltrust.last.scores) == 10 and all(s >= 0 for s in fltrust.last.scores)
@@ -59,10 +75,24 @@ def test_robust_lr_and_fltrust_example_runs(tmp_path):
 
 
 def test_reference_filter_and_ibau_example_runs(tmp_path):
-    scope = _run(BLOCKS[5], tmp_path)
+    scope = _run(BLOCKS[6], tmp_path)
     assert scope["detection"].totals()["recall"] == 1.0
     assert scope["detection"].tp == 6  # 2 flipped replies a round, 3 rounds
     assert len(scope["rule"].last.scores) == 10 and len(scope["rule"].last.dropped) >= 2
     record = scope["ibau"].records[-1]
     assert scope["ibau"].done == [2] and record["radius"] > 0
     assert 0.0 <= scope["result"].history[-1]["test_asr"] <= 1.0
+
+
+def test_activation_clip_example_runs_and_the_deployed_copy_carries_the_bounds(tmp_path):
+    import torch
+
+    from lightning_fed.callbacks.activation_clip import ClipHook
+
+    scope = _run(BLOCKS[7], tmp_path)
+    clip, deployed = scope["clip"], scope["deployed"]
+    assert clip.done == [2] and set(clip.bounds) == {"conv1", "conv2", "conv3"}
+    assert {"clip_acc_before", "clip_acc_after"} <= scope["result"].history[-1].keys()
+    for name, bound in clip.bounds.items():
+        (hook,) = deployed.get_submodule(name)._forward_hooks.values()
+        assert isinstance(hook, ClipHook) and torch.equal(hook.bound, bound)

@@ -124,6 +124,7 @@ CASES = {  # name: (recipe, processes)
     "reference-filter-2": ("defence_reference_filter", 2),
     "ibau-2": ("defence_ibau", 2),  # a server-side repair on the clean data replayed on every rank
     "anp-2": ("defence_anp", 2),  # masks learnt and channels zeroed on every rank
+    "activation-clip-2": ("defence_activation_clip", 2),  # bounds measured on every rank, written by rank 0
 }
 
 

@@ -264,3 +264,69 @@ def test_ibau_radius_and_anp_settings_are_chosen_on_the_selection_records(bench)
     # any drop allowed: the pair that prunes the most channels (the largest threshold); none allowed: prune nothing
     assert bench.choose_anp(model, clean, select, 0, loose)[1] == bench.ANP_GRID[-1]
     assert bench.choose_anp(model, clean, select, 0, strict) == (0.4, 0.0)
+
+
+def test_clip_column_chooses_its_quantile_on_the_selection_records(bench):
+    from lightning_fed.data import PublicData
+
+    rows = bench.main(
+        [
+            "--quick",
+            "--fractions",
+            "0.2",
+            "--attacks",
+            "backdoor",
+            "--defences",
+            "clip",
+            "--clip-q",
+            "1.0",
+            "0.5",
+            "--select-drop",
+            "1.0",
+        ]
+    )
+    assert {(r["attack"], r["defence"]) for r in rows} == {("backdoor", "none"), ("backdoor", "clip")}
+    (cell,) = [r for r in rows if r["defence"] == "clip"]
+    assert cell["clip_quantile"] == 0.5  # any drop allowed: the tightest bounds
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    strict = bench.parse(["--quick", "--clip-q", "0.9", "1.0", "0.5", "--select-drop", "-1.0"])
+    assert (
+        bench.choose_clip_quantile(bench.seeded_model(0), clean, select, 0, strict) == 1.0
+    )  # none: the loosest
+
+
+def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_path):
+    from lightning_fed.callbacks import attack_success_rate
+
+    attack = bench.make_attack("backdoor_mr", 0.2, 0, 5.0, (18, "constant"))
+    assert (attack.trigger_start, attack.trigger_pattern, attack.boost) == (18, "constant", 5.0)
+    default = bench.make_attack("backdoor", 0.2, 0, 5.0)
+    assert (default.trigger_start, default.trigger_pattern) == (None, "alternating")
+    models = tmp_path / "models"
+    args = [
+        "--quick",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "backdoor",
+        "--defences",
+        "none",
+        "--models",
+        str(models),
+    ]
+    rows = bench.main([*args, "--trigger-start", "18", "--trigger-pattern", "constant"])
+    (row,) = rows
+    assert row["trigger"] == [18, "constant"]
+    saved = models / "20-0.2-backdoor-0-trigger18constant.pt"
+    assert [p.name for p in models.iterdir()] == [saved.name]  # apart from the default trigger's models
+    model = bench.seeded_model(0)
+    model.load_state_dict(torch.load(saved))
+    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
+    dm.prepare_data()
+    dm.setup("test")
+    x, y = bench.test_tensors(dm)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    assert row["asr"] == attack_success_rate(model, loader, 0, 4, 3.0, start=18, pattern="constant")
+    with pytest.raises(SystemExit):
+        bench.parse(["--trigger-start", "37"])

@@ -1,7 +1,9 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
-attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU, adversarial neuron pruning) for
+attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU, adversarial neuron pruning,
+activation clipping) for
 FedLoop."""
 
+from lightning_fed.callbacks.activation_clip import ActivationClip
 from lightning_fed.callbacks.anp import ANP
 from lightning_fed.callbacks.assistant_distillation import AssistantDistillation
 from lightning_fed.callbacks.attacks import Attack, GaussianUpdate, LabelFlip, LittleIsEnough, SignFlip
@@ -25,7 +27,7 @@ from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
 
 __all__ = [
-    "ANP", "DPSGD", "IBAU", "MCR", "NAD", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
+    "ANP", "DPSGD", "IBAU", "MCR", "NAD", "ActivationClip", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",

@@ -9,7 +9,9 @@ that it passes a norm check (the paper's constrain-and-scale against norm boundi
 The trigger (:func:`apply_trigger`): a record of one dimension (an MNIST-1D sequence of 40 values) gets its last
 ``size`` values replaced by ``value, -value, value, …``; a record of two or more dimensions (an image
 ``[C, H, W]``) gets a ``size x size`` checkerboard of ``+-value`` in its bottom-right corner, in every channel.
-MNIST-1D values are about unit-variance, so the default ``value=3`` stands out.
+MNIST-1D values are about unit-variance, so the default ``value=3`` stands out. ``start`` moves the trigger (its
+first position; for images its top-left corner, the same row and column) and ``pattern="constant"`` writes
+``+value`` everywhere instead of alternating signs.
 
 The attack success rate (:func:`attack_success_rate`): the share of the held-out records whose true class is not
 the target that the global model classifies as the target once triggered. :class:`Backdoor` logs it at every
@@ -31,42 +33,57 @@ from lightning_fed.protocol import Reply
 from lightning_fed.seeding import Stream, generator
 from lightning_fed.validation import need
 
-
-def trigger_pattern(shape: tuple[int, ...], size: int, value: float) -> tuple[tuple[slice, ...], Tensor]:
-    """Where the trigger goes in one record of ``shape`` and what is written there: the last ``size`` positions of
-    a 1-D record, the bottom-right ``size x size`` corner of the last two dimensions otherwise; alternating signs
-    (a checkerboard in 2-D)."""
-    if len(shape) == 1:
-        where: tuple[slice, ...] = (slice(shape[0] - size, shape[0]),)
-        pattern = torch.tensor([value if i % 2 == 0 else -value for i in range(size)])
-    else:
-        where = (*(slice(None),) * (len(shape) - 2), slice(shape[-2] - size, shape[-2]),
-                 slice(shape[-1] - size, shape[-1]))
-        i = torch.arange(size)
-        pattern = torch.where((i[:, None] + i[None, :]) % 2 == 0, value, -value)
-    return where, pattern
+PATTERNS = ("alternating", "constant")
 
 
-def apply_trigger(x: Tensor, size: int = 4, value: float = 3.0) -> Tensor:
-    """A copy of the batch ``x`` (records along dimension 0) with the trigger written into every record.
+def trigger_pattern(shape: tuple[int, ...], size: int, value: float, start: int | None = None,
+                    pattern: str = "alternating") -> tuple[tuple[slice, ...], Tensor]:
+    """Where the trigger goes in one record of ``shape`` and what is written there: ``size`` positions of a 1-D
+    record from ``start``, a ``size x size`` square of the last two dimensions from ``(start, start)`` otherwise
+    (``start=None``: the end, the bottom-right corner); ``pattern`` ``"alternating"``: alternating signs (a
+    checkerboard in 2-D), ``"constant"``: ``+value`` everywhere.
 
     Raises:
-        ValueError: a record is smaller than the trigger.
+        ValueError: ``pattern`` is not one of :data:`PATTERNS`, ``start`` is negative, or the record cannot hold
+            the trigger there.
     """
-    shape = tuple(x.shape[1:])
-    if not shape or min(shape[-2:]) < size:
-        raise ValueError(f"records of shape {shape} cannot hold a trigger of size {size}")
-    where, pattern = trigger_pattern(shape, size, value)
+    if pattern not in PATTERNS:
+        raise ValueError(f"trigger pattern {pattern!r} is not one of {', '.join(PATTERNS)}")
+    if start is not None and start < 0:
+        raise ValueError(f"trigger start {start} is negative: a position >= 0 (or None: the end)")
+    sides = shape[-1:] if len(shape) == 1 else shape[-2:]
+    if not shape or min(sides) < size or (start is not None and start + size > min(sides)):
+        at = "at the end" if start is None else f"from position {start}"
+        raise ValueError(f"records of shape {shape} cannot hold a trigger of size {size} {at}")
+    span = tuple(slice(n - size if start is None else start, (n - size if start is None else start) + size)
+                 for n in sides)
+    where: tuple[slice, ...] = (*(slice(None),) * (len(shape) - len(sides)), *span)
+    i = torch.arange(size)
+    parity = i % 2 if len(shape) == 1 else (i[:, None] + i[None, :]) % 2
+    signs = torch.ones(parity.shape) if pattern == "constant" else torch.where(parity == 0, 1.0, -1.0)
+    return where, signs * value
+
+
+def apply_trigger(x: Tensor, size: int = 4, value: float = 3.0, start: int | None = None,
+                  pattern: str = "alternating") -> Tensor:
+    """A copy of the batch ``x`` (records along dimension 0) with the trigger (:func:`trigger_pattern`) written
+    into every record.
+
+    Raises:
+        ValueError: a record cannot hold the trigger, or a bad ``start`` / ``pattern``.
+    """
+    where, values = trigger_pattern(tuple(x.shape[1:]), size, value, start, pattern)
     out = x.clone()
-    out[(slice(None), *where)] = pattern.to(out.dtype)
+    out[(slice(None), *where)] = values.to(out.dtype)
     return out
 
 
 @torch.no_grad()
 def attack_success_rate(module: nn.Module, loader: DataLoader, target: int, size: int = 4,
-                        value: float = 3.0) -> float:
+                        value: float = 3.0, start: int | None = None, pattern: str = "alternating") -> float:
     """The share of ``loader``'s records of a class other than ``target`` that ``module`` classifies as ``target``
-    once the trigger is applied (0.0 when there are none). The module is run in eval mode and left as it was."""
+    once the trigger (:func:`apply_trigger`'s ``size``, ``value``, ``start``, ``pattern``) is applied (0.0 when
+    there are none). The module is run in eval mode and left as it was."""
     was_training = module.training
     module.eval()
     param = next(module.parameters(), None)
@@ -78,7 +95,7 @@ def attack_success_rate(module: nn.Module, loader: DataLoader, target: int, size
             keep = y != target
             if not bool(keep.any()):
                 continue
-            xt = apply_trigger(x[keep], size, value).to(device=device, dtype=dtype)
+            xt = apply_trigger(x[keep], size, value, start, pattern).to(device=device, dtype=dtype)
             pred = module(xt).argmax(dim=1).cpu()
             hits += int((pred == target).sum())
             total += int(keep.sum())
@@ -105,6 +122,9 @@ class Backdoor(Attack):
         poison_fraction: share of a malicious client's records that get the trigger, in ``(0, 1]``.
         trigger_size: the trigger's length (1-D records) or side (images) (>= 1).
         trigger_value: the trigger's amplitude (> 0).
+        trigger_start: the trigger's first position (images: its top-left corner's row and column) (>= 0);
+            ``None``: at the end (the bottom-right corner).
+        trigger_pattern: ``"alternating"`` (``+-value``, a checkerboard on images) or ``"constant"`` (``+value``).
         boost: model replacement: the malicious update is multiplied by this (>= 1; 1: no boost).
         max_norm: the boosted update is scaled down to this L2 norm when longer (> 0); ``None``: no constraint.
         measure: log the attack success rate at evaluation rounds.
@@ -112,7 +132,8 @@ class Backdoor(Attack):
 
     def __init__(self, fraction: float = 0.1, mode: str = "fixed", seed: int = 0, start_round: int = 0,
                  target: int = 0, poison_fraction: float = 0.5, trigger_size: int = 4, trigger_value: float = 3.0,
-                 boost: float = 1.0, max_norm: float | None = None, measure: bool = True) -> None:
+                 boost: float = 1.0, max_norm: float | None = None, measure: bool = True,
+                 trigger_start: int | None = None, trigger_pattern: str = "alternating") -> None:
         super().__init__(fraction, mode, seed, start_round)
         need("Backdoor", isinstance(target, int) and target >= 0, "target", target, "a class index >= 0")
         need("Backdoor", isinstance(poison_fraction, int | float) and 0 < poison_fraction <= 1, "poison_fraction",
@@ -121,6 +142,9 @@ class Backdoor(Attack):
              "an integer >= 1")
         need("Backdoor", isinstance(trigger_value, int | float) and trigger_value > 0, "trigger_value", trigger_value,
              "> 0")
+        need("Backdoor", trigger_start is None or (isinstance(trigger_start, int) and trigger_start >= 0),
+             "trigger_start", trigger_start, "an integer >= 0 or None (at the end)")
+        need("Backdoor", trigger_pattern in PATTERNS, "trigger_pattern", trigger_pattern, f"one of {PATTERNS}")
         need("Backdoor", isinstance(boost, int | float) and boost >= 1, "boost", boost, ">= 1 (1: no boost)")
         need("Backdoor", max_norm is None or (isinstance(max_norm, int | float) and max_norm > 0), "max_norm",
              max_norm, "> 0 or None (no constraint)")
@@ -128,6 +152,8 @@ class Backdoor(Attack):
         self.poison_fraction = float(poison_fraction)
         self.trigger_size = trigger_size
         self.trigger_value = float(trigger_value)
+        self.trigger_start = trigger_start
+        self.trigger_pattern = trigger_pattern
         self.boost = float(boost)
         self.max_norm = max_norm
         self.measure = measure
@@ -137,7 +163,8 @@ class Backdoor(Attack):
         n = len(y)
         chosen = torch.randperm(n, generator=gen)[:max(1, int(self.poison_fraction * n + 0.5))]
         x, y = x.clone(), y.clone()
-        x[chosen] = apply_trigger(x[chosen], self.trigger_size, self.trigger_value)
+        x[chosen] = apply_trigger(x[chosen], self.trigger_size, self.trigger_value, self.trigger_start,
+                                  self.trigger_pattern)
         y[chosen] = self.target
         return x, y
 
@@ -174,7 +201,8 @@ class Backdoor(Attack):
             loader = fed.val_data if stage == "val" else fed.test_data
             if loader is not None:
                 metrics[f"{stage}_asr"] = attack_success_rate(pl_module, loader, self.target, self.trigger_size,
-                                                              self.trigger_value)
+                                                              self.trigger_value, self.trigger_start,
+                                                              self.trigger_pattern)
 
 
-__all__ = ["Backdoor", "apply_trigger", "attack_success_rate", "trigger_pattern"]
+__all__ = ["PATTERNS", "Backdoor", "apply_trigger", "attack_success_rate", "trigger_pattern"]
