@@ -137,6 +137,7 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedrs a0.5 lr0.05", "fedrs", []),
     ("fedrs a0.5 lr0.1", "fedrs", [CLIENT_LR, "0.1"]),
     ("fedrs a0.1 lr0.05", "fedrs", [RS_ALPHA, "0.1"]),
+    ("fedrs a0.9 lr0.05", "fedrs", [RS_ALPHA, "0.9"]),
 ]
 
 
