@@ -9,7 +9,8 @@ client learning rate with plain SGD and with momentum 0.9, FedExP's client learn
 last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client learning rate and evaluated model
 (``mean``: the mean of the round's client models), and FedDF with one architecture (``feddf_fedavg.yaml``: server-side
 ensemble distillation on unlabeled proxy records; its distillation steps and learning rate, the client learning rate,
-FedAvgM's server momentum), which counts as a server-side strategy in the verdicts.
+FedAvgM's server momentum), which counts as a server-side strategy in the verdicts, and FedRS (``fedrs.yaml``: the
+restricted softmax on the clients; its ``alpha`` and the client learning rate), counted like SCAFFOLD and FedDyn.
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -48,9 +49,11 @@ DYN_ALPHA = "--loop.strategy.init_args.alpha"
 DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
 DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
 DF = "--loop.strategy.init_args."
+RS_ALPHA = "--loop.strategy.init_args.alpha"
 MOMENTUM_OPT = "lightning_fed.strategies.ServerMomentum"  # fedavgm.yaml's server optimizer (lr 1)
-# FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here
-GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf")
+# FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here; FedRS
+# changes the clients' loss, as SCAFFOLD and FedDyn (in SERVER_SIDE) do
+GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf", "fedrs")
 
 
 def server(**kw: float) -> list[str]:
@@ -130,6 +133,11 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("feddf d300 dlr1e-3 lr0.1", "feddf_fedavg", [CLIENT_LR, "0.1", DF + "distill_steps", "300"]),
     ("feddf d100 dlr1e-4", "feddf_fedavg", [DF + "distill_lr", "0.0001"]),
     ("feddf d100 dlr1e-3 m0.7", "feddf_fedavg", [DF + "server_optimizer", MOMENTUM_OPT, *server(momentum=0.7)]),
+    # FedRS (fedrs.yaml: fedavg.yaml's clients with the missing classes' logits scaled by alpha in local training)
+    ("fedrs a0.5 lr0.05", "fedrs", []),
+    ("fedrs a0.5 lr0.1", "fedrs", [CLIENT_LR, "0.1"]),
+    ("fedrs a0.1 lr0.05", "fedrs", [RS_ALPHA, "0.1"]),
+    ("fedrs a0.9 lr0.05", "fedrs", [RS_ALPHA, "0.9"]),
 ]
 
 

@@ -158,3 +158,17 @@ def test_feddf_server_cost_times_the_distilling_step(capsys):
     cost.main(["--distill_steps", "1", "--clients", "2", "--rounds", "1"])
     out = capsys.readouterr().out
     assert "FedAvg" in out and "FedDF, 1 distillation steps" in out
+
+
+def test_fedrs_grid_rows_parse_to_their_alpha_and_client_lr(grid):
+    """The FedRS rows build FedRS with the label's alpha and client learning rate; their family is server-side."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies import FedRS
+
+    rows = {label: (recipe, more) for label, recipe, more in grid.GRID if grid.family(label) == "fedrs"}
+    assert len(rows) == 4 and "fedrs" in grid.GRID_SERVER_SIDE
+    for label, (recipe, more) in rows.items():
+        cfg = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+        _, a, lr = label.split()
+        assert isinstance(cfg.loop.strategy, FedRS) and cfg.loop.strategy.alpha == float(a[1:])
+        assert cfg.loop.strategy.client.alpha == float(a[1:]) and cfg.model.hparams.lr == float(lr[2:])

@@ -19,6 +19,7 @@ from lightning_fed.strategies.fedmoe import FedMoE
 from lightning_fed.strategies.fednova import FedNova
 from lightning_fed.strategies.fedper import FedPer, PersonalLayers
 from lightning_fed.strategies.fedprox import FedProx, FedProxClient
+from lightning_fed.strategies.fedrs import FedRS, FedRSClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.fltrust import FLTrust
 from lightning_fed.strategies.reference_filter import ReferenceFilter
@@ -71,6 +72,8 @@ __all__ = [
     "FedPer",
     "FedProx",
     "FedProxClient",
+    "FedRS",
+    "FedRSClient",
     "Krum",
     "ModelTiers",
     "NormBound",

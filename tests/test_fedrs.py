@@ -1,0 +1,186 @@
+"""FedRS: the restricted logits and loss against a hand computation, one SGD step of a tiny classifier under a plain
+lightning.Trainer and inside FedLoop against the hand-derived gradient, plain logits in eval mode, alpha = 1 being
+FedAvg bit for bit, and bad settings."""
+
+import math
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fed import FedLoop
+from lightning_fed.data import IID, Dirichlet
+from lightning_fed.models import MNIST1DCNN
+from lightning_fed.strategies import FedAvg, FedRS, FedRSClient
+from lightning_fed.strategies.fedrs import restrict_logits
+
+# 4 records of 2 features, labels 0 and 2 only: class 1 is missing on this client
+X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [-0.5, 1.0], [2.0, 0.5]])
+Y = torch.tensor([0, 2, 0, 2])
+W0 = torch.tensor([[0.5, -1.0], [1.0, 0.5], [-0.3, 0.2]])
+LR, ALPHA = 0.1, 0.5
+
+
+class Classifier(L.LightningModule):
+    """Bias-free linear logits ``x W^T`` for 3 classes, cross-entropy, plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 3, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(W0)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class Data(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(X, Y), batch_size=4)
+
+
+def test_restricted_logits_and_loss_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 4.0]])
+    out = restrict_logits(logits, torch.tensor([0, 2]), 0.5)
+    assert torch.equal(out, torch.tensor([[1.0, 1.0, 3.0], [-1.0, 0.0, 4.0]]))
+    # cross-entropy of the restricted logits, labels 2 and 0, written out
+    hand = (
+        -(3.0 - math.log(math.exp(1.0) + math.exp(1.0) + math.exp(3.0)))
+        - (-1.0 - math.log(math.exp(-1.0) + math.exp(0.0) + math.exp(4.0)))
+    ) / 2
+    assert F.cross_entropy(out, torch.tensor([2, 0])).item() == pytest.approx(hand, rel=1e-6)
+    assert torch.equal(
+        restrict_logits(logits, torch.tensor([0, 1, 2]), 0.5), logits
+    )  # every class held: unchanged
+    with pytest.raises(ValueError, match="holds label 3 but the model's output has 3 values"):
+        restrict_logits(logits, torch.tensor([0, 3]), 0.5)
+
+
+def _hand_step(alpha):
+    """One full-batch SGD step on the restricted cross-entropy, its gradient derived by hand:
+    z' = s * (X W^T) with s = (1, alpha, 1); dL/dW = ((softmax(z') - onehot(Y)) / n * s)^T X."""
+    s = torch.tensor([1.0, alpha, 1.0])
+    z = (X @ W0.T) * s
+    p = torch.exp(z) / torch.exp(z).sum(1, keepdim=True)
+    g = (p - F.one_hot(Y, 3).float()) / len(Y) * s
+    return W0 - LR * g.T @ X
+
+
+def test_plain_trainer_step_matches_the_hand_gradient():
+    model = Classifier()
+    trainer = L.Trainer(
+        max_steps=1,
+        callbacks=[FedRSClient(alpha=ALPHA)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=4))
+    assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
+    assert not torch.allclose(_hand_step(ALPHA), _hand_step(1.0), atol=1e-3)  # the scaling matters here
+    assert not model._forward_hooks  # removed after training
+
+
+def test_fedloop_client_matches_the_hand_gradient(tmp_path):
+    """One client holding classes 0 and 2, one round of one full-batch step: the global model is the hand result."""
+    strategy = FedRS(alpha=ALPHA)
+    assert strategy.client_callbacks() == [strategy.client] and strategy.client.alpha == ALPHA
+    model = Classifier()
+    FedLoop(
+        num_clients=1,
+        clients_per_round=1,
+        rounds=1,
+        local_epochs=1,
+        partition=IID(),
+        strategy=strategy,
+        verbose=False,
+        plot=False,
+        checkpoint_every=0,
+        loggers=[],
+        output_dir=str(tmp_path),
+    ).fit(model, Data())
+    assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
+    assert not model._forward_hooks
+
+
+def test_eval_mode_sees_plain_logits():
+    model = Classifier()
+    trainer = type(
+        "T", (), {"lightning_module": model, "train_dataloader": DataLoader(TensorDataset(X, Y))}
+    )()
+    cb = FedRSClient(alpha=0.0)
+    cb.on_train_start(trainer, model)
+    plain = X @ W0.T
+    with torch.no_grad():
+        assert torch.equal(model(X)[:, 1], torch.zeros(4))  # train mode: the missing class's logit times 0
+        model.eval()
+        assert torch.allclose(model(X), plain)
+    cb.on_train_end(trainer, model)
+    model.train()
+    with torch.no_grad():
+        assert torch.allclose(model(X), plain)
+
+
+def _fit(strategy, dm, tmp_path):
+    L.seed_everything(0)
+    model = MNIST1DCNN(channels=4)
+    FedLoop(
+        num_clients=3,
+        clients_per_round=2,
+        rounds=2,
+        local_epochs=1,
+        partition=Dirichlet(alpha=0.1, min_samples=10),
+        strategy=strategy,
+        verbose=False,
+        plot=False,
+        checkpoint_every=0,
+        loggers=[],
+        output_dir=str(tmp_path),
+        seed=0,
+    ).fit(model, dm)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_alpha_one_is_fedavg_bit_for_bit(small_dm, tmp_path):
+    fedavg = _fit(FedAvg(), small_dm, tmp_path / "a")
+    same = _fit(FedRS(alpha=1.0), small_dm, tmp_path / "b")
+    assert all(torch.equal(fedavg[k], same[k]) for k in fedavg)
+    restricted = _fit(FedRS(alpha=0.5), small_dm, tmp_path / "c")
+    assert not all(torch.equal(fedavg[k], restricted[k]) for k in fedavg)  # Dirichlet 0.1 shards miss classes
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: FedRS(alpha=-0.1), r"FedRS: alpha=-0.1 is not allowed; alpha must be a number in \[0, 1\]"),
+        (lambda: FedRS(alpha=1.5), r"FedRS: alpha=1.5 is not allowed"),
+        (lambda: FedRS(alpha=True), r"FedRS: alpha=True is not allowed"),
+        (lambda: FedRSClient(alpha="0.5"), r"FedRSClient: alpha='0.5' is not allowed"),
+        (lambda: FedRS(alpha=0.5, server_lr=0.0), r"server_lr=0.0 is not allowed"),
+    ],
+)
+def test_bad_settings_fail_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_doc_example_runs(tmp_path):
+    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedRS(" in c)
+    scope: dict = {}
+    exec(compile(code.replace('"runs/fedrs"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    assert 0 <= scope["result"].final_metrics["test_acc"] <= 1 and len(scope["result"].history) == 2
