@@ -12,7 +12,9 @@ Rows are attacks, columns defences:
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
   optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
-  multi-Krum mean), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
+  multi-Krum mean), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  histories of the output layer, kappa 1; the replies it gives weight 0 are its detection), and the benchmark-only
+  ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
@@ -99,6 +101,7 @@ from lightning_fed.strategies import (
     FedAvg,
     FedDF,
     FLTrust,
+    FoolsGold,
     Krum,
     NormBound,
     ReferenceFilter,
@@ -127,6 +130,7 @@ AGGREGATION = (
     "fltrust",
     "refilter",
     "refilter_krum",
+    "foolsgold",
     "oracle",
 )
 POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip")
@@ -140,6 +144,7 @@ DETECTS = {
     "weakdp": "clipped",
     "refilter": "dropped",
     "refilter_krum": "dropped",
+    "foolsgold": "dropped",
     "oracle": "dropped",
 }
 LABELS = {
@@ -155,6 +160,7 @@ LABELS = {
     "fltrust": "FLTrust",
     "refilter": "reference filter (median)",
     "refilter_krum": "reference filter (multi-Krum)",
+    "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
     "anp": "ANP",
@@ -535,6 +541,8 @@ def train(
             temperature=1.0,
             seed=seed,
         )
+    elif defence == "foolsgold":
+        strategy = FoolsGold(kappa=1.0)
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
@@ -544,7 +552,7 @@ def train(
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            detection = Detection(attack, agg, flag=DETECTS[defence])
+            detection = Detection(attack, strategy if defence == "foolsgold" else agg, flag=DETECTS[defence])
             callbacks.append(detection)
     dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
     loop = FedLoop(
@@ -824,7 +832,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
                         "/ recall % (replies dropped by multi-Krum, FLAME, the reference filters and the oracle, given "
-                        "trust 0 by FLTrust, clipped by the norm bounds)"
+                        "trust 0 by FLTrust, weight 0 by FoolsGold, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],
                     det,
