@@ -13,8 +13,8 @@ Rows are attacks, columns defences:
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
   optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
   multi-Krum mean), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
-  histories of the output layer, kappa 1; the replies it gives weight 0 are its detection), and the benchmark-only
-  ``oracle`` (drops exactly the malicious replies: a ceiling, never a
+  histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
+  its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
@@ -542,7 +542,7 @@ def train(
             seed=seed,
         )
     elif defence == "foolsgold":
-        strategy = FoolsGold(kappa=1.0)
+        strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
@@ -982,6 +982,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PATTERNS,
         help="the trigger's values: alternating +-3 (the default) or constant +3",
     )
+    p.add_argument(
+        "--fg-layers",
+        nargs="+",
+        default=["head"],
+        help="FoolsGold: the indicative layers whose update histories are compared (default: the output layer)",
+    )
+    p.add_argument("--fg-kappa", type=float, default=1.0, help="FoolsGold: the logit's confidence kappa")
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
     p.add_argument(
         "--load",

@@ -46,12 +46,14 @@ log = logging.getLogger("lightning_fed")
 
 CAP = 0.99
 """The rescaled ``a_i`` is capped here before the logit (the paper's implementation does the same)."""
+TWIN = 1e-9
+"""``a_i`` below this (a cosine within rounding of 1) is taken as 0: the client has a twin."""
 
 
 def foolsgold_weights(history: Tensor, kappa: float = 1.0) -> Tensor:
     """FoolsGold's learning-rate weight of every row of ``history`` (``[n, k]``, ``n >= 2``), in ``[0, 1]``, float64
     (module docstring, steps 1-4). A zero row has cosine 0 with every other row. All weights are 0 when every row has
-    a perfect twin."""
+    a perfect twin (``1 - cs < TWIN``)."""
     h = history.double()
     unit = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp(min=1e-300)
     cs = (unit @ unit.T).fill_diagonal_(0.0)  # 0 on the diagonal: v_i and the maxima below are >= 0
@@ -59,6 +61,7 @@ def foolsgold_weights(history: Tensor, kappa: float = 1.0) -> Tensor:
     pardon = v[None, :] > v[:, None]  # [i, j]: v_j > v_i, so v_j > 0
     cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp(min=1e-300), cs)
     alpha = 1.0 - cs.max(dim=1).values.clamp(min=0.0)
+    alpha = torch.where(alpha < TWIN, 0.0, alpha)  # a twin up to rounding is a twin
     top = float(alpha.max())
     if not top > 0:
         return torch.zeros_like(alpha)
