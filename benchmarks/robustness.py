@@ -217,6 +217,36 @@ class OracleFeed(FedCallback):
         self.oracle.drop = [i for i, r in enumerate(replies) if r.client_id in bad]
 
 
+class WeightLog(FedCallback):
+    """Server: the FoolsGold weights the run gave the malicious and the honest replies (benchmark only: the truth
+    comes from the attack), summed over the run; :meth:`means` gives their means."""
+
+    def __init__(self, attack: Attack, strategy: FoolsGold) -> None:
+        self.attack, self.strategy = attack, strategy
+        self.clients: list[int] = []
+        self.sums = {"malicious": [0.0, 0], "honest": [0.0, 0]}
+
+    def on_aggregate_start(self, trainer: Any, pl_module: Any, replies: list[Any]) -> None:
+        """Note the client of each position and forget the previous report."""
+        self.clients = [r.client_id for r in replies]
+        self.strategy.last = None
+
+    def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
+        """Add this round's weights to the malicious or honest sums."""
+        fed = fed_context(trainer)
+        last = self.strategy.last
+        if fed is None or last is None:
+            return
+        bad = set(self.attack.malicious(fed.round, fed.num_clients))
+        for cid, w in zip(self.clients, last.scores, strict=True):
+            acc = self.sums["malicious" if cid in bad else "honest"]
+            acc[0], acc[1] = acc[0] + w, acc[1] + 1
+
+    def means(self) -> dict[str, float]:
+        """Mean weight of the malicious and of the honest replies over the run."""
+        return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in self.sums.items()}
+
+
 def split_post(defence: str) -> tuple[str, str]:
     """``(training rule, post-training step)`` of a post-training column: ``"fp"`` -> ``("none", "fp")``,
     ``"normbound/fp+nad"`` -> ``("normbound", "fp+nad")``."""
@@ -546,7 +576,7 @@ def train(
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
-    detection = None
+    detection = weight_log = None
     if attack is not None:
         callbacks.append(attack)
         if isinstance(agg, Oracle):
@@ -554,6 +584,9 @@ def train(
         if defence in DETECTS:
             detection = Detection(attack, strategy if defence == "foolsgold" else agg, flag=DETECTS[defence])
             callbacks.append(detection)
+        if defence == "foolsgold":
+            weight_log = WeightLog(attack, strategy)
+            callbacks.insert(0, weight_log)
     dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
     loop = FedLoop(
         num_clients=clients,
@@ -580,6 +613,8 @@ def train(
     record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
     if detection is not None:
         record["detection"] = detection.totals()
+    if weight_log is not None:
+        record["fg_weight"] = weight_log.means()
     if test_every:
         record["curve"] = [(int(h["round"]), h["test_acc"]) for h in result.history if "test_acc" in h]
     return model, record, dm
