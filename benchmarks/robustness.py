@@ -12,7 +12,9 @@ Rows are attacks, columns defences:
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
   optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
-  multi-Krum mean), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
+  multi-Krum mean), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
+  its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
   requested rule (``none`` only when requested; sized for the largest ``--fractions`` share): what the rule costs
   without an attack;
@@ -99,6 +101,7 @@ from lightning_fed.strategies import (
     FedAvg,
     FedDF,
     FLTrust,
+    FoolsGold,
     Krum,
     NormBound,
     ReferenceFilter,
@@ -127,6 +130,7 @@ AGGREGATION = (
     "fltrust",
     "refilter",
     "refilter_krum",
+    "foolsgold",
     "oracle",
 )
 POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip")
@@ -140,6 +144,7 @@ DETECTS = {
     "weakdp": "clipped",
     "refilter": "dropped",
     "refilter_krum": "dropped",
+    "foolsgold": "dropped",
     "oracle": "dropped",
 }
 LABELS = {
@@ -155,6 +160,7 @@ LABELS = {
     "fltrust": "FLTrust",
     "refilter": "reference filter (median)",
     "refilter_krum": "reference filter (multi-Krum)",
+    "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
     "anp": "ANP",
@@ -209,6 +215,36 @@ class OracleFeed(FedCallback):
         fed = fed_context(trainer)
         bad = set(self.oracle.attack.malicious(fed.round, fed.num_clients))
         self.oracle.drop = [i for i, r in enumerate(replies) if r.client_id in bad]
+
+
+class WeightLog(FedCallback):
+    """Server: the FoolsGold weights the run gave the malicious and the honest replies (benchmark only: the truth
+    comes from the attack), summed over the run; :meth:`means` gives their means."""
+
+    def __init__(self, attack: Attack, strategy: FoolsGold) -> None:
+        self.attack, self.strategy = attack, strategy
+        self.clients: list[int] = []
+        self.sums = {"malicious": [0.0, 0], "honest": [0.0, 0]}
+
+    def on_aggregate_start(self, trainer: Any, pl_module: Any, replies: list[Any]) -> None:
+        """Note the client of each position and forget the previous report."""
+        self.clients = [r.client_id for r in replies]
+        self.strategy.last = None
+
+    def on_round_end(self, trainer: Any, pl_module: Any, metrics: dict[str, float]) -> None:
+        """Add this round's weights to the malicious or honest sums."""
+        fed = fed_context(trainer)
+        last = self.strategy.last
+        if fed is None or last is None:
+            return
+        bad = set(self.attack.malicious(fed.round, fed.num_clients))
+        for cid, w in zip(self.clients, last.scores, strict=True):
+            acc = self.sums["malicious" if cid in bad else "honest"]
+            acc[0], acc[1] = acc[0] + w, acc[1] + 1
+
+    def means(self) -> dict[str, float]:
+        """Mean weight of the malicious and of the honest replies over the run."""
+        return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in self.sums.items()}
 
 
 def split_post(defence: str) -> tuple[str, str]:
@@ -535,17 +571,22 @@ def train(
             temperature=1.0,
             seed=seed,
         )
+    elif defence == "foolsgold":
+        strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
-    detection = None
+    detection = weight_log = None
     if attack is not None:
         callbacks.append(attack)
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            detection = Detection(attack, agg, flag=DETECTS[defence])
+            detection = Detection(attack, strategy if defence == "foolsgold" else agg, flag=DETECTS[defence])
             callbacks.append(detection)
+        if defence == "foolsgold":
+            weight_log = WeightLog(attack, strategy)
+            callbacks.insert(0, weight_log)
     dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
     loop = FedLoop(
         num_clients=clients,
@@ -572,6 +613,8 @@ def train(
     record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
     if detection is not None:
         record["detection"] = detection.totals()
+    if weight_log is not None:
+        record["fg_weight"] = weight_log.means()
     if test_every:
         record["curve"] = [(int(h["round"]), h["test_acc"]) for h in result.history if "test_acc" in h]
     return model, record, dm
@@ -824,7 +867,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
                         "/ recall % (replies dropped by multi-Krum, FLAME, the reference filters and the oracle, given "
-                        "trust 0 by FLTrust, clipped by the norm bounds)"
+                        "trust 0 by FLTrust, weight 0 by FoolsGold, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],
                     det,
@@ -974,6 +1017,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PATTERNS,
         help="the trigger's values: alternating +-3 (the default) or constant +3",
     )
+    p.add_argument(
+        "--fg-layers",
+        nargs="+",
+        default=["head"],
+        help="FoolsGold: the indicative layers whose update histories are compared (default: the output layer)",
+    )
+    p.add_argument("--fg-kappa", type=float, default=1.0, help="FoolsGold: the logit's confidence kappa")
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")
     p.add_argument(
         "--load",

@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_eight_examples():
-    assert len(BLOCKS) == 8
+def test_there_are_nine_examples():
+    assert len(BLOCKS) == 9
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -96,3 +96,14 @@ def test_activation_clip_example_runs_and_the_deployed_copy_carries_the_bounds(t
     for name, bound in clip.bounds.items():
         (hook,) = deployed.get_submodule(name)._forward_hooks.values()
         assert isinstance(hook, ClipHook) and torch.equal(hook.bound, bound)
+
+
+def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
+    scope = _run(BLOCKS[8], tmp_path)
+    last, history = scope["strategy"].last, scope["result"].history
+    assert len(last.scores) == 10 and all(0.0 <= w <= 1.0 for w in last.scores)
+    assert last.dropped == [i for i, w in enumerate(last.scores) if w == 0.0]
+    assert history[-1]["fg_zeroed"] == float(len(last.dropped))
+    totals = scope["detection"].totals()
+    assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds
+    assert sorted(scope["strategy"].history) == list(range(10))

@@ -112,6 +112,7 @@ CASES = {  # name: (recipe, processes)
     "scaffold-2": ("scaffold", 2),
     "fedexp-2": ("fedexp", 2),  # the step size from every reply, and the previous iterate, on every rank
     "feddyn-2": ("feddyn", 2),  # h_k in the client store on the ranks, the server state h on every rank
+    "foolsgold-2": ("defence_foolsgold", 2),  # client histories kept and replayed by the server on every rank
     "fedrs-2": ("fedrs", 2),  # each client's classes read from its shard on whichever rank runs it
     "secagg-2": ("secagg", 2),  # the protocol's setup replayed on every rank, masked inputs from both
     "fedper-2": ("fedper", 2),  # personal layers in the client store (after a 1-round warm-up), personalized evaluation

@@ -15,7 +15,8 @@ from lightning_fed.callbacks.attacks import Attack
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.context import fed_context
 from lightning_fed.protocol import Reply
-from lightning_fed.strategies.robust import RobustAggregator
+from lightning_fed.strategies.base import Strategy
+from lightning_fed.strategies.robust import AggregationReport, RobustAggregator
 from lightning_fed.validation import need
 
 FLAGS = ("dropped", "clipped")
@@ -50,11 +51,14 @@ class Detection(FedCallback):
 
     Args:
         attack: the simulated attack whose malicious clients are the truth.
-        aggregator: the robust rule whose reports are read.
+        aggregator: the robust rule whose reports are read (or a strategy that keeps one as ``last``:
+            :class:`~lightning_fed.strategies.FoolsGold`).
         flag: ``"dropped"`` (filters: Krum, FLAME) or ``"clipped"`` (norm bounds: ``NormBound``, ``WeakDP``).
     """
 
-    def __init__(self, attack: Attack, aggregator: RobustAggregator, flag: str = "dropped") -> None:
+    def __init__(
+        self, attack: Attack, aggregator: RobustAggregator | Strategy, flag: str = "dropped"
+    ) -> None:
         need(
             "Detection",
             isinstance(attack, Attack),
@@ -64,10 +68,15 @@ class Detection(FedCallback):
         )
         need(
             "Detection",
-            isinstance(aggregator, RobustAggregator),
+            isinstance(aggregator, RobustAggregator)
+            or (
+                isinstance(aggregator, Strategy)
+                and isinstance(getattr(aggregator, "last", 0), AggregationReport | None)
+            ),
             "aggregator",
             aggregator,
-            "a RobustAggregator (CoordinateMedian, TrimmedMean, Krum, NormBound, WeakDP, FLAME, ReferenceFilter)",
+            "a RobustAggregator (CoordinateMedian, TrimmedMean, Krum, NormBound, WeakDP, FLAME, ReferenceFilter) or "
+            "a strategy that records an AggregationReport as `last` (FoolsGold)",
         )
         need("Detection", flag in FLAGS, "flag", flag, f"one of {FLAGS}")
         self.attack = attack

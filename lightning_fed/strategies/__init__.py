@@ -22,6 +22,7 @@ from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.fedrs import FedRS, FedRSClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.fltrust import FLTrust
+from lightning_fed.strategies.foolsgold import FoolsGold
 from lightning_fed.strategies.reference_filter import ReferenceFilter
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
@@ -74,6 +75,7 @@ __all__ = [
     "FedProxClient",
     "FedRS",
     "FedRSClient",
+    "FoolsGold",
     "Krum",
     "ModelTiers",
     "NormBound",
