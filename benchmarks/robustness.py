@@ -30,6 +30,10 @@ Rows are attacks, columns defences:
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
+The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
+each malicious client cuts its boosted update to ``NORM_RATIO`` (2) times the norm of its own unboosted update, a
+rule fixed before any run that needs nothing from the server.
+
 A cell is clean test accuracy (and attack success rate on the triggered test records of the other classes, for the
 backdoor rows), mean +- sd over the seeds. The trigger is the last 4 values set to +-3 unless ``--trigger-start`` /
 ``--trigger-pattern`` put it elsewhere or make it constant (training and the attack success rate use the same one;
@@ -113,9 +117,8 @@ TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
 BACKDOORS = ("backdoor", "backdoor_mr", "backdoor_mr_norm")
-NORM_RATIO = (
-    2.0  # backdoor_mr_norm: the boosted reply is cut to this times the norm of the client's unboosted one
-)
+# backdoor_mr_norm: the boosted reply is cut to this times the norm of the client's own unboosted update
+NORM_RATIO = 2.0
 ATTACKS = (*BYZANTINE, *BACKDOORS)
 AGGREGATION = (
     "none",
