@@ -32,6 +32,10 @@ Rows are attacks, columns defences:
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
+The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
+each malicious client cuts its boosted update to ``NORM_RATIO`` (2) times the norm of its own unboosted update, a
+rule fixed before any run that needs nothing from the server.
+
 A cell is clean test accuracy (and attack success rate on the triggered test records of the other classes, for the
 backdoor rows), mean +- sd over the seeds. The trigger is the last 4 values set to +-3 unless ``--trigger-start`` /
 ``--trigger-pattern`` put it elsewhere or make it constant (training and the attack success rate use the same one;
@@ -88,7 +92,7 @@ from lightning_fed.callbacks import (
 )
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.anp import prune_
-from lightning_fed.callbacks.attacks import Attack, shard_tensors
+from lightning_fed.callbacks.attacks import Attack, float_items, shard_tensors
 from lightning_fed.callbacks.backdoor import PATTERNS
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
@@ -115,7 +119,9 @@ from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
 BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
-BACKDOORS = ("backdoor", "backdoor_mr")
+BACKDOORS = ("backdoor", "backdoor_mr", "backdoor_mr_norm")
+# backdoor_mr_norm: the boosted reply is cut to this times the norm of the client's own unboosted update
+NORM_RATIO = 2.0
 ATTACKS = (*BYZANTINE, *BACKDOORS)
 AGGREGATION = (
     "none",
@@ -177,6 +183,7 @@ LABELS = {
     "alie": "little is enough",
     "backdoor": "backdoor",
     "backdoor_mr": "backdoor + model replacement",
+    "backdoor_mr_norm": "backdoor + model replacement, norm-constrained",
 }
 LABELS.update({c: f"{LABELS[c.split('/')[0]]}, then {LABELS[c.split('/')[1]]}" for c in COMBOS})
 FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -247,6 +254,27 @@ class WeightLog(FedCallback):
         return {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in self.sums.items()}
 
 
+class NormMatchedBackdoor(Backdoor):
+    """Benchmark only: model replacement constrained to pass a norm check without knowing the other clients'
+    updates (Bagdasaryan et al.'s constrain-and-scale). A malicious client takes the norm of its own unboosted
+    update as its estimate of the round's typical norm and sets ``max_norm`` to ``ratio`` times it before the boost
+    (``boost`` x its update, cut to ``max_norm`` when longer). With ``ratio`` 2 a reply passes a filter of 3 times
+    the round's median norm as long as the client's own update is under 1.5 times that median."""
+
+    def __init__(self, ratio: float = NORM_RATIO, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not ratio >= 1:
+            raise ValueError(f"NormMatchedBackdoor: ratio={ratio!r}; allowed: >= 1")
+        self.ratio = float(ratio)
+
+    def on_client_end(self, trainer: Any, pl_module: Any, reply: Any) -> None:
+        """Malicious clients: ``max_norm`` from the unboosted update's norm, then the boost and the cut."""
+        if self.malicious_context(trainer) is not None:
+            norms = [torch.linalg.vector_norm(v.float()) for _, v in float_items(reply)]
+            self.max_norm = self.ratio * float(torch.linalg.vector_norm(torch.stack(norms)))
+        super().on_client_end(trainer, pl_module, reply)
+
+
 def split_post(defence: str) -> tuple[str, str]:
     """``(training rule, post-training step)`` of a post-training column: ``"fp"`` -> ``("none", "fp")``,
     ``"normbound/fp+nad"`` -> ``("normbound", "fp+nad")``."""
@@ -268,8 +296,9 @@ def make_attack(
         return GaussianUpdate(std=1.0, **common)
     if name == "alie":
         return LittleIsEnough(z=1.0, **common)
-    replace = name == "backdoor_mr"
-    return Backdoor(
+    replace = name in ("backdoor_mr", "backdoor_mr_norm")
+    kind: Callable[..., Backdoor] = NormMatchedBackdoor if name == "backdoor_mr_norm" else Backdoor
+    return kind(
         target=TARGET,
         poison_fraction=0.5,
         trigger_size=TRIGGER_SIZE,

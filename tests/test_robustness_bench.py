@@ -330,3 +330,69 @@ def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_p
     assert row["asr"] == attack_success_rate(model, loader, 0, 4, 3.0, start=18, pattern="constant")
     with pytest.raises(SystemExit):
         bench.parse(["--trigger-start", "37"])
+
+
+def test_norm_constrained_model_replacement_cuts_to_twice_its_own_update(bench):
+    from types import SimpleNamespace
+
+    from lightning_fed.callbacks.attacks import malicious_clients
+    from lightning_fed.context import FedContext
+    from lightning_fed.protocol import Reply
+
+    def trainer(cid):
+        fed = FedContext(num_clients=10, num_rounds=2, eval_every=1, run_dir=".", round=0, client_id=cid)
+        return SimpleNamespace(fed=fed)
+
+    attack = bench.make_attack("backdoor_mr_norm", 0.3, 0, boost=5.0)
+    assert isinstance(attack, bench.NormMatchedBackdoor) and attack.boost == 5.0 and attack.ratio == 2.0
+    bad = malicious_clients(0.3, 10, 0)
+    good = next(c for c in range(10) if c not in bad)
+    reply = Reply(
+        bad[0], {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0]), "n": torch.tensor([7])}, 10
+    )
+    attack.on_client_end(trainer(bad[0]), None, reply)  # own norm 5: boosted to 25, cut to 2 x 5
+    assert reply.payload["a"].tolist() == pytest.approx([6.0, 0.0]) and reply.payload["b"].tolist() == [8.0]
+    assert reply.payload["n"].tolist() == [7]
+    honest = Reply(good, {"a": torch.tensor([3.0, 4.0])}, 10)
+    attack.on_client_end(trainer(good), None, honest)
+    assert honest.payload["a"].tolist() == [3.0, 4.0]
+    weak = bench.make_attack("backdoor_mr_norm", 0.3, 0, boost=1.5)  # a boost under the ratio is not cut
+    reply = Reply(bad[0], {"a": torch.tensor([3.0, 4.0])}, 10)
+    weak.on_client_end(trainer(bad[0]), None, reply)
+    assert reply.payload["a"].tolist() == pytest.approx([4.5, 6.0])
+    with pytest.raises(ValueError, match=r"ratio=0.5; allowed: >= 1"):
+        bench.NormMatchedBackdoor(ratio=0.5)
+
+
+def test_norm_constrained_replies_reach_the_server_at_twice_the_unboosted_norm(bench, tmp_path):
+    """Round 0 starts from the same global model in both runs, so a malicious client's reply under the constrained
+    attack is twice its reply under the plain backdoor (the same poisoned training): at most the attack's norm."""
+
+    def recording(kind):
+        class Recorder(kind):
+            def on_aggregate_start(self, trainer, pl_module, replies):
+                if trainer.fed.round == 0:
+                    bad = set(self.malicious(0, trainer.fed.num_clients))
+                    self.norms = {
+                        r.client_id: float(
+                            torch.linalg.vector_norm(torch.cat([v.flatten() for v in r.payload.values()]))
+                        )
+                        for r in replies
+                        if r.client_id in bad
+                    }
+
+        return Recorder
+
+    args = bench.parse(["--quick"])
+    norms = {}
+    for name, kind in (("backdoor", bench.Backdoor), ("backdoor_mr_norm", bench.NormMatchedBackdoor)):
+        made = bench.make_attack(name, 0.2, 0, boost=5.0)
+        attack = recording(kind)(
+            **{k: getattr(made, k) for k in ("fraction", "mode", "seed", "target", "boost")}
+        )
+        bench.train(args, 20, 0, attack, "none", tmp_path / name)
+        norms[name] = attack.norms
+    plain, capped = norms["backdoor"], norms["backdoor_mr_norm"]
+    assert plain and plain.keys() == capped.keys()
+    for cid, n in plain.items():
+        assert capped[cid] == pytest.approx(2.0 * n, rel=1e-4)
