@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     for h in ("seed", "eps", "masks < 0.05", "change", "masks < 0.2", "change"):
         anp_t.add_column(h, justify="right")
     for seed in a.seeds:
-        model = rb.seeded_model(seed)
-        model.load_state_dict(torch.load(a.models / f"20-0.2-{a.attack}-{seed}.pt"))
-        model.eval()
+        model = rb.load_saved(a.models, a.attack, seed)
         base = rb.accuracy(model, select.x, select.y)
         mean_norm = float(clean.x.norm(dim=1).mean())
         for eps in a.ibau_eps:

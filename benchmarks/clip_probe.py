@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     for h in ("seed", "candidate", "setting", "select acc", "test acc", "ASR"):
         table.add_column(h, justify="right")
     for seed in a.seeds:
-        model = rb.seeded_model(seed)
-        model.load_state_dict(torch.load(a.models / f"20-0.2-{a.attack}-{seed}{rb.trigger_tag(trigger)}.pt"))
-        model.eval()
+        model = rb.load_saved(a.models, a.attack, seed, trigger)
         base = accuracy(model, select.x, select.y)
         r = rb.measure(model, xt, yt, trigger)
         table.add_row(

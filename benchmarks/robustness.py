@@ -551,6 +551,29 @@ def trigger_tag(trigger: tuple[int | None, str]) -> str:
     return "" if trigger == DEFAULT_TRIGGER else f"-trigger{trigger[0]}{trigger[1]}"
 
 
+def saved_path(
+    models: Path,
+    clients: int,
+    fraction: float,
+    attack: str,
+    seed: int,
+    defence: str = "none",
+    trigger: tuple[int | None, str] = DEFAULT_TRIGGER,
+) -> Path:
+    """Where ``--models`` keeps the final model of one training run (``defence`` "none": the undefended one)."""
+    tag = ("" if defence == "none" else f"-{defence}") + trigger_tag(trigger)
+    return models / f"{clients}-{fraction}-{attack}-{seed}{tag}.pt"
+
+
+def load_saved(
+    models: Path, attack: str, seed: int, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+) -> MNIST1DCNN:
+    """The saved undefended model of the 20-client, 20 % run ``attack``/``seed``/``trigger``, in eval mode."""
+    model = seeded_model(seed)
+    model.load_state_dict(torch.load(saved_path(models, 20, 0.2, attack, seed, trigger=trigger)))
+    return model.eval()
+
+
 def seeded_model(seed: int) -> MNIST1DCNN:
     """fedavg.yaml's model, its initial weights seeded."""
     L.seed_everything(seed, verbose=False)
@@ -666,7 +689,6 @@ def run_seed(
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
     trigger = (args.trigger_start, args.trigger_pattern)
-    tag_of_trigger = trigger_tag(trigger)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -705,9 +727,8 @@ def run_seed(
                 for defence in defences:
                     t0 = time.perf_counter()
                     attack = make_attack(attack_name, fraction, seed, args.boost, trigger)
-                    tag = ("" if defence == "none" else f"-{defence}") + tag_of_trigger
                     saved = (
-                        args.models / f"{clients}-{fraction}-{attack_name}-{seed}{tag}.pt"
+                        saved_path(args.models, clients, fraction, attack_name, seed, defence, trigger)
                         if args.models is not None and backdoor and defence != "feddf"
                         else None
                     )

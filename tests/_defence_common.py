@@ -31,6 +31,11 @@ def run_and_resume(tmp_path, make_callback: Callable[[], object]):
     """Run 3 rounds with one fresh callback; run 2 rounds, then resume that run to 3 with another (under a different
     global seed); assert both end with the same weights. Returns the full run's result, its callback and the
     resumed callback."""
+    return run_and_resume_models(tmp_path, make_callback)[:3]
+
+
+def run_and_resume_models(tmp_path, make_callback: Callable[[], object]):
+    """:func:`run_and_resume`, also returning the full run's and the resumed run's final models."""
     L.seed_everything(0)
     full, first = MNIST1DCNN(), make_callback()
     res = fedloop(tmp_path / "a", 3, [first]).fit(full, dm())
@@ -41,4 +46,4 @@ def run_and_resume(tmp_path, make_callback: Callable[[], object]):
     fedloop(tmp_path / "b", 3, [again]).fit(resumed, dm(), resume=run)
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
-    return res, first, again
+    return res, first, again, full, resumed

@@ -9,7 +9,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from _defence_common import dm, fedloop, mnist_clean
+from _defence_common import dm, mnist_clean, run_and_resume_models
 from safetensors.torch import load_file
 from torch import nn
 
@@ -89,22 +89,13 @@ def test_in_fedloop_logs_and_a_resumed_run_clips_identically(tmp_path):
     def cb():
         return ActivationClip(clean=mnist_clean(), layers=["conv1", "conv2", "conv3"], at=[1], quantile=0.99)
 
-    L.seed_everything(0)
-    full, first = MNIST1DCNN(), cb()
-    res = fedloop(tmp_path / "a", 3, [first]).fit(full, dm())
-    L.seed_everything(0)
-    run = fedloop(tmp_path / "b", 2, [cb()]).fit(MNIST1DCNN(), dm()).run_dir  # killed after round 2
-    L.seed_everything(1)
-    resumed, again = MNIST1DCNN(), cb()
-    fedloop(tmp_path / "b", 3, [again]).fit(resumed, dm(), resume=run)
+    res, first, again, full, resumed = run_and_resume_models(tmp_path, cb)
     assert {"clip_acc_before", "clip_acc_after"} <= res.history[
         1
     ].keys() and "clip_acc_after" not in res.history[0]
     assert again.done == [1] and set(again.bounds) == {"conv1", "conv2", "conv3"}
     for k, v in first.bounds.items():
         assert torch.equal(again.bounds[k], v), k
-    for k, v in full.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
     x = apply_trigger(mnist_clean().x[:50])
     full.eval()
     resumed.eval()

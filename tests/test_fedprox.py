@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_fit import quiet_loop, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed import FedLoop
 from lightning_fed.data import IID
 from lightning_fed.strategies import FedAvg, FedProx, FedProxClient
 
@@ -73,15 +73,7 @@ def _hand_two_steps(mu):
 
 def test_plain_trainer_two_sgd_steps_match_the_hand_computation():
     model = Linear()
-    trainer = L.Trainer(
-        max_steps=2,
-        callbacks=[FedProxClient(mu=MU)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(2, [FedProxClient(mu=MU)])
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=2))
     assert torch.allclose(model.w.detach(), _hand_two_steps(MU), atol=1e-6)
     assert not torch.allclose(_hand_two_steps(MU), _hand_two_steps(0.0), atol=1e-3)  # the term matters here
@@ -91,18 +83,8 @@ def test_fedloop_client_matches_the_hand_computation(tmp_path):
     """One client, one round, two local epochs of one full batch each: the global model is the hand result."""
     strategy = FedProx(mu=MU)
     assert strategy.client_callbacks() == [strategy.client] and strategy.client.mu == MU
-    loop = FedLoop(
-        num_clients=1,
-        clients_per_round=1,
-        rounds=1,
-        local_epochs=2,
-        partition=IID(),
-        strategy=strategy,
-        verbose=False,
-        plot=False,
-        checkpoint_every=0,
-        loggers=[],
-        output_dir=str(tmp_path),
+    loop = quiet_loop(
+        tmp_path, num_clients=1, clients_per_round=1, rounds=1, local_epochs=2, partition=IID(), strategy=strategy
     )
     model = Linear()
     loop.fit(model, Data())
@@ -113,18 +95,9 @@ def test_fedprox_mu_zero_is_fedavg(tmp_path):
     def run(strategy):
         L.seed_everything(0)
         model = Linear()
-        FedLoop(
-            num_clients=2,
-            clients_per_round=2,
-            rounds=2,
-            local_epochs=3,
-            strategy=strategy,
-            verbose=False,
-            plot=False,
-            checkpoint_every=0,
-            loggers=[],
-            output_dir=str(tmp_path),
-        ).fit(model, Data())
+        quiet_loop(tmp_path, num_clients=2, clients_per_round=2, rounds=2, local_epochs=3, strategy=strategy).fit(
+            model, Data()
+        )
         return model.w.detach().clone()
 
     assert torch.equal(run(FedProx(mu=0.0)), run(FedAvg()))

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_fit import quiet_loop, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed import FedLoop
 from lightning_fed.data import IID, Dirichlet
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.strategies import FedAvg, FedRS, FedRSClient
@@ -80,15 +80,7 @@ def _hand_step(alpha):
 
 def test_plain_trainer_step_matches_the_hand_gradient():
     model = Classifier()
-    trainer = L.Trainer(
-        max_steps=1,
-        callbacks=[FedRSClient(alpha=ALPHA)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(1, [FedRSClient(alpha=ALPHA)])
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=4))
     assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
     assert not torch.allclose(_hand_step(ALPHA), _hand_step(1.0), atol=1e-3)  # the scaling matters here
@@ -100,18 +92,14 @@ def test_fedloop_client_matches_the_hand_gradient(tmp_path):
     strategy = FedRS(alpha=ALPHA)
     assert strategy.client_callbacks() == [strategy.client] and strategy.client.alpha == ALPHA
     model = Classifier()
-    FedLoop(
+    quiet_loop(
+        tmp_path,
         num_clients=1,
         clients_per_round=1,
         rounds=1,
         local_epochs=1,
         partition=IID(),
         strategy=strategy,
-        verbose=False,
-        plot=False,
-        checkpoint_every=0,
-        loggers=[],
-        output_dir=str(tmp_path),
     ).fit(model, Data())
     assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
     assert not model._forward_hooks
@@ -138,18 +126,14 @@ def test_eval_mode_sees_plain_logits():
 def _fit(strategy, dm, tmp_path):
     L.seed_everything(0)
     model = MNIST1DCNN(channels=4)
-    FedLoop(
+    quiet_loop(
+        tmp_path,
         num_clients=3,
         clients_per_round=2,
         rounds=2,
         local_epochs=1,
         partition=Dirichlet(alpha=0.1, min_samples=10),
         strategy=strategy,
-        verbose=False,
-        plot=False,
-        checkpoint_every=0,
-        loggers=[],
-        output_dir=str(tmp_path),
         seed=0,
     ).fit(model, dm)
     return {k: v.clone() for k, v in model.state_dict().items()}
