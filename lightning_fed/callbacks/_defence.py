@@ -79,6 +79,28 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def layer_outputs(model: nn.Module, layer: str, x: Tensor, batch_size: int = 512) -> Iterator[Tensor]:
+    """The output of ``model``'s submodule ``layer`` on the records ``x``, one detached tensor per batch of
+    ``batch_size``, without gradients; the model runs in eval mode (its mode is restored when the batches end)."""
+    got: list[Tensor] = []
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        got.append((out[0] if isinstance(out, tuple | list) else out).detach())
+
+    was = model.training
+    model.eval()
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    dev = device_of(model)
+    try:
+        for i in range(0, len(x), batch_size):
+            with torch.no_grad():
+                model(x[i:i + batch_size].to(dev))
+            yield got.pop()
+    finally:
+        handle.remove()
+        model.train(was)
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Share of ``x`` that ``model`` classifies as ``y`` (eval mode; the mode is restored); ``nan`` for no records."""
     if len(x) == 0:

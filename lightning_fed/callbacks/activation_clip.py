@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_fed.callbacks._defence import CleanDataDefence, accuracy, device_of
+from lightning_fed.callbacks._defence import CleanDataDefence, accuracy, layer_outputs
 from lightning_fed.context import fed_context
 from lightning_fed.data.public import PublicData
 from lightning_fed.seeding import Stream
@@ -76,22 +76,7 @@ def save_bounds(bounds: Bounds, path: Path) -> None:
 @torch.no_grad()
 def layer_output(model: nn.Module, layer: str, x: Tensor, batch_size: int = 512) -> Tensor:
     """The output of ``model``'s submodule ``layer`` on the records ``x`` (eval mode; the mode is restored), on CPU."""
-    got: list[Tensor] = []
-
-    def hook(_m: nn.Module, _i: Any, out: Tensor) -> None:
-        got.append(out.detach().cpu())
-
-    was = model.training
-    model.eval()
-    handle = model.get_submodule(layer).register_forward_hook(hook)
-    dev = device_of(model)
-    try:
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size].to(dev))
-    finally:
-        handle.remove()
-        model.train(was)
-    return torch.cat(got)
+    return torch.cat([out.cpu() for out in layer_outputs(model, layer, x, batch_size)])
 
 
 def clip_bounds(out: Tensor, quantile: float, per_position: bool) -> Tensor:

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fed.callbacks._compress import torch_pruning
-from lightning_fed.callbacks._defence import accuracy, check_clean_settings, finetune, split_clean
+from lightning_fed.callbacks._defence import (
+    accuracy,
+    check_clean_settings,
+    finetune,
+    layer_outputs,
+    split_clean,
+)
 from lightning_fed.callbacks.pruning import StructuredPruning, _width
 from lightning_fed.context import fed_context
 from lightning_fed.data.public import PublicData
@@ -36,29 +42,15 @@ def mean_activation(model: nn.Module, layer: str, x: Tensor, relu: bool = True, 
     """The mean output of each output channel of ``model``'s submodule ``layer`` over the records ``x`` (and over
     every position of a channel: the mean over all dimensions but dimension 1), after a ReLU when ``relu``; the model
     runs in eval mode (its mode is restored). Returns a float64 CPU tensor ``[channels]``."""
-    sub = model.get_submodule(layer)
     sums: list[Tensor] = []
     counts: list[int] = []
-
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-        out = out[0] if isinstance(out, tuple | list) else out
-        a = out.detach().double()
+    for out in layer_outputs(model, layer, x, batch_size):
+        a = out.double()
         if relu:
             a = a.clamp_min(0)
         dims = [d for d in range(a.ndim) if d != 1]
         sums.append(a.sum(dim=dims).cpu())
         counts.append(a.numel() // a.shape[1])
-
-    was = model.training
-    model.eval()
-    handle = sub.register_forward_hook(hook)
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size].to(dev))
-    finally:
-        handle.remove()
-        model.train(was)
     return torch.stack(sums).sum(0) / sum(counts)
 
 
