@@ -21,7 +21,10 @@ Rows are attacks, columns defences:
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
   (radius chosen with ``--ibau-eps``), ``ANP`` (bound and threshold chosen with ``--anp-eps``) and
   ``ActivationClip`` (``clip``: conv1-3 clamped at per channel and position quantiles of the clean outputs, the
-  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`), on 500
+  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`) and ``TriggerUnlearn`` (``nc``: Neural Cleanse's
+  trigger inversion for every class, then unlearning of the flagged class's reversed trigger, or of the
+  smallest-mask class's when none is flagged (``--nc-fallback``); its learning rate chosen from ``--defence-lr``:
+  :func:`repair_nc`), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
@@ -88,6 +91,7 @@ from lightning_fed.callbacks import (
     LittleIsEnough,
     RoundLRDecay,
     SignFlip,
+    TriggerUnlearn,
     attack_success_rate,
 )
 from lightning_fed.callbacks._defence import accuracy
@@ -139,7 +143,7 @@ AGGREGATION = (
     "foolsgold",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -171,6 +175,7 @@ LABELS = {
     "ibau": "I-BAU",
     "anp": "ANP",
     "clip": "activation clipping",
+    "nc": "trigger unlearning (NC)",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -450,14 +455,16 @@ def post_defence(
     anp_threshold: float | None = None,
     anp_eps: float | None = None,
     clip_q: float | None = None,
+    nc_lr: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
     channels; I-BAU's radius is ``ibau_eps`` (default the largest ``--ibau-eps``); ANP (the paper's settings, on
     conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
     paper's); activation clipping (``"clip"``, per channel and position, conv1-3) bounds at the clean outputs' ``clip_q``
-    quantile (default the largest ``--clip-q``); every SGD step but ANP's mask updates uses ``lr`` (default the first
-    ``--defence-lr``)."""
+    quantile (default the largest ``--clip-q``); trigger unlearning (``"nc"``: ``--nc-steps`` inversion steps of 64
+    records, ``--nc-epochs`` of unlearning, ``--nc-fallback``) unlearns at ``nc_lr`` (default ``lr``); every SGD step but
+    ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -511,6 +518,16 @@ def post_defence(
         at=0,
         seed=seed,
     )
+    nc = TriggerUnlearn(
+        clean=clean,
+        num_classes=10,
+        at=0,
+        steps=args.nc_steps,
+        fallback=args.nc_fallback,
+        epochs=args.nc_epochs,
+        lr=lr if nc_lr is None else nc_lr,
+        seed=seed,
+    )
     return {
         "fp": [fp],
         "nad": [nad],
@@ -519,7 +536,36 @@ def post_defence(
         "ibau": [ibau],
         "anp": [anp],
         "clip": [clip],
+        "nc": [nc],
     }[name]
+
+
+def repair_nc(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> tuple[nn.Module, float, dict[str, Any]]:
+    """``(repaired copy, lr, detection)`` of trigger unlearning: the triggers are reversed once (the inversion does
+    not depend on the learning rate), then the unlearning runs at the largest ``--defence-lr`` whose repaired copy
+    stays within ``--select-drop`` of the unrepaired model's accuracy on the selection records (the smallest when
+    none does), as :func:`repair_selected` chooses. ``detection``: the flagged and the unlearnt classes, the largest
+    anomaly index, every class's mask norm, and the positions where the unlearnt masks exceed 0.5. Never the test
+    set, never the trigger."""
+    lrs = sorted(args.defence_lr, reverse=True)
+    base = accuracy(model, select.x, select.y)
+    nc = post_defence("nc", clean, seed, args, nc_lr=lrs[0])[0]
+    fixed = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100)  # as repair() seeds it
+        record = nc.defend(None, fixed, 0)  # inversion and unlearning at the largest lr
+    for lr in lrs[1:]:
+        if accuracy(fixed, select.x, select.y) >= base - args.select_drop:
+            break
+        nc.lr = lr  # unlearning again from the unrepaired model with the same reversed triggers and batches
+        fixed = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 100)
+            nc.unlearn(fixed, record["unlearned_classes"])
+    keys = ("flagged_classes", "unlearned_classes", "max_anomaly", "norms", "positions")
+    return fixed, nc.lr, {k: record[k] for k in keys}
 
 
 def repair_selected(
@@ -756,6 +802,7 @@ def run_seed(
                     emit(row)
                     chosen: list[float] = []  # fine-pruning's ratio for this model, chosen once
                     chosen_eps: list[float] = []  # I-BAU's radius for this model, chosen once
+                    detected: dict[str, Any] = {}  # what trigger unlearning flagged and unlearnt
                     for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
                         post = split_post(column)[1]
@@ -775,6 +822,8 @@ def run_seed(
                                 seed,
                             )
                             lr = anp_eps
+                        elif post == "nc":  # the reversed triggers once, the unlearning's lr chosen
+                            fixed, lr, detected = repair_nc(model, clean, select, seed, args)
                         elif post == "clip":  # no learning rate: the quantile
                             eps = choose_clip_quantile(model, clean, select, seed, args)
                             fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
@@ -789,6 +838,7 @@ def run_seed(
                                 "defence": column,
                                 **measure(fixed, x, y, trigger),
                                 "defence_lr": lr,
+                                **({"nc": detected} if post == "nc" else {}),
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
                                     {
@@ -1028,6 +1078,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="activation clipping: the bounds' quantile of the clean outputs; several: the smallest within "
         "--select-drop on the selection records",
     )
+    p.add_argument(
+        "--nc-steps",
+        type=int,
+        default=1000,
+        help="trigger unlearning: Adam steps of the inversion (64 records each)",
+    )
+    p.add_argument("--nc-epochs", type=int, default=10, help="trigger unlearning: epochs of unlearning")
+    p.add_argument(
+        "--nc-fallback",
+        default="smallest",
+        choices=("none", "smallest", "all"),
+        help="trigger unlearning when no class is flagged: nothing, the smallest-mask class's trigger, every class's",
+    )
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(
         "--defence-lr",
@@ -1093,7 +1156,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500
         args.min_samples, args.distill_steps = 2, 2
         args.fp_epochs = args.nad_epochs = args.mcr_epochs = args.ibau_rounds = 1
-        args.anp_iterations = 2
+        args.anp_iterations = args.nc_steps = 2
     return args
 
 

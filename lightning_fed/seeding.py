@@ -79,6 +79,9 @@ class Stream(IntEnum):
     """Adversarial neuron pruning's split of the clean data (no keys), its batches and perturbations (keys: round)."""
     ACTIVATION_CLIP = 26
     """Activation clipping's split of the clean data (no keys)."""
+    TRIGGER_UNLEARN = 28
+    """Trigger inversion and unlearning's split of the clean data (no keys), its inversions' starting points and
+    its unlearning batches (keys: round)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42

@@ -1,6 +1,6 @@
 """Callbacks: federated hooks and compression callbacks that work under lightning.Trainer and FedLoop, and simulated
 attacks (poisoned clients) and server-side backdoor defences (fine-pruning, NAD, mode connectivity repair, I-BAU, adversarial neuron pruning,
-activation clipping) for
+activation clipping, trigger inversion and unlearning) for
 FedLoop."""
 
 from lightning_fed.callbacks.activation_clip import ActivationClip
@@ -25,11 +25,12 @@ from lightning_fed.callbacks.pruning import StructuredPruning, replay_pruning
 from lightning_fed.callbacks.qat import QuantizationAware
 from lightning_fed.callbacks.sparsity import MagnitudeSparsity, SparseUplink
 from lightning_fed.callbacks.stragglers import Stragglers
+from lightning_fed.callbacks.trigger_unlearn import TriggerUnlearn
 
 __all__ = [
     "ANP", "DPSGD", "IBAU", "MCR", "NAD", "ActivationClip", "AssistantDistillation", "Attack", "Backdoor", "Detection", "Distillation", "EightBitOptimizer",
     "FedCallback", "FinePruning", "Footprint", "GaussianUpdate", "LabelFlip", "LittleIsEnough", "LocalDP",
     "MagnitudeSparsity", "MoERouting", "QuantizationAware",
     "RoundLRDecay", "SignFlip",
-    "SparseUplink", "Stragglers", "StructuredPruning", "attack_success_rate", "measure_footprint", "replay_pruning",
+    "SparseUplink", "Stragglers", "StructuredPruning", "TriggerUnlearn", "attack_success_rate", "measure_footprint", "replay_pruning",
 ]
