@@ -1157,6 +1157,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.min_samples, args.distill_steps = 2, 2
         args.fp_epochs = args.nad_epochs = args.mcr_epochs = args.ibau_rounds = 1
         args.anp_iterations = args.nc_steps = 2
+        args.nc_epochs = 1
     return args
 
 

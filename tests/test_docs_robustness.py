@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_nine_examples():
-    assert len(BLOCKS) == 9
+def test_there_are_ten_examples():
+    assert len(BLOCKS) == 10
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -98,8 +98,20 @@ def test_activation_clip_example_runs_and_the_deployed_copy_carries_the_bounds(t
         assert isinstance(hook, ClipHook) and torch.equal(hook.bound, bound)
 
 
-def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
+def test_trigger_unlearn_example_runs_and_writes_its_triggers(tmp_path):
+    import torch
+
     scope = _run(BLOCKS[8], tmp_path)
+    nc, record, triggers = scope["nc"], scope["record"], scope["triggers"]
+    assert nc.done == [2] and len(record["norms"]) == 10 and record["unlearned"] >= 1
+    assert record["unlearned_classes"] == (record["flagged_classes"] or [min(range(10), key=record["norms"].__getitem__)])
+    assert {"nc_acc_before", "nc_acc_after", "nc_flagged", "nc_unlearned"} <= scope["result"].history[-1].keys()
+    assert set(triggers) == {f"{k}_{c}" for k in ("mask", "pattern") for c in range(10)}
+    assert torch.equal(triggers["mask_0"], nc.masks[0])
+
+
+def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
+    scope = _run(BLOCKS[9], tmp_path)
     last, history = scope["strategy"].last, scope["result"].history
     assert len(last.scores) == 10 and all(0.0 <= w <= 1.0 for w in last.scores)
     assert last.dropped == [i for i, w in enumerate(last.scores) if w == 0.0]

@@ -296,6 +296,44 @@ def test_clip_column_chooses_its_quantile_on_the_selection_records(bench):
     )  # none: the loosest
 
 
+def test_nc_column_chooses_its_lr_on_the_selection_records_and_records_detection(bench):
+    from lightning_fed.data import PublicData
+
+    rows = bench.main(
+        [
+            "--quick",
+            "--fractions",
+            "0.2",
+            "--attacks",
+            "backdoor",
+            "--defences",
+            "nc",
+            "--defence-lr",
+            "0.01",
+            "0.05",
+            "--select-drop",
+            "1.0",
+        ]
+    )
+    assert {(r["attack"], r["defence"]) for r in rows} == {("backdoor", "none"), ("backdoor", "nc")}
+    (cell,) = [r for r in rows if r["defence"] == "nc"]
+    assert cell["defence_lr"] == 0.05  # any drop allowed: the largest
+    # the default fallback unlearns the smallest-mask class when none is flagged
+    det = cell["nc"]
+    assert len(det["norms"]) == 10 and det["unlearned_classes"]
+    assert det["flagged_classes"] or det["unlearned_classes"] == [min(range(10), key=det["norms"].__getitem__)]
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    strict = bench.parse(["--quick", "--defence-lr", "0.05", "0.01", "--select-drop", "-1.0"])
+    model = bench.seeded_model(0)
+    fixed, lr, _ = bench.repair_nc(model, clean, select, 0, strict)
+    assert lr == 0.01  # none within the budget: the smallest
+    # the same as the callback's own step at that lr
+    again = bench.repair(model, bench.post_defence("nc", clean, 0, strict, nc_lr=0.01), 0)
+    for k, v in again.state_dict().items():
+        assert torch.equal(fixed.state_dict()[k], v), k
+
+
 def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_path):
     from lightning_fed.callbacks import attack_success_rate
 
