@@ -79,6 +79,11 @@ class Stream(IntEnum):
     """Adversarial neuron pruning's split of the clean data (no keys), its batches and perturbations (keys: round)."""
     ACTIVATION_CLIP = 26
     """Activation clipping's split of the clean data (no keys)."""
+    FRESH_DISTILL = 29
+    """Distillation into a fresh model: the split of the clean data (no keys), the batches and augmentations, the
+    student's initialisation (keys: round)."""
+    SEAM = 30
+    """SEAM's split of the clean data (no keys), its random labels and batches (keys: round)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42
