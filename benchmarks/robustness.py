@@ -1088,7 +1088,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "selection records",
     )
     p.add_argument(
-        "--fresh-epochs", type=int, default=150, help="distillation into a fresh model: passes over the transfer set"
+        "--fresh-epochs",
+        type=int,
+        default=150,
+        help="distillation into a fresh model: passes over the transfer set",
     )
     p.add_argument(
         "--fresh-alpha",

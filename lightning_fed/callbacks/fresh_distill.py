@@ -133,16 +133,31 @@ class FreshDistill(CleanDataDefence):
     ) -> None:
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed)
         need(self.owner, epochs >= 1, "epochs", epochs, "an integer >= 1")
-        need(self.owner, proxy is None or isinstance(proxy, PublicData), "proxy", proxy,
-             "None or a PublicData (its inputs join the transfer set; labels are not used)")
+        need(
+            self.owner,
+            proxy is None or isinstance(proxy, PublicData),
+            "proxy",
+            proxy,
+            "None or a PublicData (its inputs join the transfer set; labels are not used)",
+        )
         need(self.owner, _number(temperature) and temperature > 0, "temperature", temperature, "> 0")
         need(self.owner, _number(alpha) and 0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
         need(self.owner, _number(noise) and noise >= 0, "noise", noise, ">= 0")
-        need(self.owner, isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0, "shift", shift,
-             "an integer >= 0")
+        need(
+            self.owner,
+            isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0,
+            "shift",
+            shift,
+            "an integer >= 0",
+        )
         need(self.owner, _number(mixup) and 0 <= mixup <= 0.5, "mixup", mixup, "in [0, 0.5]")
-        need(self.owner, isinstance(init_seed, int) and not isinstance(init_seed, bool), "init_seed", init_seed,
-             "an integer")
+        need(
+            self.owner,
+            isinstance(init_seed, int) and not isinstance(init_seed, bool),
+            "init_seed",
+            init_seed,
+            "an integer",
+        )
         self.proxy = proxy
         self.temperature = float(temperature)
         self.alpha = float(alpha)
@@ -189,8 +204,9 @@ class FreshDistill(CleanDataDefence):
                             lab = yb >= 0
                             loss = (1 - self.alpha) * loss
                             if bool(lab.any()):
-                                loss = loss + self.alpha * F.cross_entropy(student(xb[lab].to(dev)),
-                                                                           yb[lab].to(dev))
+                                loss = loss + self.alpha * F.cross_entropy(
+                                    student(xb[lab].to(dev)), yb[lab].to(dev)
+                                )
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -210,8 +226,12 @@ class FreshDistill(CleanDataDefence):
         agree = _agreement(pl_module, student, xe)
         with torch.no_grad():
             pl_module.load_state_dict(copy.deepcopy(student.state_dict()))
-        return {"acc_before": before, "acc_after": accuracy(pl_module, xe, ye), "agreement": agree,
-                "transfer": len(self.transfer_set()[0])}
+        return {
+            "acc_before": before,
+            "acc_after": accuracy(pl_module, xe, ye),
+            "agreement": agree,
+            "transfer": len(self.transfer_set()[0]),
+        }
 
 
 @torch.no_grad()

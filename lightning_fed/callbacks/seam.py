@@ -75,12 +75,27 @@ class SEAM(CleanDataDefence):
     ) -> None:
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed, need_holdout=True)
         need(self.owner, epochs >= 1, "epochs", epochs, "an integer >= 1")
-        need(self.owner, isinstance(forget_epochs, int) and not isinstance(forget_epochs, bool)
-             and forget_epochs >= 1, "forget_epochs", forget_epochs, "an integer >= 1")
-        need(self.owner, isinstance(forget_lr, int | float) and not isinstance(forget_lr, bool) and forget_lr > 0,
-             "forget_lr", forget_lr, "> 0")
-        need(self.owner, isinstance(forget_acc, int | float) and not isinstance(forget_acc, bool)
-             and 0 <= forget_acc <= 1, "forget_acc", forget_acc, "in [0, 1]")
+        need(
+            self.owner,
+            isinstance(forget_epochs, int) and not isinstance(forget_epochs, bool) and forget_epochs >= 1,
+            "forget_epochs",
+            forget_epochs,
+            "an integer >= 1",
+        )
+        need(
+            self.owner,
+            isinstance(forget_lr, int | float) and not isinstance(forget_lr, bool) and forget_lr > 0,
+            "forget_lr",
+            forget_lr,
+            "> 0",
+        )
+        need(
+            self.owner,
+            isinstance(forget_acc, int | float) and not isinstance(forget_acc, bool) and 0 <= forget_acc <= 1,
+            "forget_acc",
+            forget_acc,
+            "in [0, 1]",
+        )
         self.forget_epochs = forget_epochs
         self.forget_lr = float(forget_lr)
         self.forget_acc = float(forget_acc)
@@ -101,8 +116,12 @@ class SEAM(CleanDataDefence):
             if forgot <= self.forget_acc:
                 break
         finetune(pl_module, xt, yt, self.epochs, self.lr, self.momentum, self.batch_size, gen)
-        return {"acc_before": before, "acc_forgot": forgot, "acc_after": accuracy(pl_module, xe, ye),
-                "forget_epochs": run}
+        return {
+            "acc_before": before,
+            "acc_forgot": forgot,
+            "acc_after": accuracy(pl_module, xe, ye),
+            "forget_epochs": run,
+        }
 
 
 __all__ = ["SEAM"]
