@@ -12,7 +12,8 @@ Two phases on the server's clean records, neither of which needs the trigger:
    recalls it, since no record carries the trigger.
 
 The paper forgets on a small subset of the data and recovers on a held-out clean set; here both use the server's
-clean training part (the held-out part only measures).
+clean training part (the held-out part only measures). On MNIST-1D with 400 clean records the recovery does not
+bring the task back (47-55 % clean accuracy left after forgetting to near chance; benchmarks/RESULTS.md, "SEAM").
 """
 
 from __future__ import annotations
