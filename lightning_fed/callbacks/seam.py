@@ -4,12 +4,12 @@ Backdoor Effects in Trojaned Machine Learning Models", IEEE S&P 2023) as a serve
 Two phases on the server's clean records, neither of which needs the trigger:
 
 1. **forget**: SGD at a high learning rate ``forget_lr`` on the clean training records with **random** labels (one
-   uniformly drawn label per record, seeded), for at most ``forget_epochs`` epochs, stopping after the first epoch
+   label per record, drawn uniformly from the classes the clean data holds, seeded), for at most ``forget_epochs`` epochs, stopping after the first epoch
    at whose end the clean held-out accuracy is at most ``forget_acc`` (near chance). This catastrophic forgetting
    wipes out the task and, with it, the trigger's shortcut to the target class.
-2. **recover**: SGD at ``lr`` on the same clean records with their **true** labels for ``epochs`` epochs. The
-   primary task comes back quickly from what the network's features still hold; the backdoor has nothing that
-   recalls it, since no record carries the trigger.
+2. **recover**: SGD at ``lr`` on the same clean records with their **true** labels for ``epochs`` epochs. In the
+   paper the primary task comes back quickly from what the network's features still hold, and the backdoor has
+   nothing that recalls it, since no record carries the trigger.
 
 The paper forgets on a small subset of the data and recovers on a held-out clean set; here both use the server's
 clean training part (the held-out part only measures). On MNIST-1D with 400 clean records the recovery does not
