@@ -17,7 +17,7 @@ FedDF's distillation (:class:`~lightning_fed.strategies.FedDF`) starts its stude
 keeps their backdoor; starting from scratch is the difference.
 
 On MNIST-1D's backdoored CNN (benchmarks/RESULTS.md, "Distillation into a fresh model") it removes triggers that
-write an alternating +-3 pattern (under 2 % attack success, about 1 point of clean accuracy) but not triggers that
+write an alternating +-3 pattern (under 2 % attack success at 0.8-1.9 points of clean accuracy) but not triggers that
 write a constant +3 (64-94 % remain): the student learns those from the teacher's outputs on clean records alone.
 """
 
