@@ -21,10 +21,14 @@ Rows are attacks, columns defences:
 * post-training columns (backdoor rows only): ``FinePruning``, ``NAD``, ``MCR``, fine-pruning then NAD, ``IBAU``
   (radius chosen with ``--ibau-eps``), ``ANP`` (bound and threshold chosen with ``--anp-eps``) and
   ``ActivationClip`` (``clip``: conv1-3 clamped at per channel and position quantiles of the clean outputs, the
-  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`) and ``TriggerUnlearn`` (``nc``: Neural Cleanse's
+  quantile chosen from ``--clip-q``: :func:`choose_clip_quantile`), ``TriggerUnlearn`` (``nc``: Neural Cleanse's
   trigger inversion for every class, then unlearning of the flagged class's reversed trigger, or of the
   smallest-mask class's when none is flagged (``--nc-fallback``); its learning rate chosen from ``--defence-lr``:
-  :func:`repair_nc`), on 500
+  :func:`repair_nc`), ``FreshDistill`` (``fresh``: the model distilled
+  into a freshly initialised copy of its architecture on FedDF's 1,000 unlabelled proxy records and the clean
+  training records, their labels weighted ``--fresh-alpha``, the temperature chosen from ``--fresh-t``:
+  :func:`choose_fresh_temperature`) and ``SEAM`` (``seam``: forgetting with random labels at ``--seam-forget-lr``,
+  then ``--seam-epochs`` of recovery with the true ones), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
@@ -81,11 +85,13 @@ from lightning_fed.callbacks import (
     IBAU,
     MCR,
     NAD,
+    SEAM,
     ActivationClip,
     Backdoor,
     Detection,
     FedCallback,
     FinePruning,
+    FreshDistill,
     GaussianUpdate,
     LabelFlip,
     LittleIsEnough,
@@ -143,7 +149,7 @@ AGGREGATION = (
     "foolsgold",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc", "fresh", "seam")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -176,6 +182,8 @@ LABELS = {
     "anp": "ANP",
     "clip": "activation clipping",
     "nc": "trigger unlearning (NC)",
+    "fresh": "distillation into a fresh model",
+    "seam": "SEAM",
     "fp": "fine-pruning",
     "nad": "NAD",
     "mcr": "MCR",
@@ -195,6 +203,7 @@ FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANP_LAYERS = ["conv1", "conv2", "conv3"]
 CLIP_LAYERS = ["conv1", "conv2", "conv3"]
+FRESH_PROXY = (1000, 7)  # FreshDistill's unlabelled transfer records: FedDF's PublicData(1000, seed=7)
 
 
 class Oracle(RobustAggregator):
@@ -444,6 +453,25 @@ def choose_clip_quantile(
     return chosen
 
 
+def choose_fresh_temperature(
+    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+) -> tuple[float, nn.Module]:
+    """``(temperature, student)`` of distillation into a fresh model for ``model``, chosen like activation clipping's
+    quantile (:func:`choose_clip_quantile`): the lowest of ``--fresh-t`` (the least soft targets, which carry the
+    least of the teacher's behaviour off the clean records) whose student stays within ``--select-drop`` of the
+    unrepaired model's accuracy on the selection records (the highest when none does). Never the test set, never
+    the trigger."""
+    base = accuracy(model, select.x, select.y)
+    grid = sorted(args.fresh_t, reverse=True)
+    chosen: tuple[float, nn.Module] | None = None
+    for t in grid:
+        probe = repair(model, post_defence("fresh", clean, seed, args, fresh_t=t), seed)
+        if chosen is None or accuracy(probe, select.x, select.y) >= base - args.select_drop - 1e-9:
+            chosen = (t, probe)
+    assert chosen is not None
+    return chosen
+
+
 def post_defence(
     name: str,
     clean: PublicData,
@@ -456,6 +484,7 @@ def post_defence(
     anp_eps: float | None = None,
     clip_q: float | None = None,
     nc_lr: float | None = None,
+    fresh_t: float | None = None,
 ) -> list[Any]:
     """The post-training defence(s) of column ``name`` (``"fp"``, ``"nad"``, ``"mcr"``, ``"fp+nad"``, ``"ibau"``),
     fresh instances, applied in order; fine-pruning removes ``fp_ratio`` (default ``--fp-ratio``) of conv3's
@@ -463,8 +492,9 @@ def post_defence(
     conv1-3, bound ``anp_eps``: default the largest ``--anp-eps``) prunes below ``anp_threshold`` (default 0.2, the
     paper's); activation clipping (``"clip"``, per channel and position, conv1-3) bounds at the clean outputs' ``clip_q``
     quantile (default the largest ``--clip-q``); trigger unlearning (``"nc"``: ``--nc-steps`` inversion steps of 64
-    records, ``--nc-epochs`` of unlearning, ``--nc-fallback``) unlearns at ``nc_lr`` (default ``lr``); every SGD step but
-    ANP's mask updates uses ``lr`` (default the first ``--defence-lr``)."""
+    records, ``--nc-epochs`` of unlearning, ``--nc-fallback``) unlearns at ``nc_lr`` (default ``lr``); distillation
+    into a fresh model (``"fresh"``) runs at temperature ``fresh_t`` (default the largest ``--fresh-t``); every SGD
+    step but ANP's mask updates and SEAM's forgetting uses ``lr`` (default the first ``--defence-lr``)."""
     lr = args.defence_lr[0] if lr is None else lr
     ibau = IBAU(
         clean=clean,
@@ -528,6 +558,18 @@ def post_defence(
         lr=lr if nc_lr is None else nc_lr,
         seed=seed,
     )
+    fresh = FreshDistill(
+        clean=clean,
+        proxy=PublicData(num_samples=FRESH_PROXY[0], seed=FRESH_PROXY[1]),
+        at=0,
+        epochs=args.fresh_epochs,
+        lr=lr,
+        temperature=max(args.fresh_t) if fresh_t is None else fresh_t,
+        alpha=args.fresh_alpha,
+        init_seed=seed,
+        seed=seed,
+    )
+    seam = SEAM(clean=clean, at=0, forget_lr=args.seam_forget_lr, epochs=args.seam_epochs, lr=lr, seed=seed)
     return {
         "fp": [fp],
         "nad": [nad],
@@ -537,6 +579,8 @@ def post_defence(
         "anp": [anp],
         "clip": [clip],
         "nc": [nc],
+        "fresh": [fresh],
+        "seam": [seam],
     }[name]
 
 
@@ -828,6 +872,9 @@ def run_seed(
                             eps = choose_clip_quantile(model, clean, select, seed, args)
                             fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
                             lr = None
+                        elif post == "fresh":  # the first --defence-lr; the temperature is chosen
+                            eps, fixed = choose_fresh_temperature(model, clean, select, seed, args)
+                            lr = args.defence_lr[0]
                         else:
                             fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
@@ -842,9 +889,12 @@ def run_seed(
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
                                     {
-                                        {"ibau": "ibau_eps", "anp": "anp_threshold", "clip": "clip_quantile"}[
-                                            post
-                                        ]: eps
+                                        {
+                                            "ibau": "ibau_eps",
+                                            "anp": "anp_threshold",
+                                            "clip": "clip_quantile",
+                                            "fresh": "fresh_temperature",
+                                        }[post]: eps
                                     }
                                     if eps is not None
                                     else {}
@@ -1093,6 +1143,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ibau-steps", type=int, default=10, help="I-BAU: gradient-ascent steps per perturbation")
     p.add_argument(
+        "--fresh-t",
+        type=float,
+        nargs="+",
+        default=[4.0, 2.0, 1.0],
+        help="distillation into a fresh model: the temperature; several: the lowest within --select-drop on the "
+        "selection records",
+    )
+    p.add_argument(
+        "--fresh-epochs",
+        type=int,
+        default=150,
+        help="distillation into a fresh model: passes over the transfer set",
+    )
+    p.add_argument(
+        "--fresh-alpha",
+        type=float,
+        default=0.5,
+        help="distillation into a fresh model: weight of the clean records' cross-entropy (the rest: distillation)",
+    )
+    p.add_argument("--seam-forget-lr", type=float, default=0.1, help="SEAM: learning rate of the forgetting")
+    p.add_argument("--seam-epochs", type=int, default=30, help="SEAM: epochs of the recovery")
+    p.add_argument(
         "--defence-lr",
         type=float,
         nargs="+",
@@ -1158,6 +1230,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.fp_epochs = args.nad_epochs = args.mcr_epochs = args.ibau_rounds = 1
         args.anp_iterations = args.nc_steps = 2
         args.nc_epochs = 1
+        args.anp_iterations = 2
+        args.fresh_epochs = args.seam_epochs = 1
     return args
 
 

@@ -82,6 +82,11 @@ class Stream(IntEnum):
     TRIGGER_UNLEARN = 28
     """Trigger inversion and unlearning's split of the clean data (no keys), its inversions' starting points and
     its unlearning batches (keys: round)."""
+    FRESH_DISTILL = 29
+    """Distillation into a fresh model: the split of the clean data (no keys), the batches and augmentations, the
+    student's initialisation (keys: round)."""
+    SEAM = 30
+    """SEAM's split of the clean data (no keys), its random labels and batches (keys: round)."""
     SYSTEMS_PROFILES = 41
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42

@@ -119,3 +119,12 @@ def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
     totals = scope["detection"].totals()
     assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds
     assert sorted(scope["strategy"].history) == list(range(10))
+
+
+def test_fresh_distill_example_runs_and_replaces_the_model(tmp_path):
+    scope = _run(BLOCKS[9], tmp_path)
+    fresh, history = scope["fresh"], scope["result"].history
+    assert fresh.done == [2] and fresh.records[-1]["transfer"] == 500 + 160
+    assert {"fresh_acc_before", "fresh_acc_after", "fresh_agreement"} <= history[-1].keys()
+    assert "fresh_acc_after" not in history[0]
+    assert scope["seam"].forget_lr == 0.1

@@ -1,0 +1,261 @@
+"""Distillation into a freshly initialised model (after Yoshida & Fujino, "Disabling Backdoor and Identifying
+Poison Data by using Knowledge Distillation in Backdoor Attacks on Deep Neural Networks", AISec 2020; the
+observation behind Li et al.'s Neural Attention Distillation, ICLR 2021) as a server-side FedLoop callback.
+
+The backdoored global model is the teacher. A **new** model of the same architecture (every parameter re-drawn from
+its module's own initialiser under a seeded generator: it inherits nothing of the teacher's weights) is trained to
+match the teacher's softened outputs (:func:`~lightning_fed.callbacks.kd_losses.kd_loss` at ``temperature``) on a
+transfer set the server holds: the unlabelled ``proxy`` records (e.g. FedDF's ``PublicData(1000, seed=7)``) and the
+clean records' training part, optionally enlarged by cheap augmentations of each batch (Gaussian noise of
+``noise`` times the records' standard deviation, circular shifts of up to ``shift`` positions, mixup with up to a share ``mixup`` of another
+record). With ``alpha > 0`` the clean records' true labels add a cross-entropy term
+(``(1 - alpha) * KD + alpha * CE``; the labelled records of a batch only, unmixed). The trigger never appears in
+the transfer set, so the teacher's backdoor is never shown to the student; the student then replaces the global
+model's weights. No trigger knowledge is used.
+
+FedDF's distillation (:class:`~lightning_fed.strategies.FedDF`) starts its student from the averaged weights and so
+keeps their backdoor; starting from scratch is the difference.
+
+On MNIST-1D's backdoored CNN (benchmarks/RESULTS.md, "Distillation into a fresh model") it removes triggers that
+write an alternating +-3 pattern (under 2 % attack success at 0.8-1.9 points of clean accuracy) but not triggers that
+write a constant +3 (64-94 % remain): the student learns those from the teacher's outputs on clean records alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_fed.callbacks._defence import CleanDataDefence, accuracy, batches, device_of, model_copy
+from lightning_fed.callbacks.kd_losses import kd_loss
+from lightning_fed.data.public import PublicData
+from lightning_fed.seeding import Stream, derive_seed, generator
+from lightning_fed.validation import need
+
+
+def fresh_model(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every parameter re-initialised: each submodule's own ``reset_parameters`` under
+    torch's global generator seeded with ``seed`` (restored afterwards). Buffers are copied as they are.
+
+    Raises:
+        ValueError: a parameter of ``model`` belongs to no submodule with ``reset_parameters`` (it could not be
+            re-drawn, and would carry the teacher's values).
+    """
+    fresh = model_copy(model)
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    reset: set[str] = set()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, module in fresh.named_modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                reset.update(f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False))
+    kept = [n for n in before if n not in reset]
+    if kept:
+        raise ValueError(
+            f"FreshDistill: parameters {kept} of {type(model).__name__} belong to no submodule with "
+            "reset_parameters(); the student could not be freshly initialised"
+        )
+    return fresh
+
+
+def augment(x: Tensor, noise: float, shift: int, mixup: float, scale: float, gen: torch.Generator) -> Tensor:
+    """``x`` (``[B, ...]``, the last dimension a sequence) mixed with a shuffled copy of itself (``mixup > 0``: each
+    record takes a share drawn uniformly from ``[0, mixup]`` of another), circularly shifted by up to ``shift``
+    positions either way, plus Gaussian noise of standard deviation ``noise * scale``; every draw from ``gen``."""
+    out = x
+    if mixup > 0 and len(x) > 1:
+        share = mixup * torch.rand(len(x), generator=gen).view(-1, *([1] * (x.ndim - 1)))
+        out = (1 - share) * out + share * out[torch.randperm(len(x), generator=gen)]
+    if shift > 0:
+        steps = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        out = torch.stack([torch.roll(r, int(s), dims=-1) for r, s in zip(out, steps, strict=True)])
+    if noise > 0:
+        out = out + noise * scale * torch.randn(out.shape, generator=gen)
+    return out
+
+
+class FreshDistill(CleanDataDefence):
+    """Distillation of the global model into a freshly initialised student on the server at the end of the rounds in
+    ``at`` (module docstring); the student's weights replace the global model's. FedLoop only: under
+    ``lightning.Trainer`` it does nothing.
+
+    Round metrics at a step: ``fresh_acc_before`` (clean held-out accuracy of the global model, the teacher) and
+    ``fresh_acc_after`` (of the student, now the global model), ``fresh_agreement`` (share of the held-out records
+    on which they agree), ``fresh_transfer`` (records in the transfer set).
+
+    Example::
+
+        clean = PublicData(num_samples=500, seed=7, labeled=True)
+        proxy = PublicData(num_samples=1000, seed=7)
+        loop = FedLoop(..., callbacks=[FreshDistill(clean=clean, proxy=proxy), Backdoor(...)])
+
+    Args:
+        clean: the server's clean data, a labelled :class:`~lightning_fed.data.PublicData`; its training part joins
+            the transfer set, its held-out part measures clean accuracy.
+        proxy: unlabelled records added to the transfer set (``None``: the clean training part only).
+        at: 0-based rounds at whose end a step runs (an int or a list); ``None``: the run's last round.
+        holdout: share of the clean data held out to measure clean accuracy on, in ``[0, 1)``.
+        epochs: passes over the transfer set (>= 1).
+        lr, momentum, batch_size: SGD settings of the student (cosine-annealed to 0 over the epochs).
+        temperature: the distillation temperature (> 0).
+        alpha: weight of the clean records' cross-entropy, in ``[0, 1]`` (0: distillation only).
+        noise: Gaussian noise added to each transfer batch, in units of the transfer set's standard deviation
+            (>= 0; 0: none).
+        shift: largest circular shift of each transfer record, in positions (>= 0; 0: none).
+        mixup: largest share of another record of the batch mixed into each transfer record, in ``[0, 0.5]`` (0:
+            none).
+        init_seed: seed of the student's initialisation.
+        seed: seed of the clean split and of the batches and augmentations.
+    """
+
+    owner = "FreshDistill"
+    stream = Stream.FRESH_DISTILL
+    prefix = "fresh"
+
+    def __init__(
+        self,
+        clean: PublicData,
+        proxy: PublicData | None = None,
+        at: int | list[int] | None = None,
+        holdout: float = 0.2,
+        epochs: int = 60,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        batch_size: int = 64,
+        temperature: float = 4.0,
+        alpha: float = 0.0,
+        noise: float = 0.0,
+        shift: int = 0,
+        mixup: float = 0.0,
+        init_seed: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed)
+        need(self.owner, epochs >= 1, "epochs", epochs, "an integer >= 1")
+        need(
+            self.owner,
+            proxy is None or isinstance(proxy, PublicData),
+            "proxy",
+            proxy,
+            "None or a PublicData (its inputs join the transfer set; labels are not used)",
+        )
+        need(self.owner, _number(temperature) and temperature > 0, "temperature", temperature, "> 0")
+        need(self.owner, _number(alpha) and 0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
+        need(self.owner, _number(noise) and noise >= 0, "noise", noise, ">= 0")
+        need(
+            self.owner,
+            isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0,
+            "shift",
+            shift,
+            "an integer >= 0",
+        )
+        need(self.owner, _number(mixup) and 0 <= mixup <= 0.5, "mixup", mixup, "in [0, 0.5]")
+        need(
+            self.owner,
+            isinstance(init_seed, int) and not isinstance(init_seed, bool),
+            "init_seed",
+            init_seed,
+            "an integer",
+        )
+        self.proxy = proxy
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.noise = float(noise)
+        self.shift = shift
+        self.mixup = float(mixup)
+        self.init_seed = init_seed
+
+    def transfer_set(self) -> tuple[Tensor, Tensor]:
+        """``(x, y)``: the proxy records (label -1) followed by the clean training part (its labels)."""
+        xt, yt, _, _ = self.data()
+        if self.proxy is None:
+            return xt, yt
+        xp = self.proxy.x.to(xt.dtype)
+        return torch.cat([xp, xt]), torch.cat([torch.full((len(xp),), -1, dtype=yt.dtype), yt])
+
+    def distill(self, teacher: nn.Module, server_round: int) -> nn.Module:
+        """A student freshly initialised (``init_seed`` and the round) and trained to match ``teacher`` on the
+        transfer set; ``teacher`` is left unchanged."""
+        x, y = self.transfer_set()
+        dev = device_of(teacher)
+        student = fresh_model(teacher, derive_seed(self.init_seed, self.stream, server_round))
+        student.train()
+        was = teacher.training
+        teacher.eval()
+        grads = [p.requires_grad for p in teacher.parameters()]
+        teacher.requires_grad_(False)
+        gen = generator(self.seed, self.stream, server_round)
+        scale = float(x.float().std())
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        steps = self.epochs * -(-len(x) // self.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.epochs):
+                    for idx in batches(len(x), self.batch_size, gen):
+                        xb, yb = x[idx], y[idx]
+                        xa = augment(xb, self.noise, self.shift, self.mixup, scale, gen).to(dev)
+                        with torch.no_grad():
+                            t = teacher(xa)
+                        loss = kd_loss(student(xa), t, self.temperature)
+                        if self.alpha > 0:
+                            lab = yb >= 0
+                            loss = (1 - self.alpha) * loss
+                            if bool(lab.any()):
+                                loss = loss + self.alpha * F.cross_entropy(
+                                    student(xb[lab].to(dev)), yb[lab].to(dev)
+                                )
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+        finally:
+            for p, r in zip(teacher.parameters(), grads, strict=True):
+                p.requires_grad_(r)
+            teacher.train(was)
+        opt.zero_grad(set_to_none=True)
+        return student
+
+    def defend(self, trainer: Any, pl_module: nn.Module, server_round: int) -> dict[str, Any]:
+        """Distil ``pl_module`` into a fresh student and load the student's weights into ``pl_module``."""
+        xe, ye = self.eval_part()
+        before = accuracy(pl_module, xe, ye)
+        student = self.distill(pl_module, server_round)
+        agree = _agreement(pl_module, student, xe)
+        with torch.no_grad():
+            pl_module.load_state_dict(copy.deepcopy(student.state_dict()))
+        return {
+            "acc_before": before,
+            "acc_after": accuracy(pl_module, xe, ye),
+            "agreement": agree,
+            "transfer": len(self.transfer_set()[0]),
+        }
+
+
+@torch.no_grad()
+def _agreement(a: nn.Module, b: nn.Module, x: Tensor) -> float:
+    """Share of ``x`` on which ``a`` and ``b`` (both in eval mode; modes restored) predict the same class."""
+    if len(x) == 0:
+        return float("nan")
+    modes = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        dev = device_of(a)
+        return float((a(x.to(dev)).argmax(1) == b(x.to(dev)).argmax(1)).float().mean())
+    finally:
+        a.train(modes[0])
+        b.train(modes[1])
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+__all__ = ["FreshDistill", "augment", "fresh_model"]

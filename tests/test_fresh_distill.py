@@ -1,0 +1,157 @@
+"""Distillation into a fresh model: the student is freshly initialised (nothing of the teacher's weights, the same
+draw for the same seed), augmentations by hand, a backdoored model's trigger no longer works after the step while
+clean accuracy stays, FedLoop metrics and an identical resumed run, nothing under lightning.Trainer, bad settings
+named."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from _defence_common import backdoored_model, dm, mnist_clean, run_and_resume, trigger_success
+from torch import nn
+
+from lightning_fed.callbacks import FreshDistill
+from lightning_fed.callbacks._defence import accuracy
+from lightning_fed.callbacks.fresh_distill import augment, fresh_model
+from lightning_fed.data import PublicData
+from lightning_fed.models import MNIST1DCNN
+from lightning_fed.seeding import generator
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    return backdoored_model()
+
+
+def test_the_student_is_freshly_initialised():
+    torch.manual_seed(0)
+    teacher = MNIST1DCNN()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)  # far from any initialisation
+    before = copy.deepcopy(teacher.state_dict())
+    a, b, c = fresh_model(teacher, 5), fresh_model(teacher, 5), fresh_model(teacher, 6)
+    torch.manual_seed(123)
+    reference = MNIST1DCNN()  # the module initialisers under seed 5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        for m in reference.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the teacher is untouched
+        assert not torch.equal(a.state_dict()[k], v), k  # every tensor re-drawn
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k]), k  # seeded
+        assert torch.equal(a.state_dict()[k], reference.state_dict()[k]), k  # the module's own initialiser
+        assert not torch.equal(a.state_dict()[k], c.state_dict()[k]), k
+
+
+def test_a_parameter_no_initialiser_covers_is_refused():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with pytest.raises(ValueError, match=r"\['scale'\] .* reset_parameters"):
+        fresh_model(Scaled(), 0)
+
+
+def test_augment_by_hand():
+    x = torch.arange(12.0).view(3, 4)
+    assert torch.equal(augment(x, 0.0, 0, 0.0, 1.0, generator(0, 1)), x)
+    shifted = augment(x, 0.0, 1, 0.0, 1.0, generator(0, 1))
+    for row, out in zip(x, shifted, strict=True):  # each row rolled by -1, 0 or +1
+        assert any(torch.equal(out, torch.roll(row, s)) for s in (-1, 0, 1))
+    noisy = augment(x, 0.5, 0, 0.0, 2.0, generator(0, 1))
+    assert 0.3 < float((noisy - x).std()) < 1.8  # noise of std 0.5 * 2
+    x8 = torch.arange(32.0).view(8, 4)
+    g = generator(0, 1)  # the draws augment makes, in its order: the shares, then the partners
+    share = 0.5 * torch.rand(8, generator=g).view(-1, 1)
+    partner = torch.randperm(8, generator=g)
+    assert not torch.equal(partner, torch.arange(8))
+    assert torch.allclose(
+        augment(x8, 0.0, 0, 0.5, 1.0, generator(0, 1)), (1 - share) * x8 + share * x8[partner]
+    )
+    assert torch.equal(
+        augment(x, 0.2, 1, 0.3, 1.0, generator(3, 1)), augment(x, 0.2, 1, 0.3, 1.0, generator(3, 1))
+    )
+
+
+def test_the_trigger_no_longer_works_and_clean_accuracy_stays(backdoored):
+    model, x, y = backdoored
+    acc, asr = accuracy(model, x, y), trigger_success(model, x, y)
+    assert asr > 0.9 and acc > 0.5  # the backdoor works (chance: 0.1)
+    teacher = copy.deepcopy(model)
+    fd = FreshDistill(clean=PublicData(200, seed=7, labeled=True), proxy=PublicData(600, seed=9), epochs=30)
+    record = fd.defend(None, model, 0)
+    assert trigger_success(model, x, y) < 0.1
+    assert accuracy(model, x, y) > acc - 0.15
+    assert record["transfer"] == 600 + 160 and 0 <= record["agreement"] <= 1
+    for k, v in teacher.state_dict().items():
+        assert not torch.equal(model.state_dict()[k], v), k
+    again = copy.deepcopy(teacher)
+    FreshDistill(
+        clean=PublicData(200, seed=7, labeled=True), proxy=PublicData(600, seed=9), epochs=30
+    ).defend(None, again, 0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k  # deterministic
+
+
+def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
+    def cb():
+        return FreshDistill(
+            clean=mnist_clean(), proxy=PublicData(100, seed=9), at=[1], epochs=2, noise=0.1, shift=1
+        )
+
+    res, first, again = run_and_resume(tmp_path, cb)
+    assert {"fresh_acc_before", "fresh_acc_after", "fresh_agreement"} <= res.history[1].keys()
+    assert "fresh_acc_after" not in res.history[0]
+    assert again.done == [1] and again.records == first.records
+
+
+def test_does_nothing_under_lightning_trainer(tmp_path):
+    cb = FreshDistill(clean=mnist_clean(), at=0, epochs=1)
+    L.seed_everything(0)
+    model = MNIST1DCNN()
+    L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+    ).fit(model, dm())
+    assert cb.done == [] and cb.records == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"epochs": 0}, r"epochs=0 .* >= 1"),
+        ({"proxy": "x"}, r"proxy='x' .* PublicData"),
+        ({"temperature": 0}, r"temperature=0 .* > 0"),
+        ({"alpha": 1.5}, r"alpha=1\.5 .* in \[0, 1\]"),
+        ({"noise": -0.1}, r"noise=-0\.1 .* >= 0"),
+        ({"shift": 1.5}, r"shift=1\.5 .* integer >= 0"),
+        ({"mixup": 0.7}, r"mixup=0\.7 .* in \[0, 0\.5\]"),
+        ({"init_seed": "a"}, r"init_seed='a' .* integer"),
+        ({"lr": 0}, r"lr=0 .* > 0"),
+        ({"clean": PublicData(num_samples=10)}, r"clean=.* labelled PublicData"),
+    ],
+)
+def test_invalid_settings_name_the_key(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FreshDistill(**{"clean": mnist_clean(), **kw})
