@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_ten_examples():
-    assert len(BLOCKS) == 10
+def test_there_are_eleven_examples():
+    assert len(BLOCKS) == 11
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -122,7 +122,7 @@ def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
 
 
 def test_fresh_distill_example_runs_and_replaces_the_model(tmp_path):
-    scope = _run(BLOCKS[9], tmp_path)
+    scope = _run(BLOCKS[10], tmp_path)
     fresh, history = scope["fresh"], scope["result"].history
     assert fresh.done == [2] and fresh.records[-1]["transfer"] == 500 + 160
     assert {"fresh_acc_before", "fresh_acc_after", "fresh_agreement"} <= history[-1].keys()
