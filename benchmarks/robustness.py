@@ -12,7 +12,9 @@ Rows are attacks, columns defences:
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
   optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
-  multi-Krum mean), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, and a reply kept
+  only if its client's beta reputation, the share of its past and present replies that passed, is above 1/2),
+  ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -109,6 +111,7 @@ from lightning_fed.strategies import (
     Krum,
     NormBound,
     ReferenceFilter,
+    ReputationFilter,
     RobustAggregator,
     RobustLR,
     TrimmedMean,
@@ -136,6 +139,7 @@ AGGREGATION = (
     "fltrust",
     "refilter",
     "refilter_krum",
+    "reputation",
     "foolsgold",
     "oracle",
 )
@@ -150,6 +154,7 @@ DETECTS = {
     "weakdp": "clipped",
     "refilter": "dropped",
     "refilter_krum": "dropped",
+    "reputation": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -166,6 +171,7 @@ LABELS = {
     "fltrust": "FLTrust",
     "refilter": "reference filter (median)",
     "refilter_krum": "reference filter (multi-Krum)",
+    "reputation": "reputation filter (multi-Krum)",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -625,6 +631,9 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
+    elif defence == "reputation":  # the reference filter (multi-Krum) with the clients' records: as refilter_krum
+        byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
+        strategy = ReputationFilter(reference="krum", byzantine=byz, min_cosine=0.0, max_norm_ratio=3.0)
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
@@ -634,7 +643,8 @@ def train(
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            detection = Detection(attack, strategy if defence == "foolsgold" else agg, flag=DETECTS[defence])
+            owner = strategy if defence in ("foolsgold", "reputation") else agg  # strategies that keep `last`
+            detection = Detection(attack, owner, flag=DETECTS[defence])
             callbacks.append(detection)
         if defence == "foolsgold":
             weight_log = WeightLog(attack, strategy)
@@ -916,7 +926,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 (
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
-                        "/ recall % (replies dropped by multi-Krum, FLAME, the reference filters and the oracle, given "
+                        "/ recall % (replies dropped by multi-Krum, FLAME, the reference and reputation filters and the oracle, given "
                         "trust 0 by FLTrust, weight 0 by FoolsGold, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],
