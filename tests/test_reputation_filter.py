@@ -73,6 +73,26 @@ def test_three_rounds_by_hand():
     assert strategy.reputation(3) == 0.6 and strategy.reputation(99) == 0.5  # never seen: the prior
 
 
+@pytest.mark.parametrize("memory", [True, False])
+def test_norm_memory_against_a_long_majority(memory):
+    strategy, _ = make(norm_memory=memory)
+    strategy.aggregate(0, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [-4.0, -2.0])])
+    # the kept norms of round 0 are 1, 1.414, 2.236, 1: their (lower) median 1
+    assert strategy.kept_norm == pytest.approx(1.0)
+    # round 1: three new clients send long updates the honest way (norms 5.66, 5, 5): the round's median norm is 5
+    # (bound 15: they pass); remembered, the bound is 3 x 1: they fail
+    before = strategy.global_flat.clone()
+    replies = [reply(0, [1.0, 0.0]), reply(1, [1.0, 1.0]), reply(5, [4.0, 4.0]), reply(6, [4.0, 3.0])]
+    strategy.aggregate(1, [*replies, reply(7, [3.0, 4.0])])
+    if memory:
+        assert strategy.last.dropped == [2, 3, 4] and strategy.last.bound == pytest.approx(3.0)
+        assert (strategy.global_flat - before).tolist() == pytest.approx([1.0, 0.5])
+        assert strategy.counts[5] == (0, 1)
+    else:
+        assert strategy.last.dropped == [] and strategy.last.bound == pytest.approx(15.0)
+        assert (strategy.global_flat - before).tolist() == pytest.approx([2.6, 2.4])
+
+
 def test_example_weights_of_the_kept_replies():
     strategy, start = make()
     replies = [reply(0, [1.0, 0.0], n=30), reply(1, [1.0, 1.0], n=10), reply(2, [-3.0, -3.0], n=60)]
@@ -106,16 +126,18 @@ def test_state_dict_round_trip_continues_identically():
     b, _ = make()
     b.load_state_dict(state)
     assert b.counts == a.counts and torch.equal(a.global_flat, b.global_flat)
+    assert state["reputation"]["kept_norm"].item() == pytest.approx(1.0) and b.kept_norm == a.kept_norm
     nxt = [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [0.5, 0.5]), reply(7, [1.0, 0.5])]
     a.aggregate(1, nxt)
     b.aggregate(1, nxt)
     assert torch.equal(a.global_flat, b.global_flat) and a.last.dropped == b.last.dropped == [4]
-    assert a.counts == b.counts
+    assert a.counts == b.counts and a.kept_norm == b.kept_norm
     empty, _ = make()
     assert empty.state_dict()["reputation"]["counts"].shape == (0, 2)
+    assert empty.state_dict()["reputation"]["kept_norm"].isnan()
     old = {k: v for k, v in a.state_dict().items() if k != "reputation"}  # a checkpoint without counts
     b.load_state_dict(old)
-    assert b.counts == {}
+    assert b.counts == {} and b.kept_norm is None
 
 
 @pytest.mark.parametrize(
@@ -132,6 +154,7 @@ def test_state_dict_round_trip_continues_identically():
         ({"max_norm_ratio": float("inf")}, "max_norm_ratio=inf is not allowed"),
         ({"min_reputation": 1.0}, "min_reputation=1.0 is not allowed; min_reputation must be in \\[0, 1\\)"),
         ({"min_reputation": -0.1}, "min_reputation=-0.1 is not allowed"),
+        ({"norm_memory": 1}, "norm_memory=1 is not allowed; norm_memory must be True or False"),
         ({"server_lr": 0}, "server_lr=0 is not allowed"),
     ],
 )

@@ -8,7 +8,10 @@ one round cannot. Every round:
 
 1. **verdict**: the reference filter's test of every reply (:func:`~.reference_filter.filter_mask`: cosine to the
    round's median or multi-Krum mean above ``min_cosine`` and norm at most ``max_norm_ratio`` times the round's
-   median norm): *pass* or *fail*.
+   median norm): *pass* or *fail*. With ``norm_memory`` (the default) the length test's reference is the smaller
+   of the round's median norm and the median norm of the replies kept in the last aggregated round: the round's
+   own median is set by its majority, and in a round where most sampled clients are malicious (which happens by
+   chance with many clients and few per round) that majority is the attackers'; the last kept replies' is not.
 2. **reputation**: each client holds the counts of its passes ``a`` and fails ``b`` over the rounds it was sampled,
    this round's verdict included; its reputation is the mean of the Beta(``a + 1``, ``b + 1``) posterior,
    ``(a + 1) / (a + b + 2)`` (the beta reputation system of Josang and Ismail, "The Beta Reputation System", Bled
@@ -19,9 +22,9 @@ one round cannot. Every round:
    replies mostly fail is dropped also in the rounds it passes.
 4. the example-weighted mean of the kept replies (the strategy's ``aggregator``, given only the kept replies).
 
-The counts are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only when a round aggregates: a
-refused round (no reply kept, or fewer replies than the reference needs) changes nothing. Memory: two integers per
-client ever seen. No clean data, no knowledge of the attack; the thresholds are fixed, not tuned.
+The counts and the remembered norm are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only
+when a round aggregates: a refused round (no reply kept, or fewer replies than the reference needs) changes
+nothing. Memory: two integers per client ever seen. No clean data, no knowledge of the attack; the thresholds are fixed, not tuned.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class ReputationFilter(FedAvg):
         max_norm_ratio: the filter's norm bound, times the round's median norm (> 1).
         min_reputation: a reply is kept only if its client's reputation is above this, in ``[0, 1)`` (1/2: more
             passes than fails).
+        norm_memory: the length test's reference norm is the smaller of the round's median norm and the median
+            norm of the last aggregated round's kept replies (``False``: the round's median alone, as
+            :class:`~lightning_fed.strategies.ReferenceFilter`).
         server_lr: as :class:`~lightning_fed.strategies.FedAvg`.
         aggregator: the rule over the kept replies (``None``: their example-weighted mean).
         server_optimizer: as :class:`~lightning_fed.strategies.FedAvg`.
@@ -87,6 +93,7 @@ class ReputationFilter(FedAvg):
         min_cosine: float = 0.0,
         max_norm_ratio: float = 3.0,
         min_reputation: float = 0.5,
+        norm_memory: bool = True,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -126,12 +133,16 @@ class ReputationFilter(FedAvg):
             min_reputation,
             "in [0, 1)",
         )
+        need(name, isinstance(norm_memory, bool), "norm_memory", norm_memory, "True or False")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.reference = reference
         self.byzantine = byzantine
         self.min_cosine = float(min_cosine)
         self.max_norm_ratio = float(max_norm_ratio)
         self.min_reputation = float(min_reputation)
+        self.norm_memory = norm_memory
+        self.kept_norm: float | None = None
+        """The median norm of the replies kept in the last aggregated round (``None`` before the first)."""
         self.counts: dict[int, tuple[int, int]] = {}
         """Per client id, ``(passes, fails)`` of the filter over the rounds it was sampled and aggregated."""
         self.last: AggregationReport | None = None
@@ -159,6 +170,10 @@ class ReputationFilter(FedAvg):
         x = torch.stack([spec.as_flat(r.payload).float() for r in replies])
         ref = reference_(torch.empty_like(x[0]), x, self.reference, self.byzantine)
         passed, _, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio)
+        norms = torch.linalg.vector_norm(x.double(), dim=1)
+        if self.norm_memory and self.kept_norm is not None and self.max_norm_ratio * self.kept_norm < bound:
+            bound = self.max_norm_ratio * self.kept_norm
+            passed &= norms <= bound
         updated: dict[int, tuple[int, int]] = {}
         for r, ok in zip(replies, passed.tolist(), strict=True):
             a, b = updated.get(r.client_id, self.counts.get(r.client_id, (0, 0)))
@@ -179,6 +194,7 @@ class ReputationFilter(FedAvg):
         )
         self.server_optimizer.step(flat, update)
         self.counts.update(updated)  # only once the round aggregated: a refused round changes nothing
+        self.kept_norm = float(norms[keep].median())
         dropped = [i for i in range(len(replies)) if i not in set(keep)]
         vetoed = [i for i in dropped if bool(passed[i])]
         self.last = AggregationReport(
@@ -199,19 +215,28 @@ class ReputationFilter(FedAvg):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """FedAvg's state plus the counts: the client ids (ascending) and one ``[clients, 2]`` tensor of
-        ``(passes, fails)``."""
+        """FedAvg's state plus the counts (the client ids, ascending, and one ``[clients, 2]`` tensor of
+        ``(passes, fails)``) and the remembered norm (``nan`` before the first aggregated round)."""
         ids = sorted(self.counts)
         counts = torch.tensor([list(self.counts[i]) for i in ids], dtype=torch.long).reshape(len(ids), 2)
         return {
             **super().state_dict(),
-            "reputation": {"clients": torch.tensor(ids, dtype=torch.long), "counts": counts},
+            "reputation": {
+                "clients": torch.tensor(ids, dtype=torch.long),
+                "counts": counts,
+                "kept_norm": torch.tensor(
+                    math.nan if self.kept_norm is None else self.kept_norm, dtype=torch.float64
+                ),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore FedAvg's state and the counts (a checkpoint without them starts with none)."""
+        """Restore FedAvg's state, the counts and the remembered norm (a checkpoint without them starts with
+        none)."""
         super().load_state_dict(state)
         saved = state.get("reputation")
+        kept = math.nan if saved is None else float(saved.get("kept_norm", math.nan))
+        self.kept_norm = None if math.isnan(kept) else kept
         self.counts = (
             {}
             if saved is None
@@ -224,7 +249,7 @@ class ReputationFilter(FedAvg):
     def __repr__(self) -> str:
         return (
             f"ReputationFilter(reference={self.reference!r}, byzantine={self.byzantine}, min_cosine={self.min_cosine}, "
-            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation})"
+            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory})"
         )
 
 
