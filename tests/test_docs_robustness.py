@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_nine_examples():
-    assert len(BLOCKS) == 9
+def test_there_are_ten_examples():
+    assert len(BLOCKS) == 10
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -107,3 +107,12 @@ def test_foolsgold_example_runs_and_its_report_matches_its_weights(tmp_path):
     totals = scope["detection"].totals()
     assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds
     assert sorted(scope["strategy"].history) == list(range(10))
+
+
+def test_reputation_filter_example_runs_and_its_records_match(tmp_path):
+    scope = _run(BLOCKS[9], tmp_path)
+    strategy, history = scope["strategy"], scope["result"].history
+    assert sorted(strategy.counts) == list(range(10)) and all(a + b == 3 for a, b in strategy.counts.values())
+    assert history[-1]["rep_dropped"] == float(len(strategy.last.dropped))
+    totals = scope["detection"].totals()
+    assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds
