@@ -93,31 +93,6 @@ def test_norm_memory_against_a_long_majority(memory):
         assert (strategy.global_flat - before).tolist() == pytest.approx([2.6, 2.4])
 
 
-@pytest.mark.parametrize("guard", [True, False])
-def test_direction_guard_against_a_majority_pulling_back(guard):
-    strategy, _ = make(direction_guard=guard)
-    strategy.aggregate(0, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [-4.0, -2.0])])
-    if guard:
-        assert strategy.last_update.tolist() == pytest.approx([1.0, 0.75])  # the applied mean
-    # round 1: three new clients point back (the median is [-0.5, -0.5]): they pass the filter, clients 0 and 1 fail
-    # it; the reference's cosine with the last update [1, 0.75] is < 0: guarded, and none of the three points its way
-    replies = [reply(5, [-1.0, -1.0]), reply(6, [-1.0, -0.5]), reply(7, [-0.5, -1.0])]
-    before = strategy.global_flat.clone()
-    if guard:
-        with pytest.raises(AggregationRefused, match="none of the 5 replies"):
-            strategy.aggregate(1, [*replies, reply(0, [1.0, 0.0]), reply(1, [1.0, 1.0])])
-        assert torch.equal(strategy.global_flat, before) and 5 not in strategy.counts
-        state = strategy.state_dict()["reputation"]["last_update"]
-        restored, _ = make(direction_guard=True)
-        restored.load_state_dict(strategy.state_dict())
-        assert torch.equal(restored.last_update, state) and state.tolist() == pytest.approx([1.0, 0.75])
-    else:
-        metrics = strategy.aggregate(1, [*replies, reply(0, [1.0, 0.0]), reply(1, [1.0, 1.0])])
-        assert strategy.last.dropped == [3, 4] and metrics["rep_guarded"] == 0.0
-        assert (strategy.global_flat - before).tolist() == pytest.approx([-2.5 / 3, -2.5 / 3])
-        assert strategy.state_dict()["reputation"]["last_update"].numel() == 0
-
-
 def test_example_weights_of_the_kept_replies():
     strategy, start = make()
     replies = [reply(0, [1.0, 0.0], n=30), reply(1, [1.0, 1.0], n=10), reply(2, [-3.0, -3.0], n=60)]
@@ -180,10 +155,6 @@ def test_state_dict_round_trip_continues_identically():
         ({"min_reputation": 1.0}, "min_reputation=1.0 is not allowed; min_reputation must be in \\[0, 1\\)"),
         ({"min_reputation": -0.1}, "min_reputation=-0.1 is not allowed"),
         ({"norm_memory": 1}, "norm_memory=1 is not allowed; norm_memory must be True or False"),
-        (
-            {"direction_guard": "yes"},
-            "direction_guard='yes' is not allowed; direction_guard must be True or False",
-        ),
         ({"server_lr": 0}, "server_lr=0 is not allowed"),
     ],
 )
