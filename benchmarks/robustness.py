@@ -15,8 +15,7 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only; ``reputation_guard``: with the direction
-  guard, a round whose reference points against the last applied update keeps only replies that point its way), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -143,7 +142,6 @@ AGGREGATION = (
     "refilter_krum",
     "reputation",
     "reputation_roundnorm",
-    "reputation_guard",
     "foolsgold",
     "oracle",
 )
@@ -160,7 +158,6 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
-    "reputation_guard": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -179,7 +176,6 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
-    "reputation_guard": "reputation filter (multi-Krum), direction guard",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -642,15 +638,14 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
-    elif defence in ("reputation", "reputation_roundnorm", "reputation_guard"):  # refilter_krum's test with the clients' records
+    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
         byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
         strategy = ReputationFilter(
             reference="krum",
             byzantine=byz,
             min_cosine=0.0,
             max_norm_ratio=3.0,
-            norm_memory=defence != "reputation_roundnorm",
-            direction_guard=defence == "reputation_guard",
+            norm_memory=defence == "reputation",
         )
     else:
         strategy = FedAvg(aggregator=agg)

@@ -20,9 +20,6 @@ one round cannot. Every round:
    default: more passes than fails). A client with a clean record is still dropped in a round it fails (as by the
    reference filter: a client that turns malicious is caught in every round the filter catches it); a client whose
    replies mostly fail is dropped also in the rounds it passes.
-   With ``direction_guard``, a round whose reference has cosine ``<= 0`` with the last update the server applied
-   (its majority pulls against the direction of the last kept replies) is *guarded*: a reply is kept in it only if
-   it also has cosine ``> 0`` with that update (not counted in the verdicts).
 4. the example-weighted mean of the kept replies (the strategy's ``aggregator``, given only the kept replies).
 
 The counts and the remembered norm are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only
@@ -83,8 +80,6 @@ class ReputationFilter(FedAvg):
         norm_memory: the length test's reference norm is the smaller of the round's median norm and the median
             norm of the last aggregated round's kept replies (``False``: the round's median alone, as
             :class:`~lightning_fed.strategies.ReferenceFilter`).
-        direction_guard: in a round whose reference points against the last applied update (cosine ``<= 0``),
-            keep only replies that point its way (checkpointed: that update, one flat vector).
         server_lr: as :class:`~lightning_fed.strategies.FedAvg`.
         aggregator: the rule over the kept replies (``None``: their example-weighted mean).
         server_optimizer: as :class:`~lightning_fed.strategies.FedAvg`.
@@ -99,7 +94,6 @@ class ReputationFilter(FedAvg):
         max_norm_ratio: float = 3.0,
         min_reputation: float = 0.5,
         norm_memory: bool = True,
-        direction_guard: bool = False,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -140,7 +134,6 @@ class ReputationFilter(FedAvg):
             "in [0, 1)",
         )
         need(name, isinstance(norm_memory, bool), "norm_memory", norm_memory, "True or False")
-        need(name, isinstance(direction_guard, bool), "direction_guard", direction_guard, "True or False")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.reference = reference
         self.byzantine = byzantine
@@ -149,9 +142,6 @@ class ReputationFilter(FedAvg):
         self.min_reputation = float(min_reputation)
         self.norm_memory = norm_memory
         self.kept_norm: float | None = None
-        self.direction_guard = direction_guard
-        self.last_update: torch.Tensor | None = None
-        """The last update the server applied (the kept replies' mean), with ``direction_guard``."""
         """The median norm of the replies kept in the last aggregated round (``None`` before the first)."""
         self.counts: dict[int, tuple[int, int]] = {}
         """Per client id, ``(passes, fails)`` of the filter over the rounds it was sampled and aggregated."""
@@ -190,13 +180,6 @@ class ReputationFilter(FedAvg):
             updated[r.client_id] = (a + 1, b) if ok else (a, b + 1)
         scores = [beta_reputation(*updated[r.client_id]) for r in replies]
         keep = [i for i, ok in enumerate(passed.tolist()) if ok and scores[i] > self.min_reputation]
-        guarded = False
-        if self.direction_guard and self.last_update is not None:
-            last = self.last_update.double()
-            if float(torch.linalg.vector_norm(last)) > 0 and float(ref.double() @ last) <= 0:
-                guarded = True
-                along = (x.double() @ last) > 0
-                keep = [i for i in keep if bool(along[i])]
         if not keep:
             raise AggregationRefused(
                 f"{self!r}: none of the {len(replies)} replies passes the filter and the record"
@@ -212,8 +195,6 @@ class ReputationFilter(FedAvg):
         self.server_optimizer.step(flat, update)
         self.counts.update(updated)  # only once the round aggregated: a refused round changes nothing
         self.kept_norm = float(norms[keep].median())
-        if self.direction_guard:
-            self.last_update = update.detach().clone()
         dropped = [i for i in range(len(replies)) if i not in set(keep)]
         vetoed = [i for i in dropped if bool(passed[i])]
         self.last = AggregationReport(
@@ -230,7 +211,6 @@ class ReputationFilter(FedAvg):
             **self.aggregator.report(),
             "rep_dropped": float(len(dropped)),
             "rep_vetoed": float(len(vetoed)),
-            "rep_guarded": float(guarded),
             "rep_s": self.last.seconds,
         }
 
@@ -244,7 +224,6 @@ class ReputationFilter(FedAvg):
             "reputation": {
                 "clients": torch.tensor(ids, dtype=torch.long),
                 "counts": counts,
-                "last_update": torch.zeros(0) if self.last_update is None else self.last_update.clone(),
                 "kept_norm": torch.tensor(
                     math.nan if self.kept_norm is None else self.kept_norm, dtype=torch.float64
                 ),
@@ -258,8 +237,6 @@ class ReputationFilter(FedAvg):
         saved = state.get("reputation")
         kept = math.nan if saved is None else float(saved.get("kept_norm", math.nan))
         self.kept_norm = None if math.isnan(kept) else kept
-        last = None if saved is None else saved.get("last_update")
-        self.last_update = None if last is None or last.numel() == 0 else last.clone()
         self.counts = (
             {}
             if saved is None
@@ -272,7 +249,7 @@ class ReputationFilter(FedAvg):
     def __repr__(self) -> str:
         return (
             f"ReputationFilter(reference={self.reference!r}, byzantine={self.byzantine}, min_cosine={self.min_cosine}, "
-            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory}, direction_guard={self.direction_guard})"
+            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory})"
         )
 
 
