@@ -656,7 +656,8 @@ def train(
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            owner = agg if agg is not None else strategy  # FoolsGold, ReputationFilter: strategies that keep `last`
+            # FoolsGold and ReputationFilter are strategies that keep `last`; the other rules are aggregators
+            owner = agg if agg is not None else strategy
             detection = Detection(attack, owner, flag=DETECTS[defence])
             callbacks.append(detection)
         if defence == "foolsgold":
