@@ -24,7 +24,8 @@ one round cannot. Every round:
 
 The counts and the remembered norm are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only
 when a round aggregates: a refused round (no reply kept, or fewer replies than the reference needs) changes
-nothing. Memory: two integers per client ever seen. No clean data, no knowledge of the attack; the thresholds are fixed, not tuned.
+nothing. Memory: two integers per client ever seen. No clean data, no knowledge of the attack; the thresholds are
+fixed, not tuned.
 """
 
 from __future__ import annotations
