@@ -12,7 +12,10 @@ Rows are attacks, columns defences:
   multi-``Krum``, ``NormBound`` (the round's median norm), ``WeakDP``, ``FLAME``, ``RobustLR`` (theta one more
   than the expected attackers per round; ``rlr``: the disputed coordinates' rate negated, ``rlr_zero``: zeroed), ``FLTrust`` (the server's update on 100 clean root records, the clients'
   optimizer settings), ``ReferenceFilter`` (``refilter``: the round's median as reference; ``refilter_krum``: the
-  multi-Krum mean), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
+  from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
+  client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
+  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -106,7 +109,7 @@ from lightning_fed.callbacks.attacks import Attack, float_items, shard_tensors
 from lightning_fed.callbacks.backdoor import PATTERNS
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
-from lightning_fed.errors import RoundsFailed
+from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.seeding import generator
 from lightning_fed.strategies import (
@@ -119,6 +122,7 @@ from lightning_fed.strategies import (
     Krum,
     NormBound,
     ReferenceFilter,
+    ReputationFilter,
     RobustAggregator,
     RobustLR,
     TrimmedMean,
@@ -146,6 +150,8 @@ AGGREGATION = (
     "fltrust",
     "refilter",
     "refilter_krum",
+    "reputation",
+    "reputation_roundnorm",
     "foolsgold",
     "oracle",
 )
@@ -160,6 +166,8 @@ DETECTS = {
     "weakdp": "clipped",
     "refilter": "dropped",
     "refilter_krum": "dropped",
+    "reputation": "dropped",
+    "reputation_roundnorm": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -176,6 +184,8 @@ LABELS = {
     "fltrust": "FLTrust",
     "refilter": "reference filter (median)",
     "refilter_krum": "reference filter (multi-Krum)",
+    "reputation": "reputation filter (multi-Krum)",
+    "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -210,7 +220,8 @@ class Oracle(RobustAggregator):
     """Benchmark only, never a defence: drops exactly the replies of the attack's malicious clients (which a server
     cannot know) and takes the weighted mean of the rest: what "FedAvg on the honest replies" reaches, the ceiling
     of any filter. :attr:`feed` (a callback the run must add) tells it, every round, which positions are
-    malicious."""
+    malicious. A round whose replies are all malicious has no honest reply to average: it is refused (the loop skips
+    it), as a filter that drops every reply does."""
 
     def __init__(self, attack: Attack) -> None:
         super().__init__()
@@ -219,10 +230,12 @@ class Oracle(RobustAggregator):
         self.feed = OracleFeed(self)
 
     def combine(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, report: AggregationReport) -> None:
-        """The weighted mean of the honest rows (all rows when every reply is malicious)."""
+        """The weighted mean of the honest rows; refused when every reply is malicious."""
         keep = [i for i in range(x.shape[0]) if i not in set(self.drop)]
-        report.dropped = [i for i in range(x.shape[0]) if i not in set(keep)] if keep else []
-        _weighted_mean_(out, x, w, torch.tensor(keep) if keep else None)
+        if not keep:
+            raise AggregationRefused(f"Oracle: the {x.shape[0]} replies are all malicious")
+        report.dropped = [i for i in range(x.shape[0]) if i not in set(keep)]
+        _weighted_mean_(out, x, w, torch.tensor(keep))
 
 
 class OracleFeed(FedCallback):
@@ -715,6 +728,15 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
+    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
+        byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
+        strategy = ReputationFilter(
+            reference="krum",
+            byzantine=byz,
+            min_cosine=0.0,
+            max_norm_ratio=3.0,
+            norm_memory=defence == "reputation",
+        )
     else:
         strategy = FedAvg(aggregator=agg)
     callbacks: list[Any] = [RoundLRDecay(schedule="cosine", min_scale=0.1)]
@@ -724,7 +746,9 @@ def train(
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            detection = Detection(attack, strategy if defence == "foolsgold" else agg, flag=DETECTS[defence])
+            # FoolsGold and ReputationFilter are strategies that keep `last`; the other rules are aggregators
+            owner = agg if agg is not None else strategy
+            detection = Detection(attack, owner, flag=DETECTS[defence])
             callbacks.append(detection)
         if defence == "foolsgold":
             weight_log = WeightLog(attack, strategy)
@@ -1016,7 +1040,7 @@ def grids(rows: list[dict[str, Any]]) -> list[Grid]:
                 (
                     (
                         f"{clients} clients, {100 * fraction:.0f} % malicious: detection over the run, precision % "
-                        "/ recall % (replies dropped by multi-Krum, FLAME, the reference filters and the oracle, given "
+                        "/ recall % (replies dropped by multi-Krum, FLAME, the reference and reputation filters and the oracle, given "
                         "trust 0 by FLTrust, weight 0 by FoolsGold, clipped by the norm bounds)"
                     ),
                     ["attack", *[LABELS[d] for d in detecting]],

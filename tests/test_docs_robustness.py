@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_eleven_examples():
-    assert len(BLOCKS) == 11
+def test_there_are_twelve_examples():
+    assert len(BLOCKS) == 12
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -128,3 +128,10 @@ def test_fresh_distill_example_runs_and_replaces_the_model(tmp_path):
     assert {"fresh_acc_before", "fresh_acc_after", "fresh_agreement"} <= history[-1].keys()
     assert "fresh_acc_after" not in history[0]
     assert scope["seam"].forget_lr == 0.1
+def test_reputation_filter_example_runs_and_its_records_match(tmp_path):
+    scope = _run(BLOCKS[11], tmp_path)
+    strategy, history = scope["strategy"], scope["result"].history
+    assert sorted(strategy.counts) == list(range(10)) and all(a + b == 3 for a, b in strategy.counts.values())
+    assert history[-1]["rep_dropped"] == float(len(strategy.last.dropped))
+    totals = scope["detection"].totals()
+    assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds

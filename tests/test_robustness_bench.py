@@ -434,3 +434,34 @@ def test_norm_constrained_replies_reach_the_server_at_twice_the_unboosted_norm(b
     assert plain and plain.keys() == capped.keys()
     for cid, n in plain.items():
         assert capped[cid] == pytest.approx(2.0 * n, rel=1e-4)
+
+
+def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(bench):
+    from lightning_fed.errors import AggregationRefused
+    from lightning_fed.strategies.robust import AggregationReport
+
+    rows = bench.main(
+        [
+            "--quick",
+            "--fractions",
+            "0.2",
+            "--attacks",
+            "sign_flip",
+            "--defences",
+            "reputation",
+            "reputation_roundnorm",
+        ]
+    )
+    by = {r["defence"]: r for r in rows}
+    assert set(by) == {"reputation", "reputation_roundnorm"}
+    assert all(set(r["detection"]) == {"precision", "recall", "tp", "fp", "fn"} for r in rows)
+    oracle = bench.Oracle(bench.make_attack("sign_flip", 0.2, 0, 5.0))
+    x, w = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0.5, 0.5])
+    oracle.drop = [1]
+    out = torch.empty(2)
+    report = AggregationReport()
+    oracle.combine(out, x, w, report)
+    assert out.tolist() == [1.0, 0.0] and report.dropped == [1]
+    oracle.drop = [0, 1]  # every reply malicious: no honest reply to average
+    with pytest.raises(AggregationRefused, match="the 2 replies are all malicious"):
+        oracle.combine(out, x, w, AggregationReport())

@@ -24,6 +24,7 @@ from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.fltrust import FLTrust
 from lightning_fed.strategies.foolsgold import FoolsGold
 from lightning_fed.strategies.reference_filter import ReferenceFilter
+from lightning_fed.strategies.reputation_filter import ReputationFilter
 from lightning_fed.strategies.robust import (
     CoordinateMedian,
     Krum,
@@ -81,6 +82,7 @@ __all__ = [
     "NormBound",
     "PersonalLayers",
     "ReferenceFilter",
+    "ReputationFilter",
     "RobustAggregator",
     "RobustLR",
     "Scaffold",
