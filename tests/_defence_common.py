@@ -22,6 +22,17 @@ def dm() -> MNIST1DDataModule:
     return MNIST1DDataModule(batch_size=32, num_samples=600)
 
 
+def trainer_fit(tmp_path, callbacks: list, seed: int = 0) -> MNIST1DCNN:
+    """A seeded MNIST1DCNN fitted by a plain, quiet ``lightning.Trainer`` for 2 training batches with ``callbacks``
+    (where a FedLoop-only defence must do nothing); returns the model."""
+    L.seed_everything(seed)
+    model = MNIST1DCNN()
+    L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+              callbacks=callbacks).fit(model, dm())
+    return model
+
+
 def mnist_clean() -> PublicData:
     """100 labelled clean records the server holds (generator seed 7)."""
     return PublicData(num_samples=100, seed=7, labeled=True)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
-from _defence_common import dm, mnist_clean, run_and_resume_models
+from _defence_common import mnist_clean, run_and_resume_models, trainer_fit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -111,19 +110,7 @@ def test_in_fedloop_logs_and_a_resumed_run_clips_identically(tmp_path):
 
 def test_does_nothing_under_lightning_trainer(tmp_path):
     cb = ActivationClip(clean=mnist_clean(), layers=["conv1"], at=0)
-    L.seed_everything(0)
-    model = MNIST1DCNN()
-    L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb],
-    ).fit(model, dm())
+    model = trainer_fit(tmp_path, [cb])
     assert cb.done == [] and cb.bounds == {} and not model.conv1._forward_hooks
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import copy
 import warnings
 
-import lightning as L
 import pytest
 import torch
-from _defence_common import backdoored_model, dm, mnist_clean, run_and_resume, trigger_success
+from _defence_common import backdoored_model, mnist_clean, run_and_resume, trainer_fit, trigger_success
 from torch import nn
 
 from lightning_fed.callbacks import FreshDistill
@@ -121,19 +120,7 @@ def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
 
 def test_does_nothing_under_lightning_trainer(tmp_path):
     cb = FreshDistill(clean=mnist_clean(), at=0, epochs=1)
-    L.seed_everything(0)
-    model = MNIST1DCNN()
-    L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb],
-    ).fit(model, dm())
+    trainer_fit(tmp_path, [cb])
     assert cb.done == [] and cb.records == []
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
-from _defence_common import dm, mnist_clean, run_and_resume
+from _defence_common import mnist_clean, run_and_resume, trainer_fit
 from torch import nn
 
 from lightning_fed.callbacks import IBAU
@@ -76,18 +75,9 @@ def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
 
 
 def test_does_nothing_under_lightning_trainer(tmp_path):
-    def fit(model, callbacks):
-        L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                  callbacks=callbacks).fit(model, data)
-
-    data = dm()
-    L.seed_everything(0)
-    plain = MNIST1DCNN()
-    fit(plain, [])
-    L.seed_everything(0)
-    defended, cb = MNIST1DCNN(), IBAU(clean=mnist_clean(), at=0)
-    fit(defended, [cb])
+    plain = trainer_fit(tmp_path, [])
+    cb = IBAU(clean=mnist_clean(), at=0)
+    defended = trainer_fit(tmp_path, [cb])
     assert cb.done == []
     for k, v in plain.state_dict().items():
         assert torch.equal(defended.state_dict()[k], v), k

@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 import warnings
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _defence_common import dm, mnist_clean, run_and_resume_models
+from _defence_common import mnist_clean, run_and_resume_models, trainer_fit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -172,18 +171,7 @@ def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
 
 def test_does_nothing_under_lightning_trainer(tmp_path):
     cb = TriggerUnlearn(clean=mnist_clean(), num_classes=10, at=0, steps=2)
-    L.seed_everything(0)
-    L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb],
-    ).fit(MNIST1DCNN(), dm())
+    trainer_fit(tmp_path, [cb])
     assert cb.done == [] and cb.masks == {}
 
 
