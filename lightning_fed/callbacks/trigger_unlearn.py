@@ -77,19 +77,8 @@ def success(
 ) -> float:
     """Share of the records ``x`` that ``model`` (eval mode; its mode is restored) classifies as ``target`` once
     the trigger ``(mask, pattern)`` is stamped; ``nan`` for no records."""
-    if len(x) == 0:
-        return float("nan")
-    was = model.training
-    model.eval()
-    dev = device_of(model)
-    hits = 0
-    try:
-        for i in range(0, len(x), batch_size):
-            out = model(stamp(x[i : i + batch_size].to(dev), mask.to(dev), pattern.to(dev)))
-            hits += int((out.argmax(dim=1) == target).sum())
-    finally:
-        model.train(was)
-    return hits / len(x)
+    stamped = stamp(x, mask.to(x.device), pattern.to(x.device))
+    return accuracy(model, stamped, torch.full((len(x),), target, dtype=torch.long), batch_size)
 
 
 def invert_triggers(
