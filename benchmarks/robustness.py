@@ -4,7 +4,12 @@ Setting ``20`` is fedavg.yaml's (MNIST1DCNN with 25 channels, SGD lr 0.05 moment
 Dirichlet(0.5) label split, 10 per round, cosine client-LR decay to 10 %); setting ``100`` is the same with 100
 clients (40 records each), 10 per round. ``--rounds`` and ``--local-epochs`` are the benchmark's (fewer than the
 recipe's 100 x 5: ``--curve`` measures clean FedAvg's test accuracy against the rounds to choose them). A fixed,
-seeded set of ``fraction`` of the clients is malicious (``mode="fixed"``); the attack's seed is the run's seed.
+seeded set of ``fraction`` of the clients is malicious (``mode="fixed"``); the attack's seed is the run's seed, or
+the run's seed plus ``--attack-seed-offset K`` (the training, the client sampling and the data keep the run's seed):
+with ``K`` 0 (the default) the fixed set draws from the same permutation as round index 12's client sample
+(``Stream.ATTACK_CLIENTS`` is 12), so at 100 clients the 13th round samples only malicious clients; any other ``K``
+seeds the set apart from the sampler. Each attack row records its ``attack_seed``; saved models of ``K`` != 0 are
+named apart (``-attackseed+K``).
 
 Rows are attacks, columns defences:
 
@@ -654,6 +659,12 @@ def trigger_tag(trigger: tuple[int | None, str]) -> str:
     return "" if trigger == DEFAULT_TRIGGER else f"-trigger{trigger[0]}{trigger[1]}"
 
 
+def attack_seed_tag(offset: int) -> str:
+    """The saved model's name suffix of an ``--attack-seed-offset``: none for 0 (the names are unchanged),
+    ``-attackseed+1`` otherwise, so a model trained against another malicious set is saved apart."""
+    return "" if offset == 0 else f"-attackseed{offset:+d}"
+
+
 def saved_path(
     models: Path,
     clients: int,
@@ -662,9 +673,14 @@ def saved_path(
     seed: int,
     defence: str = "none",
     trigger: tuple[int | None, str] = DEFAULT_TRIGGER,
+    attack_seed_offset: int = 0,
 ) -> Path:
     """Where ``--models`` keeps the final model of one training run (``defence`` "none": the undefended one)."""
-    tag = ("" if defence == "none" else f"-{defence}") + trigger_tag(trigger)
+    tag = (
+        ("" if defence == "none" else f"-{defence}")
+        + trigger_tag(trigger)
+        + attack_seed_tag(attack_seed_offset)
+    )
     return models / f"{clients}-{fraction}-{attack}-{seed}{tag}.pt"
 
 
@@ -840,9 +856,19 @@ def run_seed(
                         defences.insert(0, rule)
                 for defence in defences:
                     t0 = time.perf_counter()
-                    attack = make_attack(attack_name, fraction, seed, args.boost, trigger)
+                    attack_seed = seed + args.attack_seed_offset
+                    attack = make_attack(attack_name, fraction, attack_seed, args.boost, trigger)
                     saved = (
-                        saved_path(args.models, clients, fraction, attack_name, seed, defence, trigger)
+                        saved_path(
+                            args.models,
+                            clients,
+                            fraction,
+                            attack_name,
+                            seed,
+                            defence,
+                            trigger,
+                            args.attack_seed_offset,
+                        )
                         if args.models is not None and backdoor and defence != "feddf"
                         else None
                     )
@@ -862,6 +888,7 @@ def run_seed(
                         "fraction": fraction,
                         "attack": attack_name,
                         "defence": defence,
+                        "attack_seed": attack_seed,
                         **({"trigger": list(trigger)} if trigger != DEFAULT_TRIGGER else {}),
                         **measure(model, x, y, trigger),
                         **rec,
@@ -1231,6 +1258,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["head"],
         help="FoolsGold: the indicative layers whose update histories are compared (default: the output layer)",
+    )
+    p.add_argument(
+        "--attack-seed-offset",
+        type=int,
+        default=0,
+        help="every attack's seed is the run's seed plus this (training, sampling and data keep the run's seed); "
+        "0, the default, shares the fixed malicious set's permutation with round index 12's client sample",
     )
     p.add_argument("--fg-kappa", type=float, default=1.0, help="FoolsGold: the logit's confidence kappa")
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")

@@ -321,7 +321,9 @@ def test_nc_column_chooses_its_lr_on_the_selection_records_and_records_detection
     # the default fallback unlearns the smallest-mask class when none is flagged
     det = cell["nc"]
     assert len(det["norms"]) == 10 and det["unlearned_classes"]
-    assert det["flagged_classes"] or det["unlearned_classes"] == [min(range(10), key=det["norms"].__getitem__)]
+    assert det["flagged_classes"] or det["unlearned_classes"] == [
+        min(range(10), key=det["norms"].__getitem__)
+    ]
     clean = PublicData(num_samples=60, seed=7, labeled=True)
     select = PublicData(num_samples=40, seed=8, labeled=True)
     strict = bench.parse(["--quick", "--defence-lr", "0.05", "0.01", "--select-drop", "-1.0"])
@@ -465,3 +467,42 @@ def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(ben
     oracle.drop = [0, 1]  # every reply malicious: no honest reply to average
     with pytest.raises(AggregationRefused, match="the 2 replies are all malicious"):
         oracle.combine(out, x, w, AggregationReport())
+
+
+def test_attack_seed_offset_moves_the_malicious_set_off_round_13s_sample(bench, monkeypatch, tmp_path):
+    from lightning_fed.callbacks.attacks import malicious_clients
+    from lightning_fed.plan import sample_clients
+
+    def all_malicious_rounds(attack_seed: int) -> list[int]:  # 100 clients, 10 a round, run seed 0, 20 rounds
+        bad = set(malicious_clients(0.2, 100, attack_seed))
+        return [r for r in range(20) if set(sample_clients(0, r, 100, 10)) <= bad]
+
+    assert all_malicious_rounds(0) == [12]  # the collision: Stream.ATTACK_CLIENTS is round index 12's stream
+    assert all_malicious_rounds(1) == []
+    assert malicious_clients(0.2, 100, 0) != malicious_clients(0.2, 100, 1)
+    seen = []
+
+    def train(args, clients, seed, attack, defence, out, **kwargs):  # no training: what the run would get
+        seen.append((seed, attack.seed))
+        return bench.seeded_model(seed), {}, None
+
+    monkeypatch.setattr(bench, "train", train)
+    argv = [
+        "--quick",
+        "--clients",
+        "100",
+        "--fractions",
+        "0.2",
+        "--attacks",
+        "sign_flip",
+        "--defences",
+        "none",
+    ]
+    assert bench.parse(argv).attack_seed_offset == 0
+    (row,) = bench.main([*argv, "--attack-seed-offset", "1", "--seeds", "2"])
+    assert seen == [(2, 3)] and row["seed"] == 2 and row["attack_seed"] == 3
+    (row,) = bench.main(argv)
+    assert seen[-1] == (0, 0) and row["attack_seed"] == 0
+    assert bench.saved_path(tmp_path, 100, 0.2, "backdoor", 0).name == "100-0.2-backdoor-0.pt"
+    named = bench.saved_path(tmp_path, 100, 0.2, "backdoor", 0, attack_seed_offset=1)
+    assert named.name == "100-0.2-backdoor-0-attackseed+1.pt"
