@@ -1298,12 +1298,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     console = Console(width=250)
     if args.load:
-        cells = {}  # a cell in a later file replaces the same cell in an earlier one, unless it only reused a
-        for (
-            path
-        ) in args.load:  # saved model (its training run's record, e.g. detection, is in the earlier file)
+        # A cell in a later file replaces the same cell (the same trigger and attack seed too) in an earlier one,
+        # unless it only reused a saved model (its training run's record, e.g. detection, is in the earlier file).
+        cells = {}
+        for path in args.load:
             for r in json.loads(path.read_text()):
-                key = (r["clients"], r["seed"], r["fraction"], r["attack"], r["defence"])
+                key = (
+                    r["clients"],
+                    r["seed"],
+                    r["fraction"],
+                    r["attack"],
+                    r["defence"],
+                    tuple(r.get("trigger") or ()),
+                    r.get("attack_seed", r["seed"]),
+                )
                 if not (r.get("reused") and key in cells):
                     cells[key] = r
         rows = list(cells.values())

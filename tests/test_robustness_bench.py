@@ -123,6 +123,23 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     assert kept["detection"] == rows_by["normbound"]["detection"]
 
 
+def test_load_keeps_cells_of_other_triggers_and_attack_seeds_apart(bench, tmp_path):
+    base = {"clients": 20, "seed": 0, "fraction": 0.2, "attack": "backdoor", "defence": "none", "acc": 0.8, "asr": 1.0,
+            "seconds": 1.0}
+    rows = [
+        base,
+        {**base, "attack_seed": 0, "acc": 0.7},  # the same cell as the first (offset 0): replaces it
+        {**base, "attack_seed": 1, "acc": 0.6},
+        {**base, "trigger": [18, "constant"], "acc": 0.5},
+    ]
+    files = []
+    for i, r in enumerate(rows):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps([r]))
+    merged = bench.main(["--load", *map(str, files)])
+    assert sorted(r["acc"] for r in merged) == [0.5, 0.6, 0.7]
+
+
 def test_fine_pruning_ratio_is_chosen_on_the_selection_records(bench):
     from lightning_fed.data import PublicData
 
