@@ -22,6 +22,8 @@ to checkpoint. On flat buffers: one ``[n, d]`` stack, a median (or a Gram matrix
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,39 @@ from lightning_fed.strategies.robust import (
 from lightning_fed.validation import need
 
 REFERENCES = ("median", "krum")
+
+
+def check_filter_settings(
+    name: str, reference: str, byzantine: int, min_cosine: float, max_norm_ratio: float
+) -> None:
+    """Raise a clear ``ValueError`` (``name`` first) unless the filter's settings are valid: ``reference`` one of
+    :data:`REFERENCES`, ``byzantine`` an integer >= 0, ``min_cosine`` in ``[-1, 1)``, ``max_norm_ratio`` a finite
+    number > 1."""
+    need(name, reference in REFERENCES, "reference", reference, f"one of {REFERENCES}")
+    need(
+        name,
+        isinstance(byzantine, int) and not isinstance(byzantine, bool) and byzantine >= 0,
+        "byzantine",
+        byzantine,
+        "an integer >= 0",
+    )
+    need(
+        name,
+        isinstance(min_cosine, int | float) and not isinstance(min_cosine, bool) and -1 <= min_cosine < 1,
+        "min_cosine",
+        min_cosine,
+        "in [-1, 1)",
+    )
+    need(
+        name,
+        isinstance(max_norm_ratio, int | float)
+        and not isinstance(max_norm_ratio, bool)
+        and math.isfinite(max_norm_ratio)
+        and max_norm_ratio > 1,
+        "max_norm_ratio",
+        max_norm_ratio,
+        "a finite number > 1",
+    )
 
 
 def reference_(out: Tensor, x: Tensor, reference: str, byzantine: int) -> Tensor:
@@ -89,30 +124,7 @@ class ReferenceFilter(RobustAggregator):
         max_norm_ratio: float = 3.0,
     ) -> None:
         super().__init__()
-        need("ReferenceFilter", reference in REFERENCES, "reference", reference, f"one of {REFERENCES}")
-        need(
-            "ReferenceFilter",
-            isinstance(byzantine, int) and not isinstance(byzantine, bool) and byzantine >= 0,
-            "byzantine",
-            byzantine,
-            "an integer >= 0",
-        )
-        need(
-            "ReferenceFilter",
-            isinstance(min_cosine, int | float) and not isinstance(min_cosine, bool) and -1 <= min_cosine < 1,
-            "min_cosine",
-            min_cosine,
-            "in [-1, 1)",
-        )
-        need(
-            "ReferenceFilter",
-            isinstance(max_norm_ratio, int | float)
-            and not isinstance(max_norm_ratio, bool)
-            and max_norm_ratio > 1,
-            "max_norm_ratio",
-            max_norm_ratio,
-            "> 1",
-        )
+        check_filter_settings("ReferenceFilter", reference, byzantine, min_cosine, max_norm_ratio)
         self.reference = reference
         self.byzantine = byzantine
         self.min_cosine = float(min_cosine)

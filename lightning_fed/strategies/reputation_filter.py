@@ -42,7 +42,7 @@ from lightning_fed.protocol import Reply
 from lightning_fed.strategies.aggregate import example_weights, flat_norm
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
-from lightning_fed.strategies.reference_filter import REFERENCES, filter_mask, reference_
+from lightning_fed.strategies.reference_filter import check_filter_settings, filter_mask, reference_
 from lightning_fed.strategies.robust import AggregationReport
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
@@ -100,31 +100,7 @@ class ReputationFilter(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         name = "ReputationFilter"
-        need(name, reference in REFERENCES, "reference", reference, f"one of {REFERENCES}")
-        need(
-            name,
-            isinstance(byzantine, int) and not isinstance(byzantine, bool) and byzantine >= 0,
-            "byzantine",
-            byzantine,
-            "an integer >= 0",
-        )
-        need(
-            name,
-            isinstance(min_cosine, int | float) and not isinstance(min_cosine, bool) and -1 <= min_cosine < 1,
-            "min_cosine",
-            min_cosine,
-            "in [-1, 1)",
-        )
-        need(
-            name,
-            isinstance(max_norm_ratio, int | float)
-            and not isinstance(max_norm_ratio, bool)
-            and math.isfinite(max_norm_ratio)
-            and max_norm_ratio > 1,
-            "max_norm_ratio",
-            max_norm_ratio,
-            "a finite number > 1",
-        )
+        check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio)
         need(
             name,
             isinstance(min_reputation, int | float)
