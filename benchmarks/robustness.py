@@ -6,10 +6,10 @@ clients (40 records each), 10 per round. ``--rounds`` and ``--local-epochs`` are
 recipe's 100 x 5: ``--curve`` measures clean FedAvg's test accuracy against the rounds to choose them). A fixed,
 seeded set of ``fraction`` of the clients is malicious (``mode="fixed"``); the attack's seed is the run's seed, or
 the run's seed plus ``--attack-seed-offset K`` (the training, the client sampling and the data keep the run's seed):
-with ``K`` 0 (the default) the fixed set draws from the same permutation as round index 12's client sample
-(``Stream.ATTACK_CLIENTS`` is 12), so at 100 clients the 13th round samples only malicious clients; any other ``K``
-seeds the set apart from the sampler. Each attack row records its ``attack_seed``; saved models of ``K`` != 0 are
-named apart (``-attackseed+K``).
+``K`` != 0 draws another malicious set for the same training runs. Each attack row records its ``attack_seed``;
+saved models of ``K`` != 0 are named apart (``-attackseed+K``), and each saved model has the list of the malicious
+clients it was trained against beside it (``*.malicious.json``): a model whose list is missing or differs is not
+reused.
 
 Rows are attacks, columns defences:
 
@@ -684,6 +684,28 @@ def saved_path(
     return models / f"{clients}-{fraction}-{attack}-{seed}{tag}.pt"
 
 
+def set_path(saved: Path) -> Path:
+    """The file beside a saved model that lists the malicious clients it was trained against."""
+    return saved.with_name(saved.stem + ".malicious.json")
+
+
+def check_saved_set(saved: Path, malicious: list[int]) -> None:
+    """Refuse to reuse a saved model trained against another malicious set than ``malicious``.
+
+    Raises:
+        SystemExit: the list beside the model is missing (a model saved before the fixed set got its own random
+            stream, when it shared round 13's client sample) or names other clients.
+    """
+    listed = set_path(saved)
+    kept = json.loads(listed.read_text())["malicious"] if listed.exists() else None
+    if kept != malicious:
+        raise SystemExit(
+            f"{saved} was trained against the malicious clients {kept if kept is not None else '(not recorded)'}, "
+            f"this run's are {malicious}: a model saved before the fixed malicious set got its own random stream, "
+            "or of another attack seed; give --models a fresh folder"
+        )
+
+
 def load_saved(
     models: Path, attack: str, seed: int, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
 ) -> MNIST1DCNN:
@@ -872,7 +894,9 @@ def run_seed(
                         if args.models is not None and backdoor and defence != "feddf"
                         else None
                     )
+                    bad = attack.malicious(0, clients)
                     if saved is not None and saved.exists():  # the same run, trained before
+                        check_saved_set(saved, bad)
                         model, rec = seeded_model(seed), {"reused": True}
                         model.load_state_dict(torch.load(saved))
                     else:
@@ -882,6 +906,7 @@ def run_seed(
                         if saved is not None:
                             saved.parent.mkdir(parents=True, exist_ok=True)
                             torch.save(model.state_dict(), saved)
+                            set_path(saved).write_text(json.dumps({"malicious": bad}))
                     row = {
                         "clients": clients,
                         "seed": seed,
@@ -1263,8 +1288,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--attack-seed-offset",
         type=int,
         default=0,
-        help="every attack's seed is the run's seed plus this (training, sampling and data keep the run's seed); "
-        "0, the default, shares the fixed malicious set's permutation with round index 12's client sample",
+        help="every attack's seed is the run's seed plus this (training, sampling and data keep the run's seed): "
+        "another malicious set for the same runs",
     )
     p.add_argument("--fg-kappa", type=float, default=1.0, help="FoolsGold: the logit's confidence kappa")
     p.add_argument("--json", type=Path, help="also write every cell's numbers here (one JSON list)")

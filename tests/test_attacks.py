@@ -47,6 +47,18 @@ def test_malicious_clients_are_seeded_fixed_or_per_round():
     assert [rounds.malicious(r, 10) for r in range(6)] == per_round
 
 
+def test_the_fixed_set_is_drawn_apart_from_the_client_sampler():
+    # Regression: the fixed set once shared the seed of round index 12's client sample, so with the attack seeded
+    # like the run that round sampled the malicious clients first (at 100 clients, 10 malicious of 10).
+    from lightning_fed.plan import sample_clients
+
+    for seed in range(3):
+        bad = set(malicious_clients(0.2, 100, seed))
+        per_round = [len(bad.intersection(sample_clients(seed, r, 100, 10))) for r in range(150)]
+        assert max(per_round) <= 6, (seed, per_round.index(max(per_round)))  # 7+ of 10: p < 0.002 a round
+        assert set(sample_clients(seed, 12, 100, 10)) != set(malicious_clients(0.1, 100, seed))
+
+
 def test_apply_trigger_sequence_and_image():
     x = torch.zeros(2, 8)
     t = apply_trigger(x, size=3, value=2.0)

@@ -108,7 +108,10 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
     (combo,) = [r for r in rows if r["defence"] == "normbound/fp+nad"]
     # any held-out drop allowed: the largest ratio of the grid up to --fp-ratio
     assert combo["fp_ratio"] == 0.5
-    assert sorted(p.name for p in models.iterdir()) == ["20-0.2-backdoor-0-normbound.pt"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "20-0.2-backdoor-0-normbound.malicious.json",
+        "20-0.2-backdoor-0-normbound.pt",
+    ]
     printed = capsys.readouterr().out
     assert "norm bound, then FP + NAD" in printed
     # a second run reuses the saved model: its rule cell has no training record and does not replace the first's
@@ -376,7 +379,8 @@ def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_p
     (row,) = rows
     assert row["trigger"] == [18, "constant"]
     saved = models / "20-0.2-backdoor-0-trigger18constant.pt"
-    assert [p.name for p in models.iterdir()] == [saved.name]  # apart from the default trigger's models
+    # apart from the default trigger's models, with the malicious set it was trained against
+    assert sorted(p.name for p in models.iterdir()) == [bench.set_path(saved).name, saved.name]
     model = bench.seeded_model(0)
     model.load_state_dict(torch.load(saved))
     dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
@@ -486,16 +490,9 @@ def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(ben
         oracle.combine(out, x, w, AggregationReport())
 
 
-def test_attack_seed_offset_moves_the_malicious_set_off_round_13s_sample(bench, monkeypatch, tmp_path):
+def test_attack_seed_offset_draws_another_malicious_set(bench, monkeypatch, tmp_path):
     from lightning_fed.callbacks.attacks import malicious_clients
-    from lightning_fed.plan import sample_clients
 
-    def all_malicious_rounds(attack_seed: int) -> list[int]:  # 100 clients, 10 a round, run seed 0, 20 rounds
-        bad = set(malicious_clients(0.2, 100, attack_seed))
-        return [r for r in range(20) if set(sample_clients(0, r, 100, 10)) <= bad]
-
-    assert all_malicious_rounds(0) == [12]  # the collision: Stream.ATTACK_CLIENTS is round index 12's stream
-    assert all_malicious_rounds(1) == []
     assert malicious_clients(0.2, 100, 0) != malicious_clients(0.2, 100, 1)
     seen = []
 
@@ -523,3 +520,15 @@ def test_attack_seed_offset_moves_the_malicious_set_off_round_13s_sample(bench, 
     assert bench.saved_path(tmp_path, 100, 0.2, "backdoor", 0).name == "100-0.2-backdoor-0.pt"
     named = bench.saved_path(tmp_path, 100, 0.2, "backdoor", 0, attack_seed_offset=1)
     assert named.name == "100-0.2-backdoor-0-attackseed+1.pt"
+
+
+def test_a_saved_model_is_reused_only_against_its_own_malicious_set(bench, tmp_path):
+    saved = bench.saved_path(tmp_path, 20, 0.2, "backdoor", 0)
+    saved.write_bytes(b"")
+    with pytest.raises(SystemExit, match="not recorded"):  # saved before the list existed: the old draw
+        bench.check_saved_set(saved, [3, 7])
+    bench.set_path(saved).write_text('{"malicious": [3, 8]}')
+    assert bench.set_path(saved).name == "20-0.2-backdoor-0.malicious.json"
+    with pytest.raises(SystemExit, match=r"\[3, 8\], this run's are \[3, 7\]"):
+        bench.check_saved_set(saved, [3, 7])
+    bench.check_saved_set(saved, [3, 8])

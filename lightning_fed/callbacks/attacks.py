@@ -32,13 +32,18 @@ from lightning_fed.validation import need
 
 MODES = ("fixed", "round")
 CSV_NAME = "malicious_clients.csv"
+FIXED_SET = -1
+"""The key of the fixed set's stream, ``(seed, Stream.ATTACK_CLIENTS, -1)``: no round index is negative, so the set
+is drawn apart from every per-round set, and its three parts never equal the client sampler's two-part
+``(seed, round)`` seed (which the fixed set's former key-less stream, ``(seed, 12)``, did: round 13 then sampled the
+malicious clients first)."""
 
 
 def malicious_clients(fraction: float, num_clients: int, seed: int, server_round: int | None = None) -> list[int]:
     """The ``round(fraction * num_clients)`` malicious clients, sorted: a seeded draw without replacement, the same
     for every round when ``server_round`` is ``None``, a fresh one per round otherwise."""
     count = int(fraction * num_clients + 0.5)
-    keys = () if server_round is None else (server_round,)
+    keys = (FIXED_SET,) if server_round is None else (server_round,)
     perm = torch.randperm(num_clients, generator=generator(seed, Stream.ATTACK_CLIENTS, *keys))
     return sorted(perm[:count].tolist())
 
