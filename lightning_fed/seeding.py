@@ -24,7 +24,9 @@ class Stream(IntEnum):
     """Tags of the private random streams, the second part of every :func:`generator` call.
 
     ``generator(seed, Stream.X, *keys)``: the tag keeps two uses of the same (seed, round) apart, and one list
-    keeps the tags unique across the package.
+    keeps the tags unique across the package. Give a stream at least one key: the client sampler seeds round ``r``
+    with the untagged ``(seed, r)``, so a key-less ``(seed, Stream.X)`` is round ``X``'s sample seed (the fixed
+    malicious set once was, and round 13 then sampled the malicious clients first).
     """
 
     FEDMD_SUBSET = 1
