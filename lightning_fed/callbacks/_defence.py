@@ -62,6 +62,8 @@ def split_clean(owner: str, clean: PublicData, holdout: float, seed: int, stream
     held = 0 if holdout == 0 else max(1, int(holdout * n + 0.5))
     if n - held < 1:
         raise ValueError(f"{owner}: clean has {n} records; holdout={holdout} leaves none to train on")
+    # key-less, against Stream's rule: a permutation of the clean records, not of the clients, so sharing round
+    # ``stream``'s client-sample seed draws nothing alike; a key would move every recorded defence number
     perm = torch.randperm(n, generator=generator(seed, stream))
     tr, ho = perm[held:], perm[:held]
     return x[tr], y[tr], x[ho], y[ho]
