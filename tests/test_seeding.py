@@ -20,3 +20,21 @@ def test_streams_and_keys_do_not_share_numbers():
     assert len({int(t) for t in Stream}) == len(Stream.__members__)  # tags are unique (no alias: @unique)
     # the old polynomial scheme mapped (seed=1, round=0) and (seed=0, round=1_000_003) to one seed
     assert derive_seed(1, 0) != derive_seed(0, 1_000_003)
+
+
+def test_no_stream_is_drawn_without_a_key():
+    """A key-less ``generator(seed, Stream.X)`` is round X's client-sample seed (the sampler's untagged
+    ``(seed, round)``): the fixed malicious set once was, and round 13 sampled every malicious client. Only the
+    clean-record split of the server-side defences is key-less (a permutation of records, not of clients)."""
+    import re
+    from pathlib import Path
+
+    import lightning_fed
+
+    keyless = re.compile(r"generator\(\s*[\w.]+\s*,\s*[\w.]+\s*\)")
+    found = {
+        p.relative_to(Path(lightning_fed.__file__).parent).as_posix()
+        for p in Path(lightning_fed.__file__).parent.rglob("*.py")
+        if any(m for m in keyless.findall(p.read_text()) if "Stream" in m or "stream" in m)
+    }
+    assert found == {"callbacks/_defence.py"}
