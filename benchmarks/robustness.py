@@ -110,7 +110,7 @@ from lightning_fed.callbacks import (
 )
 from lightning_fed.callbacks._defence import accuracy
 from lightning_fed.callbacks.anp import prune_
-from lightning_fed.callbacks.attacks import Attack, float_items, shard_tensors
+from lightning_fed.callbacks.attacks import Attack, float_items, malicious_clients, shard_tensors
 from lightning_fed.callbacks.backdoor import PATTERNS
 from lightning_fed.context import fed_context
 from lightning_fed.data import Dirichlet, MNIST1DDataModule, PublicData
@@ -709,9 +709,12 @@ def check_saved_set(saved: Path, malicious: list[int]) -> None:
 def load_saved(
     models: Path, attack: str, seed: int, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
 ) -> MNIST1DCNN:
-    """The saved undefended model of the 20-client, 20 % run ``attack``/``seed``/``trigger``, in eval mode."""
+    """The saved undefended model of the 20-client, 20 % run ``attack``/``seed``/``trigger`` (its attack seeded like
+    the run), in eval mode; refused (``SystemExit``) when it was trained against another malicious set."""
+    saved = saved_path(models, 20, 0.2, attack, seed, trigger=trigger)
+    check_saved_set(saved, malicious_clients(0.2, 20, seed))
     model = seeded_model(seed)
-    model.load_state_dict(torch.load(saved_path(models, 20, 0.2, attack, seed, trigger=trigger)))
+    model.load_state_dict(torch.load(saved))
     return model.eval()
 
 

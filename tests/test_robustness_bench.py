@@ -532,3 +532,9 @@ def test_a_saved_model_is_reused_only_against_its_own_malicious_set(bench, tmp_p
     with pytest.raises(SystemExit, match=r"\[3, 8\], this run's are \[3, 7\]"):
         bench.check_saved_set(saved, [3, 7])
     bench.check_saved_set(saved, [3, 8])
+    # the probes' loader checks it too (20 clients, 20 %, the attack seeded like the run)
+    torch.save(bench.seeded_model(0).state_dict(), saved)
+    with pytest.raises(SystemExit, match="this run's are"):
+        bench.load_saved(tmp_path, "backdoor", 0)
+    bench.set_path(saved).write_text(json.dumps({"malicious": bench.malicious_clients(0.2, 20, 0)}))
+    assert not bench.load_saved(tmp_path, "backdoor", 0).training
