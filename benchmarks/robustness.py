@@ -36,7 +36,9 @@ Rows are attacks, columns defences:
   into a freshly initialised copy of its architecture on FedDF's 1,000 unlabelled proxy records and the clean
   training records, their labels weighted ``--fresh-alpha``, the temperature chosen from ``--fresh-t``:
   :func:`choose_fresh_temperature`) and ``SEAM`` (``seam``: forgetting with random labels at ``--seam-forget-lr``,
-  then ``--seam-epochs`` of recovery with the true ones), on 500
+  then ``--seam-epochs`` of recovery with the true ones), and ``fresh+nc``: distillation into a fresh model, then
+  trigger unlearning on the student, its learning rate chosen from ``--nc-lr`` against the unrepaired model's
+  accuracy (one 2-point budget for the chain: :func:`repair_nc`'s ``base``), on 500
   clean records the server holds (``PublicData``, generator seed 7, not the clients' data). They repair the final
   model, so each (attack, seed) is trained once with no defence and every post-training defence is applied to its
   own copy of that same final model. With ``--fp-max-drop`` fine-pruning's ratio, with several ``--defence-lr``
@@ -160,7 +162,7 @@ AGGREGATION = (
     "foolsgold",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc", "fresh", "seam")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc", "fresh", "seam", "fresh+nc")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -203,6 +205,7 @@ LABELS = {
     "nad": "NAD",
     "mcr": "MCR",
     "fp+nad": "FP + NAD",
+    "fresh+nc": "fresh distillation, then NC",
     "feddf": "FedDF",
     "clean": "no attack",
     "label_flip": "label flip",
@@ -603,16 +606,23 @@ def post_defence(
 
 
 def repair_nc(
-    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+    model: nn.Module,
+    clean: PublicData,
+    select: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    base: float | None = None,
 ) -> tuple[nn.Module, float, dict[str, Any]]:
     """``(repaired copy, lr, detection)`` of trigger unlearning: the triggers are reversed once (the inversion does
     not depend on the learning rate), then the unlearning runs at the largest ``--defence-lr`` whose repaired copy
     stays within ``--select-drop`` of the unrepaired model's accuracy on the selection records (the smallest when
     none does), as :func:`repair_selected` chooses. ``detection``: the flagged and the unlearnt classes, the largest
-    anomaly index, every class's mask norm, and the positions where the unlearnt masks exceed 0.5. Never the test
-    set, never the trigger."""
-    lrs = sorted(args.defence_lr, reverse=True)
-    base = accuracy(model, select.x, select.y)
+    anomaly index, every class's mask norm, and the positions where the unlearnt masks exceed 0.5. ``base``: the
+    selection accuracy to stay within ``--select-drop`` of (default ``model``'s; a chain passes the model it started
+    from, so the chain spends one budget). The learning rates are ``--nc-lr`` when given, else ``--defence-lr``.
+    Never the test set, never the trigger."""
+    lrs = sorted(args.nc_lr or args.defence_lr, reverse=True)
+    base = accuracy(model, select.x, select.y) if base is None else base
     nc = post_defence("nc", clean, seed, args, nc_lr=lrs[0])[0]
     fixed = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
@@ -954,6 +964,10 @@ def run_seed(
                         elif post == "fresh":  # the first --defence-lr; the temperature is chosen
                             eps, fixed = choose_fresh_temperature(model, clean, select, seed, args)
                             lr = args.defence_lr[0]
+                        elif post == "fresh+nc":  # the student unlearns; one budget against the teacher
+                            eps, student = choose_fresh_temperature(model, clean, select, seed, args)
+                            base = accuracy(model, select.x, select.y)
+                            fixed, lr, detected = repair_nc(student, clean, select, seed, args, base=base)
                         else:
                             fixed, lr = repair_selected(model, post, clean, select, seed, args, ratio, eps)
                         emit(
@@ -964,7 +978,7 @@ def run_seed(
                                 "defence": column,
                                 **measure(fixed, x, y, trigger),
                                 "defence_lr": lr,
-                                **({"nc": detected} if post == "nc" else {}),
+                                **({"nc": detected} if post in ("nc", "fresh+nc") else {}),
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
                                     {
@@ -973,6 +987,7 @@ def run_seed(
                                             "anp": "anp_threshold",
                                             "clip": "clip_quantile",
                                             "fresh": "fresh_temperature",
+                                            "fresh+nc": "fresh_temperature",
                                         }[post]: eps
                                     }
                                     if eps is not None
@@ -1214,6 +1229,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="trigger unlearning: Adam steps of the inversion (64 records each)",
     )
     p.add_argument("--nc-epochs", type=int, default=10, help="trigger unlearning: epochs of unlearning")
+    p.add_argument(
+        "--nc-lr",
+        type=float,
+        nargs="+",
+        help="trigger unlearning: its learning rates to choose from (default: --defence-lr), e.g. for fresh+nc, "
+        "whose distillation keeps the first --defence-lr",
+    )
     p.add_argument(
         "--nc-fallback",
         default="smallest",

@@ -127,8 +127,16 @@ def test_a_combination_repairs_its_own_rules_model(bench, tmp_path, capsys):
 
 
 def test_load_keeps_cells_of_other_triggers_and_attack_seeds_apart(bench, tmp_path):
-    base = {"clients": 20, "seed": 0, "fraction": 0.2, "attack": "backdoor", "defence": "none", "acc": 0.8, "asr": 1.0,
-            "seconds": 1.0}
+    base = {
+        "clients": 20,
+        "seed": 0,
+        "fraction": 0.2,
+        "attack": "backdoor",
+        "defence": "none",
+        "acc": 0.8,
+        "asr": 1.0,
+        "seconds": 1.0,
+    }
     rows = [
         base,
         {**base, "attack_seed": 0, "acc": 0.7},  # the same cell as the first (offset 0): replaces it
@@ -538,3 +546,26 @@ def test_a_saved_model_is_reused_only_against_its_own_malicious_set(bench, tmp_p
         bench.load_saved(tmp_path, "backdoor", 0)
     bench.set_path(saved).write_text(json.dumps({"malicious": bench.malicious_clients(0.2, 20, 0)}))
     assert not bench.load_saved(tmp_path, "backdoor", 0).training
+
+
+def test_fresh_then_nc_unlearns_on_the_student_within_one_budget(bench):
+    from lightning_fed.callbacks._defence import accuracy
+    from lightning_fed.data import PublicData
+
+    argv = ["--quick", "--fractions", "0.2", "--attacks", "backdoor", "--defences", "fresh+nc"]
+    rows = bench.main(
+        [*argv, "--nc-lr", "0.02", "0.01", "--nc-steps", "20", "--fresh-epochs", "2", "--select-drop", "1"]
+    )
+    (cell,) = [r for r in rows if r["defence"] == "fresh+nc"]
+    assert (
+        cell["defence_lr"] == 0.02 and cell["fresh_temperature"] in bench.parse([]).fresh_t
+    )  # any drop: the largest
+    assert len(cell["nc"]["norms"]) == 10
+    # the chain's budget is the teacher's selection accuracy, not the student's
+    clean = PublicData(num_samples=60, seed=7, labeled=True)
+    select = PublicData(num_samples=40, seed=8, labeled=True)
+    args = bench.parse(["--quick", "--nc-lr", "0.05", "0.01", "--nc-steps", "20", "--select-drop", "0"])
+    student = bench.seeded_model(1)
+    above = accuracy(student, select.x, select.y) + 0.5  # out of reach: the smallest lr
+    assert bench.repair_nc(student, clean, select, 0, args, base=above)[1] == 0.01
+    assert bench.repair_nc(student, clean, select, 0, args, base=-1.0)[1] == 0.05  # any copy is within it
