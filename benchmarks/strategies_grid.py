@@ -50,10 +50,11 @@ DYN_MEAN = ["--loop.strategy.init_args.evaluate_mean", "true"]
 DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml evaluates the mean
 DF = "--loop.strategy.init_args."
 RS_ALPHA = "--loop.strategy.init_args.alpha"
+ACG_BETA = "--loop.strategy.init_args.mu"  # FedACG's beta: FedProx's mu
 MOMENTUM_OPT = "lightning_fed.strategies.ServerMomentum"  # fedavgm.yaml's server optimizer (lr 1)
 # FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here; FedRS
 # changes the clients' loss, as SCAFFOLD and FedDyn (in SERVER_SIDE) do
-GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf", "fedrs")
+GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf", "fedrs", "fedacg")
 
 
 def server(**kw: float) -> list[str]:
@@ -138,6 +139,13 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedrs a0.5 lr0.1", "fedrs", [CLIENT_LR, "0.1"]),
     ("fedrs a0.1 lr0.05", "fedrs", [RS_ALPHA, "0.1"]),
     ("fedrs a0.9 lr0.05", "fedrs", [RS_ALPHA, "0.9"]),
+    # FedACG (fedacg.yaml: fedavg.yaml's clients with FedProx's pull beta to the point sent, the server's Nesterov
+    # momentum lambda): the paper's lambda 0.85 and beta 0.001, their neighbours, and client lr 0.1
+    ("fedacg l0.85 b0.001", "fedacg", []),
+    ("fedacg l0.85 b0.01", "fedacg", [ACG_BETA, "0.01"]),
+    ("fedacg l0.7 b0.001", "fedacg", server(momentum=0.7)),
+    ("fedacg l0.85 b0.001 lr0.1", "fedacg", [CLIENT_LR, "0.1"]),
+    ("fedacg l0.85 b0.1", "fedacg", [ACG_BETA, "0.1"]),
 ]
 
 

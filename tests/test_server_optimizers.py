@@ -119,6 +119,24 @@ def test_momentum_is_torch_sgd():
     assert ours == _torch_by_hand(lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9))
 
 
+def test_nesterov_momentum_is_fedacg_lookahead_by_hand():
+    """FedACG (lambda 0.85): the server sends theta + lambda m, keeps m = lambda m + Δ and theta = theta + m; the
+    points sent are ServerMomentum(lr 1, nesterov)'s iterates."""
+    lam = 0.85
+    theta, m = list(X0), [0.0] * len(X0)
+    sent = [t + lam * v for t, v in zip(theta, m)]
+    hand = []
+    for d in DELTAS:  # each Δ is measured from the point sent
+        m = [lam * v + g for v, g in zip(m, d)]
+        theta = [t + v for t, v in zip(theta, m)]
+        sent = [t + lam * v for t, v in zip(theta, m)]
+        hand += sent
+    assert _run(ServerMomentum(lr=1.0, momentum=lam, nesterov=True)) == pytest.approx(hand, abs=1e-6)
+    assert _run(ServerMomentum(lr=0.7, momentum=0.9, nesterov=True)) == _torch_by_hand(
+        lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
+    )
+
+
 def test_adagrad_without_momentum_is_torch_adagrad():
     ours = _run(ServerAdagrad(lr=0.3, beta1=0.0, tau=0.5))
     ref = _torch_by_hand(lambda ps: torch.optim.Adagrad(ps, lr=0.3, eps=0.5, initial_accumulator_value=0.25))
@@ -189,6 +207,8 @@ def test_torch_server_optimizer_is_a_plug_point():
     (lambda: ServerMomentum(lr=0), r"ServerMomentum: lr=0 is not allowed"),
     (lambda: ServerMomentum(momentum=1.0), r"ServerMomentum: momentum=1.0 is not allowed; momentum must be a number in \[0, 1\)"),
     (lambda: ServerMomentum(momentum=-0.1), r"momentum=-0.1"),
+    (lambda: ServerMomentum(momentum=0.0, nesterov=True), r"ServerMomentum: nesterov=True is not allowed"),
+    (lambda: ServerMomentum(nesterov=1), r"ServerMomentum: nesterov=1 is not allowed"),
     (lambda: ServerAdam(lr=-0.01), r"ServerAdam: lr=-0.01 is not allowed"),
     (lambda: ServerAdam(beta1=1.0), r"ServerAdam: beta1=1.0 is not allowed; beta1 must be a number in \[0, 1\)"),
     (lambda: ServerAdam(beta2=1.5), r"ServerAdam: beta2=1.5"),

@@ -10,6 +10,13 @@ aggregated client delta::
 which is ``torch.optim.SGD(lr, momentum, dampening=0)`` stepped with the pseudo-gradient ``-Δ_t`` (torch's first
 step sets its buffer to the gradient itself, as ``v_{-1} = 0`` does here): :class:`ServerMomentum` runs torch's
 own SGD on the global flat buffer. Defaults follow Hsu et al.: ``lr = 1``, ``momentum = 0.9``.
+
+With ``nesterov=True`` the step is torch's Nesterov form, ``x_{t+1} = x_t + lr * (Δ_t + momentum * v_t)``. With
+``lr = 1`` the model it broadcasts is then FedACG's lookahead point (Kim, Kim and Han, "Communication-Efficient
+Federated Learning with Accelerated Client Gradient", CVPR 2024): the server sends ``θ + λ m`` and keeps
+``m = λ m + Δ``, ``θ = θ + m`` with ``λ = momentum``. Writing ``x`` for the point sent, ``x_{t+1} = x_t + (1 + λ) Δ_t
++ λ² m_{t-1}``, which is torch's Nesterov step. FedACG's clients add a proximal pull to the point they received:
+that is :class:`~lightning_fed.strategies.FedProx` with this server optimizer (``recipes/mnist1d/fedacg.yaml``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.strategies.server_torch import TorchServerOptimizer, check_lr, check_unit
+from lightning_fed.validation import need
 
 
 class ServerMomentum(TorchServerOptimizer):
@@ -30,19 +38,30 @@ class ServerMomentum(TorchServerOptimizer):
     Args:
         lr: server learning rate (> 0; 1.0 with ``momentum=0`` is FedAvg).
         momentum: momentum factor in ``[0, 1)``.
+        nesterov: torch's Nesterov momentum (module docstring); needs ``momentum > 0``.
     """
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, lr: float = 1.0, momentum: float = 0.9, nesterov: bool = False) -> None:
         super().__init__()
         self.lr = check_lr("ServerMomentum", lr)
         self.momentum = check_unit("ServerMomentum", "momentum", momentum)
+        need("ServerMomentum", isinstance(nesterov, bool), "nesterov", nesterov, "True or False")
+        need(
+            "ServerMomentum",
+            not nesterov or self.momentum > 0,
+            "nesterov",
+            nesterov,
+            "False when momentum is 0 (Nesterov needs momentum > 0)",
+        )
+        self.nesterov = nesterov
 
     def make(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        """``torch.optim.SGD(params, lr, momentum)`` (no dampening, no Nesterov, no weight decay)."""
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        """``torch.optim.SGD(params, lr, momentum, nesterov)`` (no dampening, no weight decay)."""
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
 
     def __repr__(self) -> str:
-        return f"ServerMomentum(lr={self.lr}, momentum={self.momentum})"
+        tail = ", nesterov=True" if self.nesterov else ""
+        return f"ServerMomentum(lr={self.lr}, momentum={self.momentum}{tail})"
 
 
 __all__ = ["ServerMomentum"]
