@@ -146,6 +146,9 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedacg l0.7 b0.001", "fedacg", server(momentum=0.7)),
     ("fedacg l0.85 b0.001 lr0.1", "fedacg", [CLIENT_LR, "0.1"]),
     ("fedacg l0.85 b0.1", "fedacg", [ACG_BETA, "0.1"]),
+    ("fedacg l0.85 b0.3", "fedacg", [ACG_BETA, "0.3"]),
+    ("fedacg l0.85 b1", "fedacg", [ACG_BETA, "1.0"]),
+    ("fedacg l0.7 b0.1", "fedacg", [ACG_BETA, "0.1", *server(momentum=0.7)]),
 ]
 
 
