@@ -10,7 +10,8 @@ last two iterates, FedDyn's ``alpha`` (the paper's 0.1, 0.01, 0.001), client lea
 (``mean``: the mean of the round's client models), and FedDF with one architecture (``feddf_fedavg.yaml``: server-side
 ensemble distillation on unlabeled proxy records; its distillation steps and learning rate, the client learning rate,
 FedAvgM's server momentum), which counts as a server-side strategy in the verdicts, and FedRS (``fedrs.yaml``: the
-restricted softmax on the clients; its ``alpha`` and the client learning rate), counted like SCAFFOLD and FedDyn.
+restricted softmax on the clients; its ``alpha`` and the client learning rate), counted like SCAFFOLD and FedDyn, and
+FedACG (``fedacg.yaml``: the server's Nesterov momentum ``lambda`` and the clients' proximal pull ``beta``).
 "final": the mean test accuracy of the last 3 evaluations (one per round); FedAvg's target is the best FedAvg
 configuration's final accuracy; "rounds to FedAvg" is the first round whose trailing 3-evaluation mean reaches it.
 Results go to ``--out`` after every run, and ``--resume`` keeps the rows already there.
@@ -140,11 +141,12 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedrs a0.1 lr0.05", "fedrs", [RS_ALPHA, "0.1"]),
     ("fedrs a0.9 lr0.05", "fedrs", [RS_ALPHA, "0.9"]),
     # FedACG (fedacg.yaml: fedavg.yaml's clients with FedProx's pull beta to the point sent, the server's Nesterov
-    # momentum lambda): the paper's lambda 0.85 and beta 0.001, their neighbours, and client lr 0.1
-    ("fedacg l0.85 b0.001", "fedacg", []),
+    # momentum lambda): the paper's lambda 0.85 and beta 0.001, their neighbours, and client lr 0.1; beta is always
+    # given (the recipe's own is the best of these rows, 0.1)
+    ("fedacg l0.85 b0.001", "fedacg", [ACG_BETA, "0.001"]),
     ("fedacg l0.85 b0.01", "fedacg", [ACG_BETA, "0.01"]),
-    ("fedacg l0.7 b0.001", "fedacg", server(momentum=0.7)),
-    ("fedacg l0.85 b0.001 lr0.1", "fedacg", [CLIENT_LR, "0.1"]),
+    ("fedacg l0.7 b0.001", "fedacg", [ACG_BETA, "0.001", *server(momentum=0.7)]),
+    ("fedacg l0.85 b0.001 lr0.1", "fedacg", [ACG_BETA, "0.001", CLIENT_LR, "0.1"]),
     ("fedacg l0.85 b0.1", "fedacg", [ACG_BETA, "0.1"]),
     ("fedacg l0.85 b0.3", "fedacg", [ACG_BETA, "0.3"]),
     ("fedacg l0.85 b1", "fedacg", [ACG_BETA, "1.0"]),

@@ -1,4 +1,4 @@
-"""docs/strategies.md (FedProx, FedNova) and docs/datasets.md stay true: their examples run (shortened data)."""
+"""docs/strategies.md (FedProx, FedNova, FedACG) and docs/datasets.md stay true: their examples run (shortened data)."""
 
 import re
 from pathlib import Path
@@ -18,6 +18,7 @@ def _examples(name, needle):
     [
         ("strategies.md", "FedProx(mu=1.0)", "stragglers"),
         ("strategies.md", "FedNova(momentum=0.5)", "tau_eff"),
+        ("strategies.md", "nesterov=True))   # FedACG", None),
         ("datasets.md", "SyntheticDataModule(alpha=0.5", None),
     ],
 )

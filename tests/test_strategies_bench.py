@@ -172,3 +172,23 @@ def test_fedrs_grid_rows_parse_to_their_alpha_and_client_lr(grid):
         _, a, lr = label.split()
         assert isinstance(cfg.loop.strategy, FedRS) and cfg.loop.strategy.alpha == float(a[1:])
         assert cfg.loop.strategy.client.alpha == float(a[1:]) and cfg.model.hparams.lr == float(lr[2:])
+
+
+def test_fedacg_grid_rows_parse_to_their_lambda_beta_and_client_lr(grid):
+    """The FedACG rows build FedProx (mu = beta) with Nesterov server momentum (lambda), lr 1; their family is
+    server-side; the recipe is the paper's lambda with the rows' best beta."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies import FedProx, ServerMomentum
+
+    rows = {label: (recipe, more) for label, recipe, more in grid.GRID if grid.family(label) == "fedacg"}
+    assert len(rows) == 8 and "fedacg" in grid.GRID_SERVER_SIDE
+    for label, (recipe, more) in rows.items():
+        cfg = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+        words = label.split()
+        s, opt = cfg.loop.strategy, cfg.loop.strategy.server_optimizer
+        assert isinstance(s, FedProx) and isinstance(opt, ServerMomentum) and opt.nesterov and opt.lr == 1.0
+        assert opt.momentum == float(words[1][1:]) and s.mu == s.client.mu == float(words[2][1:])
+        lr = next((float(w[2:]) for w in words if w.startswith("lr")), 0.05)
+        assert cfg.model.hparams.lr == lr and cfg.model.hparams.momentum == 0.9
+    recipe = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / "fedacg.yaml")]).loop.strategy
+    assert (recipe.mu, recipe.server_optimizer.momentum) == (0.1, 0.85)
