@@ -20,7 +20,8 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only; ``reputation_forgive``: the same with
+  ``forgive=True``, a reply that fails only the direction test kept while its client's record stays above 1/2), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -49,7 +50,9 @@ Rows are attacks, columns defences:
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
-The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
+The row ``sign_flip_sleeper`` is the forgiving filter's worst case: the malicious clients train honestly for the
+first third of the rounds (building a record), then send their updates flipped at their own length (scale 1, so the
+length test passes them). The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
 each malicious client cuts its boosted update to ``NORM_RATIO`` (2) times the norm of its own unboosted update, a
 rule fixed before any run that needs nothing from the server.
 
@@ -139,7 +142,7 @@ from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
-BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie")
+BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie", "sign_flip_sleeper")
 BACKDOORS = ("backdoor", "backdoor_mr", "backdoor_mr_norm")
 # backdoor_mr_norm: the boosted reply is cut to this times the norm of the client's own unboosted update
 NORM_RATIO = 2.0
@@ -159,6 +162,7 @@ AGGREGATION = (
     "refilter_krum",
     "reputation",
     "reputation_roundnorm",
+    "reputation_forgive",
     "foolsgold",
     "oracle",
 )
@@ -175,6 +179,7 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
+    "reputation_forgive": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -193,6 +198,7 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
+    "reputation_forgive": "reputation filter (multi-Krum), forgiving",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -212,6 +218,7 @@ LABELS = {
     "sign_flip": "sign flip",
     "gaussian": "Gaussian",
     "alie": "little is enough",
+    "sign_flip_sleeper": "sign flip x1 from round R/3 (sleeper)",
     "backdoor": "backdoor",
     "backdoor_mr": "backdoor + model replacement",
     "backdoor_mr_norm": "backdoor + model replacement, norm-constrained",
@@ -318,15 +325,23 @@ def split_post(defence: str) -> tuple[str, str]:
 
 
 def make_attack(
-    name: str, fraction: float, seed: int, boost: float, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+    name: str,
+    fraction: float,
+    seed: int,
+    boost: float,
+    trigger: tuple[int | None, str] = DEFAULT_TRIGGER,
+    rounds: int = 0,
 ) -> Attack:
     """The attack ``name`` on a fixed, seeded ``fraction`` of the clients; backdoors write ``trigger`` (its
-    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`)."""
+    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`); ``sign_flip_sleeper`` sends
+    honest updates for the first third of the ``rounds`` and its updates flipped at their own length after."""
     common = {"fraction": fraction, "mode": "fixed", "seed": seed}
     if name == "label_flip":
         return LabelFlip(num_classes=10, **common)
     if name == "sign_flip":
         return SignFlip(scale=4.0, **common)
+    if name == "sign_flip_sleeper":
+        return SignFlip(scale=1.0, start_round=rounds // 3, **common)
     if name == "gaussian":
         return GaussianUpdate(std=1.0, **common)
     if name == "alie":
@@ -779,14 +794,15 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
-    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
+    elif defence.startswith("reputation"):  # refilter_krum's test with the clients' records
         byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
         strategy = ReputationFilter(
             reference="krum",
             byzantine=byz,
             min_cosine=0.0,
             max_norm_ratio=3.0,
-            norm_memory=defence == "reputation",
+            norm_memory=defence != "reputation_roundnorm",
+            forgive=defence == "reputation_forgive",
         )
     else:
         strategy = FedAvg(aggregator=agg)
@@ -892,7 +908,7 @@ def run_seed(
                 for defence in defences:
                     t0 = time.perf_counter()
                     attack_seed = seed + args.attack_seed_offset
-                    attack = make_attack(attack_name, fraction, attack_seed, args.boost, trigger)
+                    attack = make_attack(attack_name, fraction, attack_seed, args.boost, trigger, args.rounds)
                     saved = (
                         saved_path(
                             args.models,
