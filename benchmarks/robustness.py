@@ -20,8 +20,7 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only; ``reputation_forgive``: the same with
-  ``forgive=True``, a reply that fails only the direction test kept while its client's record stays above 1/2), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -50,9 +49,9 @@ Rows are attacks, columns defences:
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
-The row ``sign_flip_sleeper`` is the forgiving filter's worst case: the malicious clients train honestly for the
-first third of the rounds (building a record), then send their updates flipped at their own length (scale 1, so the
-length test passes them). The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
+The row ``sign_flip_sleeper`` is an attacker that builds a record first: the malicious clients train honestly for the
+first third of the rounds, then send their updates flipped at their own length (scale 1, so a length test passes
+them). The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
 each malicious client cuts its boosted update to ``NORM_RATIO`` (2) times the norm of its own unboosted update, a
 rule fixed before any run that needs nothing from the server.
 
@@ -162,7 +161,6 @@ AGGREGATION = (
     "refilter_krum",
     "reputation",
     "reputation_roundnorm",
-    "reputation_forgive",
     "foolsgold",
     "oracle",
 )
@@ -179,7 +177,6 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
-    "reputation_forgive": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -198,7 +195,6 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
-    "reputation_forgive": "reputation filter (multi-Krum), forgiving",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -794,15 +790,14 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
-    elif defence.startswith("reputation"):  # refilter_krum's test with the clients' records
+    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
         byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
         strategy = ReputationFilter(
             reference="krum",
             byzantine=byz,
             min_cosine=0.0,
             max_norm_ratio=3.0,
-            norm_memory=defence != "reputation_roundnorm",
-            forgive=defence == "reputation_forgive",
+            norm_memory=defence == "reputation",
         )
     else:
         strategy = FedAvg(aggregator=agg)

@@ -73,42 +73,6 @@ def test_three_rounds_by_hand():
     assert strategy.reputation(3) == 0.6 and strategy.reputation(99) == 0.5  # never seen: the prior
 
 
-@pytest.mark.parametrize("forgive", [True, False])
-def test_forgiving_keeps_a_good_record_that_fails_only_the_direction_test(forgive):
-    strategy, _ = make(forgive=forgive)
-    strategy.aggregate(0, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [-4.0, -2.0])])
-    strategy.aggregate(1, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [0.5, 0.5])])
-    # records: clients 0-3 two passes, client 4 one pass and one fail; the remembered norm is 1 (bound 3).
-    # Round 2: the median is [1, 0]; client 3 (record 2-0) and client 4 (1-1) send [-1, -1] (cosine < 0, norm 1.41 in
-    # bound), client 2 (2-0) [30, 30] (the right way, too long), new client 5 [1, 1] (passes: 2/3).
-    before = strategy.global_flat.clone()
-    metrics = strategy.aggregate(
-        2,
-        [
-            reply(0, [1.0, 0.0]),
-            reply(1, [1.0, 1.0]),
-            reply(2, [30.0, 30.0]),
-            reply(3, [-1.0, -1.0]),
-            reply(4, [-1.0, -1.0]),
-            reply(5, [1.0, 1.0]),
-        ],
-    )
-    assert strategy.last.bound == pytest.approx(3.0)
-    # with the failure counted, client 3's reputation is 3/5 (forgiven), client 4's 2/5 (not); a length failure is
-    # never forgiven (client 2: 3/5)
-    assert strategy.last.scores == pytest.approx([0.8, 0.8, 0.6, 0.6, 0.4, 2 / 3])
-    assert strategy.counts[3] == (2, 1) and strategy.counts[4] == (1, 2) and strategy.counts[2] == (2, 1)
-    if forgive:
-        assert strategy.last.dropped == [2, 4] and metrics["rep_forgiven"] == 1.0
-        assert (strategy.global_flat - before).tolist() == pytest.approx([0.5, 0.25])
-    else:
-        assert strategy.last.dropped == [2, 3, 4] and "rep_forgiven" not in metrics
-        assert (strategy.global_flat - before).tolist() == pytest.approx([1.0, 2 / 3])
-    # the failures count: client 3 fails the direction again (2 passes, 2 fails: 1/2) and is dropped either way
-    strategy.aggregate(3, [reply(i, v) for i, v in enumerate(HONEST[:3])] + [reply(3, [-1.0, -1.0])])
-    assert strategy.last.dropped == [3] and strategy.counts[3] == (2, 2)
-
-
 @pytest.mark.parametrize("memory", [True, False])
 def test_norm_memory_against_a_long_majority(memory):
     strategy, _ = make(norm_memory=memory)
@@ -191,7 +155,6 @@ def test_state_dict_round_trip_continues_identically():
         ({"min_reputation": 1.0}, "min_reputation=1.0 is not allowed; min_reputation must be in \\[0, 1\\)"),
         ({"min_reputation": -0.1}, "min_reputation=-0.1 is not allowed"),
         ({"norm_memory": 1}, "norm_memory=1 is not allowed; norm_memory must be True or False"),
-        ({"forgive": "yes"}, "forgive='yes' is not allowed; forgive must be True or False"),
         ({"server_lr": 0}, "server_lr=0 is not allowed"),
     ],
 )

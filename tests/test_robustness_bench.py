@@ -467,6 +467,16 @@ def test_norm_constrained_replies_reach_the_server_at_twice_the_unboosted_norm(b
         assert capped[cid] == pytest.approx(2.0 * n, rel=1e-4)
 
 
+def test_the_sleeper_row_flips_at_its_own_length_from_a_third_of_the_rounds(bench):
+    sleeper = bench.make_attack("sign_flip_sleeper", 0.2, 3, 5.0, rounds=30)
+    assert isinstance(sleeper, bench.SignFlip) and sleeper.scale == 1.0 and sleeper.start_round == 10
+    plain = bench.make_attack("sign_flip", 0.2, 3, 5.0)
+    assert plain.scale == 4.0 and plain.start_round == 0
+    # the same malicious set as the plain row, and none of it before round 10
+    assert sleeper.malicious(10, 20) == plain.malicious(0, 20) and sleeper.malicious(9, 20) == []
+    assert "sign_flip_sleeper" in bench.BYZANTINE and "sign_flip_sleeper" in bench.LABELS
+
+
 def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(bench):
     from lightning_fed.errors import AggregationRefused
     from lightning_fed.strategies.robust import AggregationReport

@@ -20,13 +20,6 @@ one round cannot. Every round:
    default: more passes than fails). A client with a clean record is still dropped in a round it fails (as by the
    reference filter: a client that turns malicious is caught in every round the filter catches it); a client whose
    replies mostly fail is dropped also in the rounds it passes.
-   With ``forgive=True`` a reply that fails *only* the direction test (its norm within the bound) is kept when its
-   client's reputation, this failure counted, is still above ``min_reputation``: a client with two more passes than
-   fails behind it (e.g. 2 and 0) is forgiven one disagreement with the round's majority. The failure still counts,
-   so repeated disagreements use the record up. With 40 records a client on a non-IID split, an honest update often
-   points away from the round's majority, and those replies are most of what the filter drops without an attack.
-   The price: a client that behaves for its first rounds and then sends norm-matched harmful updates (a sleeper)
-   has about as many of them kept as it had passes; a length failure is never forgiven. Off by default.
 4. the example-weighted mean of the kept replies (the strategy's ``aggregator``, given only the kept replies).
 
 The counts and the remembered norm are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only
@@ -70,8 +63,7 @@ class ReputationFilter(FedAvg):
     (positions in the round's reply list): ``dropped`` the replies left out, ``scores`` every reply's client
     reputation after this round's verdict, ``bound`` the norm bound; :class:`~lightning_fed.callbacks.Detection`
     reads it. Round metrics add ``rep_dropped`` (replies left out), ``rep_vetoed`` (of them, replies that passed
-    the filter but whose client's reputation did not), ``rep_forgiven`` (with ``forgive``: kept replies that failed
-    the direction test) and ``rep_s`` (seconds).
+    the filter but whose client's reputation did not) and ``rep_s`` (seconds).
 
     Example::
 
@@ -89,8 +81,6 @@ class ReputationFilter(FedAvg):
         norm_memory: the length test's reference norm is the smaller of the round's median norm and the median
             norm of the last aggregated round's kept replies (``False``: the round's median alone, as
             :class:`~lightning_fed.strategies.ReferenceFilter`).
-        forgive: keep a reply that fails only the direction test when its client's reputation, this failure
-            counted, is above ``min_reputation`` (module docstring, step 3).
         server_lr: as :class:`~lightning_fed.strategies.FedAvg`.
         aggregator: the rule over the kept replies (``None``: their example-weighted mean).
         server_optimizer: as :class:`~lightning_fed.strategies.FedAvg`.
@@ -105,7 +95,6 @@ class ReputationFilter(FedAvg):
         max_norm_ratio: float = 3.0,
         min_reputation: float = 0.5,
         norm_memory: bool = True,
-        forgive: bool = False,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
@@ -122,7 +111,6 @@ class ReputationFilter(FedAvg):
             "in [0, 1)",
         )
         need(name, isinstance(norm_memory, bool), "norm_memory", norm_memory, "True or False")
-        need(name, isinstance(forgive, bool), "forgive", forgive, "True or False")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.reference = reference
         self.byzantine = byzantine
@@ -130,7 +118,6 @@ class ReputationFilter(FedAvg):
         self.max_norm_ratio = float(max_norm_ratio)
         self.min_reputation = float(min_reputation)
         self.norm_memory = norm_memory
-        self.forgive = forgive
         self.kept_norm: float | None = None
         """The median norm of the replies kept in the last aggregated round (``None`` before the first)."""
         self.counts: dict[int, tuple[int, int]] = {}
@@ -169,9 +156,7 @@ class ReputationFilter(FedAvg):
             a, b = updated.get(r.client_id, self.counts.get(r.client_id, (0, 0)))
             updated[r.client_id] = (a + 1, b) if ok else (a, b + 1)
         scores = [beta_reputation(*updated[r.client_id]) for r in replies]
-        # a reply may be kept when it passed, or (forgive) when only its direction failed: its length is in bound
-        eligible = (passed | (norms <= bound)) if self.forgive else passed
-        keep = [i for i, ok in enumerate(eligible.tolist()) if ok and scores[i] > self.min_reputation]
+        keep = [i for i, ok in enumerate(passed.tolist()) if ok and scores[i] > self.min_reputation]
         if not keep:
             raise AggregationRefused(
                 f"{self!r}: none of the {len(replies)} replies passes the filter and the record"
@@ -189,7 +174,6 @@ class ReputationFilter(FedAvg):
         self.kept_norm = float(norms[keep].median())
         dropped = [i for i in range(len(replies)) if i not in set(keep)]
         vetoed = [i for i in dropped if bool(passed[i])]
-        forgiven = [i for i in keep if not bool(passed[i])]
         self.last = AggregationReport(
             count=len(replies), seconds=time.perf_counter() - t0, dropped=dropped, scores=scores, bound=bound
         )
@@ -204,7 +188,6 @@ class ReputationFilter(FedAvg):
             **self.aggregator.report(),
             "rep_dropped": float(len(dropped)),
             "rep_vetoed": float(len(vetoed)),
-            **({"rep_forgiven": float(len(forgiven))} if self.forgive else {}),
             "rep_s": self.last.seconds,
         }
 
@@ -243,8 +226,7 @@ class ReputationFilter(FedAvg):
     def __repr__(self) -> str:
         return (
             f"ReputationFilter(reference={self.reference!r}, byzantine={self.byzantine}, min_cosine={self.min_cosine}, "
-            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory}, "
-            f"forgive={self.forgive})"
+            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory})"
         )
 
 
