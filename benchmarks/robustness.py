@@ -49,9 +49,9 @@ Rows are attacks, columns defences:
 * ``FedDF`` (backdoor rows only): ensemble distillation of the received client models on 1,000 unlabelled proxy
   records (feddf.yaml's settings, one architecture) under the same attack.
 
-The row ``sign_flip_sleeper`` is an attacker that builds a record first: the malicious clients train honestly for the
-first third of the rounds, then send their updates flipped at their own length (scale 1, so a length test passes
-them). The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
+The row ``sign_flip_x1`` sends the malicious clients' updates flipped at their own length (scale 1, so a length test
+passes them; ``sign_flip`` scales them by 4); ``sign_flip_sleeper`` is the same attacker building a record first: its
+clients train honestly for the first third of the rounds, then flip. The row ``backdoor_mr_norm`` is model replacement constrained to pass a norm check (:class:`NormMatchedBackdoor`):
 each malicious client cuts its boosted update to ``NORM_RATIO`` (2) times the norm of its own unboosted update, a
 rule fixed before any run that needs nothing from the server.
 
@@ -141,7 +141,7 @@ from lightning_fed.strategies.robust import AggregationReport, _weighted_mean_
 
 TARGET, TRIGGER_SIZE, TRIGGER_VALUE = 0, 4, 3.0
 DEFAULT_TRIGGER: tuple[int | None, str] = (None, "alternating")  # (start, pattern): the last 4 values, +-3
-BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie", "sign_flip_sleeper")
+BYZANTINE = ("label_flip", "sign_flip", "gaussian", "alie", "sign_flip_x1", "sign_flip_sleeper")
 BACKDOORS = ("backdoor", "backdoor_mr", "backdoor_mr_norm")
 # backdoor_mr_norm: the boosted reply is cut to this times the norm of the client's own unboosted update
 NORM_RATIO = 2.0
@@ -214,6 +214,7 @@ LABELS = {
     "sign_flip": "sign flip",
     "gaussian": "Gaussian",
     "alie": "little is enough",
+    "sign_flip_x1": "sign flip x1",
     "sign_flip_sleeper": "sign flip x1 from round R/3 (sleeper)",
     "backdoor": "backdoor",
     "backdoor_mr": "backdoor + model replacement",
@@ -329,13 +330,16 @@ def make_attack(
     rounds: int = 0,
 ) -> Attack:
     """The attack ``name`` on a fixed, seeded ``fraction`` of the clients; backdoors write ``trigger`` (its
-    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`); ``sign_flip_sleeper`` sends
-    honest updates for the first third of the ``rounds`` and its updates flipped at their own length after."""
+    ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`); ``sign_flip_x1`` flips the
+    updates at their own length; ``sign_flip_sleeper`` sends honest updates for the first third of the ``rounds``
+    and then does the same."""
     common = {"fraction": fraction, "mode": "fixed", "seed": seed}
     if name == "label_flip":
         return LabelFlip(num_classes=10, **common)
     if name == "sign_flip":
         return SignFlip(scale=4.0, **common)
+    if name == "sign_flip_x1":
+        return SignFlip(scale=1.0, **common)
     if name == "sign_flip_sleeper":
         return SignFlip(scale=1.0, start_round=rounds // 3, **common)
     if name == "gaussian":

@@ -474,7 +474,9 @@ def test_the_sleeper_row_flips_at_its_own_length_from_a_third_of_the_rounds(benc
     assert plain.scale == 4.0 and plain.start_round == 0
     # the same malicious set as the plain row, and none of it before round 10
     assert sleeper.malicious(10, 20) == plain.malicious(0, 20) and sleeper.malicious(9, 20) == []
-    assert "sign_flip_sleeper" in bench.BYZANTINE and "sign_flip_sleeper" in bench.LABELS
+    matched = bench.make_attack("sign_flip_x1", 0.2, 3, 5.0, rounds=30)
+    assert matched.scale == 1.0 and matched.start_round == 0 and matched.malicious(0, 20) == plain.malicious(0, 20)
+    assert {"sign_flip_x1", "sign_flip_sleeper"} <= set(bench.BYZANTINE) & set(bench.LABELS)
 
 
 def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(bench):
