@@ -20,7 +20,8 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only; ``reputation_cos``: with
+  ``cosine_record=True``, the client's mean cosine to the rounds' references above 0 as well), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -161,6 +162,7 @@ AGGREGATION = (
     "refilter_krum",
     "reputation",
     "reputation_roundnorm",
+    "reputation_cos",
     "foolsgold",
     "oracle",
 )
@@ -177,6 +179,7 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
+    "reputation_cos": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -195,6 +198,7 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
+    "reputation_cos": "reputation filter (multi-Krum) with the mean cosine",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -794,14 +798,15 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
-    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
+    elif defence in ("reputation", "reputation_roundnorm", "reputation_cos"):  # refilter_krum's test, the records
         byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
         strategy = ReputationFilter(
             reference="krum",
             byzantine=byz,
             min_cosine=0.0,
             max_norm_ratio=3.0,
-            norm_memory=defence == "reputation",
+            norm_memory=defence != "reputation_roundnorm",
+            cosine_record=defence == "reputation_cos",
         )
     else:
         strategy = FedAvg(aggregator=agg)
