@@ -48,7 +48,7 @@ from lightning_fed.protocol import Reply
 from lightning_fed.strategies.aggregate import example_weights, flat_norm
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
-from lightning_fed.strategies.reference_filter import check_filter_settings, filter_mask, reference_
+from lightning_fed.strategies.reference_filter import check_filter_settings, filter_mask, filter_reference
 from lightning_fed.strategies.robust import AggregationReport
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
@@ -87,6 +87,8 @@ class ReputationFilter(FedAvg):
         norm_memory: the length test's reference norm is the smaller of the round's median norm and the median
             norm of the last aggregated round's kept replies (``False``: the round's median alone, as
             :class:`~lightning_fed.strategies.ReferenceFilter`).
+        leave_one_out: compare each reply with the multi-Krum mean of the other selected replies
+            (:class:`~lightning_fed.strategies.ReferenceFilter`'s ``leave_one_out``; ``reference="krum"`` only).
         cosine_record: also require the client's mean cosine to the rounds' references, this round's included, to
             be above ``min_cosine`` (module docstring, step 3).
         server_lr: as :class:`~lightning_fed.strategies.FedAvg`.
@@ -103,13 +105,14 @@ class ReputationFilter(FedAvg):
         max_norm_ratio: float = 3.0,
         min_reputation: float = 0.5,
         norm_memory: bool = True,
+        leave_one_out: bool = False,
         cosine_record: bool = False,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         name = "ReputationFilter"
-        check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio)
+        check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio, leave_one_out)
         need(
             name,
             isinstance(min_reputation, int | float)
@@ -129,6 +132,7 @@ class ReputationFilter(FedAvg):
         self.min_reputation = float(min_reputation)
         self.norm_memory = norm_memory
         self.cosine_record = cosine_record
+        self.leave_one_out = leave_one_out
         self.kept_norm: float | None = None
         """The median norm of the replies kept in the last aggregated round (``None`` before the first)."""
         self.counts: dict[int, tuple[int, int]] = {}
@@ -164,8 +168,8 @@ class ReputationFilter(FedAvg):
         if len(replies) < self.required():
             raise AggregationRefused(f"{self!r} needs at least {self.required()} replies, got {len(replies)}")
         x = torch.stack([spec.as_flat(r.payload).float() for r in replies])
-        ref = reference_(torch.empty_like(x[0]), x, self.reference, self.byzantine)
-        passed, cos, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio)
+        ref, members = filter_reference(x, self.reference, self.byzantine, self.leave_one_out)
+        passed, cos, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio, members)
         directed = bool(torch.linalg.vector_norm(ref.double()) > 0)  # a zero reference has no direction
         norms = torch.linalg.vector_norm(x.double(), dim=1)
         if self.norm_memory and self.kept_norm is not None and self.max_norm_ratio * self.kept_norm < bound:
@@ -277,7 +281,7 @@ class ReputationFilter(FedAvg):
         return (
             f"ReputationFilter(reference={self.reference!r}, byzantine={self.byzantine}, min_cosine={self.min_cosine}, "
             f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory}, "
-            f"cosine_record={self.cosine_record})"
+            f"leave_one_out={self.leave_one_out}, cosine_record={self.cosine_record})"
         )
 
 
