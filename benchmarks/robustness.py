@@ -20,10 +20,7 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only; ``reputation_cos``: with
-  ``cosine_record=True``, the client's mean cosine to the rounds' references above 0 as well; ``reputation_loo``:
-  with ``leave_one_out=True``, each reply compared with the multi-Krum mean of the other selected replies;
-  ``refilter_krum_loo``: the reference filter with ``leave_one_out=True``), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -162,11 +159,8 @@ AGGREGATION = (
     "fltrust",
     "refilter",
     "refilter_krum",
-    "refilter_krum_loo",
     "reputation",
     "reputation_roundnorm",
-    "reputation_cos",
-    "reputation_loo",
     "foolsgold",
     "oracle",
 )
@@ -183,9 +177,6 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
-    "reputation_cos": "dropped",
-    "reputation_loo": "dropped",
-    "refilter_krum_loo": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -204,9 +195,6 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
-    "reputation_cos": "reputation filter (multi-Krum) with the mean cosine",
-    "reputation_loo": "reputation filter (multi-Krum, leave-one-out)",
-    "refilter_krum_loo": "reference filter (multi-Krum, leave-one-out)",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -408,15 +396,9 @@ def make_aggregator(
         return Oracle(attack) if attack is not None else None
     if name == "refilter":
         return ReferenceFilter(reference="median", min_cosine=0.0, max_norm_ratio=3.0)
-    if name in ("refilter_krum", "refilter_krum_loo"):
+    if name == "refilter_krum":
         byz = min((per_round - 3) // 2, math.ceil(expected) + 1)
-        return ReferenceFilter(
-            reference="krum",
-            byzantine=byz,
-            min_cosine=0.0,
-            max_norm_ratio=3.0,
-            leave_one_out=name == "refilter_krum_loo",
-        )
+        return ReferenceFilter(reference="krum", byzantine=byz, min_cosine=0.0, max_norm_ratio=3.0)
     if name == "median":
         return CoordinateMedian()
     if name == "trimmed":
@@ -812,16 +794,14 @@ def train(
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
-    elif defence.startswith("reputation"):  # refilter_krum's test with the clients' records
+    elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
         byz = min((per_round - 3) // 2, math.ceil(fraction * per_round) + 1)
         strategy = ReputationFilter(
             reference="krum",
             byzantine=byz,
             min_cosine=0.0,
             max_norm_ratio=3.0,
-            norm_memory=defence != "reputation_roundnorm",
-            cosine_record=defence == "reputation_cos",
-            leave_one_out=defence == "reputation_loo",
+            norm_memory=defence == "reputation",
         )
     else:
         strategy = FedAvg(aggregator=agg)

@@ -73,38 +73,6 @@ def test_three_rounds_by_hand():
     assert strategy.reputation(3) == 0.6 and strategy.reputation(99) == 0.5  # never seen: the prior
 
 
-@pytest.mark.parametrize("cosine_record", [True, False])
-def test_the_mean_cosine_record_drops_a_client_that_points_away_on_average(cosine_record):
-    strategy, _ = make(cosine_record=cosine_record)
-    barely = [-0.9, 1.0]  # against the rounds' median [1, 1]: cosine 0.1 / (1.345 * 1.414) = 0.0526, a pass
-    for rnd in range(2):
-        strategy.aggregate(rnd, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, barely)])
-        assert strategy.last.dropped == []
-    strategy.aggregate(2, [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, [-1.0, -1.0])])  # cosine -1
-    assert strategy.last.dropped == [4] and strategy.counts[4] == (2, 1)  # reputation 3/5
-    c = 0.1 / ((0.81 + 1.0) ** 0.5 * 2**0.5)
-    assert strategy.cosines[4][0] == pytest.approx(2 * c - 1) and strategy.cosines[4][1] == 3
-    assert strategy.mean_cosine(0) == pytest.approx(2**-0.5) and strategy.mean_cosine(99) == float("inf")
-    # round 3: client 4 passes again (3 passes, 1 fail: 2/3) but its mean cosine is (3 c - 1) / 4 < 0
-    state = strategy.state_dict()
-    before = strategy.global_flat.clone()
-    nxt = [reply(i, v) for i, v in enumerate(HONEST)] + [reply(4, barely)]
-    metrics = strategy.aggregate(3, nxt)
-    if cosine_record:
-        assert strategy.last.dropped == [4] and metrics["rep_vetoed"] == 1.0
-        assert (strategy.global_flat - before).tolist() == pytest.approx([1.0, 0.75])
-    else:
-        assert strategy.last.dropped == []
-        assert (strategy.global_flat - before).tolist() == pytest.approx([0.62, 0.8])
-    # the cosine record is checkpointed: a restored strategy continues identically
-    restored, _ = make(cosine_record=cosine_record)
-    restored.load_state_dict(state)
-    assert restored.cosines[4] == (state["reputation"]["cosine_sums"][4].item(), 3)
-    assert restored.cosines[4][0] == pytest.approx(2 * c - 1) and restored.cosines[0][1] == 3
-    restored.aggregate(3, nxt)
-    assert torch.equal(restored.global_flat, strategy.global_flat) and restored.cosines == strategy.cosines
-
-
 @pytest.mark.parametrize("memory", [True, False])
 def test_norm_memory_against_a_long_majority(memory):
     strategy, _ = make(norm_memory=memory)
@@ -187,7 +155,6 @@ def test_state_dict_round_trip_continues_identically():
         ({"min_reputation": 1.0}, "min_reputation=1.0 is not allowed; min_reputation must be in \\[0, 1\\)"),
         ({"min_reputation": -0.1}, "min_reputation=-0.1 is not allowed"),
         ({"norm_memory": 1}, "norm_memory=1 is not allowed; norm_memory must be True or False"),
-        ({"cosine_record": 0}, "cosine_record=0 is not allowed; cosine_record must be True or False"),
         ({"server_lr": 0}, "server_lr=0 is not allowed"),
     ],
 )

@@ -16,11 +16,6 @@ what it has a reason to drop:
    as a rejection, not a clipping; kept updates are not rescaled).
 4. the example-weighted mean (the strategy's trust weights, renormalised) of the updates kept.
 
-With ``leave_one_out=True`` (multi-Krum reference only) each update is compared with the mean of the *other*
-selected updates: an update inside the multi-Krum mean is a ``1 / (n - f)`` part of it, and when the round's updates
-are nearly orthogonal (small non-IID clients) that share alone gives it a cosine of about ``1 / sqrt(n - f)`` to
-the mean: every update Krum selects, a flipped one included, then passes the direction test.
-
 A round where no update passes is refused (:class:`~lightning_fed.errors.AggregationRefused`). Stateless: nothing
 to checkpoint. On flat buffers: one ``[n, d]`` stack, a median (or a Gram matrix) and a matrix-vector product.
 """
@@ -46,25 +41,12 @@ REFERENCES = ("median", "krum")
 
 
 def check_filter_settings(
-    name: str,
-    reference: str,
-    byzantine: int,
-    min_cosine: float,
-    max_norm_ratio: float,
-    leave_one_out: bool = False,
+    name: str, reference: str, byzantine: int, min_cosine: float, max_norm_ratio: float
 ) -> None:
     """Raise a clear ``ValueError`` (``name`` first) unless the filter's settings are valid: ``reference`` one of
     :data:`REFERENCES`, ``byzantine`` an integer >= 0, ``min_cosine`` in ``[-1, 1)``, ``max_norm_ratio`` a finite
-    number > 1, ``leave_one_out`` a bool and only with the multi-Krum reference."""
+    number > 1."""
     need(name, reference in REFERENCES, "reference", reference, f"one of {REFERENCES}")
-    need(name, isinstance(leave_one_out, bool), "leave_one_out", leave_one_out, "True or False")
-    need(
-        name,
-        not leave_one_out or reference == "krum",
-        "leave_one_out",
-        leave_one_out,
-        "False with reference='median' (a leave-one-out reference is the multi-Krum mean's)",
-    )
     need(
         name,
         isinstance(byzantine, int) and not isinstance(byzantine, bool) and byzantine >= 0,
@@ -91,56 +73,25 @@ def check_filter_settings(
     )
 
 
-def krum_members(x: Tensor, byzantine: int) -> Tensor:
-    """Boolean mask of the ``n - byzantine`` rows of ``x`` with the lowest Krum scores (ties: the lower position)."""
-    keep = krum_scores(x, byzantine).argsort(stable=True)[: x.shape[0] - byzantine]
-    members = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    members[keep] = True
-    return members
-
-
 def reference_(out: Tensor, x: Tensor, reference: str, byzantine: int) -> Tensor:
     """The robust reference of the rows of ``x`` into ``out``: their coordinate-wise median (``"median"``), or the
     unweighted mean of the ``n - byzantine`` rows with the lowest Krum scores (``"krum"``)."""
     if reference == "median":
         return median_(out, x)
-    keep = krum_members(x, byzantine).nonzero().flatten()
-    return torch.mean(x[keep], dim=0, out=out)
-
-
-def leave_one_out_cosines(x: Tensor, members: Tensor) -> Tensor:
-    """Each row's cosine (float64) to the mean of the ``members`` rows other than itself: a member is compared with
-    the mean of the other members, a non-member with the mean of all members. A zero row or a zero mean gives 0.
-    From dot products only: ``x @ s`` with ``s`` the members' sum, the row norms and ``|s|``."""
-    xd = x.double()
-    s = xd[members].sum(dim=0)
-    k = float(members.sum())
-    own = members.double()  # 1 where the row is in the sum it is compared with
-    dots = xd @ s
-    sq = (xd * xd).sum(dim=1)
-    count = k - own
-    # the other members' sum: s - own * x_i; its dot with x_i and its squared norm, divided by the count
-    other_dot = dots - own * sq
-    other_sq = (float(s @ s) - 2 * own * dots + own * sq).clamp(min=0)
-    mean_norm = other_sq.sqrt() / count.clamp(min=1)
-    mean_dot = other_dot / count.clamp(min=1)
-    return torch.where(count > 0, mean_dot / (sq.sqrt() * mean_norm).clamp(min=1e-300), torch.zeros_like(dots))
+    keep = krum_scores(x, byzantine).argsort(stable=True)[: x.shape[0] - byzantine]
+    return torch.mean(x[keep.sort().values], dim=0, out=out)
 
 
 def filter_mask(
-    x: Tensor, ref: Tensor, min_cosine: float, max_norm_ratio: float, members: Tensor | None = None
+    x: Tensor, ref: Tensor, min_cosine: float, max_norm_ratio: float
 ) -> tuple[Tensor, Tensor, float]:
     """``(keep, cosines, norm_bound)``: which rows of ``x`` pass (cosine to ``ref`` above ``min_cosine`` and L2 norm
     at most ``norm_bound = max_norm_ratio * median row norm``), each row's cosine to ``ref`` (float64; a zero row
-    or a zero reference gives cosine 0, and a zero reference skips the direction test). With ``members`` (``ref``
-    is then their mean) the cosines are :func:`leave_one_out_cosines`."""
+    or a zero reference gives cosine 0, and a zero reference skips the direction test)."""
     xd, rd = x.double(), ref.double()
     norms = torch.linalg.vector_norm(xd, dim=1)
     rnorm = float(torch.linalg.vector_norm(rd))
-    if members is None:
-        cos = (xd @ rd) / (norms * rnorm).clamp(min=1e-300)
-    else:
-        cos = leave_one_out_cosines(x, members)
+    cos = (xd @ rd) / (norms * rnorm).clamp(min=1e-300)
     bound = max_norm_ratio * float(norms.median())
     keep = norms <= bound
     if rnorm > 0:
@@ -163,8 +114,6 @@ class ReferenceFilter(RobustAggregator):
         byzantine: Krum's ``f`` for ``reference="krum"`` (>= 0; the round needs ``2 f + 3`` replies).
         min_cosine: an update is kept only if its cosine to the reference is above this, in ``[-1, 1)``.
         max_norm_ratio: an update is kept only if its norm is at most this times the round's median norm (> 1).
-        leave_one_out: compare each update with the multi-Krum mean of the other selected updates (module
-            docstring; ``reference="krum"`` only).
     """
 
     def __init__(
@@ -173,11 +122,9 @@ class ReferenceFilter(RobustAggregator):
         byzantine: int = 1,
         min_cosine: float = 0.0,
         max_norm_ratio: float = 3.0,
-        leave_one_out: bool = False,
     ) -> None:
         super().__init__()
-        check_filter_settings("ReferenceFilter", reference, byzantine, min_cosine, max_norm_ratio, leave_one_out)
-        self.leave_one_out = leave_one_out
+        check_filter_settings("ReferenceFilter", reference, byzantine, min_cosine, max_norm_ratio)
         self.reference = reference
         self.byzantine = byzantine
         self.min_cosine = float(min_cosine)
@@ -189,8 +136,8 @@ class ReferenceFilter(RobustAggregator):
 
     def combine(self, out: Tensor, x: Tensor, w: Tensor, report: AggregationReport) -> None:
         """Reference, filter, weighted mean of the kept rows."""
-        ref, members = filter_reference(x, self.reference, self.byzantine, self.leave_one_out)
-        keep, cos, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio, members)
+        ref = reference_(torch.empty_like(out), x, self.reference, self.byzantine)
+        keep, cos, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio)
         report.scores = cos.tolist()
         report.bound = bound
         report.dropped = (~keep).nonzero().flatten().tolist()
@@ -201,24 +148,8 @@ class ReferenceFilter(RobustAggregator):
     def __repr__(self) -> str:
         return (
             f"ReferenceFilter(reference={self.reference!r}, byzantine={self.byzantine}, "
-            f"min_cosine={self.min_cosine}, max_norm_ratio={self.max_norm_ratio}, leave_one_out={self.leave_one_out})"
+            f"min_cosine={self.min_cosine}, max_norm_ratio={self.max_norm_ratio})"
         )
 
 
-def filter_reference(x: Tensor, reference: str, byzantine: int, leave_one_out: bool) -> tuple[Tensor, Tensor | None]:
-    """``(reference, members)`` for :func:`filter_mask`: the round's reference of the rows of ``x``
-    (:func:`reference_`) and, with ``leave_one_out`` (multi-Krum only), the mask of the rows in its mean."""
-    if not leave_one_out:
-        return reference_(torch.empty_like(x[0]), x, reference, byzantine), None
-    members = krum_members(x, byzantine)
-    return x[members].mean(dim=0), members
-
-
-__all__ = [
-    "ReferenceFilter",
-    "filter_mask",
-    "filter_reference",
-    "krum_members",
-    "leave_one_out_cosines",
-    "reference_",
-]
+__all__ = ["ReferenceFilter", "filter_mask", "reference_"]

@@ -20,12 +20,6 @@ one round cannot. Every round:
    default: more passes than fails). A client with a clean record is still dropped in a round it fails (as by the
    reference filter: a client that turns malicious is caught in every round the filter catches it); a client whose
    replies mostly fail is dropped also in the rounds it passes.
-   With ``cosine_record=True`` the record also holds the sum of the client's cosines to the rounds' references;
-   a reply is kept only if, besides, its client's mean cosine (this round's included) is above ``min_cosine``. A
-   pass or fail counts a reply that barely disagrees the same as one that points the opposite way; the mean cosine
-   does not. An update flipped at its own length (no length test catches it) passes the direction test about as
-   often as the honest update it mirrors fails it, so its pass/fail record can stay near 1/2 while its mean cosine
-   is the negative of an honest client's. Off by default.
 4. the example-weighted mean of the kept replies (the strategy's ``aggregator``, given only the kept replies).
 
 The counts and the remembered norm are the strategy's state (:meth:`ReputationFilter.state_dict`), updated only
@@ -48,7 +42,7 @@ from lightning_fed.protocol import Reply
 from lightning_fed.strategies.aggregate import example_weights, flat_norm
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
-from lightning_fed.strategies.reference_filter import check_filter_settings, filter_mask, filter_reference
+from lightning_fed.strategies.reference_filter import check_filter_settings, filter_mask, reference_
 from lightning_fed.strategies.robust import AggregationReport
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
@@ -87,10 +81,6 @@ class ReputationFilter(FedAvg):
         norm_memory: the length test's reference norm is the smaller of the round's median norm and the median
             norm of the last aggregated round's kept replies (``False``: the round's median alone, as
             :class:`~lightning_fed.strategies.ReferenceFilter`).
-        leave_one_out: compare each reply with the multi-Krum mean of the other selected replies
-            (:class:`~lightning_fed.strategies.ReferenceFilter`'s ``leave_one_out``; ``reference="krum"`` only).
-        cosine_record: also require the client's mean cosine to the rounds' references, this round's included, to
-            be above ``min_cosine`` (module docstring, step 3).
         server_lr: as :class:`~lightning_fed.strategies.FedAvg`.
         aggregator: the rule over the kept replies (``None``: their example-weighted mean).
         server_optimizer: as :class:`~lightning_fed.strategies.FedAvg`.
@@ -105,14 +95,12 @@ class ReputationFilter(FedAvg):
         max_norm_ratio: float = 3.0,
         min_reputation: float = 0.5,
         norm_memory: bool = True,
-        leave_one_out: bool = False,
-        cosine_record: bool = False,
         server_lr: float = 1.0,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         name = "ReputationFilter"
-        check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio, leave_one_out)
+        check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio)
         need(
             name,
             isinstance(min_reputation, int | float)
@@ -123,7 +111,6 @@ class ReputationFilter(FedAvg):
             "in [0, 1)",
         )
         need(name, isinstance(norm_memory, bool), "norm_memory", norm_memory, "True or False")
-        need(name, isinstance(cosine_record, bool), "cosine_record", cosine_record, "True or False")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.reference = reference
         self.byzantine = byzantine
@@ -131,15 +118,10 @@ class ReputationFilter(FedAvg):
         self.max_norm_ratio = float(max_norm_ratio)
         self.min_reputation = float(min_reputation)
         self.norm_memory = norm_memory
-        self.cosine_record = cosine_record
-        self.leave_one_out = leave_one_out
         self.kept_norm: float | None = None
         """The median norm of the replies kept in the last aggregated round (``None`` before the first)."""
         self.counts: dict[int, tuple[int, int]] = {}
         """Per client id, ``(passes, fails)`` of the filter over the rounds it was sampled and aggregated."""
-        self.cosines: dict[int, tuple[float, int]] = {}
-        """Per client id, ``(sum, count)`` of its cosines to the references of those rounds (rounds with a zero
-        reference not counted); kept whether or not ``cosine_record`` uses it."""
         self.last: AggregationReport | None = None
 
     def required(self) -> int:
@@ -149,11 +131,6 @@ class ReputationFilter(FedAvg):
     def reputation(self, client_id: int) -> float:
         """The client's current reputation (1/2 for a client never seen)."""
         return beta_reputation(*self.counts.get(client_id, (0, 0)))
-
-    def mean_cosine(self, client_id: int) -> float:
-        """The client's mean cosine to the references of the rounds it was sampled in (``inf`` when it has none)."""
-        total, count = self.cosines.get(client_id, (0.0, 0))
-        return total / count if count else math.inf
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
         """The filter's verdicts, the clients' updated reputations, then FedAvg's aggregation and server step over
@@ -168,9 +145,8 @@ class ReputationFilter(FedAvg):
         if len(replies) < self.required():
             raise AggregationRefused(f"{self!r} needs at least {self.required()} replies, got {len(replies)}")
         x = torch.stack([spec.as_flat(r.payload).float() for r in replies])
-        ref, members = filter_reference(x, self.reference, self.byzantine, self.leave_one_out)
-        passed, cos, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio, members)
-        directed = bool(torch.linalg.vector_norm(ref.double()) > 0)  # a zero reference has no direction
+        ref = reference_(torch.empty_like(x[0]), x, self.reference, self.byzantine)
+        passed, _, bound = filter_mask(x, ref, self.min_cosine, self.max_norm_ratio)
         norms = torch.linalg.vector_norm(x.double(), dim=1)
         if self.norm_memory and self.kept_norm is not None and self.max_norm_ratio * self.kept_norm < bound:
             bound = self.max_norm_ratio * self.kept_norm
@@ -180,18 +156,7 @@ class ReputationFilter(FedAvg):
             a, b = updated.get(r.client_id, self.counts.get(r.client_id, (0, 0)))
             updated[r.client_id] = (a + 1, b) if ok else (a, b + 1)
         scores = [beta_reputation(*updated[r.client_id]) for r in replies]
-        cosines: dict[int, tuple[float, int]] = {}
-        for r, c in zip(replies, cos.tolist(), strict=True):
-            total, count = cosines.get(r.client_id, self.cosines.get(r.client_id, (0.0, 0)))
-            cosines[r.client_id] = (total + c, count + 1) if directed else (total, count)
-
-        def record_ok(i: int) -> bool:
-            if scores[i] <= self.min_reputation:
-                return False
-            total, count = cosines[replies[i].client_id]
-            return not (self.cosine_record and count and total / count <= self.min_cosine)
-
-        keep = [i for i, ok in enumerate(passed.tolist()) if ok and record_ok(i)]
+        keep = [i for i, ok in enumerate(passed.tolist()) if ok and scores[i] > self.min_reputation]
         if not keep:
             raise AggregationRefused(
                 f"{self!r}: none of the {len(replies)} replies passes the filter and the record"
@@ -206,7 +171,6 @@ class ReputationFilter(FedAvg):
         )
         self.server_optimizer.step(flat, update)
         self.counts.update(updated)  # only once the round aggregated: a refused round changes nothing
-        self.cosines.update(cosines)
         self.kept_norm = float(norms[keep].median())
         dropped = [i for i in range(len(replies)) if i not in set(keep)]
         vetoed = [i for i in dropped if bool(passed[i])]
@@ -229,18 +193,14 @@ class ReputationFilter(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """FedAvg's state plus the counts (the client ids, ascending, and one ``[clients, 2]`` tensor of
-        ``(passes, fails)``), the cosine records (float64 sums and counts, in the same order) and the remembered norm
-        (``nan`` before the first aggregated round)."""
+        ``(passes, fails)``) and the remembered norm (``nan`` before the first aggregated round)."""
         ids = sorted(self.counts)
         counts = torch.tensor([list(self.counts[i]) for i in ids], dtype=torch.long).reshape(len(ids), 2)
-        cos = [self.cosines.get(i, (0.0, 0)) for i in ids]
         return {
             **super().state_dict(),
             "reputation": {
                 "clients": torch.tensor(ids, dtype=torch.long),
                 "counts": counts,
-                "cosine_sums": torch.tensor([t for t, _ in cos], dtype=torch.float64),
-                "cosine_counts": torch.tensor([n for _, n in cos], dtype=torch.long),
                 "kept_norm": torch.tensor(
                     math.nan if self.kept_norm is None else self.kept_norm, dtype=torch.float64
                 ),
@@ -248,8 +208,8 @@ class ReputationFilter(FedAvg):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore FedAvg's state, the counts, the cosine records and the remembered norm (a checkpoint without
-        them starts with none)."""
+        """Restore FedAvg's state, the counts and the remembered norm (a checkpoint without them starts with
+        none)."""
         super().load_state_dict(state)
         saved = state.get("reputation")
         kept = math.nan if saved is None else float(saved.get("kept_norm", math.nan))
@@ -262,26 +222,11 @@ class ReputationFilter(FedAvg):
                 for c, (a, b) in zip(saved["clients"].tolist(), saved["counts"].tolist(), strict=True)
             }
         )
-        self.cosines = (
-            {}
-            if saved is None or "cosine_sums" not in saved
-            else {
-                int(c): (float(t), int(n))
-                for c, t, n in zip(
-                    saved["clients"].tolist(),
-                    saved["cosine_sums"].tolist(),
-                    saved["cosine_counts"].tolist(),
-                    strict=True,
-                )
-                if n
-            }
-        )
 
     def __repr__(self) -> str:
         return (
             f"ReputationFilter(reference={self.reference!r}, byzantine={self.byzantine}, min_cosine={self.min_cosine}, "
-            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory}, "
-            f"leave_one_out={self.leave_one_out}, cosine_record={self.cosine_record})"
+            f"max_norm_ratio={self.max_norm_ratio}, min_reputation={self.min_reputation}, norm_memory={self.norm_memory})"
         )
 
 
