@@ -327,12 +327,12 @@ def make_attack(
     seed: int,
     boost: float,
     trigger: tuple[int | None, str] = DEFAULT_TRIGGER,
-    rounds: int = 0,
+    rounds: int | None = None,
 ) -> Attack:
     """The attack ``name`` on a fixed, seeded ``fraction`` of the clients; backdoors write ``trigger`` (its
     ``(start, pattern)``, :func:`~lightning_fed.callbacks.backdoor.apply_trigger`); ``sign_flip_x1`` flips the
     updates at their own length; ``sign_flip_sleeper`` sends honest updates for the first third of the ``rounds``
-    and then does the same."""
+    (at least one round) and then does the same."""
     common = {"fraction": fraction, "mode": "fixed", "seed": seed}
     if name == "label_flip":
         return LabelFlip(num_classes=10, **common)
@@ -341,7 +341,9 @@ def make_attack(
     if name == "sign_flip_x1":
         return SignFlip(scale=1.0, **common)
     if name == "sign_flip_sleeper":
-        return SignFlip(scale=1.0, start_round=rounds // 3, **common)
+        if rounds is None:
+            raise ValueError("sign_flip_sleeper starts after a third of the run's rounds: pass rounds")
+        return SignFlip(scale=1.0, start_round=max(1, rounds // 3), **common)
     if name == "gaussian":
         return GaussianUpdate(std=1.0, **common)
     if name == "alie":

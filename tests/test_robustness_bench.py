@@ -477,6 +477,9 @@ def test_the_sleeper_row_flips_at_its_own_length_from_a_third_of_the_rounds(benc
     matched = bench.make_attack("sign_flip_x1", 0.2, 3, 5.0, rounds=30)
     assert matched.scale == 1.0 and matched.start_round == 0 and matched.malicious(0, 20) == plain.malicious(0, 20)
     assert {"sign_flip_x1", "sign_flip_sleeper"} <= set(bench.BYZANTINE) & set(bench.LABELS)
+    assert bench.make_attack("sign_flip_sleeper", 0.2, 3, 5.0, rounds=2).start_round == 1  # --quick: one honest round
+    with pytest.raises(ValueError, match="sign_flip_sleeper starts after a third of the run's rounds: pass rounds"):
+        bench.make_attack("sign_flip_sleeper", 0.2, 3, 5.0)
 
 
 def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(bench):
