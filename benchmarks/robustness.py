@@ -20,7 +20,10 @@ Rows are attacks, columns defences:
   multi-Krum mean), ``reputation`` (the ``ReputationFilter`` strategy: ``refilter_krum``'s test, its norm bound
   from the smaller of the round's median norm and the last kept replies' median norm, and a reply kept only if its
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
-  ``reputation_roundnorm``: the same with the round's median norm only), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  ``reputation_roundnorm``: the same with the round's median norm only), ``lossfilter`` (the ``LossFilter`` strategy:
+  a reply dropped when its step, at its share of the round's mean, raises the cross-entropy on 200 clean records the
+  server holds (``PublicData``, generator seed 7) and its client's mean score over its rounds is not positive either;
+  ``lossfilter_round``: every reply judged on its own round), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -129,6 +132,7 @@ from lightning_fed.strategies import (
     FLTrust,
     FoolsGold,
     Krum,
+    LossFilter,
     NormBound,
     ReferenceFilter,
     ReputationFilter,
@@ -161,6 +165,8 @@ AGGREGATION = (
     "refilter_krum",
     "reputation",
     "reputation_roundnorm",
+    "lossfilter",
+    "lossfilter_round",
     "foolsgold",
     "oracle",
 )
@@ -177,6 +183,8 @@ DETECTS = {
     "refilter_krum": "dropped",
     "reputation": "dropped",
     "reputation_roundnorm": "dropped",
+    "lossfilter": "dropped",
+    "lossfilter_round": "dropped",
     "foolsgold": "dropped",
     "oracle": "dropped",
 }
@@ -195,6 +203,8 @@ LABELS = {
     "refilter_krum": "reference filter (multi-Krum)",
     "reputation": "reputation filter (multi-Krum)",
     "reputation_roundnorm": "reputation filter (multi-Krum), the round's norm only",
+    "lossfilter": "loss filter",
+    "lossfilter_round": "loss filter, each round on its own",
     "foolsgold": "FoolsGold",
     "oracle": "oracle (drops exactly the malicious, benchmark only)",
     "ibau": "I-BAU",
@@ -225,6 +235,7 @@ FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANP_LAYERS = ["conv1", "conv2", "conv3"]
 CLIP_LAYERS = ["conv1", "conv2", "conv3"]
+LOSS_CLEAN = 200  # LossFilter's clean records: PublicData(LOSS_CLEAN, seed=7, labeled=True)
 FRESH_PROXY = (1000, 7)  # FreshDistill's unlabelled transfer records: FedDF's PublicData(1000, seed=7)
 
 
@@ -794,6 +805,10 @@ def train(
             temperature=1.0,
             seed=seed,
         )
+    elif defence in ("lossfilter", "lossfilter_round"):  # the step of each reply on the server's clean records
+        strategy = LossFilter(
+            clean=PublicData(num_samples=LOSS_CLEAN, seed=7, labeled=True), record=defence == "lossfilter"
+        )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
     elif defence in ("reputation", "reputation_roundnorm"):  # refilter_krum's test with the clients' records
@@ -814,7 +829,7 @@ def train(
         if isinstance(agg, Oracle):
             callbacks.append(agg.feed)
         if defence in DETECTS:
-            # FoolsGold and ReputationFilter are strategies that keep `last`; the other rules are aggregators
+            # FoolsGold, ReputationFilter and LossFilter are strategies that keep `last`; the other rules are aggregators
             owner = agg if agg is not None else strategy
             detection = Detection(attack, owner, flag=DETECTS[defence])
             callbacks.append(detection)

@@ -14,8 +14,8 @@ def _run(code: str, tmp_path: Path) -> dict:
     return scope
 
 
-def test_there_are_twelve_examples():
-    assert len(BLOCKS) == 12
+def test_there_are_thirteen_examples():
+    assert len(BLOCKS) == 13
 
 
 def test_trigger_example_runs_and_its_comments_are_true(tmp_path):
@@ -135,3 +135,13 @@ def test_reputation_filter_example_runs_and_its_records_match(tmp_path):
     assert history[-1]["rep_dropped"] == float(len(strategy.last.dropped))
     totals = scope["detection"].totals()
     assert totals["tp"] + totals["fn"] == 6  # 2 malicious replies a round, 3 rounds
+
+
+def test_loss_filter_example_runs_and_drops_the_flipped_replies(tmp_path):
+    scope = _run(BLOCKS[12], tmp_path)
+    strategy, history = scope["strategy"], scope["result"].history
+    assert sorted(strategy.records) == list(range(10)) and all(n == 3 for _, n in strategy.records.values())
+    assert history[-1]["loss_dropped"] == float(len(strategy.last.dropped))
+    assert scope["detection"].totals() == {"precision": 1.0, "recall": 1.0, "tp": 6.0, "fp": 0.0, "fn": 0.0}
+    bad = scope["attack"].malicious(0, 10)
+    assert all(strategy.mean_score(c) < 0 for c in bad)

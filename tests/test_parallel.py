@@ -124,6 +124,7 @@ CASES = {  # name: (recipe, processes)
     "dp-local-2": ("dp_local", 2),  # client noise keyed by (seed, round, client), whoever runs the client
     "fltrust-2": ("defence_fltrust", 2),  # the server update on the root data replayed on every rank
     "reference-filter-2": ("defence_reference_filter", 2),
+    "loss-filter-2": ("defence_loss_filter", 2),  # the scoring copy of the global model on every rank
     "ibau-2": ("defence_ibau", 2),  # a server-side repair on the clean data replayed on every rank
     "anp-2": ("defence_anp", 2),  # masks learnt and channels zeroed on every rank
     "activation-clip-2": ("defence_activation_clip", 2),  # bounds measured on every rank, written by rank 0

@@ -23,6 +23,7 @@ from lightning_fed.strategies.fedrs import FedRS, FedRSClient
 from lightning_fed.strategies.flame import FLAME
 from lightning_fed.strategies.fltrust import FLTrust
 from lightning_fed.strategies.foolsgold import FoolsGold
+from lightning_fed.strategies.loss_filter import LossFilter
 from lightning_fed.strategies.reference_filter import ReferenceFilter
 from lightning_fed.strategies.reputation_filter import ReputationFilter
 from lightning_fed.strategies.robust import (
@@ -78,6 +79,7 @@ __all__ = [
     "FedRSClient",
     "FoolsGold",
     "Krum",
+    "LossFilter",
     "ModelTiers",
     "NormBound",
     "PersonalLayers",
