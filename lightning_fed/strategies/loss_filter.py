@@ -51,6 +51,7 @@ from lightning_fed.protocol import Reply
 from lightning_fed.strategies.aggregate import example_weights, flat_norm
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
+from lightning_fed.strategies.reference_filter import check_max_norm_ratio
 from lightning_fed.strategies.robust import AggregationReport
 from lightning_fed.strategies.server_opt import ServerOptimizer
 from lightning_fed.validation import need
@@ -138,16 +139,7 @@ class LossFilter(FedAvg):
             "a finite number",
         )
         need(name, isinstance(record, bool), "record", record, "True or False")
-        need(
-            name,
-            isinstance(max_norm_ratio, int | float)
-            and not isinstance(max_norm_ratio, bool)
-            and math.isfinite(max_norm_ratio)
-            and max_norm_ratio > 1,
-            "max_norm_ratio",
-            max_norm_ratio,
-            "a finite number > 1",
-        )
+        check_max_norm_ratio(name, max_norm_ratio)
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.clean = clean
         self.step = None if step is None else float(step)

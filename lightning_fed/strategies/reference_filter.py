@@ -61,6 +61,11 @@ def check_filter_settings(
         min_cosine,
         "in [-1, 1)",
     )
+    check_max_norm_ratio(name, max_norm_ratio)
+
+
+def check_max_norm_ratio(name: str, max_norm_ratio: float) -> None:
+    """Raise a clear ``ValueError`` (``name`` first) unless ``max_norm_ratio`` is a finite number > 1."""
     need(
         name,
         isinstance(max_norm_ratio, int | float)
@@ -152,4 +157,4 @@ class ReferenceFilter(RobustAggregator):
         )
 
 
-__all__ = ["ReferenceFilter", "filter_mask", "reference_"]
+__all__ = ["ReferenceFilter", "check_max_norm_ratio", "filter_mask", "reference_"]
