@@ -27,7 +27,7 @@ with a fixed threshold rather than as a ranking that drops a fixed number of rep
 A round where no reply is kept is refused (:class:`~lightning_fed.errors.AggregationRefused`) and changes nothing.
 The records (per client: the sum of its scores and their count) are the strategy's state
 (:meth:`LossFilter.state_dict`), updated only when a round aggregates. Cost: one forward pass over the clean records
-per reply, plus one for the global model (``loss_s`` in the round metrics).
+per reply, plus one for the global model (``loss_s`` in the round metrics); memory: one copy of the model on the CPU.
 
 Assumption, as FLTrust's: the server holds a small labelled clean set of the task (``clean``); its label mix need not
 match any client's. The model's ``forward`` must return class logits.
