@@ -92,6 +92,16 @@ def test_the_length_test_and_a_fixed_step():
     )
 
 
+def test_a_step_to_a_non_finite_loss_scores_minus_infinity_and_stays_in_the_record():
+    strategy = make(max_norm_ratio=1e30)
+    strategy.aggregate(0, [reply(0, [1.0, 0.0]), reply(1, [0.0, float("inf")]), reply(2, [float("nan"), 0.0])])
+    assert strategy.last.scores[1:] == [-math.inf, -math.inf] and strategy.last.dropped == [1, 2]
+    assert strategy.global_flat.tolist() == [1.0, 0.0]
+    # a later gain does not forgive the record, but the reply is kept for its own score
+    strategy.aggregate(1, [reply(0, [1.0, 0.0]), reply(1, [1.0, 0.0])])
+    assert strategy.last.dropped == [] and strategy.mean_score(1) == -math.inf
+
+
 def test_refused_rounds_change_nothing():
     strategy = make()
     strategy.aggregate(0, [reply(0, [1.0, 0.0])])

@@ -164,7 +164,7 @@ class LossFilter(FedAvg):
 
     def scores(self, replies: list[Reply], shares: list[float]) -> list[float]:
         """Every reply's clean-loss decrease at its step (``step``, or its share in ``shares``) from the global
-        weights."""
+        weights; ``-inf`` where the loss (at the step or at the global weights) is not finite."""
         assert self._scorer is not None
         start = self.global_payload()
         live = float_state(self._scorer)
@@ -180,7 +180,8 @@ class LossFilter(FedAvg):
             gamma = self.step if self.step is not None else share
             for k, v in start.items():
                 live[k].copy_(v + gamma * r.payload[k].to(v.dtype))
-            out.append(base - clean_loss(self._scorer, xc, yc))
+            gain = base - clean_loss(self._scorer, xc, yc)
+            out.append(gain if math.isfinite(gain) else -math.inf)  # a step to a non-finite loss: the worst score
         return out
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> dict[str, float]:
