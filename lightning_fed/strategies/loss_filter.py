@@ -94,8 +94,8 @@ class LossFilter(FedAvg):
         clean: the server's clean records: a labelled :class:`~lightning_fed.data.PublicData`.
         step: each reply is scored at ``w + step * u`` (a finite number > 0); ``None``: at its example share of the
             round (its weight in the mean).
-        min_gain: a reply's score (and, with ``record``, its client's mean score) must be above this for it to be
-            kept (finite; 0 by default: the step does not raise the clean loss).
+        min_gain: a reply is kept when its score, or (with ``record``) its client's mean score, is above this
+            (finite; 0 by default: the step does not raise the clean loss).
         record: forgive a failed score when the client's mean score over its rounds is above ``min_gain``
             (``False``: judge every reply on its own round).
         max_norm_ratio: a reply longer than this times the round's median norm is dropped (> 1).
