@@ -22,8 +22,9 @@ Rows are attacks, columns defences:
   client's beta reputation, from the share of its past and present replies that passed, is above 1/2;
   ``reputation_roundnorm``: the same with the round's median norm only), ``lossfilter`` (the ``LossFilter`` strategy:
   a reply dropped when its step, at its share of the round's mean, raises the cross-entropy on 200 clean records the
-  server holds (``PublicData``, generator seed 7) and its client's mean score over its rounds is not positive either;
-  ``lossfilter_round``: every reply judged on its own round), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
+  server holds (``PublicData``, generator seed 7; ``--loss-clean`` sets how many, recorded as ``loss_clean``) and
+  its client's mean score over its rounds is not positive either; ``lossfilter_round``: every reply judged on its
+  own round), ``foolsgold`` (the ``FoolsGold`` strategy: FedAvg weighted by the similarity of the clients'
   histories of the output layer, kappa 1, or ``--fg-layers`` / ``--fg-kappa``; the replies it gives weight 0 are
   its detection), and the benchmark-only ``oracle`` (drops exactly the malicious replies: a ceiling, never a
   defence); each is its own training run; with ``--clean-rules`` the clean row is trained with each
@@ -235,7 +236,6 @@ FP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ANP_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANP_LAYERS = ["conv1", "conv2", "conv3"]
 CLIP_LAYERS = ["conv1", "conv2", "conv3"]
-LOSS_CLEAN = 200  # LossFilter's clean records: PublicData(LOSS_CLEAN, seed=7, labeled=True)
 FRESH_PROXY = (1000, 7)  # FreshDistill's unlabelled transfer records: FedDF's PublicData(1000, seed=7)
 
 
@@ -807,7 +807,7 @@ def train(
         )
     elif defence in ("lossfilter", "lossfilter_round"):  # the step of each reply on the server's clean records
         strategy = LossFilter(
-            clean=PublicData(num_samples=LOSS_CLEAN, seed=7, labeled=True), record=defence == "lossfilter"
+            clean=PublicData(num_samples=args.loss_clean, seed=7, labeled=True), record=defence == "lossfilter"
         )
     elif defence == "foolsgold":
         strategy = FoolsGold(layers=args.fg_layers, kappa=args.fg_kappa)
@@ -860,6 +860,8 @@ def train(
     except RoundsFailed as err:  # the attack wrecked the model: every reply rejected (e.g. non-finite losses)
         return model, {"collapsed": str(err).splitlines()[0]}, dm
     record: dict[str, Any] = {"skipped": int(sum(h.get("skipped", 0) for h in result.history))}
+    if isinstance(strategy, LossFilter):
+        record["loss_clean"] = len(strategy.clean)
     if detection is not None:
         record["detection"] = detection.totals()
     if weight_log is not None:
@@ -1315,6 +1317,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=200,
         help="clean records the server holds apart to choose settings on (PublicData, generator seed 8)",
+    )
+    p.add_argument(
+        "--loss-clean",
+        type=int,
+        default=200,
+        help="the loss filter's clean records (PublicData, generator seed 7)",
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke test: 1 seed, 2 rounds, 400 samples, few epochs"

@@ -515,12 +515,14 @@ def test_reputation_columns_and_an_all_malicious_round_refused_by_the_oracle(ben
 
 def test_loss_filter_columns_score_on_the_servers_clean_records(bench):
     rows = bench.main(
-        ["--quick", "--fractions", "0.2", "--attacks", "sign_flip_x1", "--defences", "lossfilter", "lossfilter_round"]
+        ["--quick", "--fractions", "0.2", "--attacks", "sign_flip_x1", "--defences", "lossfilter", "lossfilter_round",
+         "--loss-clean", "50"]
     )
     by = {r["defence"]: r for r in rows}
     assert set(by) == {"lossfilter", "lossfilter_round"}
     assert all(set(r["detection"]) == {"precision", "recall", "tp", "fp", "fn"} for r in rows)
     assert all(r["detection"]["tp"] > 0 for r in rows), rows  # flipped replies dropped even in the quick setting
+    assert all(r["loss_clean"] == 50 for r in rows)
     assert bench.LABELS["lossfilter"] == "loss filter" and bench.DETECTS["lossfilter_round"] == "dropped"
 
 
