@@ -39,7 +39,9 @@ Rows are attacks, columns defences:
   :func:`repair_nc`), ``FreshDistill`` (``fresh``: the model distilled
   into a freshly initialised copy of its architecture on FedDF's 1,000 unlabelled proxy records and the clean
   training records, their labels weighted ``--fresh-alpha``, the temperature chosen from ``--fresh-t``:
-  :func:`choose_fresh_temperature`) and ``SEAM`` (``seam``: forgetting with random labels at ``--seam-forget-lr``,
+  :func:`choose_fresh_temperature`), ``freshpatch`` (the same, every batch also trained on a copy of its records
+  with ``--fresh-patches`` short patches written in, to match the teacher's output on the records as they are:
+  :func:`~lightning_fed.callbacks.fresh_distill.patch`, sides 2-8, values up to 4 standard deviations) and ``SEAM`` (``seam``: forgetting with random labels at ``--seam-forget-lr``,
   then ``--seam-epochs`` of recovery with the true ones), and ``fresh+nc``: distillation into a fresh model, then
   trigger unlearning on the student, its learning rate chosen from ``--nc-lr`` against the unrepaired model's
   accuracy (one 2-point budget for the chain: :func:`repair_nc`'s ``base``), on 500
@@ -171,7 +173,7 @@ AGGREGATION = (
     "foolsgold",
     "oracle",
 )
-POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc", "fresh", "seam", "fresh+nc")
+POST = ("fp", "nad", "mcr", "fp+nad", "ibau", "anp", "clip", "nc", "fresh", "freshpatch", "seam", "fresh+nc")
 COMBOS = tuple(f"{rule}/{post}" for rule in AGGREGATION[1:] for post in POST)
 DEFENCES = (*AGGREGATION, *POST, "feddf", *COMBOS)
 DETECTS = {
@@ -213,6 +215,7 @@ LABELS = {
     "clip": "activation clipping",
     "nc": "trigger unlearning (NC)",
     "fresh": "distillation into a fresh model",
+    "freshpatch": "distillation into a fresh model, patched copies",
     "seam": "SEAM",
     "fp": "fine-pruning",
     "nad": "NAD",
@@ -503,18 +506,23 @@ def choose_clip_quantile(
 
 
 def choose_fresh_temperature(
-    model: nn.Module, clean: PublicData, select: PublicData, seed: int, args: argparse.Namespace
+    model: nn.Module,
+    clean: PublicData,
+    select: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    column: str = "fresh",
 ) -> tuple[float, nn.Module]:
     """``(temperature, student)`` of distillation into a fresh model for ``model``, chosen like activation clipping's
     quantile (:func:`choose_clip_quantile`): the lowest of ``--fresh-t`` (the least soft targets, which carry the
     least of the teacher's behaviour off the clean records) whose student stays within ``--select-drop`` of the
-    unrepaired model's accuracy on the selection records (the highest when none does). Never the test set, never
-    the trigger."""
+    unrepaired model's accuracy on the selection records (the highest when none does); ``column`` ``"fresh"`` or
+    ``"freshpatch"``. Never the test set, never the trigger."""
     base = accuracy(model, select.x, select.y)
     grid = sorted(args.fresh_t, reverse=True)
     chosen: tuple[float, nn.Module] | None = None
     for t in grid:
-        probe = repair(model, post_defence("fresh", clean, seed, args, fresh_t=t), seed)
+        probe = repair(model, post_defence(column, clean, seed, args, fresh_t=t), seed)
         if chosen is None or accuracy(probe, select.x, select.y) >= base - args.select_drop - 1e-9:
             chosen = (t, probe)
     assert chosen is not None
@@ -618,6 +626,18 @@ def post_defence(
         init_seed=seed,
         seed=seed,
     )
+    freshpatch = FreshDistill(
+        clean=clean,
+        proxy=PublicData(num_samples=FRESH_PROXY[0], seed=FRESH_PROXY[1]),
+        at=0,
+        epochs=args.fresh_epochs,
+        lr=lr,
+        temperature=max(args.fresh_t) if fresh_t is None else fresh_t,
+        alpha=args.fresh_alpha,
+        patches=args.fresh_patches,
+        init_seed=seed,
+        seed=seed,
+    )
     seam = SEAM(clean=clean, at=0, forget_lr=args.seam_forget_lr, epochs=args.seam_epochs, lr=lr, seed=seed)
     return {
         "fp": [fp],
@@ -629,6 +649,7 @@ def post_defence(
         "clip": [clip],
         "nc": [nc],
         "fresh": [fresh],
+        "freshpatch": [freshpatch],
         "seam": [seam],
     }[name]
 
@@ -995,8 +1016,8 @@ def run_seed(
                             eps = choose_clip_quantile(model, clean, select, seed, args)
                             fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
                             lr = None
-                        elif post == "fresh":  # the first --defence-lr; the temperature is chosen
-                            eps, fixed = choose_fresh_temperature(model, clean, select, seed, args)
+                        elif post in ("fresh", "freshpatch"):  # the first --defence-lr; the temperature is chosen
+                            eps, fixed = choose_fresh_temperature(model, clean, select, seed, args, post)
                             lr = args.defence_lr[0]
                         elif post == "fresh+nc":  # the student unlearns; one budget against the teacher
                             eps, student = choose_fresh_temperature(model, clean, select, seed, args)
@@ -1021,6 +1042,7 @@ def run_seed(
                                             "anp": "anp_threshold",
                                             "clip": "clip_quantile",
                                             "fresh": "fresh_temperature",
+                                            "freshpatch": "fresh_temperature",
                                             "fresh+nc": "fresh_temperature",
                                         }[post]: eps
                                     }
@@ -1290,6 +1312,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=150,
         help="distillation into a fresh model: passes over the transfer set",
+    )
+    p.add_argument(
+        "--fresh-patches",
+        type=int,
+        default=2,
+        help="distillation into a fresh model with patched copies (freshpatch): patches written into each copy",
     )
     p.add_argument(
         "--fresh-alpha",

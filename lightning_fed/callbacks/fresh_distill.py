@@ -79,6 +79,65 @@ def augment(x: Tensor, noise: float, shift: int, mixup: float, scale: float, gen
     return out
 
 
+PATCH_FILLS = ("constant", "alternating", "noise")
+
+
+def patch(
+    x: Tensor, count: int, min_len: int, max_len: int, amplitude: float, scale: float, gen: torch.Generator
+) -> Tensor:
+    """A copy of ``x`` (records along dimension 0) with ``count`` patches written into every record, each at a place
+    and with a fill of its own: a segment of the last dimension for 1-D records, a square of the last two for
+    records of two or more dimensions (every channel alike), its side drawn uniformly from ``[min_len, max_len]``.
+    A patch may hang over the record's edge (its start is drawn uniformly from ``[-(side - 1), n - 1]`` and the part
+    outside is cut off), so that every position is covered equally often: placed only inside, a patch would cover
+    the first and last positions ``side`` times less often than the middle ones, where triggers like to sit. Each
+    patch is filled, with equal chance, by a constant ``c``, by ``c`` with alternating signs (a checkerboard in
+    2-D), or by Gaussian noise of standard deviation ``|c| / 2``, where ``c`` is drawn uniformly from
+    ``[-amplitude, amplitude] * scale``. Every draw comes from ``gen``; the draws are the same for the same
+    ``gen`` and shapes.
+
+    Raises:
+        ValueError: a record has no dimension to patch, ``min_len`` is not in ``[1, max_len]``, or ``max_len``
+            exceeds a patched dimension.
+    """
+    if x.ndim < 2:
+        raise ValueError(
+            f"patch: records of shape {tuple(x.shape[1:])}: need at least one dimension to patch"
+        )
+    sides = tuple(x.shape[-1:]) if x.ndim == 2 else tuple(x.shape[-2:])
+    if not 1 <= min_len <= max_len or max_len > min(sides):
+        raise ValueError(
+            f"patch: sides [{min_len}, {max_len}] do not fit records of shape {tuple(x.shape[1:])}: "
+            f"need 1 <= min_len <= max_len <= {min(sides)}"
+        )
+    out = x.clone()
+    b = len(x)
+    for _ in range(count):
+        side = torch.randint(min_len, max_len + 1, (b,), generator=gen)
+        hit = torch.ones((b, *sides), dtype=torch.bool)
+        parity = torch.zeros((b, *sides), dtype=torch.long)
+        for d, n in enumerate(sides):  # the patch's extent along each patched dimension
+            start = (torch.rand(b, generator=gen) * (n + side - 1)).long() - (side - 1)
+            pos = torch.arange(n).view(1, *([1] * d), n, *([1] * (len(sides) - d - 1)))
+            first = start.view(b, *([1] * len(sides)))
+            hit &= (pos >= first) & (pos < first + side.view(b, *([1] * len(sides))))
+            parity = parity + pos - first
+        c = (torch.rand(b, generator=gen) * 2 - 1) * amplitude * scale
+        kind = torch.randint(0, len(PATCH_FILLS), (b,), generator=gen)
+        noise = torch.randn((b, *sides), generator=gen)
+        cv = c.view(b, *([1] * len(sides)))
+        signs = torch.where(parity % 2 == 0, 1.0, -1.0)
+        fill = torch.where(
+            kind.view(b, *([1] * len(sides))) == 0,
+            cv.expand(b, *sides),
+            torch.where(kind.view(b, *([1] * len(sides))) == 1, cv * signs, noise * cv.abs() / 2),
+        )
+        hit_full = hit.view(b, *([1] * (x.ndim - 1 - len(sides))), *sides).expand(x.shape)
+        fill_full = fill.view(b, *([1] * (x.ndim - 1 - len(sides))), *sides).expand(x.shape).to(x.dtype)
+        out = torch.where(hit_full, fill_full, out)
+    return out
+
+
 class FreshDistill(CleanDataDefence):
     """Distillation of the global model into a freshly initialised student on the server at the end of the rounds in
     ``at`` (module docstring); the student's weights replace the global model's. FedLoop only: under
@@ -109,6 +168,12 @@ class FreshDistill(CleanDataDefence):
         shift: largest circular shift of each transfer record, in positions (>= 0; 0: none).
         mixup: largest share of another record of the batch mixed into each transfer record, in ``[0, 0.5]`` (0:
             none).
+        patches: patches written into a copy of each transfer record (0: none). With ``patches > 0`` every batch
+            also trains the student on a patched copy of its records (:func:`patch`) to match the teacher's output on
+            the records as they are: overwriting a short segment must not change the answer, so a trigger the
+            student would otherwise pick up from the teacher's outputs on clean records is not learnt.
+        patch_min, patch_max: the sides of the patches, drawn uniformly from ``[patch_min, patch_max]`` positions.
+        patch_amplitude: the largest value a patch writes, in units of the transfer set's standard deviation (> 0).
         init_seed: seed of the student's initialisation.
         seed: seed of the clean split and of the batches and augmentations.
     """
@@ -132,6 +197,10 @@ class FreshDistill(CleanDataDefence):
         noise: float = 0.0,
         shift: int = 0,
         mixup: float = 0.0,
+        patches: int = 0,
+        patch_min: int = 2,
+        patch_max: int = 8,
+        patch_amplitude: float = 4.0,
         init_seed: int = 0,
         seed: int = 0,
     ) -> None:
@@ -155,6 +224,22 @@ class FreshDistill(CleanDataDefence):
             "an integer >= 0",
         )
         need(self.owner, _number(mixup) and 0 <= mixup <= 0.5, "mixup", mixup, "in [0, 0.5]")
+        need(self.owner, _integer(patches) and patches >= 0, "patches", patches, "an integer >= 0")
+        need(self.owner, _integer(patch_min) and patch_min >= 1, "patch_min", patch_min, "an integer >= 1")
+        need(
+            self.owner,
+            _integer(patch_max) and patch_max >= patch_min,
+            "patch_max",
+            patch_max,
+            f"an integer >= patch_min ({patch_min})",
+        )
+        need(
+            self.owner,
+            _number(patch_amplitude) and patch_amplitude > 0,
+            "patch_amplitude",
+            patch_amplitude,
+            "> 0",
+        )
         need(
             self.owner,
             isinstance(init_seed, int) and not isinstance(init_seed, bool),
@@ -168,6 +253,10 @@ class FreshDistill(CleanDataDefence):
         self.noise = float(noise)
         self.shift = shift
         self.mixup = float(mixup)
+        self.patches = patches
+        self.patch_min = patch_min
+        self.patch_max = patch_max
+        self.patch_amplitude = float(patch_amplitude)
         self.init_seed = init_seed
 
     def transfer_set(self) -> tuple[Tensor, Tensor]:
@@ -200,10 +289,24 @@ class FreshDistill(CleanDataDefence):
                 for _ in range(self.epochs):
                     for idx in batches(len(x), self.batch_size, gen):
                         xb, yb = x[idx], y[idx]
-                        xa = augment(xb, self.noise, self.shift, self.mixup, scale, gen).to(dev)
+                        xa = augment(xb, self.noise, self.shift, self.mixup, scale, gen)
                         with torch.no_grad():
-                            t = teacher(xa)
-                        loss = kd_loss(student(xa), t, self.temperature)
+                            t = teacher(xa.to(dev))
+                        if self.patches:  # the patched copies answer what the records as they are answer
+                            xp = patch(
+                                xa,
+                                self.patches,
+                                self.patch_min,
+                                self.patch_max,
+                                self.patch_amplitude,
+                                scale,
+                                gen,
+                            )
+                            loss = kd_loss(
+                                student(torch.cat([xa, xp]).to(dev)), torch.cat([t, t]), self.temperature
+                            )
+                        else:
+                            loss = kd_loss(student(xa.to(dev)), t, self.temperature)
                         if self.alpha > 0:
                             lab = yb >= 0
                             loss = (1 - self.alpha) * loss
@@ -258,4 +361,8 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-__all__ = ["FreshDistill", "augment", "fresh_model"]
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+__all__ = ["PATCH_FILLS", "FreshDistill", "augment", "fresh_model", "patch"]
