@@ -505,6 +505,24 @@ def choose_clip_quantile(
     return chosen
 
 
+def fresh_candidates(
+    model: nn.Module,
+    clean: PublicData,
+    select: PublicData,
+    seed: int,
+    args: argparse.Namespace,
+    column: str = "fresh",
+) -> list[tuple[float, float, nn.Module]]:
+    """``(temperature, selection accuracy, student)`` of distillation into a fresh model for ``model`` at each of
+    ``--fresh-t`` (highest first); ``column`` ``"fresh"`` or ``"freshpatch"``. Never the test set, never the
+    trigger."""
+    out = []
+    for t in sorted(args.fresh_t, reverse=True):
+        probe = repair(model, post_defence(column, clean, seed, args, fresh_t=t), seed)
+        out.append((t, accuracy(probe, select.x, select.y), probe))
+    return out
+
+
 def choose_fresh_temperature(
     model: nn.Module,
     clean: PublicData,
@@ -512,18 +530,24 @@ def choose_fresh_temperature(
     seed: int,
     args: argparse.Namespace,
     column: str = "fresh",
+    candidates: list[tuple[float, float, nn.Module]] | None = None,
 ) -> tuple[float, nn.Module]:
-    """``(temperature, student)`` of distillation into a fresh model for ``model``, chosen like activation clipping's
-    quantile (:func:`choose_clip_quantile`): the lowest of ``--fresh-t`` (the least soft targets, which carry the
-    least of the teacher's behaviour off the clean records) whose student stays within ``--select-drop`` of the
-    unrepaired model's accuracy on the selection records (the highest when none does); ``column`` ``"fresh"`` or
-    ``"freshpatch"``. Never the test set, never the trigger."""
+    """``(temperature, student)`` of distillation into a fresh model for ``model``, from :func:`fresh_candidates`.
+    ``fresh``: chosen like activation clipping's quantile (:func:`choose_clip_quantile`), the lowest of ``--fresh-t``
+    (the least soft targets, which carry the least of the teacher's behaviour off the clean records) whose student
+    stays within ``--select-drop`` of the unrepaired model's accuracy on the selection records (the highest when none
+    does). ``freshpatch``: the patched copies, not the temperature, keep the trigger out, so the temperature is the
+    one whose student is the most accurate on the selection records (the lowest on a tie). Never the test set,
+    never the trigger."""
+    candidates = candidates or fresh_candidates(model, clean, select, seed, args, column)
+    if column == "freshpatch":
+        best = max(a for _, a, _ in candidates)
+        t, _, probe = min((c for c in candidates if c[1] == best), key=lambda c: c[0])
+        return t, probe
     base = accuracy(model, select.x, select.y)
-    grid = sorted(args.fresh_t, reverse=True)
     chosen: tuple[float, nn.Module] | None = None
-    for t in grid:
-        probe = repair(model, post_defence(column, clean, seed, args, fresh_t=t), seed)
-        if chosen is None or accuracy(probe, select.x, select.y) >= base - args.select_drop - 1e-9:
+    for t, acc, probe in candidates:
+        if chosen is None or acc >= base - args.select_drop - 1e-9:
             chosen = (t, probe)
     assert chosen is not None
     return chosen
@@ -994,6 +1018,7 @@ def run_seed(
                     for column in [d for d in posts if split_post(d)[0] == defence]:
                         t0 = time.perf_counter()
                         post = split_post(column)[1]
+                        extra: dict[str, Any] = {}
                         ratio = None
                         if "fp" in post and args.fp_max_drop is not None:
                             chosen = chosen or [choose_fp_ratio(model, clean, select, seed, args)]
@@ -1016,8 +1041,14 @@ def run_seed(
                             eps = choose_clip_quantile(model, clean, select, seed, args)
                             fixed = repair(model, post_defence("clip", clean, seed, args, clip_q=eps), seed)
                             lr = None
-                        elif post in ("fresh", "freshpatch"):  # the first --defence-lr; the temperature is chosen
-                            eps, fixed = choose_fresh_temperature(model, clean, select, seed, args, post)
+                        elif post in ("fresh", "freshpatch"):  # the first --defence-lr; the temperature chosen
+                            cands = fresh_candidates(model, clean, select, seed, args, post)
+                            eps, fixed = choose_fresh_temperature(model, clean, select, seed, args, post, cands)
+                            extra = {  # every temperature's student, for the record (the choice never reads it)
+                                "fresh_candidates": [
+                                    {"t": t, "select_acc": a, **measure(m, x, y, trigger)} for t, a, m in cands
+                                ]
+                            }
                             lr = args.defence_lr[0]
                         elif post == "fresh+nc":  # the student unlearns; one budget against the teacher
                             eps, student = choose_fresh_temperature(model, clean, select, seed, args)
@@ -1034,6 +1065,7 @@ def run_seed(
                                 **measure(fixed, x, y, trigger),
                                 "defence_lr": lr,
                                 **({"nc": detected} if post in ("nc", "fresh+nc") else {}),
+                                **extra,
                                 **({"fp_ratio": ratio} if ratio is not None else {}),
                                 **(
                                     {

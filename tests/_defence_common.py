@@ -60,16 +60,19 @@ def run_and_resume_models(tmp_path, make_callback: Callable[[], object]):
     return res, first, again, full, resumed
 
 
-def backdoored_model(seed: int = 0, epochs: int = 20) -> tuple[MNIST1DCNN, torch.Tensor, torch.Tensor]:
+def backdoored_model(
+    seed: int = 0, epochs: int = 20, start: int | None = None, pattern: str = "alternating"
+) -> tuple[MNIST1DCNN, torch.Tensor, torch.Tensor]:
     """A small MNIST1DCNN trained centrally (SGD, seeded) on 600 MNIST-1D records (generator seed 11) of which the
-    first 150 are added again with the default trigger (the last 4 values set to +-3) and label 0; returns it (eval
-    mode) with 300 further test records ``(x, y)`` (generator seed 12)."""
+    first 150 are added again with a trigger (default: the last 4 values set to +-3; ``start`` / ``pattern`` as
+    :func:`~lightning_fed.callbacks.backdoor.apply_trigger` takes them) and label 0; returns it (eval mode) with 300
+    further test records ``(x, y)`` (generator seed 12)."""
     from lightning_fed.callbacks._defence import finetune
     from lightning_fed.callbacks.backdoor import apply_trigger
     from lightning_fed.seeding import generator
 
     data, test = PublicData(num_samples=600, seed=11, labeled=True), PublicData(num_samples=300, seed=12, labeled=True)
-    x = torch.cat([data.x, apply_trigger(data.x[:150])])
+    x = torch.cat([data.x, apply_trigger(data.x[:150], start=start, pattern=pattern)])
     y = torch.cat([data.y, torch.zeros(150, dtype=torch.long)])
     torch.manual_seed(seed)
     model = MNIST1DCNN()
@@ -77,10 +80,15 @@ def backdoored_model(seed: int = 0, epochs: int = 20) -> tuple[MNIST1DCNN, torch
     return model.eval(), test.x, test.y
 
 
-def trigger_success(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of the records of ``x`` not of class 0 that ``model`` classifies as 0 with the default trigger."""
+def trigger_success(
+    model, x: torch.Tensor, y: torch.Tensor, start: int | None = None, pattern: str = "alternating"
+) -> float:
+    """Share of the records of ``x`` not of class 0 that ``model`` classifies as 0 with the trigger (default: the
+    default trigger; ``start`` / ``pattern`` as :func:`~lightning_fed.callbacks.backdoor.apply_trigger` takes them)."""
     from lightning_fed.callbacks.backdoor import apply_trigger
 
     keep = y != 0
     with torch.no_grad():
-        return float((model.eval()(apply_trigger(x[keep])).argmax(1) == 0).float().mean())
+        return float(
+            (model.eval()(apply_trigger(x[keep], start=start, pattern=pattern)).argmax(1) == 0).float().mean()
+        )

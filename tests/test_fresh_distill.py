@@ -1,7 +1,7 @@
 """Distillation into a fresh model: the student is freshly initialised (nothing of the teacher's weights, the same
-draw for the same seed), augmentations by hand, a backdoored model's trigger no longer works after the step while
-clean accuracy stays, FedLoop metrics and an identical resumed run, nothing under lightning.Trainer, bad settings
-named."""
+draw for the same seed), augmentations and patches by hand, a backdoored model's trigger no longer works after the
+step while clean accuracy stays, patched copies remove a constant trigger that plain distillation passes on, FedLoop
+metrics and an identical resumed run, nothing under lightning.Trainer, bad settings named."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_fed.callbacks import FreshDistill
 from lightning_fed.callbacks._defence import accuracy
-from lightning_fed.callbacks.fresh_distill import augment, fresh_model
+from lightning_fed.callbacks.fresh_distill import augment, fresh_model, patch
 from lightning_fed.data import PublicData
 from lightning_fed.models import MNIST1DCNN
 from lightning_fed.seeding import generator
@@ -86,6 +86,68 @@ def test_augment_by_hand():
     )
 
 
+def test_patch_by_hand():
+    x = torch.full((4000, 40), float("nan"))
+    assert torch.equal(patch(x, 0, 2, 8, 4.0, 1.0, generator(0, 1)).isnan(), x.isnan())  # no patch: a copy
+    out = patch(x, 1, 2, 8, 4.0, 0.5, generator(0, 1))
+    hit = ~out.isnan()
+    lengths = hit.sum(dim=1)
+    assert int(lengths.min()) >= 1 and int(lengths.max()) <= 8
+    for row in hit[:200]:  # one segment per record, cut at the edges only
+        at = torch.nonzero(row).flatten()
+        assert int(at[-1] - at[0]) + 1 == len(at)
+        assert len(at) >= 2 or int(at[0]) in (0, 39)
+    fills = {"constant": 0, "alternating": 0}
+    for row, h in zip(out[:300], hit[:300], strict=True):
+        v = row[h]
+        if len(v) >= 3:
+            if torch.all(v == v[0]):
+                fills["constant"] += 1
+                assert abs(float(v[0])) <= 2.0
+            elif torch.allclose(v[1:], -v[:-1]):
+                fills["alternating"] += 1
+                assert abs(float(v[0])) <= 2.0  # amplitude 4 times the scale 0.5
+    assert min(fills.values()) > 50  # both, and the rest noise
+    cover = hit.float().mean(dim=0)  # every position is covered about equally often, the edges too
+    assert float(cover.min()) > 0.8 * float(cover.mean()) and float(cover.max()) < 1.2 * float(cover.mean())
+    twice = ~patch(x, 2, 2, 8, 4.0, 1.0, generator(0, 1)).isnan()
+    assert float(twice.float().mean()) > float(hit.float().mean())
+    assert torch.equal(patch(x, 2, 2, 8, 4.0, 1.0, generator(3, 1)).nan_to_num(),
+                       patch(x, 2, 2, 8, 4.0, 1.0, generator(3, 1)).nan_to_num())
+    img = torch.full((50, 3, 8, 8), float("nan"))
+    hit2 = ~patch(img, 1, 2, 3, 4.0, 1.0, generator(0, 1)).isnan()
+    assert torch.equal(hit2[:, 0], hit2[:, 1]) and torch.equal(hit2[:, 0], hit2[:, 2])  # every channel alike
+    for h in hit2[:, 0]:  # a square (or its part inside the image)
+        rows, cols = torch.nonzero(h.any(dim=1)).flatten(), torch.nonzero(h.any(dim=0)).flatten()
+        assert int(h.sum()) == len(rows) * len(cols) and len(rows) <= 3 and len(cols) <= 3
+    with pytest.raises(ValueError, match=r"sides \[2, 9\] do not fit"):
+        patch(torch.zeros(2, 8), 1, 2, 9, 4.0, 1.0, generator(0, 1))
+    with pytest.raises(ValueError, match=r"sides \[3, 2\]"):
+        patch(x, 1, 3, 2, 4.0, 1.0, generator(0, 1))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        patch(torch.zeros(5), 1, 1, 1, 4.0, 1.0, generator(0, 1))
+
+
+def test_patched_copies_remove_a_constant_trigger_that_plain_distillation_passes_on():
+    model, x, y = backdoored_model(start=0, pattern="constant")  # the first 4 values set to +3
+    assert trigger_success(model, x, y, 0, "constant") > 0.9
+    out = {}
+    for patches in (0, 2):
+        student = copy.deepcopy(model)
+        FreshDistill(
+            clean=PublicData(200, seed=7, labeled=True),
+            proxy=PublicData(600, seed=9),
+            epochs=60,
+            temperature=2.0,
+            alpha=0.5,
+            patches=patches,
+        ).defend(None, student, 0)
+        out[patches] = accuracy(student, x, y), trigger_success(student, x, y, 0, "constant")
+    assert out[0][1] > 0.7  # the student learns the constant trigger from the teacher's outputs on clean records
+    assert out[2][1] < 0.4  # not when patched copies must answer as the records do
+    assert out[2][0] > out[0][0] - 0.1
+
+
 def test_the_trigger_no_longer_works_and_clean_accuracy_stays(backdoored):
     model, x, y = backdoored
     acc, asr = accuracy(model, x, y), trigger_success(model, x, y)
@@ -109,7 +171,7 @@ def test_the_trigger_no_longer_works_and_clean_accuracy_stays(backdoored):
 def test_in_fedloop_logs_and_a_resumed_run_ends_identical(tmp_path):
     def cb():
         return FreshDistill(
-            clean=mnist_clean(), proxy=PublicData(100, seed=9), at=[1], epochs=2, noise=0.1, shift=1
+            clean=mnist_clean(), proxy=PublicData(100, seed=9), at=[1], epochs=2, noise=0.1, shift=1, patches=2
         )
 
     res, first, again = run_and_resume(tmp_path, cb)
@@ -135,6 +197,10 @@ def test_does_nothing_under_lightning_trainer(tmp_path):
         ({"shift": 1.5}, r"shift=1\.5 .* integer >= 0"),
         ({"mixup": 0.7}, r"mixup=0\.7 .* in \[0, 0\.5\]"),
         ({"init_seed": "a"}, r"init_seed='a' .* integer"),
+        ({"patches": -1}, r"patches=-1 .* integer >= 0"),
+        ({"patch_min": 0}, r"patch_min=0 .* integer >= 1"),
+        ({"patch_min": 3, "patch_max": 2}, r"patch_max=2 .* >= patch_min \(3\)"),
+        ({"patch_amplitude": 0}, r"patch_amplitude=0 .* > 0"),
         ({"lr": 0}, r"lr=0 .* > 0"),
         ({"clean": PublicData(num_samples=10)}, r"clean=.* labelled PublicData"),
     ],
