@@ -21,7 +21,7 @@ import robustness as rb
 
 def trigger_name(row: dict[str, Any]) -> str:
     """The trigger of a cell as ``start/pattern`` (``end/alternating``: the benchmark's default)."""
-    start, pattern = row.get("trigger", list(rb.DEFAULT_TRIGGER))
+    start, pattern = row.get("trigger", list(rb.DEFAULT_TRIGGER))[:2]
     return f"{'end' if start is None else start}/{pattern}"
 
 

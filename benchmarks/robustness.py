@@ -364,13 +364,14 @@ def make_attack(
         return LittleIsEnough(z=1.0, **common)
     replace = name in ("backdoor_mr", "backdoor_mr_norm")
     kind: Callable[..., Backdoor] = NormMatchedBackdoor if name == "backdoor_mr_norm" else Backdoor
+    start, pattern, size, value = full_trigger(trigger)
     return kind(
         target=TARGET,
         poison_fraction=0.5,
-        trigger_size=TRIGGER_SIZE,
-        trigger_value=TRIGGER_VALUE,
-        trigger_start=trigger[0],
-        trigger_pattern=trigger[1],
+        trigger_size=size,
+        trigger_value=value,
+        trigger_start=start,
+        trigger_pattern=pattern,
         boost=boost if replace else 1.0,
         **common,
     )
@@ -736,10 +737,23 @@ def repair_selected(
     return fixed, lr
 
 
-def trigger_tag(trigger: tuple[int | None, str]) -> str:
-    """The saved model's name suffix of a trigger ``(start, pattern)``: none for the default (the names are
-    unchanged), ``-trigger18constant`` otherwise, so a model trained with another trigger is saved apart."""
-    return "" if trigger == DEFAULT_TRIGGER else f"-trigger{trigger[0]}{trigger[1]}"
+def full_trigger(trigger: tuple[Any, ...]) -> tuple[int | None, str, int, float]:
+    """``(start, pattern, size, value)`` of a trigger given as ``(start, pattern)`` (the size and value
+    ``TRIGGER_SIZE`` and ``TRIGGER_VALUE``) or in full (``--trigger-size`` / ``--trigger-value``)."""
+    if len(trigger) == 2:
+        return trigger[0], trigger[1], TRIGGER_SIZE, TRIGGER_VALUE
+    return trigger[0], trigger[1], int(trigger[2]), float(trigger[3])
+
+
+def trigger_tag(trigger: tuple[Any, ...]) -> str:
+    """The saved model's name suffix of a trigger ``(start, pattern)`` or ``(start, pattern, size, value)``: none for
+    the default (the names are unchanged), ``-trigger18constant`` otherwise, ``-trigger10constant-size6-value2.5``
+    for another size or value, so a model trained with another trigger is saved apart."""
+    start, pattern, size, value = full_trigger(trigger)
+    if (start, pattern) == DEFAULT_TRIGGER and (size, value) == (TRIGGER_SIZE, TRIGGER_VALUE):
+        return ""
+    extra = "" if (size, value) == (TRIGGER_SIZE, TRIGGER_VALUE) else f"-size{size}-value{value:g}"
+    return f"-trigger{start}{pattern}{extra}"
 
 
 def attack_seed_tag(offset: int) -> str:
@@ -816,13 +830,15 @@ def test_tensors(dm: MNIST1DDataModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: tuple[int | None, str] = DEFAULT_TRIGGER
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: tuple[Any, ...] = DEFAULT_TRIGGER
 ) -> dict[str, float]:
-    """Clean test accuracy and the attack success rate of the benchmark's trigger (its ``(start, pattern)``)."""
+    """Clean test accuracy and the attack success rate of the benchmark's trigger (its ``(start, pattern)``, or
+    ``(start, pattern, size, value)``: :func:`full_trigger`)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    start, pattern, size, value = full_trigger(trigger)
     return {
         "acc": accuracy(model, x, y),
-        "asr": attack_success_rate(model, loader, TARGET, TRIGGER_SIZE, TRIGGER_VALUE, *trigger),
+        "asr": attack_success_rate(model, loader, TARGET, size, value, start, pattern),
     }
 
 
@@ -932,7 +948,9 @@ def run_seed(
     """Every requested (fraction, attack, defence) cell of one setting and seed, plus the clean reference."""
     clean = PublicData(num_samples=500, seed=7, labeled=True)
     select = PublicData(num_samples=args.select_samples, seed=8, labeled=True)
-    trigger = (args.trigger_start, args.trigger_pattern)
+    trigger: tuple[Any, ...] = (args.trigger_start, args.trigger_pattern)
+    if (args.trigger_size, args.trigger_value) != (TRIGGER_SIZE, TRIGGER_VALUE):
+        trigger = (*trigger, args.trigger_size, args.trigger_value)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         dm = MNIST1DDataModule(batch_size=16, num_samples=args.samples)
@@ -1404,6 +1422,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="the trigger's values: alternating +-3 (the default) or constant +3",
     )
     p.add_argument(
+        "--trigger-size",
+        type=int,
+        default=TRIGGER_SIZE,
+        help="the trigger's length in values (saved models of another size are named apart)",
+    )
+    p.add_argument(
+        "--trigger-value",
+        type=float,
+        default=TRIGGER_VALUE,
+        help="the trigger's magnitude (saved models of another value are named apart)",
+    )
+    p.add_argument(
         "--fg-layers",
         nargs="+",
         default=["head"],
@@ -1427,10 +1457,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
-    if args.trigger_start is not None and not 0 <= args.trigger_start <= 40 - TRIGGER_SIZE:
+    if not 1 <= args.trigger_size <= 40:
+        p.error(f"--trigger-size {args.trigger_size}: MNIST-1D's records hold 1 to 40 values")
+    if args.trigger_start is not None and not 0 <= args.trigger_start <= 40 - args.trigger_size:
         p.error(
             f"--trigger-start {args.trigger_start}: MNIST-1D's 40 values hold the trigger from 0 to "
-            f"{40 - TRIGGER_SIZE}"
+            f"{40 - args.trigger_size}"
         )
     if args.quick:
         args.seeds, args.rounds, args.local_epochs, args.samples = args.seeds[:1], 2, 1, 500

@@ -125,6 +125,7 @@ def test_fresh_distill_example_runs_and_replaces_the_model(tmp_path):
     scope = _run(BLOCKS[10], tmp_path)
     fresh, history = scope["fresh"], scope["result"].history
     assert fresh.done == [2] and fresh.records[-1]["transfer"] == 500 + 160
+    assert (fresh.patches, fresh.patch_min, fresh.patch_max, fresh.patch_amplitude) == (2, 2, 8, 4.0)
     assert {"fresh_acc_before", "fresh_acc_after", "fresh_agreement"} <= history[-1].keys()
     assert "fresh_acc_after" not in history[0]
     assert scope["seam"].forget_lr == 0.1

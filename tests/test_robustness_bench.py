@@ -401,6 +401,35 @@ def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_p
         bench.parse(["--trigger-start", "37"])
 
 
+def test_trigger_size_and_value_reach_training_measurement_and_saved_names(bench, tmp_path):
+    from lightning_fed.callbacks import attack_success_rate
+
+    attack = bench.make_attack("backdoor", 0.2, 0, 5.0, (10, "constant", 6, 2.5))
+    assert (attack.trigger_start, attack.trigger_size, attack.trigger_value) == (10, 6, 2.5)
+    assert bench.full_trigger((None, "alternating")) == (None, "alternating", 4, 3.0)
+    assert bench.trigger_tag((None, "alternating", 4, 3.0)) == bench.trigger_tag((None, "alternating")) == ""
+    assert bench.trigger_tag((18, "constant", 4, 3.0)) == "-trigger18constant"
+    models = tmp_path / "models"
+    args = ["--quick", "--fractions", "0.2", "--attacks", "backdoor", "--defences", "none", "--models", str(models)]
+    extra = ["--trigger-start", "10", "--trigger-pattern", "constant", "--trigger-size", "6", "--trigger-value", "2.5"]
+    (row,) = bench.main([*args, *extra])
+    assert row["trigger"] == [10, "constant", 6, 2.5]
+    saved = models / "20-0.2-backdoor-0-trigger10constant-size6-value2.5.pt"
+    assert saved.exists()
+    model = bench.seeded_model(0)
+    model.load_state_dict(torch.load(saved))
+    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
+    dm.prepare_data()
+    dm.setup("test")
+    x, y = bench.test_tensors(dm)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    assert row["asr"] == attack_success_rate(model, loader, 0, 6, 2.5, start=10, pattern="constant")
+    with pytest.raises(SystemExit):
+        bench.parse(["--trigger-start", "35", "--trigger-size", "6"])
+    with pytest.raises(SystemExit):
+        bench.parse(["--trigger-size", "0"])
+
+
 def test_norm_constrained_model_replacement_cuts_to_twice_its_own_update(bench):
     from types import SimpleNamespace
 
