@@ -640,29 +640,21 @@ def post_defence(
         lr=lr if nc_lr is None else nc_lr,
         seed=seed,
     )
-    fresh = FreshDistill(
-        clean=clean,
-        proxy=PublicData(num_samples=FRESH_PROXY[0], seed=FRESH_PROXY[1]),
-        at=0,
-        epochs=args.fresh_epochs,
-        lr=lr,
-        temperature=max(args.fresh_t) if fresh_t is None else fresh_t,
-        alpha=args.fresh_alpha,
-        init_seed=seed,
-        seed=seed,
-    )
-    freshpatch = FreshDistill(
-        clean=clean,
-        proxy=PublicData(num_samples=FRESH_PROXY[0], seed=FRESH_PROXY[1]),
-        at=0,
-        epochs=args.fresh_epochs,
-        lr=lr,
-        temperature=max(args.fresh_t) if fresh_t is None else fresh_t,
-        alpha=args.fresh_alpha,
-        patches=args.fresh_patches,
-        init_seed=seed,
-        seed=seed,
-    )
+
+    def distill(patches: int) -> FreshDistill:  # "fresh" (no patches) and "freshpatch"
+        return FreshDistill(
+            clean=clean,
+            proxy=PublicData(num_samples=FRESH_PROXY[0], seed=FRESH_PROXY[1]),
+            at=0,
+            epochs=args.fresh_epochs,
+            lr=lr,
+            temperature=max(args.fresh_t) if fresh_t is None else fresh_t,
+            alpha=args.fresh_alpha,
+            patches=patches,
+            init_seed=seed,
+            seed=seed,
+        )
+
     seam = SEAM(clean=clean, at=0, forget_lr=args.seam_forget_lr, epochs=args.seam_epochs, lr=lr, seed=seed)
     return {
         "fp": [fp],
@@ -673,8 +665,8 @@ def post_defence(
         "anp": [anp],
         "clip": [clip],
         "nc": [nc],
-        "fresh": [fresh],
-        "freshpatch": [freshpatch],
+        "fresh": [distill(0)],
+        "freshpatch": [distill(args.fresh_patches)],
         "seam": [seam],
     }[name]
 

@@ -364,9 +364,21 @@ def test_nc_column_chooses_its_lr_on_the_selection_records_and_records_detection
         assert torch.equal(fixed.state_dict()[k], v), k
 
 
-def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_path):
+def _saved_asr(bench, saved, size, value, start, pattern) -> float:
+    """The attack success rate of the saved quick-run model ``saved`` on the quick run's test records."""
     from lightning_fed.callbacks import attack_success_rate
 
+    model = bench.seeded_model(0)
+    model.load_state_dict(torch.load(saved))
+    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
+    dm.prepare_data()
+    dm.setup("test")
+    x, y = bench.test_tensors(dm)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+    return attack_success_rate(model, loader, 0, size, value, start=start, pattern=pattern)
+
+
+def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_path):
     attack = bench.make_attack("backdoor_mr", 0.2, 0, 5.0, (18, "constant"))
     assert (attack.trigger_start, attack.trigger_pattern, attack.boost) == (18, "constant", 5.0)
     default = bench.make_attack("backdoor", 0.2, 0, 5.0)
@@ -389,21 +401,12 @@ def test_trigger_options_reach_training_measurement_and_saved_names(bench, tmp_p
     saved = models / "20-0.2-backdoor-0-trigger18constant.pt"
     # apart from the default trigger's models, with the malicious set it was trained against
     assert sorted(p.name for p in models.iterdir()) == [bench.set_path(saved).name, saved.name]
-    model = bench.seeded_model(0)
-    model.load_state_dict(torch.load(saved))
-    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
-    dm.prepare_data()
-    dm.setup("test")
-    x, y = bench.test_tensors(dm)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
-    assert row["asr"] == attack_success_rate(model, loader, 0, 4, 3.0, start=18, pattern="constant")
+    assert row["asr"] == _saved_asr(bench, saved, 4, 3.0, 18, "constant")
     with pytest.raises(SystemExit):
         bench.parse(["--trigger-start", "37"])
 
 
 def test_trigger_size_and_value_reach_training_measurement_and_saved_names(bench, tmp_path):
-    from lightning_fed.callbacks import attack_success_rate
-
     attack = bench.make_attack("backdoor", 0.2, 0, 5.0, (10, "constant", 6, 2.5))
     assert (attack.trigger_start, attack.trigger_size, attack.trigger_value) == (10, 6, 2.5)
     assert bench.full_trigger((None, "alternating")) == (None, "alternating", 4, 3.0)
@@ -416,14 +419,7 @@ def test_trigger_size_and_value_reach_training_measurement_and_saved_names(bench
     assert row["trigger"] == [10, "constant", 6, 2.5]
     saved = models / "20-0.2-backdoor-0-trigger10constant-size6-value2.5.pt"
     assert saved.exists()
-    model = bench.seeded_model(0)
-    model.load_state_dict(torch.load(saved))
-    dm = bench.MNIST1DDataModule(batch_size=16, num_samples=500)
-    dm.prepare_data()
-    dm.setup("test")
-    x, y = bench.test_tensors(dm)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
-    assert row["asr"] == attack_success_rate(model, loader, 0, 6, 2.5, start=10, pattern="constant")
+    assert row["asr"] == _saved_asr(bench, saved, 6, 2.5, 10, "constant")
     with pytest.raises(SystemExit):
         bench.parse(["--trigger-start", "35", "--trigger-size", "6"])
     with pytest.raises(SystemExit):
