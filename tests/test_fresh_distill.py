@@ -201,6 +201,7 @@ def test_does_nothing_under_lightning_trainer(tmp_path):
         ({"patch_min": 0}, r"patch_min=0 .* integer >= 1"),
         ({"patch_min": 3, "patch_max": 2}, r"patch_max=2 .* >= patch_min \(3\)"),
         ({"patch_amplitude": 0}, r"patch_amplitude=0 .* > 0"),
+        ({"patches": 1, "patch_max": 41}, r"patch_max=41 .* at most the records' side \(40 "),
         ({"lr": 0}, r"lr=0 .* > 0"),
         ({"clean": PublicData(num_samples=10)}, r"clean=.* labelled PublicData"),
     ],

@@ -245,6 +245,15 @@ class FreshDistill(CleanDataDefence):
             patch_amplitude,
             "> 0",
         )
+        record = tuple(clean.x.shape[1:])
+        sides = record[-1:] if len(record) == 1 else record[-2:]
+        need(
+            self.owner,
+            not patches or (len(sides) > 0 and patch_max <= min(sides)),
+            "patch_max",
+            patch_max,
+            f"at most the records' side ({min(sides) if sides else 0} for the clean records of shape {record})",
+        )
         need(
             self.owner,
             isinstance(init_seed, int) and not isinstance(init_seed, bool),
