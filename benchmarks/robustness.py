@@ -742,10 +742,8 @@ def trigger_tag(trigger: tuple[Any, ...]) -> str:
     the default (the names are unchanged), ``-trigger18constant`` otherwise, ``-trigger10constant-size6-value2.5``
     for another size or value, so a model trained with another trigger is saved apart."""
     start, pattern, size, value = full_trigger(trigger)
-    if (start, pattern) == DEFAULT_TRIGGER and (size, value) == (TRIGGER_SIZE, TRIGGER_VALUE):
-        return ""
     extra = "" if (size, value) == (TRIGGER_SIZE, TRIGGER_VALUE) else f"-size{size}-value{value:g}"
-    return f"-trigger{start}{pattern}{extra}"
+    return "" if (start, pattern) == DEFAULT_TRIGGER and not extra else f"-trigger{start}{pattern}{extra}"
 
 
 def attack_seed_tag(offset: int) -> str:

@@ -622,3 +622,35 @@ def test_fresh_then_nc_unlearns_on_the_student_within_one_budget(bench):
     above = accuracy(student, select.x, select.y) + 0.5  # out of reach: the smallest lr
     assert bench.repair_nc(student, clean, select, 0, args, base=above)[1] == 0.01
     assert bench.repair_nc(student, clean, select, 0, args, base=-1.0)[1] == 0.05  # any copy is within it
+
+
+def test_the_fresh_columns_choose_their_temperature_by_their_own_rules(bench):
+    from lightning_fed.callbacks._defence import accuracy
+    from lightning_fed.data import PublicData
+
+    args = bench.parse(["--select-drop", "0.02"])
+    model, clean = bench.seeded_model(0), PublicData(num_samples=40, seed=7, labeled=True)
+    select = PublicData(num_samples=50, seed=8, labeled=True)
+    base = accuracy(model, select.x, select.y)
+    a, b, c = object(), object(), object()  # the students, highest temperature first, as fresh_candidates lists them
+    within = [(4.0, base + 0.10, a), (2.0, base - 0.01, b), (1.0, base - 0.03, c)]
+    # fresh: the lowest temperature within the budget (1 is 3 points below: 2); freshpatch: the best on the records
+    assert bench.choose_fresh_temperature(model, clean, select, 0, args, "fresh", within) == (2.0, b)
+    assert bench.choose_fresh_temperature(model, clean, select, 0, args, "freshpatch", within) == (4.0, a)
+    tie = [(4.0, 0.5, a), (2.0, 0.7, b), (1.0, 0.7, c)]
+    assert bench.choose_fresh_temperature(model, clean, select, 0, args, "freshpatch", tie) == (1.0, c)
+    below = [(4.0, base - 0.1, a), (2.0, base - 0.2, b), (1.0, base - 0.3, c)]
+    assert bench.choose_fresh_temperature(model, clean, select, 0, args, "fresh", below) == (4.0, a)
+
+
+def test_the_freshpatch_column_records_every_temperature(bench):
+    argv = ["--quick", "--fractions", "0.2", "--attacks", "backdoor", "--defences", "freshpatch"]
+    rows = bench.main([*argv, "--fresh-epochs", "1"])
+    (cell,) = [r for r in rows if r["defence"] == "freshpatch"]
+    cands = cell["fresh_candidates"]
+    assert [c["t"] for c in cands] == sorted(bench.parse([]).fresh_t, reverse=True)
+    best = max(c["select_acc"] for c in cands)
+    chosen = min(c["t"] for c in cands if c["select_acc"] == best)
+    assert cell["fresh_temperature"] == chosen
+    picked = next(c for c in cands if c["t"] == chosen)
+    assert (cell["acc"], cell["asr"]) == (picked["acc"], picked["asr"])  # the cell is the chosen student's
