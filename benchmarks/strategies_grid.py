@@ -52,10 +52,11 @@ DYN_THETA = ["--loop.strategy.init_args.evaluate_mean", "false"]  # feddyn.yaml 
 DF = "--loop.strategy.init_args."
 RS_ALPHA = "--loop.strategy.init_args.alpha"
 ACG_BETA = "--loop.strategy.init_args.mu"  # FedACG's beta: FedProx's mu
+NTD = "--loop.strategy.init_args."
 MOMENTUM_OPT = "lightning_fed.strategies.ServerMomentum"  # fedavgm.yaml's server optimizer (lr 1)
 # FedDF only changes the server's aggregation (the clients train as in FedAvg): a server-side strategy here; FedRS
 # changes the clients' loss, as SCAFFOLD and FedDyn (in SERVER_SIDE) do
-GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf", "fedrs", "fedacg")
+GRID_SERVER_SIDE = (*SERVER_SIDE, "feddf", "fedrs", "fedacg", "fedntd")
 
 
 def server(**kw: float) -> list[str]:
@@ -151,6 +152,13 @@ GRID: list[tuple[str, str, list[str]]] = [
     ("fedacg l0.85 b0.3", "fedacg", [ACG_BETA, "0.3"]),
     ("fedacg l0.85 b1", "fedacg", [ACG_BETA, "1.0"]),
     ("fedacg l0.7 b0.1", "fedacg", [ACG_BETA, "0.1", *server(momentum=0.7)]),
+    # FedNTD (fedntd.yaml: fedavg.yaml's clients with not-true distillation from the received model, weight beta,
+    # temperature t): the paper's beta 1 and t 1, their neighbours, and client lr 0.1
+    ("fedntd b1 t1", "fedntd", []),
+    ("fedntd b0.3 t1", "fedntd", [NTD + "beta", "0.3"]),
+    ("fedntd b3 t1", "fedntd", [NTD + "beta", "3.0"]),
+    ("fedntd b1 t3", "fedntd", [NTD + "temperature", "3.0"]),
+    ("fedntd b1 t1 lr0.1", "fedntd", [CLIENT_LR, "0.1"]),
 ]
 
 

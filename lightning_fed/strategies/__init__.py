@@ -17,6 +17,7 @@ from lightning_fed.strategies.fedmd import FedMD
 from lightning_fed.strategies.fedmd_nfdp import FedMDNFDP
 from lightning_fed.strategies.fedmoe import FedMoE
 from lightning_fed.strategies.fednova import FedNova
+from lightning_fed.strategies.fedntd import FedNTD, FedNTDClient
 from lightning_fed.strategies.fedper import FedPer, PersonalLayers
 from lightning_fed.strategies.fedprox import FedProx, FedProxClient
 from lightning_fed.strategies.fedrs import FedRS, FedRSClient
@@ -71,6 +72,8 @@ __all__ = [
     "FedMD",
     "FedMDNFDP",
     "FedMoE",
+    "FedNTD",
+    "FedNTDClient",
     "FedNova",
     "FedPer",
     "FedProx",
