@@ -20,7 +20,7 @@ from lightning_fed.models import MNIST1DCNN
 from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
-from lightning_fed.strategies import FedAvg
+from lightning_fed.strategies import FedAvg, aggregate
 from lightning_fed.strategies.aggregate import JUDGE_FIRST_BYTES, MeanFold
 
 
@@ -288,14 +288,16 @@ def test_identity_fast_path_rejects_as_the_full_decode(tmp_path, monkeypatch):
     assert held_unpacked == 8 and fast_unpacked == 6  # the two well-formed messages of the layout: no parse
 
 
+@pytest.mark.parametrize("aside", [True, False], ids=["snapshot_by_the_add", "snapshot_by_a_copy"])
 @pytest.mark.parametrize("window", [1, 2, 16])
 @pytest.mark.parametrize(
     "make_codec", [Identity, Blockwise8bit, lambda: Cast("fp32")], ids=["identity", "int8", "fp32"]
 )
-def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_path, monkeypatch):
+def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside, tmp_path, monkeypatch):
     """Replies are added and measured in one pass, then judged: a rejected one is taken out exactly (the
-    snapshot and the window's replies again), whether a snapshot was taken before it or not, and the payloads
-    are released once the window moves on."""
+    snapshot and the window's replies again), whether a snapshot was taken before it or not, taken by the add
+    that follows it (float32 replies, ``snapshot_aside``) or by a copy, and the payloads are released once the
+    window moves on."""
     s, codec = _strategy(), make_codec()
     server = _server(s, codec, tmp_path)
     assert s.spec is not None
@@ -305,9 +307,13 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_pa
         fold = original(self, *a, **k)
         fold.window = window
         fold.judge_first = False  # the pass and its undo (small replies are judged first by default)
+        fold.snapshot_aside = aside
         return fold
 
     monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    aside_adds = []
+    to_measure = aggregate.axpy_to_measure_
+    monkeypatch.setattr(aggregate, "axpy_to_measure_", lambda *a, **k: aside_adds.append(1) or to_measure(*a, **k))
     second = _deltas(s.spec, 6, seed=5)
     second[1].mul_(1e6)  # rejected before any snapshot when the window is larger than 1
     second[4].mul_(1e6)  # after one at any window
@@ -317,6 +323,9 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, tmp_pa
     got = server.collect(1, s.configure_round(1, list(range(6))), messages)
     assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
     assert got.stats["rejected"] == 2
+    # Identity's values lie in one float32 buffer: each snapshot is taken by an add aside; 8-bit codes, and a
+    # decoded payload in several buffers (fp32), take theirs by a copy
+    assert bool(aside_adds) == (aside and window < 6 and codec.name == "identity")
     server.aggregate(1, got.replies)
     assert torch.equal(s.global_flat, want)
 
@@ -504,12 +513,13 @@ def test_a_larger_reply_lets_the_window_go_before_it_is_added():
         and replies[0].payload is RELEASED
         and replies[1].payload is RELEASED
     )
-    assert torch.equal(acc, after_two)
+    assert torch.equal(fold._acc, after_two)  # where the sum is now (the snapshot was taken by the add, aside)
     assert fold.add_released(replies[3], values[3], None, 1.0)[0] is None
     want = torch.zeros(spec.numel)
     for i in (0, 1, 3):
         want.add_(spec.flatten(values[i].payload()), alpha=COUNTS[i] / float(total))
-    assert torch.equal(acc, want)
+    kept = sum(COUNTS[i] for i in (0, 1, 3))
+    assert fold.result() is acc and torch.equal(acc, want.mul_(total / kept))  # the sum back in the buffer given
 
 
 def test_hold_bytes_must_not_be_negative():

@@ -192,3 +192,23 @@ def test_fedacg_grid_rows_parse_to_their_lambda_beta_and_client_lr(grid):
         assert cfg.model.hparams.lr == lr and cfg.model.hparams.momentum == 0.9
     recipe = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / "fedacg.yaml")]).loop.strategy
     assert (recipe.mu, recipe.server_optimizer.momentum) == (0.1, 0.85)
+
+
+def test_fedntd_grid_rows_parse_to_their_beta_temperature_and_client_lr(grid):
+    """The FedNTD rows build FedNTD with the label's beta, temperature and client learning rate (clients included);
+    their family is server-side; the recipe is the paper's beta 1 and temperature 1."""
+    from lightning_fed.cli import load_recipe
+    from lightning_fed.strategies import FedNTD
+
+    rows = {label: (recipe, more) for label, recipe, more in grid.GRID if grid.family(label) == "fedntd"}
+    assert len(rows) == 5 and "fedntd" in grid.GRID_SERVER_SIDE
+    for label, (recipe, more) in rows.items():
+        cfg = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+        words = label.split()
+        s = cfg.loop.strategy
+        assert isinstance(s, FedNTD) and (s.beta, s.temperature) == (float(words[1][1:]), float(words[2][1:]))
+        assert (s.client.beta, s.client.temperature) == (s.beta, s.temperature)
+        lr = next((float(w[2:]) for w in words if w.startswith("lr")), 0.05)
+        assert cfg.model.hparams.lr == lr and cfg.model.hparams.momentum == 0.9
+    recipe = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / "fedntd.yaml")]).loop.strategy
+    assert (recipe.beta, recipe.temperature) == (1.0, 1.0)

@@ -167,11 +167,17 @@ class MeanFold:
             (:meth:`add_released`); off by default: on the reference machine (shared 32 MiB last-level cache) the
             write into the other buffer costs more than the second read it saves (``benchmarks/RESULTS.md``,
             "The ping-pong accumulator").
+        snapshot_aside: take the undo window's snapshot of the accumulator with the add of the reply that follows
+            it when that reply is one flat float32 buffer: ``acc + w * x`` is written into the scratch buffer (read
+            once, measured in the same pass), which becomes the accumulator, and the buffer it was read from is the
+            snapshot, so no copy of the accumulator is made; ``False``: the snapshot is a copy, then the reply is
+            added in place. The same sums and measures either way (``benchmarks/RESULTS.md``, "The snapshot taken
+            by the add").
     """
 
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
                  scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES,
-                 ping_pong: bool = False) -> None:
+                 ping_pong: bool = False, snapshot_aside: bool = True) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -196,6 +202,8 @@ class MeanFold:
         """Whether replies of float32 values are measured and judged before they are added (small replies)."""
         self.ping_pong = ping_pong
         """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
+        self.snapshot_aside = snapshot_aside
+        """Whether a snapshot is taken by the add that follows it (``snapshot_aside``) rather than by a copy."""
         self._window: list[tuple[Any, Any, float, int]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
@@ -280,14 +288,28 @@ class MeanFold:
         if self._window and self._held + size > self.hold_bytes:
             self._snap_due = True
             self.flush()
+        added = False
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
-            self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
-            if self._snap is None:
-                self._snap = torch.empty_like(self._acc)
-            self._snap.copy_(self._acc)
             self._snapped = True
             self._snap_due = False
-        if values is not None:
+            runs = self._runs_aside(values, source) if self.snapshot_aside else None
+            if runs is not None:
+                # the add takes the snapshot: acc + w * x written into the other buffer, which becomes the
+                # accumulator; the buffer read is left as it was: the snapshot (no copy)
+                x, out = values.values() if values is not None else source, self._other()
+                sq, top = 0.0, 0.0
+                for src, dst, n in runs:
+                    s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w,
+                                            bound=bound)
+                    sq, top = sq + s, max(top, t)
+                self._swap()
+                added = True
+            else:
+                self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
+                self._other().copy_(self._acc)
+        if added:
+            pass
+        elif values is not None:
             sq, top = values.add_measure(self._acc, w, self._segments(values.layout), bound)
         elif isinstance(source, Tensor):
             sq, top = axpy_measure_(self._acc, source, w, bound=bound)
@@ -353,6 +375,16 @@ class MeanFold:
         self._folded.append((reply, None, reply.num_examples, []))
         return None, norm
 
+    def _runs_aside(self, values: Any, source: Any) -> list[tuple[int, int, int]] | None:
+        """The ``(src, dst, n)`` runs of a reply that can be added aside (float32 values in one buffer covering
+        the whole accumulator: a payload's flat view, or values that lie as float32), else ``None``."""
+        if values is None:
+            return [(0, 0, source.numel())] if isinstance(source, Tensor) else None
+        if not values.judge_first:  # codes (8-bit): decoded in the add's own loop, in place
+            return None
+        runs = self._segments(values.layout)
+        return runs if sum(n for _, _, n in runs) == self._acc.numel() else None
+
     def _other(self) -> Tensor:
         """The buffer that is not the accumulator now: the strategy's scratch (the snapshot's), or its own."""
         if self._acc is not self._home:
@@ -403,9 +435,8 @@ class MeanFold:
 
     def _undo(self) -> None:
         """The accumulator as it was before the reply just added: the snapshot, then the window's replies again."""
-        if self._snapped:
-            assert self._snap is not None
-            self._acc.copy_(self._snap)
+        if self._snapped:  # the snapshot is the buffer that is not the accumulator (taken by a copy or an add)
+            self._acc.copy_(self._other())
         else:
             self._acc.zero_()
         for _, source, w, _ in self._window:
