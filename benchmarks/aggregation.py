@@ -118,16 +118,16 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
 
 def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
              ping_pong: bool = False, add_first: bool = False, hold_bytes: int | None = None,
-             snapshot_copy: bool = False) -> dict[str, float]:
+             snapshot_aside: bool | None = None) -> dict[str, float]:
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
     the fold adds small replies in the read that measures them (``MeanFold(ping_pong=True)``); ``add_first``: it
     adds and measures them in one pass and undoes a rejection from its snapshot and window, as larger replies
     (``judge_first`` off), the window holding at most ``hold_bytes`` (``None``: the fold's default);
-    ``snapshot_copy``: the undo window's snapshot is a copy of the accumulator (``MeanFold(snapshot_aside=False)``),
-    not taken by the add of the reply that follows it."""
+    ``snapshot_aside``: how the undo window's snapshot is taken (``MeanFold(snapshot_aside=...)``: ``True`` by the
+    add of the reply that follows it, ``False`` by a copy of the accumulator, ``None`` the fold's rule)."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    if ping_pong or add_first or hold_bytes is not None or snapshot_copy:
+    if ping_pong or add_first or hold_bytes is not None or snapshot_aside is not None:
         begin = strategy.begin_fold
 
         def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
@@ -136,7 +136,7 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
                 fold.ping_pong = ping_pong
                 fold.judge_first = fold.judge_first and not add_first
                 fold.hold_bytes = fold.hold_bytes if hold_bytes is None else hold_bytes
-                fold.snapshot_aside = not snapshot_copy
+                fold.snapshot_aside = snapshot_aside
             return fold
 
         strategy.begin_fold = begin_fold  # type: ignore[method-assign]
@@ -223,8 +223,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="fold small replies as larger ones: added and measured in one pass, a rejection undone")
     p.add_argument("--hold-mb", type=float, default=None,
                    help="the most MB the fold's undo window holds (default: the fold's, 2 GiB)")
-    p.add_argument("--snapshot-copy", action="store_true",
-                   help="take the undo window's snapshot by a copy of the accumulator (MeanFold(snapshot_aside=False))")
+    snap = p.add_mutually_exclusive_group()
+    snap.add_argument("--snapshot-copy", dest="snapshot_aside", action="store_false", default=None,
+                      help="take the undo window's snapshot by a copy of the accumulator (MeanFold(snapshot_aside=False))")
+    snap.add_argument("--snapshot-aside", dest="snapshot_aside", action="store_true",
+                      help="take it by the add of the reply that follows it (MeanFold(snapshot_aside=True)); "
+                           "default: the fold's rule (aside when the window is cut by its byte limit)")
     p.add_argument("--max-gvalues", type=float, default=100.0,
                    help="skip a combination of more than this many billion reply values (replies x parameters)")
     args = p.parse_args(argv)
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                     with tempfile.TemporaryDirectory() as workdir:
                         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
                         run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.add_first, hold,
-                                       args.snapshot_copy)
+                                       args.snapshot_aside)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
                     floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
@@ -282,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         small = "ping-pong (one read, written aside)"
     window = "" if args.hold_mb is None else f"; undo window at most {args.hold_mb:g} MB"
     print("small replies:", small + window)
-    print("undo window's snapshot:", "a copy" if args.snapshot_copy else "taken by the add that follows it")
+    how = {None: "the fold's rule (aside when the window is cut by its byte limit, else a copy)",
+           True: "taken by the add that follows it", False: "a copy"}
+    print("undo window's snapshot:", how[args.snapshot_aside])
     print("| codec | replies | params | ours ms | floor ms | floor/ours | + server step ms | server held MiB "
           "| RSS peak +MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -522,6 +522,20 @@ def test_a_larger_reply_lets_the_window_go_before_it_is_added():
     assert fold.result() is acc and torch.equal(acc, want.mul_(total / kept))  # the sum back in the buffer given
 
 
+def test_the_snapshot_is_taken_aside_when_the_window_is_cut_by_bytes():
+    """``snapshot_aside=None``: by the add aside when ``hold_bytes`` holds fewer than ``window`` replies of the
+    accumulator's size (a copy would recur every few replies), by a copy otherwise; ``True`` / ``False`` force it."""
+    s = _strategy()
+    assert s.spec is not None
+    size = 4 * s.spec.numel
+    for hold, want in ((2 << 30, False), (16 * size, False), (16 * size - 1, True), (3 * size, True)):
+        fold = MeanFold(s.spec, torch.empty(s.spec.numel), 10, hold_bytes=hold, judge_first_bytes=0)
+        assert fold.snapshot_aside is None and fold._aside() == want
+    for forced in (True, False):
+        fold = MeanFold(s.spec, torch.empty(s.spec.numel), 10, hold_bytes=3 * size, snapshot_aside=forced)
+        assert fold._aside() == forced
+
+
 def test_hold_bytes_must_not_be_negative():
     s = _strategy()
     assert s.spec is not None

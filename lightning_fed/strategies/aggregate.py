@@ -171,13 +171,15 @@ class MeanFold:
             it when that reply is one flat float32 buffer: ``acc + w * x`` is written into the scratch buffer (read
             once, measured in the same pass), which becomes the accumulator, and the buffer it was read from is the
             snapshot, so no copy of the accumulator is made; ``False``: the snapshot is a copy, then the reply is
-            added in place. The same sums and measures either way (``benchmarks/RESULTS.md``, "The snapshot taken
-            by the add").
+            added in place; ``None`` (default): aside when the window is cut by ``hold_bytes`` before
+            :attr:`window` replies of the accumulator's size (so a copy would recur every few replies: 100 M
+            parameters), by a copy otherwise (measured faster at 10 M). The same sums and measures either way
+            (``benchmarks/RESULTS.md``, "The snapshot taken by the add").
     """
 
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
                  scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES,
-                 ping_pong: bool = False, snapshot_aside: bool = True) -> None:
+                 ping_pong: bool = False, snapshot_aside: bool | None = None) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -203,7 +205,8 @@ class MeanFold:
         self.ping_pong = ping_pong
         """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
         self.snapshot_aside = snapshot_aside
-        """Whether a snapshot is taken by the add that follows it (``snapshot_aside``) rather than by a copy."""
+        """Whether a snapshot is taken by the add that follows it rather than by a copy (``None``: when the window
+        is cut by :attr:`hold_bytes` before :attr:`window` replies of the accumulator's size; see ``snapshot_aside``)."""
         self._window: list[tuple[Any, Any, float, int]] = []
         self._snap: Tensor | None = scratch
         self._snapped = False
@@ -292,7 +295,7 @@ class MeanFold:
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
             self._snapped = True
             self._snap_due = False
-            runs = self._runs_aside(values, source) if self.snapshot_aside else None
+            runs = self._runs_aside(values, source) if self._aside() else None
             if runs is not None:
                 # the add takes the snapshot: acc + w * x written into the other buffer, which becomes the
                 # accumulator; the buffer read is left as it was: the snapshot (no copy)
@@ -374,6 +377,12 @@ class MeanFold:
         self.released += 1
         self._folded.append((reply, None, reply.num_examples, []))
         return None, norm
+
+    def _aside(self) -> bool:
+        """Whether the next snapshot is taken by an add aside (:attr:`snapshot_aside`, or its rule when ``None``)."""
+        if self.snapshot_aside is not None:
+            return self.snapshot_aside
+        return self._acc.numel() * self._acc.element_size() * self.window > self.hold_bytes
 
     def _runs_aside(self, values: Any, source: Any) -> list[tuple[int, int, int]] | None:
         """The ``(src, dst, n)`` runs of a reply that can be added aside (float32 values in one buffer covering
