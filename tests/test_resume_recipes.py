@@ -17,7 +17,7 @@ RECIPES = ["fedmd", "fedmd_nfdp", "feddf", "feddf_assistant", "fedmd_assistant",
            "defence_flame", "defence_krum", "defence_fltrust", "defence_rlr", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
            "defence_fine_pruning", "defence_nad", "defence_mcr", "defence_ibau", "defence_anp", "defence_activation_clip", "defence_trigger_unlearn", "defence_seam", "defence_reference_filter", "defence_reputation_filter", "defence_loss_filter", "defence_foolsgold", "secagg", "fedavg_ft",
            "fedper", "ditto", "fedprox", "fednova", "../synthetic/fedprox_synthetic_1_1", "stragglers_deadline", "fedbuff",
-           "overselect", "dp_central", "dp_adaptive", "dp_local", "dp_sgd", "fedexp", "feddyn", "feddf_fedavg", "fedrs"]
+           "overselect", "dp_central", "dp_adaptive", "dp_local", "dp_sgd", "fedexp", "feddyn", "feddf_fedavg", "fedrs", "fedntd"]
 SMALL = ["--loop.verbose", "false", "--loop.plot", "false", "--loop.eval_every", "1", "--loop.checkpoint_every", "1",
          "--loop.local_epochs", "1", "--loop.keep_checkpoints", "5"]
 
