@@ -163,8 +163,8 @@ class _Batches(L.LightningModule):
         return self.lin(x)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self(x).sum() * 0 + y.float().sum() * 0 + self(x).pow(2).mean()
+        x, _ = batch
+        return self(x).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

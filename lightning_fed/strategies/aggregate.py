@@ -291,27 +291,17 @@ class MeanFold:
         if self._window and self._held + size > self.hold_bytes:
             self._snap_due = True
             self.flush()
-        added = False
+        aside = None
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
             self._snapped = True
             self._snap_due = False
-            runs = self._runs_aside(values, source) if self._aside() else None
-            if runs is not None:
-                # the add takes the snapshot: acc + w * x written into the other buffer, which becomes the
-                # accumulator; the buffer read is left as it was: the snapshot (no copy)
-                x, out = values.values() if values is not None else source, self._other()
-                sq, top = 0.0, 0.0
-                for src, dst, n in runs:
-                    s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w,
-                                            bound=bound)
-                    sq, top = sq + s, max(top, t)
-                self._swap()
-                added = True
-            else:
+            aside = self._runs_aside(values, source) if self._aside() else None
+            if aside is None:
                 self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
                 self._other().copy_(self._acc)
-        if added:
-            pass
+        if aside is not None:  # the add takes the snapshot: the buffer it reads is left as it was (no copy)
+            sq, top = self._axpy_to_other(values.values() if values is not None else source, aside, w, bound)
+            self._swap()
         elif values is not None:
             sq, top = values.add_measure(self._acc, w, self._segments(values.layout), bound)
         elif isinstance(source, Tensor):
@@ -347,22 +337,11 @@ class MeanFold:
         written into the other buffer (the scratch) while the reply is measured (the ping-pong accumulator); kept,
         the two buffers swap roles, rejected, nothing is undone (the accumulator was not written). ``None``: the
         reply is not one this pass takes (entries in several buffers, values not covering the accumulator)."""
-        if values is not None:
-            x = values.values()
-            runs = self._segments(values.layout)
-            if sum(n for _, _, n in runs) != self._acc.numel():
-                return None
-        else:
-            x = self.spec.flat_view(reply.payload)
-            if x is None:
-                return None
-            runs = [(0, 0, x.numel())]
-        bound = max_abs is not None
-        out = self._other()
-        sq, top = 0.0, 0.0
-        for src, dst, n in runs:
-            s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w, bound=bound)
-            sq, top = sq + s, max(top, t)
+        x = values.values() if values is not None else self.spec.flat_view(reply.payload)
+        runs = self._runs_aside(values, x)
+        if runs is None:
+            return None
+        sq, top = self._axpy_to_other(x, runs, w, max_abs is not None)
         if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
             lo, hi = value_bounds([x])
             if math.isfinite(lo) and math.isfinite(hi):
@@ -377,6 +356,17 @@ class MeanFold:
         self.released += 1
         self._folded.append((reply, None, reply.num_examples, []))
         return None, norm
+
+    def _axpy_to_other(self, x: Tensor, runs: list[tuple[int, int, int]], w: float,
+                       bound: bool) -> tuple[float, float]:
+        """``acc + w * x`` written into the other buffer run by ``(src, dst, n)`` run, ``x`` measured in the same
+        pass (the ping-pong kernel); the accumulator is left as it was. Returns the summed measures."""
+        out = self._other()
+        sq, top = 0.0, 0.0
+        for src, dst, n in runs:
+            s, t = axpy_to_measure_(out[dst : dst + n], self._acc[dst : dst + n], x[src : src + n], w, bound=bound)
+            sq, top = sq + s, max(top, t)
+        return sq, top
 
     def _aside(self) -> bool:
         """Whether the next snapshot is taken by an add aside (:attr:`snapshot_aside`, or its rule when ``None``)."""

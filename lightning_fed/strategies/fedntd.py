@@ -15,19 +15,20 @@ global model's ranking. The server averages as FedAvg (any server optimizer appl
 Here the term is added by :class:`FedNTDClient`, a Lightning callback that wraps the module's ``training_step``
 (:class:`~lightning_fed.callbacks.step_hook.TrainingStepHook`) and reads its logits with a forward hook, so the
 user's ``training_step`` is unchanged as long as it computes its logits through ``self(x)``. The frozen copy of the
-received model is taken when local training starts (inside FedLoop: the global model of the round; under a plain
-``lightning.Trainer``: the model as it was before ``fit``).
+received model (in eval mode) is taken when local training starts (inside FedLoop: the global model of the round;
+under a plain ``lightning.Trainer``: the model as it was before ``fit``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_fed.callbacks._compress import cpu_copy
+from lightning_fed.callbacks._compress import detached
 from lightning_fed.callbacks.base import FedCallback
 from lightning_fed.callbacks.step_hook import ForwardCapture, TrainingStepHook, step_loss, with_loss
 from lightning_fed.strategies.aggregators import Aggregator
@@ -113,10 +114,9 @@ class FedNTDClient(FedCallback):
         if self.beta == 0:
             return
         module: nn.Module = trainer.lightning_module  # the working module (tiers: not necessarily pl_module)
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        teacher = cpu_copy(module).to(device)
-        teacher.requires_grad_(False)
-        self._teacher = teacher
+        with detached(module):  # a copy where the module lies, without its trainer
+            teacher = copy.deepcopy(module)
+        self._teacher = teacher.eval().requires_grad_(False)
         self._capture.install(module)
         self._hook.install(module)
 
