@@ -3,19 +3,23 @@ classifier under a plain lightning.Trainer and inside FedLoop against the hand-d
 model received), beta = 0 being FedAvg bit for bit, bad batches and bad settings."""
 
 import math
-import re
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_fit import quiet_loop, quiet_trainer
+from _tiny_fit import (
+    FullBatch,
+    TinyClassifier,
+    fit_small,
+    quiet_loop,
+    quiet_trainer,
+    run_strategies_doc_example,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed.data import IID, Dirichlet
-from lightning_fed.models import MNIST1DCNN
+from lightning_fed.data import IID
 from lightning_fed.strategies import FedAvg, FedNTD, FedNTDClient
 from lightning_fed.strategies.fedntd import not_true_kl
 
@@ -24,31 +28,6 @@ X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [-0.5, 1.0], [2.0, 0.5]])
 Y = torch.tensor([0, 2, 0, 1])
 W0 = torch.tensor([[0.5, -1.0], [1.0, 0.5], [-0.3, 0.2]])
 LR, BETA, TAU = 0.5, 2.0, 2.0
-
-
-class Classifier(L.LightningModule):
-    """Bias-free linear logits ``x W^T`` for 3 classes, cross-entropy, plain SGD."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 3, bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(W0)
-
-    def forward(self, x):
-        return self.lin(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-
-class Data(L.LightningDataModule):
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(X, Y), batch_size=4)
 
 
 def test_not_true_kl_by_hand():
@@ -107,7 +86,7 @@ def _hand_two_steps(beta):
 
 
 def test_plain_trainer_steps_match_the_hand_gradient():
-    model = Classifier()
+    model = TinyClassifier(W0, LR)
     trainer = quiet_trainer(2, [FedNTDClient(beta=BETA, temperature=TAU)])
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=4))
     assert torch.allclose(model.lin.weight.detach(), _hand_two_steps(BETA), atol=1e-6)
@@ -120,35 +99,19 @@ def test_fedloop_client_matches_the_hand_gradient(tmp_path):
     strategy = FedNTD(beta=BETA, temperature=TAU)
     assert strategy.client_callbacks() == [strategy.client]
     assert (strategy.client.beta, strategy.client.temperature) == (BETA, TAU)
-    model = Classifier()
+    model = TinyClassifier(W0, LR)
     quiet_loop(
         tmp_path, num_clients=1, clients_per_round=1, rounds=1, local_epochs=2, partition=IID(), strategy=strategy
-    ).fit(model, Data())
+    ).fit(model, FullBatch(X, Y))
     assert torch.allclose(model.lin.weight.detach(), _hand_two_steps(BETA), atol=1e-6)
     assert not model._forward_hooks and "training_step" not in model.__dict__
 
 
-def _fit(strategy, dm, tmp_path):
-    L.seed_everything(0)
-    model = MNIST1DCNN(channels=4)
-    quiet_loop(
-        tmp_path,
-        num_clients=3,
-        clients_per_round=2,
-        rounds=2,
-        local_epochs=1,
-        partition=Dirichlet(alpha=0.1, min_samples=10),
-        strategy=strategy,
-        seed=0,
-    ).fit(model, dm)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_beta_zero_is_fedavg_bit_for_bit(small_dm, tmp_path):
-    fedavg = _fit(FedAvg(), small_dm, tmp_path / "a")
-    same = _fit(FedNTD(beta=0.0), small_dm, tmp_path / "b")
+    fedavg = fit_small(FedAvg(), small_dm, tmp_path / "a")
+    same = fit_small(FedNTD(beta=0.0), small_dm, tmp_path / "b")
     assert all(torch.equal(fedavg[k], same[k]) for k in fedavg)
-    ntd = _fit(FedNTD(beta=1.0), small_dm, tmp_path / "c")
+    ntd = fit_small(FedNTD(beta=1.0), small_dm, tmp_path / "c")
     assert not all(torch.equal(fedavg[k], ntd[k]) for k in fedavg)
 
 
@@ -202,8 +165,5 @@ def test_bad_settings_fail_at_construction(make, match):
 
 
 def test_doc_example_runs(tmp_path):
-    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
-    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedNTD(" in c)
-    scope: dict = {}
-    exec(compile(code.replace('"runs/fedntd"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    scope = run_strategies_doc_example("FedNTD(", "runs/fedntd", tmp_path)
     assert 0 <= scope["result"].final_metrics["test_acc"] <= 1 and len(scope["result"].history) == 2

@@ -3,19 +3,21 @@ lightning.Trainer and inside FedLoop against the hand-derived gradient, plain lo
 FedAvg bit for bit, and bad settings."""
 
 import math
-import re
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_fit import quiet_loop, quiet_trainer
-from torch import nn
+from _tiny_fit import (
+    FullBatch,
+    TinyClassifier,
+    fit_small,
+    quiet_loop,
+    quiet_trainer,
+    run_strategies_doc_example,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed.data import IID, Dirichlet
-from lightning_fed.models import MNIST1DCNN
+from lightning_fed.data import IID
 from lightning_fed.strategies import FedAvg, FedRS, FedRSClient
 from lightning_fed.strategies.fedrs import restrict_logits
 
@@ -24,31 +26,6 @@ X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [-0.5, 1.0], [2.0, 0.5]])
 Y = torch.tensor([0, 2, 0, 2])
 W0 = torch.tensor([[0.5, -1.0], [1.0, 0.5], [-0.3, 0.2]])
 LR, ALPHA = 0.1, 0.5
-
-
-class Classifier(L.LightningModule):
-    """Bias-free linear logits ``x W^T`` for 3 classes, cross-entropy, plain SGD."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 3, bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(W0)
-
-    def forward(self, x):
-        return self.lin(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-
-class Data(L.LightningDataModule):
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(X, Y), batch_size=4)
 
 
 def test_restricted_logits_and_loss_by_hand():
@@ -79,7 +56,7 @@ def _hand_step(alpha):
 
 
 def test_plain_trainer_step_matches_the_hand_gradient():
-    model = Classifier()
+    model = TinyClassifier(W0, LR)
     trainer = quiet_trainer(1, [FedRSClient(alpha=ALPHA)])
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(X, Y), batch_size=4))
     assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
@@ -91,7 +68,7 @@ def test_fedloop_client_matches_the_hand_gradient(tmp_path):
     """One client holding classes 0 and 2, one round of one full-batch step: the global model is the hand result."""
     strategy = FedRS(alpha=ALPHA)
     assert strategy.client_callbacks() == [strategy.client] and strategy.client.alpha == ALPHA
-    model = Classifier()
+    model = TinyClassifier(W0, LR)
     quiet_loop(
         tmp_path,
         num_clients=1,
@@ -100,13 +77,13 @@ def test_fedloop_client_matches_the_hand_gradient(tmp_path):
         local_epochs=1,
         partition=IID(),
         strategy=strategy,
-    ).fit(model, Data())
+    ).fit(model, FullBatch(X, Y))
     assert torch.allclose(model.lin.weight.detach(), _hand_step(ALPHA), atol=1e-6)
     assert not model._forward_hooks
 
 
 def test_eval_mode_sees_plain_logits():
-    model = Classifier()
+    model = TinyClassifier(W0, LR)
     trainer = type(
         "T", (), {"lightning_module": model, "train_dataloader": DataLoader(TensorDataset(X, Y))}
     )()
@@ -123,27 +100,11 @@ def test_eval_mode_sees_plain_logits():
         assert torch.allclose(model(X), plain)
 
 
-def _fit(strategy, dm, tmp_path):
-    L.seed_everything(0)
-    model = MNIST1DCNN(channels=4)
-    quiet_loop(
-        tmp_path,
-        num_clients=3,
-        clients_per_round=2,
-        rounds=2,
-        local_epochs=1,
-        partition=Dirichlet(alpha=0.1, min_samples=10),
-        strategy=strategy,
-        seed=0,
-    ).fit(model, dm)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_alpha_one_is_fedavg_bit_for_bit(small_dm, tmp_path):
-    fedavg = _fit(FedAvg(), small_dm, tmp_path / "a")
-    same = _fit(FedRS(alpha=1.0), small_dm, tmp_path / "b")
+    fedavg = fit_small(FedAvg(), small_dm, tmp_path / "a")
+    same = fit_small(FedRS(alpha=1.0), small_dm, tmp_path / "b")
     assert all(torch.equal(fedavg[k], same[k]) for k in fedavg)
-    restricted = _fit(FedRS(alpha=0.5), small_dm, tmp_path / "c")
+    restricted = fit_small(FedRS(alpha=0.5), small_dm, tmp_path / "c")
     assert not all(torch.equal(fedavg[k], restricted[k]) for k in fedavg)  # Dirichlet 0.1 shards miss classes
 
 
@@ -163,8 +124,5 @@ def test_bad_settings_fail_at_construction(make, match):
 
 
 def test_doc_example_runs(tmp_path):
-    doc = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
-    code = next(c for c in re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL) if "FedRS(" in c)
-    scope: dict = {}
-    exec(compile(code.replace('"runs/fedrs"', f'"{tmp_path}"'), "docs/strategies.md", "exec"), scope)  # noqa: S102
+    scope = run_strategies_doc_example("FedRS(", "runs/fedrs", tmp_path)
     assert 0 <= scope["result"].final_metrics["test_acc"] <= 1 and len(scope["result"].history) == 2
