@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     snap = p.add_mutually_exclusive_group()
     snap.add_argument("--snapshot-copy", dest="snapshot_aside", action="store_false", default=None,
                       help="take the undo window's snapshot by a copy of the accumulator (MeanFold(snapshot_aside=False))")
-    snap.add_argument("--snapshot-aside", dest="snapshot_aside", action="store_true",
+    snap.add_argument("--snapshot-aside", dest="snapshot_aside", action="store_true", default=None,
                       help="take it by the add of the reply that follows it (MeanFold(snapshot_aside=True)); "
                            "default: the fold's rule (aside when the window is cut by its byte limit)")
     p.add_argument("--max-gvalues", type=float, default=100.0,
