@@ -80,6 +80,8 @@ def one_run(name: str, alpha: float, rounds: int, local_epochs: int, seed: int, 
                "--loop.checkpoint_every", "0", "--loop.verbose", "false",
                "--loop.plot", "false", "--loop.output_dir", str(out / f"{(label or name).replace(' ', '_')}-{alpha}-{num_clients}")])
     accs = [float(h["test_acc"]) for h in res.history if "test_acc" in h]
+    calibrated = [float(h["ccvr/test_acc"]) for h in res.history if "ccvr/test_acc" in h]  # FedLoop(calibration=)
+    calibration_bytes = [float(h["ccvr/bytes_up"]) for h in res.history if "ccvr/bytes_up" in h]
     last = res.history[-1]
     personal = {k: float(last[f"personal/{k}"]) for k in ("global_acc_mean", "global_acc_p10", "acc_mean", "acc_p10")
                 if f"personal/{k}" in last}
@@ -88,7 +90,9 @@ def one_run(name: str, alpha: float, rounds: int, local_epochs: int, seed: int, 
             "uplink_mb": sum(h["bytes_up"] for h in res.history) / 1e6,
             "kb_up_per_round": sum(h["bytes_up"] for h in res.history) / n / 1e3,
             "kb_down_per_round": sum(h["bytes_down"] for h in res.history) / n / 1e3,
-            "wall_s": time.perf_counter() - t0, "personal": personal}
+            "wall_s": time.perf_counter() - t0, "personal": personal,
+            **({"acc_calibrated": calibrated, "kb_up_per_calibration": calibration_bytes[-1] / 1e3}
+               if calibrated else {})}
 
 
 def pct(row: dict, key: str) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
+    "CCVR": "lightning_fed.calibration",
     "FedCallback": "lightning_fed.callbacks.base",
     "Codec": "lightning_fed.codecs",
     "Identity": "lightning_fed.codecs",
@@ -31,6 +32,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from lightning_fed.calibration import CCVR
     from lightning_fed.callbacks.base import FedCallback
     from lightning_fed.codecs import Codec, Identity
     from lightning_fed.data import IID, Dirichlet, MNIST1DDataModule, QuantitySkew, Shards
@@ -56,6 +58,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "IID", "Codec", "Dirichlet", "FedAvg", "FedCallback", "FedLoop", "FitResult", "Identity", "Instruction",
+    "CCVR", "IID", "Codec", "Dirichlet", "FedAvg", "FedCallback", "FedLoop", "FitResult", "Identity", "Instruction",
     "MNIST1DDataModule", "PersonalEval", "QuantitySkew", "Reply", "Shards", "Strategy", "TrainerView",
 ]

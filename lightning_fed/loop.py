@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from lightning_fed.calibration import CCVR, CalibrationRun
 from lightning_fed.callbacks._compress import model_inputs
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
@@ -47,7 +48,14 @@ from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
-from lightning_fed.outputs import LOGGERS, make_loggers, new_run_dir, resolve_resume, write_outputs
+from lightning_fed.outputs import (
+    LOGGERS,
+    make_loggers,
+    new_run_dir,
+    resolve_resume,
+    save_weights,
+    write_outputs,
+)
 from lightning_fed.parallel import RankRunner
 from lightning_fed.personal import PersonalEval, PersonalRun
 from lightning_fed.plan import (
@@ -167,6 +175,10 @@ class FedLoop:
         personal_eval: personalized evaluation at evaluation rounds: every client's held-out split (a slice of the
             test set with its label proportions, or a split of its shard) scores the global model and, for strategies
             that keep them, the personal models (:class:`~lightning_fed.personal.PersonalEval`); ``None``: none.
+        calibration: a :class:`~lightning_fed.calibration.CCVR`: at every evaluation round the global model's head is
+            calibrated with virtual features drawn from the clients' per-class feature statistics and evaluated
+            beside the plain model (``ccvr/test_acc``, ...); the last one is written as ``calibrated.safetensors``.
+            Training is unchanged. ``None``: none.
         sampling: ``"random"``: each round's clients are drawn independently; ``"cyclic"``: every client takes part
             once per cycle of ``ceil(num_clients / clients_per_round)`` rounds; ``"poisson"``: each client takes
             part with probability ``clients_per_round / num_clients`` (see :func:`~lightning_fed.plan.sample_clients`).
@@ -217,6 +229,7 @@ class FedLoop:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         personal_eval: PersonalEval | None = None,
         clock: SimulatedClock | None = None,
+        calibration: CCVR | None = None,
     ) -> None:
         need(OWNER, num_clients >= 1, "num_clients", num_clients, ">= 1")
         need(OWNER, 1 <= clients_per_round <= num_clients, "clients_per_round", clients_per_round,
@@ -298,6 +311,8 @@ class FedLoop:
         self.runner = runner if runner is not None else SequentialRunner()
         self.personal_eval = personal_eval
         self.clock = clock
+        self.calibration = calibration
+        self._calibrated: dict[str, torch.Tensor] | None = None  # the latest calibrated head (CCVR)
         if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run
             clock.bind(num_clients, clients_per_round, seed)
             need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
@@ -363,6 +378,10 @@ class FedLoop:
                 model.prepare_data()  # after the data module's, as lightning.Trainer calls them
         check_module(model, self.train_template, [len(s) for s in self.shards])
         self.strategy.check_model(model)
+        if self.calibration is not None:
+            need(OWNER, self.strategy.has_global_model, "calibration", self.calibration,
+                 f"None with {type(self.strategy).__name__}, which keeps no global model to calibrate")
+            self.calibration.head_module(model)  # refuses a head name that is not a linear layer, before any write
         if ranks.distributed:
             for cb in [*self.callbacks, *self.strategy.client_callbacks()]:
                 reason = getattr(cb, "single_process_reason", None)
@@ -426,6 +445,9 @@ class FedLoop:
                 self._detach(m)
         if ranks.is_zero:
             write_outputs(self.model, self.history, self.run_dir, self.console, self.plot)
+            if self.calibration is not None and self._calibrated is not None:
+                with self.calibration.applied(self.model, self._calibrated):
+                    save_weights(self.model, self.run_dir / "calibrated.safetensors")
         return FitResult(run_dir, self.history, final)
 
     def client_side(self, model: L.LightningModule, datamodule: L.LightningDataModule, state_dir: str | Path) -> ClientWork:
@@ -520,6 +542,9 @@ class FedLoop:
                 train=ctx.train, shards=self.shards, data=source.dataset,
                 collate=getattr(source, "collate_fn", None), holdouts=self.holdouts, seed=self.seed, run_dir=run_dir,
                 write=ranks.is_zero))
+        if self.calibration is not None:
+            self.calibration.bind(CalibrationRun(shards=self.shards, data=self.train_template.dataset,
+                                                 collate=getattr(self.train_template, "collate_fn", None)))
 
     # ------------------------------------------------------------------ one round
     def _round(self, r: int) -> dict[str, float]:
@@ -588,9 +613,16 @@ class FedLoop:
         self._fed_hook("on_round_end", metrics)
         if ctx.take_model_changed():
             self.strategy.model_changed(model)
-        for stage in ctx.eval_stages(r):
+        stages = ctx.eval_stages(r)
+        if self.calibration is not None and stages:
+            self._calibrated, calibration_stats = self.calibration.calibrate(model, r)
+            metrics.update(calibration_stats)
+        for stage in stages:
             evaluated = self.evaluate_module(model, stage)
             evaluated.update(self.strategy.evaluate(lambda m, stage=stage: self.evaluate_module(m, stage)))
+            if self.calibration is not None and self._calibrated is not None:
+                with self.calibration.applied(model, self._calibrated):
+                    evaluated.update({f"ccvr/{k}": v for k, v in self.evaluate_module(model, stage).items()})
             self._final_eval.update(evaluated)
             metrics.update(evaluated)
         if self.personal_eval is not None and ctx.is_eval_round(r):

@@ -4,6 +4,7 @@ and the final outputs (weights, history, plot, summary table)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,11 +93,18 @@ def make_loggers(names: list[str], run_dir: Path) -> list[Any]:
     return out
 
 
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write the model's float state entries (float32, on the CPU) as safetensors at ``path`` (a temporary file
+    renamed over it: a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in float_state(model).items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def write_outputs(model: nn.Module, history: list[dict[str, float]], run_dir: Path, console: Console,
                   plot: bool) -> None:
     """Write ``final.safetensors``, ``history.json`` and (``plot``) ``accuracy.png``; print the summary."""
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in float_state(model).items()},
-              str(run_dir / "final.safetensors"))
+    save_weights(model, run_dir / "final.safetensors")
     write_history(history, run_dir / "history.json")
     if plot:
         plot_history(history, run_dir / "accuracy.png", title=type(model).__name__)
@@ -105,4 +113,4 @@ def write_outputs(model: nn.Module, history: list[dict[str, float]], run_dir: Pa
         console.print(f"outputs in [bold]{run_dir}[/bold]")
 
 
-__all__ = ["LOGGERS", "make_loggers", "new_run_dir", "resolve_resume", "write_outputs"]
+__all__ = ["LOGGERS", "make_loggers", "new_run_dir", "resolve_resume", "save_weights", "write_outputs"]

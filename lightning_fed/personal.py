@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset
 
-from lightning_fed.data.loaders import LabelsNotFound, dataset_labels
+from lightning_fed.data.loaders import LabelsNotFound, dataset_labels, index_batches
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
 from lightning_fed.validation import need
 from lightning_fed.weights import load_into
@@ -226,14 +226,7 @@ class PersonalEval:
     def _batches(self, cid: int) -> Iterator[tuple[Tensor, Tensor]]:
         run = self.run
         assert run is not None
-        idx = run.holdouts[cid]
-        for i in range(0, len(idx), self.batch_size):
-            part = idx[i : i + self.batch_size]
-            if isinstance(run.data, TensorDataset):
-                x, y = run.data.tensors[0][part], run.data.tensors[1][part]
-            else:
-                x, y = (run.collate or default_collate)([run.data[j] for j in part.tolist()])[:2]
-            yield x, y
+        yield from index_batches(run.data, run.holdouts[cid], self.batch_size, run.collate)
 
     @torch.no_grad()
     def correct(self, module: nn.Module, cid: int) -> int:

@@ -93,6 +93,8 @@ class Stream(IntEnum):
     """Client device and network profiles drawn from a preset (keys: number of clients)."""
     SYSTEMS_DROPOUT = 42
     """Whether a sampled client drops out of a round (keys: round, client id)."""
+    CCVR = 43
+    """CCVR's virtual features and head-training batches (keys: round)."""
 
 
 def generator(*parts: int) -> torch.Generator:

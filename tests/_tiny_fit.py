@@ -32,10 +32,9 @@ def quiet_trainer(max_steps: int, callbacks: list[Any]) -> L.Trainer:
 
 def quiet_loop(tmp_path: Any, **kwargs: Any) -> FedLoop:
     """A FedLoop writing only its run folder under ``tmp_path`` (no plot, logger or checkpoint); ``kwargs`` set the
-    rest (clients, rounds, strategy, ...)."""
-    return FedLoop(
-        verbose=False, plot=False, checkpoint_every=0, loggers=[], output_dir=str(tmp_path), **kwargs
-    )
+    rest (clients, rounds, strategy, ...) and may replace those defaults."""
+    quiet = {"verbose": False, "plot": False, "checkpoint_every": 0, "loggers": [], "output_dir": str(tmp_path)}
+    return FedLoop(**{**quiet, **kwargs})
 
 
 class TinyClassifier(L.LightningModule):

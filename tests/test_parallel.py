@@ -6,6 +6,7 @@ Compared: the whole last checkpoint (global model, strategy, codec and callback 
 not just the final weights.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lightning_fed.checkpoint import find_checkpoint, load_checkpoint
 from lightning_fed.cli import run
@@ -128,6 +130,7 @@ CASES = {  # name: (recipe, processes)
     "ibau-2": ("defence_ibau", 2),  # a server-side repair on the clean data replayed on every rank
     "anp-2": ("defence_anp", 2),  # masks learnt and channels zeroed on every rank
     "activation-clip-2": ("defence_activation_clip", 2),  # bounds measured on every rank, written by rank 0
+    "ccvr-2": ("fedntd_ccvr", 2),  # the clients' class statistics and the head's calibration on every rank
 }
 
 
@@ -147,6 +150,13 @@ def test_ranks_match_one_process(case, tmp_path, one_thread):
     assert [p.name for p in tables[0]] == [p.name for p in tables[1]]
     for a, b in zip(*tables):  # the per-client table, written once by rank 0, is the one process's
         assert a.read_text() == b.read_text(), f"{case}: {a.name} differs"
+    dirs = [next((tmp_path / w).glob("version_*")) for w in ("one", "many")]
+    if case.startswith("ccvr"):  # CCVR: the same calibrated model and metrics
+        a, b = (load_file(str(d / "calibrated.safetensors")) for d in dirs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{case}: calibrated model differs"
+        ha, hb = (json.loads((d / "history.json").read_text()) for d in dirs)
+        assert [{k: v for k, v in h.items() if k.startswith("ccvr/")} for h in ha] == [
+            {k: v for k, v in h.items() if k.startswith("ccvr/")} for h in hb]
 
 
 def test_torchrun_starts_the_ranks(tmp_path, one_thread):

@@ -212,3 +212,29 @@ def test_fedntd_grid_rows_parse_to_their_beta_temperature_and_client_lr(grid):
         assert cfg.model.hparams.lr == lr and cfg.model.hparams.momentum == 0.9
     recipe = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / "fedntd.yaml")]).loop.strategy
     assert (recipe.beta, recipe.temperature) == (1.0, 1.0)
+
+
+def test_ccvr_grid_rows_calibrate_their_strategy_row_and_are_judged_on_the_calibrated_model(grid):
+    """Each "ccvr <row>" builds that row's strategy and client learning rate with CCVR on the loop; its family is
+    server-side and not FedAvg's (a calibrated FedAvg never sets the target); the grid judges it on the calibrated
+    accuracies and keeps the plain ones."""
+    from lightning_fed.calibration import CCVR
+    from lightning_fed.cli import load_recipe
+
+    rows = {label: (recipe, more) for label, recipe, more in grid.GRID if grid.family(label) == "ccvr"}
+    assert len(rows) == 3 and "ccvr" in grid.GRID_SERVER_SIDE
+    plain = {label: (recipe, more) for label, recipe, more in grid.GRID}
+    for label, (recipe, more) in rows.items():
+        cfg = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{recipe}.yaml"), *more])
+        base = plain[label.removeprefix("ccvr ")]
+        ref = load_recipe(["fit", "--config", str(ROOT / "recipes" / "mnist1d" / f"{base[0]}.yaml"), *base[1]])
+        assert isinstance(cfg.loop.calibration, CCVR) and ref.loop.calibration is None
+        assert type(cfg.loop.strategy) is type(ref.loop.strategy) and cfg.model.hparams.lr == ref.model.hparams.lr
+    row = {"acc": [0.5, 0.6], "acc_calibrated": [0.7, 0.8]}
+    assert grid.judged("ccvr fedavg lr0.05", row)["acc"] == [0.7, 0.8]
+    assert grid.judged("ccvr fedavg lr0.05", row)["acc_plain"] == [0.5, 0.6]
+    assert grid.judged("fedavg lr0.05", row)["acc"] == [0.5, 0.6]
+    with pytest.raises(SystemExit, match="no ccvr/test_acc"):
+        grid.judged("ccvr fedavg lr0.05", {"acc": [0.5]})
+    assert grid.reference([{"strategy": "fedavg lr0.05", "acc": [0.5] * 3},
+                           {"strategy": "ccvr fedavg lr0.05", "acc": [0.9] * 3}])["strategy"] == "fedavg lr0.05"

@@ -111,6 +111,22 @@ def eval_batches(loader: Any) -> Any:
     return loader
 
 
+def index_batches(data: Dataset, idx: Tensor, batch_size: int,
+                  collate: Callable[[list[Any]], Any] | None = None) -> Iterator[tuple[Any, Any]]:
+    """The ``(x, y)`` batches of ``data`` at the indices ``idx``, in order, ``batch_size`` at a time: tensors sliced
+    directly from a ``TensorDataset``, other datasets' samples put together by ``collate`` (default: torch's
+    ``default_collate``); the first two fields of each batch."""
+    from torch.utils.data import default_collate
+
+    for i in range(0, len(idx), batch_size):
+        part = idx[i : i + batch_size]
+        if isinstance(data, TensorDataset):
+            yield data.tensors[0][part], data.tensors[1][part]
+        else:
+            x, y = (collate or default_collate)([data[j] for j in part.tolist()])[:2]
+            yield x, y
+
+
 def _default_collate(fn: Callable | None) -> bool:
     from torch.utils.data._utils.collate import default_collate
 
