@@ -36,8 +36,9 @@ MUST_MATCH = ("num_clients", "clients_per_round", "seed", "local_epochs", "parti
 
 MAY_CHANGE = ("rounds", "eval_every", "test_every", "checkpoint_every", "keep_checkpoints", "output_dir", "accelerator",
               "min_clients", "max_message_bytes", "max_update_abs", "max_norm_ratio", "loggers", "verbose", "plot", "max_failed_rounds",
-              "runner", "devices", "num_nodes", "processes_per_device", "timeout_s")
-"""``FedLoop`` parameters that may differ on resume: the horizon, evaluation and checkpoint cadence, outputs,
+              "runner", "devices", "num_nodes", "processes_per_device", "timeout_s", "calibration")
+"""``FedLoop`` parameters that may differ on resume: the horizon, evaluation and checkpoint cadence, what is evaluated
+(CCVR's calibration changes no training: it is stateless and seeded by the round), outputs,
 device, the server's acceptance thresholds (which apply from the resumed round on), and where clients run (a
 runner or the number of processes changes where the work happens, not its result)."""
 

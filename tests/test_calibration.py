@@ -168,6 +168,20 @@ def test_calibration_is_the_same_after_a_resume(tmp_path):
                        load_file(str(whole.run_dir / "calibrated.safetensors"))["head.weight"])
 
 
+def test_calibration_may_be_added_on_resume(tmp_path):
+    """The calibration changes no training, so a run without it resumes with it (identity: may change)."""
+    kw = {"checkpoint_every": 1, "keep_checkpoints": 5}
+    _, whole = _fit(tmp_path / "whole", CCVR(per_class=100, epochs=1), **kw)
+    _, part = _fit(tmp_path / "part", None, rounds=1, **kw)
+    L.seed_everything(0)
+    resumed = quiet_loop(tmp_path / "part", num_clients=4, clients_per_round=2, rounds=3, local_epochs=1,
+                         partition=Dirichlet(alpha=0.1, min_samples=10), strategy=FedAvg(), seed=0, test_every=1,
+                         calibration=CCVR(per_class=100, epochs=1), **kw
+                         ).fit(MNIST1DCNN(channels=4), MNIST1DDataModule(num_samples=800), resume=str(part.run_dir))
+    assert "ccvr/test_acc" not in resumed.history[0]
+    assert [h["ccvr/test_acc"] for h in resumed.history[1:]] == [h["ccvr/test_acc"] for h in whole.history[1:]]
+
+
 def test_a_strategy_without_a_global_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="calibration=.* None with FedPer, which keeps no global model"):
         _fit(tmp_path, CCVR(), strategy=FedPer(personal_layers=["head"]))

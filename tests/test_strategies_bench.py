@@ -238,3 +238,10 @@ def test_ccvr_grid_rows_calibrate_their_strategy_row_and_are_judged_on_the_calib
         grid.judged("ccvr fedavg lr0.05", {"acc": [0.5]})
     assert grid.reference([{"strategy": "fedavg lr0.05", "acc": [0.5] * 3},
                            {"strategy": "ccvr fedavg lr0.05", "acc": [0.9] * 3}])["strategy"] == "fedavg lr0.05"
+
+
+def test_a_calibrated_row_is_scored_on_the_calibrated_model(bench):
+    """``fedntd_ccvr`` is a server-side row of the strategy benchmark, judged on the calibrated global model."""
+    assert "fedntd_ccvr" in bench.SERVER_SIDE and "fedntd_ccvr" in bench.STRATEGIES
+    assert bench.scored({"acc": [0.5], "acc_calibrated": [0.8]}) == [0.8]
+    assert bench.scored({"acc": [0.5]}) == [0.5]
