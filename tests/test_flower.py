@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from safetensors.torch import load_file
 
 from lightning_fed import FedLoop
+from lightning_fed.calibration import CCVR
 from lightning_fed.cli import load_recipe, run
 from lightning_fed.flower.apps import check_loop, client_side, flower_apps, serve
 from lightning_fed.flower.command import main as flower_main
@@ -121,6 +122,7 @@ def test_header_values_must_be_json():
     [
         ({"devices": 2}, "loop.devices=2 is not supported"),
         ({"clock": SimulatedClock()}, "loop.clock=.* is not supported"),
+        ({"calibration": CCVR()}, "loop.calibration=CCVR.* is not supported"),
     ],
 )
 def test_what_flower_cannot_honour_is_refused(kw, match):

@@ -87,6 +87,10 @@ def check_loop(loop: FedLoop) -> None:
         ),
         "clock": (loop.clock is not None, "null (Flower's runtime has real clocks and real stragglers)"),
         "personal_eval": (loop.personal_eval is not None, "null (the clients' models stay on their nodes)"),
+        "calibration": (
+            loop.calibration is not None,
+            "null (CCVR's statistics are computed from the clients' shards, which stay on their nodes)",
+        ),
         "downlink_codec": (
             not isinstance(loop.downlink_codec, Identity) and not loop.downlink_codec.per_receiver,
             "Identity or a per-receiver codec (each node decodes only its own messages)",
