@@ -113,17 +113,25 @@ class StatsPool:
 
 def virtual_features(stats: ClassStats, per_class: int, ridge: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """``per_class`` draws from ``N(mean_c, cov_c + ridge * I)`` for every class with at least 2 records (float64
-    features ``[m, d]`` and int64 labels ``[m]``); the ridge is doubled until the Cholesky factor exists."""
+    features ``[m, d]`` and int64 labels ``[m]``); the ridge is doubled until the Cholesky factor exists.
+
+    Raises:
+        ValueError: a class's mean or covariance is not finite (features that overflowed or were NaN).
+    """
     xs, ys = [], []
     d = stats.means.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     for c in (stats.counts >= 2).nonzero().flatten().tolist():
+        if not (torch.isfinite(stats.means[c]).all() and torch.isfinite(stats.covs[c]).all()):
+            raise ValueError(f"{OWNER}: the features of class {c} are not all finite; nothing to sample from")
         r = ridge
-        while True:
+        for _ in range(200):  # a finite symmetric matrix plus a large enough ridge is positive definite
             chol, info = torch.linalg.cholesky_ex(stats.covs[c] + r * eye)
             if int(info) == 0:
                 break
             r = max(2 * r, 1e-12)
+        else:
+            raise ValueError(f"{OWNER}: no Cholesky factor of class {c}'s covariance up to a ridge of {r:.3g}")
         z = torch.randn(per_class, d, generator=g, dtype=torch.float64)
         xs.append(stats.means[c] + z @ chol.T)
         ys.append(torch.full((per_class,), c, dtype=torch.int64))
@@ -254,7 +262,7 @@ class CCVR:
         Raises:
             RuntimeError: not bound to a run.
             ValueError: the head is not a linear layer, does not run once per forward on ``[batch, features]``,
-                or a label is out of its range.
+                a label is out of its range, or the features are not finite.
         """
         if self.run is None:
             raise RuntimeError("CCVR.bind(run) must be called before calibrate (FedLoop does)")

@@ -76,6 +76,13 @@ def test_a_singular_covariance_is_sampled_with_a_larger_ridge():
     assert torch.isfinite(vx).all()
 
 
+def test_non_finite_features_are_refused_with_the_class_named():
+    x, y = _data()
+    x[3, 1] = float("nan")  # a record of class 0
+    with pytest.raises(ValueError, match="the features of class 0 are not all finite"):
+        virtual_features(client_class_stats(x, y, 4), 10, 1e-4, torch.Generator().manual_seed(0))
+
+
 def test_fit_head_learns_separable_virtual_features_and_leaves_the_head_alone():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(200, 3, generator=g) + 4, torch.randn(200, 3, generator=g) - 4])
