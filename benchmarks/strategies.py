@@ -1,6 +1,6 @@
 """Strategies on non-IID MNIST-1D: FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedProx, FedExP and FedDyn
 (the last two not run by default), FedNTD with CCVR's calibration of the global model (``fedntd_ccvr``, judged on the
-calibrated model; not run by default), and personalization (FedAvg-FT, FedPer, Ditto, isolated local training).
+calibrated model), and personalization (FedAvg-FT, FedPer, Ditto, isolated local training).
 
 Each strategy runs its recipe (``recipes/mnist1d/<name>.yaml``: 20 clients, 10 per round, MNIST1DCNN, batch 16, cosine
 client LR decay) through the CLI, with the number of clients, the Dirichlet concentration, the number of rounds and of
@@ -45,8 +45,9 @@ from rich.table import Table
 
 from lightning_fed.cli import run
 
-DEFAULT = ["fedavg", "fedavgm", "fedadam", "fedyogi", "scaffold", "fedprox", "fedavg_ft", "fedper", "ditto", "isolated"]
-STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd", "fedexp", "feddyn", "fedntd_ccvr"]
+DEFAULT = ["fedavg", "fedavgm", "fedadam", "fedyogi", "scaffold", "fedprox", "fedntd_ccvr", "fedavg_ft", "fedper", "ditto",
+           "isolated"]
+STRATEGIES = [*DEFAULT, "fedadagrad", "fedavg_sgd", "fedexp", "feddyn"]
 SERVER_SIDE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedprox", "fedexp", "feddyn", "fedntd_ccvr")
 PERSONAL = ("fedavg_ft", "fedper", "ditto", "isolated")  # rows with personal models
 NO_GLOBAL = ("fedper", "isolated")  # FedPer has no global model; isolated training's is FedAvg's
