@@ -194,6 +194,13 @@ def test_a_strategy_without_a_global_model_is_refused(tmp_path):
         _fit(tmp_path, CCVR(), strategy=FedPer(personal_layers=["head"]))
 
 
+def test_a_calibration_of_another_kind_is_refused():
+    from lightning_fed import FedLoop
+
+    with pytest.raises(ValueError, match="FedLoop: calibration='ccvr' is not allowed; calibration must be None or a"):
+        FedLoop(num_clients=2, clients_per_round=1, calibration="ccvr")
+
+
 def test_a_bad_head_name_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="head='classifier' is not an nn.Linear"):
         _fit(tmp_path, CCVR(head="classifier"))
