@@ -117,24 +117,26 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
 
 
 def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
-             ping_pong: bool = False, add_first: bool = False, hold_bytes: int | None = None,
+             ping_pong: bool = False, judge_first: bool = False, hold_bytes: int | None = None,
              snapshot_aside: bool | None = None) -> dict[str, float]:
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
-    the fold adds small replies in the read that measures them (``MeanFold(ping_pong=True)``); ``add_first``: it
-    adds and measures them in one pass and undoes a rejection from its snapshot and window, as larger replies
-    (``judge_first`` off), the window holding at most ``hold_bytes`` (``None``: the fold's default);
+    the fold adds small replies judged first in the read that measures them (``MeanFold(ping_pong=True)``;
+    implies ``judge_first``); ``judge_first``: small replies (``aggregate.SMALL_BYTES``) are measured and judged
+    before they are added (``MeanFold(judge_first_bytes=SMALL_BYTES)``), not added and measured in one pass with a
+    rejection undone from the snapshot and window (the default); ``hold_bytes``: the most the window holds
+    (``None``: the fold's default);
     ``snapshot_aside``: how the undo window's snapshot is taken (``MeanFold(snapshot_aside=...)``: ``True`` by the
     add of the reply that follows it, ``False`` by a copy of the accumulator, ``None`` the fold's rule)."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    if ping_pong or add_first or hold_bytes is not None or snapshot_aside is not None:
+    if ping_pong or judge_first or hold_bytes is not None or snapshot_aside is not None:
         begin = strategy.begin_fold
 
         def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
             fold = begin(server_round, total_examples)
             if fold is not None:
                 fold.ping_pong = ping_pong
-                fold.judge_first = fold.judge_first and not add_first
+                fold.judge_first = fold.small and (judge_first or ping_pong)
                 fold.hold_bytes = fold.hold_bytes if hold_bytes is None else hold_bytes
                 fold.snapshot_aside = snapshot_aside
             return fold
@@ -219,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip a combination whose replies the server would hold beyond this")
     p.add_argument("--ping-pong", action="store_true",
                    help="fold small replies with MeanFold(ping_pong=True): one read each, written aside")
-    p.add_argument("--add-first", action="store_true",
-                   help="fold small replies as larger ones: added and measured in one pass, a rejection undone")
+    p.add_argument("--judge-first", action="store_true",
+                   help="measure and judge small replies before adding them (MeanFold(judge_first_bytes=...)): "
+                   "two reads, no undo window")
     p.add_argument("--hold-mb", type=float, default=None,
-                   help="the most MB the fold's undo window holds (default: the fold's, 2 GiB)")
+                   help="the most MB the fold's undo window holds (default: the fold's, 32 MiB for a model of "
+                   "at most 2 M parameters, else 2 GiB)")
     snap = p.add_mutually_exclusive_group()
     snap.add_argument("--snapshot-copy", dest="snapshot_aside", action="store_false", default=None,
                       help="take the undo window's snapshot by a copy of the accumulator (MeanFold(snapshot_aside=False))")
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                     release()
                     with tempfile.TemporaryDirectory() as workdir:
                         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
-                        run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.add_first, hold,
+                        run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.judge_first, hold,
                                        args.snapshot_aside)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
@@ -279,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
             del deltas, pool, raw
     print()
     print("kernels:", f"numba {version('numba')}" if kernels.NUMBA else "torch (numba not installed or disabled)")
-    small = "measured, judged, then added"
-    if args.add_first:
-        small = "added and measured in one pass, a rejection undone"
-    elif args.ping_pong:
+    small = "added and measured in one pass, a rejection undone (the default)"
+    if args.judge_first:
+        small = "measured, judged, then added"
+    if args.ping_pong:
         small = "ping-pong (one read, written aside)"
     window = "" if args.hold_mb is None else f"; undo window at most {args.hold_mb:g} MB"
     print("small replies:", small + window)

@@ -2,15 +2,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --params 1e6 --replies 500 --codecs identity int8
-    OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --codecs identity --add-first
+    OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --codecs identity --judge-first
 
 "In the server": the round of ``aggregation.py`` (the same model, messages, defaults and clock: the thread's CPU
 time, the generator's copies not counted), with the thread time of each step of a reply's path summed over the
 round and divided by the replies: ``Server.receive`` (everything for one message but the loop around it),
 ``MeanFold.add_released`` (the fold), inside it the measure (``kernels.measure``) and the add
-(``FlatValues.add_into``) of a reply judged first, or the fused pass of one added first (``--add-first``:
-``FlatValues.add_measure``; the window let go, ``MeanFold.flush``, frees its messages; the rest of the fold is
-mostly the snapshot's copy) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
+(``FlatValues.add_into``) of a reply judged first (``--judge-first``), or the fused pass of one added first (the
+default: ``FlatValues.add_measure``, and ``MeanFold._axpy_to_other``, the add aside that takes the snapshot; the
+window let go, ``MeanFold.flush``) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
 decode (``decode_deferred``; for 8-bit codes its frame, block scales and their check). Steps nest: a row includes
 the rows indented below it. Each wrapped call adds about a microsecond of clock reads. "floor" is
 ``aggregation.run_floor`` over the same number of replies. The best of ``--repeat`` rounds (by "ours").
@@ -54,6 +54,7 @@ STEPS: list[tuple[Any, str, str, int]] = [  # (owner, attribute, label, depth)
     (fold_mod, "measure", "kernels.measure (judged first)", 2),
     (deferred.FlatValues, "add_into", "FlatValues.add_into (torch add_)", 2),
     (deferred.FlatValues, "add_measure", "FlatValues.add_measure (added first, fused)", 2),
+    (fold_mod.MeanFold, "_axpy_to_other", "MeanFold._axpy_to_other (added aside: the snapshot)", 2),
     (fold_mod.MeanFold, "flush", "MeanFold.flush (the window let go)", 2),
     (blockwise.BlockwiseCodes, "add_measure", "BlockwiseCodes.add_measure (8-bit fold)", 2),
     (base.Identity, "decode_deferred", "Identity.decode_deferred", 1),
@@ -122,10 +123,10 @@ def in_server(
     n_params: int,
     n_replies: int,
     repeat: int,
-    add_first: bool = False,
+    judge_first: bool = False,
     hold_bytes: int | None = None,
 ) -> tuple[dict[str, float], float, float]:
-    """Per-reply seconds of each step, of "ours" and of the floor: the best of ``repeat`` rounds (``add_first``,
+    """Per-reply seconds of each step, of "ours" and of the floor: the best of ``repeat`` rounds (``judge_first``,
     ``hold_bytes``: as ``aggregation.run_ours``)."""
     codec = agg.CODECS[name]()
     g = torch.Generator().manual_seed(0)
@@ -138,12 +139,12 @@ def in_server(
     best: tuple[dict[str, float], float, float] | None = None
     with tempfile.TemporaryDirectory() as workdir:
         agg.run_ours(
-            codec, n_params, 20, pool, workdir, False, add_first, hold_bytes
+            codec, n_params, 20, pool, workdir, False, judge_first, hold_bytes
         )  # compiles and warms up
         for _ in range(repeat):
             agg.release()
             with Timed() as spent:
-                run = agg.run_ours(codec, n_params, n_replies, pool, workdir, False, add_first, hold_bytes)
+                run = agg.run_ours(codec, n_params, n_replies, pool, workdir, False, judge_first, hold_bytes)
             agg.release()
             floor = agg.run_floor(n_params, n_replies, raw, keep=run["kept"] > 0)
             if best is None or run["s"] < best[1]:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codecs", nargs="+", default=list(agg.CODECS), choices=list(agg.CODECS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kernel-replies", type=int, default=200)
-    p.add_argument("--add-first", action="store_true", help="as aggregation.py's (small replies added first)")
+    p.add_argument("--judge-first", action="store_true", help="as aggregation.py's (small replies judged first)")
     p.add_argument(
         "--hold-mb", type=float, default=None, help="as aggregation.py's (the undo window's limit)"
     )
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("numba is needed (pip install lightning-fed[fast])")
     for name in args.codecs:
         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
-        steps, ours, floor = in_server(name, n, args.replies, args.repeat, args.add_first, hold)
+        steps, ours, floor = in_server(name, n, args.replies, args.repeat, args.judge_first, hold)
         table = Table(
             title=f"{name}, {n / 1e6:g} M parameters, {args.replies} replies: us per reply (in the server)"
         )

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from lightning_fed.cli import run
 
 ROOT = Path(__file__).parents[1] / "recipes"
-TIMED = ("seconds", "encode_s", "decode_s", "latency_ms", "busy_s", "wait_s")
+TIMED = ("seconds", "encode_s", "decode_s", "agg_s", "latency_ms", "busy_s", "wait_s")
 
 
 def fingerprint(recipe: Path, rounds: int, workdir: Path) -> dict[str, object]:

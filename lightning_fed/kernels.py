@@ -2,7 +2,7 @@
 same values.
 
 * :func:`axpy_measure_`, the fold's fused pass: a reply is added into the accumulator and measured (sum of
-  squares, largest magnitude) in one read of its memory.
+  squares, largest magnitude) in one read of its memory (:func:`axpy_measure_array_`: the reply a numpy view).
 * :func:`axpy_to_measure_`, the same pass writing ``acc + w * x`` into another buffer (``acc`` untouched): the
   fold's ping-pong accumulator for small replies.
 * :func:`measure`, the same measures without the add (a reply's values measured where they lie).
@@ -103,6 +103,20 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
         acc[s : s + PIECE].add_(piece, alpha=w)  # ...(or this does)...
         sq += float(torch.dot(piece, piece))  # ...and its squares are summed from there
     return sq, top
+
+
+def axpy_measure_array_(acc: Tensor, x: np.ndarray, w: float, *, bound: bool) -> tuple[float, float]:
+    """:func:`axpy_measure_` with ``x`` a 1-D float32 numpy array (a message's values viewed without torch, which
+    may be read-only): the same pass, the same bits and measures."""
+    if NUMBA and x.shape[0]:
+        a, w32 = acc.numpy(), np.float32(w)
+        if not bound:
+            return _loops().axpy_sumsq(a, x, w32), 0.0
+        sq, top = _loops().axpy_measure(a, x, w32)
+        return sq, (top if math.isfinite(sq) else math.inf)
+    from lightning_fed.codecs.wire import read_only_view
+
+    return axpy_measure_(acc, read_only_view(x, torch.float32, 0) if x.shape[0] else torch.empty(0), w, bound=bound)
 
 
 def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[float, float]:
@@ -218,6 +232,7 @@ __all__ = [
     "NUMBA",
     "PIECE",
     "axpy_measure_",
+    "axpy_measure_array_",
     "axpy_to_measure_",
     "dequantize_axpy_",
     "dequantize_axpy_measure_",

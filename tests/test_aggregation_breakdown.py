@@ -26,7 +26,7 @@ def test_the_breakdown_times_the_path_of_a_reply_judged_first_and_restores_the_s
         aggregate.measure,
         deferred.FlatValues.add_into,
     )
-    steps, ours, floor = bench.in_server("identity", 4096, 5, 1)
+    steps, ours, floor = bench.in_server("identity", 4096, 5, 1, judge_first=True)
     assert {
         "Server.receive",
         "MeanFold.add_released",
@@ -45,10 +45,11 @@ def test_the_breakdown_times_the_path_of_a_reply_judged_first_and_restores_the_s
     ) == wrapped
 
 
-def test_the_breakdown_with_add_first_times_the_fused_pass_instead(monkeypatch):
+def test_the_breakdown_by_default_times_the_fused_pass_and_the_add_aside(monkeypatch):
     pytest.importorskip("numba")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     bench = load_benchmark("aggregation_breakdown")
-    steps, _, _ = bench.in_server("identity", 4096, 5, 1, add_first=True, hold_bytes=3 * 4096 * 4)
+    steps, _, _ = bench.in_server("identity", 4096, 5, 1, hold_bytes=3 * 4096 * 4)
     assert "FlatValues.add_measure (added first, fused)" in steps
+    assert "MeanFold._axpy_to_other (added aside: the snapshot)" in steps
     assert "kernels.measure (judged first)" not in steps and "FlatValues.add_into (torch add_)" not in steps

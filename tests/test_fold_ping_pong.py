@@ -169,8 +169,8 @@ def test_fedavg_folds_aside_into_its_scratch_buffer(monkeypatch):
     s = _strategy()
     assert s.spec is not None and s._acc is not None and s._tmp is not None
     fold = s.begin_fold(1, sum(COUNTS[:3]))
-    assert fold is not None and fold.judge_first and not fold.ping_pong  # off by default
-    fold.ping_pong = True
+    assert fold is not None and not fold.judge_first and not fold.ping_pong  # off by default
+    fold.judge_first = fold.ping_pong = True
     replies = _replies(s.spec, {})[:3]
     for r in replies:
         assert fold.add_released(r, None, None, math.inf)[0] is None
@@ -203,7 +203,7 @@ def test_a_resumed_run_folding_aside_ends_bit_identical(tmp_path, make_loop, sma
     def begin_fold(self, *a):
         fold = begin(self, *a)
         if fold is not None:
-            fold.ping_pong = True
+            fold.judge_first = fold.ping_pong = True
         return fold
 
     monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)

@@ -56,6 +56,31 @@ def test_an_empty_reply_adds_nothing(monkeypatch):
         assert _run(path, monkeypatch, acc, torch.zeros(0), 0.5, True) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("n", [0, *SIZES])
+def test_the_pass_over_a_read_only_numpy_view_is_the_tensor_pass_bit_for_bit(n, monkeypatch):
+    """``axpy_measure_array_`` (a message's values viewed by numpy, read-only) adds and measures exactly as
+    ``axpy_measure_`` over the same values as a tensor, on both paths."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(n + 1)
+    x = torch.randn(n, generator=g) * 0.03
+    if n > 3:
+        x[3] = math.inf if n % 2 else math.nan
+    start = torch.randn(n, generator=g)
+    message = b"head" + x.numpy().tobytes()  # bytes: read-only, the values at an offset
+    view = np.frombuffer(message, dtype=np.float32, count=n, offset=4)
+    assert not view.flags.writeable
+    for path in _paths(monkeypatch):
+        for bound in (False, True):
+            monkeypatch.setattr(fused, "NUMBA", path == "numba")
+            acc, want = start.clone(), start.clone()
+            got = fused.axpy_measure_array_(acc, view, 13 / 97, bound=bound)
+            expected = fused.axpy_measure_(want, x, 13 / 97, bound=bound)
+            assert torch.equal(acc.isnan(), want.isnan()), (path, bound)  # the same bits, NaN where NaN was added
+            assert torch.equal(acc.nan_to_num(), want.nan_to_num()), (path, bound)
+            assert got[1] == expected[1] and (got[0] == expected[0] or math.isnan(got[0]) and math.isnan(expected[0]))
+
+
 @pytest.mark.parametrize(("n", "blocksize"), [(1, 64), (255, 64), (1000, 256), (5000, 4096)])
 def test_blockwise_dequantization_is_bitsandbytes_bit_for_bit(n, blocksize, monkeypatch):
     import bitsandbytes.functional as F

@@ -21,7 +21,7 @@ from lightning_fed.protocol import RELEASED, ClientMessage
 from lightning_fed.server import Server
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg, aggregate
-from lightning_fed.strategies.aggregate import JUDGE_FIRST_BYTES, MeanFold
+from lightning_fed.strategies.aggregate import SMALL_BYTES, SMALL_HOLD_BYTES, MeanFold
 
 
 def _server(s: FedAvg, codec: Codec, tmp_path, **kw) -> Server:
@@ -288,6 +288,25 @@ def test_identity_fast_path_rejects_as_the_full_decode(tmp_path, monkeypatch):
     assert held_unpacked == 8 and fast_unpacked == 6  # the two well-formed messages of the layout: no parse
 
 
+def test_identity_defers_its_values_as_a_numpy_view_of_the_message():
+    """A message of the known layout leaves its values where they lie: a read-only numpy view of the message's
+    body (no copy), counted at 4 bytes per value; the torch view is made only when read, over the same memory,
+    and the payload it decodes to holds the same values."""
+    import numpy as np
+
+    s, codec = _strategy(), Identity()
+    assert s.spec is not None
+    (delta,) = _deltas(s.spec, 1, seed=3)
+    message = codec.encode(s.spec.unflatten(delta), {})
+    values = codec.decode_deferred(message, {}, DecodeArgs(sender=0, spec=s.reply_spec(None)))
+    assert values is not None and values._flat is None and values.nbytes == 4 * s.spec.numel
+    assert not values.array.flags.writeable and np.shares_memory(values.array, np.frombuffer(message, np.uint8))
+    assert torch.equal(torch.from_numpy(values.array.copy()), delta)
+    flat = values.values()
+    assert values._flat is flat and flat.data_ptr() == values.array.ctypes.data and torch.equal(flat, delta)
+    assert torch.equal(s.spec.as_flat(values.payload()), delta)
+
+
 @pytest.mark.parametrize("aside", [True, False], ids=["snapshot_by_the_add", "snapshot_by_a_copy"])
 @pytest.mark.parametrize("window", [1, 2, 16])
 @pytest.mark.parametrize(
@@ -306,7 +325,7 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     def begin_fold(self, *a, **k):
         fold = original(self, *a, **k)
         fold.window = window
-        fold.judge_first = False  # the pass and its undo (small replies are judged first by default)
+        assert not fold.judge_first  # the pass and its undo (the default)
         fold.snapshot_aside = aside
         return fold
 
@@ -333,7 +352,7 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
 @pytest.mark.parametrize("path", ["numba", "torch"])
 @pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
 def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, monkeypatch):
-    """A reply of float32 values no larger than ``JUDGE_FIRST_BYTES`` is measured and judged first: a rejected
+    """With ``judge_first`` a reply of float32 values is measured and judged first: a rejected
     one (its norm; a value not finite) never touches the accumulator (no snapshot, nothing undone), an accepted
     one is added and released at once (no window); the weights and reasons are those of the pass-then-undo
     path, the norms equal to 1e-12."""
@@ -389,16 +408,73 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
     assert ratio == pytest.approx(fused_ratio, rel=1e-12)
 
 
-def test_only_small_replies_are_judged_first():
-    """The threshold counts the accumulator's bytes; ``judge_first_bytes=0`` turns judging first off."""
+def test_small_replies_are_added_first_unless_judging_first_is_asked():
+    """By default every reply is added and measured in one pass; ``judge_first_bytes`` (the accumulator's bytes)
+    turns judging first on for accumulators up to that size."""
     s = _strategy()
     assert s.spec is not None
     acc = torch.empty(s.spec.numel)
     size = acc.numel() * 4
-    assert size <= JUDGE_FIRST_BYTES and MeanFold(s.spec, acc, 10).judge_first
+    assert size <= SMALL_BYTES and not MeanFold(s.spec, acc, 10).judge_first
     assert MeanFold(s.spec, acc, 10, judge_first_bytes=size).judge_first
     assert not MeanFold(s.spec, acc, 10, judge_first_bytes=size - 1).judge_first
-    assert not MeanFold(s.spec, acc, 10, judge_first_bytes=0).judge_first
+
+
+def test_a_small_fold_holds_less_and_lets_its_replies_go_lazily():
+    """An accumulator of at most ``SMALL_BYTES`` makes a small fold: its window holds at most ``SMALL_HOLD_BYTES``
+    by default and lets its replies go one per arriving reply; a larger one holds 2 GiB and lets them go at once.
+    An explicit ``hold_bytes`` is kept either way."""
+    s = _strategy()
+    assert s.spec is not None
+    acc = torch.empty(s.spec.numel)
+    size = acc.numel() * 4
+    small = MeanFold(s.spec, acc, 10)
+    assert small.small and small.lazy and small.hold_bytes == SMALL_HOLD_BYTES
+    large = MeanFold(s.spec, acc, 10, small_bytes=size - 1)
+    assert not large.small and not large.lazy and large.hold_bytes == 2 << 30
+    assert MeanFold(s.spec, acc, 10, hold_bytes=123).hold_bytes == 123
+    assert MeanFold(s.spec, acc, 10, hold_bytes=123, small_bytes=0).hold_bytes == 123
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["small_fold", "large_fold"])
+@pytest.mark.parametrize("make_codec", [Identity, Blockwise8bit], ids=["identity", "int8"])
+def test_a_small_fold_drops_what_it_let_go_one_reply_at_a_time(make_codec, lazy, tmp_path, monkeypatch):
+    """The replies a small fold's window lets go keep their messages alive until one is dropped per arriving
+    reply, oldest first (the next message is made in the memory of the one dropped); the end of the round drops
+    the rest. A large fold drops them when it lets them go. The weights are the same either way."""
+    results = []
+    for drop_lazily in (lazy, not lazy):
+        s, codec = _strategy(), make_codec()
+        server = _server(s, codec, tmp_path / str(drop_lazily))
+        assert s.spec is not None
+        original, folds = FedAvg.begin_fold, []
+
+        def begin_fold(self, *a, _lazy=drop_lazily, _folds=folds, _original=original, **k):
+            fold = _original(self, *a, **k)
+            fold.window, fold.lazy = 2, _lazy
+            _folds.append(fold)
+            return fold
+
+        monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+        messages, _ = _two_rounds(s, codec, server, _deltas(s.spec, 6, seed=5))
+        waiting: list[tuple[int, int]] = []
+
+        def stream(_msgs=messages, _waiting=waiting, _folds=folds):
+            for m in _msgs:  # before each message: (replies held to undo, let go but not yet dropped)
+                _waiting.append((len(_folds[-1]._window), len(_folds[-1]._letgo)))
+                yield m
+
+        got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
+        monkeypatch.undo()
+        assert len(got.replies) == 6 and not folds[-1]._letgo and not folds[-1]._window  # all dropped at the end
+        if drop_lazily:  # a window of 2, let go after its second reply; one dropped per reply after that
+            assert waiting == [(0, 0), (1, 0), (0, 2), (1, 1), (0, 2), (1, 1)]
+        else:
+            assert waiting == [(0, 0), (1, 0), (0, 0), (1, 0), (0, 0), (1, 0)]
+        server.aggregate(1, got.replies)
+        assert s.global_flat is not None
+        results.append(s.global_flat.clone())
+    assert torch.equal(results[0], results[1])
 
 
 def _held_before_each(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lightning_fed.codecs.deferred import FlatValues
-from lightning_fed.codecs.wire import expect_codec, header_prefix, pack, read_only_view, unpack
+from lightning_fed.codecs.wire import expect_codec, header_prefix, pack, unpack
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload, PayloadSpec
 
@@ -191,7 +191,6 @@ class Identity(Codec):
         if (len(message) != len(prefix) + 4 * layout.numel or not message.startswith(prefix)
                 or (args.max_bytes is not None and len(message) > args.max_bytes) or not layout.numel):
             return None
-        flat = read_only_view(message, torch.float32, len(prefix))
-        return FlatValues(flat, layout, lambda: self.decode(message, {}, args))
+        return FlatValues(message, len(prefix), layout, lambda: self.decode(message, {}, args))
 
     _known: tuple[PayloadSpec, bytes, FlatSpec] | None = None

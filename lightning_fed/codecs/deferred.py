@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
@@ -27,8 +29,9 @@ class DeferredValues:
     spec: Any = None
     judge_first = False
     """Whether the values lie as float32 (:meth:`values` is free) so that measuring them is one read at memory
-    speed: a fold judges a small reply before adding it (:data:`~lightning_fed.strategies.aggregate.
-    JUDGE_FIRST_BYTES`). Codes that must be decoded are added and measured in one pass instead."""
+    speed, and they can be added aside (a snapshot taken by the add): a fold asked to judge small replies first
+    (``MeanFold(judge_first_bytes=...)``) may judge these. Codes that must be decoded are added and measured in one
+    pass instead."""
 
     @property
     def nbytes(self) -> int:
@@ -73,21 +76,40 @@ class FlatValues(DeferredValues):
     """float32 values lying back to back in a message (an :class:`~lightning_fed.codecs.Identity` reply of a
     known layout): measured and added where they lie, one call each for a reply in the accumulator's order.
 
+    The fold's pass reads them through a numpy view of the message (:attr:`array`, made without torch: a
+    server handles one such reply per client per round, so what it does per message counts at small models);
+    the torch view (:attr:`flat`) is made only when something reads it.
+
     Args:
-        flat: the values, a read-only view of the message.
-        layout: their layout (the message's entry order).
+        message: the message.
+        offset: where the values start in it.
+        layout: their layout (the message's entry order); ``layout.numel`` values.
         decode: what decoding the message in full gives (called only when the payload is read).
     """
 
     judge_first = True
 
-    def __init__(self, flat: Tensor, layout: FlatSpec, decode: Any) -> None:
-        self.flat, self.layout, self._decode = flat, layout, decode
+    def __init__(self, message: bytes, offset: int, layout: FlatSpec, decode: Any) -> None:
+        self.layout, self._decode = layout, decode
+        self._message, self._offset = message, offset
+        self.array = np.frombuffer(message, dtype=np.float32, count=layout.numel, offset=offset)
+        """The values, a read-only numpy view of the message."""
+        self._nbytes = 4 * layout.numel
+        self._flat: Tensor | None = None
+
+    @property
+    def flat(self) -> Tensor:
+        """The values, a read-only tensor view of the message (made on first use)."""
+        if self._flat is None:
+            from lightning_fed.codecs.wire import read_only_view
+
+            self._flat = read_only_view(self._message, torch.float32, self._offset)[: self.layout.numel]
+        return self._flat
 
     @property
     def nbytes(self) -> int:
         """The float32 values' bytes in the message."""
-        return self.flat.numel() * self.flat.element_size()
+        return self._nbytes
 
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """One read of the values (:func:`~lightning_fed.kernels.measure`)."""
@@ -97,23 +119,26 @@ class FlatValues(DeferredValues):
 
     def add_into(self, acc: Tensor, w: float, segments: list[tuple[int, int, int]]) -> None:
         """``add_`` where the values lie, one call per segment."""
-        if len(segments) == 1 and segments[0][2] == acc.numel():
-            acc.add_(self.flat, alpha=w)
+        flat = self.flat
+        if len(segments) == 1 and segments[0][2] == self.layout.numel == acc.numel():
+            acc.add_(flat, alpha=w)
             return
         for src, dst, n in segments:
-            acc[dst : dst + n].add_(self.flat[src : src + n], alpha=w)
+            acc[dst : dst + n].add_(flat[src : src + n], alpha=w)
 
     def add_measure(
         self, acc: Tensor, w: float, segments: list[tuple[int, int, int]], bound: bool
     ) -> tuple[float, float]:
-        """The fold's fused pass (:func:`~lightning_fed.kernels.axpy_measure_`) where the values lie."""
-        from lightning_fed.kernels import axpy_measure_
+        """The fold's fused pass (:func:`~lightning_fed.kernels.axpy_measure_`) where the values lie: one call
+        over the numpy view for a reply in the accumulator's order."""
+        from lightning_fed.kernels import axpy_measure_, axpy_measure_array_
 
-        if len(segments) == 1 and segments[0][2] == acc.numel():
-            return axpy_measure_(acc, self.flat, w, bound=bound)
+        if len(segments) == 1 and segments[0][2] == self.layout.numel == acc.numel():
+            return axpy_measure_array_(acc, self.array, w, bound=bound)
+        flat = self.flat
         sq, top = 0.0, 0.0
         for src, dst, n in segments:
-            s, t = axpy_measure_(acc[dst : dst + n], self.flat[src : src + n], w, bound=bound)
+            s, t = axpy_measure_(acc[dst : dst + n], flat[src : src + n], w, bound=bound)
             sq, top = sq + s, max(top, t)
         return sq, top
 

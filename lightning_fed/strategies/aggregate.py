@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,11 +14,16 @@ from lightning_fed.flat import FlatSpec
 from lightning_fed.kernels import axpy_measure_, axpy_to_measure_, measure
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
-JUDGE_FIRST_BYTES = 8 << 20
-"""Replies up to this size (counted at the accumulator's float32 size: 2 M parameters) whose values lie as float32
-are judged before they are added (:meth:`MeanFold.add_released`): one read measures them, a second, from the
-cache (32 MiB of last-level cache on the reference machine holds the reply and the accumulator), adds them; no
-undo window, no snapshot. Larger replies are added and measured in one pass over memory and a rejection undone."""
+SMALL_BYTES = 8 << 20
+"""A fold whose accumulator has at most this many bytes (2 M float32 parameters) is *small* (:attr:`MeanFold.small`):
+its undo window is cut at :data:`SMALL_HOLD_BYTES` and the replies it lets go are dropped one per arriving reply,
+not all at once. Such messages come from the allocator's heap: a message dropped just before the next is made
+lends it its memory, where dropping a whole window at once hands the memory back to the system and every next
+message lands in fresh pages (``benchmarks/RESULTS.md``, "Server aggregation against the axpy floor")."""
+
+SMALL_HOLD_BYTES = 32 << 20
+"""The undo window's default byte limit in a small fold (:data:`SMALL_BYTES`): 8 replies of 1 M float32 parameters,
+4 of 2 M; larger folds hold up to 2 GiB."""
 
 MAX_WINDOW = 16
 """The most replies a fold's undo window holds (:attr:`MeanFold.window`), whatever their size: undoing a rejection
@@ -126,8 +132,10 @@ class MeanFold:
     added and measured in one pass and judged right after (:meth:`add_released`); a rejection is undone exactly
     from a snapshot of the accumulator and the few replies added since (at most :attr:`window` replies holding
     at most ``hold_bytes``), whose payloads are released once the snapshot moves past them
-    (:data:`~lightning_fed.protocol.RELEASED`). A small reply (:data:`JUDGE_FIRST_BYTES`, float32 values where
-    they lie) is measured and judged first and added only when kept, then released at once: nothing to undo.
+    (:data:`~lightning_fed.protocol.RELEASED`). In a small fold (:data:`SMALL_BYTES`) the window holds up to
+    :data:`SMALL_HOLD_BYTES` and the replies it lets go are dropped one per arriving reply (:attr:`lazy`). With
+    ``judge_first_bytes``, a small reply of float32 values is measured and judged first instead and added only
+    when kept, then released at once: nothing to undo, but read twice.
     Once a reply is released the fold is never voided: when the kept replies' example counts do not sum to the
     total the fold bet on (a rejection, a client's failure), :meth:`result` rescales the sum once by
     ``total / kept``, the example-weighted mean of the kept replies up to one rounding per element.
@@ -157,9 +165,14 @@ class MeanFold:
         hold_bytes: the most bytes the undo window's replies hold (:meth:`add_released`), counted by what each
             really keeps alive: an 8-bit reply its codes and block scales (a quarter of the accumulator's size), a
             float32 reply its values. The window holds 1 to :data:`MAX_WINDOW` replies: one larger than
-            ``hold_bytes`` is still held alone until the next reply comes.
+            ``hold_bytes`` is still held alone until the next reply comes. ``None`` (default):
+            :data:`SMALL_HOLD_BYTES` in a small fold (:data:`SMALL_BYTES`), 2 GiB otherwise.
         judge_first_bytes: replies of float32 values no larger than this (at the accumulator's size) are
-            judged before they are added (:data:`JUDGE_FIRST_BYTES`); ``0``: never.
+            judged before they are added: read twice, no undo window; ``0`` (default): never, every reply is added
+            and measured in one read (``benchmarks/RESULTS.md``, "Server aggregation against the axpy floor").
+        small_bytes: the largest accumulator (in bytes) of a small fold (:data:`SMALL_BYTES`): its window's
+            replies are let go one per arriving reply (:attr:`lazy`) and ``hold_bytes`` defaults to
+            :data:`SMALL_HOLD_BYTES`.
         scratch: a flat buffer of ``spec`` for the accumulator's snapshot (a strategy's own scratch buffer, its
             pages already in memory); ``None``: allocated when first needed.
         ping_pong: fold the replies judged first (``judge_first_bytes``) in one read each, ``acc + w * x`` written
@@ -177,9 +190,10 @@ class MeanFold:
             (``benchmarks/RESULTS.md``, "The snapshot taken by the add").
     """
 
-    def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int = 2 << 30,
-                 scratch: Tensor | None = None, judge_first_bytes: int = JUDGE_FIRST_BYTES,
-                 ping_pong: bool = False, snapshot_aside: bool | None = None) -> None:
+    def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int | None = None,
+                 scratch: Tensor | None = None, judge_first_bytes: int = 0,
+                 ping_pong: bool = False, snapshot_aside: bool | None = None,
+                 small_bytes: int = SMALL_BYTES) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -192,6 +206,14 @@ class MeanFold:
         self.released = 0
         """How many replies were added by :meth:`add_released` (their payloads released, or to be)."""
         self._rescaled = False
+        acc_bytes = acc.numel() * acc.element_size()
+        self.small = acc_bytes <= small_bytes
+        """Whether the accumulator is small (``small_bytes``): its messages come from the allocator's heap."""
+        self.lazy = self.small
+        """Whether the replies the window lets go are dropped one per arriving reply (the next message then takes
+        the memory of the one dropped just before it) rather than all at once; at most a window's worth wait."""
+        if hold_bytes is None:
+            hold_bytes = SMALL_HOLD_BYTES if self.small else 2 << 30
         if hold_bytes < 0:
             raise ValueError(f"MeanFold: hold_bytes={hold_bytes!r} is not allowed; hold_bytes must be >= 0")
         self.hold_bytes = hold_bytes
@@ -200,14 +222,15 @@ class MeanFold:
         """How many released replies the fold holds at most, to undo a rejection exactly (also within
         :attr:`hold_bytes`)."""
         self._held = 0  # bytes the window's replies hold
-        self.judge_first = acc.numel() * acc.element_size() <= judge_first_bytes
-        """Whether replies of float32 values are measured and judged before they are added (small replies)."""
+        self.judge_first = acc_bytes <= judge_first_bytes
+        """Whether replies of float32 values are measured and judged before they are added (``judge_first_bytes``)."""
         self.ping_pong = ping_pong
         """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
         self.snapshot_aside = snapshot_aside
         """Whether a snapshot is taken by the add that follows it rather than by a copy (``None``: when the window
         is cut by :attr:`hold_bytes` before :attr:`window` replies of the accumulator's size; see ``snapshot_aside``)."""
         self._window: list[tuple[Any, Any, float, int]] = []
+        self._letgo: deque[Any] = deque()  # what the replies let go (lazily) still keep alive, oldest first
         self._snap: Tensor | None = scratch
         self._snapped = False
         self._snap_due = False  # the window was released: retake the snapshot before the next add (not after the last)
@@ -262,7 +285,9 @@ class MeanFold:
         added, so that the window is let go before the next is made, and again when the next comes), the window's
         payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the rest at the
         end of the round) and the snapshot is retaken before that reply is added (so never after the round's last
-        one). A small reply of float32 values (:attr:`judge_first`) is measured and judged first instead, added
+        one). In a small fold (:attr:`lazy`) what the released replies keep alive (their messages) is dropped one
+        per call, oldest first, so that each next message is made in the memory of one just dropped. A small reply
+        of float32 values (:attr:`judge_first`, off by default) is measured and judged first instead, added
         only when kept and released at once: nothing to undo, no window; with :attr:`ping_pong`, in one read:
         ``acc + w * x`` written into the scratch buffer as it is measured, the two buffers swapping roles when it
         is kept (:meth:`result` leaves the sum in the buffer given). Such a reply lets the window's replies go
@@ -270,12 +295,14 @@ class MeanFold:
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
+        if self._letgo:  # one reply let go before is dropped: the next message is made in its memory
+            self._letgo.popleft()
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
         if self.judge_first and (values is None or values.judge_first):  # small, float32: judged, then added
             # a reply held to undo (values of another kind) is decided: let it go; an undo after this reply
             # restores a snapshot taken anew, with this reply in it (the scratch may hold the sum now)
-            self.flush()
+            self.flush(lazily=self.lazy)
             self._snap_due = True
             verdict = self._add_aside(reply, values, w, max_abs, max_norm) if self.ping_pong else None
             return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
@@ -290,7 +317,7 @@ class MeanFold:
         # the window with this reply would pass the limit: the snapshot moves past the window, before the add
         if self._window and self._held + size > self.hold_bytes:
             self._snap_due = True
-            self.flush()
+            self.flush(lazily=self.lazy)
         aside = None
         if self._snap_due:  # the accumulator as it is now is what a rejection of this reply restores
             self._snapped = True
@@ -328,7 +355,7 @@ class MeanFold:
         # snapshot is retaken before the next add, so never after the round's last)
         if len(self._window) >= self.window or self._held + size > self.hold_bytes:
             self._snap_due = True
-            self.flush()
+            self.flush(lazily=self.lazy)
         return None, norm
 
     def _add_aside(self, reply: Any, values: Any, w: float, max_abs: float | None,
@@ -446,12 +473,18 @@ class MeanFold:
             else:
                 source.add_into(self._acc, w, self._segments(source.layout))
 
-    def flush(self) -> None:
-        """Release the payloads of the replies in the window (nothing can undo them any more)."""
-        for reply, _, _, _ in self._window:
+    def flush(self, *, lazily: bool = False) -> None:
+        """Release the payloads of the replies in the window (nothing can undo them any more). ``lazily``: what
+        they keep alive (their messages) waits to be dropped one per :meth:`add_released` call; otherwise it is
+        dropped now, with whatever still waited (the server's call at the end of a round)."""
+        for reply, source, _, _ in self._window:
             reply.payload = RELEASED
+            if lazily:
+                self._letgo.append(source)
         self._window.clear()
         self._held = 0
+        if not lazily:
+            self._letgo.clear()
 
     def _segments(self, layout: FlatSpec) -> list[tuple[int, int, int]]:
         """``(src, dst, n)`` runs mapping a codec layout's flat vector onto the accumulator (``spec``'s order)."""
