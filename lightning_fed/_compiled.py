@@ -7,32 +7,73 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+BLOCK = 512
+"""Values per block of the fold's passes: a block's float32 squares are summed in float32, the block sums in
+float64."""
 
-# ``reassoc`` lets LLVM vectorise the two reductions (float64 partial sums); it has nothing to reassociate in
-# the elementwise ``acc + w * x`` (one fma with ``contract``), which the tests hold bit-identical to torch.
+
+# The last, partial block's squares, summed one after the other (no reassociation: a loop of any length sums in
+# one order, whatever pass calls it).
+@numba.njit(boundscheck=False, nogil=True, cache=True)
+def _tail_sumsq(v: np.ndarray) -> float:  # pragma: no cover - compiled
+    p = np.float32(0.0)
+    for j in range(v.shape[0]):
+        p += v[j] * v[j]
+    return np.float64(p)
+
+
+# The fold's passes (``axpy_*``): per block of ``BLOCK`` values, one fma per element (``contract``: the bits of
+# ``Tensor.add_``; ``reassoc`` has nothing to reassociate in it) and the block's float32 squares summed in float32
+# (``reassoc``: LLVM's vector lanes), the block sums in float64 (exact enough for a norm check: a block's sum has a
+# relative error of about 1e-6). Float32 squares keep every loop at float32 width; the float64 widening of each
+# value set the pace before. Every pass runs the same loop body (the same operations, only the store's target
+# differs; the largest magnitude is taken by a second loop over the block, from the cache), so LLVM vectorises them
+# alike and their sums agree bit for bit, with or without the bound; the last, partial block is summed in order by
+# ``_tail_sumsq`` (``tests/test_kernels.py``). A square or a block sum past float32's range gives ``inf``: the
+# wrappers in ``kernels`` then sum the squares again in float64 (``sumsq``).
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_measure(acc: np.ndarray, x: np.ndarray, w: np.float32) -> tuple[float, float]:  # pragma: no cover
+    n = x.shape[0]
+    bits = x.view(np.int32)
     sq = 0.0
-    top = np.float32(0.0)
-    for i in range(x.shape[0]):
-        v = x[i]
-        acc[i] += w * v
-        d = np.float64(v)
-        sq += d * d
-        a = abs(v)
-        top = max(top, a)
-    return sq, np.float64(top)
+    top = np.int32(0)
+    for s in range(0, n - n % BLOCK, BLOCK):
+        a, v, b = acc[s : s + BLOCK], x[s : s + BLOCK], bits[s : s + BLOCK]
+        p = np.float32(0.0)
+        for j in range(BLOCK):
+            t = v[j]
+            a[j] += w * t
+            p += t * t
+        sq += np.float64(p)
+        for j in range(BLOCK):  # from the cache: the largest magnitude, an integer max of the sign-cleared bits
+            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+    s = n - n % BLOCK
+    a, v, b = acc[s:], x[s:], bits[s:]
+    for j in range(n - s):
+        a[j] += w * v[j]
+    sq += _tail_sumsq(v)
+    for j in range(n - s):
+        top = max(top, b[j] & np.int32(0x7FFFFFFF))
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
 
 
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_sumsq(acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
+    n = x.shape[0]
     sq = 0.0
-    for i in range(x.shape[0]):
-        v = x[i]
-        acc[i] += w * v
-        d = np.float64(v)
-        sq += d * d
-    return sq
+    for s in range(0, n - n % BLOCK, BLOCK):
+        a, v = acc[s : s + BLOCK], x[s : s + BLOCK]
+        p = np.float32(0.0)
+        for j in range(BLOCK):
+            t = v[j]
+            a[j] += w * t
+            p += t * t
+        sq += np.float64(p)
+    s = n - n % BLOCK
+    a, v = acc[s:], x[s:]
+    for j in range(n - s):
+        a[j] += w * v[j]
+    return sq + _tail_sumsq(v)
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
@@ -145,29 +186,51 @@ def dequantize_axpy_measure(
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
 
 
-# The ping-pong fold's pass (``MeanFold``, small replies): ``out = acc + w * x`` into the other buffer, the same fma
-# per element as ``axpy_measure`` (so the same bits as ``Tensor.add_``), ``acc`` left as it was.
+# The ping-pong fold's pass (``MeanFold``, small replies) and the snapshot taken by the add: ``out = acc + w * x``
+# into the other buffer, ``acc`` left as it was: the loops above with another store target (the same bits as
+# ``Tensor.add_``, the same measures).
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_to_measure(
     out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32
 ) -> tuple[float, float]:  # pragma: no cover - compiled
+    n = x.shape[0]
+    bits = x.view(np.int32)
     sq = 0.0
-    top = np.float32(0.0)
-    for i in range(x.shape[0]):
-        v = x[i]
-        out[i] = acc[i] + w * v
-        d = np.float64(v)
-        sq += d * d
-        top = max(top, abs(v))
-    return sq, np.float64(top)
+    top = np.int32(0)
+    for s in range(0, n - n % BLOCK, BLOCK):
+        o, a, v, b = out[s : s + BLOCK], acc[s : s + BLOCK], x[s : s + BLOCK], bits[s : s + BLOCK]
+        p = np.float32(0.0)
+        for j in range(BLOCK):
+            t = v[j]
+            o[j] = a[j] + w * t
+            p += t * t
+        sq += np.float64(p)
+        for j in range(BLOCK):
+            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+    s = n - n % BLOCK
+    o, a, v, b = out[s:], acc[s:], x[s:], bits[s:]
+    for j in range(n - s):
+        o[j] = a[j] + w * v[j]
+    sq += _tail_sumsq(v)
+    for j in range(n - s):
+        top = max(top, b[j] & np.int32(0x7FFFFFFF))
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
 
 
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_to_sumsq(out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32) -> float:  # pragma: no cover
+    n = x.shape[0]
     sq = 0.0
-    for i in range(x.shape[0]):
-        v = x[i]
-        out[i] = acc[i] + w * v
-        d = np.float64(v)
-        sq += d * d
-    return sq
+    for s in range(0, n - n % BLOCK, BLOCK):
+        o, a, v = out[s : s + BLOCK], acc[s : s + BLOCK], x[s : s + BLOCK]
+        p = np.float32(0.0)
+        for j in range(BLOCK):
+            t = v[j]
+            o[j] = a[j] + w * t
+            p += t * t
+        sq += np.float64(p)
+    s = n - n % BLOCK
+    o, a, v = out[s:], acc[s:], x[s:]
+    for j in range(n - s):
+        o[j] = a[j] + w * v[j]
+    return sq + _tail_sumsq(v)

@@ -16,10 +16,13 @@ With numba installed (``pip install lightning-fed[fast]``) each is one compiled 
 pass runs as torch calls over cache-sized pieces (each piece added, then measured while cached) and the decode
 as bitsandbytes' own. The weighted add is bit-identical either way: both compute ``acc + w * x`` per element
 with one fused multiply-add and ``w`` rounded to float32 first, as ``torch.Tensor.add_(x, alpha=w)`` does. The
-fold's compiled loops allow reassociation so that LLVM vectorises their sums (in float64); the elementwise add
-has nothing to reassociate, and the tests hold it bit-identical to ``add_``. The decode allows contraction only.
-The measures may differ in their last bits between the two paths (numba sums the squares in float64, torch in
-float32, its ``dot``); each is deterministic on a given machine.
+fold's compiled passes add a block of 512 values, then sum its float32 squares in float32 vector lanes (a helper
+allowed to reassociate, the same for every pass, so the in-place and the aside passes agree bit for bit) and the
+block sums in float64; a sum past float32's range is summed again in float64 (:func:`_in_float64`). The
+elementwise add has nothing to reassociate, and the tests hold it bit-identical to ``add_``. The decode allows
+contraction only. :func:`measure` (a reply judged before it is added) sums in float64. The measures differ in
+their last bits between the paths (torch sums in float32, its ``dot``); each is deterministic on a given
+machine.
 """
 
 from __future__ import annotations
@@ -78,21 +81,34 @@ def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocks
     return F.dequantize_blockwise(as_tensor, absmax=absmax, code=code, blocksize=blocksize)
 
 
+def _in_float64(sq: float, x: np.ndarray) -> float:
+    """A compiled pass's sum of squares, or, when it is not finite (a float32 square or block sum past float32's
+    range, or a value that is not finite), the squares of ``x`` summed again in float64: finite exactly when every
+    value is."""
+    return sq if math.isfinite(sq) else _loops().sumsq(x)
+
+
+def _top(sq: float, top: float, x: np.ndarray) -> tuple[float, float]:
+    """A compiled pass's ``(sum of squares, largest magnitude)``: the sum as :func:`_in_float64` gives it, the
+    magnitude ``inf`` when that sum is not finite (a NaN escapes the integer max of the bits, not the sum)."""
+    sq = _in_float64(sq, x)
+    return sq, (top if math.isfinite(sq) else math.inf)
+
+
 def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[float, float]:
     """``acc += w * x`` in place (1-D contiguous float32 tensors of one size), reading ``x`` once.
 
     Returns ``(sum of squares of x, largest |x|)``; the second is computed only with ``bound`` (else ``0.0``) and
     is ``inf`` when a value of ``x`` is not finite, so ``top <= max_abs`` is the value rule of
     :func:`~lightning_fed.protocol.values_within`. A finite sum of squares proves every value finite (squares
-    are not negative: nothing cancels); one that is not finite proves a bad value with numba (float32 squares
-    cannot overflow float64) but may be an overflow of torch's float32 sum.
+    are not negative: nothing cancels); one that is not finite proves a bad value with numba (a float32 overflow
+    of the pass's sums is summed again in float64) but may be an overflow of torch's float32 sum.
     """
     if NUMBA and x.numel():
         a, b, w32 = acc.numpy(), x.numpy(), np.float32(w)
         if not bound:
-            return _loops().axpy_sumsq(a, b, w32), 0.0
-        sq, top = _loops().axpy_measure(a, b, w32)  # a NaN escapes the max, not the sum (squares fit float64)
-        return sq, (top if math.isfinite(sq) else math.inf)
+            return _in_float64(_loops().axpy_sumsq(a, b, w32), b), 0.0
+        return _top(*_loops().axpy_measure(a, b, w32), b)
     sq, top = 0.0, 0.0
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
@@ -111,9 +127,8 @@ def axpy_measure_array_(acc: Tensor, x: np.ndarray, w: float, *, bound: bool) ->
     if NUMBA and x.shape[0]:
         a, w32 = acc.numpy(), np.float32(w)
         if not bound:
-            return _loops().axpy_sumsq(a, x, w32), 0.0
-        sq, top = _loops().axpy_measure(a, x, w32)
-        return sq, (top if math.isfinite(sq) else math.inf)
+            return _in_float64(_loops().axpy_sumsq(a, x, w32), x), 0.0
+        return _top(*_loops().axpy_measure(a, x, w32), x)
     from lightning_fed.codecs.wire import read_only_view
 
     return axpy_measure_(acc, read_only_view(x, torch.float32, 0) if x.shape[0] else torch.empty(0), w, bound=bound)
@@ -126,9 +141,8 @@ def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bo
     if NUMBA and x.numel():
         o, a, b, w32 = out.numpy(), acc.numpy(), x.numpy(), np.float32(w)
         if not bound:
-            return _loops().axpy_to_sumsq(o, a, b, w32), 0.0
-        sq, top = _loops().axpy_to_measure(o, a, b, w32)
-        return sq, (top if math.isfinite(sq) else math.inf)
+            return _in_float64(_loops().axpy_to_sumsq(o, a, b, w32), b), 0.0
+        return _top(*_loops().axpy_to_measure(o, a, b, w32), b)
     sq, top = 0.0, 0.0
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
@@ -142,8 +156,9 @@ def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bo
 
 
 def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
-    """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, as
-    :func:`axpy_measure_` measures it, without adding it anywhere. The largest magnitude is ``inf`` when a value
+    """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, the measures of
+    :func:`axpy_measure_` without adding it anywhere (with numba the squares are summed in float64 here, so the
+    sum's last bits may differ from the pass's). The largest magnitude is ``inf`` when a value
     is not finite; without ``bound`` only that is known (``0.0`` or ``inf``, from the sum of squares)."""
     if NUMBA and x.numel():
         a = x.numpy()

@@ -355,7 +355,7 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
     """With ``judge_first`` a reply of float32 values is measured and judged first: a rejected
     one (its norm; a value not finite) never touches the accumulator (no snapshot, nothing undone), an accepted
     one is added and released at once (no window); the weights and reasons are those of the pass-then-undo
-    path, the norms equal to 1e-12."""
+    path, the norms equal to 1e-6."""
     from lightning_fed import kernels
 
     if path == "numba" and not kernels.HAVE_NUMBA:
@@ -405,7 +405,7 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
     assert torch.equal(first, fused) and reasons == fused_reasons and len(reasons) == 2
     assert "client 1 rejected: its norm" in reasons[0] and "client 4 rejected" in reasons[1]
     assert "NaN or Inf" in reasons[1]  # named by the full validation
-    assert ratio == pytest.approx(fused_ratio, rel=1e-12)
+    assert ratio == pytest.approx(fused_ratio, rel=1e-6)  # the pass sums float32 squares per block, the measure in float64
 
 
 def test_small_replies_are_added_first_unless_judging_first_is_asked():

@@ -200,14 +200,15 @@ def read_only_view(message: bytes, dtype: torch.dtype, offset: int) -> Tensor:
     """A tensor over a ``bytes`` object's memory from ``offset`` (read-only, as documented for ``share``).
 
     Torch warns the first time a tensor is made over a read-only buffer, then never again in the process: that
-    one warning is silenced here, and later calls skip the cost of catching warnings."""
+    one warning is silenced here, and calls after it skip the cost of catching warnings (a writable buffer, which
+    does not warn, leaves the next call to catch it)."""
     global _QUIET
     if _QUIET:
         return torch.frombuffer(message, dtype=dtype, offset=offset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         data = torch.frombuffer(message, dtype=dtype, offset=offset)
-    _QUIET = True
+    _QUIET = memoryview(message).readonly
     return data
 
 
