@@ -118,7 +118,7 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
 
 def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
              ping_pong: bool = False, judge_first: bool = False, hold_bytes: int | None = None,
-             snapshot_aside: bool | None = None) -> dict[str, float]:
+             snapshot_aside: bool | None = None, drop_at_once: bool = False) -> dict[str, float]:
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
     the fold adds small replies judged first in the read that measures them (``MeanFold(ping_pong=True)``;
     implies ``judge_first``); ``judge_first``: small replies (``aggregate.SMALL_BYTES``) are measured and judged
@@ -126,10 +126,12 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
     rejection undone from the snapshot and window (the default); ``hold_bytes``: the most the window holds
     (``None``: the fold's default);
     ``snapshot_aside``: how the undo window's snapshot is taken (``MeanFold(snapshot_aside=...)``: ``True`` by the
-    add of the reply that follows it, ``False`` by a copy of the accumulator, ``None`` the fold's rule)."""
+    add of the reply that follows it, ``False`` by a copy of the accumulator, ``None`` the fold's rule);
+    ``drop_at_once``: a small fold drops the messages its window lets go together (``MeanFold.lazy`` off), not one
+    per arriving reply."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    if ping_pong or judge_first or hold_bytes is not None or snapshot_aside is not None:
+    if ping_pong or judge_first or hold_bytes is not None or snapshot_aside is not None or drop_at_once:
         begin = strategy.begin_fold
 
         def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
@@ -139,6 +141,7 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
                 fold.judge_first = fold.small and (judge_first or ping_pong)
                 fold.hold_bytes = fold.hold_bytes if hold_bytes is None else hold_bytes
                 fold.snapshot_aside = snapshot_aside
+                fold.lazy = fold.lazy and not drop_at_once
             return fold
 
         strategy.begin_fold = begin_fold  # type: ignore[method-assign]
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--judge-first", action="store_true",
                    help="measure and judge small replies before adding them (MeanFold(judge_first_bytes=...)): "
                    "two reads, no undo window")
+    p.add_argument("--drop-at-once", action="store_true",
+                   help="a small fold drops the messages its window lets go together (MeanFold.lazy off)")
     p.add_argument("--hold-mb", type=float, default=None,
                    help="the most MB the fold's undo window holds (default: the fold's, 32 MiB for a model of "
                    "at most 2 M parameters, else 2 GiB)")
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                     with tempfile.TemporaryDirectory() as workdir:
                         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
                         run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.judge_first, hold,
-                                       args.snapshot_aside)
+                                       args.snapshot_aside, args.drop_at_once)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
                     floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
@@ -289,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ping_pong:
         small = "ping-pong (one read, written aside)"
     window = "" if args.hold_mb is None else f"; undo window at most {args.hold_mb:g} MB"
+    window += "; a small fold's let-go messages dropped at once" if args.drop_at_once else ""
     print("small replies:", small + window)
     how = {None: "the fold's rule (aside when the window is cut by its byte limit, else a copy)",
            True: "taken by the add that follows it", False: "a copy"}

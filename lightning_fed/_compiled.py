@@ -149,6 +149,20 @@ def _block_measure(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, i
     return sq, top
 
 
+# A block of the 8-bit fold: its float32 squares summed in float32 (vector lanes; a block of codes is at most a few
+# thousand values) and its largest magnitude; the block sums add up in float64 (``dequantize_axpy_measure``). A
+# square past float32's range gives ``inf``: the fold then checks the decoded values and sums them in float64.
+@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def _block_measure32(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, int]:  # pragma: no cover
+    p = np.float32(0.0)
+    top = np.int32(0)
+    for j in range(m):
+        t = vals[j]
+        p += t * t
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    return np.float64(p), top
+
+
 # Every array below is indexed by a ``range`` variable only, on per-block views: numba proves such an index
 # non-negative and drops its negative-index wraparound (a select per access), which otherwise keeps LLVM from
 # vectorising the loop (``acc[dst + k]`` was one scalar fma per value). The table lookups stay scalar loads
@@ -177,7 +191,7 @@ def dequantize_axpy_measure(
             vals[j] = code[block[j]] * scale
         for j in range(m):
             out[j] += w * vals[j]
-        s, t = _block_measure(vals, bits, m)
+        s, t = _block_measure32(vals, bits, m)
         sq += s
         top = max(top, t)
         k += m

@@ -5,6 +5,7 @@ accumulator and the reply being decoded, not every reply."""
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from types import SimpleNamespace
 
@@ -182,16 +183,57 @@ def test_the_loop_releases_from_the_second_round_and_rejects_the_hostile_reply(
     assert all(0 < h["norm_ratio_prev"] < 10 for h in result.history[1:])
 
 
-def test_aggregation_benchmark_times_released_rows(capsys):
-    """The benchmark's timed round releases its replies: nothing held but the accumulator, no row skipped."""
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        ([], "added and measured in one pass"),
+        (["--judge-first"], "measured, judged, then added"),
+        (["--judge-first", "--ping-pong"], "ping-pong"),
+        (["--drop-at-once", "--hold-mb", "0.01"], "dropped at once"),
+    ],
+    ids=["default", "judge_first", "ping_pong", "drop_at_once"],
+)
+def test_aggregation_benchmark_times_released_rows(flags, says, capsys, monkeypatch):
+    """The benchmark's timed round releases its replies: nothing held but the accumulator, no row skipped; each
+    option sets the fold it names."""
     from conftest import load_benchmark
 
     bench = load_benchmark("aggregation")
-    bench.main(["--replies", "5", "--params", "1e3", "--repeat", "1", "--max-held-gb", "0"])
+    folds = []
+    original = FedAvg.begin_fold
+
+    def begin_fold(self, *a, **k):
+        fold = original(self, *a, **k)
+        folds.append(fold)
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    bench.main(["--replies", "5", "--params", "1e3", "--repeat", "1", "--max-held-gb", "0", *flags])
     out = capsys.readouterr().out
+    assert says in out
+    fold = folds[-1]
+    assert fold.judge_first == ("--judge-first" in flags) and fold.ping_pong == ("--ping-pong" in flags)
+    assert fold.lazy == ("--drop-at-once" not in flags)
     rows = [line for line in out.splitlines() if line.startswith(("| identity |", "| int8 |"))]
     assert len(rows) == 2 and all("skipped" not in r for r in rows)
     assert all(r.split("|")[8].strip() == "0" for r in rows)  # held MiB: the 4 KB accumulator only
+
+
+@pytest.mark.parametrize("make_codec", [Identity, Blockwise8bit], ids=["identity", "int8"])
+def test_a_reply_whose_squares_pass_float32_range_is_judged_on_its_true_norm(make_codec, tmp_path):
+    """Finite values whose squares pass float32's range (the pass sums float32 squares) are summed again in
+    float64: the reply is rejected for its norm, with that norm, not for its values."""
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    second = _deltas(s.spec, 4, seed=5)
+    second[2].mul_(1e22)  # values about 1e20: squares about 1e40
+    messages, _ = _two_rounds(s, codec, server, second)
+    got = server.collect(1, s.configure_round(1, list(range(4))), messages)
+    assert [r.client_id for r in got.replies] == [0, 1, 3]
+    (reason,) = got.reasons
+    norm = float(reason.split("its norm ")[1].split()[0])
+    assert math.isfinite(norm) and norm == pytest.approx(float(second[2].double().norm()), rel=0.02)
 
 
 @pytest.mark.parametrize("path", ["numba", "torch"])

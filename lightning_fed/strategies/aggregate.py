@@ -177,9 +177,8 @@ class MeanFold:
             pages already in memory); ``None``: allocated when first needed.
         ping_pong: fold the replies judged first (``judge_first_bytes``) in one read each, ``acc + w * x`` written
             into the scratch buffer while they are measured, the buffers swapping roles when a reply is kept
-            (:meth:`add_released`); off by default: on the reference machine (shared 32 MiB last-level cache) the
-            write into the other buffer costs more than the second read it saves (``benchmarks/RESULTS.md``,
-            "The ping-pong accumulator").
+            (:meth:`add_released`); off by default: the write into the other buffer costs about what the second
+            read it saves costs (``benchmarks/RESULTS.md``, "The ping-pong accumulator").
         snapshot_aside: take the undo window's snapshot of the accumulator with the add of the reply that follows
             it when that reply is one flat float32 buffer: ``acc + w * x`` is written into the scratch buffer (read
             once, measured in the same pass), which becomes the accumulator, and the buffer it was read from is the
@@ -198,7 +197,7 @@ class MeanFold:
         self.total = total
         self._acc = acc.zero_()
         self._parts = list(spec.unflatten(acc).values())
-        self._home = acc  # where the sum ends (result()); small replies may leave it in the scratch buffer until then
+        self._home = acc  # where the sum ends (result()); an add aside may leave it in the scratch buffer until then
         self._other_parts: list[Tensor] | None = None  # views of the buffer that is not ``_acc`` (built when needed)
         self._folded: list[tuple[Any, Any, int, list[tuple[int, int]]]] = []
         self._unchecked = False
@@ -324,7 +323,7 @@ class MeanFold:
             self._snap_due = False
             aside = self._runs_aside(values, source) if self._aside() else None
             if aside is None:
-                self._go_home()  # the snapshot's buffer may hold the sum (small replies added aside)
+                self._go_home()  # the snapshot's buffer may hold the sum (replies added aside)
                 self._other().copy_(self._acc)
         if aside is not None:  # the add takes the snapshot: the buffer it reads is left as it was (no copy)
             sq, top = self._axpy_to_other(values.values() if values is not None else source, aside, w, bound)
