@@ -17,16 +17,18 @@ the rows indented below it. Each wrapped call adds about a microsecond of clock 
 
 "Kernels alone": one reply of float32 values at a time, each a fresh copy made as a message is (not counted), the
 accumulator reused: torch's ``add_`` (the floor's add); ``sumsq`` (the measure of a reply judged first, float64
-sums of the squares); the two one after the other (the library's path for a small reply); ``axpy_sumsq`` (the
-fused add and measure of a reply added first, which then needs a snapshot and an undo window to take a rejection
-back); a float32 sum of squares (a check that is not the library's: its last bits differ from ``sumsq``'s). Best
-and median of ``--repeat`` runs of ``--kernel-replies`` replies. Last, for how many sizes the fused pass's sum of
-squares has other bits than the measure's (the logged norms would change). Needs numba (the ``fast`` extra).
+sums of the squares); the two one after the other (judging first, an option); ``axpy_sumsq`` (the fused add and
+measure, the library's path, which then needs a snapshot and an undo window to take a rejection back); a float32
+sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq`` again with the last 16 messages kept alive, as
+an undo window keeps them (the oldest dropped as each new one is made, not timed). Best and median of ``--repeat``
+runs of ``--kernel-replies`` replies. Last, for how many sizes the fused pass's sum of squares has other bits than
+the measure's. Needs numba (the ``fast`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import tempfile
 import warnings
@@ -166,10 +168,13 @@ def kernels_alone(n_params: int, n_replies: int, repeat: int) -> dict[str, tuple
         "sumsq, then add_ (judged first)": lambda x, xn: (_compiled.sumsq(xn), acc.add_(x, alpha=w)),
         "axpy_sumsq (added first, fused)": lambda x, xn: _compiled.axpy_sumsq(a, xn, np.float32(w)),
         "float32 sum of squares (not used)": lambda x, xn: sumsq_f32(xn),
+        "torch add_, the last 16 messages kept": lambda x, xn: acc.add_(x, alpha=w),
+        "axpy_sumsq, the last 16 messages kept": lambda x, xn: _compiled.axpy_sumsq(a, xn, np.float32(w)),
     }
 
-    def one(step: Callable[[torch.Tensor, np.ndarray], object], count: int) -> float:
+    def one(step: Callable[[torch.Tensor, np.ndarray], object], count: int, keep: int = 0) -> float:
         spent = 0.0
+        kept: collections.deque[bytes] = collections.deque(maxlen=keep or None)
         for i in range(count):
             data = bytes(memoryview(raw[i % agg.POOL]))
             with warnings.catch_warnings():
@@ -179,6 +184,8 @@ def kernels_alone(n_params: int, n_replies: int, repeat: int) -> dict[str, tuple
             t = clock()
             step(x, xn)
             spent += clock() - t
+            if keep:  # as an undo window keeps its messages (the oldest dropped, not timed)
+                kept.append(data)
             del x, xn, data
         return spent / count
 
@@ -187,13 +194,13 @@ def kernels_alone(n_params: int, n_replies: int, repeat: int) -> dict[str, tuple
     runs: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeat):  # the kernels alternate, so a load from other jobs spreads over all of them
         for k, step in steps.items():
-            runs[k].append(one(step, n_replies))
+            runs[k].append(one(step, n_replies, 16 if "kept" in k else 0))
     return {k: (min(v), statistics.median(v)) for k, v in runs.items()}
 
 
 def fused_sums_differ(sizes: range) -> int:
-    """How many of ``sizes`` give a sum of squares from the fused pass (``axpy_sumsq``) whose bits differ from the
-    measure's (``sumsq``): LLVM vectorises the two loops' float64 sums in different orders (seeded values)."""
+    """How many of ``sizes`` give a sum of squares from the fused pass (``axpy_sumsq``: float32 squares per block)
+    whose bits differ from the measure's (``sumsq``: float64), for seeded values."""
     rng = np.random.default_rng(0)
     differ = 0
     for n in sizes:

@@ -8,7 +8,7 @@ of its inner loops run alone, and to a plain float32 ``acc.add_(x, alpha=w)``.
 Rows: "fold" is the library's loop; "fold, offset indices" the same loops indexed at an offset into the whole
 arrays (how the library wrote them before: the weighted add is not vectorised); "lookups" the code book lookups times the block's scale into a block buffer
 (``vals[j] = code[codes[j]] * scale``); "weighted add" ``acc[j] += w * vals[j]`` from that buffer; "measures"
-the float64 sum of squares and the largest magnitude of the buffer; "float32 add_" torch's ``add_`` over a
+the sum of squares (float32 squares in float32 lanes) and the largest magnitude of the buffer; "float32 add_" torch's ``add_`` over a
 float32 reply (12 bytes moved per value, the fold moves 9). The loops alone run over the same arrays as the fold
 (the accumulator and the codes at full size, the block buffer in the first-level cache). Times are the best of
 ``--repeat`` runs of the thread's CPU time; the last columns say whether LLVM vectorised the loop (packed
@@ -56,7 +56,7 @@ def offset_indexed(
             vals[k - i] = code[codes[src + k]] * scale
         for k in range(i, end):
             acc[dst + k] += w * vals[k - i]
-        s, _ = _compiled._block_measure(vals, bits, end - i)
+        s, _ = _compiled._block_measure32(vals, bits, end - i)
         sq += s
         i = end
     return sq
@@ -94,7 +94,7 @@ def measures(vals: np.ndarray, blocks: int) -> float:
     bits = vals.view(np.int32)
     top = np.int32(0)
     for _ in range(blocks):
-        s, t = _compiled._block_measure(vals, bits, vals.shape[0])
+        s, t = _compiled._block_measure32(vals, bits, vals.shape[0])
         sq += s
         top = max(top, t)
     return sq + top
