@@ -5,7 +5,10 @@ of its inner loops run alone, and to a plain float32 ``acc.add_(x, alpha=w)``.
     OMP_NUM_THREADS=1 python benchmarks/int8_fold_loops.py
     OMP_NUM_THREADS=1 python benchmarks/int8_fold_loops.py --params 1e6 1e7 --blocksize 256
 
-Rows: "fold" is the library's loop; "fold, offset indices" the same loops indexed at an offset into the whole
+Rows: "fold, gathers" is the library's loop on a CPU with AVX-512F (``_compiled.GATHER``: one gather of the code
+book per 16 codes, the product, the fma into the accumulator and the measures in registers); "fold, scalar lookups"
+the library's loop elsewhere (``LIGHTNING_FED_GATHER=0``), whose inner loops the rows below time alone; "fold,
+offset indices" the scalar loops indexed at an offset into the whole
 arrays (how the library wrote them before: the weighted add is not vectorised); "lookups" the code book lookups times the block's scale into a block buffer
 (``vals[j] = code[codes[j]] * scale``); "weighted add" ``acc[j] += w * vals[j]`` from that buffer; "measures"
 the sum of squares (float32 squares in float32 lanes) and the largest magnitude of the buffer; "float32 add_" torch's ``add_`` over a
@@ -140,10 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     code /= np.abs(code).max()
     w = np.float32(0.01)
     bs = args.blocksize
-    loop = _compiled.dequantize_axpy_measure  # compiled afresh (its cached machine code cannot be inspected)
-    fold = numba.njit(**{k: v for k, v in loop.targetoptions.items() if k not in ("cache", "nopython")})(
-        loop.py_func
-    )
+
+    def afresh(loop):  # compiled afresh: cached machine code cannot be inspected
+        return numba.njit(**{k: v for k, v in loop.targetoptions.items() if k not in ("cache", "nopython")})(
+            loop.py_func
+        )
+
+    folds = [("fold, scalar lookups", afresh(_compiled.dequantize_axpy_measure_lookups))]
+    if _compiled._host_gathers():
+        folds.insert(0, ("fold, gathers", afresh(_compiled.dequantize_axpy_measure_gather)))
     for n in (int(x) // bs * bs for x in args.params):
         codes = rng.integers(0, 256, n, dtype=np.uint8)
         absmax = rng.random(n // bs).astype(np.float32)
@@ -151,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         vals = rng.standard_normal(bs).astype(np.float32)
         x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
         acc_t = torch.from_numpy(acc)
-        rows = [
-            ("fold", fold, (acc, 0, codes, 0, n, absmax, code, bs, w)),
+        rows = [(name, fold, (acc, 0, codes, 0, n, absmax, code, bs, w)) for name, fold in folds] + [
             ("fold, offset indices", offset_indexed, (acc, 0, codes, 0, n, absmax, code, bs, w)),
             ("lookups", lookups, (codes, absmax, code, bs, vals)),
             ("weighted add", weighted_add, (acc, vals, w)),

@@ -4,8 +4,16 @@ process that never folds or decodes 8-bit replies does not import numba. Call th
 
 from __future__ import annotations
 
+import os
+import platform
+
+import llvmlite.binding as llvm
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 BLOCK = 512
 """Values per block of the fold's passes: a block's float32 squares are summed in float32, the block sums in
@@ -111,15 +119,6 @@ def dequantize(
         out[i] = code[codes[i]] * absmax[whole]
 
 
-@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
-def dequantize_axpy(
-    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
-    blocksize: int, w: np.float32,
-) -> None:  # pragma: no cover - compiled
-    # the undo replay: the fold's own loop (the same additions, so the same bits), its measures discarded
-    dequantize_axpy_measure(acc, dst, codes, src, n, absmax, code, blocksize, w)
-
-
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def dequantize_measure(
     codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int
@@ -165,10 +164,11 @@ def _block_measure32(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float,
 
 # Every array below is indexed by a ``range`` variable only, on per-block views: numba proves such an index
 # non-negative and drops its negative-index wraparound (a select per access), which otherwise keeps LLVM from
-# vectorising the loop (``acc[dst + k]`` was one scalar fma per value). The table lookups stay scalar loads
-# (LLVM emits no gather on AMD Zen); the weighted add and the measures run in 512-bit vectors.
+# vectorising the loop (``acc[dst + k]`` was one scalar fma per value). The table lookups are scalar loads (LLVM
+# emits no gather for them); the weighted add and the measures run in vectors. ``dequantize_axpy_measure_gather``
+# does the lookups with one AVX-512 gather per 16 values instead, where the CPU has it.
 @numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
-def dequantize_axpy_measure(
+def dequantize_axpy_measure_lookups(
     acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
     blocksize: int, w: np.float32,
 ) -> tuple[float, float]:  # pragma: no cover - compiled
@@ -198,6 +198,148 @@ def dequantize_axpy_measure(
         b += 1
         m = min(blocksize, n - k)
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
+
+
+def _host_gathers() -> bool:
+    """Whether numba compiles for this machine's own CPU (no ``NUMBA_CPU_NAME``) and it has AVX-512F: the
+    16-lane gather of :func:`_fold16`."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or numba.config.CPU_NAME not in (None, "", "host"):
+        return False
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+GATHER = _host_gathers() and os.environ.get("LIGHTNING_FED_GATHER", "") not in ("0", "no", "false")
+"""Whether the 8-bit fold looks its codes up with AVX-512 gathers (:func:`dequantize_axpy_measure_gather`): the
+CPU has AVX-512F and ``LIGHTNING_FED_GATHER=0`` is not set. Both loops add the same bits; their sums of squares
+differ in the last bits (another order of the same float32 squares)."""
+
+LANES = _W = 16
+_F32, _F64, _I1, _I8, _I32 = ir.FloatType(), ir.DoubleType(), ir.IntType(1), ir.IntType(8), ir.IntType(32)
+_VF, _VI, _VB, _VM = (ir.VectorType(t, _W) for t in (_F32, _I32, _I8, _I1))
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vty: ir.VectorType) -> ir.Value:
+    undef = ir.Constant(vty, None)
+    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(_VI, [0] * _W))
+
+
+def _contiguous(ty: types.Type, dtype: types.Type) -> bool:
+    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype == dtype
+
+
+@intrinsic
+def _fold16(typingctx, acc, dst, codes, src, chunks, code, scale, w, lanes, tops, valid):  # pragma: no cover
+    """``chunks`` times 16 values: ``x = code[codes[src + i]] * scale`` (one gather of the code book per 16 codes,
+    one float32 product), ``acc[dst + i] = fma(w, x, acc[dst + i])``, and the first ``valid`` values of each 16 (16:
+    all) measured into ``lanes`` (``lanes[j] += x * x``, value ``i`` into lane ``i % 16``: a product and a sum, never
+    fused or reordered) and ``tops`` (the sign-cleared bits' max). ``code`` must hold 256 values."""
+    if not (_contiguous(acc, types.float32) and _contiguous(codes, types.uint8) and _contiguous(code, types.float32)
+            and _contiguous(lanes, types.float32) and _contiguous(tops, types.int32)):
+        return None
+    sig = types.void(acc, dst, codes, src, chunks, code, scale, w, lanes, tops, valid)
+
+    def codegen(context, builder, signature, args):
+        a_v, dst_v, c_v, src_v, n_v, t_v, s_v, w_v, l_v, p_v, valid_v = args
+        at, dt, ct, srt, nt, tt, st, wt, lt, pt, vt = signature.args
+        arr = [context.make_array(ty)(context, builder, v) for ty, v in
+               ((at, a_v), (ct, c_v), (tt, t_v), (lt, l_v), (pt, p_v))]
+        acc_p, codes_p, code_p, lanes_p, tops_p = (a.data for a in arr)
+        dst_v, src_v = context.cast(builder, dst_v, dt, types.intp), context.cast(builder, src_v, srt, types.intp)
+        n_v = context.cast(builder, n_v, nt, types.intp)
+        s_v, w_v = context.cast(builder, s_v, st, types.float32), context.cast(builder, w_v, wt, types.float32)
+        valid_v = builder.trunc(context.cast(builder, valid_v, vt, types.int64), _I32)
+        mod = builder.module
+        gather = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(_VF, [_VF, ir.PointerType(_I8), _VI, _VM, _I32]),
+            "llvm.x86.avx512.mask.gather.dps.512")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+        smax = cgutils.get_or_insert_function(mod, ir.FunctionType(_VI, [_VI, _VI]), "llvm.smax.v16i32")
+        lanes_vp = builder.bitcast(lanes_p, _VF.as_pointer())
+        tops_vp = builder.bitcast(tops_p, _VI.as_pointer())
+        sq = cgutils.alloca_once_value(builder, builder.load(lanes_vp, align=4))
+        top = cgutils.alloca_once_value(builder, builder.load(tops_vp, align=4))
+        sv, wv = _splat(builder, s_v, _VF), _splat(builder, w_v, _VF)
+        keep = builder.icmp_signed("<", ir.Constant(_VI, list(range(_W))), _splat(builder, valid_v, _VI))
+        base = builder.bitcast(code_p, ir.PointerType(_I8))
+        every = ir.Constant(_VM, [1] * _W)
+        with cgutils.for_range(builder, n_v) as loop:
+            k = builder.mul(loop.index, ir.Constant(loop.index.type, _W))
+            cp = builder.bitcast(builder.gep(codes_p, [builder.add(src_v, k)]), _VB.as_pointer())
+            idx = builder.zext(builder.load(cp, align=1), _VI)
+            x = builder.fmul(builder.call(gather, [ir.Constant(_VF, None), base, idx, every, ir.Constant(_I32, 4)]), sv)
+            ap = builder.bitcast(builder.gep(acc_p, [builder.add(dst_v, k)]), _VF.as_pointer())
+            builder.store(builder.call(fma, [wv, x, builder.load(ap, align=4)]), ap, align=4)
+            x = builder.select(keep, x, ir.Constant(_VF, [0.0] * _W))
+            builder.store(builder.fadd(builder.load(sq), builder.fmul(x, x)), sq)
+            bits = builder.and_(builder.bitcast(x, _VI), ir.Constant(_VI, [0x7FFFFFFF] * _W))
+            builder.store(builder.call(smax, [builder.load(top), bits]), top)
+        builder.store(builder.load(sq), lanes_vp, align=4)
+        builder.store(builder.load(top), tops_vp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# The 8-bit fold with its lookups done by AVX-512 gathers (``GATHER``): per block, its whole 16s in one gather loop
+# (lookup, product, fma into the accumulator, measures in registers); the block's last values (fewer than 16) in a
+# padded copy. The same additions as ``dequantize_axpy_measure_lookups``, bit for bit; the block's squares summed
+# in 16 float32 lanes, then the lanes in order (deterministic, and within float32 rounding of the other loop's).
+# A code book of fewer than 256 values (never the codec's) goes to the scalar loop: a gather reads any of 256.
+@numba.njit(boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy_measure_gather(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> tuple[float, float]:  # pragma: no cover - compiled
+    if code.shape[0] < 256:
+        return dequantize_axpy_measure_lookups(acc, dst, codes, src, n, absmax, code, blocksize, w)
+    lanes = np.zeros(LANES, dtype=np.float32)
+    tops = np.zeros(LANES, dtype=np.int32)
+    pad_codes = np.zeros(LANES, dtype=np.uint8)
+    pad_acc = np.zeros(LANES, dtype=np.float32)
+    sq = 0.0
+    k = 0
+    b = src // blocksize
+    m = min(n, (b + 1) * blocksize - src)  # the first block may start inside a block
+    while k < n:
+        scale = absmax[b]
+        full = m - m % LANES
+        if full:
+            _fold16(acc, dst + k, codes, src + k, full // LANES, code, scale, w, lanes, tops, LANES)
+        rest = m - full
+        if rest:
+            for j in range(rest):
+                pad_codes[j] = codes[src + k + full + j]
+                pad_acc[j] = acc[dst + k + full + j]
+            _fold16(pad_acc, 0, pad_codes, 0, 1, code, scale, w, lanes, tops, rest)
+            for j in range(rest):
+                acc[dst + k + full + j] = pad_acc[j]
+        p = np.float32(0.0)
+        for j in range(LANES):  # the lanes summed in order
+            p += lanes[j]
+            lanes[j] = np.float32(0.0)
+        sq += np.float64(p)
+        k += m
+        b += 1
+        m = min(blocksize, n - k)
+    top = np.int32(0)
+    for j in range(LANES):
+        top = max(top, tops[j])
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
+
+
+dequantize_axpy_measure = dequantize_axpy_measure_gather if GATHER else dequantize_axpy_measure_lookups
+"""The 8-bit fold (``kernels.dequantize_axpy_measure_``): the gather loop where the CPU has AVX-512F
+(:data:`GATHER`), else the scalar lookups; the same additions either way."""
+
+
+@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
+def dequantize_axpy(
+    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
+    blocksize: int, w: np.float32,
+) -> None:  # pragma: no cover - compiled
+    # the undo replay: the fold's own loop (the same additions, so the same bits), its measures discarded
+    dequantize_axpy_measure(acc, dst, codes, src, n, absmax, code, blocksize, w)
 
 
 # The ping-pong fold's pass (``MeanFold``, small replies) and the snapshot taken by the add: ``out = acc + w * x``

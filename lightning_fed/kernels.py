@@ -7,7 +7,9 @@ same values.
   fold's ping-pong accumulator for small replies.
 * :func:`measure`, the same measures without the add (a reply's values measured where they lie).
 * :func:`dequantize_axpy_measure_` (and :func:`dequantize_axpy_`, :func:`dequantize_measure`), the fold of a
-  blockwise 8-bit reply read from its codes: decoded, added and measured in one loop, never stored as float32.
+  blockwise 8-bit reply read from its codes: decoded, added and measured in one loop, never stored as float32; on
+  a CPU with AVX-512F the code book is read with one gather per 16 codes (``_compiled.GATHER``;
+  ``LIGHTNING_FED_GATHER=0`` keeps the scalar lookups), the same additions bit for bit.
 * :func:`dequantize_blockwise`, the blockwise 8-bit decode: code book lookup times the block's absmax, in one
   pass over the codes, bit-identical to bitsandbytes' ``dequantize_blockwise`` (the same one float32 product
   per value), about four times faster than bitsandbytes' CPU loop.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -202,11 +203,14 @@ def test_measure_alone_finds_the_largest_magnitude_and_bad_values(bad, monkeypat
 @pytest.mark.skipif(not fused.HAVE_NUMBA, reason="numba (the `fast` extra) not installed")
 def test_the_int8_fold_adds_in_vectors(capsys):
     """The compiled 8-bit fold's weighted add is vectorised (packed fused multiply-adds), as the same loops
-    indexed at an offset are not (``benchmarks/int8_fold_loops.py``); both add the same bits."""
+    indexed at an offset are not (``benchmarks/int8_fold_loops.py``); both add the same bits. On a CPU with
+    AVX-512F the library's loop looks its codes up with gathers."""
     import platform
 
     import numpy as np
     from conftest import load_benchmark
+
+    from lightning_fed import _compiled
 
     flags = ""
     if platform.system() == "Linux":
@@ -216,15 +220,75 @@ def test_the_int8_fold_adds_in_vectors(capsys):
         pytest.skip("needs an x86-64 CPU with FMA")
     bench = load_benchmark("int8_fold_loops")
     bench.main(["--params", "4096", "--repeat", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if "│ fold" in line]
-    assert len(rows) == 2 and "yes" in rows[0] and "yes" not in rows[1]  # "fold", then "fold, offset indices"
+    rows = {line.split("│")[2].strip(): line for line in capsys.readouterr().out.splitlines() if "│ fold" in line}
+    want = ["fold, scalar lookups", "fold, offset indices"] + (["fold, gathers"] if _compiled._host_gathers() else [])
+    assert sorted(rows) == sorted(want)
+    assert "yes" in rows["fold, scalar lookups"] and "yes" not in rows["fold, offset indices"]
+    if "fold, gathers" in rows:  # packed fma, and a gather
+        assert rows["fold, gathers"].count("yes") == 2
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, 1000, dtype=np.uint8)
     absmax, code = rng.random(16).astype(np.float32), rng.standard_normal(256).astype(np.float32)
     a, b = np.zeros(1010, np.float32), np.zeros(1010, np.float32)
-    fused._loops().dequantize_axpy_measure(a, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
+    _compiled.dequantize_axpy_measure_lookups(a, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
     bench.offset_indexed(b, 7, codes, 5, 990, absmax, code, 64, np.float32(0.3))
     assert np.array_equal(a, b)
+
+
+def _lane_sums(x, blocks) -> float:
+    """The gather fold's sum of squares, written out: per block, value ``j`` squared into lane ``j % 16`` in
+    float32, the 16 lanes summed in order in float32, the block sums in float64."""
+    import numpy as np
+
+    sq = 0.0
+    for lo, hi in blocks:
+        lanes = [np.float32(0.0)] * 16
+        for j, v in enumerate(x[lo:hi]):
+            lanes[j % 16] = np.float32(lanes[j % 16] + np.float32(v * v))
+        p = np.float32(0.0)
+        for lane in lanes:
+            p = np.float32(p + lane)
+        sq += float(p)
+    return sq
+
+
+@pytest.mark.skipif(not fused.HAVE_NUMBA, reason="numba (the `fast` extra) not installed")
+@pytest.mark.parametrize(("n", "blocksize", "src", "dst"),
+                         [(1, 64, 0, 0), (15, 32, 0, 3), (49, 32, 0, 0), (777, 32, 5, 7), (1000, 64, 13, 0),
+                          (5000, 4096, 100, 3), (4096 * 3 + 17, 256, 9, 2)])
+def test_the_gather_fold_adds_the_bits_of_the_scalar_fold(n, blocksize, src, dst):
+    """The 8-bit fold with AVX-512 gathers adds exactly what the scalar loop adds, over spans that start and end
+    inside blocks and inside a 16-value chunk; its sum of squares is the 16-lane order written out, within float32
+    rounding of the scalar loop's; its largest magnitude is the same."""
+    import numpy as np
+
+    from lightning_fed import _compiled
+
+    if not _compiled._host_gathers():
+        pytest.skip("needs a CPU with AVX-512F")
+    rng = np.random.default_rng(n)
+    code = np.sort(rng.standard_normal(256).astype(np.float32))
+    codes = rng.integers(0, 256, n + src, dtype=np.uint8)
+    absmax = rng.random((n + src) // blocksize + 1).astype(np.float32)
+    start = rng.standard_normal(n + dst + 5).astype(np.float32)
+    w = np.float32(0.37)
+    a, b = start.copy(), start.copy()
+    sq_a, top_a = _compiled.dequantize_axpy_measure_lookups(a, dst, codes, src, n, absmax, code, blocksize, w)
+    sq_b, top_b = _compiled.dequantize_axpy_measure_gather(b, dst, codes, src, n, absmax, code, blocksize, w)
+    assert np.array_equal(a.view(np.int32), b.view(np.int32))
+    assert np.array_equal(b[:dst], start[:dst]) and np.array_equal(b[dst + n :], start[dst + n :])
+    assert top_a == top_b
+    assert sq_b == pytest.approx(sq_a, rel=1e-6)
+    x = code[codes] * np.repeat(absmax, blocksize)[: n + src]  # the decoded values, float32
+    bounds = sorted({src, src + n} | set(range((src // blocksize + 1) * blocksize, src + n, blocksize)))
+    assert sq_b == _lane_sums(x, list(itertools.pairwise(bounds)))
+    short = code[:200].copy()  # fewer than 256 values: the scalar loop (a gather could read past the book)
+    c = start.copy()
+    small = (codes % 200).astype(np.uint8)
+    got = _compiled.dequantize_axpy_measure_gather(c, dst, small, src, n, absmax, short, blocksize, w)
+    d = start.copy()
+    assert got == _compiled.dequantize_axpy_measure_lookups(d, dst, small, src, n, absmax, short, blocksize, w)
+    assert np.array_equal(c, d)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -247,3 +311,16 @@ def test_the_ping_pong_pass_writes_add_s_bits_into_the_other_buffer(n, monkeypat
         bad[n // 2] = math.nan
         sq, top = fused.axpy_to_measure_(torch.empty(n), start, bad, w, bound=True)
         assert top == math.inf and not math.isfinite(sq), path
+
+
+@pytest.mark.skipif(not fused.HAVE_NUMBA, reason="numba (the `fast` extra) not installed")
+def test_lightning_fed_gather_0_turns_the_gathers_off():
+    """``LIGHTNING_FED_GATHER=0`` makes the 8-bit fold use the scalar lookups, whatever the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from lightning_fed import _compiled as c; print(c.GATHER, c.dequantize_axpy_measure.__name__)"
+    env = dict(os.environ, LIGHTNING_FED_GATHER="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "dequantize_axpy_measure_lookups"]
