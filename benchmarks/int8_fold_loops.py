@@ -90,9 +90,10 @@ def weighted_add(acc: np.ndarray, vals: np.ndarray, w: np.float32) -> None:
             out[j] += w * vals[j]
 
 
-@numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True)
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True)
 def measures(vals: np.ndarray, blocks: int) -> float:
-    """The fold's per-block measures alone, ``blocks`` times over one buffer."""
+    """The fold's per-block measures alone, ``blocks`` times over one buffer (with the scalar fold's flags: numba
+    compiles ``_block_measure32`` once, with the flags of its first caller added, so every caller has the same)."""
     sq = 0.0
     bits = vals.view(np.int32)
     top = np.int32(0)

@@ -20,8 +20,9 @@ BLOCK = 512
 float64."""
 
 
-# The last, partial block's squares, summed one after the other (no reassociation: a loop of any length sums in
-# one order, whatever pass calls it).
+# The last, partial block's squares. numba compiles a callee once per signature, with the fast-math flags of the
+# first caller that needs it added to its own, so every caller of a compiled loop here has the same flags as its
+# siblings: the four passes below call one compiled ``_tail_sumsq`` (contract, reassoc, nsz) and sum alike.
 @numba.njit(boundscheck=False, nogil=True, cache=True)
 def _tail_sumsq(v: np.ndarray) -> float:  # pragma: no cover - compiled
     p = np.float32(0.0)
@@ -36,7 +37,7 @@ def _tail_sumsq(v: np.ndarray) -> float:  # pragma: no cover - compiled
 # relative error of about 1e-6). Float32 squares keep every loop at float32 width; the float64 widening of each
 # value set the pace before. Every pass runs the same loop body (the same operations, only the store's target
 # differs; the largest magnitude is taken by a second loop over the block, from the cache), so LLVM vectorises them
-# alike and their sums agree bit for bit, with or without the bound; the last, partial block is summed in order by
+# alike and their sums agree bit for bit, with or without the bound; the last, partial block is summed by one compiled
 # ``_tail_sumsq`` (``tests/test_kernels.py``). A square or a block sum past float32's range gives ``inf``: the
 # wrappers in ``kernels`` then sum the squares again in float64 (``sumsq``).
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
@@ -281,7 +282,8 @@ def _fold16(typingctx, acc, dst, codes, src, chunks, code, scale, w, lanes, tops
     return sig, codegen
 
 
-# The 8-bit fold with its lookups done by AVX-512 gathers (``GATHER``): per block, its whole 16s in one gather loop
+# The 8-bit fold with its lookups done by AVX-512 gathers (``GATHER``), called from Python only (a caller with
+# fast-math flags would pass them on to it, ``contract`` fusing its squares): per block, its whole 16s in one gather loop
 # (lookup, product, fma into the accumulator, measures in registers); the block's last values (fewer than 16) in a
 # padded copy. The same additions as ``dequantize_axpy_measure_lookups``, bit for bit; the block's squares summed
 # in 16 float32 lanes, then the lanes in order (deterministic, and within float32 rounding of the other loop's).
@@ -331,15 +333,6 @@ def dequantize_axpy_measure_gather(
 dequantize_axpy_measure = dequantize_axpy_measure_gather if GATHER else dequantize_axpy_measure_lookups
 """The 8-bit fold (``kernels.dequantize_axpy_measure_``): the gather loop where the CPU has AVX-512F
 (:data:`GATHER`), else the scalar lookups; the same additions either way."""
-
-
-@numba.njit(fastmath={"contract"}, boundscheck=False, nogil=True, cache=True)
-def dequantize_axpy(
-    acc: np.ndarray, dst: int, codes: np.ndarray, src: int, n: int, absmax: np.ndarray, code: np.ndarray,
-    blocksize: int, w: np.float32,
-) -> None:  # pragma: no cover - compiled
-    # the undo replay: the fold's own loop (the same additions, so the same bits), its measures discarded
-    dequantize_axpy_measure(acc, dst, codes, src, n, absmax, code, blocksize, w)
 
 
 # The ping-pong fold's pass (``MeanFold``, small replies) and the snapshot taken by the add: ``out = acc + w * x``

@@ -212,8 +212,9 @@ def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int,
     if not n:
         return
     if NUMBA:
-        _loops().dequantize_axpy(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n, absmax.numpy(),
-                                 code.numpy(), blocksize, np.float32(w))
+        # the fold's own loop (the same additions, so the same bits: the undo's replay), its measures discarded
+        _loops().dequantize_axpy_measure(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n,
+                                         absmax.numpy(), code.numpy(), blocksize, np.float32(w))
         return
     step = _piece_step(blocksize)
     for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time

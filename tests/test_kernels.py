@@ -324,3 +324,41 @@ def test_lightning_fed_gather_0_turns_the_gathers_off():
     env = dict(os.environ, LIGHTNING_FED_GATHER="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "dequantize_axpy_measure_lookups"]
+
+
+@pytest.mark.skipif(not fused.HAVE_NUMBA, reason="numba (the `fast` extra) not installed")
+def test_the_gather_folds_sums_do_not_depend_on_what_compiled_first(tmp_path):
+    """numba compiles a callee once, adding the flags of the first caller that needs it: the undo's replay
+    (``kernels.dequantize_axpy_``) compiled first, in an empty cache, must leave the gather fold's sums as they are
+    (its squares not fused into multiply-adds)."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_fed import _compiled
+
+    if not _compiled._host_gathers():
+        pytest.skip("needs a CPU with AVX-512F")
+    code = """
+import itertools, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from lightning_fed import _compiled, kernels
+from test_kernels import _lane_sums
+rng = np.random.default_rng(3)
+n, bs, src, dst = 777, 32, 5, 7
+code = np.sort(rng.standard_normal(256).astype(np.float32))
+codes = rng.integers(0, 256, n + src, dtype=np.uint8)
+absmax = rng.random((n + src) // bs + 1).astype(np.float32)
+acc = rng.standard_normal(n + dst + 5).astype(np.float32)
+kernels.dequantize_axpy_(torch.from_numpy(acc.copy()), dst, memoryview(codes.tobytes()), src, n,
+                         torch.from_numpy(absmax), torch.from_numpy(code), bs, 0.3)
+sq, _ = _compiled.dequantize_axpy_measure_gather(acc.copy(), dst, codes, src, n, absmax, code, bs, np.float32(0.3))
+x = code[codes] * np.repeat(absmax, bs)[: n + src]
+bounds = sorted({src, src + n} | set(range((src // bs + 1) * bs, src + n, bs)))
+print(sq == _lane_sums(x, list(itertools.pairwise(bounds))))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    here = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"], out.stderr
