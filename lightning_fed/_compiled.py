@@ -214,15 +214,17 @@ GATHER = _host_gathers() and os.environ.get("LIGHTNING_FED_GATHER", "") not in (
 CPU has AVX-512F and ``LIGHTNING_FED_GATHER=0`` is not set. Both loops add the same bits; their sums of squares
 differ in the last bits (another order of the same float32 squares)."""
 
-LANES = _W = 16
-_F32, _F64, _I1, _I8, _I32 = ir.FloatType(), ir.DoubleType(), ir.IntType(1), ir.IntType(8), ir.IntType(32)
-_VF, _VI, _VB, _VM = (ir.VectorType(t, _W) for t in (_F32, _I32, _I8, _I1))
+LANES = 16
+"""Values per gather (one AVX-512 register of float32), and lanes of the gather fold's sums of squares."""
+
+_F32, _I1, _I8, _I32 = ir.FloatType(), ir.IntType(1), ir.IntType(8), ir.IntType(32)
+_VF, _VI, _VB, _VM = (ir.VectorType(t, LANES) for t in (_F32, _I32, _I8, _I1))
 
 
 def _splat(builder: ir.IRBuilder, value: ir.Value, vty: ir.VectorType) -> ir.Value:
     undef = ir.Constant(vty, None)
     one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(_VI, [0] * _W))
+    return builder.shuffle_vector(one, undef, ir.Constant(_VI, [0] * LANES))
 
 
 def _contiguous(ty: types.Type, dtype: types.Type) -> bool:
@@ -261,19 +263,19 @@ def _fold16(typingctx, acc, dst, codes, src, chunks, code, scale, w, lanes, tops
         sq = cgutils.alloca_once_value(builder, builder.load(lanes_vp, align=4))
         top = cgutils.alloca_once_value(builder, builder.load(tops_vp, align=4))
         sv, wv = _splat(builder, s_v, _VF), _splat(builder, w_v, _VF)
-        keep = builder.icmp_signed("<", ir.Constant(_VI, list(range(_W))), _splat(builder, valid_v, _VI))
+        keep = builder.icmp_signed("<", ir.Constant(_VI, list(range(LANES))), _splat(builder, valid_v, _VI))
         base = builder.bitcast(code_p, ir.PointerType(_I8))
-        every = ir.Constant(_VM, [1] * _W)
+        every = ir.Constant(_VM, [1] * LANES)
         with cgutils.for_range(builder, n_v) as loop:
-            k = builder.mul(loop.index, ir.Constant(loop.index.type, _W))
+            k = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
             cp = builder.bitcast(builder.gep(codes_p, [builder.add(src_v, k)]), _VB.as_pointer())
             idx = builder.zext(builder.load(cp, align=1), _VI)
             x = builder.fmul(builder.call(gather, [ir.Constant(_VF, None), base, idx, every, ir.Constant(_I32, 4)]), sv)
             ap = builder.bitcast(builder.gep(acc_p, [builder.add(dst_v, k)]), _VF.as_pointer())
             builder.store(builder.call(fma, [wv, x, builder.load(ap, align=4)]), ap, align=4)
-            x = builder.select(keep, x, ir.Constant(_VF, [0.0] * _W))
+            x = builder.select(keep, x, ir.Constant(_VF, [0.0] * LANES))
             builder.store(builder.fadd(builder.load(sq), builder.fmul(x, x)), sq)
-            bits = builder.and_(builder.bitcast(x, _VI), ir.Constant(_VI, [0x7FFFFFFF] * _W))
+            bits = builder.and_(builder.bitcast(x, _VI), ir.Constant(_VI, [0x7FFFFFFF] * LANES))
             builder.store(builder.call(smax, [builder.load(top), bits]), top)
         builder.store(builder.load(sq), lanes_vp, align=4)
         builder.store(builder.load(top), tops_vp, align=4)
