@@ -24,6 +24,23 @@ from lightning_fed.store import ClientStore
 from lightning_fed.strategies import FedAvg, aggregate
 from lightning_fed.strategies.aggregate import SMALL_BYTES, SMALL_HOLD_BYTES, MeanFold
 
+_BEGIN_FOLD = FedAvg.begin_fold  # the strategy's own, before any test patches it
+
+
+def _folds_with(monkeypatch, **attrs) -> list[MeanFold]:
+    """Make every fold FedAvg opens take ``attrs`` (set on it once opened); return the list the folds go into."""
+    folds: list[MeanFold] = []
+
+    def begin_fold(self, *a, **k):
+        fold = _BEGIN_FOLD(self, *a, **k)
+        for name, value in attrs.items():
+            setattr(fold, name, value)
+        folds.append(fold)
+        return fold
+
+    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    return folds
+
 
 def _server(s: FedAvg, codec: Codec, tmp_path, **kw) -> Server:
     return Server(
@@ -199,15 +216,7 @@ def test_aggregation_benchmark_times_released_rows(flags, says, capsys, monkeypa
     from conftest import load_benchmark
 
     bench = load_benchmark("aggregation")
-    folds = []
-    original = FedAvg.begin_fold
-
-    def begin_fold(self, *a, **k):
-        fold = original(self, *a, **k)
-        folds.append(fold)
-        return fold
-
-    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    folds = _folds_with(monkeypatch)
     bench.main(["--replies", "5", "--params", "1e3", "--repeat", "1", "--max-held-gb", "0", *flags])
     out = capsys.readouterr().out
     assert says in out
@@ -362,16 +371,7 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     s, codec = _strategy(), make_codec()
     server = _server(s, codec, tmp_path)
     assert s.spec is not None
-    original = FedAvg.begin_fold
-
-    def begin_fold(self, *a, **k):
-        fold = original(self, *a, **k)
-        fold.window = window
-        assert not fold.judge_first  # the pass and its undo (the default)
-        fold.snapshot_aside = aside
-        return fold
-
-    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    folds = _folds_with(monkeypatch, window=window, snapshot_aside=aside)
     aside_adds = []
     to_measure = aggregate.axpy_to_measure_
     monkeypatch.setattr(aggregate, "axpy_to_measure_", lambda *a, **k: aside_adds.append(1) or to_measure(*a, **k))
@@ -384,6 +384,7 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     got = server.collect(1, s.configure_round(1, list(range(6))), messages)
     assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
     assert got.stats["rejected"] == 2
+    assert folds and not any(f.judge_first for f in folds)  # the pass and its undo (the default)
     # Identity's values lie in one float32 buffer: each snapshot is taken by an add aside; 8-bit codes, and a
     # decoded payload in several buffers (fp32), take theirs by a copy
     assert bool(aside_adds) == (aside and window < 6 and codec.name == "identity")
@@ -408,15 +409,7 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
         s, codec = _strategy(), make_codec()
         server = _server(s, codec, tmp_path / str(judge_first))
         assert s.spec is not None
-        original, folds = FedAvg.begin_fold, []
-
-        def begin_fold(self, *a, _flag=judge_first, _folds=folds, _original=original, **k):
-            fold = _original(self, *a, **k)
-            fold.judge_first = _flag
-            _folds.append(fold)
-            return fold
-
-        monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+        folds = _folds_with(monkeypatch, judge_first=judge_first)
         if judge_first:
             monkeypatch.setattr(MeanFold, "_undo", lambda self: pytest.fail("a judged reply was undone"))
         second = _deltas(s.spec, 6, seed=5)
@@ -489,15 +482,7 @@ def test_a_small_fold_drops_what_it_let_go_one_reply_at_a_time(make_codec, lazy,
         s, codec = _strategy(), make_codec()
         server = _server(s, codec, tmp_path / str(drop_lazily))
         assert s.spec is not None
-        original, folds = FedAvg.begin_fold, []
-
-        def begin_fold(self, *a, _lazy=drop_lazily, _folds=folds, _original=original, **k):
-            fold = _original(self, *a, **k)
-            fold.window, fold.lazy = 2, _lazy
-            _folds.append(fold)
-            return fold
-
-        monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+        folds = _folds_with(monkeypatch, window=2, lazy=drop_lazily)
         messages, _ = _two_rounds(s, codec, server, _deltas(s.spec, 6, seed=5))
         waiting: list[tuple[int, int]] = []
 
@@ -524,15 +509,7 @@ def _held_before_each(
 ) -> tuple[list[int], MeanFold, list[bytes], object]:
     """Round 1 of ``second`` through a fold of ``hold_bytes`` (its pass and undo, no judging first): how many
     replies the window holds before each message, the fold, the raw messages and what ``collect`` returned."""
-    original, folds = FedAvg.begin_fold, []
-
-    def begin_fold(self, *a, **k):
-        fold = original(self, *a, **k)
-        fold.hold_bytes, fold.judge_first = hold_bytes, False
-        folds.append(fold)
-        return fold
-
-    monkeypatch.setattr(FedAvg, "begin_fold", begin_fold)
+    folds = _folds_with(monkeypatch, hold_bytes=hold_bytes, judge_first=False)
     messages, raw = _two_rounds(s, codec, server, second)
     held: list[int] = []
 
