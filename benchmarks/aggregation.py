@@ -18,10 +18,13 @@ thread's CPU time (``time.thread_time``): other jobs on a shared machine add no 
 kernel's work for the thread (page faults) still counts.
 
 The timed round is the server's second: an untimed first round of 3 replies gives the norm check its reference
-(the median norm of the previous round's replies), so each timed reply is added and measured in one pass, judged,
-and released once the fold's undo window (up to 16 replies holding up to 2 GiB) moves past it, as in every
-FedLoop round after the first; a codec whose ``accept`` reads the accepted payloads would keep them (neither codec here does). The
-floor keeps its flat buffers the way the server keeps its replies (here: it frees each after its add).
+(the median norm of the previous round's replies), so each timed reply is judged as it is folded, as in every
+FedLoop round after the first: an ``Identity`` reply (float32) is added block by block while its running norm
+stays within the limit, measured in the same read, and released at once (``--replay-undo``: added whole, judged,
+and released once the fold's undo window moves past it, the path 8-bit replies take); a codec whose ``accept``
+reads the accepted payloads would keep them (neither codec here does). The generator lets go of each message once
+the server has it, and the server once it is folded. The floor keeps its flat buffers the way the server keeps
+its replies (here: it frees each after its add).
 
 Memory: "held" counts the bytes of the buffers the server holds when aggregation starts (the distinct storages of
 the payloads of the accepted replies still held, plus FedAvg's accumulator; the undo window's snapshot and
@@ -118,7 +121,8 @@ def held_bytes(strategy: FedAvg, replies: list) -> int:
 
 def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], workdir: str,
              ping_pong: bool = False, judge_first: bool = False, hold_bytes: int | None = None,
-             snapshot_aside: bool | None = None, drop_at_once: bool = False) -> dict[str, float]:
+             snapshot_aside: bool | None = None, drop_at_once: bool = False,
+             replay: bool = False) -> dict[str, float]:
     """Time the server's path over ``n_replies`` generated messages; return seconds and memory. ``ping_pong``:
     the fold adds small replies judged first in the read that measures them (``MeanFold(ping_pong=True)``;
     implies ``judge_first``); ``judge_first``: small replies (``aggregate.SMALL_BYTES``) are measured and judged
@@ -128,10 +132,11 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
     ``snapshot_aside``: how the undo window's snapshot is taken (``MeanFold(snapshot_aside=...)``: ``True`` by the
     add of the reply that follows it, ``False`` by a copy of the accumulator, ``None`` the fold's rule);
     ``drop_at_once``: a small fold drops the messages its window lets go together (``MeanFold.lazy`` off), not one
-    per arriving reply."""
+    per arriving reply; ``replay``: float32 replies are added whole and a rejection undone from the snapshot and
+    the window (``MeanFold(checked=False)``), not checked block by block as they are added."""
     strategy = FedAvg()
     strategy.setup(Params(n_params))
-    if ping_pong or judge_first or hold_bytes is not None or snapshot_aside is not None or drop_at_once:
+    if ping_pong or judge_first or hold_bytes is not None or snapshot_aside is not None or drop_at_once or replay:
         begin = strategy.begin_fold
 
         def begin_fold(server_round: int, total_examples: int) -> MeanFold | None:
@@ -142,6 +147,7 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
                 fold.hold_bytes = fold.hold_bytes if hold_bytes is None else hold_bytes
                 fold.snapshot_aside = snapshot_aside
                 fold.lazy = fold.lazy and not drop_at_once
+                fold.checked = fold.checked and not replay
             return fold
 
         strategy.begin_fold = begin_fold  # type: ignore[method-assign]
@@ -157,6 +163,7 @@ def run_ours(codec: Codec, n_params: int, n_replies: int, pool: list[bytes], wor
             msg = ClientMessage(i, bytes(memoryview(pool[i % POOL])), ns[i])  # a fresh copy: what a rank receives
             gen_s += clock() - t
             yield msg
+            del msg  # let go before the next is made, as the server lets go of it
 
     # untimed: touch the accumulator's pages once, and give the norm check its reference (3 replies at least)
     warm = strategy.configure_round(0, [0, 1, 2])
@@ -227,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--judge-first", action="store_true",
                    help="measure and judge small replies before adding them (MeanFold(judge_first_bytes=...)): "
                    "two reads, no undo window")
+    p.add_argument("--replay-undo", action="store_true",
+                   help="add float32 replies whole and undo a rejection from the snapshot and the window's replies "
+                   "(MeanFold(checked=False)) instead of the checked pass")
     p.add_argument("--drop-at-once", action="store_true",
                    help="a small fold drops the messages its window lets go together (MeanFold.lazy off)")
     p.add_argument("--hold-mb", type=float, default=None,
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                     with tempfile.TemporaryDirectory() as workdir:
                         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
                         run = run_ours(codec, n_params, n_replies, pool, workdir, args.ping_pong, args.judge_first, hold,
-                                       args.snapshot_aside, args.drop_at_once)
+                                       args.snapshot_aside, args.drop_at_once, args.replay_undo)
                     ours = run if run["s"] < ours["s"] else ours
                     release()
                     floor = min(floor, run_floor(n_params, n_replies, raw, keep=run["kept"] > 0))
@@ -288,14 +298,16 @@ def main(argv: list[str] | None = None) -> None:
             del deltas, pool, raw
     print()
     print("kernels:", f"numba {version('numba')}" if kernels.NUMBA else "torch (numba not installed or disabled)")
-    small = "added and measured in one pass, a rejection undone (the default)"
+    small = "checked block by block as they are added, a rejection subtracted (the default)"
+    if args.replay_undo:
+        small = "added and measured in one pass, a rejection undone from the snapshot and the window"
     if args.judge_first:
         small = "measured, judged, then added"
     if args.ping_pong:
         small = "ping-pong (one read, written aside)"
     window = "" if args.hold_mb is None else f"; undo window at most {args.hold_mb:g} MB"
     window += "; a small fold's let-go messages dropped at once" if args.drop_at_once else ""
-    print("small replies:", small + window)
+    print("float32 replies:", small + window)
     how = {None: "the fold's rule (aside when the window is cut by its byte limit, else a copy)",
            True: "taken by the add that follows it", False: "a copy"}
     print("undo window's snapshot:", how[args.snapshot_aside])

@@ -3,14 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --params 1e6 --replies 500 --codecs identity int8
     OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --codecs identity --judge-first
+    OMP_NUM_THREADS=1 python benchmarks/aggregation_breakdown.py --codecs identity --replay-undo
 
 "In the server": the round of ``aggregation.py`` (the same model, messages, defaults and clock: the thread's CPU
 time, the generator's copies not counted), with the thread time of each step of a reply's path summed over the
 round and divided by the replies: ``Server.receive`` (everything for one message but the loop around it),
-``MeanFold.add_released`` (the fold), inside it the measure (``kernels.measure``) and the add
-(``FlatValues.add_into``) of a reply judged first (``--judge-first``), or the fused pass of one added first (the
-default: ``FlatValues.add_measure``, and ``MeanFold._axpy_to_other``, the add aside that takes the snapshot; the
-window let go, ``MeanFold.flush``) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
+``MeanFold.add_released`` (the fold), inside it the checked pass of a float32 reply (the default:
+``MeanFold._add_checked``, and in it ``kernels.axpy_checked_``), the measure (``kernels.measure``) and the add
+(``FlatValues.add_into``) of a reply judged first (``--judge-first``), or the fused pass of one added whole
+(``--replay-undo``: ``FlatValues.add_measure``, and ``MeanFold._axpy_to_other``, the add aside that takes the
+snapshot; the window let go, ``MeanFold.flush``) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
 decode (``decode_deferred``; for 8-bit codes its frame, block scales and their check). Steps nest: a row includes
 the rows indented below it. Each wrapped call adds about a microsecond of clock reads. "floor" is
 ``aggregation.run_floor`` over the same number of replies. The best of ``--repeat`` rounds (by "ours").
@@ -18,9 +20,11 @@ the rows indented below it. Each wrapped call adds about a microsecond of clock 
 "Kernels alone": one reply of float32 values at a time, each a fresh copy made as a message is (not counted), the
 accumulator reused: torch's ``add_`` (the floor's add); ``sumsq`` (the measure of a reply judged first, float64
 sums of the squares); the two one after the other (judging first, an option); ``axpy_sumsq`` (the fused add and
-measure, the library's path, which then needs a snapshot and an undo window to take a rejection back); a float32
-sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq`` again with the last 16 messages kept alive, as
-an undo window keeps them (the oldest dropped as each new one is made, not timed). Best and median of ``--repeat``
+measure, which then needs a snapshot and an undo window to take a rejection back: ``--replay-undo`` and 8-bit
+codes); ``axpy_checked`` (the checked pass, the library's path for float32 replies: each block added once it and
+the blocks before it are judged); a float32 sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq``
+again with the last 16 messages kept alive, as an undo window keeps them (the oldest dropped as each new one is
+made, not timed). Best and median of ``--repeat``
 runs of ``--kernel-replies`` replies. Last, for how many sizes the fused pass's sum of squares has other bits than
 the measure's. Needs numba (the ``fast`` extra).
 """
@@ -53,6 +57,8 @@ clock = agg.clock
 STEPS: list[tuple[Any, str, str, int]] = [  # (owner, attribute, label, depth)
     (server_mod.Server, "receive", "Server.receive", 0),
     (fold_mod.MeanFold, "add_released", "MeanFold.add_released", 1),
+    (fold_mod.MeanFold, "_add_checked", "MeanFold._add_checked (the checked pass)", 2),
+    (fold_mod, "axpy_checked_", "kernels.axpy_checked_", 3),
     (fold_mod, "measure", "kernels.measure (judged first)", 2),
     (deferred.FlatValues, "add_into", "FlatValues.add_into (torch add_)", 2),
     (deferred.FlatValues, "add_measure", "FlatValues.add_measure (added first, fused)", 2),
@@ -127,9 +133,10 @@ def in_server(
     repeat: int,
     judge_first: bool = False,
     hold_bytes: int | None = None,
+    replay: bool = False,
 ) -> tuple[dict[str, float], float, float]:
     """Per-reply seconds of each step, of "ours" and of the floor: the best of ``repeat`` rounds (``judge_first``,
-    ``hold_bytes``: as ``aggregation.run_ours``)."""
+    ``hold_bytes``, ``replay``: as ``aggregation.run_ours``)."""
     codec = agg.CODECS[name]()
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(n_params, generator=g) * 0.01 for _ in range(agg.POOL)]
@@ -141,12 +148,13 @@ def in_server(
     best: tuple[dict[str, float], float, float] | None = None
     with tempfile.TemporaryDirectory() as workdir:
         agg.run_ours(
-            codec, n_params, 20, pool, workdir, False, judge_first, hold_bytes
+            codec, n_params, 20, pool, workdir, False, judge_first, hold_bytes, replay=replay
         )  # compiles and warms up
         for _ in range(repeat):
             agg.release()
             with Timed() as spent:
-                run = agg.run_ours(codec, n_params, n_replies, pool, workdir, False, judge_first, hold_bytes)
+                run = agg.run_ours(codec, n_params, n_replies, pool, workdir, False, judge_first, hold_bytes,
+                                   replay=replay)
             agg.release()
             floor = agg.run_floor(n_params, n_replies, raw, keep=run["kept"] > 0)
             if best is None or run["s"] < best[1]:
@@ -167,6 +175,9 @@ def kernels_alone(n_params: int, n_replies: int, repeat: int) -> dict[str, tuple
         "sumsq (the measure)": lambda x, xn: _compiled.sumsq(xn),
         "sumsq, then add_ (judged first)": lambda x, xn: (_compiled.sumsq(xn), acc.add_(x, alpha=w)),
         "axpy_sumsq (added first, fused)": lambda x, xn: _compiled.axpy_sumsq(a, xn, np.float32(w)),
+        "axpy_checked (the checked pass)": lambda x, xn: _compiled.axpy_checked(
+            a, xn, np.float32(w), 0.0, 1e300, False, np.int32(0)
+        ),
         "float32 sum of squares (not used)": lambda x, xn: sumsq_f32(xn),
         "torch add_, the last 16 messages kept": lambda x, xn: acc.add_(x, alpha=w),
         "axpy_sumsq, the last 16 messages kept": lambda x, xn: _compiled.axpy_sumsq(a, xn, np.float32(w)),
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--hold-mb", type=float, default=None, help="as aggregation.py's (the undo window's limit)"
     )
+    p.add_argument("--replay-undo", action="store_true",
+                   help="as aggregation.py's (float32 replies added whole, a rejection undone from the window)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     n = int(args.params)
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("numba is needed (pip install lightning-fed[fast])")
     for name in args.codecs:
         hold = None if args.hold_mb is None else int(args.hold_mb * 1e6)
-        steps, ours, floor = in_server(name, n, args.replies, args.repeat, args.judge_first, hold)
+        steps, ours, floor = in_server(name, n, args.replies, args.repeat, args.judge_first, hold, args.replay_undo)
         table = Table(
             title=f"{name}, {n / 1e6:g} M parameters, {args.replies} replies: us per reply (in the server)"
         )

@@ -385,3 +385,50 @@ def axpy_to_sumsq(out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32
     for j in range(n - s):
         o[j] = a[j] + w * v[j]
     return sq + _tail_sumsq(v)
+
+
+# The fold's checked pass: per block, ``acc + w * x`` into a block-sized scratch and the block's float32 squares
+# (the loop body of ``axpy_to_measure``: the same bits), then, with the bound, the block's largest magnitude; the
+# block is copied into ``acc`` only while the running sum (plus ``before``) stays within ``limit`` and the
+# magnitudes within ``max_bits`` (the bits of the largest magnitude allowed). From the first block that fails on,
+# nothing more is added, but every block is still measured, so the sums are those of the other passes.
+@numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
+def axpy_checked(
+    acc: np.ndarray, x: np.ndarray, w: np.float32, before: float, limit: float, bound: bool, max_bits: np.int32
+) -> tuple[float, float, int]:  # pragma: no cover - compiled
+    n = x.shape[0]
+    bits = x.view(np.int32)
+    tmp = np.empty(BLOCK, dtype=np.float32)
+    sq = 0.0
+    top = np.int32(0)
+    stop = n
+    for s in range(0, n - n % BLOCK, BLOCK):
+        a, v, b = acc[s : s + BLOCK], x[s : s + BLOCK], bits[s : s + BLOCK]
+        p = np.float32(0.0)
+        for j in range(BLOCK):
+            t = v[j]
+            tmp[j] = a[j] + w * t
+            p += t * t
+        sq += np.float64(p)
+        if bound:
+            for j in range(BLOCK):
+                top = max(top, b[j] & np.int32(0x7FFFFFFF))
+        if stop == n:
+            if before + sq <= limit and top <= max_bits:
+                for j in range(BLOCK):
+                    a[j] = tmp[j]
+            else:
+                stop = s
+    s = n - n % BLOCK
+    a, v, b = acc[s:], x[s:], bits[s:]
+    sq += _tail_sumsq(v)
+    if bound:
+        for j in range(n - s):
+            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+    if stop == n:
+        if before + sq <= limit and top <= max_bits:
+            for j in range(n - s):
+                a[j] += w * v[j]
+        else:
+            stop = s
+    return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0]), stop

@@ -157,6 +157,62 @@ def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bo
     return sq, top
 
 
+def axpy_checked_(acc: Tensor, x: Tensor | np.ndarray, w: float, *, before: float, limit: float,
+                  max_abs: float | None) -> tuple[float, float, int]:
+    """``acc += w * x`` block by block (1-D contiguous float32, one size; ``x`` a tensor or a numpy view) while
+    ``x`` stays acceptable: a block is added only if ``before`` plus the running sum of squares of ``x`` stays at
+    most ``limit`` (and, with ``max_abs``, every magnitude so far at most ``max_abs``); from the first block that
+    fails on, nothing more is added. Every value is still measured once.
+
+    Returns ``(sum of squares of x, largest |x|, stop)``: the measures of :func:`axpy_measure_` (the same bits
+    as its compiled pass; the magnitude ``0.0`` without ``max_abs``), and how many leading values were added
+    (``len(x)`` when all were). A value that is not finite stops the adds at its block (its square is not
+    finite); so may a float32 overflow of the squares of finite values (the sum is then summed again in float64
+    and the caller decides)."""
+    n = x.shape[0]
+    if not n:
+        return 0.0, 0.0, 0
+    bound = max_abs is not None
+    lim = limit if math.isfinite(limit) else np.finfo(np.float64).max  # a sum that is not finite still stops
+    if NUMBA:
+        a, b, w32 = acc.numpy(), (x if isinstance(x, np.ndarray) else x.numpy()), np.float32(w)
+        max_bits = np.int32(0)
+        if bound:
+            m32 = np.float32(max_abs)
+            if m32 < max_abs:  # rounded down to float32: the next one up, so no allowed value fails
+                m32 = np.nextafter(m32, np.float32(np.inf))
+            max_bits = np.array([abs(m32)], dtype=np.float32).view(np.int32)[0]
+        sq, top, stop = _loops().axpy_checked(a, b, w32, float(before), float(lim), bound, max_bits)
+        if not bound:
+            return _in_float64(sq, b), 0.0, int(stop)
+        sq, top = _top(sq, top, b)
+        return sq, top, int(stop)
+    t = x if isinstance(x, Tensor) else tensor_view(x)
+    sq, top, stop = 0.0, 0.0, n
+    for s in range(0, n, PIECE):
+        piece = t[s : s + PIECE]
+        if bound:
+            lo, hi = torch.aminmax(piece)  # reads the piece into the cache...
+            lo_f, hi_f = float(lo), float(hi)
+            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        sq += float(torch.dot(piece, piece))  # ...(or this does)...
+        if stop == n:
+            if before + sq <= lim and (not bound or top <= max_abs):
+                acc[s : s + PIECE].add_(piece, alpha=w)  # ...and it is added from there
+            else:
+                stop = s
+    return sq, top, stop
+
+
+def tensor_view(x: np.ndarray) -> Tensor:
+    """A tensor view of a numpy array that may be read-only (a message's values: only read)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
+
+
 def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
     """``(sum of squares, largest |x|)`` of a 1-D contiguous float32 tensor in one read, the measures of
     :func:`axpy_measure_` without adding it anywhere (with numba the squares are summed in float64 here, so the
@@ -249,6 +305,7 @@ def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int,
 __all__ = [
     "NUMBA",
     "PIECE",
+    "axpy_checked_",
     "axpy_measure_",
     "axpy_measure_array_",
     "axpy_to_measure_",
@@ -257,4 +314,5 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_measure",
     "measure",
+    "tensor_view",
 ]

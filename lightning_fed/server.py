@@ -21,11 +21,13 @@ never the global model.
 
 Releasing: the norm check (``max_norm_ratio``) judges a reply against the median norm of the *previous* round's
 accepted replies of the same structure when there is one (the server's state, :meth:`Server.state_dict`), so a
-folded reply is decided right after the pass that adds and measures it, a rejection undone exactly
-(:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`), and its payload
+folded reply is decided by the pass that adds and measures it (a float32 reply block by block, a rejection
+subtracted; 8-bit codes right after, a rejection undone exactly:
+:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`), and its payload
 released when nothing else reads it
 (the codec's :meth:`~lightning_fed.codecs.Codec.accept` does not, :attr:`~lightning_fed.codecs.Codec.
-reads_accepted`): the round then holds the accumulator, a snapshot of it and a few replies, not every reply. The
+reads_accepted`): the round then holds the accumulator and the message being folded (8-bit codes: also a
+snapshot of the accumulator and a few replies), not every reply. The
 reply kept in :attr:`Collected.replies` is a light record (client id, example count, metrics; its norm in
 ``Collected.norms``). Replies with no reference (the first round, a structure new after pruning, a round of
 fewer than 3 accepted replies before) are held and judged against their own round's median, as before.
@@ -163,7 +165,7 @@ class Server:
             messages.reverse()
             stream: Iterable[ClientMessage] = _popping(messages)
         else:
-            stream = (self._trust(server_round, m) for m in messages)
+            stream = self._trusting(server_round, messages)
         fold = None
         marks: list[int] = []  # per accepted reply: how many reasons preceded it
         if self.fold and total_examples:
@@ -197,6 +199,14 @@ class Server:
         if self.max_norm_ratio is not None:
             self._norm_outliers(server_round, out, fold.norms if fold is not None else {})
         return out
+
+    def _trusting(self, server_round: int, messages: Iterable[ClientMessage]) -> Iterator[ClientMessage]:
+        """:meth:`_trust` over messages read one at a time, each let go here before the next is read (a
+        generator expression would hold the last one while the next is made or received)."""
+        it = iter(messages)
+        while (msg := next(it, None)) is not None:
+            yield self._trust(server_round, msg)
+            del msg
 
     def _trust(self, server_round: int, msg: ClientMessage) -> ClientMessage:
         """Weight a reply by what the server can trust of its example count, not by the client's claim."""
@@ -286,7 +296,7 @@ class Server:
 
         With a ``fold`` (:meth:`collect`), the structure is validated first. A reply whose norm check has a
         reference (the previous round's median, or no norm check at all) and a codec that does not read accepted
-        payloads is then added and measured in one pass and judged (a rejection undone exactly), its payload
+        payloads is then added and measured in one pass and judged (a rejection taken back), its payload
         released (:meth:`MeanFold.add_released <lightning_fed.strategies.aggregate.MeanFold.add_released>`) and
         its norm recorded in ``decided``; when the codec can leave its values in the message
         (:meth:`Codec.decode_deferred`: an Identity message of the expected layout, 8-bit codes), they are added

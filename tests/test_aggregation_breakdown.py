@@ -45,11 +45,20 @@ def test_the_breakdown_times_the_path_of_a_reply_judged_first_and_restores_the_s
     ) == wrapped
 
 
-def test_the_breakdown_by_default_times_the_fused_pass_and_the_add_aside(monkeypatch):
+def test_the_breakdown_by_default_times_the_checked_pass(monkeypatch):
     pytest.importorskip("numba")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     bench = load_benchmark("aggregation_breakdown")
-    steps, _, _ = bench.in_server("identity", 4096, 5, 1, hold_bytes=3 * 4096 * 4)
+    steps, _, _ = bench.in_server("identity", 4096, 5, 1)
+    assert {"MeanFold._add_checked (the checked pass)", "kernels.axpy_checked_"} <= set(steps)
+    assert "FlatValues.add_measure (added first, fused)" not in steps and "kernels.measure (judged first)" not in steps
+
+
+def test_the_breakdown_with_replay_undo_times_the_fused_pass_and_the_add_aside(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = load_benchmark("aggregation_breakdown")
+    steps, _, _ = bench.in_server("identity", 4096, 5, 1, hold_bytes=3 * 4096 * 4, replay=True)
     assert "FlatValues.add_measure (added first, fused)" in steps
     assert "MeanFold._axpy_to_other (added aside: the snapshot)" in steps
     assert "kernels.measure (judged first)" not in steps and "FlatValues.add_into (torch add_)" not in steps

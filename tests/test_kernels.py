@@ -59,8 +59,9 @@ def test_an_empty_reply_adds_nothing(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 9, 511, 512, 513, 1100, 4097])
 def test_every_compiled_pass_sums_the_same_squares_bit_for_bit(n):
-    """The in-place and the aside passes, with and without the bound, give one sum of squares (blocks of float32
-    squares in float32, their sums in float64), within 1e-5 of the float64 sum, and add the bits of ``add_``."""
+    """The in-place, the aside and the checked passes, with and without the bound, give one sum of squares (blocks
+    of float32 squares in float32, their sums in float64), within 1e-5 of the float64 sum, and add the bits of
+    ``add_``."""
     if not fused.HAVE_NUMBA:
         pytest.skip("numba (the `fast` extra) not installed")
     import numpy as np
@@ -72,11 +73,14 @@ def test_every_compiled_pass_sums_the_same_squares_bit_for_bit(n):
     w = np.float32(13 / 97)
     want = torch.from_numpy(start).clone().add_(torch.from_numpy(x), alpha=float(w)).numpy()
     bufs = [start.copy() for _ in range(2)] + [np.zeros(n, np.float32) for _ in range(2)]
+    bufs += [start.copy() for _ in range(2)]
     sums = [
         loops.axpy_sumsq(bufs[0], x, w),
         loops.axpy_measure(bufs[1], x, w)[0],
         loops.axpy_to_sumsq(bufs[2], start, x, w),
         loops.axpy_to_measure(bufs[3], start, x, w)[0],
+        loops.axpy_checked(bufs[4], x, w, 0.0, 1e300, False, np.int32(0))[0],
+        loops.axpy_checked(bufs[5], x, w, 0.0, 1e300, True, np.int32(0x7F000000))[0],
     ]
     assert len(set(sums)) == 1
     assert sums[0] == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-5)
@@ -362,3 +366,59 @@ print(sq == _lane_sums(x, list(itertools.pairwise(bounds))))
     here = os.path.dirname(__file__)
     out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True"], out.stderr
+
+
+def _checked(path: str, monkeypatch, acc: torch.Tensor, x: torch.Tensor, w: float, **kw):
+    monkeypatch.setattr(fused, "NUMBA", path == "numba")
+    return fused.axpy_checked_(acc, x, w, **kw)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_the_checked_pass_adds_and_measures_as_the_fused_pass_when_nothing_fails(n, monkeypatch):
+    """Within its limits the checked pass adds the bits of ``add_`` and measures what the fused pass measures
+    (the same sums on each path), over a tensor or a read-only numpy view."""
+    g = torch.Generator().manual_seed(n)
+    x, start = torch.randn(n, generator=g) * 0.03, torch.randn(n, generator=g)
+    w = 13 / 97
+    want = start.clone().add_(x, alpha=w)
+    for path in _paths(monkeypatch):
+        for max_abs in (None, 1.0):
+            acc, ref = start.clone(), start.clone()
+            measured = _run(path, monkeypatch, ref, x, w, max_abs is not None)
+            for xs in (x, x.numpy()):
+                acc = start.clone()
+                sq, top, stop = _checked(path, monkeypatch, acc, xs, w, before=0.0, limit=1e9, max_abs=max_abs)
+                assert stop == n and torch.equal(acc, want), (path, max_abs)
+                assert (sq, top) == measured, (path, max_abs)
+
+
+@pytest.mark.parametrize("why", ["nan", "inf", "norm", "max_abs", "before"])
+def test_the_checked_pass_adds_nothing_from_the_block_that_fails(why, monkeypatch):
+    """The block (the torch path: the piece) where a value is not finite, above ``max_abs``, or where the running
+    sum of squares (plus ``before``) passes ``limit`` is not added, nor anything after it; the blocks before are;
+    every value is still measured."""
+    n, bad = 3000, 1700  # block 3 of 512 values; piece 17 of 100 on the torch path
+    x = torch.full((n,), 0.01)
+    before, limit, max_abs = 0.0, 1.0, None
+    if why == "nan":
+        x[bad] = math.nan
+    elif why == "inf":
+        x[bad] = -math.inf
+    elif why == "norm":
+        x[bad] = 2.0  # the running sum passes 1.0 there
+    elif why == "max_abs":
+        x[bad], max_abs = 0.5, 0.25
+    else:  # what earlier pieces of the reply summed leaves room for 0.175 more: 1750 values of 1e-4
+        before = 0.825
+    start = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    for path in _paths(monkeypatch):
+        acc = start.clone()
+        sq, top, stop = _checked(path, monkeypatch, acc, x, 0.5, before=before, limit=limit, max_abs=max_abs)
+        first = bad // 512 * 512 if path == "numba" else bad // 100 * 100
+        assert stop == first, path
+        assert torch.equal(acc[:stop], start[:stop].clone().add_(x[:stop], alpha=0.5)), path
+        assert torch.equal(acc[stop:], start[stop:]), path
+        if why in ("nan", "inf"):
+            assert not math.isfinite(sq) and (top == math.inf or max_abs is None), path
+        else:
+            assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5), path

@@ -203,12 +203,13 @@ def test_the_loop_releases_from_the_second_round_and_rejects_the_hostile_reply(
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
-        ([], "added and measured in one pass"),
+        ([], "checked block by block"),
+        (["--replay-undo"], "added and measured in one pass"),
         (["--judge-first"], "measured, judged, then added"),
         (["--judge-first", "--ping-pong"], "ping-pong"),
         (["--drop-at-once", "--hold-mb", "0.01"], "dropped at once"),
     ],
-    ids=["default", "judge_first", "ping_pong", "drop_at_once"],
+    ids=["default", "replay_undo", "judge_first", "ping_pong", "drop_at_once"],
 )
 def test_aggregation_benchmark_times_released_rows(flags, says, capsys, monkeypatch):
     """The benchmark's timed round releases its replies: nothing held but the accumulator, no row skipped; each
@@ -222,7 +223,7 @@ def test_aggregation_benchmark_times_released_rows(flags, says, capsys, monkeypa
     assert says in out
     fold = folds[-1]
     assert fold.judge_first == ("--judge-first" in flags) and fold.ping_pong == ("--ping-pong" in flags)
-    assert fold.lazy == ("--drop-at-once" not in flags)
+    assert fold.lazy == ("--drop-at-once" not in flags) and fold.checked == ("--replay-undo" not in flags)
     rows = [line for line in out.splitlines() if line.startswith(("| identity |", "| int8 |"))]
     assert len(rows) == 2 and all("skipped" not in r for r in rows)
     assert all(r.split("|")[8].strip() == "0" for r in rows)  # held MiB: the 4 KB accumulator only
@@ -364,14 +365,14 @@ def test_identity_defers_its_values_as_a_numpy_view_of_the_message():
     "make_codec", [Identity, Blockwise8bit, lambda: Cast("fp32")], ids=["identity", "int8", "fp32"]
 )
 def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside, tmp_path, monkeypatch):
-    """Replies are added and measured in one pass, then judged: a rejected one is taken out exactly (the
-    snapshot and the window's replies again), whether a snapshot was taken before it or not, taken by the add
-    that follows it (float32 replies, ``snapshot_aside``) or by a copy, and the payloads are released once the
-    window moves on."""
+    """Without the checked pass (``checked=False``; 8-bit codes always) replies are added and measured in one
+    pass, then judged: a rejected one is taken out exactly (the snapshot and the window's replies again), whether
+    a snapshot was taken before it or not, taken by the add that follows it (float32 replies,
+    ``snapshot_aside``) or by a copy, and the payloads are released once the window moves on."""
     s, codec = _strategy(), make_codec()
     server = _server(s, codec, tmp_path)
     assert s.spec is not None
-    folds = _folds_with(monkeypatch, window=window, snapshot_aside=aside)
+    folds = _folds_with(monkeypatch, window=window, snapshot_aside=aside, checked=False)
     aside_adds = []
     to_measure = aggregate.axpy_to_measure_
     monkeypatch.setattr(aggregate, "axpy_to_measure_", lambda *a, **k: aside_adds.append(1) or to_measure(*a, **k))
@@ -392,25 +393,78 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     assert torch.equal(s.global_flat, want)
 
 
+@pytest.mark.parametrize("bad", ["norm", "nan"])
+@pytest.mark.parametrize("path", ["numba", "torch"])
+@pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
+def test_a_reply_that_fails_late_in_the_checked_pass_is_subtracted(make_codec, path, bad, tmp_path, monkeypatch):
+    """The checked pass (the default for float32 replies) adds a reply block by block while its running norm
+    and values pass; one whose last values break the norm limit (or hold a NaN) is rejected after its first
+    blocks were added, and those are subtracted again: the weights are the kept replies' mean up to a rounding
+    or two per element, no window is held and nothing is undone from a snapshot."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", 100)  # the torch path checks pieces of 100 values
+    s, codec = _strategy(), make_codec()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    folds = _folds_with(monkeypatch)
+    monkeypatch.setattr(MeanFold, "_undo", lambda self: pytest.fail("the checked pass needs no undo"))
+    stops: list[tuple[int, int]] = []
+    checked = aggregate.axpy_checked_
+
+    def spy(acc, x, w, **kw):
+        out = checked(acc, x, w, **kw)
+        stops.append((out[2], x.shape[0]))
+        return out
+
+    monkeypatch.setattr(aggregate, "axpy_checked_", spy)
+    second = _deltas(s.spec, 6, seed=5)
+    if bad == "norm":
+        second[3][-100:].mul_(1e3)  # the running norm passes 10x the median in the last block
+    else:
+        second[3][-3] = float("nan")
+    messages, raw = _two_rounds(s, codec, server, second)
+    got = server.collect(1, s.configure_round(1, list(range(6))), messages, total_examples=sum(COUNTS))
+    kept = [0, 1, 2, 4, 5]
+    assert [r.client_id for r in got.replies] == kept and all(r.payload is RELEASED for r in got.replies)
+    (reason,) = got.reasons
+    assert "client 3 rejected" in reason and ("its norm" in reason if bad == "norm" else "NaN or Inf" in reason)
+    assert not folds[-1]._window and not folds[-1]._snapped
+    per = len(stops) // 6  # calls per reply: one per buffer of its values
+    added = sum(stop for stop, _ in stops[3 * per : 4 * per])  # the rejected reply's, added before its pass stopped
+    assert 0 < added < s.spec.numel
+    want = _rescaled_from(s, codec, raw, kept, sum(COUNTS))
+    server.aggregate(1, got.replies)
+    assert s.global_flat is not None and torch.isfinite(s.global_flat).all()
+    w = COUNTS[3] / sum(COUNTS)
+    term = second[3].nan_to_num(0.0).abs() * w
+    assert ((s.global_flat - want).abs() <= 2**-21 * (want.abs() + term) + 1e-12).all()
+
+
 @pytest.mark.parametrize("path", ["numba", "torch"])
 @pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])
 def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, monkeypatch):
     """With ``judge_first`` a reply of float32 values is measured and judged first: a rejected
     one (its norm; a value not finite) never touches the accumulator (no snapshot, nothing undone), an accepted
     one is added and released at once (no window); the weights and reasons are those of the pass-then-undo
-    path, the norms equal to 1e-6."""
+    path (``checked=False``) and of the checked pass (the default; these rejections fail in their first block,
+    so nothing of them is added), the norms equal to 1e-6."""
     from lightning_fed import kernels
 
     if path == "numba" and not kernels.HAVE_NUMBA:
         pytest.skip("numba is not installed (the `fast` extra)")
     results = []
-    for judge_first in (True, False):
+    for mode in ("judge_first", "window", "checked"):
+        judge_first = mode == "judge_first"
         monkeypatch.setattr(kernels, "NUMBA", path == "numba")
         s, codec = _strategy(), make_codec()
-        server = _server(s, codec, tmp_path / str(judge_first))
+        server = _server(s, codec, tmp_path / mode)
         assert s.spec is not None
-        folds = _folds_with(monkeypatch, judge_first=judge_first)
-        if judge_first:
+        folds = _folds_with(monkeypatch, judge_first=judge_first, checked=mode == "checked")
+        if mode != "window":
             monkeypatch.setattr(MeanFold, "_undo", lambda self: pytest.fail("a judged reply was undone"))
         second = _deltas(s.spec, 6, seed=5)
         second[1].mul_(1e6)
@@ -429,15 +483,20 @@ def test_a_small_reply_is_judged_before_it_is_added(make_codec, path, tmp_path, 
         assert [r.client_id for r in got.replies] == [0, 2, 3, 5] and all(
             r.payload is RELEASED for r in got.replies
         )
-        if judge_first:
-            assert held == [0] * 6 and not fold._snapped and fold.released == 4
-        else:
+        if mode == "window":
             assert held == [0, 1, 1, 2, 3, 3]  # the pass-then-undo path holds the replies since its snapshot
+        else:
+            assert held == [0] * 6 and not fold._snapped and fold.released == 4
         server.aggregate(1, got.replies)
         assert s.global_flat is not None
         results.append((s.global_flat.clone(), got.reasons, got.stats["norm_ratio_prev"]))
-    (first, reasons, ratio), (fused, fused_reasons, fused_ratio) = results
+    (first, reasons, ratio), (fused, fused_reasons, fused_ratio), (checked, checked_reasons, checked_ratio) = results
     assert torch.equal(first, fused) and reasons == fused_reasons and len(reasons) == 2
+    assert torch.equal(checked, fused) and checked_reasons == fused_reasons
+    # one float32 buffer: the same compiled squares bit for bit; entries in several buffers: summed by the compiled
+    # pass now, by torch in the pass-then-undo path
+    assert checked_ratio == (fused_ratio if path == "numba" and codec.name == "identity" else
+                             pytest.approx(fused_ratio, rel=1e-6))
     assert "client 1 rejected: its norm" in reasons[0] and "client 4 rejected" in reasons[1]
     assert "NaN or Inf" in reasons[1]  # named by the full validation
     assert ratio == pytest.approx(fused_ratio, rel=1e-6)  # the pass sums float32 squares per block, the measure in float64
@@ -482,7 +541,7 @@ def test_a_small_fold_drops_what_it_let_go_one_reply_at_a_time(make_codec, lazy,
         s, codec = _strategy(), make_codec()
         server = _server(s, codec, tmp_path / str(drop_lazily))
         assert s.spec is not None
-        folds = _folds_with(monkeypatch, window=2, lazy=drop_lazily)
+        folds = _folds_with(monkeypatch, window=2, lazy=drop_lazily, checked=False)
         messages, _ = _two_rounds(s, codec, server, _deltas(s.spec, 6, seed=5))
         waiting: list[tuple[int, int]] = []
 
@@ -509,7 +568,7 @@ def _held_before_each(
 ) -> tuple[list[int], MeanFold, list[bytes], object]:
     """Round 1 of ``second`` through a fold of ``hold_bytes`` (its pass and undo, no judging first): how many
     replies the window holds before each message, the fold, the raw messages and what ``collect`` returned."""
-    folds = _folds_with(monkeypatch, hold_bytes=hold_bytes, judge_first=False)
+    folds = _folds_with(monkeypatch, hold_bytes=hold_bytes, judge_first=False, checked=False)
     messages, raw = _two_rounds(s, codec, server, second)
     held: list[int] = []
 
@@ -596,7 +655,7 @@ def test_a_larger_reply_lets_the_window_go_before_it_is_added():
     replies = [SimpleNamespace(payload={}, num_examples=n) for n in COUNTS[:4]]
     total = sum(COUNTS[:4])
     acc = torch.empty(spec.numel)
-    fold = MeanFold(spec, acc, total, hold_bytes=3 * values[0].nbytes, judge_first_bytes=0)
+    fold = MeanFold(spec, acc, total, hold_bytes=3 * values[0].nbytes, judge_first_bytes=0, checked=False)
     for i in range(2):
         assert fold.add_released(replies[i], values[i], None, 1.0)[0] is None
     assert len(fold._window) == 2 and not fold._snapped and replies[0].payload is not RELEASED

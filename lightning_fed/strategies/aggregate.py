@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_measure_, axpy_to_measure_, measure
+from lightning_fed.kernels import axpy_checked_, axpy_measure_, axpy_to_measure_, measure, tensor_view
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 SMALL_BYTES = 8 << 20
@@ -111,6 +111,11 @@ def _verdict(sq: float, top: float, max_abs: float | None, max_norm: float) -> t
     return None, norm
 
 
+def _tensor(x: Any) -> Tensor:
+    """``x`` as a tensor (a numpy view of a message's values becomes a tensor view of it: only read)."""
+    return x if isinstance(x, Tensor) else tensor_view(x)
+
+
 class MeanFold:
     """The example-weighted mean folded into the accumulator while the replies arrive, with the value check of
     validation folded in too: each reply is read once from memory, as by a plain ``axpy``.
@@ -129,10 +134,16 @@ class MeanFold:
       check each folded reply to find (and reject) the culprits.
 
     A reply the server can judge on its own (its norm check has a reference: the previous round's median) is
-    added and measured in one pass and judged right after (:meth:`add_released`); a rejection is undone exactly
+    judged as it is folded and its payload released (:data:`~lightning_fed.protocol.RELEASED`;
+    :meth:`add_released`). A reply of float32 values (an ``Identity`` message, a decoded payload) takes the
+    checked pass (``checked``, the default): it is added block by block while its running norm stays within the
+    limit and its values finite, measured in the same read, and released at once; a rejected one was never added
+    past the block that failed, and the blocks before are subtracted again (each such element off by a rounding
+    or two: ``acc + w * x - w * x``), so no window of replies is held. Any other (8-bit codes; every reply with
+    ``checked=False``) is added and measured in one pass and judged right after; a rejection is undone exactly
     from a snapshot of the accumulator and the few replies added since (at most :attr:`window` replies holding
-    at most ``hold_bytes``), whose payloads are released once the snapshot moves past them
-    (:data:`~lightning_fed.protocol.RELEASED`). In a small fold (:data:`SMALL_BYTES`) the window holds up to
+    at most ``hold_bytes``), whose payloads are released once the snapshot moves past them. In a small fold
+    (:data:`SMALL_BYTES`) the window holds up to
     :data:`SMALL_HOLD_BYTES` and the replies it lets go are dropped one per arriving reply (:attr:`lazy`). With
     ``judge_first_bytes``, a small reply of float32 values is measured and judged first instead and added only
     when kept, then released at once: nothing to undo, but read twice.
@@ -179,6 +190,10 @@ class MeanFold:
             into the scratch buffer while they are measured, the buffers swapping roles when a reply is kept
             (:meth:`add_released`); off by default: the write into the other buffer costs about what the second
             read it saves costs (``benchmarks/RESULTS.md``, "The ping-pong accumulator").
+        checked: fold replies of float32 values with the checked pass (the default; see above), which holds no
+            window and reads each reply once, at the floor's pace (``benchmarks/RESULTS.md``, "Server aggregation
+            against the axpy floor"); ``False``: add them whole and undo a rejection from the snapshot and the
+            window, exactly (the default before; a rejection then leaves no rounding behind).
         snapshot_aside: take the undo window's snapshot of the accumulator with the add of the reply that follows
             it when that reply is one flat float32 buffer: ``acc + w * x`` is written into the scratch buffer (read
             once, measured in the same pass), which becomes the accumulator, and the buffer it was read from is the
@@ -192,7 +207,7 @@ class MeanFold:
     def __init__(self, spec: FlatSpec, acc: Tensor, total: int, hold_bytes: int | None = None,
                  scratch: Tensor | None = None, judge_first_bytes: int = 0,
                  ping_pong: bool = False, snapshot_aside: bool | None = None,
-                 small_bytes: int = SMALL_BYTES) -> None:
+                 small_bytes: int = SMALL_BYTES, checked: bool = True) -> None:
         self.spec = spec
         self.total = total
         self._acc = acc.zero_()
@@ -225,6 +240,9 @@ class MeanFold:
         """Whether replies of float32 values are measured and judged before they are added (``judge_first_bytes``)."""
         self.ping_pong = ping_pong
         """Whether those replies are added aside in the same read that measures them (``ping_pong``)."""
+        self.checked = checked
+        """Whether replies of float32 values are judged block by block as they are added (``checked``), a
+        rejection subtracted, rather than added whole and undone from the snapshot and window."""
         self.snapshot_aside = snapshot_aside
         """Whether a snapshot is taken by the add that follows it rather than by a copy (``None``: when the window
         is cut by :attr:`hold_bytes` before :attr:`window` replies of the accumulator's size; see ``snapshot_aside``)."""
@@ -271,12 +289,15 @@ class MeanFold:
         return ok
 
     def add_released(self, reply: Any, values: Any, max_abs: float | None, max_norm: float) -> tuple[str | None, float]:
-        """Add ``reply.num_examples / total`` times the reply in one pass that also measures it, then judge it:
+        """Add ``reply.num_examples / total`` times the reply in one pass that also measures it, and judge it:
         its values must be finite (and of magnitude at most ``max_abs`` when given), its L2 norm at most
         ``max_norm``. ``values``: the reply's values still in their message (a :class:`~lightning_fed.codecs.
         deferred.DeferredValues`, e.g. 8-bit codes, read from there), or ``None`` (its payload).
 
-        Exact undo: the fold keeps a snapshot of the accumulator and the replies added since (its window: at most
+        Float32 values (with :attr:`checked`, the default) take the checked pass (:meth:`_add_checked`): judged
+        block by block as they are added, a rejection subtracted, the payload released at once.
+
+        Exact undo (8-bit codes; float32 values without :attr:`checked`): the fold keeps a snapshot of the accumulator and the replies added since (its window: at most
         :attr:`window` replies, holding at most :attr:`hold_bytes`, each counted by what it keeps alive: 8-bit codes
         and scales, or float32 values); a rejected reply restores the snapshot and adds those replies again (the
         same elementwise ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the
@@ -305,6 +326,8 @@ class MeanFold:
             self._snap_due = True
             verdict = self._add_aside(reply, values, w, max_abs, max_norm) if self.ping_pong else None
             return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
+        if self.checked and (values is None or values.judge_first):  # float32: checked block by block, no window
+            return self._add_checked(reply, self._runs_checked(reply, values), w, max_abs, max_norm)
         source: Any = values
         if values is None:
             source = self.spec.flat_view(reply.payload)
@@ -355,6 +378,63 @@ class MeanFold:
         if len(self._window) >= self.window or self._held + size > self.hold_bytes:
             self._snap_due = True
             self.flush(lazily=self.lazy)
+        return None, norm
+
+    def _runs_checked(self, reply: Any, values: Any) -> list[tuple[Tensor, Any]]:
+        """The ``(accumulator piece, values)`` pairs of a reply of float32 values, 1-D: the whole accumulator and
+        the message's values when they lie in its order (a numpy view: no tensor made per message), else one
+        pair per segment of the layout, or per entry of a payload in several buffers."""
+        if values is not None:
+            segments = self._segments(values.layout)
+            array = getattr(values, "array", None)
+            if array is not None and len(segments) == 1 and segments[0][2] == array.shape[0] == self._acc.numel():
+                return [(self._acc, array)]
+            x = values.values()
+            return [(self._acc[dst : dst + n], x[src : src + n]) for src, dst, n in segments]
+        flat = self.spec.flat_view(reply.payload)
+        if flat is not None:
+            return [(self._acc, flat)]
+        return [(part.view(-1), reply.payload[k].detach().reshape(-1))
+                for part, k in zip(self._parts, self.spec.names, strict=True)]
+
+    def _add_checked(self, reply: Any, runs: list[tuple[Tensor, Any]], w: float, max_abs: float | None,
+                     max_norm: float) -> tuple[str | None, float]:
+        """:meth:`add_released` for a reply of float32 values: added block by block while its running norm stays
+        within ``max_norm`` and its values finite (and within ``max_abs``), measured in the same read
+        (:func:`~lightning_fed.kernels.axpy_checked_`). Kept, its payload is released at once (no window);
+        rejected, the blocks added before the one that failed are subtracted again (``acc - w * x``, one fma per
+        element): nothing past that block was ever added, and each value subtracted is off by at most a rounding
+        of its add and one of its subtraction. Replies the window holds for an undo are decided first, and the
+        snapshot is retaken before the next reply with a window."""
+        if self._window:
+            self.flush(lazily=self.lazy)
+        self._snap_due = True
+        limit = max_norm * max_norm if math.isfinite(max_norm) else math.inf
+        sq, top, stops, failed = 0.0, 0.0, [], False
+        for acc, x in runs:
+            s, t, stop = axpy_checked_(acc, x, w, before=sq, limit=-1.0 if failed else limit, max_abs=max_abs)
+            failed = failed or stop < x.shape[0]
+            sq, top = sq + s, max(top, t)
+            stops.append(stop)
+        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
+            flat = [_tensor(x) for _, x in runs]
+            lo, hi = value_bounds(flat)
+            if math.isfinite(lo) and math.isfinite(hi):
+                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat)
+            else:
+                top = math.inf
+        why, norm = _verdict(sq, top, max_abs, max_norm)
+        if failed or why is not None:
+            for (acc, x), stop in zip(runs, stops, strict=True):
+                if why is None and stop < x.shape[0]:  # stopped by a float32 overflow or at the limit's edge
+                    acc[stop:].add_(_tensor(x)[stop:], alpha=w)
+                elif why is not None and stop:
+                    acc[:stop].add_(_tensor(x)[:stop], alpha=-w)
+        if why is not None:
+            return why, norm
+        reply.payload = RELEASED
+        self.released += 1
+        self._folded.append((reply, None, reply.num_examples, []))
         return None, norm
 
     def _add_aside(self, reply: Any, values: Any, w: float, max_abs: float | None,
