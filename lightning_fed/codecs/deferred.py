@@ -29,9 +29,10 @@ class DeferredValues:
     spec: Any = None
     judge_first = False
     """Whether the values lie as float32 (:meth:`values` is free) so that measuring them is one read at memory
-    speed, and they can be added aside (a snapshot taken by the add): a fold asked to judge small replies first
-    (``MeanFold(judge_first_bytes=...)``) may judge these. Codes that must be decoded are added and measured in one
-    pass instead."""
+    speed, and they can be added aside (a snapshot taken by the add): the fold's checked pass takes these (judged
+    block by block as they are added, :meth:`values` read where they lie), and a fold asked to judge small replies
+    first (``MeanFold(judge_first_bytes=...)``) may judge these. Codes that must be decoded are added and measured
+    in one pass instead."""
 
     @property
     def nbytes(self) -> int:
