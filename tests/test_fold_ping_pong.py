@@ -126,7 +126,8 @@ def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly(ping_
     """Small float32 replies (judged first: added aside, or added after their measure) and 8-bit codes (added,
     measured, undone on rejection) in one fold: the snapshot an undo restores holds the small replies added
     before it, so a rejected 8-bit reply after them takes out only itself; the weights are the pass-then-undo
-    path's for the same replies."""
+    path's for the same replies (``checked=False``) and the checked pass's (the default for float32 replies,
+    which lets the window go and has the snapshot retaken likewise)."""
     spec = _strategy().spec
     assert spec is not None
     codec, rspec = Blockwise8bit(), spec.tensor_specs()
@@ -135,10 +136,11 @@ def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly(ping_
     deltas[5].mul_(1e6)  # and one after a float32 reply while the window holds an 8-bit one
     int8 = {1, 2, 4, 5}
 
-    def fold(small: int) -> tuple[torch.Tensor, list[str | None]]:
+    def fold(small: int, checked: bool = True) -> tuple[torch.Tensor, list[str | None]]:
         acc = torch.empty(spec.numel)
         scratch = torch.empty(spec.numel)
-        fold = MeanFold(spec, acc, sum(COUNTS), scratch=scratch, judge_first_bytes=small, ping_pong=ping_pong)
+        fold = MeanFold(spec, acc, sum(COUNTS), scratch=scratch, judge_first_bytes=small, ping_pong=ping_pong,
+                        checked=checked)
         whys = []
         for i, d in enumerate(deltas):
             if i in int8:
@@ -158,8 +160,10 @@ def test_a_fold_mixing_small_float32_replies_and_int8_codes_undoes_exactly(ping_
 
     mixed, whys = fold(1 << 30)
     assert whys == [None, None, "norm", None, None, "norm"]
-    undo, undo_whys = fold(0)
+    undo, undo_whys = fold(0, checked=False)
     assert torch.equal(mixed, undo) and whys == undo_whys
+    checked, checked_whys = fold(0)
+    assert torch.equal(checked, undo) and checked_whys == undo_whys
     assert mixed.abs().max() < 1  # the scaled replies never reached the sum
 
 
