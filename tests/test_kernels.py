@@ -101,6 +101,8 @@ def test_squares_past_float32_range_are_summed_again_in_float64(bound, monkeypat
             lambda xx: fused.axpy_measure_(torch.zeros(2000), xx, 0.5, bound=bound),
             lambda xx: fused.axpy_to_measure_(torch.empty(2000), torch.zeros(2000), xx, 0.5, bound=bound),
             lambda xx: fused.axpy_measure_array_(torch.zeros(2000), xx.numpy(), 0.5, bound=bound),
+            lambda xx: fused.axpy_checked_(torch.zeros(2000), xx, 0.5, before=0.0, limit=math.inf,
+                                           max_abs=math.inf if bound else None)[:2],
         ):
             sq, top = run(x)
             if path == "numba":  # torch's float32 dot overflows: the fold checks the values then (its caller)

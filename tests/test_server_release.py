@@ -393,6 +393,34 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     assert torch.equal(s.global_flat, want)
 
 
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_the_checked_pass_keeps_a_reply_whose_squares_pass_float32_range_when_the_limit_allows(path, monkeypatch):
+    """Without a norm limit, finite values whose float32 squares overflow stop the checked pass at their block (its
+    sum is not finite); summed again in float64 the reply is kept, and the rest of it is added: the bits of
+    ``add_`` over the whole reply."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", 100)
+    s = _strategy()
+    assert s.spec is not None
+    x = _deltas(s.spec, 1, seed=3)[0]
+    x[700], x[1300] = 3e19, -2e19  # squares past float32's 3.4e38 in the second and third blocks
+    start = torch.randn(s.spec.numel, generator=torch.Generator().manual_seed(1))
+    acc = start.clone()
+    fold = MeanFold(s.spec, acc, 10)
+    acc.copy_(start)
+    stops = []
+    checked = aggregate.axpy_checked_
+    monkeypatch.setattr(aggregate, "axpy_checked_", lambda *a, **k: stops.append(checked(*a, **k)) or stops[-1])
+    why, norm = fold.add_released(SimpleNamespace(payload=s.spec.unflatten(x), num_examples=4), None, None, math.inf)
+    assert why is None and norm == pytest.approx(math.hypot(3e19, 2e19), rel=1e-6)
+    assert 0 < stops[0][2] < s.spec.numel  # the pass stopped at the overflow and the fold added the rest
+    assert torch.equal(acc, start.clone().add_(x, alpha=0.4))
+
+
 @pytest.mark.parametrize("bad", ["norm", "nan"])
 @pytest.mark.parametrize("path", ["numba", "torch"])
 @pytest.mark.parametrize("make_codec", [Identity, lambda: Cast("fp32")], ids=["identity", "fp32"])

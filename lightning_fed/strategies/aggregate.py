@@ -111,6 +111,18 @@ def _verdict(sq: float, top: float, max_abs: float | None, max_norm: float) -> t
     return None, norm
 
 
+def _overflow_checked(sq: float, top: float, flat: list[Tensor]) -> tuple[float, float]:
+    """A pass's ``(sum of squares, largest magnitude)`` when its float32 sum may have overflowed (torch's path):
+    a sum that is not finite while the magnitude is, summed again in float64 over ``flat`` if every value is
+    finite, else the magnitude made ``inf`` (a value that is not finite)."""
+    if math.isfinite(sq) or not math.isfinite(top):
+        return sq, top
+    lo, hi = value_bounds(flat)
+    if math.isfinite(lo) and math.isfinite(hi):
+        return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat), top
+    return sq, math.inf
+
+
 def _tensor(x: Any) -> Tensor:
     """``x`` as a tensor (a numpy view of a message's values becomes a tensor view of it: only read)."""
     return x if isinstance(x, Tensor) else tensor_view(x)
@@ -360,11 +372,7 @@ class MeanFold:
             sq, top = _measure_parts(source, bound)
         if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
             flat = [t for t in reply.payload.values() if t.numel()] if values is None else [values.values()]
-            lo, hi = value_bounds(flat)
-            if math.isfinite(lo) and math.isfinite(hi):
-                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat)
-            else:
-                top = math.inf
+            sq, top = _overflow_checked(sq, top, flat)
         why, norm = _verdict(sq, top, max_abs, max_norm)
         if why is not None:
             self._undo()
@@ -416,13 +424,8 @@ class MeanFold:
             failed = failed or stop < x.shape[0]
             sq, top = sq + s, max(top, t)
             stops.append(stop)
-        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
-            flat = [_tensor(x) for _, x in runs]
-            lo, hi = value_bounds(flat)
-            if math.isfinite(lo) and math.isfinite(hi):
-                sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat)
-            else:
-                top = math.inf
+        if not math.isfinite(sq):  # a float32 sum past its range (torch's path), or a value that is not finite
+            sq, top = _overflow_checked(sq, top, [_tensor(x) for _, x in runs])
         why, norm = _verdict(sq, top, max_abs, max_norm)
         if failed or why is not None:
             for (acc, x), stop in zip(runs, stops, strict=True):
@@ -448,12 +451,7 @@ class MeanFold:
         if runs is None:
             return None
         sq, top = self._axpy_to_other(x, runs, w, max_abs is not None)
-        if not math.isfinite(sq) and math.isfinite(top):  # torch's float32 sum overflowed: finite values?
-            lo, hi = value_bounds([x])
-            if math.isfinite(lo) and math.isfinite(hi):
-                sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-            else:
-                top = math.inf
+        sq, top = _overflow_checked(sq, top, [x])  # torch's float32 sum may have overflowed: finite values?
         why, norm = _verdict(sq, top, max_abs, max_norm)
         if why is not None:
             return why, norm
