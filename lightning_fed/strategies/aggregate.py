@@ -205,7 +205,7 @@ class MeanFold:
         checked: fold replies of float32 values with the checked pass (the default; see above), which holds no
             window and reads each reply once, at the floor's pace (``benchmarks/RESULTS.md``, "Server aggregation
             against the axpy floor"); ``False``: add them whole and undo a rejection from the snapshot and the
-            window, exactly (the default before; a rejection then leaves no rounding behind).
+            window, exactly (a rejection then leaves no rounding behind).
         snapshot_aside: take the undo window's snapshot of the accumulator with the add of the reply that follows
             it when that reply is one flat float32 buffer: ``acc + w * x`` is written into the scratch buffer (read
             once, measured in the same pass), which becomes the accumulator, and the buffer it was read from is the
@@ -309,21 +309,21 @@ class MeanFold:
         Float32 values (with :attr:`checked`, the default) take the checked pass (:meth:`_add_checked`): judged
         block by block as they are added, a rejection subtracted, the payload released at once.
 
-        Exact undo (8-bit codes; float32 values without :attr:`checked`): the fold keeps a snapshot of the accumulator and the replies added since (its window: at most
-        :attr:`window` replies, holding at most :attr:`hold_bytes`, each counted by what it keeps alive: 8-bit codes
-        and scales, or float32 values); a rejected reply restores the snapshot and adds those replies again (the
-        same elementwise ``acc + w * x``, in the same order: the same bits), so it never reaches the sum. When the
-        next reply would pass either limit (checked right after an add against a reply as large as the one just
-        added, so that the window is let go before the next is made, and again when the next comes), the window's
-        payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush` releases the rest at the
-        end of the round) and the snapshot is retaken before that reply is added (so never after the round's last
-        one). In a small fold (:attr:`lazy`) what the released replies keep alive (their messages) is dropped one
-        per call, oldest first, so that each next message is made in the memory of one just dropped. A small reply
-        of float32 values (:attr:`judge_first`, off by default) is measured and judged first instead, added
-        only when kept and released at once: nothing to undo, no window; with :attr:`ping_pong`, in one read:
-        ``acc + w * x`` written into the scratch buffer as it is measured, the two buffers swapping roles when it
-        is kept (:meth:`result` leaves the sum in the buffer given). Such a reply lets the window's replies go
-        first and has the snapshot retaken before the next reply with a window.
+        Exact undo (8-bit codes; float32 values without :attr:`checked`): the fold keeps a snapshot of the accumulator
+        and the replies added since (its window: at most :attr:`window` replies, holding at most :attr:`hold_bytes`,
+        each counted by what it keeps alive: 8-bit codes and scales, or float32 values); a rejected reply restores the
+        snapshot and adds those replies again (the same elementwise ``acc + w * x``, in the same order: the same bits),
+        so it never reaches the sum. When the next reply would pass either limit (checked right after an add against a
+        reply as large as the one just added, so that the window is let go before the next is made, and again when the
+        next comes), the window's payloads are released (:data:`~lightning_fed.protocol.RELEASED`; :meth:`flush`
+        releases the rest at the end of the round) and the snapshot is retaken before that reply is added (so never
+        after the round's last one). In a small fold (:attr:`lazy`) what the released replies keep alive (their
+        messages) is dropped one per call, oldest first, so that each next message is made in the memory of one just
+        dropped. A small reply of float32 values (:attr:`judge_first`, off by default) is measured and judged first
+        instead, added only when kept and released at once: nothing to undo, no window; with :attr:`ping_pong`, in one
+        read: ``acc + w * x`` written into the scratch buffer as it is measured, the two buffers swapping roles when it
+        is kept (:meth:`result` leaves the sum in the buffer given). Such a reply lets the window's replies go first and
+        has the snapshot retaken before the next reply with a window.
 
         Returns ``(None, norm)`` when kept, or ``(why, norm)``: ``"values"`` (validate it for the named reason)
         or ``"norm"``. The structure must already match ``spec``."""
