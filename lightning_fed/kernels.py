@@ -97,6 +97,13 @@ def _top(sq: float, top: float, x: np.ndarray) -> tuple[float, float]:
     return sq, (top if math.isfinite(sq) else math.inf)
 
 
+def _piece_top(top: float, piece: Tensor) -> float:
+    """The torch path's largest magnitude so far, with a piece's (one ``aminmax`` read): ``inf`` when a value of
+    it is not finite."""
+    lo, hi = (float(v) for v in torch.aminmax(piece))
+    return max(top, -lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+
+
 def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[float, float]:
     """``acc += w * x`` in place (1-D contiguous float32 tensors of one size), reading ``x`` once.
 
@@ -115,9 +122,7 @@ def axpy_measure_(acc: Tensor, x: Tensor, w: float, *, bound: bool) -> tuple[flo
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
         if bound:
-            lo, hi = torch.aminmax(piece)  # reads the piece into the cache...
-            lo_f, hi_f = float(lo), float(hi)
-            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+            top = _piece_top(top, piece)  # reads the piece into the cache...
         acc[s : s + PIECE].add_(piece, alpha=w)  # ...(or this does)...
         sq += float(torch.dot(piece, piece))  # ...and its squares are summed from there
     return sq, top
@@ -149,9 +154,7 @@ def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bo
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
         if bound:
-            lo, hi = torch.aminmax(piece)
-            lo_f, hi_f = float(lo), float(hi)
-            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+            top = _piece_top(top, piece)
         torch.add(acc[s : s + PIECE], piece, alpha=w, out=out[s : s + PIECE])
         sq += float(torch.dot(piece, piece))
     return sq, top
@@ -192,9 +195,7 @@ def axpy_checked_(acc: Tensor, x: Tensor | np.ndarray, w: float, *, before: floa
     for s in range(0, n, PIECE):
         piece = t[s : s + PIECE]
         if bound:
-            lo, hi = torch.aminmax(piece)  # reads the piece into the cache...
-            lo_f, hi_f = float(lo), float(hi)
-            top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+            top = _piece_top(top, piece)  # reads the piece into the cache...
         sq += float(torch.dot(piece, piece))  # ...(or this does)...
         if stop == n:
             if before + sq <= lim and (not bound or top <= max_abs):
@@ -229,9 +230,7 @@ def measure(x: Tensor, *, bound: bool = True) -> tuple[float, float]:
     sq, top = 0.0, 0.0
     for s in range(0, x.numel(), PIECE):
         piece = x[s : s + PIECE]
-        lo, hi = torch.aminmax(piece)
-        lo_f, hi_f = float(lo), float(hi)
-        top = max(top, -lo_f, hi_f) if math.isfinite(lo_f) and math.isfinite(hi_f) else math.inf
+        top = _piece_top(top, piece)
         sq += float(torch.dot(piece, piece))
     if not math.isfinite(sq) and math.isfinite(top):  # float32 overflow of finite values: sum them in float64
         sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2

@@ -161,6 +161,28 @@ def test_streamed_round_holds_one_decoded_reply_at_a_time(tmp_path):
     assert len(got.replies) == 6 and seen == [0] * 6
 
 
+def test_the_server_lets_go_of_each_message_before_it_reads_the_next(tmp_path):
+    """Messages read one at a time (a generator): when the next is made, the server holds none of the earlier
+    ones, so a large message can be made in the memory the last one leaves."""
+    s, codec = _strategy(), Identity()
+    server = _server(s, codec, tmp_path)
+    assert s.spec is not None
+    _two_rounds(s, codec, server, [])
+    refs: list[weakref.ref] = []
+    seen = []
+
+    def stream():
+        for i, d in enumerate(_deltas(s.spec, 6, seed=5)):
+            seen.append(sum(ref() is not None for ref in refs))
+            msg = ClientMessage(i, codec.encode(s.spec.unflatten(d), {}), COUNTS[i])
+            refs.append(weakref.ref(msg))
+            yield msg
+            del msg
+
+    got = server.collect(1, s.configure_round(1, list(range(6))), stream(), total_examples=sum(COUNTS))
+    assert len(got.replies) == 6 and seen == [0] * 6
+
+
 def test_the_reference_is_checkpointed(tmp_path):
     s, codec = _strategy(), Identity()
     server = _server(s, codec, tmp_path)
