@@ -22,7 +22,8 @@ accumulator reused: torch's ``add_`` (the floor's add); ``sumsq`` (the measure o
 sums of the squares); the two one after the other (judging first, an option); ``axpy_sumsq`` (the fused add and
 measure, which then needs a snapshot and an undo window to take a rejection back: ``--replay-undo`` and 8-bit
 codes); ``axpy_checked`` (the checked pass, the library's path for float32 replies: each block added once it and
-the blocks before it are judged); a float32 sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq``
+the blocks before it are judged), and the same into a fresh accumulator (a fold's first reply: the accumulator
+written, not read); a float32 sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq``
 again with the last 16 messages kept alive, as an undo window keeps them (the oldest dropped as each new one is
 made, not timed). Best and median of ``--repeat``
 runs of ``--kernel-replies`` replies. Last, for how many sizes the fused pass's sum of squares has other bits than
@@ -176,7 +177,10 @@ def kernels_alone(n_params: int, n_replies: int, repeat: int) -> dict[str, tuple
         "sumsq, then add_ (judged first)": lambda x, xn: (_compiled.sumsq(xn), acc.add_(x, alpha=w)),
         "axpy_sumsq (added first, fused)": lambda x, xn: _compiled.axpy_sumsq(a, xn, np.float32(w)),
         "axpy_checked (the checked pass)": lambda x, xn: _compiled.axpy_checked(
-            a, xn, np.float32(w), 0.0, 1e300, False, np.int32(0)
+            a, xn, w, 0.0, 1e300, False, 0, False, 0.0
+        ),
+        "axpy_checked, a fresh accumulator (a fold's first)": lambda x, xn: _compiled.axpy_checked(
+            a, xn, w, 0.0, 1e300, False, 0, True, 0.0
         ),
         "float32 sum of squares (not used)": lambda x, xn: sumsq_f32(xn),
         "torch add_, the last 16 messages kept": lambda x, xn: acc.add_(x, alpha=w),

@@ -391,11 +391,17 @@ def axpy_to_sumsq(out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32
 # (the loop body of ``axpy_to_measure``: the same bits), then, with the bound, the block's largest magnitude; the
 # block is copied into ``acc`` only while the running sum (plus ``before``) stays within ``limit`` and the
 # magnitudes within ``max_bits`` (the bits of the largest magnitude allowed). From the first block that fails on,
-# nothing more is added, but every block is still measured, so the sums are those of the other passes.
+# nothing more is added, but every block is still measured, so the sums are those of the other passes. ``w`` is
+# rounded to float32 here, as ``np.float32(w)`` rounds it. With ``fresh``, ``acc`` is read as zeros (its content
+# is not read): ``zero + w * x`` is written, ``zero`` a runtime +0.0, so the compiler keeps the add that turns a
+# product of -0.0 into the +0.0 that zeroing ``acc`` and adding would give.
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_checked(
-    acc: np.ndarray, x: np.ndarray, w: np.float32, before: float, limit: float, bound: bool, max_bits: np.int32
+    acc: np.ndarray, x: np.ndarray, w64: float, before: float, limit: float, bound: bool, max_bits: int,
+    fresh: bool, zero: float
 ) -> tuple[float, float, int]:  # pragma: no cover - compiled
+    w = np.float32(w64)
+    z = np.float32(zero)
     n = x.shape[0]
     bits = x.view(np.int32)
     tmp = np.empty(BLOCK, dtype=np.float32)
@@ -405,10 +411,16 @@ def axpy_checked(
     for s in range(0, n - n % BLOCK, BLOCK):
         a, v, b = acc[s : s + BLOCK], x[s : s + BLOCK], bits[s : s + BLOCK]
         p = np.float32(0.0)
-        for j in range(BLOCK):
-            t = v[j]
-            tmp[j] = a[j] + w * t
-            p += t * t
+        if fresh:
+            for j in range(BLOCK):
+                t = v[j]
+                tmp[j] = z + w * t
+                p += t * t
+        else:
+            for j in range(BLOCK):
+                t = v[j]
+                tmp[j] = a[j] + w * t
+                p += t * t
         sq += np.float64(p)
         if bound:
             for j in range(BLOCK):
@@ -427,8 +439,12 @@ def axpy_checked(
             top = max(top, b[j] & np.int32(0x7FFFFFFF))
     if stop == n:
         if before + sq <= limit and top <= max_bits:
-            for j in range(n - s):
-                a[j] += w * v[j]
+            if fresh:
+                for j in range(n - s):
+                    a[j] = z + w * v[j]
+            else:
+                for j in range(n - s):
+                    a[j] += w * v[j]
         else:
             stop = s
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0]), stop

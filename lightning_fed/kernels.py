@@ -160,12 +160,14 @@ def axpy_to_measure_(out: Tensor, acc: Tensor, x: Tensor, w: float, *, bound: bo
     return sq, top
 
 
-def axpy_checked_(acc: Tensor, x: Tensor | np.ndarray, w: float, *, before: float, limit: float,
-                  max_abs: float | None) -> tuple[float, float, int]:
-    """``acc += w * x`` block by block (1-D contiguous float32, one size; ``x`` a tensor or a numpy view) while
+def axpy_checked_(acc: Tensor | np.ndarray, x: Tensor | np.ndarray, w: float, *, before: float, limit: float,
+                  max_abs: float | None, fresh: bool = False) -> tuple[float, float, int]:
+    """``acc += w * x`` block by block (1-D contiguous float32, one size; each a tensor or a numpy view) while
     ``x`` stays acceptable: a block is added only if ``before`` plus the running sum of squares of ``x`` stays at
     most ``limit`` (and, with ``max_abs``, every magnitude so far at most ``max_abs``); from the first block that
-    fails on, nothing more is added. Every value is still measured once.
+    fails on, nothing more is added. Every value is still measured once. With ``fresh``, ``acc`` counts as zeros
+    whatever it holds (it is written, not read, where it is added: the bits of ``acc.zero_()`` and the add);
+    what lies past the returned stop is then left as it was.
 
     Returns ``(sum of squares of x, largest |x|, stop)``: the measures of :func:`axpy_measure_` (the same bits
     as its compiled pass; the magnitude ``0.0`` without ``max_abs``), and how many leading values were added
@@ -178,19 +180,20 @@ def axpy_checked_(acc: Tensor, x: Tensor | np.ndarray, w: float, *, before: floa
     bound = max_abs is not None
     lim = limit if math.isfinite(limit) else np.finfo(np.float64).max  # a sum that is not finite still stops
     if NUMBA:
-        a, b, w32 = acc.numpy(), (x if isinstance(x, np.ndarray) else x.numpy()), np.float32(w)
-        max_bits = np.int32(0)
+        a = acc if isinstance(acc, np.ndarray) else acc.numpy()
+        b = x if isinstance(x, np.ndarray) else x.numpy()
+        max_bits = 0
         if bound:
             m32 = np.float32(max_abs)
             if m32 < max_abs:  # rounded down to float32: the next one up, so no allowed value fails
                 m32 = np.nextafter(m32, np.float32(np.inf))
-            max_bits = np.array([abs(m32)], dtype=np.float32).view(np.int32)[0]
-        sq, top, stop = _loops().axpy_checked(a, b, w32, float(before), float(lim), bound, max_bits)
+            max_bits = int(np.array([abs(m32)], dtype=np.float32).view(np.int32)[0])
+        sq, top, stop = _loops().axpy_checked(a, b, w, before, lim, bound, max_bits, fresh, 0.0)
         if not bound:
-            return _in_float64(sq, b), 0.0, int(stop)
+            return _in_float64(sq, b), 0.0, stop
         sq, top = _top(sq, top, b)
-        return sq, top, int(stop)
-    t = x if isinstance(x, Tensor) else tensor_view(x)
+        return sq, top, stop
+    t, into = (x if isinstance(x, Tensor) else tensor_view(x)), (acc if isinstance(acc, Tensor) else tensor_view(acc))
     sq, top, stop = 0.0, 0.0, n
     for s in range(0, n, PIECE):
         piece = t[s : s + PIECE]
@@ -199,7 +202,9 @@ def axpy_checked_(acc: Tensor, x: Tensor | np.ndarray, w: float, *, before: floa
         sq += float(torch.dot(piece, piece))  # ...(or this does)...
         if stop == n:
             if before + sq <= lim and (not bound or top <= max_abs):
-                acc[s : s + PIECE].add_(piece, alpha=w)  # ...and it is added from there
+                if fresh:
+                    into[s : s + PIECE].zero_()
+                into[s : s + PIECE].add_(piece, alpha=w)  # ...and it is added from there
             else:
                 stop = s
     return sq, top, stop

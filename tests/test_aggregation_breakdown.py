@@ -62,3 +62,13 @@ def test_the_breakdown_with_replay_undo_times_the_fused_pass_and_the_add_aside(m
     assert "FlatValues.add_measure (added first, fused)" in steps
     assert "MeanFold._axpy_to_other (added aside: the snapshot)" in steps
     assert "kernels.measure (judged first)" not in steps and "FlatValues.add_into (torch add_)" not in steps
+
+
+def test_the_kernels_alone_table_times_every_kernel(monkeypatch):
+    """Each kernel of the "kernels alone" table runs with the arguments its compiled loop takes now."""
+    pytest.importorskip("numba")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = load_benchmark("aggregation_breakdown")
+    times = bench.kernels_alone(2048, 2, 1)
+    assert "axpy_checked, a fresh accumulator (a fold's first)" in times
+    assert all(0 < best <= median for best, median in times.values())

@@ -79,8 +79,8 @@ def test_every_compiled_pass_sums_the_same_squares_bit_for_bit(n):
         loops.axpy_measure(bufs[1], x, w)[0],
         loops.axpy_to_sumsq(bufs[2], start, x, w),
         loops.axpy_to_measure(bufs[3], start, x, w)[0],
-        loops.axpy_checked(bufs[4], x, w, 0.0, 1e300, False, np.int32(0))[0],
-        loops.axpy_checked(bufs[5], x, w, 0.0, 1e300, True, np.int32(0x7F000000))[0],
+        loops.axpy_checked(bufs[4], x, float(w), 0.0, 1e300, False, 0, False, 0.0)[0],
+        loops.axpy_checked(bufs[5], x, float(w), 0.0, 1e300, True, 0x7F000000, False, 0.0)[0],
     ]
     assert len(set(sums)) == 1
     assert sums[0] == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-5)
@@ -392,6 +392,35 @@ def test_the_checked_pass_adds_and_measures_as_the_fused_pass_when_nothing_fails
                 sq, top, stop = _checked(path, monkeypatch, acc, xs, w, before=0.0, limit=1e9, max_abs=max_abs)
                 assert stop == n and torch.equal(acc, want), (path, max_abs)
                 assert (sq, top) == measured, (path, max_abs)
+
+
+@pytest.mark.parametrize("n", [1, 511, 512, 1100, 4097])
+def test_the_checked_pass_into_a_fresh_accumulator_writes_the_bits_of_zeroing_and_adding(n, monkeypatch):
+    """``fresh``: whatever the accumulator holds, the pass gives the bits of ``acc.zero_()`` and ``add_`` (a
+    product of -0.0 ends as +0.0, as ``0.0 + -0.0`` does) and the fused pass's measures, over tensors or numpy
+    views; a pass that stops leaves what lies past its stop as it was."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 0.03
+    x[:: 7] = -0.0
+    garbage = torch.randn(n, generator=g) * 1e3
+    w = 13 / 97
+    want = torch.zeros(n).add_(x, alpha=w)
+    assert (want[::7].view(torch.int32) == 0).all()  # +0.0: the sign the kernel must not keep from the product
+    for path in _paths(monkeypatch):
+        for max_abs in (None, 1.0):
+            measured = _run(path, monkeypatch, torch.zeros(n), x, w, max_abs is not None)
+            for as_numpy in (False, True):
+                acc = garbage.clone()
+                sq, top, stop = _checked(path, monkeypatch, acc.numpy() if as_numpy else acc, x.numpy() if as_numpy
+                                         else x, w, before=0.0, limit=1e9, max_abs=max_abs, fresh=True)
+                assert stop == n and torch.equal(acc.view(torch.int32), want.view(torch.int32)), (path, max_abs)
+                assert (sq, top) == measured, (path, max_abs)
+        x_bad = x.clone()
+        x_bad[n // 2] = math.nan
+        acc = garbage.clone()
+        _, _, stop = _checked(path, monkeypatch, acc, x_bad, w, before=0.0, limit=1e9, max_abs=None, fresh=True)
+        assert stop <= n // 2 and torch.equal(acc[:stop], want[:stop]), path
+        assert torch.equal(acc[stop:], garbage[stop:]), path
 
 
 @pytest.mark.parametrize("why", ["nan", "inf", "norm", "max_abs", "before"])

@@ -415,11 +415,14 @@ def test_a_rejection_after_the_pass_is_undone_exactly(make_codec, window, aside,
     assert torch.equal(s.global_flat, want)
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first", "second"])
 @pytest.mark.parametrize("path", ["numba", "torch"])
-def test_the_checked_pass_keeps_a_reply_whose_squares_pass_float32_range_when_the_limit_allows(path, monkeypatch):
+def test_the_checked_pass_keeps_a_reply_whose_squares_pass_float32_range_when_the_limit_allows(path, first,
+                                                                                              monkeypatch):
     """Without a norm limit, finite values whose float32 squares overflow stop the checked pass at their block (its
     sum is not finite); summed again in float64 the reply is kept, and the rest of it is added: the bits of
-    ``add_`` over the whole reply."""
+    ``add_`` over the whole reply. As the fold's first reply it is written into an accumulator that holds other
+    values (never read, and what lies past the stop not kept either)."""
     from lightning_fed import kernels
 
     if path == "numba" and not kernels.HAVE_NUMBA:
@@ -428,19 +431,22 @@ def test_the_checked_pass_keeps_a_reply_whose_squares_pass_float32_range_when_th
     monkeypatch.setattr(kernels, "PIECE", 100)
     s = _strategy()
     assert s.spec is not None
-    x = _deltas(s.spec, 1, seed=3)[0]
+    x, y = _deltas(s.spec, 2, seed=3)
     x[700], x[1300] = 3e19, -2e19  # squares past float32's 3.4e38 in the second and third blocks
-    start = torch.randn(s.spec.numel, generator=torch.Generator().manual_seed(1))
-    acc = start.clone()
+    acc = torch.randn(s.spec.numel, generator=torch.Generator().manual_seed(1))  # not zeros: taken as zeros
     fold = MeanFold(s.spec, acc, 10)
-    acc.copy_(start)
+    want = torch.zeros_like(acc)
+    if not first:
+        assert fold.add_released(SimpleNamespace(payload=s.spec.unflatten(y), num_examples=6), None, None,
+                                 math.inf)[0] is None
+        want.add_(y, alpha=0.6)
     stops = []
     checked = aggregate.axpy_checked_
     monkeypatch.setattr(aggregate, "axpy_checked_", lambda *a, **k: stops.append(checked(*a, **k)) or stops[-1])
     why, norm = fold.add_released(SimpleNamespace(payload=s.spec.unflatten(x), num_examples=4), None, None, math.inf)
     assert why is None and norm == pytest.approx(math.hypot(3e19, 2e19), rel=1e-6)
     assert 0 < stops[0][2] < s.spec.numel  # the pass stopped at the overflow and the fold added the rest
-    assert torch.equal(acc, start.clone().add_(x, alpha=0.4))
+    assert torch.equal(acc, want.add_(x, alpha=0.4))
 
 
 @pytest.mark.parametrize("bad", ["norm", "nan"])
@@ -745,3 +751,41 @@ def test_hold_bytes_must_not_be_negative():
     assert s.spec is not None
     with pytest.raises(ValueError, match=r"hold_bytes=-1 is not allowed; hold_bytes must be >= 0"):
         MeanFold(s.spec, torch.empty(s.spec.numel), 10, hold_bytes=-1)
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_a_fold_takes_its_accumulator_as_zeros_whatever_it_holds(path, monkeypatch):
+    """The fold does not zero its accumulator up front: the first reply of the checked pass is written into it,
+    and every other way in (a rejected first reply, ``add``, the window's pass for ``checked=False``, a fold with
+    no reply) still gives the sums of a zeroed accumulator, bit for bit."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", 100)
+    s = _strategy()
+    assert s.spec is not None
+    x, y = _deltas(s.spec, 2, seed=5)
+    bad = x.clone()
+    bad[900] = math.nan
+
+    def garbage() -> torch.Tensor:
+        return torch.randn(s.spec.numel, generator=torch.Generator().manual_seed(2)) * 1e3
+
+    def reply(v: torch.Tensor, n: int) -> SimpleNamespace:
+        return SimpleNamespace(payload=s.spec.unflatten(v.clone()), num_examples=n)
+
+    want = torch.zeros(s.spec.numel).add_(x, alpha=0.4).add_(y, alpha=0.6)
+    for checked in (True, False):  # (checked: a rejected first reply), then two kept ones
+        fold = MeanFold(s.spec, garbage(), 10, checked=checked)
+        if checked:
+            assert fold.add_released(reply(bad, 4), None, None, math.inf)[0] == "values"
+        for v, n in ((x, 4), (y, 6)):
+            assert fold.add_released(reply(v, n), None, None, math.inf)[0] is None
+        fold.flush()
+        assert torch.equal(fold.result(), want), checked
+    fold = MeanFold(s.spec, garbage(), 10)  # the plain add
+    assert fold.add(reply(x, 4)) and fold.add(reply(y, 6)) and fold.settle()
+    assert torch.equal(fold.result(), want)
+    assert torch.equal(MeanFold(s.spec, garbage(), 10).result(), torch.zeros(s.spec.numel))  # no reply

@@ -183,7 +183,9 @@ class MeanFold:
 
     Args:
         spec: the flat layout of the payloads (the strategy's).
-        acc: a flat buffer of ``spec`` (zeroed here): the accumulator.
+        acc: a flat buffer of ``spec``: the accumulator. What it holds is ignored: a first reply taken by the
+            checked pass is written into it (no zeroing pass over it: the same bits), and anything else that reads
+            it zeroes it first.
         total: the sum of the example counts the fold bets on; each reply is weighted ``n / total``.
         hold_bytes: the most bytes the undo window's replies hold (:meth:`add_released`), counted by what each
             really keeps alive: an 8-bit reply its codes and block scales (a quarter of the accumulator's size), a
@@ -222,7 +224,9 @@ class MeanFold:
                  small_bytes: int = SMALL_BYTES, checked: bool = True) -> None:
         self.spec = spec
         self.total = total
-        self._acc = acc.zero_()
+        self._acc = acc
+        self._fresh = True  # ``acc`` is taken as zeros: the first reply of the checked pass is written into it
+        self._acc_np: tuple[Tensor, Any] | None = None  # (the accumulator, its numpy view) for the compiled pass
         self._parts = list(spec.unflatten(acc).values())
         self._home = acc  # where the sum ends (result()); an add aside may leave it in the scratch buffer until then
         self._other_parts: list[Tensor] | None = None  # views of the buffer that is not ``_acc`` (built when needed)
@@ -277,6 +281,7 @@ class MeanFold:
         payload = reply.payload
         if self.broken:  # nothing more to add: just the check the caller needs
             return values_within(*value_bounds([t for t in payload.values() if t.numel()]), max_abs)
+        self._zeroed()
         w = reply.num_examples / float(self.total)
         x = self.spec.flat_view(payload)
         ok = True
@@ -332,6 +337,7 @@ class MeanFold:
         w = reply.num_examples / float(self.total)
         bound = max_abs is not None
         if self.judge_first and (values is None or values.judge_first):  # small, float32: judged, then added
+            self._zeroed()
             # a reply held to undo (values of another kind) is decided: let it go; an undo after this reply
             # restores a snapshot taken anew, with this reply in it (the scratch may hold the sum now)
             self.flush(lazily=self.lazy)
@@ -340,6 +346,7 @@ class MeanFold:
             return verdict if verdict is not None else self._judge_then_add(reply, values, w, max_abs, max_norm)
         if self.checked and (values is None or values.judge_first):  # float32: checked block by block, no window
             return self._add_checked(reply, self._runs_checked(reply, values), w, max_abs, max_norm)
+        self._zeroed()
         source: Any = values
         if values is None:
             source = self.spec.flat_view(reply.payload)
@@ -388,15 +395,28 @@ class MeanFold:
             self.flush(lazily=self.lazy)
         return None, norm
 
-    def _runs_checked(self, reply: Any, values: Any) -> list[tuple[Tensor, Any]]:
+    def _zeroed(self) -> None:
+        """Zero the accumulator if nothing was written into it yet (see ``acc``)."""
+        if self._fresh:
+            self._acc.zero_()
+            self._fresh = False
+
+    def _numpy_acc(self) -> Any:
+        """A numpy view of the accumulator, made once per buffer: a reply's pass follows the copy of its message,
+        which leaves the cache cold, and there even ``Tensor.numpy()`` costs microseconds per call."""
+        if self._acc_np is None or self._acc_np[0] is not self._acc:
+            self._acc_np = (self._acc, self._acc.numpy())
+        return self._acc_np[1]
+
+    def _runs_checked(self, reply: Any, values: Any) -> list[tuple[Any, Any]]:
         """The ``(accumulator piece, values)`` pairs of a reply of float32 values, 1-D: the whole accumulator and
-        the message's values when they lie in its order (a numpy view: no tensor made per message), else one
+        the message's values when they lie in its order (numpy views: no tensor made per message), else one
         pair per segment of the layout, or per entry of a payload in several buffers."""
         if values is not None:
             segments = self._segments(values.layout)
             array = getattr(values, "array", None)
             if array is not None and len(segments) == 1 and segments[0][2] == array.shape[0] == self._acc.numel():
-                return [(self._acc, array)]
+                return [(self._numpy_acc(), array)]
             x = values.values()
             return [(self._acc[dst : dst + n], x[src : src + n]) for src, dst, n in segments]
         flat = self.spec.flat_view(reply.payload)
@@ -405,31 +425,43 @@ class MeanFold:
         return [(part.view(-1), reply.payload[k].detach().reshape(-1))
                 for part, k in zip(self._parts, self.spec.names, strict=True)]
 
-    def _add_checked(self, reply: Any, runs: list[tuple[Tensor, Any]], w: float, max_abs: float | None,
+    def _add_checked(self, reply: Any, runs: list[tuple[Any, Any]], w: float, max_abs: float | None,
                      max_norm: float) -> tuple[str | None, float]:
         """:meth:`add_released` for a reply of float32 values: added block by block while its running norm stays
         within ``max_norm`` and its values finite (and within ``max_abs``), measured in the same read
         (:func:`~lightning_fed.kernels.axpy_checked_`). Kept, its payload is released at once (no window);
         rejected, the blocks added before the one that failed are subtracted again (``acc - w * x``, one fma per
         element): nothing past that block was ever added, and each value subtracted is off by at most a rounding
-        of its add and one of its subtraction. Replies the window holds for an undo are decided first, and the
-        snapshot is retaken before the next reply with a window."""
+        of its add and one of its subtraction. The fold's first reply, in one run, is written into the
+        accumulator rather than added to it (``fresh``: no zeroing pass before it, the same bits); rejected, it
+        leaves the accumulator taken as zeros still. Replies the window holds for an undo are decided first, and
+        the snapshot is retaken before the next reply with a window."""
         if self._window:
             self.flush(lazily=self.lazy)
         self._snap_due = True
+        fresh = self._fresh and len(runs) == 1  # the first reply, in one run: written into the accumulator
+        if not fresh:
+            self._zeroed()
+        self._fresh = False
         limit = max_norm * max_norm if math.isfinite(max_norm) else math.inf
         sq, top, stops, failed = 0.0, 0.0, [], False
         for acc, x in runs:
-            s, t, stop = axpy_checked_(acc, x, w, before=sq, limit=-1.0 if failed else limit, max_abs=max_abs)
+            s, t, stop = axpy_checked_(acc, x, w, before=sq, limit=-1.0 if failed else limit, max_abs=max_abs,
+                                       fresh=fresh)
             failed = failed or stop < x.shape[0]
             sq, top = sq + s, max(top, t)
             stops.append(stop)
         if not math.isfinite(sq):  # a float32 sum past its range (torch's path), or a value that is not finite
             sq, top = _overflow_checked(sq, top, [_tensor(x) for _, x in runs])
         why, norm = _verdict(sq, top, max_abs, max_norm)
-        if failed or why is not None:
+        if fresh and why is not None:  # nothing was added before it: the accumulator is still taken as zeros
+            self._fresh = True
+        elif failed or why is not None:
             for (acc, x), stop in zip(runs, stops, strict=True):
+                acc = _tensor(acc)
                 if why is None and stop < x.shape[0]:  # stopped by a float32 overflow or at the limit's edge
+                    if fresh:
+                        acc[stop:].zero_()  # never written: what it held before
                     acc[stop:].add_(_tensor(x)[stop:], alpha=w)
                 elif why is not None and stop:
                     acc[:stop].add_(_tensor(x)[:stop], alpha=-w)
@@ -589,6 +621,7 @@ class MeanFold:
         sum overflowed; the caller checks each folded reply (and breaks the fold if it rejects one)."""
         if self.broken or not self._unchecked:
             return True
+        self._zeroed()
         return math.isfinite(float(self._acc.sum()))
 
     def covers(self, replies: list[Any]) -> bool:
@@ -612,6 +645,7 @@ class MeanFold:
     def result(self) -> Tensor:
         """The accumulated ``sum_i n_i / total * x_i`` (the buffer given), rescaled once by ``total / kept`` when
         released replies were folded and the kept replies' counts sum to ``kept != total``."""
+        self._zeroed()
         self._go_home()
         kept = self._kept()
         if kept != self.total and kept > 0 and not self._rescaled:
