@@ -13,8 +13,8 @@ round and divided by the replies: ``Server.receive`` (everything for one message
 (``FlatValues.add_into``) of a reply judged first (``--judge-first``), or the fused pass of one added whole
 (``--replay-undo``: ``FlatValues.add_measure``, and ``MeanFold._axpy_to_other``, the add aside that takes the
 snapshot; the window let go, ``MeanFold.flush``) or of 8-bit codes (``BlockwiseCodes.add_measure``), and the
-decode (``decode_deferred``; for 8-bit codes its frame, block scales and their check). Steps nest: a row includes
-the rows indented below it. Each wrapped call adds about a microsecond of clock reads. "floor" is
+decode (``decode_deferred``; for 8-bit codes its frame and the check of its block scales, read where they lie).
+Steps nest: a row includes the rows indented below it. Each wrapped call adds about a microsecond of clock reads. "floor" is
 ``aggregation.run_floor`` over the same number of replies. The best of ``--repeat`` rounds (by "ours").
 
 "Kernels alone": one reply of float32 values at a time, each a fresh copy made as a message is (not counted), the
@@ -50,7 +50,7 @@ from rich.table import Table
 
 from lightning_fed import _compiled, kernels
 from lightning_fed import server as server_mod
-from lightning_fed.codecs import base, blockwise, deferred, frame, vector
+from lightning_fed.codecs import base, blockwise, deferred, vector
 from lightning_fed.strategies import FedAvg
 from lightning_fed.strategies import aggregate as fold_mod
 
@@ -69,7 +69,6 @@ STEPS: list[tuple[Any, str, str, int]] = [  # (owner, attribute, label, depth)
     (base.Identity, "decode_deferred", "Identity.decode_deferred", 1),
     (vector.VectorCodec, "decode_deferred", "decode_deferred (8-bit)", 1),
     (vector.VectorCodec, "_open", "frame header and fingerprint", 2),
-    (frame.Reader, "floats", "block scales copied", 2),
     (blockwise, "_check_absmax", "block scales checked", 2),
 ]
 

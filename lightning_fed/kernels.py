@@ -60,13 +60,24 @@ def _loops() -> ModuleType:
     return _LOOPS
 
 
-def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
+def _array(t: Tensor | np.ndarray) -> np.ndarray:
+    """A numpy view of a tensor, or the array itself."""
+    return t if isinstance(t, np.ndarray) else t.numpy()
+
+
+def _as_tensor(t: Tensor | np.ndarray) -> Tensor:
+    """A tensor view of a numpy array (read-only ones too: only read), or the tensor itself."""
+    return t if isinstance(t, Tensor) else tensor_view(t)
+
+
+def dequantize_blockwise(codes: memoryview, absmax: Tensor | np.ndarray, code: Tensor, blocksize: int) -> Tensor:
     """``out[i] = code[codes[i]] * absmax[i // blocksize]`` as a new float32 tensor: bitsandbytes' blockwise
     8-bit dequantization (its fallback here without numba).
 
     Args:
         codes: one byte per value (read where it lies: no copy of the message).
-        absmax: float32 scale of each block, ``ceil(len(codes) / blocksize)`` of them.
+        absmax: float32 scale of each block, ``ceil(len(codes) / blocksize)`` of them (a tensor, or a numpy
+            view of the message's scales).
         code: the 256 float32 code points.
         blocksize: values per block.
     """
@@ -74,13 +85,13 @@ def dequantize_blockwise(codes: memoryview, absmax: Tensor, code: Tensor, blocks
     if NUMBA and n:
         out = torch.empty(n)
         _loops().dequantize(
-            np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(), blocksize, out.numpy()
+            np.frombuffer(codes, dtype=np.uint8), _array(absmax), code.numpy(), blocksize, out.numpy()
         )
         return out
     import bitsandbytes.functional as F
 
     as_tensor = torch.frombuffer(bytearray(codes), dtype=torch.uint8)
-    return F.dequantize_blockwise(as_tensor, absmax=absmax, code=code, blocksize=blocksize)
+    return F.dequantize_blockwise(as_tensor, absmax=_as_tensor(absmax), code=code, blocksize=blocksize)
 
 
 def _in_float64(sq: float, x: np.ndarray) -> float:
@@ -247,12 +258,13 @@ def _piece_step(blocksize: int) -> int:
     return max(blocksize, PIECE // blocksize * blocksize)
 
 
-def dequantize_measure(codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> tuple[float, float]:
+def dequantize_measure(codes: memoryview, absmax: Tensor | np.ndarray, code: Tensor,
+                       blocksize: int) -> tuple[float, float]:
     """``(sum of squares, largest |x|)`` of the values :func:`dequantize_blockwise` decodes, read from the codes
     (one byte per value) without decoding them into memory."""
     n = len(codes)
     if NUMBA and n:
-        return _loops().dequantize_measure(np.frombuffer(codes, dtype=np.uint8), absmax.numpy(), code.numpy(),
+        return _loops().dequantize_measure(np.frombuffer(codes, dtype=np.uint8), _array(absmax), code.numpy(),
                                            blocksize)
     sq, top = 0.0, 0.0
     step = _piece_step(blocksize)
@@ -264,8 +276,8 @@ def dequantize_measure(codes: memoryview, absmax: Tensor, code: Tensor, blocksiz
     return sq, top
 
 
-def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor, code: Tensor,
-                     blocksize: int, w: float) -> None:
+def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor | np.ndarray,
+                     code: Tensor, blocksize: int, w: float) -> None:
     """``acc[dst : dst + n] += w * x[src : src + n]`` in place, where ``x`` is what :func:`dequantize_blockwise`
     decodes from all of ``codes``: the values are decoded as they are added, never stored; bit-identical to
     decoding then ``acc[...].add_(x[...], alpha=w)``."""
@@ -274,7 +286,7 @@ def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int,
     if NUMBA:
         # the fold's own loop (the same additions, so the same bits: the undo's replay), its measures discarded
         _loops().dequantize_axpy_measure(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n,
-                                         absmax.numpy(), code.numpy(), blocksize, np.float32(w))
+                                         _array(absmax), code.numpy(), blocksize, np.float32(w))
         return
     step = _piece_step(blocksize)
     for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time
@@ -284,15 +296,16 @@ def dequantize_axpy_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int,
         acc[dst + lo - src : dst + hi - src].add_(piece[lo - s : hi - s], alpha=w)
 
 
-def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int, absmax: Tensor,
-                             code: Tensor, blocksize: int, w: float) -> tuple[float, float]:
+def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int, n: int,
+                             absmax: Tensor | np.ndarray, code: Tensor, blocksize: int,
+                             w: float) -> tuple[float, float]:
     """:func:`dequantize_axpy_` that also returns ``(sum of squares, largest |x|)`` of the values it added, in the
     same pass over the codes (the values are finite: the scales were checked)."""
     if not n:
         return 0.0, 0.0
     if NUMBA:
         return _loops().dequantize_axpy_measure(acc.numpy(), dst, np.frombuffer(codes, dtype=np.uint8), src, n,
-                                                absmax.numpy(), code.numpy(), blocksize, np.float32(w))
+                                                _array(absmax), code.numpy(), blocksize, np.float32(w))
     step = _piece_step(blocksize)
     sq, top = 0.0, 0.0
     for s in range(src // blocksize * blocksize, src + n, step):  # whole blocks, about PIECE values at a time

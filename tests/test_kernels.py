@@ -453,3 +453,29 @@ def test_the_checked_pass_adds_nothing_from_the_block_that_fails(why, monkeypatc
             assert not math.isfinite(sq) and (top == math.inf or max_abs is None), path
         else:
             assert sq == pytest.approx(float((x.double() ** 2).sum()), rel=1e-5), path
+
+
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_deferred_8bit_codes_read_their_scales_where_they_lie_and_decode_as_the_codec(blocksize, monkeypatch):
+    """The server's 8-bit path (``decode_deferred``) reads the block scales as a view of the message, not a copy;
+    its values, measures and fused add are those of the full decode, on both paths."""
+    import numpy as np
+
+    from lightning_fed.codecs import Blockwise8bit, DecodeArgs
+    from lightning_fed.protocol import spec_of
+
+    codec = Blockwise8bit(blocksize)
+    p = {"w": torch.randn(5000, generator=torch.Generator().manual_seed(blocksize)) * 0.1}
+    message = codec.encode(p, {})
+    args = DecodeArgs(sender=0, spec=spec_of(p))
+    want = codec.decode(message, {}, args)["w"]
+    for path in _paths(monkeypatch):
+        monkeypatch.setattr(fused, "NUMBA", path == "numba")
+        codes = codec.decode_deferred(message, {}, args)
+        assert isinstance(codes.absmax, np.ndarray) and not codes.absmax.flags.writeable  # the message's bytes
+        assert torch.equal(codes.values(), want), path
+        sq, top = codes.measure()
+        assert sq == pytest.approx(float((want.double() ** 2).sum()), rel=1e-5) and top == float(want.abs().max())
+        acc = torch.ones(5000)
+        codes.add_measure(acc, 0.25, [(0, 0, 5000)], True)
+        assert torch.equal(acc, torch.ones(5000).add_(want, alpha=0.25)), path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,8 +40,12 @@ def _bnb():
     return F
 
 
-def _check_absmax(absmax: Tensor) -> Tensor:
-    lo, hi = (float(v) for v in torch.aminmax(absmax))  # one read; a NaN makes both NaN
+def _check_absmax(absmax: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    """The block scales, unless one is negative or not finite (:class:`MalformedMessage`)."""
+    if isinstance(absmax, np.ndarray):  # a view of the message: numpy's two reads of a few kilobytes
+        lo, hi = float(absmax.min()), float(absmax.max())  # a NaN makes both NaN
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(absmax))  # one read; a NaN makes both NaN
     if not (lo >= 0 and math.isfinite(hi)):
         raise MalformedMessage("block scales must be finite and non-negative")
     return absmax
@@ -107,10 +112,12 @@ class Blockwise8bit(ValueCodec):
         return dequantize_blockwise(r.take(n, "8-bit codes"), absmax, self._dynamic_code(), self.blocksize)
 
     def defer_values(self, r: Reader, n: int) -> DeferredValues | None:
-        """The block scales (checked) and the codes where they lie in the message."""
+        """The block scales (checked) and the codes where they lie in the message: no copy of either (the
+        scales a read-only numpy view; what a message costs before its fold counts at small models)."""
         if n == 0:
             return None
-        absmax = _check_absmax(r.floats(math.ceil(n / self.blocksize), what="block scales"))
+        scales = r.take(4 * math.ceil(n / self.blocksize), "block scales")
+        absmax = _check_absmax(np.frombuffer(scales, dtype=np.float32))
         return BlockwiseCodes(r.take(n, "8-bit codes"), absmax, self._dynamic_code(), self.blocksize)
 
 
@@ -120,13 +127,13 @@ class BlockwiseCodes(DeferredValues):
     never stored as float32 unless :meth:`values` is asked for. The scales were checked finite, so every value
     is."""
 
-    def __init__(self, codes: memoryview, absmax: Tensor, code: Tensor, blocksize: int) -> None:
+    def __init__(self, codes: memoryview, absmax: Tensor | np.ndarray, code: Tensor, blocksize: int) -> None:
         self.codes, self.absmax, self.code, self.blocksize = codes, absmax, code, blocksize
 
     @property
     def nbytes(self) -> int:
         """The codes (one byte per value) and the float32 block scales: a quarter of the float32 values."""
-        return self.codes.nbytes + self.absmax.numel() * self.absmax.element_size()
+        return self.codes.nbytes + self.absmax.nbytes
 
     def measure(self, bound: bool = True) -> tuple[float, float]:
         """Sum of squares and largest magnitude of the decoded values, from the codes (both, always)."""
