@@ -27,6 +27,17 @@ from lightning_fed.strategies.aggregate import SMALL_BYTES, SMALL_HOLD_BYTES, Me
 _BEGIN_FOLD = FedAvg.begin_fold  # the strategy's own, before any test patches it
 
 
+def _on_path(path: str, monkeypatch, piece: int) -> None:
+    """Run the fold's kernels on ``path`` ("numba", skipped when numba is missing, or "torch", over pieces of
+    ``piece`` values)."""
+    from lightning_fed import kernels
+
+    if path == "numba" and not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed (the `fast` extra)")
+    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
+    monkeypatch.setattr(kernels, "PIECE", piece)
+
+
 def _folds_with(monkeypatch, **attrs) -> list[MeanFold]:
     """Make every fold FedAvg opens take ``attrs`` (set on it once opened); return the list the folds go into."""
     folds: list[MeanFold] = []
@@ -273,12 +284,7 @@ def test_int8_replies_are_folded_from_their_codes(path, tmp_path, monkeypatch):
     """With a reference, an 8-bit reply is measured and added straight from its codes (never decoded into a
     float32 buffer), bit-identical to decoding it and adding the copy; a reply over ``max_update_abs`` is decoded
     only to name its entry, and rejected before it touches the sum."""
-    from lightning_fed import kernels
-
-    if path == "numba" and not kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed (the `fast` extra)")
-    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
-    monkeypatch.setattr(kernels, "PIECE", 300)  # several pieces, not whole blocks of the codec's layout
+    _on_path(path, monkeypatch, 300)  # several pieces, not whole blocks of the codec's layout
     s, codec = _strategy(), Blockwise8bit(blocksize=64)
     server = _server(s, codec, tmp_path, max_update_abs=0.5)
     assert s.spec is not None
@@ -423,12 +429,7 @@ def test_the_checked_pass_keeps_a_reply_whose_squares_pass_float32_range_when_th
     sum is not finite); summed again in float64 the reply is kept, and the rest of it is added: the bits of
     ``add_`` over the whole reply. As the fold's first reply it is written into an accumulator that holds other
     values (never read, and what lies past the stop not kept either)."""
-    from lightning_fed import kernels
-
-    if path == "numba" and not kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed (the `fast` extra)")
-    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
-    monkeypatch.setattr(kernels, "PIECE", 100)
+    _on_path(path, monkeypatch, 100)
     s = _strategy()
     assert s.spec is not None
     x, y = _deltas(s.spec, 2, seed=3)
@@ -457,12 +458,7 @@ def test_a_reply_that_fails_late_in_the_checked_pass_is_subtracted(make_codec, p
     and values pass; one whose last values break the norm limit (or hold a NaN) is rejected after its first
     blocks were added, and those are subtracted again: the weights are the kept replies' mean up to a rounding
     or two per element, no window is held and nothing is undone from a snapshot."""
-    from lightning_fed import kernels
-
-    if path == "numba" and not kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed (the `fast` extra)")
-    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
-    monkeypatch.setattr(kernels, "PIECE", 100)  # the torch path checks pieces of 100 values
+    _on_path(path, monkeypatch, 100)  # the torch path checks pieces of 100 values
     s, codec = _strategy(), make_codec()
     server = _server(s, codec, tmp_path)
     assert s.spec is not None
@@ -758,12 +754,7 @@ def test_a_fold_takes_its_accumulator_as_zeros_whatever_it_holds(path, monkeypat
     """The fold does not zero its accumulator up front: the first reply of the checked pass is written into it,
     and every other way in (a rejected first reply, ``add``, the window's pass for ``checked=False``, a fold with
     no reply) still gives the sums of a zeroed accumulator, bit for bit."""
-    from lightning_fed import kernels
-
-    if path == "numba" and not kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed (the `fast` extra)")
-    monkeypatch.setattr(kernels, "NUMBA", path == "numba")
-    monkeypatch.setattr(kernels, "PIECE", 100)
+    _on_path(path, monkeypatch, 100)
     s = _strategy()
     assert s.spec is not None
     x, y = _deltas(s.spec, 2, seed=5)
