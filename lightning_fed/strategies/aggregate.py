@@ -439,7 +439,8 @@ class MeanFold:
         if self._window:
             self.flush(lazily=self.lazy)
         self._snap_due = True
-        fresh = self._fresh and len(runs) == 1  # the first reply, in one run: written into the accumulator
+        # the first reply, in one run over the whole accumulator: written into it
+        fresh = self._fresh and len(runs) == 1 and runs[0][0].shape[0] == self._acc.numel()
         if not fresh:
             self._zeroed()
         self._fresh = False
