@@ -65,7 +65,7 @@ def _array(t: Tensor | np.ndarray) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.numpy()
 
 
-def _as_tensor(t: Tensor | np.ndarray) -> Tensor:
+def as_tensor(t: Tensor | np.ndarray) -> Tensor:
     """A tensor view of a numpy array (read-only ones too: only read), or the tensor itself."""
     return t if isinstance(t, Tensor) else tensor_view(t)
 
@@ -90,8 +90,8 @@ def dequantize_blockwise(codes: memoryview, absmax: Tensor | np.ndarray, code: T
         return out
     import bitsandbytes.functional as F
 
-    as_tensor = torch.frombuffer(bytearray(codes), dtype=torch.uint8)
-    return F.dequantize_blockwise(as_tensor, absmax=_as_tensor(absmax), code=code, blocksize=blocksize)
+    codes_t = torch.frombuffer(bytearray(codes), dtype=torch.uint8)
+    return F.dequantize_blockwise(codes_t, absmax=as_tensor(absmax), code=code, blocksize=blocksize)
 
 
 def _in_float64(sq: float, x: np.ndarray) -> float:
@@ -191,8 +191,7 @@ def axpy_checked_(acc: Tensor | np.ndarray, x: Tensor | np.ndarray, w: float, *,
     bound = max_abs is not None
     lim = limit if math.isfinite(limit) else np.finfo(np.float64).max  # a sum that is not finite still stops
     if NUMBA:
-        a = acc if isinstance(acc, np.ndarray) else acc.numpy()
-        b = x if isinstance(x, np.ndarray) else x.numpy()
+        a, b = _array(acc), _array(x)
         max_bits = 0
         if bound:
             m32 = np.float32(max_abs)
@@ -204,7 +203,7 @@ def axpy_checked_(acc: Tensor | np.ndarray, x: Tensor | np.ndarray, w: float, *,
             return _in_float64(sq, b), 0.0, stop
         sq, top = _top(sq, top, b)
         return sq, top, stop
-    t, into = (x if isinstance(x, Tensor) else tensor_view(x)), (acc if isinstance(acc, Tensor) else tensor_view(acc))
+    t, into = as_tensor(x), as_tensor(acc)
     sq, top, stop = 0.0, 0.0, n
     for s in range(0, n, PIECE):
         piece = t[s : s + PIECE]
@@ -322,6 +321,7 @@ def dequantize_axpy_measure_(acc: Tensor, dst: int, codes: memoryview, src: int,
 __all__ = [
     "NUMBA",
     "PIECE",
+    "as_tensor",
     "axpy_checked_",
     "axpy_measure_",
     "axpy_measure_array_",

@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from lightning_fed.flat import FlatSpec
-from lightning_fed.kernels import axpy_checked_, axpy_measure_, axpy_to_measure_, measure, tensor_view
+from lightning_fed.kernels import (
+    as_tensor,
+    axpy_checked_,
+    axpy_measure_,
+    axpy_to_measure_,
+    measure,
+)
 from lightning_fed.protocol import RELEASED, Payload, value_bounds, values_within
 
 SMALL_BYTES = 8 << 20
@@ -121,11 +127,6 @@ def _overflow_checked(sq: float, top: float, flat: list[Tensor]) -> tuple[float,
     if math.isfinite(lo) and math.isfinite(hi):
         return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in flat), top
     return sq, math.inf
-
-
-def _tensor(x: Any) -> Tensor:
-    """``x`` as a tensor (a numpy view of a message's values becomes a tensor view of it: only read)."""
-    return x if isinstance(x, Tensor) else tensor_view(x)
 
 
 class MeanFold:
@@ -453,19 +454,19 @@ class MeanFold:
             sq, top = sq + s, max(top, t)
             stops.append(stop)
         if not math.isfinite(sq):  # a float32 sum past its range (torch's path), or a value that is not finite
-            sq, top = _overflow_checked(sq, top, [_tensor(x) for _, x in runs])
+            sq, top = _overflow_checked(sq, top, [as_tensor(x) for _, x in runs])
         why, norm = _verdict(sq, top, max_abs, max_norm)
         if fresh and why is not None:  # nothing was added before it: the accumulator is still taken as zeros
             self._fresh = True
         elif failed or why is not None:
             for (acc, x), stop in zip(runs, stops, strict=True):
-                acc = _tensor(acc)
+                acc = as_tensor(acc)
                 if why is None and stop < x.shape[0]:  # stopped by a float32 overflow or at the limit's edge
                     if fresh:
                         acc[stop:].zero_()  # never written: what it held before
-                    acc[stop:].add_(_tensor(x)[stop:], alpha=w)
+                    acc[stop:].add_(as_tensor(x)[stop:], alpha=w)
                 elif why is not None and stop:
-                    acc[:stop].add_(_tensor(x)[:stop], alpha=-w)
+                    acc[:stop].add_(as_tensor(x)[:stop], alpha=-w)
         if why is not None:
             return why, norm
         reply.payload = RELEASED
