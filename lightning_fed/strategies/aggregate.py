@@ -456,7 +456,7 @@ class MeanFold:
         if not math.isfinite(sq):  # a float32 sum past its range (torch's path), or a value that is not finite
             sq, top = _overflow_checked(sq, top, [as_tensor(x) for _, x in runs])
         why, norm = _verdict(sq, top, max_abs, max_norm)
-        if fresh and why is not None:  # nothing was added before it: the accumulator is still taken as zeros
+        if fresh and why is not None:  # what it wrote counts for nothing: the accumulator is still taken as zeros
             self._fresh = True
         elif failed or why is not None:
             for (acc, x), stop in zip(runs, stops, strict=True):
