@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- the transformer workload
-def _transformer_parts(accelerator: str, devices: int, processes_per_device: int, rounds: int, out: str):
+def _transformer_parts(accelerator: str, devices: int, processes_per_device: int, rounds: int, out: str,
+                       precision: str = "32-true"):
     import lightning as L
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -95,30 +96,35 @@ def _transformer_parts(accelerator: str, devices: int, processes_per_device: int
     loop = FedLoop(num_clients=20, clients_per_round=10, rounds=rounds, local_epochs=2,
                    partition=Dirichlet(alpha=0.5, min_samples=10), eval_every=rounds, checkpoint_every=0,
                    output_dir=out, verbose=False, plot=False, loggers=[], accelerator=accelerator, devices=devices,
-                   processes_per_device=processes_per_device, seed=0)
+                   processes_per_device=processes_per_device, precision=precision, seed=0)
     return loop, model, data
 
 
 # --------------------------------------------------------------------------- one configuration
-def _command(workload: str, processes: int, rounds: int, out: str, accelerator: str, per_device: int) -> list[str]:
+def _command(workload: str, processes: int, rounds: int, out: str, accelerator: str, per_device: int,
+             precision: str = "32-true") -> list[str]:
+    """The command line that runs one configuration."""
     if workload == "fedavg":
         return [sys.executable, "-m", "lightning_fed.cli", "fit", "--config", str(ROOT / "recipes/mnist1d/fedavg.yaml"),
                 "--loop.rounds", str(rounds), "--loop.devices", str(processes), "--loop.output_dir", out,
                 "--loop.verbose", "false", "--loop.plot", "false", "--loop.checkpoint_every", "0",
                 "--loop.loggers", "[]", "--loop.accelerator", accelerator,
-                "--loop.processes_per_device", str(per_device)]
+                "--loop.processes_per_device", str(per_device), "--loop.precision", precision]
     return [sys.executable, str(Path(__file__).resolve()), "--worker", "--rounds", str(rounds), "--out", out,
-            "--processes", str(processes), "--accelerator", accelerator, "--per-device", str(per_device)]
+            "--processes", str(processes), "--accelerator", accelerator, "--per-device", str(per_device),
+            "--precision", precision]
 
 
-def run_once(workload: str, processes: int, threads: int, rounds: int, accelerator: str, per_device: int) -> dict:
+def run_once(workload: str, processes: int, threads: int, rounds: int, accelerator: str, per_device: int,
+             precision: str = "32-true") -> dict:
     """Run one configuration in a fresh process tree; wall seconds, rounds seconds and the final weights."""
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
         t0 = time.perf_counter()
-        proc = subprocess.run(_command(workload, processes, rounds, out, accelerator, per_device), env=env,
+        proc = subprocess.run(_command(workload, processes, rounds, out, accelerator, per_device, precision), env=env,
                               capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -139,19 +145,21 @@ def main() -> None:
     p.add_argument("--processes", nargs="+", type=int, default=[2], help="process counts compared with 1")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--per-device", type=int, default=1, help="processes per GPU (accelerator cuda)")
+    p.add_argument("--precision", default="32-true", help="Fabric precision of every configuration (e.g. bf16-mixed)")
     p.add_argument("--json", type=str, default=None, help="also write the table here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         loop, model, data = _transformer_parts(args.accelerator, args.processes[0], args.per_device, args.rounds,
-                                               args.out)
+                                               args.out, args.precision)
         loop.fit(model, data)
         return
     cores = os.cpu_count() or 1
     configs = [(1, 1)] + ([(1, min(cores, max(args.processes)))] if args.accelerator == "cpu" and cores > 1 else [])
     configs += [(n, 1) for n in args.processes if n > 1]
     per_device = args.per_device if args.accelerator == "cpu" else max(args.processes)
+    where = torch.cuda.get_device_name(0) if args.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
     console = Console()
     rows = []
     for workload in args.workloads:
@@ -160,7 +168,7 @@ def main() -> None:
             for c in configs:  # alternate configurations within each repeat
                 console.print(f"[dim]{workload}: {c[0]} process(es) x {c[1]} thread(s)…[/dim]")
                 results[c].append(run_once(workload, c[0], c[1], args.rounds, args.accelerator,
-                                           1 if c[0] == 1 else per_device))
+                                           1 if c[0] == 1 else per_device, args.precision))
         base = results[(1, 1)]
         base_rounds = statistics.median(r["rounds"] for r in base)
         base_wall = statistics.median(r["wall"] for r in base)
@@ -171,9 +179,9 @@ def main() -> None:
             rows.append({"workload": workload, "processes": c[0], "threads": c[1], "rounds_s": r_med, "wall_s": w_med,
                          "speedup_rounds": base_rounds / r_med, "speedup_wall": base_wall / w_med,
                          "clients_per_s": 10 * args.rounds / r_med, "identical_to_1x1": same,
-                         "test_acc": rs[0]["acc"]})
-    table = Table(title=f"Clients in parallel ({args.rounds} rounds, {args.accelerator}, {cores} cores, median of "
-                        f"{args.repeats})")
+                         "test_acc": rs[0]["acc"], "precision": args.precision, "device": where})
+    table = Table(title=f"Clients in parallel ({args.rounds} rounds, {where}, {args.precision}, {cores} cores, "
+                        f"median of {args.repeats})")
     for col in ("workload", "processes x threads", "rounds s", "wall s", "speed-up (rounds)", "speed-up (wall)",
                 "clients/s", "weights = 1x1", "test acc"):
         table.add_column(col, justify="right")
