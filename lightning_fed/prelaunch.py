@@ -42,15 +42,18 @@ def launch_command() -> list[str]:
     spec = getattr(__main__, "__spec__", None)
     main_file = getattr(__main__, "__file__", None)
     name = spec.name if spec is not None else os.path.basename(main_file or "")
+    # pytest's own process, or one of pytest-xdist's workers (which run under `python -c`, like an interactive session)
+    xdist_worker = main_file is None and spec is None and "PYTEST_XDIST_WORKER" in os.environ
+    if xdist_worker or name.split(".")[0] in ("pytest", "_pytest", "py") or os.path.basename(
+            main_file or "").startswith("pytest"):
+        raise RuntimeError(
+            "FedLoop(devices>1) re-runs the command that started this process for the extra ranks, which would "
+            "re-run pytest: run the multi-process run in a subprocess (a script or `python -m lightning_fed.cli`)")
     if main_file is None and spec is None:
         raise RuntimeError(
             "FedLoop(devices>1) starts the extra ranks by re-running the command that started this process, and "
             "an interactive session has none: run a script or `lightning-fed fit ... --loop.devices N`, or start "
             "the processes with torchrun")
-    if name.split(".")[0] in ("pytest", "_pytest", "py") or os.path.basename(main_file or "").startswith("pytest"):
-        raise RuntimeError(
-            "FedLoop(devices>1) re-runs the command that started this process for the extra ranks, which would "
-            "re-run pytest: run the multi-process run in a subprocess (a script or `python -m lightning_fed.cli`)")
     if spec is None:
         return [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
     return [sys.executable, "-m", spec.name, *sys.argv[1:]]

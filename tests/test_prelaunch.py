@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from lightning_fed.prelaunch import planned_processes
+from lightning_fed.prelaunch import launch_command, planned_processes
 
 ROOT = Path(__file__).parents[1]
 TWO = str(ROOT / "recipes/mnist1d/fedavg_2proc.yaml")
@@ -70,3 +71,25 @@ if __name__ == "__main__":
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[rank: 1]" in proc.stderr  # the script ran a second time, as rank 1 (Lightning prefixes its output)
     assert len(list((tmp_path / "runs").glob("*/final.safetensors"))) == 1  # written by rank 0 only
+
+
+@pytest.mark.parametrize("xdist", [False, True])
+def test_a_session_with_no_command_to_re_run_is_refused_with_its_reason(monkeypatch, xdist):
+    """`python -c` or a notebook has no command for the extra ranks; under pytest-xdist that is pytest's worker."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # no __file__, no __spec__
+    if xdist:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    else:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    with pytest.raises(RuntimeError, match="would re-run pytest" if xdist else "an interactive session has none"):
+        launch_command()
+
+
+def test_a_script_is_re_run_as_it_was_started(monkeypatch, tmp_path):
+    main = types.ModuleType("__main__")
+    main.__file__ = str(tmp_path / "train.py")
+    main.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a script started from a test is not pytest
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), "--lr", "0.1"])
+    assert launch_command() == [sys.executable, str(tmp_path / "train.py"), "--lr", "0.1"]
