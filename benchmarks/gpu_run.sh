@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16 (items 6 and 8) in one command, for a lent GPU machine whose time is short.
+# The scale-out checks that need a GPU (the multi-process curve, mixed precision with several processes on CUDA)
+# in one command, for a lent GPU machine whose time is short.
 #
 #   bash benchmarks/gpu_run.sh wheels   # here, with pip access: the packages the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_run.sh          # there (the device tool: carry .whl, timeout_s 590); results under $OUT
