@@ -21,8 +21,8 @@ Steps nest: a row includes the rows indented below it. Each wrapped call adds ab
 accumulator reused: torch's ``add_`` (the floor's add); ``sumsq`` (the measure of a reply judged first, float64
 sums of the squares); the two one after the other (judging first, an option); ``axpy_sumsq`` (the fused add and
 measure, which then needs a snapshot and an undo window to take a rejection back: ``--replay-undo`` and 8-bit
-codes); ``axpy_checked`` (the checked pass, the library's path for float32 replies: each block added once it and
-the blocks before it are judged), and the same into a fresh accumulator (a fold's first reply: the accumulator
+codes); ``axpy_checked`` (the checked pass, the library's path for float32 replies: each block added, and put
+back from a scratch copy unless it and the blocks before it pass), and the same into a fresh accumulator (a fold's first reply: the accumulator
 written, not read); a float32 sum of squares (torch's ``dot``); and ``add_`` and ``axpy_sumsq``
 again with the last 16 messages kept alive, as an undo window keeps them (the oldest dropped as each new one is
 made, not timed). Best and median of ``--repeat``

@@ -55,14 +55,14 @@ def axpy_measure(acc: np.ndarray, x: np.ndarray, w: np.float32) -> tuple[float, 
             p += t * t
         sq += np.float64(p)
         for j in range(BLOCK):  # from the cache: the largest magnitude, an integer max of the sign-cleared bits
-            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+            top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
     s = n - n % BLOCK
     a, v, b = acc[s:], x[s:], bits[s:]
     for j in range(n - s):
         a[j] += w * v[j]
     sq += _tail_sumsq(v)
     for j in range(n - s):
-        top = max(top, b[j] & np.int32(0x7FFFFFFF))
+        top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
 
 
@@ -96,7 +96,9 @@ def sumsq(x: np.ndarray) -> float:  # pragma: no cover - compiled
 
 # The largest magnitude as the largest of the values' bits with the sign cleared (``bits`` is ``x`` viewed as
 # int32): for non-negative floats the integer order is the float order (inf above every finite value, NaN above
-# inf), and an integer max vectorises where a float max (NaN rules) does not.
+# inf), and an integer max vectorises where a float max (NaN rules) does not. numba types ``int32 & int32`` as
+# int64: every such max casts the masked bits back to int32, so it runs at int32 width (without AVX-512 there is no
+# vector int64 max, and an int64 max compiled to compares and blends took about twice as long).
 @numba.njit(fastmath={"reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def measure(x: np.ndarray, bits: np.ndarray) -> tuple[float, int]:  # pragma: no cover - compiled
     return _block_measure(x, bits, x.shape[0])
@@ -145,7 +147,7 @@ def _block_measure(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float, i
         # first ``m`` values (a block of the 8-bit fold, or all of ``vals`` for ``measure``)
         d = np.float64(vals[j])
         sq += d * d
-        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+        top = max(top, np.int32(bits[j] & np.int32(0x7FFFFFFF)))
     return sq, top
 
 
@@ -159,7 +161,7 @@ def _block_measure32(vals: np.ndarray, bits: np.ndarray, m: int) -> tuple[float,
     for j in range(m):
         t = vals[j]
         p += t * t
-        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+        top = max(top, np.int32(bits[j] & np.int32(0x7FFFFFFF)))
     return np.float64(p), top
 
 
@@ -357,14 +359,14 @@ def axpy_to_measure(
             p += t * t
         sq += np.float64(p)
         for j in range(BLOCK):
-            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+            top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
     s = n - n % BLOCK
     o, a, v, b = out[s:], acc[s:], x[s:], bits[s:]
     for j in range(n - s):
         o[j] = a[j] + w * v[j]
     sq += _tail_sumsq(v)
     for j in range(n - s):
-        top = max(top, b[j] & np.int32(0x7FFFFFFF))
+        top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
     return sq, np.float64(np.array([top], dtype=np.int32).view(np.float32)[0])
 
 
@@ -387,14 +389,17 @@ def axpy_to_sumsq(out: np.ndarray, acc: np.ndarray, x: np.ndarray, w: np.float32
     return sq + _tail_sumsq(v)
 
 
-# The fold's checked pass: per block, ``acc + w * x`` into a block-sized scratch and the block's float32 squares
-# (the loop body of ``axpy_to_measure``: the same bits), then, with the bound, the block's largest magnitude; the
-# block is copied into ``acc`` only while the running sum (plus ``before``) stays within ``limit`` and the
-# magnitudes within ``max_bits`` (the bits of the largest magnitude allowed). From the first block that fails on,
-# nothing more is added, but every block is still measured, so the sums are those of the other passes. ``w`` is
-# rounded to float32 here, as ``np.float32(w)`` rounds it. With ``fresh``, ``acc`` is read as zeros (its content
-# is not read): ``zero + w * x`` is written, ``zero`` a runtime +0.0, so the compiler keeps the add that turns a
-# product of -0.0 into the +0.0 that zeroing ``acc`` and adding would give.
+# The fold's checked pass: per block, the block of ``acc`` saved into a block-sized scratch while ``w * x`` is added
+# to it and the block's float32 squares summed (one loop streaming ``x`` and ``acc``, as ``axpy_sumsq`` does: the
+# same bits; a loop that judged a block before adding it read the two in separate passes, slower), then, with the
+# bound, the block's largest magnitude; the block stays added only while the running sum (plus ``before``) stays
+# within ``limit`` and the magnitudes within ``max_bits`` (the bits of the largest magnitude allowed), else it is
+# put back from the scratch. From the first block that fails on, every block is put back after its add, so
+# nothing more stays added, but every block is measured by the same loop, so the sums are those of the other
+# passes. ``w`` is rounded to float32 here, as ``np.float32(w)`` rounds it. With ``fresh``, ``acc`` is taken as
+# zeros (its content is only saved, for a block put back):
+# ``zero + w * x`` is written, ``zero`` a runtime +0.0, so the compiler keeps the add that turns a product of -0.0
+# into the +0.0 that zeroing ``acc`` and adding would give.
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, boundscheck=False, nogil=True, cache=True)
 def axpy_checked(
     acc: np.ndarray, x: np.ndarray, w64: float, before: float, limit: float, bound: bool, max_bits: int,
@@ -414,29 +419,30 @@ def axpy_checked(
         if fresh:
             for j in range(BLOCK):
                 t = v[j]
-                tmp[j] = z + w * t
+                tmp[j] = a[j]
+                a[j] = z + w * t
                 p += t * t
         else:
             for j in range(BLOCK):
                 t = v[j]
-                tmp[j] = a[j] + w * t
+                tmp[j] = a[j]
+                a[j] += w * t
                 p += t * t
         sq += np.float64(p)
         if bound:
             for j in range(BLOCK):
-                top = max(top, b[j] & np.int32(0x7FFFFFFF))
-        if stop == n:
-            if before + sq <= limit and top <= max_bits:
-                for j in range(BLOCK):
-                    a[j] = tmp[j]
-            else:
-                stop = s
+                top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
+        if stop == n and not (before + sq <= limit and top <= max_bits):
+            stop = s
+        if stop != n:  # the block put back as it was (past the stop, blocks are added and put back: the one loop
+            for j in range(BLOCK):  # body for every block, so the sums' bits do not depend on where it stopped)
+                a[j] = tmp[j]
     s = n - n % BLOCK
     a, v, b = acc[s:], x[s:], bits[s:]
     sq += _tail_sumsq(v)
     if bound:
         for j in range(n - s):
-            top = max(top, b[j] & np.int32(0x7FFFFFFF))
+            top = max(top, np.int32(b[j] & np.int32(0x7FFFFFFF)))
     if stop == n:
         if before + sq <= limit and top <= max_bits:
             if fresh:
