@@ -479,3 +479,23 @@ def test_deferred_8bit_codes_read_their_scales_where_they_lie_and_decode_as_the_
         acc = torch.ones(5000)
         codes.add_measure(acc, 0.25, [(0, 0, 5000)], True)
         assert torch.equal(acc, torch.ones(5000).add_(want, alpha=0.25)), path
+
+
+@pytest.mark.skipif(not fused.HAVE_NUMBA, reason="needs numba (the fast extra)")
+def test_the_largest_magnitude_is_taken_at_int32_width():
+    """numba types ``int32 & int32`` as int64; the compiled measures cast the masked bits back, so their max runs
+    on int32 vectors (an int64 max has no vector instruction without AVX-512: compares and blends, twice the time)."""
+    import numpy as np
+    from numba import types
+
+    from lightning_fed import _compiled
+
+    x = np.linspace(-3.0, 2.0, 2000, dtype=np.float32)
+    sq, top = _compiled.measure(x, x.view(np.int32))
+    assert top == np.array([np.float32(3.0)]).view(np.int32)[0]
+    (sig,) = _compiled.measure.nopython_signatures
+    assert sig.return_type[1] == types.int32
+    _, top = _compiled._block_measure32(x, x.view(np.int32), 1500)  # a block of the 8-bit fold's scalar loop
+    assert top == np.array([np.float32(3.0)]).view(np.int32)[0]
+    (sig,) = _compiled._block_measure32.nopython_signatures
+    assert sig.return_type[1] == types.int32
