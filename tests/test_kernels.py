@@ -491,7 +491,7 @@ def test_the_largest_magnitude_is_taken_at_int32_width():
     from lightning_fed import _compiled
 
     x = np.linspace(-3.0, 2.0, 2000, dtype=np.float32)
-    sq, top = _compiled.measure(x, x.view(np.int32))
+    _, top = _compiled.measure(x, x.view(np.int32))
     assert top == np.array([np.float32(3.0)]).view(np.int32)[0]
     (sig,) = _compiled.measure.nopython_signatures
     assert sig.return_type[1] == types.int32
