@@ -374,6 +374,7 @@ class FedLoop:
         self.console = Console(stderr=True, quiet=not (self.verbose and ranks.is_zero))
         found = resolve_resume(self.output_dir, resume, self.identity)  # refuses a mismatch before any write
         ckpt_dir, ckpt_state = found if found is not None else (None, None)
+        ranks.resume_hint = self._resume_hint(None if ckpt_state is None else int(ckpt_state["round"]))
         rows = self._setup_data(datamodule)
         if self._prepares(model):
             with rng_untouched():
@@ -430,6 +431,7 @@ class FedLoop:
                     final = self._final_eval or final
                     if self.checkpoint_every and ((r + 1) % self.checkpoint_every == 0 or r + 1 == self.rounds):
                         self.save_checkpoint(r)
+                        ranks.resume_hint = self._resume_hint(r)
                     progress.advance(metrics)
             ranks.activity = "the end of the run"
             if self.history and all(h.get("skipped") for h in self.history):
@@ -843,6 +845,17 @@ class FedLoop:
         return [-(-b // self.accumulate_grad_batches) for b in batches]
 
     # ------------------------------------------------------------------ checkpoints
+    def _resume_hint(self, last_round: int | None) -> str:
+        """How to go on when a rank dies, given the round (0-based) of this run's last checkpoint, ``None`` when it
+        has none yet: ``--resume last`` only when there is one (without one it would pick up an earlier run's)."""
+        if last_round is not None:
+            return (f"Continue it from its last checkpoint (after round {last_round + 1}) with `--resume last` "
+                    "(FedLoop.fit(resume='last')), with any number of processes.")
+        if not self.checkpoint_every:
+            return "This run writes no checkpoints (checkpoint_every=0): start it again."
+        return (f"No checkpoint has been written yet (one every {self.checkpoint_every} rounds): start the run "
+                "again, not with `--resume last` (which would continue an earlier run's last checkpoint, if any).")
+
     def save_checkpoint(self, r: int) -> Path:
         """Atomically checkpoint the state after round ``r`` (0-based); rank 0 writes it, every rank waits for it.
         Returns the checkpoint folder (other ranks: the run's checkpoints folder)."""

@@ -71,6 +71,10 @@ class Ranks:
     peers: list[tuple[str, int]] = field(default_factory=list)
     activity: str = "start-up"
     """What the ranks are doing (``"round 3"``), for the message when one of them dies."""
+    resume_hint: str = (
+        "Start it again, or continue it from its last checkpoint with `--resume last` (FedLoop.fit(resume='last')), "
+        "with any number of processes.")
+    """How to go on, for the message when a rank dies; the loop says whether this run has a checkpoint yet."""
 
     @property
     def is_zero(self) -> bool:
@@ -130,8 +134,7 @@ class Ranks:
         who = ", ".join(dead) if dead else "another rank (its own output says why)"
         return RankFailed(
             f"rank {self.rank}: {who} died during {self.activity}; the run stops ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Continue it from its last checkpoint with "
-            "`--resume last` (FedLoop.fit(resume='last')), with any number of processes.")
+            f"{str(err).splitlines()[0] if str(err) else ''}). {self.resume_hint}")
 
     def _dead(self) -> list[str]:
         deadline = time.monotonic() + 5.0  # a dying child is reaped within moments of the closed connection

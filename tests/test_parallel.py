@@ -279,18 +279,20 @@ def test_killed_rank_is_named_and_the_run_resumes(tmp_path, one_thread):
     died = _ranks(many, 2, env={"KILL_ROUND": "3", "KILL_RANK": "1"}, check=False)
     assert died.returncode != 0
     assert "rank 1" in died.stderr and "killed by signal 9" in died.stderr and "round 3" in died.stderr, died.stderr[-2000:]
-    assert "--resume last" in died.stderr
+    assert "Continue it from its last checkpoint (after round 2) with `--resume last`" in died.stderr
     _in_process(["fit", *many, "--resume", "last"])
     _assert_same(_state(tmp_path / "one"), _state(tmp_path / "many"), "killed at round 3, resumed, vs one process")
 
 
 def test_killed_rank_0_is_named_by_the_others(tmp_path):
-    """Rank 0 (the process that started the others) killed in round 2: rank 1 names it and stops."""
-    args = _dying(tmp_path, "fedavg")
+    """Rank 0 (the process that started the others) killed in round 2, before the run's first checkpoint: rank 1
+    names it, says that there is no checkpoint to continue from, and stops."""
+    args = [*_dying(tmp_path, "fedavg"), "--loop.checkpoint_every", "3"]
     died = _ranks([*args, "--loop.output_dir", str(tmp_path / "many")], 2, env={"KILL_ROUND": "2", "KILL_RANK": "0"},
                   check=False)
     assert died.returncode == -9
     assert "lightning-fed: error: rank 1: rank 0 (pid" in died.stderr and "died during round 2" in died.stderr
+    assert "No checkpoint has been written yet (one every 3 rounds): start the run again" in died.stderr, died.stderr
 
 
 def test_lpt_balances_by_cost():
@@ -374,3 +376,18 @@ def test_a_rank_that_cannot_see_the_run_folder_is_named(tmp_path):
     with pytest.raises(RankFailed, match=r"rank\(s\) \[1\] cannot see the run folder"):
         loop._check_shared_folder(tmp_path)
     assert (tmp_path / ".ranks" / "token").exists()
+
+
+def test_the_message_of_a_dead_rank_says_how_to_go_on(tmp_path):
+    """``--resume last`` is offered only once the run has a checkpoint (else it would continue an earlier run's)."""
+    from lightning_fed import FedLoop
+    from lightning_fed.ranks import Ranks
+
+    loop = FedLoop(output_dir=str(tmp_path), checkpoint_every=5, verbose=False)
+    assert "No checkpoint has been written yet (one every 5 rounds)" in loop._resume_hint(None)
+    assert "--resume last" in loop._resume_hint(4) and "(after round 5)" in loop._resume_hint(4)
+    off = FedLoop(output_dir=str(tmp_path), checkpoint_every=0, verbose=False)
+    assert "checkpoint_every=0" in off._resume_hint(None) and "--resume last" not in off._resume_hint(None)
+    ranks = Ranks(rank=1, world_size=2, resume_hint=loop._resume_hint(None))
+    message = str(ranks.failure(RuntimeError("Connection closed by peer")))
+    assert message.startswith("rank 1: another rank") and message.endswith(loop._resume_hint(None))
