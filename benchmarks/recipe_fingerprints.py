@@ -8,6 +8,13 @@ Refactors that must not change results compare two fingerprint files (before and
 
 The digest covers the final weights (``final.safetensors``) and every per-round metric except wall-clock
 seconds; the table shows which recipes kept bit-identical results.
+
+The same comparison checks that several processes give one process's results, recipe by recipe (``--devices``
+sets ``--loop.devices`` of every recipe; runs with more than one process are started by the command line, as a
+user's are):
+
+    OMP_NUM_THREADS=1 python benchmarks/recipe_fingerprints.py --devices 1 --out one.json
+    OMP_NUM_THREADS=1 python benchmarks/recipe_fingerprints.py --devices 2 --out two.json --compare one.json
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ ROOT = Path(__file__).parents[1] / "recipes"
 TIMED = ("seconds", "encode_s", "decode_s", "agg_s", "latency_ms", "busy_s", "wait_s")
 
 
-def fingerprint(recipe: Path, rounds: int, workdir: Path) -> dict[str, object]:
-    """Run ``recipe`` for ``rounds`` rounds (one local epoch, quiet) and digest what it produced."""
+def fingerprint(recipe: Path, rounds: int, workdir: Path, devices: int | None = None) -> dict[str, object]:
+    """Run ``recipe`` for ``rounds`` rounds (one local epoch, quiet; with ``devices``, that many processes instead
+    of the recipe's) and digest what it produced."""
     argv = ["fit", "--config", str(recipe), "--loop.rounds", str(rounds), "--loop.local_epochs", "1",
             "--loop.eval_every", "1", "--loop.checkpoint_every", "0", "--loop.verbose", "false",
             "--loop.plot", "false", "--loop.output_dir", str(workdir / recipe.stem)]
-    if yaml.safe_load(recipe.read_text())["loop"].get("devices", 1) > 1:  # its ranks re-run the command: not this one
+    if devices is not None:
+        argv += ["--loop.devices", str(devices)]
+    else:
+        devices = yaml.safe_load(recipe.read_text())["loop"].get("devices", 1)
+    if devices > 1:  # its ranks re-run the command: not this one
         subprocess.run([sys.executable, "-m", "lightning_fed.cli", *argv], check=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
         (run_dir,) = (workdir / recipe.stem).glob("version_*")
@@ -66,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipes", nargs="*", default=None, help="recipe stems (default: every recipe)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--compare", type=Path, default=None, help="an earlier fingerprint file")
+    p.add_argument("--devices", type=int, default=None,
+                   help="processes per run, for every recipe (default: each recipe's own loop.devices)")
     args = p.parse_args(argv)
     recipes = sorted(r for r in ROOT.glob("*/*.yaml") if r.parent.name != "search")  # search recipes: not `fit`
     if args.recipes:
@@ -75,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in recipes:
             key = f"{recipe.parent.name}/{recipe.stem}"
-            found[key] = fingerprint(recipe, args.rounds, Path(tmp))
+            found[key] = fingerprint(recipe, args.rounds, Path(tmp), args.devices)
     args.out.write_text(json.dumps(found, indent=1, sort_keys=True))
-    table = Table(title=f"recipe fingerprints, {args.rounds} rounds")
+    procs = "each recipe's processes" if args.devices is None else f"{args.devices} process(es)"
+    table = Table(title=f"recipe fingerprints, {args.rounds} rounds, {procs}")
     for col in ("recipe", "weights", "metrics", "test acc", *(["vs. earlier"] if old else [])):
         table.add_column(col)
     moved = 0
