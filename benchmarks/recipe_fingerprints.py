@@ -36,12 +36,9 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from lightning_fed.cli import run
+from lightning_fed.report import without_wall_clock
 
 ROOT = Path(__file__).parents[1] / "recipes"
-TIMED = ("seconds", "encode_s", "decode_s", "agg_s", "latency_ms", "busy_s", "wait_s", "fg_s", "loss_s", "rep_s",
-         "secagg_server_s", "secagg_client_s")
-"""Endings of the round metrics that are measured wall-clock time (left out of the digest); simulated times
-(``sim_time_s``, ``arrive_s``, ...) are results and stay in."""
 
 
 def fingerprint(recipe: Path, rounds: int, workdir: Path, devices: int | None = None) -> dict[str, object]:
@@ -68,7 +65,7 @@ def fingerprint(recipe: Path, rounds: int, workdir: Path, devices: int | None = 
     for name in sorted(weights):
         h.update(name.encode())
         h.update(weights[name].contiguous().numpy().tobytes())
-    metrics = [{k: v for k, v in row.items() if not any(k.endswith(t) for t in TIMED)} for row in result.history]
+    metrics = without_wall_clock(result.history)
     h_metrics = hashlib.sha256(json.dumps(metrics, sort_keys=True, default=float).encode()).hexdigest()
     acc = result.final_metrics.get("test_acc", result.final_metrics.get("val_acc", float("nan")))
     return {"weights": h.hexdigest()[:16], "metrics": h_metrics[:16], "acc": float(acc)}

@@ -7,6 +7,17 @@ from pathlib import Path
 
 from rich.table import Table
 
+WALL_CLOCK = ("seconds", "encode_s", "decode_s", "agg_s", "latency_ms", "busy_s", "wait_s", "fg_s", "loss_s", "rep_s",
+              "secagg_server_s", "secagg_client_s")
+"""Endings of the round metrics (``history.json``) that are measured wall-clock time; simulated times
+(``sim_time_s``, ``arrive_s``, ...) are results."""
+
+
+def without_wall_clock(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The round metrics less the measured wall-clock times (:data:`WALL_CLOCK`): what two runs that must agree
+    bit for bit (one process and several, a resumed run and an uninterrupted one) are compared on."""
+    return [{k: v for k, v in row.items() if not k.endswith(WALL_CLOCK)} for row in history]
+
 
 def partition_table(rows: list[tuple[int, int, list[int] | None]], max_rows: int = 30) -> Table:
     """A rich table of client id, sample count and label histogram (first ``max_rows`` clients); the histogram

@@ -25,6 +25,7 @@ from lightning_fed.checkpoint import find_checkpoint, load_checkpoint
 from lightning_fed.cli import run
 from lightning_fed.parallel import assign_lpt, pack_messages, unpack_messages
 from lightning_fed.protocol import ClientMessage
+from lightning_fed.report import without_wall_clock
 
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "recipes" / "mnist1d"
@@ -91,10 +92,9 @@ def _state(out_dir: Path) -> dict:
     (run_dir,) = sorted(out_dir.glob("version_*"))
     ckpt = find_checkpoint(run_dir)
     state = load_checkpoint(ckpt)
-    history = state.pop("history")  # wall-clock seconds differ
+    history = state.pop("history")
     flat = _flatten(state)
-    flat["rounds"] = [h["round"] for h in history]
-    flat["skipped"] = [h.get("skipped") for h in history]
+    flat["history"] = without_wall_clock(history)  # every round metric but the measured seconds
     for sub in ("clients", "senders"):
         for f in sorted((ckpt / sub).glob("client-*.pt")):
             flat.update(_flatten(torch.load(f, weights_only=True), f"{sub}/{f.name}"))
