@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from lightning_fed.data.loaders import index_batches
 from lightning_fed.seeding import Stream, generator, rng_untouched
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 log = logging.getLogger("lightning_fed")
 OWNER = "CCVR"
@@ -157,7 +157,7 @@ def fit_head(head: nn.Linear, x: Tensor, y: Tensor, *, epochs: int, lr: float, m
     return {k: v.detach().clone() for k, v in new.state_dict().items()}
 
 
-class CCVR:
+class CCVR(CheckedArguments):
     """Classifier calibration with virtual representations at evaluation rounds (``FedLoop(calibration=CCVR())``).
 
     Example::

@@ -79,7 +79,7 @@ from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.systems.clock import MacCounter, SimulatedClock, Workload
 from lightning_fed.trainer_view import TrainerView
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 log = logging.getLogger("lightning_fed")
 
@@ -104,7 +104,7 @@ class FitResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
 
 
-class FedLoop:
+class FedLoop(CheckedArguments):
     """Federated training of an unchanged LightningModule on a LightningDataModule's training set.
 
     Example::

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from lightning_fed.data.loaders import LabelsNotFound, dataset_labels, index_batches
 from lightning_fed.seeding import Stream, derive_seed, generator, rng_untouched, seed_rngs
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 from lightning_fed.weights import load_into
 
 HOLDOUTS = ("test", "shard")
@@ -124,7 +124,7 @@ class PersonalRun:
     write: bool
 
 
-class PersonalEval:
+class PersonalEval(CheckedArguments):
     """Personalized evaluation of every client at evaluation rounds (``FedLoop(personal_eval=PersonalEval())``).
 
     Example::

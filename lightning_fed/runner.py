@@ -40,6 +40,7 @@ from lightning_fed.seeding import derive_seed, seed_rngs
 from lightning_fed.store import ClientStore
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.trainer_view import TrainerView
+from lightning_fed.validation import CheckedArguments
 
 log = logging.getLogger("lightning_fed")
 
@@ -206,7 +207,7 @@ class ClientWork:
                              encode_s=encode_s, decode_s=decode_s, local_steps=reply.local_steps)
 
 
-class ClientRunner:
+class ClientRunner(CheckedArguments):
     """Where and when the clients of a round do their work. Subclasses implement :meth:`run`."""
 
     def run(self, tasks: list[ClientTask], work: ClientWork) -> list[ClientMessage]:

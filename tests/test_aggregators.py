@@ -275,9 +275,9 @@ def test_server_lr_and_server_optimizer_together_is_an_error(cls):
 
 @pytest.mark.parametrize("lr", [0, -1.0, float("nan"), True])
 def test_bad_learning_rates(lr):
-    with pytest.raises(ValueError, match=rf"ServerSGD: lr={lr!r} is not allowed; lr must be a number > 0"):
+    with pytest.raises(ValueError, match=rf"ServerSGD: lr={lr!r} is not allowed; lr must be a number( > 0)?$"):
         ServerSGD(lr=lr)
-    with pytest.raises(ValueError, match=rf"FedAvg: server_lr={lr!r} is not allowed; server_lr must be > 0"):
+    with pytest.raises(ValueError, match=rf"FedAvg: server_lr={lr!r} is not allowed; server_lr must be (> 0|a number)$"):
         FedAvg(server_lr=lr)
 
 

@@ -143,7 +143,7 @@ def test_client_callback_outside_fedloop_changes_nothing():
 
 @pytest.mark.parametrize("alpha", [0, -0.1, True, "0.1", None])
 def test_refusals(alpha):
-    with pytest.raises(ValueError, match=r"FedDyn: alpha=.* is not allowed; alpha must be a number > 0"):
+    with pytest.raises(ValueError, match=r"FedDyn: alpha=.* is not allowed; alpha must be a number( > 0|$)"):
         FedDyn(alpha=alpha)
     with pytest.raises(ValueError, match=r"FedDynClient: alpha=.* is not allowed"):
         FedDynClient(alpha=alpha)
@@ -189,6 +189,6 @@ def test_evaluate_mean_loads_the_mean_of_the_client_models():
     s.load_global(model)
     assert model.lin.weight.reshape(-1).tolist() == pytest.approx([1.25, 1.25])
     with pytest.raises(
-        ValueError, match="FedDyn: evaluate_mean=1 is not allowed; evaluate_mean must be a bool"
+        ValueError, match="FedDyn: evaluate_mean=1 is not allowed; evaluate_mean must be True or False"
     ):
         FedDyn(evaluate_mean=1)

@@ -1,10 +1,23 @@
-"""The one constructor-validation helper and its message format."""
+"""The constructor-validation helpers: the message format, and the simple-typed argument check."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from lightning_fed.validation import need
+from lightning_fed import FedLoop
+from lightning_fed.validation import (
+    ArgumentTypeError,
+    CheckedArguments,
+    _annotation_parts,
+    check_arguments,
+    fits,
+    need,
+)
 
 
 def test_need_passes_or_names_key_value_and_what_is_allowed():
@@ -13,3 +26,119 @@ def test_need_passes_or_names_key_value_and_what_is_allowed():
         need("Thing", False, "ratio", 2.0, "in [0, 1)")
     with pytest.raises(ValueError, match=r"scheme='int3' is not allowed"):
         need("QuantizationAware", False, "scheme", "int3", "one of ('int8',)")
+
+
+# --- simple-typed constructor arguments (check_arguments / CheckedArguments) ---
+
+PACKAGES = ("lightning_fed", "lightning_fed.strategies", "lightning_fed.codecs", "lightning_fed.callbacks",
+            "lightning_fed.data", "lightning_fed.systems", "lightning_fed.models", "lightning_fed.privacy",
+            "lightning_fed.moe", "lightning_fed.flower")
+# Records the library builds itself (messages, results, per-client profiles), not configuration a user writes.
+RECORDS = {"Instruction", "Reply", "FitResult", "TrainerView", "EncodeArgs", "DecodeArgs", "DeviceDataset",
+           "Profile", "Workload", "SecAggServer", "RoutingStats"}
+
+
+def _public_classes() -> list[type]:
+    seen: dict[type, None] = {}
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) and obj.__module__.startswith("lightning_fed") and not issubclass(obj, BaseException):
+                seen.setdefault(obj)
+    return list(seen)
+
+
+def _simple_parameters(cls: type) -> list[tuple[str, frozenset[str]]]:
+    """The simple-typed parameters of the constructor a user calls (``inspect.signature(cls)``)."""
+    out = []
+    for p in inspect.signature(cls).parameters.values():
+        parts = _annotation_parts(p.annotation)
+        if parts is not None and p.kind is not p.VAR_KEYWORD and p.kind is not p.VAR_POSITIONAL:
+            out.append((p.name, parts))
+    return out
+
+
+def _wrong(parts: frozenset[str]):
+    return next(v for v in ("3", 2.5, True, None, [1]) if not fits(v, parts))
+
+
+CLASSES = [c for c in _public_classes() if c.__name__ not in RECORDS and _simple_parameters(c)]
+CASES = [(c, name, parts) for c in CLASSES for name, parts in _simple_parameters(c)]
+
+
+def test_every_public_configurable_class_checks_its_arguments():
+    assert len(CLASSES) > 100
+    unchecked = [c.__name__ for c in CLASSES if not issubclass(c, CheckedArguments)]
+    assert unchecked == [], f"derive these from lightning_fed.validation.CheckedArguments: {unchecked}"
+
+
+@pytest.mark.parametrize(("cls", "name", "parts"), CASES, ids=[f"{c.__name__}.{n}" for c, n, _ in CASES])
+def test_a_wrong_simple_type_is_refused_before_the_constructor_runs(cls, name, parts):
+    value = _wrong(parts)
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: {name}={value!r} is not allowed; {name} must be "):
+        cls(**{name: value})  # the check runs before __init__: no other argument is needed
+
+
+def test_every_default_fits_its_annotation():
+    bad = []
+    for cls in CLASSES:
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or not klass.__module__.startswith("lightning_fed"):
+                continue
+            for p in list(inspect.signature(init).parameters.values())[1:]:
+                parts = _annotation_parts(p.annotation)
+                if parts is not None and p.default is not p.empty and not fits(p.default, parts):
+                    bad.append(f"{klass.__name__}.{p.name}={p.default!r}")
+    assert bad == []
+
+
+@check_arguments
+class _Thing:
+    def __init__(self, rounds: int, lr: float = 0.1, name: str | None = None, *, flag: bool = False, other=None):
+        self.args = (rounds, lr, name, flag, other)
+
+
+class _SubThing(_Thing):
+    pass
+
+
+def test_check_arguments_accepts_what_the_annotation_allows():
+    assert _Thing(np.int64(3), 1).args == (3, 1, None, False, None)  # numpy ints; an int where a float is asked
+    assert _Thing(3, np.float32(0.5), Path("runs"), flag=np.bool_(True), other="anything").args[2] == Path("runs")
+    assert list(inspect.signature(_Thing).parameters) == ["rounds", "lr", "name", "flag", "other"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((2.5,), {}, "rounds=2.5 is not allowed; rounds must be an int"),
+        ((True,), {}, "rounds=True is not allowed; rounds must be an int"),
+        ((3, "0.1"), {}, "lr='0.1' is not allowed; lr must be a number"),
+        ((3,), {"lr": False}, "lr=False is not allowed; lr must be a number"),
+        ((3,), {"name": 7}, "name=7 is not allowed; name must be a string or None"),
+        ((3,), {"flag": 1}, "flag=1 is not allowed; flag must be True or False"),
+    ],
+)
+def test_check_arguments_names_the_class_the_user_built(args, kwargs, message):
+    with pytest.raises(TypeError, match=rf"^_SubThing: {message}$"):
+        _SubThing(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 2.5}, {"num_clients": "10"}, {"seed": 1.0}, {"verbose": "yes"}])
+def test_fedloop_refuses_a_wrong_type_as_a_value_error_and_a_type_error(kwargs):
+    """Both ``except ValueError`` (every other misconfiguration) and ``except TypeError`` catch it."""
+    (name, value), = kwargs.items()
+    with pytest.raises(ArgumentTypeError, match=rf"^FedLoop: {name}={value!r} is not allowed") as err:
+        FedLoop(**kwargs)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
+
+
+def test_the_architecture_docs_configuration_example_prints_what_it_says(capsys):
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("### Configuration errors"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\n")]
+    exec(compile(code, "docs/architecture.md", "exec"), {})  # noqa: S102 - the documented example itself
+    said = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# FedLoop")]
+    assert capsys.readouterr().out.splitlines() == said

@@ -38,9 +38,10 @@ from torch.utils.data import Dataset
 
 from lightning_fed.codecs.base import Codec
 from lightning_fed.protocol import Instruction, Reply
+from lightning_fed.validation import CheckedArguments
 
 
-class FedCallback(Callback):
+class FedCallback(CheckedArguments, Callback):
     """A Lightning ``Callback`` with FedLoop's federated hooks (all no-ops by default)."""
 
     def on_round_start(self, trainer: Any, pl_module: Any, instructions: list[Instruction]) -> None:

@@ -24,6 +24,7 @@ from lightning_fed.codecs.deferred import FlatValues
 from lightning_fed.codecs.wire import expect_codec, header_prefix, pack, unpack
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload, PayloadSpec
+from lightning_fed.validation import CheckedArguments
 
 
 def check_share(share: float) -> float:
@@ -82,7 +83,7 @@ class DecodeArgs:
     max_bytes: int | None = None
 
 
-class Codec:
+class Codec(CheckedArguments):
     """Base class of update codecs.
 
     Subclasses set ``name`` and implement :meth:`encode` and :meth:`decode`; codecs with codec-wide server

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fed.seeding import rng_untouched
 from lightning_fed.store import atomic_torch_save
+from lightning_fed.validation import CheckedArguments
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +60,7 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42, cache_dir: str | Path 
     return data
 
 
-class MNIST1DDataModule(L.LightningDataModule):
+class MNIST1DDataModule(CheckedArguments, L.LightningDataModule):
     """MNIST-1D train (4,000) / test (1,000) sequences of length 40, 10 classes, generated locally.
 
     MNIST-1D has no validation split. ``val_fraction > 0`` carves one out of the TRAINING data (a seeded random

@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 
 from lightning_fed.data.loaders import LabelsNotFound, class_labels, dataset_labels
+from lightning_fed.validation import CheckedArguments
 
 
 class PartitionError(ValueError):
     """The partition cannot satisfy its settings for this dataset (e.g. too few samples per client)."""
 
 
-class Partition:
+class Partition(CheckedArguments):
     """Base class: split sample indices among clients.
 
     Subclasses implement ``_split(labels, num_clients, rng)``, which receives the int64 class label array, or,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_fed.validation import CheckedArguments
 
-class PublicData:
+
+class PublicData(CheckedArguments):
     """A shared set of inputs (and optionally labels) known to the server and to all clients.
 
     By default it is MNIST-1D generated with ``seed`` (use a seed other than the private data's, 42 by

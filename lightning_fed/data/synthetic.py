@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 
 def make_synthetic(
@@ -81,7 +81,7 @@ class DeviceDataset(TensorDataset):
         self.groups = groups
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(CheckedArguments, L.LightningDataModule):
     """Synthetic(alpha, beta) of the FedProx paper as a LightningDataModule, with one client per device.
 
     The training set is every device's train part (with its device id, for ``Natural()``); the test set the union

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_fed.validation import CheckedArguments
+
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 SPLITS = (1, 2, 3)
 
 
-class _Classifier(L.LightningModule):
+class _Classifier(CheckedArguments, L.LightningModule):
     """Shared training logic: cross-entropy, accuracy, SGD/Adam/AdamW."""
 
     def __init__(self, lr: float, optimizer: str, momentum: float, weight_decay: float, num_classes: int) -> None:

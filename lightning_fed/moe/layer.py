@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_fed.validation import CheckedArguments
+
 
 @dataclass
 class RoutingStats:
@@ -43,7 +45,7 @@ class RoutingStats:
     dropped: Tensor
 
 
-class MoELayer(nn.Module):
+class MoELayer(CheckedArguments, nn.Module):
     """Top-k mixture of experts over the last dimension of its input.
 
     Example::

@@ -24,9 +24,10 @@ from torch import Tensor
 from lightning_fed.flat import FlatSpec
 from lightning_fed.protocol import Payload
 from lightning_fed.strategies.aggregate import weighted_sum_, weighted_sum_payloads_
+from lightning_fed.validation import CheckedArguments
 
 
-class Aggregator:
+class Aggregator(CheckedArguments):
     """Base class of aggregation rules: ``out = rule(flats, weights)``, written in place into ``out``.
 
     Subclasses implement :meth:`__call__` and set :attr:`streaming`. An aggregator holds no state across

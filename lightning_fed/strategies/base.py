@@ -17,12 +17,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_fed.protocol import Instruction, Payload, PayloadSpec, Reply
+from lightning_fed.validation import CheckedArguments
 
 if TYPE_CHECKING:
     from lightning_fed.strategies.aggregate import MeanFold as Fold
 
 
-class Strategy:
+class Strategy(CheckedArguments):
     """Base class of server strategies. Subclasses implement every method that raises here.
 
     Attributes:

@@ -15,9 +15,10 @@ from typing import Any
 from torch import Tensor
 
 from lightning_fed.strategies.aggregate import apply_update_
+from lightning_fed.validation import CheckedArguments
 
 
-class ServerOptimizer:
+class ServerOptimizer(CheckedArguments):
     """Base class of server update rules, working in place on flat contiguous float32 buffers.
 
     The owning strategy calls :meth:`setup` with its global flat buffer whenever that buffer is (re)built: at

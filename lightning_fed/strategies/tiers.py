@@ -34,6 +34,7 @@ from lightning_fed.strategies.aggregate import example_weights
 from lightning_fed.strategies.aggregators import Aggregator, WeightedMean
 from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.server_opt import ServerOptimizer, ServerSGD
+from lightning_fed.validation import CheckedArguments
 from lightning_fed.weights import float_state, load_into
 
 log = logging.getLogger("lightning_fed")
@@ -50,7 +51,7 @@ def architecture_of(module: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...
     return tuple((k, tuple(v.shape)) for k, v in float_state(module).items())
 
 
-class ModelTiers:
+class ModelTiers(CheckedArguments):
     """Client architectures by capacity tier; tier 0 is the loop's model, ``models`` are tiers 1, 2, ….
 
     Example::

@@ -50,7 +50,7 @@ from lightning_fed.callbacks.footprint import float_copy
 from lightning_fed.protocol import ClientMessage, ClientTask
 from lightning_fed.seeding import Stream, generator, rng_untouched
 from lightning_fed.systems.profiles import ClientProfiles, Profile
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 OWNER = "SimulatedClock"
 FORWARD_BACKWARD = 3.0
@@ -170,7 +170,7 @@ class ClientTime:
     staleness: int = 0  # asynchronous rounds: versions the global model advanced while the client worked
 
 
-class SimulatedClock:
+class SimulatedClock(CheckedArguments):
     """Simulated time of synchronous rounds, with optional deadline, straggler policy, over-selection and dropouts.
 
     Example::

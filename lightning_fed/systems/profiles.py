@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lightning_fed.seeding import Stream, generator
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 OWNER = "ClientProfiles"
 CSV_COLUMNS = ("client_id", "flops_per_s", "up_bps", "down_bps", "dropout")
@@ -137,7 +137,7 @@ def read_profiles_csv(path: str | Path) -> list[Profile]:
     return [out[c] for c in sorted(out)]
 
 
-class ClientProfiles:
+class ClientProfiles(CheckedArguments):
     """Every client's compute speed, bandwidths and dropout probability, from a preset or a CSV.
 
     Example::
