@@ -7,6 +7,7 @@ import functools
 import inspect
 import numbers
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -39,45 +40,116 @@ class ArgumentTypeError(TypeError, ValueError):
 
 
 _SIMPLE = {"int": "an int", "float": "a number", "bool": "True or False", "str": "a string", "None": "None"}
+_PLURAL = {"int": "ints", "float": "numbers", "bool": "bools", "str": "strings", "None": "Nones"}
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+# An annotation the check understands: ("one", names) for a value of one of the simple types ``names``,
+# ("list", names) for a list (or tuple) of them, ("tuple", (names, names, ...)) for a list or tuple of that length.
+Kinds = tuple[tuple[str, Any], ...]
 
 
-def _annotation_parts(annotation: Any) -> frozenset[str] | None:
-    """``{"int", "None"}`` for ``int | None`` (a string under ``from __future__ import annotations``, or the types);
-    ``None`` when any part is not one of int, float, bool, str, None (such arguments are not checked)."""
+def _split(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets: ``"int | list[int | None]"`` -> ``["int", "list[int | None]"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _names(text: str) -> frozenset[str] | None:
+    names = frozenset(_split(text, "|"))
+    return names if names <= _SIMPLE.keys() else None
+
+
+def _annotation_parts(annotation: Any) -> Kinds | None:
+    """What ``annotation`` allows, as :data:`Kinds`: int, float, bool, str, None, lists of them
+    (``list[str]``, ``tuple[int, ...]``) and fixed tuples (``tuple[float, float]``), and unions of those (a string
+    under ``from __future__ import annotations``, or the types); ``None`` for anything else (not checked)."""
     if annotation is inspect.Parameter.empty:
         return None
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    parts = frozenset(part.strip() for part in text.split("|"))
-    return parts if parts <= _SIMPLE.keys() else None
+    simple: set[str] = set()
+    kinds: list[tuple[str, Any]] = []
+    for alternative in _split(text, "|"):
+        if alternative in _SIMPLE:
+            simple.add(alternative)
+            continue
+        match = re.fullmatch(r"(list|tuple)\[(.+)\]", alternative)
+        if match is None:
+            return None
+        items = _split(match.group(2), ",")
+        if match.group(1) == "list" or (len(items) == 2 and items[1] == "..."):
+            if len(items) > 2 or (names := _names(items[0])) is None:
+                return None
+            kinds.append(("list", names))
+        else:
+            item_names = [_names(item) for item in items]
+            if any(names is None for names in item_names):
+                return None
+            kinds.append(("tuple", tuple(item_names)))
+    return ((("one", frozenset(simple)),) if simple else ()) + tuple(kinds)
 
 
-def fits(value: Any, parts: frozenset[str]) -> bool:
-    """Whether ``value`` is of one of the simple types ``parts`` names: an int (numpy's too, never a bool) for
-    ``int``, any real number but a bool for ``float``, a bool for ``bool``, a string or a path for ``str``."""
+def _is(value: Any, names: frozenset[str]) -> bool:
     if value is None:
-        return "None" in parts
+        return "None" in names
     if isinstance(value, (bool, np.bool_)):
-        return "bool" in parts
+        return "bool" in names
     if isinstance(value, numbers.Integral):
-        return "int" in parts or "float" in parts
+        return "int" in names or "float" in names
     if isinstance(value, numbers.Real):
-        return "float" in parts
+        return "float" in names
     if isinstance(value, (str, os.PathLike)):
-        return "str" in parts
+        return "str" in names
     return False
 
 
-def described(parts: frozenset[str]) -> str:
-    """``"an int or None"`` for ``{"int", "None"}``: what the message says an argument must be."""
-    return " or ".join(_SIMPLE[name] for name in _SIMPLE if name in parts)
+def fits(value: Any, kinds: Kinds) -> bool:
+    """Whether ``value`` is what ``kinds`` (:func:`_annotation_parts`) allows: an int (numpy's too, never a bool)
+    for ``int``, any real number but a bool for ``float``, a bool for ``bool``, a string or a path for ``str``; a
+    list or tuple of such values for ``list[...]`` (never a string for ``list[str]``)."""
+    for kind, spec in kinds:
+        if kind == "one" and _is(value, spec):
+            return True
+        if isinstance(value, (list, tuple)):
+            if kind == "list" and all(_is(item, spec) for item in value):
+                return True
+            if kind == "tuple" and len(value) == len(spec) and all(map(_is, value, spec)):
+                return True
+    return False
+
+
+def _words(names: frozenset[str], table: dict[str, str]) -> str:
+    return " or ".join(table[name] for name in _SIMPLE if name in names)
+
+
+def described(kinds: Kinds) -> str:
+    """``"an int or a list of ints or None"`` for ``int | list[int] | None``: what the message says an argument
+    must be."""
+    phrases = []
+    for kind, spec in kinds:
+        if kind == "one" and spec - {"None"}:
+            phrases.append(_words(spec - {"None"}, _SIMPLE))
+        elif kind == "list":
+            phrases.append(f"a list of {_words(spec, _PLURAL)}")
+        elif kind == "tuple" and len(set(spec)) == 1:
+            phrases.append(f"a list of {len(spec)} {_words(spec[0], _PLURAL)}")
+        elif kind == "tuple":
+            phrases.append(f"a list of {len(spec)}: " + ", ".join(_words(names, _SIMPLE) for names in spec))
+    if any(kind == "one" and "None" in spec for kind, spec in kinds):
+        phrases.append("None")
+    return " or ".join(phrases)
 
 
 def check_arguments(cls: type) -> type:
     """Make ``cls.__init__`` refuse an argument of the wrong simple type before it runs.
 
-    The arguments annotated with int, float, bool, str or None (and their unions, e.g. ``int | None``) are
-    checked against their annotation (:func:`fits`); a wrong one raises :class:`ArgumentTypeError` (a
+    The arguments annotated with int, float, bool, str or None, lists of them, fixed tuples of them and unions of
+    those (e.g. ``int | None``, ``int | list[int] | None``, ``tuple[float, float]``) are checked against their
+    annotation (:func:`fits`); a wrong one raises :class:`ArgumentTypeError` (a
     ``TypeError`` and a ``ValueError``) in :func:`need`'s format, naming the class the user built, so
     ``FedLoop(rounds=2.5)`` or ``FedAvg(server_lr="1")`` fail where they are written rather than as a comparison
     error or a silent coercion later. Other arguments are left to the class.
@@ -136,4 +208,4 @@ class CheckedArguments:
         check_arguments(cls)
 
 
-__all__ = ["ArgumentTypeError", "CheckedArguments", "check_arguments", "described", "fits", "need"]
+__all__ = ["ArgumentTypeError", "CheckedArguments", "Kinds", "check_arguments", "described", "fits", "need"]

@@ -96,7 +96,9 @@ def test_every_default_fits_its_annotation():
 
 @check_arguments
 class _Thing:
-    def __init__(self, rounds: int, lr: float = 0.1, name: str | None = None, *, flag: bool = False, other=None):
+    def __init__(self, rounds: int, lr: float = 0.1, name: str | None = None, *, flag: bool = False, other=None,
+                 layers: list[str] | None = None, at: int | list[int] | None = None,
+                 size: tuple[float, float] = (0.0, 1.0)):
         self.args = (rounds, lr, name, flag, other)
 
 
@@ -107,7 +109,10 @@ class _SubThing(_Thing):
 def test_check_arguments_accepts_what_the_annotation_allows():
     assert _Thing(np.int64(3), 1).args == (3, 1, None, False, None)  # numpy ints; an int where a float is asked
     assert _Thing(3, np.float32(0.5), Path("runs"), flag=np.bool_(True), other="anything").args[2] == Path("runs")
-    assert list(inspect.signature(_Thing).parameters) == ["rounds", "lr", "name", "flag", "other"]
+    _Thing(1, layers=("fc1", Path("fc2")), at=[1, np.int64(2)], size=[1, 2.5])
+    _Thing(1, layers=[], at=3, size=(0.5, 0.5))
+    assert list(inspect.signature(_Thing).parameters) == ["rounds", "lr", "name", "flag", "other", "layers", "at",
+                                                          "size"]
 
 
 @pytest.mark.parametrize(
@@ -119,6 +124,9 @@ def test_check_arguments_accepts_what_the_annotation_allows():
         ((3,), {"lr": False}, "lr=False is not allowed; lr must be a number"),
         ((3,), {"name": 7}, "name=7 is not allowed; name must be a string or None"),
         ((3,), {"flag": 1}, "flag=1 is not allowed; flag must be True or False"),
+        ((3,), {"layers": "fc1"}, "layers='fc1' is not allowed; layers must be a list of strings or None"),
+        ((3,), {"at": [1, 2.5]}, r"at=\[1, 2\.5\] is not allowed; at must be an int or a list of ints or None"),
+        ((3,), {"size": (1.0,)}, r"size=\(1\.0,\) is not allowed; size must be a list of 2 numbers"),
     ],
 )
 def test_check_arguments_names_the_class_the_user_built(args, kwargs, message):
