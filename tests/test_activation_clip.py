@@ -118,7 +118,7 @@ def test_does_nothing_under_lightning_trainer(tmp_path):
     ("kw", "match"),
     [
         ({"layers": []}, r"layers=\[\] .* non-empty list"),
-        ({"layers": "conv1"}, r"layers='conv1' .* non-empty list"),
+        ({"layers": "conv1"}, r"layers='conv1' is not allowed; layers must be a list of strings"),
         ({"layers": ["conv1", "conv1"]}, r"layers=.* without repeated names"),
         ({"quantile": 0}, r"quantile=0 .* in \(0, 1\]"),
         ({"quantile": 1.5}, r"quantile=1\.5 .* in \(0, 1\]"),
