@@ -158,7 +158,6 @@ class ActivationClip(CleanDataDefence):
             quantile,
             "in (0, 1]",
         )
-        need("ActivationClip", isinstance(per_position, bool), "per_position", per_position, "True or False")
         self.layers = list(layers)
         self.quantile = float(quantile)
         self.per_position = per_position

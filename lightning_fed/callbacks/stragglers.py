@@ -66,7 +66,6 @@ class Stragglers(FedCallback):
             "a number in [0, 1]",
         )
         need("Stragglers", mode in MODES, "mode", mode, f"one of {MODES}")
-        need("Stragglers", isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an int")
         self.fraction = float(fraction)
         self.mode = mode
         self.seed = seed

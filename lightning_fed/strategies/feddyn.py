@@ -182,7 +182,6 @@ class FedDyn(FedAvg):
 
     def __init__(self, *, alpha: float = 0.01, evaluate_mean: bool = False) -> None:
         self.alpha = check_alpha("FedDyn", alpha)
-        need("FedDyn", isinstance(evaluate_mean, bool), "evaluate_mean", evaluate_mean, "a bool")
         self.evaluate_mean = evaluate_mean
         self.client = FedDynClient(self.alpha)
         super().__init__(aggregator=UniformMean())

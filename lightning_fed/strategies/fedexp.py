@@ -67,10 +67,6 @@ class FedExP(FedAvg):
                 f"FedExP: aggregator={aggregator!r} is not allowed; FedExP's step size is defined for "
                 "a mean: WeightedMean() (the default) or UniformMean()"
             )
-        if not isinstance(average_last, bool):
-            raise ValueError(
-                f"FedExP: average_last={average_last!r} is not allowed; average_last must be a bool"
-            )
         super().__init__(aggregator=aggregator)
         self.eps = float(eps)
         self.average_last = average_last

@@ -132,7 +132,6 @@ class FLTrust(RobustAggregator):
             lr_decay,
             "a RoundLRDecay or None",
         )
-        need("FLTrust", isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer")
         self.clean = clean
         self.epochs = epochs
         self.lr = float(lr)

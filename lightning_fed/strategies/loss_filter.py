@@ -138,7 +138,6 @@ class LossFilter(FedAvg):
             min_gain,
             "a finite number",
         )
-        need(name, isinstance(record, bool), "record", record, "True or False")
         check_max_norm_ratio(name, max_norm_ratio)
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.clean = clean

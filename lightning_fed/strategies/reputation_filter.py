@@ -110,7 +110,6 @@ class ReputationFilter(FedAvg):
             min_reputation,
             "in [0, 1)",
         )
-        need(name, isinstance(norm_memory, bool), "norm_memory", norm_memory, "True or False")
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         self.reference = reference
         self.byzantine = byzantine

@@ -45,7 +45,6 @@ class ServerMomentum(TorchServerOptimizer):
         super().__init__()
         self.lr = check_lr("ServerMomentum", lr)
         self.momentum = check_unit("ServerMomentum", "momentum", momentum)
-        need("ServerMomentum", isinstance(nesterov, bool), "nesterov", nesterov, "True or False")
         need(
             "ServerMomentum",
             not nesterov or self.momentum > 0,
