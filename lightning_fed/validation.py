@@ -64,7 +64,7 @@ def _names(text: str) -> frozenset[str] | None:
     return names if names <= _SIMPLE.keys() else None
 
 
-def _annotation_parts(annotation: Any) -> Kinds | None:
+def annotation_kinds(annotation: Any) -> Kinds | None:
     """What ``annotation`` allows, as :data:`Kinds`: int, float, bool, str, None, lists of them
     (``list[str]``, ``tuple[int, ...]``) and fixed tuples (``tuple[float, float]``), and unions of those (a string
     under ``from __future__ import annotations``, or the types); ``None`` for anything else (not checked)."""
@@ -108,7 +108,7 @@ def _is(value: Any, names: frozenset[str]) -> bool:
 
 
 def fits(value: Any, kinds: Kinds) -> bool:
-    """Whether ``value`` is what ``kinds`` (:func:`_annotation_parts`) allows: an int (numpy's too, never a bool)
+    """Whether ``value`` is what ``kinds`` (:func:`annotation_kinds`) allows: an int (numpy's too, never a bool)
     for ``int``, any real number but a bool for ``float``, a bool for ``bool``, a string or a path for ``str``; a
     list or tuple of such values for ``list[...]`` (never a string for ``list[str]``)."""
     for kind, spec in kinds:
@@ -171,24 +171,24 @@ def check_arguments(cls: type) -> type:
     params = list(inspect.signature(init).parameters.values())[1:]  # without self
     rules = []
     for index, p in enumerate(params):
-        parts = _annotation_parts(p.annotation)
-        if parts is not None and p.kind in (*_POSITIONAL, inspect.Parameter.KEYWORD_ONLY):
-            rules.append((index if p.kind in _POSITIONAL else None, p.name, parts))
+        kinds = annotation_kinds(p.annotation)
+        if kinds is not None and p.kind in (*_POSITIONAL, inspect.Parameter.KEYWORD_ONLY):
+            rules.append((index if p.kind in _POSITIONAL else None, p.name, kinds))
     if not rules:
         return cls
 
     @functools.wraps(init)
     def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        for index, name, parts in rules:
+        for index, name, kinds in rules:
             if name in kwargs:
                 value = kwargs[name]
             elif index is not None and index < len(args):
                 value = args[index]
             else:
                 continue
-            if not fits(value, parts):
+            if not fits(value, kinds):
                 raise ArgumentTypeError(
-                    f"{type(self).__name__}: {name}={value!r} is not allowed; {name} must be {described(parts)}"
+                    f"{type(self).__name__}: {name}={value!r} is not allowed; {name} must be {described(kinds)}"
                 )
         init(self, *args, **kwargs)
 
@@ -208,4 +208,6 @@ class CheckedArguments:
         check_arguments(cls)
 
 
-__all__ = ["ArgumentTypeError", "CheckedArguments", "Kinds", "check_arguments", "described", "fits", "need"]
+__all__ = [
+    "ArgumentTypeError", "CheckedArguments", "Kinds", "annotation_kinds", "check_arguments", "described", "fits", "need"
+]
