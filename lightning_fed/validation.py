@@ -122,6 +122,18 @@ def fits(value: Any, kinds: Kinds) -> bool:
     return False
 
 
+def python_scalars(value: Any) -> Any:
+    """``value`` with numpy scalars made Python's (``np.int64(32)`` -> ``32``, ``np.float32(0.5)`` -> ``0.5``,
+    ``np.bool_`` -> ``bool``), also as the items of a list or tuple (a new one; the caller's is left as it was);
+    ``value`` itself when there is none. Torch (``DataLoader(batch_size=np.int64(32))`` refuses it), JSON and
+    YAML take only Python's numbers."""
+    if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.number)):
+        return value.item()
+    if type(value) in (list, tuple) and any(isinstance(item, np.generic) for item in value):
+        return type(value)(python_scalars(item) for item in value)
+    return value
+
+
 def _words(names: frozenset[str], table: dict[str, str]) -> str:
     return " or ".join(table[name] for name in _SIMPLE if name in names)
 
@@ -152,7 +164,9 @@ def check_arguments(cls: type) -> type:
     annotation (:func:`fits`); a wrong one raises :class:`ArgumentTypeError` (a
     ``TypeError`` and a ``ValueError``) in :func:`need`'s format, naming the class the user built, so
     ``FedLoop(rounds=2.5)`` or ``FedAvg(server_lr="1")`` fail where they are written rather than as a comparison
-    error or a silent coercion later. Other arguments are left to the class.
+    error or a silent coercion later. A numpy scalar that fits (``np.int64(32)`` for an int) reaches the
+    constructor as the Python number it stands for (:func:`python_scalars`). Other arguments are left to the
+    class.
     The recipe path checks the same types earlier (jsonargparse); this is the check for Python users.
     ``inspect.signature`` and the documentation still see the original ``__init__``.
 
@@ -190,6 +204,12 @@ def check_arguments(cls: type) -> type:
                 raise ArgumentTypeError(
                     f"{type(self).__name__}: {name}={value!r} is not allowed; {name} must be {described(kinds)}"
                 )
+            plain = python_scalars(value)
+            if plain is not value:  # a numpy scalar passed on as the Python number it stands for
+                if name in kwargs:
+                    kwargs[name] = plain
+                else:
+                    args = (*args[:index], plain, *args[index + 1 :])  # type: ignore[index,operator]
         init(self, *args, **kwargs)
 
     checked_init.__checks_arguments__ = True  # type: ignore[attr-defined]
@@ -209,5 +229,6 @@ class CheckedArguments:
 
 
 __all__ = [
-    "ArgumentTypeError", "CheckedArguments", "Kinds", "annotation_kinds", "check_arguments", "described", "fits", "need"
+    "ArgumentTypeError", "CheckedArguments", "Kinds", "annotation_kinds", "check_arguments", "described", "fits", "need",
+    "python_scalars",
 ]

@@ -19,6 +19,7 @@ from lightning_fed.validation import (
     check_arguments,
     fits,
     need,
+    python_scalars,
 )
 
 
@@ -102,6 +103,7 @@ class _Thing:
                  layers: list[str] | None = None, at: int | list[int] | None = None,
                  size: tuple[float, float] = (0.0, 1.0)):
         self.args = (rounds, lr, name, flag, other)
+        self.rest = (layers, at, size)
 
 
 class _SubThing(_Thing):
@@ -115,6 +117,33 @@ def test_check_arguments_accepts_what_the_annotation_allows():
     _Thing(1, layers=[], at=3, size=(0.5, 0.5))
     assert list(inspect.signature(_Thing).parameters) == ["rounds", "lr", "name", "flag", "other", "layers", "at",
                                                           "size"]
+
+
+def test_python_scalars_makes_numpy_scalars_python_numbers():
+    assert [(v, type(v)) for v in map(python_scalars, (np.int64(3), np.float32(0.5), np.bool_(True)))] == [
+        (3, int), (0.5, float), (True, bool)]
+    given = [1, np.int64(2)]
+    out = python_scalars(given)
+    assert out == [1, 2] and type(out[1]) is int and type(given[1]) is np.int64  # a new list; the caller's as it was
+    pair = python_scalars((np.float64(1.5), 2))
+    assert pair == (1.5, 2) and type(pair) is tuple and type(pair[0]) is float
+    for plain in (3, 0.5, "s", None, [1, 2], (1.0, "a")):
+        assert python_scalars(plain) is plain
+
+
+def test_numpy_scalars_reach_the_constructor_as_python_numbers():
+    """A sweep's ``np.int64`` works like an int downstream (torch's ``DataLoader`` refuses ``np.int64`` batch
+    sizes; JSON and YAML refuse numpy scalars)."""
+    at = [1, np.int64(2)]
+    t = _SubThing(np.int64(3), lr=np.float32(0.5), flag=np.bool_(True), at=at, size=(np.float64(1.0), 2))
+    assert [type(v) for v in (*t.args[:2], t.args[3], t.rest[1][1], t.rest[2][0])] == [int, float, bool, int, float]
+    assert t.args[:4] == (3, 0.5, None, True) and t.rest[1:] == ([1, 2], (1.0, 2)) and type(at[1]) is np.int64
+    from lightning_fed.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(num_devices=np.int64(3), batch_size=np.int64(4), seed=np.int64(0))
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))[:2]
+    assert type(dm.batch_size) is int and len(x) == len(y) == 4
 
 
 @pytest.mark.parametrize(
