@@ -195,14 +195,13 @@ class CCVR(CheckedArguments):
         seed: int = 0,
         feature_batch_size: int = 256,
     ) -> None:
-        need(OWNER, isinstance(head, str) and bool(head), "head", head, "the name of the model's last nn.Linear")
+        need(OWNER, bool(head), "head", head, "the name of the model's last nn.Linear")
         for key, value in (("per_class", per_class), ("epochs", epochs), ("batch_size", batch_size),
                            ("feature_batch_size", feature_batch_size)):
-            need(OWNER, isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value,
-                 "an integer >= 1")
-        need(OWNER, isinstance(lr, int | float) and lr > 0, "lr", lr, "> 0")
-        need(OWNER, isinstance(momentum, int | float) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        need(OWNER, isinstance(ridge, int | float) and ridge >= 0, "ridge", ridge, ">= 0")
+            need(OWNER, value >= 1, key, value, "an integer >= 1")
+        need(OWNER, lr > 0, "lr", lr, "> 0")
+        need(OWNER, 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        need(OWNER, ridge >= 0, "ridge", ridge, ">= 0")
         self.head, self.per_class, self.epochs, self.lr, self.momentum = head, per_class, epochs, float(lr), momentum
         self.batch_size, self.ridge, self.seed, self.feature_batch_size = batch_size, float(ridge), seed, feature_batch_size
         self.run: CalibrationRun | None = None

@@ -155,11 +155,11 @@ class PersonalEval(CheckedArguments):
     ) -> None:
         owner = type(self).__name__
         need(owner, holdout in HOLDOUTS, "holdout", holdout, f"one of {HOLDOUTS}")
-        need(owner, isinstance(size, int) and size >= 1, "size", size, "an integer >= 1")
+        need(owner, size >= 1, "size", size, "an integer >= 1")
         need(owner, 0 < fraction < 1, "fraction", fraction, "in (0, 1)")
         need(
             owner,
-            isinstance(batch_size, int) and batch_size >= 1,
+            batch_size >= 1,
             "batch_size",
             batch_size,
             "an integer >= 1",

@@ -52,6 +52,7 @@ from lightning_fed.search_space import (
     tier_names,
     with_knobs,
 )
+from lightning_fed.validation import CheckedArguments
 
 log = logging.getLogger("lightning_fed")
 
@@ -76,7 +77,7 @@ class SearchResult:
     recipe: Path | None = None
 
 
-class ArchSearch:
+class ArchSearch(CheckedArguments):
     """Search each tier's size knobs for the best validation score within its measured budget.
 
     Args:

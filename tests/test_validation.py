@@ -35,7 +35,8 @@ def test_need_passes_or_names_key_value_and_what_is_allowed():
 
 PACKAGES = ("lightning_fed", "lightning_fed.strategies", "lightning_fed.codecs", "lightning_fed.callbacks",
             "lightning_fed.data", "lightning_fed.systems", "lightning_fed.models", "lightning_fed.privacy",
-            "lightning_fed.moe", "lightning_fed.flower")
+            "lightning_fed.moe", "lightning_fed.flower", "lightning_fed.search",
+            "lightning_fed.strategies.fedavg_ft")
 # Records the library builds itself (messages, results, per-client profiles), not configuration a user writes.
 RECORDS = {"Instruction", "Reply", "FitResult", "TrainerView", "EncodeArgs", "DecodeArgs", "DeviceDataset",
            "Profile", "Workload", "SecAggServer", "RoutingStats"}

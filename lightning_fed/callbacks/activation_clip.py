@@ -153,7 +153,7 @@ class ActivationClip(CleanDataDefence):
         )
         need(
             "ActivationClip",
-            isinstance(quantile, int | float) and not isinstance(quantile, bool) and 0 < quantile <= 1,
+            0 < quantile <= 1,
             "quantile",
             quantile,
             "in (0, 1]",

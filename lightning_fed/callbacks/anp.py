@@ -143,17 +143,17 @@ class ANP(CleanDataDefence):
             layers,
             "a non-empty list of Conv/Linear submodule names (e.g. ['conv1', 'conv2', 'conv3'])",
         )
-        need("ANP", isinstance(eps, int | float) and not isinstance(eps, bool) and eps > 0, "eps", eps, "> 0")
+        need("ANP", eps > 0, "eps", eps, "> 0")
         need(
             "ANP",
-            isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 <= alpha <= 1,
+            0 <= alpha <= 1,
             "alpha",
             alpha,
             "in [0, 1]",
         )
         need(
             "ANP",
-            isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1,
+            0 <= threshold <= 1,
             "threshold",
             threshold,
             "in [0, 1]",

@@ -91,9 +91,9 @@ class Attack(FedCallback):
 
     def __init__(self, fraction: float = 0.2, mode: str = "fixed", seed: int = 0, start_round: int = 0) -> None:
         owner = type(self).__name__
-        need(owner, isinstance(fraction, int | float) and 0 <= fraction <= 1, "fraction", fraction, "in [0, 1]")
+        need(owner, 0 <= fraction <= 1, "fraction", fraction, "in [0, 1]")
         need(owner, mode in MODES, "mode", mode, f"one of {MODES}")
-        need(owner, isinstance(start_round, int) and start_round >= 0, "start_round", start_round, "an integer >= 0")
+        need(owner, start_round >= 0, "start_round", start_round, "an integer >= 0")
         self.fraction = float(fraction)
         self.mode = mode
         self.seed = seed
@@ -167,9 +167,8 @@ class LabelFlip(Attack):
     def __init__(self, fraction: float = 0.2, mode: str = "fixed", seed: int = 0, start_round: int = 0,
                  num_classes: int = 10, target: int | None = None) -> None:
         super().__init__(fraction, mode, seed, start_round)
-        need("LabelFlip", isinstance(num_classes, int) and num_classes >= 2, "num_classes", num_classes,
-             "an integer >= 2")
-        need("LabelFlip", target is None or (isinstance(target, int) and 0 <= target < num_classes), "target", target,
+        need("LabelFlip", num_classes >= 2, "num_classes", num_classes, "an integer >= 2")
+        need("LabelFlip", target is None or 0 <= target < num_classes, "target", target,
              f"None or a class in [0, {num_classes})")
         self.num_classes = num_classes
         self.target = target
@@ -201,7 +200,7 @@ class SignFlip(Attack):
     def __init__(self, fraction: float = 0.2, mode: str = "fixed", seed: int = 0, start_round: int = 0,
                  scale: float = 1.0) -> None:
         super().__init__(fraction, mode, seed, start_round)
-        need("SignFlip", isinstance(scale, int | float) and scale > 0, "scale", scale, "> 0")
+        need("SignFlip", scale > 0, "scale", scale, "> 0")
         self.scale = float(scale)
 
     def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:
@@ -230,7 +229,7 @@ class GaussianUpdate(Attack):
     def __init__(self, fraction: float = 0.2, mode: str = "fixed", seed: int = 0, start_round: int = 0,
                  std: float = 1.0) -> None:
         super().__init__(fraction, mode, seed, start_round)
-        need("GaussianUpdate", isinstance(std, int | float) and std > 0, "std", std, "> 0")
+        need("GaussianUpdate", std > 0, "std", std, "> 0")
         self.std = float(std)
 
     def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:
@@ -269,7 +268,7 @@ class LittleIsEnough(Attack):
     def __init__(self, fraction: float = 0.2, mode: str = "fixed", seed: int = 0, start_round: int = 0,
                  z: float = 1.0) -> None:
         super().__init__(fraction, mode, seed, start_round)
-        need("LittleIsEnough", isinstance(z, int | float) and z > 0, "z", z, "> 0")
+        need("LittleIsEnough", z > 0, "z", z, "> 0")
         self.z = float(z)
 
     def on_client_end(self, trainer: Any, pl_module: Any, reply: Reply) -> None:

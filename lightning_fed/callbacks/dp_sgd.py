@@ -87,7 +87,7 @@ class DPSGD(FedCallback):
         check_privacy_args(OWNER, noise_multiplier, delta, None, accountant)
         need(
             OWNER,
-            isinstance(max_grad_norm, int | float) and max_grad_norm > 0,
+            max_grad_norm > 0,
             "max_grad_norm",
             max_grad_norm,
             "> 0",

@@ -109,10 +109,8 @@ class FinePruning(StructuredPruning):
                  relu: bool = True, seed: int = 0, example_input_shape: list[int] | None = None,
                  reset_client_state: list[str] | None = None) -> None:
         schedule = check_clean_settings("FinePruning", clean, at, holdout, epochs, lr, momentum, batch_size, seed)
-        need("FinePruning", isinstance(layer, str) and bool(layer), "layer", layer,
-             "the name of a Conv/Linear submodule (e.g. 'conv3')")
-        need("FinePruning", isinstance(ratio, int | float) and not isinstance(ratio, bool) and 0 < ratio < 1, "ratio",
-             ratio, "in (0, 1)")
+        need("FinePruning", bool(layer), "layer", layer, "the name of a Conv/Linear submodule (e.g. 'conv3')")
+        need("FinePruning", 0 < ratio < 1, "ratio", ratio, "in (0, 1)")
         super().__init__(ratio=ratio, at=schedule if schedule is not None else 0, example_input_shape=example_input_shape,
                          reset_client_state=reset_client_state)
         self._at_end = schedule is None
@@ -132,7 +130,8 @@ class FinePruning(StructuredPruning):
 
     def _check_layer(self, model: nn.Module) -> nn.Module:
         modules = dict(model.named_modules())
-        need("FinePruning", self.layer in modules and _width(modules.get(self.layer, nn.Identity())) is not None,
+        need("FinePruning", self.layer in modules and _width(modules.get(self.layer,
+             nn.Identity())) is not None,
              "layer", self.layer, f"a Conv/Linear submodule of {type(model).__name__}: one of "
              f"{[n for n, m in modules.items() if _width(m) is not None]}")
         return modules[self.layer]

@@ -218,29 +218,29 @@ class FreshDistill(CleanDataDefence):
             proxy,
             "None or a PublicData (its inputs join the transfer set; labels are not used)",
         )
-        need(self.owner, _number(temperature) and temperature > 0, "temperature", temperature, "> 0")
-        need(self.owner, _number(alpha) and 0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
-        need(self.owner, _number(noise) and noise >= 0, "noise", noise, ">= 0")
+        need(self.owner, temperature > 0, "temperature", temperature, "> 0")
+        need(self.owner, 0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
+        need(self.owner, noise >= 0, "noise", noise, ">= 0")
         need(
             self.owner,
-            isinstance(shift, int) and not isinstance(shift, bool) and shift >= 0,
+            shift >= 0,
             "shift",
             shift,
             "an integer >= 0",
         )
-        need(self.owner, _number(mixup) and 0 <= mixup <= 0.5, "mixup", mixup, "in [0, 0.5]")
-        need(self.owner, _integer(patches) and patches >= 0, "patches", patches, "an integer >= 0")
-        need(self.owner, _integer(patch_min) and patch_min >= 1, "patch_min", patch_min, "an integer >= 1")
+        need(self.owner, 0 <= mixup <= 0.5, "mixup", mixup, "in [0, 0.5]")
+        need(self.owner, patches >= 0, "patches", patches, "an integer >= 0")
+        need(self.owner, patch_min >= 1, "patch_min", patch_min, "an integer >= 1")
         need(
             self.owner,
-            _integer(patch_max) and patch_max >= patch_min,
+            patch_max >= patch_min,
             "patch_max",
             patch_max,
             f"an integer >= patch_min ({patch_min})",
         )
         need(
             self.owner,
-            _number(patch_amplitude) and patch_amplitude > 0,
+            patch_amplitude > 0,
             "patch_amplitude",
             patch_amplitude,
             "> 0",
@@ -253,13 +253,6 @@ class FreshDistill(CleanDataDefence):
             "patch_max",
             patch_max,
             f"at most the records' side ({min(sides) if sides else 0} for the clean records of shape {record})",
-        )
-        need(
-            self.owner,
-            isinstance(init_seed, int) and not isinstance(init_seed, bool),
-            "init_seed",
-            init_seed,
-            "an integer",
         )
         self.proxy = proxy
         self.temperature = float(temperature)
@@ -369,14 +362,6 @@ def _agreement(a: nn.Module, b: nn.Module, x: Tensor) -> float:
     finally:
         a.train(modes[0])
         b.train(modes[1])
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 __all__ = ["PATCH_FILLS", "FreshDistill", "augment", "fresh_model", "patch"]

@@ -111,11 +111,11 @@ class IBAU(CleanDataDefence):
     ) -> None:
         super().__init__(clean, at, holdout, rounds, lr, momentum, batch_size, seed, epochs_key="rounds")
         need(
-            "IBAU", isinstance(eps, int | float) and not isinstance(eps, bool) and eps > 0, "eps", eps, "> 0"
+            "IBAU", eps > 0, "eps", eps, "> 0"
         )
         need(
             "IBAU",
-            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            steps >= 1,
             "steps",
             steps,
             "an integer >= 1",

@@ -74,7 +74,7 @@ class LocalDP(FedCallback):
         target_epsilon: float | None = None,
         accountant: str = "rdp",
     ) -> None:
-        need(OWNER, isinstance(clip_norm, int | float) and clip_norm > 0, "clip_norm", clip_norm, "> 0")
+        need(OWNER, clip_norm > 0, "clip_norm", clip_norm, "> 0")
         check_privacy_args(OWNER, noise_multiplier, delta, target_epsilon, accountant)
         self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
         self.delta, self.accountant, self.target_epsilon = delta, accountant, target_epsilon

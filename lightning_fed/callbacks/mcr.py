@@ -79,11 +79,10 @@ class MCR(CleanDataDefence):
                  endpoint_epochs: int = 5, epochs: int = 20, grid: list[float] | None = None, lr: float = 0.01,
                  momentum: float = 0.9, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed, need_holdout=True)
-        need("MCR", isinstance(endpoint_epochs, int) and not isinstance(endpoint_epochs, bool) and endpoint_epochs >= 0,
-             "endpoint_epochs", endpoint_epochs, "an integer >= 0")
+        need("MCR", endpoint_epochs >= 0, "endpoint_epochs", endpoint_epochs, "an integer >= 0")
         grid = [round(0.1 * i, 10) for i in range(1, 10)] if grid is None else grid
-        need("MCR", isinstance(grid, list | tuple) and len(grid) > 0
-             and all(isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in grid),
+        need("MCR", len(grid) > 0
+             and all(0 <= t <= 1 for t in grid),
              "grid", grid, "a non-empty list of numbers in [0, 1]")
         self.endpoint_epochs = endpoint_epochs
         self.grid = [float(t) for t in grid]

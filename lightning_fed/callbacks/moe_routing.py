@@ -83,10 +83,9 @@ class MoERouting(FedCallback):
         warn_dropped: float | None = 0.1,
     ) -> None:
         need("MoERouting",
-             isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 2,
+             num_experts >= 2,
              "num_experts", num_experts, "an int >= 2")
-        need("MoERouting", isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_experts, "k", k,
-             f"an int in [1, num_experts={num_experts}]")
+        need("MoERouting", 1 <= k <= num_experts, "k", k, f"an int in [1, num_experts={num_experts}]")
         need("MoERouting", capacity_factor is None or capacity_factor > 0, "capacity_factor", capacity_factor,
              "> 0 or None")
         need("MoERouting", eval_capacity_factor is None or eval_capacity_factor > 0, "eval_capacity_factor",
@@ -95,8 +94,7 @@ class MoERouting(FedCallback):
         need("MoERouting", z_weight >= 0, "z_weight", z_weight, ">= 0")
         need("MoERouting", capacity_final is None or capacity_final > 0, "capacity_final", capacity_final,
              "> 0 or None")
-        need("MoERouting", k_final is None or (isinstance(k_final, int) and k_final >= 1), "k_final", k_final,
-             "an int >= 1 or None")
+        need("MoERouting", k_final is None or k_final >= 1, "k_final", k_final, "an int >= 1 or None")
         need("MoERouting", k_final is None or not convert or k_final <= num_experts, "k_final", k_final,
              f"<= num_experts={num_experts}")
         need("MoERouting", warn_dropped is None or 0.0 <= warn_dropped <= 1.0, "warn_dropped", warn_dropped,

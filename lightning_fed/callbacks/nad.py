@@ -63,10 +63,9 @@ class NAD(CleanDataDefence):
         need("NAD", isinstance(layers, list | tuple) and len(layers) > 0
              and all(isinstance(n, str) and n for n in layers), "layers", layers,
              "a non-empty list of submodule names (e.g. ['conv3'])")
-        need("NAD", isinstance(teacher_epochs, int) and not isinstance(teacher_epochs, bool) and teacher_epochs >= 0,
-             "teacher_epochs", teacher_epochs, "an integer >= 0")
-        need("NAD", isinstance(beta, int | float) and not isinstance(beta, bool) and beta >= 0, "beta", beta, ">= 0")
-        need("NAD", isinstance(p, int | float) and not isinstance(p, bool) and p > 0, "p", p, "> 0")
+        need("NAD", teacher_epochs >= 0, "teacher_epochs", teacher_epochs, "an integer >= 0")
+        need("NAD", beta >= 0, "beta", beta, ">= 0")
+        need("NAD", p > 0, "p", p, "> 0")
         self.layers = list(layers)
         self.teacher_epochs = teacher_epochs
         self.beta = float(beta)

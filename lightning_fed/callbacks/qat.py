@@ -162,8 +162,7 @@ class QuantizationAware(FedCallback):
         forward_fn: ForwardFn | None = None,
     ) -> None:
         need("QuantizationAware", scheme in SCHEMES, "scheme", scheme, f"one of {SCHEMES}")
-        need("QuantizationAware", isinstance(start, int) and start >= 0, "start", start,
-             "an int >= 0 (epoch or round)")
+        need("QuantizationAware", start >= 0, "start", start, "an int >= 0 (epoch or round)")
         need("QuantizationAware", group_size >= 1, "group_size", group_size, ">= 1")
         need("QuantizationAware", layers is None or len(layers) > 0, "layers", layers,
              "None or a non-empty list of module names")

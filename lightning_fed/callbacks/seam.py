@@ -78,21 +78,21 @@ class SEAM(CleanDataDefence):
         need(self.owner, epochs >= 1, "epochs", epochs, "an integer >= 1")
         need(
             self.owner,
-            isinstance(forget_epochs, int) and not isinstance(forget_epochs, bool) and forget_epochs >= 1,
+            forget_epochs >= 1,
             "forget_epochs",
             forget_epochs,
             "an integer >= 1",
         )
         need(
             self.owner,
-            isinstance(forget_lr, int | float) and not isinstance(forget_lr, bool) and forget_lr > 0,
+            forget_lr > 0,
             "forget_lr",
             forget_lr,
             "> 0",
         )
         need(
             self.owner,
-            isinstance(forget_acc, int | float) and not isinstance(forget_acc, bool) and 0 <= forget_acc <= 1,
+            0 <= forget_acc <= 1,
             "forget_acc",
             forget_acc,
             "in [0, 1]",

@@ -179,7 +179,7 @@ class MagnitudeSparsity(FedCallback):
         pack_uplink: bool = True,
         reset_client_state: list[str] | None = None,
     ) -> None:
-        if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"MagnitudeSparsity: sparsity={sparsity!r} is not allowed; sparsity must be in [0, 1)")
         if scope not in SCOPES:
             raise ValueError(f"MagnitudeSparsity: scope={scope!r} is not allowed; scope must be one of {SCOPES}")

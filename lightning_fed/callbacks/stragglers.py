@@ -60,7 +60,7 @@ class Stragglers(FedCallback):
     def __init__(self, fraction: float = 0.5, mode: str = "partial", seed: int = 0) -> None:
         need(
             "Stragglers",
-            isinstance(fraction, int | float) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
+            0 <= fraction <= 1,
             "fraction",
             fraction,
             "a number in [0, 1]",

@@ -255,35 +255,29 @@ class TriggerUnlearn(CleanDataDefence):
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed)
         owner = self.owner
 
-        def number(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool)
-
-        def integer(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(owner, integer(num_classes) and num_classes >= 2, "num_classes", num_classes, "an integer >= 2")
-        need(owner, integer(steps) and steps >= 1, "steps", steps, "an integer >= 1")
+        need(owner, num_classes >= 2, "num_classes", num_classes, "an integer >= 2")
+        need(owner, steps >= 1, "steps", steps, "an integer >= 1")
         need(
             owner,
-            inversion_batch is None or (integer(inversion_batch) and inversion_batch >= 1),
+            inversion_batch is None or inversion_batch >= 1,
             "inversion_batch",
             inversion_batch,
             "an integer >= 1 or None (every clean training record at every step)",
         )
-        need(owner, integer(restarts) and restarts >= 1, "restarts", restarts, "an integer >= 1")
-        need(owner, number(inversion_lr) and inversion_lr > 0, "inversion_lr", inversion_lr, "> 0")
-        need(owner, number(cost) and cost > 0, "cost", cost, "> 0")
+        need(owner, restarts >= 1, "restarts", restarts, "an integer >= 1")
+        need(owner, inversion_lr > 0, "inversion_lr", inversion_lr, "> 0")
+        need(owner, cost > 0, "cost", cost, "> 0")
         need(
             owner,
-            number(target_success) and 0 < target_success <= 1,
+            0 < target_success <= 1,
             "target_success",
             target_success,
             "in (0, 1]",
         )
-        need(owner, integer(patience) and patience >= 1, "patience", patience, "an integer >= 1")
-        need(owner, number(threshold) and threshold > 0, "threshold", threshold, "> 0")
+        need(owner, patience >= 1, "patience", patience, "an integer >= 1")
+        need(owner, threshold > 0, "threshold", threshold, "> 0")
         need(owner, fallback in FALLBACKS, "fallback", fallback, f"one of {FALLBACKS}")
-        need(owner, number(poison) and 0 < poison <= 1, "poison", poison, "in (0, 1]")
+        need(owner, 0 < poison <= 1, "poison", poison, "in (0, 1]")
         self.num_classes = num_classes
         self.steps = steps
         self.inversion_batch = inversion_batch

@@ -151,21 +151,21 @@ class Ditto(FedAvg):
     ) -> None:
         need(
             "Ditto",
-            isinstance(lam, int | float) and not isinstance(lam, bool) and lam >= 0,
+            lam >= 0,
             "lam",
             lam,
             ">= 0",
         )
         need(
             "Ditto",
-            isinstance(personal_epochs, int) and personal_epochs >= 1,
+            personal_epochs >= 1,
             "personal_epochs",
             personal_epochs,
             "an integer >= 1",
         )
         need(
             "Ditto",
-            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            lr_scale > 0,
             "lr_scale",
             lr_scale,
             "> 0",

@@ -153,7 +153,7 @@ class DPFedAvg(Strategy):
             inner,
             "an averaging strategy with an aggregator (e.g. FedAvg(), FedAvg(server_optimizer=ServerAdam()))",
         )
-        need(OWNER, isinstance(clip_norm, int | float) and clip_norm > 0, "clip_norm", clip_norm, "> 0")
+        need(OWNER, clip_norm > 0, "clip_norm", clip_norm, "> 0")
         check_privacy_args(OWNER, noise_multiplier, delta, target_epsilon, accountant)
         need(OWNER, 0 < target_quantile < 1, "target_quantile", target_quantile, "in (0, 1)")
         need(OWNER, clip_lr > 0, "clip_lr", clip_lr, "> 0")

@@ -47,7 +47,7 @@ class FedAvg(Strategy):
     def __init__(self, *, server_lr: float = 1.0, aggregator: Aggregator | None = None,
                  server_optimizer: ServerOptimizer | None = None) -> None:
         owner = type(self).__name__
-        if isinstance(server_lr, bool) or not isinstance(server_lr, int | float) or not server_lr > 0:
+        if not server_lr > 0:
             raise ValueError(f"{owner}: server_lr={server_lr!r} is not allowed; server_lr must be > 0")
         self.server_lr = server_lr
         self.aggregator = resolve_aggregator(owner, aggregator)

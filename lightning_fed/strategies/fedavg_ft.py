@@ -24,10 +24,10 @@ from torch import nn
 from lightning_fed.strategies.aggregators import Aggregator
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.strategies.server_opt import ServerOptimizer
-from lightning_fed.validation import need
+from lightning_fed.validation import CheckedArguments, need
 
 
-class ScaleLR(Callback):
+class ScaleLR(CheckedArguments, Callback):
     """Multiplies the learning rates ``configure_optimizers`` set by ``scale`` when training starts: every param
     group's ``lr`` and the ``base_lrs`` of every scheduler (so a schedule keeps scaling from the scaled rates).
 
@@ -40,13 +40,7 @@ class ScaleLR(Callback):
     """
 
     def __init__(self, scale: float) -> None:
-        need(
-            "ScaleLR",
-            isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0,
-            "scale",
-            scale,
-            "> 0",
-        )
+        need("ScaleLR", scale > 0, "scale", scale, "> 0")
         self.scale = float(scale)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -87,14 +81,14 @@ class FedAvgFT(FedAvg):
     ) -> None:
         need(
             "FedAvgFT",
-            isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0,
+            finetune_steps >= 0,
             "finetune_steps",
             finetune_steps,
             "an integer >= 0",
         )
         need(
             "FedAvgFT",
-            isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool) and lr_scale > 0,
+            lr_scale > 0,
             "lr_scale",
             lr_scale,
             "> 0",

@@ -94,10 +94,10 @@ class FedBuff(FedAvg):
         server_lr: float = 1.0,
         server_optimizer: ServerOptimizer | None = None,
     ) -> None:
-        need(OWNER, _is_int(buffer_size) and buffer_size >= 1, "buffer_size", buffer_size, "an integer >= 1")
+        need(OWNER, buffer_size >= 1, "buffer_size", buffer_size, "an integer >= 1")
         need(
             OWNER,
-            _is_int(concurrency) and concurrency >= buffer_size,
+            concurrency >= buffer_size,
             "concurrency",
             concurrency,
             f"an integer >= buffer_size={buffer_size} (a version needs buffer_size arrivals from the clients in flight)",
@@ -105,17 +105,14 @@ class FedBuff(FedAvg):
         need(OWNER, staleness in STALENESS, "staleness", staleness, f"one of {STALENESS}")
         need(
             OWNER,
-            isinstance(staleness_exponent, int | float)
-            and not isinstance(staleness_exponent, bool)
-            and math.isfinite(staleness_exponent)
-            and staleness_exponent > 0,
+            math.isfinite(staleness_exponent) and staleness_exponent > 0,
             "staleness_exponent",
             staleness_exponent,
             "a number > 0",
         )
         need(
             OWNER,
-            max_staleness is None or (_is_int(max_staleness) and max_staleness >= 0),
+            max_staleness is None or max_staleness >= 0,
             "max_staleness",
             max_staleness,
             "an integer >= 0, or None",
@@ -174,10 +171,6 @@ class FedBuff(FedAvg):
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self._sent = {int(c): int(v) for c, v in state["sent"]}
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 __all__ = ["STALENESS", "FedBuff", "staleness_weight"]

@@ -60,7 +60,7 @@ class FedExP(FedAvg):
     def __init__(
         self, *, eps: float = 1e-3, aggregator: Aggregator | None = None, average_last: bool = False
     ) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        if not eps > 0:
             raise ValueError(f"FedExP: eps={eps!r} is not allowed; eps must be a number > 0")
         if aggregator is not None and type(aggregator) not in (WeightedMean, UniformMean):
             raise ValueError(

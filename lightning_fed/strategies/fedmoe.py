@@ -73,7 +73,7 @@ class FedMoE(FedAvg):
         super().__init__(server_lr=server_lr, aggregator=aggregator, server_optimizer=server_optimizer)
         if expert_weighting not in _WEIGHTINGS:
             raise ValueError(f"FedMoE: expert_weighting={expert_weighting!r} is not allowed; use one of {_WEIGHTINGS}")
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        if min_tokens < 1:
             raise ValueError(f"FedMoE: min_tokens={min_tokens!r} is not allowed; must be an int >= 1")
         if not 0.0 <= min_share < 1.0:
             raise ValueError(f"FedMoE: min_share={min_share!r} is not allowed; must be in [0, 1)")

@@ -102,7 +102,7 @@ class FedNova(FedAvg):
     ) -> None:
         need(
             "FedNova",
-            isinstance(momentum, int | float) and not isinstance(momentum, bool) and 0 <= momentum < 1,
+            0 <= momentum < 1,
             "momentum",
             momentum,
             "a number in [0, 1) (the clients' SGD momentum)",

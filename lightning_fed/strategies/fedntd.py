@@ -101,8 +101,7 @@ class FedNTDClient(FedCallback):
     def __init__(self, beta: float = 1.0, temperature: float = 1.0, input_index: int = 0, label_index: int = 1) -> None:
         self.beta, self.temperature = check_ntd("FedNTDClient", beta, temperature)
         for name, value in (("input_index", input_index), ("label_index", label_index)):
-            need("FedNTDClient", isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
-                 "an integer >= 0 (a position in the batch)")
+            need("FedNTDClient", value >= 0, name, value, "an integer >= 0 (a position in the batch)")
         self.input_index, self.label_index = input_index, label_index
         self._hook = TrainingStepHook(self._step)
         self._capture = ForwardCapture()

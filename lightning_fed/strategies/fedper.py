@@ -131,7 +131,7 @@ class FedPer(FedAvg):
         )
         need(
             "FedPer",
-            isinstance(warmup_rounds, int) and not isinstance(warmup_rounds, bool) and warmup_rounds >= 0,
+            warmup_rounds >= 0,
             "warmup_rounds",
             warmup_rounds,
             "an integer >= 0",

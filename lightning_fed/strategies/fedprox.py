@@ -77,7 +77,7 @@ class FedProxClient(FedCallback):
     def __init__(self, mu: float = 0.01) -> None:
         need(
             "FedProxClient",
-            isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0,
+            mu >= 0,
             "mu",
             mu,
             "a number >= 0",

@@ -80,7 +80,7 @@ class FLAME(RobustAggregator):
 
     def __init__(self, noise_level: float = 0.001, seed: int = 0) -> None:
         super().__init__()
-        need("FLAME", isinstance(noise_level, int | float) and noise_level >= 0, "noise_level", noise_level, ">= 0")
+        need("FLAME", noise_level >= 0, "noise_level", noise_level, ">= 0")
         self.noise_level = float(noise_level)
         self.seed = seed
 

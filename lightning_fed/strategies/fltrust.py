@@ -105,22 +105,22 @@ class FLTrust(RobustAggregator):
         )
         need(
             "FLTrust",
-            isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+            epochs >= 1,
             "epochs",
             epochs,
             "an integer >= 1",
         )
-        need("FLTrust", isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0, "lr", lr, "> 0")
+        need("FLTrust", lr > 0, "lr", lr, "> 0")
         need(
             "FLTrust",
-            isinstance(momentum, int | float) and not isinstance(momentum, bool) and 0 <= momentum < 1,
+            0 <= momentum < 1,
             "momentum",
             momentum,
             "in [0, 1)",
         )
         need(
             "FLTrust",
-            isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1,
+            batch_size >= 1,
             "batch_size",
             batch_size,
             "an integer >= 1",

@@ -107,8 +107,7 @@ class FoolsGold(FedAvg):
             "FoolsGold",
             layers is None
             or (
-                isinstance(layers, list | tuple)
-                and len(layers) > 0
+                len(layers) > 0
                 and all(isinstance(x, str) and x for x in layers)
             ),
             "layers",
@@ -117,10 +116,7 @@ class FoolsGold(FedAvg):
         )
         need(
             "FoolsGold",
-            isinstance(kappa, int | float)
-            and not isinstance(kappa, bool)
-            and math.isfinite(kappa)
-            and kappa > 0,
+            math.isfinite(kappa) and kappa > 0,
             "kappa",
             kappa,
             "a finite number > 0",

@@ -126,14 +126,14 @@ class LossFilter(FedAvg):
         )
         need(
             name,
-            step is None or (isinstance(step, int | float) and not isinstance(step, bool) and 0 < step < math.inf),
+            step is None or 0 < step < math.inf,
             "step",
             step,
             "a finite number > 0, or None (each reply's share of the mean)",
         )
         need(
             name,
-            isinstance(min_gain, int | float) and not isinstance(min_gain, bool) and math.isfinite(min_gain),
+            math.isfinite(min_gain),
             "min_gain",
             min_gain,
             "a finite number",

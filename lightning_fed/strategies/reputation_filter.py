@@ -103,9 +103,7 @@ class ReputationFilter(FedAvg):
         check_filter_settings(name, reference, byzantine, min_cosine, max_norm_ratio)
         need(
             name,
-            isinstance(min_reputation, int | float)
-            and not isinstance(min_reputation, bool)
-            and 0 <= min_reputation < 1,
+            0 <= min_reputation < 1,
             "min_reputation",
             min_reputation,
             "in [0, 1)",

@@ -222,7 +222,7 @@ class TrimmedMean(RobustAggregator):
 
     def __init__(self, trim: float = 0.1) -> None:
         super().__init__()
-        need("TrimmedMean", isinstance(trim, int | float) and 0 <= trim < 0.5, "trim", trim, "in [0, 0.5)")
+        need("TrimmedMean", 0 <= trim < 0.5, "trim", trim, "in [0, 0.5)")
         self.trim = float(trim)
 
     def combine(self, out: Tensor, x: Tensor, w: Tensor, report: AggregationReport) -> None:
@@ -252,8 +252,8 @@ class Krum(RobustAggregator):
 
     def __init__(self, byzantine: int = 1, select: int | None = None) -> None:
         super().__init__()
-        need("Krum", isinstance(byzantine, int) and byzantine >= 0, "byzantine", byzantine, "an integer >= 0")
-        need("Krum", select is None or (isinstance(select, int) and select >= 1), "select", select,
+        need("Krum", byzantine >= 0, "byzantine", byzantine, "an integer >= 0")
+        need("Krum", select is None or select >= 1, "select", select,
              "an integer >= 1 or None (n - byzantine)")
         self.byzantine = byzantine
         self.select = select
@@ -292,7 +292,7 @@ class NormBound(RobustAggregator):
 
     def __init__(self, max_norm: float | None = None) -> None:
         super().__init__()
-        need(type(self).__name__, max_norm is None or (isinstance(max_norm, int | float) and max_norm > 0),
+        need(type(self).__name__, max_norm is None or max_norm > 0,
              "max_norm", max_norm, "> 0 or None (the round's median norm)")
         self.max_norm = max_norm
 
@@ -329,7 +329,7 @@ class WeakDP(NormBound):
 
     def __init__(self, max_norm: float | None = 1.0, noise_std: float = 0.001, seed: int = 0) -> None:
         super().__init__(max_norm)
-        need("WeakDP", isinstance(noise_std, int | float) and noise_std >= 0, "noise_std", noise_std, ">= 0")
+        need("WeakDP", noise_std >= 0, "noise_std", noise_std, ">= 0")
         self.noise_std = float(noise_std)
         self.seed = seed
 

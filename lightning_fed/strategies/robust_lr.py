@@ -63,14 +63,14 @@ class RobustLR(RobustAggregator):
         super().__init__()
         need(
             "RobustLR",
-            theta is None or (isinstance(theta, int) and not isinstance(theta, bool) and theta >= 1),
+            theta is None or theta >= 1,
             "theta",
             theta,
             "an integer >= 1 or None (floor(malicious * n) + 1)",
         )
         need(
             "RobustLR",
-            isinstance(malicious, int | float) and not isinstance(malicious, bool) and 0 <= malicious < 0.5,
+            0 <= malicious < 0.5,
             "malicious",
             malicious,
             "in [0, 0.5)",

@@ -146,14 +146,14 @@ class SecAggFedAvg(FedAvg):
     ) -> None:
         need(
             OWNER,
-            isinstance(bits, int) and bits % 8 == 0 and 16 <= bits <= 56,
+            bits % 8 == 0 and 16 <= bits <= 56,
             "bits",
             bits,
             "a multiple of 8 from 16 to 56",
         )
         need(
             OWNER,
-            isinstance(frac_bits, int) and 0 <= frac_bits < bits - 1,
+            0 <= frac_bits < bits - 1,
             "frac_bits",
             frac_bits,
             f"an integer in [0, bits - 1 = {bits - 1})",
@@ -161,7 +161,7 @@ class SecAggFedAvg(FedAvg):
         need(OWNER, clip > 0, "clip", clip, "> 0")
         need(
             OWNER,
-            isinstance(weight_cap, int) and weight_cap >= 1,
+            weight_cap >= 1,
             "weight_cap",
             weight_cap,
             "an integer >= 1",

@@ -77,7 +77,7 @@ class ServerSGD(ServerOptimizer):
     """
 
     def __init__(self, lr: float = 1.0) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        if not lr > 0:
             raise ValueError(f"ServerSGD: lr={lr!r} is not allowed; lr must be a number > 0")
         self.lr = float(lr)
 
