@@ -76,8 +76,28 @@ def test_public_data_from_tensors_and_errors():
     assert p.x.shape == (5, 3) and p.y.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="num_samples=0"):
         PublicData(num_samples=0)
-    with pytest.raises(ValueError, match="y has 2 entries"):
+    with pytest.raises(ValueError, match=r"y must hold one label per sample \(5\), got shape \(2,\)"):
         PublicData.from_tensors(torch.ones(5, 3), torch.arange(2))
+
+
+def test_public_data_from_numpy_arrays_and_lists():
+    """What users hold their data in: numpy arrays (float64 inputs, int64 labels) and lists, stored as the
+    float32 inputs and long labels a tensor gives; what cannot be read as numbers, or as class labels, is refused
+    by name."""
+    import numpy as np
+
+    x = np.arange(15, dtype=np.float64).reshape(5, 3)
+    p = PublicData.from_tensors(x, np.array([4, 3, 2, 1, 0]))
+    assert p.x.dtype == torch.float32 and torch.equal(p.x, torch.arange(15.0).reshape(5, 3))
+    assert p.y.dtype == torch.long and p.y.tolist() == [4, 3, 2, 1, 0]
+    assert PublicData.from_tensors([[1, 2], [3, 4]], [1.0, 0.0]).y.tolist() == [1, 0]  # whole floats are labels
+    for y, message in (([0.5, 1.0, 2.0, 3.0, 4.0], "integer class labels"), (np.ones((5, 1)), r"shape \(5, 1\)"),
+                       ([True] * 5, "integer class labels, got torch.bool")):
+        with pytest.raises(ValueError, match=message):
+            PublicData.from_tensors(x, y)
+    for bad in ("abc", [[1, 2], [3]], [object()]):
+        with pytest.raises(ValueError, match="x must be a tensor or an array of numbers"):
+            PublicData.from_tensors(bad)
 
 
 def test_tier_average_by_hand():

@@ -8,10 +8,31 @@ overlaps with the private training data and nothing is downloaded.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_fed.validation import CheckedArguments
+
+ArrayLike = Any
+"""A numpy array or nested lists of numbers (what ``numpy.asarray`` reads)."""
+
+
+def _as_tensor(value: Any, name: str) -> Tensor:
+    """``value`` as a tensor (numpy arrays and nested lists of numbers read by numpy), or a ``ValueError`` naming
+    it."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"PublicData.from_tensors: {name} must be a tensor or an array of numbers ({err})") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"PublicData.from_tensors: {name} must be a tensor or an array of numbers, got "
+                         f"{type(value).__name__} of {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 class PublicData(CheckedArguments):
@@ -46,12 +67,19 @@ class PublicData(CheckedArguments):
         self._y: Tensor | None = None
 
     @classmethod
-    def from_tensors(cls, x: Tensor, y: Tensor | None = None) -> PublicData:
-        """Wrap given inputs ``x`` (first dimension = samples) and optional integer labels ``y``."""
+    def from_tensors(cls, x: Tensor | ArrayLike, y: Tensor | ArrayLike | None = None) -> PublicData:
+        """Wrap given inputs ``x`` (first dimension = samples; a tensor, a numpy array or nested lists, stored as
+        float32) and optional integer class labels ``y`` (one per sample)."""
+        x = _as_tensor(x, "x")
         if x.ndim < 1 or len(x) < 1:
             raise ValueError(f"PublicData.from_tensors: x must have at least one sample, got shape {tuple(x.shape)}")
-        if y is not None and len(y) != len(x):
-            raise ValueError(f"PublicData.from_tensors: y has {len(y)} entries for {len(x)} samples")
+        if y is not None:
+            y = _as_tensor(y, "y")
+            if y.ndim != 1 or len(y) != len(x):
+                raise ValueError(f"PublicData.from_tensors: y must hold one label per sample ({len(x)}), got shape "
+                                 f"{tuple(y.shape)}")
+            if y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not torch.equal(y, y.round())):
+                raise ValueError(f"PublicData.from_tensors: y must hold integer class labels, got {y.dtype} values")
         out = cls(num_samples=len(x), labeled=y is not None)
         out._x = x.detach().float().contiguous()
         out._y = None if y is None else y.detach().long().contiguous()
