@@ -127,7 +127,8 @@ class FedLoop(CheckedArguments):
             examples, its FedAvg aggregation weight; the mean share over all clients is 1, so the expected bytes
             of a round stay the same), passed as ``encode(..., share=)``. Codecs whose size follows a density
             (``TopK``, ``Differential(TopK(...))``, ``TimeCorrelatedTopK``) use it; fixed-rate codecs ignore it.
-        callbacks: Lightning callbacks (FedCallbacks also get the federated hooks).
+        callbacks: Lightning callbacks, or one (as ``lightning.Trainer`` takes them; FedCallbacks also get the
+            federated hooks).
         min_clients: the round is aggregated only if at least this many replies are valid.
         eval_every: validate the global model every this many rounds (and after the last): ``validation_step`` on
             ``val_dataloader()``, logged as the module's own ``val_*`` names plus ``val_acc``/``val_loss`` for
@@ -200,7 +201,7 @@ class FedLoop(CheckedArguments):
         codec: Codec | None = None,
         downlink_codec: Codec | None = None,
         uplink_allocation: str = "uniform",
-        callbacks: list[Callback] | None = None,
+        callbacks: list[Callback] | Callback | None = None,
         min_clients: int = 1,
         eval_every: int = 1,
         test_every: int = 0,
@@ -284,7 +285,10 @@ class FedLoop(CheckedArguments):
             check_codec(self.codec)
         self.uplink_allocation = uplink_allocation
         self.uplink_shares: list[float] = [1.0] * num_clients
-        self.callbacks = list(callbacks or [])
+        self.callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
+        for cb in self.callbacks:
+            need(OWNER, isinstance(cb, Callback), "callbacks", callbacks,
+                 "a Lightning Callback or a list of them (instances: StructuredPruning(ratio=0.3), not the class)")
         for cb in self.callbacks:  # callbacks may check how they combine (e.g. prune before QAT) before training
             check = getattr(cb, "check_callbacks", None)
             if callable(check):

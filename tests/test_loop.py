@@ -118,6 +118,17 @@ def test_cyclic_sampling_gives_every_client_a_turn_each_cycle():
     with pytest.raises(ValueError, match="sampling='round_robin' is not allowed"):
         FedLoop(sampling="round_robin")
 
+def test_one_callback_is_taken_as_lightning_trainer_takes_it():
+    from lightning_fed.callbacks import StructuredPruning
+
+    cb = StructuredPruning(ratio=0.2)
+    assert FedLoop(callbacks=cb).callbacks == [cb] == FedLoop(callbacks=[cb]).callbacks
+    assert FedLoop().callbacks == [] == FedLoop(callbacks=[]).callbacks
+    for bad in ([StructuredPruning], "pruning", [cb, 3]):  # the class, a name, something else in the list
+        with pytest.raises(ValueError, match=r"^FedLoop: callbacks=.* must be a Lightning Callback or a list of them"):
+            FedLoop(callbacks=bad)
+
+
 def test_hooks_trainer_view_and_client_state(make_loop, small_dm):
     rec = Recorder()
     res = make_loop(num_clients=2, clients_per_round=2, rounds=2, callbacks=[rec]).fit(seeded(MNIST1DMLP), small_dm)
