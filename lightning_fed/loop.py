@@ -85,7 +85,9 @@ log = logging.getLogger("lightning_fed")
 
 OWNER = "FedLoop"  # how configuration errors name the class
 SERVER_STREAM = -1  # (seed, round, -1) seeds the server side of a round; clients use (seed, round, client >= 0)
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+"""Lightning's short forms of a precision (``Trainer(precision=16)``, ``"bf16"``) and the setting each stands for."""
 
 
 @dataclass
@@ -142,7 +144,8 @@ class FedLoop(CheckedArguments):
         output_dir: runs are written to ``output_dir/version_N``.
         seed: seed of client sampling, partition and local training.
         accelerator: Fabric accelerator ("cpu", "cuda", "auto"…).
-        precision: Fabric precision ("32-true", "bf16-mixed", "16-mixed"…).
+        precision: Fabric precision ("32-true", "bf16-mixed", "16-mixed"…; Lightning's 32, 16, "bf16" and 64 stand
+            for "32-true", "16-mixed", "bf16-mixed" and "64-true").
         devices: processes per node, as ``lightning.Trainer(devices=)``: the round's clients are split among
             them and the result is the same as with one process (docs/scale-out.md). ``1`` (default): one process.
             With ``accelerator="cuda"`` each process gets its own GPU unless ``processes_per_device`` > 1.
@@ -210,7 +213,7 @@ class FedLoop(CheckedArguments):
         output_dir: str = "runs/fedloop",
         seed: int = 0,
         accelerator: str = "cpu",
-        precision: str = "32-true",
+        precision: str | int = "32-true",
         max_message_bytes: int | None = None,
         max_update_abs: float | None = None,
         max_norm_ratio: float | None = 1e4,
@@ -262,7 +265,9 @@ class FedLoop(CheckedArguments):
         need(OWNER, timeout_s > 0, "timeout_s", timeout_s, "> 0")
         need(OWNER, runner is None or devices * num_nodes == 1, "runner", runner,
              "None when devices * num_nodes > 1 (the processes split the clients themselves)")
-        need(OWNER, str(precision) in PRECISIONS, "precision", precision, f"one of {PRECISIONS}")
+        need(OWNER, PRECISION_ALIASES.get(str(precision), str(precision)) in PRECISIONS, "precision", precision,
+             f"one of {PRECISIONS} (or Lightning's 32, 16, 'bf16', 64)")
+        precision = PRECISION_ALIASES.get(str(precision), str(precision))
         need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes",
              max_message_bytes, "> 0 or None")
         need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs,
@@ -301,7 +306,7 @@ class FedLoop(CheckedArguments):
         self.output_dir = output_dir
         self.seed = seed
         self.accelerator = accelerator
-        self.precision = str(precision)
+        self.precision = precision
         self.max_message_bytes = max_message_bytes
         self.max_update_abs = max_update_abs
         self.max_norm_ratio = max_norm_ratio

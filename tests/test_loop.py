@@ -357,6 +357,14 @@ def test_bad_configuration_fails_before_training(kw, match):
         FedLoop(**base)
 
 
+@pytest.mark.parametrize(("given", "setting"), [(32, "32-true"), ("32", "32-true"), (16, "16-mixed"),
+                                               ("bf16", "bf16-mixed"), (64, "64-true"), ("bf16-true", "bf16-true")])
+def test_lightnings_short_precisions_stand_for_their_settings(given, setting):
+    """``Trainer(precision=16)`` and the like, as Lightning reads them; stored (and so compared on resume) as the
+    setting itself."""
+    assert FedLoop(precision=given).precision == setting
+
+
 def test_bf16_mixed_precision_runs(make_loop, small_dm, tmp_path):
     w0 = _weights(seeded(MNIST1DCNN))
     model, ref = seeded(MNIST1DCNN), seeded(MNIST1DCNN)
