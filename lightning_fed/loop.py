@@ -798,7 +798,8 @@ class FedLoop(CheckedArguments):
         for k, v in cli.items():
             if k == "accelerator" and v == "auto":
                 continue
-            need(OWNER, str(ours[k]) == v, k, ours[k], f"{v!r}, as `fabric run --{k}={v}` says")
+            said = PRECISION_ALIASES.get(v, v) if k == "precision" else v  # `--precision=16`: 16-mixed
+            need(OWNER, str(ours[k]) == said, k, ours[k], f"{v!r}, as `fabric run --{k}={v}` says")
         hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("LT_")}
         try:
             return Fabric(accelerator=self._accelerator(), devices=self._fabric_devices(), precision=self.precision)

@@ -365,6 +365,15 @@ def test_lightnings_short_precisions_stand_for_their_settings(given, setting):
     assert FedLoop(precision=given).precision == setting
 
 
+def test_the_loop_agrees_with_fabric_runs_command_line(monkeypatch):
+    """Under ``fabric run --precision=bf16`` (``LT_PRECISION``) the loop's precision must be that setting, named
+    either way; another one is refused, naming what the command line says."""
+    monkeypatch.setenv("LT_PRECISION", "bf16")
+    assert FedLoop(precision="bf16-mixed")._fabric() is not None
+    with pytest.raises(ValueError, match=r"precision='32-true' is not allowed; precision must be 'bf16', as `fabric run"):
+        FedLoop()._fabric()
+
+
 def test_bf16_mixed_precision_runs(make_loop, small_dm, tmp_path):
     w0 = _weights(seeded(MNIST1DCNN))
     model, ref = seeded(MNIST1DCNN), seeded(MNIST1DCNN)
