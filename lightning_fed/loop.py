@@ -43,7 +43,7 @@ from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module, train_aside
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
-from lightning_fed.data.loaders import client_loader
+from lightning_fed.data.loaders import client_loader, loaders_module
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
@@ -352,17 +352,25 @@ class FedLoop(CheckedArguments):
     def fit(
         self,
         model: L.LightningModule,
-        datamodule: L.LightningDataModule,
+        datamodule: L.LightningDataModule | DataLoader | None = None,
+        val_dataloaders: DataLoader | None = None,
         *,
+        train_dataloaders: DataLoader | None = None,
         resume: str | Path | None = None,
         run_config: str | None = None,
     ) -> FitResult:
-        """Train ``model`` federated on ``datamodule``'s training set.
+        """Train ``model`` federated on ``datamodule``'s training set, or on a training loader's, as
+        ``lightning.Trainer.fit`` takes them: ``fit(model, dm)``, ``fit(model, train_loader, val_loader)`` or
+        ``fit(model, train_dataloaders=..., val_dataloaders=...)``.
 
         Args:
             model: the LightningModule (its weights are the initial global model).
             datamodule: provides ``train_dataloader()`` (split among clients) and, optionally,
-                ``val_dataloader()`` (validation at evaluation rounds) and ``test_dataloader()`` (the final test).
+                ``val_dataloader()`` (validation at evaluation rounds) and ``test_dataloader()`` (the final test);
+                or the training ``DataLoader`` itself.
+            val_dataloaders: with a training loader, the validation loader (optional).
+            train_dataloaders: the training ``DataLoader`` (its dataset is split among the clients; each client's
+                loader takes its batch size, collate function and workers, shuffled per round), instead of a data module.
             resume: a run folder or checkpoint folder to continue from, or ``"last"`` for the newest run
                 under ``output_dir``.
             run_config: text of the resolved configuration, saved as ``config.yaml`` in the run folder.
@@ -373,6 +381,7 @@ class FedLoop(CheckedArguments):
             RankFailed: a process of a multi-process run died (named in the message), or one cannot see the run
                 folder; the run continues from its last checkpoint with ``resume="last"``.
         """
+        datamodule = loaders_module(datamodule, train_dataloaders, val_dataloaders)
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
         self.ranks = launch(self.devices, self.num_nodes, self.timeout_s)
         ok = False

@@ -357,6 +357,61 @@ def test_bad_configuration_fails_before_training(kw, match):
         FedLoop(**base)
 
 
+def _loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g)
+    y = (x[:, 0] > 0).long()
+    return (DataLoader(TensorDataset(x[:240], y[:240]), batch_size=16, shuffle=True),
+            DataLoader(TensorDataset(x[240:], y[240:]), batch_size=64))
+
+
+def test_fit_takes_dataloaders_as_lightning_trainer_fit_does(make_loop):
+    """``fit(model, train_loader, val_loader)``, the same by keyword, and a data module serving the same loaders
+    train the same weights and validate alike."""
+    import lightning as L
+
+    from lightning_fed.models import LogisticRegression
+
+    train, val = _loaders()
+
+    class Module(L.LightningDataModule):
+        def train_dataloader(self):
+            return train
+
+        def val_dataloader(self):
+            return val
+
+    runs = []
+    for args, kwargs in (((train, val), {}), ((), {"train_dataloaders": train, "val_dataloaders": val}),
+                         ((Module(),), {})):
+        model = seeded(LogisticRegression, in_features=40, num_classes=2)
+        res = make_loop(rounds=2).fit(model, *args, **kwargs)
+        runs.append((_weights(model), [h["val_acc"] for h in res.history]))
+    for weights, val_acc in runs[1:]:
+        assert val_acc == runs[0][1] and torch.equal(weights, runs[0][0])
+    model = seeded(LogisticRegression, in_features=40, num_classes=2)  # no validation loader: no val_acc
+    assert "val_acc" not in make_loop(rounds=1).fit(model, train).history[-1]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((), {}, "needs training data"),
+    (("dm", "val"), {}, "give a datamodule or dataloaders, not both"),
+    (("train",), {"train_dataloaders": "train"}, "given twice"),
+    (([1, 2],), {}, "datamodule=list is not allowed"),
+    ((), {"train_dataloaders": [1, 2]}, "train_dataloaders=list is not allowed; train_dataloaders must be a torch"),
+    (("train", [1]), {}, "val_dataloaders=list is not allowed"),
+])
+def test_fit_refuses_training_data_it_cannot_use(small_dm, args, kwargs, message):
+    train, val = _loaders()
+    named = {"dm": small_dm, "train": train, "val": val}
+    args = tuple(named.get(a, a) if isinstance(a, str) else a for a in args)
+    kwargs = {k: named.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        FedLoop().fit(MNIST1DMLP(), *args, **kwargs)
+
+
 @pytest.mark.parametrize(("given", "setting"), [(32, "32-true"), ("32", "32-true"), (16, "16-mixed"),
                                                ("bf16", "bf16-mixed"), (64, "64-true"), ("bf16-true", "bf16-true")])
 def test_lightnings_short_precisions_stand_for_their_settings(given, setting):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -35,6 +36,50 @@ class TensorShardLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield [t[idx] for t in self.tensors]
+
+
+class LoadersModule(L.LightningDataModule):
+    """The data module of ``FedLoop.fit(model, train_loader, val_loader)``: a training loader (split among the
+    clients: its dataset, batch size, ``drop_last``, collate function and workers) and an optional validation
+    loader, as ``lightning.Trainer.fit`` takes them; no test loader."""
+
+    def __init__(self, train: DataLoader, val: DataLoader | None = None) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+
+    def train_dataloader(self) -> DataLoader:
+        """The training loader given."""
+        return self.train
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader given, or none (an empty list, as for ``lightning.Trainer``)."""
+        return self.val if self.val is not None else []
+
+
+def loaders_module(datamodule: Any, train_dataloaders: Any = None, val_dataloaders: Any = None) -> L.LightningDataModule:
+    """What ``FedLoop.fit`` trains on, from its arguments as ``lightning.Trainer.fit`` takes them: a data module, or
+    a training ``DataLoader`` (second argument or ``train_dataloaders``) with an optional validation loader
+    (:class:`LoadersModule`). Anything else, both forms, or neither is refused by name."""
+    if isinstance(datamodule, DataLoader):  # fit(model, train_loader, ...), as Trainer.fit(model, train_loader)
+        if train_dataloaders is not None:
+            raise ValueError("FedLoop.fit: a training DataLoader was given twice (second argument and "
+                             "train_dataloaders=); give it once")
+        datamodule, train_dataloaders = None, datamodule
+    if datamodule is not None:
+        if not isinstance(datamodule, L.LightningDataModule):
+            raise ValueError(f"FedLoop.fit: datamodule={type(datamodule).__name__} is not allowed; give a "
+                             "LightningDataModule or a training DataLoader")
+        if train_dataloaders is not None or val_dataloaders is not None:
+            raise ValueError("FedLoop.fit: give a datamodule or dataloaders, not both (as lightning.Trainer.fit)")
+        return datamodule
+    if train_dataloaders is None:
+        raise ValueError("FedLoop.fit needs training data: a LightningDataModule, or a training DataLoader "
+                         "(fit(model, train_loader, val_loader))")
+    for name, loader in (("train_dataloaders", train_dataloaders), ("val_dataloaders", val_dataloaders)):
+        if loader is not None and not isinstance(loader, DataLoader):
+            raise ValueError(f"FedLoop.fit: {name}={type(loader).__name__} is not allowed; {name} must be a torch "
+                             "DataLoader")
+    return LoadersModule(train_dataloaders, val_dataloaders)
 
 
 def subset_indices(data: Dataset, root: Dataset) -> Tensor | None:
