@@ -79,7 +79,7 @@ from lightning_fed.strategies.base import Strategy
 from lightning_fed.strategies.fedavg import FedAvg
 from lightning_fed.systems.clock import MacCounter, SimulatedClock, Workload
 from lightning_fed.trainer_view import TrainerView
-from lightning_fed.validation import CheckedArguments, need
+from lightning_fed.validation import ArgumentTypeError, CheckedArguments, need
 
 log = logging.getLogger("lightning_fed")
 
@@ -381,6 +381,9 @@ class FedLoop(CheckedArguments):
             RankFailed: a process of a multi-process run died (named in the message), or one cannot see the run
                 folder; the run continues from its last checkpoint with ``resume="last"``.
         """
+        if not isinstance(model, L.LightningModule):
+            raise ArgumentTypeError(f"FedLoop.fit: model={type(model).__name__} is not allowed; model must be a "
+                                    "LightningModule (its training_step and configure_optimizers train each client)")
         datamodule = loaders_module(datamodule, train_dataloaders, val_dataloaders)
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
         self.ranks = launch(self.devices, self.num_nodes, self.timeout_s)

@@ -395,6 +395,11 @@ def test_fit_takes_dataloaders_as_lightning_trainer_fit_does(make_loop):
     assert "val_acc" not in make_loop(rounds=1).fit(model, train).history[-1]
 
 
+def test_fit_refuses_a_model_that_is_not_a_lightning_module(small_dm):
+    with pytest.raises(TypeError, match=r"^FedLoop.fit: model=Linear is not allowed; model must be a LightningModule"):
+        FedLoop().fit(torch.nn.Linear(40, 10), small_dm)
+
+
 @pytest.mark.parametrize(("args", "kwargs", "message"), [
     ((), {}, "needs training data"),
     (("dm", "val"), {}, "give a datamodule or dataloaders, not both"),
