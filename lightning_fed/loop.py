@@ -381,7 +381,8 @@ class FedLoop(CheckedArguments):
             RankFailed: a process of a multi-process run died (named in the message), or one cannot see the run
                 folder; the run continues from its last checkpoint with ``resume="last"``.
         """
-        if not isinstance(model, L.LightningModule):
+        compiled = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: left as it was given
+        if not isinstance(model, L.LightningModule) and not isinstance(compiled, L.LightningModule):
             raise ArgumentTypeError(f"FedLoop.fit: model={type(model).__name__} is not allowed; model must be a "
                                     "LightningModule (its training_step and configure_optimizers train each client)")
         datamodule = loaders_module(datamodule, train_dataloaders, val_dataloaders)
