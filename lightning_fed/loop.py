@@ -43,7 +43,7 @@ from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module, train_aside
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
-from lightning_fed.data.loaders import client_loader, loaders_module
+from lightning_fed.data.loaders import client_loader, described_kind, loaders_module
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
@@ -383,8 +383,9 @@ class FedLoop(CheckedArguments):
         """
         compiled = getattr(model, "_orig_mod", None)  # torch.compile's wrapper: left as it was given
         if not isinstance(model, L.LightningModule) and not isinstance(compiled, L.LightningModule):
-            raise ArgumentTypeError(f"FedLoop.fit: model={type(model).__name__} is not allowed; model must be a "
-                                    "LightningModule (its training_step and configure_optimizers train each client)")
+            raise ArgumentTypeError(f"FedLoop.fit: model={described_kind(model)} is not allowed; model must be a "
+                                    "LightningModule instance (its training_step and configure_optimizers train each "
+                                    "client)")
         datamodule = loaders_module(datamodule, train_dataloaders, val_dataloaders)
         self.identity = run_identity(self, model)  # taken before callbacks (pruning, MoE) change the model
         self.ranks = launch(self.devices, self.num_nodes, self.timeout_s)

@@ -396,8 +396,9 @@ def test_fit_takes_dataloaders_as_lightning_trainer_fit_does(make_loop):
 
 
 def test_fit_refuses_a_model_that_is_not_a_lightning_module(small_dm):
-    with pytest.raises(TypeError, match=r"^FedLoop.fit: model=Linear is not allowed; model must be a LightningModule"):
-        FedLoop().fit(torch.nn.Linear(40, 10), small_dm)
+    for model, named in ((torch.nn.Linear(40, 10), "Linear"), (MNIST1DMLP, "the class MNIST1DMLP")):
+        with pytest.raises(TypeError, match=rf"^FedLoop.fit: model={named} is not allowed; model must be a Lightning"):
+            FedLoop().fit(model, small_dm)
 
 
 @pytest.mark.parametrize(("args", "kwargs", "message"), [
@@ -405,6 +406,7 @@ def test_fit_refuses_a_model_that_is_not_a_lightning_module(small_dm):
     (("dm", "val"), {}, "give a datamodule or dataloaders, not both"),
     (("train",), {"train_dataloaders": "train"}, "given twice"),
     (([1, 2],), {}, "datamodule=list is not allowed"),
+    ((MNIST1DMLP,), {}, "datamodule=the class MNIST1DMLP is not allowed"),
     ((), {"train_dataloaders": [1, 2]}, "train_dataloaders=list is not allowed; train_dataloaders must be a torch"),
     (("train", [1]), {}, "val_dataloaders=list is not allowed"),
 ])

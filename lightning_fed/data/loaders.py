@@ -56,6 +56,12 @@ class LoadersModule(L.LightningDataModule):
         return self.val if self.val is not None else []
 
 
+def described_kind(value: Any) -> str:
+    """How a message names what was given in place of an object: ``the class MNIST1DCNN`` for a class (an instance
+    was meant), else its type's name (``list``)."""
+    return f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+
+
 def loaders_module(datamodule: Any, train_dataloaders: Any = None, val_dataloaders: Any = None) -> L.LightningDataModule:
     """What ``FedLoop.fit`` trains on, from its arguments as ``lightning.Trainer.fit`` takes them: a data module, or
     a training ``DataLoader`` (second argument or ``train_dataloaders``) with an optional validation loader
@@ -67,8 +73,8 @@ def loaders_module(datamodule: Any, train_dataloaders: Any = None, val_dataloade
         datamodule, train_dataloaders = None, datamodule
     if datamodule is not None:
         if not isinstance(datamodule, L.LightningDataModule):
-            raise ValueError(f"FedLoop.fit: datamodule={type(datamodule).__name__} is not allowed; give a "
-                             "LightningDataModule or a training DataLoader")
+            raise ValueError(f"FedLoop.fit: datamodule={described_kind(datamodule)} is not allowed; give a "
+                             "LightningDataModule or a training DataLoader (an instance)")
         if train_dataloaders is not None or val_dataloaders is not None:
             raise ValueError("FedLoop.fit: give a datamodule or dataloaders, not both (as lightning.Trainer.fit)")
         return datamodule
@@ -77,7 +83,7 @@ def loaders_module(datamodule: Any, train_dataloaders: Any = None, val_dataloade
                          "(fit(model, train_loader, val_loader))")
     for name, loader in (("train_dataloaders", train_dataloaders), ("val_dataloaders", val_dataloaders)):
         if loader is not None and not isinstance(loader, DataLoader):
-            raise ValueError(f"FedLoop.fit: {name}={type(loader).__name__} is not allowed; {name} must be a torch "
+            raise ValueError(f"FedLoop.fit: {name}={described_kind(loader)} is not allowed; {name} must be a torch "
                              "DataLoader")
     return LoadersModule(train_dataloaders, val_dataloaders)
 
