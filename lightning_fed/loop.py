@@ -326,8 +326,6 @@ class FedLoop(CheckedArguments):
         self.runner = runner if runner is not None else SequentialRunner()
         self.personal_eval = personal_eval
         self.clock = clock
-        need(OWNER, calibration is None or isinstance(calibration, CCVR), "calibration", calibration,
-             "None or a lightning_fed.calibration.CCVR")
         self.calibration = calibration
         self._calibrated: dict[str, torch.Tensor] | None = None  # the latest calibrated head (CCVR)
         if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run

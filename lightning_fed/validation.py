@@ -8,6 +8,8 @@ import inspect
 import numbers
 import os
 import re
+import types
+import typing
 from typing import Any
 
 import numpy as np
@@ -134,6 +136,38 @@ def python_scalars(value: Any) -> Any:
     return value
 
 
+def instance_kinds(annotation: Any, namespace: dict[str, Any]) -> tuple[tuple[type, ...], bool] | None:
+    """The library's classes an argument annotated ``annotation`` must be an instance of, and whether ``None`` is
+    allowed: ``Strategy | None`` -> ``((Strategy,), True)``, its names looked up in ``namespace`` (the defining
+    module's globals) when it is a string. ``None`` when any alternative is something else (a simple type, a
+    container, a class from outside ``lightning_fed``, a protocol, a name the module does not hold at run time)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    if isinstance(annotation, str):
+        parts: list[Any] = []
+        for name in _split(annotation, "|"):
+            if name == "None":
+                parts.append(None)
+            elif not name.isidentifier() or name not in namespace:
+                return None
+            else:
+                parts.append(namespace[name])
+    elif isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        parts = [None if arg is type(None) else arg for arg in typing.get_args(annotation)]
+    else:
+        parts = [annotation]
+    classes = tuple(part for part in parts if part is not None)
+    if not classes or not all(isinstance(c, type) and c.__module__.startswith("lightning_fed")
+                              and not getattr(c, "_is_protocol", False) for c in classes):
+        return None
+    return classes, None in parts
+
+
+def _instance_words(classes: tuple[type, ...], none: bool) -> str:
+    words = [f"{'an' if c.__name__[0] in 'AEIOU' else 'a'} {c.__name__}" for c in classes]
+    return " or ".join(words + (["None"] if none else []))
+
+
 def _words(names: frozenset[str], table: dict[str, str]) -> str:
     return " or ".join(table[name] for name in _SIMPLE if name in names)
 
@@ -183,13 +217,26 @@ def check_arguments(cls: type) -> type:
     if init is None or getattr(init, "__checks_arguments__", False):
         return cls
     params = list(inspect.signature(init).parameters.values())[1:]  # without self
-    rules = []
+    rules, others = [], []
     for index, p in enumerate(params):
+        if p.kind not in (*_POSITIONAL, inspect.Parameter.KEYWORD_ONLY):
+            continue
         kinds = annotation_kinds(p.annotation)
-        if kinds is not None and p.kind in (*_POSITIONAL, inspect.Parameter.KEYWORD_ONLY):
-            rules.append((index if p.kind in _POSITIONAL else None, p.name, kinds))
-    if not rules:
+        (rules if kinds is not None else others).append((index if p.kind in _POSITIONAL else None, p.name,
+                                                         kinds if kinds is not None else p.annotation))
+    if not rules and not others:
         return cls
+    objects: list[tuple[int | None, str, tuple[type, ...], bool]] | None = None
+
+    def object_rules() -> list[tuple[int | None, str, tuple[type, ...], bool]]:
+        """The arguments annotated with the library's classes, resolved at the first call (every module the
+        annotations name is imported by then)."""
+        nonlocal objects
+        if objects is None:
+            namespace = getattr(init, "__globals__", {})
+            objects = [(index, name, *found) for index, name, annotation in others
+                       if (found := instance_kinds(annotation, namespace)) is not None]
+        return objects
 
     @functools.wraps(init)
     def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -210,6 +257,20 @@ def check_arguments(cls: type) -> type:
                     kwargs[name] = plain
                 else:
                     args = (*args[:index], plain, *args[index + 1 :])  # type: ignore[index,operator]
+        for index, name, classes, none in object_rules():
+            if name in kwargs:
+                value = kwargs[name]
+            elif index is not None and index < len(args):
+                value = args[index]
+            else:
+                continue
+            if (value is None and none) or isinstance(value, classes):
+                continue
+            hint = ""
+            if isinstance(value, type) and issubclass(value, classes):
+                hint = f" (the class itself was given: {value.__name__}(...) builds one)"
+            raise ArgumentTypeError(f"{type(self).__name__}: {name}={value!r} is not allowed; {name} must be "
+                                    f"{_instance_words(classes, none)}{hint}")
         init(self, *args, **kwargs)
 
     checked_init.__checks_arguments__ = True  # type: ignore[attr-defined]
@@ -229,6 +290,6 @@ class CheckedArguments:
 
 
 __all__ = [
-    "ArgumentTypeError", "CheckedArguments", "Kinds", "annotation_kinds", "check_arguments", "described", "fits", "need",
-    "python_scalars",
+    "ArgumentTypeError", "CheckedArguments", "Kinds", "annotation_kinds", "check_arguments", "described", "fits",
+    "instance_kinds", "need", "python_scalars",
 ]

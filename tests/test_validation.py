@@ -18,6 +18,7 @@ from lightning_fed.validation import (
     annotation_kinds,
     check_arguments,
     fits,
+    instance_kinds,
     need,
     python_scalars,
 )
@@ -82,6 +83,67 @@ def test_a_wrong_simple_type_is_refused_before_the_constructor_runs(cls, name, k
     value = _wrong(kinds)
     with pytest.raises(TypeError, match="^" + re.escape(f"{cls.__name__}: {name}={value!r} is not allowed; {name} must be ")):
         cls(**{name: value})  # the check runs before __init__: no other argument is needed
+
+
+def _object_parameters(cls: type) -> list[tuple[str, tuple[type, ...], bool]]:
+    """The parameters annotated with the library's classes (``Strategy | None``, ``PublicData``)."""
+    namespace = getattr(inspect.unwrap(cls.__init__), "__globals__", {})
+    return [(p.name, *found) for p in inspect.signature(cls).parameters.values()
+            if annotation_kinds(p.annotation) is None and (found := instance_kinds(p.annotation, namespace))]
+
+
+OBJECT_CASES = [(c, *rest) for c in _public_classes() if c.__name__ not in RECORDS for rest in _object_parameters(c)]
+
+
+def test_the_object_check_covers_the_configuration_objects():
+    """The settings that are objects of the library's classes: FedLoop's strategy, codec and partition, a
+    strategy's aggregator and server optimizer, a defence's clean data, a codec's inner codec."""
+    names = {f"{c.__name__}.{n}" for c, n, _, _ in OBJECT_CASES}
+    assert {"FedLoop.strategy", "FedLoop.codec", "FedLoop.partition", "FedAvg.aggregator",
+            "FedAvg.server_optimizer", "FinePruning.clean", "TopK.values", "Differential.inner"} <= names
+    assert len(OBJECT_CASES) >= 60
+
+
+@pytest.mark.parametrize(("cls", "name", "classes", "none"), OBJECT_CASES,
+                         ids=[f"{c.__name__}.{n}" for c, n, _, _ in OBJECT_CASES])
+def test_a_wrong_object_is_refused_before_the_constructor_runs(cls, name, classes, none):
+    """A name where an object is asked, and the class where an instance is asked (each names what it wants)."""
+    with pytest.raises(TypeError, match="^" + re.escape(f"{cls.__name__}: {name}='x' is not allowed; {name} must be ")):
+        cls(**{name: "x"})
+    wanted = classes[0]
+    with pytest.raises(TypeError, match=re.escape(f"(the class itself was given: {wanted.__name__}(...) builds one)")):
+        cls(**{name: wanted})
+    if none:  # None passes the check (the constructor may still want other arguments)
+        try:
+            cls(**{name: None})
+        except ArgumentTypeError as err:
+            assert f" {name}=None " not in str(err)
+        except (TypeError, ValueError):
+            pass
+
+
+def test_object_check_messages():
+    from lightning_fed import FedAvg
+    from lightning_fed.strategies import Krum
+
+    with pytest.raises(ArgumentTypeError, match=re.escape(
+            "FedLoop: strategy=<class 'lightning_fed.strategies.fedavg.FedAvg'> is not allowed; strategy must be a "
+            "Strategy or None (the class itself was given: FedAvg(...) builds one)")):
+        FedLoop(strategy=FedAvg)
+    with pytest.raises(ValueError, match=r"^FedAvg: aggregator='krum' is not allowed; aggregator must be an "
+                                         r"Aggregator or None$"):
+        FedAvg(aggregator="krum")
+    assert isinstance(FedAvg(aggregator=Krum()).aggregator, Krum)
+
+
+def test_instance_kinds_reads_the_librarys_classes_only():
+    from lightning_fed.strategies import Strategy
+
+    namespace = {"Strategy": Strategy, "Tensor": np.ndarray}
+    assert instance_kinds("Strategy | None", namespace) == ((Strategy,), True)
+    assert instance_kinds(Strategy | None, {}) == ((Strategy,), True)
+    for other in ("int | None", "Tensor", "list[Strategy]", "Missing | None", "Strategy | Tensor", inspect.Parameter.empty):
+        assert instance_kinds(other, namespace) is None
 
 
 def test_every_default_fits_its_annotation():

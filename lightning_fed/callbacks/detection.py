@@ -61,13 +61,6 @@ class Detection(FedCallback):
     ) -> None:
         need(
             "Detection",
-            isinstance(attack, Attack),
-            "attack",
-            attack,
-            "an Attack (LabelFlip, SignFlip, Backdoor, ...)",
-        )
-        need(
-            "Detection",
             isinstance(aggregator, RobustAggregator)
             or (
                 isinstance(aggregator, Strategy)

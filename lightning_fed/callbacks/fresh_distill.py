@@ -211,13 +211,6 @@ class FreshDistill(CleanDataDefence):
     ) -> None:
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed)
         need(self.owner, epochs >= 1, "epochs", epochs, "an integer >= 1")
-        need(
-            self.owner,
-            proxy is None or isinstance(proxy, PublicData),
-            "proxy",
-            proxy,
-            "None or a PublicData (its inputs join the transfer set; labels are not used)",
-        )
         need(self.owner, temperature > 0, "temperature", temperature, "> 0")
         need(self.owner, 0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
         need(self.owner, noise >= 0, "noise", noise, ">= 0")

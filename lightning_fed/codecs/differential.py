@@ -76,7 +76,7 @@ class Differential(VectorCodec):
     def __init__(self, inner: VectorCodec, *, beta: float | None = None, smoothing: float = 1.0, max_beta: float = 2.0,
                  self_describing: bool = False) -> None:
         # a misconfiguration, not a programming error: ValueError as every constructor check (STYLE rule 3)
-        if not isinstance(inner, VectorCodec) or isinstance(inner, Differential):
+        if isinstance(inner, Differential):
             raise ValueError(f"Differential: inner={inner!r} is not allowed; it must be a vector codec (TopK, QSGD, "
                              "Sign, PowerSGD, RandomK, Cast…), not another Differential")
         if isinstance(inner, TimeCorrelatedTopK):

@@ -98,7 +98,7 @@ class FLTrust(RobustAggregator):
         super().__init__()
         need(
             "FLTrust",
-            isinstance(clean, PublicData) and bool(clean.labeled),
+            bool(clean.labeled),
             "clean",
             clean,
             "a labelled PublicData (PublicData(labeled=True, ...) or PublicData.from_tensors(x, y)): the root data",
@@ -124,13 +124,6 @@ class FLTrust(RobustAggregator):
             "batch_size",
             batch_size,
             "an integer >= 1",
-        )
-        need(
-            "FLTrust",
-            lr_decay is None or isinstance(lr_decay, RoundLRDecay),
-            "lr_decay",
-            lr_decay,
-            "a RoundLRDecay or None",
         )
         self.clean = clean
         self.epochs = epochs

@@ -119,7 +119,7 @@ class LossFilter(FedAvg):
         name = "LossFilter"
         need(
             name,
-            isinstance(clean, PublicData) and bool(clean.labeled),
+            bool(clean.labeled),
             "clean",
             clean,
             "a labelled PublicData (PublicData(labeled=True, ...) or PublicData.from_tensors(x, y))",
