@@ -137,7 +137,13 @@ class Ranks:
             f"{str(err).splitlines()[0] if str(err) else ''}). {self.resume_hint}")
 
     def _dead(self) -> list[str]:
-        deadline = time.monotonic() + 5.0  # a dying child is reaped within moments of the closed connection
+        """The ranks on this machine seen dead: this process's children by their exit status, the other ranks by
+        their process id. A killed process closes its connections before it is a zombie, so the look is repeated
+        for a few seconds until one is seen."""
+        deadline = time.monotonic() + 5.0  # a dying process is gone within moments of its closed connection
+        host = socket.gethostname()
+        others = [(r, pid) for r, (peer_host, pid) in enumerate(self.peers)
+                  if r != self.rank and peer_host == host and pid not in {p.pid for p in self.children}]
         while True:
             found = []
             for i, proc in enumerate(self.children):
@@ -146,16 +152,10 @@ class Ranks:
                     rank = self.rank + i + 1
                     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                     found.append(f"rank {rank} (pid {proc.pid}, {how})")
-            if found or not self.children or time.monotonic() > deadline:
-                break
+            found += [f"rank {r} (pid {pid})" for r, pid in others if not _alive(pid)]
+            if found or not (self.children or others) or time.monotonic() > deadline:
+                return found
             time.sleep(0.05)
-        if found:
-            return found
-        host = socket.gethostname()
-        for r, (peer_host, pid) in enumerate(self.peers):
-            if r != self.rank and peer_host == host and not _alive(pid):
-                found.append(f"rank {r} (pid {pid})")
-        return found
 
     def close(self, ok: bool) -> None:
         """Leave the process group; the launching process waits for its children (or stops them on failure)."""

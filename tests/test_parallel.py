@@ -391,3 +391,21 @@ def test_the_message_of_a_dead_rank_says_how_to_go_on(tmp_path):
     ranks = Ranks(rank=1, world_size=2, resume_hint=loop._resume_hint(None))
     message = str(ranks.failure(RuntimeError("Connection closed by peer")))
     assert message.startswith("rank 1: another rank") and message.endswith(loop._resume_hint(None))
+
+
+def test_a_peer_still_dying_is_named():
+    """A killed rank closes its connections before it is gone: the other ranks look again for a few seconds, so
+    the one that is still exiting when the connection drops is named (it was "another rank" under load)."""
+    import socket
+    import subprocess
+    import sys
+
+    from lightning_fed.ranks import Ranks
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        ranks = Ranks(rank=1, world_size=2, peers=[(socket.gethostname(), peer.pid), (socket.gethostname(), 1)])
+        message = str(ranks.failure(RuntimeError("Connection closed by peer")))
+    finally:
+        peer.wait()
+    assert message.startswith(f"rank 1: rank 0 (pid {peer.pid}) died during start-up"), message
