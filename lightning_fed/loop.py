@@ -90,6 +90,19 @@ PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "6
 """Lightning's short forms of a precision (``Trainer(precision=16)``, ``"bf16"``) and the setting each stands for."""
 
 
+def lightning_strategy_hint(value: Any) -> str | None:
+    """What to say when ``FedLoop(strategy=...)`` (or a recipe's ``loop.strategy``) is given one of Lightning's
+    process strategies (``"ddp"``, ``"fsdp"``, ...): FedLoop's strategy is the federated one, and processes are
+    ``devices``. ``None`` for any other value."""
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    if not isinstance(value, str) or value not in {*STRATEGY_REGISTRY, "auto"}:
+        return None
+    return (f"{value!r} is one of Lightning's process strategies; FedLoop's strategy is the federated server "
+            "strategy (FedAvg(), FedProx(mu=0.01), ...), and the clients of a round train on several processes "
+            "with devices=N, see docs/scale-out.md")
+
+
 @dataclass
 class FitResult:
     """What :meth:`FedLoop.fit` returns.
@@ -192,6 +205,11 @@ class FedLoop(CheckedArguments):
             An asynchronous strategy (:class:`~lightning_fed.strategies.FedBuff`) needs one: its rounds are server
             versions, each receiving the replies that arrive first on the clock (``clients_per_round`` unused).
     """
+
+    @staticmethod
+    def _argument_hint(name: str, value: Any) -> str | None:
+        """More to say when the constructor's object check refuses ``name=value`` (CheckedArguments)."""
+        return lightning_strategy_hint(value) if name == "strategy" else None
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':\s*(.*)$")
 _EXPECTED = re.compile(r"^Expected a <class '([\w.]+)'>\. Got value: (.*)$")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted$")
+_DOT_PATH = re.compile(r"^Expected a dot import path string: (.*)$")
+_SUBTYPES = re.compile(r"^Subtypes: \[(.*)\]$")
 _NOISE = ("Expected a <class 'NoneType'>", "Expected a path but ")
 
 
@@ -125,8 +127,9 @@ def _items(lines: list[str]) -> list[list[str]]:
     return items
 
 
-def _walk(lines: list[str], key: str, cls: str | None) -> tuple[str | None, str]:
-    """Follow the one relevant branch of a jsonargparse message down to its cause: (full key, message)."""
+def _walk(lines: list[str], key: str, cls: str | None, bases: Sequence[str] = ()) -> tuple[str | None, str]:
+    """Follow the one relevant branch of a jsonargparse message down to its cause: (full key, message). ``bases``:
+    the class paths the enclosing Union accepts (``Strategy`` for ``loop.strategy``)."""
     lines = [ln for ln in lines if ln.strip()]
     if not lines:
         return (key or None), "invalid value"
@@ -145,14 +148,19 @@ def _walk(lines: list[str], key: str, cls: str | None) -> tuple[str | None, str]
         return full, _unknown(full, _settings(cls))
     if m := _EXPECTED.match(first):
         return (key or None), f"expected {m.group(1)}, got {m.group(2)!r}"
+    if m := _DOT_PATH.match(first):
+        return (key or None), _not_a_class(m.group(1).strip(), bases, key)
+    if first.startswith("Does not validate against any of the Union subtypes"):
+        bases = next((re.findall(r"<class '([\w.]+)'>", s.group(1)) for ln in lines
+                      if (s := _SUBTYPES.match(ln.strip()))), bases)
     if first.startswith(("Does not validate against any of the Union subtypes", "- ")):
         block = lines if first.startswith("- ") else lines[next((i for i, ln in enumerate(lines)
                                                                   if ln.strip() == "Errors:"), len(lines)) + 1:]
         branches = [it for it in _items(block) if not it[0].startswith(_NOISE)]
         if len(branches) == 1:
-            return _walk(branches[0], key, cls)
+            return _walk(branches[0], key, cls, bases)
         if branches and first.startswith("- "):  # jsonargparse repeats the union: the first copy is enough
-            return _walk(branches[0], key, cls)
+            return _walk(branches[0], key, cls, bases)
         if branches:
             return (key or None), "; ".join(b[0].strip() for b in branches)
     return (key or None), " ".join(ln.strip() for ln in lines)
@@ -166,6 +174,34 @@ def _unknown(key: str, known: Sequence[str] | None = None) -> str:
         known = [p for p in inspect.signature(FedLoop.__init__).parameters if p != "self"]
     close = difflib.get_close_matches(name, list(known or []), n=1)
     return "unknown key" + (f"; did you mean {key[: len(key) - len(name)]}{close[0]}?" if close else "")
+
+
+def _not_a_class(value: str, bases: Sequence[str], key: str) -> str:
+    """A value where a class is expected (``--loop.strategy fedavg``): what is asked, the known classes of that kind
+    whose names are close, and for ``loop.strategy`` a Lightning process strategy explained."""
+    kinds = [b for b in bases if b != "NoneType"]
+    found: dict[str, None] = {}
+    for base in kinds:  # jsonargparse names classes it has imported
+        stack = [_import(base)]
+        while stack:
+            for sub in stack.pop().__subclasses__():
+                stack.append(sub)
+                if not sub.__name__.startswith("_") and not inspect.isabstract(sub):
+                    found[sub.__name__] = None
+    names = list(found)
+    lower = {n.lower(): n for n in names}
+    close = [lower[value.lower()]] if value.lower() in lower else [
+        lower[n] for n in difflib.get_close_matches(value.lower(), list(lower), n=3, cutoff=0.6)]
+    what = " or ".join(k.rsplit(".", 1)[-1] for k in kinds) or "class"
+    message = f"{value!r} is not {'an' if what[0] in 'AEIOU' else 'a'} {what} class: give a class name or its class_path"
+    if close:
+        message += f"; did you mean {' or '.join(close)}?"
+    if key == "loop.strategy":
+        from lightning_fed.loop import lightning_strategy_hint
+
+        if hint := lightning_strategy_hint(value):
+            message += f" ({hint})"
+    return message
 
 
 def _settings(class_path: str | None) -> list[str]:

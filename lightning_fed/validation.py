@@ -269,6 +269,8 @@ def check_arguments(cls: type) -> type:
             hint = ""
             if isinstance(value, type) and issubclass(value, classes):
                 hint = f" (the class itself was given: {value.__name__}(...) builds one)"
+            elif (explain := getattr(type(self), "_argument_hint", None)) and (said := explain(name, value)):
+                hint = f" ({said})"
             raise ArgumentTypeError(f"{type(self).__name__}: {name}={value!r} is not allowed; {name} must be "
                                     f"{_instance_words(classes, none)}{hint}")
         init(self, *args, **kwargs)

@@ -143,8 +143,16 @@ _DELETE = object()
         (_set("loop", "callbacks", 0, "init_args", "min_scale", 5),
          "loop.callbacks[0].init_args.min_scale: min_scale=5.0 is not allowed; min_scale must be in [0, 1]"),
         (_set("loop", "clients_per_round", 50), "loop.clients_per_round: clients_per_round=50 is not allowed"),
+        (_set("loop", "partition", "dirichlet"),
+         ("loop.partition: 'dirichlet' is not a Partition class: give a class name or its class_path; did you mean "
+         "Dirichlet?\n")),
+        (_set("loop", "strategy", "init_args", "aggregator", "krum"),
+         ("loop.strategy.init_args.aggregator: 'krum' is not an Aggregator class: give a class name or its "
+         "class_path; did you mean Krum?\n")),
+        (_set("loop", "codec", "zzz"), "loop.codec: 'zzz' is not a Codec class: give a class name or its class_path\n"),
     ],
-    ids=["constructor", "type", "unknown", "unknown-init-arg", "class_path", "list-item", "loop"],
+    ids=["constructor", "type", "unknown", "unknown-init-arg", "class_path", "list-item", "loop", "class-name",
+         "nested-class-name", "no-such-class"],
 )
 def test_recipe_error_names_file_and_key(tmp_path, capsys, edit, message):
     path = _recipe(tmp_path, edit)
@@ -155,6 +163,17 @@ def test_recipe_error_names_file_and_key(tmp_path, capsys, edit, message):
     assert err == f"lightning-fed: error: {path}: {message}\n" or err.startswith(f"lightning-fed: error: {path}: {message}")
     assert "Union" not in err and "usage" not in err and "NoneType" not in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_lightning_process_strategy_is_explained(tmp_path, capsys):
+    """``--loop.strategy ddp`` (Lightning's strategies) says that processes are ``devices``."""
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "--config", FEDAVG, "--loop.strategy", "ddp", "--loop.output_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-fed: error: command line: loop.strategy: 'ddp' is not a Strategy class")
+    assert "Lightning's process strategies" in err and "devices=N" in err and "did you mean" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_recipe_is_one_line(tmp_path, capsys):

@@ -134,6 +134,13 @@ def test_object_check_messages():
                                          r"Aggregator or None$"):
         FedAvg(aggregator="krum")
     assert isinstance(FedAvg(aggregator=Krum()).aggregator, Krum)
+    with pytest.raises(ArgumentTypeError, match=re.escape(
+            "strategy must be a Strategy or None ('fsdp' is one of Lightning's process strategies; FedLoop's "
+            "strategy is the federated server strategy")) as refused:
+        FedLoop(strategy="fsdp")
+    assert "devices=N" in str(refused.value)
+    with pytest.raises(ArgumentTypeError, match=r"strategy must be a Strategy or None$"):
+        FedLoop(strategy="fedavg")
 
 
 def test_instance_kinds_reads_the_librarys_classes_only():
