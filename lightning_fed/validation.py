@@ -190,6 +190,18 @@ def described(kinds: Kinds) -> str:
     return " or ".join(phrases)
 
 
+_ABSENT = object()
+
+
+def _given(name: str, index: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The value a call gives the parameter ``name`` (positional at ``index``), or ``_ABSENT``."""
+    if name in kwargs:
+        return kwargs[name]
+    if index is not None and index < len(args):
+        return args[index]
+    return _ABSENT
+
+
 def check_arguments(cls: type) -> type:
     """Make ``cls.__init__`` refuse an argument of the wrong simple type before it runs.
 
@@ -241,11 +253,8 @@ def check_arguments(cls: type) -> type:
     @functools.wraps(init)
     def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
         for index, name, kinds in rules:
-            if name in kwargs:
-                value = kwargs[name]
-            elif index is not None and index < len(args):
-                value = args[index]
-            else:
+            value = _given(name, index, args, kwargs)
+            if value is _ABSENT:
                 continue
             if not fits(value, kinds):
                 raise ArgumentTypeError(
@@ -258,11 +267,8 @@ def check_arguments(cls: type) -> type:
                 else:
                     args = (*args[:index], plain, *args[index + 1 :])  # type: ignore[index,operator]
         for index, name, classes, none in object_rules():
-            if name in kwargs:
-                value = kwargs[name]
-            elif index is not None and index < len(args):
-                value = args[index]
-            else:
+            value = _given(name, index, args, kwargs)
+            if value is _ABSENT:
                 continue
             if (value is None and none) or isinstance(value, classes):
                 continue
