@@ -264,34 +264,27 @@ class FedLoop(CheckedArguments):
         need(OWNER, test_every >= 0, "test_every", test_every, ">= 0 (0: test only after the last round)")
         need(OWNER, uplink_allocation in UPLINK_ALLOCATIONS, "uplink_allocation", uplink_allocation,
              f"one of {UPLINK_ALLOCATIONS}")
-        need(OWNER, checkpoint_every >= 0, "checkpoint_every", checkpoint_every,
-             ">= 0 (0 disables checkpoints)")
+        need(OWNER, checkpoint_every >= 0, "checkpoint_every", checkpoint_every, ">= 0 (0 disables checkpoints)")
         need(OWNER, keep_checkpoints >= 1, "keep_checkpoints", keep_checkpoints, ">= 1")
         need(OWNER, max_failed_rounds >= 1, "max_failed_rounds", max_failed_rounds, ">= 1")
         need(OWNER, sampling in SAMPLINGS, "sampling", sampling, f"one of {SAMPLINGS}")
-        need(OWNER, gradient_clip_val is None or gradient_clip_val >= 0, "gradient_clip_val",
-             gradient_clip_val,
+        need(OWNER, gradient_clip_val is None or gradient_clip_val >= 0, "gradient_clip_val", gradient_clip_val,
              ">= 0 or None")
-        need(OWNER, gradient_clip_algorithm in ("norm", "value"), "gradient_clip_algorithm",
-             gradient_clip_algorithm,
+        need(OWNER, gradient_clip_algorithm in ("norm", "value"), "gradient_clip_algorithm", gradient_clip_algorithm,
              "one of ('norm', 'value')")
         need(OWNER, accumulate_grad_batches >= 1, "accumulate_grad_batches", accumulate_grad_batches, ">= 1")
         need(OWNER, devices >= 1, "devices", devices, "an integer >= 1 (processes per node)")
         need(OWNER, num_nodes >= 1, "num_nodes", num_nodes, "an integer >= 1")
-        need(OWNER, processes_per_device >= 1, "processes_per_device", processes_per_device,
-             "an integer >= 1")
+        need(OWNER, processes_per_device >= 1, "processes_per_device", processes_per_device, "an integer >= 1")
         need(OWNER, timeout_s > 0, "timeout_s", timeout_s, "> 0")
         need(OWNER, runner is None or devices * num_nodes == 1, "runner", runner,
              "None when devices * num_nodes > 1 (the processes split the clients themselves)")
         need(OWNER, PRECISION_ALIASES.get(str(precision), str(precision)) in PRECISIONS, "precision", precision,
              f"one of {PRECISIONS} (or Lightning's 32, 16, 'bf16', 64)")
         precision = PRECISION_ALIASES.get(str(precision), str(precision))
-        need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes",
-             max_message_bytes, "> 0 or None")
-        need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs,
-             "> 0 or None")
-        need(OWNER, max_norm_ratio is None or max_norm_ratio > 1, "max_norm_ratio", max_norm_ratio,
-             "> 1 or None")
+        need(OWNER, max_message_bytes is None or max_message_bytes > 0, "max_message_bytes", max_message_bytes, "> 0 or None")
+        need(OWNER, max_update_abs is None or max_update_abs > 0, "max_update_abs", max_update_abs, "> 0 or None")
+        need(OWNER, max_norm_ratio is None or max_norm_ratio > 1, "max_norm_ratio", max_norm_ratio, "> 1 or None")
         loggers = list(LOGGERS) if loggers is None else list(loggers)
         for name in loggers:
             need(OWNER, name in LOGGERS, "loggers", loggers, f"a list of {LOGGERS}")
@@ -348,8 +341,7 @@ class FedLoop(CheckedArguments):
         self._calibrated: dict[str, torch.Tensor] | None = None  # the latest calibrated head (CCVR)
         if clock is not None:  # profiles resolve now: a bad CSV or a missing client fails before the run
             clock.bind(num_clients, clients_per_round, seed)
-            need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients",
-                 min_clients,
+            need(OWNER, clock.keep_first is None or clock.keep_first >= min_clients, "min_clients", min_clients,
                  f"at most the clock's keep_first={clock.keep_first} (the replies a round keeps)")
         self.schedule = self.strategy.schedule()  # asynchronous rounds (FedBuff): an event queue on the clock
         if self.schedule is not None:

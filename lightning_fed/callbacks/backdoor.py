@@ -136,17 +136,14 @@ class Backdoor(Attack):
                  trigger_start: int | None = None, trigger_pattern: str = "alternating") -> None:
         super().__init__(fraction, mode, seed, start_round)
         need("Backdoor", target >= 0, "target", target, "a class index >= 0")
-        need("Backdoor", 0 < poison_fraction <= 1, "poison_fraction",
-             poison_fraction, "in (0, 1]")
+        need("Backdoor", 0 < poison_fraction <= 1, "poison_fraction", poison_fraction, "in (0, 1]")
         need("Backdoor", trigger_size >= 1, "trigger_size", trigger_size, "an integer >= 1")
         need("Backdoor", trigger_value > 0, "trigger_value", trigger_value, "> 0")
         need("Backdoor", trigger_start is None or trigger_start >= 0,
              "trigger_start", trigger_start, "an integer >= 0 or None (at the end)")
-        need("Backdoor", trigger_pattern in PATTERNS, "trigger_pattern", trigger_pattern,
-             f"one of {PATTERNS}")
+        need("Backdoor", trigger_pattern in PATTERNS, "trigger_pattern", trigger_pattern, f"one of {PATTERNS}")
         need("Backdoor", boost >= 1, "boost", boost, ">= 1 (1: no boost)")
-        need("Backdoor", max_norm is None or max_norm > 0, "max_norm", max_norm,
-             "> 0 or None (no constraint)")
+        need("Backdoor", max_norm is None or max_norm > 0, "max_norm", max_norm, "> 0 or None (no constraint)")
         self.target = target
         self.poison_fraction = float(poison_fraction)
         self.trigger_size = trigger_size

@@ -130,8 +130,7 @@ class FinePruning(StructuredPruning):
 
     def _check_layer(self, model: nn.Module) -> nn.Module:
         modules = dict(model.named_modules())
-        need("FinePruning", self.layer in modules and _width(modules.get(self.layer,
-             nn.Identity())) is not None,
+        need("FinePruning", self.layer in modules and _width(modules.get(self.layer, nn.Identity())) is not None,
              "layer", self.layer, f"a Conv/Linear submodule of {type(model).__name__}: one of "
              f"{[n for n, m in modules.items() if _width(m) is not None]}")
         return modules[self.layer]

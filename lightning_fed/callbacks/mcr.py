@@ -81,9 +81,8 @@ class MCR(CleanDataDefence):
         super().__init__(clean, at, holdout, epochs, lr, momentum, batch_size, seed, need_holdout=True)
         need("MCR", endpoint_epochs >= 0, "endpoint_epochs", endpoint_epochs, "an integer >= 0")
         grid = [round(0.1 * i, 10) for i in range(1, 10)] if grid is None else grid
-        need("MCR", len(grid) > 0
-             and all(0 <= t <= 1 for t in grid),
-             "grid", grid, "a non-empty list of numbers in [0, 1]")
+        need("MCR", len(grid) > 0 and all(0 <= t <= 1 for t in grid), "grid", grid,
+             "a non-empty list of numbers in [0, 1]")
         self.endpoint_epochs = endpoint_epochs
         self.grid = [float(t) for t in grid]
 

@@ -180,8 +180,7 @@ class StructuredPruning(FedCallback):
         batch_to_inputs: BatchToInputs | None = None,
         forward_fn: ForwardFn | None = None,
     ) -> None:
-        need("StructuredPruning", 0.0 <= ratio < 1.0, "ratio", ratio,
-             "in [0, 1)")
+        need("StructuredPruning", 0.0 <= ratio < 1.0, "ratio", ratio, "in [0, 1)")
         for name, r in (layer_ratios or {}).items():
             need("StructuredPruning", isinstance(r, (int, float)) and 0.0 <= r < 1.0,
                  f"layer_ratios[{name!r}]", r, "in [0, 1)")

@@ -253,8 +253,7 @@ class Krum(RobustAggregator):
     def __init__(self, byzantine: int = 1, select: int | None = None) -> None:
         super().__init__()
         need("Krum", byzantine >= 0, "byzantine", byzantine, "an integer >= 0")
-        need("Krum", select is None or select >= 1, "select", select,
-             "an integer >= 1 or None (n - byzantine)")
+        need("Krum", select is None or select >= 1, "select", select, "an integer >= 1 or None (n - byzantine)")
         self.byzantine = byzantine
         self.select = select
 
@@ -292,8 +291,8 @@ class NormBound(RobustAggregator):
 
     def __init__(self, max_norm: float | None = None) -> None:
         super().__init__()
-        need(type(self).__name__, max_norm is None or max_norm > 0,
-             "max_norm", max_norm, "> 0 or None (the round's median norm)")
+        need(type(self).__name__, max_norm is None or max_norm > 0, "max_norm", max_norm,
+             "> 0 or None (the round's median norm)")
         self.max_norm = max_norm
 
     def bound(self, x: Tensor) -> float:
