@@ -43,11 +43,18 @@ from lightning_fed.checkpoint import save_checkpoint
 from lightning_fed.client import LocalTrainer, check_module, train_aside
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
-from lightning_fed.data.loaders import client_loader, described_kind, loaders_module
+from lightning_fed.data.loaders import (
+    LoadersModule,
+    client_loader,
+    described_kind,
+    loaders_module,
+    training_template,
+)
 from lightning_fed.data.partition import IID, Partition, summary_rows
 from lightning_fed.errors import AggregationRefused, RoundsFailed
 from lightning_fed.evaluate import Evaluator
 from lightning_fed.identity import run_identity
+from lightning_fed.lightning_callbacks import refusal as lightning_callback_refusal
 from lightning_fed.outputs import (
     LOGGERS,
     make_loggers,
@@ -305,6 +312,8 @@ class FedLoop(CheckedArguments):
         for cb in self.callbacks:
             need(OWNER, isinstance(cb, Callback), "callbacks", callbacks,
                  "a Lightning Callback or a list of them (instances: StructuredPruning(ratio=0.3), not the class)")
+            if (why := lightning_callback_refusal(cb)) is not None:
+                raise ValueError(f"{OWNER}: callbacks: {why}")
         for cb in self.callbacks:  # callbacks may check how they combine (e.g. prune before QAT) before training
             check = getattr(cb, "check_callbacks", None)
             if callable(check):
@@ -447,6 +456,7 @@ class FedLoop(CheckedArguments):
         view = self.view
         for cb in self.all_callbacks:
             cb.setup(view, model, "fit")
+        self._setup_module(model)
         start = 0
         if ckpt_dir is not None:
             start = self._restore(ckpt_dir, ckpt_state)
@@ -479,6 +489,8 @@ class FedLoop(CheckedArguments):
             model.on_fit_end()
             for cb in self.all_callbacks:
                 cb.teardown(view, model, "fit")
+            model.teardown("fit")
+            datamodule.teardown("fit")
             status = "success"
         finally:
             for lg in self.loggers:
@@ -509,11 +521,19 @@ class FedLoop(CheckedArguments):
         self.store = self.work.store = ClientStore(Path(state_dir) / "clients", shared=True)
         for cb in self.all_callbacks:
             cb.setup(self.view, model, "fit")
+        self._setup_module(model)
         self.strategy.setup(model)
         for cb in self.all_callbacks:
             cb.on_fit_start(self.view, model)
         model.on_fit_start()
         return self.work
+
+    def _setup_module(self, model: L.LightningModule) -> None:
+        """``model.setup("fit")`` after the callbacks' ``setup``, as ``lightning.Trainer`` calls it (the view attached:
+        ``self.trainer.datamodule`` works there); layers it builds are then put on the device and in the precision
+        like the rest, before the strategy takes the initial global model."""
+        model.setup("fit")
+        self.fabric.to_device(self.fabric.strategy.precision.convert_module(model))
 
     def _build(self, fabric: Fabric, model: L.LightningModule, run_dir: Path) -> None:
         """The parts of a run: the stores, the context and trainer view, the uplink codec as the callbacks wrap
@@ -538,6 +558,7 @@ class FedLoop(CheckedArguments):
             _evaluate=self.evaluate_module, _train=self._train_aside, _stored_clients=self.store.ids,
             _stored_state=self.store.load)
         self.view = view = TrainerView(fabric, ctx, self.loggers, ranks.rank, ranks.world_size)
+        view.datamodule = None if isinstance(self.datamodule, LoadersModule) else self.datamodule
         view.lightning_module, view.callbacks = model, self.all_callbacks
         self._attach(model, view)
         self._prepared: dict[int, L.LightningModule] = {}
@@ -857,7 +878,9 @@ class FedLoop(CheckedArguments):
                 dm.prepare_data()
         self.ranks.barrier()  # what prepare_data writes is there before any rank reads it
         dm.setup("fit")
-        self.train_template = dm.train_dataloader()
+        self.datamodule = dm
+        where = "FedLoop.fit" if isinstance(dm, LoadersModule) else f"{type(dm).__name__}.train_dataloader()"
+        self.train_template = training_template(dm.train_dataloader(), where)
         dataset = self.train_template.dataset
         labels = self.partition.dataset_labels(dataset)  # None: labels unknown and the partition needs none
         self.shards = self.partition.split_dataset(dataset, labels, self.num_clients, self.seed)
@@ -990,6 +1013,12 @@ def _loader(dm: L.LightningDataModule, name: str) -> Any:
         return None
     if loader is None or (isinstance(loader, (list, tuple)) and len(loader) == 0):
         return None
+    if isinstance(loader, (list, tuple, dict)):
+        if len(loader) > 1:
+            raise ValueError(f"{type(dm).__name__}.{name}() returned {len(loader)} loaders; FedLoop evaluates one "
+                             "(a dataloader_idx is not passed): concatenate their datasets (torch.utils.data."
+                             "ConcatDataset) into one loader, or give the others to a callback")
+        return next(iter(loader.values() if isinstance(loader, dict) else loader))
     return loader
 
 

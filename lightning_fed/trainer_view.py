@@ -68,6 +68,8 @@ class TrainerView:
         self.world_size = world_size
         """Processes of the run (each trains a part of every round's clients)."""
         self.lightning_module: Any = None
+        self.datamodule: Any = None
+        """The data module given to ``FedLoop.fit`` (``None`` when it was given dataloaders), as ``trainer.datamodule``."""
         self.callbacks: list[Any] = []
         self.current_epoch = 0
         self.global_step = 0

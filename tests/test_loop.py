@@ -419,6 +419,93 @@ def test_fit_refuses_training_data_it_cannot_use(small_dm, args, kwargs, message
         FedLoop().fit(MNIST1DMLP(), *args, **kwargs)
 
 
+def test_a_batch_sampler_stands_for_its_batch_size(make_loop):
+    """``DataLoader(ds, batch_sampler=BatchSampler(..., 32, drop_last))`` trains the clients on batches of 32 (it
+    trained them one example at a time): the same weights as the loader with ``batch_size=32``."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+    from lightning_fed.models import LogisticRegression
+
+    train, _ = _loaders()
+    runs = []
+    for loader in (DataLoader(train.dataset, batch_size=32, drop_last=True),
+                   DataLoader(train.dataset, batch_sampler=BatchSampler(RandomSampler(train.dataset), 32, True)),
+                   DataLoader(train.dataset, batch_sampler=BatchSampler(SequentialSampler(train.dataset), 32, True))):
+        model = seeded(LogisticRegression, in_features=40, num_classes=2)
+        make_loop(rounds=1).fit(model, loader)
+        runs.append(_weights(model))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_a_sampler_that_is_not_used_is_logged(make_loop, caplog):
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from lightning_fed.models import LogisticRegression
+
+    train, _ = _loaders()
+    loader = DataLoader(train.dataset, batch_size=16, sampler=WeightedRandomSampler([1.0] * 240, 50))
+    with caplog.at_level(logging.WARNING, logger="lightning_fed"):
+        make_loop(rounds=1).fit(seeded(LogisticRegression, in_features=40, num_classes=2), loader)
+    assert "sampler (WeightedRandomSampler) is not used" in caplog.text
+
+
+def test_training_and_validation_data_it_cannot_split_or_evaluate_are_refused(tmp_path):
+    import lightning as L
+    from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(torch.randn(8, 40), torch.zeros(8, dtype=torch.long))
+
+    class Bucketing(BatchSampler):
+        pass
+
+    train, val = _loaders()
+
+    class TwoVal(L.LightningDataModule):
+        def train_dataloader(self):
+            return train
+
+        def val_dataloader(self):
+            return [val, val]
+
+    class Several(TwoVal):
+        def train_dataloader(self):
+            return [train, train]
+
+    cases = [
+        ((DataLoader(Stream(), batch_size=4),), ("FedLoop.fit: the training DataLoader's dataset is an IterableDataset "
+                                                r"\(Stream\); FedLoop splits the training set")),
+        ((DataLoader(train.dataset, batch_sampler=Bucketing(SequentialSampler(train.dataset), 8, False)),),
+         r"has a batch_sampler of its own \(Bucketing\).*give the DataLoader a batch_size instead"),
+        ((TwoVal(),), r"^TwoVal.val_dataloader\(\) returned 2 loaders; FedLoop evaluates one"),
+        ((Several(),), r"^Several.train_dataloader\(\): the training data must be one torch DataLoader, got list"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            FedLoop(output_dir=str(tmp_path), verbose=False).fit(MNIST1DMLP(), *args)
+    assert not list(tmp_path.iterdir())  # refused before the run folder
+
+
+def test_a_list_of_one_validation_loader_is_that_loader(make_loop):
+    import lightning as L
+
+    from lightning_fed.models import LogisticRegression
+
+    train, val = _loaders()
+
+    class OneInAList(L.LightningDataModule):
+        def train_dataloader(self):
+            return train
+
+        def val_dataloader(self):
+            return [val]
+
+    accs = [make_loop(rounds=1).fit(seeded(LogisticRegression, in_features=40, num_classes=2), *data).history[-1]
+            ["val_acc"] for data in ((OneInAList(),), (train, val))]
+    assert accs[0] == accs[1]
+
+
 @pytest.mark.parametrize(("given", "setting"), [(32, "32-true"), ("32", "32-true"), (16, "16-mixed"),
                                                ("bf16", "bf16-mixed"), (64, "64-true"), ("bf16-true", "bf16-true")])
 def test_lightnings_short_precisions_stand_for_their_settings(given, setting):

@@ -506,3 +506,54 @@ def test_module_prepare_data_called_once(tmp_path):
     FedLoop(num_clients=2, clients_per_round=1, rounds=2, seed=SEED, output_dir=str(tmp_path / "runs"), verbose=False,
             plot=False, loggers=[], checkpoint_every=0).fit(Prepares(), TensorDM())
     assert calls == ["module"]
+
+
+class BuiltInSetup(L.LightningModule):
+    """Builds its layers in ``setup`` from ``self.trainer.datamodule`` (a common Lightning pattern) and records the
+    module's setup and teardown calls."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def setup(self, stage):
+        self.calls.append(("setup", stage))
+        dm = self.trainer.datamodule
+        self.net = nn.Linear(dm.x.shape[1], int(dm.y.max()) + 1)
+
+    def teardown(self, stage):
+        self.calls.append(("teardown", stage))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_module_setup_and_teardown_are_called_as_by_the_trainer(tmp_path):
+    """``setup("fit")`` once before training, with ``trainer.datamodule`` there, and ``teardown("fit")`` at the end
+    (they were never called: a layer built in setup was missing on every client)."""
+    fed, trainer = [], []
+    res = FedLoop(num_clients=2, clients_per_round=2, rounds=2, seed=SEED, output_dir=str(tmp_path / "runs"),
+                  verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(BuiltInSetup(fed), TensorDM())
+    assert [h["good"] for h in res.history] == [2, 2]
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(BuiltInSetup(trainer), datamodule=TensorDM())
+    assert fed == trainer == [("setup", "fit"), ("teardown", "fit")]
+
+
+def test_trainer_datamodule_is_none_with_dataloaders(tmp_path):
+    seen = []
+
+    class Reads(Base):
+        def on_train_start(self):
+            seen.append(self.trainer.datamodule)
+
+    dm = TensorDM()
+    FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"), verbose=False,
+            plot=False, loggers=[], checkpoint_every=0).fit(Reads(), dm.train_dataloader())
+    FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"), verbose=False,
+            plot=False, loggers=[], checkpoint_every=0).fit(Reads(), dm)
+    assert seen == [None, dm]

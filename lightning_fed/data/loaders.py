@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,7 +10,18 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
+
+log = logging.getLogger("lightning_fed")
 
 
 class TensorShardLoader:
@@ -86,6 +98,35 @@ def loaders_module(datamodule: Any, train_dataloaders: Any = None, val_dataloade
             raise ValueError(f"FedLoop.fit: {name}={described_kind(loader)} is not allowed; {name} must be a torch "
                              "DataLoader")
     return LoadersModule(train_dataloaders, val_dataloaders)
+
+
+def training_template(loader: Any, owner: str) -> DataLoader:
+    """The training loader whose dataset FedLoop splits among the clients, checked: each client's loader takes its
+    batch size, ``drop_last``, collate function and workers (:func:`client_loader`) and draws its own shuffled
+    batches. A ``BatchSampler`` given in place of a batch size stands for its batch size and ``drop_last``; a
+    sampler of another kind is not used (logged). Refused by name: not a ``DataLoader`` (several loaders), an
+    ``IterableDataset`` (a stream cannot be split by index), a batch sampler of another kind."""
+    if not isinstance(loader, DataLoader):
+        raise ValueError(f"{owner}: the training data must be one torch DataLoader, got {described_kind(loader)} "
+                         "(FedLoop splits one training set among the clients)")
+    if isinstance(loader.dataset, IterableDataset):
+        raise ValueError(f"{owner}: the training DataLoader's dataset is an IterableDataset "
+                         f"({type(loader.dataset).__name__}); FedLoop splits the training set among the clients by "
+                         "index, so it must be a map-style Dataset (__len__ and __getitem__)")
+    if loader.batch_size is None and loader.batch_sampler is not None:
+        sampler = loader.batch_sampler
+        if type(sampler) is not BatchSampler:
+            raise ValueError(f"{owner}: the training DataLoader has a batch_sampler of its own "
+                             f"({type(sampler).__name__}); FedLoop draws each client's batches from its shard "
+                             "itself (shuffled, batch_size at a time): give the DataLoader a batch_size instead")
+        log.info("the training DataLoader's BatchSampler stands for batch_size=%d, drop_last=%s: each client draws "
+                 "its own shuffled batches of that size", sampler.batch_size, sampler.drop_last)
+        return DataLoader(loader.dataset, batch_size=sampler.batch_size, drop_last=sampler.drop_last,
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+    if not isinstance(loader.sampler, RandomSampler | SequentialSampler):
+        log.warning("the training DataLoader's sampler (%s) is not used: FedLoop draws each client's batches from its "
+                    "shard, shuffled every round", type(loader.sampler).__name__)
+    return loader
 
 
 def subset_indices(data: Dataset, root: Dataset) -> Tensor | None:
