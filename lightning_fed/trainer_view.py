@@ -150,6 +150,9 @@ class TrainerView:
     def log_dict(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Receive ``self.log`` values: keep the latest and a running mean per name."""
         for name, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"self.log({name!r}, tensor of shape {tuple(value.shape)}) was called, but the value "
+                                 "must have a single element (as under lightning.Trainer): log its mean or one entry")
             v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.callback_metrics[name] = v
             self.fresh_metrics.add(name)

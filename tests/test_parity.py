@@ -557,3 +557,20 @@ def test_trainer_datamodule_is_none_with_dataloaders(tmp_path):
     FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"), verbose=False,
             plot=False, loggers=[], checkpoint_every=0).fit(Reads(), dm)
     assert seen == [None, dm]
+
+
+def test_logging_a_tensor_of_several_values_says_so(tmp_path):
+    """``self.log("loss", per_sample_losses)`` stops the run naming the value and its shape, as the Trainer refuses
+    it (it failed with torch's "only one element tensors can be converted to Python scalars")."""
+
+    class LogsVector(Base):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            losses = F.cross_entropy(self.net(x), y, reduction="none")
+            self.log("losses", losses)
+            return losses.mean()
+
+    with pytest.raises(ValueError, match=r"self.log\('losses', tensor of shape \(16,\)\) was called, but the value "
+                                           "must have a single element"):
+        FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
+                verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(LogsVector(), TensorDM())
