@@ -7,7 +7,8 @@ order (callbacks, then the module) for: ``on_train_start``, ``on_train_epoch_sta
 ``on_before_optimizer_step``, ``on_train_batch_end``, ``on_train_epoch_end``, ``on_train_end``; the module's
 ``optimizer_step``, ``optimizer_zero_grad``, ``backward``, ``configure_gradient_clipping`` and
 ``lr_scheduler_step`` are called as ``lightning.Trainer`` calls them (see docs/lightning.md, checked weight for
-weight against the Trainer by tests/test_parity.py).
+weight against the Trainer by tests/test_parity.py). Every training and evaluation batch takes
+Lightning's path to the step (:func:`batch_to_device`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision, Precision
 from lightning.fabric.strategies import SingleDeviceStrategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -98,6 +101,65 @@ def plain_optimizer_steps(fabric: Fabric) -> bool:
         and type(precision).optimizer_step in (Precision.optimizer_step, MixedPrecision.optimizer_step)
         and getattr(precision, "scaler", None) is None
     )
+
+
+def converts_input(precision: Precision) -> bool:
+    """Whether ``lightning.Trainer`` converts the batches under this precision (``64-true``, ``bf16-true``,
+    ``16-true``…: floating tensors to its dtype). Not under ``32-true`` (the base plugin converts nothing)
+    nor under ``16-mixed``/``bf16-mixed``: the Trainer's plugin leaves those inputs to autocast, where
+    Fabric's ``MixedPrecision.convert_input`` would cast them to half precision."""
+    return type(precision).convert_input not in (Precision.convert_input, MixedPrecision.convert_input)
+
+
+def _overrides(module: Any, name: str) -> bool:
+    """Whether the module replaces LightningModule's ``name`` (in its class or on the instance)."""
+    return getattr(type(module), name) is not getattr(L.LightningModule, name) or name in module.__dict__
+
+
+def batch_to_device(fabric: Fabric, module: Any, batch: Any, dataloader_idx: int = 0) -> Any:
+    """A batch from the loader as the step receives it, in ``lightning.Trainer``'s order: the precision's
+    ``convert_input``, the module's ``on_before_batch_transfer``, ``transfer_batch_to_device(batch,
+    fabric.device, dataloader_idx)`` and ``on_after_batch_transfer``. On CPU, LightningModule's own
+    ``transfer_batch_to_device`` (which moves nothing there) is skipped; an override is always called.
+    Used for training and evaluation."""
+    if converts_input(fabric.strategy.precision):
+        batch = fabric.strategy.precision.convert_input(batch)
+    batch = module.on_before_batch_transfer(batch, dataloader_idx)
+    device = fabric.device
+    if device.type != "cpu" or _overrides(module, "transfer_batch_to_device"):
+        batch = module.transfer_batch_to_device(batch, device, dataloader_idx)
+    return module.on_after_batch_transfer(batch, dataloader_idx)
+
+
+def takes_batch_idx(step: Callable[..., Any]) -> bool:
+    """Whether Lightning passes ``batch_idx`` to this ``training_step``, ``validation_step`` or
+    ``test_step``: it names a ``batch_idx`` parameter, takes ``*args`` or has two parameters
+    (``is_param_in_hook_signature(step, "batch_idx", min_args=2)``); otherwise it gets the batch alone."""
+    return is_param_in_hook_signature(step, "batch_idx", min_args=2)
+
+
+def check_manual_optimization(module: Any, gradient_clip_val: float | None,
+                              accumulate_grad_batches: int) -> None:
+    """Refuse, as ``lightning.Trainer`` does, the FedLoop settings manual optimization would silently
+    ignore: ``gradient_clip_val > 0`` and ``accumulate_grad_batches != 1`` with
+    ``automatic_optimization = False``.
+
+    Raises:
+        MisconfigurationException: naming the FedLoop setting to remove. Not a ``ClientError``: the run
+            stops (a configuration error, not one client's failure).
+    """
+    if module.automatic_optimization:
+        return
+    if gradient_clip_val is not None and gradient_clip_val > 0:
+        raise MisconfigurationException(
+            "Automatic gradient clipping is not supported for manual optimization. Remove "
+            f"`FedLoop(gradient_clip_val={gradient_clip_val})` or switch to automatic optimization "
+            "(in manual optimization, clip in training_step with self.clip_gradients)")
+    if accumulate_grad_batches != 1:
+        raise MisconfigurationException(
+            "Automatic gradient accumulation is not supported for manual optimization. Remove "
+            f"`FedLoop(accumulate_grad_batches={accumulate_grad_batches})` or switch to automatic "
+            "optimization (in manual optimization, step the optimizer every N batches in training_step)")
 
 
 _STEP_CLASSES: dict[type, type] = {}  # one wrapper class per optimizer class, made once
@@ -271,6 +333,7 @@ class LocalTrainer:
         view.accumulate_grad_batches = accumulate_grad_batches
         self._in_backward = False
         self._scheds: list[LRSchedulerConfig] = []
+        self._step_idx = True  # training_step takes batch_idx (decided per module in fit)
 
     def _hook(self, name: str, *args: Any) -> Any:
         module = self.view.lightning_module
@@ -286,6 +349,8 @@ class LocalTrainer:
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ClientTrainingError(f"max_steps={max_steps!r} is not allowed; max_steps must be an int >= 1 or None")
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
+        check_manual_optimization(module, view.gradient_clip_val, view.accumulate_grad_batches)
+        self._step_idx = takes_batch_idx(module.training_step)
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
         view.max_steps = -1 if max_steps is None else max_steps
@@ -343,17 +408,15 @@ class LocalTrainer:
 
     def _train_batch(self, batch: Any, batch_idx: int, opts: list[StepOptimizer]) -> bool:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
-        batch = module.on_before_batch_transfer(batch, 0)
-        if fabric.device.type != "cpu":  # CPU batches are already where they belong
-            batch = fabric.to_device(batch)
-        batch = module.on_after_batch_transfer(batch, 0)
+        batch = batch_to_device(fabric, module, batch)
         if self._hook("on_train_batch_start", batch, batch_idx) == -1:
             return False
         if module.automatic_optimization and opts:
             out = self._automatic(batch, batch_idx, opts[0])
         else:
+            args = (batch, batch_idx) if self._step_idx else (batch,)
             with fabric.autocast():
-                out = module.training_step(batch, batch_idx)
+                out = module.training_step(*args)
             if not opts:
                 view.global_step += 1
         self._hook("on_train_batch_end", out, batch, batch_idx)
@@ -364,11 +427,12 @@ class LocalTrainer:
         view, module = self.view, self.view.lightning_module
         acc, epoch, raw = view.accumulate_grad_batches, view.current_epoch, opt.optimizer
         result: dict[str, Any] = {}
+        step_args = (batch, batch_idx) if self._step_idx else (batch,)
 
         @torch.enable_grad()
         def closure() -> Tensor | None:
             with self.fabric.autocast():
-                out = module.training_step(batch, batch_idx)
+                out = module.training_step(*step_args)
             loss = _closure_loss(out)
             if loss is not None:
                 result.update(out if isinstance(out, Mapping) else {})

@@ -40,7 +40,7 @@ from lightning_fed.calibration import CCVR, CalibrationRun
 from lightning_fed.callbacks._compress import model_inputs
 from lightning_fed.callbacks.base import FED_HOOKS, FedCallback
 from lightning_fed.checkpoint import save_checkpoint
-from lightning_fed.client import LocalTrainer, check_module, train_aside
+from lightning_fed.client import LocalTrainer, check_manual_optimization, check_module, train_aside
 from lightning_fed.codecs.base import Codec, Identity
 from lightning_fed.context import FedContext
 from lightning_fed.data.loaders import (
@@ -427,6 +427,7 @@ class FedLoop(CheckedArguments):
             with rng_untouched():
                 model.prepare_data()  # after the data module's, as lightning.Trainer calls them
         check_module(model, self.train_template, [len(s) for s in self.shards])
+        check_manual_optimization(model, self.gradient_clip_val, self.accumulate_grad_batches)  # before any write
         self.strategy.check_model(model)
         if self.calibration is not None:
             need(OWNER, self.strategy.has_global_model, "calibration", self.calibration,
