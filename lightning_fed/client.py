@@ -264,17 +264,25 @@ def check_module(module: Any, template: DataLoader, shard_sizes: Sequence[int]) 
 
 
 def accept_metric_objects(module: Any, view: TrainerView) -> None:
-    """Let the module's ``self.log``/``self.log_dict`` take torchmetrics ``Metric`` objects during local training
-    and evaluation,
-    as under ``lightning.Trainer`` (LightningModule's Fabric path refuses them): instance attributes shadowing the
-    two methods, removed by :func:`restore_log`. Other values go to Lightning's own methods unchanged."""
+    """The module's ``self.log``/``self.log_dict`` during local training and evaluation as under
+    ``lightning.Trainer``, where LightningModule's Fabric path differs: torchmetrics ``Metric`` objects are taken,
+    a value logged with ``logger=False`` still reaches ``trainer.callback_metrics`` (the Fabric path dropped it),
+    and a training value's ``reduce_fx`` (sum, max, min) makes its epoch value. Instance attributes shadowing the
+    two methods, removed by :func:`restore_log`; other values go to Lightning's own methods."""
     log_fn, log_dict_fn = module.log, module.log_dict
+
+    def options(names: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if view.training and "reduce_fx" in kwargs:
+            for name in names:
+                view.reduce_as(name, kwargs["reduce_fx"])
+        # FedLoop's view keeps every value; Lightning's loggers never see a client's steps (the loop logs rounds)
+        return {**kwargs, "logger": True} if kwargs.get("logger") is False else kwargs
 
     def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(value, Metric):
             view.log_metric(name, value)
         else:
-            log_fn(name, value, *args, **kwargs)
+            log_fn(name, value, *args, **options([name], kwargs))
 
     def log_dict(dictionary: Any, *args: Any, **kwargs: Any) -> None:
         items = dictionary.items(keep_base=False) if isinstance(dictionary, MetricCollection) else dictionary.items()
@@ -285,7 +293,7 @@ def accept_metric_objects(module: Any, view: TrainerView) -> None:
             else:
                 rest[name] = value
         if rest:
-            log_dict_fn(rest, *args, **kwargs)
+            log_dict_fn(rest, *args, **options(rest, kwargs))
 
     module.__dict__["log"], module.__dict__["log_dict"] = log, log_dict
 

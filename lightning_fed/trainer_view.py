@@ -50,6 +50,9 @@ from lightning.fabric import Fabric
 
 from lightning_fed.context import FedContext
 
+_REDUCTIONS: dict[Any, str] = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min",
+                               torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
@@ -93,6 +96,7 @@ class TrainerView:
         self._epoch_values: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._reduce: dict[str, str] = {}  # a name's reduce_fx in this training epoch, when not "mean" (self.log)
 
     @property
     def current_round(self) -> int:
@@ -156,8 +160,26 @@ class TrainerView:
             v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             self.callback_metrics[name] = v
             self.fresh_metrics.add(name)
-            self._sums[name] = self._sums.get(name, 0.0) + float(v)
+            x, reduce = float(v), self._reduce.get(name)
+            if reduce is not None and name in self._sums and reduce != "sum":  # max or min
+                x = max(x, self._sums[name]) if reduce == "max" else min(x, self._sums[name])
+                self._sums[name] = x
+            else:
+                self._sums[name] = self._sums.get(name, 0.0) + x
             self._counts[name] = self._counts.get(name, 0) + 1
+
+    def reduce_as(self, name: str, reduce_fx: Any) -> None:
+        """``self.log(name, ..., reduce_fx=...)`` in training: the client's epoch value of ``name`` is the sum, max
+        or min of its batch values instead of their mean (``"mean"``/``"avg"``/``"sum"``/``"max"``/``"min"`` or the
+        torch function, as Lightning takes it)."""
+        key = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) or callable(reduce_fx) else None
+        if key is None:
+            raise ValueError(f"self.log({name!r}, ..., reduce_fx={reduce_fx!r}): reduce_fx must be 'mean', 'sum', "
+                             "'max' or 'min' (or torch.mean, torch.sum, torch.max, torch.min)")
+        if key == "mean":
+            self._reduce.pop(name, None)
+        else:
+            self._reduce[name] = key
 
     def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """``manual_backward`` and the module's default ``backward``: during local training through its hooks
@@ -210,11 +232,14 @@ class TrainerView:
         """Start a new averaging window for logged values."""
         self._sums.clear()
         self._counts.clear()
+        self._reduce.clear()
         self._epoch_values.clear()
 
     def means(self) -> dict[str, float]:
-        """Mean of each logged value since the last :meth:`reset_means` (a Metric object's ``compute()``)."""
-        return {**{k: self._sums[k] / self._counts[k] for k in self._sums}, **self._epoch_values}
+        """Mean of each logged value since the last :meth:`reset_means` (its sum, max or min in training when it was
+        logged with that ``reduce_fx``; a Metric object's ``compute()``)."""
+        return {**{k: self._sums[k] if k in self._reduce else self._sums[k] / self._counts[k] for k in self._sums},
+                **self._epoch_values}
 
     def __getattr__(self, item: str) -> Any:
         # Only reached for names not set above: forward to Fabric (device, world_size, ...).

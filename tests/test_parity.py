@@ -574,3 +574,38 @@ def test_logging_a_tensor_of_several_values_says_so(tmp_path):
                                            "must have a single element"):
         FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
                 verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(LogsVector(), TensorDM())
+
+
+class LogsReduced(Base):
+    """Logs a batch count summed over the epoch, the largest and smallest batch loss, and a value with
+    ``logger=False`` that a plateau scheduler monitors."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("seen", float(len(x)), on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log_dict({"worst": loss, "best": loss.detach()}, on_step=False, on_epoch=True, reduce_fx="max")
+        self.log("lowest", loss, on_step=False, on_epoch=True, reduce_fx=torch.min)
+        self.log("quiet", 2.0, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+                                                   "monitor": "quiet"}}
+
+
+def test_reduce_fx_and_logger_false_as_the_trainer(tmp_path):
+    """A client's epoch value of a name logged with ``reduce_fx`` is its sum, max or min over the batches, as the
+    Trainer's ``callback_metrics`` has it (it was the mean), and ``logger=False`` values are kept (they were dropped:
+    a plateau scheduler monitoring one failed the client)."""
+    res = FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
+                  verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(seeded(LogsReduced), TensorDM())
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(seeded(LogsReduced), DataLoader(client_batches(TensorDM()), batch_size=None))
+    got, want = res.history[0], {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert got["seen"] == want["seen"] == N
+    for name in ("worst", "lowest", "quiet"):
+        assert got[name] == pytest.approx(want[name], abs=1e-6), name
+    assert got["best"] == got["worst"] and got["lowest"] < got["worst"]
