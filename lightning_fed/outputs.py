@@ -74,13 +74,15 @@ def _has_checkpoints(root: Path) -> bool:
 
 
 def make_loggers(names: list[str], run_dir: Path) -> list[Any]:
-    """Fabric loggers for ``names`` (any of :data:`LOGGERS`) writing under ``run_dir``; TensorBoard is
-    skipped with a debug message when it is not installed."""
+    """Lightning loggers for ``names`` (any of :data:`LOGGERS`) writing under ``run_dir``; TensorBoard is
+    skipped with a debug message when it is not installed. The CSV logger is ``lightning.Trainer``'s (its
+    ``log_hyperparams``, which a module may call as ``self.logger.log_hyperparams``, writes ``hparams.yaml``;
+    Fabric's raises ``NotImplementedError``)."""
     out: list[Any] = []
     if "csv" in names:
-        from lightning.fabric.loggers import CSVLogger
+        from lightning.pytorch.loggers import CSVLogger
 
-        out.append(CSVLogger(root_dir=str(run_dir), name="logs"))
+        out.append(CSVLogger(save_dir=str(run_dir), name="logs"))
     if "tensorboard" in names:
         try:
             import tensorboard  # noqa: F401

@@ -609,3 +609,18 @@ def test_reduce_fx_and_logger_false_as_the_trainer(tmp_path):
     for name in ("worst", "lowest", "quiet"):
         assert got[name] == pytest.approx(want[name], abs=1e-6), name
     assert got["best"] == got["worst"] and got["lowest"] < got["worst"]
+
+
+def test_the_csv_logger_takes_hyperparameters(tmp_path):
+    """``self.logger.log_hyperparams(...)`` works with FedLoop's CSV logger, as with the Trainer's (Fabric's CSV
+    logger raised NotImplementedError, which failed every client)."""
+
+    class LogsHparams(Base):
+        def on_train_start(self):
+            self.logger.log_hyperparams({"lr": self.lr})
+
+    res = FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
+                  verbose=False, plot=False, loggers=["csv"], checkpoint_every=0).fit(LogsHparams(), TensorDM())
+    assert res.history[0]["good"] == 1
+    assert "lr: 0.1" in next(res.run_dir.glob("logs/**/hparams.yaml")).read_text()
+    assert "train_loss" in next(res.run_dir.glob("logs/**/metrics.csv")).read_text()
