@@ -111,24 +111,30 @@ def converts_input(precision: Precision) -> bool:
     return type(precision).convert_input not in (Precision.convert_input, MixedPrecision.convert_input)
 
 
-def _overrides(module: Any, name: str) -> bool:
-    """Whether the module replaces LightningModule's ``name`` (in its class or on the instance)."""
-    return getattr(type(module), name) is not getattr(L.LightningModule, name) or name in module.__dict__
+def _overrides(obj: Any, name: str) -> bool:
+    """Whether a module or data module replaces its Lightning base class's ``name`` (in its class or on the
+    instance)."""
+    base = L.LightningDataModule if isinstance(obj, L.LightningDataModule) else L.LightningModule
+    return getattr(type(obj), name) is not getattr(base, name) or name in obj.__dict__
 
 
-def batch_to_device(fabric: Fabric, module: Any, batch: Any, dataloader_idx: int = 0) -> Any:
+def batch_to_device(fabric: Fabric, module: Any, batch: Any, dataloader_idx: int = 0, datamodule: Any = None) -> Any:
     """A batch from the loader as the step receives it, in ``lightning.Trainer``'s order: the precision's
-    ``convert_input``, the module's ``on_before_batch_transfer``, ``transfer_batch_to_device(batch,
-    fabric.device, dataloader_idx)`` and ``on_after_batch_transfer``. On CPU, LightningModule's own
-    ``transfer_batch_to_device`` (which moves nothing there) is skipped; an override is always called.
-    Used for training and evaluation."""
+    ``convert_input``, ``on_before_batch_transfer``, ``transfer_batch_to_device(batch, fabric.device,
+    dataloader_idx)`` and ``on_after_batch_transfer``, each the data module's where it overrides the hook (as the
+    Trainer chooses), else the module's. On CPU, Lightning's own ``transfer_batch_to_device`` (which moves nothing
+    there) is skipped; an override is always called. Used for training and evaluation."""
     if converts_input(fabric.strategy.precision):
         batch = fabric.strategy.precision.convert_input(batch)
-    batch = module.on_before_batch_transfer(batch, dataloader_idx)
-    device = fabric.device
-    if device.type != "cpu" or _overrides(module, "transfer_batch_to_device"):
-        batch = module.transfer_batch_to_device(batch, device, dataloader_idx)
-    return module.on_after_batch_transfer(batch, dataloader_idx)
+
+    def owner(name: str) -> Any:
+        return datamodule if datamodule is not None and _overrides(datamodule, name) else module
+
+    batch = owner("on_before_batch_transfer").on_before_batch_transfer(batch, dataloader_idx)
+    device, transfer = fabric.device, owner("transfer_batch_to_device")
+    if device.type != "cpu" or _overrides(transfer, "transfer_batch_to_device"):
+        batch = transfer.transfer_batch_to_device(batch, device, dataloader_idx)
+    return owner("on_after_batch_transfer").on_after_batch_transfer(batch, dataloader_idx)
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:
@@ -416,7 +422,7 @@ class LocalTrainer:
 
     def _train_batch(self, batch: Any, batch_idx: int, opts: list[StepOptimizer]) -> bool:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
-        batch = batch_to_device(fabric, module, batch)
+        batch = batch_to_device(fabric, module, batch, datamodule=view.datamodule)
         if self._hook("on_train_batch_start", batch, batch_idx) == -1:
             return False
         if module.automatic_optimization and opts:

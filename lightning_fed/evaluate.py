@@ -117,7 +117,8 @@ class Evaluator:
         accept_metric_objects(module, view)  # torchmetrics Metric objects in self.log, as under lightning.Trainer
         try:
             for batch_idx, batch in enumerate(eval_batches(loader)):
-                batch = batch_to_device(fabric, module, batch)  # the step, hooks and built-in metrics' batch
+                # the step, hooks and built-in metrics' batch
+                batch = batch_to_device(fabric, module, batch, datamodule=view.datamodule)
                 self._hook(f"on_{hooks}_batch_start", batch, batch_idx)
                 seen.clear()
                 with fabric.autocast():

@@ -244,3 +244,36 @@ def test_manual_optimization_without_those_settings_trains_as_the_trainer(tmp_pa
     """``gradient_clip_val=0`` clips nothing and is accepted, as by lightning.Trainer."""
     kw = {"gradient_clip_val": 0.0}
     assert_same_weights(*run_both(seeded(Manual), fed_kw=kw, trainer_kw=kw, tmp_path=tmp_path))
+
+
+def test_the_data_modules_batch_hooks_are_used_where_it_overrides_them(tmp_path):
+    """As the Trainer chooses: the data module's ``on_after_batch_transfer`` (it overrides it) for every training
+    batch, in place of the module's; the module's ``on_before_batch_transfer`` (the data module
+    does not override that one)."""
+    calls = []
+
+    class Scales(WithVal):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            calls.append("dm after")
+            return [batch[0] * 2, batch[1]]
+
+    class Model(Base):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            calls.append("module before")
+            return batch
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            calls.append("module after")
+            return batch
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    for run in ("fed", "trainer"):
+        calls.clear()
+        if run == "fed":
+            quiet_fed(tmp_path).fit(seeded(Model), Scales())
+        else:
+            quiet_trainer().fit(seeded(Model), datamodule=Scales())
+        batches = 7 + 2 + (2 if run == "fed" else 0)  # training, validation, and FedLoop's final test
+        assert "module after" not in calls and calls.count("dm after") == calls.count("module before") == batches, run
