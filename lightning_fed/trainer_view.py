@@ -73,6 +73,11 @@ class TrainerView:
         self.lightning_module: Any = None
         self.datamodule: Any = None
         """The data module given to ``FedLoop.fit`` (``None`` when it was given dataloaders), as ``trainer.datamodule``."""
+        self.progress_bar_callback: Any = None
+        """``None``: FedLoop shows the rounds' progress itself (``self.print`` prints plainly, on rank 0)."""
+        self.checkpoint_callback: Any = None
+        """``None``: FedLoop writes its own checkpoints (``checkpoint_every``)."""
+        self.fast_dev_run = False
         self.callbacks: list[Any] = []
         self.current_epoch = 0
         self.global_step = 0
@@ -117,6 +122,16 @@ class TrainerView:
     def client_state(self) -> dict[str, Any]:
         """The active client's persisted state (empty on the server)."""
         return self.fed.client_state
+
+    @property
+    def log_dir(self) -> str:
+        """The run folder (where the run's outputs and logs are written), as ``trainer.log_dir``."""
+        return str(self.fed.run_dir)
+
+    @property
+    def default_root_dir(self) -> str:
+        """The run folder, as ``trainer.default_root_dir``."""
+        return str(self.fed.run_dir)
 
     @property
     def estimated_stepping_batches(self) -> int:

@@ -624,3 +624,19 @@ def test_the_csv_logger_takes_hyperparameters(tmp_path):
     assert res.history[0]["good"] == 1
     assert "lr: 0.1" in next(res.run_dir.glob("logs/**/hparams.yaml")).read_text()
     assert "train_loss" in next(res.run_dir.glob("logs/**/metrics.csv")).read_text()
+
+
+def test_self_print_and_the_trainers_folders(tmp_path, capsys):
+    """``self.print`` (it read ``trainer.progress_bar_callback``, which the view lacked) and ``trainer.log_dir`` /
+    ``default_root_dir`` (the run folder)."""
+    seen = []
+
+    class Prints(Base):
+        def on_train_start(self):
+            self.print("client starts")
+            seen.append((self.trainer.log_dir, self.trainer.default_root_dir))
+
+    res = FedLoop(num_clients=1, clients_per_round=1, rounds=1, seed=SEED, output_dir=str(tmp_path / "runs"),
+                  verbose=False, plot=False, loggers=[], checkpoint_every=0).fit(Prints(), TensorDM())
+    assert res.history[0]["good"] == 1 and "client starts" in capsys.readouterr().out
+    assert seen == [(str(res.run_dir), str(res.run_dir))]
