@@ -8,7 +8,7 @@ order (callbacks, then the module) for: ``on_train_start``, ``on_train_epoch_sta
 ``optimizer_step``, ``optimizer_zero_grad``, ``backward``, ``configure_gradient_clipping`` and
 ``lr_scheduler_step`` are called as ``lightning.Trainer`` calls them (see docs/lightning.md, checked weight for
 weight against the Trainer by tests/test_parity.py). Every training and evaluation batch takes
-Lightning's path to the step (:func:`batch_to_device`).
+Lightning's path to the step (:func:`batch_path`).
 """
 
 from __future__ import annotations
@@ -118,23 +118,32 @@ def _overrides(obj: Any, name: str) -> bool:
     return getattr(type(obj), name) is not getattr(base, name) or name in obj.__dict__
 
 
-def batch_to_device(fabric: Fabric, module: Any, batch: Any, dataloader_idx: int = 0, datamodule: Any = None) -> Any:
-    """A batch from the loader as the step receives it, in ``lightning.Trainer``'s order: the precision's
+def batch_path(fabric: Fabric, module: Any, datamodule: Any = None, dataloader_idx: int = 0) -> Callable[[Any], Any]:
+    """What turns a batch from the loader into the step's batch, in ``lightning.Trainer``'s order: the precision's
     ``convert_input``, ``on_before_batch_transfer``, ``transfer_batch_to_device(batch, fabric.device,
     dataloader_idx)`` and ``on_after_batch_transfer``, each the data module's where it overrides the hook (as the
-    Trainer chooses), else the module's. On CPU, Lightning's own ``transfer_batch_to_device`` (which moves nothing
-    there) is skipped; an override is always called. Used for training and evaluation."""
-    if converts_input(fabric.strategy.precision):
-        batch = fabric.strategy.precision.convert_input(batch)
+    Trainer chooses), else the module's. Resolved once per local training or evaluation: on CPU, Lightning's own
+    ``transfer_batch_to_device`` (which moves nothing there) is left out; an override is always called."""
 
     def owner(name: str) -> Any:
         return datamodule if datamodule is not None and _overrides(datamodule, name) else module
 
-    batch = owner("on_before_batch_transfer").on_before_batch_transfer(batch, dataloader_idx)
+    convert = fabric.strategy.precision.convert_input if converts_input(fabric.strategy.precision) else None
+    before = owner("on_before_batch_transfer").on_before_batch_transfer
+    after = owner("on_after_batch_transfer").on_after_batch_transfer
     device, transfer = fabric.device, owner("transfer_batch_to_device")
-    if device.type != "cpu" or _overrides(transfer, "transfer_batch_to_device"):
-        batch = transfer.transfer_batch_to_device(batch, device, dataloader_idx)
-    return owner("on_after_batch_transfer").on_after_batch_transfer(batch, dataloader_idx)
+    move = transfer.transfer_batch_to_device if (
+        device.type != "cpu" or _overrides(transfer, "transfer_batch_to_device")) else None
+
+    def to_step(batch: Any) -> Any:
+        if convert is not None:
+            batch = convert(batch)
+        batch = before(batch, dataloader_idx)
+        if move is not None:
+            batch = move(batch, device, dataloader_idx)
+        return after(batch, dataloader_idx)
+
+    return to_step
 
 
 def takes_batch_idx(step: Callable[..., Any]) -> bool:
@@ -348,6 +357,7 @@ class LocalTrainer:
         self._in_backward = False
         self._scheds: list[LRSchedulerConfig] = []
         self._step_idx = True  # training_step takes batch_idx (decided per module in fit)
+        self._to_step: Callable[[Any], Any] = lambda batch: batch  # the batch path (resolved per module in fit)
 
     def _hook(self, name: str, *args: Any) -> Any:
         module = self.view.lightning_module
@@ -365,6 +375,7 @@ class LocalTrainer:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
         check_manual_optimization(module, view.gradient_clip_val, view.accumulate_grad_batches)
         self._step_idx = takes_batch_idx(module.training_step)
+        self._to_step = batch_path(fabric, module, view.datamodule)
         # progress fields first: configure_optimizers often sizes schedulers from trainer.max_epochs & co.
         view.max_epochs, view.current_epoch, view.global_step = epochs, 0, 0
         view.max_steps = -1 if max_steps is None else max_steps
@@ -422,7 +433,7 @@ class LocalTrainer:
 
     def _train_batch(self, batch: Any, batch_idx: int, opts: list[StepOptimizer]) -> bool:
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
-        batch = batch_to_device(fabric, module, batch, datamodule=view.datamodule)
+        batch = self._to_step(batch)
         if self._hook("on_train_batch_start", batch, batch_idx) == -1:
             return False
         if module.automatic_optimization and opts:

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_fed.callbacks._compress import has_forward
-from lightning_fed.client import accept_metric_objects, batch_to_device, restore_log, takes_batch_idx
+from lightning_fed.client import accept_metric_objects, batch_path, restore_log, takes_batch_idx
 from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
 
@@ -63,7 +63,7 @@ class Evaluator:
     A module without ``forward`` (a recurrent cell loop) gets no built-in accuracy, only what its steps log.
     When the step itself calls ``module(x)`` on the batch's input tensor, those logits are reused (a forward hook
     sees the call), so the model runs once per batch; otherwise one extra forward computes them.
-    Each batch takes Lightning's path to the step (:func:`~lightning_fed.client.batch_to_device`: the
+    Each batch takes Lightning's path to the step (:func:`~lightning_fed.client.batch_path`: the
     precision's ``convert_input`` and the module's batch-transfer hooks); the step, the batch hooks and the
     built-in metrics all see the transferred batch. A step without a ``batch_idx`` parameter is called with
     the batch alone.
@@ -102,6 +102,7 @@ class Evaluator:
             step = "validation_step" if _overridden(module, "validation_step") else None
             hooks = "validation"
         step_idx = step is not None and takes_batch_idx(getattr(module, step))  # else: the batch alone
+        to_step = batch_path(fabric, module, view.datamodule)
         was_training = module.training
         module.eval()
         view.validating, view.training = True, False
@@ -117,8 +118,7 @@ class Evaluator:
         accept_metric_objects(module, view)  # torchmetrics Metric objects in self.log, as under lightning.Trainer
         try:
             for batch_idx, batch in enumerate(eval_batches(loader)):
-                # the step, hooks and built-in metrics' batch
-                batch = batch_to_device(fabric, module, batch, datamodule=view.datamodule)
+                batch = to_step(batch)  # the step, hooks and built-in metrics' batch
                 self._hook(f"on_{hooks}_batch_start", batch, batch_idx)
                 seen.clear()
                 with fabric.autocast():
