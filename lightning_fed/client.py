@@ -384,7 +384,10 @@ class LocalTrainer:
         view.fresh_metrics.clear()
         opts, scheds = parse_optimizers(module.configure_optimizers())
         if module.automatic_optimization and len(opts) > 1:
-            raise ClientTrainingError("automatic optimization supports one optimizer; set automatic_optimization=False")
+            raise MisconfigurationException(  # the module's set-up, the same on every client: the run stops
+                "Training with multiple optimizers is only supported with manual optimization (as under "
+                "lightning.Trainer). Set `self.automatic_optimization = False`, then access your optimizers in "
+                "`training_step` with `opt1, opt2, ... = self.optimizers()`.")
         if self.keep_optimizer_state and "optimizer" in view.client_state:
             for opt, state in zip(opts, view.client_state["optimizer"], strict=True):
                 opt.load_state_dict(state)

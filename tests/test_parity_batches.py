@@ -277,3 +277,18 @@ def test_the_data_modules_batch_hooks_are_used_where_it_overrides_them(tmp_path)
             quiet_trainer().fit(seeded(Model), datamodule=Scales())
         batches = 7 + 2 + (2 if run == "fed" else 0)  # training, validation, and FedLoop's final test
         assert "module after" not in calls and calls.count("dm after") == calls.count("module before") == batches, run
+
+
+def test_several_optimizers_with_automatic_optimization_stop_the_run(tmp_path):
+    """As the Trainer refuses it, at the first client (it dropped every client of every round until the run
+    gave up)."""
+
+    class TwoOptimizers(Base):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+    message = "Training with multiple optimizers is only supported with manual optimization"
+    with pytest.raises(RuntimeError, match=message):
+        quiet_trainer().fit(TwoOptimizers(), DataLoader(client_batches(TensorDM()), batch_size=None))
+    with pytest.raises(MisconfigurationException, match=message):
+        quiet_fed(tmp_path).fit(TwoOptimizers(), TensorDM())
