@@ -111,8 +111,8 @@ def converts_input(precision: Precision) -> bool:
     return type(precision).convert_input not in (Precision.convert_input, MixedPrecision.convert_input)
 
 
-def _overrides(obj: Any, name: str) -> bool:
-    """Whether a module or data module replaces its Lightning base class's ``name`` (in its class or on the
+def overrides(obj: Any, name: str) -> bool:
+    """Whether a module or data module replaces its Lightning base class's hook ``name`` (in its class or on the
     instance)."""
     base = L.LightningDataModule if isinstance(obj, L.LightningDataModule) else L.LightningModule
     return getattr(type(obj), name) is not getattr(base, name) or name in obj.__dict__
@@ -126,14 +126,14 @@ def batch_path(fabric: Fabric, module: Any, datamodule: Any = None, dataloader_i
     ``transfer_batch_to_device`` (which moves nothing there) is left out; an override is always called."""
 
     def owner(name: str) -> Any:
-        return datamodule if datamodule is not None and _overrides(datamodule, name) else module
+        return datamodule if datamodule is not None and overrides(datamodule, name) else module
 
     convert = fabric.strategy.precision.convert_input if converts_input(fabric.strategy.precision) else None
     before = owner("on_before_batch_transfer").on_before_batch_transfer
     after = owner("on_after_batch_transfer").on_after_batch_transfer
     device, transfer = fabric.device, owner("transfer_batch_to_device")
     move = transfer.transfer_batch_to_device if (
-        device.type != "cpu" or _overrides(transfer, "transfer_batch_to_device")) else None
+        device.type != "cpu" or overrides(transfer, "transfer_batch_to_device")) else None
 
     def to_step(batch: Any) -> Any:
         if convert is not None:

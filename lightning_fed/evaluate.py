@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
@@ -23,16 +22,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_fed.callbacks._compress import has_forward
-from lightning_fed.client import accept_metric_objects, batch_path, restore_log, takes_batch_idx
+from lightning_fed.client import accept_metric_objects, batch_path, overrides, restore_log, takes_batch_idx
 from lightning_fed.data.loaders import eval_batches
 from lightning_fed.trainer_view import TrainerView
 
 STAGES = ("val", "test")
 _VAL_WORD = re.compile(r"(^|[/_.\-])val(?=$|[/_.\-])")
-
-
-def _overridden(module: L.LightningModule, name: str) -> bool:
-    return getattr(type(module), name, None) is not getattr(L.LightningModule, name)
 
 
 def as_test_name(name: str) -> str:
@@ -96,10 +91,10 @@ class Evaluator:
         if stage not in STAGES:
             raise ValueError(f"Evaluator.run: stage must be one of {STAGES}, got {stage!r}")
         view, module, fabric = self.view, self.view.lightning_module, self.fabric
-        if stage == "test" and _overridden(module, "test_step"):
+        if stage == "test" and overrides(module, "test_step"):
             step, hooks = "test_step", "test"
         else:
-            step = "validation_step" if _overridden(module, "validation_step") else None
+            step = "validation_step" if overrides(module, "validation_step") else None
             hooks = "validation"
         step_idx = step is not None and takes_batch_idx(getattr(module, step))  # else: the batch alone
         to_step = batch_path(fabric, module, view.datamodule)
